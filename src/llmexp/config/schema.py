@@ -1,0 +1,193 @@
+"""Typed schemas of every config group.
+
+The YAML files in conf/ are the options; these dataclasses are the contract they (and any
+command-line override) must meet. Field metadata carries what OmegaConf cannot express:
+``choices`` (valid names) and ``min``/``max`` bounds, checked by :mod:`llmexp.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+ARCHITECTURES = ("llama", "gpt2", "qwen2", "mistral")
+DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+SCHEDULERS = ("cosine", "linear", "constant")
+DATA_SOURCES = ("bundled", "files", "hf")
+DATA_FORMATS = ("auto", "text", "chat", "prompt_completion")
+PREP_STEPS = ("normalize", "filter_length", "dedup")
+OVERLONG = ("truncate", "drop")
+LOGGERS = ("wandb", "csv", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+PEFT_METHODS = ("none", "lora", "qlora")
+STRATEGIES = ("auto",)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def choice(default: Any, choices: tuple, **kw: Any) -> Any:
+    return field(default=default, metadata={"choices": choices, **kw})
+
+
+def bounded(default: Any, *, min: float | None = None, max: float | None = None) -> Any:  # noqa: A002
+    return field(default=default, metadata={"min": min, "max": max})
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama"
+    architecture: str = choice("llama", ARCHITECTURES)
+    # Local directory or hub id with weights and tokenizer; None: initialise from architecture.
+    pretrained: Optional[str] = None
+    # None: the pretrained model's tokenizer, else llmexp's bundled one; "train": a BPE
+    # tokenizer trained on this run's data (cached); or a local dir / hub id.
+    tokenizer: Optional[str] = None
+    hidden_size: int = bounded(64, min=8)
+    num_layers: int = bounded(2, min=1)
+    num_heads: int = bounded(4, min=1)
+    num_kv_heads: Optional[int] = bounded(None, min=1)
+    intermediate_size: int = bounded(256, min=1)
+    max_position_embeddings: int = bounded(512, min=16)
+    # Architecture-specific keys passed as-is to the transformers config (rope_theta, ...).
+    extra: Dict[str, Any] = field(default_factory=dict)
+    dtype: str = choice("float32", DTYPES)
+    attn_implementation: Optional[str] = choice("sdpa", ("sdpa", "eager", "flash_attention_2", None))
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PretrainStageConfig:
+    name: str = "pretrain"
+
+
+@dataclass
+class SFTStageConfig:
+    name: str = "sft"
+    assistant_only_loss: bool = True
+
+
+# Stage name -> schema of stage/<name>.yaml. Later stages (rm, dpo, ppo, grpo) add theirs here.
+STAGE_SCHEMAS: Dict[str, type] = {"pretrain": PretrainStageConfig, "sft": SFTStageConfig}
+
+
+@dataclass
+class FieldMap:
+    """Which column of the source data holds each field a stage format needs."""
+
+    text: str = "text"
+    messages: str = "messages"
+    prompt: str = "prompt"
+    completion: str = "completion"
+
+
+@dataclass
+class DataConfig:
+    name: str = "arithmetic"
+    source: str = choice("bundled", DATA_SOURCES)
+    # bundled: ignored; files: a file, directory or glob; hf: dataset id or saved dataset dir.
+    path: Optional[str] = None
+    split: str = "train"
+    # Use this split for validation instead of holding out val_fraction of `split`.
+    validation_split: Optional[str] = None
+    format: str = choice("auto", DATA_FORMATS)
+    fields: FieldMap = field(default_factory=FieldMap)
+    # bundled: generator options; hf: extra load_dataset kwargs (e.g. name).
+    options: Dict[str, Any] = field(default_factory=dict)
+    seed: int = 1234
+    steps: List[str] = field(default_factory=lambda: ["normalize", "filter_length", "dedup"],
+                             metadata={"choices": PREP_STEPS})
+    min_chars: int = bounded(1, min=0)
+    max_chars: Optional[int] = bounded(None, min=1)
+    val_fraction: float = bounded(0.05, min=0.0, max=0.9)
+    max_val_samples: Optional[int] = bounded(200, min=1)
+    max_length: int = bounded(128, min=8)
+    overlong: str = choice("truncate", OVERLONG)
+    packing: bool = False
+    num_workers: int = bounded(0, min=0)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = bounded(300, min=1)
+    micro_batch_size: int = bounded(16, min=1)
+    grad_accum: int = bounded(1, min=1)
+    val_batch_size: int = bounded(32, min=1)
+    precision: str = choice("32-true", PRECISIONS)
+    # Validate every N optimizer steps (a validation pass also runs before and after training).
+    val_check_interval: Optional[int] = bounded(100, min=1)
+    limit_val_batches: Optional[int] = bounded(None, min=1)
+    log_every_n_steps: int = bounded(10, min=1)
+    # Save a checkpoint every N steps (default: at each validation); last.ckpt at the end.
+    checkpoint_every_n_steps: Optional[int] = bounded(None, min=1)
+    seed: int = 42
+    accelerator: str = choice("auto", ACCELERATORS)
+    devices: Any = 1
+    num_nodes: int = bounded(1, min=1)
+    gradient_clip_val: Optional[float] = bounded(1.0, min=0.0)
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = choice("adamw", ("adamw",))
+    lr: float = bounded(3e-3, min=0.0)
+    weight_decay: float = bounded(0.01, min=0.0)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = bounded(1e-8, min=0.0)
+    scheduler: str = choice("cosine", SCHEDULERS)
+    warmup_steps: int = bounded(20, min=0)
+    min_lr_ratio: float = bounded(0.1, min=0.0, max=1.0)
+    fused: Optional[bool] = None
+
+
+@dataclass
+class StrategyConfig:
+    name: str = choice("auto", STRATEGIES)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = choice("wandb", LOGGERS)
+    project: str = "llmexp"
+    entity: Optional[str] = None
+    mode: str = choice("offline", WANDB_MODES)
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PeftConfig:
+    name: str = choice("none", PEFT_METHODS)
+    r: int = bounded(8, min=1)
+    alpha: int = bounded(16, min=1)
+    dropout: float = bounded(0.05, min=0.0, max=1.0)
+    target_modules: Optional[List[str]] = None
+    merge_on_export: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The whole composed config of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: Any = field(default_factory=SFTStageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    run_name: str = "run"
+    offline: bool = True
+
+
+GROUP_SCHEMAS: Dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "optim": OptimConfig,
+    "strategy": StrategyConfig,
+    "logger": LoggerConfig,
+    "peft": PeftConfig,
+}

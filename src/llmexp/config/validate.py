@@ -1,0 +1,202 @@
+"""Check a composed config against the schemas and collect every problem at once.
+
+Nothing here builds a model or imports torch on the common path: a bad config is reported in a
+fraction of a second, before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import typing
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llmexp.config import schema as S
+from llmexp.errors import ConfigError, Problem, suggest
+
+
+def validate(cfg: DictConfig) -> S.RunConfig:
+    """Return the typed config of ``cfg`` or raise ConfigError listing every problem."""
+    problems: List[Problem] = []
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as e:
+        raise ConfigError([Problem(_full_key(e), f"cannot resolve: {e.msg}", None)]) from None
+    raw.pop("hydra", None)
+    typed = {}
+    for group, schema in S.GROUP_SCHEMAS.items():
+        typed[group] = _check_node(raw.get(group, {}), schema, group, problems)
+    stage_raw = raw.get("stage", {}) or {}
+    stage_name = stage_raw.get("name", "sft")
+    stage_schema = S.STAGE_SCHEMAS.get(stage_name)
+    if stage_schema is None:
+        problems.append(Problem("stage.name", f"unknown stage {stage_name!r}",
+                                suggest(stage_name, S.STAGE_SCHEMAS)))
+        stage_schema = S.SFTStageConfig
+    typed["stage"] = _check_node(stage_raw, stage_schema, "stage", problems)
+    top_fields = {f.name for f in dataclasses.fields(S.RunConfig)} - set(typed)
+    for key, value in raw.items():
+        if key in typed:
+            continue
+        if key not in top_fields:
+            problems.append(Problem(key, "unknown key", suggest(key, top_fields | set(typed))))
+        else:
+            typed[key] = value
+    run = S.RunConfig(**typed)
+    flagged = {p.key for p in problems}
+    problems.extend(p for p in cross_checks(run) if p.key not in flagged)
+    if problems:
+        raise ConfigError(problems)
+    return run
+
+
+def _full_key(e: OmegaConfBaseException) -> str:
+    return str(getattr(e, "full_key", "") or "config")
+
+
+def _check_node(value: Any, schema: type, path: str, problems: List[Problem]) -> Any:
+    """Check one mapping against a dataclass; return the dataclass instance (or None)."""
+    if not isinstance(value, dict):
+        problems.append(Problem(path, f"expected a mapping of {schema.__name__} keys, got {value!r}", None))
+        return schema()
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    base = OmegaConf.structured(schema)
+    good = {}
+    for key, item in value.items():
+        key_path = f"{path}.{key}"
+        if key not in fields:
+            problems.append(Problem(key_path, "unknown key", suggest(key, fields)))
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            good[key] = _check_node(item, hint, key_path, problems)
+            continue
+        if item == "???":
+            problems.append(Problem(key_path, "a value is required",
+                                    f"set it on the command line: {key_path}=..."))
+            continue
+        try:
+            coerced = OmegaConf.to_container(OmegaConf.merge(base, {key: item}))[key]
+        except OmegaConfBaseException as e:
+            problems.append(Problem(key_path, f"expected {_type_name(hint)}, got {item!r}",
+                                    f"{key_path}=<{_type_name(hint)}>"))
+            continue
+        _check_metadata(coerced, fields[key].metadata, key_path, problems)
+        good[key] = coerced
+    for key, f in fields.items():
+        if key not in good and key not in value and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            problems.append(Problem(f"{path}.{key}", "a value is required", f"{path}.{key}=..."))
+    try:
+        return schema(**good)
+    except TypeError:
+        return schema()
+
+
+def _check_metadata(value: Any, meta: Any, key_path: str, problems: List[Problem]) -> None:
+    choices = meta.get("choices")
+    values = value if isinstance(value, list) else [value]
+    if choices is not None:
+        for v in values:
+            if v not in choices:
+                names = [c for c in choices if c is not None]
+                problems.append(Problem(key_path, f"{v!r} is not one of {', '.join(map(str, names))}",
+                                        suggest(str(v), [str(n) for n in names], key=key_path)))
+    lo, hi = meta.get("min"), meta.get("max")
+    for v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if lo is not None and v < lo:
+                problems.append(Problem(key_path, f"must be >= {lo}, got {v}", None))
+            if hi is not None and v > hi:
+                problems.append(Problem(key_path, f"must be <= {hi}, got {v}", None))
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return f"{_type_name(args[0])} or null"
+    if typing.get_origin(hint) in (list, List):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def cross_checks(run: S.RunConfig) -> List[Problem]:
+    """Contradictions between groups and facts about files and the machine."""
+    p: List[Problem] = []
+    m, d, t, o = run.model, run.data, run.trainer, run.optim
+    if m.pretrained is None:
+        if m.hidden_size % m.num_heads:
+            p.append(Problem("model.num_heads", f"hidden_size {m.hidden_size} is not divisible by "
+                             f"num_heads {m.num_heads}", "choose num_heads dividing hidden_size"))
+        if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+            p.append(Problem("model.num_kv_heads", f"num_heads {m.num_heads} is not divisible by "
+                             f"num_kv_heads {m.num_kv_heads}", "choose a divisor of num_heads"))
+        if d.max_length > m.max_position_embeddings:
+            p.append(Problem("data.max_length", f"{d.max_length} exceeds model.max_position_embeddings "
+                             f"{m.max_position_embeddings}",
+                             f"data.max_length={m.max_position_embeddings} or raise the model's"))
+    else:
+        p.extend(_check_model_source("model.pretrained", m.pretrained, run.offline))
+    if m.tokenizer not in (None, "train"):
+        p.extend(_check_model_source("model.tokenizer", m.tokenizer, run.offline))
+    if run.stage.name == "sft" and d.format == "text":
+        p.append(Problem("data.format", "stage=sft needs chat messages or prompt/completion pairs, "
+                         "but data.format=text", "use data.format=chat|prompt_completion, or stage=pretrain"))
+    if d.source == "files" and d.path:
+        if not glob.glob(os.path.expanduser(d.path)):
+            p.append(Problem("data.path", f"no file or directory matches {d.path!r}",
+                             "give an existing JSONL/JSON/Parquet/CSV file, directory or glob"))
+    if d.source == "hf" and d.path and not Path(d.path).exists() and run.offline:
+        p.append(Problem("data.path", f"{d.path!r} is not a local dataset and offline=true",
+                         "set offline=false to download it from the hub, or use a local path"))
+    if d.source != "bundled" and not d.path:
+        p.append(Problem("data.path", f"data.source={d.source} needs a path", "data.path=..."))
+    if o.warmup_steps >= t.max_steps:
+        p.append(Problem("optim.warmup_steps", f"{o.warmup_steps} warm-up steps leave none of "
+                         f"trainer.max_steps={t.max_steps}", "lower optim.warmup_steps"))
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        p.append(Problem("optim.betas", f"expected two numbers in [0, 1), got {o.betas}", "optim.betas=[0.9,0.95]"))
+    needs_cuda = run.peft.name == "qlora" or t.precision.startswith("16") or t.accelerator in ("gpu", "cuda")
+    if needs_cuda and not _cuda_available():
+        what = ("peft=qlora (4-bit bitsandbytes)" if run.peft.name == "qlora"
+                else f"trainer.precision={t.precision}" if t.precision.startswith("16")
+                else f"trainer.accelerator={t.accelerator}")
+        key = "peft" if run.peft.name == "qlora" else "trainer.precision" if t.precision.startswith("16") \
+            else "trainer.accelerator"
+        p.append(Problem(key, f"{what} needs a CUDA GPU and none is available",
+                         "peft=lora on CPU" if key == "peft" else "trainer.precision=32-true or bf16-mixed"
+                         if key == "trainer.precision" else "trainer.accelerator=auto"))
+    return p
+
+
+def _check_model_source(key: str, source: str, offline: bool) -> List[Problem]:
+    path = Path(os.path.expanduser(source))
+    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1
+    if looks_local and not path.is_dir():
+        return [Problem(key, f"directory {source!r} does not exist",
+                        "give a directory with config.json (e.g. <run dir>/model)")]
+    if not looks_local and offline:
+        return [Problem(key, f"{source!r} is not a local directory and offline=true (no hub downloads)",
+                        "set offline=false to download it, or give a local directory")]
+    return []
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def to_dict(run: S.RunConfig) -> dict:
+    return dataclasses.asdict(run)
+
+
+def stage_schema(name: str) -> Optional[type]:
+    return S.STAGE_SCHEMAS.get(name)

@@ -1,0 +1,62 @@
+"""User-facing errors: one clear message, exit code 2, no traceback.
+
+Anything the user can fix (config, data, model paths) raises :class:`UserError` or
+:class:`ConfigError`; the CLI prints it and exits with code 2. Set LLMEXP_TRACEBACK=1 to see
+the full traceback as well.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+EXIT_USER_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+    fix: Optional[str] = None
+
+    def __str__(self) -> str:
+        text = f"{self.key}: {self.message}"
+        return f"{text}\n      fix: {self.fix}" if self.fix else text
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message names the key or file and the fix."""
+
+
+class ConfigError(UserError):
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems: List[Problem] = list(problems)
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} in the configuration:"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+
+
+def suggest(name: str, valid: Iterable[str], key: Optional[str] = None) -> str:
+    """The valid names, with the closest one to ``name`` first when there is one."""
+    valid = sorted(str(v) for v in valid)
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
+    listing = f"valid: {', '.join(valid)}"
+    if close:
+        return f"did you mean {close[0]!r}? ({listing})"
+    return listing
+
+
+def report(error: BaseException) -> int:
+    """Print a user error to stderr and return the exit code."""
+    if os.environ.get("LLMEXP_TRACEBACK"):
+        import traceback
+
+        traceback.print_exception(type(error), error, error.__traceback__)
+    sys.stderr.write(f"llmexp: error: {error}\n")
+    if not os.environ.get("LLMEXP_TRACEBACK"):
+        sys.stderr.write("(set LLMEXP_TRACEBACK=1 for the full traceback)\n")
+    sys.stderr.flush()
+    return EXIT_USER_ERROR

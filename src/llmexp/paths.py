@@ -1,0 +1,26 @@
+"""Where llmexp's shipped files live, in a wheel and in a source checkout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+
+def config_dir() -> Path:
+    """conf/ ships inside the wheel as llmexp/conf; in a checkout it is the top-level conf/."""
+    for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError("llmexp's conf/ directory is missing from the installation")
+
+
+def config_groups() -> dict:
+    """Config group name -> sorted option names, read from conf/ (no Hydra import)."""
+    root = config_dir()
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith((".", "_"))
+    }
