@@ -50,6 +50,8 @@ def check_overrides(overrides: List[str]) -> None:
         key = o.key_or_group
         single = _single_value(o)
         if o.is_hydra_override():
+            if key == "hydra.run.dir":
+                problems.extend(_existing_run_problem(o.get_value_string()))
             continue
         if key in groups:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_string()]
@@ -80,6 +82,17 @@ def check_overrides(overrides: List[str]) -> None:
             problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
+
+
+def _existing_run_problem(run_dir: str) -> List[Problem]:
+    """Never write a run into a directory that already holds one (its record would be lost)."""
+    from pathlib import Path
+
+    held = [f for f in ("config.yaml", "summary.json", "checkpoints") if (Path(run_dir) / f).exists()]
+    if held:
+        return [Problem("hydra.run.dir", f"{run_dir!r} already holds a run ({', '.join(held)})",
+                        "choose a new directory, or leave hydra.run.dir unset for a fresh timestamped one")]
+    return []
 
 
 def _single_value(o) -> str:

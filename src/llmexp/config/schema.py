@@ -17,7 +17,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 DATA_SOURCES = ("bundled", "files", "hf")
 DATA_FORMATS = ("auto", "text", "chat", "prompt_completion")
 PREP_STEPS = ("normalize", "filter_length", "dedup")
-OVERLONG = ("truncate", "drop")
+OVERLONG = ("truncate", "drop", "split")
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 PEFT_METHODS = ("none", "lora", "qlora")
@@ -79,6 +79,9 @@ class FieldMap:
     messages: str = "messages"
     prompt: str = "prompt"
     completion: str = "completion"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    answer: str = "answer"
 
 
 @dataclass

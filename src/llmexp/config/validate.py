@@ -146,9 +146,10 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
         p.extend(_check_model_source("model.pretrained", m.pretrained, run.offline))
     if m.tokenizer not in (None, "train"):
         p.extend(_check_model_source("model.tokenizer", m.tokenizer, run.offline))
-    if run.stage.name == "sft" and d.format == "text":
-        p.append(Problem("data.format", "stage=sft needs chat messages or prompt/completion pairs, "
-                         "but data.format=text", "use data.format=chat|prompt_completion, or stage=pretrain"))
+    p.extend(_check_stage_data(run))
+    if m.architecture == "gpt2" and m.num_kv_heads and m.pretrained is None:
+        p.append(Problem("model.num_kv_heads", "gpt2 has no grouped-query attention",
+                         "model.num_kv_heads=null, or a llama/qwen2/mistral model"))
     if d.source == "files" and d.path:
         if not glob.glob(os.path.expanduser(d.path)):
             p.append(Problem("data.path", f"no file or directory matches {d.path!r}",
@@ -174,6 +175,32 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
                          "peft=lora on CPU" if key == "peft" else "trainer.precision=32-true or bf16-mixed"
                          if key == "trainer.precision" else "trainer.accelerator=auto"))
     return p
+
+
+def _check_stage_data(run: S.RunConfig) -> List[Problem]:
+    """The stage can train on the data's format (known from the config or the first row)."""
+    from llmexp.data.formats import FORMAT_COLUMNS, detect_format, format_problem
+    from llmexp.data.peek import peek_columns
+
+    d = run.data
+    fields = dataclasses.asdict(d.fields)
+    columns = peek_columns(d)
+    if d.format != "auto":
+        fmt = d.format
+        if columns is not None:
+            present = detect_columns = set(columns)
+            need = [fields.get(c, c) for c in FORMAT_COLUMNS[fmt] if fields.get(c, c) not in present]
+            if need:
+                return [Problem("data.format", f"data.format={fmt} needs columns {need}, but "
+                                f"{d.path or d.name!r} has {sorted(detect_columns)}",
+                                "map them with data.fields.<name>=<column>, or data.format=auto")]
+        columns = columns or [fields[c] for c in FORMAT_COLUMNS[fmt]]
+    elif columns is None:
+        return []
+    else:
+        fmt = detect_format(columns, fields)
+    problem = format_problem(run.stage.name, fmt, columns, fields, f"data {d.path or d.name!r}")
+    return [Problem("stage", problem, None)] if problem else []
 
 
 def _check_model_source(key: str, source: str, offline: bool) -> List[Problem]:

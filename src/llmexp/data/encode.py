@@ -1,0 +1,81 @@
+"""Turn one example into token ids and labels for causal-LM stages.
+
+Labels use -100 for positions that carry no loss: prompts and user turns in SFT (the loss counts
+only assistant / completion tokens), nothing in pretraining. Every sequence ends with eos so a
+model learns to stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List
+
+IGNORE_INDEX = -100
+
+
+def _ids(tokenizer, text: str) -> List[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_text(tokenizer, text: str) -> Dict[str, List[int]]:
+    ids = _ids(tokenizer, text) + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, completion_only: bool) -> Dict[str, List[int]]:
+    """Plain-string prompt and completion; the prompt carries no loss when completion_only."""
+    p, c = _ids(tokenizer, prompt), _ids(tokenizer, completion) + [tokenizer.eos_token_id]
+    labels = ([IGNORE_INDEX] * len(p) if completion_only else list(p)) + list(c)
+    return {"input_ids": p + c, "labels": labels}
+
+
+def encode_chat(tokenizer, messages: List[Dict[str, Any]], assistant_only: bool) -> Dict[str, List[int]]:
+    """Render with the chat template; label only assistant turns when assistant_only."""
+    if not assistant_only:
+        ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        return {"input_ids": ids, "labels": list(ids)}
+    if "{% generation %}" in (tokenizer.chat_template or ""):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), out["assistant_masks"]
+    else:
+        ids, mask = _mask_by_prefixes(tokenizer, messages)
+    return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]}
+
+
+def _mask_by_prefixes(tokenizer, messages: List[Dict[str, Any]]):
+    """Assistant mask for templates without generation markers: each assistant turn spans from
+    the end of the prompt rendered with the generation prompt to the end of the turn."""
+    render = lambda msgs, gen: list(tokenizer.apply_chat_template(  # noqa: E731
+        msgs, tokenize=True, return_dict=True, add_generation_prompt=gen)["input_ids"])
+    ids = render(messages, False)
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant":
+            start = len(render(messages[:i], True)) if i else 0
+            end = len(render(messages[: i + 1], False))
+            for j in range(start, min(end, len(ids))):
+                mask[j] = 1
+    return ids, mask
+
+
+def join_prompt_completion(prompt: Any, completion: Any):
+    """Conversational prompt/completion (lists of messages) become one chat."""
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return prompt + completion
+    return None
+
+
+def lm_encoder(fmt: str, tokenizer, loss_on_targets_only: bool) -> Callable[[Dict[str, Any]], Dict[str, List[int]]]:
+    """The encoder for one format; ``loss_on_targets_only`` is SFT's assistant/completion-only loss."""
+
+    def encode(row: Dict[str, Any]) -> Dict[str, List[int]]:
+        if fmt == "text":
+            return encode_text(tokenizer, row["text"])
+        if fmt == "chat":
+            return encode_chat(tokenizer, row["messages"], loss_on_targets_only)
+        chat = join_prompt_completion(row["prompt"], row["completion"])
+        if chat is not None:
+            return encode_chat(tokenizer, chat, loss_on_targets_only)
+        return encode_prompt_completion(tokenizer, str(row["prompt"]), str(row["completion"]), loss_on_targets_only)
+
+    return encode

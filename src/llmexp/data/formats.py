@@ -1,0 +1,55 @@
+"""Which data format a dataset has, and which formats each stage accepts.
+
+Import-light on purpose: the config validator uses it to refuse, before any model is built, a
+stage whose data lacks the fields it needs (e.g. stage=sft on plain text).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+# Canonical columns of each format (after the data.fields mapping is applied).
+FORMAT_COLUMNS: Dict[str, Tuple[str, ...]] = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "prompt_only": ("prompt",),
+    "text": ("text",),
+}
+# Detection order: the most specific format first.
+DETECTION_ORDER = ("preference", "chat", "prompt_completion", "text", "prompt_only")
+
+# Stage name -> formats it can train on. Stages added later register theirs here.
+STAGE_FORMATS: Dict[str, Tuple[str, ...]] = {
+    "pretrain": ("text", "chat", "prompt_completion"),
+    "sft": ("chat", "prompt_completion"),
+}
+
+
+def canonical_columns(columns: Iterable[str], fields: Dict[str, str]) -> set:
+    """The canonical field names present, given the source columns and the field mapping."""
+    columns = set(columns)
+    present = {canon for canon, source in fields.items() if source in columns}
+    return present | {c for c in columns if c not in fields.values()}
+
+
+def detect_format(columns: Iterable[str], fields: Dict[str, str]) -> Optional[str]:
+    """The first format whose columns are all present, or None."""
+    present = canonical_columns(columns, fields)
+    for fmt in DETECTION_ORDER:
+        if all(c in present for c in FORMAT_COLUMNS[fmt]):
+            return fmt
+    return None
+
+
+def format_problem(stage: str, fmt: Optional[str], columns: Iterable[str], fields: Dict[str, str],
+                   where: str) -> Optional[str]:
+    """A sentence saying why ``stage`` cannot use data of format ``fmt``, or None when it can."""
+    accepted = STAGE_FORMATS.get(stage)
+    if accepted is None or fmt in accepted:
+        return None
+    needs = " or ".join("+".join(FORMAT_COLUMNS[f]) for f in accepted)
+    have = ", ".join(sorted(columns)) or "no columns"
+    what = f"format {fmt!r}" if fmt else "no recognised format"
+    return (f"stage={stage} needs fields {needs}, but {where} has {what} (columns: {have}); "
+            f"map your columns with data.fields.<name>=<column> or choose another stage")

@@ -1,0 +1,143 @@
+"""The data module: raw rows -> prepared, split, encoded (and packed) -> micro-batch windows.
+
+Raw loading and preparation need no tokenizer, so a run can check the data (and train a
+tokenizer on it) before any model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from llmexp.config.schema import DataConfig, TrainerConfig
+from llmexp.data import formats, prepare, sources
+from llmexp.data.collate import WindowCollator
+from llmexp.data.encode import IGNORE_INDEX
+from llmexp.data.packing import pack
+from llmexp.errors import UserError
+
+
+@dataclass
+class PreparedData:
+    train: Any  # datasets.Dataset with canonical column names
+    val: Any
+    format: str
+    log: List[Dict[str, Any]] = field(default_factory=list)
+
+    def texts(self):
+        """Every string in the training rows (for training a tokenizer on the run's data)."""
+        for row in self.train:
+            for value in row.values():
+                yield from _strings(value)
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        yield from _strings(value.get("content"))
+
+
+def rename_fields(ds, fields: Dict[str, str]):
+    mapping = {src: canon for canon, src in fields.items() if src != canon and src in ds.column_names}
+    return ds.rename_columns(mapping) if mapping else ds
+
+
+def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
+    """Load, map fields, check the format for ``stage``, prepare and split."""
+    train, val = sources.load_raw(cfg)
+    fields = dict(vars(cfg.fields)) if not isinstance(cfg.fields, dict) else dict(cfg.fields)
+    train = rename_fields(train, fields)
+    val = rename_fields(val, fields) if val is not None else None
+    fmt = cfg.format if cfg.format != "auto" else formats.detect_format(train.column_names, {})
+    if fmt is not None and fmt != "auto":
+        missing = [c for c in formats.FORMAT_COLUMNS[fmt] if c not in train.column_names]
+        if missing:
+            raise UserError(f"data.format={fmt} needs columns {missing}, not found in {cfg.path or cfg.name!r} "
+                            f"(columns: {', '.join(train.column_names)}); map them with data.fields.<name>=<column>")
+    problem = formats.format_problem(stage, fmt, train.column_names, {}, f"data {cfg.path or cfg.name!r}")
+    if problem:
+        raise UserError(f"data: {problem}")
+    train, log = prepare.run_steps(train, cfg)
+    if val is not None:
+        val, _ = prepare.run_steps(val, cfg)
+    train, val = prepare.split(train, val, cfg)
+    log.append({"step": "split", "train_rows": len(train), "val_rows": len(val)})
+    return PreparedData(train=train, val=val, format=fmt, log=log)
+
+
+def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, split: str):
+    """Apply data.overlong to samples longer than data.max_length; drop samples with no targets."""
+    out, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_target": 0, "split_chunks": 0}
+    n = cfg.max_length
+    for s in encoded:
+        if len(s["input_ids"]) > n:
+            if cfg.overlong == "drop":
+                stats["dropped_overlong"] += 1
+                continue
+            if cfg.overlong == "split" and fmt == "text":
+                for i in range(0, len(s["input_ids"]), n):
+                    chunk = {k: v[i : i + n] for k, v in s.items()}
+                    if len(chunk["input_ids"]) > 1:
+                        out.append(chunk)
+                        stats["split_chunks"] += 1
+                continue
+            s = {k: v[:n] for k, v in s.items()}
+            stats["truncated"] += 1
+        if not any(t != IGNORE_INDEX for t in s["labels"][1:]):
+            stats["dropped_no_target"] += 1
+            continue
+        out.append(s)
+    if not out:
+        raise UserError(f"data.max_length: every {split} sample was removed ({stats}); raise data.max_length "
+                        f"or use data.overlong=truncate")
+    return out, stats
+
+
+class LMDataModule(L.LightningDataModule):
+    """Encodes with the stage's encoder and collates windows of micro-batches with its collator."""
+
+    def __init__(self, prepared: PreparedData, data_cfg: DataConfig, trainer_cfg: TrainerConfig, stage):
+        super().__init__()
+        self.prepared, self.cfg, self.tcfg, self.stage = prepared, data_cfg, trainer_cfg, stage
+        self.train_rows: Optional[List[Dict[str, List[int]]]] = None
+        self.val_rows: Optional[List[Dict[str, List[int]]]] = None
+        self.stats: Dict[str, Any] = {}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_rows is not None:
+            return
+        encode = self.stage.encoder(self.prepared.format)
+        for split, ds in (("train", self.prepared.train), ("val", self.prepared.val)):
+            encoded = [encode(row) for row in ds]
+            rows, stats = fit_length(encoded, self.cfg, self.prepared.format, split)
+            tokens = sum(len(r["input_ids"]) for r in rows)
+            if self.cfg.packing:
+                rows = pack(rows, self.cfg.max_length)
+                stats["packing_efficiency"] = tokens / (len(rows) * self.cfg.max_length)
+            stats.update(samples=len(encoded), rows=len(rows), tokens=tokens)
+            self.stats[split] = stats
+            setattr(self, f"{split}_rows", rows)
+        window = self.tcfg.micro_batch_size * self.tcfg.grad_accum
+        if len(self.train_rows) < window:
+            raise UserError(f"trainer.micro_batch_size: one optimizer step needs {window} training rows "
+                            f"(micro_batch_size x grad_accum) but the data has {len(self.train_rows)}; "
+                            f"lower trainer.micro_batch_size or trainer.grad_accum")
+
+    def train_dataloader(self) -> DataLoader:
+        window = self.tcfg.micro_batch_size * self.tcfg.grad_accum
+        gen = torch.Generator().manual_seed(self.tcfg.seed)
+        return DataLoader(self.train_rows, batch_size=window, shuffle=True, drop_last=True, generator=gen,
+                          collate_fn=WindowCollator(self.stage.collate, self.tcfg.micro_batch_size),
+                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_rows, batch_size=self.tcfg.val_batch_size, shuffle=False,
+                          collate_fn=self.stage.collate, num_workers=self.cfg.num_workers)

@@ -1,0 +1,54 @@
+"""The column names of a data source, read cheaply (no `datasets` import) for validation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import List, Optional
+
+from llmexp.config.schema import DataConfig
+
+
+def peek_columns(cfg: DataConfig) -> Optional[List[str]]:
+    """Columns of the first row of the source, or None when they cannot be known cheaply
+    (hub datasets; unreadable files are reported with details when the run loads them)."""
+    if cfg.source == "bundled":
+        from llmexp.data import skill
+
+        gen = skill.GENERATORS.get(cfg.name)
+        return list(next(iter(gen(num_samples=1))).keys()) if gen else None
+    if cfg.source != "files" or not cfg.path:
+        return None
+    try:
+        from llmexp.data.sources import data_files
+
+        first = data_files(cfg.path)[0]
+        return _columns_of(Path(first))
+    except Exception:  # noqa: BLE001 - the loader reports the precise problem later
+        return None
+
+
+def _columns_of(path: Path) -> Optional[List[str]]:
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    return list(json.loads(line).keys())
+        return None
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            return list(data[0].keys())
+        if isinstance(data, dict):
+            return list(data.keys())
+        return None
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            return next(csv.reader(fh), None)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    return None

@@ -1,0 +1,103 @@
+"""Config-selected preparation steps on raw rows: normalise, filter by length, dedup, split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from typing import Any, Callable, Dict, List, Tuple
+
+from llmexp.config.schema import DataConfig
+from llmexp.errors import UserError
+
+TEXT_FIELDS = ("text", "prompt", "completion", "messages")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SPACES = re.compile(r"[ \t\u00a0]+")
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, drop control characters, collapse runs of spaces, trim each line and the ends."""
+    text = _CONTROL.sub("", unicodedata.normalize("NFKC", text)).replace("\r\n", "\n")
+    return "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n")).strip()
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: (_map_strings(v, fn) if k == "content" else v) for k, v in value.items()}
+    return value
+
+
+def content_chars(row: Dict[str, Any]) -> int:
+    """Characters of the content fields of a row (message contents included)."""
+    total = 0
+    for f in TEXT_FIELDS:
+        v = row.get(f)
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, list):
+            total += sum(len(m.get("content") or "") for m in v if isinstance(m, dict))
+    return total
+
+
+def content_key(row: Dict[str, Any]) -> str:
+    payload = json.dumps({f: row.get(f) for f in TEXT_FIELDS if f in row}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+
+
+def normalize(ds, cfg: DataConfig):
+    cols = [c for c in TEXT_FIELDS if c in ds.column_names]
+    return ds.map(lambda row: {c: _map_strings(row[c], normalize_text) for c in cols}, desc="normalize")
+
+
+def filter_length(ds, cfg: DataConfig):
+    hi = cfg.max_chars or float("inf")
+    return ds.filter(lambda row: cfg.min_chars <= content_chars(row) <= hi, desc="filter_length")
+
+
+def dedup(ds, cfg: DataConfig):
+    seen, keep = set(), []
+    for i, row in enumerate(ds):
+        key = content_key(row)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return ds.select(keep) if len(keep) < len(ds) else ds
+
+
+STEPS: Dict[str, Callable] = {"normalize": normalize, "filter_length": filter_length, "dedup": dedup}
+
+
+def run_steps(ds, cfg: DataConfig) -> Tuple[Any, List[Dict[str, Any]]]:
+    """Apply cfg.steps in order; return the dataset and a log of row counts per step."""
+    log = []
+    for name in cfg.steps:
+        before = len(ds)
+        ds = STEPS[name](ds, cfg)
+        log.append({"step": name, "rows_in": before, "rows_out": len(ds)})
+        if len(ds) == 0:
+            raise UserError(f"data.steps: every row was removed by step {name!r} ({before} rows in); "
+                            f"loosen data.min_chars/data.max_chars or drop the step from data.steps")
+    return ds, log
+
+
+def split(ds, val, cfg: DataConfig):
+    """Train/validation split: the named validation split, or a seeded held-out fraction."""
+    if val is None:
+        if cfg.val_fraction <= 0:
+            raise UserError("data.val_fraction: a validation set is needed; set data.val_fraction > 0 "
+                            "or data.validation_split=<split>")
+        n_val = max(1, int(round(len(ds) * cfg.val_fraction)))
+        if cfg.max_val_samples:
+            n_val = min(n_val, cfg.max_val_samples)
+        if n_val >= len(ds):
+            raise UserError(f"data: {len(ds)} rows are too few to hold out {n_val} for validation")
+        parts = ds.train_test_split(test_size=n_val, seed=cfg.seed, shuffle=True)
+        return parts["train"], parts["test"]
+    if cfg.max_val_samples and len(val) > cfg.max_val_samples:
+        val = val.select(range(cfg.max_val_samples))
+    return ds, val

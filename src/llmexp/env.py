@@ -1,0 +1,46 @@
+"""Process environment for a run: offline by default, online when the user says so."""
+
+from __future__ import annotations
+
+import os
+
+OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+QUIET_VARS = {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0", "WANDB_SILENT": "true",
+              "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def configure_environment(offline: bool) -> None:
+    """Set the hub/W&B variables before transformers, datasets or wandb are imported.
+
+    With ``offline=true`` (the default) nothing tries the network; a variable the user set
+    explicitly is left alone, so e.g. HF_HUB_OFFLINE=0 still wins.
+    """
+    for key, value in QUIET_VARS.items():
+        os.environ.setdefault(key, value)
+    for key, value in OFFLINE_VARS.items():
+        if offline:
+            os.environ.setdefault(key, value)
+        elif os.environ.get(key) == value:
+            os.environ.pop(key)
+
+
+# Library messages that say nothing to an llmexp user (the run record holds the facts).
+_NOISE = (
+    r".*Using ModelCheckpoint with manual optimization.*",
+    r".*exists and is not empty.*",
+    r".*LeafSpec.*",
+    r".*does not have many workers.*",
+    r".*litlogger.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+)
+
+
+def quiet_libraries() -> None:
+    """Keep Lightning's INFO chatter and known-harmless warnings out of the console."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)

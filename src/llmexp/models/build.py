@@ -1,0 +1,78 @@
+"""Build the model a run trains: pretrained weights, or initialised from the architecture.
+
+Small configs (hidden 64, 2 layers) make CPU runs practical; the same code loads a hub id or a
+local directory (e.g. another run's ``model/``) when ``model.pretrained`` is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from llmexp.config.schema import ModelConfig
+from llmexp.errors import UserError
+
+# llmexp's size keys -> each architecture's config keys.
+SIZE_KEYS: Dict[str, Dict[str, str]] = {
+    "gpt2": {"hidden_size": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
+             "intermediate_size": "n_inner", "max_position_embeddings": "n_positions"},
+    "default": {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+                "intermediate_size": "intermediate_size", "max_position_embeddings": "max_position_embeddings"},
+}
+
+
+def architecture_config(cfg: ModelConfig, tokenizer) -> Any:
+    """A transformers config for ``cfg.architecture`` sized by ``cfg``, fitted to the tokenizer."""
+    from transformers import AutoConfig
+
+    keys = SIZE_KEYS.get(cfg.architecture, SIZE_KEYS["default"])
+    sizes = {hf: getattr(cfg, ours) for ours, hf in keys.items() if getattr(cfg, ours) is not None}
+    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "bos_token_id": tokenizer.bos_token_id}
+    return AutoConfig.for_model(cfg.architecture, vocab_size=len(tokenizer), **sizes, **special, **cfg.extra)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_model(cfg: ModelConfig, tokenizer, quantization_config=None):
+    """The causal LM of the run: loaded from ``cfg.pretrained`` or initialised from its config."""
+    from transformers import AutoModelForCausalLM
+
+    common = {"dtype": torch_dtype(cfg.dtype), "attn_implementation": cfg.attn_implementation}
+    if cfg.pretrained is None:
+        model = AutoModelForCausalLM.from_config(architecture_config(cfg, tokenizer), **common)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.pretrained, trust_remote_code=cfg.trust_remote_code,
+                quantization_config=quantization_config, **common)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.pretrained: cannot load a causal LM from {cfg.pretrained!r}: "
+                            f"{str(e).splitlines()[0]}") from None
+        check_tokenizer_fits(model, tokenizer, cfg)
+    model.config.use_cache = False
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def check_tokenizer_fits(model, tokenizer, cfg: ModelConfig) -> None:
+    """A tokenizer with ids beyond the embedding table would index out of range mid-run."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UserError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model "
+                        f"{cfg.pretrained!r} embeds only {rows}; use the model's own tokenizer "
+                        f"(model.tokenizer=null) or one with at most {rows} tokens")
+
+
+def count_parameters(model) -> Dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"parameters": total, "trainable_parameters": trainable}

@@ -1,0 +1,94 @@
+"""Tokenizers: a pretrained one, llmexp's bundled byte-level BPE, or one trained on the run's data.
+
+The bundled tokenizer (src/llmexp/assets/tokenizer, made by scripts/train_tokenizer.py) lets a
+run start with no network. Every llmexp tokenizer has pad and eos tokens and a chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from llmexp.errors import UserError
+from llmexp.paths import ASSETS_DIR
+
+BUNDLED_TOKENIZER_DIR = ASSETS_DIR / "tokenizer"
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# `{% generation %}` marks assistant tokens for transformers' return_assistant_tokens_mask.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|end|>' }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer (digits split) and wrap it for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[2:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 1_000_000
+    return fast
+
+
+def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts=None, trust_remote_code=False):
+    """Pick the tokenizer: explicit source, else the pretrained model's, else the bundled one."""
+    from transformers import AutoTokenizer
+
+    if source == "train":
+        return _trained_on(train_texts() if callable(train_texts) else train_texts)
+    where = source or pretrained or str(BUNDLED_TOKENIZER_DIR)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        key = "model.tokenizer" if source else "model.pretrained"
+        raise UserError(f"{key}: cannot load a tokenizer from {where!r}: {str(e).splitlines()[0]}") from None
+    return ensure_special_tokens(tok)
+
+
+def ensure_special_tokens(tok):
+    """Give a tokenizer a pad token (its eos) and llmexp's chat template when it has none."""
+    if tok.eos_token is None:
+        raise UserError(f"tokenizer {tok.name_or_path!r} has no eos token; set model.tokenizer to one that has")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHAT_TEMPLATE.replace("<|end|>", tok.eos_token).replace(
+            "'<|' + message['role'] + '|>\n'", "message['role'] + ': '").replace("'<|assistant|>\n'", "'assistant: '")
+    return tok
+
+
+def _trained_on(texts: Iterable[str]):
+    """A BPE tokenizer trained on this run's texts, cached by their content hash."""
+    from transformers import AutoTokenizer
+
+    texts = list(texts)
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LLMEXP_CACHE", Path.home() / ".cache" / "llmexp")) / "tokenizers" / digest
+    if (cache / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cache))
+    tok = train_bpe(texts)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    tok.save_pretrained(str(tmp))
+    try:
+        tmp.rename(cache)
+    except OSError:  # another process cached it first
+        pass
+    return AutoTokenizer.from_pretrained(str(cache if cache.exists() else tmp))

@@ -1,0 +1,109 @@
+"""One run, start to end: config -> data -> tokenizer + model -> stage -> Trainer -> record."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig
+
+from llmexp import __version__
+from llmexp.config.validate import validate
+from llmexp.env import configure_environment, quiet_libraries
+from llmexp.record import plot_loss_curve, write_config, write_summary
+
+
+def hydra_run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
+    """Train as ``cfg`` says, write the run record into ``run_dir``; return the final val/loss."""
+    started = time.time()
+    typed = validate(cfg)
+    run_dir = Path(run_dir or hydra_run_dir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configure_environment(typed.offline)
+    quiet_libraries()
+    resolved = dataclasses.asdict(typed)
+    write_config(run_dir, resolved)
+
+    import lightning as L
+
+    from llmexp.data.module import LMDataModule, load_examples
+    from llmexp.loggers import build_loggers
+    from llmexp.models.build import build_model, count_parameters
+    from llmexp.models.export import export_model
+    from llmexp.models.peft import apply_peft, quantization_config
+    from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.stages import stage_class
+    from llmexp.training import build_trainer, save_last_checkpoint
+
+    prepared = load_examples(typed.data, typed.stage.name)
+    tokenizer = load_tokenizer(typed.model.tokenizer, typed.model.pretrained, prepared.texts,
+                               typed.model.trust_remote_code)
+    L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
+    model = build_model(typed.model, tokenizer, quantization_config(typed.peft))
+    model = apply_peft(model, typed.peft, typed.model)
+    stage = stage_class(typed.stage.name)(typed, model, tokenizer)
+    data = LMDataModule(prepared, typed.data, typed.trainer, stage)
+    data.setup()
+
+    trainer = build_trainer(typed, run_dir, build_loggers(typed.logger, run_dir, typed.run_name, resolved))
+    trainer.validate(stage, datamodule=data, verbose=False)
+    initial = dict(stage.last_val_metrics)
+    fit_started = time.time()
+    trainer.fit(stage, datamodule=data)
+    fit_seconds = time.time() - fit_started
+    trainer.validate(stage, datamodule=data, verbose=False)
+    final = dict(stage.last_val_metrics)
+    checkpoint = save_last_checkpoint(trainer, run_dir)
+
+    summary: Dict[str, Any] = {
+        "llmexp_version": __version__,
+        "run_name": typed.run_name,
+        "run_dir": str(run_dir.resolve()),
+        "stage": typed.stage.name,
+        "model": typed.model.name,
+        "architecture": typed.model.architecture,
+        "strategy": typed.strategy.name,
+        "peft": typed.peft.name,
+        "data": typed.data.name,
+        "global_step": trainer.global_step,
+        "initial": initial,
+        "final": final,
+        "tokens_per_second": stage.train_tokens / stage.train_seconds if stage.train_seconds else None,
+        "train_tokens": stage.train_tokens,
+        "fit_seconds": fit_seconds,
+        **count_parameters(stage.model),
+        "data_stats": {"format": prepared.format, "preparation": prepared.log, **data.stats},
+        "checkpoint": str(checkpoint),
+    }
+    if trainer.is_global_zero:
+        export_dir = run_dir / "model"
+        export_model(stage.model, tokenizer, export_dir, typed.peft.merge_on_export)
+        summary["model_dir"] = str(export_dir)
+        for logger in trainer.loggers:
+            logger.finalize("success")
+        plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png",
+                        f"{typed.stage.name} · {typed.model.name} · {typed.data.name}")
+        summary["wall_seconds"] = time.time() - started
+        write_summary(run_dir, summary)
+        _print_result(summary)
+    return float(final.get("val/loss", float("nan")))
+
+
+def _print_result(summary: Dict[str, Any]) -> None:
+    from rich.console import Console
+
+    i, f = summary["initial"], summary["final"]
+    lines = [f"[bold]{summary['stage']}[/] {summary['model']}: {summary['global_step']} steps in "
+             f"{summary['wall_seconds']:.1f}s"]
+    for key in sorted(set(i) | set(f)):
+        lines.append(f"  {key}: {i.get(key, float('nan')):.4f} -> {f.get(key, float('nan')):.4f}")
+    lines.append(f"  run record: {summary['run_dir']}")
+    Console(stderr=True).print("\n".join(lines))

@@ -1,0 +1,138 @@
+"""The one thin base LightningModule every stage builds on.
+
+It owns what all stages share: the optimizer and schedule from config, one optimizer step over a
+window of micro-batches (gradient accumulation normalised by the window's total loss weight, so
+1x8 and 8x1 micro-batches give the same gradients), gradient clipping and the common metrics
+(loss, lr, tokens/s, grad norm), and validation that sums over the whole set before dividing.
+A stage implements ``micro_loss`` and ``val_sums``; rollout stages may override ``training_step``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Tuple
+
+import lightning as L
+import torch
+
+from llmexp.config.schema import RunConfig
+from llmexp.optim import build_optimizer
+
+
+class StageModule(L.LightningModule):
+    # Data formats this stage trains on (see llmexp.data.formats.STAGE_FORMATS).
+    formats: Tuple[str, ...] = ()
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, tokenizer: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.automatic_optimization = False
+        self._val: Dict[str, List[torch.Tensor]] = {}
+        self._step_started: float | None = None
+        self._tokens_since_log = 0
+        self._time_since_log = 0.0
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self.last_val_metrics: Dict[str, float] = {}
+
+    # -- what a stage provides -------------------------------------------------------------------
+    def micro_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Sum of the loss terms of one micro-batch (normalised by the base) and extra metric sums."""
+        raise NotImplementedError
+
+    def val_sums(self, batch: Dict[str, Any]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Metric name -> (sum, count) over one validation batch; the base divides after the pass."""
+        raise NotImplementedError
+
+    def derived_metrics(self, means: Dict[str, float]) -> Dict[str, float]:
+        """Metrics computed from the validation means (e.g. perplexity from loss)."""
+        return {}
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        on_cuda = self.device.type == "cuda" or self.cfg.trainer.accelerator in ("gpu", "cuda")
+        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps, on_cuda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, window: List[Dict[str, Any]], batch_idx: int):
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        weight = sum(mb["loss_weight"] for mb in window)
+        world_weight = self._global_sum(weight)
+        scale = self.trainer.world_size / max(world_weight, 1)
+        total = torch.zeros((), device=self.device)
+        extra_totals: Dict[str, torch.Tensor] = {}
+        for mb in window:
+            loss_sum, extras = self.micro_loss(mb)
+            self.manual_backward(loss_sum * scale)
+            total += loss_sum.detach()
+            for k, v in extras.items():
+                extra_totals[k] = extra_totals.get(k, 0) + v.detach()
+        grad_norm = self._clip_and_measure(opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        self._record_throughput(sum(mb["num_tokens"] for mb in window))
+        denom = max(weight, 1)
+        self.log("train/loss", total / denom, prog_bar=True, on_step=True, batch_size=denom)
+        for k, v in extra_totals.items():
+            self.log(f"train/{k}", v / denom, on_step=True, batch_size=denom)
+        if grad_norm is not None:
+            self.log("train/grad_norm", grad_norm, on_step=True)
+        self.log("train/lr", sched.get_last_lr()[0], on_step=True)
+        return total / denom
+
+    def _global_sum(self, value: int) -> float:
+        if self.trainer.world_size == 1:
+            return float(value)
+        t = torch.tensor(float(value), device=self.device)
+        return float(self.trainer.strategy.reduce(t, reduce_op="sum"))
+
+    def _clip_and_measure(self, opt) -> torch.Tensor | None:
+        clip = self.cfg.trainer.gradient_clip_val
+        if self.cfg.trainer.precision.startswith("16"):  # the grad scaler unscales inside Lightning
+            if clip:
+                self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            return None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return None
+        return torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
+
+    def _record_throughput(self, tokens: int) -> None:
+        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
+        self.train_tokens += tokens
+        self.train_seconds += elapsed
+        self._tokens_since_log += tokens
+        self._time_since_log += elapsed
+        if self.global_step % self.cfg.trainer.log_every_n_steps == 0 and self._time_since_log > 0:
+            self.log("train/tokens_per_second", self._tokens_since_log * self.trainer.world_size
+                     / self._time_since_log, on_step=True)
+            self._tokens_since_log, self._time_since_log = 0, 0.0
+
+    # -- validation ------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = {}
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        for name, (s, n) in self.val_sums(batch).items():
+            acc = self._val.setdefault(name, [torch.zeros((), device=self.device, dtype=torch.float64)] * 2)
+            self._val[name] = [acc[0] + s.detach().double(), acc[1] + torch.as_tensor(n, device=self.device).double()]
+
+    def on_validation_epoch_end(self) -> None:
+        means = {}
+        for name, (s, n) in self._val.items():
+            if self.trainer.world_size > 1:
+                s = self.trainer.strategy.reduce(s, reduce_op="sum")
+                n = self.trainer.strategy.reduce(n, reduce_op="sum")
+            means[name] = float(s / n.clamp(min=1))
+        means.update(self.derived_metrics(means))
+        self.last_val_metrics = {f"val/{k}": v for k, v in means.items()}
+        for k, v in self.last_val_metrics.items():
+            self.log(k, v, sync_dist=False, prog_bar=k == "val/loss")

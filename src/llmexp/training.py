@@ -1,0 +1,53 @@
+"""The Lightning Trainer of a run: strategy, precision, callbacks, loggers from config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, List
+
+from llmexp.config.schema import RunConfig
+from llmexp.strategies import build_strategy
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callbacks: List[Any] = ()):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    t = cfg.trainer
+    every = t.checkpoint_every_n_steps or t.val_check_interval or t.max_steps
+    callbacks = [ModelCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"), filename="step-{step}",
+                                 every_n_train_steps=every, save_top_k=1, save_last=True,
+                                 auto_insert_metric_name=False), *extra_callbacks]
+    if t.progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(cfg),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        val_check_interval=t.val_check_interval or t.max_steps + 1,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+    )
+
+
+def save_last_checkpoint(trainer, run_dir: Path) -> Path:
+    """``checkpoints/last.ckpt`` at the final step, written to a temp file then renamed."""
+    path = Path(run_dir) / "checkpoints" / "last.ckpt"
+    tmp = path.with_name(f".last.ckpt.tmp{os.getpid()}")
+    trainer.save_checkpoint(str(tmp), weights_only=False)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+    return path
