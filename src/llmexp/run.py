@@ -34,11 +34,9 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
 
     import lightning as L
 
-    from llmexp.data.module import LMDataModule, load_examples
+    from llmexp.data.module import StageDataModule, load_examples
     from llmexp.loggers import build_loggers
-    from llmexp.models.build import build_model, count_parameters
-    from llmexp.models.export import export_model
-    from llmexp.models.peft import apply_peft, quantization_config
+    from llmexp.models.build import count_parameters
     from llmexp.models.tokenizer import load_tokenizer
     from llmexp.stages import stage_class
     from llmexp.training import build_trainer, save_last_checkpoint
@@ -47,10 +45,8 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
     tokenizer = load_tokenizer(typed.model.tokenizer, typed.model.pretrained, prepared.texts,
                                typed.model.trust_remote_code)
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
-    model = build_model(typed.model, tokenizer, quantization_config(typed.peft))
-    model = apply_peft(model, typed.peft, typed.model)
-    stage = stage_class(typed.stage.name)(typed, model, tokenizer)
-    data = LMDataModule(prepared, typed.data, typed.trainer, stage)
+    stage = stage_class(typed.stage.name).create(typed, tokenizer)
+    data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
 
     trainer = build_trainer(typed, run_dir, build_loggers(typed.logger, run_dir, typed.run_name, resolved))
@@ -82,11 +78,10 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
         **count_parameters(stage.model),
         "data_stats": {"format": prepared.format, "preparation": prepared.log, **data.stats},
         "checkpoint": str(checkpoint),
+        **stage.summary_extras(),
     }
     if trainer.is_global_zero:
-        export_dir = run_dir / "model"
-        export_model(stage.model, tokenizer, export_dir, typed.peft.merge_on_export)
-        summary["model_dir"] = str(export_dir)
+        summary.update(stage.export(run_dir / "model"))
         for logger in trainer.loggers:
             logger.finalize("success")
         plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png",

@@ -101,7 +101,7 @@ def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, s
     return out, stats
 
 
-class LMDataModule(L.LightningDataModule):
+class StageDataModule(L.LightningDataModule):
     """Encodes with the stage's encoder and collates windows of micro-batches with its collator."""
 
     def __init__(self, prepared: PreparedData, data_cfg: DataConfig, trainer_cfg: TrainerConfig, stage):

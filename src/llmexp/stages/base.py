@@ -38,7 +38,38 @@ class StageModule(L.LightningModule):
         self.train_seconds = 0.0
         self.last_val_metrics: Dict[str, float] = {}
 
+    # -- building and exporting ------------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg: RunConfig, tokenizer: Any) -> "StageModule":
+        """Build the stage with its model(s). The default: the causal LM of ``cfg.model`` with
+        ``cfg.peft`` adapters. Stages that need other models (a reward model, a reference, a
+        value head) override this."""
+        from llmexp.models.build import build_model
+        from llmexp.models.peft import apply_peft, quantization_config
+
+        model = build_model(cfg.model, tokenizer, quantization_config(cfg.peft))
+        return cls(cfg, apply_peft(model, cfg.peft, cfg.model), tokenizer)
+
+    def export(self, out_dir) -> Dict[str, Any]:
+        """Write the trained model in HF format; return facts for summary.json."""
+        from llmexp.models.export import export_model
+
+        self.model = export_model(self.model, self.tokenizer, out_dir, self.cfg.peft.merge_on_export)
+        return {"model_dir": str(out_dir)}
+
+    def summary_extras(self) -> Dict[str, Any]:
+        """Stage-specific facts for summary.json (beyond initial/final validation metrics)."""
+        return {}
+
     # -- what a stage provides -------------------------------------------------------------------
+    def encoder(self, fmt: str):
+        """A function mapping one prepared row (canonical columns) to the stage's encoded sample."""
+        raise NotImplementedError
+
+    def collate(self, rows):
+        """Encoded samples -> one micro-batch dict, with int ``num_tokens`` and ``loss_weight``."""
+        raise NotImplementedError
+
     def micro_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Sum of the loss terms of one micro-batch (normalised by the base) and extra metric sums."""
         raise NotImplementedError
