@@ -52,8 +52,11 @@ def _mask_by_prefixes(tokenizer, messages: List[Dict[str, Any]]):
     for i, m in enumerate(messages):
         if m.get("role") == "assistant":
             start = len(render(messages[:i], True)) if i else 0
-            end = len(render(messages[: i + 1], False))
-            for j in range(start, min(end, len(ids))):
+            end = min(len(render(messages[: i + 1], False)), len(ids))
+            # The turn ends at its eos; separators the template adds after it carry no loss.
+            eos = [j for j in range(start, end) if ids[j] == tokenizer.eos_token_id]
+            end = eos[0] + 1 if eos else end
+            for j in range(start, end):
                 mask[j] = 1
     return ids, mask
 

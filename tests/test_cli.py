@@ -1,0 +1,107 @@
+"""The command line: help, config printing, clear errors, multirun, console script, wheel install."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST, REPO, run_cli
+
+
+def test_help_lists_groups_and_options_without_importing_heavy_libraries():
+    code = ("import sys\nfrom llmexp.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'lightning', 'datasets', 'peft', 'trl', 'wandb') "
+            "if m in sys.modules]\nprint('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout
+    assert "HEAVY []" in out
+    for line in ("model: gpt2, llama, llama_1b, mistral, qwen2", "stage: ", "logger: csv, none, wandb",
+                 "peft: lora, none, qlora", "strategy: auto"):
+        assert line in out
+    assert "pretrain" in out and "sft" in out
+
+
+def test_cfg_job_prints_the_composed_config_and_trains_nothing(tmp_path):
+    r = run_cli(["model=gpt2", "optim.lr=1e-3", "--cfg", "job"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "architecture: gpt2" in r.stdout and "lr: 0.001" in r.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path):
+    r = run_cli(["model=lama", "trainer.max_stepz=5", "optim.lr=fast", "stage=sft", "data=arithmetic_text"],
+                cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.count("llmexp: error:") == 1
+    assert "did you mean 'llama'" in r.stderr and "did you mean 'max_steps'" in r.stderr
+    assert "optim.lr: expected a number, got 'fast'" in r.stderr
+    assert "4 problems" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_user_error_during_a_run_exits_2_and_traceback_on_request(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "fine"}\n{oops\n')
+    args = ["data=files", f"data.path={f}", "stage=pretrain", *FAST, f"hydra.run.dir={tmp_path / 'run'}"]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 2 and "bad.jsonl line 2 is not valid JSON" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli(args[:-1] + [f"hydra.run.dir={tmp_path / 'run2'}"], cwd=tmp_path, env={"LLMEXP_TRACEBACK": "1"})
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text('{"keep": true}')
+    r = run_cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    assert json.loads((run_dir / "summary.json").read_text()) == {"keep": True}
+    assert sorted(p.name for p in run_dir.iterdir()) == ["summary.json"]
+
+
+def test_console_script_matches_python_m(tmp_path):
+    exe = shutil.which("llmexp")
+    assert exe, "the llmexp console script is installed with the package"
+    a = subprocess.run([exe, "model=qwen2", "--cfg", "job"], capture_output=True, text=True, cwd=tmp_path)
+    b = run_cli(["model=qwen2", "--cfg", "job"], cwd=tmp_path)
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+
+
+@pytest.mark.slow
+def test_multirun_gives_each_job_its_own_run_directory(tmp_path):
+    args = ["-m", *FAST, "trainer.max_steps=10", "trainer.val_check_interval=10", "optim.warmup_steps=2",
+            "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert len(summaries) == 2
+    lrs = sorted(__import__("yaml").safe_load((s.parent / "config.yaml").read_text())["optim"]["lr"]
+                 for s in summaries)
+    assert lrs == [1e-3, 3e-3]
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_venv_and_finds_its_configs(tmp_path):
+    """The conf/ tree ships inside the wheel: a run from another directory composes."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO)],
+                   check=True, capture_output=True)
+    (wheel,) = dist.glob("llmexp-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run([str(py), "-c", "from llmexp.paths import config_dir; print(config_dir())"],
+                           capture_output=True, text=True, cwd=elsewhere, check=True).stdout.strip()
+    assert str(venv) in where and Path(where, "model", "llama.yaml").is_file()
+    r = subprocess.run([str(venv / "bin" / "llmexp"), "stage=pretrain", "data=arithmetic_text", "--cfg", "job"],
+                       capture_output=True, text=True, cwd=elsewhere)
+    assert r.returncode == 0 and "name: pretrain" in r.stdout
+    assert (Path(where).parent / "assets" / "tokenizer" / "tokenizer.json").is_file()

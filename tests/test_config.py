@@ -1,0 +1,119 @@
+"""Every shipped config composes and validates; bad configs list every problem with its key."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose, typed
+
+from llmexp.config.validate import validate
+from llmexp.errors import ConfigError
+from llmexp.paths import config_groups
+
+GROUPS = config_groups()
+# Options that need something this CPU machine lacks (refused on purpose, tested below).
+NEEDS_GPU = {("peft", "qlora"), ("trainer", "gpu")}
+NEEDS_PATH = {("data", "files"), ("data", "hf")}
+# Options that only make sense with a matching choice in another group.
+COMPANIONS = {
+    ("data", "arithmetic_text"): ["stage=pretrain"],
+    ("data", "arithmetic_pairs"): ["stage=dpo"],
+    ("data", "arithmetic_prompts"): ["stage=grpo"],
+    ("stage", "pretrain"): [],
+    ("stage", "rm"): ["data=arithmetic_pairs"],
+    ("stage", "dpo"): ["data=arithmetic_pairs"],
+    ("stage", "ppo"): ["data=arithmetic_prompts"],
+    ("stage", "grpo"): ["data=arithmetic_prompts"],
+}
+
+
+def _cases():
+    for group, options in GROUPS.items():
+        for option in options:
+            yield group, option
+
+
+@pytest.mark.parametrize("group,option", list(_cases()))
+def test_every_shipped_option_composes_and_validates(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    overrides += COMPANIONS.get((group, option), [])
+    if (group, option) in NEEDS_PATH:
+        data = tmp_path / "d.jsonl"
+        data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+        overrides.append(f"data.path={data}" if option == "files" else f"data.path={tmp_path}")
+        if option == "hf":
+            from datasets import Dataset
+
+            Dataset.from_list([{"text": "a"}] * 4).save_to_disk(str(tmp_path / "ds"))
+            overrides[-1] = f"data.path={tmp_path / 'ds'}"
+            overrides.append("stage=pretrain")
+    if option == "llama_1b":
+        overrides.append("model.dtype=float32")
+    cfg = compose(overrides)
+    if (group, option) in NEEDS_GPU:
+        with pytest.raises(ConfigError) as e:
+            validate(cfg)
+        assert "CUDA" in str(e.value)
+        return
+    run = validate(cfg)
+    if group not in ("experiment", "trainer"):
+        assert getattr(run, group).name == option
+
+
+def test_defaults_are_a_small_llama_sft_on_bundled_chat_data():
+    run = typed()
+    assert (run.model.architecture, run.stage.name, run.data.name, run.strategy.name) == \
+        ("llama", "sft", "arithmetic", "auto")
+    assert run.model.hidden_size <= 64 and run.logger.name == "wandb" and run.logger.mode == "offline"
+    assert run.offline is True
+
+
+def test_experiment_preset_sets_several_groups():
+    run = typed(["experiment=pretrain_tiny"])
+    assert run.stage.name == "pretrain" and run.data.name == "arithmetic_text"
+    assert run.optim.lr == pytest.approx(3e-3)
+
+
+def test_all_problems_are_reported_at_once_with_keys():
+    cfg = compose(["trainer.max_steps=0", "optim.scheduler=cosin", "model.num_heads=3",
+                   "optim.warmup_steps=1000", "data.val_fraction=2.0"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    keys = {p.key for p in e.value.problems}
+    assert {"trainer.max_steps", "optim.scheduler", "model.num_heads", "optim.warmup_steps",
+            "data.val_fraction"} <= keys
+    sched = next(p for p in e.value.problems if p.key == "optim.scheduler")
+    assert "did you mean 'cosine'" in sched.fix
+
+
+def test_sft_on_plain_text_is_a_contradiction():
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["stage=sft", "data=arithmetic_text"]))
+    assert any(p.key == "stage" and "messages" in p.message for p in e.value.problems)
+    assert typed(["stage=pretrain", "data=arithmetic_text"]).stage.name == "pretrain"
+
+
+def test_sft_on_local_text_file_is_refused_before_any_model(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"body": "hello"}\n')
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["data=files", f"data.path={f}"]))
+    assert any("columns: body" in p.message for p in e.value.problems)
+    # Mapping the column makes it valid for pretraining.
+    assert typed(["data=files", f"data.path={f}", "stage=pretrain", "data.fields.text=body"])
+
+
+def test_missing_pretrained_dir_and_offline_hub_id():
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["model.pretrained=/nonexistent/model"]))
+    assert e.value.problems[0].key == "model.pretrained"
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["model.pretrained=meta-llama/Llama-3.2-1B"]))
+    assert "offline=true" in e.value.problems[0].message
+    assert typed(["model.pretrained=meta-llama/Llama-3.2-1B", "offline=false"]).offline is False
+
+
+def test_qlora_on_cpu_says_it_needs_a_gpu():
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["peft=qlora"]))
+    (p,) = e.value.problems
+    assert p.key == "peft" and "CUDA GPU" in p.message and "peft=lora" in p.fix
