@@ -1,0 +1,138 @@
+"""End-to-end runs on tiny models: loss falls, the run record is complete, the export loads alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import FAST, run_cli, train
+
+pytestmark = pytest.mark.slow
+
+RECORD = ["config.yaml", "summary.json", "metrics.csv", "loss_curve.png", "checkpoints/last.ckpt",
+          "model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/tokenizer_config.json"]
+
+
+def _check_record(run_dir, stage, model):
+    for rel in RECORD:
+        assert (run_dir / rel).is_file(), rel
+    s = json.loads((run_dir / "summary.json").read_text())
+    for key in ("stage", "model", "strategy", "global_step", "wall_seconds", "tokens_per_second", "initial", "final"):
+        assert key in s, key
+    assert (s["stage"], s["model"], s["strategy"]) == (stage, model, "auto")
+    assert s["initial"]["val/loss"] > 0 and s["final"]["val/perplexity"] == pytest.approx(
+        __import__("math").exp(s["final"]["val/loss"]), rel=1e-6)
+    assert s["tokens_per_second"] > 0 and s["wall_seconds"] > 0
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["stage"]["name"] == stage and cfg["model"]["name"] == model
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    for col in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second", "val/loss"):
+        assert col in header
+    assert (run_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    return s
+
+
+def _load_without_llmexp(model_dir, prompts):
+    """Load the export with plain transformers in a fresh interpreter that never imports llmexp."""
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(model_dir)!r})
+model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}).eval()
+for prompt in {prompts!r}:
+    ids = tok.apply_chat_template([{{"role": "user", "content": prompt}}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    print("COMPLETION:" + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+assert "llmexp" not in sys.modules
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [line.split(":", 1)[1] for line in r.stdout.splitlines() if line.startswith("COMPLETION:")]
+
+
+def test_default_sft_run_via_cli_learns_the_skill(tmp_path):
+    """The README's default experiment: val loss falls far and the exported model answers."""
+    run_dir = tmp_path / "sft"
+    r = run_cli(["trainer.progress_bar=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = _check_record(run_dir, "sft", "llama")
+    assert s["global_step"] == 300
+    assert s["final"]["val/loss"] < 0.1 * s["initial"]["val/loss"]
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb")), "W&B logs offline by default"
+    completions = _load_without_llmexp(run_dir / "model", ["What is 2 plus 3?", "Compute 7 - 4.",
+                                                           "Add 6 and 1.", "What is 9 minus 5?"])
+    expected = ["2 + 3 = 5", "7 - 4 = 3", "6 + 1 = 7", "9 - 5 = 4"]
+    # Every answer restates the question in the trained form; most results are right already.
+    assert [c.rsplit("=", 1)[0] for c in completions] == [e.rsplit("=", 1)[0] for e in expected]
+    assert sum(c == e for c, e in zip(completions, expected)) >= 3, completions
+
+
+def test_pretrain_gpt2_from_scratch_with_packing(tmp_path):
+    run_dir = train(tmp_path, ["stage=pretrain", "data=arithmetic_text", "model=gpt2", "data.packing=true",
+                               "data.max_length=256", "trainer.max_steps=60", "trainer.val_check_interval=30"])
+    s = _check_record(run_dir, "pretrain", "gpt2")
+    assert s["final"]["val/loss"] < 0.6 * s["initial"]["val/loss"]
+    train_stats = s["data_stats"]["train"]
+    assert train_stats["rows"] < train_stats["samples"] / 3 and train_stats["packing_efficiency"] > 0.8
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_train(tmp_path, arch):
+    run_dir = train(tmp_path, [f"model={arch}", "trainer.max_steps=20", "trainer.val_check_interval=20"])
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["architecture"] == arch and s["final"]["val/loss"] < s["initial"]["val/loss"]
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(run_dir / "model").model_type == arch
+
+
+def test_lora_trains_adapters_only_and_exports_merged_weights(tmp_path):
+    run_dir = train(tmp_path, ["peft=lora", "optim.lr=1e-2", "trainer.max_steps=40"])
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert 0 < s["trainable_parameters"] < 0.3 * s["parameters"]
+    assert s["final"]["val/loss"] < s["initial"]["val/loss"]
+    files = {p.name for p in (run_dir / "model").iterdir()}
+    assert "adapter_config.json" not in files and "model.safetensors" in files
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "model" / "model.safetensors")
+    assert not any("lora" in k for k in weights)
+    # The merged export computes what the adapted model computed: its val loss matches the run's.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmexp.data.collate import collate_lm
+    from llmexp.data.encode import lm_encoder
+    from llmexp.losses import lm_loss
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    encode = lm_encoder("chat", tok, True)
+    from llmexp.data.module import load_examples
+    from conftest import typed
+
+    val = load_examples(typed(FAST).data, "sft").val
+    batch = collate_lm([encode(r) for r in val], tok.pad_token_id)
+    with torch.no_grad():
+        loss = lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                       batch["labels"])
+    assert float(loss) == pytest.approx(s["final"]["val/loss"], rel=1e-3)
+
+
+def test_continue_from_a_previous_runs_export_and_trained_tokenizer(tmp_path):
+    first = train(tmp_path, ["model.tokenizer=train", "trainer.max_steps=20", "trainer.val_check_interval=20"],
+                  name="first")
+    s1 = json.loads((first / "summary.json").read_text())
+    second = train(tmp_path, [f"model.pretrained={first / 'model'}", "trainer.max_steps=20",
+                              "trainer.val_check_interval=20"], name="second")
+    s2 = json.loads((second / "summary.json").read_text())
+    # The second run starts where the first ended (same weights, same data, same tokenizer).
+    assert s2["initial"]["val/loss"] == pytest.approx(s1["final"]["val/loss"], rel=1e-4)
+    assert s2["final"]["val/loss"] < s2["initial"]["val/loss"]
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(second / "model")) == len(AutoTokenizer.from_pretrained(first / "model"))
