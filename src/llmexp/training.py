@@ -12,7 +12,9 @@ from llmexp.strategies import build_strategy
 
 def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callbacks: List[Any] = ()):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from llmexp.progress import StepProgressBar
 
     t = cfg.trainer
     every = t.checkpoint_every_n_steps or t.val_check_interval or t.max_steps
@@ -20,7 +22,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
                                  every_n_train_steps=every, save_top_k=1, save_last=True,
                                  auto_insert_metric_name=False), *extra_callbacks]
     if t.progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(leave=True))
     return L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=t.accelerator,
