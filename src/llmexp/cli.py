@@ -33,8 +33,8 @@ def split_overrides(argv: List[str]) -> List[str]:
     return overrides
 
 
-def check_overrides(overrides: List[str]) -> None:
-    """Raise ConfigError listing every problem in the overrides and in the config they compose."""
+def check_overrides(overrides: List[str]):
+    """The composed config of the overrides, or ConfigError listing every problem in them."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -50,7 +50,7 @@ def check_overrides(overrides: List[str]) -> None:
         key = o.key_or_group
         single = _single_value(o)
         if o.is_hydra_override():
-            if key == "hydra.run.dir":
+            if key == "hydra.run.dir" and not _resuming(parsed):
                 problems.extend(_existing_run_problem(o.get_value_string()))
             continue
         if key in groups:
@@ -82,6 +82,20 @@ def check_overrides(overrides: List[str]) -> None:
             problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
+    return cfg
+
+
+def _resuming(parsed) -> bool:
+    return any(o.key_or_group == "resume" and o.get_value_string() not in ("null", "") for o in parsed)
+
+
+def run_dir_overrides(cfg, overrides: List[str]) -> List[str]:
+    """``hydra.run.dir=...`` for a resumed run, so it continues in its own directory."""
+    from llmexp.resume import resume_run_dir
+
+    explicit = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), None)
+    run_dir = resume_run_dir(cfg.get("resume"), explicit, str(cfg.run_name))
+    return [f"hydra.run.dir={run_dir}"] if run_dir and not explicit else []
 
 
 def _existing_run_problem(run_dir: str) -> List[Problem]:
@@ -152,7 +166,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not _INFO_FLAGS.intersection(argv):
         try:
-            check_overrides(split_overrides(argv))
+            overrides = split_overrides(argv)
+            argv += run_dir_overrides(check_overrides(overrides), overrides)
         except UserError as e:
             sys.exit(report(e))
     import hydra

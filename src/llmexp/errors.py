@@ -59,4 +59,4 @@ def report(error: BaseException) -> int:
     if not os.environ.get("LLMEXP_TRACEBACK"):
         sys.stderr.write("(set LLMEXP_TRACEBACK=1 for the full traceback)\n")
     sys.stderr.flush()
-    return EXIT_USER_ERROR
+    return getattr(error, "exit_code", EXIT_USER_ERROR)

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from llmexp.config.schema import LoggerConfig
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[str, Any]) -> List[Any]:
+def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[str, Any],
+                  log_every_n_steps: int = 10, resume_step: Optional[int] = None) -> List[Any]:
+    """A CSV logger (flushed at every logging step, so a killed run keeps its metrics; a resumed
+    run keeps the rows before its checkpoint) and, unless disabled, W&B."""
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers: List[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    from llmexp.record import read_metrics
+
+    kept = [r for r in read_metrics(Path(run_dir) / "metrics.csv") if r.get("step", 0) < resume_step] \
+        if resume_step is not None else []
+    csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=log_every_n_steps)
+    if kept:
+        csv_logger.experiment.metrics = kept + csv_logger.experiment.metrics
+    loggers: List[Any] = [csv_logger]
     if cfg.name == "wandb" and cfg.mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 

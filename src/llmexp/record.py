@@ -83,3 +83,14 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path, title: str) -> bool:
     plt.close(fig)
     os.replace(tmp, out_png)
     return True
+
+
+def write_overrides(run_dir: Path, overrides: List[str]) -> None:
+    """The command-line overrides of the run (secrets redacted), to repeat or resume it."""
+    import yaml
+
+    from llmexp.secrets import redact_override
+
+    path = Path(run_dir) / "overrides.yaml"
+    if not path.exists():  # a resumed run keeps the overrides it started with
+        write_atomic(path, yaml.safe_dump([redact_override(o) for o in overrides], default_flow_style=False))

@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
 from llmexp import __version__
 from llmexp.config.validate import validate
 from llmexp.env import configure_environment, quiet_libraries
-from llmexp.record import plot_loss_curve, write_config, write_summary
+from llmexp.record import plot_loss_curve, write_config, write_overrides, write_summary
+from llmexp.secrets import redact
 
 
 def hydra_run_dir() -> Path:
@@ -21,41 +22,75 @@ def hydra_run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
-    """Train as ``cfg`` says, write the run record into ``run_dir``; return the final val/loss."""
+def hydra_overrides() -> List[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_resumable(saved_config: Path, resolved: Dict[str, Any]) -> None:
+    import yaml
+
+    from llmexp.errors import ConfigError
+    from llmexp.resume import incompatible_keys
+
+    problems = incompatible_keys(yaml.safe_load(saved_config.read_text()), resolved)
+    if problems:
+        raise ConfigError(problems)
+
+
+def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any] = ()) -> float:
+    """Train as ``cfg`` says, write the run record into ``run_dir``; return the final val/loss.
+
+    ``callbacks`` are extra Lightning callbacks (for library use and tests).
+    """
     started = time.time()
     typed = validate(cfg)
     run_dir = Path(run_dir or hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     configure_environment(typed.offline)
-    quiet_libraries()
-    resolved = dataclasses.asdict(typed)
+    resolved = redact(dataclasses.asdict(typed))
+    if typed.resume is not None and (run_dir / "config.yaml").is_file():
+        check_resumable(run_dir / "config.yaml", resolved)
     write_config(run_dir, resolved)
+    write_overrides(run_dir, hydra_overrides())
+
+    from llmexp.data.module import load_examples
+
+    prepared = load_examples(typed.data, typed.stage.name)  # data problems surface before any model
 
     import lightning as L
 
-    from llmexp.data.module import StageDataModule, load_examples
+    quiet_libraries()  # after Lightning's import, which sets its own log levels
+    from llmexp.checkpointing import checkpoint_step, resolve_resume
+    from llmexp.data.module import StageDataModule
+    from llmexp.faults import explain_faults
     from llmexp.loggers import build_loggers
     from llmexp.models.build import count_parameters
     from llmexp.models.tokenizer import load_tokenizer
     from llmexp.stages import stage_class
     from llmexp.training import build_trainer, save_last_checkpoint
 
-    prepared = load_examples(typed.data, typed.stage.name)
     tokenizer = load_tokenizer(typed.model.tokenizer, typed.model.pretrained, prepared.texts,
                                typed.model.trust_remote_code)
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
+    resume_from = resolve_resume(typed.resume, run_dir)
 
-    trainer = build_trainer(typed, run_dir, build_loggers(typed.logger, run_dir, typed.run_name, resolved))
-    trainer.validate(stage, datamodule=data, verbose=False)
-    initial = dict(stage.last_val_metrics)
-    fit_started = time.time()
-    trainer.fit(stage, datamodule=data)
-    fit_seconds = time.time() - fit_started
-    trainer.validate(stage, datamodule=data, verbose=False)
+    loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
+                            resume_step=checkpoint_step(resume_from) if resume_from else None)
+    trainer = build_trainer(typed, run_dir, loggers, list(callbacks))
+    with explain_faults(run_dir):
+        if resume_from is None:
+            trainer.validate(stage, datamodule=data, verbose=False)
+            stage.initial_metrics = dict(stage.last_val_metrics)
+        fit_started = time.time()
+        trainer.fit(stage, datamodule=data, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=True)
+        fit_seconds = time.time() - fit_started
+        trainer.validate(stage, datamodule=data, verbose=False)
     final = dict(stage.last_val_metrics)
     checkpoint = save_last_checkpoint(trainer, run_dir)
 
@@ -70,7 +105,8 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
         "peft": typed.peft.name,
         "data": typed.data.name,
         "global_step": trainer.global_step,
-        "initial": initial,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "initial": stage.initial_metrics,
         "final": final,
         "tokens_per_second": stage.train_tokens / stage.train_seconds if stage.train_seconds else None,
         "train_tokens": stage.train_tokens,
@@ -87,7 +123,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
         plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png",
                         f"{typed.stage.name} · {typed.model.name} · {typed.data.name}")
         summary["wall_seconds"] = time.time() - started
-        write_summary(run_dir, summary)
+        write_summary(run_dir, redact(summary))
         _print_result(summary)
     return float(final.get("val/loss", float("nan")))
 

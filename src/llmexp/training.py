@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, List
 
+from llmexp.checkpointing import AtomicCheckpointIO
 from llmexp.config.schema import RunConfig
 from llmexp.strategies import build_strategy
 
@@ -42,14 +42,13 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
         callbacks=callbacks,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
+        use_distributed_sampler=False,  # llmexp's WindowSampler shards by rank itself
+        plugins=[AtomicCheckpointIO()],
     )
 
 
 def save_last_checkpoint(trainer, run_dir: Path) -> Path:
-    """``checkpoints/last.ckpt`` at the final step, written to a temp file then renamed."""
+    """``checkpoints/last.ckpt`` at the final step."""
     path = Path(run_dir) / "checkpoints" / "last.ckpt"
-    tmp = path.with_name(f".last.ckpt.tmp{os.getpid()}")
-    trainer.save_checkpoint(str(tmp), weights_only=False)
-    if trainer.is_global_zero:
-        os.replace(tmp, path)
+    trainer.save_checkpoint(str(path), weights_only=False)  # atomic through AtomicCheckpointIO
     return path

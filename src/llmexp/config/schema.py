@@ -140,7 +140,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = bounded(1e-8, min=0.0)
     scheduler: str = choice("cosine", SCHEDULERS)
-    warmup_steps: int = bounded(20, min=0)
+    warmup_steps: int = bounded(10, min=0)
     min_lr_ratio: float = bounded(0.1, min=0.0, max=1.0)
     fused: Optional[bool] = None
 
@@ -182,6 +182,9 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     run_name: str = "run"
+    # Continue a run from its last checkpoint: a run directory, or "auto" (this run directory's
+    # checkpoint if it has one, else the newest unfinished run of the same run_name).
+    resume: Optional[str] = None
     offline: bool = True
 
 

@@ -18,6 +18,7 @@ from llmexp.data import formats, prepare, sources
 from llmexp.data.collate import WindowCollator
 from llmexp.data.encode import IGNORE_INDEX
 from llmexp.data.packing import pack
+from llmexp.data.sampler import WindowSampler
 from llmexp.errors import UserError
 
 
@@ -125,16 +126,22 @@ class StageDataModule(L.LightningDataModule):
             stats.update(samples=len(encoded), rows=len(rows), tokens=tokens)
             self.stats[split] = stats
             setattr(self, f"{split}_rows", rows)
-        window = self.tcfg.micro_batch_size * self.tcfg.grad_accum
+        window = self.tcfg.micro_batch_size * self.tcfg.grad_accum * (self.trainer.world_size if self.trainer else 1)
         if len(self.train_rows) < window:
             raise UserError(f"trainer.micro_batch_size: one optimizer step needs {window} training rows "
                             f"(micro_batch_size x grad_accum) but the data has {len(self.train_rows)}; "
                             f"lower trainer.micro_batch_size or trainer.grad_accum")
 
     def train_dataloader(self) -> DataLoader:
-        window = self.tcfg.micro_batch_size * self.tcfg.grad_accum
-        gen = torch.Generator().manual_seed(self.tcfg.seed)
-        return DataLoader(self.train_rows, batch_size=window, shuffle=True, drop_last=True, generator=gen,
+        """Windows in a seeded order that resumes at the trainer's current optimizer step."""
+        trainer = self.trainer
+        sampler = WindowSampler(len(self.train_rows), self.tcfg.micro_batch_size * self.tcfg.grad_accum,
+                                self.tcfg.seed, start_step=trainer.global_step if trainer else 0,
+                                rank=trainer.global_rank if trainer else 0,
+                                world_size=trainer.world_size if trainer else 1)
+        # A private generator: creating the iterator must not draw from the global RNG, which a
+        # resumed run restores to its state at the checkpoint.
+        return DataLoader(self.train_rows, batch_sampler=sampler, generator=torch.Generator(),
                           collate_fn=WindowCollator(self.stage.collate, self.tcfg.micro_batch_size),
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
 

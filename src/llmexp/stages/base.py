@@ -16,7 +16,9 @@ from typing import Any, Dict, List, Tuple
 import lightning as L
 import torch
 
+from llmexp.checkpointing import restore_rng_state, rng_state
 from llmexp.config.schema import RunConfig
+from llmexp.faults import check_finite
 from llmexp.optim import build_optimizer
 
 
@@ -37,6 +39,7 @@ class StageModule(L.LightningModule):
         self.train_tokens = 0
         self.train_seconds = 0.0
         self.last_val_metrics: Dict[str, float] = {}
+        self.initial_metrics: Dict[str, float] = {}
 
     # -- building and exporting ------------------------------------------------------------------
     @classmethod
@@ -106,6 +109,7 @@ class StageModule(L.LightningModule):
             for k, v in extras.items():
                 extra_totals[k] = extra_totals.get(k, 0) + v.detach()
         grad_norm = self._clip_and_measure(opt)
+        check_finite(total, grad_norm, self.global_step + 1)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -118,6 +122,19 @@ class StageModule(L.LightningModule):
             self.log("train/grad_norm", grad_norm, on_step=True)
         self.log("train/lr", sched.get_last_lr()[0], on_step=True)
         return total / denom
+
+    # -- checkpoints: what Lightning does not save by itself -------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["llmexp"] = {"rng": rng_state(), "initial_metrics": self.initial_metrics,
+                                "train_tokens": self.train_tokens, "train_seconds": self.train_seconds}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        state = checkpoint.get("llmexp", {})
+        self.initial_metrics = state.get("initial_metrics", {})
+        self.train_tokens = state.get("train_tokens", 0)
+        self.train_seconds = state.get("train_seconds", 0.0)
+        if "rng" in state:
+            restore_rng_state(state["rng"])
 
     def _global_sum(self, value: int) -> float:
         if self.trainer.world_size == 1:

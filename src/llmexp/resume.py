@@ -1,0 +1,73 @@
+"""Which directory a resumed run continues in, and whether its config still fits the checkpoint.
+
+Import-light: the CLI decides the run directory before Hydra creates one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from llmexp.errors import ConfigError, Problem
+
+# Keys a resumed run may change: how long and how often, not what is trained.
+MAY_CHANGE = ("resume", "trainer.max_steps", "trainer.val_check_interval", "trainer.checkpoint_every_n_steps",
+              "trainer.log_every_n_steps", "trainer.progress_bar", "trainer.limit_val_batches", "logger.")
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    ckpts = Path(run_dir) / "checkpoints"
+    return (ckpts / "last.ckpt").is_file() or any(ckpts.glob("step-*.ckpt"))
+
+
+def latest_unfinished_run(runs_root: Path) -> Optional[Path]:
+    """The newest run directory under ``runs_root`` with a checkpoint and no summary.json."""
+    if not runs_root.is_dir():
+        return None
+    candidates = [d for d in runs_root.iterdir() if d.is_dir() and has_checkpoint(d)
+                  and not (d / "summary.json").exists()]
+    return max(candidates, key=lambda d: d.stat().st_mtime, default=None)
+
+
+def resume_run_dir(resume: Optional[str], explicit_run_dir: Optional[str], run_name: str) -> Optional[str]:
+    """The run directory for ``resume=...`` (None: let Hydra make a fresh one)."""
+    if resume in (None, "null"):
+        return None
+    if resume != "auto":
+        if not Path(resume).is_dir() or not has_checkpoint(Path(resume)):
+            raise ConfigError([Problem("resume", f"{resume!r} is not a run directory with a checkpoint "
+                                       "(checkpoints/last.ckpt or step-*.ckpt)",
+                                       "give the run directory of the killed run, or resume=auto")])
+        if explicit_run_dir and Path(explicit_run_dir).resolve() != Path(resume).resolve():
+            raise ConfigError([Problem("hydra.run.dir", "a resumed run continues in its own directory",
+                                       "drop hydra.run.dir, or set it to the resume directory")])
+        return resume
+    if explicit_run_dir:
+        return explicit_run_dir
+    found = latest_unfinished_run(Path("runs") / run_name)
+    return str(found) if found else None
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def incompatible_keys(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Problem]:
+    """Problems for keys whose value differs from the checkpointed run's config."""
+    a, b = _flatten(saved), _flatten(new)
+    problems = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
+            continue
+        if a.get(key) != b.get(key):
+            problems.append(Problem(key, f"is {b.get(key)!r} but the run being resumed used {a.get(key)!r}",
+                                    f"{key}={a.get(key)} (a resumed run must train the same thing; only "
+                                    f"trainer.max_steps and logging/validation intervals may change)"))
+    return problems

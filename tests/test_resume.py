@@ -1,0 +1,110 @@
+"""A run killed with SIGKILL and resumed ends with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import FAST, REPO
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+# Dropout on (gpt2) so RNG restoration matters; several epochs so the data position matters.
+COMMON = [*FAST, "trainer.max_steps=30", "trainer.checkpoint_every_n_steps=5", "trainer.val_check_interval=10",
+          "trainer.micro_batch_size=4", "trainer.grad_accum=2", "data.options.num_samples=300"]
+
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from lightning.pytorch.callbacks import Callback
+    sys.path.insert(0, {tests!r})
+    from conftest import compose
+    from llmexp.run import run
+
+    class KillAt(Callback):
+        '''SIGKILL this process right after optimizer step N (no cleanup, no final save).'''
+        def __init__(self, step):
+            self.step = step
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    overrides, run_dir, kill_at = sys.argv[1].split("|"), sys.argv[2], int(sys.argv[3])
+    run(compose(overrides), run_dir=run_dir, callbacks=[KillAt(kill_at)] if kill_at else [])
+""")
+
+
+def _run(overrides, run_dir, kill_at=0):
+    code = SCRIPT.format(tests=str(REPO / "tests"))
+    return subprocess.run([sys.executable, "-c", code, "|".join(overrides), str(run_dir), str(kill_at)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def _weights(run_dir):
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("extra", [["model=gpt2"], ["peft=lora", "optim.lr=1e-2"]], ids=["gpt2-dropout", "lora"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra):
+    overrides = [*COMMON, *extra]
+    straight = tmp_path / "straight"
+    assert _run(overrides, straight).returncode == 0
+
+    killed = tmp_path / "killed"
+    r = _run(overrides, killed, kill_at=17)
+    assert r.returncode == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()
+    ckpt = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 15  # the last checkpoint before the kill
+    assert not list((killed / "checkpoints").glob(".*tmp*")), "no half-written checkpoint left behind"
+
+    r = _run([*overrides, f"resume={killed}"], killed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff <= 1e-6, diff
+    s_straight = json.loads((straight / "summary.json").read_text())
+    s_resumed = json.loads((killed / "summary.json").read_text())
+    assert s_resumed["global_step"] == s_straight["global_step"] == 30
+    assert s_resumed["resumed_from"].endswith("last.ckpt")
+    assert s_resumed["initial"] == s_straight["initial"]
+    assert s_resumed["final"]["val/loss"] == pytest.approx(s_straight["final"]["val/loss"], abs=1e-6)
+    # The metrics log is continuous: the killed run's rows before its checkpoint, then the resumed.
+    from llmexp.record import read_metrics
+
+    steps = [int(r["step"]) for r in read_metrics(killed / "metrics.csv") if "train/loss" in r]
+    assert steps == [int(r["step"]) for r in read_metrics(straight / "metrics.csv") if "train/loss" in r]
+
+
+def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
+    from conftest import run_cli
+
+    overrides = [*COMMON, "model=llama", "trainer.max_steps=20"]
+    killed = tmp_path / "runs" / "sft-llama" / "20260101-000000-000000"
+    assert _run(overrides, killed, kill_at=12).returncode == -signal.SIGKILL
+    r = run_cli([*overrides, "resume=auto"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs" / "sft-llama").iterdir()] == [killed.name]
+    s = json.loads((killed / "summary.json").read_text())
+    assert s["global_step"] == 20 and s["resumed_from"].endswith("last.ckpt")
+    # Changing what is trained is refused; the record stays as it was.
+    before = (killed / "config.yaml").read_text()
+    r = run_cli([*overrides, "trainer.max_steps=25", "optim.lr=0.1", f"resume={killed}"], cwd=tmp_path)
+    assert r.returncode == 2 and "optim.lr: is 0.1 but the run being resumed used" in r.stderr
+    assert (killed / "config.yaml").read_text() == before
+
+
+def test_a_fresh_run_with_resume_auto_and_nothing_to_resume_starts_over(tmp_path):
+    from conftest import run_cli
+
+    r = run_cli([*FAST, "trainer.max_steps=10", "trainer.val_check_interval=10", "resume=auto"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "sft-llama").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] is None
