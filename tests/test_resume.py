@@ -96,8 +96,8 @@ def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
     assert s["global_step"] == 20 and s["resumed_from"].endswith("last.ckpt")
     # Changing what is trained is refused; the record stays as it was.
     before = (killed / "config.yaml").read_text()
-    r = run_cli([*overrides, "trainer.max_steps=25", "optim.lr=0.1", f"resume={killed}"], cwd=tmp_path)
-    assert r.returncode == 2 and "optim.lr: is 0.1 but the run being resumed used" in r.stderr
+    r = run_cli([*overrides, "trainer.max_steps=25", "optim.weight_decay=0.5", f"resume={killed}"], cwd=tmp_path)
+    assert r.returncode == 2 and "optim.weight_decay: is 0.5 but the run being resumed used" in r.stderr
     assert (killed / "config.yaml").read_text() == before
 
 

@@ -35,5 +35,6 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[
 def _wandb_settings():
     import wandb
 
-    # A run never waits on the network: no console capture, no code saving, quiet start.
-    return wandb.Settings(console="off", save_code=False, silent=True, x_disable_stats=True)
+    # A run never waits on the network: no console capture, no code saving, quiet start; no
+    # system metadata either, since it records the command line (which may carry secrets).
+    return wandb.Settings(console="off", save_code=False, silent=True, x_disable_stats=True, x_disable_meta=True)

@@ -10,8 +10,9 @@ from typing import Any, Dict, List, Optional
 
 from llmexp.errors import ConfigError, Problem
 
-# Keys a resumed run may change: how long and how often, not what is trained.
-MAY_CHANGE = ("resume", "trainer.max_steps", "trainer.val_check_interval", "trainer.checkpoint_every_n_steps",
+# Keys a resumed run may change: how long and how often (and lr / clipping, to recover from a
+# divergence), not what is trained.
+MAY_CHANGE = ("resume", "optim.lr", "trainer.gradient_clip_val", "trainer.max_steps", "trainer.val_check_interval", "trainer.checkpoint_every_n_steps",
               "trainer.log_every_n_steps", "trainer.progress_bar", "trainer.limit_val_batches", "logger.")
 
 
@@ -69,5 +70,6 @@ def incompatible_keys(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Proble
         if a.get(key) != b.get(key):
             problems.append(Problem(key, f"is {b.get(key)!r} but the run being resumed used {a.get(key)!r}",
                                     f"{key}={a.get(key)} (a resumed run must train the same thing; only "
-                                    f"trainer.max_steps and logging/validation intervals may change)"))
+                                    f"trainer.max_steps, optim.lr, clipping and logging/validation intervals "
+                                    f"may change)"))
     return problems

@@ -95,7 +95,8 @@ def split(ds, val, cfg: DataConfig):
         if cfg.max_val_samples:
             n_val = min(n_val, cfg.max_val_samples)
         if n_val >= len(ds):
-            raise UserError(f"data: {len(ds)} rows are too few to hold out {n_val} for validation")
+            raise UserError(f"data: {len(ds)} rows are too few to hold out {n_val} for validation; "
+                            f"add data, or give a separate split with data.validation_split=<split>")
         parts = ds.train_test_split(test_size=n_val, seed=cfg.seed, shuffle=True)
         return parts["train"], parts["test"]
     if cfg.max_val_samples and len(val) > cfg.max_val_samples:

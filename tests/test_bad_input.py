@@ -1,0 +1,138 @@
+"""Bad input of every kind: exit code 2, one clear message naming the key or file, no traceback,
+and no existing run directory touched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FAST, run_cli
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A directory with an existing run record that no bad command may change."""
+    root = tmp_path_factory.mktemp("bad-input")
+    old = root / "runs" / "sft-llama" / "20260101-000000-000000"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "summary.json").write_text('{"final": {"val/loss": 0.5}}')
+    (old / "config.yaml").write_text("stage: {name: sft}\n")
+    (old / "checkpoints" / "last.ckpt").write_bytes(b"not really a checkpoint")
+    files = root / "files"
+    files.mkdir()
+    (files / "empty.jsonl").write_text("")
+    (files / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
+    (files / "body.jsonl").write_text("".join(json.dumps({"body": f"row {i}"}) + "\n" for i in range(20)))
+    (files / "text.jsonl").write_text("".join(json.dumps({"text": f"row number {i}"}) + "\n" for i in range(20)))
+    (files / "long.jsonl").write_text("".join(json.dumps({"text": f"word{i} " * 400}) + "\n" for i in range(20)))
+    (files / "notamodel").mkdir()
+    yield root
+    assert _digest(old) == before_digest[0]
+
+
+before_digest: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remember(workdir):
+    before_digest.append(_digest(workdir / "runs" / "sft-llama" / "20260101-000000-000000"))
+
+
+CONFIG_CASES = {
+    "wrong type": (["trainer.max_steps=abc"], "trainer.max_steps: expected an integer"),
+    "unknown key": (["trainer.max_stepz=5"], "did you mean 'max_steps'"),
+    "unknown option": (["model=lama"], "did you mean 'llama'"),
+    "unknown group": (["modle.hidden_size=32"], "did you mean 'model'"),
+    "contradiction stage/data": (["stage=sft", "data=arithmetic_text"], "stage=sft needs fields messages"),
+    "missing required value": (["data=files"], "data.path: a value is required"),
+    "out of range": (["data.val_fraction=2.0"], "data.val_fraction: must be <= 0.9"),
+    "not a valid choice": (["optim.scheduler=cosin"], "did you mean 'cosine'"),
+    "heads do not divide": (["model.num_heads=3"], "not divisible by num_heads 3"),
+    "warm-up longer than run": (["trainer.max_steps=5"], "optim.warmup_steps"),
+    "qlora on cpu": (["peft=qlora"], "needs a CUDA GPU"),
+    "fp16 on cpu": (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a CUDA GPU"),
+    "bad betas": (["optim.betas=[0.9]"], "optim.betas: expected two numbers"),
+    "sequence longer than positions": (["data.max_length=1024"], "exceeds model.max_position_embeddings"),
+    "malformed override": (["trainer.max_steps=[1,"], "command line"),
+    "adding an existing key": (["+trainer.max_steps=3"], "already exists"),
+    "gpt2 has no kv heads": (["model=gpt2", "model.num_kv_heads=2"], "no grouped-query attention"),
+    "missing data file": (["data=files", "data.path=/no/such/file.jsonl"], "no file or directory matches"),
+    "missing pretrained dir": (["model.pretrained=/no/such/model"], "model.pretrained: directory"),
+    "hub model offline": (["model.pretrained=org/model"], "offline=true"),
+    "hub dataset offline": (["data=hf", "data.path=org/dataset"], "offline=true"),
+    "resume without checkpoint": (["resume={files}"], "resume:"),
+    "existing run directory": (["hydra.run.dir={old}"], "already holds a run"),
+    "format without its columns": (["data=files", "data.path={files}/text.jsonl", "data.format=chat"],
+                                   "data.format=chat needs columns"),
+}
+
+RUN_CASES = {
+    "empty data file": (["data=files", "data.path={files}/empty.jsonl", "stage=pretrain"], "empty.jsonl is empty"),
+    "malformed JSON line": (["data=files", "data.path={files}/broken.jsonl", "stage=pretrain"],
+                            "broken.jsonl line 3 is not valid JSON"),
+    "fields missing for the stage": (["data=files", "data.path={files}/body.jsonl"], "columns: body"),
+    "everything filtered out": (["data=files", "data.path={files}/text.jsonl", "stage=pretrain",
+                                 "data.min_chars=1000"], "every row was removed by step 'filter_length'"),
+    "all samples too long": (["data=files", "data.path={files}/long.jsonl", "stage=pretrain",
+                              "data.overlong=drop"], "data.max_length: every train sample was removed"),
+    "not a model directory": (["model.pretrained={files}/notamodel"], "model.pretrained: cannot load"),
+    "tokenizer does not fit the model": (["model.pretrained={small}", "model.tokenizer={bundled}"],
+                                         "the tokenizer has 512 tokens but the model"),
+    "unknown bundled data option": (["+data.options.colour=red"], "data.options: unknown option"),
+}
+
+
+def _args(args, workdir):
+    from llmexp.models.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    fmt = {"files": workdir / "files", "old": workdir / "runs" / "sft-llama" / "20260101-000000-000000",
+           "small": workdir / "files" / "small_model", "bundled": BUNDLED_TOKENIZER_DIR}
+    return [a.format(**fmt) for a in args]
+
+
+def _check(r, expected):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count("llmexp: error:") == 1
+    assert expected in r.stderr, r.stderr
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CONFIG_CASES) + len(RUN_CASES) >= 25
+
+
+@pytest.mark.parametrize("name", list(CONFIG_CASES))
+def test_config_errors(name, workdir):
+    args, expected = CONFIG_CASES[name]
+    r = run_cli([*FAST, *_args(args, workdir)], cwd=workdir)
+    _check(r, expected)
+    assert "Validation" not in r.stderr  # refused before any training started
+
+
+@pytest.fixture(scope="module")
+def small_model(workdir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = workdir / "files" / "small_model"
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUN_CASES))
+def test_data_and_model_errors(name, workdir, small_model):
+    args, expected = RUN_CASES[name]
+    r = run_cli([*FAST, *_args(args, workdir)], cwd=workdir)
+    _check(r, expected)
+    assert not list((workdir / "runs" / "sft-llama").glob("*/model"))
