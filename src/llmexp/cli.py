@@ -50,7 +50,7 @@ def check_overrides(overrides: List[str]):
         key = o.key_or_group
         single = _single_value(o)
         if o.is_hydra_override():
-            if key == "hydra.run.dir" and not _resuming(parsed):
+            if key == "hydra.run.dir" and not _resuming(parsed) and not _distributed_child():
                 problems.extend(_existing_run_problem(o.get_value_string()))
             continue
         if key in groups:
@@ -83,6 +83,13 @@ def check_overrides(overrides: List[str]):
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _distributed_child() -> bool:
+    """A process Lightning (or torchrun) started for rank > 0 joins its parent's run directory."""
+    import os
+
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0"
 
 
 def _resuming(parsed) -> bool:

@@ -21,7 +21,7 @@ OVERLONG = ("truncate", "drop", "split")
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 PEFT_METHODS = ("none", "lora", "qlora")
-STRATEGIES = ("auto",)
+STRATEGIES = ("auto", "ddp", "fsdp", "tp", "deepspeed_zero2", "deepspeed_zero3")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
@@ -147,7 +147,23 @@ class OptimConfig:
 
 @dataclass
 class StrategyConfig:
+    """How a run is distributed; each option applies to the strategies named in its comment."""
+
     name: str = choice("auto", STRATEGIES)
+    # ddp/fsdp/tp: torch.distributed backend; null picks nccl on CUDA, gloo on CPU.
+    backend: Optional[str] = choice(None, (None, "gloo", "nccl"))
+    # ddp: needed when some parameters get no gradient in a step.
+    find_unused_parameters: bool = False
+    # fsdp/tp: the device mesh; data_parallel_size null means devices / tensor_parallel_size.
+    data_parallel_size: Optional[int] = bounded(None, min=1)
+    tensor_parallel_size: int = bounded(1, min=1)
+    # fsdp: free each layer's gathered weights after forward (less memory, more communication).
+    reshard_after_forward: bool = True
+    # fsdp/tp/deepspeed: recompute each decoder layer's activations in backward.
+    activation_checkpointing: bool = False
+    # deepspeed: move optimizer state / parameters to CPU memory.
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
 
 
 @dataclass

@@ -146,5 +146,7 @@ class StageDataModule(L.LightningDataModule):
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_rows, batch_size=self.tcfg.val_batch_size, shuffle=False,
+        """Each rank evaluates its own slice (no padding), and the stage sums across ranks."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return DataLoader(self.val_rows[rank::world], batch_size=self.tcfg.val_batch_size, shuffle=False,
                           collate_fn=self.stage.collate, num_workers=self.cfg.num_workers)

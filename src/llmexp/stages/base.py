@@ -114,10 +114,13 @@ class StageModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         sched.step()
         self._record_throughput(sum(mb["num_tokens"] for mb in window))
-        denom = max(weight, 1)
-        self.log("train/loss", total / denom, prog_bar=True, on_step=True, batch_size=denom)
+        if self.trainer.world_size > 1:  # log the global loss, not rank 0's share
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            extra_totals = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in extra_totals.items()}
+        denom = max(world_weight, 1)
+        self.log("train/loss", total / denom, prog_bar=True, on_step=True, batch_size=int(denom))
         for k, v in extra_totals.items():
-            self.log(f"train/{k}", v / denom, on_step=True, batch_size=denom)
+            self.log(f"train/{k}", v / denom, on_step=True, batch_size=int(denom))
         if grad_norm is not None:
             self.log("train/grad_norm", grad_norm, on_step=True)
         self.log("train/lr", sched.get_last_lr()[0], on_step=True)

@@ -1,0 +1,46 @@
+"""Distributed strategies on CPU (gloo, 2 processes) compute what one process computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FAST, run_cli
+from safetensors.torch import load_file
+
+from llmexp.record import read_metrics
+
+pytestmark = pytest.mark.slow
+
+BASE = [*FAST, "logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
+        "optim.warmup_steps=2", "trainer.accelerator=cpu", "data.options.num_samples=400"]
+
+
+def _train_losses(run_dir):
+    return [r["train/loss"] for r in read_metrics(run_dir / "metrics.csv") if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The reference: one process, global batch 8 (micro 4 x accumulation 2)."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    r = run_cli([*BASE, "trainer.micro_batch_size=4", "trainer.grad_accum=2", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path, single_process):
+    run_dir = tmp_path / "ddp"
+    r = run_cli([*BASE, "strategy=ddp", "trainer.devices=2", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                 f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    single, ddp = _train_losses(single_process), _train_losses(run_dir)
+    assert len(single) == len(ddp) == 12
+    assert ddp == pytest.approx(single, rel=1e-5)
+    a, b = load_file(single_process / "model" / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (single_process, run_dir))
+    assert s2["strategy"] == "ddp"
+    assert s2["initial"]["val/loss"] == pytest.approx(s1["initial"]["val/loss"], rel=1e-6)
+    assert s2["final"]["val/loss"] == pytest.approx(s1["final"]["val/loss"], rel=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one run directory for both ranks
