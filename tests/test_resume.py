@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +33,8 @@ SCRIPT = textwrap.dedent("""
         def __init__(self, step):
             self.step = step
         def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == self.step:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if trainer.global_step == self.step:  # every rank of a distributed run dies at once
+                os.killpg(os.getpgrp(), signal.SIGKILL)
 
     overrides, run_dir, kill_at = sys.argv[1].split("|"), sys.argv[2], int(sys.argv[3])
     run(compose(overrides), run_dir=run_dir, callbacks=[KillAt(kill_at)] if kill_at else [])
@@ -41,9 +42,12 @@ SCRIPT = textwrap.dedent("""
 
 
 def _run(overrides, run_dir, kill_at=0):
-    code = SCRIPT.format(tests=str(REPO / "tests"))
-    return subprocess.run([sys.executable, "-c", code, "|".join(overrides), str(run_dir), str(kill_at)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    """Train in a fresh process group (a script file, so Lightning can relaunch it per rank)."""
+    script = Path(run_dir).parent / "train_or_die.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(SCRIPT.format(tests=str(REPO / "tests")))
+    return subprocess.run([sys.executable, str(script), "|".join(overrides), str(run_dir), str(kill_at)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, start_new_session=True)
 
 
 def _weights(run_dir):

@@ -44,3 +44,38 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert s2["initial"]["val/loss"] == pytest.approx(s1["initial"]["val/loss"], rel=1e-6)
     assert s2["final"]["val/loss"] == pytest.approx(s1["final"]["val/loss"], rel=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one run directory for both ranks
+
+
+@pytest.mark.parametrize("strategy,micro,accum", [("fsdp", 2, 2), ("tp", 4, 2)])
+def test_fsdp_and_tp_match_one_process(tmp_path, single_process, strategy, micro, accum):
+    """fsdp shards data over 2 ranks (2x2 each); tp splits heads over 2 ranks that see the same 4x2."""
+    run_dir = tmp_path / strategy
+    r = run_cli([*BASE, f"strategy={strategy}", "trainer.devices=2", f"trainer.micro_batch_size={micro}",
+                 f"trainer.grad_accum={accum}", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _train_losses(run_dir) == pytest.approx(_train_losses(single_process), rel=1e-5)
+    a, b = load_file(single_process / "model" / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert (run_dir / "checkpoints" / "last.ckpt").is_dir()  # a sharded (distributed) checkpoint
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["strategy"] == strategy and s["global_step"] == 12
+
+
+def test_fsdp_killed_and_resumed_from_its_sharded_checkpoint_matches(tmp_path, single_process):
+    import signal
+
+    from test_resume import _run
+
+    overrides = [*BASE, "strategy=fsdp", "trainer.devices=2", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                 "trainer.checkpoint_every_n_steps=4"]
+    run_dir = tmp_path / "fsdp"
+    killed = _run(overrides, run_dir, kill_at=9)
+    assert killed.returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+    resumed = _run([*overrides, f"resume={run_dir}"], run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["global_step"] == 12 and s["resumed_from"].endswith("last.ckpt")
+    a, b = load_file(single_process / "model" / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

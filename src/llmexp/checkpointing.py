@@ -49,7 +49,7 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 def checkpoint_to_resume(run_dir: Path) -> Optional[Path]:
     """The newest complete checkpoint of a run: last.ckpt, else the highest step-*.ckpt."""
     ckpts = Path(run_dir) / "checkpoints"
-    if (ckpts / "last.ckpt").is_file():
+    if (ckpts / "last.ckpt").exists():  # a file, or a sharded checkpoint directory
         return ckpts / "last.ckpt"
     steps = sorted(ckpts.glob("step-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
     return steps[-1] if steps else None
@@ -59,6 +59,9 @@ def checkpoint_step(path: Path) -> int:
     """The optimizer step a checkpoint was saved at."""
     import torch
 
+    path = Path(path)
+    if path.is_dir():  # sharded: the non-tensor state lives in meta.pt
+        return int(torch.load(path / "meta.pt", map_location="cpu", weights_only=True)["global_step"])
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 

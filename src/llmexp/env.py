@@ -32,7 +32,8 @@ _NOISE = (
     r".*LeafSpec.*",
     r".*does not have many workers.*",
     r".*litlogger.*",
-    r".*sync_dist=True.*",  # llmexp reduces validation sums across ranks itself
+    r".*sync_dist=True.*",
+    r".*Detected an existing checkpoint in.*",  # llmexp reduces validation sums across ranks itself
     r".*The number of training batches .* is smaller than the logging interval.*",
 )
 

@@ -18,7 +18,7 @@ MAY_CHANGE = ("resume", "optim.lr", "trainer.gradient_clip_val", "trainer.max_st
 
 def has_checkpoint(run_dir: Path) -> bool:
     ckpts = Path(run_dir) / "checkpoints"
-    return (ckpts / "last.ckpt").is_file() or any(ckpts.glob("step-*.ckpt"))
+    return (ckpts / "last.ckpt").exists() or any(ckpts.glob("step-*.ckpt"))
 
 
 def latest_unfinished_run(runs_root: Path) -> Optional[Path]:

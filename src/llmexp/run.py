@@ -116,8 +116,8 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
         "checkpoint": str(checkpoint),
         **stage.summary_extras(),
     }
+    summary.update(stage.export(run_dir / "model"))
     if trainer.is_global_zero:
-        summary.update(stage.export(run_dir / "model"))
         for logger in trainer.loggers:
             logger.finalize("success")
         plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png",

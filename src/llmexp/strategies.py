@@ -1,6 +1,9 @@
 """Lightning strategy objects from config.
 
-ddp: Lightning's DDPStrategy. Each rank takes its own windows of samples (llmexp's WindowSampler),
+ddp: Lightning's DDPStrategy. fsdp / tp: Lightning's ModelParallelStrategy with FSDP2 and a
+tensor-parallel plan applied in StageModule.configure_model (see llmexp.parallel); checkpoints are
+sharded (distributed checkpoint directories) and the export gathers full weights. deepspeed_zero2/3:
+Lightning's DeepSpeedStrategy (CUDA only, ``pip install 'llmexp[deepspeed]'``). Each rank takes its own windows of samples (llmexp's WindowSampler),
 and the loss is normalised by the global number of loss tokens, so N ranks compute exactly the
 step a single process computes on the same global batch.
 """
@@ -21,4 +24,23 @@ def build_strategy(cfg: RunConfig) -> Any:
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(process_group_backend=s.backend, find_unused_parameters=s.find_unused_parameters)
-    raise ValueError(f"strategy {s.name!r} is not available yet")  # validation refuses it earlier
+    if s.name in ("fsdp", "tp"):
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from llmexp.parallel_plans import mesh_shape
+
+        dp, tp = mesh_shape(s.name, world_size(cfg), s.data_parallel_size, s.tensor_parallel_size)
+        return ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp,
+                                     save_distributed_checkpoint=True, process_group_backend=s.backend)
+    if s.name.startswith("deepspeed"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=3 if s.name.endswith("3") else 2, offload_optimizer=s.offload_optimizer,
+                                 offload_parameters=s.offload_parameters)
+    raise ValueError(f"unknown strategy {s.name!r}")  # validation refuses it earlier
+
+
+def world_size(cfg: RunConfig) -> int:
+    """Processes in the run: devices per node x nodes (devices must be a count for fsdp/tp)."""
+    devices = cfg.trainer.devices
+    return (int(devices) if str(devices).isdigit() else 1) * cfg.trainer.num_nodes

@@ -43,7 +43,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         use_distributed_sampler=False,  # llmexp's WindowSampler shards by rank itself
-        plugins=[AtomicCheckpointIO()],
+        plugins=[] if cfg.strategy.name in ("fsdp", "tp") or cfg.strategy.name.startswith("deepspeed")
+        else [AtomicCheckpointIO()],  # sharded strategies write their own checkpoint directories
     )
 
 

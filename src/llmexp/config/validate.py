@@ -164,6 +164,7 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
                          f"trainer.max_steps={t.max_steps}", "lower optim.warmup_steps"))
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(Problem("optim.betas", f"expected two numbers in [0, 1), got {o.betas}", "optim.betas=[0.9,0.95]"))
+    p.extend(_check_strategy(run))
     needs_cuda = run.peft.name == "qlora" or t.precision.startswith("16") or t.accelerator in ("gpu", "cuda")
     if needs_cuda and not _cuda_available():
         what = ("peft=qlora (4-bit bitsandbytes)" if run.peft.name == "qlora"
@@ -174,6 +175,50 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
         p.append(Problem(key, f"{what} needs a CUDA GPU and none is available",
                          "peft=lora on CPU" if key == "peft" else "trainer.precision=32-true or bf16-mixed"
                          if key == "trainer.precision" else "trainer.accelerator=auto"))
+    return p
+
+
+def _check_strategy(run: S.RunConfig) -> List[Problem]:
+    """Strategies that cannot run as configured, refused before anything starts."""
+    s, t, m = run.strategy, run.trainer, run.model
+    p: List[Problem] = []
+    if s.name.startswith("deepspeed"):
+        if not _cuda_available():
+            p.append(Problem("strategy", f"strategy={s.name} needs CUDA GPUs and none is available",
+                             "strategy=ddp or strategy=fsdp (both run on CPU with gloo)"))
+        else:
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                p.append(Problem("strategy", f"strategy={s.name} needs deepspeed",
+                                 "pip install 'llmexp[deepspeed]'"))
+    if s.name in ("fsdp", "tp"):
+        if not str(t.devices).isdigit():
+            p.append(Problem("trainer.devices", f"strategy={s.name} needs a device count, got {t.devices!r}",
+                             "trainer.devices=<number of devices per node>"))
+        else:
+            from llmexp.parallel_plans import mesh_shape
+
+            world = int(t.devices) * t.num_nodes
+            dp, tp = mesh_shape(s.name, world, s.data_parallel_size, s.tensor_parallel_size)
+            if dp * tp != world:
+                p.append(Problem("strategy.data_parallel_size", f"data_parallel_size {dp} x tensor_parallel_size "
+                                 f"{tp} must equal the {world} devices (trainer.devices x trainer.num_nodes)",
+                                 "set strategy.data_parallel_size/tensor_parallel_size so their product matches"))
+            if tp > 1:
+                from llmexp.parallel_plans import TP_ARCHITECTURES
+
+                if m.architecture not in TP_ARCHITECTURES:
+                    p.append(Problem("strategy.tensor_parallel_size", f"no tensor-parallel plan for "
+                                     f"{m.architecture}", f"use one of {', '.join(TP_ARCHITECTURES)}, or strategy=fsdp"))
+                elif m.pretrained is None and (m.num_heads % tp or (m.num_kv_heads or m.num_heads) % tp
+                                               or m.intermediate_size % tp):
+                    p.append(Problem("strategy.tensor_parallel_size", f"model heads ({m.num_heads}), kv heads "
+                                     f"({m.num_kv_heads}) and intermediate_size ({m.intermediate_size}) must "
+                                     f"divide by {tp}", "choose a tensor_parallel_size that divides them"))
+        if run.peft.name != "none":
+            p.append(Problem("peft", f"peft={run.peft.name} with strategy={s.name} is not supported yet",
+                             "strategy=ddp with LoRA, or peft=none with fsdp/tp"))
     return p
 
 

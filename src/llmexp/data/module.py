@@ -132,13 +132,20 @@ class StageDataModule(L.LightningDataModule):
                             f"(micro_batch_size x grad_accum) but the data has {len(self.train_rows)}; "
                             f"lower trainer.micro_batch_size or trainer.grad_accum")
 
+    def _data_parallel_rank(self):
+        """(rank, size) among data-parallel replicas; tensor-parallel peers share their data."""
+        if self.trainer is None:
+            return 0, 1
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return kwargs.get("rank", 0), kwargs.get("num_replicas", 1)
+
     def train_dataloader(self) -> DataLoader:
         """Windows in a seeded order that resumes at the trainer's current optimizer step."""
         trainer = self.trainer
+        rank, world = self._data_parallel_rank()
         sampler = WindowSampler(len(self.train_rows), self.tcfg.micro_batch_size * self.tcfg.grad_accum,
                                 self.tcfg.seed, start_step=trainer.global_step if trainer else 0,
-                                rank=trainer.global_rank if trainer else 0,
-                                world_size=trainer.world_size if trainer else 1)
+                                rank=rank, world_size=world)
         # A private generator: creating the iterator must not draw from the global RNG, which a
         # resumed run restores to its state at the checkpoint.
         return DataLoader(self.train_rows, batch_sampler=sampler, generator=torch.Generator(),
@@ -147,6 +154,6 @@ class StageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Each rank evaluates its own slice (no padding), and the stage sums across ranks."""
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world = self._data_parallel_rank()
         return DataLoader(self.val_rows[rank::world], batch_size=self.tcfg.val_batch_size, shuffle=False,
                           collate_fn=self.stage.collate, num_workers=self.cfg.num_workers)

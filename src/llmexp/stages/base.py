@@ -20,6 +20,7 @@ from llmexp.checkpointing import restore_rng_state, rng_state
 from llmexp.config.schema import RunConfig
 from llmexp.faults import check_finite
 from llmexp.optim import build_optimizer
+from llmexp.parallel import clip_grad_norm
 
 
 class StageModule(L.LightningModule):
@@ -54,11 +55,43 @@ class StageModule(L.LightningModule):
         return cls(cfg, apply_peft(model, cfg.peft, cfg.model), tokenizer)
 
     def export(self, out_dir) -> Dict[str, Any]:
-        """Write the trained model in HF format; return facts for summary.json."""
+        """Write the trained model in HF format; return facts for summary.json. Called on every
+        rank: sharded weights are gathered collectively, rank 0 writes."""
         from llmexp.models.export import export_model
 
-        self.model = export_model(self.model, self.tokenizer, out_dir, self.cfg.peft.merge_on_export)
+        state = self.full_state_dict() if self.is_model_parallel else None
+        if self.trainer.is_global_zero:
+            self.model = export_model(self.model, self.tokenizer, out_dir, self.cfg.peft.merge_on_export, state)
         return {"model_dir": str(out_dir)}
+
+    # -- model parallelism (fsdp / tp through Lightning's ModelParallelStrategy) -----------------
+    @property
+    def is_model_parallel(self) -> bool:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+
+    def configure_model(self) -> None:
+        """Shard the model over the device mesh once (validate and fit both call this hook)."""
+        if not self.is_model_parallel or getattr(self, "_parallelized", False):
+            return
+        from llmexp import parallel
+
+        s, mesh = self.cfg.strategy, self.device_mesh
+        if mesh["tensor_parallel"].size() > 1:
+            parallel.apply_tensor_parallel(self.model, mesh["tensor_parallel"], self.cfg.model.architecture)
+        if s.activation_checkpointing:
+            parallel.apply_activation_checkpointing(self.model)
+        if s.name == "fsdp":
+            dtype = torch.bfloat16 if self.cfg.trainer.precision.startswith("bf16") else None
+            parallel.apply_fsdp(self.model, mesh["data_parallel"], s.reshard_after_forward, dtype)
+        self._parallelized = True
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The unsharded weights on CPU (a collective: every rank must call it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def summary_extras(self) -> Dict[str, Any]:
         """Stage-specific facts for summary.json (beyond initial/final validation metrics)."""
@@ -154,7 +187,7 @@ class StageModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return None
-        return torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
+        return clip_grad_norm(params, clip if clip else math.inf)
 
     def _record_throughput(self, tokens: int) -> None:
         elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
