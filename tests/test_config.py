@@ -11,7 +11,7 @@ from llmexp.paths import config_groups
 
 GROUPS = config_groups()
 # Options that need something this CPU machine lacks (refused on purpose, tested below).
-NEEDS_GPU = {("peft", "qlora"), ("trainer", "gpu")}
+NEEDS_GPU = {("peft", "qlora"), ("trainer", "gpu"), ("strategy", "deepspeed_zero2"), ("strategy", "deepspeed_zero3")}
 NEEDS_PATH = {("data", "files"), ("data", "hf")}
 # Options that only make sense with a matching choice in another group.
 COMPANIONS = {
