@@ -111,6 +111,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
         "tokens_per_second": stage.train_tokens / stage.train_seconds if stage.train_seconds else None,
         "train_tokens": stage.train_tokens,
         "fit_seconds": fit_seconds,
+        "seconds_to_first_step": stage.seconds_to_first_step,
         **count_parameters(stage.model),
         "data_stats": {"format": prepared.format, "preparation": prepared.log, **data.stats},
         "checkpoint": str(checkpoint),

@@ -23,6 +23,13 @@ from llmexp.optim import build_optimizer
 from llmexp.parallel import clip_grad_norm
 
 
+def seconds_since_process_start() -> float:
+    """Wall time since this process started (the user's command), for the start-up benchmark."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 class StageModule(L.LightningModule):
     # Data formats this stage trains on (see llmexp.data.formats.STAGE_FORMATS).
     formats: Tuple[str, ...] = ()
@@ -41,6 +48,7 @@ class StageModule(L.LightningModule):
         self.train_seconds = 0.0
         self.last_val_metrics: Dict[str, float] = {}
         self.initial_metrics: Dict[str, float] = {}
+        self.seconds_to_first_step: float | None = None
 
     # -- building and exporting ------------------------------------------------------------------
     @classmethod
@@ -120,8 +128,9 @@ class StageModule(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        on_cuda = self.device.type == "cuda" or self.cfg.trainer.accelerator in ("gpu", "cuda")
-        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps, on_cuda)
+        # Sharded (DTensor) parameters take the foreach path; plain ones the fused kernel.
+        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps,
+                                     default_fused=not self.is_model_parallel)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -147,6 +156,10 @@ class StageModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         sched.step()
         self._record_throughput(sum(mb["num_tokens"] for mb in window))
+        if self.seconds_to_first_step is None:
+            self.seconds_to_first_step = seconds_since_process_start()
+        if self.global_step % self.cfg.trainer.log_every_n_steps:  # log only what will be written
+            return total / max(weight, 1)
         if self.trainer.world_size > 1:  # log the global loss, not rank 0's share
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
             extra_totals = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in extra_totals.items()}
