@@ -36,23 +36,30 @@ def _check_record(run_dir, stage, model):
     return s
 
 
-def _load_without_llmexp(model_dir, prompts):
-    """Load the export with plain transformers in a fresh interpreter that never imports llmexp."""
+def _answers_without_llmexp(model_dir):
+    """Load the export with plain transformers in a fresh interpreter that never imports llmexp and
+    answer every bundled arithmetic question greedily; returns (accuracy, a few completions)."""
     code = f"""
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained({str(model_dir)!r})
+tok = AutoTokenizer.from_pretrained({str(model_dir)!r}, padding_side="left")
 model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}).eval()
-for prompt in {prompts!r}:
-    ids = tok.apply_chat_template([{{"role": "user", "content": prompt}}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    print("COMPLETION:" + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+problems = [(a, op, b) for a in range(10) for b in range(10) for op in "+-" if op == "+" or a >= b]
+prompts = [tok.apply_chat_template([{{"role": "user", "content": f"What is {{a}} {{'plus' if op == '+' else 'minus'}} {{b}}?"}}],
+                                   add_generation_prompt=True, tokenize=False) for a, op, b in problems]
+batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+with torch.no_grad():
+    out = model.generate(**batch, max_new_tokens=10, do_sample=False)
+texts = [tok.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
+right = sum(t == f"{{a}} {{op}} {{b}} = {{a + b if op == '+' else a - b}}" for (a, op, b), t in zip(problems, texts))
 assert "llmexp" not in sys.modules
+print("ACCURACY", right / len(problems))
+print("SAMPLE", texts[:3])
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    return [line.split(":", 1)[1] for line in r.stdout.splitlines() if line.startswith("COMPLETION:")]
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith(("ACCURACY", "SAMPLE")))
+    return float(lines["ACCURACY"]), lines["SAMPLE"]
 
 
 def test_default_sft_run_via_cli_learns_the_skill(tmp_path):
@@ -61,15 +68,11 @@ def test_default_sft_run_via_cli_learns_the_skill(tmp_path):
     r = run_cli(["trainer.progress_bar=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = _check_record(run_dir, "sft", "llama")
-    assert s["global_step"] == 300
-    assert s["final"]["val/loss"] < 0.1 * s["initial"]["val/loss"]
+    assert s["global_step"] == 600
+    assert s["final"]["val/loss"] < 0.02 * s["initial"]["val/loss"]
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb")), "W&B logs offline by default"
-    completions = _load_without_llmexp(run_dir / "model", ["What is 2 plus 3?", "Compute 7 - 4.",
-                                                           "Add 6 and 1.", "What is 9 minus 5?"])
-    expected = ["2 + 3 = 5", "7 - 4 = 3", "6 + 1 = 7", "9 - 5 = 4"]
-    # Every answer restates the question in the trained form; most results are right already.
-    assert [c.rsplit("=", 1)[0] for c in completions] == [e.rsplit("=", 1)[0] for e in expected]
-    assert sum(c == e for c, e in zip(completions, expected)) >= 3, completions
+    accuracy, sample = _answers_without_llmexp(run_dir / "model")
+    assert accuracy >= 0.9, (accuracy, sample)  # measured: 0.97 on all 155 questions
 
 
 def test_pretrain_gpt2_from_scratch_with_packing(tmp_path):

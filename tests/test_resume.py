@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -43,8 +44,7 @@ SCRIPT = textwrap.dedent("""
 
 def _run(overrides, run_dir, kill_at=0):
     """Train in a fresh process group (a script file, so Lightning can relaunch it per rank)."""
-    script = Path(run_dir).parent / "train_or_die.py"
-    script.parent.mkdir(parents=True, exist_ok=True)
+    script = Path(tempfile.mkdtemp(prefix="llmexp-test-")) / "train_or_die.py"
     script.write_text(SCRIPT.format(tests=str(REPO / "tests")))
     return subprocess.run([sys.executable, str(script), "|".join(overrides), str(run_dir), str(kill_at)],
                           capture_output=True, text=True, cwd=REPO, timeout=600, start_new_session=True)

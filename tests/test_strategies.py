@@ -79,3 +79,20 @@ def test_fsdp_killed_and_resumed_from_its_sharded_checkpoint_matches(tmp_path, s
     assert s["global_step"] == 12 and s["resumed_from"].endswith("last.ckpt")
     a, b = load_file(single_process / "model" / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_torchrun_launch_shares_one_run_directory(tmp_path, single_process):
+    """An external launcher starts every rank itself; they agree on one run directory."""
+    import os
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    assert torchrun
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "llmexp", *BASE, "strategy=ddp",
+                        "trainer.devices=2", "trainer.micro_batch_size=2", "trainer.grad_accum=2"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "sft-llama").iterdir()
+    assert run_dir.name.startswith("torchrun-")
+    assert _train_losses(run_dir) == pytest.approx(_train_losses(single_process), rel=1e-5)

@@ -97,11 +97,14 @@ def _resuming(parsed) -> bool:
 
 
 def run_dir_overrides(cfg, overrides: List[str]) -> List[str]:
-    """``hydra.run.dir=...`` for a resumed run, so it continues in its own directory."""
+    """``hydra.run.dir=...`` for a resumed run (it continues in its own directory) and for a run
+    under torchrun/srun (all ranks share one directory)."""
     from llmexp.resume import resume_run_dir
 
+    from llmexp.launch import shared_run_dir
+
     explicit = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), None)
-    run_dir = resume_run_dir(cfg.get("resume"), explicit, str(cfg.run_name))
+    run_dir = resume_run_dir(cfg.get("resume"), explicit, str(cfg.run_name)) or shared_run_dir(str(cfg.run_name))
     return [f"hydra.run.dir={run_dir}"] if run_dir and not explicit else []
 
 
@@ -143,7 +146,8 @@ def _key_problem(cfg, o) -> Optional[Problem]:
                        else f"{parent_key} is not a mapping")
     siblings = [str(k) for k in parent.keys()]
     hint = suggest(leaf, siblings)
-    if parent_key.endswith((".extra", ".options")) or not siblings:
+    typed_options = parent_key == "data.options" and OmegaConf.select(cfg, "data.source") == "bundled"
+    if (parent_key.endswith((".extra", ".options")) and not typed_options) or not siblings:
         hint = f"add a new key with +{key}=..."
     return Problem(key, "unknown key", hint)
 
@@ -171,12 +175,17 @@ def _task(cfg) -> Optional[float]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not _INFO_FLAGS.intersection(argv):
-        try:
+    if argv[:1] == ["plugins"]:
+        from llmexp.plugins.listing import main as list_plugins
+
+        sys.exit(list_plugins(argv[1:]))
+    try:
+        config_groups()  # loads the plugins: a broken one is reported for --help too
+        if not _INFO_FLAGS.intersection(argv):
             overrides = split_overrides(argv)
             argv += run_dir_overrides(check_overrides(overrides), overrides)
-        except UserError as e:
-            sys.exit(report(e))
+    except UserError as e:
+        sys.exit(report(e))
     import hydra
 
     sys.argv = [sys.argv[0]] + argv

@@ -88,14 +88,15 @@ class FieldMap:
 class DataConfig:
     name: str = "arithmetic"
     source: str = choice("bundled", DATA_SOURCES)
-    # bundled: ignored; files: a file, directory or glob; hf: dataset id or saved dataset dir.
+    # bundled: a dataset registered by llmexp or a plugin (llmexp_datasets hook), chosen by `name`;
+    # files: a file, directory or glob; hf: dataset id or saved dataset dir.
     path: Optional[str] = None
     split: str = "train"
     # Use this split for validation instead of holding out val_fraction of `split`.
     validation_split: Optional[str] = None
     format: str = choice("auto", DATA_FORMATS)
     fields: FieldMap = field(default_factory=FieldMap)
-    # bundled: generator options; hf: extra load_dataset kwargs (e.g. name).
+    # bundled: the dataset's typed options; hf: extra load_dataset kwargs (e.g. name).
     options: Dict[str, Any] = field(default_factory=dict)
     seed: int = 1234
     steps: List[str] = field(default_factory=lambda: ["normalize", "filter_length", "dedup"],
@@ -112,13 +113,13 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = bounded(300, min=1)
+    max_steps: int = bounded(600, min=1)
     micro_batch_size: int = bounded(16, min=1)
     grad_accum: int = bounded(1, min=1)
     val_batch_size: int = bounded(32, min=1)
     precision: str = choice("32-true", PRECISIONS)
     # Validate every N optimizer steps (a validation pass also runs before and after training).
-    val_check_interval: Optional[int] = bounded(100, min=1)
+    val_check_interval: Optional[int] = bounded(200, min=1)
     limit_val_batches: Optional[int] = bounded(None, min=1)
     log_every_n_steps: int = bounded(10, min=1)
     # Save a checkpoint every N steps (default: at each validation); last.ckpt at the end.
