@@ -96,3 +96,12 @@ def test_torchrun_launch_shares_one_run_directory(tmp_path, single_process):
     (run_dir,) = (tmp_path / "runs" / "sft-llama").iterdir()
     assert run_dir.name.startswith("torchrun-")
     assert _train_losses(run_dir) == pytest.approx(_train_losses(single_process), rel=1e-5)
+
+
+def test_fsdp_times_tensor_parallel_on_a_2d_mesh_matches_one_process(tmp_path, single_process):
+    """4 processes: 2 data-parallel shards x 2 tensor-parallel ranks (micro 2 x accumulation 2 each)."""
+    run_dir = tmp_path / "fsdp_tp"
+    r = run_cli([*BASE, "strategy=fsdp", "strategy.tensor_parallel_size=2", "trainer.devices=4",
+                 "trainer.micro_batch_size=2", "trainer.grad_accum=2", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _train_losses(run_dir) == pytest.approx(_train_losses(single_process), rel=1e-5)
