@@ -60,6 +60,7 @@ CONFIG_CASES = {
     "heads do not divide": (["model.num_heads=3"], "not divisible by num_heads 3"),
     "warm-up longer than run": (["trainer.max_steps=5"], "optim.warmup_steps"),
     "qlora on cpu": (["peft=qlora"], "needs a CUDA GPU"),
+    "liger kernels on cpu": (["model.liger_kernel=true"], "Liger kernels are Triton kernels and need a CUDA GPU"),
     "fp16 on cpu": (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a CUDA GPU"),
     "bad betas": (["optim.betas=[0.9]"], "optim.betas: expected two numbers"),
     "sequence longer than positions": (["data.max_length=1024"], "exceeds model.max_position_embeddings"),

@@ -58,9 +58,21 @@ def build_model(cfg: ModelConfig, tokenizer, quantization_config=None):
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if cfg.liger_kernel:
+        apply_liger(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def apply_liger(model) -> None:
+    """Swap RMSNorm, RoPE and SwiGLU for Liger's fused kernels (llmexp computes the loss itself,
+    so the fused linear cross-entropy stays off)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise UserError("model.liger_kernel=true needs liger-kernel: pip install 'llmexp[liger]'") from None
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
 def check_tokenizer_fits(model, tokenizer, cfg: ModelConfig) -> None:

@@ -80,9 +80,17 @@ class StageModule(L.LightningModule):
         return self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
 
     def configure_model(self) -> None:
-        """Shard the model over the device mesh once (validate and fit both call this hook)."""
-        if not self.is_model_parallel or getattr(self, "_parallelized", False):
+        """Shard the model over the device mesh, and compile it, once (validate and fit both call
+        this hook)."""
+        if getattr(self, "_configured", False):
             return
+        self._configured = True
+        if self.is_model_parallel:
+            self._parallelize()
+        if self.cfg.model.compile:
+            self.model.compile()
+
+    def _parallelize(self) -> None:
         from llmexp import parallel
 
         s, mesh = self.cfg.strategy, self.device_mesh
@@ -93,7 +101,6 @@ class StageModule(L.LightningModule):
         if s.name == "fsdp":
             dtype = torch.bfloat16 if self.cfg.trainer.precision.startswith("bf16") else None
             parallel.apply_fsdp(self.model, mesh["data_parallel"], s.reshard_after_forward, dtype)
-        self._parallelized = True
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """The unsharded weights on CPU (a collective: every rank must call it)."""
