@@ -1,0 +1,46 @@
+"""``python -m llmexp.sweep FILE`` (or ``llmexp sweep FILE``): run a W&B sweep file offline.
+
+    llmexp sweep sweeps/lr.yaml --count 6 --parallel 2 [--dir runs/sweeps/lr]
+
+Online instead: ``wandb sweep sweeps/lr.yaml`` then ``wandb agent <entity/project/id>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from llmexp.errors import UserError, report
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="llmexp sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("spec", help="a W&B sweep YAML (method, metric, parameters)")
+    ap.add_argument("--count", type=int, default=None, help="trials in all (default: grid until exhausted, else 10)")
+    ap.add_argument("--parallel", type=int, default=1, help="trials running at once")
+    ap.add_argument("--dir", default=None, help="sweep directory (default runs/sweeps/<name>); rerun to resume")
+    args = ap.parse_args(argv)
+    try:
+        from llmexp.sweep.engine import SweepEngine
+        from llmexp.sweep.report import write_report
+        from llmexp.sweep.spec import check_spec, load_spec
+
+        spec = load_spec(args.spec)
+        check_spec(spec)
+        count = args.count if args.count is not None else (None if spec.config.get("method") == "grid" else 10)
+        out = Path(args.dir or Path("runs") / "sweeps" / spec.name)
+        trials = SweepEngine(spec, out, count, args.parallel).run()
+        result = write_report(out, trials, spec.metric, spec.goal, spec.name)
+    except UserError as e:
+        return report(e)
+    best = result["best"]
+    print(f"sweep {spec.name}: {len(trials)} trials, report in {out}/report.md")
+    if best is not None:
+        print(f"best trial {best.id}: {spec.metric}={best.metric:.6g} {best.params}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Run a sweep locally: propose trials with the `sweeps` engine, run each as a normal llmexp run.
+
+State lives in ``<dir>/trials.json`` (rewritten atomically after every change), so an interrupted
+sweep resumes: finished trials are kept, trials that were running continue from their last
+checkpoint (``resume=auto`` in their own run directory), and new proposals take earlier results
+into account (bayes) or skip what was done (grid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from llmexp.record import write_atomic
+from llmexp.sweep.results import history, trial_metric
+from llmexp.sweep.spec import SweepSpec
+
+FINISHED, FAILED, STOPPED, RUNNING, INTERRUPTED = "finished", "failed", "stopped", "running", "interrupted"
+
+
+@dataclass
+class Trial:
+    id: int
+    params: Dict[str, Any]
+    run_dir: str
+    status: str = RUNNING
+    metric: Optional[float] = None
+    seconds: float = 0.0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def overrides(self) -> List[str]:
+        return [f"{k}={_format(v)}" for k, v in self.params.items()]
+
+
+def _format(value: Any) -> str:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        return repr(float(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format(v) for v in value) + "]"
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+class SweepEngine:
+    def __init__(self, spec: SweepSpec, out_dir: Path, count: Optional[int], parallel: int = 1,
+                 poll_seconds: float = 1.0):
+        self.spec, self.dir, self.count, self.parallel, self.poll = spec, Path(out_dir), count, parallel, poll_seconds
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.trials: List[Trial] = self._load()
+        self.procs: Dict[int, subprocess.Popen] = {}
+        self.started: Dict[int, float] = {}
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "trials.json"
+
+    def _load(self) -> List[Trial]:
+        if not self.state_file.is_file():
+            return []
+        trials = [Trial(**t) for t in json.loads(self.state_file.read_text())["trials"]]
+        for t in trials:
+            if t.status == RUNNING:  # the sweep was interrupted while this trial ran
+                t.status = INTERRUPTED
+        return trials
+
+    def _save(self) -> None:
+        payload = {"sweep": self.spec.name, "spec": str(self.spec.path), "metric": self.spec.metric,
+                   "goal": self.spec.goal, "trials": [asdict(t) for t in self.trials]}
+        write_atomic(self.state_file, json.dumps(payload, indent=2) + "\n")
+
+    # -- proposing -------------------------------------------------------------------------------
+    def _sweep_runs(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from sweeps import RunState, SweepRun
+
+        states = {FINISHED: RunState.finished, FAILED: RunState.failed, STOPPED: RunState.killed,
+                  RUNNING: RunState.running, INTERRUPTED: RunState.running}
+        runs = []
+        for t in self.trials:
+            summary = {self.spec.metric: t.metric} if t.metric is not None else {}
+            runs.append(SweepRun(name=f"trial-{t.id}", state=states[t.status], config={k: {"value": v} for k, v in t.params.items()},
+                                 summaryMetrics=summary, sampledHistory=history(Path(t.run_dir), self.spec.metric)))
+        return runs
+
+    def _propose(self) -> Optional[Dict[str, Any]]:
+        import sweeps
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = sweeps.next_run(self.spec.config, self._sweep_runs())
+        if run is None:
+            return None
+        return {k: _plain(v["value"]) for k, v in run.config.items()}
+
+    # -- running ---------------------------------------------------------------------------------
+    def _launch(self, trial: Trial) -> None:
+        log = open(Path(trial.run_dir).with_suffix(".log"), "a")
+        cmd = [sys.executable, "-m", "llmexp", *self.spec.fixed_overrides(), *trial.overrides(),
+               f"hydra.run.dir={trial.run_dir}", "resume=auto", "trainer.progress_bar=false"]
+        self.procs[trial.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self.started[trial.id] = time.time()
+        trial.status = RUNNING
+        self._save()
+
+    def _next_trial(self) -> Optional[Trial]:
+        for t in self.trials:
+            if t.status == INTERRUPTED and t.id not in self.procs:
+                return t
+        if self.count is not None and len(self.trials) >= self.count:
+            return None
+        params = self._propose()
+        if params is None:
+            return None
+        trial = Trial(id=len(self.trials), params=params, run_dir=str(self.dir / f"trial-{len(self.trials):03d}"))
+        self.trials.append(trial)
+        return trial
+
+    def _reap(self) -> None:
+        for tid, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            trial = self.trials[tid]
+            trial.seconds += time.time() - self.started.pop(tid)
+            del self.procs[tid]
+            if trial.status == STOPPED:
+                continue
+            trial.metric = trial_metric(Path(trial.run_dir), self.spec.metric)
+            trial.status = FINISHED if proc.returncode == 0 and trial.metric is not None else FAILED
+            trial.extra["exit_code"] = proc.returncode
+            self._save()
+            print(f"trial {tid} {trial.status}: {self.spec.metric}={trial.metric} {trial.params}", flush=True)
+
+    def _early_terminate(self) -> None:
+        if "early_terminate" not in self.spec.config or not self.procs:
+            return
+        import sweeps
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stop = sweeps.stop_runs(self.spec.config, self._sweep_runs())
+        for run in stop:
+            tid = int(run.name.split("-")[1])
+            if tid in self.procs and self.trials[tid].status == RUNNING:
+                self.trials[tid].status = STOPPED
+                self.procs[tid].terminate()
+                self._save()
+                print(f"trial {tid} stopped early by {self.spec.config['early_terminate'].get('type')}", flush=True)
+
+    def run(self) -> List[Trial]:
+        while True:
+            while len(self.procs) < self.parallel:
+                trial = self._next_trial()
+                if trial is None:
+                    break
+                self._launch(trial)
+            if not self.procs:
+                break
+            time.sleep(self.poll)
+            self._reap()
+            self._early_terminate()
+        return self.trials

@@ -1,0 +1,36 @@
+"""Reading a trial's result: the sweep metric out of its summary.json and metrics.csv."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from llmexp.record import read_metrics
+
+
+def metric_value(summary: Dict[str, Any], name: str) -> Optional[float]:
+    """``val/loss`` -> final validation loss; ``eval/<task>/<metric>`` -> summary["eval"][task][metric];
+    anything else: a dotted path into summary.json."""
+    if name in summary.get("final", {}):
+        value = summary["final"][name]
+    elif name.startswith("eval/") and name.count("/") >= 2:
+        _, task, metric = name.split("/", 2)
+        value = summary.get("eval", {}).get(task, {}).get(metric)
+    else:
+        value = summary
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def trial_metric(run_dir: Path, name: str) -> Optional[float]:
+    path = Path(run_dir) / "summary.json"
+    return metric_value(json.loads(path.read_text()), name) if path.is_file() else None
+
+
+def history(run_dir: Path, name: str) -> List[Dict[str, float]]:
+    """The metric at each logged step so far (for hyperband early termination)."""
+    rows = read_metrics(Path(run_dir) / "metrics.csv")
+    return [{name: r[name], "_step": r.get("step", 0)} for r in rows if name in r]

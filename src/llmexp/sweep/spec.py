@@ -1,0 +1,100 @@
+"""A W&B sweep specification: load, check against the W&B schema and against llmexp's config.
+
+The same YAML drives ``wandb sweep FILE`` online and ``llmexp sweep FILE`` offline. Parameters
+are Hydra override keys (``optim.lr``); the command passes them as ``${args_no_hyphens}``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List
+
+import yaml
+
+from llmexp.errors import ConfigError, Problem, UserError
+
+# Command items that are W&B macros or the program itself, not fixed llmexp overrides.
+_MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}", "${args_json}",
+           "${args_json_file}", "python", "python3", "-m", "llmexp")
+
+
+@dataclass
+class SweepSpec:
+    path: Path
+    config: Dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.path.stem)
+
+    @property
+    def metric(self) -> str:
+        return self.config["metric"]["name"]
+
+    @property
+    def goal(self) -> str:
+        return self.config["metric"].get("goal", "minimize")
+
+    @property
+    def parameters(self) -> Dict[str, Any]:
+        return self.config.get("parameters", {})
+
+    def fixed_overrides(self) -> List[str]:
+        """Overrides written into the spec's ``command`` (e.g. trainer.max_steps=200)."""
+        return [str(c) for c in self.config.get("command", []) if str(c) not in _MACROS and "=" in str(c)]
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.goal == "minimize" else a > b
+
+
+def load_spec(path: str) -> SweepSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"sweep: no sweep file {path!r}; give a W&B sweep YAML (see sweeps/)")
+    try:
+        config = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"sweep: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"sweep: {path} must be a mapping with method, metric and parameters")
+    return SweepSpec(p, config)
+
+
+def example_value(param: Dict[str, Any]) -> Any:
+    """One value the parameter can take, to check its key composes."""
+    if "value" in param:
+        return param["value"]
+    if "values" in param:
+        return param["values"][0]
+    return param.get("min", 0)
+
+
+def check_spec(spec: SweepSpec) -> None:
+    """ConfigError listing every problem: W&B schema violations and keys llmexp does not know."""
+    problems: List[Problem] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the sweeps package warns about its pydantic config
+        import sweeps
+
+        violations = sweeps.schema_violations_from_proposed_config(spec.config)
+    for v in violations:
+        problems.append(Problem(f"{spec.path.name}", f"W&B sweep schema: {v}",
+                                "see https://docs.wandb.ai/guides/sweeps/sweep-config-keys"))
+    if "metric" not in spec.config or "name" not in spec.config.get("metric", {}):
+        problems.append(Problem(f"{spec.path.name}: metric", "a sweep needs metric.name (and goal)",
+                                "metric: {name: val/loss, goal: minimize}"))
+    if not spec.parameters:
+        problems.append(Problem(f"{spec.path.name}: parameters", "no parameters to sweep", "parameters: {optim.lr: ...}"))
+    from llmexp.cli import check_overrides
+
+    params = spec.parameters if isinstance(spec.parameters, dict) else {}
+    overrides = [*spec.fixed_overrides(),
+                 *(f"{k}={example_value(v)}" for k, v in params.items() if isinstance(v, dict))]
+    try:
+        check_overrides(overrides)
+    except ConfigError as e:
+        problems += [Problem(f"{spec.path.name}: {p.key}", p.message, p.fix) for p in e.problems]
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,114 @@
+"""Offline sweeps from W&B sweep files: trials are real runs; reports, resume, bayes, bad specs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import FAST, REPO
+
+TINY = [o for o in FAST if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=15",
+                                                                     "trainer.val_check_interval=15"]
+
+
+def _spec(tmp_path, method="grid", parameters=None, **extra):
+    spec = {"name": "t", "method": method, "metric": {"name": "val/loss", "goal": "minimize"},
+            "parameters": parameters or {"optim.lr": {"values": [1e-3, 1e-2]}},
+            "command": ["${env}", "${interpreter}", "-m", "llmexp", *TINY, "${args_no_hyphens}"], **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _sweep(spec, out, *args):
+    return subprocess.run([sys.executable, "-m", "llmexp.sweep", str(spec), "--dir", str(out), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+
+
+@pytest.mark.slow
+def test_grid_sweep_runs_trials_in_parallel_and_reports(tmp_path):
+    out = tmp_path / "sweep"
+    r = _sweep(_spec(tmp_path), out, "--parallel", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((out / "trials.json").read_text())
+    trials = state["trials"]
+    assert sorted(t["params"]["optim.lr"] for t in trials) == [1e-3, 1e-2]
+    for t in trials:
+        summary = json.loads((Path(t["run_dir"]) / "summary.json").read_text())
+        assert t["status"] == "finished" and t["metric"] == summary["final"]["val/loss"]
+        assert yaml.safe_load((Path(t["run_dir"]) / "config.yaml").read_text())["optim"]["lr"] == t["params"]["optim.lr"]
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert [set(r) >= {"trial", "optim.lr", "val/loss", "status", "run_dir"} for r in rows] == [True, True]
+    best = min(trials, key=lambda t: t["metric"])
+    md = (out / "report.md").read_text()
+    assert f"**Best trial:** {best['id']}" in md and "| trial |" in md
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"best trial {best['id']}" in r.stdout
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
+    spec, out = _spec(tmp_path), tmp_path / "sweep"
+    assert _sweep(spec, out, "--count", "1").returncode == 0  # stops after one trial, as if killed
+    first = json.loads((out / "trials.json").read_text())["trials"]
+    assert len(first) == 1
+    stamp = (Path(first[0]["run_dir"]) / "summary.json").stat().st_mtime_ns
+    r = _sweep(spec, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = json.loads((out / "trials.json").read_text())["trials"]
+    assert len(trials) == 2 and trials[0] == first[0]
+    assert (Path(first[0]["run_dir"]) / "summary.json").stat().st_mtime_ns == stamp
+    assert {t["params"]["optim.lr"] for t in trials} == {1e-3, 1e-2}
+
+
+def test_a_trial_running_when_the_sweep_died_is_resumed(tmp_path):
+    from llmexp.sweep.engine import INTERRUPTED, SweepEngine
+    from llmexp.sweep.spec import load_spec
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "trials.json").write_text(json.dumps({"trials": [
+        {"id": 0, "params": {"optim.lr": 0.001}, "run_dir": str(out / "trial-000"), "status": "running",
+         "metric": None, "seconds": 3.0, "extra": {}}]}))
+    engine = SweepEngine(load_spec(str(_spec(tmp_path))), out, count=None)
+    assert engine.trials[0].status == INTERRUPTED
+    assert engine._next_trial() is engine.trials[0]  # restarted (with resume=auto) before new ones
+
+
+def test_bayes_proposes_new_points_from_earlier_results(tmp_path):
+    from llmexp.sweep.engine import SweepEngine, Trial
+    from llmexp.sweep.spec import load_spec
+
+    params = {"optim.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1}}
+    spec = load_spec(str(_spec(tmp_path, method="bayes", parameters=params)))
+    engine = SweepEngine(spec, tmp_path / "sweep", count=10)
+    # Earlier results: loss falls as lr rises towards 1e-2.
+    for i, (lr, loss) in enumerate([(1e-4, 3.0), (3e-4, 2.5), (1e-3, 2.0), (3e-3, 1.5), (1e-2, 1.2)]):
+        engine.trials.append(Trial(id=i, params={"optim.lr": lr}, run_dir=str(tmp_path / f"t{i}"),
+                                   status="finished", metric=loss))
+    proposals = [engine._propose()["optim.lr"] for _ in range(3)]
+    assert all(1e-4 <= p <= 1e-1 for p in proposals)
+    assert not {round(p, 12) for p in proposals} & {1e-4, 3e-4, 1e-3, 3e-3, 1e-2}
+
+
+def test_bad_spec_is_refused_before_any_trial(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("method: grod\nmetric: {name: val/loss}\nparameters:\n  optim.lrr: {values: [1, 2]}\n")
+    r = _sweep(spec, tmp_path / "sweep")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'grod' is not one of" in r.stderr and "optim.lrr: unknown key" in r.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_shipped_sweep_files_validate():
+    from llmexp.sweep.spec import check_spec, load_spec
+
+    files = sorted((REPO / "sweeps").glob("*.yaml"))
+    assert len(files) >= 2
+    for f in files:
+        check_spec(load_spec(str(f)))
