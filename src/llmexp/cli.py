@@ -175,6 +175,10 @@ def _task(cfg) -> Optional[float]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        from llmexp.sweep.__main__ import main as run_sweep
+
+        sys.exit(run_sweep(argv[1:]))
     if argv[:1] == ["plugins"]:
         from llmexp.plugins.listing import main as list_plugins
 

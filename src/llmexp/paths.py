@@ -17,10 +17,13 @@ def config_dir() -> Path:
 
 
 def config_groups() -> dict:
-    """Config group name -> sorted option names, read from conf/ (no Hydra import)."""
+    """Config group name -> sorted option names, read from conf/ and plugins' config directories
+    (no Hydra import). Loads the plugins, so a broken one is reported here."""
+    from llmexp.plugins.configs import with_plugin_options
+
     root = config_dir()
-    return {
+    return with_plugin_options({
         d.name: sorted(p.stem for p in d.glob("*.yaml"))
         for d in sorted(root.iterdir())
         if d.is_dir() and not d.name.startswith((".", "_"))
-    }
+    })

@@ -68,6 +68,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     from llmexp.loggers import build_loggers
     from llmexp.models.build import count_parameters
     from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.plugins import plugin_callbacks
     from llmexp.stages import stage_class
     from llmexp.training import build_trainer, save_last_checkpoint
 
@@ -81,7 +82,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
 
     loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
                             resume_step=checkpoint_step(resume_from) if resume_from else None)
-    trainer = build_trainer(typed, run_dir, loggers, list(callbacks))
+    trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed)])
     with explain_faults(run_dir):
         if resume_from is None:
             trainer.validate(stage, datamodule=data, verbose=False)

@@ -54,6 +54,10 @@ class ModelConfig:
     attn_implementation: Optional[str] = choice("sdpa", ("sdpa", "eager", "flash_attention_2", None))
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # torch.compile the model's forward (inductor; the first steps pay the compile time).
+    compile: bool = False
+    # Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only: pip install 'llmexp[liger]').
+    liger_kernel: bool = False
 
 
 @dataclass

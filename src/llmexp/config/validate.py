@@ -48,6 +48,7 @@ def validate(cfg: DictConfig) -> S.RunConfig:
         else:
             typed[key] = value
     run = S.RunConfig(**typed)
+    problems.extend(_check_dataset(run.data))
     flagged = {p.key for p in problems}
     problems.extend(p for p in cross_checks(run) if p.key not in flagged)
     if problems:
@@ -97,6 +98,37 @@ def _check_node(value: Any, schema: type, path: str, problems: List[Problem]) ->
         return schema(**good)
     except TypeError:
         return schema()
+
+
+def _check_dataset(d: S.DataConfig) -> List[Problem]:
+    """A registered dataset (built-in or a plugin's) exists and data.options fit its typed schema;
+    on success data.options becomes the complete, coerced options."""
+    if d.source != "bundled":
+        return []
+    from llmexp.plugins.registry import datasets
+
+    entries = datasets()
+    if d.name not in entries:
+        return [Problem("data.name", f"no dataset {d.name!r} is registered by llmexp or a plugin",
+                        suggest(d.name, entries))]
+    entry = entries[d.name]
+    where = f"dataset {d.name!r}" + ("" if entry.owner.name == "llmexp" else f" of {entry.owner}")
+    options, problems = check_options(d.options, entry.declaration.options, "data.options", where)
+    if not problems and options is not None:
+        d.options = dataclasses.asdict(options)
+    return problems
+
+
+def check_options(values: dict, schema: Optional[type], key: str, where: str):
+    """(instance of the ``schema`` dataclass built from ``values``, problems) for typed plugin options;
+    an unknown option is reported under ``key`` with the valid names."""
+    names = [f.name for f in dataclasses.fields(schema)] if schema else []
+    problems = [Problem(key, f"unknown option {k!r} for {where}",
+                        suggest(k, names) if names else f"{where} takes no options; drop it with ~{key}.{k}")
+                for k in values if k not in names]
+    if schema is None:
+        return None, problems
+    return _check_node({k: v for k, v in values.items() if k in names}, schema, key, problems), problems
 
 
 def _check_metadata(value: Any, meta: Any, key_path: str, problems: List[Problem]) -> None:
@@ -165,6 +197,9 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(Problem("optim.betas", f"expected two numbers in [0, 1), got {o.betas}", "optim.betas=[0.9,0.95]"))
     p.extend(_check_strategy(run))
+    if m.liger_kernel and not _cuda_available():
+        p.append(Problem("model.liger_kernel", "Liger kernels are Triton kernels and need a CUDA GPU",
+                         "model.liger_kernel=false on a CPU"))
     needs_cuda = run.peft.name == "qlora" or t.precision.startswith("16") or t.accelerator in ("gpu", "cuda")
     if needs_cuda and not _cuda_available():
         what = ("peft=qlora (4-bit bitsandbytes)" if run.peft.name == "qlora"

@@ -14,10 +14,10 @@ def peek_columns(cfg: DataConfig) -> Optional[List[str]]:
     """Columns of the first row of the source, or None when they cannot be known cheaply
     (hub datasets; unreadable files are reported with details when the run loads them)."""
     if cfg.source == "bundled":
-        from llmexp.data import skill
+        from llmexp.plugins.registry import datasets
 
-        gen = skill.GENERATORS.get(cfg.name)
-        return list(next(iter(gen(num_samples=1))).keys()) if gen else None
+        entry = datasets().get(cfg.name)  # the columns a built-in or plugin dataset declares
+        return list(entry.declaration.columns) if entry and entry.declaration.columns else None
     if cfg.source != "files" or not cfg.path:
         return None
     try:

@@ -1,17 +1,15 @@
-"""Load raw rows with `datasets`: bundled generators, local files, or the hub."""
+"""Load raw rows with `datasets`: registered datasets (built-in or plugins'), local files, or the hub."""
 
 from __future__ import annotations
 
 import glob
-import inspect
 import json
 import os
 from pathlib import Path
 from typing import List
 
 from llmexp.config.schema import DataConfig
-from llmexp.data import skill
-from llmexp.errors import UserError, suggest
+from llmexp.errors import UserError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -26,17 +24,32 @@ def load_raw(cfg: DataConfig):
 
 
 def _bundled(cfg: DataConfig):
+    """Rows of a dataset registered through the ``llmexp_datasets`` hook (llmexp's or a plugin's)."""
+    import dataclasses
+
     from datasets import Dataset
 
-    gen = skill.GENERATORS.get(cfg.name)
-    if gen is None:
-        raise UserError(f"data.name: no bundled dataset {cfg.name!r}; {suggest(cfg.name, skill.GENERATORS)}")
-    allowed = set(inspect.signature(gen).parameters) - {"seed"}
-    unknown = set(cfg.options) - allowed
+    from llmexp.plugins.registry import lookup
+
+    entry = lookup("llmexp_datasets", cfg.name, "data.name")
+    decl = entry.declaration
+    names = {f.name for f in dataclasses.fields(decl.options)} if decl.options else set()
+    unknown = set(cfg.options) - names
     if unknown:
-        raise UserError(f"data.options: unknown option(s) {sorted(unknown)} for bundled dataset "
-                        f"{cfg.name!r}; valid: {', '.join(sorted(allowed))}")
-    return Dataset.from_list(list(gen(seed=cfg.seed, **cfg.options)))
+        raise UserError(f"data.options: unknown option(s) {sorted(unknown)} for dataset "
+                        f"{cfg.name!r}; valid: {', '.join(sorted(names)) or 'none'}")
+    options = decl.options(**cfg.options) if decl.options else None
+    try:
+        rows = decl.builder(options, cfg.seed)
+        ds = rows if isinstance(rows, Dataset) else Dataset.from_list([dict(r) for r in rows])
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the plugin's bug: name it (LLMEXP_TRACEBACK=1 shows where)
+        raise UserError(f"data.name: dataset {cfg.name!r} of {entry.owner} failed to build: "
+                        f"{type(e).__name__}: {e}") from e
+    if len(ds) == 0:
+        raise UserError(f"data.options: dataset {cfg.name!r} built no rows with options {cfg.options}")
+    return ds
 
 
 def data_files(path: str) -> List[str]:

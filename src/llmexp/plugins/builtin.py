@@ -1,0 +1,65 @@
+"""llmexp's own datasets and rewards, registered through the same hooks a third-party plugin uses.
+
+The bundled arithmetic skill (:mod:`llmexp.data.skill`) in its four shapes, each with typed
+options, and the reward that checks its answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List
+
+from llmexp.config.schema import bounded
+from llmexp.data import skill
+from llmexp.plugins.declarations import DatasetDeclaration, RewardDeclaration
+from llmexp.plugins.markers import hookimpl
+
+
+@dataclass
+class ChatOptions:
+    num_samples: int = bounded(4000, min=1)
+    # Largest operand of the generated problems.
+    max_operand: int = bounded(9, min=1)
+
+
+@dataclass
+class TextOptions(ChatOptions):
+    num_samples: int = bounded(2000, min=1)
+
+
+@dataclass
+class PairOptions(ChatOptions):
+    num_samples: int = bounded(2000, min=1)
+
+
+@dataclass
+class PromptOptions(ChatOptions):
+    num_samples: int = bounded(1000, min=1)
+
+
+def _from_generator(gen: Callable[..., Iterator[dict]]) -> Callable[[Any, int], Iterator[dict]]:
+    def build(options: Any, seed: int) -> Iterator[dict]:
+        return gen(seed=seed, **dataclasses.asdict(options))
+
+    return build
+
+
+@hookimpl
+def llmexp_datasets() -> List[DatasetDeclaration]:
+    return [
+        DatasetDeclaration("arithmetic", _from_generator(skill.chat_examples), ChatOptions, ("messages",),
+                           "chat questions about small-number arithmetic with checkable answers"),
+        DatasetDeclaration("arithmetic_text", _from_generator(skill.text_corpus), TextOptions, ("text",),
+                           "plain-text facts of the same skill, for stage=pretrain"),
+        DatasetDeclaration("arithmetic_pairs", _from_generator(skill.preference_pairs), PairOptions,
+                           ("prompt", "chosen", "rejected"), "preference pairs: right answer chosen (rm, dpo)"),
+        DatasetDeclaration("arithmetic_prompts", _from_generator(skill.prompts_with_answers), PromptOptions,
+                           ("prompt", "answer"), "prompts with the number that answers them (ppo, grpo)"),
+    ]
+
+
+@hookimpl
+def llmexp_rewards() -> List[RewardDeclaration]:
+    return [RewardDeclaration("arithmetic_correct", skill.correctness_reward,
+                              "1.0 when the number after '=' is the answer column, else 0.0")]

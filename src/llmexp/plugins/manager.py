@@ -1,0 +1,219 @@
+"""Find, select, load and check plugins: llmexp's built-in one plus installed ``llmexp`` entry points.
+
+Selection (environment): ``LLMEXP_PLUGINS=a,b`` loads only the named plugins (entry-point names,
+or importable module names for plugins that are not installed as distributions);
+``LLMEXP_DISABLE_PLUGIN_AUTOLOAD=1`` loads no installed plugin unless ``LLMEXP_PLUGINS`` names it.
+The built-in plugin is always loaded. Every problem (import failure, unknown hook, wrong hook
+signature, unsupported llmexp version, duplicate plugin name) is collected into one PluginError.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import pluggy
+
+from llmexp import __version__
+from llmexp.errors import Problem, UserError, suggest
+from llmexp.plugins import hookspecs
+from llmexp.plugins.errors import SKIP_HINT, PluginError
+from llmexp.plugins.markers import ENTRY_POINT_GROUP, PROJECT
+
+TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Who a plugin is, for listings and for every message that blames it."""
+
+    name: str
+    distribution: Optional[str]
+    version: Optional[str]
+    module: str
+
+    def __str__(self) -> str:
+        where = f"{self.distribution} {self.version}" if self.distribution else f"module {self.module}"
+        return f"plugin {self.name!r} ({where})"
+
+
+BUILTIN = PluginInfo("llmexp", "llmexp", __version__, "llmexp.plugins.builtin")
+
+
+class Host:
+    """The pluggy manager of this process and what is known about each registered plugin."""
+
+    def __init__(self, autoload: bool, listed: List[str]):
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: List[Tuple[Any, PluginInfo]] = []
+        self.autoload, self.listed = autoload, listed
+        self.cache: Dict[str, Any] = {}
+
+    def register(self, obj: Any, info: PluginInfo) -> Optional[Problem]:
+        """Register ``obj``; a Problem naming the plugin when its hooks do not fit the specs."""
+        try:
+            self.pm.register(obj, name=info.name)
+        except pluggy.PluginValidationError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            return Problem(str(info), "wrong hook signature: " + "; ".join(lines[1:] or lines),
+                           f"match the hookspec in llmexp.plugins.hookspecs ({_spec_signatures(self.pm)})")
+        except ValueError as e:
+            return Problem(str(info), f"cannot be registered: {e}", SKIP_HINT)
+        unknown = [hc.name for hc in self.pm.get_hookcallers(obj) or [] if not hc.has_spec()]
+        if unknown:
+            self.pm.unregister(obj)
+            known = hook_names()
+            return Problem(str(info), f"implements unknown hook {', '.join(repr(u) for u in unknown)}",
+                           suggest(unknown[0], known))
+        self.plugins.append((obj, info))
+        return None
+
+    def implemented(self, obj: Any) -> List[str]:
+        return sorted(hc.name for hc in self.pm.get_hookcallers(obj) or [])
+
+    def call(self, hook: str, **kwargs: Any) -> List[Tuple[PluginInfo, Any]]:
+        """Each plugin's result of ``hook`` with the plugin it came from (results are collected)."""
+        out, problems = [], []
+        for obj, info in self.plugins:
+            if hook not in self.implemented(obj):
+                continue
+            others = [o for o, _ in self.plugins if o is not obj]
+            try:
+                results = self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a plugin's bug, reported with its name
+                problems.append(Problem(str(info), f"{hook}() raised {type(e).__name__}: {e}",
+                                        f"fix the plugin, {SKIP_HINT}"))
+                continue
+            out.extend((info, r) for r in results)
+        if problems:
+            raise PluginError(problems)
+        return out
+
+
+def hook_names() -> List[str]:
+    return sorted(n for n in vars(hookspecs) if n.startswith(f"{PROJECT}_"))
+
+
+def _spec_signatures(pm: pluggy.PluginManager) -> str:
+    return ", ".join(f"{n}({', '.join(getattr(pm.hook, n).spec.argnames)})" for n in hook_names())
+
+
+def selection(env: Mapping[str, str]) -> Tuple[bool, List[str]]:
+    """(autoload installed plugins?, names listed in LLMEXP_PLUGINS)."""
+    listed = [n.strip() for n in env.get("LLMEXP_PLUGINS", "").split(",") if n.strip()]
+    autoload = env.get("LLMEXP_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in TRUE and not listed
+    return autoload, listed
+
+
+def installed_entry_points() -> Tuple[Dict[str, Any], List[Problem]]:
+    """Entry points of the ``llmexp`` group by name; two distributions using one name is a problem."""
+    from importlib.metadata import entry_points
+
+    by_name: Dict[str, Any] = {}
+    problems = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        seen = by_name.get(ep.name)
+        if seen is None:
+            by_name[ep.name] = ep
+        elif _dist_name(seen) != _dist_name(ep):
+            problems.append(Problem(f"plugin {ep.name!r}", f"is installed by two distributions: "
+                                    f"{_dist_name(seen)} and {_dist_name(ep)}", "uninstall one of them"))
+    return by_name, problems
+
+
+def _dist_name(ep: Any) -> Optional[str]:
+    return ep.dist.metadata["Name"] if ep.dist is not None else None
+
+
+def _info(ep: Any) -> PluginInfo:
+    version = ep.dist.version if ep.dist is not None else None
+    return PluginInfo(ep.name, _dist_name(ep), version, ep.value)
+
+
+def unsupported_llmexp(dist: Any) -> Optional[str]:
+    """The distribution's requirement on llmexp when this llmexp version does not satisfy it."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    for line in (dist.requires or []) if dist is not None else []:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(req.name) != PROJECT or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        if req.specifier and not req.specifier.contains(__version__, prereleases=True):
+            return str(req.specifier)
+    return None
+
+
+def _load_entry_point(host: Host, ep: Any) -> Optional[Problem]:
+    info = _info(ep)
+    spec = unsupported_llmexp(ep.dist)
+    if spec:
+        return Problem(str(info), f"supports llmexp {spec}, but this is llmexp {__version__}",
+                       f"pip install -U {info.distribution} (a release supporting llmexp {__version__}), "
+                       f"or pip install 'llmexp{spec}'; {SKIP_HINT}")
+    try:
+        obj = ep.load()
+    except Exception as e:  # noqa: BLE001 - any import-time failure is the plugin's
+        return Problem(str(info), f"failed to import {ep.value}: {type(e).__name__}: {e}",
+                       f"reinstall or fix {info.distribution}, {SKIP_HINT}")
+    return host.register(obj, info)
+
+
+def _load_module(host: Host, name: str, installed: Dict[str, Any]) -> Optional[Problem]:
+    info = PluginInfo(name, None, None, name)
+    try:
+        obj = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):
+            return Problem(f"LLMEXP_PLUGINS={name}", "no installed plugin or importable module of that name",
+                           suggest(name, installed) if installed else "no llmexp plugins are installed")
+        return Problem(str(info), f"failed to import: {type(e).__name__}: {e}", SKIP_HINT)
+    except Exception as e:  # noqa: BLE001
+        return Problem(str(info), f"failed to import: {type(e).__name__}: {e}", SKIP_HINT)
+    return host.register(obj, info)
+
+
+def load(env: Optional[Mapping[str, str]] = None) -> Host:
+    """A Host with the built-in plugin and the selected installed ones, or PluginError."""
+    from llmexp.plugins import builtin
+
+    autoload, listed = selection(os.environ if env is None else env)
+    host = Host(autoload, listed)
+    problem = host.register(builtin, BUILTIN)
+    if problem:  # llmexp's own hooks must always fit its specs
+        raise PluginError([problem])
+    installed, problems = installed_entry_points()
+    if autoload:
+        names = list(installed)
+    else:
+        names = list(dict.fromkeys(listed))
+    for name in names:
+        if name in installed:
+            problem = _load_entry_point(host, installed[name])
+        else:
+            problem = _load_module(host, name, installed)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise PluginError(problems)
+    return host
+
+
+@lru_cache(maxsize=1)
+def host() -> Host:
+    """This process's plugins, loaded once (a failed load is retried and reported again)."""
+    return load()
+
+
+def reset() -> None:
+    """Forget the loaded plugins (the next lookup loads them again)."""
+    host.cache_clear()

@@ -1,0 +1,111 @@
+"""Name -> declaration registries built from the hooks: datasets, evals, rewards; plus callbacks.
+
+Each registry is collected once per process from every loaded plugin (llmexp's built-ins
+included). A malformed declaration or a name declared twice is a PluginError naming the plugins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Generic, List, TypeVar
+
+from llmexp.errors import Problem, UserError, suggest
+from llmexp.plugins.declarations import DatasetDeclaration, EvalDeclaration, RewardDeclaration
+from llmexp.plugins.errors import PluginError
+from llmexp.plugins.manager import PluginInfo, host
+
+T = TypeVar("T")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# hook -> (declaration type, what one entry is called in messages, its callable field)
+KINDS = {
+    "llmexp_datasets": (DatasetDeclaration, "dataset", "builder"),
+    "llmexp_evals": (EvalDeclaration, "eval", "runner"),
+    "llmexp_rewards": (RewardDeclaration, "reward", "fn"),
+}
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """A declaration and the plugin that declared it."""
+
+    declaration: T
+    owner: PluginInfo
+
+
+def datasets() -> Dict[str, Entry[DatasetDeclaration]]:
+    return collect("llmexp_datasets")
+
+
+def evals() -> Dict[str, Entry[EvalDeclaration]]:
+    return collect("llmexp_evals")
+
+
+def rewards() -> Dict[str, Entry[RewardDeclaration]]:
+    return collect("llmexp_rewards")
+
+
+def lookup(hook: str, name: str, key: str) -> Entry:
+    """The entry called ``name``, or a UserError naming ``key`` and the valid names."""
+    entries = collect(hook)
+    if name not in entries:
+        what = KINDS[hook][1]
+        raise UserError(f"{key}: no {what} named {name!r} is registered; {suggest(name, entries)}")
+    return entries[name]
+
+
+def collect(hook: str) -> Dict[str, Entry]:
+    """Every declaration returned by ``hook`` across plugins, by name (cached per process)."""
+    h = host()
+    if hook not in h.cache:
+        kind, what, call_field = KINDS[hook]
+        entries: Dict[str, Entry] = {}
+        problems: List[Problem] = []
+        for info, result in h.call(hook):
+            items = result if isinstance(result, (list, tuple)) else [result]
+            for d in items:
+                problem = _malformed(d, kind, call_field)
+                if problem:
+                    problems.append(Problem(str(info), f"{hook}() returned {problem}",
+                                            f"return a list of llmexp.plugins.{kind.__name__}"))
+                elif d.name in entries:
+                    problems.append(Problem(f"{what} {d.name!r}", f"declared by both {entries[d.name].owner} "
+                                            f"and {info}", "uninstall one of them, or choose which to load "
+                                            "with LLMEXP_PLUGINS=<names>"))
+                else:
+                    entries[d.name] = Entry(d, info)
+        if problems:
+            raise PluginError(problems)
+        h.cache[hook] = entries
+    return h.cache[hook]
+
+
+def _malformed(d: Any, kind: type, call_field: str) -> str:
+    if not isinstance(d, kind):
+        return f"{d!r}, not a {kind.__name__}"
+    if not isinstance(d.name, str) or not NAME.match(d.name):
+        return f"a {kind.__name__} with an invalid name {d.name!r} (letters, digits, _ . -)"
+    if not callable(getattr(d, call_field)):
+        return f"{kind.__name__} {d.name!r} whose {call_field} is not callable"
+    options = getattr(d, "options", None)
+    if options is not None and not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        return f"{kind.__name__} {d.name!r} whose options is not a dataclass type"
+    return ""
+
+
+def plugin_callbacks(cfg: Any) -> List[Any]:
+    """The extra Lightning callbacks every plugin's ``llmexp_callbacks(cfg)`` asks for this run."""
+    from lightning.pytorch.callbacks import Callback
+
+    callbacks, problems = [], []
+    for info, result in host().call("llmexp_callbacks", cfg=cfg):
+        for cb in result if isinstance(result, (list, tuple)) else [result]:
+            if isinstance(cb, Callback):
+                callbacks.append(cb)
+            else:
+                problems.append(Problem(str(info), f"llmexp_callbacks() returned {cb!r}, not a Lightning "
+                                        "Callback", "return a list of lightning.pytorch.callbacks.Callback"))
+    if problems:
+        raise PluginError(problems)
+    return callbacks

@@ -1,0 +1,64 @@
+"""End to end through installed plugins, by name: train with `python -m llmexp data=acme_qa`, then
+evaluate the exported model with the plugin eval `answer_match` — each in a fresh process that
+finds the plugins through their entry points."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import run_cli
+from plugin_packages import PACKAGES, ensure_installed
+
+from llmexp.data import skill
+from llmexp.testing import TINY
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def example_plugins():
+    ensure_installed()
+
+
+def test_train_on_a_plugin_dataset_then_run_a_plugin_eval(tmp_path):
+    run_dir = tmp_path / "acme"
+    r = run_cli([*TINY, "data=acme_qa", "data.options.answer_style=short", "data.options.topics=[price,colour]",
+                 "data.options.sample_questions=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["data"], summary["stage"], summary["global_step"]) == ("acme_qa", "sft", 20)
+    assert summary["final"]["val/loss"] < summary["initial"]["val/loss"]
+    dedup = next(s for s in summary["data_stats"]["preparation"] if s["step"] == "dedup")
+    assert dedup["rows_out"] == 16 * 2 * 3  # products x topics x phrasings
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    assert recorded["options"] == {"num_samples": 2000, "topics": ["price", "colour"], "answer_style": "short",
+                                   "sample_questions": 2}
+    samples = [json.loads(line) for line in (run_dir / "acme_samples.jsonl").read_text().splitlines()]
+    assert [s["expected"] for s in samples] == ["60", "grey"]  # the plugin callback ran in the run
+
+    code = ("import json, sys\nfrom pathlib import Path\nfrom llmexp.plugins.evaluation import evaluate_model_dir\n"
+            "run = Path(sys.argv[1])\nprint(json.dumps(evaluate_model_dir('answer_match', run / 'model', "
+            "{'num_samples': 6, 'max_new_tokens': 6}, run_dir=run)))")
+    r = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    details = [json.loads(line) for line in (run_dir / "answer_match.jsonl").read_text().splitlines()]
+    assert sorted(metrics) == ["answer_match/accuracy", "answer_match/answered", "answer_match/closeness",
+                               "answer_match/samples"]
+    assert metrics["answer_match/samples"] == len(details) == 6
+    assert metrics["answer_match/accuracy"] == sum(d["match"] for d in details) / 6
+    assert metrics["answer_match/answered"] == sum(d["predicted"] is not None for d in details) / 6
+    asked = list(skill.prompts_with_answers(num_samples=6, seed=4321))  # the eval's default dataset and seed
+    assert [(d["prompt"], d["answer"]) for d in details] == [(a["prompt"][-1]["content"], a["answer"]) for a in asked]
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_example_package_end_to_end_tests_pass(package):
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "slow", "-p", "no:cacheprovider", "tests"],
+                       cwd=PACKAGES[package], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "1 passed" in r.stdout
