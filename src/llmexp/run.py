@@ -28,6 +28,23 @@ def hydra_overrides() -> List[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def final_eval(typed, stage, tokenizer, run_dir: Path, trainer) -> Dict[str, Any]:
+    """Evaluate the trained model (sharded models: their gathered export) on rank 0 and record it."""
+    from llmexp.evals.runner import evaluate, flatten, print_table, record
+
+    model = stage.model
+    if stage.is_model_parallel:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"))
+    table = evaluate(typed, model, tokenizer, run_dir)
+    path = record(table, run_dir)
+    for logger in trainer.loggers:
+        logger.log_metrics(flatten(table), step=trainer.global_step)
+    print_table(table, f"eval after {trainer.global_step} steps")
+    return {"eval": table, "eval_results": str(path)}
+
+
 def check_resumable(saved_config: Path, resolved: Dict[str, Any]) -> None:
     import yaml
 
@@ -68,6 +85,8 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     from llmexp.loggers import build_loggers
     from llmexp.models.build import count_parameters
     from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.evals.runner import eval_callback, evaluate
+    from llmexp.evals.runner import record as record_eval
     from llmexp.plugins import plugin_callbacks
     from llmexp.stages import stage_class
     from llmexp.training import build_trainer, save_last_checkpoint
@@ -82,7 +101,12 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
 
     loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
                             resume_step=checkpoint_step(resume_from) if resume_from else None)
-    trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed)])
+    evaluating = typed.eval.name != "none"
+    eval_callbacks = [eval_callback(typed)] if evaluating and typed.eval.every_n_steps else []
+    trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *eval_callbacks])
+    if evaluating and typed.eval.before_training and resume_from is None and trainer.is_global_zero:
+        initial_eval = evaluate(typed, stage.model, tokenizer, run_dir)
+        record_eval(initial_eval, run_dir, "initial")
     with explain_faults(run_dir):
         if resume_from is None:
             trainer.validate(stage, datamodule=data, verbose=False)
@@ -119,6 +143,10 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
         **stage.summary_extras(),
     }
     summary.update(stage.export(run_dir / "model"))
+    if trainer.is_global_zero and evaluating:
+        summary.update(final_eval(typed, stage, tokenizer, run_dir, trainer))
+        if typed.eval.before_training and resume_from is None:
+            summary["eval_initial"] = initial_eval
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.finalize("success")

@@ -181,6 +181,27 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation after training (and before it, and every N steps when asked)."""
+
+    # none | lm_eval | the name of an eval a plugin registers (llmexp plugins lists them).
+    name: str = "none"
+    # lm_eval: task names (bundled: arithmetic_mc, arithmetic_gen, arithmetic_ppl; others from
+    # include_path, or lm-eval's registry when offline=false).
+    tasks: List[str] = field(default_factory=lambda: ["arithmetic_mc", "arithmetic_gen", "arithmetic_ppl"])
+    include_path: Optional[str] = None
+    every_n_steps: Optional[int] = bounded(None, min=1)
+    before_training: bool = True
+    limit: Optional[int] = bounded(None, min=1)
+    batch_size: int = bounded(32, min=1)
+    num_fewshot: Optional[int] = bounded(None, min=0)
+    max_gen_toks: int = bounded(16, min=1)
+    apply_chat_template: bool = True
+    # Options of a plugin eval (validated against its typed schema).
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PeftConfig:
     name: str = choice("none", PEFT_METHODS)
     r: int = bounded(8, min=1)
@@ -202,6 +223,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_name: str = "run"
     # Continue a run from its last checkpoint: a run directory, or "auto" (this run directory's
     # checkpoint if it has one, else the newest unfinished run of the same run_name).
@@ -217,4 +239,5 @@ GROUP_SCHEMAS: Dict[str, type] = {
     "strategy": StrategyConfig,
     "logger": LoggerConfig,
     "peft": PeftConfig,
+    "eval": EvalConfig,
 }

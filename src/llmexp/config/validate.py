@@ -197,6 +197,7 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(Problem("optim.betas", f"expected two numbers in [0, 1), got {o.betas}", "optim.betas=[0.9,0.95]"))
     p.extend(_check_strategy(run))
+    p.extend(_check_eval(run))
     if m.liger_kernel and not _cuda_available():
         p.append(Problem("model.liger_kernel", "Liger kernels are Triton kernels and need a CUDA GPU",
                          "model.liger_kernel=false on a CPU"))
@@ -210,6 +211,31 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
         p.append(Problem(key, f"{what} needs a CUDA GPU and none is available",
                          "peft=lora on CPU" if key == "peft" else "trainer.precision=32-true or bf16-mixed"
                          if key == "trainer.precision" else "trainer.accelerator=auto"))
+    return p
+
+
+def _check_eval(run: S.RunConfig) -> List[Problem]:
+    """The eval exists and, offline, every lm-eval task is one llmexp ships or include_path holds."""
+    e = run.eval
+    if e.name == "none":
+        return []
+    if e.name != "lm_eval":
+        from llmexp.plugins.registry import evals
+
+        known = ["none", "lm_eval", *evals()]
+        return [] if e.name in known else [Problem("eval.name", f"unknown eval {e.name!r}", suggest(e.name, known))]
+    p: List[Problem] = []
+    if e.include_path and not Path(e.include_path).is_dir():
+        p.append(Problem("eval.include_path", f"{e.include_path!r} is not a directory",
+                         "give a directory of lm-eval task YAML files"))
+    if run.offline:
+        from llmexp.evals.tasks import task_names
+
+        names = task_names(e.include_path)
+        for task in e.tasks:
+            if task not in names:
+                p.append(Problem("eval.tasks", f"unknown task {task!r} (offline: bundled tasks and "
+                                 f"eval.include_path only)", suggest(task, names)))
     return p
 
 

@@ -42,6 +42,8 @@ class Trial:
 def _format(value: Any) -> str:
     if hasattr(value, "item"):
         value = value.item()
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         return repr(float(value))
     if isinstance(value, (list, tuple)):

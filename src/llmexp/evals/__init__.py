@@ -1,0 +1,1 @@
+"""Evaluation: lm-evaluation-harness on the in-memory model, bundled offline tasks, plugin evals."""

@@ -1,0 +1,88 @@
+"""Evaluate an existing run or HF model directory, without training.
+
+    python -m llmexp.eval runs/sft-llama/<time>                  # the run's model/, results into its eval/
+    python -m llmexp.eval run=runs/sft-llama/<time> --tasks arithmetic_gen --limit 50
+    python -m llmexp.eval path/to/hf_model --tasks mytask --include-path my_tasks/ --out results/
+
+Writes ``<out>/results.json`` in the same format as a training run's ``eval/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from llmexp.errors import UserError, report
+
+
+def model_dir_of(target: str) -> Path:
+    """A run directory (its model/) or a model directory itself."""
+    path = Path(target.split("=", 1)[1] if target.startswith(("run=", "model=")) else target)
+    for candidate in (path / "model", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"run: {str(path)!r} is neither a run directory with model/ nor a model directory "
+                    f"(no config.json); give a run directory or an exported model")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llmexp.eval", description=__doc__.splitlines()[0])
+    ap.add_argument("target", help="run directory, run=<dir>, or an HF model directory")
+    ap.add_argument("--tasks", default="arithmetic_mc,arithmetic_gen,arithmetic_ppl", help="comma-separated")
+    ap.add_argument("--include-path", default=None, help="a directory of your own lm-eval task YAMLs")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--no-chat-template", action="store_true")
+    ap.add_argument("--online", action="store_true", help="allow tasks from lm-eval's registry (downloads)")
+    ap.add_argument("--out", default=None, help="output directory (default: <run>/eval or <model>/eval)")
+    args = ap.parse_args(argv)
+    from llmexp.env import configure_environment
+
+    configure_environment(offline=not args.online)
+    try:
+        from llmexp.config.schema import EvalConfig
+        from llmexp.errors import ConfigError, Problem, suggest
+        from llmexp.evals.tasks import task_names
+
+        tasks = [t for t in args.tasks.split(",") if t]
+        cfg = EvalConfig(name="lm_eval", tasks=tasks, include_path=args.include_path, limit=args.limit,
+                         batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                         apply_chat_template=not args.no_chat_template)
+        if not args.online:
+            names = task_names(args.include_path)
+            bad = [Problem("--tasks", f"unknown task {t!r}", suggest(t, names)) for t in tasks if t not in names]
+            if bad:
+                raise ConfigError(bad)
+        model_dir = model_dir_of(args.target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from llmexp.evals.lm_eval_bridge import run_lm_eval
+        from llmexp.evals.runner import print_table, record
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        table = run_lm_eval(model, tokenizer, cfg, offline=not args.online)
+    except UserError as e:
+        return report(e)
+    out = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir)
+    path = record(table, out) if not args.out else _record_into(table, out)
+    print_table(table, f"eval of {model_dir}")
+    print(f"results: {path}")
+    return 0
+
+
+def _record_into(table, out: Path) -> Path:
+    import json
+
+    from llmexp.record import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.json", json.dumps(table, indent=2) + "\n")
+    return out / "results.json"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""lm-evaluation-harness on an in-memory model: HFLM over the model and tokenizer objects."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List
+
+from llmexp.config.schema import EvalConfig
+from llmexp.errors import UserError, suggest
+from llmexp.evals.tasks import bundled_task_dir
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def task_manager(cfg: EvalConfig, tasks: List[str], offline: bool):
+    """Bundled tasks plus ``include_path``; lm-eval's own registry only when a task is not local."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(bundled_task_dir())] + ([cfg.include_path] if cfg.include_path else [])
+    tm = TaskManager(include_path=paths, include_defaults=False)
+    missing = [t for t in tasks if t not in tm.all_tasks]
+    if missing and not offline:
+        tm = TaskManager(include_path=paths, include_defaults=True)
+        missing = [t for t in tasks if t not in tm.all_tasks]
+    if missing:
+        raise UserError(f"eval.tasks: unknown task(s) {missing}; {suggest(missing[0], tm.all_tasks)}")
+    return tm
+
+
+def run_lm_eval(model, tokenizer, cfg: EvalConfig, offline: bool = True) -> Dict[str, Dict[str, Any]]:
+    """task -> metric -> value (lm-eval's "metric,filter" keys become "metric"), plus raw results."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    tm = task_manager(cfg, list(cfg.tasks), offline)
+    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else None
+    was_training = model.training
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model if base is None else model, tokenizer=tokenizer, batch_size=cfg.batch_size,
+                  max_length=getattr(model.config, "max_position_embeddings", None),
+                  device=str(next(model.parameters()).device))
+        with torch.no_grad():
+            out = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=tm, limit=cfg.limit,
+                                  num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.apply_chat_template,
+                                  log_samples=False, verbosity="ERROR",
+                                  gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}")
+    finally:
+        model.train(was_training)
+    table: Dict[str, Dict[str, Any]] = {}
+    for task, metrics in out["results"].items():
+        row = {}
+        for key, value in metrics.items():
+            name, _, flt = key.partition(",")
+            if name in ("alias", "sample_len") or name.endswith("_stderr") \
+                    or not isinstance(_plain(value), (int, float)):
+                continue
+            row[name if flt in ("none", "") else f"{name}_{flt}"] = _plain(value)
+        table[task] = row
+    return table
