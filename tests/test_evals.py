@@ -78,3 +78,19 @@ def test_unknown_task_is_refused_before_training(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llmexp.eval", str(tmp_path), "--tasks", "nope"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "unknown task 'nope'" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_plugin_eval_runs_in_the_eval_group(tmp_path):
+    from plugin_packages import ensure_installed
+
+    ensure_installed()
+    run_dir = tmp_path / "run"
+    r = run_cli(["eval.name=answer_match", "trainer.max_steps=30", "trainer.val_check_interval=30",
+                 "logger=csv", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["eval"]["answer_match"]["samples"] == s["eval_initial"]["answer_match"]["samples"] == 50
+    assert s["eval"]["answer_match"]["closeness"] > s["eval_initial"]["answer_match"]["closeness"]
+    r = run_cli(["eval.name=answer_matsh"], cwd=tmp_path)
+    assert r.returncode == 2 and "did you mean 'answer_match'" in r.stderr
