@@ -105,3 +105,19 @@ def test_fsdp_times_tensor_parallel_on_a_2d_mesh_matches_one_process(tmp_path, s
                  "trainer.micro_batch_size=2", "trainer.grad_accum=2", f"hydra.run.dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert _train_losses(run_dir) == pytest.approx(_train_losses(single_process), rel=1e-5)
+
+
+def test_evals_under_fsdp_run_on_rank_0_with_the_gathered_weights(tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "fsdp_eval"
+    r = run_cli([*BASE, "strategy=fsdp", "trainer.devices=2", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                 "eval=lm_eval", "eval.tasks=[arithmetic_mc]", "eval.limit=20", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    during = json.loads((run_dir / "summary.json").read_text())["eval"]
+    out = tmp_path / "again"
+    r = subprocess.run([sys.executable, "-m", "llmexp.eval", str(run_dir), "--tasks", "arithmetic_mc", "--limit", "20",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text()) == during
