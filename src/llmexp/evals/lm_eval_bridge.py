@@ -40,11 +40,11 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig, offline: bool = True) -> Dict
     from lm_eval.models.huggingface import HFLM
 
     tm = task_manager(cfg, list(cfg.tasks), offline)
-    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else None
     was_training = model.training
     model.eval()
     try:
-        lm = HFLM(pretrained=model if base is None else model, tokenizer=tokenizer, batch_size=cfg.batch_size,
+        # A PEFT model (adapters active) is evaluated as it is: HFLM takes it like a plain model.
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
                   max_length=getattr(model.config, "max_position_embeddings", None),
                   device=str(next(model.parameters()).device))
         with torch.no_grad():
