@@ -31,3 +31,52 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy over target tokens (0 when there are none)."""
     total, count = token_nll_sum(logits, labels)
     return total / count.clamp(min=1)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target token, ``[batch, seq-1]``; 0 where the label is -100."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each row's target tokens, and how many there are."""
+    return token_logps(logits, labels).sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Per-pair ``-log sigmoid(r_chosen - r_rejected - margin)``: the chosen response should
+    score at least ``margin`` above the rejected one."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair DPO losses from summed sequence log-probs of policy and reference.
+
+    sigmoid: ``-(1-e) log s(b d) - e log s(-b d)`` (conservative DPO when e > 0), d the
+    difference of the chosen and rejected log-ratios; hinge: ``relu(1 - b d)``; ipo: ``(d' -
+    1/(2b))^2`` with d' from per-token (length-averaged) log-ratios, as TRL and the IPO authors
+    do; robust: the unbiased noisy-label estimator ``(-(1-e) log s(b d) + e log s(-b d)) / (1-2e)``.
+    """
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    if loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("ipo needs the completion token counts")
+        avg = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        return (avg - 1 / (2 * beta)) ** 2
+    if loss_type == "robust":
+        clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
+        flipped = -label_smoothing * F.logsigmoid(-beta * delta)
+        return (clean - flipped) / (1 - 2 * label_smoothing)
+    raise ValueError(f"unknown DPO loss type {loss_type!r}")

@@ -71,8 +71,102 @@ class SFTStageConfig:
     assistant_only_loss: bool = True
 
 
-# Stage name -> schema of stage/<name>.yaml. Later stages (rm, dpo, ppo, grpo) add theirs here.
-STAGE_SCHEMAS: Dict[str, type] = {"pretrain": PretrainStageConfig, "sft": SFTStageConfig}
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+DPO_REFERENCES = ("copy", "adapter_disabled", "precomputed")
+KL_CONTROLS = ("fixed", "adaptive")
+
+
+@dataclass
+class RewardModelStageConfig:
+    """Bradley-Terry reward model: a one-label sequence classifier scoring prompt+response."""
+
+    name: str = "rm"
+    # Required score gap: loss = -log sigmoid(r_chosen - r_rejected - margin).
+    margin: float = bounded(0.0, min=0.0)
+    # Penalty on the squared scores (keeps them centred; 0 turns it off).
+    center_rewards_coefficient: float = bounded(0.0, min=0.0)
+
+
+@dataclass
+class DPOStageConfig:
+    name: str = "dpo"
+    loss_type: str = choice("sigmoid", DPO_LOSSES)
+    beta: float = bounded(0.1, min=0.0)
+    # sigmoid (conservative DPO) and robust: the assumed fraction of flipped preference labels.
+    label_smoothing: float = bounded(0.0, min=0.0, max=0.49)
+    # copy: a frozen copy of the starting policy; adapter_disabled: with LoRA, the base model with
+    # the adapter switched off (no second copy); precomputed: reference log-probs computed once
+    # before training, then the reference is freed.
+    reference: str = choice("copy", DPO_REFERENCES)
+
+
+@dataclass
+class RewardConfig:
+    """Where ppo/grpo rewards come from: a reward function by name, or a reward model directory."""
+
+    # A registered reward function (llmexp plugins lists them); ignored when `model` is set.
+    function: Optional[str] = "arithmetic_correct"
+    # An rm run's exported model (<run dir>/model) or any one-label sequence classifier.
+    model: Optional[str] = None
+    # Added to the score of a response that never emits eos within max_new_tokens (e.g. -1.0).
+    missing_eos_penalty: Optional[float] = None
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of responses from the policy (shared by ppo and grpo)."""
+
+    max_new_tokens: int = bounded(16, min=1)
+    temperature: float = bounded(1.0, min=0.01)
+    top_k: int = bounded(0, min=0)
+    top_p: float = bounded(1.0, min=0.01, max=1.0)
+    # Held-out prompts scored with greedy responses for val/reward.
+    val_max_new_tokens: Optional[int] = bounded(None, min=1)
+
+
+@dataclass
+class PPOStageConfig:
+    name: str = "ppo"
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Optimisation passes over each rollout batch, each split into num_minibatches updates.
+    ppo_epochs: int = bounded(4, min=1)
+    num_minibatches: int = bounded(1, min=1)
+    clip_range: float = bounded(0.2, min=0.0)
+    clip_range_value: float = bounded(0.2, min=0.0)
+    value_loss_coef: float = bounded(0.1, min=0.0)
+    gamma: float = bounded(1.0, min=0.0, max=1.0)
+    lam: float = bounded(0.95, min=0.0, max=1.0)
+    # Per-token KL penalty to the frozen reference: fixed coefficient, or adapted towards kl_target.
+    kl_coef: float = bounded(0.05, min=0.0)
+    kl_control: str = choice("fixed", KL_CONTROLS)
+    kl_target: float = bounded(6.0, min=0.0)
+    kl_horizon: int = bounded(10000, min=1)
+    whiten_advantages: bool = True
+    # Divide the per-token KL+score rewards by a running std (stabilises the critic).
+    whiten_rewards: bool = False
+
+
+@dataclass
+class GRPOStageConfig:
+    name: str = "grpo"
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Responses sampled per prompt; advantages are relative to their group.
+    group_size: int = bounded(8, min=2)
+    # Divide advantages by the group's reward std (false: only subtract the mean, as Dr. GRPO).
+    scale_rewards: bool = True
+    # Optimisation passes over each rollout batch (>1 makes the clipped ratio matter).
+    epochs: int = bounded(1, min=1)
+    clip_range: float = bounded(0.2, min=0.0)
+    # KL to the frozen reference in the loss (0: no reference model is built).
+    beta: float = bounded(0.0, min=0.0)
+
+
+# Stage name -> schema of stage/<name>.yaml.
+STAGE_SCHEMAS: Dict[str, type] = {"pretrain": PretrainStageConfig, "sft": SFTStageConfig,
+                                  "rm": RewardModelStageConfig, "dpo": DPOStageConfig,
+                                  "ppo": PPOStageConfig, "grpo": GRPOStageConfig}
 
 
 @dataclass

@@ -52,3 +52,30 @@ class WindowCollator:
     def __call__(self, rows: Sequence[Any]) -> List[Dict[str, Any]]:
         n = self.micro_batch_size
         return [self.collate(rows[i : i + n]) for i in range(0, len(rows), n)]
+
+
+def collate_preference(rows: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
+    """Chosen rows then rejected rows in one right-padded batch (one forward pass for both);
+    ``loss_weight`` is the number of pairs. Precomputed reference log-probs ride along."""
+    both = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows] + \
+           [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
+    batch = collate_lm(both, pad_id)
+    batch["loss_weight"] = len(rows)
+    if "ref_chosen_logps" in rows[0]:
+        batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows]
+                                          + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+    return batch
+
+
+def collate_prompts(rows: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
+    """Left-padded prompts (generation appends on the right) with their reward columns."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, width - n:] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+        mask[i, width - n:] = 1
+    return {"prompt_ids": ids, "prompt_mask": mask, "prompts": [r["prompt"] for r in rows],
+            "columns": [r["columns"] for r in rows],
+            "num_tokens": int(mask.sum()), "loss_weight": len(rows)}

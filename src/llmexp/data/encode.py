@@ -82,3 +82,59 @@ def lm_encoder(fmt: str, tokenizer, loss_on_targets_only: bool) -> Callable[[Dic
         return encode_prompt_completion(tokenizer, str(row["prompt"]), str(row["completion"]), loss_on_targets_only)
 
     return encode
+
+
+def common_prefix_length(a: List[int], b: List[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def render_prompt(tokenizer, prompt: Any) -> List[int]:
+    """Token ids of a prompt as the model sees it before answering: chat prompts with the
+    template's generation prompt, plain strings as they are."""
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
+                                                  add_generation_prompt=True)["input_ids"])
+    return _ids(tokenizer, str(prompt))
+
+
+def render_prompt_response(tokenizer, prompt: Any, response: Any) -> List[int]:
+    """Token ids of a prompt followed by a response (messages, or strings ending with eos)."""
+    if isinstance(prompt, list):
+        messages = response if isinstance(response, list) else [{"role": "assistant", "content": str(response)}]
+        return list(tokenizer.apply_chat_template(prompt + messages, tokenize=True, return_dict=True)["input_ids"])
+    return _ids(tokenizer, str(prompt) + str(response)) + [tokenizer.eos_token_id]
+
+
+def encode_preference(tokenizer, prompt: Any, chosen: Any, rejected: Any) -> Dict[str, List[int]]:
+    """Prompt+chosen and prompt+rejected, labelled from where they leave the shared prompt.
+
+    As TRL's DPOTrainer tokenizes: the completion starts where the rendered prompt and
+    prompt+response diverge, so the same data gives the same tokens in both.
+    """
+    prompt_ids = render_prompt(tokenizer, prompt)
+    chosen_ids = render_prompt_response(tokenizer, prompt, chosen)
+    rejected_ids = render_prompt_response(tokenizer, prompt, rejected)
+    start = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
+    label = lambda ids: [IGNORE_INDEX] * start + ids[start:]  # noqa: E731
+    return {"input_ids": chosen_ids, "labels": label(chosen_ids),
+            "rejected_input_ids": rejected_ids, "rejected_labels": label(rejected_ids)}
+
+
+def preference_encoder(tokenizer) -> Callable[[Dict[str, Any]], Dict[str, List[int]]]:
+    return lambda row: encode_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"])
+
+
+def prompt_encoder(tokenizer) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
+    """Rollout stages: the rendered prompt ids, the prompt itself (a reward model re-renders
+    prompt + response with its own tokenizer) and the row's other columns (for reward functions)."""
+
+    def encode(row: Dict[str, Any]) -> Dict[str, Any]:
+        return {"input_ids": render_prompt(tokenizer, row["prompt"]), "prompt": row["prompt"],
+                "columns": {k: v for k, v in row.items() if k != "prompt"}}
+
+    return encode

@@ -23,6 +23,10 @@ DETECTION_ORDER = ("preference", "chat", "prompt_completion", "text", "prompt_on
 STAGE_FORMATS: Dict[str, Tuple[str, ...]] = {
     "pretrain": ("text", "chat", "prompt_completion"),
     "sft": ("chat", "prompt_completion"),
+    "rm": ("preference",),
+    "dpo": ("preference",),
+    "ppo": ("prompt_only", "preference", "prompt_completion"),
+    "grpo": ("prompt_only", "preference", "prompt_completion"),
 }
 
 

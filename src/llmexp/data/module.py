@@ -79,7 +79,13 @@ def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, s
     out, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_target": 0, "split_chunks": 0}
     n = cfg.max_length
     for s in encoded:
-        if len(s["input_ids"]) > n:
+        if "labels" not in s:  # prompts for rollouts: keep the end, where the question is asked
+            if len(s["input_ids"]) > n:
+                s = {**s, "input_ids": s["input_ids"][-n:]}
+                stats["truncated"] += 1
+            out.append(s)
+            continue
+        if _length(s) > n:
             if cfg.overlong == "drop":
                 stats["dropped_overlong"] += 1
                 continue
@@ -90,9 +96,9 @@ def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, s
                         out.append(chunk)
                         stats["split_chunks"] += 1
                 continue
-            s = {k: v[:n] for k, v in s.items()}
+            s = {k: v[:n] if isinstance(v, list) else v for k, v in s.items()}
             stats["truncated"] += 1
-        if not any(t != IGNORE_INDEX for t in s["labels"][1:]):
+        if not all(any(t != IGNORE_INDEX for t in s[k][1:]) for k in s if k.endswith("labels")):
             stats["dropped_no_target"] += 1
             continue
         out.append(s)
@@ -100,6 +106,15 @@ def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, s
         raise UserError(f"data.max_length: every {split} sample was removed ({stats}); raise data.max_length "
                         f"or use data.overlong=truncate")
     return out, stats
+
+
+def _length(sample: Dict[str, Any]) -> int:
+    """The longest token sequence of a sample (preference samples hold two)."""
+    return max(len(v) for k, v in sample.items() if k.endswith("input_ids"))
+
+
+def count_tokens(rows: List[Dict[str, Any]]) -> int:
+    return sum(len(v) for r in rows for k, v in r.items() if k.endswith("input_ids"))
 
 
 class StageDataModule(L.LightningDataModule):
@@ -119,7 +134,7 @@ class StageDataModule(L.LightningDataModule):
         for split, ds in (("train", self.prepared.train), ("val", self.prepared.val)):
             encoded = [encode(row) for row in ds]
             rows, stats = fit_length(encoded, self.cfg, self.prepared.format, split)
-            tokens = sum(len(r["input_ids"]) for r in rows)
+            tokens = count_tokens(rows)
             if self.cfg.packing:
                 rows = pack(rows, self.cfg.max_length)
                 stats["packing_efficiency"] = tokens / (len(rows) * self.cfg.max_length)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Tuple
 from llmexp.config.schema import DataConfig
 from llmexp.errors import UserError
 
-TEXT_FIELDS = ("text", "prompt", "completion", "messages")
+TEXT_FIELDS = ("text", "prompt", "completion", "messages", "chosen", "rejected", "answer")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 

@@ -21,7 +21,7 @@ SIZE_KEYS: Dict[str, Dict[str, str]] = {
 }
 
 
-def architecture_config(cfg: ModelConfig, tokenizer) -> Any:
+def architecture_config(cfg: ModelConfig, tokenizer, **overrides: Any) -> Any:
     """A transformers config for ``cfg.architecture`` sized by ``cfg``, fitted to the tokenizer."""
     from transformers import AutoConfig
 
@@ -29,7 +29,8 @@ def architecture_config(cfg: ModelConfig, tokenizer) -> Any:
     sizes = {hf: getattr(cfg, ours) for ours, hf in keys.items() if getattr(cfg, ours) is not None}
     special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
                "bos_token_id": tokenizer.bos_token_id}
-    return AutoConfig.for_model(cfg.architecture, vocab_size=len(tokenizer), **sizes, **special, **cfg.extra)
+    return AutoConfig.for_model(cfg.architecture, vocab_size=len(tokenizer), **sizes, **special,
+                                  **cfg.extra, **overrides)
 
 
 def torch_dtype(name: str):
@@ -38,24 +39,33 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def build_model(cfg: ModelConfig, tokenizer, quantization_config=None):
-    """The causal LM of the run: loaded from ``cfg.pretrained`` or initialised from its config."""
-    from transformers import AutoModelForCausalLM
+def build_model(cfg: ModelConfig, tokenizer, quantization_config=None, head: str = "causal_lm"):
+    """The model of the run: loaded from ``cfg.pretrained`` or initialised from its config.
 
+    ``head="causal_lm"`` gives the language model; ``head="score"`` a one-label sequence classifier
+    (a reward model) on the same backbone: from a causal-LM checkpoint its score head starts new.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto, extra, what = ((AutoModelForCausalLM, {}, "a causal LM") if head == "causal_lm"
+                         else (AutoModelForSequenceClassification, {"num_labels": 1}, "a sequence-scoring model"))
     common = {"dtype": torch_dtype(cfg.dtype), "attn_implementation": cfg.attn_implementation}
     if cfg.pretrained is None:
-        model = AutoModelForCausalLM.from_config(architecture_config(cfg, tokenizer), **common)
+        model = auto.from_config(architecture_config(cfg, tokenizer, **extra), **common)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 cfg.pretrained, trust_remote_code=cfg.trust_remote_code,
-                quantization_config=quantization_config, **common)
+                quantization_config=quantization_config, **extra, **common)
         except (OSError, ValueError) as e:
-            raise UserError(f"model.pretrained: cannot load a causal LM from {cfg.pretrained!r}: "
+            raise UserError(f"model.pretrained: cannot load {what} from {cfg.pretrained!r}: "
                             f"{str(e).splitlines()[0]}") from None
         check_tokenizer_fits(model, tokenizer, cfg)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
-    if model.generation_config is not None:
+    model.train()  # from_pretrained returns eval mode; a trained model's dropout must be on
+    if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     if cfg.liger_kernel:

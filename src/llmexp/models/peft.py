@@ -40,7 +40,7 @@ def quantization_config(peft: PeftConfig):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def apply_peft(model, peft: PeftConfig, model_cfg: ModelConfig):
+def apply_peft(model, peft: PeftConfig, model_cfg: ModelConfig, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with LoRA adapters (the base weights freeze); unchanged for peft=none."""
     if peft.name == "none":
         return model
@@ -55,5 +55,5 @@ def apply_peft(model, peft: PeftConfig, model_cfg: ModelConfig):
         raise UserError(f"peft.target_modules: {missing} are not modules of this model; "
                         f"some that are: {', '.join(sorted(found - {''})[:12])}")
     lora = LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", fan_in_fan_out=model_cfg.architecture == "gpt2")
+                      task_type=task_type, fan_in_fan_out=model_cfg.architecture == "gpt2")
     return get_peft_model(model, lora)

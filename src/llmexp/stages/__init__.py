@@ -7,6 +7,10 @@ import importlib
 STAGES = {
     "pretrain": "llmexp.stages.causal_lm:PretrainStage",
     "sft": "llmexp.stages.causal_lm:SFTStage",
+    "rm": "llmexp.stages.preference:RewardModelStage",
+    "dpo": "llmexp.stages.preference:DPOStage",
+    "ppo": "llmexp.stages.policy_gradient:PPOStage",
+    "grpo": "llmexp.stages.policy_gradient:GRPOStage",
 }
 
 

@@ -1,0 +1,86 @@
+"""Rewards for ppo/grpo: a registered reward function by name, or a reward model by directory.
+
+Both score a batch of (prompt, completion text, row columns) and return one float per sample,
+so the rollout engine does not care which it has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from llmexp.config.schema import RewardConfig
+from llmexp.errors import UserError
+
+
+class FunctionReward:
+    """``fn(completion, **columns) -> float`` from the ``llmexp_rewards`` registry."""
+
+    def __init__(self, name: str):
+        from llmexp.plugins.registry import lookup
+
+        entry = lookup("llmexp_rewards", name, "stage.reward.function")
+        self.name, self.owner, self.fn = name, entry.owner, entry.declaration.fn
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
+                 columns: Sequence[Dict[str, Any]]) -> torch.Tensor:
+        out = []
+        for completion, cols in zip(completions, columns):
+            try:
+                out.append(float(self.fn(completion, **cols)))
+            except Exception as e:  # noqa: BLE001 - a plugin's bug: name it
+                raise UserError(f"stage.reward.function: reward {self.name!r} of {self.owner} failed on "
+                                f"{completion!r} with columns {sorted(cols)}: {type(e).__name__}: {e}") from e
+        return torch.tensor(out, dtype=torch.float32)
+
+
+class ModelReward:
+    """A one-label sequence classifier (an rm run's ``model/``) scoring prompt + response as its
+    own tokenizer and chat template render them, exactly as it was trained."""
+
+    def __init__(self, path: str, batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"stage.reward.model: {path!r} has no config.json; give an rm run's "
+                            f"<run dir>/model directory")
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"stage.reward.model: cannot load a reward model from {path!r}: "
+                            f"{str(e).splitlines()[0]}") from None
+        if self.model.config.num_labels != 1:
+            raise UserError(f"stage.reward.model: {path!r} has {self.model.config.num_labels} labels; a reward "
+                            f"model scores with one (train one with stage=rm)")
+        self.path, self.batch_size = path, batch_size
+
+    def to(self, device) -> "ModelReward":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
+                 columns: Sequence[Dict[str, Any]]) -> torch.Tensor:
+        from llmexp.data.collate import pad_rows
+        from llmexp.data.encode import render_prompt_response
+
+        ids = [render_prompt_response(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        scores: List[torch.Tensor] = []
+        for i in range(0, len(ids), self.batch_size):
+            chunk = ids[i : i + self.batch_size]
+            input_ids = pad_rows(chunk, self.tokenizer.pad_token_id).to(device)
+            mask = pad_rows([[1] * len(r) for r in chunk], 0).to(device)
+            scores.append(self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+def build_reward(cfg: RewardConfig):
+    if cfg.model:
+        return ModelReward(cfg.model)
+    if not cfg.function:
+        raise UserError("stage.reward: set stage.reward.function=<name> or stage.reward.model=<dir>")
+    return FunctionReward(cfg.function)

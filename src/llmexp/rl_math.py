@@ -1,0 +1,125 @@
+"""The arithmetic of PPO and GRPO as pure functions of tensors, unit-tested against hand-derived values.
+
+Shapes: ``[batch, response_len]`` per-token tensors with a 0/1 ``mask`` of real response tokens
+(positions after the first eos, and padding, are 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the masked entries."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Zero mean (unless ``shift_mean`` is False), unit variance over the masked entries."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def response_mask(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """1 for every response token up to and including the first eos, 0 after it and on padding."""
+    is_eos = responses == eos_id
+    after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
+    return (~after_eos & (responses != pad_id) | is_eos & ~after_eos).float()
+
+
+def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards ``-kl_coef * (logp - logp_ref)`` with each sequence's score added on its
+    last response token; also returns the per-token KL estimate."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * mask, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation: (advantages, returns). The value after the last real
+    token is 0 (the episode ends)."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        clip_range: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO surrogate ``max(-A r, -A clip(r, 1-e, 1+e))``, with the clipped indicator and
+    the per-token approximate KL ``(r - 1) - log r`` (Schulman's k3) to the sampling policy."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float(), (ratio - 1) - log_ratio
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip_range: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``0.5 max((v - R)^2, (v_clip - R)^2)`` with ``v_clip`` kept within ``clip_range``
+    of the rollout's value, and the clipped indicator."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    a, b = (values - returns) ** 2, (v_clipped - returns) ** 2
+    return 0.5 * torch.maximum(a, b), (b > a).float()
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token unbiased, non-negative KL estimate ``exp(d) - d - 1`` with ``d = logp_ref - logp``."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """GRPO: each reward minus its group's mean (consecutive ``group_size`` rows are one prompt's
+    samples), divided by the group's std when ``scale``."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the categorical distribution the logits define."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class KLController:
+    """The KL coefficient: fixed, or adapted (Ziegler et al. 2019) so the KL approaches ``target``."""
+
+    value: float
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+    def update(self, current_kl: float, n_samples: int) -> None:
+        if not self.adaptive:
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_samples / self.horizon

@@ -1,0 +1,136 @@
+"""PPO and GRPO on the shared rollout engine: they differ only in how scores become advantages
+and in the per-token loss."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from llmexp import rl_math as M
+from llmexp.optim import build_optimizer
+from llmexp.stages.rollout import Rollout, RolloutStage
+
+
+def whiten_across(tensors: List[torch.Tensor], masks: List[torch.Tensor], shift_mean: bool = True) -> List[torch.Tensor]:
+    """Whiten per-token tensors of several micro-batches (different widths) with one mean/std."""
+    flat = torch.cat([t[m > 0] for t, m in zip(tensors, masks)])
+    mean, std = flat.mean(), flat.std() if flat.numel() > 1 else torch.ones((), device=flat.device)
+    return [((t - mean) / (std + 1e-8) + (0 if shift_mean else mean)) * m for t, m in zip(tensors, masks)]
+
+
+class PPOStage(RolloutStage):
+    """Clipped PPO with a value head on the policy's last hidden state, GAE and a per-token KL
+    penalty to the frozen starting policy (fixed or adaptive coefficient)."""
+
+    needs_values = True
+
+    def __init__(self, cfg, model, tokenizer):
+        super().__init__(cfg, model, tokenizer)
+        s = cfg.stage
+        self.value_head = torch.nn.Linear(model.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.kl = M.KLController(s.kl_coef, s.kl_control == "adaptive", s.kl_target, s.kl_horizon)
+
+    @staticmethod
+    def uses_reference(cfg) -> bool:
+        return cfg.stage.kl_coef > 0
+
+    def configure_optimizers(self):
+        params = torch.nn.ModuleList([self.model, self.value_head])
+        opt, sched = build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps,
+                                     default_fused=not self.is_model_parallel)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def update_plan(self) -> Tuple[int, int]:
+        return self.cfg.stage.ppo_epochs, self.cfg.stage.num_minibatches
+
+    def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
+        s = self.cfg.stage
+        rewards, kls = [], []
+        for r in rollouts:
+            ref = r.ref_logprobs if r.ref_logprobs is not None else r.logprobs
+            reward, kl = M.kl_penalised_rewards(r.scores, r.logprobs, ref, r.mask, self.kl.value)
+            rewards.append(reward)
+            kls.append(kl)
+        masks = [r.mask for r in rollouts]
+        if s.whiten_rewards:
+            rewards = whiten_across(rewards, masks, shift_mean=False)
+        for r, reward in zip(rollouts, rewards):
+            r.advantages, r.returns = M.gae(reward, r.values, r.mask, s.gamma, s.lam)
+        if s.whiten_advantages:
+            for r, adv in zip(rollouts, whiten_across([r.advantages for r in rollouts], masks)):
+                r.advantages = adv
+        kl_per_sequence = torch.cat([k.sum(1) for k in kls])
+        mean_kl = float(kl_per_sequence.mean())
+        coef = self.kl.value
+        self.kl.update(mean_kl, len(kl_per_sequence))
+        tokens = float(sum(m.sum() for m in masks))
+        entropy = float(sum(M.masked_sum(r.entropy, r.mask) for r in rollouts)) / max(tokens, 1.0)
+        return {"kl": mean_kl, "kl_coef": coef, "entropy": entropy}
+
+    def rollout_loss(self, r: Rollout):
+        s = self.cfg.stage
+        logprobs, values, _ = self.forward(r, self.model, with_values=True)
+        pg, clipped, approx_kl = M.clipped_policy_loss(logprobs, r.logprobs, r.advantages, s.clip_range)
+        vf, vf_clipped = M.clipped_value_loss(values, r.values, r.returns, s.clip_range_value)
+        m = r.mask
+        policy, value = M.masked_sum(pg, m), M.masked_sum(vf, m)
+        return policy + s.value_loss_coef * value, {
+            "policy_loss": policy, "value_loss": value, "clipfrac": M.masked_sum(clipped, m),
+            "value_clipfrac": M.masked_sum(vf_clipped, m), "approx_kl": M.masked_sum(approx_kl, m)}
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["llmexp"]["kl_coef"] = self.kl.value
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.kl.value = checkpoint.get("llmexp", {}).get("kl_coef", self.kl.value)
+
+
+class GRPOStage(RolloutStage):
+    """Group-relative policy optimisation: ``group_size`` responses per prompt, each advantage its
+    reward relative to the group's, a clipped token-level objective, no critic."""
+
+    @property
+    def samples_per_prompt(self) -> int:  # type: ignore[override]
+        return self.cfg.stage.group_size
+
+    @staticmethod
+    def uses_reference(cfg) -> bool:
+        return cfg.stage.beta > 0
+
+    def needs_old_logprobs(self) -> bool:
+        # One pass: the sampling policy is the current one, so its log-probs are the detached
+        # log-probs of the update itself (ratio 1) and need no extra forward pass.
+        return self.cfg.stage.epochs > 1
+
+    def update_plan(self) -> Tuple[int, int]:
+        return self.cfg.stage.epochs, 1
+
+    def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
+        s = self.cfg.stage
+        solved = []
+        for r in rollouts:
+            adv = M.group_advantages(r.scores, s.group_size, s.scale_rewards)
+            r.advantages = adv.unsqueeze(1) * r.mask
+            grouped = r.scores.view(-1, s.group_size)
+            solved.append((grouped.std(1) == 0).float())
+        return {"groups_without_signal": float(torch.cat(solved).mean())}
+
+    def rollout_loss(self, r: Rollout):
+        s = self.cfg.stage
+        logprobs, _, entropy = self.forward(r, self.model)
+        old = r.logprobs if r.logprobs is not None else logprobs.detach()
+        pg, clipped, _ = M.clipped_policy_loss(logprobs, old, r.advantages, s.clip_range)
+        m = r.mask
+        extras = {"policy_loss": M.masked_sum(pg, m), "clipfrac": M.masked_sum(clipped, m),
+                  "entropy": M.masked_sum(entropy, m)}
+        loss = extras["policy_loss"]
+        if s.beta > 0:
+            kl = M.masked_sum(M.k3_kl(logprobs, r.ref_logprobs), m)
+            extras["kl"] = kl
+            loss = loss + s.beta * kl
+        return loss, extras

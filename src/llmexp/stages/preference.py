@@ -1,0 +1,178 @@
+"""Preference stages: a Bradley-Terry reward model (rm) and direct preference optimisation (dpo).
+
+Both train on prompt/chosen/rejected pairs, collated as one batch of chosen rows followed by
+rejected rows so each micro-batch needs one forward pass; the loss weight is the number of pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Iterable, List
+
+import torch
+
+from llmexp.data.collate import collate_preference
+from llmexp.data.encode import preference_encoder
+from llmexp.losses import bradley_terry_loss, dpo_loss, sequence_logps
+from llmexp.stages.base import StageModule
+
+MODEL_KEYS = ("input_ids", "attention_mask")
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class PreferenceStage(StageModule):
+    formats = ("preference",)
+
+    def encoder(self, fmt: str):
+        return preference_encoder(self.tokenizer)
+
+    def collate(self, rows):
+        return collate_preference(rows, self.tokenizer.pad_token_id)
+
+    def pair_sums(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Per-pair tensors of this stage: ``loss`` and the pair metrics, each of shape [pairs]."""
+        raise NotImplementedError
+
+    def micro_loss(self, batch):
+        terms = self.pair_sums(batch)
+        extras = {k: v.detach().sum() for k, v in terms.items() if k != "loss"}
+        return terms["loss"].sum(), extras
+
+    def val_sums(self, batch):
+        n = batch["loss_weight"]
+        return {k: (v.detach().sum(), n) for k, v in self.pair_sums(batch).items()}
+
+
+class RewardModelStage(PreferenceStage):
+    """A one-label sequence classifier scoring prompt+response, trained so that the chosen
+    response scores above the rejected one (pairwise Bradley-Terry loss, optional margin)."""
+
+    @classmethod
+    def create(cls, cfg, tokenizer):
+        from llmexp.models.build import build_model
+        from llmexp.models.peft import apply_peft, quantization_config
+
+        model = build_model(cfg.model, tokenizer, quantization_config(cfg.peft), head="score")
+        return cls(cfg, apply_peft(model, cfg.peft, cfg.model, task_type="SEQ_CLS"), tokenizer)
+
+    def pair_sums(self, batch):
+        scores = self.model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits[:, 0].float()
+        chosen, rejected = scores.chunk(2)
+        loss = bradley_terry_loss(chosen, rejected, self.cfg.stage.margin)
+        if self.cfg.stage.center_rewards_coefficient:
+            loss = loss + self.cfg.stage.center_rewards_coefficient * (chosen + rejected) ** 2
+        return {"loss": loss, "accuracy": (chosen > rejected).float(), "margin": chosen - rejected,
+                "score_chosen": chosen, "score_rejected": rejected}
+
+    def export(self, out_dir):
+        facts = super().export(out_dir)
+        return {**facts, "reward_model_dir": str(out_dir)}
+
+
+class DPOStage(PreferenceStage):
+    """Direct preference optimisation against a frozen reference (a copy, the LoRA base with the
+    adapter disabled, or log-probs precomputed once before training)."""
+
+    @classmethod
+    def create(cls, cfg, tokenizer):
+        from llmexp.errors import UserError
+        from llmexp.models.build import build_model
+        from llmexp.models.peft import apply_peft, quantization_config
+
+        model = build_model(cfg.model, tokenizer, quantization_config(cfg.peft))
+        use_adapter_base = cfg.peft.name != "none" and cfg.stage.reference != "copy"
+        if cfg.stage.reference == "adapter_disabled" and cfg.peft.name == "none":
+            raise UserError("stage.reference=adapter_disabled needs LoRA (peft=lora): without an adapter there "
+                            "is no base model to fall back to; use stage.reference=copy or precomputed")
+        reference = None if use_adapter_base else frozen(copy.deepcopy(model))
+        stage = cls(cfg, apply_peft(model, cfg.peft, cfg.model), tokenizer)
+        stage._frozen = {"reference": reference}
+        return stage
+
+    # -- the reference ---------------------------------------------------------------------------
+    @property
+    def reference(self):
+        return getattr(self, "_frozen", {}).get("reference")
+
+    def _place_reference(self) -> None:
+        """The reference is kept out of the module tree (no optimizer, no checkpoint), so Lightning
+        does not move it: follow the policy's device and dtype by hand."""
+        if self.reference is not None:
+            p = next(self.model.parameters())
+            self.reference.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+
+    def on_fit_start(self) -> None:
+        self._place_reference()
+
+    def on_validation_start(self) -> None:
+        self._place_reference()
+
+    @torch.no_grad()
+    def reference_logps(self, batch: Dict[str, Any]) -> torch.Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(batch["input_ids"].device)
+        inputs = {k: batch[k] for k in MODEL_KEYS}
+        if self.reference is None:  # LoRA: the base model is the policy with its adapter off
+            with self.model.disable_adapter():
+                logits = self.model(**inputs, use_cache=False).logits
+        else:
+            logits = self.reference(**inputs, use_cache=False).logits
+        return sequence_logps(logits, batch["labels"])[0]
+
+    def setup(self, stage: str) -> None:
+        """stage.reference=precomputed: one pass of the reference over every pair, then free it."""
+        if self.cfg.stage.reference != "precomputed" or getattr(self, "_precomputed", False):
+            return
+        dm = self.trainer.datamodule
+        device = self.trainer.strategy.root_device  # setup runs before Lightning moves the module
+        self.model.to(device)
+        self._place_reference()
+        for rows in (dm.train_rows, dm.val_rows):
+            self._attach_reference_logps(rows, device)
+        self._precomputed = True
+        self._frozen["reference"] = None
+
+    def _attach_reference_logps(self, rows: List[Dict[str, Any]], device) -> None:
+        size = self.cfg.trainer.val_batch_size
+        for chunk in _chunks(rows, size):
+            batch = self.collate(chunk)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if self.reference is None:
+                was = self.model.training
+                self.model.eval()
+                logps = self.reference_logps(batch)
+                self.model.train(was)
+            else:
+                logps = self.reference_logps(batch)
+            chosen, rejected = logps.float().cpu().chunk(2)
+            for row, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+                row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
+
+    # -- the loss --------------------------------------------------------------------------------
+    def pair_sums(self, batch):
+        s = self.cfg.stage
+        logits = self.model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
+        logps, tokens = sequence_logps(logits, batch["labels"])
+        ref = self.reference_logps(batch)
+        chosen, rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = ref.chunk(2)
+        chosen_tokens, rejected_tokens = tokens.chunk(2)
+        loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=s.beta, loss_type=s.loss_type,
+                        label_smoothing=s.label_smoothing, chosen_tokens=chosen_tokens,
+                        rejected_tokens=rejected_tokens)
+        reward_chosen = s.beta * (chosen - ref_chosen).detach()
+        reward_rejected = s.beta * (rejected - ref_rejected).detach()
+        return {"loss": loss, "accuracy": (reward_chosen > reward_rejected).float(),
+                "reward_margin": reward_chosen - reward_rejected, "reward_chosen": reward_chosen,
+                "reward_rejected": reward_rejected, "logp_chosen": chosen.detach(),
+                "logp_rejected": rejected.detach()}
+
+
+def _chunks(rows: List[Any], size: int) -> Iterable[List[Any]]:
+    for i in range(0, len(rows), size):
+        yield rows[i : i + size]

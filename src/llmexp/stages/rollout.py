@@ -1,0 +1,268 @@
+"""The one rollout engine of ppo and grpo: sample responses from the policy, score them, and
+optimise a per-token loss over the rollout batch on Lightning.
+
+One training step is one rollout iteration: the window of prompts (micro_batch_size x
+grad_accum) is answered micro-batch by micro-batch, the stage turns scores into advantages over
+the whole batch, then ``updates_per_rollout`` optimizer updates run over it. The step counter
+(and the lr schedule, checkpoints and resume position) counts iterations, not updates.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from llmexp.data.collate import collate_prompts
+from llmexp.data.encode import prompt_encoder
+from llmexp.faults import check_finite
+from llmexp.rl_math import entropy_from_logits, response_mask
+from llmexp.stages.base import StageModule, seconds_since_process_start
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of sampled responses and what the stage computed about them."""
+
+    sequences: torch.Tensor  # [B, P+T] prompt (left-padded) + response
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int
+    mask: torch.Tensor  # [B, T] float, 1 on response tokens up to and including eos
+    scores: torch.Tensor  # [B]
+    logprobs: Optional[torch.Tensor] = None  # at sampling time, no grad
+    ref_logprobs: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+
+
+def reward_kwargs(fn) -> Optional[set]:
+    """Column names a reward function accepts (None: it takes **kwargs, so all of them)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+class RolloutStage(StageModule):
+    formats = ("prompt_only", "preference", "prompt_completion")
+    # Samples drawn per prompt (grpo: its group size).
+    samples_per_prompt = 1
+    needs_values = False
+
+    @classmethod
+    def create(cls, cfg, tokenizer):
+        from llmexp.models.build import build_model
+        from llmexp.models.peft import apply_peft, quantization_config
+        from llmexp.rewards import build_reward
+
+        reward = build_reward(cfg.stage.reward)  # a bad reward name fails before the model is built
+        model = build_model(cfg.model, tokenizer, quantization_config(cfg.peft))
+        reference = None
+        if cls.uses_reference(cfg) and cfg.peft.name == "none":
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        stage = cls(cfg, apply_peft(model, cfg.peft, cfg.model), tokenizer)
+        stage._frozen = {"reference": reference, "reward": reward}
+        return stage
+
+    @staticmethod
+    def uses_reference(cfg) -> bool:
+        raise NotImplementedError
+
+    # -- data ------------------------------------------------------------------------------------
+    def encoder(self, fmt: str):
+        return prompt_encoder(self.tokenizer)
+
+    def collate(self, rows):
+        return collate_prompts(rows, self.tokenizer.pad_token_id)
+
+    # -- frozen helpers kept out of the module tree (no optimizer state, no checkpoint) ----------
+    @property
+    def reward(self):
+        return self._frozen["reward"]
+
+    @property
+    def reference(self):
+        return self._frozen["reference"]
+
+    def _place_frozen(self) -> None:
+        p = next(self.model.parameters())
+        if self.reference is not None:
+            self.reference.to(device=p.device, dtype=p.dtype)
+        if hasattr(self.reward, "to"):
+            self.reward.to(p.device)
+
+    def on_fit_start(self) -> None:
+        self._place_frozen()
+
+    def on_validation_start(self) -> None:
+        self._place_frozen()
+
+    # -- sampling and scoring --------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool) -> torch.Tensor:
+        """Responses ``[B, T]`` (pad after eos). Sharded models generate in lockstep across ranks."""
+        r = self.cfg.stage.rollout
+        new = (r.val_max_new_tokens or r.max_new_tokens) if greedy else r.max_new_tokens
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": r.temperature,
+                                                        "top_k": r.top_k, "top_p": r.top_p}
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=new,
+                                  min_new_tokens=1, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                                  synced_gpus=self.is_model_parallel and self.trainer.world_size > 1, **sampling)
+        self.model.train(was_training)
+        return out[:, prompt_ids.shape[1]:]
+
+    def score(self, prompts: List[Any], responses: torch.Tensor, mask: torch.Tensor,
+              columns: List[Dict[str, Any]]) -> torch.Tensor:
+        """One reward per response, from the reward function or reward model, plus the penalty for
+        responses cut off before eos."""
+        texts = [self.tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True).strip()
+                 for ids, m in zip(responses.tolist(), mask)]
+        fn = getattr(self.reward, "fn", None)
+        if fn is not None:
+            accepted = reward_kwargs(fn)
+            columns = [c if accepted is None else {k: v for k, v in c.items() if k in accepted} for c in columns]
+        scores = self.reward(prompts, texts, columns).to(mask.device)
+        penalty = self.cfg.stage.reward.missing_eos_penalty
+        if penalty is not None:
+            ended = (responses == self.tokenizer.eos_token_id).any(1)
+            scores = scores + penalty * (~ended).float()
+        return scores
+
+    def expand(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, List[Any], List[Dict[str, Any]]]:
+        k = self.samples_per_prompt
+        ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+        prompts = [p for p in batch["prompts"] for _ in range(k)]
+        columns = [c for c in batch["columns"] for _ in range(k)]
+        return ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), prompts, columns
+
+    def rollout(self, batch: Dict[str, Any]) -> Rollout:
+        prompt_ids, prompt_mask, prompts, columns = self.expand(batch)
+        responses = self.sample(prompt_ids, prompt_mask, greedy=False)
+        mask = response_mask(responses, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        attention = torch.cat([prompt_mask, mask.long()], 1)
+        r = Rollout(sequences=torch.cat([prompt_ids, responses], 1), attention_mask=attention,
+                    position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=prompt_ids.shape[1],
+                    mask=mask, scores=self.score(prompts, responses, mask, columns))
+        with torch.no_grad():
+            if self.needs_old_logprobs():
+                r.logprobs, r.values, r.entropy = self.forward(r, self.model, with_values=self.needs_values)
+            if self.uses_reference(self.cfg):
+                r.ref_logprobs = self.reference_logprobs(r)
+        return r
+
+    def needs_old_logprobs(self) -> bool:
+        return True
+
+    def forward(self, r: Rollout, model, with_values: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """Per-response-token log-probs (at the sampling temperature), values (from the value head,
+        when asked) and entropies."""
+        want_hidden = with_values
+        out = model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids,
+                    use_cache=False, output_hidden_states=want_hidden)
+        P = r.prompt_width
+        logits = out.logits[:, P - 1 : -1].float() / self.cfg.stage.rollout.temperature
+        targets = r.sequences[:, P:]
+        logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        values = None
+        if want_hidden:
+            values = self.value_head(out.hidden_states[-1][:, P - 1 : -1].float()).squeeze(-1)
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
+        return logprobs, values, entropy
+
+    @torch.no_grad()
+    def reference_logprobs(self, r: Rollout) -> torch.Tensor:
+        if self.reference is None:  # LoRA: the base model is the policy with its adapter off
+            with self.model.disable_adapter():
+                return self.forward(r, self.model)[0]
+        return self.forward(r, self.reference)[0]
+
+    # -- what ppo and grpo provide ---------------------------------------------------------------
+    def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
+        """Turn the batch's scores into advantages (and returns); return batch statistics."""
+        raise NotImplementedError
+
+    def rollout_loss(self, r: Rollout) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Sum over response tokens of the per-token loss, and metric sums over the same tokens."""
+        raise NotImplementedError
+
+    def update_plan(self) -> Tuple[int, int]:
+        """(passes over the rollout batch, optimizer updates per pass)."""
+        return 1, 1
+
+    # -- the iteration ---------------------------------------------------------------------------
+    def training_step(self, window: List[Dict[str, Any]], batch_idx: int):
+        started = time.perf_counter()
+        rollouts = [self.rollout(mb) for mb in window]
+        batch_stats = self.finish(rollouts)
+        sampled = time.perf_counter()
+        loss, update_stats = self.optimise(rollouts)
+        done = time.perf_counter()
+        self.lr_schedulers().step()
+        self._record_throughput(sum(int(r.attention_mask.sum()) for r in rollouts))
+        if self.seconds_to_first_step is None:
+            self.seconds_to_first_step = seconds_since_process_start()
+        if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
+            scores = torch.cat([r.scores for r in rollouts])
+            lengths = torch.cat([r.mask.sum(1) for r in rollouts])
+            metrics = {"loss": loss, "reward_mean": scores.mean(), "reward_std": scores.std(unbiased=False),
+                       "response_length": lengths.mean(), "rollout_seconds": sampled - started,
+                       "optimisation_seconds": done - sampled, "lr": self.lr_schedulers().get_last_lr()[0],
+                       **batch_stats, **update_stats}
+            for k, v in metrics.items():
+                v = torch.as_tensor(v, dtype=torch.float32, device=self.device)
+                if self.trainer.world_size > 1 and not k.endswith("_seconds") and k != "lr":
+                    v = self.trainer.strategy.reduce(v, reduce_op="mean")
+                self.log(f"train/{k}", v, on_step=True, prog_bar=k == "reward_mean")
+        return loss
+
+    def optimise(self, rollouts: List[Rollout]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The planned updates over the rollout batch; each update normalises by its token count."""
+        opt = self.optimizers()
+        passes, per_pass = self.update_plan()
+        sums: Dict[str, torch.Tensor] = {}
+        total_loss, total_tokens = torch.zeros((), device=self.device), 0.0
+        for p in range(passes):
+            order = torch.randperm(len(rollouts)).tolist()
+            for u in range(per_pass):
+                group = [rollouts[i] for i in order[u::per_pass]]
+                tokens = float(sum(r.mask.sum() for r in group))
+                for r in group:
+                    loss_sum, extras = self.rollout_loss(r)
+                    self.manual_backward(loss_sum / max(tokens, 1.0))
+                    total_loss += loss_sum.detach()
+                    for k, v in extras.items():
+                        sums[k] = sums.get(k, 0) + v.detach()
+                total_tokens += tokens
+                grad_norm = self._clip_and_measure(opt)
+                check_finite(total_loss, grad_norm, self.global_step + 1)
+                if p == passes - 1 and u == per_pass - 1:
+                    opt.step()  # the last update advances the step counter
+                else:
+                    self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
+                opt.zero_grad(set_to_none=True)
+        stats = {k: float(v) / max(total_tokens, 1.0) for k, v in sums.items()}
+        if grad_norm is not None:
+            stats["grad_norm"] = float(grad_norm)
+        return total_loss / max(total_tokens, 1.0), stats
+
+    # -- validation: mean reward of greedy responses to held-out prompts -------------------------
+    def val_sums(self, batch):
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        responses = self.sample(prompt_ids, prompt_mask, greedy=True)
+        mask = response_mask(responses, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        scores = self.score(batch["prompts"], responses, mask, batch["columns"])
+        n = len(scores)
+        return {"reward": (scores.sum(), n), "response_length": (mask.sum(), n)}
+

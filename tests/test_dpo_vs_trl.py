@@ -1,0 +1,102 @@
+"""llmexp's DPO against TRL's DPOTrainer: same tiny model, same pairs, same loss (|delta| <= 1e-5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import typed
+
+LOSSES = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny llama saved to disk as the reference, and a perturbed copy as the policy."""
+    from transformers import AutoModelForCausalLM
+
+    from llmexp.models.build import build_model
+    from llmexp.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None, None, [], False)
+    torch.manual_seed(0)
+    model = build_model(typed(["stage=dpo"]).model, tokenizer)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    reference = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    policy = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return tokenizer, policy, reference
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    from llmexp.data.skill import preference_pairs
+
+    return list(preference_pairs(num_samples=6, seed=7))
+
+
+def trl_batch_and_loss(tmp_path, tokenizer, policy, reference, pairs, loss_type, smoothing):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type], label_smoothing=smoothing,
+                     per_device_train_batch_size=len(pairs), report_to=[], use_cpu=True, max_length=None,
+                     bf16=False, fp16=False)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(pairs),
+                         processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    return batch, float(loss)
+
+
+def llmexp_dpo(tokenizer, policy, reference, pairs, loss_type, smoothing):
+    from llmexp.stages.preference import DPOStage, frozen
+
+    cfg = typed(["stage=dpo", f"stage.loss_type={loss_type}", f"stage.label_smoothing={smoothing}",
+                 "stage.beta=0.1"])
+    stage = DPOStage(cfg, policy, tokenizer)
+    stage._frozen = {"reference": frozen(reference)}
+    encode = stage.encoder("preference")
+    batch = stage.collate([encode(row) for row in pairs])
+    with torch.no_grad():
+        terms = stage.pair_sums(batch)
+    return batch, terms
+
+
+@pytest.mark.parametrize("loss_type,smoothing", LOSSES)
+def test_dpo_loss_equals_trl(tmp_path, tiny, pairs, loss_type, smoothing):
+    tokenizer, policy, reference = tiny
+    trl_batch, trl_loss = trl_batch_and_loss(tmp_path, tokenizer, policy, reference, pairs, loss_type, smoothing)
+    ours, terms = llmexp_dpo(tokenizer, policy, reference, pairs, loss_type, smoothing)
+    # The same tokens: TRL's completion mask is where llmexp's labels are not -100.
+    width = trl_batch["input_ids"].shape[1]
+    assert torch.equal(ours["input_ids"][:, :width], trl_batch["input_ids"])
+    assert torch.equal((ours["labels"] != -100).long()[:, :width], trl_batch["completion_mask"])
+    ours_loss = float(terms["loss"].mean())
+    assert abs(ours_loss - trl_loss) <= 1e-5, (loss_type, ours_loss, trl_loss)
+    assert ours_loss > 0
+
+
+def test_first_sigmoid_loss_is_ln2_when_policy_is_reference(tiny, pairs):
+    tokenizer, _, reference = tiny
+    _, terms = llmexp_dpo(tokenizer, reference, reference, pairs, "sigmoid", 0.0)
+    assert terms["loss"].tolist() == pytest.approx([math.log(2)] * len(pairs), abs=1e-6)
+    assert terms["accuracy"].sum().item() == 0  # ties are not wins
+
+
+def test_label_smoothing_is_conservative_dpo(tiny, pairs):
+    """sigmoid with label smoothing e: -(1-e) log s(b d) - e log s(-b d), from the same log-ratios."""
+    tokenizer, policy, reference = tiny
+    _, plain = llmexp_dpo(tokenizer, policy, reference, pairs, "sigmoid", 0.0)
+    _, smooth = llmexp_dpo(tokenizer, policy, reference, pairs, "sigmoid", 0.2)
+    bd = plain["reward_margin"]  # beta * delta
+    expected = -(0.8) * torch.nn.functional.logsigmoid(bd) - 0.2 * torch.nn.functional.logsigmoid(-bd)
+    assert torch.allclose(smooth["loss"], expected, atol=1e-6)
+    assert not torch.allclose(smooth["loss"], plain["loss"])

@@ -1,0 +1,146 @@
+"""The preference and policy-gradient math against hand-derived values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmexp import rl_math as M
+from llmexp.losses import bradley_terry_loss, dpo_loss, sequence_logps, token_logps
+
+
+def test_sequence_logps_sums_target_tokens_only():
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 1, 2] = math.log(2.0)  # position 1 predicts token 2 with p = 2/4
+    labels = torch.tensor([[-100, -100, 2, 0]])
+    total, count = sequence_logps(logits, labels)
+    assert count.tolist() == [2]
+    assert total.item() == pytest.approx(math.log(0.5) + math.log(1 / 3), abs=1e-6)
+    assert token_logps(logits, labels)[0, 0].item() == 0.0
+
+
+def test_bradley_terry_loss_with_margin():
+    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]), margin=0.5)
+    expected = [-math.log(1 / (1 + math.exp(-0.5))), -math.log(1 / (1 + math.exp(0.5)))]
+    assert loss.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
+def test_dpo_losses_by_hand(loss_type):
+    pc, pr, rc, rr = torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5])
+    beta, eps = 0.5, 0.1
+    d = (-3 + 4) - (-5 + 4.5)  # 1.5
+    tokens_c, tokens_r = torch.tensor([3]), torch.tensor([2])
+    got = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps,
+                   chosen_tokens=tokens_c, rejected_tokens=tokens_r).item()
+    expected = {
+        "sigmoid": -(1 - eps) * math.log(_sig(beta * d)) - eps * math.log(_sig(-beta * d)),
+        "hinge": max(0.0, 1 - beta * d),
+        "ipo": ((1 / 3) - (-0.5 / 2) - 1 / (2 * beta)) ** 2,
+        "robust": (-(1 - eps) * math.log(_sig(beta * d)) + eps * math.log(_sig(-beta * d))) / (1 - 2 * eps),
+    }[loss_type]
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_dpo_sigmoid_is_ln2_when_policy_is_reference():
+    x = torch.tensor([-7.0, -2.0])
+    assert dpo_loss(x, x.flip(0), x, x.flip(0), beta=0.1).tolist() == pytest.approx([math.log(2)] * 2)
+
+
+def test_response_mask_stops_after_first_eos():
+    responses = torch.tensor([[5, 7, 1, 9, 1], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0]])
+    assert M.response_mask(responses, eos_id=1, pad_id=0).tolist() == [
+        [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_kl_penalised_rewards_put_the_score_on_the_last_token():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    logp = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -9.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, 0.0, 0.0]])
+    rewards, kl = M.kl_penalised_rewards(torch.tensor([1.0, 2.0]), logp, ref, mask, kl_coef=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -0.5], [-1.0, 0.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 0.05 + 1.0], [0.1 + 2.0, 0.0, 0.0]]))
+
+
+def test_gae_matches_the_recursion():
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.6, 0.7]])
+    mask = torch.ones(1, 3)
+    gamma, lam = 0.9, 0.8
+    d2 = 1.0 - 0.7
+    d1 = 0.0 + gamma * 0.7 - 0.6
+    d0 = 0.0 + gamma * 0.6 - 0.5
+    a2 = d2
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    adv, ret = M.gae(r, v, mask, gamma, lam)
+    assert adv.tolist()[0] == pytest.approx([a0, a1, a2], abs=1e-6)
+    assert ret.tolist()[0] == pytest.approx([a0 + 0.5, a1 + 0.6, a2 + 0.7], abs=1e-6)
+
+
+def test_gae_ignores_tokens_after_the_end():
+    r = torch.tensor([[0.0, 1.0, 5.0]])
+    v = torch.tensor([[0.5, 0.6, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv, _ = M.gae(r, v, mask, 1.0, 1.0)
+    assert adv.tolist()[0] == pytest.approx([1.0 - 0.5, 1.0 - 0.6, 0.0], abs=1e-6)
+
+
+def test_clipped_policy_loss_clips_large_ratios():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.9]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, clipped, approx_kl = M.clipped_policy_loss(new, old, adv, clip_range=0.2)
+    assert loss.tolist()[0] == pytest.approx([-1.2, 0.9], abs=1e-6)
+    assert clipped.tolist()[0] == [1.0, 0.0]
+    assert approx_kl[0, 0].item() == pytest.approx(0.5 - math.log(1.5), abs=1e-6)
+
+
+def test_clipped_value_loss():
+    loss, clipped = M.clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.2)
+    assert loss.item() == pytest.approx(0.5 * 1.0)  # max(1.0^2, 0.2^2)
+    assert clipped.item() == 0.0
+    loss, clipped = M.clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([2.0]), 0.2)
+    assert loss.item() == pytest.approx(0.5 * 1.8 ** 2)
+    assert clipped.item() == 1.0
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    adv = M.group_advantages(rewards, group_size=3, scale=False)
+    assert adv.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0], abs=1e-6)
+    scaled = M.group_advantages(rewards, group_size=3)
+    std = torch.tensor([1.0, 0.0, 0.0]).std().item()
+    assert scaled[0].item() == pytest.approx((2 / 3) / (std + 1e-4), rel=1e-5)
+    assert scaled[3:].abs().max().item() == 0.0
+
+
+def test_k3_kl_is_zero_at_equality_and_positive_otherwise():
+    a = torch.tensor([-1.0, -2.0])
+    assert M.k3_kl(a, a).tolist() == [0.0, 0.0]
+    assert M.k3_kl(a, a - 0.5).min().item() > 0
+
+
+def test_adaptive_kl_controller_moves_towards_the_target():
+    c = M.KLController(0.1, adaptive=True, target=1.0, horizon=100)
+    c.update(current_kl=3.0, n_samples=10)  # error clipped to 0.2
+    assert c.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    c.update(current_kl=0.5, n_samples=10)
+    assert c.value < 0.1 * 1.02
+    fixed = M.KLController(0.1)
+    fixed.update(5.0, 10)
+    assert fixed.value == 0.1
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = M.masked_whiten(x, mask)
+    assert w[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4)
+    assert w[0, 3].item() == 0.0
