@@ -179,6 +179,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         from llmexp.sweep.__main__ import main as run_sweep
 
         sys.exit(run_sweep(argv[1:]))
+    if argv[:1] == ["pipeline"]:
+        from llmexp.pipeline import main as run_pipeline
+
+        sys.exit(run_pipeline(argv[1:]))
     if argv[:1] == ["plugins"]:
         from llmexp.plugins.listing import main as list_plugins
 

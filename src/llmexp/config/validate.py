@@ -198,6 +198,7 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
         p.append(Problem("optim.betas", f"expected two numbers in [0, 1), got {o.betas}", "optim.betas=[0.9,0.95]"))
     p.extend(_check_strategy(run))
     p.extend(_check_eval(run))
+    p.extend(_check_stage_options(run))
     if m.liger_kernel and not _cuda_available():
         p.append(Problem("model.liger_kernel", "Liger kernels are Triton kernels and need a CUDA GPU",
                          "model.liger_kernel=false on a CPU"))
@@ -211,6 +212,45 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
         p.append(Problem(key, f"{what} needs a CUDA GPU and none is available",
                          "peft=lora on CPU" if key == "peft" else "trainer.precision=32-true or bf16-mixed"
                          if key == "trainer.precision" else "trainer.accelerator=auto"))
+    return p
+
+
+def _check_stage_options(run: S.RunConfig) -> List[Problem]:
+    """Options of the preference and rollout stages that cannot work together."""
+    st, d, t = run.stage, run.data, run.trainer
+    p: List[Problem] = []
+    if st.name in ("rm", "dpo", "ppo", "grpo") and d.packing:
+        p.append(Problem("data.packing", f"stage={st.name} scores whole sequences one per row; packing "
+                         "would mix several into one", "data.packing=false"))
+    if st.name == "dpo" and st.reference == "adapter_disabled" and run.peft.name == "none":
+        p.append(Problem("stage.reference", "adapter_disabled uses the base model under a LoRA adapter, "
+                         "and peft=none has none", "peft=lora, or stage.reference=copy or precomputed"))
+    if st.name not in ("ppo", "grpo"):
+        return p
+    if st.name == "ppo" and t.grad_accum % st.num_minibatches:
+        p.append(Problem("stage.num_minibatches", f"{st.num_minibatches} minibatches must divide the "
+                         f"{t.grad_accum} micro-batches of a rollout batch (trainer.grad_accum)",
+                         "a divisor of trainer.grad_accum, or raise trainer.grad_accum"))
+    r = st.reward
+    if r.model:
+        if not (Path(os.path.expanduser(r.model)) / "config.json").is_file():
+            p.append(Problem("stage.reward.model", f"{r.model!r} is not a model directory (no config.json)",
+                             "give an rm run's <run dir>/model, or unset it to use stage.reward.function"))
+    elif not r.function:
+        p.append(Problem("stage.reward", "no reward: neither stage.reward.function nor stage.reward.model is set",
+                         "stage.reward.function=arithmetic_correct, or stage.reward.model=<rm run>/model"))
+    else:
+        from llmexp.plugins.registry import rewards
+
+        names = rewards()
+        if r.function not in names:
+            p.append(Problem("stage.reward.function", f"no reward named {r.function!r} is registered",
+                             suggest(r.function, names)))
+    longest = d.max_length + max(st.rollout.max_new_tokens, st.rollout.val_max_new_tokens or 0)
+    if run.model.pretrained is None and longest > run.model.max_position_embeddings:
+        p.append(Problem("stage.rollout.max_new_tokens", f"prompts up to data.max_length={d.max_length} plus "
+                         f"responses make {longest} positions, more than model.max_position_embeddings="
+                         f"{run.model.max_position_embeddings}", "lower data.max_length or max_new_tokens"))
     return p
 
 

@@ -1,0 +1,183 @@
+"""``llmexp pipeline NAME|FILE``: run stages in sequence, each in its own run directory, wiring each
+run's output into the next (``${runs.<stage>}`` in a stage's overrides is an earlier stage's run
+directory), then write one summary of the whole pipeline.
+
+    llmexp pipeline rlhf                                  # SFT -> RM -> PPO
+    llmexp pipeline dpo model=gpt2 dpo:trainer.max_steps=50 --dir runs/my-dpo
+
+Overrides without a prefix apply to every stage; ``<stage>:key=value`` to one stage. Rerunning
+with the same ``--dir`` skips finished stages and resumes an interrupted one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from llmexp.errors import UserError, report, suggest
+
+PIPELINES_DIR = Path(__file__).resolve().parent / "pipelines"
+REFERENCE = re.compile(r"\$\{runs\.([A-Za-z0-9_\-]+)\}")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    overrides: List[str]
+
+
+@dataclass
+class PipelineSpec:
+    name: str
+    stages: List[StageSpec]
+    overrides: List[str] = field(default_factory=list)
+
+
+def available() -> List[str]:
+    return sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
+
+
+def load_spec(name_or_path: str) -> PipelineSpec:
+    """A shipped pipeline by name, or a YAML file; every problem names the file and the key."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        if name_or_path not in available():
+            raise UserError(f"pipeline: no file {name_or_path!r} and no shipped pipeline of that name; "
+                            f"{suggest(name_or_path, available())}")
+        path = PIPELINES_DIR / f"{name_or_path}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"pipeline: {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        raise UserError(f"pipeline: {path} needs a non-empty list under 'stages' (each with name and overrides)")
+    stages, seen = [], set()
+    for i, s in enumerate(raw["stages"]):
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("overrides", []), list):
+            raise UserError(f"pipeline: {path} stages[{i}] must be a mapping with a 'name' and a list 'overrides'")
+        for ref in REFERENCE.findall(" ".join(map(str, s.get("overrides", [])))):
+            if ref not in seen:
+                raise UserError(f"pipeline: {path} stages[{i}] ({s['name']}) refers to ${{runs.{ref}}}, which is "
+                                f"not an earlier stage; earlier stages: {', '.join(sorted(seen)) or 'none'}")
+        if s["name"] in seen:
+            raise UserError(f"pipeline: {path} names stage {s['name']!r} twice")
+        seen.add(s["name"])
+        stages.append(StageSpec(s["name"], [str(o) for o in s.get("overrides", [])]))
+    return PipelineSpec(str(raw.get("name") or path.stem), stages, [str(o) for o in raw.get("overrides", [])])
+
+
+def split_cli_overrides(spec: PipelineSpec, extra: List[str]) -> Dict[str, List[str]]:
+    """Command-line overrides by stage: ``stage:key=value`` for one, plain ones for all."""
+    names = [s.name for s in spec.stages]
+    per_stage: Dict[str, List[str]] = {n: [] for n in names}
+    for o in extra:
+        prefix, sep, rest = o.partition(":")
+        if sep and "=" not in prefix:
+            if prefix not in per_stage:
+                raise UserError(f"pipeline: override {o!r} names stage {prefix!r}, not in {spec.name}; "
+                                f"{suggest(prefix, names)}")
+            per_stage[prefix].append(rest)
+        else:
+            for n in names:
+                per_stage[n].append(o)
+    return per_stage
+
+
+def stage_dir(root: Path, index: int, name: str) -> Path:
+    return root / f"{index}-{name}"
+
+
+def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, Any]:
+    started = time.time()
+    per_stage = split_cli_overrides(spec, extra)
+    root.mkdir(parents=True, exist_ok=True)
+    runs: Dict[str, str] = {}
+    results = []
+    for i, s in enumerate(spec.stages, 1):
+        run_dir = stage_dir(root, i, s.name)
+        runs[s.name] = str(run_dir.resolve())
+        overrides = [REFERENCE.sub(lambda m: runs[m.group(1)], o)
+                     for o in [*spec.overrides, *s.overrides, *per_stage[s.name]]]
+        summary_path = run_dir / "summary.json"
+        if summary_path.is_file():
+            print(f"[{i}/{len(spec.stages)}] {s.name}: finished before, kept ({run_dir})", flush=True)
+        else:
+            resume = ["resume=" + str(run_dir)] if (run_dir / "checkpoints").is_dir() else []
+            if run_dir.exists() and not resume:  # a stage that died before its first checkpoint
+                run_dir.rename(run_dir.with_name(f"{run_dir.name}.failed-{int(time.time())}"))
+            print(f"[{i}/{len(spec.stages)}] {s.name}: llmexp {' '.join(overrides)}", flush=True)
+            code = subprocess.call([sys.executable, "-m", "llmexp", *overrides, *resume,
+                                    f"hydra.run.dir={run_dir}"], env=os.environ.copy())
+            if code != 0:
+                raise PipelineStageFailed(s.name, code, run_dir)
+        summary = json.loads(summary_path.read_text())
+        results.append({"name": s.name, "stage": summary["stage"], "run_dir": str(run_dir.resolve()),
+                        "model_dir": summary.get("model_dir"), "global_step": summary["global_step"],
+                        "initial": summary["initial"], "final": summary["final"],
+                        "wall_seconds": summary.get("wall_seconds"), "overrides": overrides})
+    out = {"pipeline": spec.name, "dir": str(root.resolve()), "stages": results,
+           "wall_seconds": time.time() - started}
+    (root / "pipeline_summary.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+class PipelineStageFailed(Exception):
+    def __init__(self, name: str, code: int, run_dir: Path):
+        super().__init__(f"pipeline: stage {name!r} failed (exit code {code}); its run directory is {run_dir}; "
+                         f"fix the problem above and rerun the same command with --dir to continue from it")
+        self.code = code
+
+
+def print_summary(out: Dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"pipeline {out['pipeline']} ({out['wall_seconds']:.0f}s)")
+    for col in ("stage", "steps", "metric", "initial", "final", "run"):
+        table.add_column(col)
+    for s in out["stages"]:
+        keys = sorted(set(s["initial"]) | set(s["final"]))
+        main = [k for k in keys if k in ("val/loss", "val/accuracy", "val/reward")]
+        for j, key in enumerate(main or keys[:1]):
+            first = j == 0
+            table.add_row(s["name"] if first else "", str(s["global_step"]) if first else "", key,
+                          f"{s['initial'].get(key, float('nan')):.4f}", f"{s['final'].get(key, float('nan')):.4f}",
+                          s["run_dir"] if first else "")
+    Console().print(table)
+    print(f"pipeline summary: {out['dir']}/pipeline_summary.json")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="llmexp pipeline", description=__doc__.splitlines()[0],
+                                 epilog=f"shipped pipelines: {', '.join(available())}")
+    ap.add_argument("spec", help="a shipped pipeline name or a pipeline YAML file")
+    ap.add_argument("overrides", nargs="*", help="key=value for every stage, or <stage>:key=value for one")
+    ap.add_argument("--dir", default=None, help="pipeline directory (default runs/pipelines/<name>/<time>); "
+                                                "rerun with it to continue")
+    args = ap.parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+        split_cli_overrides(spec, args.overrides)
+        root = Path(args.dir or Path("runs") / "pipelines" / spec.name / time.strftime("%Y%m%d-%H%M%S"))
+        out = run_pipeline(spec, root, args.overrides)
+    except UserError as e:
+        return report(e)
+    except PipelineStageFailed as e:
+        sys.stderr.write(f"llmexp: error: {e}\n")
+        return e.code
+    print_summary(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
