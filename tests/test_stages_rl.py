@@ -54,15 +54,17 @@ def test_rm_learns_pair_accuracy_and_exports_a_scorer(tmp_path, sft_run):
     model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "model")).eval()
     tok = AutoTokenizer.from_pretrained(str(run_dir / "model"))
     assert model.config.num_labels == 1
-    prompt = [{"role": "user", "content": "What is 4 plus 3?"}]
+    from llmexp.data.skill import preference_pairs
 
-    def score(answer):
-        ids = tok.apply_chat_template(prompt + [{"role": "assistant", "content": f"4 + 3 = {answer}"}],
-                                      return_tensors="pt", return_dict=True)
+    pairs = list(preference_pairs(num_samples=100, seed=99))  # fresh pairs, scored by plain transformers
+
+    def score(prompt, response):
+        ids = tok.apply_chat_template(prompt + response, return_tensors="pt", return_dict=True)
         with torch.no_grad():
             return model(**ids).logits[0, 0].item()
 
-    assert score(7) > score(8) and score(7) > score(5)
+    wins = [score(p["prompt"], p["chosen"]) > score(p["prompt"], p["rejected"]) for p in pairs]
+    assert sum(wins) / len(wins) >= 0.85
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
     for col in ("train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/margin"):
         assert col in header
@@ -83,10 +85,10 @@ def test_dpo_raises_implicit_reward_accuracy(tmp_path, sft_run):
     assert cfg["model"]["pretrained"] == f"{sft_run}/model"
 
 
-ROLLOUT_SETTINGS = {  # measured: ppo 0.46 -> 0.68 in 73 s, grpo 0.46 -> 0.60 in 80 s (2-core CPU)
+ROLLOUT_SETTINGS = {  # measured: ppo 0.46 -> 0.68 in 73 s, grpo 0.46 -> 0.67 in 76 s (2-core CPU)
     "ppo": ["trainer.max_steps=200", "trainer.micro_batch_size=32", "trainer.grad_accum=2", "optim.lr=1e-3"],
-    "grpo": ["trainer.max_steps=250", "trainer.micro_batch_size=16", "trainer.grad_accum=2", "optim.lr=5e-4",
-             "stage.rollout.temperature=0.7"],
+    "grpo": ["trainer.max_steps=150", "trainer.micro_batch_size=32", "trainer.grad_accum=2", "optim.lr=1e-3",
+             "stage.group_size=4", "stage.epochs=2", "stage.rollout.temperature=0.7"],
 }
 
 
