@@ -37,6 +37,14 @@ class PPOStage(RolloutStage):
     def uses_reference(cfg) -> bool:
         return cfg.stage.kl_coef > 0
 
+    def _parallelize(self) -> None:
+        """The value head lives outside the policy: shard it over the data-parallel ranks too, so
+        its gradients are reduced like the policy's."""
+        super()._parallelize()
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.value_head, mesh=self.device_mesh["data_parallel"])
+
     def configure_optimizers(self):
         params = torch.nn.ModuleList([self.model, self.value_head])
         opt, sched = build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps,
