@@ -36,6 +36,8 @@ def workdir(tmp_path_factory):
     (files / "text.jsonl").write_text("".join(json.dumps({"text": f"row number {i}"}) + "\n" for i in range(20)))
     (files / "long.jsonl").write_text("".join(json.dumps({"text": f"word{i} " * 400}) + "\n" for i in range(20)))
     (files / "notamodel").mkdir()
+    (files / "half_pairs.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}"}) + "\n"
+                                                    for i in range(20)))
     yield root
     assert _digest(old) == before_digest[0]
 
@@ -75,6 +77,19 @@ CONFIG_CASES = {
     "existing run directory": (["hydra.run.dir={old}"], "already holds a run"),
     "format without its columns": (["data=files", "data.path={files}/text.jsonl", "data.format=chat"],
                                    "data.format=chat needs columns"),
+    "dpo on chat data": (["stage=dpo", "data=arithmetic"], "stage=dpo needs fields prompt+chosen+rejected"),
+    "preference data without rejected": (["stage=rm", "data=files", "data.path={files}/half_pairs.jsonl"],
+                                         "stage=rm needs fields prompt+chosen+rejected"),
+    "unknown dpo loss": (["stage=dpo", "stage.loss_type=sigmod"], "did you mean 'sigmoid'"),
+    "adapter-disabled reference without lora": (["stage=dpo", "stage.reference=adapter_disabled"],
+                                                "stage.reference: adapter_disabled uses the base model"),
+    "packing a preference stage": (["stage=dpo", "data.packing=true"], "data.packing: stage=dpo"),
+    "unknown reward function": (["stage=ppo", "stage.reward.function=corect"], "no reward named 'corect'"),
+    "reward model not a model": (["stage=grpo", "stage.reward.model={files}/notamodel"],
+                                 "stage.reward.model:"),
+    "minibatches do not divide": (["stage=ppo", "stage.num_minibatches=3"], "stage.num_minibatches: 3"),
+    "group of one": (["stage=grpo", "stage.group_size=1"], "stage.group_size: must be >= 2"),
+    "lm-eval on a reward model": (["stage=rm", "eval=lm_eval"], "stage=rm trains a reward model"),
 }
 
 RUN_CASES = {

@@ -259,6 +259,10 @@ def _check_eval(run: S.RunConfig) -> List[Problem]:
     e = run.eval
     if e.name == "none":
         return []
+    if run.stage.name == "rm":
+        return [Problem("eval", "stage=rm trains a reward model (a sequence scorer, not a language model), "
+                        "which lm-eval tasks and generation evals cannot run",
+                        "eval=none for rm; evaluate policies (sft, dpo, ppo, grpo) instead")]
     if e.name != "lm_eval":
         from llmexp.plugins.registry import evals
 

@@ -1,0 +1,84 @@
+"""``llmexp pipeline``: stages in sequence, each in its own run directory, outputs wired into the
+next stage, one summary at the end; bad specs refused; a failed stage resumed by rerunning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["trainer.progress_bar=false", "logger=none", "trainer.val_check_interval=10", "optim.warmup_steps=2",
+         "trainer.micro_batch_size=8", "sft:trainer.max_steps=30"]
+
+
+def pipeline(args, cwd):
+    return run_cli(["pipeline", *args], cwd=cwd)
+
+
+def test_sft_then_dpo_wires_the_sft_export_and_summarises(tmp_path):
+    root = tmp_path / "p"
+    r = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=10", "--dir", str(root)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((root / "pipeline_summary.json").read_text())
+    assert out["pipeline"] == "dpo" and [s["name"] for s in out["stages"]] == ["sft", "dpo"]
+    sft, dpo = out["stages"]
+    assert sft["run_dir"] == str((root / "1-sft").resolve()) and dpo["run_dir"] == str((root / "2-dpo").resolve())
+    assert (sft["global_step"], dpo["global_step"]) == (30, 10)
+    cfg = yaml.safe_load((root / "2-dpo" / "config.yaml").read_text())
+    assert cfg["model"]["pretrained"] == f"{sft['run_dir']}/model"
+    assert cfg["stage"]["beta"] == 0.5  # the shipped pipeline's own override
+    assert dpo["initial"]["val/loss"] == pytest.approx(0.6931, abs=1e-4)  # starts at the SFT model
+    assert "val/accuracy" in dpo["final"] and sft["final"]["val/loss"] < sft["initial"]["val/loss"]
+    assert "pipeline dpo" in r.stdout
+
+    again = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=10", "--dir", str(root)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished before, kept") == 2
+
+
+def test_sft_then_rm_then_ppo_scores_with_the_trained_reward_model(tmp_path):
+    root = tmp_path / "rlhf"
+    r = pipeline(["rlhf", *SHORT, "rm:trainer.max_steps=10", "ppo:trainer.max_steps=3", "ppo:trainer.grad_accum=1",
+                  "ppo:stage.rollout.max_new_tokens=8", "ppo:trainer.val_check_interval=3", "--dir", str(root)],
+                 tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((root / "pipeline_summary.json").read_text())
+    assert [s["stage"] for s in out["stages"]] == ["sft", "rm", "ppo"]
+    cfg = yaml.safe_load((root / "3-ppo" / "config.yaml").read_text())
+    assert cfg["model"]["pretrained"] == str((root / "1-sft" / "model").resolve())
+    assert cfg["stage"]["reward"]["model"] == str((root / "2-rm" / "model").resolve())
+    reward = out["stages"][2]["initial"]["val/reward"]
+    assert reward not in (0.0, 1.0)  # a reward model's mean score, not the 0/1 rule
+
+
+def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):
+    root = tmp_path / "p"
+    bad = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=abc", "--dir", str(root)], tmp_path)
+    assert bad.returncode == 2
+    assert "stage 'dpo' failed" in bad.stderr and "trainer.max_steps" in bad.stderr
+    assert (root / "1-sft" / "summary.json").is_file() and not (root / "pipeline_summary.json").exists()
+    good = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=5", "--dir", str(root)], tmp_path)
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert "sft: finished before, kept" in good.stdout
+    assert json.loads((root / "pipeline_summary.json").read_text())["stages"][1]["global_step"] == 5
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["rlhff"], "did you mean 'rlhf'"),
+    (["dpo", "ppo:trainer.max_steps=3"], "names stage 'ppo', not in dpo"),
+    (["{spec}"], "refers to ${runs.rm}, which is not an earlier stage"),
+    (["{missing}"], "no file"),
+])
+def test_bad_pipelines_are_refused(tmp_path, args, expected):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("stages:\n  - name: ppo\n    overrides: [stage=ppo, 'stage.reward.model=${runs.rm}/model']\n"
+                    "  - name: rm\n    overrides: [stage=rm]\n")
+    args = [a.format(spec=spec, missing=tmp_path / "nope.yaml") for a in args]
+    r = pipeline(args, tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert expected in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
