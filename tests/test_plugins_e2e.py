@@ -62,3 +62,29 @@ def test_example_package_end_to_end_tests_pass(package):
                        cwd=PACKAGES[package], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "1 passed" in r.stdout
+
+
+def test_grpo_rewarded_by_a_plugin_reward_function(tmp_path):
+    """`stage.reward.function=answer_closeness` reaches the installed plugin's function by name; the
+    recorded held-out reward is its partial credit on the greedy answers, not the 0/1 built-in."""
+    run_dir = tmp_path / "grpo"
+    r = run_cli(["stage=grpo", "stage.reward.function=answer_closeness", "trainer.max_steps=3",
+                 "trainer.micro_batch_size=4", "stage.group_size=2", "optim.warmup_steps=1", "logger=none",
+                 "trainer.progress_bar=false", "stage.rollout.max_new_tokens=6", "data.options.num_samples=200",
+                 f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["stage"]["reward"]["function"] == "answer_closeness"
+    assert 0.0 <= s["final"]["val/reward"] <= 1.0 and "val/reward" in s["initial"]
+
+
+def test_reward_functions_get_only_the_columns_they_name():
+    from llmexp.rewards import FunctionReward
+
+    prompts = [[{"role": "user", "content": "What is 3 plus 4?"}]] * 3
+    columns = [{"answer": "7", "chosen": "x", "rejected": "y"}] * 3
+    builtin = FunctionReward("arithmetic_correct")(prompts, ["3 + 4 = 7", "3 + 4 = 8", "seven"], columns)
+    assert builtin.tolist() == [1.0, 0.0, 0.0]
+    plugin = FunctionReward("answer_closeness")
+    assert plugin.owner.distribution == "llmexp-answer-match"
+    assert plugin(prompts, ["3 + 4 = 7", "3 + 4 = 8", "3 + 4 = 10"], columns).tolist() == [1.0, 0.5, 0.25]

@@ -6,8 +6,9 @@ so the rollout engine does not care which it has.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -15,19 +16,31 @@ from llmexp.config.schema import RewardConfig
 from llmexp.errors import UserError
 
 
+def accepted_columns(fn) -> Optional[set]:
+    """Column names a reward function takes (None: it takes **kwargs, so every column)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
 class FunctionReward:
-    """``fn(completion, **columns) -> float`` from the ``llmexp_rewards`` registry."""
+    """``fn(completion, **columns) -> float`` from the ``llmexp_rewards`` registry. Columns the
+    function does not name are not passed, so one function serves datasets with extra columns."""
 
     def __init__(self, name: str):
         from llmexp.plugins.registry import lookup
 
         entry = lookup("llmexp_rewards", name, "stage.reward.function")
         self.name, self.owner, self.fn = name, entry.owner, entry.declaration.fn
+        self.accepted = accepted_columns(self.fn)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
                  columns: Sequence[Dict[str, Any]]) -> torch.Tensor:
         out = []
         for completion, cols in zip(completions, columns):
+            if self.accepted is not None:
+                cols = {k: v for k, v in cols.items() if k in self.accepted}
             try:
                 out.append(float(self.fn(completion, **cols)))
             except Exception as e:  # noqa: BLE001 - a plugin's bug: name it

@@ -84,7 +84,7 @@ def _check_node(value: Any, schema: type, path: str, problems: List[Problem]) ->
             continue
         try:
             coerced = OmegaConf.to_container(OmegaConf.merge(base, {key: item}))[key]
-        except OmegaConfBaseException as e:
+        except OmegaConfBaseException:
             problems.append(Problem(key_path, f"expected {_type_name(hint)}, got {item!r}",
                                     f"{key_path}=<{_type_name(hint)}>"))
             continue

@@ -10,7 +10,6 @@ the whole batch, then ``updates_per_rollout`` optimizer updates run over it. The
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -40,14 +39,6 @@ class Rollout:
     entropy: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
-
-
-def reward_kwargs(fn) -> Optional[set]:
-    """Column names a reward function accepts (None: it takes **kwargs, so all of them)."""
-    params = inspect.signature(fn).parameters.values()
-    if any(p.kind == p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params}
 
 
 class RolloutStage(StageModule):
@@ -127,10 +118,6 @@ class RolloutStage(StageModule):
         responses cut off before eos."""
         texts = [self.tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True).strip()
                  for ids, m in zip(responses.tolist(), mask)]
-        fn = getattr(self.reward, "fn", None)
-        if fn is not None:
-            accepted = reward_kwargs(fn)
-            columns = [c if accepted is None else {k: v for k, v in c.items() if k in accepted} for c in columns]
         scores = self.reward(prompts, texts, columns).to(mask.device)
         penalty = self.cfg.stage.reward.missing_eos_penalty
         if penalty is not None:

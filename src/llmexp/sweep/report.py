@@ -7,7 +7,7 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from llmexp.record import write_atomic
 
