@@ -36,6 +36,9 @@ def workdir(tmp_path_factory):
     (files / "text.jsonl").write_text("".join(json.dumps({"text": f"row number {i}"}) + "\n" for i in range(20)))
     (files / "long.jsonl").write_text("".join(json.dumps({"text": f"word{i} " * 400}) + "\n" for i in range(20)))
     (files / "notamodel").mkdir()
+    for name, arch in (("fake_rm", "LlamaForSequenceClassification"), ("fake_lm", "LlamaForCausalLM")):
+        (files / name).mkdir()
+        (files / name / "config.json").write_text(json.dumps({"architectures": [arch]}))
     (files / "half_pairs.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}"}) + "\n"
                                                     for i in range(20)))
     yield root
@@ -90,6 +93,10 @@ CONFIG_CASES = {
     "minibatches do not divide": (["stage=ppo", "stage.num_minibatches=3"], "stage.num_minibatches: 3"),
     "group of one": (["stage=grpo", "stage.group_size=1"], "stage.group_size: must be >= 2"),
     "lm-eval on a reward model": (["stage=rm", "eval=lm_eval"], "stage=rm trains a reward model"),
+    "reward model as the policy": (["stage=dpo", "model.pretrained={files}/fake_rm"],
+                                   "model.pretrained: '{files}/fake_rm' is a reward model"),
+    "language model as the reward model": (["stage=ppo", "stage.reward.model={files}/fake_lm"],
+                                           "is not a reward model (architectures: LlamaForCausalLM)"),
 }
 
 RUN_CASES = {
@@ -131,7 +138,7 @@ def test_there_are_at_least_25_cases():
 def test_config_errors(name, workdir):
     args, expected = CONFIG_CASES[name]
     r = run_cli([*FAST, *_args(args, workdir)], cwd=workdir)
-    _check(r, expected)
+    _check(r, expected.format(files=workdir / "files"))
     assert "Validation" not in r.stderr  # refused before any training started
 
 

@@ -215,10 +215,27 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
     return p
 
 
+def _architectures(config: Path) -> List[str]:
+    import json
+
+    try:
+        return list(json.loads(config.read_text()).get("architectures") or [])
+    except (OSError, ValueError):
+        return []
+
+
 def _check_stage_options(run: S.RunConfig) -> List[Problem]:
     """Options of the preference and rollout stages that cannot work together."""
     st, d, t = run.stage, run.data, run.trainer
     p: List[Problem] = []
+    pretrained = run.model.pretrained
+    if st.name != "rm" and pretrained and (Path(os.path.expanduser(pretrained)) / "config.json").is_file():
+        scorers = [a for a in _architectures(Path(os.path.expanduser(pretrained)) / "config.json")
+                   if a.endswith("ForSequenceClassification")]
+        if scorers:
+            p.append(Problem("model.pretrained", f"{pretrained!r} is a reward model ({scorers[0]}), not a "
+                             f"language model for stage={st.name}",
+                             "a policy run's model (sft, dpo, ppo, grpo); a reward model goes in stage.reward.model"))
     if st.name in ("rm", "dpo", "ppo", "grpo") and d.packing:
         p.append(Problem("data.packing", f"stage={st.name} scores whole sequences one per row; packing "
                          "would mix several into one", "data.packing=false"))
@@ -233,9 +250,14 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
                          "a divisor of trainer.grad_accum, or raise trainer.grad_accum"))
     r = st.reward
     if r.model:
-        if not (Path(os.path.expanduser(r.model)) / "config.json").is_file():
+        config = Path(os.path.expanduser(r.model)) / "config.json"
+        if not config.is_file():
             p.append(Problem("stage.reward.model", f"{r.model!r} is not a model directory (no config.json)",
                              "give an rm run's <run dir>/model, or unset it to use stage.reward.function"))
+        elif not any(a.endswith("ForSequenceClassification") for a in _architectures(config)):
+            p.append(Problem("stage.reward.model", f"{r.model!r} is not a reward model (architectures: "
+                             f"{', '.join(_architectures(config)) or 'none'})",
+                             "give the model/ of a stage=rm run (a one-label sequence classifier)"))
     elif not r.function:
         p.append(Problem("stage.reward", "no reward: neither stage.reward.function nor stage.reward.model is set",
                          "stage.reward.function=arithmetic_correct, or stage.reward.model=<rm run>/model"))

@@ -22,6 +22,9 @@ def model_dir_of(target: str) -> Path:
     path = Path(target.split("=", 1)[1] if target.startswith(("run=", "model=")) else target)
     for candidate in (path / "model", path):
         if (candidate / "config.json").is_file():
+            from llmexp.models.build import check_not_a_reward_model
+
+            check_not_a_reward_model(candidate, "run")
             return candidate
     raise UserError(f"run: {str(path)!r} is neither a run directory with model/ nor a model directory "
                     f"(no config.json); give a run directory or an exported model")

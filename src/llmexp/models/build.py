@@ -33,6 +33,25 @@ def architecture_config(cfg: ModelConfig, tokenizer, **overrides: Any) -> Any:
                                   **cfg.extra, **overrides)
 
 
+def check_not_a_reward_model(path, key: str) -> None:
+    """A reward model's directory loads as a causal LM with a random lm_head (transformers only
+    warns): refuse it where a language model is meant."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return
+    scorers = [a for a in architectures if a.endswith("ForSequenceClassification")]
+    if scorers:
+        raise UserError(f"{key}: {str(path)!r} is a reward model ({scorers[0]}), not a language model; give "
+                        f"a policy run's model (sft, dpo, ppo, grpo), or use it as stage.reward.model=")
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -50,6 +69,8 @@ def build_model(cfg: ModelConfig, tokenizer, quantization_config=None, head: str
     auto, extra, what = ((AutoModelForCausalLM, {}, "a causal LM") if head == "causal_lm"
                          else (AutoModelForSequenceClassification, {"num_labels": 1}, "a sequence-scoring model"))
     common = {"dtype": torch_dtype(cfg.dtype), "attn_implementation": cfg.attn_implementation}
+    if head == "causal_lm" and cfg.pretrained is not None:
+        check_not_a_reward_model(cfg.pretrained, "model.pretrained")
     if cfg.pretrained is None:
         model = auto.from_config(architecture_config(cfg, tokenizer, **extra), **common)
     else:
