@@ -46,12 +46,16 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one run directory for both ranks
 
 
-@pytest.mark.parametrize("strategy,micro,accum", [("fsdp", 2, 2), ("tp", 4, 2)])
-def test_fsdp_and_tp_match_one_process(tmp_path, single_process, strategy, micro, accum):
+@pytest.mark.parametrize("strategy,micro,accum,extra", [
+    ("fsdp", 2, 2, []), ("tp", 4, 2, []),
+    # Sequence parallel: norms and the residual stream sharded along the (padded) sequence.
+    ("tp", 4, 2, ["strategy.sequence_parallel=true"]),
+], ids=["fsdp", "tp", "tp-sequence-parallel"])
+def test_fsdp_and_tp_match_one_process(tmp_path, single_process, strategy, micro, accum, extra):
     """fsdp shards data over 2 ranks (2x2 each); tp splits heads over 2 ranks that see the same 4x2."""
     run_dir = tmp_path / strategy
     r = run_cli([*BASE, f"strategy={strategy}", "trainer.devices=2", f"trainer.micro_batch_size={micro}",
-                 f"trainer.grad_accum={accum}", f"hydra.run.dir={run_dir}"])
+                 f"trainer.grad_accum={accum}", *extra, f"hydra.run.dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert _train_losses(run_dir) == pytest.approx(_train_losses(single_process), rel=1e-5)
     a, b = load_file(single_process / "model" / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
@@ -98,10 +102,12 @@ def test_torchrun_launch_shares_one_run_directory(tmp_path, single_process):
     assert _train_losses(run_dir) == pytest.approx(_train_losses(single_process), rel=1e-5)
 
 
-def test_fsdp_times_tensor_parallel_on_a_2d_mesh_matches_one_process(tmp_path, single_process):
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_fsdp_times_tensor_parallel_on_a_2d_mesh_matches_one_process(tmp_path, single_process, sequence_parallel):
     """4 processes: 2 data-parallel shards x 2 tensor-parallel ranks (micro 2 x accumulation 2 each)."""
     run_dir = tmp_path / "fsdp_tp"
     r = run_cli([*BASE, "strategy=fsdp", "strategy.tensor_parallel_size=2", "trainer.devices=4",
+                 f"strategy.sequence_parallel={str(sequence_parallel).lower()}",
                  "trainer.micro_batch_size=2", "trainer.grad_accum=2", f"hydra.run.dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert _train_losses(run_dir) == pytest.approx(_train_losses(single_process), rel=1e-5)

@@ -33,13 +33,60 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
     raise ValueError("cannot find the decoder layers of this model")
 
 
-def apply_tensor_parallel(model: torch.nn.Module, tp_mesh, architecture: str) -> None:
+def apply_tensor_parallel(model: torch.nn.Module, tp_mesh, architecture: str, sequence_parallel: bool = False) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    if sequence_parallel:
+        return apply_sequence_parallel(model, tp_mesh, architecture)
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     plan = TP_PLANS[architecture]
     for layer in decoder_layers(model):
         parallelize_module(layer, tp_mesh, {name: styles[style]() for name, style in plan.items()})
+
+
+def apply_sequence_parallel(model: torch.nn.Module, tp_mesh, architecture: str) -> None:
+    """Tensor parallelism with the residual stream sharded along the sequence (Megatron-style SP).
+
+    The first decoder layer splits its input along the sequence; each norm works on its shard
+    (``SequenceParallel``: its replicated weight's gradient is summed over the group); attention
+    and MLP inputs are all-gathered before the column-wise projections, and the row-wise outputs
+    reduce-scattered back to sequence shards; the final norm's output is all-gathered for the
+    head. Positions, rotary embeddings and the attention mask are built for the full sequence by
+    the model as usual, so a batch's length must divide by the tensor-parallel size.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    p = TP_PLANS[architecture]
+    for i, layer in enumerate(decoder_layers(model)):
+        plan = {name: ColwiseParallel() if style == "colwise" else RowwiseParallel(output_layouts=Shard(1))
+                for name, style in p.items()}
+        plan.update({
+            "input_layernorm": SequenceParallel(),
+            "post_attention_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                            desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        })
+        if i == 0:
+            plan[""] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                          use_local_output=True)
+        parallelize_module(layer, tp_mesh, plan)
+    stack = next(m for m in model.modules() if isinstance(getattr(m, "layers", None), torch.nn.ModuleList))
+    parallelize_module(stack.norm, tp_mesh, SequenceParallel())
+    heads = [m for name in ("lm_head", "score") for m in [_find(model, name)] if m is not None]
+    for head in heads:  # the head itself stays whole: it gets the gathered sequence as a plain tensor
+        parallelize_module(head, tp_mesh, PrepareModuleInput(input_layouts=(Shard(1),),
+                                                             desired_input_layouts=(Replicate(),),
+                                                             use_local_output=True))
+
+
+def _find(model: torch.nn.Module, name: str):
+    for module_name, module in model.named_modules():
+        if module_name.rsplit(".", 1)[-1] == name:
+            return module
+    return None
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:

@@ -256,6 +256,10 @@ class StrategyConfig:
     # fsdp/tp: the device mesh; data_parallel_size null means devices / tensor_parallel_size.
     data_parallel_size: Optional[int] = bounded(None, min=1)
     tensor_parallel_size: int = bounded(1, min=1)
+    # tp (and fsdp x tp): also shard the norms and the residual stream along the sequence between
+    # the tensor-parallel blocks (less activation memory; batches are padded to a multiple of the
+    # tensor-parallel size).
+    sequence_parallel: bool = False
     # fsdp: free each layer's gathered weights after forward (less memory, more communication).
     reshard_after_forward: bool = True
     # fsdp/tp/deepspeed: recompute each decoder layer's activations in backward.

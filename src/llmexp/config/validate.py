@@ -319,6 +319,10 @@ def _check_strategy(run: S.RunConfig) -> List[Problem]:
             if importlib.util.find_spec("deepspeed") is None:
                 p.append(Problem("strategy", f"strategy={s.name} needs deepspeed",
                                  "pip install 'llmexp[deepspeed]'"))
+    if s.sequence_parallel and s.name not in ("fsdp", "tp"):
+        p.append(Problem("strategy.sequence_parallel", f"sequence parallelism is part of tensor parallelism, "
+                         f"which strategy={s.name} does not do", "strategy=tp, or strategy=fsdp with "
+                         "strategy.tensor_parallel_size>1"))
     if s.name in ("fsdp", "tp"):
         if not str(t.devices).isdigit():
             p.append(Problem("trainer.devices", f"strategy={s.name} needs a device count, got {t.devices!r}",
@@ -343,6 +347,21 @@ def _check_strategy(run: S.RunConfig) -> List[Problem]:
                     p.append(Problem("strategy.tensor_parallel_size", f"model heads ({m.num_heads}), kv heads "
                                      f"({m.num_kv_heads}) and intermediate_size ({m.intermediate_size}) must "
                                      f"divide by {tp}", "choose a tensor_parallel_size that divides them"))
+        if s.sequence_parallel and str(t.devices).isdigit():
+            from llmexp.parallel_plans import mesh_shape
+
+            tp_size = mesh_shape(s.name, int(t.devices) * t.num_nodes, s.data_parallel_size, s.tensor_parallel_size)[1]
+            if tp_size < 2:
+                p.append(Problem("strategy.sequence_parallel", "sequence parallelism shards along the sequence "
+                                 "between tensor-parallel ranks, and this mesh has none",
+                                 "strategy=tp, or strategy.tensor_parallel_size>1 with fsdp"))
+            if run.stage.name in ("ppo", "grpo"):
+                p.append(Problem("strategy.sequence_parallel", f"stage={run.stage.name} generates token by token, "
+                                 "which a sequence-sharded model cannot", "strategy.sequence_parallel=false"))
+        if run.eval.name != "none" and run.eval.every_n_steps:
+            p.append(Problem("eval.every_n_steps", f"evaluating a model sharded by strategy={s.name} during "
+                             "training is not supported (rank 0 alone cannot run it)",
+                             "eval.every_n_steps=null: evals after training run on the gathered export"))
         if run.peft.name != "none":
             p.append(Problem("peft", f"peft={run.peft.name} with strategy={s.name} is not supported yet",
                              "strategy=ddp with LoRA, or peft=none with fsdp/tp"))

@@ -14,27 +14,28 @@ import torch
 from llmexp.data.encode import IGNORE_INDEX
 
 
-def pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
+def pad_rows(rows: Sequence[Sequence[int]], value: int, multiple: int = 1) -> torch.Tensor:
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
     return out
 
 
-def collate_lm(rows: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, Any]:
-    """Right-padded input_ids/labels. Packed rows (with position_ids) get no attention mask, so
-    transformers masks attention per sample; padding becomes its own segment with no loss."""
+def collate_lm(rows: Sequence[Dict[str, List[int]]], pad_id: int, multiple: int = 1) -> Dict[str, Any]:
+    """Right-padded input_ids/labels (to a multiple of ``multiple`` positions). Packed rows (with
+    position_ids) get no attention mask, so transformers masks attention per sample; padding
+    becomes its own segment with no loss."""
     batch: Dict[str, Any] = {
-        "input_ids": pad_rows([r["input_ids"] for r in rows], pad_id),
-        "labels": pad_rows([r["labels"] for r in rows], IGNORE_INDEX),
+        "input_ids": pad_rows([r["input_ids"] for r in rows], pad_id, multiple),
+        "labels": pad_rows([r["labels"] for r in rows], IGNORE_INDEX, multiple),
     }
     if "position_ids" in rows[0]:
         width = batch["input_ids"].shape[1]
         batch["position_ids"] = pad_rows(
             [list(r["position_ids"]) + list(range(width - len(r["position_ids"]))) for r in rows], 0)
     else:
-        batch["attention_mask"] = pad_rows([[1] * len(r["input_ids"]) for r in rows], 0)
+        batch["attention_mask"] = pad_rows([[1] * len(r["input_ids"]) for r in rows], 0, multiple)
     batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)
     # Targets are labels[1:], so the first label of each row never counts.
     batch["loss_weight"] = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in rows)
@@ -54,12 +55,12 @@ class WindowCollator:
         return [self.collate(rows[i : i + n]) for i in range(0, len(rows), n)]
 
 
-def collate_preference(rows: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
+def collate_preference(rows: Sequence[Dict[str, Any]], pad_id: int, multiple: int = 1) -> Dict[str, Any]:
     """Chosen rows then rejected rows in one right-padded batch (one forward pass for both);
     ``loss_weight`` is the number of pairs. Precomputed reference log-probs ride along."""
     both = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows] + \
            [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
-    batch = collate_lm(both, pad_id)
+    batch = collate_lm(both, pad_id, multiple)
     batch["loss_weight"] = len(rows)
     if "ref_chosen_logps" in rows[0]:
         batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows]

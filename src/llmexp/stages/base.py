@@ -95,7 +95,8 @@ class StageModule(L.LightningModule):
 
         s, mesh = self.cfg.strategy, self.device_mesh
         if mesh["tensor_parallel"].size() > 1:
-            parallel.apply_tensor_parallel(self.model, mesh["tensor_parallel"], self.cfg.model.architecture)
+            parallel.apply_tensor_parallel(self.model, mesh["tensor_parallel"], self.cfg.model.architecture,
+                                           s.sequence_parallel)
         if s.activation_checkpointing:
             parallel.apply_activation_checkpointing(self.model)
         if s.name == "fsdp":
@@ -120,6 +121,17 @@ class StageModule(L.LightningModule):
     def collate(self, rows):
         """Encoded samples -> one micro-batch dict, with int ``num_tokens`` and ``loss_weight``."""
         raise NotImplementedError
+
+    @property
+    def pad_to_multiple_of(self) -> int:
+        """Sequence parallelism splits each batch's length over the tensor-parallel ranks."""
+        from llmexp.parallel_plans import mesh_shape
+
+        s = self.cfg.strategy
+        if not s.sequence_parallel or s.name not in ("tp", "fsdp"):
+            return 1
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return mesh_shape(s.name, world, s.data_parallel_size, s.tensor_parallel_size)[1]
 
     def micro_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Sum of the loss terms of one micro-batch (normalised by the base) and extra metric sums."""

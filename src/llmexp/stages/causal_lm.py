@@ -25,7 +25,7 @@ class CausalLMStage(StageModule):
         return lm_encoder(fmt, self.tokenizer, self.loss_on_targets_only)
 
     def collate(self, rows):
-        return collate_lm(rows, self.tokenizer.pad_token_id)
+        return collate_lm(rows, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
     def _nll(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}

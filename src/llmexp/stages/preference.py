@@ -32,7 +32,7 @@ class PreferenceStage(StageModule):
         return preference_encoder(self.tokenizer)
 
     def collate(self, rows):
-        return collate_preference(rows, self.tokenizer.pad_token_id)
+        return collate_preference(rows, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
     def pair_sums(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """Per-pair tensors of this stage: ``loss`` and the pair metrics, each of shape [pairs]."""
