@@ -99,8 +99,6 @@ CONFIG_CASES = {
                                                   "strategy.sequence_parallel: sequence parallelism is part"),
     "sequence parallel with generation": (["stage=grpo", "strategy=tp", "trainer.devices=2",
                                            "strategy.sequence_parallel=true"], "generates token by token"),
-    "eval during training of a sharded model": (["strategy=fsdp", "trainer.devices=2", "eval=lm_eval",
-                                                 "eval.every_n_steps=10"], "eval.every_n_steps: evaluating"),
     "language model as the reward model": (["stage=ppo", "stage.reward.model={files}/fake_lm"],
                                            "is not a reward model (architectures: LlamaForCausalLM)"),
 }

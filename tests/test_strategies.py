@@ -119,7 +119,8 @@ def test_evals_under_fsdp_run_on_rank_0_with_the_gathered_weights(tmp_path):
 
     run_dir = tmp_path / "fsdp_eval"
     r = run_cli([*BASE, "strategy=fsdp", "trainer.devices=2", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
-                 "eval=lm_eval", "eval.tasks=[arithmetic_mc]", "eval.limit=20", f"hydra.run.dir={run_dir}"])
+                 "eval=lm_eval", "eval.tasks=[arithmetic_mc]", "eval.limit=20", "eval.every_n_steps=6",
+                 f"hydra.run.dir={run_dir}"])
     assert r.returncode == 0, r.stderr[-3000:]
     during = json.loads((run_dir / "summary.json").read_text())["eval"]
     out = tmp_path / "again"
@@ -127,6 +128,10 @@ def test_evals_under_fsdp_run_on_rank_0_with_the_gathered_weights(tmp_path):
                         "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == during
+    # Every 6 steps during training too: all ranks gather the shards, rank 0 evaluates a whole copy.
+    periodic = {int(r["step"]): r["eval/arithmetic_mc/acc"] for r in read_metrics(run_dir / "metrics.csv")
+                if "eval/arithmetic_mc/acc" in r}
+    assert 6 in periodic and periodic[12] == pytest.approx(during["arithmetic_mc"]["acc"])
 
 
 PAIRS = [*BASE, "trainer.max_steps=8", "trainer.val_check_interval=4", "data.options.num_samples=200"]

@@ -358,10 +358,6 @@ def _check_strategy(run: S.RunConfig) -> List[Problem]:
             if run.stage.name in ("ppo", "grpo"):
                 p.append(Problem("strategy.sequence_parallel", f"stage={run.stage.name} generates token by token, "
                                  "which a sequence-sharded model cannot", "strategy.sequence_parallel=false"))
-        if run.eval.name != "none" and run.eval.every_n_steps:
-            p.append(Problem("eval.every_n_steps", f"evaluating a model sharded by strategy={s.name} during "
-                             "training is not supported (rank 0 alone cannot run it)",
-                             "eval.every_n_steps=null: evals after training run on the gathered export"))
         if run.peft.name != "none":
             p.append(Problem("peft", f"peft={run.peft.name} with strategy={s.name} is not supported yet",
                              "strategy=ddp with LoRA, or peft=none with fsdp/tp"))

@@ -57,10 +57,27 @@ def eval_callback(cfg: RunConfig):
 
     class PeriodicEval(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step % every or not trainer.is_global_zero:
+            if trainer.global_step % every:
                 return
-            table = evaluate(cfg, pl_module.model, pl_module.tokenizer)
-            for logger in trainer.loggers:
-                logger.log_metrics(flatten(table), step=trainer.global_step)
+            model = pl_module.model
+            if pl_module.is_model_parallel:  # every rank gathers; rank 0 evaluates a whole copy
+                model = gathered_copy(pl_module.model, pl_module.full_state_dict(), trainer.is_global_zero)
+            if trainer.is_global_zero:
+                table = evaluate(cfg, model, pl_module.tokenizer)
+                for logger in trainer.loggers:
+                    logger.log_metrics(flatten(table), step=trainer.global_step)
+            if pl_module.is_model_parallel:
+                trainer.strategy.barrier("llmexp-periodic-eval")
 
     return PeriodicEval()
+
+
+def gathered_copy(model, state: Dict[str, Any], build: bool):
+    """A plain, unsharded model with the gathered weights (on rank 0; None elsewhere)."""
+    if not build:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    copy = AutoModelForCausalLM.from_config(model.config)
+    copy.load_state_dict(state)
+    return copy.eval()
