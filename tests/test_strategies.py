@@ -177,3 +177,19 @@ def test_rollout_stages_run_distributed(tmp_path, stage, strategy):
     assert 0.0 <= s["final"]["val/reward"] <= 1.0
     rows = [r for r in read_metrics(run_dir / "metrics.csv") if "train/reward_mean" in r]
     assert len(rows) == 4 and all(0.0 <= r["train/reward_mean"] <= 1.0 for r in rows)
+
+
+def test_lora_under_fsdp_matches_one_process_and_exports_merged(tmp_path):
+    """Adapters sharded with their frozen base; the export rebuilds the PEFT model whole from the
+    gathered weights and merges it (LoRA dropout off, so both runs draw no random masks)."""
+    lora = [*BASE, "peft=lora", "peft.dropout=0", "optim.lr=1e-2", "trainer.max_steps=8", "trainer.val_check_interval=4"]
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    r = run_cli([*lora, "trainer.micro_batch_size=4", "trainer.grad_accum=2", f"hydra.run.dir={single}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli([*lora, "strategy=fsdp", "trainer.devices=2", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                 f"hydra.run.dir={sharded}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _train_losses(sharded) == pytest.approx(_train_losses(single), rel=1e-5)
+    a, b = load_file(single / "model" / "model.safetensors"), load_file(sharded / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and not any("lora" in k for k in a)  # merged: a plain model
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

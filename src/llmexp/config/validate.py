@@ -358,9 +358,12 @@ def _check_strategy(run: S.RunConfig) -> List[Problem]:
             if run.stage.name in ("ppo", "grpo"):
                 p.append(Problem("strategy.sequence_parallel", f"stage={run.stage.name} generates token by token, "
                                  "which a sequence-sharded model cannot", "strategy.sequence_parallel=false"))
-        if run.peft.name != "none":
-            p.append(Problem("peft", f"peft={run.peft.name} with strategy={s.name} is not supported yet",
-                             "strategy=ddp with LoRA, or peft=none with fsdp/tp"))
+        tensor_parallel = s.name == "tp" or s.tensor_parallel_size > 1
+        if run.peft.name == "qlora" or (run.peft.name == "lora" and tensor_parallel):
+            p.append(Problem("peft", f"peft={run.peft.name} with strategy={s.name}"
+                             f"{' and tensor parallelism' if tensor_parallel else ''} is not supported yet",
+                             "LoRA with strategy=ddp or strategy=fsdp (without tensor parallelism), "
+                             "or peft=none"))
     return p
 
 

@@ -67,10 +67,26 @@ class StageModule(L.LightningModule):
         rank: sharded weights are gathered collectively, rank 0 writes."""
         from llmexp.models.export import export_model
 
+        from llmexp.models.export import is_peft_model
+
         state = self.full_state_dict() if self.is_model_parallel else None
         if self.trainer.is_global_zero:
-            self.model = export_model(self.model, self.tokenizer, out_dir, self.cfg.peft.merge_on_export, state)
+            model = self.model
+            if state is not None and is_peft_model(model):  # PEFT merges and saves whole modules
+                model, state = self.unsharded_copy(state), None
+            self.model = export_model(model, self.tokenizer, out_dir, self.cfg.peft.merge_on_export, state)
         return {"model_dir": str(out_dir)}
+
+    def unsharded_copy(self, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
+        """The stage's model rebuilt whole from config, holding the gathered weights ``state``."""
+        from llmexp.models.build import build_model
+        from llmexp.models.peft import apply_peft
+
+        head = "score" if self.cfg.stage.name == "rm" else "causal_lm"
+        model = build_model(self.cfg.model, self.tokenizer, head=head)
+        model = apply_peft(model, self.cfg.peft, self.cfg.model, task_type="SEQ_CLS" if head == "score" else "CAUSAL_LM")
+        model.load_state_dict(state)
+        return model
 
     # -- model parallelism (fsdp / tp through Lightning's ModelParallelStrategy) -----------------
     @property
