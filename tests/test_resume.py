@@ -59,7 +59,8 @@ def _weights(run_dir):
     ["stage=ppo", "model=gpt2", "stage.kl_control=adaptive", "stage.kl_horizon=100", "stage.rollout.max_new_tokens=6"],
     ["stage=grpo", "stage.group_size=2", "stage.beta=0.05", "stage.rollout.max_new_tokens=6"],
     ["stage=dpo", "model=gpt2"],
-], ids=["gpt2-dropout", "lora", "ppo", "grpo", "dpo"])
+    ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=gpt2"],
+], ids=["gpt2-dropout", "lora", "ppo", "grpo", "dpo", "ddp"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra):
     overrides = [*COMMON, *extra]
     straight = tmp_path / "straight"

@@ -209,7 +209,8 @@ class StageModule(L.LightningModule):
 
     # -- checkpoints: what Lightning does not save by itself -------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint["llmexp"] = {"rng": rng_state(), "initial_metrics": self.initial_metrics,
+        per_rank = self._rng_states_of_all_ranks()
+        checkpoint["llmexp"] = {"rng": per_rank[0], "rng_per_rank": per_rank, "initial_metrics": self.initial_metrics,
                                 "train_tokens": self.train_tokens, "train_seconds": self.train_seconds}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -217,8 +218,23 @@ class StageModule(L.LightningModule):
         self.initial_metrics = state.get("initial_metrics", {})
         self.train_tokens = state.get("train_tokens", 0)
         self.train_seconds = state.get("train_seconds", 0.0)
-        if "rng" in state:
+        per_rank = state.get("rng_per_rank") or []
+        rank = self.global_rank if self._trainer is not None else 0
+        if rank < len(per_rank):  # each rank continues its own random stream (dropout, sampling)
+            restore_rng_state(per_rank[rank])
+        elif "rng" in state:
             restore_rng_state(state["rng"])
+
+    def _rng_states_of_all_ranks(self) -> List[Dict[str, Any]]:
+        """Every rank's RNG state (the checkpoint is written by rank 0 alone); a collective."""
+        state = rng_state()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return [state]
+        import torch.distributed as dist
+
+        states: List[Any] = [None] * self.trainer.world_size
+        dist.all_gather_object(states, state)
+        return states
 
     def _global_sum(self, value: int) -> float:
         if self.trainer.world_size == 1:
