@@ -80,3 +80,29 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         flipped = -label_smoothing * F.logsigmoid(-beta * delta)
         return (clean - flipped) / (1 - 2 * label_smoothing)
     raise ValueError(f"unknown DPO loss type {loss_type!r}")
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        clip_range: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO surrogate ``max(-A r, -A clip(r, 1-e, 1+e))``, with the clipped indicator and
+    the per-token approximate KL ``(r - 1) - log r`` (Schulman's k3) to the sampling policy."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float(), (ratio - 1) - log_ratio
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip_range: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``0.5 max((v - R)^2, (v_clip - R)^2)`` with ``v_clip`` kept within ``clip_range``
+    of the rollout's value, and the clipped indicator."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    a, b = (values - returns) ** 2, (v_clipped - returns) ** 2
+    return 0.5 * torch.maximum(a, b), (b > a).float()
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token unbiased, non-negative KL estimate ``exp(d) - d - 1`` with ``d = logp_ref - logp``."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1

@@ -7,7 +7,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from llmexp import rl_math as M
+from llmexp import advantages as M
+from llmexp.losses import clipped_policy_loss, clipped_value_loss, k3_kl
 from llmexp.optim import build_optimizer
 from llmexp.stages.rollout import Rollout, RolloutStage
 
@@ -81,8 +82,8 @@ class PPOStage(RolloutStage):
     def rollout_loss(self, r: Rollout):
         s = self.cfg.stage
         logprobs, values, _ = self.forward(r, self.model, with_values=True)
-        pg, clipped, approx_kl = M.clipped_policy_loss(logprobs, r.logprobs, r.advantages, s.clip_range)
-        vf, vf_clipped = M.clipped_value_loss(values, r.values, r.returns, s.clip_range_value)
+        pg, clipped, approx_kl = clipped_policy_loss(logprobs, r.logprobs, r.advantages, s.clip_range)
+        vf, vf_clipped = clipped_value_loss(values, r.values, r.returns, s.clip_range_value)
         m = r.mask
         policy, value = M.masked_sum(pg, m), M.masked_sum(vf, m)
         return policy + s.value_loss_coef * value, {
@@ -132,13 +133,13 @@ class GRPOStage(RolloutStage):
         s = self.cfg.stage
         logprobs, _, entropy = self.forward(r, self.model)
         old = r.logprobs if r.logprobs is not None else logprobs.detach()
-        pg, clipped, _ = M.clipped_policy_loss(logprobs, old, r.advantages, s.clip_range)
+        pg, clipped, _ = clipped_policy_loss(logprobs, old, r.advantages, s.clip_range)
         m = r.mask
         extras = {"policy_loss": M.masked_sum(pg, m), "clipfrac": M.masked_sum(clipped, m),
                   "entropy": M.masked_sum(entropy, m)}
         loss = extras["policy_loss"]
         if s.beta > 0:
-            kl = M.masked_sum(M.k3_kl(logprobs, r.ref_logprobs), m)
+            kl = M.masked_sum(k3_kl(logprobs, r.ref_logprobs), m)
             extras["kl"] = kl
             loss = loss + s.beta * kl
         return loss, extras

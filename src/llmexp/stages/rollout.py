@@ -19,7 +19,7 @@ import torch
 from llmexp.data.collate import collate_prompts
 from llmexp.data.encode import prompt_encoder
 from llmexp.faults import check_finite
-from llmexp.rl_math import entropy_from_logits, response_mask
+from llmexp.advantages import entropy_from_logits, response_mask
 from llmexp.stages.base import StageModule, seconds_since_process_start
 
 

@@ -1,4 +1,5 @@
-"""The arithmetic of PPO and GRPO as pure functions of tensors, unit-tested against hand-derived values.
+"""Advantages for PPO and GRPO as pure functions of tensors, unit-tested against hand-derived values
+(their losses live with the others in :mod:`llmexp.losses`).
 
 Shapes: ``[batch, response_len]`` per-token tensors with a 0/1 ``mask`` of real response tokens
 (positions after the first eos, and padding, are 0).
@@ -67,30 +68,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, advantages + values
 
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        clip_range: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO surrogate ``max(-A r, -A clip(r, 1-e, 1+e))``, with the clipped indicator and
-    the per-token approximate KL ``(r - 1) - log r`` (Schulman's k3) to the sampling policy."""
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped), (clipped > unclipped).float(), (ratio - 1) - log_ratio
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       clip_range: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``0.5 max((v - R)^2, (v_clip - R)^2)`` with ``v_clip`` kept within ``clip_range``
-    of the rollout's value, and the clipped indicator."""
-    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
-    a, b = (values - returns) ** 2, (v_clipped - returns) ** 2
-    return 0.5 * torch.maximum(a, b), (b > a).float()
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token unbiased, non-negative KL estimate ``exp(d) - d - 1`` with ``d = logp_ref - logp``."""
-    d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:

@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from llmexp import rl_math as M
-from llmexp.losses import bradley_terry_loss, dpo_loss, sequence_logps, token_logps
+from llmexp import advantages as M
+from llmexp.losses import (
+    bradley_terry_loss,
+    clipped_policy_loss,
+    clipped_value_loss,
+    dpo_loss,
+    k3_kl,
+    sequence_logps,
+    token_logps,
+)
 
 
 def test_sequence_logps_sums_target_tokens_only():
@@ -96,17 +104,17 @@ def test_clipped_policy_loss_clips_large_ratios():
     old = torch.zeros(1, 2)
     new = torch.log(torch.tensor([[1.5, 0.9]]))
     adv = torch.tensor([[1.0, -1.0]])
-    loss, clipped, approx_kl = M.clipped_policy_loss(new, old, adv, clip_range=0.2)
+    loss, clipped, approx_kl = clipped_policy_loss(new, old, adv, clip_range=0.2)
     assert loss.tolist()[0] == pytest.approx([-1.2, 0.9], abs=1e-6)
     assert clipped.tolist()[0] == [1.0, 0.0]
     assert approx_kl[0, 0].item() == pytest.approx(0.5 - math.log(1.5), abs=1e-6)
 
 
 def test_clipped_value_loss():
-    loss, clipped = M.clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.2)
+    loss, clipped = clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.2)
     assert loss.item() == pytest.approx(0.5 * 1.0)  # max(1.0^2, 0.2^2)
     assert clipped.item() == 0.0
-    loss, clipped = M.clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([2.0]), 0.2)
+    loss, clipped = clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([2.0]), 0.2)
     assert loss.item() == pytest.approx(0.5 * 1.8 ** 2)
     assert clipped.item() == 1.0
 
@@ -123,8 +131,8 @@ def test_group_advantages():
 
 def test_k3_kl_is_zero_at_equality_and_positive_otherwise():
     a = torch.tensor([-1.0, -2.0])
-    assert M.k3_kl(a, a).tolist() == [0.0, 0.0]
-    assert M.k3_kl(a, a - 0.5).min().item() > 0
+    assert k3_kl(a, a).tolist() == [0.0, 0.0]
+    assert k3_kl(a, a - 0.5).min().item() > 0
 
 
 def test_adaptive_kl_controller_moves_towards_the_target():
