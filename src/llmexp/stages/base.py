@@ -65,9 +65,7 @@ class StageModule(L.LightningModule):
     def export(self, out_dir) -> Dict[str, Any]:
         """Write the trained model in HF format; return facts for summary.json. Called on every
         rank: sharded weights are gathered collectively, rank 0 writes."""
-        from llmexp.models.export import export_model
-
-        from llmexp.models.export import is_peft_model
+        from llmexp.models.export import export_model, is_peft_model
 
         state = self.full_state_dict() if self.is_model_parallel else None
         if self.trainer.is_global_zero:

@@ -81,7 +81,7 @@ class PPOStage(RolloutStage):
 
     def rollout_loss(self, r: Rollout):
         s = self.cfg.stage
-        logprobs, values, _ = self.forward(r, self.model, with_values=True)
+        logprobs, values, _ = self.token_outputs(r, self.model, with_values=True)
         pg, clipped, approx_kl = clipped_policy_loss(logprobs, r.logprobs, r.advantages, s.clip_range)
         vf, vf_clipped = clipped_value_loss(values, r.values, r.returns, s.clip_range_value)
         m = r.mask
@@ -131,7 +131,7 @@ class GRPOStage(RolloutStage):
 
     def rollout_loss(self, r: Rollout):
         s = self.cfg.stage
-        logprobs, _, entropy = self.forward(r, self.model)
+        logprobs, _, entropy = self.token_outputs(r, self.model)
         old = r.logprobs if r.logprobs is not None else logprobs.detach()
         pg, clipped, _ = clipped_policy_loss(logprobs, old, r.advantages, s.clip_range)
         m = r.mask

@@ -3,7 +3,7 @@ optimise a per-token loss over the rollout batch on Lightning.
 
 One training step is one rollout iteration: the window of prompts (micro_batch_size x
 grad_accum) is answered micro-batch by micro-batch, the stage turns scores into advantages over
-the whole batch, then ``updates_per_rollout`` optimizer updates run over it. The step counter
+the whole batch, then the updates of ``update_plan()`` run over it. The step counter
 (and the lr schedule, checkpoints and resume position) counts iterations, not updates.
 """
 
@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from llmexp.advantages import entropy_from_logits, response_mask
 from llmexp.data.collate import collate_prompts
 from llmexp.data.encode import prompt_encoder
 from llmexp.faults import check_finite
-from llmexp.advantages import entropy_from_logits, response_mask
 from llmexp.stages.base import StageModule, seconds_since_process_start
 
 
@@ -142,7 +142,7 @@ class RolloutStage(StageModule):
                     mask=mask, scores=self.score(prompts, responses, mask, columns))
         with torch.no_grad():
             if self.needs_old_logprobs():
-                r.logprobs, r.values, r.entropy = self.forward(r, self.model, with_values=self.needs_values)
+                r.logprobs, r.values, r.entropy = self.token_outputs(r, self.model, with_values=self.needs_values)
             if self.uses_reference(self.cfg):
                 r.ref_logprobs = self.reference_logprobs(r)
         return r
@@ -150,7 +150,7 @@ class RolloutStage(StageModule):
     def needs_old_logprobs(self) -> bool:
         return True
 
-    def forward(self, r: Rollout, model, with_values: bool = False
+    def token_outputs(self, r: Rollout, model, with_values: bool = False
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         """Per-response-token log-probs (at the sampling temperature), values (from the value head,
         when asked) and entropies."""
@@ -172,8 +172,8 @@ class RolloutStage(StageModule):
     def reference_logprobs(self, r: Rollout) -> torch.Tensor:
         if self.reference is None:  # LoRA: the base model is the policy with its adapter off
             with self.model.disable_adapter():
-                return self.forward(r, self.model)[0]
-        return self.forward(r, self.reference)[0]
+                return self.token_outputs(r, self.model)[0]
+        return self.token_outputs(r, self.reference)[0]
 
     # -- what ppo and grpo provide ---------------------------------------------------------------
     def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
