@@ -46,3 +46,31 @@ def llmexp_run(overrides: List[str], callbacks=()) -> Dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="llmexp-bench-")) / "run"
     run(compose(["logger=none", "trainer.progress_bar=false", *overrides]), run_dir=run_dir, callbacks=callbacks)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def trl_clock():
+    """A transformers callback timing the training loop (on_train_begin .. on_train_end)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.seconds = time.perf_counter() - self.start
+
+    return Clock()
+
+
+def lightning_clock():
+    """A Lightning callback timing the same span (on_train_start .. on_train_end)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Clock(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            self.seconds = time.perf_counter() - self.start
+
+    return Clock()

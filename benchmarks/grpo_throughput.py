@@ -11,9 +11,8 @@ CPU. Each side is timed over its training loop only.
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import llmexp_run, save
+from common import lightning_clock, llmexp_run, save, trl_clock
 
 MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.intermediate_size=512"]
@@ -21,7 +20,7 @@ MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.nu
 
 def trl_run(steps: int, prompts: int, group: int, max_new: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     from conftest import compose
@@ -41,14 +40,7 @@ def trl_run(steps: int, prompts: int, group: int, max_new: int) -> dict:
         return [correctness_reward(c[-1]["content"] if isinstance(c, list) else c, a)
                 for c, a in zip(completions, answer)]
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            self.seconds = time.perf_counter() - self.start
-
-    clock = Clock()
+    clock = trl_clock()
     args = GRPOConfig(output_dir="/tmp/trl-grpo-bench", max_steps=steps, per_device_train_batch_size=prompts * group,
                       num_generations=group, max_completion_length=max_new, temperature=1.0, top_k=0, beta=0.0,
                       num_iterations=1, learning_rate=1e-3, use_cpu=True, report_to="none", logging_steps=steps,
@@ -62,16 +54,7 @@ def trl_run(steps: int, prompts: int, group: int, max_new: int) -> dict:
 
 
 def llmexp_side(steps: int, prompts: int, group: int, max_new: int) -> dict:
-    from lightning.pytorch.callbacks import Callback
-
-    class Clock(Callback):
-        def on_train_start(self, trainer, pl_module):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, trainer, pl_module):
-            self.seconds = time.perf_counter() - self.start
-
-    clock = Clock()
+    clock = lightning_clock()
     llmexp_run([*MODEL, "stage=grpo", f"trainer.max_steps={steps}", f"trainer.micro_batch_size={prompts}",
                 f"stage.group_size={group}", f"stage.rollout.max_new_tokens={max_new}", "optim.lr=1e-3",
                 "optim.warmup_steps=1", "trainer.val_check_interval=null", "trainer.limit_val_batches=1"],

@@ -11,9 +11,8 @@ training loop only (data preparation excluded) and counts the non-padding tokens
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import llmexp_run, save
+from common import lightning_clock, llmexp_run, save, trl_clock
 
 MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.intermediate_size=512"]
@@ -21,7 +20,7 @@ MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.nu
 
 def trl_run(steps: int, batch: int, max_length: int, packing: bool) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from llmexp.config.validate import validate
@@ -36,14 +35,7 @@ def trl_run(steps: int, batch: int, max_length: int, packing: bool) -> dict:
     model = AutoModelForCausalLM.from_config(architecture_config(cfg.model, tok), attn_implementation="sdpa")
     train = load_examples(cfg.data, "sft").train
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            self.seconds = time.perf_counter() - self.start
-
-    clock = Clock()
+    clock = trl_clock()
     args = SFTConfig(output_dir="/tmp/trl-bench", max_steps=steps, per_device_train_batch_size=batch,
                      max_length=max_length, packing=packing, assistant_only_loss=True, use_cpu=True,
                      report_to="none", logging_steps=steps, save_strategy="no", learning_rate=3e-3,
@@ -59,16 +51,7 @@ def trl_run(steps: int, batch: int, max_length: int, packing: bool) -> dict:
 
 
 def llmexp_side(steps: int, batch: int, max_length: int, packing: bool) -> dict:
-    from lightning.pytorch.callbacks import Callback
-
-    class Clock(Callback):  # the same span TRL's on_train_begin .. on_train_end covers
-        def on_train_start(self, trainer, pl_module):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, trainer, pl_module):
-            self.seconds = time.perf_counter() - self.start
-
-    clock = Clock()
+    clock = lightning_clock()
     s = llmexp_run([*MODEL, f"trainer.max_steps={steps}", f"trainer.micro_batch_size={batch}",
                     f"data.max_length={max_length}", f"data.packing={str(packing).lower()}",
                     "trainer.val_check_interval=null", "trainer.limit_val_batches=1"], callbacks=[clock])
