@@ -63,7 +63,6 @@ CONFIG_CASES = {
     "out of range": (["data.val_fraction=2.0"], "data.val_fraction: must be <= 0.9"),
     "not a valid choice": (["optim.scheduler=cosin"], "did you mean 'cosine'"),
     "heads do not divide": (["model.num_heads=3"], "not divisible by num_heads 3"),
-    "warm-up longer than run": (["trainer.max_steps=5"], "optim.warmup_steps"),
     "qlora on cpu": (["peft=qlora"], "needs a CUDA GPU"),
     "liger kernels on cpu": (["model.liger_kernel=true"], "Liger kernels are Triton kernels and need a CUDA GPU"),
     "fp16 on cpu": (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a CUDA GPU"),

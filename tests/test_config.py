@@ -75,7 +75,7 @@ def test_experiment_preset_sets_several_groups():
 
 def test_all_problems_are_reported_at_once_with_keys():
     cfg = compose(["trainer.max_steps=0", "optim.scheduler=cosin", "model.num_heads=3",
-                   "optim.warmup_steps=1000", "data.val_fraction=2.0"])
+                   "optim.warmup_steps=-1", "data.val_fraction=2.0"])
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     keys = {p.key for p in e.value.problems}
@@ -117,3 +117,10 @@ def test_qlora_on_cpu_says_it_needs_a_gpu():
         validate(compose(["peft=qlora"]))
     (p,) = e.value.problems
     assert p.key == "peft" and "CUDA GPU" in p.message and "peft=lora" in p.fix
+
+
+def test_warmup_longer_than_the_run_is_clamped_not_refused():
+    from llmexp.optim import effective_warmup
+
+    validate(compose(["trainer.max_steps=5"]))  # 10 warm-up steps by default: no error
+    assert effective_warmup(10, 5) == 4 and effective_warmup(10, 600) == 10 and effective_warmup(3, 1) == 0

@@ -56,7 +56,7 @@ def report(error: BaseException) -> int:
 
         traceback.print_exception(type(error), error, error.__traceback__)
     sys.stderr.write(f"llmexp: error: {error}\n")
-    if not os.environ.get("LLMEXP_TRACEBACK"):
+    if not os.environ.get("LLMEXP_TRACEBACK") and not isinstance(error, ConfigError):
         sys.stderr.write("(set LLMEXP_TRACEBACK=1 for the full traceback)\n")
     sys.stderr.flush()
     return getattr(error, "exit_code", EXIT_USER_ERROR)

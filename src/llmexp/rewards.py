@@ -28,10 +28,11 @@ class FunctionReward:
     """``fn(completion, **columns) -> float`` from the ``llmexp_rewards`` registry. Columns the
     function does not name are not passed, so one function serves datasets with extra columns."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, key: str = "stage.reward.function"):
         from llmexp.plugins.registry import lookup
 
-        entry = lookup("llmexp_rewards", name, "stage.reward.function")
+        entry = lookup("llmexp_rewards", name, key)
+        self.key = key
         self.name, self.owner, self.fn = name, entry.owner, entry.declaration.fn
         self.accepted = accepted_columns(self.fn)
 
@@ -44,7 +45,7 @@ class FunctionReward:
             try:
                 out.append(float(self.fn(completion, **cols)))
             except Exception as e:  # noqa: BLE001 - a plugin's bug: name it
-                raise UserError(f"stage.reward.function: reward {self.name!r} of {self.owner} failed on "
+                raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on "
                                 f"{completion!r} with columns {sorted(cols)}: {type(e).__name__}: {e}") from e
         return torch.tensor(out, dtype=torch.float32)
 

@@ -90,6 +90,9 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     from llmexp.plugins import plugin_callbacks
     from llmexp.stages import stage_class
     from llmexp.training import build_trainer, save_last_checkpoint
+    from llmexp.health import HealthGuard, watched
+    from llmexp.optim import effective_warmup
+    from llmexp.task_probe import build_probe
 
     tokenizer = load_tokenizer(typed.model.tokenizer, typed.model.pretrained, prepared.texts,
                                typed.model.trust_remote_code)
@@ -97,13 +100,20 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
+    if typed.stage.name != "rm":  # every stage that ends with a language model
+        stage.task_probe = build_probe(typed, prepared.val, prepared.format)
+    guard = None
+    if watched(typed.stage.name) and typed.health.action != "off":
+        rollout = getattr(typed.stage, "rollout", None)
+        guard = HealthGuard(typed.health, typed.stage.name, rollout.max_new_tokens if rollout else None, run_dir)
     resume_from = resolve_resume(typed.resume, run_dir)
 
     loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
                             resume_step=checkpoint_step(resume_from) if resume_from else None)
     evaluating = typed.eval.name != "none"
     eval_callbacks = [eval_callback(typed)] if evaluating and typed.eval.every_n_steps else []
-    trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *eval_callbacks])
+    guards = [guard] if guard else []
+    trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *eval_callbacks, *guards])
     if evaluating and typed.eval.before_training and resume_from is None and trainer.is_global_zero:
         initial_eval = evaluate(typed, stage.model, tokenizer, run_dir)
         record_eval(initial_eval, run_dir, "initial")
@@ -142,6 +152,16 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
         "checkpoint": str(checkpoint),
         **stage.summary_extras(),
     }
+    probe = getattr(stage, "task_probe", None)
+    if probe is not None:
+        summary["task"] = {"check": probe.check, "prompts": len(probe.rows), "max_new_tokens": probe.max_new_tokens}
+    if guard is not None:
+        summary["health"] = guard.record()
+    warmup = effective_warmup(typed.optim.warmup_steps, typed.trainer.max_steps)
+    if warmup != typed.optim.warmup_steps:
+        summary["warmup_steps_used"] = warmup
+        summary["notes"] = [f"optim.warmup_steps={typed.optim.warmup_steps} clamped to {warmup} for "
+                            f"trainer.max_steps={typed.trainer.max_steps}"]
     summary.update(stage.export(run_dir / "model"))
     if trainer.is_global_zero and evaluating:
         summary.update(final_eval(typed, stage, tokenizer, run_dir, trainer))
@@ -165,6 +185,12 @@ def _print_result(summary: Dict[str, Any]) -> None:
     lines = [f"[bold]{summary['stage']}[/] {summary['model']}: {summary['global_step']} steps in "
              f"{summary['wall_seconds']:.1f}s"]
     for key in sorted(set(i) | set(f)):
-        lines.append(f"  {key}: {i.get(key, float('nan')):.4f} -> {f.get(key, float('nan')):.4f}")
+        mark = "  [bold]<- task metric[/]" if key == "val/task_score" else ""
+        lines.append(f"  {key}: {i.get(key, float('nan')):.4f} -> {f.get(key, float('nan')):.4f}{mark}")
+    if "task" in summary:
+        t = summary["task"]
+        lines.append(f"  (val/task_score: greedy answers to {t["prompts"]} prompts, checked by {t["check"]})")
+    for w in summary.get("health", {}).get("warnings", []):
+        lines.append(f"  [yellow]health warning[/] at step {w['step']}: {w['sign']}: {w['seen']}")
     lines.append(f"  run record: {summary['run_dir']}")
     Console(stderr=True).print("\n".join(lines))

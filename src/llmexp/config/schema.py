@@ -300,6 +300,41 @@ class EvalConfig:
 
 
 @dataclass
+class TaskConfig:
+    """The task metric (``val/task_score``): greedy answers to held-out prompts, scored by a checker
+    (see llmexp.task_probe for what ``auto`` picks)."""
+
+    check: str = "auto"
+    max_prompts: Optional[int] = bounded(200, min=1)
+    max_new_tokens: int = bounded(24, min=1)
+    batch_size: int = bounded(64, min=1)
+
+
+HEALTH_ACTIONS = ("warn", "stop", "off")
+
+
+@dataclass
+class HealthConfig:
+    """Post-training's known failure signs, checked on the logged metrics (see llmexp.health)."""
+
+    action: str = choice("warn", HEALTH_ACTIONS)
+    # ppo/grpo: KL of the policy to its reference, summed over a response (nats)
+    max_kl: float = bounded(10.0, min=0.0)
+    # dpo: how far the chosen responses' log-prob may fall below its value at the start (nats)
+    max_logp_drop: float = bounded(20.0, min=0.0)
+    # ppo/grpo: mean response length below this many tokens ...
+    min_response_tokens: float = bounded(2.0, min=0.0)
+    # ... or pinned at this fraction of stage.rollout.max_new_tokens
+    max_length_fraction: float = bounded(0.98, min=0.0, max=1.0)
+    # ppo/grpo: mean per-token entropy of the sampled responses below this (nats)
+    min_entropy: float = bounded(0.005, min=0.0)
+    # val/task_score below its value at the start by more than this
+    max_task_drop: float = bounded(0.1, min=0.0)
+    # logged steps in a row a sign must show before it counts (one noisy batch is not a collapse)
+    patience: int = bounded(3, min=1)
+
+
+@dataclass
 class PeftConfig:
     name: str = choice("none", PEFT_METHODS)
     r: int = bounded(8, min=1)
@@ -322,6 +357,8 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     run_name: str = "run"
     # Continue a run from its last checkpoint: a run directory, or "auto" (this run directory's
     # checkpoint if it has one, else the newest unfinished run of the same run_name).
@@ -338,4 +375,6 @@ GROUP_SCHEMAS: Dict[str, type] = {
     "logger": LoggerConfig,
     "peft": PeftConfig,
     "eval": EvalConfig,
+    "task": TaskConfig,
+    "health": HealthConfig,
 }

@@ -159,6 +159,20 @@ def _type_name(hint: Any) -> str:
         hint, getattr(hint, "__name__", str(hint)))
 
 
+def _check_task(run: S.RunConfig) -> List[Problem]:
+    """task.check names a checker llmexp knows, or a registered reward function."""
+    check = run.task.check
+    if check in ("auto", "reference", "none"):
+        return []
+    from llmexp.plugins.registry import rewards
+
+    names = rewards()
+    if check in names:
+        return []
+    return [Problem("task.check", f"no checker or reward named {check!r}",
+                    suggest(check, ["auto", "reference", "none", *names]))]
+
+
 def cross_checks(run: S.RunConfig) -> List[Problem]:
     """Contradictions between groups and facts about files and the machine."""
     p: List[Problem] = []
@@ -179,6 +193,7 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
     if m.tokenizer not in (None, "train"):
         p.extend(_check_model_source("model.tokenizer", m.tokenizer, run.offline))
     p.extend(_check_stage_data(run))
+    p.extend(_check_task(run))
     if m.architecture == "gpt2" and m.num_kv_heads and m.pretrained is None:
         p.append(Problem("model.num_kv_heads", "gpt2 has no grouped-query attention",
                          "model.num_kv_heads=null, or a llama/qwen2/mistral model"))
@@ -191,9 +206,6 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
                          "set offline=false to download it from the hub, or use a local path"))
     if d.source != "bundled" and not d.path:
         p.append(Problem("data.path", f"data.source={d.source} needs a path", "data.path=..."))
-    if o.warmup_steps >= t.max_steps:
-        p.append(Problem("optim.warmup_steps", f"{o.warmup_steps} warm-up steps leave none of "
-                         f"trainer.max_steps={t.max_steps}", "lower optim.warmup_steps"))
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(Problem("optim.betas", f"expected two numbers in [0, 1), got {o.betas}", "optim.betas=[0.9,0.95]"))
     p.extend(_check_strategy(run))

@@ -110,6 +110,17 @@ def prompts_with_answers(num_samples: int = 1000, max_operand: int = 9, seed: in
         yield {"prompt": [{"role": "user", "content": p.question(t)}], "answer": str(p.answer)}
 
 
+def task_prompts(max_operand: int = 9, seed: int = 4321) -> List[Dict]:
+    """The task metric's prompts: every distinct problem once (155 with operands up to 9), each
+    worded by a seeded template, with its answer. Every stage's run is measured on the same set."""
+    rng = random.Random(seed)
+    out = []
+    for p in problems(max_operand):
+        t = rng.randrange(len(QUESTION_TEMPLATES[p.op]))
+        out.append({"prompt": [{"role": "user", "content": p.question(t)}], "columns": {"answer": str(p.answer)}})
+    return out
+
+
 _LAST_NUMBER = re.compile(r"=\s*(-?\d+)")
 
 
@@ -119,9 +130,12 @@ def extract_answer(completion: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def correctness_reward(completion: str, answer: str) -> float:
-    """1.0 for the right number after '=', 0.0 otherwise."""
-    return 1.0 if extract_answer(completion) == str(answer) else 0.0
+def correctness_reward(completion: str, answer: Optional[str] = None, reference: Optional[str] = None) -> float:
+    """1.0 for the right number after '=', 0.0 otherwise. The right number is the ``answer``
+    column (prompt data) or the one in the ``reference`` answer (chat and preference data)."""
+    if answer is None:
+        answer = extract_answer(reference) if reference else None
+    return 1.0 if answer is not None and extract_answer(completion) == str(answer) else 0.0
 
 
 GENERATORS = {"arithmetic": chat_examples, "arithmetic_text": text_corpus,

@@ -262,6 +262,45 @@ class StageModule(L.LightningModule):
                      / self._time_since_log, on_step=True)
             self._tokens_since_log, self._time_since_log = 0, 0.0
 
+    # -- generation (the task metric here; rollouts in rollout.py) -------------------------------
+    @torch.no_grad()
+    def generate_responses(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                           **sampling: Any) -> torch.Tensor:
+        """Responses ``[B, T]`` to left-padded prompts (pad after eos), greedy unless ``sampling``
+        says otherwise. Sharded models generate in lockstep across ranks."""
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                                  min_new_tokens=1, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                                  synced_gpus=self.is_model_parallel and self.trainer.world_size > 1,
+                                  **(sampling or {"do_sample": False}))
+        self.model.train(was_training)
+        return out[:, prompt_ids.shape[1]:]
+
+    def greedy_answers(self, prompts: List[Any], max_new_tokens: int) -> List[str]:
+        """Greedy answer texts to prompts (chat messages or strings), as a user would get them."""
+        from llmexp.data.collate import collate_prompts
+        from llmexp.data.encode import render_prompt
+
+        rows = [{"input_ids": render_prompt(self.tokenizer, p), "prompt": p, "columns": {}} for p in prompts]
+        batch = collate_prompts(rows, self.tokenizer.pad_token_id)
+        responses = self.generate_responses(batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
+                                            max_new_tokens)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in responses.tolist()]
+
+    def _task_sums(self) -> None:
+        """Add the task metric's sums (greedy answers to held-out prompts) to this validation pass."""
+        probe = getattr(self, "task_probe", None)
+        if probe is None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        rank, world = dm._data_parallel_rank() if dm is not None else (0, 1)
+        sums = probe.sums(lambda prompts: self.greedy_answers(prompts, probe.max_new_tokens), rank, world)
+        for name, (s, n) in sums.items():
+            self._val[name] = [torch.tensor(float(s), device=self.device, dtype=torch.float64),
+                               torch.tensor(float(n), device=self.device, dtype=torch.float64)]
+
     # -- validation ------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val = {}
@@ -272,6 +311,7 @@ class StageModule(L.LightningModule):
             self._val[name] = [acc[0] + s.detach().double(), acc[1] + torch.as_tensor(n, device=self.device).double()]
 
     def on_validation_epoch_end(self) -> None:
+        self._task_sums()
         means = {}
         for name, (s, n) in self._val.items():
             if self.trainer.world_size > 1:

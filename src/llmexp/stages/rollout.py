@@ -96,21 +96,13 @@ class RolloutStage(StageModule):
         self._place_frozen()
 
     # -- sampling and scoring --------------------------------------------------------------------
-    @torch.no_grad()
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool) -> torch.Tensor:
-        """Responses ``[B, T]`` (pad after eos). Sharded models generate in lockstep across ranks."""
+        """Responses ``[B, T]`` (pad after eos): sampled as stage.rollout says, or greedy."""
         r = self.cfg.stage.rollout
-        new = (r.val_max_new_tokens or r.max_new_tokens) if greedy else r.max_new_tokens
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": r.temperature,
-                                                        "top_k": r.top_k, "top_p": r.top_p}
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=new,
-                                  min_new_tokens=1, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
-                                  synced_gpus=self.is_model_parallel and self.trainer.world_size > 1, **sampling)
-        self.model.train(was_training)
-        return out[:, prompt_ids.shape[1]:]
+        if greedy:
+            return self.generate_responses(prompt_ids, prompt_mask, r.val_max_new_tokens or r.max_new_tokens)
+        return self.generate_responses(prompt_ids, prompt_mask, r.max_new_tokens, do_sample=True,
+                                       temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
 
     def score(self, prompts: List[Any], responses: torch.Tensor, mask: torch.Tensor,
               columns: List[Dict[str, Any]]) -> torch.Tensor:

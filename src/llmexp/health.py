@@ -1,0 +1,142 @@
+"""The health guard of post-training: the known signs of a collapsing run, checked on the metrics
+the stage logs, each with what to change.
+
+A sign counts once it shows on ``health.patience`` logged steps in a row (one noisy batch is not a
+collapse); the task metric is checked at every validation pass. ``health.action`` says what a
+sign does: ``warn`` (the log, the progress bar and summary.json's ``health``), ``stop`` (the run
+ends with exit code 4, keeping the last checkpoint written before) or ``off``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import lightning as L
+
+from llmexp.config.schema import HealthConfig
+from llmexp.errors import UserError
+
+FIXES = {
+    "kl_runaway": "the policy is running away from its reference: lower optim.lr, or raise stage.kl_coef "
+                  "(ppo) / stage.beta (grpo)",
+    "logp_drop": "DPO is pushing the chosen answers down too (the model forgets them): lower optim.lr or "
+                 "trainer.max_steps, or raise stage.beta",
+    "length_collapse": "responses are collapsing to a few tokens: lower optim.lr, raise stage.kl_coef, and "
+                       "check that the reward does not favour short answers",
+    "length_at_cap": "responses run to stage.rollout.max_new_tokens without ending: lower optim.lr, or set "
+                     "stage.reward.missing_eos_penalty=-1",
+    "entropy_collapse": "the policy samples (nearly) one answer: lower optim.lr or raise "
+                        "stage.rollout.temperature",
+    "no_reward_signal": "every sampled answer gets the same reward, so nothing is learnt: check the reward "
+                        "and the data's answer column, raise stage.rollout.temperature or stage.group_size",
+    "task_drop": "the stage is making the model worse at its task (val/task_score): lower optim.lr or "
+                 "trainer.max_steps",
+}
+EXIT_HEALTH = 4
+
+
+class HealthStop(UserError):
+    """``health.action=stop`` and a failure sign showed."""
+
+    exit_code = EXIT_HEALTH
+
+
+def step_signs(m: Dict[str, float], start: Dict[str, float], cfg: HealthConfig, stage: str,
+               max_new_tokens: Optional[int]) -> Dict[str, str]:
+    """Sign name -> what was seen, for one logged step's metrics ``m``; ``start`` holds the
+    first logged values (DPO's chosen log-prob at the start)."""
+    signs: Dict[str, str] = {}
+    length = m.get("train/response_length")
+    kl = m.get("train/kl")
+    if kl is not None:
+        per_response = kl * length if stage == "grpo" and length is not None else kl  # grpo logs it per token
+        if per_response > cfg.max_kl:
+            signs["kl_runaway"] = f"KL to the reference {per_response:.2f} nats per response > health.max_kl={cfg.max_kl}"
+    logp, logp0 = m.get("train/logp_chosen"), start.get("train/logp_chosen")
+    if logp is not None and logp0 is not None and logp0 - logp > cfg.max_logp_drop:
+        signs["logp_drop"] = (f"log-prob of the chosen answers {logp:.1f}, down {logp0 - logp:.1f} nats from "
+                              f"{logp0:.1f} > health.max_logp_drop={cfg.max_logp_drop}")
+    if length is not None:
+        if length < cfg.min_response_tokens:
+            signs["length_collapse"] = f"mean response length {length:.1f} tokens < health.min_response_tokens"
+        elif max_new_tokens and length >= cfg.max_length_fraction * max_new_tokens:
+            signs["length_at_cap"] = (f"mean response length {length:.1f} of at most {max_new_tokens} tokens "
+                                      f"(>= health.max_length_fraction={cfg.max_length_fraction})")
+    entropy = m.get("train/entropy")
+    if entropy is not None and entropy < cfg.min_entropy:
+        signs["entropy_collapse"] = f"mean entropy {entropy:.4f} nats < health.min_entropy={cfg.min_entropy}"
+    if m.get("train/reward_std") == 0.0:
+        signs["no_reward_signal"] = "reward std 0 over the rollout batch"
+    return signs
+
+
+def task_sign(score: Optional[float], initial: Optional[float], cfg: HealthConfig) -> Dict[str, str]:
+    if score is None or initial is None or initial - score <= cfg.max_task_drop:
+        return {}
+    return {"task_drop": f"val/task_score {score:.3f}, down from {initial:.3f} at the start "
+                         f"(> health.max_task_drop={cfg.max_task_drop})"}
+
+
+class HealthGuard(L.Callback):
+    """Checks every logged step and validation pass; keeps what it found for summary.json."""
+
+    def __init__(self, cfg: HealthConfig, stage: str, max_new_tokens: Optional[int], run_dir: Any = None):
+        self.cfg, self.stage, self.max_new_tokens, self.run_dir = cfg, stage, max_new_tokens, run_dir
+        self.start: Dict[str, float] = {}
+        self.streak: Dict[str, int] = {}
+        self.warnings: List[Dict[str, Any]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % pl_module.cfg.trainer.log_every_n_steps:
+            return  # metrics are logged on these steps only
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        for k, v in m.items():
+            self.start.setdefault(k, v)
+        signs = step_signs(m, self.start, self.cfg, self.stage, self.max_new_tokens)
+        for name in list(self.streak):
+            if name not in signs:
+                self.streak[name] = 0
+        for name, seen in signs.items():
+            self.streak[name] = self.streak.get(name, 0) + 1
+            if self.streak[name] == self.cfg.patience:
+                self._raise(trainer, pl_module, name, seen)
+        if self.warnings:
+            pl_module.log("health/warnings", float(len(self.warnings)), on_step=True, prog_bar=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" and not pl_module.initial_metrics:
+            return  # the pass before training: nothing to compare with yet
+        score = pl_module.last_val_metrics.get("val/task_score")
+        for name, seen in task_sign(score, pl_module.initial_metrics.get("val/task_score"), self.cfg).items():
+            if not any(w["sign"] == name and w["step"] == trainer.global_step for w in self.warnings):
+                self._raise(trainer, pl_module, name, seen)
+
+    def _raise(self, trainer, pl_module, name: str, seen: str) -> None:
+        step = trainer.global_step
+        self.warnings.append({"sign": name, "step": step, "seen": seen, "fix": FIXES[name]})
+        if not trainer.is_global_zero:
+            return
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold yellow]health[/] step {step}: {name}: {seen}\n  fix: {FIXES[name]}",
+                                   highlight=False)
+        if self.cfg.action == "stop":
+            raise HealthStop(f"health.action=stop: {name} at step {step}: {seen}. {self._kept()} "
+                             f"Fix: {FIXES[name]}; or set health.action=warn to let the run go on")
+
+    def _kept(self) -> str:
+        from pathlib import Path
+
+        ckpt = Path(self.run_dir or ".") / "checkpoints" / "last.ckpt"
+        if ckpt.is_file():
+            return f"The run stopped without saving; {ckpt} (written before) is kept."
+        return "The run stopped without saving (no checkpoint had been written before)."
+
+    def record(self) -> Dict[str, Any]:
+        return {"action": self.cfg.action, "warnings": self.warnings}
+
+
+def watched(stage: str) -> bool:
+    """Stages the guard watches: post-training of a language model."""
+    return stage in ("dpo", "ppo", "grpo")
+

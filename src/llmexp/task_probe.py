@@ -1,0 +1,153 @@
+"""The task metric of every run that ends with a language model: greedy answers to held-out
+prompts, scored by a checker.
+
+A stage's own metric (DPO's implicit-reward accuracy, a reward model's score) can rise while the
+model gets worse; this one looks at what the model says. The prompts are the run's validation
+rows (the prompt of a chat, a prompt/completion pair, a preference pair or a prompt row), or, on
+the bundled skill, its 155 distinct questions, so that every stage is measured on the same set;
+the checker is, by ``task.check``:
+
+- ``auto``: the bundled skill's rule (``arithmetic_correct``) on bundled data; else the stage's
+  reward function (ppo/grpo); else exact match against the row's reference answer; else none;
+- ``reference``: the greedy answer equals the reference completion (whitespace-normalised);
+- ``<name>``: a registered reward function (``llmexp plugins`` lists them), called with the
+  completion and the row's columns, plus ``reference`` (the reference answer text, where the data
+  has one);
+- ``none``: no task metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+BUNDLED_CHECK = "arithmetic_correct"
+
+
+def _text(value: Any) -> Optional[str]:
+    """The answer text of a completion: a string, or the last message's content."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        content = value[-1].get("content")
+        return content if isinstance(content, str) else None
+    return None
+
+
+def task_rows(rows: Sequence[Dict[str, Any]], fmt: str) -> List[Dict[str, Any]]:
+    """``{"prompt", "columns"}`` for each held-out row with something to answer; ``columns``
+    carries the row's other columns and ``reference`` (the reference answer) where there is one."""
+    out = []
+    for row in rows:
+        if fmt == "chat":
+            messages = list(row["messages"])
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+            if not last:  # no assistant turn, or nothing before it to answer
+                continue
+            prompt, reference = messages[:last], _text(messages[last:last + 1])
+        elif fmt in ("prompt_completion", "preference"):
+            prompt = row["prompt"]
+            reference = _text(row["completion"] if fmt == "prompt_completion" else row["chosen"])
+        elif fmt == "prompt_only":
+            prompt, reference = row["prompt"], None
+        else:
+            return []
+        skip = {"messages", "prompt", "completion", "chosen", "rejected"}
+        columns = {k: v for k, v in row.items() if k not in skip}
+        if reference is not None:
+            columns["reference"] = reference
+        out.append({"prompt": prompt, "columns": columns})
+    return out
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def reference_match(completion: str, reference: Optional[str] = None) -> float:
+    """1.0 when the answer equals the reference (whitespace-normalised)."""
+    return float(reference is not None and normalize(completion) == normalize(reference))
+
+
+def resolve_check(check: str, data_source: str, stage_cfg: Any, fmt: str) -> Optional[str]:
+    """The checker ``task.check=auto`` stands for in this run (a reward name, ``reference`` or None)."""
+    if check != "auto":
+        return None if check == "none" else check
+    if data_source == "bundled":
+        return BUNDLED_CHECK
+    reward = getattr(stage_cfg, "reward", None)
+    if reward is not None and reward.function and not reward.model:
+        return reward.function
+    if fmt in ("chat", "prompt_completion", "preference"):
+        return "reference"
+    return None
+
+
+def build_checker(name: str) -> Callable[[List[Any], List[str], List[Dict[str, Any]]], torch.Tensor]:
+    """A scorer of (prompts, completions, columns), like a reward function."""
+    if name == "reference":
+        return lambda prompts, completions, columns: torch.tensor(
+            [reference_match(c, cols.get("reference")) for c, cols in zip(completions, columns)])
+    from llmexp.rewards import FunctionReward
+
+    return FunctionReward(name, key="task.check")
+
+
+@dataclass
+class TaskProbe:
+    """Held-out prompts, their checker and the greedy-generation settings."""
+
+    check: str
+    rows: List[Dict[str, Any]]
+    max_new_tokens: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        self.score = build_checker(self.check)
+
+    def shard(self, rank: int, world: int) -> List[Optional[Dict[str, Any]]]:
+        """This rank's rows, padded with None to the longest shard, so that every rank generates
+        the same number of batches (sharded models generate in lockstep)."""
+        longest = -(-len(self.rows) // world)
+        mine: List[Optional[Dict[str, Any]]] = list(self.rows[rank::world])
+        return mine + [None] * (longest - len(mine))
+
+    @torch.no_grad()
+    def sums(self, generate: Callable[[List[Any]], List[str]], rank: int = 0, world: int = 1
+             ) -> Dict[str, tuple]:
+        """``{"task_score": (sum, count), "task_response_chars": (sum, count)}`` over this rank's
+        shard; ``generate`` maps a batch of prompts to greedy answer texts."""
+        rows = self.shard(rank, world)
+        total, chars, n = 0.0, 0.0, 0
+        for i in range(0, len(rows), self.batch_size):
+            chunk = rows[i : i + self.batch_size]
+            real = [r for r in chunk if r is not None]
+            # padding rows repeat a real prompt so generation stays in lockstep; they are not scored
+            filler = real[0] if real else self.rows[0]
+            answers = generate([(r or filler)["prompt"] for r in chunk])[: len(real)]
+            if real:
+                scores = self.score([r["prompt"] for r in real], answers, [r["columns"] for r in real])
+                total += float(scores.sum())
+                chars += float(sum(len(a) for a in answers))
+                n += len(real)
+        return {"task_score": (total, n), "task_response_chars": (chars, n)}
+
+
+def build_probe(run_cfg: Any, val_rows: Sequence[Dict[str, Any]], fmt: str) -> Optional[TaskProbe]:
+    """The run's probe, or None when no checker applies (plain-text data, ``task.check=none``)."""
+    t = run_cfg.task
+    check = resolve_check(t.check, run_cfg.data.source, run_cfg.stage, fmt)
+    if check is None:
+        return None
+    if run_cfg.data.source == "bundled" and check == BUNDLED_CHECK:
+        from llmexp.data.skill import task_prompts
+
+        rows = task_prompts(int((run_cfg.data.options or {}).get("max_operand", 9)))
+    else:
+        rows = task_rows(val_rows, fmt)
+    rows = rows[: t.max_prompts]
+    if not rows:
+        return None
+    return TaskProbe(check=check, rows=rows, max_new_tokens=t.max_new_tokens, batch_size=t.batch_size)
