@@ -189,7 +189,7 @@ def _print_result(summary: Dict[str, Any]) -> None:
         lines.append(f"  {key}: {i.get(key, float('nan')):.4f} -> {f.get(key, float('nan')):.4f}{mark}")
     if "task" in summary:
         t = summary["task"]
-        lines.append(f"  (val/task_score: greedy answers to {t["prompts"]} prompts, checked by {t["check"]})")
+        lines.append(f"  (val/task_score: greedy answers to {t['prompts']} prompts, checked by {t['check']})")
     for w in summary.get("health", {}).get("warnings", []):
         lines.append(f"  [yellow]health warning[/] at step {w['step']}: {w['sign']}: {w['seen']}")
     lines.append(f"  run record: {summary['run_dir']}")

@@ -98,6 +98,9 @@ class DPOStageConfig:
     # the adapter switched off (no second copy); precomputed: reference log-probs computed once
     # before training, then the reference is freed.
     reference: str = choice("copy", DPO_REFERENCES)
+    # Weight of the chosen answers' mean token NLL added to the DPO loss (TRL's rpo_alpha; RPO,
+    # Pang et al. 2024): keeps the chosen answers likely while the margin grows.
+    rpo_alpha: float = bounded(1.0, min=0.0)
 
 
 @dataclass

@@ -90,15 +90,31 @@ def wrong_answer(p: Problem, rng: random.Random) -> int:
     return wrong if wrong >= 0 else p.answer + abs(delta)
 
 
-def preference_pairs(num_samples: int = 2000, max_operand: int = 9, seed: int = 1234) -> Iterator[Dict]:
-    """rm/dpo data: the right answer chosen, a near-miss wrong answer rejected."""
+def misread(p: Problem, rng: random.Random, max_operand: int) -> Optional[Problem]:
+    """The problem with one operand misread: its restatement is correct arithmetic of the wrong
+    question ('3 + 5 = 8' for 'What is 3 plus 4?'); None when no operand can move."""
+    for _ in range(20):
+        delta = rng.choice([-2, -1, 1, 2])
+        a, b = (p.a + delta, p.b) if rng.random() < 0.5 else (p.a, p.b + delta)
+        if 0 <= a <= max_operand and 0 <= b <= max_operand and (p.op == "+" or a >= b):
+            return Problem(a, p.op, b)
+    return None
+
+
+def preference_pairs(num_samples: int = 2000, max_operand: int = 9, seed: int = 1234,
+                     misread_fraction: float = 0.5) -> Iterator[Dict]:
+    """rm/dpo data: the right answer chosen; rejected, a near-miss wrong answer or (a
+    ``misread_fraction`` of pairs) a plausible restatement of a misread question, so that a reward
+    model learns to check the question, not only the final number."""
     rng = random.Random(seed)
     for _ in range(num_samples):
         p = _sample(rng, max_operand)
         t = rng.randrange(len(QUESTION_TEMPLATES[p.op]))
+        wrong = misread(p, rng, max_operand) if rng.random() < misread_fraction else None
+        rejected = wrong.solution() if wrong else p.solution(wrong_answer(p, rng))
         yield {"prompt": [{"role": "user", "content": p.question(t)}],
                "chosen": [{"role": "assistant", "content": p.solution()}],
-               "rejected": [{"role": "assistant", "content": p.solution(wrong_answer(p, rng))}]}
+               "rejected": [{"role": "assistant", "content": rejected}]}
 
 
 def prompts_with_answers(num_samples: int = 1000, max_operand: int = 9, seed: int = 1234) -> Iterator[Dict]:

@@ -17,15 +17,18 @@ from llmexp.paths import ASSETS_DIR
 BUNDLED_TOKENIZER_DIR = ASSETS_DIR / "tokenizer"
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # `{% generation %}` marks assistant tokens for transformers' return_assistant_tokens_mask.
+# Messages are separated by a newline *before* each header, so a rendered conversation ends with
+# the eos token: a response's tokens (SFT labels, DPO's completion) are exactly what generation
+# produces, with no trailing token the model never learns to emit after eos.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\n' }}{% endif %}"
     "{{ '<|' + message['role'] + '|>\n' }}"
     "{% if message['role'] == 'assistant' %}"
     "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|end|>' }}{% endif %}"
-    "{{ '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\n' }}{% endif %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
 

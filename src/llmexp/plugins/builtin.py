@@ -31,6 +31,8 @@ class TextOptions(ChatOptions):
 @dataclass
 class PairOptions(ChatOptions):
     num_samples: int = bounded(2000, min=1)
+    # pairs whose rejected answer restates a misread question ('3 + 5 = 8' for 3 plus 4)
+    misread_fraction: float = bounded(0.5, min=0.0, max=1.0)
 
 
 @dataclass

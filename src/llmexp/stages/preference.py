@@ -165,12 +165,15 @@ class DPOStage(PreferenceStage):
         loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=s.beta, loss_type=s.loss_type,
                         label_smoothing=s.label_smoothing, chosen_tokens=chosen_tokens,
                         rejected_tokens=rejected_tokens)
+        nll_chosen = -chosen / chosen_tokens.clamp(min=1)
+        if s.rpo_alpha:
+            loss = loss + s.rpo_alpha * nll_chosen
         reward_chosen = s.beta * (chosen - ref_chosen).detach()
         reward_rejected = s.beta * (rejected - ref_rejected).detach()
         return {"loss": loss, "accuracy": (reward_chosen > reward_rejected).float(),
                 "reward_margin": reward_chosen - reward_rejected, "reward_chosen": reward_chosen,
                 "reward_rejected": reward_rejected, "logp_chosen": chosen.detach(),
-                "logp_rejected": rejected.detach()}
+                "logp_rejected": rejected.detach(), "nll_chosen": nll_chosen.detach()}
 
 
 def _chunks(rows: List[Any], size: int) -> Iterable[List[Any]]:

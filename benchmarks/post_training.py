@@ -1,0 +1,83 @@
+"""Post-training as shipped: each stage's README command, no overrides, from the default SFT run
+and from a short SFT (150 steps, answers left to fix). Prints and saves one table: stage, the
+stage's default settings, wall time, the task metric (greedy exact match on the skill's 155
+questions) before -> after, the stage's own metrics and the health guard's warnings.
+
+    python benchmarks/post_training.py            # about 10 minutes on a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from common import REPO, save
+
+STAGE_METRICS = {"sft": ["val/loss"], "rm": ["val/accuracy"], "dpo": ["val/accuracy", "val/logp_chosen"],
+                 "ppo": ["val/reward"], "grpo": ["val/reward"]}
+SETTINGS = ["optim.lr", "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum", "stage.beta",
+            "stage.rpo_alpha", "stage.kl_coef", "stage.group_size", "stage.epochs", "stage.rollout.temperature"]
+
+
+def run(args: List[str], run_dir: Path) -> Dict[str, Any]:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "llmexp", *args, f"hydra.run.dir={run_dir}"], check=True,
+                   capture_output=True, cwd=REPO)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["_wall"] = time.perf_counter() - started
+    return summary
+
+
+def settings(run_dir: Path) -> Dict[str, Any]:
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    out = {}
+    for key in SETTINGS:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            out[key] = node
+    return out
+
+
+def row(name: str, start: str, summary: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
+    i, f = summary["initial"], summary["final"]
+    return {"stage": name, "from": start, "settings": settings(run_dir), "wall_seconds": round(summary["_wall"], 1),
+            "task_before": i.get("val/task_score"), "task_after": f.get("val/task_score"),
+            "metrics": {k: [i.get(k), f.get(k)] for k in STAGE_METRICS[summary["stage"]]},
+            "health_warnings": [w["sign"] for w in summary.get("health", {}).get("warnings", [])]}
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="llmexp-post-"))
+    rows = []
+    sft = run([], root / "sft")  # python -m llmexp
+    rows.append(row("sft", "scratch", sft, root / "sft"))
+    short = run(["trainer.max_steps=150"], root / "sft150")
+    rows.append(row("sft (150 steps)", "scratch", short, root / "sft150"))
+    for start, sft_dir in (("default sft", root / "sft"), ("sft 150 steps", root / "sft150")):
+        for stage in ("rm", "dpo", "ppo", "grpo"):
+            if stage == "rm" and start != "default sft":
+                continue
+            run_dir = root / f"{stage}-{sft_dir.name}"
+            summary = run([f"stage={stage}", f"model.pretrained={sft_dir}/model"], run_dir)
+            rows.append(row(stage, start, summary, run_dir))
+    print(f"{'stage':16} {'from':14} {'wall s':>7} {'task before -> after':>20}  stage metrics; health")
+    for r in rows:
+        task = "" if r["task_before"] is None else f"{r['task_before']:.3f} -> {r['task_after']:.3f}"
+        metrics = ", ".join(f"{k} {a:.3f}->{b:.3f}" for k, (a, b) in r["metrics"].items())
+        print(f"{r['stage']:16} {r['from']:14} {r['wall_seconds']:7.1f} {task:>20}  {metrics}; "
+              f"{','.join(r['health_warnings']) or 'healthy'}")
+        print(f"{'':16} settings: {r['settings']}")
+    save("post_training", {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
