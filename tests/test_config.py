@@ -34,6 +34,16 @@ def _cases():
 
 @pytest.mark.parametrize("group,option", list(_cases()))
 def test_every_shipped_option_composes_and_validates(group, option, tmp_path):
+    if group == "scale":  # conf/scale/<stage>_<model>.yaml applies itself to that pair
+        import yaml
+
+        from llmexp.paths import config_dir
+
+        stage, model = option.split("_", 1)
+        run = typed([f"stage={stage}", f"model={model}"])
+        shipped = yaml.safe_load((config_dir() / "scale" / f"{option}.yaml").read_text())
+        assert run.optim.lr == pytest.approx(shipped["optim"]["lr"])
+        return
     overrides = [f"{group}={option}"]
     overrides += COMPANIONS.get((group, option), [])
     if (group, option) in NEEDS_PATH:
@@ -124,3 +134,22 @@ def test_warmup_longer_than_the_run_is_clamped_not_refused():
 
     validate(compose(["trainer.max_steps=5"]))  # 10 warm-up steps by default: no error
     assert effective_warmup(10, 5) == 4 and effective_warmup(10, 600) == 10 and effective_warmup(3, 1) == 0
+
+
+def test_each_stage_brings_its_own_optimizer_and_trainer_defaults_and_the_command_line_wins():
+    sft, dpo, grpo = typed([]), typed(["stage=dpo"]), typed(["stage=grpo"])
+    assert sft.optim.lr == pytest.approx(3e-3) and sft.trainer.max_steps == 600
+    assert dpo.optim.lr < sft.optim.lr and dpo.trainer.max_steps < sft.trainer.max_steps
+    assert dpo.stage.rpo_alpha == 1.0 and dpo.data.name == "arithmetic_pairs"
+    assert grpo.stage.group_size == 4 and grpo.trainer.grad_accum == 2
+    assert typed(["stage=dpo", "optim.lr=1e-6"]).optim.lr == pytest.approx(1e-6)
+    # a model that ships real-size settings gets them for its stage, and the command line still wins
+    assert typed(["stage=dpo", "model=llama_1b"]).optim.lr == pytest.approx(5e-7)
+    assert typed(["stage=dpo", "model=llama_1b", "optim.lr=1e-5"]).optim.lr == pytest.approx(1e-5)
+
+
+def test_task_check_names_a_known_checker():
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["task.check=arithmetic_corect"]))
+    assert e.value.problems[0].key == "task.check" and "arithmetic_correct" in e.value.problems[0].fix
+    assert typed(["task.check=reference"]).task.check == "reference"

@@ -41,11 +41,12 @@ def pairs():
     return list(preference_pairs(num_samples=6, seed=7))
 
 
-def trl_batch_and_loss(tmp_path, tokenizer, policy, reference, pairs, loss_type, smoothing):
+def trl_batch_and_loss(tmp_path, tokenizer, policy, reference, pairs, loss_type, smoothing, sft_weight=0.0):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type], label_smoothing=smoothing,
+    losses = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else dict(loss_type=[loss_type])
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, **losses, label_smoothing=smoothing,
                      per_device_train_batch_size=len(pairs), report_to=[], use_cpu=True, max_length=None,
                      bf16=False, fp16=False)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(pairs),
@@ -56,11 +57,11 @@ def trl_batch_and_loss(tmp_path, tokenizer, policy, reference, pairs, loss_type,
     return batch, float(loss)
 
 
-def llmexp_dpo(tokenizer, policy, reference, pairs, loss_type, smoothing):
+def llmexp_dpo(tokenizer, policy, reference, pairs, loss_type, smoothing, rpo_alpha=0.0):
     from llmexp.stages.preference import DPOStage, frozen
 
     cfg = typed(["stage=dpo", f"stage.loss_type={loss_type}", f"stage.label_smoothing={smoothing}",
-                 "stage.beta=0.1"])
+                 "stage.beta=0.1", f"stage.rpo_alpha={rpo_alpha}"])
     stage = DPOStage(cfg, policy, tokenizer)
     stage._frozen = {"reference": frozen(reference)}
     encode = stage.encoder("preference")
@@ -82,6 +83,21 @@ def test_dpo_loss_equals_trl(tmp_path, tiny, pairs, loss_type, smoothing):
     ours_loss = float(terms["loss"].mean())
     assert abs(ours_loss - trl_loss) <= 1e-5, (loss_type, ours_loss, trl_loss)
     assert ours_loss > 0
+
+
+def test_rpo_term_equals_trl_sft_loss_added_to_dpo(tmp_path, tiny):
+    """stage.rpo_alpha: the chosen answers' mean token NLL added to the loss; TRL's
+    loss_type=[sigmoid, sft] with weights [1, alpha] (equal chosen lengths, where TRL's batch
+    token mean and llmexp's per-pair token mean agree)."""
+    from llmexp.data.skill import preference_pairs
+
+    tokenizer, policy, reference = tiny
+    rows = [p for p in preference_pairs(num_samples=40, seed=3) if len(p["chosen"][0]["content"]) == 9][:6]
+    trl_batch, trl_loss = trl_batch_and_loss(tmp_path, tokenizer, policy, reference, rows, "sigmoid", 0.0, 0.5)
+    _, terms = llmexp_dpo(tokenizer, policy, reference, rows, "sigmoid", 0.0, rpo_alpha=0.5)
+    _, plain = llmexp_dpo(tokenizer, policy, reference, rows, "sigmoid", 0.0)
+    assert abs(float(terms["loss"].mean()) - trl_loss) <= 1e-5
+    assert torch.allclose(terms["loss"] - plain["loss"], 0.5 * terms["nll_chosen"], atol=1e-6)
 
 
 def test_first_sigmoid_loss_is_ln2_when_policy_is_reference(tiny, pairs):

@@ -30,8 +30,9 @@ def test_sft_then_dpo_wires_the_sft_export_and_summarises(tmp_path):
     assert (sft["global_step"], dpo["global_step"]) == (30, 10)
     cfg = yaml.safe_load((root / "2-dpo" / "config.yaml").read_text())
     assert cfg["model"]["pretrained"] == f"{sft['run_dir']}/model"
-    assert cfg["stage"]["beta"] == 0.5  # the shipped pipeline's own override
-    assert dpo["initial"]["val/loss"] == pytest.approx(0.6931, abs=1e-4)  # starts at the SFT model
+    assert cfg["stage"]["beta"] == 0.1 and cfg["stage"]["rpo_alpha"] == 1.0  # the stage's shipped defaults
+    # starts at the SFT model: the DPO term is ln 2, plus the RPO term (chosen answers' NLL)
+    assert dpo["initial"]["val/loss"] == pytest.approx(0.6931 + dpo["initial"]["val/nll_chosen"], abs=1e-4)
     assert "val/accuracy" in dpo["final"] and sft["final"]["val/loss"] < sft["initial"]["val/loss"]
     assert "pipeline dpo" in r.stdout
 

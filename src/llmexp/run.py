@@ -90,7 +90,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     from llmexp.plugins import plugin_callbacks
     from llmexp.stages import stage_class
     from llmexp.training import build_trainer, save_last_checkpoint
-    from llmexp.health import HealthGuard, watched
+    from llmexp.health import HealthGuard, lr_scale_note, watched
     from llmexp.optim import effective_warmup
     from llmexp.task_probe import build_probe
 
@@ -98,6 +98,11 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
                                typed.model.trust_remote_code)
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
+    scale_note = lr_scale_note(typed.stage.name, count_parameters(stage.model)["parameters"], typed.optim.lr)
+    if scale_note:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold yellow]warning[/]: {scale_note}", highlight=False)
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
     if typed.stage.name != "rm":  # every stage that ends with a language model
@@ -157,11 +162,14 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
         summary["task"] = {"check": probe.check, "prompts": len(probe.rows), "max_new_tokens": probe.max_new_tokens}
     if guard is not None:
         summary["health"] = guard.record()
+    notes = [scale_note] if scale_note else []
     warmup = effective_warmup(typed.optim.warmup_steps, typed.trainer.max_steps)
     if warmup != typed.optim.warmup_steps:
         summary["warmup_steps_used"] = warmup
-        summary["notes"] = [f"optim.warmup_steps={typed.optim.warmup_steps} clamped to {warmup} for "
-                            f"trainer.max_steps={typed.trainer.max_steps}"]
+        notes.append(f"optim.warmup_steps={typed.optim.warmup_steps} clamped to {warmup} for "
+                     f"trainer.max_steps={typed.trainer.max_steps}")
+    if notes:
+        summary["notes"] = notes
     summary.update(stage.export(run_dir / "model"))
     if trainer.is_global_zero and evaluating:
         summary.update(final_eval(typed, stage, tokenizer, run_dir, trainer))

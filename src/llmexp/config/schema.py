@@ -332,7 +332,7 @@ class HealthConfig:
     # ppo/grpo: mean per-token entropy of the sampled responses below this (nats)
     min_entropy: float = bounded(0.005, min=0.0)
     # val/task_score below its value at the start by more than this
-    max_task_drop: float = bounded(0.1, min=0.0)
+    max_task_drop: float = bounded(0.2, min=0.0)
     # logged steps in a row a sign must show before it counts (one noisy batch is not a collapse)
     patience: int = bounded(3, min=1)
 

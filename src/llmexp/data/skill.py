@@ -101,17 +101,37 @@ def misread(p: Problem, rng: random.Random, max_operand: int) -> Optional[Proble
     return None
 
 
+def malformed(p: Problem, rng: random.Random) -> str:
+    """A broken answer: the solution cut off before its result, or with its result repeated."""
+    text = p.solution()
+    if rng.random() < 0.5:
+        return text[: rng.randint(0, text.index("=") + 1)].strip()
+    return f"{text} = {p.answer}"
+
+
 def preference_pairs(num_samples: int = 2000, max_operand: int = 9, seed: int = 1234,
-                     misread_fraction: float = 0.5) -> Iterator[Dict]:
-    """rm/dpo data: the right answer chosen; rejected, a near-miss wrong answer or (a
-    ``misread_fraction`` of pairs) a plausible restatement of a misread question, so that a reward
-    model learns to check the question, not only the final number."""
+                     misread_fraction: float = 0.3, unrelated_fraction: float = 0.15,
+                     malformed_fraction: float = 0.2) -> Iterator[Dict]:
+    """rm/dpo data: the right answer chosen; rejected, one of the mistakes a policy makes: a
+    near-miss final number, a correct restatement of a misread question ('3 + 5 = 8' for 3 plus 4;
+    ``misread_fraction``), a wrong sum about other numbers ('5 + 5 = 5'; ``unrelated_fraction``) or
+    a broken answer ('3 + 4 =', '3 + 4 = 7 = 7'; ``malformed_fraction``), so that a reward model
+    learns to check the question, the arithmetic and the form, not only the final number."""
     rng = random.Random(seed)
     for _ in range(num_samples):
         p = _sample(rng, max_operand)
         t = rng.randrange(len(QUESTION_TEMPLATES[p.op]))
-        wrong = misread(p, rng, max_operand) if rng.random() < misread_fraction else None
-        rejected = wrong.solution() if wrong else p.solution(wrong_answer(p, rng))
+        kind = rng.random()
+        wrong = misread(p, rng, max_operand) if kind < misread_fraction else None
+        if wrong is not None:
+            rejected = wrong.solution()
+        elif kind < misread_fraction + unrelated_fraction:
+            other = _sample(rng, max_operand)
+            rejected = other.solution(wrong_answer(other, rng))
+        elif kind < misread_fraction + unrelated_fraction + malformed_fraction:
+            rejected = malformed(p, rng)
+        else:
+            rejected = p.solution(wrong_answer(p, rng))
         yield {"prompt": [{"role": "user", "content": p.question(t)}],
                "chosen": [{"role": "assistant", "content": p.solution()}],
                "rejected": [{"role": "assistant", "content": rejected}]}

@@ -1,0 +1,150 @@
+"""Post-training as a user runs it: the README's commands with the shipped defaults only (no lr,
+steps or batch overrides; hydra.run.dir only says where the record goes), judged by the task
+metric (greedy exact match on the skill's 155 questions), not by the stage's own proxy metric."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def llmexp(run_dir: Path, *args: str) -> dict:
+    r = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return summary(run_dir)
+
+
+def task(s: dict) -> tuple:
+    return s["initial"]["val/task_score"], s["final"]["val/task_score"]
+
+
+@pytest.fixture(scope="session")
+def default_sft(tmp_path_factory) -> Path:
+    """`python -m llmexp`: the default SFT run."""
+    run_dir = tmp_path_factory.mktemp("post") / "sft"
+    s = llmexp(run_dir)
+    before, after = task(s)
+    assert before < 0.05 and after >= 0.85, (before, after)
+    assert s["task"] == {"check": "arithmetic_correct", "prompts": 155, "max_new_tokens": 24}
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def rlhf_pipeline(tmp_path_factory) -> Path:
+    """`llmexp pipeline rlhf` as shipped: a short SFT, a reward model, PPO against it."""
+    root = tmp_path_factory.mktemp("rlhf") / "p"
+    r = run_cli(["pipeline", "rlhf", "--dir", str(root)], cwd=root.parent, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+def test_rm_from_the_default_sft_ranks_held_out_pairs(tmp_path, default_sft):
+    run_dir = tmp_path / "rm"
+    s = llmexp(run_dir, "stage=rm", f"model.pretrained={default_sft}/model")
+    assert s["initial"]["val/accuracy"] < 0.75
+    assert s["final"]["val/accuracy"] >= 0.9, s["final"]
+    assert "task" not in s and "val/task_score" not in s["final"]  # a scorer, not a language model
+    # The export is a plain one-label sequence classifier that prefers right answers, misread
+    # questions included, on fresh pairs.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmexp.data.skill import preference_pairs
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "model")).eval()
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "model"))
+
+    def score(prompt, response):
+        ids = tok.apply_chat_template(prompt + response, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            return model(**ids).logits[0, 0].item()
+
+    pairs = list(preference_pairs(num_samples=100, seed=99, misread_fraction=1.0))
+    wins = [score(p["prompt"], p["chosen"]) > score(p["prompt"], p["rejected"]) for p in pairs]
+    assert sum(wins) / len(wins) >= 0.85
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    for col in ("train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/margin"):
+        assert col in header
+
+
+STAGE_COLUMNS = {
+    "dpo": ["train/logp_chosen", "train/nll_chosen", "val/accuracy", "val/reward_margin"],
+    "ppo": ["train/kl", "train/kl_coef", "train/value_loss", "train/approx_kl", "train/entropy",
+            "train/response_length", "train/reward_std", "train/rollout_seconds"],
+    "grpo": ["train/entropy", "train/response_length", "train/reward_std", "train/clipfrac",
+             "train/groups_without_signal"],
+}
+
+
+@pytest.mark.parametrize("stage", ["dpo", "ppo", "grpo"])
+def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tmp_path, default_sft, stage):
+    s = llmexp(tmp_path / stage, f"stage={stage}", f"model.pretrained={default_sft}/model")
+    before, after = task(s)
+    assert before == pytest.approx(task(summary(default_sft))[1], abs=1e-6)  # the SFT model, same prompts
+    assert after >= before - 0.02, (before, after)
+    assert s["health"] == {"action": "warn", "warnings": []}
+    assert s["wall_seconds"] < 300
+    if stage == "dpo":
+        assert s["initial"]["val/loss"] == pytest.approx(math.log(2) + s["initial"]["val/nll_chosen"], abs=1e-4)
+        assert s["final"]["val/accuracy"] >= 0.9
+        assert s["final"]["val/logp_chosen"] >= s["initial"]["val/logp_chosen"] - 1.0
+    header = (tmp_path / stage / "metrics.csv").read_text().splitlines()[0]
+    for col in STAGE_COLUMNS[stage] + ["val/task_score"]:
+        assert col in header, col
+
+
+@pytest.mark.parametrize("name", ["dpo", "grpo"])
+def test_shipped_pipelines_raise_exact_match_over_their_short_sft(tmp_path, name):
+    root = tmp_path / name
+    r = run_cli(["pipeline", name, "--dir", str(root)], cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sft, post = json.loads((root / "pipeline_summary.json").read_text())["stages"]
+    assert sft["global_step"] == 150
+    start, end = post["initial"]["val/task_score"], post["final"]["val/task_score"]
+    assert start == pytest.approx(sft["final"]["val/task_score"], abs=1e-6)
+    assert end >= start + 0.15, (start, end)
+    assert "task_score" in r.stdout  # the pipeline's printed table shows the task metric
+    assert summary(root / f"2-{name}")["health"]["warnings"] == []
+
+
+def test_rlhf_pipeline_raises_exact_match_through_its_learned_reward_model(rlhf_pipeline):
+    sft, rm, ppo = json.loads((rlhf_pipeline / "pipeline_summary.json").read_text())["stages"]
+    assert rm["final"]["val/accuracy"] > 0.7
+    start, end = ppo["initial"]["val/task_score"], ppo["final"]["val/task_score"]
+    assert start == pytest.approx(sft["final"]["val/task_score"], abs=1e-6)
+    assert end > start + 0.05, (start, end)  # the true checker, not the reward model's score
+    assert summary(rlhf_pipeline / "3-ppo")["task"]["check"] == "arithmetic_correct"
+
+
+def test_ppo_from_a_short_sft_raises_exact_match(tmp_path, rlhf_pipeline):
+    s = llmexp(tmp_path / "ppo", "stage=ppo", f"model.pretrained={rlhf_pipeline}/1-sft/model")
+    start, end = task(s)
+    assert end >= start + 0.15, (start, end)
+    assert s["health"]["warnings"] == []
+
+
+def test_the_guard_stops_a_collapsing_run_with_its_exit_code(tmp_path, default_sft):
+    run_dir = tmp_path / "ppo-collapse"
+    r = run_cli(["stage=ppo", f"model.pretrained={default_sft}/model", "optim.lr=3e-3", "health.action=stop",
+                 "trainer.max_steps=100", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "health.action=stop" in r.stderr and "fix:" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "model").exists()
+
+
+def test_the_guard_warns_and_records_a_dpo_collapse(tmp_path, default_sft):
+    s = llmexp(tmp_path / "dpo-collapse", "stage=dpo", f"model.pretrained={default_sft}/model", "optim.lr=3e-3",
+               "stage.rpo_alpha=0")
+    signs = {w["sign"] for w in s["health"]["warnings"]}
+    assert signs & {"logp_drop", "task_drop"}, s["health"]
+    assert all(w["fix"] and w["step"] > 0 for w in s["health"]["warnings"])

@@ -1,0 +1,130 @@
+"""The task metric's pieces (held-out prompts, checkers) and the health guard's signs, as pure
+functions with hand-made inputs; the end-to-end behaviour is in test_post_training.py."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import typed
+
+from llmexp.config.schema import HealthConfig
+from llmexp.data import skill
+from llmexp.health import FIXES, lr_scale_note, step_signs, task_sign
+from llmexp.task_probe import TaskProbe, build_probe, reference_match, resolve_check, task_rows
+
+USER = {"role": "user", "content": "What is 3 plus 4?"}
+ANSWER = {"role": "assistant", "content": "3 + 4 = 7"}
+
+
+def test_task_rows_take_the_prompt_and_reference_of_every_format():
+    chat = task_rows([{"messages": [USER, ANSWER]}, {"messages": [ANSWER]}], "chat")
+    assert chat == [{"prompt": [USER], "columns": {"reference": "3 + 4 = 7"}}]  # nothing before the answer: skipped
+    pc = task_rows([{"prompt": "Q", "completion": "A", "id": 3}], "prompt_completion")
+    assert pc == [{"prompt": "Q", "columns": {"id": 3, "reference": "A"}}]
+    pref = task_rows([{"prompt": [USER], "chosen": [ANSWER], "rejected": [ANSWER]}], "preference")
+    assert pref[0]["columns"] == {"reference": "3 + 4 = 7"}
+    assert task_rows([{"prompt": [USER], "answer": "7"}], "prompt_only")[0]["columns"] == {"answer": "7"}
+    assert task_rows([{"text": "x"}], "text") == []
+
+
+def test_checkers_score_what_the_model_said():
+    assert reference_match(" 3 +  4 = 7 ", "3 + 4 = 7") == 1.0 and reference_match("3 + 4 = 8", "3 + 4 = 7") == 0.0
+    assert skill.correctness_reward("3 + 4 = 7", answer="7") == 1.0
+    assert skill.correctness_reward("3 + 4 = 7", reference="3 + 4 = 7") == 1.0  # chat/preference rows
+    assert skill.correctness_reward("3 + 5 = 8", reference="3 + 4 = 7") == 0.0
+    assert skill.correctness_reward("no number", reference=None) == 0.0
+
+
+def test_auto_picks_the_skill_rule_the_reward_function_or_the_reference():
+    sft, ppo = typed([]), typed(["stage=ppo"])
+    assert resolve_check("auto", "bundled", sft.stage, "chat") == "arithmetic_correct"
+    assert resolve_check("auto", "files", ppo.stage, "prompt_only") == "arithmetic_correct"  # ppo's reward
+    assert resolve_check("auto", "files", sft.stage, "chat") == "reference"
+    assert resolve_check("auto", "files", sft.stage, "text") is None
+    assert resolve_check("none", "bundled", sft.stage, "chat") is None
+    assert resolve_check("reference", "bundled", sft.stage, "chat") == "reference"
+
+
+def test_the_bundled_probe_is_the_skills_155_questions_for_every_stage():
+    for overrides, fmt in (([], "chat"), (["stage=dpo"], "preference"), (["stage=grpo"], "prompt_only")):
+        probe = build_probe(typed(overrides), [], fmt)
+        assert probe.check == "arithmetic_correct" and len(probe.rows) == 155
+    assert build_probe(typed(["stage=pretrain", "data=arithmetic_text", "task.check=auto"]), [], "text").rows
+
+
+def test_the_probe_shards_ranks_in_lockstep_and_scores_only_real_rows():
+    rows = [{"prompt": [USER], "columns": {"answer": str(i)}} for i in range(5)]
+    probe = TaskProbe(check="arithmetic_correct", rows=rows, max_new_tokens=8, batch_size=2)
+    assert [len(probe.shard(r, 2)) for r in (0, 1)] == [3, 3] and probe.shard(1, 2)[-1] is None
+    calls = []
+
+    def generate(prompts):
+        calls.append(len(prompts))
+        return ["3 + 4 = 1"] * len(prompts)  # right only for the row whose answer is 1
+
+    sums = probe.sums(generate, rank=1, world=2)  # rows 1 and 3, plus one padding row
+    assert calls == [2, 1] and sums["task_score"] == (1.0, 2)
+
+
+def test_preference_pairs_reject_the_mistakes_a_policy_makes():
+    pairs = list(skill.preference_pairs(num_samples=400, seed=5))
+    rejected = [p["rejected"][0]["content"] for p in pairs]
+    chosen = [p["chosen"][0]["content"] for p in pairs]
+    assert all(r != c for r, c in zip(rejected, chosen))
+    consistent = [r for r in rejected if r.count("=") == 1 and r.split("=")[1].strip()
+                  and eval(r.split("=")[0]) == int(r.split("=")[1])]  # noqa: S307 - our own sums
+    assert len(consistent) > 60  # misread questions: right arithmetic, wrong question
+    assert any(r.endswith("=") or r.count("=") == 2 for r in rejected)  # broken answers
+    p = skill.Problem(3, "+", 4)
+    m = skill.misread(p, random.Random(0), 9)
+    assert m != p and m.op == "+" and (m.a == 3 or m.b == 4)
+
+
+def cfg(**kw) -> HealthConfig:
+    return HealthConfig(**kw)
+
+
+def test_each_sign_fires_past_its_threshold_and_not_before():
+    c = cfg()
+    healthy = {"train/kl": 4.0, "train/response_length": 8.0, "train/entropy": 0.3, "train/reward_std": 0.4}
+    assert step_signs(healthy, {}, c, "ppo", 16) == {}
+    assert set(step_signs({**healthy, "train/kl": 19.0}, {}, c, "ppo", 16)) == {"kl_runaway"}
+    assert set(step_signs({"train/kl": 2.0, "train/response_length": 8.0}, {}, c, "grpo", 16)) == {"kl_runaway"}  # per token x length
+    assert set(step_signs({**healthy, "train/response_length": 1.5}, {}, c, "ppo", 16)) == {"length_collapse"}
+    assert set(step_signs({**healthy, "train/response_length": 16.0}, {}, c, "ppo", 16)) == {"length_at_cap"}
+    assert set(step_signs({**healthy, "train/entropy": 0.001}, {}, c, "ppo", 16)) == {"entropy_collapse"}
+    assert set(step_signs({**healthy, "train/reward_std": 0.0}, {}, c, "ppo", 16)) == {"no_reward_signal"}
+    start = {"train/logp_chosen": -0.3}
+    assert step_signs({"train/logp_chosen": -5.0}, start, c, "dpo", None) == {}
+    assert set(step_signs({"train/logp_chosen": -40.0}, start, c, "dpo", None)) == {"logp_drop"}
+    assert task_sign(0.80, 0.92, c) == {} and set(task_sign(0.5, 0.92, c)) == {"task_drop"}
+    assert task_sign(None, 0.9, c) == {}
+    assert set(FIXES) == {"kl_runaway", "logp_drop", "length_collapse", "length_at_cap", "entropy_collapse",
+                          "no_reward_signal", "task_drop"}
+
+
+def test_a_large_model_with_the_tiny_models_lr_is_warned_about():
+    assert lr_scale_note("dpo", 1_200_000_000, 5e-4) is not None
+    assert lr_scale_note("dpo", 1_200_000_000, 5e-7) is None
+    assert lr_scale_note("dpo", 1_000_000, 5e-4) is None and lr_scale_note("sft", 1_200_000_000, 3e-3) is None
+
+
+@pytest.mark.parametrize("bad", ["health.action=panic", "health.patience=0", "task.max_new_tokens=0"])
+def test_bad_task_and_health_settings_are_refused(bad):
+    from conftest import compose
+
+    from llmexp.config.validate import validate
+    from llmexp.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose([bad]))
+    assert e.value.problems[0].key == bad.split("=")[0]
+
+
+def test_scores_of_the_reference_checker_are_a_tensor():
+    from llmexp.task_probe import build_checker
+
+    scores = build_checker("reference")([None, None], ["a", "b"], [{"reference": "a"}, {"reference": "c"}])
+    assert torch.equal(scores, torch.tensor([1.0, 0.0]))
