@@ -120,7 +120,7 @@ class HealthGuard(L.Callback):
 
         Console(stderr=True).print(f"[bold yellow]health[/] step {step}: {name}: {seen}\n  fix: {FIXES[name]}",
                                    highlight=False)
-        if self.cfg.action == "stop":
+        if self.cfg.action == "stop" and trainer.state.fn == "fit":  # after the last step: record only
             raise HealthStop(f"health.action=stop: {name} at step {step}: {seen}. {self._kept()} "
                              f"Fix: {FIXES[name]}; or set health.action=warn to let the run go on")
 

@@ -110,11 +110,11 @@ def malformed(p: Problem, rng: random.Random) -> str:
 
 
 def preference_pairs(num_samples: int = 2000, max_operand: int = 9, seed: int = 1234,
-                     misread_fraction: float = 0.3, unrelated_fraction: float = 0.15,
+                     misread_fraction: float = 0.25, unrelated_fraction: float = 0.25,
                      malformed_fraction: float = 0.2) -> Iterator[Dict]:
     """rm/dpo data: the right answer chosen; rejected, one of the mistakes a policy makes: a
     near-miss final number, a correct restatement of a misread question ('3 + 5 = 8' for 3 plus 4;
-    ``misread_fraction``), a wrong sum about other numbers ('5 + 5 = 5'; ``unrelated_fraction``) or
+    ``misread_fraction``), a sum about other numbers, right or wrong ('0 - 0 = 0', '5 + 5 = 5'; ``unrelated_fraction``) or
     a broken answer ('3 + 4 =', '3 + 4 = 7 = 7'; ``malformed_fraction``), so that a reward model
     learns to check the question, the arithmetic and the form, not only the final number."""
     rng = random.Random(seed)
@@ -127,7 +127,9 @@ def preference_pairs(num_samples: int = 2000, max_operand: int = 9, seed: int = 
             rejected = wrong.solution()
         elif kind < misread_fraction + unrelated_fraction:
             other = _sample(rng, max_operand)
-            rejected = other.solution(wrong_answer(other, rng))
+            while other == p:
+                other = _sample(rng, max_operand)
+            rejected = other.solution(None if rng.random() < 0.5 else wrong_answer(other, rng))
         elif kind < misread_fraction + unrelated_fraction + malformed_fraction:
             rejected = malformed(p, rng)
         else:

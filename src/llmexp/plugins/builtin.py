@@ -32,9 +32,9 @@ class TextOptions(ChatOptions):
 class PairOptions(ChatOptions):
     num_samples: int = bounded(2000, min=1)
     # pairs whose rejected answer restates a misread question ('3 + 5 = 8' for 3 plus 4)
-    misread_fraction: float = bounded(0.3, min=0.0, max=1.0)
-    # pairs whose rejected answer is a wrong sum about other numbers ('5 + 5 = 5')
-    unrelated_fraction: float = bounded(0.15, min=0.0, max=1.0)
+    misread_fraction: float = bounded(0.25, min=0.0, max=1.0)
+    # pairs whose rejected answer is a sum about other numbers, right or wrong ('0 - 0 = 0')
+    unrelated_fraction: float = bounded(0.25, min=0.0, max=1.0)
     # pairs whose rejected answer is broken ('3 + 4 =', '3 + 4 = 7 = 7')
     malformed_fraction: float = bounded(0.2, min=0.0, max=1.0)
 
