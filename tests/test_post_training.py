@@ -113,7 +113,7 @@ def test_shipped_pipelines_raise_exact_match_over_their_short_sft(tmp_path, name
     start, end = post["initial"]["val/task_score"], post["final"]["val/task_score"]
     assert start == pytest.approx(sft["final"]["val/task_score"], abs=1e-6)
     assert end >= start + 0.15, (start, end)
-    assert "task" in r.stdout  # the pipeline's printed table shows the task metric
+    assert f"{name} {start:.3f} -> {end:.3f}" in r.stdout  # the printed result shows the task metric
     assert summary(root / f"2-{name}")["health"]["warnings"] == []
 
 

@@ -147,13 +147,17 @@ def print_summary(out: Dict[str, Any]) -> None:
         table.add_column(col)
     for s in out["stages"]:
         keys = sorted(set(s["initial"]) | set(s["final"]))
-        main = [k for k in keys if k in ("val/loss", "val/accuracy", "val/reward")]
+        main = [k for k in keys if k in ("val/task_score", "val/loss", "val/accuracy", "val/reward")]
         for j, key in enumerate(main or keys[:1]):
             first = j == 0
             table.add_row(s["name"] if first else "", str(s["global_step"]) if first else "", key,
                           f"{s['initial'].get(key, float('nan')):.4f}", f"{s['final'].get(key, float('nan')):.4f}",
                           s["run_dir"] if first else "")
     Console().print(table)
+    task = [f"{s['name']} {s['initial']['val/task_score']:.3f} -> {s['final']['val/task_score']:.3f}"
+            for s in out["stages"] if "val/task_score" in s["final"] and "val/task_score" in s["initial"]]
+    if task:  # the metric a user cares about, on one line that no table width crops
+        print("task metric (val/task_score): " + ", ".join(task))
     print(f"pipeline summary: {out['dir']}/pipeline_summary.json")
 
 
