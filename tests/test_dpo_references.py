@@ -3,6 +3,7 @@ disabled (no second copy kept), and log-probs precomputed once (the reference th
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -55,4 +56,7 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path):
     assert base_losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert base_losses == pytest.approx(copy_losses, rel=1e-5)
     assert pre_losses == pytest.approx(copy_losses, rel=1e-5)
-    assert base_losses[-1] < base_losses[0]
+    # it learns: the held-out loss falls (a per-step train loss is too noisy over 12 steps)
+    summary = json.loads((tmp_path / "base" / "summary.json").read_text())
+    assert summary["final"]["val/loss"] < summary["initial"]["val/loss"]
+    assert summary["final"]["val/reward_margin"] > 0

@@ -108,7 +108,10 @@ def apply_fsdp(model: torch.nn.Module, dp_mesh, reshard_after_forward: bool,
         kwargs["mp_policy"] = mp
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root unit is the transformers model: a PEFT wrapper's generate() calls the inner model's
+    # forward, which would skip a root hook on the wrapper and leave the embeddings sharded.
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fully_shard(root, **kwargs)
 
 
 def clip_grad_norm(params: List[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -92,7 +92,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     from llmexp.training import build_trainer, save_last_checkpoint
     from llmexp.health import HealthGuard, lr_scale_note, watched
     from llmexp.optim import effective_warmup
-    from llmexp.task_probe import build_probe
+    from llmexp.task_probe import build_probe, unavailable
 
     tokenizer = load_tokenizer(typed.model.tokenizer, typed.model.pretrained, prepared.texts,
                                typed.model.trust_remote_code)
@@ -162,7 +162,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
         summary["task"] = {"check": probe.check, "prompts": len(probe.rows), "max_new_tokens": probe.max_new_tokens}
     if guard is not None:
         summary["health"] = guard.record()
-    notes = [scale_note] if scale_note else []
+    notes = [n for n in (scale_note, unavailable(typed) if typed.stage.name != "rm" else None) if n]
     warmup = effective_warmup(typed.optim.warmup_steps, typed.trainer.max_steps)
     if warmup != typed.optim.warmup_steps:
         summary["warmup_steps_used"] = warmup

@@ -135,9 +135,21 @@ class TaskProbe:
         return {"task_score": (total, n), "task_response_chars": (chars, n)}
 
 
+def unavailable(run_cfg: Any) -> Optional[str]:
+    """Why this run cannot generate its task metric, or None when it can."""
+    s = run_cfg.strategy
+    if s.sequence_parallel and s.name in ("tp", "fsdp"):
+        return ("no task metric: a sequence-parallel model cannot generate token by token; "
+                "score the exported model with python -m llmexp.eval")
+    return None
+
+
 def build_probe(run_cfg: Any, val_rows: Sequence[Dict[str, Any]], fmt: str) -> Optional[TaskProbe]:
-    """The run's probe, or None when no checker applies (plain-text data, ``task.check=none``)."""
+    """The run's probe, or None when no checker applies (plain-text data, ``task.check=none``) or
+    the run cannot generate (see ``unavailable``)."""
     t = run_cfg.task
+    if unavailable(run_cfg):
+        return None
     check = resolve_check(t.check, run_cfg.data.source, run_cfg.stage, fmt)
     if check is None:
         return None
