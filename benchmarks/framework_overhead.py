@@ -28,12 +28,12 @@ def _setup(steps: int):
     import lightning as L
     from conftest import compose
 
-    from llmexp.config.validate import validate
+    from llmexp.preflight import preflight
     from llmexp.data.module import StageDataModule, load_examples
     from llmexp.models.tokenizer import load_tokenizer
     from llmexp.stages import stage_class
 
-    cfg = validate(compose([*OVERRIDES, f"trainer.max_steps={steps}"]))
+    cfg = preflight(compose([*OVERRIDES, f"trainer.max_steps={steps}"]))
     tok = load_tokenizer(None, None)
     L.seed_everything(cfg.trainer.seed, verbose=False)
     stage = stage_class("sft").create(cfg, tok)

@@ -24,13 +24,13 @@ def trl_run(steps: int, prompts: int, group: int, max_new: int) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from conftest import compose
-    from llmexp.config.validate import validate
+    from llmexp.preflight import preflight
     from llmexp.data.module import load_examples
     from llmexp.data.skill import correctness_reward
     from llmexp.models.build import architecture_config
     from llmexp.models.tokenizer import load_tokenizer
 
-    cfg = validate(compose([*MODEL, "stage=grpo"]))
+    cfg = preflight(compose([*MODEL, "stage=grpo"]))
     tok = load_tokenizer(None, None)
     torch.manual_seed(cfg.trainer.seed)
     model = AutoModelForCausalLM.from_config(architecture_config(cfg.model, tok), attn_implementation="sdpa")

@@ -23,13 +23,13 @@ def trl_run(steps: int, batch: int, max_length: int, packing: bool) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from llmexp.config.validate import validate
+    from llmexp.preflight import preflight
     from llmexp.data.module import load_examples
     from llmexp.models.build import architecture_config
     from llmexp.models.tokenizer import load_tokenizer
     from conftest import compose
 
-    cfg = validate(compose(MODEL))
+    cfg = preflight(compose(MODEL))
     tok = load_tokenizer(None, None)
     torch.manual_seed(cfg.trainer.seed)
     model = AutoModelForCausalLM.from_config(architecture_config(cfg.model, tok), attn_implementation="sdpa")

@@ -41,9 +41,9 @@ def compose(overrides: Sequence[str] = ()):
 
 
 def typed(overrides: Sequence[str] = ()):
-    from llmexp.config.validate import validate
+    from llmexp.preflight import preflight
 
-    return validate(compose(overrides))
+    return preflight(compose(overrides))
 
 
 def run_cli(args: List[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import compose, typed
 
-from llmexp.config.validate import validate
+from llmexp.preflight import preflight
 from llmexp.errors import ConfigError
 from llmexp.paths import config_groups
 
@@ -61,10 +61,10 @@ def test_every_shipped_option_composes_and_validates(group, option, tmp_path):
     cfg = compose(overrides)
     if (group, option) in NEEDS_GPU:
         with pytest.raises(ConfigError) as e:
-            validate(cfg)
+            preflight(cfg)
         assert "CUDA" in str(e.value)
         return
-    run = validate(cfg)
+    run = preflight(cfg)
     if group not in ("experiment", "trainer"):
         assert getattr(run, group).name == option
 
@@ -87,7 +87,7 @@ def test_all_problems_are_reported_at_once_with_keys():
     cfg = compose(["trainer.max_steps=0", "optim.scheduler=cosin", "model.num_heads=3",
                    "optim.warmup_steps=-1", "data.val_fraction=2.0"])
     with pytest.raises(ConfigError) as e:
-        validate(cfg)
+        preflight(cfg)
     keys = {p.key for p in e.value.problems}
     assert {"trainer.max_steps", "optim.scheduler", "model.num_heads", "optim.warmup_steps",
             "data.val_fraction"} <= keys
@@ -97,7 +97,7 @@ def test_all_problems_are_reported_at_once_with_keys():
 
 def test_sft_on_plain_text_is_a_contradiction():
     with pytest.raises(ConfigError) as e:
-        validate(compose(["stage=sft", "data=arithmetic_text"]))
+        preflight(compose(["stage=sft", "data=arithmetic_text"]))
     assert any(p.key == "stage" and "messages" in p.message for p in e.value.problems)
     assert typed(["stage=pretrain", "data=arithmetic_text"]).stage.name == "pretrain"
 
@@ -106,7 +106,7 @@ def test_sft_on_local_text_file_is_refused_before_any_model(tmp_path):
     f = tmp_path / "t.jsonl"
     f.write_text('{"body": "hello"}\n')
     with pytest.raises(ConfigError) as e:
-        validate(compose(["data=files", f"data.path={f}"]))
+        preflight(compose(["data=files", f"data.path={f}"]))
     assert any("columns: body" in p.message for p in e.value.problems)
     # Mapping the column makes it valid for pretraining.
     assert typed(["data=files", f"data.path={f}", "stage=pretrain", "data.fields.text=body"])
@@ -114,17 +114,17 @@ def test_sft_on_local_text_file_is_refused_before_any_model(tmp_path):
 
 def test_missing_pretrained_dir_and_offline_hub_id():
     with pytest.raises(ConfigError) as e:
-        validate(compose(["model.pretrained=/nonexistent/model"]))
+        preflight(compose(["model.pretrained=/nonexistent/model"]))
     assert e.value.problems[0].key == "model.pretrained"
     with pytest.raises(ConfigError) as e:
-        validate(compose(["model.pretrained=meta-llama/Llama-3.2-1B"]))
+        preflight(compose(["model.pretrained=meta-llama/Llama-3.2-1B"]))
     assert "offline=true" in e.value.problems[0].message
     assert typed(["model.pretrained=meta-llama/Llama-3.2-1B", "offline=false"]).offline is False
 
 
 def test_qlora_on_cpu_says_it_needs_a_gpu():
     with pytest.raises(ConfigError) as e:
-        validate(compose(["peft=qlora"]))
+        preflight(compose(["peft=qlora"]))
     (p,) = e.value.problems
     assert p.key == "peft" and "CUDA GPU" in p.message and "peft=lora" in p.fix
 
@@ -132,7 +132,7 @@ def test_qlora_on_cpu_says_it_needs_a_gpu():
 def test_warmup_longer_than_the_run_is_clamped_not_refused():
     from llmexp.optim import effective_warmup
 
-    validate(compose(["trainer.max_steps=5"]))  # 10 warm-up steps by default: no error
+    preflight(compose(["trainer.max_steps=5"]))  # 10 warm-up steps by default: no error
     assert effective_warmup(10, 5) == 4 and effective_warmup(10, 600) == 10 and effective_warmup(3, 1) == 0
 
 
@@ -150,6 +150,21 @@ def test_each_stage_brings_its_own_optimizer_and_trainer_defaults_and_the_comman
 
 def test_task_check_names_a_known_checker():
     with pytest.raises(ConfigError) as e:
-        validate(compose(["task.check=arithmetic_corect"]))
+        preflight(compose(["task.check=arithmetic_corect"]))
     assert e.value.problems[0].key == "task.check" and "arithmetic_correct" in e.value.problems[0].fix
     assert typed(["task.check=reference"]).task.check == "reference"
+
+
+def test_a_bundled_datasets_typed_option_overrides_without_plus(tmp_path):
+    """conf/data/arithmetic_pairs.yaml lists two options; the others take their schema default
+    and are overridden like any key (the CLI passes them to Hydra as additions)."""
+    from llmexp.testing import check_config, run_cli
+
+    run = check_config(["stage=rm", "data.options.misread_fraction=0.5"])
+    assert run.data.options["misread_fraction"] == 0.5 and run.data.options["malformed_fraction"] == 0.2
+    r = run_cli(["stage=rm", "data.options.misread_fraction=0.5", "--cfg", "job"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "misread_fraction: 0.5" in r.stdout
+    r = run_cli(["stage=rm", "data.options.misread_fractoin=0.5"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "data.options.misread_fractoin: unknown key" in r.stderr and "misread_fraction" in r.stderr

@@ -29,32 +29,52 @@ def task(s: dict) -> tuple:
     return s["initial"]["val/task_score"], s["final"]["val/task_score"]
 
 
+_PIPELINES: dict = {}
+
+
+def shipped_pipeline(name: str, tmp_path_factory) -> tuple:
+    """`llmexp pipeline <name>` as shipped, run once per session: (root, printed output)."""
+    if name not in _PIPELINES:
+        root = tmp_path_factory.mktemp(name) / "p"
+        r = run_cli(["pipeline", name, "--dir", str(root)], cwd=root.parent, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        _PIPELINES[name] = root, r.stdout
+    return _PIPELINES[name]
+
+
 @pytest.fixture(scope="session")
-def default_sft(tmp_path_factory) -> Path:
-    """`python -m llmexp`: the default SFT run."""
-    run_dir = tmp_path_factory.mktemp("post") / "sft"
-    s = llmexp(run_dir)
+def rlhf_pipeline(tmp_path_factory) -> Path:
+    """`llmexp pipeline rlhf`: the default SFT, a reward model from it, PPO against that."""
+    return shipped_pipeline("rlhf", tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="session")
+def default_sft(rlhf_pipeline) -> Path:
+    """`python -m llmexp`: the default SFT run (the rlhf pipeline's first stage, with no overrides
+    but logger=csv)."""
+    run_dir = rlhf_pipeline / "1-sft"
+    s = summary(run_dir)
     before, after = task(s)
     assert before < 0.05 and after >= 0.85, (before, after)
     assert s["task"] == {"check": "arithmetic_correct", "prompts": 155, "max_new_tokens": 24}
     return run_dir
 
 
-@pytest.fixture(scope="session")
-def rlhf_pipeline(tmp_path_factory) -> Path:
-    """`llmexp pipeline rlhf` as shipped: a short SFT, a reward model, PPO against it."""
-    root = tmp_path_factory.mktemp("rlhf") / "p"
-    r = run_cli(["pipeline", "rlhf", "--dir", str(root)], cwd=root.parent, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return root
-
-
-def test_rm_from_the_default_sft_ranks_held_out_pairs(tmp_path, default_sft):
-    run_dir = tmp_path / "rm"
-    s = llmexp(run_dir, "stage=rm", f"model.pretrained={default_sft}/model")
+def test_rm_from_the_default_sft_ranks_held_out_pairs(rlhf_pipeline, default_sft):
+    """`python -m llmexp stage=rm model.pretrained=<default sft>/model` (the rlhf pipeline's rm)."""
+    run_dir = rlhf_pipeline / "2-rm"
+    s = summary(run_dir)
+    assert json.loads((rlhf_pipeline / "pipeline_summary.json").read_text())["stages"][1]["overrides"] == [
+        "logger=csv", "stage=rm", f"model.pretrained={default_sft}/model"]
     assert s["initial"]["val/accuracy"] < 0.75
     assert s["final"]["val/accuracy"] >= 0.9, s["final"]
     assert "task" not in s and "val/task_score" not in s["final"]  # a scorer, not a language model
+    # saved with the model: the held-out mean chosen score maps to +1, the mean rejected to -1
+    norm, f = s["score_normalization"], s["final"]
+    saved = json.loads((run_dir / "model" / "config.json").read_text())
+    assert {k: saved[k] for k in norm} == pytest.approx(norm)
+    assert (f["val/score_chosen"] - norm["llmexp_score_center"]) / norm["llmexp_score_scale"] == pytest.approx(1.0)
+    assert (f["val/score_rejected"] - norm["llmexp_score_center"]) / norm["llmexp_score_scale"] == pytest.approx(-1.0)
     # The export is a plain one-label sequence classifier that prefers right answers, misread
     # questions included, on fresh pairs.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -104,33 +124,35 @@ def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tm
 
 
 @pytest.mark.parametrize("name", ["dpo", "grpo"])
-def test_shipped_pipelines_raise_exact_match_over_their_short_sft(tmp_path, name):
-    root = tmp_path / name
-    r = run_cli(["pipeline", name, "--dir", str(root)], cwd=tmp_path, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_shipped_pipelines_raise_exact_match_over_their_short_sft(tmp_path_factory, name):
+    root, printed = shipped_pipeline(name, tmp_path_factory)
     sft, post = json.loads((root / "pipeline_summary.json").read_text())["stages"]
     assert sft["global_step"] == 150
     start, end = post["initial"]["val/task_score"], post["final"]["val/task_score"]
     assert start == pytest.approx(sft["final"]["val/task_score"], abs=1e-6)
     assert end >= start + 0.15, (start, end)
-    assert f"{name} {start:.3f} -> {end:.3f}" in r.stdout  # the printed result shows the task metric
+    assert f"{name} {start:.3f} -> {end:.3f}" in printed  # the printed result shows the task metric
     assert summary(root / f"2-{name}")["health"]["warnings"] == []
 
 
-def test_rlhf_pipeline_runs_and_the_guard_flags_reward_hacking(rlhf_pipeline):
-    """PPO against the tiny learned reward model still finds answers it overrates (measured: the
-    RM's score rises while exact match falls); what a user must get is a record that says so."""
+def test_rlhf_pipeline_raises_exact_match_over_its_sft(rlhf_pipeline):
+    """PPO against the learned reward model, judged by the true checker: it must beat the SFT
+    (it reached 0.00 before the reward model's scores were normalized and its pairs held the
+    broken answers PPO drifted to)."""
     sft, rm, ppo = json.loads((rlhf_pipeline / "pipeline_summary.json").read_text())["stages"]
-    assert rm["final"]["val/accuracy"] > 0.7
-    assert ppo["initial"]["val/task_score"] == pytest.approx(sft["final"]["val/task_score"], abs=1e-6)
+    assert rm["final"]["val/accuracy"] >= 0.9
+    start, end = ppo["initial"]["val/task_score"], ppo["final"]["val/task_score"]
+    assert start == pytest.approx(sft["final"]["val/task_score"], abs=1e-6)
+    assert end > start, (start, end)
     s = summary(rlhf_pipeline / "3-ppo")
     assert s["task"]["check"] == "arithmetic_correct"  # the true checker, not the reward model's score
-    if s["final"]["val/task_score"] < s["initial"]["val/task_score"] - 0.05:
-        assert {w["sign"] for w in s["health"]["warnings"]} & {"task_drop", "kl_runaway"}, s["health"]
+    assert s["health"]["warnings"] == []
+    assert summary(rlhf_pipeline / "2-rm")["score_normalization"]["llmexp_score_scale"] > 0
 
 
-def test_ppo_from_a_short_sft_raises_exact_match(tmp_path, rlhf_pipeline):
-    s = llmexp(tmp_path / "ppo", "stage=ppo", f"model.pretrained={rlhf_pipeline}/1-sft/model")
+def test_ppo_from_a_short_sft_raises_exact_match(tmp_path, tmp_path_factory):
+    short_sft = shipped_pipeline("grpo", tmp_path_factory)[0] / "1-sft"
+    s = llmexp(tmp_path / "ppo", "stage=ppo", f"model.pretrained={short_sft}/model")
     start, end = task(s)
     assert end >= start + 0.15, (start, end)
     assert s["health"]["warnings"] == []

@@ -115,11 +115,11 @@ def test_a_large_model_with_the_tiny_models_lr_is_warned_about():
 def test_bad_task_and_health_settings_are_refused(bad):
     from conftest import compose
 
-    from llmexp.config.validate import validate
+    from llmexp.preflight import preflight
     from llmexp.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        validate(compose([bad]))
+        preflight(compose([bad]))
     assert e.value.problems[0].key == bad.split("=")[0]
 
 

@@ -139,7 +139,10 @@ class HealthGuard(L.Callback):
 def lr_scale_note(stage: str, parameters: int, lr: float) -> Optional[str]:
     """A warning when a large model gets the bundled tiny model's post-training lr: the stage
     defaults suit the ~1M-parameter models llmexp builds offline; real models want ~1e-6."""
-    if stage in ("dpo", "ppo", "grpo", "rm") and parameters >= 100_000_000 and lr > 1e-4:
+    from llmexp.config.stages import stage_spec
+
+    spec = stage_spec(stage)
+    if (spec.post_training or not spec.language_model) and parameters >= 100_000_000 and lr > 1e-4:
         return (f"optim.lr={lr:g} is the stage default for llmexp's tiny models, but this model has "
                 f"{parameters / 1e9:.2f}B parameters: set optim.lr (about 1e-6 for dpo/ppo/grpo, 1e-5 for rm) "
                 f"or use a model option that ships real-size settings (conf/scale/, e.g. model=llama_1b)")
@@ -148,5 +151,7 @@ def lr_scale_note(stage: str, parameters: int, lr: float) -> Optional[str]:
 
 def watched(stage: str) -> bool:
     """Stages the guard watches: post-training of a language model."""
-    return stage in ("dpo", "ppo", "grpo")
+    from llmexp.config.stages import stage_spec
+
+    return stage_spec(stage).post_training
 

@@ -54,7 +54,7 @@ class ModelReward:
     """A one-label sequence classifier (an rm run's ``model/``) scoring prompt + response as its
     own tokenizer and chat template render them, exactly as it was trained."""
 
-    def __init__(self, path: str, batch_size: int = 32):
+    def __init__(self, path: str, batch_size: int = 32, normalize: bool = True):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if not (Path(path) / "config.json").is_file():
@@ -70,6 +70,9 @@ class ModelReward:
             raise UserError(f"stage.reward.model: {path!r} has {self.model.config.num_labels} labels; a reward "
                             f"model scores with one (train one with stage=rm)")
         self.path, self.batch_size = path, batch_size
+        config = self.model.config
+        self.center = float(getattr(config, "llmexp_score_center", 0.0)) if normalize else 0.0
+        self.scale = float(getattr(config, "llmexp_score_scale", 1.0)) if normalize else 1.0
 
     def to(self, device) -> "ModelReward":
         self.model.to(device)
@@ -89,12 +92,12 @@ class ModelReward:
             input_ids = pad_rows(chunk, self.tokenizer.pad_token_id).to(device)
             mask = pad_rows([[1] * len(r) for r in chunk], 0).to(device)
             scores.append(self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().cpu())
-        return torch.cat(scores)
+        return (torch.cat(scores) - self.center) / self.scale
 
 
 def build_reward(cfg: RewardConfig):
     if cfg.model:
-        return ModelReward(cfg.model)
+        return ModelReward(cfg.model, normalize=cfg.normalize)
     if not cfg.function:
         raise UserError("stage.reward: set stage.reward.function=<name> or stage.reward.model=<dir>")
     return FunctionReward(cfg.function)

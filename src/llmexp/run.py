@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig
 
 from llmexp import __version__
-from llmexp.config.validate import validate
+from llmexp.preflight import preflight
 from llmexp.env import configure_environment, quiet_libraries
 from llmexp.record import plot_loss_curve, write_config, write_overrides, write_summary
 from llmexp.secrets import redact
@@ -62,7 +62,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     ``callbacks`` are extra Lightning callbacks (for library use and tests).
     """
     started = time.time()
-    typed = validate(cfg)
+    typed = preflight(cfg)
     run_dir = Path(run_dir or hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     configure_environment(typed.offline)
@@ -93,6 +93,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     from llmexp.health import HealthGuard, lr_scale_note, watched
     from llmexp.optim import effective_warmup
     from llmexp.task_probe import build_probe, unavailable
+    from llmexp.config.stages import stage_spec
 
     tokenizer = load_tokenizer(typed.model.tokenizer, typed.model.pretrained, prepared.texts,
                                typed.model.trust_remote_code)
@@ -105,7 +106,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
         Console(stderr=True).print(f"[bold yellow]warning[/]: {scale_note}", highlight=False)
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
-    if typed.stage.name != "rm":  # every stage that ends with a language model
+    if stage_spec(typed.stage.name).language_model:
         stage.task_probe = build_probe(typed, prepared.val, prepared.format)
     guard = None
     if watched(typed.stage.name) and typed.health.action != "off":
@@ -162,7 +163,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
         summary["task"] = {"check": probe.check, "prompts": len(probe.rows), "max_new_tokens": probe.max_new_tokens}
     if guard is not None:
         summary["health"] = guard.record()
-    notes = [n for n in (scale_note, unavailable(typed) if typed.stage.name != "rm" else None) if n]
+    notes = [n for n in (scale_note, unavailable(typed) if stage_spec(typed.stage.name).language_model else None) if n]
     warmup = effective_warmup(typed.optim.warmup_steps, typed.trainer.max_steps)
     if warmup != typed.optim.warmup_steps:
         summary["warmup_steps_used"] = warmup

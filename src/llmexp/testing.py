@@ -23,10 +23,10 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABL
 
 def check_config(overrides: Sequence[str] = ()):
     """The typed RunConfig of ``overrides``, or the ConfigError the CLI would report (exit 2)."""
-    from llmexp.cli import check_overrides
-    from llmexp.config.validate import validate
+    from llmexp.overrides import check_overrides
+    from llmexp.preflight import preflight
 
-    return validate(check_overrides(list(overrides)))
+    return preflight(check_overrides(list(overrides)))
 
 
 def run_cli(args: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,

@@ -2,7 +2,7 @@
 
 The YAML files in conf/ are the options; these dataclasses are the contract they (and any
 command-line override) must meet. Field metadata carries what OmegaConf cannot express:
-``choices`` (valid names) and ``min``/``max`` bounds, checked by :mod:`llmexp.config.validate`.
+``choices`` (valid names) and ``min``/``max`` bounds, checked by :mod:`llmexp.config.check`.
 """
 
 from __future__ import annotations
@@ -113,6 +113,10 @@ class RewardConfig:
     model: Optional[str] = None
     # Added to the score of a response that never emits eos within max_new_tokens (e.g. -1.0).
     missing_eos_penalty: Optional[float] = None
+    # A reward model's scores mapped with the center/scale its rm run measured on held-out
+    # pairs (mean chosen -> +1, mean rejected -> -1), the scale of a 0/1 rule reward, so that
+    # kl_coef and the critic mean the same for both. Models without them are used as they score.
+    normalize: bool = True
 
 
 @dataclass
@@ -167,9 +171,6 @@ class GRPOStageConfig:
 
 
 # Stage name -> schema of stage/<name>.yaml.
-STAGE_SCHEMAS: Dict[str, type] = {"pretrain": PretrainStageConfig, "sft": SFTStageConfig,
-                                  "rm": RewardModelStageConfig, "dpo": DPOStageConfig,
-                                  "ppo": PPOStageConfig, "grpo": GRPOStageConfig}
 
 
 @dataclass

@@ -19,15 +19,6 @@ FORMAT_COLUMNS: Dict[str, Tuple[str, ...]] = {
 # Detection order: the most specific format first.
 DETECTION_ORDER = ("preference", "chat", "prompt_completion", "text", "prompt_only")
 
-# Stage name -> formats it can train on. Stages added later register theirs here.
-STAGE_FORMATS: Dict[str, Tuple[str, ...]] = {
-    "pretrain": ("text", "chat", "prompt_completion"),
-    "sft": ("chat", "prompt_completion"),
-    "rm": ("preference",),
-    "dpo": ("preference",),
-    "ppo": ("prompt_only", "preference", "prompt_completion"),
-    "grpo": ("prompt_only", "preference", "prompt_completion"),
-}
 
 
 def canonical_columns(columns: Iterable[str], fields: Dict[str, str]) -> set:
@@ -49,7 +40,9 @@ def detect_format(columns: Iterable[str], fields: Dict[str, str]) -> Optional[st
 def format_problem(stage: str, fmt: Optional[str], columns: Iterable[str], fields: Dict[str, str],
                    where: str) -> Optional[str]:
     """A sentence saying why ``stage`` cannot use data of format ``fmt``, or None when it can."""
-    accepted = STAGE_FORMATS.get(stage)
+    from llmexp.config.stages import STAGES
+
+    accepted = STAGES[stage].formats if stage in STAGES else None
     if accepted is None or fmt in accepted:
         return None
     needs = " or ".join("+".join(FORMAT_COLUMNS[f]) for f in accepted)

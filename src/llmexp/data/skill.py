@@ -102,11 +102,21 @@ def misread(p: Problem, rng: random.Random, max_operand: int) -> Optional[Proble
 
 
 def malformed(p: Problem, rng: random.Random) -> str:
-    """A broken answer: the solution cut off before its result, or with its result repeated."""
-    text = p.solution()
-    if rng.random() < 0.5:
+    """A broken answer, of the kinds a policy drifts into when it exploits a reward model: the
+    solution cut off before its result, its result repeated, the sum carried on past its result,
+    the solution said twice, or the question's numbers repeated without a sum."""
+    text, kind = p.solution(), rng.randrange(5)
+    if kind == 0:
         return text[: rng.randint(0, text.index("=") + 1)].strip()
-    return f"{text} = {p.answer}"
+    if kind == 1:
+        return f"{text} = {p.answer}"
+    if kind == 2:
+        b = rng.randint(0, 9)
+        return f"{text} {p.op} {b} = {p.answer + b if p.op == '+' else p.answer - b}"
+    if kind == 3:
+        return f"{text} {text}"
+    numbers = [str(rng.choice([p.a, p.b, p.answer])) for _ in range(rng.randint(2, 6))]
+    return " ".join(n if i == 0 else f"{rng.choice(['', '+ ', '- '])}{n}" for i, n in enumerate(numbers))
 
 
 def preference_pairs(num_samples: int = 2000, max_operand: int = 9, seed: int = 1234,

@@ -19,7 +19,7 @@ from llmexp.plugins.registry import lookup
 
 def eval_options(name: str, values: Optional[Mapping[str, Any]] = None, key: Optional[str] = None) -> Any:
     """The typed options of eval ``name`` from ``values``, or ConfigError naming ``key``."""
-    from llmexp.config.validate import check_options
+    from llmexp.config.check import check_options
 
     entry = lookup("llmexp_evals", name, "eval")
     key = key or f"eval.{name}.options"

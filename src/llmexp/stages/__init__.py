@@ -1,19 +1,10 @@
-"""Stage name -> LightningModule class, imported only when a run starts."""
+"""The LightningModules of the stages; which class a stage name means is the stage registry's
+(llmexp.config.stages), imported only when a run starts."""
 
 from __future__ import annotations
 
-import importlib
-
-STAGES = {
-    "pretrain": "llmexp.stages.causal_lm:PretrainStage",
-    "sft": "llmexp.stages.causal_lm:SFTStage",
-    "rm": "llmexp.stages.preference:RewardModelStage",
-    "dpo": "llmexp.stages.preference:DPOStage",
-    "ppo": "llmexp.stages.policy_gradient:PPOStage",
-    "grpo": "llmexp.stages.policy_gradient:GRPOStage",
-}
-
 
 def stage_class(name: str):
-    module, _, cls = STAGES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    from llmexp.config.stages import stage_spec
+
+    return stage_spec(name).load()

@@ -31,9 +31,6 @@ def seconds_since_process_start() -> float:
 
 
 class StageModule(L.LightningModule):
-    # Data formats this stage trains on (see llmexp.data.formats.STAGE_FORMATS).
-    formats: Tuple[str, ...] = ()
-
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, tokenizer: Any):
         super().__init__()
         self.cfg = cfg
@@ -80,7 +77,9 @@ class StageModule(L.LightningModule):
         from llmexp.models.build import build_model
         from llmexp.models.peft import apply_peft
 
-        head = "score" if self.cfg.stage.name == "rm" else "causal_lm"
+        from llmexp.config.stages import stage_spec
+
+        head = stage_spec(self.cfg.stage.name).head
         model = build_model(self.cfg.model, self.tokenizer, head=head)
         model = apply_peft(model, self.cfg.peft, self.cfg.model, task_type="SEQ_CLS" if head == "score" else "CAUSAL_LM")
         model.load_state_dict(state)

@@ -18,7 +18,6 @@ from llmexp.stages.base import StageModule
 
 
 class CausalLMStage(StageModule):
-    formats = ("text", "chat", "prompt_completion")
     loss_on_targets_only = False
 
     def encoder(self, fmt: str):
@@ -51,7 +50,6 @@ class PretrainStage(CausalLMStage):
 class SFTStage(CausalLMStage):
     """Supervised fine-tuning: only assistant / completion tokens count in the loss."""
 
-    formats = ("chat", "prompt_completion")
 
     @property
     def loss_on_targets_only(self) -> bool:  # type: ignore[override]

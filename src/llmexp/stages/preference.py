@@ -7,6 +7,8 @@ rejected rows so each micro-batch needs one forward pass; the loss weight is the
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
 import torch
@@ -26,7 +28,6 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class PreferenceStage(StageModule):
-    formats = ("preference",)
 
     def encoder(self, fmt: str):
         return preference_encoder(self.tokenizer)
@@ -71,7 +72,23 @@ class RewardModelStage(PreferenceStage):
 
     def export(self, out_dir):
         facts = super().export(out_dir)
-        return {**facts, "reward_model_dir": str(out_dir)}
+        norm = score_normalization(self.last_val_metrics)
+        if norm and self.trainer.is_global_zero:
+            config = Path(out_dir) / "config.json"
+            config.write_text(json.dumps({**json.loads(config.read_text()), **norm}, indent=2) + "\n")
+        return {**facts, "reward_model_dir": str(out_dir), **({"score_normalization": norm} if norm else {})}
+
+
+def score_normalization(val_metrics: Dict[str, float]) -> Dict[str, float]:
+    """The center and scale that map the held-out mean chosen score to +1 and the mean rejected
+    score to -1 (saved with the reward model; ppo/grpo apply them, see RewardConfig.normalize).
+
+    A Bradley-Terry model's scores have an arbitrary offset and a scale that grows with training
+    (±10 is common); fed raw to PPO they swamp the KL penalty and the critic's baseline."""
+    chosen, rejected = val_metrics.get("val/score_chosen"), val_metrics.get("val/score_rejected")
+    if chosen is None or rejected is None or not chosen > rejected:
+        return {}
+    return {"llmexp_score_center": (chosen + rejected) / 2, "llmexp_score_scale": (chosen - rejected) / 2}
 
 
 class DPOStage(PreferenceStage):

@@ -42,7 +42,6 @@ class Rollout:
 
 
 class RolloutStage(StageModule):
-    formats = ("prompt_only", "preference", "prompt_completion")
     # Samples drawn per prompt (grpo: its group size).
     samples_per_prompt = 1
     needs_values = False

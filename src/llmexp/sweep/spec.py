@@ -87,7 +87,7 @@ def check_spec(spec: SweepSpec) -> None:
                                 "metric: {name: val/loss, goal: minimize}"))
     if not spec.parameters:
         problems.append(Problem(f"{spec.path.name}: parameters", "no parameters to sweep", "parameters: {optim.lr: ...}"))
-    from llmexp.cli import check_overrides
+    from llmexp.overrides import check_overrides
 
     params = spec.parameters if isinstance(spec.parameters, dict) else {}
     overrides = [*spec.fixed_overrides(),

@@ -1,7 +1,9 @@
-"""Check a composed config against the schemas and collect every problem at once.
+"""Preflight: everything checked before a run starts, reported together (exit code 2).
 
-Nothing here builds a model or imports torch on the common path: a bad config is reported in a
-fraction of a second, before anything expensive starts.
+The typed config check (llmexp.config.check), then the checks that need more than the config:
+the dataset, reward, eval and task registries (plugins included), the data's format, files and
+directories named in the config, and what the machine has. ``python -m llmexp``, ``llmexp
+sweep`` and ``llmexp pipeline`` all call it.
 """
 
 from __future__ import annotations
@@ -9,95 +11,28 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import typing
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from llmexp.config import schema as S
+from llmexp.config.check import check_options, typed_config
+from llmexp.config.stages import STAGES
 from llmexp.errors import ConfigError, Problem, suggest
 
 
-def validate(cfg: DictConfig) -> S.RunConfig:
-    """Return the typed config of ``cfg`` or raise ConfigError listing every problem."""
-    problems: List[Problem] = []
-    try:
-        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    except OmegaConfBaseException as e:
-        raise ConfigError([Problem(_full_key(e), f"cannot resolve: {e.msg}", None)]) from None
-    raw.pop("hydra", None)
-    typed = {}
-    for group, schema in S.GROUP_SCHEMAS.items():
-        typed[group] = _check_node(raw.get(group, {}), schema, group, problems)
-    stage_raw = raw.get("stage", {}) or {}
-    stage_name = stage_raw.get("name", "sft")
-    stage_schema = S.STAGE_SCHEMAS.get(stage_name)
-    if stage_schema is None:
-        problems.append(Problem("stage.name", f"unknown stage {stage_name!r}",
-                                suggest(stage_name, S.STAGE_SCHEMAS)))
-        stage_schema = S.SFTStageConfig
-    typed["stage"] = _check_node(stage_raw, stage_schema, "stage", problems)
-    top_fields = {f.name for f in dataclasses.fields(S.RunConfig)} - set(typed)
-    for key, value in raw.items():
-        if key in typed:
-            continue
-        if key not in top_fields:
-            problems.append(Problem(key, "unknown key", suggest(key, top_fields | set(typed))))
-        else:
-            typed[key] = value
-    run = S.RunConfig(**typed)
+def preflight(cfg: DictConfig) -> S.RunConfig:
+    """The typed config of ``cfg``, or ConfigError listing every problem found."""
+    run, problems = typed_config(cfg)
+    if run is None:
+        raise ConfigError(problems)
     problems.extend(_check_dataset(run.data))
     flagged = {p.key for p in problems}
     problems.extend(p for p in cross_checks(run) if p.key not in flagged)
     if problems:
         raise ConfigError(problems)
     return run
-
-
-def _full_key(e: OmegaConfBaseException) -> str:
-    return str(getattr(e, "full_key", "") or "config")
-
-
-def _check_node(value: Any, schema: type, path: str, problems: List[Problem]) -> Any:
-    """Check one mapping against a dataclass; return the dataclass instance (or None)."""
-    if not isinstance(value, dict):
-        problems.append(Problem(path, f"expected a mapping of {schema.__name__} keys, got {value!r}", None))
-        return schema()
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    hints = typing.get_type_hints(schema)
-    base = OmegaConf.structured(schema)
-    good = {}
-    for key, item in value.items():
-        key_path = f"{path}.{key}"
-        if key not in fields:
-            problems.append(Problem(key_path, "unknown key", suggest(key, fields)))
-            continue
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            good[key] = _check_node(item, hint, key_path, problems)
-            continue
-        if item == "???":
-            problems.append(Problem(key_path, "a value is required",
-                                    f"set it on the command line: {key_path}=..."))
-            continue
-        try:
-            coerced = OmegaConf.to_container(OmegaConf.merge(base, {key: item}))[key]
-        except OmegaConfBaseException:
-            problems.append(Problem(key_path, f"expected {_type_name(hint)}, got {item!r}",
-                                    f"{key_path}=<{_type_name(hint)}>"))
-            continue
-        _check_metadata(coerced, fields[key].metadata, key_path, problems)
-        good[key] = coerced
-    for key, f in fields.items():
-        if key not in good and key not in value and f.default is dataclasses.MISSING \
-                and f.default_factory is dataclasses.MISSING:
-            problems.append(Problem(f"{path}.{key}", "a value is required", f"{path}.{key}=..."))
-    try:
-        return schema(**good)
-    except TypeError:
-        return schema()
 
 
 def _check_dataset(d: S.DataConfig) -> List[Problem]:
@@ -117,46 +52,6 @@ def _check_dataset(d: S.DataConfig) -> List[Problem]:
     if not problems and options is not None:
         d.options = dataclasses.asdict(options)
     return problems
-
-
-def check_options(values: dict, schema: Optional[type], key: str, where: str):
-    """(instance of the ``schema`` dataclass built from ``values``, problems) for typed plugin options;
-    an unknown option is reported under ``key`` with the valid names."""
-    names = [f.name for f in dataclasses.fields(schema)] if schema else []
-    problems = [Problem(key, f"unknown option {k!r} for {where}",
-                        suggest(k, names) if names else f"{where} takes no options; drop it with ~{key}.{k}")
-                for k in values if k not in names]
-    if schema is None:
-        return None, problems
-    return _check_node({k: v for k, v in values.items() if k in names}, schema, key, problems), problems
-
-
-def _check_metadata(value: Any, meta: Any, key_path: str, problems: List[Problem]) -> None:
-    choices = meta.get("choices")
-    values = value if isinstance(value, list) else [value]
-    if choices is not None:
-        for v in values:
-            if v not in choices:
-                names = [c for c in choices if c is not None]
-                problems.append(Problem(key_path, f"{v!r} is not one of {', '.join(map(str, names))}",
-                                        suggest(str(v), [str(n) for n in names], key=key_path)))
-    lo, hi = meta.get("min"), meta.get("max")
-    for v in values:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if lo is not None and v < lo:
-                problems.append(Problem(key_path, f"must be >= {lo}, got {v}", None))
-            if hi is not None and v > hi:
-                problems.append(Problem(key_path, f"must be <= {hi}, got {v}", None))
-
-
-def _type_name(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union and len(args) == 1:
-        return f"{_type_name(args[0])} or null"
-    if typing.get_origin(hint) in (list, List):
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
 
 
 def _check_task(run: S.RunConfig) -> List[Problem]:
@@ -241,22 +136,23 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
     st, d, t = run.stage, run.data, run.trainer
     p: List[Problem] = []
     pretrained = run.model.pretrained
-    if st.name != "rm" and pretrained and (Path(os.path.expanduser(pretrained)) / "config.json").is_file():
+    spec = STAGES[st.name]
+    if spec.language_model and pretrained and (Path(os.path.expanduser(pretrained)) / "config.json").is_file():
         scorers = [a for a in _architectures(Path(os.path.expanduser(pretrained)) / "config.json")
                    if a.endswith("ForSequenceClassification")]
         if scorers:
             p.append(Problem("model.pretrained", f"{pretrained!r} is a reward model ({scorers[0]}), not a "
                              f"language model for stage={st.name}",
                              "a policy run's model (sft, dpo, ppo, grpo); a reward model goes in stage.reward.model"))
-    if st.name in ("rm", "dpo", "ppo", "grpo") and d.packing:
+    if not spec.packs and d.packing:
         p.append(Problem("data.packing", f"stage={st.name} scores whole sequences one per row; packing "
                          "would mix several into one", "data.packing=false"))
-    if st.name == "dpo" and st.reference == "adapter_disabled" and run.peft.name == "none":
+    if getattr(st, "reference", None) == "adapter_disabled" and run.peft.name == "none":
         p.append(Problem("stage.reference", "adapter_disabled uses the base model under a LoRA adapter, "
                          "and peft=none has none", "peft=lora, or stage.reference=copy or precomputed"))
-    if st.name not in ("ppo", "grpo"):
+    if not spec.generates:
         return p
-    if st.name == "ppo" and t.grad_accum % st.num_minibatches:
+    if t.grad_accum % getattr(st, "num_minibatches", 1):
         p.append(Problem("stage.num_minibatches", f"{st.num_minibatches} minibatches must divide the "
                          f"{t.grad_accum} micro-batches of a rollout batch (trainer.grad_accum)",
                          "a divisor of trainer.grad_accum, or raise trainer.grad_accum"))
@@ -293,7 +189,7 @@ def _check_eval(run: S.RunConfig) -> List[Problem]:
     e = run.eval
     if e.name == "none":
         return []
-    if run.stage.name == "rm":
+    if not STAGES[run.stage.name].language_model:
         return [Problem("eval", "stage=rm trains a reward model (a sequence scorer, not a language model), "
                         "which lm-eval tasks and generation evals cannot run",
                         "eval=none for rm; evaluate policies (sft, dpo, ppo, grpo) instead")]
@@ -367,7 +263,7 @@ def _check_strategy(run: S.RunConfig) -> List[Problem]:
                 p.append(Problem("strategy.sequence_parallel", "sequence parallelism shards along the sequence "
                                  "between tensor-parallel ranks, and this mesh has none",
                                  "strategy=tp, or strategy.tensor_parallel_size>1 with fsdp"))
-            if run.stage.name in ("ppo", "grpo"):
+            if STAGES[run.stage.name].generates:
                 p.append(Problem("strategy.sequence_parallel", f"stage={run.stage.name} generates token by token, "
                                  "which a sequence-sharded model cannot", "strategy.sequence_parallel=false"))
         tensor_parallel = s.name == "tp" or s.tensor_parallel_size > 1
@@ -421,11 +317,3 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def to_dict(run: S.RunConfig) -> dict:
-    return dataclasses.asdict(run)
-
-
-def stage_schema(name: str) -> Optional[type]:
-    return S.STAGE_SCHEMAS.get(name)

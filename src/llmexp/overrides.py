@@ -1,0 +1,188 @@
+"""Command-line overrides checked before Hydra sees them: an unknown option, an unknown key and a
+wrong type are reported together in one message (exit code 2) instead of one Hydra traceback at
+a time. Used by ``python -m llmexp`` and by sweeps (each trial's overrides)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+from llmexp.errors import ConfigError, Problem, suggest
+from llmexp.paths import config_dir, config_groups
+
+# Hydra flags that take a value in the next argument.
+_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                     "--cfg", "-c", "--package", "-p", "--experimental-rerun"}
+
+
+def split_overrides(argv: List[str]) -> List[str]:
+    """The override arguments of a Hydra command line (flags and their values dropped)."""
+    overrides, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _FLAGS_WITH_VALUE:
+            skip = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides
+
+
+def check_overrides(overrides: List[str]):
+    """The composed config of the overrides, or ConfigError listing every problem in them."""
+    return resolve_overrides(overrides)[0]
+
+
+def resolve_overrides(overrides: List[str]):
+    """(composed config, the overrides as Hydra must get them), or ConfigError listing every
+    problem. A bundled dataset's typed option that its YAML leaves at the schema default
+    (``data.options.misread_fraction=0.1``) is passed as an addition (``+data.options...``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    groups = config_groups()
+    problems: List[Problem] = []
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError([Problem("command line", str(e).splitlines()[0],
+                                   "write overrides as key=value or group=option")]) from None
+    selections, keys = [], []
+    for o in parsed:
+        key = o.key_or_group
+        single = _single_value(o)
+        if o.is_hydra_override():
+            if key == "hydra.run.dir" and not _resuming(parsed) and not _distributed_child():
+                problems.extend(_existing_run_problem(o.get_value_string()))
+            continue
+        if key in groups:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_string()]
+            bad = [v for v in values if v not in groups[key] and v != "null" and not o.is_delete()]
+            for v in bad:
+                problems.append(Problem(f"{key}={v}", f"unknown {key} option", suggest(v, groups[key])))
+            if not bad:
+                selections.append(single)
+        else:
+            keys.append((o, single))
+    cfg = _compose(selections, problems)
+    if cfg is None:
+        raise ConfigError(problems)
+    valid = list(selections)
+    as_given = {}
+    for o, single in keys:
+        if _typed_option_to_add(cfg, o):
+            valid.append(f"+{single}")
+            as_given[o.input_line] = f"+{o.input_line}"
+            continue
+        problem = _key_problem(cfg, o)
+        if problem:
+            problems.append(problem)
+        else:
+            valid.append(single)
+    cfg = _compose(valid, problems)
+    if cfg is not None:
+        from llmexp.preflight import preflight
+
+        try:
+            preflight(cfg)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg, [as_given.get(o, o) for o in overrides]
+
+
+def _typed_option_to_add(cfg, o) -> bool:
+    """An override of a bundled dataset's typed option that data.options does not list (the
+    schema holds its default), so Hydra must be told to add it; a name the schema lacks stays an
+    unknown key."""
+    from omegaconf import OmegaConf
+
+    parent_key, _, leaf = o.key_or_group.rpartition(".")
+    if parent_key != "data.options" or o.is_add() or o.is_force_add() or o.is_delete():
+        return False
+    if OmegaConf.select(cfg, "data.source") != "bundled":
+        return False
+    options = OmegaConf.select(cfg, "data.options")
+    return (options is None or leaf not in options) and leaf in _typed_option_names(cfg)
+
+
+def _typed_option_names(cfg) -> List[str]:
+    """The options the bundled dataset's typed schema declares (none for other sources)."""
+    from omegaconf import OmegaConf
+
+    from llmexp.plugins.registry import datasets
+
+    if OmegaConf.select(cfg, "data.source") != "bundled":
+        return []
+    entry = datasets().get(str(OmegaConf.select(cfg, "data.name")))
+    schema = entry.declaration.options if entry else None
+    return [f.name for f in dataclasses.fields(schema)] if schema else []
+
+
+def _distributed_child() -> bool:
+    """A process Lightning (or torchrun) started for rank > 0 joins its parent's run directory."""
+    import os
+
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0"
+
+
+def _resuming(parsed) -> bool:
+    return any(o.key_or_group == "resume" and o.get_value_string() not in ("null", "") for o in parsed)
+
+
+def _existing_run_problem(run_dir: str) -> List[Problem]:
+    """Never write a run into a directory that already holds one (its record would be lost)."""
+    from pathlib import Path
+
+    held = [f for f in ("config.yaml", "summary.json", "checkpoints") if (Path(run_dir) / f).exists()]
+    if held:
+        return [Problem("hydra.run.dir", f"{run_dir!r} already holds a run ({', '.join(held)})",
+                        "choose a new directory, or leave hydra.run.dir unset for a fresh timestamped one")]
+    return []
+
+
+def _single_value(o) -> str:
+    """The override with a sweep reduced to its first value (for checking only)."""
+    if not o.is_sweep_override():
+        return o.input_line
+    first = next(iter(o.sweep_string_iterator()))
+    return f"{o.get_key_element()}={first}"
+
+
+def _key_problem(cfg, o) -> Optional[Problem]:
+    from omegaconf import OmegaConf
+
+    key = o.key_or_group
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    exists = parent is not None and hasattr(parent, "keys") and leaf in list(parent.keys())
+    if o.is_add() and exists:
+        return Problem(key, "already exists; '+' only adds new keys", f"{key}=... (without '+')")
+    if (o.is_add() or o.is_force_add()) and parent is not None:
+        return None
+    if exists:
+        return None
+    if parent is None or not hasattr(parent, "keys"):
+        head = key.split(".")[0]
+        return Problem(key, "unknown key", suggest(head, list(cfg.keys())) if head not in cfg
+                       else f"{parent_key} is not a mapping")
+    siblings = sorted({str(k) for k in parent.keys()} | set(
+        _typed_option_names(cfg) if parent_key == "data.options" else []))
+    hint = suggest(leaf, siblings)
+    typed_options = parent_key == "data.options" and OmegaConf.select(cfg, "data.source") == "bundled"
+    if (parent_key.endswith((".extra", ".options")) and not typed_options) or not siblings:
+        hint = f"add a new key with +{key}=..."
+    return Problem(key, "unknown key", hint)
+
+
+def _compose(overrides: List[str], problems: List[Problem]):
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            return compose("config", overrides=overrides)
+    except HydraException as e:
+        problems.append(Problem("command line", str(e).splitlines()[0], None))
+        return None
