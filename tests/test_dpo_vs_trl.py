@@ -58,12 +58,13 @@ def trl_batch_and_loss(tmp_path, tokenizer, policy, reference, pairs, loss_type,
 
 
 def llmexp_dpo(tokenizer, policy, reference, pairs, loss_type, smoothing, rpo_alpha=0.0):
-    from llmexp.stages.preference import DPOStage, frozen
+    from llmexp.stages.preference import DPOStage
+    from llmexp.stages.reference import Reference, frozen
 
     cfg = typed(["stage=dpo", f"stage.loss_type={loss_type}", f"stage.label_smoothing={smoothing}",
                  "stage.beta=0.1", f"stage.rpo_alpha={rpo_alpha}"])
     stage = DPOStage(cfg, policy, tokenizer)
-    stage._frozen = {"reference": frozen(reference)}
+    stage._frozen = {"reference": Reference(frozen(reference))}
     encode = stage.encoder("preference")
     batch = stage.collate([encode(row) for row in pairs])
     with torch.no_grad():

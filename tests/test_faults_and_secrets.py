@@ -38,7 +38,7 @@ def test_out_of_memory_gets_advice_even_when_wrapped(tmp_path):
     # A real torch OOM exception object (a CPU cannot run out of GPU memory to raise one).
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(TrainingFault) as e:
-        with explain_faults(tmp_path):
+        with explain_faults():
             try:
                 raise oom
             except torch.OutOfMemoryError as inner:
@@ -47,7 +47,7 @@ def test_out_of_memory_gets_advice_even_when_wrapped(tmp_path):
     assert oom_error(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 TB")) is not None
     assert oom_error(RuntimeError("shape mismatch")) is None
     with pytest.raises(ValueError):
-        with explain_faults(tmp_path):
+        with explain_faults():
             raise ValueError("not a fault")
 
 

@@ -152,3 +152,18 @@ def test_masked_whiten():
     w = M.masked_whiten(x, mask)
     assert w[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4)
     assert w[0, 3].item() == 0.0
+
+
+def test_masked_whiten_across_micro_batches_of_different_widths_is_one_whitening():
+    """PPO whitens advantages (and optionally rewards) over a rollout batch of several micro-batches."""
+    a, b = torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0]])
+    ma, mb = torch.tensor([[1.0, 1.0, 0.0]]), torch.ones(2, 2)
+    wa, wb = M.masked_whiten_across([a, b], [ma, mb])
+    assert wa.shape == a.shape and wb.shape == b.shape
+    flat = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    whole = M.masked_whiten(flat, torch.ones_like(flat))[0].tolist()
+    assert wa[0, :2].tolist() + wb.flatten().tolist() == pytest.approx(whole, abs=1e-6)
+    assert wa[0, 2].item() == 0.0
+    # shift_mean=False keeps the mean: only the scale changes
+    wa, wb = M.masked_whiten_across([a, b], [ma, mb], shift_mean=False)
+    assert (wa[0, :2].sum() + wb.sum()).item() / 6 == pytest.approx(3.5, abs=1e-5)

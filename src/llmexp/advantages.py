@@ -8,9 +8,10 @@ Shapes: ``[batch, response_len]`` per-token tensors with a 0/1 ``mask`` of real 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -33,6 +34,17 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
+
+
+def masked_whiten_across(xs: List[torch.Tensor], masks: List[torch.Tensor], shift_mean: bool = True
+                         ) -> List[torch.Tensor]:
+    """``masked_whiten`` with one mean and variance over several micro-batches of different widths."""
+    width = max(x.shape[1] for x in xs)
+    x = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in xs])
+    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])
+    rows = torch.cumsum(torch.tensor([0] + [len(m) for m in masks]), 0).tolist()
+    out = masked_whiten(x, mask, shift_mean)
+    return [out[a:b, : m.shape[1]] for a, b, m in zip(rows, rows[1:], masks)]
 
 
 def response_mask(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:

@@ -48,11 +48,9 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 
 def checkpoint_to_resume(run_dir: Path) -> Optional[Path]:
     """The newest complete checkpoint of a run: last.ckpt, else the highest step-*.ckpt."""
-    ckpts = Path(run_dir) / "checkpoints"
-    if (ckpts / "last.ckpt").exists():  # a file, or a sharded checkpoint directory
-        return ckpts / "last.ckpt"
-    steps = sorted(ckpts.glob("step-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
-    return steps[-1] if steps else None
+    from llmexp.record import RunDir
+
+    return RunDir(run_dir).checkpoint_to_resume()
 
 
 def checkpoint_step(path: Path) -> int:

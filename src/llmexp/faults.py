@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 from typing import Iterator, Optional
 
 from llmexp.errors import UserError
@@ -54,7 +53,7 @@ def oom_error(exc: BaseException) -> Optional[TrainingFault]:
 
 
 @contextlib.contextmanager
-def explain_faults(run_dir: Path) -> Iterator[None]:
+def explain_faults() -> Iterator[None]:
     """Turn out-of-memory errors (also when Lightning wraps them) into a TrainingFault."""
     try:
         yield

@@ -37,13 +37,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     configure_environment(offline=True)
     try:
-        from llmexp.evals.__main__ import model_dir_of
+        from llmexp.record import load_language_model, model_dir_of
 
-        model_dir = model_dir_of(args.target)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        model, tokenizer = load_language_model(model_dir_of(args.target))
     except UserError as e:
         return report(e)
     for prompt, completion in zip(args.prompts, generate(model, tokenizer, args.prompts, args.max_new_tokens,

@@ -125,9 +125,9 @@ class HealthGuard(L.Callback):
                              f"Fix: {FIXES[name]}; or set health.action=warn to let the run go on")
 
     def _kept(self) -> str:
-        from pathlib import Path
+        from llmexp.record import RunDir
 
-        ckpt = Path(self.run_dir or ".") / "checkpoints" / "last.ckpt"
+        ckpt = RunDir(self.run_dir or ".").last_checkpoint
         if ckpt.is_file():
             return f"The run stopped without saving; {ckpt} (written before) is kept."
         return "The run stopped without saving (no checkpoint had been written before)."

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from llmexp.config.schema import LoggerConfig
+from llmexp.record import RunDir
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[str, Any],
@@ -16,7 +17,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[
 
     from llmexp.record import read_metrics
 
-    kept = [r for r in read_metrics(Path(run_dir) / "metrics.csv") if r.get("step", 0) < resume_step] \
+    kept = [r for r in read_metrics(RunDir(run_dir).metrics) if r.get("step", 0) < resume_step] \
         if resume_step is not None else []
     csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=log_every_n_steps)
     if kept:

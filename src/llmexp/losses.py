@@ -12,7 +12,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from llmexp.data.encode import IGNORE_INDEX
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -25,12 +25,6 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Ten
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                           ignore_index=IGNORE_INDEX, reduction="sum")
     return nll, (targets != IGNORE_INDEX).sum()
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over target tokens (0 when there are none)."""
-    total, count = token_nll_sum(logits, labels)
-    return total / count.clamp(min=1)
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

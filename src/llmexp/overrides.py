@@ -133,9 +133,9 @@ def _resuming(parsed) -> bool:
 
 def _existing_run_problem(run_dir: str) -> List[Problem]:
     """Never write a run into a directory that already holds one (its record would be lost)."""
-    from pathlib import Path
+    from llmexp.record import RunDir
 
-    held = [f for f in ("config.yaml", "summary.json", "checkpoints") if (Path(run_dir) / f).exists()]
+    held = RunDir(run_dir).held()
     if held:
         return [Problem("hydra.run.dir", f"{run_dir!r} already holds a run ({', '.join(held)})",
                         "choose a new directory, or leave hydra.run.dir unset for a fresh timestamped one")]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from llmexp.errors import UserError, report, suggest
+from llmexp.record import RunDir
 
 PIPELINES_DIR = Path(__file__).resolve().parent / "pipelines"
 REFERENCE = re.compile(r"\$\{runs\.([A-Za-z0-9_\-]+)\}")
@@ -108,11 +109,11 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
         runs[s.name] = str(run_dir.resolve())
         overrides = [REFERENCE.sub(lambda m: runs[m.group(1)], o)
                      for o in [*spec.overrides, *s.overrides, *per_stage[s.name]]]
-        summary_path = run_dir / "summary.json"
-        if summary_path.is_file():
+        record = RunDir(run_dir)
+        if record.finished():
             print(f"[{i}/{len(spec.stages)}] {s.name}: finished before, kept ({run_dir})", flush=True)
         else:
-            resume = ["resume=" + str(run_dir)] if (run_dir / "checkpoints").is_dir() else []
+            resume = ["resume=" + str(run_dir)] if record.checkpoints.is_dir() else []
             if run_dir.exists() and not resume:  # a stage that died before its first checkpoint
                 run_dir.rename(run_dir.with_name(f"{run_dir.name}.failed-{int(time.time())}"))
             print(f"[{i}/{len(spec.stages)}] {s.name}: llmexp {' '.join(overrides)}", flush=True)
@@ -120,7 +121,7 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
                                     f"hydra.run.dir={run_dir}"], env=os.environ.copy())
             if code != 0:
                 raise PipelineStageFailed(s.name, code, run_dir)
-        summary = json.loads(summary_path.read_text())
+        summary = record.summary()
         results.append({"name": s.name, "stage": summary["stage"], "run_dir": str(run_dir.resolve()),
                         "model_dir": summary.get("model_dir"), "global_step": summary["global_step"],
                         "initial": summary["initial"], "final": summary["final"],

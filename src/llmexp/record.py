@@ -10,9 +10,89 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
-RECORD_FILES = ("config.yaml", "summary.json", "metrics.csv", "loss_curve.png")
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory: the one place that knows where its record, checkpoints and model live
+    (run, eval, generate, pipeline, sweep and resume all ask it)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.path / "loss_curve.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+    def finished(self) -> bool:
+        return self.summary_file.is_file()
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        return json.loads(self.summary_file.read_text()) if self.finished() else None
+
+    def held(self) -> List[str]:
+        """The record files already here (a new run must not overwrite them)."""
+        return [p.name for p in (self.config, self.summary_file, self.checkpoints) if p.exists()]
+
+    def checkpoint_to_resume(self) -> Optional[Path]:
+        """The newest complete checkpoint: last.ckpt (a file, or a sharded checkpoint directory),
+        else the highest step-*.ckpt."""
+        if self.last_checkpoint.exists():
+            return self.last_checkpoint
+        steps = sorted(self.checkpoints.glob("step-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
+        return steps[-1] if steps else None
+
+
+def model_dir_of(target: str, key: str = "run") -> Path:
+    """The exported language model of ``target``: a run directory (its model/), ``run=<dir>``,
+    ``model=<dir>`` or a model directory itself. A reward model or a directory without
+    config.json is refused with a UserError naming ``key``."""
+    from llmexp.errors import UserError
+    from llmexp.models.build import check_not_a_reward_model
+
+    path = Path(target.split("=", 1)[1] if target.startswith(("run=", "model=")) else target)
+    for candidate in (RunDir(path).model, path):
+        if (candidate / "config.json").is_file():
+            check_not_a_reward_model(candidate, key)
+            return candidate
+    raise UserError(f"{key}: {str(path)!r} is neither a run directory with model/ nor a model directory "
+                    f"(no config.json); give a run directory or an exported model")
+
+
+def load_language_model(model_dir: Path) -> Tuple[Any, Any]:
+    """(model in eval mode, tokenizer) of an exported model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval(), tokenizer
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -37,11 +117,11 @@ def _jsonable(value: Any) -> Any:
 def write_config(run_dir: Path, resolved: Dict[str, Any]) -> None:
     from omegaconf import OmegaConf
 
-    write_atomic(Path(run_dir) / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    write_atomic(RunDir(run_dir).config, OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
 def write_summary(run_dir: Path, summary: Dict[str, Any]) -> None:
-    write_atomic(Path(run_dir) / "summary.json", json.dumps(_jsonable(summary), indent=2) + "\n")
+    write_atomic(RunDir(run_dir).summary_file, json.dumps(_jsonable(summary), indent=2) + "\n")
 
 
 def read_metrics(path: Path) -> List[Dict[str, float]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from llmexp.errors import ConfigError, Problem
+from llmexp.record import RunDir
 
 # Keys a resumed run may change: how long and how often (and lr / clipping, to recover from a
 # divergence), not what is trained.
@@ -17,8 +18,7 @@ MAY_CHANGE = ("resume", "optim.lr", "trainer.gradient_clip_val", "trainer.max_st
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    ckpts = Path(run_dir) / "checkpoints"
-    return (ckpts / "last.ckpt").exists() or any(ckpts.glob("step-*.ckpt"))
+    return RunDir(run_dir).checkpoint_to_resume() is not None
 
 
 def latest_unfinished_run(runs_root: Path) -> Optional[Path]:
@@ -26,7 +26,7 @@ def latest_unfinished_run(runs_root: Path) -> Optional[Path]:
     if not runs_root.is_dir():
         return None
     candidates = [d for d in runs_root.iterdir() if d.is_dir() and has_checkpoint(d)
-                  and not (d / "summary.json").exists()]
+                  and not RunDir(d).finished()]
     return max(candidates, key=lambda d: d.stat().st_mtime, default=None)
 
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from llmexp import __version__
 from llmexp.preflight import preflight
 from llmexp.env import configure_environment, quiet_libraries
-from llmexp.record import plot_loss_curve, write_config, write_overrides, write_summary
+from llmexp.record import RunDir, plot_loss_curve, write_config, write_overrides, write_summary
 from llmexp.secrets import redact
 
 
@@ -34,9 +34,9 @@ def final_eval(typed, stage, tokenizer, run_dir: Path, trainer) -> Dict[str, Any
 
     model = stage.model
     if stage.is_model_parallel:
-        from transformers import AutoModelForCausalLM
+        from llmexp.record import load_language_model
 
-        model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"))
+        model = load_language_model(RunDir(run_dir).model)[0]
     table = evaluate(typed, model, tokenizer, run_dir)
     path = record(table, run_dir)
     for logger in trainer.loggers:
@@ -123,7 +123,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     if evaluating and typed.eval.before_training and resume_from is None and trainer.is_global_zero:
         initial_eval = evaluate(typed, stage.model, tokenizer, run_dir)
         record_eval(initial_eval, run_dir, "initial")
-    with explain_faults(run_dir):
+    with explain_faults():
         if resume_from is None:
             trainer.validate(stage, datamodule=data, verbose=False)
             stage.initial_metrics = dict(stage.last_val_metrics)
@@ -171,7 +171,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
                      f"trainer.max_steps={typed.trainer.max_steps}")
     if notes:
         summary["notes"] = notes
-    summary.update(stage.export(run_dir / "model"))
+    summary.update(stage.export(RunDir(run_dir).model))
     if trainer.is_global_zero and evaluating:
         summary.update(final_eval(typed, stage, tokenizer, run_dir, trainer))
         if typed.eval.before_training and resume_from is None:
@@ -179,7 +179,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.finalize("success")
-        plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png",
+        plot_loss_curve(RunDir(run_dir).metrics, RunDir(run_dir).loss_curve,
                         f"{typed.stage.name} · {typed.model.name} · {typed.data.name}")
         summary["wall_seconds"] = time.time() - started
         write_summary(run_dir, redact(summary))

@@ -7,12 +7,13 @@ run; ``tiny_run`` trains a tiny model through the real ``python -m llmexp`` in a
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
+
+from llmexp.record import RunDir
 
 # Overrides for a run of a few seconds on a CPU.
 TINY = ["logger=none", "trainer.progress_bar=false", "trainer.max_steps=20", "trainer.val_check_interval=10",
@@ -47,4 +48,4 @@ def tiny_run(run_dir: Path, overrides: Sequence[str] = (), env: Optional[Mapping
     r = run_cli([*TINY, *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env, timeout=timeout)
     if r.returncode != 0:
         raise AssertionError(f"llmexp exited with {r.returncode}:\n{r.stderr[-4000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
+    return RunDir(run_dir).summary()

@@ -7,6 +7,7 @@ from typing import Any, List
 
 from llmexp.checkpointing import AtomicCheckpointIO
 from llmexp.config.schema import RunConfig
+from llmexp.record import RunDir
 from llmexp.strategies import build_strategy
 
 
@@ -18,7 +19,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
 
     t = cfg.trainer
     every = t.checkpoint_every_n_steps or t.val_check_interval or t.max_steps
-    callbacks = [ModelCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"), filename="step-{step}",
+    callbacks = [ModelCheckpoint(dirpath=str(RunDir(run_dir).checkpoints), filename="step-{step}",
                                  every_n_train_steps=every, save_top_k=1, save_last=True,
                                  auto_insert_metric_name=False), *extra_callbacks]
     if t.progress_bar:
@@ -50,6 +51,6 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
 
 def save_last_checkpoint(trainer, run_dir: Path) -> Path:
     """``checkpoints/last.ckpt`` at the final step."""
-    path = Path(run_dir) / "checkpoints" / "last.ckpt"
+    path = RunDir(run_dir).last_checkpoint
     trainer.save_checkpoint(str(path), weights_only=False)  # atomic through AtomicCheckpointIO
     return path

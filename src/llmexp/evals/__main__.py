@@ -15,19 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from llmexp.errors import UserError, report
-
-
-def model_dir_of(target: str) -> Path:
-    """A run directory (its model/) or a model directory itself."""
-    path = Path(target.split("=", 1)[1] if target.startswith(("run=", "model=")) else target)
-    for candidate in (path / "model", path):
-        if (candidate / "config.json").is_file():
-            from llmexp.models.build import check_not_a_reward_model
-
-            check_not_a_reward_model(candidate, "run")
-            return candidate
-    raise UserError(f"run: {str(path)!r} is neither a run directory with model/ nor a model directory "
-                    f"(no config.json); give a run directory or an exported model")
+from llmexp.record import model_dir_of
 
 
 def main(argv: Optional[List[str]] = None) -> int:

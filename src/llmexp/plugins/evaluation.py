@@ -60,12 +60,11 @@ def _checked(name: str, metrics: Any, owner: Any) -> Dict[str, float]:
 def evaluate_model_dir(name: str, model_dir: Path, options: Optional[Mapping[str, Any]] = None,
                        run_dir: Optional[Path] = None) -> Dict[str, float]:
     """Run eval ``name`` on an exported model directory (a run's ``model/``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llmexp.record import load_language_model
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"model: {model_dir} is not an exported model (no config.json); give a run's model/ dir")
     typed = eval_options(name, options)  # bad options fail before the model loads
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model, tokenizer = load_language_model(model_dir)
     return run_eval(name, model, tokenizer, typed, run_dir=run_dir)

@@ -13,13 +13,6 @@ from llmexp.optim import build_optimizer
 from llmexp.stages.rollout import Rollout, RolloutStage
 
 
-def whiten_across(tensors: List[torch.Tensor], masks: List[torch.Tensor], shift_mean: bool = True) -> List[torch.Tensor]:
-    """Whiten per-token tensors of several micro-batches (different widths) with one mean/std."""
-    flat = torch.cat([t[m > 0] for t, m in zip(tensors, masks)])
-    mean, std = flat.mean(), flat.std() if flat.numel() > 1 else torch.ones((), device=flat.device)
-    return [((t - mean) / (std + 1e-8) + (0 if shift_mean else mean)) * m for t, m in zip(tensors, masks)]
-
-
 class PPOStage(RolloutStage):
     """Clipped PPO with a value head on the policy's last hidden state, GAE and a per-token KL
     penalty to the frozen starting policy (fixed or adaptive coefficient)."""
@@ -65,11 +58,11 @@ class PPOStage(RolloutStage):
             kls.append(kl)
         masks = [r.mask for r in rollouts]
         if s.whiten_rewards:
-            rewards = whiten_across(rewards, masks, shift_mean=False)
+            rewards = M.masked_whiten_across(rewards, masks, shift_mean=False)
         for r, reward in zip(rollouts, rewards):
             r.advantages, r.returns = M.gae(reward, r.values, r.mask, s.gamma, s.lam)
         if s.whiten_advantages:
-            for r, adv in zip(rollouts, whiten_across([r.advantages for r in rollouts], masks)):
+            for r, adv in zip(rollouts, M.masked_whiten_across([r.advantages for r in rollouts], masks)):
                 r.advantages = adv
         kl_per_sequence = torch.cat([k.sum(1) for k in kls])
         mean_kl = float(kl_per_sequence.mean())

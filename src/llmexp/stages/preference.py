@@ -6,7 +6,6 @@ rejected rows so each micro-batch needs one forward pass; the loss weight is the
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, List
@@ -17,14 +16,9 @@ from llmexp.data.collate import collate_preference
 from llmexp.data.encode import preference_encoder
 from llmexp.losses import bradley_terry_loss, dpo_loss, sequence_logps
 from llmexp.stages.base import StageModule
+from llmexp.stages.reference import Reference
 
 MODEL_KEYS = ("input_ids", "attention_mask")
-
-
-def frozen(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 class PreferenceStage(StageModule):
@@ -106,39 +100,29 @@ class DPOStage(PreferenceStage):
         if cfg.stage.reference == "adapter_disabled" and cfg.peft.name == "none":
             raise UserError("stage.reference=adapter_disabled needs LoRA (peft=lora): without an adapter there "
                             "is no base model to fall back to; use stage.reference=copy or precomputed")
-        reference = None if use_adapter_base else frozen(copy.deepcopy(model))
+        ref = Reference.of(model, keep_copy=not use_adapter_base)
         stage = cls(cfg, apply_peft(model, cfg.peft, cfg.model), tokenizer)
-        stage._frozen = {"reference": reference}
+        stage._frozen = {"reference": ref}
         return stage
 
     # -- the reference ---------------------------------------------------------------------------
     @property
     def reference(self):
-        return getattr(self, "_frozen", {}).get("reference")
-
-    def _place_reference(self) -> None:
-        """The reference is kept out of the module tree (no optimizer, no checkpoint), so Lightning
-        does not move it: follow the policy's device and dtype by hand."""
-        if self.reference is not None:
-            p = next(self.model.parameters())
-            self.reference.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+        """The frozen copy, or None (the adapter-disabled policy, or freed after precomputing)."""
+        return self._frozen["reference"].copy
 
     def on_fit_start(self) -> None:
-        self._place_reference()
+        self._frozen["reference"].place(self.model)
 
     def on_validation_start(self) -> None:
-        self._place_reference()
+        self._frozen["reference"].place(self.model)
 
     @torch.no_grad()
     def reference_logps(self, batch: Dict[str, Any]) -> torch.Tensor:
         if "ref_logps" in batch:
             return batch["ref_logps"].to(batch["input_ids"].device)
-        inputs = {k: batch[k] for k in MODEL_KEYS}
-        if self.reference is None:  # LoRA: the base model is the policy with its adapter off
-            with self.model.disable_adapter():
-                logits = self.model(**inputs, use_cache=False).logits
-        else:
-            logits = self.reference(**inputs, use_cache=False).logits
+        with self._frozen["reference"].model(self.model) as reference:
+            logits = reference(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
         return sequence_logps(logits, batch["labels"])[0]
 
     def setup(self, stage: str) -> None:
@@ -148,11 +132,11 @@ class DPOStage(PreferenceStage):
         dm = self.trainer.datamodule
         device = self.trainer.strategy.root_device  # setup runs before Lightning moves the module
         self.model.to(device)
-        self._place_reference()
+        self._frozen["reference"].place(self.model)
         for rows in (dm.train_rows, dm.val_rows):
             self._attach_reference_logps(rows, device)
         self._precomputed = True
-        self._frozen["reference"] = None
+        self._frozen["reference"].free()
 
     def _attach_reference_logps(self, rows: List[Dict[str, Any]], device) -> None:
         size = self.cfg.trainer.val_batch_size

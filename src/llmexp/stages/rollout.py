@@ -9,7 +9,6 @@ the whole batch, then the updates of ``update_plan()`` run over it. The step cou
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,6 +20,7 @@ from llmexp.data.collate import collate_prompts
 from llmexp.data.encode import prompt_encoder
 from llmexp.faults import check_finite
 from llmexp.stages.base import StageModule, seconds_since_process_start
+from llmexp.stages.reference import Reference
 
 
 @dataclass
@@ -54,9 +54,7 @@ class RolloutStage(StageModule):
 
         reward = build_reward(cfg.stage.reward)  # a bad reward name fails before the model is built
         model = build_model(cfg.model, tokenizer, quantization_config(cfg.peft))
-        reference = None
-        if cls.uses_reference(cfg) and cfg.peft.name == "none":
-            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        reference = Reference.of(model, keep_copy=cls.uses_reference(cfg) and cfg.peft.name == "none")
         stage = cls(cfg, apply_peft(model, cfg.peft, cfg.model), tokenizer)
         stage._frozen = {"reference": reference, "reward": reward}
         return stage
@@ -79,14 +77,13 @@ class RolloutStage(StageModule):
 
     @property
     def reference(self):
-        return self._frozen["reference"]
+        """The frozen copy, or None (no KL term, or the adapter-disabled policy under LoRA)."""
+        return self._frozen["reference"].copy
 
     def _place_frozen(self) -> None:
-        p = next(self.model.parameters())
-        if self.reference is not None:
-            self.reference.to(device=p.device, dtype=p.dtype)
+        self._frozen["reference"].place(self.model)
         if hasattr(self.reward, "to"):
-            self.reward.to(p.device)
+            self.reward.to(next(self.model.parameters()).device)
 
     def on_fit_start(self) -> None:
         self._place_frozen()
@@ -159,12 +156,9 @@ class RolloutStage(StageModule):
             entropy = entropy_from_logits(logits)
         return logprobs, values, entropy
 
-    @torch.no_grad()
     def reference_logprobs(self, r: Rollout) -> torch.Tensor:
-        if self.reference is None:  # LoRA: the base model is the policy with its adapter off
-            with self.model.disable_adapter():
-                return self.token_outputs(r, self.model)[0]
-        return self.token_outputs(r, self.reference)[0]
+        with self._frozen["reference"].model(self.model) as reference:
+            return self.token_outputs(r, reference)[0]
 
     # -- what ppo and grpo provide ---------------------------------------------------------------
     def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from llmexp.record import read_metrics
+from llmexp.record import RunDir, read_metrics
 
 
 def metric_value(summary: Dict[str, Any], name: str) -> Optional[float]:
@@ -26,11 +25,11 @@ def metric_value(summary: Dict[str, Any], name: str) -> Optional[float]:
 
 
 def trial_metric(run_dir: Path, name: str) -> Optional[float]:
-    path = Path(run_dir) / "summary.json"
-    return metric_value(json.loads(path.read_text()), name) if path.is_file() else None
+    summary = RunDir(run_dir).summary()
+    return metric_value(summary, name) if summary is not None else None
 
 
 def history(run_dir: Path, name: str) -> List[Dict[str, float]]:
     """The metric at each logged step so far (for hyperband early termination)."""
-    rows = read_metrics(Path(run_dir) / "metrics.csv")
+    rows = read_metrics(RunDir(run_dir).metrics)
     return [{name: r[name], "_step": r.get("step", 0)} for r in rows if name in r]
