@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +37,7 @@ def save(name: str, result: Dict[str, Any]) -> Path:
 
 def llmexp_run(overrides: List[str], callbacks=()) -> Dict[str, Any]:
     """Train in-process with llmexp; return its summary.json."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import compose
+    from llmexp.testing import compose
 
     from llmexp.run import run
 

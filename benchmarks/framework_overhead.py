@@ -14,7 +14,7 @@ import argparse
 import math
 import time
 
-from common import REPO, save
+from common import save
 
 OVERRIDES = ["model.hidden_size=128", "model.num_layers=4", "model.intermediate_size=512",
              "trainer.micro_batch_size=8", "trainer.grad_accum=2", "trainer.val_check_interval=null",
@@ -22,13 +22,10 @@ OVERRIDES = ["model.hidden_size=128", "model.num_layers=4", "model.intermediate_
 
 
 def _setup(steps: int):
-    import sys
-
-    sys.path.insert(0, str(REPO / "tests"))
     import lightning as L
-    from conftest import compose
 
     from llmexp.preflight import preflight
+    from llmexp.testing import compose
     from llmexp.data.module import StageDataModule, load_examples
     from llmexp.models.tokenizer import load_tokenizer
     from llmexp.stages import stage_class

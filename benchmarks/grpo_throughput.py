@@ -23,7 +23,7 @@ def trl_run(steps: int, prompts: int, group: int, max_new: int) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from conftest import compose
+    from llmexp.testing import compose
     from llmexp.preflight import preflight
     from llmexp.data.module import load_examples
     from llmexp.data.skill import correctness_reward

@@ -69,6 +69,11 @@ def main() -> None:
             run_dir = root / f"{stage}-{sft_dir.name}"
             summary = run([f"stage={stage}", f"model.pretrained={sft_dir}/model"], run_dir)
             rows.append(row(stage, start, summary, run_dir))
+    # PPO against the reward model trained above (the rlhf pipeline's third stage)
+    rm_dir = root / "rm-sft" / "model"
+    summary = run(["stage=ppo", f"model.pretrained={root / 'sft'}/model", f"stage.reward.model={rm_dir}"],
+                  root / "ppo-rm")
+    rows.append(row("ppo (vs the rm)", "default sft", summary, root / "ppo-rm"))
     print(f"{'stage':16} {'from':14} {'wall s':>7} {'task before -> after':>20}  stage metrics; health")
     for r in rows:
         task = "" if r["task_before"] is None else f"{r['task_before']:.3f} -> {r['task_after']:.3f}"

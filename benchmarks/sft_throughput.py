@@ -27,7 +27,7 @@ def trl_run(steps: int, batch: int, max_length: int, packing: bool) -> dict:
     from llmexp.data.module import load_examples
     from llmexp.models.build import architecture_config
     from llmexp.models.tokenizer import load_tokenizer
-    from conftest import compose
+    from llmexp.testing import compose
 
     cfg = preflight(compose(MODEL))
     tok = load_tokenizer(None, None)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FAST, run_cli
+from llmexp.testing import FAST, run_cli
 
 
 def _digest(root: Path) -> str:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, run_cli
+from llmexp.testing import FAST, run_cli
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_groups_and_options_without_importing_heavy_libraries():

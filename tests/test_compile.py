@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import train
+from llmexp.testing import train
 
 from llmexp.record import read_metrics
 

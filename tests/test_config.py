@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import compose, typed
+from llmexp.testing import compose, typed
 
 from llmexp.preflight import preflight
 from llmexp.errors import ConfigError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import typed
+from llmexp.testing import typed
 
 from llmexp.data.encode import IGNORE_INDEX, encode_chat, encode_prompt_completion, encode_text
 from llmexp.data.module import load_examples

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import FAST, compose
+from llmexp.testing import FAST, compose
 from lightning.pytorch.callbacks import Callback
 
 from llmexp.record import read_metrics

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import typed
+from llmexp.testing import typed
 
 LOSSES = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)]
 

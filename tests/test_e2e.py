@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import FAST, run_cli, train
+from llmexp.testing import FAST, run_cli, train
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,7 @@ def test_lora_trains_adapters_only_and_exports_merged_weights(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     encode = lm_encoder("chat", tok, True)
     from llmexp.data.module import load_examples
-    from conftest import typed
+    from llmexp.testing import typed
 
     val = load_examples(typed(FAST).data, "sft").val
     batch = collate_lm([encode(r) for r in val], tok.pad_token_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import typed
+from llmexp.testing import typed
 
 from llmexp.data.collate import collate_lm
 from llmexp.data.module import StageDataModule, load_examples

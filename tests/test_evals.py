@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli
+from llmexp.testing import run_cli
+REPO = Path(__file__).resolve().parents[1]
 
 from llmexp.record import read_metrics
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAST, run_cli
+from llmexp.testing import FAST, run_cli
 
 from llmexp.faults import TrainingFault, check_finite, explain_faults, oom_error
 from llmexp.secrets import REDACTED, is_secret_key, redact, redact_override

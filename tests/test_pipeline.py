@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_cli
+from llmexp.testing import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import REPO, run_cli
+from llmexp.testing import run_cli
+REPO = Path(__file__).resolve().parents[1]
 from plugin_packages import PACKAGES, ensure_installed
 
 import llmexp

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import run_cli
+from llmexp.testing import run_cli
 from plugin_packages import PACKAGES, ensure_installed
 
 from llmexp.data import skill

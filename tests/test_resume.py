@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO
+from llmexp.testing import FAST
+REPO = Path(__file__).resolve().parents[1]
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from lightning.pytorch.callbacks import Callback
     sys.path.insert(0, {tests!r})
-    from conftest import compose
+    from llmexp.testing import compose
     from llmexp.run import run
 
     class KillAt(Callback):
@@ -97,7 +98,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra):
 
 
 def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
-    from conftest import run_cli
+    from llmexp.testing import run_cli
 
     overrides = [*COMMON, "model=llama", "trainer.max_steps=20"]
     killed = tmp_path / "runs" / "sft-llama" / "20260101-000000-000000"
@@ -115,7 +116,7 @@ def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
 
 
 def test_a_fresh_run_with_resume_auto_and_nothing_to_resume_starts_over(tmp_path):
-    from conftest import run_cli
+    from llmexp.testing import run_cli
 
     r = run_cli([*FAST, "trainer.max_steps=10", "trainer.val_check_interval=10", "resume=auto"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

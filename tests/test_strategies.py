@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FAST, run_cli
+from llmexp.testing import FAST, run_cli
 from safetensors.torch import load_file
 
 from llmexp.record import read_metrics

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST, REPO
+from llmexp.testing import FAST
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = [o for o in FAST if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=15",
                                                                      "trainer.val_check_interval=15"]

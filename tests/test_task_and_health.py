@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import typed
+from llmexp.testing import typed
 
 from llmexp.config.schema import HealthConfig
 from llmexp.data import skill
@@ -113,7 +113,7 @@ def test_a_large_model_with_the_tiny_models_lr_is_warned_about():
 
 @pytest.mark.parametrize("bad", ["health.action=panic", "health.patience=0", "task.max_new_tokens=0"])
 def test_bad_task_and_health_settings_are_refused(bad):
-    from conftest import compose
+    from llmexp.testing import compose
 
     from llmexp.preflight import preflight
     from llmexp.errors import ConfigError
