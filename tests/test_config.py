@@ -168,3 +168,12 @@ def test_a_bundled_datasets_typed_option_overrides_without_plus(tmp_path):
     r = run_cli(["stage=rm", "data.options.misread_fractoin=0.5"], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "data.options.misread_fractoin: unknown key" in r.stderr and "misread_fraction" in r.stderr
+
+
+def test_ppo_and_grpo_name_their_kl_weight_alike():
+    from llmexp.testing import check_config
+
+    assert check_config(["stage=grpo", "stage.kl_coef=0.04"]).stage.kl_coef == 0.04
+    assert check_config(["stage=grpo"]).stage.kl_coef == 0.0  # no reference kept by default
+    assert check_config(["stage=grpo", "model=llama_1b"]).stage.kl_coef == 0.04
+    assert check_config(["stage=ppo"]).stage.kl_coef == 0.05

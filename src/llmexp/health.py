@@ -17,10 +17,9 @@ from llmexp.config.schema import HealthConfig
 from llmexp.errors import UserError
 
 FIXES = {
-    "kl_runaway": "the policy is running away from its reference: lower optim.lr, or raise stage.kl_coef "
-                  "(ppo) / stage.beta (grpo)",
+    "kl_runaway": "the policy is running away from its reference: lower optim.lr, or raise stage.kl_coef",
     "logp_drop": "DPO is pushing the chosen answers down too (the model forgets them): lower optim.lr or "
-                 "trainer.max_steps, or raise stage.beta",
+                 "trainer.max_steps, or raise stage.beta (or stage.rpo_alpha)",
     "length_collapse": "responses are collapsing to a few tokens: lower optim.lr, raise stage.kl_coef, and "
                        "check that the reward does not favour short answers",
     "length_at_cap": "responses run to stage.rollout.max_new_tokens without ending: lower optim.lr, or set "

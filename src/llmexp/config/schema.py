@@ -166,8 +166,9 @@ class GRPOStageConfig:
     # Optimisation passes over each rollout batch (>1 makes the clipped ratio matter).
     epochs: int = bounded(1, min=1)
     clip_range: float = bounded(0.2, min=0.0)
-    # KL to the frozen reference in the loss (0: no reference model is built).
-    beta: float = bounded(0.0, min=0.0)
+    # Weight of the KL to the frozen reference in the loss, as ppo's kl_coef (0: no reference
+    # model is built).
+    kl_coef: float = bounded(0.0, min=0.0)
 
 
 # Stage name -> schema of stage/<name>.yaml.

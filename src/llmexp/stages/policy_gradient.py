@@ -102,7 +102,7 @@ class GRPOStage(RolloutStage):
 
     @staticmethod
     def uses_reference(cfg) -> bool:
-        return cfg.stage.beta > 0
+        return cfg.stage.kl_coef > 0
 
     def needs_old_logprobs(self) -> bool:
         # One pass: the sampling policy is the current one, so its log-probs are the detached
@@ -131,8 +131,8 @@ class GRPOStage(RolloutStage):
         extras = {"policy_loss": M.masked_sum(pg, m), "clipfrac": M.masked_sum(clipped, m),
                   "entropy": M.masked_sum(entropy, m)}
         loss = extras["policy_loss"]
-        if s.beta > 0:
+        if s.kl_coef > 0:
             kl = M.masked_sum(k3_kl(logprobs, r.ref_logprobs), m)
             extras["kl"] = kl
-            loss = loss + s.beta * kl
+            loss = loss + s.kl_coef * kl
         return loss, extras
