@@ -94,7 +94,7 @@ CONFIG_CASES = {
     "lm-eval on a reward model": (["stage=rm", "eval=lm_eval"], "stage=rm trains a reward model"),
     "reward model as the policy": (["stage=dpo", "model.pretrained={files}/fake_rm"],
                                    "model.pretrained: '{files}/fake_rm' is a reward model"),
-    "sequence parallel without tensor parallel": (["strategy=ddp", "+strategy.sequence_parallel=true"],
+    "sequence parallel without tensor parallel": (["strategy=ddp", "strategy.sequence_parallel=true"],
                                                   "strategy.sequence_parallel: sequence parallelism is part"),
     "sequence parallel with generation": (["stage=grpo", "strategy=tp", "trainer.devices=2",
                                            "strategy.sequence_parallel=true"], "generates token by token"),

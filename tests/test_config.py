@@ -177,3 +177,42 @@ def test_ppo_and_grpo_name_their_kl_weight_alike():
     assert check_config(["stage=grpo"]).stage.kl_coef == 0.0  # no reference kept by default
     assert check_config(["stage=grpo", "model=llama_1b"]).stage.kl_coef == 0.04
     assert check_config(["stage=ppo"]).stage.kl_coef == 0.05
+
+
+def _repeated_defaults(values, defaults, path):
+    """Leaves of a YAML mapping equal to their schema default (``name`` picks the option)."""
+    out = []
+    for key, value in (values or {}).items():
+        if key in ("name", "defaults") or not isinstance(defaults, dict) or key not in defaults:
+            continue
+        if isinstance(value, dict) and isinstance(defaults[key], dict):
+            out += _repeated_defaults(value, defaults[key], f"{path}.{key}")
+        elif value == defaults[key]:
+            out.append(f"{path}.{key}={value!r}")
+    return out
+
+
+def test_defaults_live_once_in_the_schemas():
+    """conf/ YAMLs set only what differs from the dataclass defaults, which Hydra composes first."""
+    import yaml
+
+    from llmexp.config.defaults import root_defaults, stage_defaults
+    from llmexp.config.schema import GROUP_SCHEMAS
+    from llmexp.paths import config_dir
+
+    conf, root, repeated = config_dir(), root_defaults(), []
+    for group in GROUP_SCHEMAS:
+        for f in sorted((conf / group).glob("*.yaml")) if (conf / group).is_dir() else []:
+            repeated += _repeated_defaults(yaml.safe_load(f.read_text()), root[group], f"{group}/{f.stem}")
+    for f in sorted((conf / "stage").glob("*.yaml")):
+        repeated += _repeated_defaults(yaml.safe_load(f.read_text())["stage"], stage_defaults(f.stem), f"stage/{f.stem}")
+    primary = yaml.safe_load((conf / "config.yaml").read_text())
+    repeated += _repeated_defaults(primary, {k: v for k, v in root.items() if k != "run_name"}, "config")
+    assert repeated == []
+    # and every key is still there to override and to see in --cfg job
+    cfg = compose(["stage=ppo"])
+    assert cfg.trainer.precision == "32-true" and cfg.stage.rollout.top_p == 1.0 and cfg.health.patience == 3
+    assert cfg.optim.lr == 3e-4  # the stage's setting, over optim/adamw.yaml's
+    from omegaconf import OmegaConf
+
+    assert "path" in cfg.data and OmegaConf.is_missing(compose(["data=files"]).data, "path")  # still required

@@ -9,7 +9,11 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 
 
 def config_dir() -> Path:
-    """conf/ ships inside the wheel as llmexp/conf; in a checkout it is the top-level conf/."""
+    """conf/ ships inside the wheel as llmexp/conf; in a checkout it is the top-level conf/.
+    Registers the schemas' defaults with Hydra first (llmexp.config.defaults)."""
+    from llmexp.config.defaults import register
+
+    register()  # the schemas' defaults, which conf/ composes first
     for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return candidate
