@@ -135,16 +135,15 @@ def test_shipped_pipelines_raise_exact_match_over_their_short_sft(tmp_path_facto
     assert summary(root / f"2-{name}")["health"]["warnings"] == []
 
 
-def test_rlhf_pipeline_keeps_its_sft_models_exact_match(rlhf_pipeline):
-    """PPO against the learned reward model, judged by the true checker. It fell to 0.00 before
-    the reward model's scores were normalized and its pairs held the broken answers PPO drifted
-    to; now it ends at the SFT's level (measured 0.922 -> 0.916, 0.916 and 0.941 over runs that
-    differ only in float rounding), so it must not lower it by more than that noise."""
+def test_rlhf_pipeline_raises_exact_match_over_its_sft(rlhf_pipeline):
+    """PPO against the learned reward model, judged by the true checker, beats the SFT (measured
+    0.922 -> 0.974). It fell to 0.00 before the reward model's scores were normalized and its
+    pairs held the broken answers PPO drifted to."""
     sft, rm, ppo = json.loads((rlhf_pipeline / "pipeline_summary.json").read_text())["stages"]
     assert rm["final"]["val/accuracy"] >= 0.9
     start, end = ppo["initial"]["val/task_score"], ppo["final"]["val/task_score"]
     assert start == pytest.approx(sft["final"]["val/task_score"], abs=1e-6)
-    assert end >= start - 0.03, (start, end)
+    assert end > start, (start, end)
     s = summary(rlhf_pipeline / "3-ppo")
     assert s["task"]["check"] == "arithmetic_correct"  # the true checker, not the reward model's score
     assert s["health"]["warnings"] == []
