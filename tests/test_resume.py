@@ -58,7 +58,7 @@ def _weights(run_dir):
     ["model=gpt2"], ["peft=lora", "optim.lr=1e-2"],
     # Sampling draws from the restored RNG, the value head and KL coefficient come from the checkpoint.
     ["stage=ppo", "model=gpt2", "stage.kl_control=adaptive", "stage.kl_horizon=100", "stage.rollout.max_new_tokens=6"],
-    ["stage=grpo", "stage.group_size=2", "stage.beta=0.05", "stage.rollout.max_new_tokens=6"],
+    ["stage=grpo", "stage.group_size=2", "stage.kl_coef=0.05", "stage.rollout.max_new_tokens=6"],
     ["stage=dpo", "model=gpt2"],
     ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=gpt2"],
 ], ids=["gpt2-dropout", "lora", "ppo", "grpo", "dpo", "ddp"])
