@@ -1,9 +1,15 @@
-"""Fixtures only: offline environment, a per-session cache. The helpers tests share
-(compose, typed, run_cli, train, FAST) are llmexp.testing's, the module plugin authors use."""
+"""Fixtures only: offline environment, a per-session cache, and the trained models several test
+files share (each trained once per session, also across pytest-xdist workers). The helpers
+tests share (compose, typed, run_cli, train, FAST) are llmexp.testing's, the module plugin
+authors use."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import traceback
+from pathlib import Path
+from typing import Callable, Tuple
 
 import pytest
 
@@ -15,6 +21,91 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory, request) -> Path:
+    """A directory every xdist worker of this session shares (the session's temp dir without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(request.config, "workerinput") else base
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _llmexp_cache(tmp_path_factory):
-    os.environ["LLMEXP_CACHE"] = str(tmp_path_factory.mktemp("llmexp-cache"))
+def _llmexp_cache(shared_tmp):
+    cache = shared_tmp / "llmexp-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["LLMEXP_CACHE"] = str(cache)
+
+
+def once(shared: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """``build(shared/name)`` runs once per session: the first worker to ask builds it, the others
+    wait on a lock and reuse it (a failed build fails every test that asks, with its message)."""
+    from filelock import FileLock
+
+    path, done, failed = shared / name, shared / f"{name}.done", shared / f"{name}.failed"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists() and not failed.exists():
+            try:
+                build(path)
+            except BaseException:
+                failed.write_text(traceback.format_exc())
+                raise
+            done.write_text("")
+    if failed.exists():
+        pytest.fail(f"building the shared {name!r} failed:\n{failed.read_text()[-3000:]}")
+    return path
+
+
+def _llmexp(run_dir: Path, *args: str) -> None:
+    from llmexp.testing import run_cli
+
+    r = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _pipeline(root: Path, name: str, first_stage: Path) -> None:
+    """``llmexp pipeline NAME --dir root`` with its first stage already run (``first_stage``, a run
+    of exactly that stage's overrides: the pipeline checks them and keeps it); the printed output
+    is saved as root/printed.txt."""
+    from llmexp.testing import run_cli
+
+    root.mkdir(parents=True)
+    shutil.copytree(first_stage, root / "1-sft")
+    r = run_cli(["pipeline", name, "--dir", str(root)], cwd=root.parent, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sft: finished before, kept" in r.stdout, r.stdout[-2000:]
+    (root / "printed.txt").write_text(r.stdout)
+
+
+@pytest.fixture(scope="session")
+def default_sft(shared_tmp) -> Path:
+    """`python -m llmexp` as the README says (logger=csv, and stage=sft as the rlhf pipeline names
+    it): the default SFT run directory."""
+    return once(shared_tmp, "default-sft", lambda d: _llmexp(d, "logger=csv", "stage=sft"))
+
+
+@pytest.fixture(scope="session")
+def short_sft(shared_tmp) -> Path:
+    """The 150-step SFT the shipped dpo and grpo pipelines start with."""
+    return once(shared_tmp, "short-sft", lambda d: _llmexp(d, "logger=csv", "stage=sft", "trainer.max_steps=150"))
+
+
+@pytest.fixture(scope="session")
+def rlhf_pipeline(shared_tmp, default_sft) -> Path:
+    """`llmexp pipeline rlhf`: the default SFT, a reward model from it, PPO against that."""
+    return once(shared_tmp, "rlhf-pipeline", lambda root: _pipeline(root, "rlhf", default_sft))
+
+
+def _shipped(shared_tmp, short_sft, name: str) -> Tuple[Path, str]:
+    root = once(shared_tmp, f"{name}-pipeline", lambda r: _pipeline(r, name, short_sft))
+    return root, (root / "printed.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def dpo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
+    """`llmexp pipeline dpo`: (its directory, what it printed)."""
+    return _shipped(shared_tmp, short_sft, "dpo")
+
+
+@pytest.fixture(scope="session")
+def grpo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
+    """`llmexp pipeline grpo`: (its directory, what it printed)."""
+    return _shipped(shared_tmp, short_sft, "grpo")

@@ -31,9 +31,25 @@ def installed_from(dist: str, path: Path) -> bool:
 
 
 def ensure_installed() -> None:
-    missing = [path for dist, path in PACKAGES.items() if not installed_from(dist, path)]
-    if not missing:
-        return
+    """Install what is missing; a lock keeps parallel test workers from installing at once."""
+    import tempfile
+
+    from filelock import FileLock
+
+    with FileLock(str(Path(tempfile.gettempdir()) / "llmexp-test-plugins.lock")):
+        importlib.invalidate_caches()
+        missing = [path for dist, path in PACKAGES.items() if not installed_from(dist, path)]
+        if missing:
+            _install(missing)
+    # Installed now (here, by another worker, or before): read the new .pth files in this process.
+    site.addsitedir(sysconfig.get_paths()["purelib"])
+    importlib.invalidate_caches()
+    from llmexp.plugins import manager
+
+    manager.reset()
+
+
+def _install(missing: list) -> None:
     # With hatchling here, build offline; without it, pip fetches it from PyPI into an isolated build.
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("hatchling") else []
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation]
@@ -42,8 +58,3 @@ def ensure_installed() -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"installing the example plugins failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    site.addsitedir(sysconfig.get_paths()["purelib"])  # read the new .pth files in this process
-    importlib.invalidate_caches()
-    from llmexp.plugins import manager
-
-    manager.reset()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from llmexp.testing import FAST, run_cli, train
+from llmexp.testing import FAST, train
 
 pytestmark = pytest.mark.slow
 
@@ -62,16 +62,13 @@ print("SAMPLE", texts[:3])
     return float(lines["ACCURACY"]), lines["SAMPLE"]
 
 
-def test_default_sft_run_via_cli_learns_the_skill(tmp_path):
-    """The README's default experiment: val loss falls far and the exported model answers."""
-    run_dir = tmp_path / "sft"
-    r = run_cli(["trainer.progress_bar=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = _check_record(run_dir, "sft", "llama")
+def test_default_sft_run_via_cli_learns_the_skill(default_sft):
+    """The README's default experiment (conftest's shared run): val loss falls far and the exported
+    model answers."""
+    s = _check_record(default_sft, "sft", "llama")
     assert s["global_step"] == 600
     assert s["final"]["val/loss"] < 0.02 * s["initial"]["val/loss"]
-    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb")), "W&B logs offline by default"
-    accuracy, sample = _answers_without_llmexp(run_dir / "model")
+    accuracy, sample = _answers_without_llmexp(default_sft / "model")
     assert accuracy >= 0.9, (accuracy, sample)  # measured: 0.97 on all 155 questions
 
 

@@ -70,11 +70,13 @@ def test_secrets_never_reach_the_run_record_or_wandb(tmp_path):
                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
                             for i in range(60)))
     run_dir = tmp_path / "run"
-    args = [*FAST, "logger=wandb", "data=files", f"data.path={data}", "+data.options.token=hf_SECRETxyz123",
+    # The default logger (W&B, offline by default): no logger= override.
+    args = [*(o for o in FAST if not o.startswith("logger=")), "data=files", f"data.path={data}", "+data.options.token=hf_SECRETxyz123",
             "trainer.max_steps=10", "trainer.val_check_interval=10", f"hydra.run.dir={run_dir}"]
     r = run_cli(args, cwd=tmp_path, env={"WANDB_API_KEY": "wandbSECRET456", "HF_TOKEN": "hfenvSECRET789"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (run_dir / "summary.json").is_file() and list(run_dir.glob("wandb/offline-run-*"))
+    assert (run_dir / "summary.json").is_file()
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb")), "W&B logs offline by default"
     for path in run_dir.rglob("*"):
         if path.is_file():
             blob = path.read_bytes()

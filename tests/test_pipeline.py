@@ -39,6 +39,11 @@ def test_sft_then_dpo_wires_the_sft_export_and_summarises(tmp_path):
     again = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=10", "--dir", str(root)], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished before, kept") == 2
+    # A changed override is not silently ignored by keeping the finished stage.
+    changed = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=12", "--dir", str(root)], tmp_path)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "stage 'dpo' finished in" in changed.stderr and "use a new --dir" in changed.stderr
+    assert json.loads((root / "pipeline_summary.json").read_text())["stages"][1]["global_step"] == 10
 
 
 def test_sft_then_rm_then_ppo_scores_with_the_trained_reward_model(tmp_path):

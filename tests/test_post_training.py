@@ -29,43 +29,24 @@ def task(s: dict) -> tuple:
     return s["initial"]["val/task_score"], s["final"]["val/task_score"]
 
 
-_PIPELINES: dict = {}
+# The shared runs (default_sft, short_sft, rlhf_pipeline, dpo_pipeline, grpo_pipeline) are
+# conftest's session fixtures: each trained once per session.
 
 
-def shipped_pipeline(name: str, tmp_path_factory) -> tuple:
-    """`llmexp pipeline <name>` as shipped, run once per session: (root, printed output)."""
-    if name not in _PIPELINES:
-        root = tmp_path_factory.mktemp(name) / "p"
-        r = run_cli(["pipeline", name, "--dir", str(root)], cwd=root.parent, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        _PIPELINES[name] = root, r.stdout
-    return _PIPELINES[name]
-
-
-@pytest.fixture(scope="session")
-def rlhf_pipeline(tmp_path_factory) -> Path:
-    """`llmexp pipeline rlhf`: the default SFT, a reward model from it, PPO against that."""
-    return shipped_pipeline("rlhf", tmp_path_factory)[0]
-
-
-@pytest.fixture(scope="session")
-def default_sft(rlhf_pipeline) -> Path:
-    """`python -m llmexp`: the default SFT run (the rlhf pipeline's first stage, with no overrides
-    but logger=csv)."""
-    run_dir = rlhf_pipeline / "1-sft"
-    s = summary(run_dir)
+def test_default_sft_learns_the_task(default_sft):
+    """`python -m llmexp`: the default SFT answers the held-out questions (the task metric)."""
+    s = summary(default_sft)
     before, after = task(s)
     assert before < 0.05 and after >= 0.85, (before, after)
     assert s["task"] == {"check": "arithmetic_correct", "prompts": 155, "max_new_tokens": 24}
-    return run_dir
 
 
-def test_rm_from_the_default_sft_ranks_held_out_pairs(rlhf_pipeline, default_sft):
+def test_rm_from_the_default_sft_ranks_held_out_pairs(rlhf_pipeline):
     """`python -m llmexp stage=rm model.pretrained=<default sft>/model` (the rlhf pipeline's rm)."""
     run_dir = rlhf_pipeline / "2-rm"
     s = summary(run_dir)
     assert json.loads((rlhf_pipeline / "pipeline_summary.json").read_text())["stages"][1]["overrides"] == [
-        "logger=csv", "stage=rm", f"model.pretrained={default_sft}/model"]
+        "logger=csv", "stage=rm", f"model.pretrained={(rlhf_pipeline / '1-sft').resolve()}/model"]
     assert s["initial"]["val/accuracy"] < 0.75
     assert s["final"]["val/accuracy"] >= 0.9, s["final"]
     assert "task" not in s and "val/task_score" not in s["final"]  # a scorer, not a language model
@@ -124,8 +105,8 @@ def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tm
 
 
 @pytest.mark.parametrize("name", ["dpo", "grpo"])
-def test_shipped_pipelines_raise_exact_match_over_their_short_sft(tmp_path_factory, name):
-    root, printed = shipped_pipeline(name, tmp_path_factory)
+def test_shipped_pipelines_raise_exact_match_over_their_short_sft(request, name):
+    root, printed = request.getfixturevalue(f"{name}_pipeline")
     sft, post = json.loads((root / "pipeline_summary.json").read_text())["stages"]
     assert sft["global_step"] == 150
     start, end = post["initial"]["val/task_score"], post["final"]["val/task_score"]
@@ -150,8 +131,7 @@ def test_rlhf_pipeline_raises_exact_match_over_its_sft(rlhf_pipeline):
     assert summary(rlhf_pipeline / "2-rm")["score_normalization"]["llmexp_score_scale"] > 0
 
 
-def test_ppo_from_a_short_sft_raises_exact_match(tmp_path, tmp_path_factory):
-    short_sft = shipped_pipeline("grpo", tmp_path_factory)[0] / "1-sft"
+def test_ppo_from_a_short_sft_raises_exact_match(tmp_path, short_sft):
     s = llmexp(tmp_path / "ppo", "stage=ppo", f"model.pretrained={short_sft}/model")
     start, end = task(s)
     assert end >= start + 0.15, (start, end)

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import tempfile
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from llmexp.testing import FAST
-REPO = Path(__file__).resolve().parents[1]
+from llmexp.testing import FAST, train_in_subprocess
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -21,33 +15,6 @@ pytestmark = pytest.mark.slow
 # Dropout on (gpt2) so RNG restoration matters; several epochs so the data position matters.
 COMMON = [*FAST, "trainer.max_steps=30", "trainer.checkpoint_every_n_steps=5", "trainer.val_check_interval=10",
           "trainer.micro_batch_size=4", "trainer.grad_accum=2", "data.options.num_samples=300"]
-
-SCRIPT = textwrap.dedent("""
-    import os, signal, sys
-    from lightning.pytorch.callbacks import Callback
-    sys.path.insert(0, {tests!r})
-    from llmexp.testing import compose
-    from llmexp.run import run
-
-    class KillAt(Callback):
-        '''SIGKILL this process right after optimizer step N (no cleanup, no final save).'''
-        def __init__(self, step):
-            self.step = step
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == self.step:  # every rank of a distributed run dies at once
-                os.killpg(os.getpgrp(), signal.SIGKILL)
-
-    overrides, run_dir, kill_at = sys.argv[1].split("|"), sys.argv[2], int(sys.argv[3])
-    run(compose(overrides), run_dir=run_dir, callbacks=[KillAt(kill_at)] if kill_at else [])
-""")
-
-
-def _run(overrides, run_dir, kill_at=0):
-    """Train in a fresh process group (a script file, so Lightning can relaunch it per rank)."""
-    script = Path(tempfile.mkdtemp(prefix="llmexp-test-")) / "train_or_die.py"
-    script.write_text(SCRIPT.format(tests=str(REPO / "tests")))
-    return subprocess.run([sys.executable, str(script), "|".join(overrides), str(run_dir), str(kill_at)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600, start_new_session=True)
 
 
 def _weights(run_dir):
@@ -65,17 +32,17 @@ def _weights(run_dir):
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra):
     overrides = [*COMMON, *extra]
     straight = tmp_path / "straight"
-    assert _run(overrides, straight).returncode == 0
+    assert train_in_subprocess(overrides, straight).returncode == 0
 
     killed = tmp_path / "killed"
-    r = _run(overrides, killed, kill_at=17)
+    r = train_in_subprocess(overrides, killed, kill_at=17)
     assert r.returncode == -signal.SIGKILL
     assert not (killed / "summary.json").exists()
     ckpt = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 15  # the last checkpoint before the kill
     assert not list((killed / "checkpoints").glob(".*tmp*")), "no half-written checkpoint left behind"
 
-    r = _run([*overrides, f"resume={killed}"], killed)
+    r = train_in_subprocess([*overrides, f"resume={killed}"], killed)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
@@ -102,7 +69,7 @@ def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
 
     overrides = [*COMMON, "model=llama", "trainer.max_steps=20"]
     killed = tmp_path / "runs" / "sft-llama" / "20260101-000000-000000"
-    assert _run(overrides, killed, kill_at=12).returncode == -signal.SIGKILL
+    assert train_in_subprocess(overrides, killed, kill_at=12).returncode == -signal.SIGKILL
     r = run_cli([*overrides, "resume=auto"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in (tmp_path / "runs" / "sft-llama").iterdir()] == [killed.name]

@@ -69,15 +69,15 @@ def test_fsdp_and_tp_match_one_process(tmp_path, single_process, strategy, micro
 def test_fsdp_killed_and_resumed_from_its_sharded_checkpoint_matches(tmp_path, single_process):
     import signal
 
-    from test_resume import _run
+    from llmexp.testing import train_in_subprocess
 
     overrides = [*BASE, "strategy=fsdp", "trainer.devices=2", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
                  "trainer.checkpoint_every_n_steps=4"]
     run_dir = tmp_path / "fsdp"
-    killed = _run(overrides, run_dir, kill_at=9)
+    killed = train_in_subprocess(overrides, run_dir, kill_at=9)
     assert killed.returncode == -signal.SIGKILL
     assert (run_dir / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
-    resumed = _run([*overrides, f"resume={run_dir}"], run_dir)
+    resumed = train_in_subprocess([*overrides, f"resume={run_dir}"], run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["global_step"] == 12 and s["resumed_from"].endswith("last.ckpt")

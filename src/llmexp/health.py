@@ -131,8 +131,9 @@ class HealthGuard(L.Callback):
             return f"The run stopped without saving; {ckpt} (written before) is kept."
         return "The run stopped without saving (no checkpoint had been written before)."
 
-    def record(self) -> Dict[str, Any]:
-        return {"action": self.cfg.action, "warnings": self.warnings}
+    def summary(self) -> Dict[str, Any]:
+        """What summary.json records of the guard."""
+        return {"health": {"action": self.cfg.action, "warnings": self.warnings}}
 
 
 def lr_scale_note(stage: str, parameters: int, lr: float) -> Optional[str]:

@@ -111,6 +111,7 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
                      for o in [*spec.overrides, *s.overrides, *per_stage[s.name]]]
         record = RunDir(run_dir)
         if record.finished():
+            check_kept(s.name, record, overrides)
             print(f"[{i}/{len(spec.stages)}] {s.name}: finished before, kept ({run_dir})", flush=True)
         else:
             resume = ["resume=" + str(run_dir)] if record.checkpoints.is_dir() else []
@@ -130,6 +131,20 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
            "wall_seconds": time.time() - started}
     (root / "pipeline_summary.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def check_kept(name: str, record: RunDir, overrides: List[str]) -> None:
+    """A finished stage is kept only if it ran with the overrides it would run with now; otherwise
+    a changed override would silently go unused."""
+    from llmexp.secrets import redact_override
+
+    def normal(given: List[str]) -> List[str]:  # the CLI may have added a '+' to a typed option
+        return sorted(redact_override(o).lstrip("+") for o in given)
+
+    was = record.overrides()
+    if was is not None and normal(was) != normal(overrides):
+        raise UserError(f"pipeline: stage {name!r} finished in {record.path} with overrides {was}, but would now "
+                        f"run with {overrides}; use a new --dir, or delete {record.path} to run the stage again")
 
 
 class PipelineStageFailed(Exception):

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -49,8 +50,18 @@ class RunDir:
         return self.checkpoints / "last.ckpt"
 
     @property
+    def overrides_file(self) -> Path:
+        return self.path / "overrides.yaml"
+
+    @property
     def model(self) -> Path:
         return self.path / "model"
+
+    def overrides(self) -> Optional[List[str]]:
+        """The command-line overrides the run started with (None for a record without them)."""
+        import yaml
+
+        return yaml.safe_load(self.overrides_file.read_text()) if self.overrides_file.is_file() else None
 
     def finished(self) -> bool:
         return self.summary_file.is_file()
@@ -171,6 +182,72 @@ def write_overrides(run_dir: Path, overrides: List[str]) -> None:
 
     from llmexp.secrets import redact_override
 
-    path = Path(run_dir) / "overrides.yaml"
+    path = RunDir(run_dir).overrides_file
     if not path.exists():  # a resumed run keeps the overrides it started with
         write_atomic(path, yaml.safe_dump([redact_override(o) for o in overrides], default_flow_style=False))
+
+
+def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Optional[Path], checkpoint: Path,
+                  fit_seconds: float, notes: Dict[str, Any]) -> Dict[str, Any]:
+    """summary.json of a finished run (before its export, watchers and wall time are added)."""
+    from llmexp import __version__
+    from llmexp.models.build import count_parameters
+
+    summary: Dict[str, Any] = {
+        "llmexp_version": __version__,
+        "run_name": typed.run_name,
+        "run_dir": str(Path(run_dir).resolve()),
+        "stage": typed.stage.name,
+        "model": typed.model.name,
+        "architecture": typed.model.architecture,
+        "strategy": typed.strategy.name,
+        "peft": typed.peft.name,
+        "data": typed.data.name,
+        "global_step": trainer.global_step,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "initial": stage.initial_metrics,
+        "final": dict(stage.last_val_metrics),
+        "tokens_per_second": stage.train_tokens / stage.train_seconds if stage.train_seconds else None,
+        "train_tokens": stage.train_tokens,
+        "fit_seconds": fit_seconds,
+        "seconds_to_first_step": stage.seconds_to_first_step,
+        **count_parameters(stage.model),
+        "data_stats": {"format": data.prepared.format, "preparation": data.prepared.log, **data.stats},
+        "checkpoint": str(checkpoint),
+        **stage.summary_extras(),
+    }
+    probe = getattr(stage, "task_probe", None)
+    if probe is not None:
+        summary["task"] = {"check": probe.check, "prompts": len(probe.rows), "max_new_tokens": probe.max_new_tokens}
+    summary.update(notes)
+    return summary
+
+
+def finish_record(trainer, run_dir: Path, summary: Dict[str, Any], started: float) -> None:
+    """On rank 0: close the loggers, draw the loss curve, write summary.json, print the result."""
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    record = RunDir(run_dir)
+    plot_loss_curve(record.metrics, record.loss_curve, f"{summary['stage']} · {summary['model']} · {summary['data']}")
+    summary["wall_seconds"] = time.time() - started
+    write_summary(run_dir, summary)
+    print_result(summary)
+
+
+def print_result(summary: Dict[str, Any]) -> None:
+    """The run's result on the console: initial -> final of every validation metric."""
+    from rich.console import Console
+
+    i, f = summary["initial"], summary["final"]
+    lines = [f"[bold]{summary['stage']}[/] {summary['model']}: {summary['global_step']} steps in "
+             f"{summary['wall_seconds']:.1f}s"]
+    for key in sorted(set(i) | set(f)):
+        mark = "  [bold]<- task metric[/]" if key == "val/task_score" else ""
+        lines.append(f"  {key}: {i.get(key, float('nan')):.4f} -> {f.get(key, float('nan')):.4f}{mark}")
+    if "task" in summary:
+        t = summary["task"]
+        lines.append(f"  (val/task_score: greedy answers to {t['prompts']} prompts, checked by {t['check']})")
+    for w in summary.get("health", {}).get("warnings", []):
+        lines.append(f"  [yellow]health warning[/] at step {w['step']}: {w['sign']}: {w['seen']}")
+    lines.append(f"  run record: {summary['run_dir']}")
+    Console(stderr=True).print("\n".join(lines))

@@ -5,7 +5,8 @@ test suite uses these too (tests/conftest.py holds only fixtures).
 run; ``tiny_run`` trains a tiny model through the real ``python -m llmexp`` in a fresh process
 (so installed plugins are discovered through their entry points) and returns its summary;
 ``compose``/``typed`` give the config of overrides without the command-line check, and ``train``
-runs llmexp in-process on ``FAST`` settings.
+runs llmexp in-process on ``FAST`` settings; ``train_in_subprocess`` trains in a fresh process group
+and can SIGKILL it after a given step (to test resuming).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import textwrap
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -82,3 +85,34 @@ def train(tmp_path: Path, overrides: Sequence[str] = (), name: str = "run") -> P
     run_dir = Path(tmp_path) / name
     run(compose([*FAST, *overrides]), run_dir=run_dir)
     return run_dir
+
+
+_KILLABLE = textwrap.dedent('''
+    import os, signal, sys
+    from lightning.pytorch.callbacks import Callback
+    from llmexp.testing import compose
+    from llmexp.run import run
+
+    class KillAt(Callback):
+        """SIGKILL this process group right after optimizer step N (no cleanup, no final save)."""
+        def __init__(self, step):
+            self.step = step
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.step:  # every rank of a distributed run dies at once
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    overrides, run_dir, kill_at = sys.argv[1].split("|"), sys.argv[2], int(sys.argv[3])
+    run(compose(overrides), run_dir=run_dir, callbacks=[KillAt(kill_at)] if kill_at else [])
+''')
+
+
+def train_in_subprocess(overrides: Sequence[str], run_dir: Path, kill_at: int = 0,
+                        timeout: int = 600) -> subprocess.CompletedProcess:
+    """Train as ``overrides`` say into ``run_dir`` in a fresh process group; with ``kill_at`` the
+    whole group is SIGKILLed right after that optimizer step (returncode -9). A script file, not
+    ``-c``, so that Lightning can relaunch it for each rank of a distributed run."""
+    script = Path(tempfile.mkdtemp(prefix="llmexp-test-")) / "train_or_die.py"
+    script.write_text(_KILLABLE)
+    return subprocess.run([sys.executable, str(script), "|".join(overrides), str(run_dir), str(kill_at)],
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True,
+                          env={**OFFLINE_ENV, **os.environ})

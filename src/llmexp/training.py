@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List, Optional, Tuple
 
 from llmexp.checkpointing import AtomicCheckpointIO
 from llmexp.config.schema import RunConfig
@@ -54,3 +55,20 @@ def save_last_checkpoint(trainer, run_dir: Path) -> Path:
     path = RunDir(run_dir).last_checkpoint
     trainer.save_checkpoint(str(path), weights_only=False)  # atomic through AtomicCheckpointIO
     return path
+
+
+def fit(trainer, stage, data, resume_from: Optional[Path]) -> Tuple[Dict[str, float], float]:
+    """Validate before training (not when resuming: the checkpoint holds the initial metrics),
+    train, validate after; returns (final validation metrics, seconds in fit). Known faults
+    (out of memory, a diverged loss) get one clear message."""
+    from llmexp.faults import explain_faults
+
+    with explain_faults():
+        if resume_from is None:
+            trainer.validate(stage, datamodule=data, verbose=False)
+            stage.initial_metrics = dict(stage.last_val_metrics)
+        started = time.time()
+        trainer.fit(stage, datamodule=data, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+        fit_seconds = time.time() - started
+        trainer.validate(stage, datamodule=data, verbose=False)
+    return dict(stage.last_val_metrics), fit_seconds

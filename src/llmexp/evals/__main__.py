@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from llmexp.errors import UserError, report
-from llmexp.record import model_dir_of
+from llmexp.record import load_language_model, model_dir_of
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -48,13 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if bad:
                 raise ConfigError(bad)
         model_dir = model_dir_of(args.target)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from llmexp.evals.lm_eval_bridge import run_lm_eval
         from llmexp.evals.runner import print_table, record
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        model, tokenizer = load_language_model(model_dir)
         table = run_lm_eval(model, tokenizer, cfg, offline=not args.online)
     except UserError as e:
         return report(e)

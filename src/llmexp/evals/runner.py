@@ -49,35 +49,51 @@ def print_table(table: Dict[str, Dict[str, Any]], title: str) -> None:
     Console(stderr=True).print(t)
 
 
-def eval_callback(cfg: RunConfig):
-    """A Lightning callback evaluating every ``eval.every_n_steps`` steps (rank 0), logged."""
+def evaluation_callback(cfg: RunConfig, run_dir: Path):
+    """The Lightning callback that runs ``cfg.eval`` before training (unless resuming), every
+    ``eval.every_n_steps`` steps, and after training; rank 0 evaluates the whole model (sharded
+    models are gathered by every rank first), records it under eval/ and logs it. Its
+    ``summary()`` is what summary.json gets."""
     from lightning.pytorch.callbacks import Callback
 
-    every = cfg.eval.every_n_steps
+    class Evaluation(Callback):
+        def __init__(self) -> None:
+            self.initial: Optional[Dict[str, Dict[str, Any]]] = None
+            self.final: Optional[Dict[str, Dict[str, Any]]] = None
 
-    class PeriodicEval(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step % every:
-                return
-            model = pl_module.model
-            if pl_module.is_model_parallel:  # every rank gathers; rank 0 evaluates a whole copy
-                model = gathered_copy(pl_module.model, pl_module.full_state_dict(), trainer.is_global_zero)
+        def on_fit_start(self, trainer, pl_module) -> None:
+            if cfg.eval.before_training and trainer.ckpt_path is None:
+                self.initial = self._evaluate(trainer, pl_module, record_as="initial")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            every = cfg.eval.every_n_steps
+            if every and trainer.global_step % every == 0:
+                self._evaluate(trainer, pl_module, log=True)
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            self.final = self._evaluate(trainer, pl_module, record_as="results", log=True)
+            if self.final is not None:
+                print_table(self.final, f"eval after {trainer.global_step} steps")
+
+        def _evaluate(self, trainer, pl_module, record_as: Optional[str] = None, log: bool = False):
+            model = pl_module.whole_model()  # a collective under fsdp/tp
+            table = None
             if trainer.is_global_zero:
-                table = evaluate(cfg, model, pl_module.tokenizer)
-                for logger in trainer.loggers:
+                table = evaluate(cfg, model, pl_module.tokenizer, run_dir if record_as else None)
+                if record_as:
+                    record(table, run_dir, record_as)
+                for logger in trainer.loggers if log else ():
                     logger.log_metrics(flatten(table), step=trainer.global_step)
             if pl_module.is_model_parallel:
-                trainer.strategy.barrier("llmexp-periodic-eval")
+                trainer.strategy.barrier("llmexp-eval")
+            return table
 
-    return PeriodicEval()
+        def summary(self) -> Dict[str, Any]:
+            if self.final is None:
+                return {}
+            out: Dict[str, Any] = {"eval": self.final, "eval_results": str(Path(run_dir) / "eval" / "results.json")}
+            if self.initial is not None:
+                out["eval_initial"] = self.initial
+            return out
 
-
-def gathered_copy(model, state: Dict[str, Any], build: bool):
-    """A plain, unsharded model with the gathered weights (on rank 0; None elsewhere)."""
-    if not build:
-        return None
-    from transformers import AutoModelForCausalLM
-
-    copy = AutoModelForCausalLM.from_config(model.config)
-    copy.load_state_dict(state)
-    return copy.eval()
+    return Evaluation()

@@ -9,19 +9,19 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
-def export_model(model, tokenizer, out_dir: Path, merge_adapters: bool = True, state_dict=None):
+def export_model(model, tokenizer, out_dir: Path, merge_adapters: bool = True):
     """Save weights (safetensors), config, generation config and tokenizer into ``out_dir``.
 
     LoRA adapters are merged into the base weights when ``merge_adapters`` (the export is then a
-    plain model); otherwise only the adapter is saved, referring to its base model. ``state_dict``
-    gives gathered weights of a sharded model. Returns the model as saved (merged when merged).
+    plain model); otherwise only the adapter is saved, referring to its base model. Returns the
+    model as saved (merged when merged).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_peft_model(model) and merge_adapters:
         model = model.merge_and_unload()
     model.config.use_cache = True
-    model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
     model.config.use_cache = False
     tokenizer.save_pretrained(str(out_dir))
     return model

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -61,29 +61,33 @@ class StageModule(L.LightningModule):
 
     def export(self, out_dir) -> Dict[str, Any]:
         """Write the trained model in HF format; return facts for summary.json. Called on every
-        rank: sharded weights are gathered collectively, rank 0 writes."""
-        from llmexp.models.export import export_model, is_peft_model
+        rank: sharded weights are gathered collectively, rank 0 writes (and keeps the exported
+        whole model as ``self.model``)."""
+        from llmexp.models.export import export_model
 
-        state = self.full_state_dict() if self.is_model_parallel else None
+        model = self.whole_model()
         if self.trainer.is_global_zero:
-            model = self.model
-            if state is not None and is_peft_model(model):  # PEFT merges and saves whole modules
-                model, state = self.unsharded_copy(state), None
-            self.model = export_model(model, self.tokenizer, out_dir, self.cfg.peft.merge_on_export, state)
+            self.model = export_model(model, self.tokenizer, out_dir, self.cfg.peft.merge_on_export)
         return {"model_dir": str(out_dir)}
 
-    def unsharded_copy(self, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
-        """The stage's model rebuilt whole from config, holding the gathered weights ``state``."""
+    def whole_model(self) -> Optional[torch.nn.Module]:
+        """The model unsharded, for export and evaluation: the model itself in one process or
+        under ddp; under fsdp/tp a copy rebuilt from config holding the gathered weights, on rank 0
+        (None on the others). A collective under fsdp/tp: every rank must call it."""
+        if not self.is_model_parallel:
+            return self.model
+        state = self.full_state_dict()
+        if not self.trainer.is_global_zero:
+            return None
+        from llmexp.config.stages import stage_spec
         from llmexp.models.build import build_model
         from llmexp.models.peft import apply_peft
-
-        from llmexp.config.stages import stage_spec
 
         head = stage_spec(self.cfg.stage.name).head
         model = build_model(self.cfg.model, self.tokenizer, head=head)
         model = apply_peft(model, self.cfg.peft, self.cfg.model, task_type="SEQ_CLS" if head == "score" else "CAUSAL_LM")
         model.load_state_dict(state)
-        return model
+        return model.eval()
 
     # -- model parallelism (fsdp / tp through Lightning's ModelParallelStrategy) -----------------
     @property
