@@ -24,7 +24,7 @@ class ReferenceSeen(Callback):
 
     def on_train_start(self, trainer, stage):
         self.reference = stage.reference
-        self.rows_have_ref_logps = "ref_chosen_logps" in trainer.datamodule.train_rows[0]
+        self.rows_have_ref_logprobs = "ref_chosen_logprobs" in trainer.datamodule.train_rows[0]
 
 
 def _run(tmp_path, name, extra):
@@ -39,8 +39,8 @@ def _run(tmp_path, name, extra):
 def test_precomputed_reference_trains_like_the_copy_and_is_freed(tmp_path):
     copy_losses, copy_seen = _run(tmp_path, "copy", ["stage.reference=copy"])
     pre_losses, pre_seen = _run(tmp_path, "pre", ["stage.reference=precomputed"])
-    assert copy_seen.reference is not None and not copy_seen.rows_have_ref_logps
-    assert pre_seen.reference is None and pre_seen.rows_have_ref_logps
+    assert copy_seen.reference is not None and not copy_seen.rows_have_ref_logprobs
+    assert pre_seen.reference is None and pre_seen.rows_have_ref_logprobs
     assert len(copy_losses) == 12
     assert copy_losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert pre_losses == pytest.approx(copy_losses, rel=1e-5)

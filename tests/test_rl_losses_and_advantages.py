@@ -14,19 +14,19 @@ from llmexp.losses import (
     clipped_value_loss,
     dpo_loss,
     k3_kl,
-    sequence_logps,
-    token_logps,
+    sequence_logprobs,
+    token_logprobs,
 )
 
 
-def test_sequence_logps_sums_target_tokens_only():
+def test_sequence_logprobs_sums_target_tokens_only():
     logits = torch.zeros(1, 4, 3)
     logits[0, 1, 2] = math.log(2.0)  # position 1 predicts token 2 with p = 2/4
     labels = torch.tensor([[-100, -100, 2, 0]])
-    total, count = sequence_logps(logits, labels)
+    total, count = sequence_logprobs(logits, labels)
     assert count.tolist() == [2]
     assert total.item() == pytest.approx(math.log(0.5) + math.log(1 / 3), abs=1e-6)
-    assert token_logps(logits, labels)[0, 0].item() == 0.0
+    assert token_logprobs(logits, labels)[0, 0].item() == 0.0
 
 
 def test_bradley_terry_loss_with_margin():

@@ -27,7 +27,7 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Ten
     return nll, (targets != IGNORE_INDEX).sum()
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability of each target token, ``[batch, seq-1]``; 0 where the label is -100."""
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
@@ -36,9 +36,9 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked * mask
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's target tokens, and how many there are."""
-    return token_logps(logits, labels).sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    return token_logprobs(logits, labels).sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

@@ -62,9 +62,9 @@ def collate_preference(rows: Sequence[Dict[str, Any]], pad_id: int, multiple: in
            [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
     batch = collate_lm(both, pad_id, multiple)
     batch["loss_weight"] = len(rows)
-    if "ref_chosen_logps" in rows[0]:
-        batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows]
-                                          + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+    if "ref_chosen_logprobs" in rows[0]:
+        batch["ref_logprobs"] = torch.tensor([r["ref_chosen_logprobs"] for r in rows]
+                                          + [r["ref_rejected_logprobs"] for r in rows], dtype=torch.float32)
     return batch
 
 

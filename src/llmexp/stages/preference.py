@@ -14,7 +14,7 @@ import torch
 
 from llmexp.data.collate import collate_preference
 from llmexp.data.encode import preference_encoder
-from llmexp.losses import bradley_terry_loss, dpo_loss, sequence_logps
+from llmexp.losses import bradley_terry_loss, dpo_loss, sequence_logprobs
 from llmexp.stages.base import StageModule
 from llmexp.stages.reference import Reference
 
@@ -118,12 +118,12 @@ class DPOStage(PreferenceStage):
         self._frozen["reference"].place(self.model)
 
     @torch.no_grad()
-    def reference_logps(self, batch: Dict[str, Any]) -> torch.Tensor:
-        if "ref_logps" in batch:
-            return batch["ref_logps"].to(batch["input_ids"].device)
+    def reference_logprobs(self, batch: Dict[str, Any]) -> torch.Tensor:
+        if "ref_logprobs" in batch:
+            return batch["ref_logprobs"].to(batch["input_ids"].device)
         with self._frozen["reference"].model(self.model) as reference:
             logits = reference(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
-        return sequence_logps(logits, batch["labels"])[0]
+        return sequence_logprobs(logits, batch["labels"])[0]
 
     def setup(self, stage: str) -> None:
         """stage.reference=precomputed: one pass of the reference over every pair, then free it."""
@@ -134,11 +134,11 @@ class DPOStage(PreferenceStage):
         self.model.to(device)
         self._frozen["reference"].place(self.model)
         for rows in (dm.train_rows, dm.val_rows):
-            self._attach_reference_logps(rows, device)
+            self._attach_reference_logprobs(rows, device)
         self._precomputed = True
         self._frozen["reference"].free()
 
-    def _attach_reference_logps(self, rows: List[Dict[str, Any]], device) -> None:
+    def _attach_reference_logprobs(self, rows: List[Dict[str, Any]], device) -> None:
         size = self.cfg.trainer.val_batch_size
         for chunk in _chunks(rows, size):
             batch = self.collate(chunk)
@@ -146,21 +146,21 @@ class DPOStage(PreferenceStage):
             if self.reference is None:
                 was = self.model.training
                 self.model.eval()
-                logps = self.reference_logps(batch)
+                logprobs = self.reference_logprobs(batch)
                 self.model.train(was)
             else:
-                logps = self.reference_logps(batch)
-            chosen, rejected = logps.float().cpu().chunk(2)
+                logprobs = self.reference_logprobs(batch)
+            chosen, rejected = logprobs.float().cpu().chunk(2)
             for row, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-                row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
+                row["ref_chosen_logprobs"], row["ref_rejected_logprobs"] = c, r
 
     # -- the loss --------------------------------------------------------------------------------
     def pair_sums(self, batch):
         s = self.cfg.stage
         logits = self.model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
-        logps, tokens = sequence_logps(logits, batch["labels"])
-        ref = self.reference_logps(batch)
-        chosen, rejected = logps.chunk(2)
+        logprobs, tokens = sequence_logprobs(logits, batch["labels"])
+        ref = self.reference_logprobs(batch)
+        chosen, rejected = logprobs.chunk(2)
         ref_chosen, ref_rejected = ref.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=s.beta, loss_type=s.loss_type,
