@@ -216,3 +216,27 @@ def test_defaults_live_once_in_the_schemas():
     from omegaconf import OmegaConf
 
     assert "path" in cfg.data and OmegaConf.is_missing(compose(["data=files"]).data, "path")  # still required
+
+
+@pytest.mark.parametrize("overrides,fix", [
+    (["stage=grpo", "stage.beta=0.05"], "llmexp calls it stage.kl_coef"),
+    (["stage=ppo", "stage.vf_coef=0.5"], "llmexp calls it stage.value_loss_coef"),
+    (["stage=grpo", "stage.num_generations=4"], "llmexp calls it stage.group_size"),
+    (["trainer.gradient_accumulation_steps=4"], "llmexp calls it trainer.grad_accum"),
+    (["optim.learning_rate=1e-4"], "llmexp calls it optim.lr"),
+])
+def test_trl_key_names_point_to_llmexps(overrides, fix):
+    from llmexp.testing import check_config
+
+    with pytest.raises(ConfigError) as e:
+        check_config(overrides)
+    assert fix in str(e.value) and "unknown key" in str(e.value)
+
+
+def test_dpos_beta_is_not_taken_for_an_alias():
+    from llmexp.testing import check_config
+
+    assert check_config(["stage=dpo", "stage.beta=0.2"]).stage.beta == 0.2
+    with pytest.raises(ConfigError) as e:  # sft has no beta, and TRL's SFT none either
+        check_config(["stage=sft", "stage.beta=0.2"])
+    assert "llmexp calls it" not in str(e.value)

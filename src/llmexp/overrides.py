@@ -163,6 +163,11 @@ def _key_problem(cfg, o) -> Optional[Problem]:
         return None
     if exists:
         return None
+    from llmexp.config.aliases import alias_hint
+
+    alias = alias_hint(key, OmegaConf.select(cfg, "stage.name"))
+    if alias:
+        return Problem(key, "unknown key", alias)
     if parent is None or not hasattr(parent, "keys"):
         head = key.split(".")[0]
         return Problem(key, "unknown key", suggest(head, list(cfg.keys())) if head not in cfg
