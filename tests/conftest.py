@@ -54,6 +54,12 @@ def once(shared: Path, name: str, build: Callable[[Path], None]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def build_once(shared_tmp) -> Callable[[str, Callable[[Path], None]], Path]:
+    """``build_once(name, build)``: the directory ``build`` made, built once per session (see once)."""
+    return lambda name, build: once(shared_tmp, name, build)
+
+
 def _llmexp(run_dir: Path, *args: str) -> None:
     from llmexp.testing import run_cli
 

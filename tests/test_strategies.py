@@ -20,13 +20,14 @@ def _train_losses(run_dir):
     return [r["train/loss"] for r in read_metrics(run_dir / "metrics.csv") if "train/loss" in r]
 
 
-@pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
+@pytest.fixture(scope="session")
+def single_process(build_once):
     """The reference: one process, global batch 8 (micro 4 x accumulation 2)."""
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    r = run_cli([*BASE, "trainer.micro_batch_size=4", "trainer.grad_accum=2", f"hydra.run.dir={run_dir}"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run_dir
+    def build(run_dir):
+        r = run_cli([*BASE, "trainer.micro_batch_size=4", "trainer.grad_accum=2", f"hydra.run.dir={run_dir}"])
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    return build_once("strategies-single-process", build)
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path, single_process):

@@ -31,12 +31,20 @@ class UserError(Exception):
     """A problem the user can fix; its message names the key or file and the fix."""
 
 
-class ConfigError(UserError):
+class ProblemsError(UserError):
+    """Every problem found at once, one per line with its key and fix, under a count of them."""
+
+    where: str  # "in the configuration", "with llmexp plugins": how the count is headed
+
     def __init__(self, problems: Iterable[Problem]):
         self.problems: List[Problem] = list(problems)
         n = len(self.problems)
-        head = f"{n} problem{'s' if n != 1 else ''} in the configuration:"
+        head = f"{n} problem{'s' if n != 1 else ''} {self.where}:"
         super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+
+
+class ConfigError(ProblemsError):
+    where = "in the configuration"
 
 
 def suggest(name: str, valid: Iterable[str], key: Optional[str] = None) -> str:
