@@ -23,6 +23,24 @@ def test_help_lists_groups_and_options_without_importing_heavy_libraries():
                  "peft: lora, none, qlora", "strategy: auto"):
         assert line in out
     assert "pretrain" in out and "sft" in out
+    assert "  # Peak learning rate, after warm-up" in out and "  lr: 0.003" in out
+
+
+def test_help_annotates_the_config_of_the_overrides_and_hydra_help_stays_hydras(tmp_path):
+    r = run_cli(["stage=dpo", "--help"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "stage: dpo, grpo, ppo, pretrain, rm, sft" in lines and "eval: lm_eval, none" in lines
+    lr = lines.index("  lr: 0.0005")  # the dpo stage's lr, with optim.lr's help above it
+    assert lines[lr - 1].startswith("  # Peak learning rate") and lines[lr - 1].endswith("(>= 0.0)")
+    beta = lines.index("  beta: 0.1")
+    assert lines[beta - 2].startswith("  # DPO's temperature: scales the log-ratio margin")
+    assert "  # (one of sigmoid, ipo, hinge, robust)" in lines
+    assert not any("assistant_only_loss" in line for line in lines) and not (tmp_path / "runs").exists()
+    r = run_cli(["--hydra-help"], cwd=tmp_path)
+    assert r.returncode == 0 and "== Flags ==" in r.stdout and "hydra/launcher" in r.stdout
+    r = run_cli(["model=lama", "--help"], cwd=tmp_path)
+    assert r.returncode == 2 and "Could not find 'model/lama'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cfg_job_prints_the_composed_config_and_trains_nothing(tmp_path):

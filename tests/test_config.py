@@ -240,3 +240,54 @@ def test_dpos_beta_is_not_taken_for_an_alias():
     with pytest.raises(ConfigError) as e:  # sft has no beta, and TRL's SFT none either
         check_config(["stage=sft", "stage.beta=0.2"])
     assert "llmexp calls it" not in str(e.value)
+
+def _schemas():
+    """(prefix, schema) of every group and of every stage in the registry, and the top level."""
+    from llmexp.config.schema import GROUP_SCHEMAS, RunConfig
+    from llmexp.config.stages import STAGES
+
+    return ([(f"{group}.", schema) for group, schema in GROUP_SCHEMAS.items()]
+            + [("stage.", spec.schema) for spec in STAGES.values()] + [("", RunConfig)])
+
+
+def test_every_key_of_every_schema_has_help():
+    from llmexp.config.reference import entries
+
+    from llmexp.config.stages import STAGES
+
+    every = [e for prefix, schema in _schemas() for e in entries(schema, prefix)]
+    assert [e.key for e in every if not e.help.strip()] == []
+    assert {e.default for e in every if e.key == "stage.name"} == set(STAGES)  # every stage's keys
+    keys = {e.key: e for e in every}
+    assert "stage.rollout.top_p" in keys and "data.fields.answer" in keys and "health.patience" in keys
+    # the checker's metadata is shown as allowed values, beside the help
+    assert keys["optim.scheduler"].allowed == "one of cosine, linear, constant"
+    assert keys["trainer.max_steps"].allowed == ">= 1" and keys["data.val_fraction"].allowed == "0.0 to 0.9"
+    assert "adapter_disabled: with LoRA" in keys["stage.reference"].help
+    # a nested config's help is its class docstring
+    assert keys["stage.reward"].section and keys["stage.reward"].help.startswith("Where ppo/grpo rewards come from")
+
+
+def test_annotated_config_is_the_composed_yaml_with_the_chosen_stages_help():
+    import yaml
+    from omegaconf import OmegaConf
+
+    from llmexp.config.reference import annotated_yaml
+
+    cfg = compose(["stage=dpo"])
+    text = annotated_yaml(cfg)
+    assert yaml.safe_load(text) == OmegaConf.to_container(cfg, resolve=False)  # comments only
+    lines = text.splitlines()
+    lr = lines.index("  lr: 0.0005")
+    assert lines[lr - 1].startswith("  # Peak learning rate") and lines[lr - 1].endswith("(>= 0.0)")
+    assert "  # sigmoid (conservative DPO) and robust: the assumed fraction of flipped preference labels." in lines
+    assert "  rpo_alpha: 1.0" in lines and not any("assistant_only_loss" in line for line in lines)
+
+
+def test_docs_config_md_is_generated_from_the_schemas():
+    from llmexp.config.reference import PAGE_COMMAND, markdown
+    from llmexp.paths import config_dir
+
+    page = config_dir().parent / "docs" / "config.md"
+    assert page.read_text() == markdown(), f"docs/config.md is out of date: run {PAGE_COMMAND}"
+    assert "### stage=grpo" in page.read_text() and "| `stage.group_size` | int | `8` | >= 2 |" in page.read_text()

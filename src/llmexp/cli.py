@@ -1,7 +1,8 @@
 """`python -m llmexp` and the `llmexp` console script: Hydra's CLI with llmexp's error handling.
 
 The overrides are checked first (llmexp.overrides, then llmexp.preflight), so every problem is
-reported at once with exit code 2; heavy libraries are imported only once a run starts.
+reported at once with exit code 2; heavy libraries are imported only once a run starts. ``--help``
+is llmexp's own (llmexp.help: the composed config with each key's help); ``--hydra-help`` Hydra's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from llmexp.errors import UserError, report
+from llmexp.help import HELP_FLAGS, help_text
 from llmexp.overrides import resolve_overrides, split_overrides
 from llmexp.paths import config_dir, config_groups
 
@@ -53,7 +55,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         sys.exit(list_plugins(argv[1:]))
     try:
-        config_groups()  # loads the plugins: a broken one is reported for --help too
+        groups = config_groups()  # loads the plugins: a broken one is reported for --help too
+        if HELP_FLAGS.intersection(argv):
+            print(help_text(groups, argv), end="")
+            return
         if not _INFO_FLAGS.intersection(argv):
             overrides = split_overrides(argv)
             cfg, as_hydra = resolve_overrides(overrides)

@@ -181,6 +181,15 @@ def _key_problem(cfg, o) -> Optional[Problem]:
     return Problem(key, "unknown key", hint)
 
 
+def compose(overrides: List[str]):
+    """The config Hydra composes for ``overrides`` (nothing more checked), or ConfigError."""
+    problems: List[Problem] = []
+    cfg = _compose(overrides, problems)
+    if cfg is None:
+        raise ConfigError(problems)
+    return cfg
+
+
 def _compose(overrides: List[str], problems: List[Problem]):
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException

@@ -1,12 +1,16 @@
-"""Typed schemas of every config group.
+"""Typed schemas of every config group: the one source of each key's type, default and help.
 
 The YAML files in conf/ are the options; these dataclasses are the contract they (and any
 command-line override) must meet. Field metadata carries what OmegaConf cannot express:
-``choices`` (valid names) and ``min``/``max`` bounds, checked by :mod:`llmexp.config.check`.
+``choices`` (valid names) and ``min``/``max`` bounds, checked by :mod:`llmexp.config.check`, and
+``help``, which ``python -m llmexp --help`` and docs/config.md show (:mod:`llmexp.config.reference`).
+A nested config's help is its class docstring's first paragraph.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -23,352 +27,490 @@ WANDB_MODES = ("offline", "online", "disabled")
 PEFT_METHODS = ("none", "lora", "qlora")
 STRATEGIES = ("auto", "ddp", "fsdp", "tp", "deepspeed_zero2", "deepspeed_zero3")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+DPO_REFERENCES = ("copy", "adapter_disabled", "precomputed")
+KL_CONTROLS = ("fixed", "adaptive")
+HEALTH_ACTIONS = ("warn", "stop", "off")
 
 
-def choice(default: Any, choices: tuple, **kw: Any) -> Any:
-    return field(default=default, metadata={"choices": choices, **kw})
+def doc(default: Any, help: str = "", **meta: Any) -> Any:  # noqa: A002
+    """A field with its help string (and checker metadata). A list or dict default is copied for
+    every instance, as a dataclass's default_factory would."""
+    metadata = {"help": help, **meta}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def bounded(default: Any, *, min: float | None = None, max: float | None = None) -> Any:  # noqa: A002
-    return field(default=default, metadata={"min": min, "max": max})
+def choice(default: Any, choices: tuple, help: str = "", **kw: Any) -> Any:  # noqa: A002
+    return doc(default, help, choices=choices, **kw)
+
+
+def bounded(default: Any, *, min: float | None = None, max: float | None = None, help: str = "") -> Any:  # noqa: A002
+    return doc(default, help, min=min, max=max)
+
+
+def section(schema: type, help: str = "") -> Any:  # noqa: A002
+    """A nested config, defaulting to ``schema()``; its help is ``schema``'s docstring summary."""
+    return field(default_factory=schema, metadata={"help": help or summary(schema)})
+
+
+def summary(schema: type) -> str:
+    """The first paragraph of a schema's own docstring (not the signature dataclass writes)."""
+    text = schema.__dict__.get("__doc__") or ""
+    if not text or text.startswith(f"{schema.__name__}("):
+        raise TypeError(f"{schema.__name__} needs a docstring: it is the help of its config section")
+    return " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
+
+
+_FROM_SCRATCH = "; from-scratch models only (ignored with model.pretrained)."
 
 
 @dataclass
 class ModelConfig:
-    name: str = "llama"
-    architecture: str = choice("llama", ARCHITECTURES)
-    # Local directory or hub id with weights and tokenizer; None: initialise from architecture.
-    pretrained: Optional[str] = None
-    # None: the pretrained model's tokenizer, else llmexp's bundled one; "train": a BPE
-    # tokenizer trained on this run's data (cached); or a local dir / hub id.
-    tokenizer: Optional[str] = None
-    hidden_size: int = bounded(64, min=8)
-    num_layers: int = bounded(2, min=1)
-    num_heads: int = bounded(4, min=1)
-    num_kv_heads: Optional[int] = bounded(None, min=1)
-    intermediate_size: int = bounded(256, min=1)
-    max_position_embeddings: int = bounded(512, min=16)
-    # Architecture-specific keys passed as-is to the transformers config (rope_theta, ...).
-    extra: Dict[str, Any] = field(default_factory=dict)
-    dtype: str = choice("float32", DTYPES)
-    attn_implementation: Optional[str] = choice("sdpa", ("sdpa", "eager", "flash_attention_2", None))
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    # torch.compile the model's forward (inductor; the first steps pay the compile time).
-    compile: bool = False
-    # Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only: pip install 'llmexp[liger]').
-    liger_kernel: bool = False
+    """The model: an architecture built from scratch at the sizes below, or pretrained weights
+    (model.pretrained)."""
+
+    name: str = doc("llama", help=(
+        "The option's name (conf/model/<name>.yaml): part of run_name and recorded in summary.json."))
+    architecture: str = choice("llama", ARCHITECTURES, help=(
+        "The transformers model type, built at the sizes below when model.pretrained is null; keep it matching "
+        "pretrained weights (strategy=tp picks its plan by it)."))
+    pretrained: Optional[str] = doc(None, help=(
+        "Local directory or hub id with weights and tokenizer (e.g. an earlier run's <run dir>/model; a hub id "
+        "needs offline=false); null: initialise from the architecture."))
+    tokenizer: Optional[str] = doc(None, help=(
+        "null: the pretrained model's tokenizer, else llmexp's bundled one; train: a BPE tokenizer trained on this "
+        "run's data (cached); or a local directory / hub id."))
+    hidden_size: int = bounded(64, min=8, help="Width of the hidden states" + _FROM_SCRATCH)
+    num_layers: int = bounded(2, min=1, help="Decoder layers" + _FROM_SCRATCH)
+    num_heads: int = bounded(4, min=1, help="Attention heads, a divisor of hidden_size" + _FROM_SCRATCH)
+    num_kv_heads: Optional[int] = bounded(None, min=1, help=(
+        "Key/value heads of grouped-query attention, a divisor of num_heads (null: one per head; gpt2 has none)"
+        + _FROM_SCRATCH))
+    intermediate_size: int = bounded(256, min=1, help="Width of the MLP's hidden layer" + _FROM_SCRATCH)
+    max_position_embeddings: int = bounded(512, min=16, help=(
+        "Longest sequence the model takes, in tokens (data.max_length, plus the responses of ppo/grpo, must fit)"
+        + _FROM_SCRATCH))
+    extra: Dict[str, Any] = doc({}, help=(
+        "Architecture-specific keys passed as-is to the transformers config (rope_theta, tie_word_embeddings, ...)"
+        + _FROM_SCRATCH))
+    dtype: str = choice("float32", DTYPES, help=(
+        "Dtype the weights are built or loaded in (trainer.precision sets mixed precision on top)."))
+    attn_implementation: Optional[str] = choice("sdpa", ("sdpa", "eager", "flash_attention_2", None), help=(
+        "transformers' attention kernel: sdpa (PyTorch's fused attention), eager, flash_attention_2 (needs "
+        "flash-attn on CUDA); null: transformers' default."))
+    gradient_checkpointing: bool = doc(False, help=(
+        "Recompute activations in backward (transformers' gradient checkpointing): less memory, more compute."))
+    trust_remote_code: bool = doc(False, help=(
+        "Run model and tokenizer code shipped with model.pretrained or model.tokenizer (transformers' "
+        "trust_remote_code)."))
+    compile: bool = doc(False, help=(
+        "torch.compile the model's forward (inductor; the first steps pay the compile time)."))
+    liger_kernel: bool = doc(False, help=(
+        "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only: pip install 'llmexp[liger]')."))
+
+
+def _stage_name(name: str) -> Any:
+    return doc(name, help=f"This stage, chosen with stage={name} (which brings conf/stage/{name}.yaml).")
 
 
 @dataclass
 class PretrainStageConfig:
-    name: str = "pretrain"
+    """pretrain: next-token loss on every token (plain text; chat and prompt/completion data are
+    rendered whole)."""
+
+    name: str = _stage_name("pretrain")
 
 
 @dataclass
 class SFTStageConfig:
-    name: str = "sft"
-    assistant_only_loss: bool = True
+    """sft: supervised fine-tuning on chat messages or prompt/completion pairs."""
 
-
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
-DPO_REFERENCES = ("copy", "adapter_disabled", "precomputed")
-KL_CONTROLS = ("fixed", "adaptive")
+    name: str = _stage_name("sft")
+    assistant_only_loss: bool = doc(True, help=(
+        "Loss on the assistant turns (chat) or the completion (prompt_completion) only; false: on every token, as "
+        "pretrain."))
 
 
 @dataclass
 class RewardModelStageConfig:
-    """Bradley-Terry reward model: a one-label sequence classifier scoring prompt+response."""
+    """rm: a Bradley-Terry reward model, a one-label sequence classifier scoring prompt+response."""
 
-    name: str = "rm"
-    # Required score gap: loss = -log sigmoid(r_chosen - r_rejected - margin).
-    margin: float = bounded(0.0, min=0.0)
-    # Penalty on the squared scores (keeps them centred; 0 turns it off).
-    center_rewards_coefficient: float = bounded(0.0, min=0.0)
+    name: str = _stage_name("rm")
+    margin: float = bounded(0.0, min=0.0, help=(
+        "Required score gap: loss = -log sigmoid(r_chosen - r_rejected - margin)."))
+    center_rewards_coefficient: float = bounded(0.0, min=0.0, help=(
+        "Penalty on the squared sum of a pair's scores (keeps them centred; 0 turns it off)."))
 
 
 @dataclass
 class DPOStageConfig:
-    name: str = "dpo"
-    loss_type: str = choice("sigmoid", DPO_LOSSES)
-    beta: float = bounded(0.1, min=0.0)
-    # sigmoid (conservative DPO) and robust: the assumed fraction of flipped preference labels.
-    label_smoothing: float = bounded(0.0, min=0.0, max=0.49)
-    # copy: a frozen copy of the starting policy; adapter_disabled: with LoRA, the base model with
-    # the adapter switched off (no second copy); precomputed: reference log-probs computed once
-    # before training, then the reference is freed.
-    reference: str = choice("copy", DPO_REFERENCES)
-    # Weight of the chosen answers' mean token NLL added to the DPO loss (TRL's rpo_alpha; RPO,
-    # Pang et al. 2024): keeps the chosen answers likely while the margin grows.
-    rpo_alpha: float = bounded(1.0, min=0.0)
+    """dpo: direct preference optimisation against a frozen reference."""
+
+    name: str = _stage_name("dpo")
+    loss_type: str = choice("sigmoid", DPO_LOSSES, help=(
+        "sigmoid: DPO; ipo: (length-averaged log-ratio margin - 1/(2 beta))^2; hinge: relu(1 - beta x margin); "
+        "robust: the unbiased estimator under flipped labels."))
+    beta: float = bounded(0.1, min=0.0, help=(
+        "DPO's temperature: scales the log-ratio margin in the loss and the implicit rewards (larger keeps the "
+        "policy nearer the reference)."))
+    label_smoothing: float = bounded(0.0, min=0.0, max=0.49, help=(
+        "sigmoid (conservative DPO) and robust: the assumed fraction of flipped preference labels."))
+    reference: str = choice("copy", DPO_REFERENCES, help=(
+        "copy: a frozen copy of the starting policy; adapter_disabled: with LoRA, the base model with the adapter "
+        "switched off (no second copy); precomputed: reference log-probs computed once before training, then the "
+        "reference is freed."))
+    rpo_alpha: float = bounded(1.0, min=0.0, help=(
+        "Weight of the chosen answers' mean token NLL added to the DPO loss (TRL's rpo_alpha; RPO, Pang et al. "
+        "2024): keeps the chosen answers likely while the margin grows."))
 
 
 @dataclass
 class RewardConfig:
     """Where ppo/grpo rewards come from: a reward function by name, or a reward model directory."""
 
-    # A registered reward function (llmexp plugins lists them); ignored when `model` is set.
-    function: Optional[str] = "arithmetic_correct"
-    # An rm run's exported model (<run dir>/model) or any one-label sequence classifier.
-    model: Optional[str] = None
-    # Added to the score of a response that never emits eos within max_new_tokens (e.g. -1.0).
-    missing_eos_penalty: Optional[float] = None
-    # A reward model's scores mapped with the center/scale its rm run measured on held-out
-    # pairs (mean chosen -> +1, mean rejected -> -1), the scale of a 0/1 rule reward, so that
-    # kl_coef and the critic mean the same for both. Models without them are used as they score.
-    normalize: bool = True
+    function: Optional[str] = doc("arithmetic_correct", help=(
+        "A registered reward function (llmexp plugins lists them); ignored when `model` is set."))
+    model: Optional[str] = doc(None, help=(
+        "An rm run's exported model (<run dir>/model) or any one-label sequence classifier."))
+    missing_eos_penalty: Optional[float] = doc(None, help=(
+        "Added to the score of a response that never emits eos within max_new_tokens (e.g. -1.0); null: none."))
+    normalize: bool = doc(True, help=(
+        "Map a reward model's scores with the center/scale its rm run measured on held-out pairs (mean chosen -> "
+        "+1, mean rejected -> -1), the scale of a 0/1 rule reward, so that kl_coef and the critic mean the same for "
+        "both; models without them are used as they score."))
 
 
 @dataclass
 class RolloutConfig:
     """Sampling of responses from the policy (shared by ppo and grpo)."""
 
-    max_new_tokens: int = bounded(16, min=1)
-    temperature: float = bounded(1.0, min=0.01)
-    top_k: int = bounded(0, min=0)
-    top_p: float = bounded(1.0, min=0.01, max=1.0)
-    # Held-out prompts scored with greedy responses for val/reward.
-    val_max_new_tokens: Optional[int] = bounded(None, min=1)
+    max_new_tokens: int = bounded(16, min=1, help="Longest sampled response, in tokens.")
+    temperature: float = bounded(1.0, min=0.01, help="Sampling temperature (the loss's log-probs are taken at it too).")
+    top_k: int = bounded(0, min=0, help="Sample among the k most likely tokens (0: no top-k filtering).")
+    top_p: float = bounded(1.0, min=0.01, max=1.0, help=(
+        "Nucleus sampling: among the most likely tokens holding this much probability (1.0: off)."))
+    val_max_new_tokens: Optional[int] = bounded(None, min=1, help=(
+        "Longest greedy response to the held-out prompts scored for val/reward (null: max_new_tokens)."))
+
+
+_CLIP_RANGE = "Clip of the probability ratio to the sampling policy, to [1 - clip_range, 1 + clip_range]."
 
 
 @dataclass
 class PPOStageConfig:
-    name: str = "ppo"
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # Optimisation passes over each rollout batch, each split into num_minibatches updates.
-    ppo_epochs: int = bounded(4, min=1)
-    num_minibatches: int = bounded(1, min=1)
-    clip_range: float = bounded(0.2, min=0.0)
-    clip_range_value: float = bounded(0.2, min=0.0)
-    value_loss_coef: float = bounded(0.1, min=0.0)
-    gamma: float = bounded(1.0, min=0.0, max=1.0)
-    lam: float = bounded(0.95, min=0.0, max=1.0)
-    # Per-token KL penalty to the frozen reference: fixed coefficient, or adapted towards kl_target.
-    kl_coef: float = bounded(0.05, min=0.0)
-    kl_control: str = choice("fixed", KL_CONTROLS)
-    kl_target: float = bounded(6.0, min=0.0)
-    kl_horizon: int = bounded(10000, min=1)
-    whiten_advantages: bool = True
-    # Divide the per-token KL+score rewards by a running std (stabilises the critic).
-    whiten_rewards: bool = False
+    """ppo: clipped PPO with a value head, GAE and a per-token KL penalty to the frozen starting
+    policy."""
+
+    name: str = _stage_name("ppo")
+    reward: RewardConfig = section(RewardConfig)
+    rollout: RolloutConfig = section(RolloutConfig)
+    ppo_epochs: int = bounded(4, min=1, help=(
+        "Optimisation passes over each rollout batch, each split into num_minibatches updates."))
+    num_minibatches: int = bounded(1, min=1, help=(
+        "Optimizer updates per pass, each over a share of the rollout batch's micro-batches (a divisor of "
+        "trainer.grad_accum)."))
+    clip_range: float = bounded(0.2, min=0.0, help=_CLIP_RANGE)
+    clip_range_value: float = bounded(0.2, min=0.0, help=(
+        "How far a value prediction may move from its rollout value (the clipped value loss)."))
+    value_loss_coef: float = bounded(0.1, min=0.0, help="Weight of the value (critic) loss added to the policy loss.")
+    gamma: float = bounded(1.0, min=0.0, max=1.0, help="GAE's discount of later rewards, per response token.")
+    lam: float = bounded(0.95, min=0.0, max=1.0, help=(
+        "GAE's lambda: lower trades variance of the advantages for bias (1: Monte-Carlo returns)."))
+    kl_coef: float = bounded(0.05, min=0.0, help=(
+        "Weight of the per-token KL penalty to the frozen reference in the rewards (0: no reference model is "
+        "built); kl_control=adaptive starts from it."))
+    kl_control: str = choice("fixed", KL_CONTROLS, help=(
+        "fixed: kl_coef throughout; adaptive: the coefficient moves towards kl_target (Ziegler et al. 2019)."))
+    kl_target: float = bounded(6.0, min=0.0, help=(
+        "kl_control=adaptive: the KL per response (nats) the coefficient steers towards."))
+    kl_horizon: int = bounded(10000, min=1, help=(
+        "kl_control=adaptive: responses over which the coefficient adapts (larger: slower)."))
+    whiten_advantages: bool = doc(True, help=(
+        "Normalise the advantages to zero mean and unit variance over the rollout batch."))
+    whiten_rewards: bool = doc(False, help=(
+        "Rescale the per-token KL+score rewards to unit variance over the rollout batch, keeping their mean "
+        "(stabilises the critic)."))
 
 
 @dataclass
 class GRPOStageConfig:
-    name: str = "grpo"
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # Responses sampled per prompt; advantages are relative to their group.
-    group_size: int = bounded(8, min=2)
-    # Divide advantages by the group's reward std (false: only subtract the mean, as Dr. GRPO).
-    scale_rewards: bool = True
-    # Optimisation passes over each rollout batch (>1 makes the clipped ratio matter).
-    epochs: int = bounded(1, min=1)
-    clip_range: float = bounded(0.2, min=0.0)
-    # Weight of the KL to the frozen reference in the loss, as ppo's kl_coef (0: no reference
-    # model is built).
-    kl_coef: float = bounded(0.0, min=0.0)
+    """grpo: group-relative policy optimisation, several responses per prompt, advantages
+    relative to their group, no critic."""
 
-
-# Stage name -> schema of stage/<name>.yaml.
+    name: str = _stage_name("grpo")
+    reward: RewardConfig = section(RewardConfig)
+    rollout: RolloutConfig = section(RolloutConfig)
+    group_size: int = bounded(8, min=2, help="Responses sampled per prompt; advantages are relative to their group.")
+    scale_rewards: bool = doc(True, help=(
+        "Divide advantages by the group's reward std (false: only subtract the mean, as Dr. GRPO)."))
+    epochs: int = bounded(1, min=1, help=(
+        "Optimisation passes over each rollout batch (>1 makes the clipped ratio matter)."))
+    clip_range: float = bounded(0.2, min=0.0, help=_CLIP_RANGE)
+    kl_coef: float = bounded(0.0, min=0.0, help=(
+        "Weight of the KL to the frozen reference in the loss, as ppo's kl_coef (0: no reference model is built)."))
 
 
 @dataclass
 class FieldMap:
     """Which column of the source data holds each field a stage format needs."""
 
-    text: str = "text"
-    messages: str = "messages"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    answer: str = "answer"
+    text: str = doc("text", help="Plain text (format text: pretrain).")
+    messages: str = doc("messages", help="Chat messages, a list of {role, content} (format chat).")
+    prompt: str = doc("prompt", help="The prompt (formats prompt_completion, preference and prompt_only).")
+    completion: str = doc("completion", help="The completion (format prompt_completion).")
+    chosen: str = doc("chosen", help="The preferred response (format preference: rm, dpo).")
+    rejected: str = doc("rejected", help="The dispreferred response (format preference: rm, dpo).")
+    answer: str = doc("answer", help=(
+        "The reference answer a reward function checks (ppo/grpo; e.g. arithmetic_correct)."))
 
 
 @dataclass
 class DataConfig:
-    name: str = "arithmetic"
-    source: str = choice("bundled", DATA_SOURCES)
-    # bundled: a dataset registered by llmexp or a plugin (llmexp_datasets hook), chosen by `name`;
-    # files: a file, directory or glob; hf: dataset id or saved dataset dir.
-    path: Optional[str] = None
-    split: str = "train"
-    # Use this split for validation instead of holding out val_fraction of `split`.
-    validation_split: Optional[str] = None
-    format: str = choice("auto", DATA_FORMATS)
-    fields: FieldMap = field(default_factory=FieldMap)
-    # bundled: the dataset's typed options; hf: extra load_dataset kwargs (e.g. name).
-    options: Dict[str, Any] = field(default_factory=dict)
-    seed: int = 1234
-    steps: List[str] = field(default_factory=lambda: ["normalize", "filter_length", "dedup"],
-                             metadata={"choices": PREP_STEPS})
-    min_chars: int = bounded(1, min=0)
-    max_chars: Optional[int] = bounded(None, min=1)
-    val_fraction: float = bounded(0.05, min=0.0, max=0.9)
-    max_val_samples: Optional[int] = bounded(200, min=1)
-    max_length: int = bounded(128, min=8)
-    overlong: str = choice("truncate", OVERLONG)
-    packing: bool = False
-    num_workers: int = bounded(0, min=0)
+    """The training data: where its rows come from, how they are prepared and held out, and how
+    they become token sequences."""
+
+    name: str = doc("arithmetic", help=(
+        "bundled: the registered dataset to build (llmexp plugins lists them); files/hf: a label recorded in "
+        "summary.json."))
+    source: str = choice("bundled", DATA_SOURCES, help=(
+        "Where rows come from: bundled (a dataset llmexp or a plugin registers, by data.name), files or hf "
+        "(data.path)."))
+    path: Optional[str] = doc(None, help=(
+        "files: a JSONL/JSON/Parquet/CSV file, directory or glob; hf: a hub dataset id (needs offline=false) or a "
+        "saved dataset directory; bundled: unused."))
+    split: str = doc("train", help="hf: the split to train on.")
+    validation_split: Optional[str] = doc(None, help=(
+        "hf: validate on this split instead of holding out val_fraction of `split`."))
+    format: str = choice("auto", DATA_FORMATS, help=(
+        "auto: detected from the columns (after data.fields); or the format whose columns the rows must have."))
+    fields: FieldMap = section(FieldMap)
+    options: Dict[str, Any] = doc({}, help=(
+        "bundled: the dataset's typed options; files/hf: extra keyword arguments of datasets.load_dataset (e.g. "
+        "name)."))
+    seed: int = doc(1234, help=(
+        "Seed of a bundled dataset's generator and of the held-out validation rows (trainer.seed orders the "
+        "training rows)."))
+    steps: List[str] = choice(["normalize", "filter_length", "dedup"], PREP_STEPS, help=(
+        "Preparation of the raw rows, in order: normalize (NFKC, control characters dropped, runs of spaces "
+        "collapsed), filter_length (min_chars, max_chars), dedup (rows of identical content)."))
+    min_chars: int = bounded(1, min=0, help=(
+        "filter_length: drop rows with fewer content characters (message contents included)."))
+    max_chars: Optional[int] = bounded(None, min=1, help=(
+        "filter_length: drop rows with more content characters (null: no limit)."))
+    val_fraction: float = bounded(0.05, min=0.0, max=0.9, help=(
+        "Fraction of the rows held out for validation when no validation_split is given."))
+    max_val_samples: Optional[int] = bounded(200, min=1, help="At most this many validation rows (null: all).")
+    max_length: int = bounded(128, min=8, help=(
+        "Longest sequence, in tokens (with packing: of a packed row); ppo/grpo prompts keep their last max_length "
+        "tokens."))
+    overlong: str = choice("truncate", OVERLONG, help=(
+        "Samples longer than max_length: truncate (keep the start), drop, or split into chunks (format text; others "
+        "truncate)."))
+    packing: bool = doc(False, help=(
+        "Pack several samples into each row of max_length tokens, with no attention or loss across samples "
+        "(pretrain and sft only)."))
+    num_workers: int = bounded(0, min=0, help="DataLoader worker processes (0: load in the main process).")
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = bounded(600, min=1)
-    micro_batch_size: int = bounded(16, min=1)
-    grad_accum: int = bounded(1, min=1)
-    val_batch_size: int = bounded(32, min=1)
-    precision: str = choice("32-true", PRECISIONS)
-    # Validate every N optimizer steps (a validation pass also runs before and after training).
-    val_check_interval: Optional[int] = bounded(200, min=1)
-    limit_val_batches: Optional[int] = bounded(None, min=1)
-    log_every_n_steps: int = bounded(10, min=1)
-    # Save a checkpoint every N steps (default: at each validation); last.ckpt at the end.
-    checkpoint_every_n_steps: Optional[int] = bounded(None, min=1)
-    seed: int = 42
-    accelerator: str = choice("auto", ACCELERATORS)
-    devices: Any = 1
-    num_nodes: int = bounded(1, min=1)
-    gradient_clip_val: Optional[float] = bounded(1.0, min=0.0)
-    deterministic: bool = False
-    progress_bar: bool = True
+    """The training loop (Lightning's Trainer): length, batches, precision, devices, validation
+    and checkpoints."""
+
+    max_steps: int = bounded(600, min=1, help=(
+        "Optimizer steps to train (ppo/grpo: rollout iterations); the lr schedule runs over them."))
+    micro_batch_size: int = bounded(16, min=1, help=(
+        "Samples per forward/backward pass on each device (ppo/grpo: prompts, each answered stage.group_size times "
+        "in grpo)."))
+    grad_accum: int = bounded(1, min=1, help=(
+        "Micro-batches per optimizer step (ppo/grpo: per rollout batch); the global batch is micro_batch_size x "
+        "grad_accum x data-parallel ranks."))
+    val_batch_size: int = bounded(32, min=1, help=(
+        "Samples per validation batch (and per batch of dpo's precomputed reference pass)."))
+    precision: str = choice("32-true", PRECISIONS, help=(
+        "Lightning's precision; 16-* need a CUDA GPU, and fsdp with bf16-* keeps bf16 parameters with fp32 gradient "
+        "reduction."))
+    val_check_interval: Optional[int] = bounded(200, min=1, help=(
+        "Validate every N optimizer steps (a validation pass also runs before and after training; null: only "
+        "those)."))
+    limit_val_batches: Optional[int] = bounded(None, min=1, help=(
+        "Validate on at most this many batches per pass (null: the whole validation set)."))
+    log_every_n_steps: int = bounded(10, min=1, help=(
+        "Log training metrics (and flush metrics.csv) every N optimizer steps; the health guard checks these steps."))
+    checkpoint_every_n_steps: Optional[int] = bounded(None, min=1, help=(
+        "Save a checkpoint every N optimizer steps (null: at each validation); checkpoints/last.ckpt at the end."))
+    seed: int = doc(42, help="Seed of training: Lightning's seed_everything and the order of the training rows.")
+    accelerator: str = choice("auto", ACCELERATORS, help=(
+        "Lightning's accelerator (auto: a GPU when there is one); gpu/cuda need CUDA."))
+    devices: Any = doc(1, help=(
+        "Devices per node: a count, a list of device ids or auto (Lightning's devices); fsdp/tp need a count."))
+    num_nodes: int = bounded(1, min=1, help=(
+        "Machines (launched with torchrun or srun); the world size is devices x num_nodes."))
+    gradient_clip_val: Optional[float] = bounded(1.0, min=0.0, help=(
+        "Clip the global gradient norm to this (null or 0: no clipping; train/grad_norm is logged either way)."))
+    deterministic: bool = doc(False, help=(
+        "Lightning's deterministic: deterministic algorithms only (reproducible, possibly slower)."))
+    progress_bar: bool = doc(True, help="Show the progress bar of the steps.")
 
 
 @dataclass
 class OptimConfig:
-    name: str = choice("adamw", ("adamw",))
-    lr: float = bounded(3e-3, min=0.0)
-    weight_decay: float = bounded(0.01, min=0.0)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = bounded(1e-8, min=0.0)
-    scheduler: str = choice("cosine", SCHEDULERS)
-    warmup_steps: int = bounded(10, min=0)
-    min_lr_ratio: float = bounded(0.1, min=0.0, max=1.0)
-    fused: Optional[bool] = None
+    """The optimizer (AdamW, with no weight decay on biases and norms) and its learning-rate
+    schedule: linear warm-up, then decay."""
+
+    name: str = choice("adamw", ("adamw",), help="The optimizer.")
+    lr: float = bounded(3e-3, min=0.0, help="Peak learning rate, after warm-up (stages and conf/scale/ set their own).")
+    weight_decay: float = bounded(0.01, min=0.0, help="AdamW's decoupled weight decay of the weight matrices.")
+    betas: List[float] = doc([0.9, 0.95], help="AdamW's beta1 and beta2, each in [0, 1).")
+    eps: float = bounded(1e-8, min=0.0, help="AdamW's epsilon, added to the denominator.")
+    scheduler: str = choice("cosine", SCHEDULERS, help=(
+        "After warm-up: cosine or linear decay to min_lr_ratio x lr at trainer.max_steps, or constant."))
+    warmup_steps: int = bounded(10, min=0, help=(
+        "Steps of linear warm-up to the peak lr (clamped below trainer.max_steps; summary.json notes it)."))
+    min_lr_ratio: float = bounded(0.1, min=0.0, max=1.0, help=(
+        "The final lr of cosine and linear decay, as a fraction of the peak."))
+    fused: Optional[bool] = doc(None, help="AdamW's fused kernel; null: fused unless fsdp/tp shard the model.")
 
 
 @dataclass
 class StrategyConfig:
-    """How a run is distributed; each option applies to the strategies named in its comment."""
+    """How a run is distributed; each option says which strategies it applies to."""
 
-    name: str = choice("auto", STRATEGIES)
-    # ddp/fsdp/tp: torch.distributed backend; null picks nccl on CUDA, gloo on CPU.
-    backend: Optional[str] = choice(None, (None, "gloo", "nccl"))
-    # ddp: needed when some parameters get no gradient in a step.
-    find_unused_parameters: bool = False
-    # fsdp/tp: the device mesh; data_parallel_size null means devices / tensor_parallel_size.
-    data_parallel_size: Optional[int] = bounded(None, min=1)
-    tensor_parallel_size: int = bounded(1, min=1)
-    # tp (and fsdp x tp): also shard the norms and the residual stream along the sequence between
-    # the tensor-parallel blocks (less activation memory; batches are padded to a multiple of the
-    # tensor-parallel size).
-    sequence_parallel: bool = False
-    # fsdp: free each layer's gathered weights after forward (less memory, more communication).
-    reshard_after_forward: bool = True
-    # fsdp/tp/deepspeed: recompute each decoder layer's activations in backward.
-    activation_checkpointing: bool = False
-    # deepspeed: move optimizer state / parameters to CPU memory.
-    offload_optimizer: bool = False
-    offload_parameters: bool = False
+    name: str = choice("auto", STRATEGIES, help=(
+        "auto: one device (Lightning's DDP when trainer.devices > 1); ddp; fsdp (FSDP2); tp (tensor parallel); "
+        "deepspeed_zero2/3 (CUDA only)."))
+    backend: Optional[str] = choice(None, (None, "gloo", "nccl"), help=(
+        "ddp/fsdp/tp: torch.distributed backend; null picks nccl on CUDA, gloo on CPU."))
+    find_unused_parameters: bool = doc(False, help="ddp: needed when some parameters get no gradient in a step.")
+    data_parallel_size: Optional[int] = bounded(None, min=1, help=(
+        "fsdp/tp: data-parallel size of the device mesh (null: devices / tensor_parallel_size)."))
+    tensor_parallel_size: int = bounded(1, min=1, help=(
+        "fsdp/tp: tensor-parallel size of the device mesh (tp: 1 means every device not given to data parallelism; "
+        "fsdp: >1 adds tensor parallelism)."))
+    sequence_parallel: bool = doc(False, help=(
+        "tp (and fsdp x tp): also shard the norms and the residual stream along the sequence between the "
+        "tensor-parallel blocks (less activation memory; batches are padded to a multiple of the tensor-parallel "
+        "size; not for ppo/grpo)."))
+    reshard_after_forward: bool = doc(True, help=(
+        "fsdp: free each layer's gathered weights after forward (less memory, more communication)."))
+    activation_checkpointing: bool = doc(False, help="fsdp/tp: recompute each decoder layer's activations in backward.")
+    offload_optimizer: bool = doc(False, help="deepspeed: keep the optimizer state in CPU memory.")
+    offload_parameters: bool = doc(False, help="deepspeed: keep the parameters in CPU memory.")
 
 
 @dataclass
 class LoggerConfig:
-    name: str = choice("wandb", LOGGERS)
-    project: str = "llmexp"
-    entity: Optional[str] = None
-    mode: str = choice("offline", WANDB_MODES)
-    tags: List[str] = field(default_factory=list)
+    """The experiment tracker; <run dir>/metrics.csv is written whichever it is."""
+
+    name: str = choice("wandb", LOGGERS, help="wandb, or csv / none: no tracker, only metrics.csv.")
+    project: str = doc("llmexp", help="wandb: the project.")
+    entity: Optional[str] = doc(None, help="wandb: the team or user (null: your default entity).")
+    mode: str = choice("offline", WANDB_MODES, help=(
+        "wandb: offline (files under <run dir>/wandb; wandb sync uploads them), online (after wandb login) or "
+        "disabled."))
+    tags: List[str] = doc([], help="wandb: tags of the run.")
 
 
 @dataclass
 class EvalConfig:
     """Evaluation after training (and before it, and every N steps when asked)."""
 
-    # none | lm_eval | the name of an eval a plugin registers (llmexp plugins lists them).
-    name: str = "none"
-    # lm_eval: task names (bundled: arithmetic_mc, arithmetic_gen, arithmetic_ppl; others from
-    # include_path, or lm-eval's registry when offline=false).
-    tasks: List[str] = field(default_factory=lambda: ["arithmetic_mc", "arithmetic_gen", "arithmetic_ppl"])
-    include_path: Optional[str] = None
-    every_n_steps: Optional[int] = bounded(None, min=1)
-    before_training: bool = True
-    limit: Optional[int] = bounded(None, min=1)
-    batch_size: int = bounded(32, min=1)
-    num_fewshot: Optional[int] = bounded(None, min=0)
-    max_gen_toks: int = bounded(16, min=1)
-    apply_chat_template: bool = True
-    # Options of a plugin eval (validated against its typed schema).
-    options: Dict[str, Any] = field(default_factory=dict)
+    name: str = doc("none", help=(
+        "none, lm_eval (lm-evaluation-harness on the trained model), or the name of an eval a plugin registers "
+        "(llmexp plugins lists them)."))
+    tasks: List[str] = doc(["arithmetic_mc", "arithmetic_gen", "arithmetic_ppl"], help=(
+        "lm_eval: task names (bundled: arithmetic_mc, arithmetic_gen, arithmetic_ppl; others from include_path, or "
+        "lm-eval's registry when offline=false)."))
+    include_path: Optional[str] = doc(None, help="lm_eval: a directory of extra task YAML files.")
+    every_n_steps: Optional[int] = bounded(None, min=1, help=(
+        "Also evaluate every N optimizer steps during training (null: not during training)."))
+    before_training: bool = doc(True, help="Also evaluate the starting model (not when resuming).")
+    limit: Optional[int] = bounded(None, min=1, help="lm_eval: at most this many examples per task (null: all).")
+    batch_size: int = bounded(32, min=1, help="lm_eval: batch size.")
+    num_fewshot: Optional[int] = bounded(None, min=0, help=(
+        "lm_eval: few-shot examples per prompt (null: each task's own)."))
+    max_gen_toks: int = bounded(16, min=1, help="lm_eval: most tokens generated per answer in generation tasks.")
+    apply_chat_template: bool = doc(True, help="lm_eval: render prompts with the tokenizer's chat template.")
+    options: Dict[str, Any] = doc({}, help="Options of a plugin eval (validated against its typed schema).")
 
 
 @dataclass
 class TaskConfig:
-    """The task metric (``val/task_score``): greedy answers to held-out prompts, scored by a checker
-    (see llmexp.task_probe for what ``auto`` picks)."""
+    """The task metric (val/task_score, every stage but rm): greedy answers to held-out prompts,
+    scored by a checker (see llmexp.task_probe for what auto picks)."""
 
-    check: str = "auto"
-    max_prompts: Optional[int] = bounded(200, min=1)
-    max_new_tokens: int = bounded(24, min=1)
-    batch_size: int = bounded(64, min=1)
-
-
-HEALTH_ACTIONS = ("warn", "stop", "off")
+    check: str = doc("auto", help=(
+        "auto: the bundled skill's rule on bundled data, else the stage's reward function (ppo/grpo), else exact "
+        "match with the reference answer; reference; a registered reward function; or none."))
+    max_prompts: Optional[int] = bounded(200, min=1, help="At most this many held-out prompts (null: all).")
+    max_new_tokens: int = bounded(24, min=1, help="Longest greedy answer, in tokens.")
+    batch_size: int = bounded(64, min=1, help="Prompts per generation batch.")
 
 
 @dataclass
 class HealthConfig:
-    """Post-training's known failure signs, checked on the logged metrics (see llmexp.health)."""
+    """Post-training's known failure signs (dpo, ppo, grpo), checked on the logged metrics (see
+    llmexp.health)."""
 
-    action: str = choice("warn", HEALTH_ACTIONS)
-    # ppo/grpo: KL of the policy to its reference, summed over a response (nats)
-    max_kl: float = bounded(10.0, min=0.0)
-    # dpo: how far the chosen responses' log-prob may fall below its value at the start (nats)
-    max_logp_drop: float = bounded(20.0, min=0.0)
-    # ppo/grpo: mean response length below this many tokens ...
-    min_response_tokens: float = bounded(2.0, min=0.0)
-    # ... or pinned at this fraction of stage.rollout.max_new_tokens
-    max_length_fraction: float = bounded(0.98, min=0.0, max=1.0)
-    # ppo/grpo: mean per-token entropy of the sampled responses below this (nats)
-    min_entropy: float = bounded(0.005, min=0.0)
-    # val/task_score below its value at the start by more than this
-    max_task_drop: float = bounded(0.2, min=0.0)
-    # logged steps in a row a sign must show before it counts (one noisy batch is not a collapse)
-    patience: int = bounded(3, min=1)
+    action: str = choice("warn", HEALTH_ACTIONS, help=(
+        "What a sign does: warn (printed, logged, in summary.json), stop (the run ends with exit code 4) or off."))
+    max_kl: float = bounded(10.0, min=0.0, help=(
+        "ppo/grpo: most KL of the policy to its reference, summed over a response (nats)."))
+    max_logp_drop: float = bounded(20.0, min=0.0, help=(
+        "dpo: how far the chosen responses' log-prob may fall below its value at the start (nats)."))
+    min_response_tokens: float = bounded(2.0, min=0.0, help="ppo/grpo: least mean response length, in tokens.")
+    max_length_fraction: float = bounded(0.98, min=0.0, max=1.0, help=(
+        "ppo/grpo: mean response length, as a fraction of stage.rollout.max_new_tokens, that counts as running to "
+        "the cap."))
+    min_entropy: float = bounded(0.005, min=0.0, help=(
+        "ppo/grpo: least mean per-token entropy of the sampled responses (nats)."))
+    max_task_drop: float = bounded(0.2, min=0.0, help="How far val/task_score may fall below its value at the start.")
+    patience: int = bounded(3, min=1, help=(
+        "Logged steps in a row a sign must show before it counts (one noisy batch is not a collapse)."))
 
 
 @dataclass
 class PeftConfig:
-    name: str = choice("none", PEFT_METHODS)
-    r: int = bounded(8, min=1)
-    alpha: int = bounded(16, min=1)
-    dropout: float = bounded(0.05, min=0.0, max=1.0)
-    target_modules: Optional[List[str]] = None
-    merge_on_export: bool = True
+    """Parameter-efficient fine-tuning: LoRA adapters on a frozen base (PEFT), or none."""
+
+    name: str = choice("none", PEFT_METHODS, help=(
+        "none (every weight trains), lora, or qlora (LoRA on a 4-bit NF4 base; CUDA and bitsandbytes)."))
+    r: int = bounded(8, min=1, help="lora/qlora: rank of the adapters.")
+    alpha: int = bounded(16, min=1, help="lora/qlora: lora_alpha; the adapters' update is scaled by alpha / r.")
+    dropout: float = bounded(0.05, min=0.0, max=1.0, help="lora/qlora: dropout on the adapters' input.")
+    target_modules: Optional[List[str]] = doc(None, help=(
+        "lora/qlora: names of the modules to adapt (null: the architecture's attention and MLP projections)."))
+    merge_on_export: bool = doc(True, help=(
+        "lora/qlora: merge the adapters into the exported weights (false: model/ holds the adapter, referring to "
+        "its base)."))
 
 
 @dataclass
 class RunConfig:
     """The whole composed config of one run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    stage: Any = field(default_factory=SFTStageConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    health: HealthConfig = field(default_factory=HealthConfig)
-    run_name: str = "run"
-    # Continue a run from its last checkpoint: a run directory, or "auto" (this run directory's
-    # checkpoint if it has one, else the newest unfinished run of the same run_name).
-    resume: Optional[str] = None
-    offline: bool = True
+    model: ModelConfig = section(ModelConfig)
+    stage: Any = section(SFTStageConfig, help=(
+        "The training stage, chosen with stage=<name>; its keys are that stage's."))
+    data: DataConfig = section(DataConfig)
+    trainer: TrainerConfig = section(TrainerConfig)
+    optim: OptimConfig = section(OptimConfig)
+    strategy: StrategyConfig = section(StrategyConfig)
+    logger: LoggerConfig = section(LoggerConfig)
+    peft: PeftConfig = section(PeftConfig)
+    eval: EvalConfig = section(EvalConfig)
+    task: TaskConfig = section(TaskConfig)
+    health: HealthConfig = section(HealthConfig)
+    run_name: str = doc("run", help=(
+        "Name of the run; the run directory is runs/<run_name>/<timestamp> unless hydra.run.dir is set "
+        "(conf/config.yaml makes it <stage>-<model>)."))
+    resume: Optional[str] = doc(None, help=(
+        "Continue a run from its last checkpoint: a run directory, or auto (this run directory's checkpoint if it "
+        "has one, else the newest unfinished run of the same run_name)."))
+    offline: bool = doc(True, help=(
+        "No network: models, datasets and lm-eval tasks must be local (false: hub downloads are allowed)."))
 
 
 GROUP_SCHEMAS: Dict[str, type] = {

@@ -1,0 +1,42 @@
+"""``python -m llmexp [overrides] --help``: the config groups, and the config the overrides compose
+with each key's help from the schemas (llmexp.config.reference) above it.
+
+It composes with Hydra as a run does but checks nothing more and imports no torch, so help is
+instant and shows what ``stage=dpo`` or ``data=files`` bring; ``--hydra-help`` stays Hydra's.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from llmexp.config.reference import annotated_yaml
+from llmexp.overrides import compose, split_overrides
+
+HELP_FLAGS = {"--help", "-h"}
+
+HEADER = """\
+llmexp: declarative experiments for training language models.
+
+Usage: python -m llmexp [group=option ...] [key=value ...]
+  e.g. python -m llmexp model=llama stage=sft strategy=auto trainer.max_steps=100
+"""
+
+FOOTER = """\
+This help for other choices:                python -m llmexp stage=dpo data=files --help
+Every key of every group and stage:         docs/config.md
+Print the composed config without training: python -m llmexp [overrides] --cfg job
+Sweep with Hydra multirun:                  python -m llmexp -m optim.lr=1e-4,3e-4
+Stages in sequence (SFT -> RM -> PPO):       llmexp pipeline rlhf   (also: dpo, grpo)
+Sweep with a W&B sweep file:                llmexp sweep sweeps/lr.yaml
+Hydra's own flags:                          python -m llmexp --hydra-help
+"""
+
+
+def help_text(groups: Dict[str, List[str]], argv: List[str]) -> str:
+    """The help page for the command line ``argv`` (flags ignored), given the config groups and
+    their options (llmexp.paths.config_groups, plugins' included). ConfigError when the overrides
+    do not compose."""
+    cfg = compose(split_overrides(argv))
+    listing = "\n".join(f"{group}: {', '.join(options)}" for group, options in groups.items())
+    return (f"{HEADER}\n== Config groups (group=option) ==\n\n{listing}\n\n"
+            f"== Composed config (override any key with key=value) ==\n\n{annotated_yaml(cfg)}\n{FOOTER}")
