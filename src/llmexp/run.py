@@ -51,10 +51,11 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *watchers])
     final, fit_seconds = fit(trainer, stage, data, resume_from)
     checkpoint = save_last_checkpoint(trainer, run_dir)
+    # built before the export, which merges adapters (the trained model's parameter counts)
+    summary = build_summary(typed, stage, trainer, data, run_dir=run_dir, resume_from=resume_from,
+                            checkpoint=checkpoint, fit_seconds=fit_seconds, notes=notes)
     exported = stage.export(RunDir(run_dir).model)
     if trainer.is_global_zero:
-        summary = build_summary(typed, stage, trainer, data, run_dir=run_dir, resume_from=resume_from,
-                                checkpoint=checkpoint, fit_seconds=fit_seconds, notes=notes)
         for facts in (exported, *(w.summary() for w in watchers)):
             summary.update(facts)
         finish_record(trainer, run_dir, redact(summary), started)
