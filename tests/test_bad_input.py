@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,10 @@ CONFIG_CASES = {
     "unknown key": (["trainer.max_stepz=5"], "did you mean 'max_steps'"),
     "unknown option": (["model=lama"], "did you mean 'llama'"),
     "unknown group": (["modle.hidden_size=32"], "did you mean 'model'"),
+    "lr not a number": (["optim.lr=nan"], "optim.lr: must be a finite number, got nan"),
+    "lr infinite": (["optim.lr=inf"], "optim.lr: must be a finite number, got inf"),
+    "no devices": (["trainer.devices=0"], "trainer.devices: 0 names no device"),
+    "empty device list": (["trainer.devices=[]"], "trainer.devices: [] names no device"),
     "contradiction stage/data": (["stage=sft", "data=arithmetic_text"], "stage=sft needs fields messages"),
     "missing required value": (["data=files"], "data.path: a value is required"),
     "out of range": (["data.val_fraction=2.0"], "data.val_fraction: must be <= 0.9"),
@@ -162,3 +167,66 @@ def test_data_and_model_errors(name, workdir, small_model):
     r = run_cli([*FAST, *_args(args, workdir)], cwd=workdir)
     _check(r, expected)
     assert not list((workdir / "runs" / "sft-llama").glob("*/model"))
+
+
+# The small commands: argparse refuses a bad value naming the option, before any model is loaded.
+COMMAND_CASES = {
+    "generate: negative max_new_tokens": (["llmexp.generate", "{old}", "hi", "--max-new-tokens", "-1"],
+                                          "argument --max-new-tokens: must be >= 1, got -1"),
+    "generate: negative temperature": (["llmexp.generate", "{old}", "hi", "--temperature", "-0.5"],
+                                       "argument --temperature: must be a finite number >= 0, got -0.5"),
+    "generate: empty prompt": (["llmexp.generate", "{old}", "  "], "argument prompts: is empty"),
+    "eval: negative limit": (["llmexp.eval", "{old}", "--limit", "-3"], "argument --limit: must be >= 1, got -3"),
+    "eval: limit not a number": (["llmexp.eval", "{old}", "--limit", "ten"],
+                                 "argument --limit: expected a whole number, got 'ten'"),
+}
+
+
+def _module(args, workdir, **kw):
+    import subprocess
+    import sys
+
+    from llmexp.testing import OFFLINE_ENV
+
+    return subprocess.run([sys.executable, "-m", *_args(args, workdir)], cwd=workdir, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **OFFLINE_ENV}, **kw)
+
+
+@pytest.mark.parametrize("name", list(COMMAND_CASES))
+def test_command_errors(name, workdir):
+    args, expected = COMMAND_CASES[name]
+    r = _module(args, workdir)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and expected in r.stderr, r.stderr
+    assert f"{args[0]}: error:" in r.stderr and not r.stdout
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(workdir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llmexp.models.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    model_dir = workdir / "files" / "short_context"
+    tok = AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR))
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=32)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    r = _module(["llmexp.generate", str(model_dir), "word " * 40, "--max-new-tokens", "4"], workdir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "exceeds the model's context of 32 tokens" in r.stderr and "--max-new-tokens" in r.stderr
+    r = _module(["llmexp.generate", str(model_dir), "hi", "--max-new-tokens", "4"], workdir)
+    assert r.returncode == 0 and r.stdout.startswith("> hi"), r.stderr[-2000:]
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly(workdir):
+    """`llmexp plugins | head -1`: the pipe is closed before llmexp writes (no BrokenPipeError)."""
+    import subprocess
+    import sys
+
+    from llmexp.testing import OFFLINE_ENV
+
+    p = subprocess.Popen([sys.executable, "-m", "llmexp.plugins"], cwd=workdir, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, **OFFLINE_ENV})
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err[-2000:]

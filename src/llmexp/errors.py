@@ -11,7 +11,7 @@ import difflib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 EXIT_USER_ERROR = 2
 
@@ -68,3 +68,21 @@ def report(error: BaseException) -> int:
         sys.stderr.write("(set LLMEXP_TRACEBACK=1 for the full traceback)\n")
     sys.stderr.flush()
     return getattr(error, "exit_code", EXIT_USER_ERROR)
+
+
+def reader_may_stop_early(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command's ``main`` so that output piped into a reader that stops early
+    (``llmexp plugins | head -1``) ends the command quietly instead of with a BrokenPipeError."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            # Python's recipe: point stdout at devnull so the flush at exit cannot fail again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(0)
+
+    return wrapped

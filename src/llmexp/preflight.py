@@ -213,10 +213,32 @@ def _check_eval(run: S.RunConfig) -> List[Problem]:
     return p
 
 
+def _valid_devices(devices) -> bool:
+    """Lightning's ``devices``: a count >= 1 (or its string), -1 or "auto", or a non-empty list (or
+    comma-separated string) of device ids."""
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return True
+        ids = [x for x in text.split(",") if x.strip()]
+        return bool(ids) and all(x.strip().isdigit() for x in ids) and ("," in text or int(text) >= 1)
+    if isinstance(devices, (list, tuple)):
+        return bool(devices) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    return False
+
+
 def _check_strategy(run: S.RunConfig) -> List[Problem]:
     """Strategies that cannot run as configured, refused before anything starts."""
     s, t, m = run.strategy, run.trainer, run.model
     p: List[Problem] = []
+    if not _valid_devices(t.devices):
+        p.append(Problem("trainer.devices", f"{t.devices!r} names no device",
+                         "a count >= 1, -1 or auto (every device), or a list of device ids, e.g. trainer.devices=[0,1]"))
+        return p
     if s.name.startswith("deepspeed"):
         if not _cuda_available():
             p.append(Problem("strategy", f"strategy={s.name} needs CUDA GPUs and none is available",

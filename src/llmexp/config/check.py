@@ -6,6 +6,7 @@ need data, plugins or evals are llmexp.preflight's), and no torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, List, Optional, Tuple
 
@@ -114,6 +115,9 @@ def _check_metadata(value: Any, meta: Any, key_path: str, problems: List[Problem
                                         suggest(str(v), [str(n) for n in names], key=key_path)))
     lo, hi = meta.get("min"), meta.get("max")
     for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(Problem(key_path, f"must be a finite number, got {v}", f"{key_path}=<a number>"))
+            continue
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if lo is not None and v < lo:
                 problems.append(Problem(key_path, f"must be >= {lo}, got {v}", None))

@@ -14,18 +14,20 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from llmexp.errors import UserError, report
+from llmexp.argtypes import non_negative_int, positive_int
+from llmexp.errors import UserError, reader_may_stop_early, report
 from llmexp.record import load_language_model, model_dir_of
 
 
+@reader_may_stop_early
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmexp.eval", description=__doc__.splitlines()[0])
     ap.add_argument("target", help="run directory, run=<dir>, or an HF model directory")
     ap.add_argument("--tasks", default="arithmetic_mc,arithmetic_gen,arithmetic_ppl", help="comma-separated")
     ap.add_argument("--include-path", default=None, help="a directory of your own lm-eval task YAMLs")
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per task")
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--num-fewshot", type=non_negative_int, default=None)
     ap.add_argument("--no-chat-template", action="store_true")
     ap.add_argument("--online", action="store_true", help="allow tasks from lm-eval's registry (downloads)")
     ap.add_argument("--out", default=None, help="output directory (default: <run>/eval or <model>/eval)")

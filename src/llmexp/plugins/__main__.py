@@ -2,6 +2,7 @@
 
 import sys
 
+from llmexp.errors import reader_may_stop_early
 from llmexp.plugins.listing import main
 
-sys.exit(main())
+sys.exit(reader_may_stop_early(main)())
