@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from llmexp.errors import ConfigError, Problem, suggest
 from llmexp.paths import config_dir, config_groups
+from llmexp.run_lock import distributed_child
 
 # Hydra flags that take a value in the next argument.
 _FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
@@ -52,7 +53,7 @@ def resolve_overrides(overrides: List[str]):
         key = o.key_or_group
         single = _single_value(o)
         if o.is_hydra_override():
-            if key == "hydra.run.dir" and not _resuming(parsed) and not _distributed_child():
+            if key == "hydra.run.dir" and not _resuming(parsed) and not distributed_child():
                 problems.extend(_existing_run_problem(o.get_value_string()))
             continue
         if key in groups:
@@ -118,13 +119,6 @@ def _typed_option_names(cfg) -> List[str]:
     entry = datasets().get(str(OmegaConf.select(cfg, "data.name")))
     schema = entry.declaration.options if entry else None
     return [f.name for f in dataclasses.fields(schema)] if schema else []
-
-
-def _distributed_child() -> bool:
-    """A process Lightning (or torchrun) started for rank > 0 joins its parent's run directory."""
-    import os
-
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0"
 
 
 def _resuming(parsed) -> bool:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from llmexp.env import configure_environment, quiet_libraries
 from llmexp.preflight import preflight
 from llmexp.record import RunDir, build_summary, finish_record, write_config, write_overrides
+from llmexp.run_lock import RunLock
 from llmexp.secrets import redact
 
 
@@ -23,6 +24,13 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     started = time.time()
     typed = preflight(cfg)
     run_dir = Path(run_dir or hydra_run_dir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):  # a second run or resume on this directory is refused, naming this one
+        return train_and_record(typed, run_dir, callbacks, started)
+
+
+def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: float) -> float:
+    """The run itself, in a run directory this process holds."""
     resolved = start_record(typed, run_dir)
     from llmexp.data.module import StageDataModule, load_examples
 
