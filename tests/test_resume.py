@@ -89,3 +89,23 @@ def test_a_fresh_run_with_resume_auto_and_nothing_to_resume_starts_over(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs" / "sft-llama").iterdir()
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] is None
+
+
+def test_a_new_lr_on_resume_is_the_lr_the_resumed_run_trains_with(tmp_path):
+    """README: optim.lr may change on resume (the NaN guard's advice is to lower it and resume);
+    the checkpoint's scheduler state must not bring the old lr back."""
+    from llmexp.record import read_metrics
+
+    overrides = [*COMMON, "model=llama", "trainer.max_steps=20", "trainer.log_every_n_steps=1",
+                 "optim.scheduler=constant", "optim.warmup_steps=0"]
+    killed = tmp_path / "killed"
+    assert train_in_subprocess(overrides, killed, kill_at=12).returncode == -signal.SIGKILL
+    r = train_in_subprocess([*overrides, "optim.lr=1e-5", f"resume={killed}"], killed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lrs = {int(row["step"]): float(row["train/lr"]) for row in read_metrics(killed / "metrics.csv")
+           if "train/lr" in row}
+    # the checkpoint the run resumed from was step 10's: steps before it trained at 3e-3, after it at 1e-5
+    assert sorted(lrs) == list(range(20)), lrs
+    assert all(lr == pytest.approx(3e-3 if step < 10 else 1e-5) for step, lr in lrs.items()), lrs
+    s = json.loads((killed / "summary.json").read_text())
+    assert s["lr_changed_on_resume"] == {"from": pytest.approx(3e-3), "to": pytest.approx(1e-5)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -46,3 +47,17 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int, 
         s, warmup_steps=effective_warmup(cfg.warmup_steps, total_steps), total_steps=total_steps, kind=cfg.scheduler,
         min_ratio=cfg.min_lr_ratio))
     return opt, sched
+
+
+def rebase_lr(opt, sched, lr: float) -> Optional[float]:
+    """Make ``lr`` the peak of the schedule at its current step (a resumed run may change optim.lr;
+    the checkpoint's scheduler state holds the old one). Returns the old peak when it changed."""
+    old = sched.base_lrs[0]
+    if math.isclose(old, lr, rel_tol=1e-9, abs_tol=0.0):
+        return None
+    sched.base_lrs = [lr for _ in sched.base_lrs]
+    for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
+    return old

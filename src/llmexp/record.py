@@ -219,6 +219,8 @@ def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Op
     probe = getattr(stage, "task_probe", None)
     if probe is not None:
         summary["task"] = {"check": probe.check, "prompts": len(probe.rows), "max_new_tokens": probe.max_new_tokens}
+    if stage.lr_changed_on_resume:
+        summary["lr_changed_on_resume"] = stage.lr_changed_on_resume
     summary.update(notes)
     return summary
 

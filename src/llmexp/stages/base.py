@@ -46,6 +46,7 @@ class StageModule(L.LightningModule):
         self.last_val_metrics: Dict[str, float] = {}
         self.initial_metrics: Dict[str, float] = {}
         self.seconds_to_first_step: float | None = None
+        self.lr_changed_on_resume: Dict[str, float] | None = None
 
     # -- building and exporting ------------------------------------------------------------------
     @classmethod
@@ -168,6 +169,14 @@ class StageModule(L.LightningModule):
         opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps,
                                      default_fused=not self.is_model_parallel)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """After a resume restored the scheduler: optim.lr may have changed, and the new one wins."""
+        from llmexp.optim import rebase_lr
+
+        old = rebase_lr(self.optimizers().optimizer, self.lr_schedulers(), self.cfg.optim.lr)
+        if old is not None:
+            self.lr_changed_on_resume = {"from": old, "to": self.cfg.optim.lr}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
