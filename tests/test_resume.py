@@ -109,3 +109,49 @@ def test_a_new_lr_on_resume_is_the_lr_the_resumed_run_trains_with(tmp_path):
     assert all(lr == pytest.approx(3e-3 if step < 10 else 1e-5) for step, lr in lrs.items()), lrs
     s = json.loads((killed / "summary.json").read_text())
     assert s["lr_changed_on_resume"] == {"from": pytest.approx(3e-3), "to": pytest.approx(1e-5)}
+
+
+def _record_digest(run_dir):
+    """Every file of a run record but Hydra's job log and the lock (which a refused start may touch)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(run_dir.rglob("*")):
+        if p.is_file() and p.name not in ("cli.log", ".llmexp.lock"):
+            h.update(str(p.relative_to(run_dir)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_resuming_a_finished_or_damaged_run_is_refused_and_changes_nothing(tmp_path):
+    import shutil
+
+    from llmexp.testing import run_cli
+
+    overrides = [*FAST, "trainer.max_steps=10", "trainer.val_check_interval=10"]
+    done = tmp_path / "done"
+    assert run_cli([*overrides, f"hydra.run.dir={done}"], cwd=tmp_path).returncode == 0
+    before = _record_digest(done)
+    for args in ([f"resume={done}"], ["resume=auto", f"hydra.run.dir={done}"]):
+        r = run_cli([*overrides, *args], cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert "is a finished run" in r.stderr and f"model.pretrained={done}/model" in r.stderr
+    assert _record_digest(done) == before
+
+    killed = tmp_path / "killed"  # a run killed after its checkpoint: no summary.json
+    shutil.copytree(done, killed)
+    (killed / "summary.json").unlink()
+    ckpt = killed / "checkpoints" / "last.ckpt"
+    good = ckpt.read_bytes()
+    for damaged in (good[: len(good) // 2], b"not a checkpoint"):
+        ckpt.write_bytes(damaged)
+        before = _record_digest(killed)
+        r = run_cli([*overrides, f"resume={killed}"], cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert f"the checkpoint {ckpt} cannot be read" in r.stderr
+        assert _record_digest(killed) == before  # config.yaml not rewritten
+    ckpt.write_bytes(good)
+    (killed / "config.yaml").write_text("[: not yaml")
+    r = run_cli([*overrides, f"resume={killed}"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "config.yaml is not the config a run wrote" in r.stderr
+    assert (killed / "config.yaml").read_text() == "[: not yaml"

@@ -68,9 +68,25 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     if resume is None:
         return None
     if resume == "auto":
-        return checkpoint_to_resume(run_dir)
+        ckpt = checkpoint_to_resume(run_dir)
+        return readable(ckpt) if ckpt is not None else None
     ckpt = checkpoint_to_resume(Path(resume))
     if ckpt is None:
         raise UserError(f"resume: {resume!r} has no checkpoint (checkpoints/last.ckpt or step-*.ckpt); "
                         f"start a new run without resume=")
+    return readable(ckpt)
+
+
+def readable(ckpt: Path) -> Path:
+    """``ckpt``, once its header loads: a damaged checkpoint is refused before the run record is
+    touched (not a traceback from deep inside Lightning after config.yaml was rewritten)."""
+    try:
+        checkpoint_step(ckpt)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a damaged file
+        detail = (str(e).splitlines() or [""])[0][:200]
+        others = sorted(p.name for p in Path(ckpt).parent.glob("step-*.ckpt") if p != Path(ckpt))
+        raise UserError(f"resume: the checkpoint {ckpt} cannot be read ({type(e).__name__}: {detail}); it is "
+                        f"damaged or incomplete. Move it aside to resume from an earlier one"
+                        f"{' (' + ', '.join(others) + ')' if others else ''}, or start a new run without "
+                        f"resume=") from None
     return ckpt

@@ -35,6 +35,7 @@ def resume_run_dir(resume: Optional[str], explicit_run_dir: Optional[str], run_n
     if resume in (None, "null"):
         return None
     if resume != "auto":
+        _refuse_finished(Path(resume))
         if not Path(resume).is_dir() or not has_checkpoint(Path(resume)):
             raise ConfigError([Problem("resume", f"{resume!r} is not a run directory with a checkpoint "
                                        "(checkpoints/last.ckpt or step-*.ckpt)",
@@ -44,9 +45,19 @@ def resume_run_dir(resume: Optional[str], explicit_run_dir: Optional[str], run_n
                                        "drop hydra.run.dir, or set it to the resume directory")])
         return resume
     if explicit_run_dir:
+        _refuse_finished(Path(explicit_run_dir))
         return explicit_run_dir
     found = latest_unfinished_run(Path("runs") / run_name)
     return str(found) if found else None
+
+
+def _refuse_finished(run_dir: Path) -> None:
+    """A finished run is never modified: resuming it would rewrite its checkpoints, metrics,
+    summary and model."""
+    if RunDir(run_dir).finished():
+        raise ConfigError([Problem("resume", f"{str(run_dir)!r} is a finished run (it has summary.json), and a "
+                                   "finished run is never modified",
+                                   f"continue training from it in a new run: model.pretrained={run_dir}/model")])
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

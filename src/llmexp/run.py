@@ -31,6 +31,9 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
 
 def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: float) -> float:
     """The run itself, in a run directory this process holds."""
+    from llmexp.checkpointing import checkpoint_step, resolve_resume
+
+    resume_from = resolve_resume(typed.resume, run_dir)  # a damaged checkpoint is refused here, record untouched
     resolved = start_record(typed, run_dir)
     from llmexp.data.module import StageDataModule, load_examples
 
@@ -38,7 +41,6 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
     import lightning as L
 
     quiet_libraries()  # after Lightning's import, which sets its own log levels
-    from llmexp.checkpointing import checkpoint_step, resolve_resume
     from llmexp.loggers import build_loggers
     from llmexp.models.tokenizer import load_tokenizer
     from llmexp.plugins import plugin_callbacks
@@ -53,7 +55,6 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
     watchers = watching_callbacks(typed, run_dir, stage, prepared)
-    resume_from = resolve_resume(typed.resume, run_dir)
     loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
                             resume_step=checkpoint_step(resume_from) if resume_from else None)
     trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *watchers])
@@ -98,10 +99,19 @@ def start_record(typed, run_dir: Path) -> Dict[str, Any]:
 def check_resumable(saved_config: Path, resolved: Dict[str, Any]) -> None:
     import yaml
 
-    from llmexp.errors import ConfigError
+    from llmexp.errors import ConfigError, UserError
     from llmexp.resume import incompatible_keys
 
-    problems = incompatible_keys(yaml.safe_load(saved_config.read_text()), resolved)
+    try:
+        saved = yaml.safe_load(saved_config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        saved = e
+    if not isinstance(saved, dict):
+        why = (str(saved).splitlines() or ["empty"])[0][:160]
+        raise UserError(f"resume: {saved_config} is not the config a run wrote ({why}); "
+                        f"the run cannot be checked against it: start a new run with "
+                        f"model.pretrained=<a model> instead of resuming")
+    problems = incompatible_keys(saved, resolved)
     if problems:
         raise ConfigError(problems)
 
