@@ -42,6 +42,16 @@ def workdir(tmp_path_factory):
         (files / name / "config.json").write_text(json.dumps({"architectures": [arch]}))
     (files / "half_pairs.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}"}) + "\n"
                                                     for i in range(20)))
+    def jsonl(name, rows):
+        (files / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    (files / "latin1.jsonl").write_bytes('{"text": "fine"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    jsonl("messages_string.jsonl", [{"messages": "hello"}] * 20)
+    jsonl("null_content.jsonl", [{"messages": chat}] * 19 + [{"messages": [chat[0], {"role": "assistant", "content": None}]}])
+    jsonl("unknown_role.jsonl", [{"messages": chat}] * 19 + [{"messages": [{"role": "bot", "content": "q"}, chat[1]]}])
+    jsonl("empty_completions.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(20)])
+    jsonl("qa.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
     yield root
     assert _digest(old) == before_digest[0]
 
@@ -120,6 +130,17 @@ RUN_CASES = {
     "tokenizer does not fit the model": (["model.pretrained={small}", "model.tokenizer={bundled}"],
                                          "the tokenizer has 512 tokens but the model"),
     "unknown bundled data option": (["+data.options.colour=red"], "data.options: unknown option"),
+    "non-UTF-8 JSONL": (["data=files", "data.path={files}/latin1.jsonl", "stage=pretrain"],
+                        "latin1.jsonl line 2 is not UTF-8 text (byte 0xe9"),
+    "messages given as a string": (["data=files", "data.path={files}/messages_string.jsonl"],
+                                   "row 0: messages is a string, but a list of messages"),
+    "assistant content null": (["data=files", "data.path={files}/null_content.jsonl"],
+                               "messages message 1 (assistant) has content None, not text"),
+    "unknown role": (["data=files", "data.path={files}/unknown_role.jsonl"], "message 0 has role 'bot'; roles are"),
+    "every completion empty": (["data=files", "data.path={files}/empty_completions.jsonl"],
+                               "every completion in"),
+    "field mapped to a missing column": (["data=files", "data.path={files}/qa.jsonl", "data.fields.completion=answer"],
+                                         "data.fields.completion=answer:"),
 }
 
 

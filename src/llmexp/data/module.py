@@ -13,11 +13,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from llmexp.config.schema import DataConfig, TrainerConfig
+from llmexp.config.schema import DataConfig, FieldMap, TrainerConfig
 from llmexp.data import formats, prepare, sources
 from llmexp.data.collate import WindowCollator
 from llmexp.data.encode import IGNORE_INDEX
 from llmexp.data.packing import pack
+from llmexp.data.rows import check_rows
 from llmexp.data.sampler import WindowSampler
 from llmexp.errors import UserError
 
@@ -51,10 +52,21 @@ def rename_fields(ds, fields: Dict[str, str]):
     return ds.rename_columns(mapping) if mapping else ds
 
 
+def check_field_map(fields: Dict[str, str], columns: List[str], where: str) -> None:
+    """A data.fields entry the user changed must name a column the data has (else the mapping is
+    silently ignored and another format detected)."""
+    defaults = vars(FieldMap())
+    for canon, source in fields.items():
+        if source != defaults.get(canon, canon) and source not in columns:
+            raise UserError(f"data.fields.{canon}={source}: {where!r} has no column {source!r} (columns: "
+                            f"{', '.join(columns)}); name one of them")
+
+
 def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
     """Load, map fields, check the format for ``stage``, prepare and split."""
     train, val = sources.load_raw(cfg)
     fields = dict(vars(cfg.fields)) if not isinstance(cfg.fields, dict) else dict(cfg.fields)
+    check_field_map(fields, train.column_names, cfg.path or cfg.name)
     train = rename_fields(train, fields)
     val = rename_fields(val, fields) if val is not None else None
     fmt = cfg.format if cfg.format != "auto" else formats.detect_format(train.column_names, {})
@@ -66,6 +78,9 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
     problem = formats.format_problem(stage, fmt, train.column_names, {}, f"data {cfg.path or cfg.name!r}")
     if problem:
         raise UserError(f"data: {problem}")
+    for split_rows in (train, val):
+        if split_rows is not None:
+            check_rows(split_rows, fmt, repr(cfg.path or cfg.name))
     train, log = prepare.run_steps(train, cfg)
     if val is not None:
         val, _ = prepare.run_steps(val, cfg)

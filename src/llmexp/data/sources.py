@@ -72,8 +72,13 @@ def _check_json_lines(files: List[str]) -> None:
             raise UserError(f"data.path: {f} is empty")
         if not f.endswith(".jsonl"):
             continue
-        with open(f, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
+        with open(f, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"data.path: {f} line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                    f"{e.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
                 if line.strip():
                     try:
                         row = json.loads(line)

@@ -1,0 +1,83 @@
+"""The values of a dataset's rows checked against its format, before anything is encoded: a
+string where messages belong, a message with no content or an unknown role, a column of empty
+completions. The first problems are reported with their row number, field and fix (exit 2)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Optional
+
+from llmexp.data.formats import FORMAT_COLUMNS
+from llmexp.errors import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+# Fields holding a response: a string, or a list of messages ending with the assistant's.
+RESPONSES = ("completion", "chosen", "rejected")
+SHOWN = 3  # problems listed before "and N more"
+
+
+def message_problem(value: Any, needs_assistant: bool) -> Optional[str]:
+    """Why ``value`` is not a list of chat messages ({role, content} with text), or None."""
+    if isinstance(value, str):
+        return "is a string, but a list of messages {role, content} is expected"
+    if not isinstance(value, list) or not value:
+        return f"must be a non-empty list of messages {{role, content}}, got {type(value).__name__}"
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            return f"message {i} is a {type(m).__name__}, not {{role, content}}"
+        if m.get("role") not in ROLES:
+            return f"message {i} has role {m.get('role')!r}; roles are {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"message {i} ({m.get('role')}) has content {m.get('content')!r}, not text"
+    if needs_assistant and not any(m["role"] == "assistant" for m in value):
+        return "has no assistant message to learn from"
+    return None
+
+
+def value_problem(field: str, value: Any, fmt: str) -> Optional[str]:
+    """Why one field of one row cannot be used in format ``fmt``, or None."""
+    if field == "messages":
+        return message_problem(value, needs_assistant=True)
+    if field == "text" or isinstance(value, str):
+        return None if isinstance(value, str) else f"is {type(value).__name__}, not text"
+    if isinstance(value, list):  # prompt or response as chat messages
+        return message_problem(value, needs_assistant=field in RESPONSES)
+    return f"is {'null' if value is None else type(value).__name__}, not text or a list of messages"
+
+
+def _rows(ds, columns: List[str]) -> Iterator[dict]:
+    for batch in ds.select_columns(columns).iter(batch_size=1000):
+        for i in range(len(batch[columns[0]])):
+            yield {c: batch[c][i] for c in columns}
+
+
+def check_rows(ds, fmt: Optional[str], where: str) -> None:
+    """Raise UserError listing the first rows of ``ds`` whose fields ``fmt`` cannot use."""
+    columns = [c for c in FORMAT_COLUMNS.get(fmt or "", ()) if c in ds.column_names]
+    if not columns:
+        return
+    problems: List[str] = []
+    count, responses_empty = 0, {c: True for c in columns if c in RESPONSES}
+    for n, row in enumerate(_rows(ds, columns)):
+        for field in columns:
+            why = value_problem(field, row[field], fmt)
+            if why:
+                count += 1
+                if len(problems) < SHOWN:
+                    problems.append(f"row {n}: {field} {why}")
+            elif field in responses_empty and _text_of(row[field]).strip():
+                responses_empty[field] = False
+    if problems:
+        more = f" (and {count - len(problems)} more)" if count > len(problems) else ""
+        raise UserError(f"data: {where} has rows that format {fmt!r} cannot use{more}:\n    "
+                        + "\n    ".join(problems) + "\n  fix those rows, or map other columns with "
+                        "data.fields.<name>=<column>")
+    empty = [f for f, is_empty in responses_empty.items() if is_empty]
+    if empty:
+        raise UserError(f"data: every {empty[0]} in {where} is empty, so there is nothing to learn; "
+                        f"check the column that data.fields.{empty[0]} names")
+
+
+def _text_of(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return " ".join(m.get("content") or "" for m in value if isinstance(m, dict) and m.get("role") == "assistant")
