@@ -113,3 +113,34 @@ def test_shipped_sweep_files_validate():
     assert len(files) >= 2
     for f in files:
         check_spec(load_spec(str(f)))
+
+
+def test_a_directory_of_another_sweep_or_run_is_refused_and_kept(tmp_path):
+    from llmexp.errors import UserError
+    from llmexp.sweep.engine import SweepEngine
+    from llmexp.sweep.spec import load_spec
+
+    out = tmp_path / "sweep"
+    first = SweepEngine(load_spec(str(_spec(tmp_path))), out, count=None)
+    first._save()
+    state = (out / "trials.json").read_text()
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = _spec(other_dir, parameters={"optim.lr": {"values": [1e-4, 1e-5]}})
+    with pytest.raises(UserError, match="holds another sweep"):
+        SweepEngine(load_spec(str(other)), out, count=None)
+    assert (out / "trials.json").read_text() == state
+    assert SweepEngine(load_spec(str(_spec(tmp_path))), out, count=None).trials == []  # its own: resumes
+    run_dir = tmp_path / "a-run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="holds a run, not a sweep"):
+        SweepEngine(load_spec(str(_spec(tmp_path))), run_dir, count=None)
+
+
+@pytest.mark.parametrize("args, message", [(["--count", "0"], "argument --count: must be >= 1, got 0"),
+                                           (["--parallel", "-1"], "argument --parallel: must be >= 1, got -1")])
+def test_bad_counts_are_refused(tmp_path, args, message):
+    r = _sweep(_spec(tmp_path), tmp_path / "sweep", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "sweep").exists()

@@ -12,14 +12,16 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from llmexp.argtypes import positive_int
 from llmexp.errors import UserError, report
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="llmexp sweep", description=__doc__.splitlines()[0])
     ap.add_argument("spec", help="a W&B sweep YAML (method, metric, parameters)")
-    ap.add_argument("--count", type=int, default=None, help="trials in all (default: grid until exhausted, else 10)")
-    ap.add_argument("--parallel", type=int, default=1, help="trials running at once")
+    ap.add_argument("--count", type=positive_int, default=None,
+                    help="trials in all (default: grid until exhausted, else 10)")
+    ap.add_argument("--parallel", type=positive_int, default=1, help="trials running at once")
     ap.add_argument("--dir", default=None, help="sweep directory (default runs/sweeps/<name>); rerun to resume")
     args = ap.parse_args(argv)
     try:

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from llmexp.record import write_atomic
+from llmexp.errors import UserError
+from llmexp.record import RunDir, write_atomic
 from llmexp.sweep.results import history, trial_metric
 from llmexp.sweep.spec import SweepSpec
 
@@ -71,8 +72,15 @@ class SweepEngine:
 
     def _load(self) -> List[Trial]:
         if not self.state_file.is_file():
+            if RunDir(self.dir).held():
+                raise UserError(f"--dir {self.dir} holds a run, not a sweep; choose another --dir")
             return []
-        trials = [Trial(**t) for t in json.loads(self.state_file.read_text())["trials"]]
+        state = json.loads(self.state_file.read_text())
+        other = state["config"] != self.spec.config if "config" in state else state.get("sweep") not in (None, self.spec.name)
+        if other:
+            raise UserError(f"--dir {self.dir} holds another sweep ({state.get('sweep')!r} from {state.get('spec')}); "
+                            f"a sweep resumes only in its own directory: choose another --dir")
+        trials = [Trial(**t) for t in state["trials"]]
         for t in trials:
             if t.status == RUNNING:  # the sweep was interrupted while this trial ran
                 t.status = INTERRUPTED
@@ -80,7 +88,7 @@ class SweepEngine:
 
     def _save(self) -> None:
         payload = {"sweep": self.spec.name, "spec": str(self.spec.path), "metric": self.spec.metric,
-                   "goal": self.spec.goal, "trials": [asdict(t) for t in self.trials]}
+                   "goal": self.spec.goal, "config": self.spec.config, "trials": [asdict(t) for t in self.trials]}
         write_atomic(self.state_file, json.dumps(payload, indent=2) + "\n")
 
     # -- proposing -------------------------------------------------------------------------------
