@@ -78,6 +78,8 @@ def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):
     (["dpo", "ppo:trainer.max_steps=3"], "names stage 'ppo', not in dpo"),
     (["{spec}"], "refers to ${runs.rm}, which is not an earlier stage"),
     (["{missing}"], "no file"),
+    # a bad key in the last stage: refused before the first stage runs (no directory made)
+    (["rlhf", "ppo:stage.kl_cof=0.1"], "ppo:stage.kl_cof: unknown key"),
 ])
 def test_bad_pipelines_are_refused(tmp_path, args, expected):
     spec = tmp_path / "spec.yaml"

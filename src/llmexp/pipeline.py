@@ -12,6 +12,7 @@ with the same ``--dir`` skips finished stages and resumes an interrupted one fro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -98,9 +99,30 @@ def stage_dir(root: Path, index: int, name: str) -> Path:
     return root / f"{index}-{name}"
 
 
+def check_stages(spec: PipelineSpec, root: Path, per_stage: Dict[str, List[str]]) -> None:
+    """Every stage's overrides checked as the CLI checks them, before any stage runs (a bad later
+    stage must not leave an earlier one half done). Values naming an earlier stage's output are
+    checked when that stage has produced it."""
+    from llmexp.errors import ConfigError
+    from llmexp.overrides import check_overrides
+
+    problems = []
+    for i, s in enumerate(spec.stages, 1):
+        given = [*spec.overrides, *s.overrides, *per_stage[s.name]]
+        pending = {o.split("=", 1)[0].lstrip("+~") for o in given if REFERENCE.search(o)}
+        runs = {t.name: str(stage_dir(root, j, t.name).resolve()) for j, t in enumerate(spec.stages, 1)}
+        try:
+            check_overrides([REFERENCE.sub(lambda m: runs[m.group(1)], o) for o in given])
+        except ConfigError as e:
+            problems += [dataclasses.replace(p, key=f"{s.name}:{p.key}") for p in e.problems if p.key not in pending]
+    if problems:
+        raise ConfigError(problems)
+
+
 def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, Any]:
     started = time.time()
     per_stage = split_cli_overrides(spec, extra)
+    check_stages(spec, root, per_stage)
     root.mkdir(parents=True, exist_ok=True)
     runs: Dict[str, str] = {}
     results = []
