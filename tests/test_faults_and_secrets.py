@@ -72,6 +72,7 @@ def test_secrets_never_reach_the_run_record_or_wandb(tmp_path):
     run_dir = tmp_path / "run"
     # The default logger (W&B, offline by default): no logger= override.
     args = [*(o for o in FAST if not o.startswith("logger=")), "data=files", f"data.path={data}", "+data.options.token=hf_SECRETxyz123",
+            "+model.extra.auth_token=hf_SECRETxyz123",  # reaches the exported model/config.json
             "trainer.max_steps=10", "trainer.val_check_interval=10", f"hydra.run.dir={run_dir}"]
     r = run_cli(args, cwd=tmp_path, env={"WANDB_API_KEY": "wandbSECRET456", "HF_TOKEN": "hfenvSECRET789"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -24,4 +24,21 @@ def export_model(model, tokenizer, out_dir: Path, merge_adapters: bool = True):
     model.save_pretrained(str(out_dir), safe_serialization=True)
     model.config.use_cache = False
     tokenizer.save_pretrained(str(out_dir))
+    redact_configs(out_dir)
     return model
+
+
+def redact_configs(out_dir: Path) -> None:
+    """Secrets that reached the model's config (model.extra.<...token/key...>, the value of
+    HF_TOKEN) are written as *** there too, as in every other file of the run record."""
+    import json
+
+    from llmexp.secrets import redact
+
+    for name in ("config.json", "generation_config.json", "adapter_config.json"):
+        path = Path(out_dir) / name
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            clean = redact(saved)
+            if clean != saved:
+                path.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
