@@ -72,6 +72,7 @@ CONFIG_CASES = {
     "lr not a number": (["optim.lr=nan"], "optim.lr: must be a finite number, got nan"),
     "lr infinite": (["optim.lr=inf"], "optim.lr: must be a finite number, got inf"),
     "no devices": (["trainer.devices=0"], "trainer.devices: 0 names no device"),
+    "dpo without a temperature": (["stage=dpo", "stage.beta=0"], "stage.beta: must be > 0.0, got 0.0"),
     "empty device list": (["trainer.devices=[]"], "trainer.devices: [] names no device"),
     "contradiction stage/data": (["stage=sft", "data=arithmetic_text"], "stage=sft needs fields messages"),
     "missing required value": (["data=files"], "data.path: a value is required"),

@@ -113,12 +113,14 @@ def _check_metadata(value: Any, meta: Any, key_path: str, problems: List[Problem
                 names = [c for c in choices if c is not None]
                 problems.append(Problem(key_path, f"{v!r} is not one of {', '.join(map(str, names))}",
                                         suggest(str(v), [str(n) for n in names], key=key_path)))
-    lo, hi = meta.get("min"), meta.get("max")
+    lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
     for v in values:
         if isinstance(v, float) and not math.isfinite(v):
             problems.append(Problem(key_path, f"must be a finite number, got {v}", f"{key_path}=<a number>"))
             continue
         if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if above is not None and v <= above:
+                problems.append(Problem(key_path, f"must be > {above}, got {v}", None))
             if lo is not None and v < lo:
                 problems.append(Problem(key_path, f"must be >= {lo}, got {v}", None))
             if hi is not None and v > hi:

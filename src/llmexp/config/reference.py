@@ -77,6 +77,8 @@ def allowed(meta: Mapping[str, Any], many: bool = False) -> str:
     if meta.get("choices") is not None:
         return ("each one of " if many else "one of ") + ", ".join("null" if c is None else str(c) for c in meta["choices"])
     lo, hi = meta.get("min"), meta.get("max")
+    if meta.get("above") is not None:
+        return f"> {meta['above']}"
     if lo is not None and hi is not None:
         return f"{lo} to {hi}"
     if lo is not None:

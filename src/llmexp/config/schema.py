@@ -46,8 +46,10 @@ def choice(default: Any, choices: tuple, help: str = "", **kw: Any) -> Any:  # n
     return doc(default, help, choices=choices, **kw)
 
 
-def bounded(default: Any, *, min: float | None = None, max: float | None = None, help: str = "") -> Any:  # noqa: A002
-    return doc(default, help, min=min, max=max)
+def bounded(default: Any, *, min: float | None = None, max: float | None = None,  # noqa: A002
+            above: float | None = None, help: str = "") -> Any:  # noqa: A002
+    """A number within [min, max], and strictly greater than ``above`` when given."""
+    return doc(default, help, min=min, max=max, above=above)
 
 
 def section(schema: type, help: str = "") -> Any:  # noqa: A002
@@ -152,7 +154,7 @@ class DPOStageConfig:
     loss_type: str = choice("sigmoid", DPO_LOSSES, help=(
         "sigmoid: DPO; ipo: (length-averaged log-ratio margin - 1/(2 beta))^2; hinge: relu(1 - beta x margin); "
         "robust: the unbiased estimator under flipped labels."))
-    beta: float = bounded(0.1, min=0.0, help=(
+    beta: float = bounded(0.1, above=0.0, help=(
         "DPO's temperature: scales the log-ratio margin in the loss and the implicit rewards (larger keeps the "
         "policy nearer the reference)."))
     label_smoothing: float = bounded(0.0, min=0.0, max=0.49, help=(
