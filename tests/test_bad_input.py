@@ -131,6 +131,7 @@ RUN_CASES = {
     "tokenizer does not fit the model": (["model.pretrained={small}", "model.tokenizer={bundled}"],
                                          "the tokenizer has 512 tokens but the model"),
     "unknown bundled data option": (["+data.options.colour=red"], "data.options: unknown option"),
+    "damaged weights": (["model.pretrained={files}/damaged_model"], "its weights file is damaged or incomplete"),
     "non-UTF-8 JSONL": (["data=files", "data.path={files}/latin1.jsonl", "stage=pretrain"],
                         "latin1.jsonl line 2 is not UTF-8 text (byte 0xe9"),
     "messages given as a string": (["data=files", "data.path={files}/messages_string.jsonl"],
@@ -179,6 +180,16 @@ def small_model(workdir):
     path = workdir / "files" / "small_model"
     LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=32)).save_pretrained(path)
+    damaged = workdir / "files" / "damaged_model"  # a copy cut short, with a tokenizer that loads
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)).save_pretrained(damaged)
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    from transformers import AutoTokenizer
+
+    from llmexp.models.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR)).save_pretrained(damaged)
     return path
 
 
@@ -252,3 +263,10 @@ def test_a_reader_that_stops_early_ends_the_listing_quietly(workdir):
     p.stdout.close()
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_eval_names_a_model_whose_weights_are_damaged(workdir, small_model):
+    r = _module(["llmexp.eval", "{files}/damaged_model", "--tasks", "arithmetic_mc"], workdir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "run: cannot load a causal LM from" in r.stderr and "damaged or incomplete" in r.stderr

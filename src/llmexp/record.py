@@ -102,8 +102,10 @@ def load_language_model(model_dir: Path) -> Tuple[Any, Any]:
     """(model in eval mode, tokenizer) of an exported model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval(), tokenizer
+    from llmexp.models.build import load_pretrained
+
+    tokenizer = load_pretrained(AutoTokenizer, model_dir, "run", "a tokenizer")
+    return load_pretrained(AutoModelForCausalLM, model_dir, "run", "a causal LM").eval(), tokenizer
 
 
 def write_atomic(path: Path, text: str) -> None:

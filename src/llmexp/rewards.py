@@ -60,12 +60,12 @@ class ModelReward:
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"stage.reward.model: {path!r} has no config.json; give an rm run's "
                             f"<run dir>/model directory")
-        try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().requires_grad_(False)
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"stage.reward.model: cannot load a reward model from {path!r}: "
-                            f"{str(e).splitlines()[0]}") from None
+        from llmexp.models.build import load_pretrained
+
+        key = "stage.reward.model"
+        self.model = load_pretrained(AutoModelForSequenceClassification, path, key, "a reward model"
+                                     ).eval().requires_grad_(False)
+        self.tokenizer = load_pretrained(AutoTokenizer, path, key, "a tokenizer")
         if self.model.config.num_labels != 1:
             raise UserError(f"stage.reward.model: {path!r} has {self.model.config.num_labels} labels; a reward "
                             f"model scores with one (train one with stage=rm)")

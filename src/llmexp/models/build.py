@@ -58,6 +58,21 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def load_pretrained(auto, path, key: str, what: str, **kwargs):
+    """``auto.from_pretrained(path)``, with an unreadable directory or damaged weights reported as
+    a UserError naming ``key`` (not a traceback from deep inside safetensors)."""
+    from safetensors import SafetensorError
+
+    try:
+        return auto.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as e:
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        damaged = isinstance(e, (SafetensorError, EOFError, RuntimeError))
+        raise UserError(f"{key}: cannot load {what} from {str(path)!r}: {detail}"
+                        + ("; its weights file is damaged or incomplete: copy the model again or export it anew"
+                           if damaged else "")) from None
+
+
 def build_model(cfg: ModelConfig, tokenizer, quantization_config=None, head: str = "causal_lm"):
     """The model of the run: loaded from ``cfg.pretrained`` or initialised from its config.
 
@@ -74,13 +89,8 @@ def build_model(cfg: ModelConfig, tokenizer, quantization_config=None, head: str
     if cfg.pretrained is None:
         model = auto.from_config(architecture_config(cfg, tokenizer, **extra), **common)
     else:
-        try:
-            model = auto.from_pretrained(
-                cfg.pretrained, trust_remote_code=cfg.trust_remote_code,
-                quantization_config=quantization_config, **extra, **common)
-        except (OSError, ValueError) as e:
-            raise UserError(f"model.pretrained: cannot load {what} from {cfg.pretrained!r}: "
-                            f"{str(e).splitlines()[0]}") from None
+        model = load_pretrained(auto, cfg.pretrained, "model.pretrained", what, trust_remote_code=cfg.trust_remote_code,
+                                quantization_config=quantization_config, **extra, **common)
         check_tokenizer_fits(model, tokenizer, cfg)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
