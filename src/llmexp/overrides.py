@@ -5,6 +5,7 @@ a time. Used by ``python -m llmexp`` and by sweeps (each trial's overrides)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import List, Optional
 
 from llmexp.errors import ConfigError, Problem, suggest
@@ -125,10 +126,35 @@ def _resuming(parsed) -> bool:
     return any(o.key_or_group == "resume" and o.get_value_string() not in ("null", "") for o in parsed)
 
 
+def _unwritable(path: Path) -> Optional[str]:
+    """Why a run could not be written at ``path`` (tried for real and undone: permissions alone do
+    not tell for root or a read-only mount), or None."""
+    import tempfile
+
+    try:
+        if not path.exists():
+            first_new = next(p for p in reversed((path, *path.parents)) if not p.exists())
+            first_new.mkdir()
+            first_new.rmdir()
+        else:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def _existing_run_problem(run_dir: str) -> List[Problem]:
     """Never write a run into a directory that already holds one (its record would be lost)."""
     from llmexp.record import RunDir
 
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        return [Problem("hydra.run.dir", f"{run_dir!r} is a file, not a directory", "choose a directory path")]
+    why = _unwritable(path)
+    if why:
+        return [Problem("hydra.run.dir", f"cannot create the run directory {run_dir!r}: {why}",
+                        "choose a directory you can write, e.g. hydra.run.dir=$HOME/runs/<name>")]
     held = RunDir(run_dir).held()
     if held:
         return [Problem("hydra.run.dir", f"{run_dir!r} already holds a run ({', '.join(held)})",
