@@ -13,11 +13,14 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum()
 
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unbiased variance over the masked entries."""
@@ -25,11 +28,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     n = mask.sum()
     return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
 
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Zero mean (unless ``shift_mean`` is False), unit variance over the masked entries."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
+
 
 def masked_whiten_across(xs: List[torch.Tensor], masks: List[torch.Tensor], shift_mean: bool = True
                          ) -> List[torch.Tensor]:
@@ -41,11 +46,13 @@ def masked_whiten_across(xs: List[torch.Tensor], masks: List[torch.Tensor], shif
     out = masked_whiten(x, mask, shift_mean)
     return [out[a:b, : m.shape[1]] for a, b, m in zip(rows, rows[1:], masks)]
 
+
 def response_mask(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
     """1 for every response token up to and including the first eos, 0 after it and on padding."""
     is_eos = responses == eos_id
     after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
     return (~after_eos & (responses != pad_id) | is_eos & ~after_eos).float()
+
 
 def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                          mask: torch.Tensor, kl_coef: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +63,7 @@ def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(scores)), last] += scores
     return rewards * mask, kl
+
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +79,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = last
     return advantages, advantages + values
 
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
     """GRPO: each reward minus its group's mean (consecutive ``group_size`` rows are one prompt's
     samples), divided by the group's std when ``scale``."""
@@ -80,10 +89,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
         centred = centred / (grouped.std(1, keepdim=True) + 1e-4)
     return centred.reshape(-1)
 
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of the categorical distribution the logits define."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
 
 @dataclass
 class KLController:
