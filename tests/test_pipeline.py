@@ -63,9 +63,12 @@ def test_sft_then_rm_then_ppo_scores_with_the_trained_reward_model(tmp_path):
 
 def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):
     root = tmp_path / "p"
-    bad = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=abc", "--dir", str(root)], tmp_path)
+    # A stage that fails when it runs (its data file is missing; a bad key would be refused before
+    # any stage runs, see test_bad_pipelines_are_refused).
+    missing = tmp_path / "missing.jsonl"
+    bad = pipeline(["dpo", *SHORT, "dpo:data=files", f"dpo:data.path={missing}", "--dir", str(root)], tmp_path)
     assert bad.returncode == 2
-    assert "stage 'dpo' failed" in bad.stderr and "trainer.max_steps" in bad.stderr
+    assert "stage 'dpo' failed" in bad.stderr and "data.path" in bad.stderr
     assert (root / "1-sft" / "summary.json").is_file() and not (root / "pipeline_summary.json").exists()
     good = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=5", "--dir", str(root)], tmp_path)
     assert good.returncode == 0, good.stderr[-3000:]
