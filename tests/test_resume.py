@@ -70,16 +70,16 @@ def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
     overrides = [*COMMON, "model=llama", "trainer.max_steps=20"]
     killed = tmp_path / "runs" / "sft-llama" / "20260101-000000-000000"
     assert train_in_subprocess(overrides, killed, kill_at=12).returncode == -signal.SIGKILL
-    r = run_cli([*overrides, "resume=auto"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [p.name for p in (tmp_path / "runs" / "sft-llama").iterdir()] == [killed.name]
-    s = json.loads((killed / "summary.json").read_text())
-    assert s["global_step"] == 20 and s["resumed_from"].endswith("last.ckpt")
     # Changing what is trained is refused; the record stays as it was.
     before = (killed / "config.yaml").read_text()
     r = run_cli([*overrides, "trainer.max_steps=25", "optim.weight_decay=0.5", f"resume={killed}"], cwd=tmp_path)
     assert r.returncode == 2 and "optim.weight_decay: is 0.5 but the run being resumed used" in r.stderr
     assert (killed / "config.yaml").read_text() == before
+    r = run_cli([*overrides, "resume=auto"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs" / "sft-llama").iterdir()] == [killed.name]
+    s = json.loads((killed / "summary.json").read_text())
+    assert s["global_step"] == 20 and s["resumed_from"].endswith("last.ckpt")
 
 
 def test_a_fresh_run_with_resume_auto_and_nothing_to_resume_starts_over(tmp_path):
