@@ -63,12 +63,16 @@ def test_sft_then_rm_then_ppo_scores_with_the_trained_reward_model(tmp_path):
 
 def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):
     root = tmp_path / "p"
-    # A stage that fails when it runs (its data file is missing; a bad key would be refused before
-    # any stage runs, see test_bad_pipelines_are_refused).
-    missing = tmp_path / "missing.jsonl"
-    bad = pipeline(["dpo", *SHORT, "dpo:data=files", f"dpo:data.path={missing}", "--dir", str(root)], tmp_path)
-    assert bad.returncode == 2
-    assert "stage 'dpo' failed" in bad.stderr and "data.path" in bad.stderr
+    # A stage that fails when it runs: a later row of its data has no chosen answer, which only
+    # reading every row finds (a bad key, a missing file or a wrong format is refused before any
+    # stage runs, see test_bad_pipelines_are_refused).
+    pairs = tmp_path / "pairs.jsonl"
+    good = '{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}\n'
+    pairs.write_text(good * 3 + '{"prompt": "What is 3+3?", "chosen": null, "rejected": "7"}\n')
+    bad = pipeline(["dpo", *SHORT, "dpo:data=files", f"dpo:data.path={pairs}", "--dir", str(root)], tmp_path)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "stage 'dpo' failed" in bad.stderr and "pairs.jsonl" in bad.stderr
+    assert "Traceback" not in bad.stderr
     assert (root / "1-sft" / "summary.json").is_file() and not (root / "pipeline_summary.json").exists()
     good = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=5", "--dir", str(root)], tmp_path)
     assert good.returncode == 0, good.stderr[-3000:]
