@@ -192,7 +192,8 @@ def test_a_name_declared_twice_is_an_error_naming_both_plugins(tmp_path):
     _distribution(other, "llmexp-shadow", "0.1.0", "shadow", shadow)
     r = _cli_with(other, ["--help"])
     assert r.returncode == 2
-    assert "data=arithmetic: provided by both llmexp and plugin 'shadow' (llmexp-shadow 0.1.0)" in r.stderr
+    assert ("data=arithmetic: declared by both llmexp itself (built-in) and plugin 'shadow' (llmexp-shadow 0.1.0)"
+            in r.stderr)
 
 
 def test_one_entry_point_name_from_two_distributions_is_an_error(tmp_path):
@@ -237,16 +238,19 @@ def test_a_module_named_in_LLMEXP_PLUGINS_loads_without_being_installed(tmp_path
 
 
 def test_exceptions_in_plugin_code_name_the_plugin(tmp_path):
-    raiser = ("from llmexp.plugins import DatasetDeclaration\n" + HOOK
-              + "def llmexp_rewards():\n    raise RuntimeError('no rewards today')\n\n\n@llmexp.hookimpl\n"
-                "def llmexp_datasets():\n    return [DatasetDeclaration('boom', _build)]\n\n\n"
-                "def _build(options, seed):\n    raise RuntimeError('disk on fire')\n")
+    raiser = HOOK + "def llmexp_rewards():\n    raise RuntimeError('no rewards today')\n"
     _distribution(tmp_path, "llmexp-raiser", "0.2.0", "raiser", raiser)
-    r = _cli_with(tmp_path, ["plugins"])
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert ("plugin 'raiser' (llmexp-raiser 0.2.0): llmexp_rewards() raised RuntimeError: no rewards today"
-            in r.stderr)
-    r = _cli_with(tmp_path, ["data.name=boom", "~data.options", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    boom = ("from llmexp.plugins import DatasetDeclaration\n" + HOOK
+            + "def llmexp_datasets():\n    return [DatasetDeclaration('boom', _build)]\n\n\n"
+              "def _build(options, seed):\n    raise RuntimeError('disk on fire')\n")
+    _distribution(tmp_path, "llmexp-boom", "0.2.0", "boom", boom)
+    for args in (["plugins"], ["--cfg", "job"]):  # a raising hook is refused by every command alike
+        r = _cli_with(tmp_path, args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert ("plugin 'raiser' (llmexp-raiser 0.2.0): llmexp_rewards() raised RuntimeError: no rewards today"
+                in r.stderr)
+    r = _cli_with(tmp_path, ["data.name=boom", "~data.options", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                  {"LLMEXP_PLUGINS": "boom"})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert ("data.name: dataset 'boom' of plugin 'raiser' (llmexp-raiser 0.2.0) failed to build: "
+    assert ("data.name: dataset 'boom' of plugin 'boom' (llmexp-boom 0.2.0) failed to build: "
             "RuntimeError: disk on fire") in r.stderr

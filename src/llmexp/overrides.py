@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from llmexp.errors import ConfigError, Problem, suggest
 from llmexp.paths import config_dir, config_groups
@@ -71,12 +71,15 @@ def resolve_overrides(overrides: List[str]):
         raise ConfigError(problems)
     valid = list(selections)
     as_given = {}
+    # the names that decide which typed options exist, as the overrides set them
+    chosen = {o.key_or_group: o.get_value_string() for o, _ in keys
+              if o.key_or_group in ("data.source", "data.name", "eval.name") and not o.is_delete()}
     for o, single in keys:
-        if _typed_option_to_add(cfg, o):
+        if _typed_option_to_add(cfg, o, chosen):
             valid.append(f"+{single}")
             as_given[o.input_line] = f"+{o.input_line}"
             continue
-        problem = _key_problem(cfg, o)
+        problem = _key_problem(cfg, o, chosen)
         if problem:
             problems.append(problem)
         else:
@@ -94,32 +97,45 @@ def resolve_overrides(overrides: List[str]):
     return cfg, [as_given.get(o, o) for o in overrides]
 
 
-def _typed_option_to_add(cfg, o) -> bool:
-    """An override of a bundled dataset's typed option that data.options does not list (the
-    schema holds its default), so Hydra must be told to add it; a name the schema lacks stays an
-    unknown key."""
+def _typed_option_to_add(cfg, o, chosen: Dict[str, str]) -> bool:
+    """An override of a typed option (a bundled dataset's ``data.options.*``, a plugin eval's
+    ``eval.options.*``) that the config does not list (the schema holds its default), so Hydra must
+    be told to add it; a name the schema lacks stays an unknown key."""
     from omegaconf import OmegaConf
 
     parent_key, _, leaf = o.key_or_group.rpartition(".")
-    if parent_key != "data.options" or o.is_add() or o.is_force_add() or o.is_delete():
+    typed = _typed_options(cfg, parent_key, chosen)
+    if typed is None or o.is_add() or o.is_force_add() or o.is_delete():
         return False
-    if OmegaConf.select(cfg, "data.source") != "bundled":
-        return False
-    options = OmegaConf.select(cfg, "data.options")
-    return (options is None or leaf not in options) and leaf in _typed_option_names(cfg)
+    options = OmegaConf.select(cfg, parent_key)
+    return (options is None or leaf not in options) and leaf in typed[1]
 
 
-def _typed_option_names(cfg) -> List[str]:
-    """The options the bundled dataset's typed schema declares (none for other sources)."""
+def _typed_options(cfg, parent_key: str, chosen: Optional[Dict[str, str]] = None):
+    """(what declares them, declared names) when ``parent_key`` holds typed options: ``data.options``
+    of a bundled dataset, ``eval.options`` (a plugin eval's; none, lm_eval take none); else None.
+    ``chosen``: data.source, data.name, eval.name as the command line sets them."""
     from omegaconf import OmegaConf
 
-    from llmexp.plugins.registry import datasets
+    from llmexp.plugins.registry import datasets, evals
 
-    if OmegaConf.select(cfg, "data.source") != "bundled":
-        return []
-    entry = datasets().get(str(OmegaConf.select(cfg, "data.name")))
-    schema = entry.declaration.options if entry else None
-    return [f.name for f in dataclasses.fields(schema)] if schema else []
+    def value(key: str) -> str:
+        return str((chosen or {}).get(key, OmegaConf.select(cfg, key)))
+
+    if parent_key == "data.options" and value("data.source") == "bundled":
+        name, entries, what = value("data.name"), datasets(), "dataset"
+    elif parent_key == "eval.options":
+        name, entries, what = value("eval.name"), evals(), "eval"
+        if name in ("none", "lm_eval"):
+            return f"eval={name}", []
+    else:
+        return None
+    entry = entries.get(name)
+    if entry is None:  # an unknown name (the preflight says so): suggest among the given options
+        given = OmegaConf.select(cfg, parent_key) or {}
+        return f"{what} {name!r}, which is not registered", sorted(str(k) for k in given)
+    schema = entry.declaration.options
+    return entry.describe(what), [f.name for f in dataclasses.fields(schema)] if schema else []
 
 
 def _resuming(parsed) -> bool:
@@ -170,7 +186,7 @@ def _single_value(o) -> str:
     return f"{o.get_key_element()}={first}"
 
 
-def _key_problem(cfg, o) -> Optional[Problem]:
+def _key_problem(cfg, o, chosen: Dict[str, str]) -> Optional[Problem]:
     from omegaconf import OmegaConf
 
     key = o.key_or_group
@@ -192,11 +208,16 @@ def _key_problem(cfg, o) -> Optional[Problem]:
         head = key.split(".")[0]
         return Problem(key, "unknown key", suggest(head, list(cfg.keys())) if head not in cfg
                        else f"{parent_key} is not a mapping")
-    siblings = sorted({str(k) for k in parent.keys()} | set(
-        _typed_option_names(cfg) if parent_key == "data.options" else []))
+    typed = _typed_options(cfg, parent_key, chosen)
+    if typed is not None:  # declared options: a typo gets the valid names, never a '+' to add it
+        what, names = typed
+        return Problem(key, f"unknown key: not an option of {what}",
+                       suggest(leaf, names) if names else f"drop {key}" + (
+                           f"; choose a registered {parent_key.split('.')[0]} first" if "not registered" in what
+                           else f" ({what} takes no options)"))
+    siblings = sorted(str(k) for k in parent.keys())
     hint = suggest(leaf, siblings)
-    typed_options = parent_key == "data.options" and OmegaConf.select(cfg, "data.source") == "bundled"
-    if (parent_key.endswith((".extra", ".options")) and not typed_options) or not siblings:
+    if parent_key.endswith((".extra", ".options")) or not siblings:
         hint = f"add a new key with +{key}=..."
     return Problem(key, "unknown key", hint)
 

@@ -47,8 +47,7 @@ def _check_dataset(d: S.DataConfig) -> List[Problem]:
         return [Problem("data.name", f"no dataset {d.name!r} is registered by llmexp or a plugin",
                         suggest(d.name, entries))]
     entry = entries[d.name]
-    where = f"dataset {d.name!r}" + ("" if entry.owner.name == "llmexp" else f" of {entry.owner}")
-    options, problems = check_options(d.options, entry.declaration.options, "data.options", where)
+    options, problems = check_options(d.options, entry.declaration.options, "data.options", entry.describe("dataset"))
     if not problems and options is not None:
         d.options = dataclasses.asdict(options)
     return problems
@@ -187,6 +186,10 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
 def _check_eval(run: S.RunConfig) -> List[Problem]:
     """The eval exists and, offline, every lm-eval task is one llmexp ships or include_path holds."""
     e = run.eval
+    if e.name in ("none", "lm_eval") and e.options:
+        return [Problem("eval.options", f"eval={e.name} takes no options (got {', '.join(map(str, e.options))}); "
+                        "eval.options are a plugin eval's", "drop them with ~eval.options, or choose a plugin "
+                        "eval with eval.name=<name> (llmexp plugins lists them)")]
     if e.name == "none":
         return []
     if not STAGES[run.stage.name].language_model:
@@ -197,7 +200,11 @@ def _check_eval(run: S.RunConfig) -> List[Problem]:
         from llmexp.plugins.registry import evals
 
         known = ["none", "lm_eval", *evals()]
-        return [] if e.name in known else [Problem("eval.name", f"unknown eval {e.name!r}", suggest(e.name, known))]
+        if e.name not in known:
+            return [Problem("eval.name", f"unknown eval {e.name!r}", suggest(e.name, known))]
+        from llmexp.plugins.evaluation import option_problems
+
+        return option_problems(e.name, e.options, "eval.options")[1]  # before any model is built
     p: List[Problem] = []
     if e.include_path and not Path(e.include_path).is_dir():
         p.append(Problem("eval.include_path", f"{e.include_path!r} is not a directory",

@@ -3,6 +3,7 @@
     python -m llmexp.eval runs/sft-llama/<time>                  # the run's model/, results into its eval/
     python -m llmexp.eval run=runs/sft-llama/<time> --tasks arithmetic_gen --limit 50
     python -m llmexp.eval path/to/hf_model --tasks mytask --include-path my_tasks/ --out results/
+    python -m llmexp.eval runs/sft-llama/<time> --tasks answer_match,arithmetic_gen   # a plugin eval too
 
 Writes ``<out>/results.json`` in the same format as a training run's ``eval/results.json``.
 """
@@ -23,7 +24,9 @@ from llmexp.record import load_language_model, model_dir_of
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmexp.eval", description=__doc__.splitlines()[0])
     ap.add_argument("target", help="run directory, run=<dir>, or an HF model directory")
-    ap.add_argument("--tasks", default="arithmetic_mc,arithmetic_gen,arithmetic_ppl", help="comma-separated")
+    ap.add_argument("--tasks", default="arithmetic_mc,arithmetic_gen,arithmetic_ppl",
+                    help="comma-separated lm-eval tasks and registered evals (llmexp plugins lists them; "
+                         "run with their default options)")
     ap.add_argument("--include-path", default=None, help="a directory of your own lm-eval task YAMLs")
     ap.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per task")
     ap.add_argument("--batch-size", type=positive_int, default=32)
@@ -39,25 +42,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         from llmexp.config.schema import EvalConfig
         from llmexp.errors import ConfigError, Problem, suggest
         from llmexp.evals.tasks import task_names
+        from llmexp.plugins.evaluation import eval_options, run_eval
+        from llmexp.plugins.registry import evals
 
         tasks = [t for t in args.tasks.split(",") if t]
-        cfg = EvalConfig(name="lm_eval", tasks=tasks, include_path=args.include_path, limit=args.limit,
+        registered = evals()  # plugin evals (and llmexp's own) run by name, next to lm-eval tasks
+        lm_tasks = [t for t in tasks if t not in registered]
+        cfg = EvalConfig(name="lm_eval", tasks=lm_tasks, include_path=args.include_path, limit=args.limit,
                          batch_size=args.batch_size, num_fewshot=args.num_fewshot,
                          apply_chat_template=not args.no_chat_template)
         if not args.online:
             names = task_names(args.include_path)
-            bad = [Problem("--tasks", f"unknown task {t!r}", suggest(t, names)) for t in tasks if t not in names]
+            bad = [Problem("--tasks", f"unknown task {t!r}", suggest(t, [*names, *registered]))
+                   for t in lm_tasks if t not in names]
             if bad:
                 raise ConfigError(bad)
+        options = {t: eval_options(t, {}, key="--tasks") for t in tasks if t in registered}
         model_dir = model_dir_of(args.target)
-        from llmexp.evals.lm_eval_bridge import run_lm_eval
         from llmexp.evals.runner import print_table, record
 
+        out = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir)
         model, tokenizer = load_language_model(model_dir)
-        table = run_lm_eval(model, tokenizer, cfg, offline=not args.online)
+        table = {}
+        if lm_tasks:
+            from llmexp.evals.lm_eval_bridge import run_lm_eval
+
+            table.update(run_lm_eval(model, tokenizer, cfg, offline=not args.online))
+        for name, typed in options.items():
+            flat = run_eval(name, model, tokenizer, typed, run_dir=out)
+            table[name] = {key.split("/", 1)[1]: value for key, value in flat.items()}
     except UserError as e:
         return report(e)
-    out = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir)
     path = record(table, out) if not args.out else _record_into(table, out)
     print_table(table, f"eval of {model_dir}")
     print(f"results: {path}")

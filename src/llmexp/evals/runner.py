@@ -18,7 +18,8 @@ def evaluate(cfg: RunConfig, model, tokenizer, run_dir: Optional[Path] = None) -
         return run_lm_eval(model, tokenizer, cfg.eval, offline=cfg.offline)
     from llmexp.plugins.evaluation import run_eval
 
-    flat = run_eval(cfg.eval.name, model, tokenizer, cfg.eval.options, run_dir=run_dir, cfg=cfg)
+    flat = run_eval(cfg.eval.name, model, tokenizer, cfg.eval.options, run_dir=run_dir, cfg=cfg,
+                    key="eval.options")
     return {cfg.eval.name: {key.split("/", 1)[1]: value for key, value in flat.items()}}
 
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 from llmexp.errors import Problem, suggest
 from llmexp.plugins.errors import PluginError
-from llmexp.plugins.manager import PluginInfo, host
+from llmexp.plugins.manager import BUILTIN, PluginInfo, clash, host
 
 
 def plugin_config_dirs() -> List[Tuple[PluginInfo, Path]]:
@@ -35,8 +35,13 @@ def plugin_config_dirs() -> List[Tuple[PluginInfo, Path]]:
 
 
 def with_plugin_options(groups: Dict[str, List[str]]) -> Dict[str, List[str]]:
-    """``groups`` (llmexp's conf/) with every plugin's options added; clashes are a PluginError."""
-    owners = {(g, o): "llmexp" for g, options in groups.items() for o in options}
+    """``groups`` (llmexp's conf/) with every plugin's options added. Every plugin problem is a
+    PluginError here, all at once: config options and registry names (datasets, evals, rewards)
+    provided twice, malformed declarations, raising hooks. So ``llmexp plugins``, ``--help`` and
+    every run refuse the same plugins with the same text."""
+    from llmexp.plugins.registry import registry_problems
+
+    owners: Dict[Tuple[str, str], PluginInfo] = {(g, o): BUILTIN for g, options in groups.items() for o in options}
     merged = {g: list(options) for g, options in groups.items()}
     problems = []
     for info, root in plugin_config_dirs():
@@ -46,12 +51,18 @@ def with_plugin_options(groups: Dict[str, List[str]]) -> Dict[str, List[str]]:
                                         suggest(sub.name, groups)))
                 continue
             for option in sorted(p.stem for p in sub.glob("*.yaml")):
-                owner = owners.setdefault((sub.name, option), str(info))
-                if owner != str(info):
-                    problems.append(Problem(f"{sub.name}={option}", f"provided by both {owner} and {info}",
-                                            "uninstall one of them, or choose with LLMEXP_PLUGINS=<names>"))
+                owner = owners.setdefault((sub.name, option), info)
+                if owner != info:
+                    problems.append(clash(f"{sub.name}={option}", f"config file {sub.name}/{option}.yaml",
+                                          owner, info))
                 else:
                     merged[sub.name].append(option)
+    cause = None
+    try:
+        registry_problems()
+    except PluginError as e:
+        problems.extend(e.problems)
+        cause = e.__cause__
     if problems:
-        raise PluginError(problems)
+        raise PluginError(problems) from cause
     return {g: sorted(set(options)) for g, options in merged.items()}

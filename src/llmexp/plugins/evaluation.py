@@ -9,39 +9,46 @@ from __future__ import annotations
 import dataclasses
 from numbers import Real
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from llmexp.errors import ConfigError, Problem, UserError
 from llmexp.plugins.declarations import EvalContext
 from llmexp.plugins.errors import PluginError
+from llmexp.plugins.manager import raised_at
 from llmexp.plugins.registry import lookup
+
+
+def option_problems(name: str, values: Optional[Mapping[str, Any]], key: str) -> Tuple[Any, List[Problem]]:
+    """(typed options of eval ``name`` from ``values``, problems under ``key``): an unknown option is
+    named with the eval, its plugin, the declared options and the closest one."""
+    from llmexp.config.check import check_options
+
+    entry = lookup("llmexp_evals", name, "eval")
+    return check_options(dict(values or {}), entry.declaration.options, key, entry.describe("eval"))
 
 
 def eval_options(name: str, values: Optional[Mapping[str, Any]] = None, key: Optional[str] = None) -> Any:
     """The typed options of eval ``name`` from ``values``, or ConfigError naming ``key``."""
-    from llmexp.config.check import check_options
-
-    entry = lookup("llmexp_evals", name, "eval")
-    key = key or f"eval.{name}.options"
-    options, problems = check_options(dict(values or {}), entry.declaration.options, key, f"eval {name!r}")
+    options, problems = option_problems(name, values, key or f"eval.{name}.options")
     if problems:
         raise ConfigError(problems)
     return options
 
 
 def run_eval(name: str, model: Any, tokenizer: Any, options: Optional[Mapping[str, Any]] = None,
-             run_dir: Optional[Path] = None, cfg: Any = None) -> Dict[str, float]:
-    """Metrics of eval ``name`` on ``model`` as ``{"<name>/<metric>": float}``."""
+             run_dir: Optional[Path] = None, cfg: Any = None, key: Optional[str] = None) -> Dict[str, float]:
+    """Metrics of eval ``name`` on ``model`` as ``{"<name>/<metric>": float}``; bad ``options`` are a
+    ConfigError naming ``key`` (default ``eval.<name>.options``)."""
     entry = lookup("llmexp_evals", name, "eval")
-    typed = options if dataclasses.is_dataclass(options) else eval_options(name, options)
+    typed = options if dataclasses.is_dataclass(options) else eval_options(name, options, key)
     ctx = EvalContext(model=model, tokenizer=tokenizer, options=typed, run_dir=run_dir, cfg=cfg)
     try:
         metrics = entry.declaration.runner(ctx)
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 - the plugin's bug: name it (LLMEXP_TRACEBACK=1 shows where)
-        raise PluginError([Problem(str(entry.owner), f"eval {name!r} failed: {type(e).__name__}: {e}",
-                                   "report it to the plugin's authors")]) from e
+    except Exception as e:  # noqa: BLE001 - the plugin's bug: name it and where (LLMEXP_TRACEBACK=1: how)
+        raise PluginError([Problem(str(entry.owner), f"eval {name!r} failed: {type(e).__name__}: {e}"
+                                   f"{raised_at(e, entry.owner)}", "report it to the plugin's authors")]) from e
     return _checked(name, metrics, entry.owner)
 
 

@@ -12,11 +12,13 @@ from llmexp.errors import UserError, report
 
 def inventory() -> Dict[str, Any]:
     """Every loaded plugin with its distribution, version and provisions, as plain data."""
+    from llmexp.paths import config_groups
     from llmexp.plugins.configs import plugin_config_dirs
     from llmexp.plugins.manager import host
     from llmexp.plugins.registry import datasets, evals, rewards
 
     h = host()
+    config_groups()  # every plugin problem, the very ones a run or --help reports
     registries = {"datasets": datasets(), "evals": evals(), "rewards": rewards()}
     configs: Dict[str, List[str]] = {}
     for info, root in plugin_config_dirs():

@@ -3,14 +3,18 @@
 Selection (environment): ``LLMEXP_PLUGINS=a,b`` loads only the named plugins (entry-point names,
 or importable module names for plugins that are not installed as distributions);
 ``LLMEXP_DISABLE_PLUGIN_AUTOLOAD=1`` loads no installed plugin unless ``LLMEXP_PLUGINS`` names it.
-The built-in plugin is always loaded. Every problem (import failure, unknown hook, wrong hook
-signature, unsupported llmexp version, duplicate plugin name) is collected into one PluginError.
+The built-in plugin is always loaded. Every problem (import failure, unknown hook, a hook-named
+function without ``@llmexp.hookimpl``, wrong hook signature, unsupported llmexp version, duplicate
+plugin name) is collected into one PluginError.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -53,31 +57,34 @@ class Host:
         self.autoload, self.listed = autoload, listed
         self.cache: Dict[str, Any] = {}
 
-    def register(self, obj: Any, info: PluginInfo) -> Optional[Problem]:
-        """Register ``obj``; a Problem naming the plugin when its hooks do not fit the specs."""
+    def register(self, obj: Any, info: PluginInfo) -> List[Problem]:
+        """Register ``obj``; the Problems naming the plugin when its hooks do not fit the specs."""
+        problems = unmarked_hooks(obj, info)
         try:
             self.pm.register(obj, name=info.name)
         except pluggy.PluginValidationError as e:
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            return Problem(str(info), "wrong hook signature: " + "; ".join(lines[1:] or lines),
-                           f"match the hookspec in llmexp.plugins.hookspecs ({_spec_signatures(self.pm)})")
+            return problems + [Problem(str(info), "wrong hook signature: " + "; ".join(lines[1:] or lines),
+                                       f"match the hookspec in llmexp.plugins.hookspecs "
+                                       f"({_spec_signatures(self.pm)})")]
         except ValueError as e:
-            return Problem(str(info), f"cannot be registered: {e}", SKIP_HINT)
+            return problems + [Problem(str(info), f"cannot be registered: {e}", SKIP_HINT)]
         unknown = [hc.name for hc in self.pm.get_hookcallers(obj) or [] if not hc.has_spec()]
         if unknown:
+            problems.append(Problem(str(info), f"implements unknown hook {', '.join(repr(u) for u in unknown)}",
+                                    suggest(unknown[0], hook_names())))
+        if problems:
             self.pm.unregister(obj)
-            known = hook_names()
-            return Problem(str(info), f"implements unknown hook {', '.join(repr(u) for u in unknown)}",
-                           suggest(unknown[0], known))
+            return problems
         self.plugins.append((obj, info))
-        return None
+        return []
 
     def implemented(self, obj: Any) -> List[str]:
         return sorted(hc.name for hc in self.pm.get_hookcallers(obj) or [])
 
     def call(self, hook: str, **kwargs: Any) -> List[Tuple[PluginInfo, Any]]:
         """Each plugin's result of ``hook`` with the plugin it came from (results are collected)."""
-        out, problems = [], []
+        out, problems, cause = [], [], None
         for obj, info in self.plugins:
             if hook not in self.implemented(obj):
                 continue
@@ -86,14 +93,85 @@ class Host:
                 results = self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
             except UserError:
                 raise
-            except Exception as e:  # noqa: BLE001 - a plugin's bug, reported with its name
-                problems.append(Problem(str(info), f"{hook}() raised {type(e).__name__}: {e}",
+            except Exception as e:  # noqa: BLE001 - a plugin's bug, reported with its name and place
+                problems.append(Problem(str(info), f"{hook}() raised {type(e).__name__}: {e}{raised_at(e, info)}",
                                         f"fix the plugin, {SKIP_HINT}"))
+                cause = cause or e  # chained, so LLMEXP_TRACEBACK=1 shows the plugin's own frames
                 continue
             out.extend((info, r) for r in results)
         if problems:
-            raise PluginError(problems)
+            raise PluginError(problems) from cause
         return out
+
+
+def unmarked_hooks(obj: Any, info: PluginInfo) -> List[Problem]:
+    """A function of the plugin named like a hook (``llmexp_...``) but not marked ``@llmexp.hookimpl``,
+    which pluggy would silently ignore. Names starting with ``llmexp_`` are reserved for hooks."""
+    problems = []
+    known = hook_names()
+    for name in sorted(dir(obj)):
+        if not name.startswith(f"{PROJECT}_"):
+            continue
+        fn = getattr(obj, name, None)
+        if not inspect.isroutine(fn) or hasattr(fn, f"{PROJECT}_impl") or hasattr(fn, f"{PROJECT}_spec"):
+            continue
+        where = _defined_at(fn)
+        if name in known:
+            problems.append(Problem(str(info), f"function {name}(){where} is not marked @llmexp.hookimpl, so "
+                                    "llmexp would never call it", "mark it @llmexp.hookimpl (after import llmexp)"))
+        else:
+            problems.append(Problem(str(info), f"function {name}(){where} is named like a hook but is neither an "
+                                    "llmexp hook nor marked @llmexp.hookimpl",
+                                    f"{suggest(name, known)}; rename it to that hook and mark it @llmexp.hookimpl, "
+                                    f"or give a helper a name not starting with {PROJECT}_ (reserved for hooks)"))
+    return problems
+
+
+def _defined_at(fn: Any) -> str:
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    return f" ({code.co_filename}:{code.co_firstlineno})" if code else ""
+
+
+def _plugin_roots(info: PluginInfo) -> List[str]:
+    """The files and directories holding the plugin's code (its top-level package or module)."""
+    top = sys.modules.get(info.module.split(":")[0].split(".")[0])
+    roots = list(getattr(top, "__path__", None) or [])
+    if not roots and getattr(top, "__file__", None):
+        roots = [top.__file__]
+    return [os.path.realpath(r) for r in roots]
+
+
+def raised_at(error: BaseException, info: PluginInfo) -> str:
+    """`` (at FILE:LINE)``: the innermost frame of ``error`` in the plugin's own code (else the
+    innermost frame outside llmexp and pluggy); empty when there is none."""
+    frames = traceback.extract_tb(error.__traceback__)
+    roots = _plugin_roots(info)
+    ours = [os.path.dirname(os.path.realpath(m.__file__)) for m in (pluggy, sys.modules["llmexp"])]
+
+    def inside(path: str, dirs: List[str]) -> bool:
+        real = os.path.realpath(path)
+        return any(real == d or real.startswith(d.rstrip(os.sep) + os.sep) for d in dirs)
+
+    frame = next((f for f in reversed(frames) if inside(f.filename, roots)), None) if roots else None
+    if frame is None:
+        frame = next((f for f in reversed(frames) if not inside(f.filename, ours)), None)
+    return f" (at {frame.filename}:{frame.lineno})" if frame else ""
+
+
+def clash(key: str, thing: str, first: PluginInfo, second: PluginInfo) -> Problem:
+    """The one description of a name provided twice (``key``: ``dataset 'x'``, ``data=x``; ``thing``:
+    what the second plugin would rename), used by the registries and the config groups alike, so
+    ``llmexp plugins``, ``--help`` and a run all word it the same way."""
+    if BUILTIN in (first, second):
+        plugin = second if first == BUILTIN else first
+        others = [i.name for _, i in host().plugins if i not in (BUILTIN, plugin)]
+        load = (f"LLMEXP_PLUGINS={','.join(others)} (every loaded plugin but {plugin.name!r})" if others else
+                "LLMEXP_DISABLE_PLUGIN_AUTOLOAD=1" + (" with LLMEXP_PLUGINS unset" if host().listed else ""))
+        return Problem(key, f"declared by both llmexp itself (built-in) and {plugin}",
+                       f"rename the plugin's {thing} (in {plugin.distribution or plugin.module}), or disable "
+                       f"plugin {plugin.name!r}: {load}")
+    return Problem(key, f"declared by both {first} and {second}",
+                   "uninstall one of them, or choose which to load with LLMEXP_PLUGINS=<names>")
 
 
 def hook_names() -> List[str]:
@@ -153,32 +231,32 @@ def unsupported_llmexp(dist: Any) -> Optional[str]:
     return None
 
 
-def _load_entry_point(host: Host, ep: Any) -> Optional[Problem]:
+def _load_entry_point(host: Host, ep: Any) -> List[Problem]:
     info = _info(ep)
     spec = unsupported_llmexp(ep.dist)
     if spec:
-        return Problem(str(info), f"supports llmexp {spec}, but this is llmexp {__version__}",
-                       f"pip install -U {info.distribution} (a release supporting llmexp {__version__}), "
-                       f"or pip install 'llmexp{spec}'; {SKIP_HINT}")
+        return [Problem(str(info), f"supports llmexp {spec}, but this is llmexp {__version__}",
+                        f"pip install -U {info.distribution} (a release supporting llmexp {__version__}), "
+                        f"or pip install 'llmexp{spec}'; {SKIP_HINT}")]
     try:
         obj = ep.load()
     except Exception as e:  # noqa: BLE001 - any import-time failure is the plugin's
-        return Problem(str(info), f"failed to import {ep.value}: {type(e).__name__}: {e}",
-                       f"reinstall or fix {info.distribution}, {SKIP_HINT}")
+        return [Problem(str(info), f"failed to import {ep.value}: {type(e).__name__}: {e}",
+                        f"reinstall or fix {info.distribution}, {SKIP_HINT}")]
     return host.register(obj, info)
 
 
-def _load_module(host: Host, name: str, installed: Dict[str, Any]) -> Optional[Problem]:
+def _load_module(host: Host, name: str, installed: Dict[str, Any]) -> List[Problem]:
     info = PluginInfo(name, None, None, name)
     try:
         obj = importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name and name.startswith(e.name):
-            return Problem(f"LLMEXP_PLUGINS={name}", "no installed plugin or importable module of that name",
-                           suggest(name, installed) if installed else "no llmexp plugins are installed")
-        return Problem(str(info), f"failed to import: {type(e).__name__}: {e}", SKIP_HINT)
+            return [Problem(f"LLMEXP_PLUGINS={name}", "no installed plugin or importable module of that name",
+                            suggest(name, installed) if installed else "no llmexp plugins are installed")]
+        return [Problem(str(info), f"failed to import: {type(e).__name__}: {e}", SKIP_HINT)]
     except Exception as e:  # noqa: BLE001
-        return Problem(str(info), f"failed to import: {type(e).__name__}: {e}", SKIP_HINT)
+        return [Problem(str(info), f"failed to import: {type(e).__name__}: {e}", SKIP_HINT)]
     return host.register(obj, info)
 
 
@@ -188,9 +266,9 @@ def load(env: Optional[Mapping[str, str]] = None) -> Host:
 
     autoload, listed = selection(os.environ if env is None else env)
     host = Host(autoload, listed)
-    problem = host.register(builtin, BUILTIN)
-    if problem:  # llmexp's own hooks must always fit its specs
-        raise PluginError([problem])
+    own = host.register(builtin, BUILTIN)
+    if own:  # llmexp's own hooks must always fit its specs
+        raise PluginError(own)
     installed, problems = installed_entry_points()
     if autoload:
         names = list(installed)
@@ -198,11 +276,9 @@ def load(env: Optional[Mapping[str, str]] = None) -> Host:
         names = list(dict.fromkeys(listed))
     for name in names:
         if name in installed:
-            problem = _load_entry_point(host, installed[name])
+            problems.extend(_load_entry_point(host, installed[name]))
         else:
-            problem = _load_module(host, name, installed)
-        if problem:
-            problems.append(problem)
+            problems.extend(_load_module(host, name, installed))
     if problems:
         raise PluginError(problems)
     return host

@@ -1,7 +1,9 @@
 """Name -> declaration registries built from the hooks: datasets, evals, rewards; plus callbacks.
 
 Each registry is collected once per process from every loaded plugin (llmexp's built-ins
-included). A malformed declaration or a name declared twice is a PluginError naming the plugins.
+included). A malformed declaration or a name declared twice is a PluginError naming the plugins;
+:func:`registry_problems` collects those of every registry at once. A dataset's builder is handed
+out checked: rows whose columns differ from the declared ``columns`` are the plugin's error.
 """
 
 from __future__ import annotations
@@ -9,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Generic, List, TypeVar
+from typing import Any, Dict, Generic, Iterable, List, Optional, TypeVar
 
 from llmexp.errors import Problem, UserError, suggest
 from llmexp.plugins.declarations import DatasetDeclaration, EvalDeclaration, RewardDeclaration
 from llmexp.plugins.errors import PluginError
-from llmexp.plugins.manager import PluginInfo, host
+from llmexp.plugins.manager import BUILTIN, PluginInfo, clash, host
 
 T = TypeVar("T")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -32,6 +34,11 @@ class Entry(Generic[T]):
 
     declaration: T
     owner: PluginInfo
+
+    def describe(self, what: str) -> str:
+        """``eval 'x'`` for llmexp's own, ``eval 'x' of plugin 'p' (dist 1.0)`` for a plugin's."""
+        name = getattr(self.declaration, "name", "?")
+        return f"{what} {name!r}" + ("" if self.owner == BUILTIN else f" of {self.owner}")
 
 
 def datasets() -> Dict[str, Entry[DatasetDeclaration]]:
@@ -70,15 +77,68 @@ def collect(hook: str) -> Dict[str, Entry]:
                     problems.append(Problem(str(info), f"{hook}() returned {problem}",
                                             f"return a list of llmexp.plugins.{kind.__name__}"))
                 elif d.name in entries:
-                    problems.append(Problem(f"{what} {d.name!r}", f"declared by both {entries[d.name].owner} "
-                                            f"and {info}", "uninstall one of them, or choose which to load "
-                                            "with LLMEXP_PLUGINS=<names>"))
+                    problems.append(clash(f"{what} {d.name!r}", f"{kind.__name__}({d.name!r}, ...)",
+                                          entries[d.name].owner, info))
                 else:
+                    if isinstance(d, DatasetDeclaration) and d.columns is not None:
+                        d = dataclasses.replace(d, builder=_checked_builder(d, info))
                     entries[d.name] = Entry(d, info)
         if problems:
             raise PluginError(problems)
         h.cache[hook] = entries
     return h.cache[hook]
+
+
+def registry_problems() -> None:
+    """Collect every registry (datasets, evals, rewards); their problems together are one
+    PluginError (chained to the first plugin exception)."""
+    problems: List[Problem] = []
+    cause: Optional[BaseException] = None
+    for hook in KINDS:
+        try:
+            collect(hook)
+        except PluginError as e:
+            problems.extend(e.problems)
+            cause = cause or e.__cause__
+    if problems:
+        raise PluginError(problems) from cause
+
+
+def _checked_builder(d: DatasetDeclaration, owner: PluginInfo):
+    """``d.builder`` whose rows (dicts, or a ``datasets.Dataset``) must have exactly ``d.columns``."""
+    declared = sorted(d.columns or ())
+    build = d.builder
+
+    def mismatch(columns: Iterable[str], where: str) -> PluginError:
+        have = sorted(map(str, columns))
+        missing, extra = sorted(set(declared) - set(have)), sorted(set(have) - set(declared))
+        diff = "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                            f"undeclared {', '.join(extra)}" if extra else "") if part)
+        return PluginError([Problem(str(owner), f"dataset {d.name!r} declares columns ({', '.join(declared)}), "
+                                    f"but {where} has columns ({', '.join(have) or 'none'}): {diff}",
+                                    f"make the builder's rows have exactly the declared columns, or correct "
+                                    f"DatasetDeclaration(columns=...) (None when they depend on the options); "
+                                    f"this is a bug of {owner.distribution or owner.module}")])
+
+    def rows_checked(rows: Iterable[Any]):
+        for n, row in enumerate(rows):
+            if not hasattr(row, "keys") or sorted(map(str, row.keys())) != declared:
+                raise mismatch(row.keys() if hasattr(row, "keys") else (), f"row {n}")
+            yield row
+
+    def checked(options: Any, seed: int) -> Any:
+        rows = build(options, seed)
+        if hasattr(rows, "column_names"):  # a datasets.Dataset
+            if sorted(rows.column_names) != declared:
+                raise mismatch(rows.column_names, "the Dataset it built")
+            return rows
+        if isinstance(rows, (list, tuple)):
+            for _ in rows_checked(rows):
+                pass
+            return rows
+        return rows_checked(rows)
+
+    return checked
 
 
 def _malformed(d: Any, kind: type, call_field: str) -> str:
