@@ -51,6 +51,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         from llmexp.pipeline import main as run_pipeline
 
         sys.exit(run_pipeline(argv[1:]))
+    if argv[:1] == ["compare"]:
+        from llmexp.compare.__main__ import main as run_compare
+
+        sys.exit(run_compare(argv[1:]))
     if argv[:1] == ["plugins"]:
         from llmexp.plugins.listing import main as list_plugins
 

@@ -34,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         count = args.count if args.count is not None else (None if spec.config.get("method") == "grid" else 10)
         out = Path(args.dir or Path("runs") / "sweeps" / spec.name)
         trials = SweepEngine(spec, out, count, args.parallel).run()
-        result = write_report(out, trials, spec.metric, spec.goal, spec.name)
+        result = write_report(out, trials, spec.metric, spec.goal, spec.name, spec.parameters)
     except UserError as e:
         return report(e)
     best = result["best"]

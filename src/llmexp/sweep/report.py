@@ -1,13 +1,12 @@
-"""The sweep report: a table of trials (CSV and Markdown), a plot, and the best trial."""
+"""The sweep report: a table of trials (CSV and Markdown), parameter importance, figures (see
+llmexp.sweep.plots) and the best trial."""
 
 from __future__ import annotations
 
 import csv
 import io
-import math
-import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from llmexp.record import write_atomic
 
@@ -25,7 +24,12 @@ def rows(trials, metric: str) -> List[Dict[str, Any]]:
              "seconds": round(t.seconds, 1), "run_dir": t.run_dir} for t in trials]
 
 
-def write_report(out_dir: Path, trials, metric: str, goal: str, sweep_name: str) -> Dict[str, Any]:
+def write_report(out_dir: Path, trials, metric: str, goal: str, sweep_name: str,
+                 parameters: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """report.csv, report.md (trials, parameter importance, best trial, figures) and the figures:
+    report.png (metric against each swept parameter), curves.png (every trial's validation curve),
+    parallel.png (three or more swept parameters). ``parameters`` is the spec's, for which
+    distributions are log-uniform."""
     out_dir = Path(out_dir)
     table = rows(trials, metric)
     best = best_trial(trials, goal)
@@ -35,6 +39,8 @@ def write_report(out_dir: Path, trials, metric: str, goal: str, sweep_name: str)
         writer.writeheader()
         writer.writerows(table)
     write_atomic(out_dir / "report.csv", buf.getvalue())
+    distributions = {k: v.get("distribution") for k, v in (parameters or {}).items() if isinstance(v, dict)}
+    figures = write_figures(out_dir, trials, metric, goal, sweep_name, distributions)
     lines = [f"# Sweep {sweep_name}", "", f"Metric: `{metric}` ({goal}). Trials: {len(trials)}.", ""]
     if table:
         cols = list(table[0])
@@ -43,60 +49,50 @@ def write_report(out_dir: Path, trials, metric: str, goal: str, sweep_name: str)
     lines += ["", f"**Best trial:** {best.id} ({metric} = {best.metric:.6g}) with "
               f"{', '.join(f'{k}={v}' for k, v in best.params.items())}, run directory `{best.run_dir}`"
               if best else "**Best trial:** none finished"]
+    lines += ["", *importance_lines(trials, metric, distributions)]
+    captions = {"report.png": f"{metric} against each swept parameter (best starred, failed crossed)",
+                "curves.png": "validation curve of every trial, coloured by its final metric",
+                "parallel.png": "parallel coordinates of the swept parameters"}
+    lines += [f"![{captions[name]}]({name})" + "\n" for name in figures]
     write_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
-    plotted = plot(out_dir / "report.png", trials, metric)
-    return {"best": best, "plot": plotted}
+    return {"best": best, "plot": "report.png" in figures, "figures": figures}
+
+
+def write_figures(out_dir: Path, trials, metric: str, goal: str, sweep_name: str,
+                  distributions: Dict[str, Any]) -> List[str]:
+    """Save the figures there is something to show in; return their file names."""
+    from llmexp.plotting import save
+    from llmexp.sweep.plots import parallel_coordinates, parameter_panels, validation_curves
+
+    title = f"Sweep {sweep_name}: {metric} ({goal}), {len(trials)} trials"
+    made = {"report.png": parameter_panels(trials, metric, goal, distributions, title=title),
+            "curves.png": validation_curves(trials, metric, goal),
+            "parallel.png": parallel_coordinates(trials, metric, goal, distributions)}
+    for name, fig in made.items():
+        if fig is not None:
+            save(fig, out_dir / name)
+    return [name for name, fig in made.items() if fig is not None]
+
+
+def importance_lines(trials, metric: str, distributions: Dict[str, Any]) -> List[str]:
+    """The parameter-importance table of report.md (as W&B shows it)."""
+    from llmexp.sweep.importance import importance
+
+    done = [t for t in trials if t.status == "finished" and t.metric is not None]
+    found = importance([t.params for t in done], [t.metric for t in done], distributions)
+    if not found:
+        return ["## Parameter importance", "", "Needs at least two finished trials and a parameter that varies.", ""]
+    lines = ["## Parameter importance", "",
+             f"Importance: share of a random forest's (scikit-learn, 100 trees) fit of `{metric}` to the swept "
+             f"parameters (log10 of log-scaled ones); correlation: Pearson's r of `{metric}` with the value "
+             f"(positive: {metric} rises with it). {len(done)} finished trials"
+             + (" — too few for the forest." if len(done) < 3 else "."), "",
+             "| parameter | importance | correlation |", "|---|---|---|"]
+    lines += [f"| {r['param']} | {_cell(r['importance'])} | {_cell(r['correlation'])} |" for r in found]
+    return lines + [""]
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return "" if value is None else str(value)
-
-
-def plot(path: Path, trials, metric: str) -> bool:
-    """One parameter: metric against it (log x for learning rates). Several: parallel coordinates."""
-    done = [t for t in trials if t.metric is not None]
-    if not done:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    numeric = [k for k in sorted({k for t in done for k in t.params})
-               if all(isinstance(t.params.get(k), (int, float)) for t in done)]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    if len(numeric) == 1:
-        key = numeric[0]
-        pts = sorted((t.params[key], t.metric) for t in done)
-        ax.plot(*zip(*pts), "o-")
-        if min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) >= 10:
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
-    else:
-        axes = numeric + [metric]
-        values = {k: [t.params[k] for t in done] for k in numeric}
-        values[metric] = [t.metric for t in done]
-        scaled = {k: _unit(v, log=k.endswith("lr")) for k, v in values.items()}
-        cmap = plt.get_cmap("viridis")
-        m = scaled[metric]
-        for i in range(len(done)):
-            ax.plot(range(len(axes)), [scaled[k][i] for k in axes], color=cmap(m[i]), alpha=0.8)
-        ax.set_xticks(range(len(axes)), axes, rotation=15)
-        ax.set_yticks([])
-        ax.set_title("parallel coordinates (each axis scaled to its range; colour = metric)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
-
-
-def _unit(values: List[float], log: bool = False) -> List[float]:
-    vals = [math.log10(v) if log and v > 0 else v for v in values]
-    lo, hi = min(vals), max(vals)
-    return [0.5 if hi == lo else (v - lo) / (hi - lo) for v in vals]

@@ -1,0 +1,83 @@
+"""``llmexp compare RUN_DIR... | GLOB`` (or ``python -m llmexp.compare``): finished runs side by side.
+
+    llmexp compare runs/sweeps/lr                     # every trial of a sweep
+    llmexp compare runs/pipelines/dpo/<time>          # every stage of a pipeline
+    llmexp compare 'runs/sft-llama/*' runs/dpo-llama/2026-01-02_10-00-00 --out reports/sft-vs-dpo
+
+Prints a table (stage, model, data, the config keys that differ, initial -> final metrics, eval
+results, wall time, tokens/s) and writes compare.md, compare.csv and curves.png to --out
+(default runs/compare/<time>, a new directory: never a run's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from llmexp.errors import UserError, reader_may_stop_early, report
+from llmexp.record import RunDir, write_atomic
+
+
+def output_dir(out: Optional[str], runs: List[Path]) -> Path:
+    """--out, or a fresh runs/compare/<time>; a run directory (or one of the compared runs) is
+    refused so that a comparison never overwrites a run's files."""
+    path = Path(out) if out else Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
+    if RunDir(path).held() or (path / "trials.json").exists() or path.resolve() in {r.resolve() for r in runs}:
+        raise UserError(f"compare: --out {path} holds a run or a sweep; choose a new directory for the comparison "
+                        f"(default: runs/compare/<time>)")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"compare: --out {path} is a file; choose a directory")
+    return path
+
+
+def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> Dict[str, Any]:
+    """Load the runs, write the table and curves to the output directory; return what was made."""
+    from llmexp.compare.curves import curves_figure
+    from llmexp.compare.diff import differing_keys, run_labels
+    from llmexp.compare.runs import load_run, run_paths
+    from llmexp.compare.table import print_table, records, to_csv, to_markdown
+    from llmexp.plotting import save
+
+    found = run_paths(paths)
+    out_dir = output_dir(out, found)
+    runs = [load_run(p) for p in found]
+    keys = differing_keys([r.config for r in runs])
+    labels = run_labels([r.config for r in runs], keys, found)
+    title = f"{len(runs)} runs" + (f", differing in {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}" if keys else "")
+    rows = records(runs, keys, labels)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "compare.csv", to_csv(rows))
+    markdown = to_markdown(rows, title)
+    fig = curves_figure([r.metrics for r in runs], labels, title)
+    if fig is not None:
+        save(fig, out_dir / "curves.png")
+        markdown += "\n![curves of every run](curves.png)\n"
+    write_atomic(out_dir / "compare.md", markdown)
+    if show:
+        print_table(rows, title)
+    return {"dir": out_dir, "keys": keys, "labels": labels, "rows": rows, "curves": fig is not None}
+
+
+@reader_may_stop_early
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="llmexp compare", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("runs", nargs="+", help="run directories, sweep or pipeline directories, or quoted globs")
+    ap.add_argument("--out", default=None, help="where to write compare.md, compare.csv, curves.png "
+                                                "(default runs/compare/<time>)")
+    args = ap.parse_args(argv)
+    try:
+        result = compare(args.runs, args.out)
+    except UserError as e:
+        return report(e)
+    made = ", ".join(["compare.md", "compare.csv"] + (["curves.png"] if result["curves"] else []))
+    print(f"comparison of {len(result['rows'])} runs in {result['dir']}/ ({made})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

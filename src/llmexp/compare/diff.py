@@ -1,0 +1,50 @@
+"""What differs between runs: pure functions over their resolved configs, so a comparison names
+runs by their settings (``lr=3e-4``) and shows only the columns that tell them apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from llmexp.plotting import describe
+
+# Bookkeeping that differs between runs without changing what was trained.
+IGNORED = {"run_name", "resume"}
+
+
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``; lists stay values."""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def differing_keys(configs: Sequence[Dict[str, Any]]) -> List[str]:
+    """Dotted keys whose value is not the same in every run (a missing key counts as a value),
+    in config order. When a group's choice differs (``stage.name``: sft vs dpo) its other keys
+    follow from that choice, so only ``<group>.name`` is kept for it."""
+    flats = [flatten(c) for c in configs]
+    keys: List[str] = []
+    for flat in flats:
+        keys += [k for k in flat if k not in keys]
+    missing = object()
+    differ = [k for k in keys if k not in IGNORED
+              and len({repr(f.get(k, missing)) for f in flats}) > 1]
+    chosen = {k.rsplit(".", 1)[0] for k in differ if k.endswith(".name") and "." in k}
+    return [k for k in differ if k.endswith(".name") or k.rsplit(".", 1)[0] not in chosen]
+
+
+def run_labels(configs: Sequence[Dict[str, Any]], keys: Sequence[str], paths: Sequence[Path],
+               most: int = 3) -> List[str]:
+    """A legend name per run from its differing values; the directory name only where no key
+    differs, or to tell apart runs whose first ``most`` differing values agree."""
+    flats = [flatten(c) for c in configs]
+    shown = list(keys[:most])
+    labels = [describe(f, shown) if shown else Path(p).name for f, p in zip(flats, paths)]
+    return [f"{label} ({Path(p).name})" if labels.count(label) > 1 and shown else label
+            for label, p in zip(labels, paths)]

@@ -1,0 +1,116 @@
+"""The comparison table: one row per run (what it was, what differs, initial -> final metrics,
+task metrics, time and speed), as CSV (numbers, for a spreadsheet), Markdown and a rich table."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from llmexp.compare.diff import flatten
+from llmexp.compare.runs import Run
+from llmexp.plotting import short
+
+# The metrics a reader looks for first; the rest follow in name order.
+FIRST = ("val/task_score", "val/loss", "val/accuracy", "val/reward")
+
+
+def metric_pairs(summary: Dict[str, Any]) -> Dict[str, Tuple[Optional[float], Optional[float]]]:
+    """name -> (initial, final): validation metrics, then eval results as ``eval/<task>/<metric>``."""
+    initial, final = summary.get("initial") or {}, summary.get("final") or {}
+    names = sorted(set(initial) | set(final), key=lambda k: (k not in FIRST, FIRST.index(k) if k in FIRST else 0, k))
+    pairs = {k: (initial.get(k), final.get(k)) for k in names}
+    before, after = summary.get("eval_initial") or {}, summary.get("eval") or {}
+    for task in sorted(set(before) | set(after)):
+        for metric in sorted(set(before.get(task) or {}) | set(after.get(task) or {})):
+            pairs[f"eval/{task}/{metric}"] = ((before.get(task) or {}).get(metric), (after.get(task) or {}).get(metric))
+    return pairs
+
+
+def records(runs: Sequence[Run], keys: Sequence[str], labels: Sequence[str]) -> List[Dict[str, Any]]:
+    """One flat row per run with the same columns in every row (CSV needs that)."""
+    pairs = [metric_pairs(r.summary) for r in runs]
+    metrics: List[str] = []
+    for p in pairs:
+        metrics += [m for m in p if m not in metrics]
+    out = []
+    for run, label, p in zip(runs, labels, pairs):
+        s, flat = run.summary, flatten(run.config)
+        row: Dict[str, Any] = {"run": label, "stage": s.get("stage"), "model": s.get("model"), "data": s.get("data")}
+        row.update({k: flat.get(k) for k in keys})
+        row["steps"] = s.get("global_step")
+        for m in metrics:
+            row[f"{m} initial"], row[f"{m} final"] = p.get(m, (None, None))
+        row.update({"wall_seconds": s.get("wall_seconds"), "tokens_per_second": s.get("tokens_per_second"),
+                    "run_dir": str(run.path)})
+        out.append(row)
+    return out
+
+
+def display(rows: Sequence[Dict[str, Any]], arrows_in_header: bool = True) -> Tuple[List[str], List[List[str]]]:
+    """Header and cells for people: ``initial → final`` in one column, numbers shortened."""
+    if not rows:
+        return [], []
+    cols = [c for c in rows[0] if not c.endswith(" final")]
+    header = [c[: -len(" initial")] + (" (initial → final)" if arrows_in_header else "") if c.endswith(" initial")
+              else c for c in cols]
+    cells = []
+    for row in rows:
+        line = []
+        for col in cols:
+            value = row[col]
+            if col.endswith(" initial"):
+                line.append(f"{_num(value)} → {_num(row[col[: -len(' initial')] + ' final'])}")
+            elif value is None:
+                line.append("–")
+            elif col == "wall_seconds":
+                line.append(f"{value:.1f} s")
+            elif col == "tokens_per_second":
+                line.append(f"{value:.0f}")
+            else:
+                line.append(short(value))
+        cells.append(line)
+    return header, cells
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else short(value)
+
+
+def to_csv(rows: Sequence[Dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def to_markdown(rows: Sequence[Dict[str, Any]], title: str) -> str:
+    header, cells = display(rows)
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: Sequence[Dict[str, Any]], title: str) -> None:
+    """The table on the console, narrowed to fit: columns equal in every run go into the caption,
+    run directories stay in the files."""
+    from rich.console import Console
+    from rich.table import Table
+
+    header, cells = display(rows, arrows_in_header=False)
+    result = {j for j, h in enumerate(header) if h in ("run", "wall_seconds", "tokens_per_second")
+              or " → " in cells[0][j]}
+    keep = [j for j, h in enumerate(header) if j in result or (h != "run_dir" and (len(cells) == 1 or
+            len({line[j] for line in cells}) > 1))]
+    same = [f"{header[j]}={cells[0][j]}" for j in range(len(header)) if j not in keep and header[j] != "run_dir"]
+    table = Table(title=title + " (metrics: initial → final)",
+                  caption=f"same in every run: {', '.join(same)}" if same else None)
+    for j in keep:
+        table.add_column(header[j], overflow="fold")
+    for line in cells:
+        table.add_row(*[line[j] for j in keep])
+    Console().print(table)

@@ -1,0 +1,223 @@
+"""Reading experiments offline: the sweep report's figures and importance table, and
+``llmexp compare`` on sweep trials, pipeline-style stage directories and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmexp.testing import FAST, OFFLINE_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+# A few steps per trial: generation for the task score is what costs, so few prompts.
+TINY = [o for o in FAST if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))] + [
+    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "task.max_prompts=8"]
+
+
+def _cli(*args, cwd=REPO):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "llmexp", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, env={**OFFLINE_ENV, **os.environ})
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One real grid sweep of two trials: lr over two decades, warmup held constant."""
+    root = tmp_path_factory.mktemp("sweep")
+    spec = {"name": "lr", "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
+            "parameters": {"optim.lr": {"values": [1e-4, 1e-2]}, "optim.warmup_steps": {"value": 2}},
+            "command": ["${env}", "${interpreter}", "-m", "llmexp", *TINY, "${args_no_hyphens}"]}
+    (root / "lr.yaml").write_text(yaml.safe_dump(spec))
+    r = _cli("sweep", root / "lr.yaml", "--dir", root / "sw", "--parallel", "2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return root / "sw"
+
+
+def _trials(sweep_dir):
+    from llmexp.sweep.engine import Trial
+
+    return [Trial(**t) for t in json.loads((sweep_dir / "trials.json").read_text())["trials"]]
+
+
+def _trial(i, lr, metric, status="finished", **params):
+    from llmexp.sweep.engine import Trial
+
+    return Trial(id=i, params={"optim.lr": lr, **params}, run_dir=f"/nonexistent/t{i}", status=status, metric=metric)
+
+
+# -- the sweep report -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sweep_report_plots_metric_per_swept_parameter_on_a_log_axis(sweep):
+    from llmexp.sweep.plots import parameter_panels
+
+    fig = parameter_panels(_trials(sweep), "val/loss", "minimize")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["val/loss against optim.lr"]  # warmup_steps was constant
+    ax = panels[0]
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "optim.lr (log scale)"
+    assert ax.get_ylabel() == "val/loss (nats / token)"
+    best = min(_trials(sweep), key=lambda t: t.metric)
+    assert f"best: trial {best.id}" in [t.get_text() for t in ax.get_legend().get_texts()]
+    for name in ("report.png", "curves.png"):
+        assert (sweep / name).read_bytes()[:4] == b"\x89PNG"
+    assert not (sweep / "parallel.png").exists()  # two swept parameters at most: the panels say it all
+
+
+@pytest.mark.slow
+def test_sweep_report_overlays_every_trials_validation_curve(sweep):
+    from llmexp.sweep.plots import validation_curves
+
+    trials = _trials(sweep)
+    fig = validation_curves(trials, "val/loss", "minimize")
+    ax, colourbar = fig.axes
+    assert colourbar.get_ylabel() == "final val/loss"
+    assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "val/loss (nats / token)"
+    best = min(trials, key=lambda t: t.metric)
+    names = sorted(line.get_label() for line in ax.get_lines())
+    assert names == sorted(["best: lr=0.01" if best.params["optim.lr"] == 1e-2 else "lr=0.01",
+                            "best: lr=1e-4" if best.params["optim.lr"] == 1e-4 else "lr=1e-4"])
+    assert all(len(line.get_xdata()) >= 2 for line in ax.get_lines())  # initial and later validations
+
+
+@pytest.mark.slow
+def test_sweep_report_md_has_importance_of_swept_parameters_only(sweep):
+    md = (sweep / "report.md").read_text()
+    section = md.split("## Parameter importance", 1)[1]
+    assert "| optim.lr |" in section and "optim.warmup_steps" not in section
+    assert "too few for the forest" in section  # two trials: correlation only
+    assert "![val/loss against each swept parameter" in md and "(curves.png)" in md
+
+
+def test_failed_trials_are_marked_and_categorical_values_get_ticks():
+    from llmexp.sweep.plots import parameter_panels
+
+    trials = [_trial(0, 1e-4, 3.0, loss="dpo"), _trial(1, 1e-3, 2.0, loss="ipo"),
+              _trial(2, 1e-2, None, status="failed", loss="dpo")]
+    fig = parameter_panels(trials, "val/loss", "minimize")
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    lr, loss = panels["val/loss against optim.lr"], panels["val/loss against loss"]
+    legend = fig.axes[0].get_legend()  # the first panel carries the legend for all
+    assert "failed / stopped" in [t.get_text() for t in legend.get_texts()]
+    assert len(lr.collections[-1].get_offsets()) == 1  # the failed trial, crossed at the panel's foot
+    assert [t.get_text() for t in loss.get_xticklabels()] == ["dpo", "ipo"] and loss.get_xscale() == "linear"
+
+
+def test_parallel_coordinates_from_three_swept_parameters_with_values_on_the_axes():
+    from llmexp.sweep.plots import parallel_coordinates
+
+    two = [_trial(i, lr, m, beta=b) for i, (lr, b, m) in enumerate([(1e-4, 0.1, 3.0), (1e-2, 0.5, 2.0)])]
+    assert parallel_coordinates(two, "val/loss", "minimize") is None
+    three = [_trial(i, lr, m, beta=b, warmup=w, fixed=1)
+             for i, (lr, b, w, m) in enumerate([(1e-4, 0.1, 0, 3.0), (1e-3, 0.5, 10, 2.5), (1e-2, 0.9, 20, 2.0)])]
+    fig = parallel_coordinates(three, "val/loss", "minimize")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["beta", "optim.lr", "warmup", "val/loss"]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"1e-4", "1e-3", "0.01", "0.1", "0.9", "20"} <= texts
+    assert len(ax.get_lines()) == 3 + 4  # a line per trial and an axis per column; "fixed" left out
+
+
+def test_importance_ranks_the_parameter_that_moves_the_metric():
+    from llmexp.sweep.importance import correlation, importance, swept
+
+    params = [{"lr": 10 ** -e, "seed": s, "const": 1} for e, s in [(4, 1), (3, 3), (2, 2), (4, 2), (3, 1), (2, 3)]]
+    metric = [3.0, 2.0, 1.0, 3.1, 2.1, 0.9]  # falls as lr rises; the seed does nothing
+    assert swept(params) == ["lr", "seed"]
+    rows = importance(params, metric)
+    assert [r["param"] for r in rows] == ["lr", "seed"]
+    assert rows[0]["importance"] > 0.8 and rows[0]["correlation"] < -0.99
+    assert correlation([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_log_scale_short_values_and_labels():
+    from llmexp.plotting import describe, log_scale, short
+
+    assert log_scale([1e-4, 1e-3]) is False and log_scale([1e-4, 1e-2]) is True
+    assert log_scale([1e-4, 2e-4], "log_uniform_values") is True and log_scale([0, 1e-3, 1]) is False
+    assert [short(v) for v in (3e-4, 0.01, 0.1, 2, 1e5, "sft")] == ["3e-4", "0.01", "0.1", "2", "1e5", "sft"]
+    assert describe({"optim.lr": 3e-4, "stage.beta": 0.1}) == "lr=3e-4, beta=0.1"
+    assert describe({"a.lr": 1e-3, "b.lr": 2e-3}) == "a.lr=1e-3, b.lr=2e-3"
+
+
+# -- compare ---------------------------------------------------------------------------------
+
+def test_differing_keys_collapse_a_changed_group_to_its_name():
+    from llmexp.compare.diff import differing_keys, run_labels
+
+    sft = {"stage": {"name": "sft", "assistant_only_loss": True}, "optim": {"lr": 1e-4}, "run_name": "sft-llama",
+           "model": {"name": "llama", "pretrained": None}}
+    dpo = {"stage": {"name": "dpo", "beta": 0.1}, "optim": {"lr": 1e-4}, "run_name": "dpo-llama",
+           "model": {"name": "llama", "pretrained": "/runs/pipelines/dpo/1-sft/model"}}
+    keys = differing_keys([sft, dpo])
+    assert keys == ["stage.name", "model.pretrained"]
+    assert run_labels([sft, dpo], keys, ["p/1-sft", "p/2-dpo"]) == [
+        "name=sft, pretrained=None", "name=dpo, pretrained=…/1-sft/model"]
+    same = differing_keys([sft, sft])
+    assert same == [] and run_labels([sft, sft], same, ["a/x", "a/y"]) == ["x", "y"]
+
+
+@pytest.mark.slow
+def test_compare_cli_on_sweep_trials_writes_table_and_curves(sweep, tmp_path):
+    out = tmp_path / "cmp"
+    r = _cli("compare", f"{sweep}/trial-*", "--out", out)  # a quoted glob; .log files are skipped
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "differing in optim.lr" in r.stdout and "lr=1e-4" in r.stdout
+    rows = list(csv.DictReader(open(out / "compare.csv")))
+    assert sorted(row["run"] for row in rows) == ["lr=0.01", "lr=1e-4"]
+    assert "optim.warmup_steps" not in rows[0] and {"stage", "model", "data", "optim.lr", "val/loss initial",
+                                                    "val/loss final", "val/task_score final", "wall_seconds",
+                                                    "tokens_per_second"} <= set(rows[0])
+    for row in rows:
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert float(row["val/loss final"]) == summary["final"]["val/loss"] and row["stage"] == "sft"
+    md = (out / "compare.md").read_text()
+    assert "| run | stage | model | data | optim.lr |" in md and "val/loss (initial → final)" in md
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_compare_on_pipeline_stage_directories_names_runs_by_stage(sweep, tmp_path):
+    from llmexp.compare.__main__ import compare
+    from llmexp.compare.curves import curves_figure
+    from llmexp.compare.runs import load_run, run_paths
+
+    pipe = tmp_path / "pipe"  # the layout `llmexp pipeline` leaves: <dir>/<i>-<stage>/
+    shutil.copytree(sweep / "trial-000", pipe / "1-sft")
+    shutil.copytree(sweep / "trial-001", pipe / "2-dpo")
+    config = yaml.safe_load((pipe / "2-dpo" / "config.yaml").read_text())
+    config["stage"] = {"name": "dpo", "beta": 0.1}
+    (pipe / "2-dpo" / "config.yaml").write_text(yaml.safe_dump(config))
+    result = compare([str(pipe)], str(tmp_path / "cmp"), show=False)
+    assert result["keys"] == ["stage.name", "optim.lr"]
+    assert result["labels"] == ["name=sft, lr=1e-4", "name=dpo, lr=0.01"]
+    runs = [load_run(p) for p in run_paths([str(pipe)])]
+    fig = curves_figure([r.metrics for r in runs], result["labels"], "t")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles[:3] == ["train/loss", "val/loss", "val/task_score"]
+    val = fig.axes[1]
+    assert [line.get_label() for line in val.get_lines()] == result["labels"]
+    assert val.get_xlabel() == "optimizer step" and val.get_ylabel() == "val/loss (nats / token)"
+
+
+@pytest.mark.slow
+def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [([f"{tmp_path}/nothing-*"], "no run directories match"),
+             ([str(empty)], f"{empty} is not a run directory"),
+             ([str(tmp_path / "missing")], "does not exist"),
+             ([str(sweep / "trial-000"), "--out", str(sweep / "trial-001")], "holds a run or a sweep"),
+             ([str(sweep), "--out", str(sweep)], "holds a run or a sweep")]
+    for args, message in cases:
+        r = _cli("compare", *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "give finished run directories" in r.stderr or "choose a new directory" in r.stderr
