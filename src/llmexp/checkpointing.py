@@ -1,7 +1,10 @@
 """Checkpoints that survive a kill: atomic writes, RNG state, and finding where to resume.
 
-A checkpoint is written to a temporary file in the same directory and renamed over the target,
-so a SIGKILL during a save leaves the previous checkpoint intact. Resuming restores weights,
+A checkpoint is written to a temporary file in the same directory (``.<name>.tmp<pid>``) and
+renamed over the target, so a SIGKILL during a save leaves the previous checkpoint intact; the
+partial file such a kill leaves is removed when the run directory is next used
+(:func:`remove_stale_partials`). A save that fails (a full disk) removes its partial file and
+stops the run with one message saying which checkpoint is kept. Resuming restores weights,
 optimizer, scheduler, loop counters (hence the data position, see llmexp.data.sampler) and the
 RNG states, so a resumed run ends with the weights of an uninterrupted one.
 """
@@ -9,26 +12,149 @@ RNG states, so a resumed run ends with the weights of an uninterrupted one.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from llmexp.errors import UserError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose saves are all-or-nothing (temp file + os.replace)."""
+    """TorchCheckpointIO whose saves are all-or-nothing (temp file + os.replace).
+
+    The checkpoint is serialized straight into the temporary file next to the target (Lightning's
+    own save goes through a second temporary file in $TMPDIR, which a kill leaves behind there
+    and which hides a full run-directory disk until the final copy)."""
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        import torch
+
+        if storage_options is not None:
+            raise TypeError(f"storage_options are not supported by {type(self).__name__}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        tmp = partial_path(path)
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)  # never leave half a checkpoint behind
+            fault = disk_full_fault(exc, path)
+            if fault is not None:
+                raise fault from None
+            raise
+        _fsync_dir(path.parent)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, made safe to resume after a kill or in a moved run directory.
+
+    - No version counter: a resumed run that reaches a step whose file a killed run already wrote
+      (killed between step-N.ckpt and last.ckpt) overwrites it atomically with the same state,
+      instead of writing step-N-v1.ckpt / last-v1.ckpt beside it and leaving the original for good.
+    - The paths it remembers (the step file to replace next, last.ckpt) are moved to the current
+      checkpoints/ when the run directory was moved, so the old step file is still replaced
+      (Lightning keeps the old directory's paths and then never removes the file).
+    - Its state is stored under ModelCheckpoint's key, so checkpoints written before load as they did.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(enable_version_counter=False, **kwargs)
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and Path(old) != Path(self.dirpath):
+            here = Path(self.dirpath)
+
+            def moved(p: Any) -> Any:
+                return str(here / Path(p).name) if p and Path(p).parent == Path(old) else p
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          **{k: moved(state_dict.get(k)) for k in ("best_model_path", "last_model_path",
+                                                                   "kth_best_model_path")},
+                          "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)
+
+
+def partial_path(path: Path) -> Path:
+    """The temporary file a save of ``path`` by this process writes before renaming it."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (a power cut after a save keeps the new checkpoint)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ``.<name>.tmp<pid>`` (the record's files add a suffix after the pid: .loss_curve.png.tmp12.png)
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)(\.[A-Za-z0-9]+)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(run_dir: Path) -> List[Path]:
+    """Remove the partial files (``.<name>.tmp<pid>``) that a killed or failed save left in the
+    run directory and its checkpoints/, when the process that wrote them is gone; return them.
+
+    Only temporary files go: complete checkpoints and record files are never touched."""
+    from llmexp.record import RunDir
+
+    record = RunDir(run_dir)
+    removed = []
+    for directory in (record.path, record.checkpoints):
+        if not directory.is_dir():
+            continue
+        for p in sorted(directory.iterdir()):
+            m = _PARTIAL.match(p.name)
+            if m is None or not p.is_file() or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+                continue
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(p)
+    return removed
+
+
+def disk_full_fault(exc: BaseException, writing: Path):
+    """A TrainingFault when ``exc`` says the disk (or quota, or file-size limit) is full while
+    ``writing`` a checkpoint, else None. It names the directory and, only when there is one, the
+    checkpoint a resume continues from."""
+    from llmexp.faults import disk_full
+
+    return disk_full(exc, Path(writing).parent, _run_dir_of(Path(writing)), "a checkpoint")
+
+
+def _run_dir_of(checkpoint: Path) -> Optional[Path]:
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
 
 
 def rng_state() -> Dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig
 
 from llmexp.env import configure_environment, quiet_libraries
+from llmexp.faults import explain_disk_full
 from llmexp.preflight import preflight
 from llmexp.record import RunDir, build_summary, finish_record, write_config, write_overrides
 from llmexp.run_lock import RunLock
@@ -26,7 +27,26 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     run_dir = Path(run_dir or hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):  # a second run or resume on this directory is refused, naming this one
-        return train_and_record(typed, run_dir, callbacks, started)
+        clean_partials(run_dir)
+        with explain_disk_full(run_dir):  # one message naming the kept checkpoint, no traceback
+            return train_and_record(typed, run_dir, callbacks, started)
+
+
+def clean_partials(run_dir: Path) -> None:
+    """Remove the partial files a killed or failed save left (their writer is gone; this process
+    holds the directory), and say so."""
+    from llmexp.checkpointing import remove_stale_partials
+    from llmexp.run_lock import distributed_child
+
+    if distributed_child():
+        return  # rank 0 holds the directory and cleans it
+    removed = remove_stale_partials(run_dir)
+    if removed:
+        from rich.console import Console
+
+        names = ", ".join(str(p.relative_to(run_dir)) for p in removed)
+        Console(stderr=True, soft_wrap=True).print(
+            f"removed {len(removed)} partial file(s) a killed or failed save left in {run_dir}: {names}", highlight=False)
 
 
 def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: float) -> float:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from llmexp.checkpointing import AtomicCheckpointIO
+from llmexp.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from llmexp.config.schema import RunConfig
 from llmexp.record import RunDir
 from llmexp.strategies import build_strategy
@@ -14,15 +14,15 @@ from llmexp.strategies import build_strategy
 
 def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callbacks: List[Any] = ()):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from llmexp.progress import StepProgressBar
 
     t = cfg.trainer
     every = t.checkpoint_every_n_steps or t.val_check_interval or t.max_steps
-    callbacks = [ModelCheckpoint(dirpath=str(RunDir(run_dir).checkpoints), filename="step-{step}",
-                                 every_n_train_steps=every, save_top_k=1, save_last=True,
-                                 auto_insert_metric_name=False), *extra_callbacks]
+    # RunCheckpoint: no step-N-v1.ckpt / last-v1.ckpt after a kill, right paths in a moved run dir
+    callbacks = [RunCheckpoint(dirpath=str(RunDir(run_dir).checkpoints), filename="step-{step}",
+                               every_n_train_steps=every, save_top_k=1, save_last=True,
+                               auto_insert_metric_name=False), *extra_callbacks]
     if t.progress_bar:
         callbacks.append(StepProgressBar(leave=True))
     return L.Trainer(

@@ -118,9 +118,42 @@ def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, s
             continue
         out.append(s)
     if not out:
-        raise UserError(f"data.max_length: every {split} sample was removed ({stats}); raise data.max_length "
-                        f"or use data.overlong=truncate")
+        raise UserError(f"data.max_length: every {split} sample was removed ({stats}); "
+                        + length_advice(encoded, cfg, fmt))
     return out, stats
+
+
+def _target_start(sample: Dict[str, Any]) -> float:
+    """The fewest tokens a sample can be cut to and still keep a token to learn from (every
+    labels sequence of it: preference samples hold two); inf when it has none at any length."""
+    need = 0
+    for key, labels in sample.items():
+        if key.endswith("labels"):
+            first = next((i for i, t in enumerate(labels) if i >= 1 and t != IGNORE_INDEX), None)
+            if first is None:
+                return float("inf")
+            need = max(need, first + 1)
+    return need
+
+
+def length_advice(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str) -> str:
+    """What keeps samples when data.max_length removed them all: the advice fits the setting that
+    removed them (suggesting data.overlong=truncate when it is set, or cannot help, helps no one)."""
+    n, lengths = cfg.max_length, [_length(s) for s in encoded]
+    needs = [x for x in map(_target_start, encoded) if x != float("inf")]
+    if not needs:
+        return "no sample has a token to learn from at any length; check the data's completions / assistant turns"
+    span = f"samples have {min(lengths)}-{max(lengths)} tokens"
+    if cfg.overlong == "drop" and any(len_ > n for len_ in lengths):
+        keep = " or use data.overlong=truncate (keeps each sample's first data.max_length tokens)" \
+            if min(needs) <= n else ""
+        return (f"data.overlong=drop drops every sample longer than data.max_length={n} ({span}); raise "
+                f"data.max_length (to {max(lengths)} to keep every sample whole){keep}")
+    shortest = min(needs) - 1
+    return (f"data.overlong={cfg.overlong} cuts each sample to its first data.max_length={n} tokens, and every "
+            f"prompt is at least that long (the shortest is {shortest} tokens; {span}), so no token to learn from is "
+            f"left; raise data.max_length above {shortest} (to {max(lengths)} to keep every sample whole), or shorten "
+            f"the prompts")
 
 
 def _length(sample: Dict[str, Any]) -> int:

@@ -39,8 +39,9 @@ def content_chars(row: Dict[str, Any]) -> int:
         v = row.get(f)
         if isinstance(v, str):
             total += len(v)
-        elif isinstance(v, list):
-            total += sum(len(m.get("content") or "") for m in v if isinstance(m, dict))
+        elif isinstance(v, list):  # messages; a bare string in the list counts as its text
+            total += sum(len(m.get("content") or "") if isinstance(m, dict) else len(m) if isinstance(m, str) else 0
+                         for m in v)
     return total
 
 

@@ -21,6 +21,10 @@ def message_problem(value: Any, needs_assistant: bool) -> Optional[str]:
         return "is a string, but a list of messages {role, content} is expected"
     if not isinstance(value, list) or not value:
         return f"must be a non-empty list of messages {{role, content}}, got {type(value).__name__}"
+    if all(isinstance(m, str) for m in value):
+        return ("is a list of strings, but each message must be an object {role, content}: write "
+                "[{\"role\": \"user\", \"content\": \"...\"}, {\"role\": \"assistant\", \"content\": \"...\"}] "
+                "instead of [\"...\", \"...\"]")
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             return f"message {i} is a {type(m).__name__}, not {{role, content}}"

@@ -113,8 +113,93 @@ def _hub(cfg: DataConfig):
             train = loaded[cfg.split] if hasattr(loaded, "keys") else loaded
             val = loaded[cfg.validation_split] if cfg.validation_split else None
             return train, val
+        if local.is_dir() and not _card_names_files(local):
+            return _local_directory(cfg, local)
         train = load_dataset(cfg.path, split=cfg.split, **cfg.options)
         val = load_dataset(cfg.path, split=cfg.validation_split, **cfg.options) if cfg.validation_split else None
     except (KeyError, ValueError, FileNotFoundError, ConnectionError) as e:
         raise UserError(f"data.path: cannot load {cfg.path!r} (split {cfg.split!r}): {str(e).splitlines()[0]}") from None
     return train, val
+
+
+# Files in a dataset directory that describe it and are never its rows.
+DOC_STEMS = {"readme", "license", "licence", "notice", "changelog", "citation", "contributing", "authors"}
+COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
+TEXT_SUFFIXES = {".txt"}  # plain-text corpora (one row per line), used only when no structured file is there
+
+
+def _card_names_files(directory: Path) -> bool:
+    """Whether the directory's README.md card declares its data files (``configs:`` in its YAML
+    header, as hub datasets do): then `datasets` follows the card."""
+    card = directory / "README.md"
+    if not card.is_file():
+        return False
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return False
+    header = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+    return any(line.startswith("configs:") for line in header.splitlines())
+
+
+def _data_suffix(path: Path) -> str:
+    """The suffix naming a file's kind, under a compression suffix (rows.jsonl.gz: .jsonl)."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def local_dataset_files(directory: Path) -> List[Path]:
+    """The data files of a local dataset directory: JSONL/JSON/Parquet/CSV files (plain .txt files
+    only when there are none of those), never its README, licence or other docs, nor hidden files."""
+    found = [f for f in sorted(directory.rglob("*")) if f.is_file()
+             and not any(part.startswith(".") for part in f.relative_to(directory).parts)
+             and f.name.split(".")[0].lower() not in DOC_STEMS]
+    structured = [f for f in found if _data_suffix(f) in FILE_BUILDERS]
+    files = structured or [f for f in found if _data_suffix(f) in TEXT_SUFFIXES]
+    if not files:
+        others = ", ".join(sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file())[:8])
+        raise UserError(f"data.path: the directory {str(directory)!r} holds no data files (JSONL/JSON/Parquet/CSV, or "
+                        f".txt); it has: {others or 'nothing'}. Point data.path at the data files or at a directory "
+                        f"holding them (a dataset saved with save_to_disk works too)")
+    kinds = {FILE_BUILDERS.get(_data_suffix(f), "text") for f in files}
+    if len(kinds) > 1:
+        raise UserError(f"data.path: the directory {str(directory)!r} holds data files of several kinds "
+                        f"({', '.join(sorted({_data_suffix(f) for f in files}))}); keep one kind, or point "
+                        f"data.path at the files of one kind with data=files")
+    return files
+
+
+def _local_directory(cfg: DataConfig, directory: Path):
+    """A local dataset directory that is not a save_to_disk one: its data files (never its README),
+    split by file name the way `datasets` splits a hub dataset (train*, validation*/dev*, test*)."""
+    from datasets import load_dataset
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    files = local_dataset_files(directory)
+    try:
+        base = str(directory.resolve())
+        by_split = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
+        ours = {f.resolve(): f for f in files}
+        splits = {str(name): [ours[Path(f).resolve()] for f in found if Path(f).resolve() in ours]
+                  for name, found in by_split.items()}
+    except FileNotFoundError:  # no split names: every file is training data
+        splits = {}
+    splits = {name: found for name, found in splits.items() if found} or {"train": files}
+    builder = FILE_BUILDERS.get(_data_suffix(files[0]), "text")
+    if builder == "json":
+        _check_json_lines([str(f) for f in files if f.suffix.lower() not in COMPRESSED])
+
+    def load(split: str):
+        if split not in splits:
+            raise UserError(f"data.split: the directory {str(directory)!r} has no split {split!r} (its files make "
+                            f"the splits {', '.join(sorted(splits))}, by their names); set data.split / "
+                            f"data.validation_split to one of them")
+        try:
+            return load_dataset(builder, data_files={split: [str(f) for f in splits[split]]}, split=split,
+                                **cfg.options)
+        except Exception as e:  # datasets raises many kinds here; all mean the files are unreadable
+            raise UserError(f"data.path: cannot read the {split} files of {str(directory)!r} as {builder}: "
+                            f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+    return load(cfg.split), load(cfg.validation_split) if cfg.validation_split else None

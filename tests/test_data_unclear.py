@@ -1,0 +1,141 @@
+"""Data problems that used to get an unclear answer: chat messages given as strings, a
+data.max_length shorter than every prompt, a local dataset directory with a README."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from llmexp.testing import FAST, run_cli, typed
+
+from llmexp.data.encode import encode_prompt_completion
+from llmexp.data.module import load_examples
+from llmexp.errors import UserError
+from llmexp.models.tokenizer import load_tokenizer
+
+QUICK = [*FAST, "trainer.max_steps=2", "trainer.val_check_interval=2", "optim.warmup_steps=1",
+         "trainer.micro_batch_size=4"]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _chat(i):
+    return {"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                         {"role": "assistant", "content": f"{i + 1}"}]}
+
+
+@pytest.mark.slow
+def test_messages_given_as_a_list_of_strings_are_named_with_the_fix(tmp_path):
+    data = _jsonl(tmp_path / "chat.jsonl", [{"messages": [f"What is {i} plus 1?", f"{i + 1}"]} for i in range(40)])
+    r = run_cli([*QUICK, "data=files", f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "row 0: messages is a list of strings, but each message must be an object {role, content}: write " \
+           '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}] instead of ["...", "..."]' \
+           in r.stderr
+    assert "(and 37 more)" in r.stderr  # 40 rows, 3 shown
+    assert "filter_length" not in r.stderr
+    # A prompt given as a list of strings gets the same answer.
+    pc = _jsonl(tmp_path / "pc.jsonl", [{"prompt": [f"q{i}"], "completion": f"a{i}"} for i in range(40)])
+    with pytest.raises(UserError, match=r"row 0: prompt is a list of strings, but each message must be an object"):
+        load_examples(typed(["data=files", f"data.path={pc}"]).data, "sft")
+
+
+@pytest.mark.slow
+def test_a_max_length_below_every_prompt_advises_what_helps(tmp_path):
+    rows = [{"prompt": "Please add these numbers: " + " ".join(str(j) for j in range(i % 5, i % 5 + 20)),
+             "completion": str(i)} for i in range(40)]
+    data = _jsonl(tmp_path / "long_prompts.jsonl", rows)
+    tok = load_tokenizer(None, None)
+    encoded = [encode_prompt_completion(tok, r["prompt"], r["completion"], True) for r in rows]
+    shortest_prompt = min(len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
+    longest = max(len(e["input_ids"]) for e in encoded)
+    base = [*QUICK, "data=files", f"data.path={data}", "data.max_length=16"]
+
+    # data.overlong=truncate (the default) is set already: the advice is to raise data.max_length above
+    # the prompts, not to set it.
+    r = run_cli([*base, f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "data.max_length: every train sample was removed" in r.stderr
+    assert (f"data.overlong=truncate cuts each sample to its first data.max_length=16 tokens, and every prompt is at "
+            f"least that long (the shortest is {shortest_prompt} tokens; samples have ") in r.stderr
+    assert (f"raise data.max_length above {shortest_prompt} (to {longest} to keep every sample whole), or shorten "
+            f"the prompts") in r.stderr
+    assert "use data.overlong=truncate" not in r.stderr
+
+    # data.overlong=drop: truncating would keep nothing either, so it is not suggested.
+    r = run_cli([*base, "data.overlong=drop", f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (f"data.overlong=drop drops every sample longer than data.max_length=16 (samples have "
+            f"{min(len(e['input_ids']) for e in encoded)}-{longest} tokens); raise data.max_length (to {longest} to "
+            f"keep every sample whole)") in r.stderr
+    assert "data.overlong=truncate" not in r.stderr
+
+
+@pytest.mark.slow
+def test_the_advice_on_max_length_works(tmp_path):
+    rows = [{"prompt": "Please add these numbers: " + " ".join(str(j) for j in range(i % 5, i % 5 + 20)),
+             "completion": str(i)} for i in range(40)]
+    data = _jsonl(tmp_path / "long_prompts.jsonl", rows)
+    tok = load_tokenizer(None, None)
+    longest = max(len(encode_prompt_completion(tok, r["prompt"], r["completion"], True)["input_ids"]) for r in rows)
+    run = tmp_path / "run"
+    r = run_cli([*QUICK, "data=files", f"data.path={data}", f"data.max_length={longest}", f"hydra.run.dir={run}"],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((run / "summary.json").read_text())["data_stats"]["train"]
+    assert stats["truncated"] == stats["dropped_no_target"] == 0
+
+
+@pytest.mark.slow
+def test_hf_local_directory_reads_its_data_files_not_its_readme(tmp_path):
+    ds = tmp_path / "my_dataset"
+    (ds / "docs").mkdir(parents=True)
+    (ds / "README.md").write_text("# My dataset\n\nArithmetic chats.\n\nOne line per row? No: a card.\n")
+    (ds / "LICENSE.txt").write_text("MIT License\n")
+    (ds / "CHANGELOG.md").write_text("v1: first\n")
+    (ds / "docs" / "usage.md").write_text("Use it with llmexp.\n")
+    _jsonl(ds / "conversations.jsonl", [_chat(i) for i in range(60)])
+    run = tmp_path / "run"
+    r = run_cli([*QUICK, "data=hf", f"data.path={ds}", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((run / "summary.json").read_text())["data_stats"]
+    assert stats["format"] == "chat"
+    assert stats["preparation"][0]["rows_in"] == 60  # the JSONL's rows, and nothing of the docs
+
+
+def test_hf_local_directory_files_are_split_by_name_and_docs_never_are_rows(tmp_path):
+    # `datasets` alone reads this directory as a text dataset of README.txt's and notes.txt's lines.
+    ds = tmp_path / "unnamed"
+    ds.mkdir()
+    (ds / "README.txt").write_text("hello\nworld\n")
+    (ds / "notes.txt").write_text("more notes\n")
+    _jsonl(ds / "conversations.jsonl", [_chat(i) for i in range(50)])
+    prepared = load_examples(typed(["data=hf", f"data.path={ds}", "data.val_fraction=0.2"]).data, "sft")
+    assert prepared.format == "chat" and len(prepared.train) + len(prepared.val) == 50
+
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "README.md").write_text("# card\n")
+    _jsonl(named / "train.jsonl", [_chat(i) for i in range(50)])
+    _jsonl(named / "validation.jsonl", [_chat(i) for i in range(100, 110)])
+    prepared = load_examples(typed(["data=hf", f"data.path={named}", "data.validation_split=validation"]).data, "sft")
+    assert len(prepared.train) == 50 and len(prepared.val) == 10
+    assert prepared.val[0]["messages"][0]["content"] == "What is 100 plus 1?"
+    with pytest.raises(UserError, match=r"data.split: the directory .* has no split 'test' \(its files make the "
+                                        r"splits train, validation, by their names\)"):
+        load_examples(typed(["data=hf", f"data.path={named}", "data.split=test"]).data, "sft")
+
+
+@pytest.mark.slow
+def test_hf_local_directory_without_data_files_is_refused(tmp_path):
+    ds = tmp_path / "only_docs"
+    ds.mkdir()
+    (ds / "README.md").write_text("# A card and nothing else\nline two\nline three\n")
+    r = run_cli([*QUICK, "data=hf", f"data.path={ds}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (f"data.path: the directory '{ds}' holds no data files (JSONL/JSON/Parquet/CSV, or .txt); it has: "
+            f"README.md. Point data.path at the data files") in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
