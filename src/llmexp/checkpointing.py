@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from llmexp.errors import UserError
+from llmexp.record import checkpoint_step
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -177,16 +178,6 @@ def checkpoint_to_resume(run_dir: Path) -> Optional[Path]:
     from llmexp.record import RunDir
 
     return RunDir(run_dir).checkpoint_to_resume()
-
-
-def checkpoint_step(path: Path) -> int:
-    """The optimizer step a checkpoint was saved at."""
-    import torch
-
-    path = Path(path)
-    if path.is_dir():  # sharded: the non-tensor state lives in meta.pt
-        return int(torch.load(path / "meta.pt", map_location="cpu", weights_only=True)["global_step"])
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:

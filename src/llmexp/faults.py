@@ -88,8 +88,7 @@ def kept_checkpoint(run_dir: Optional[Path]) -> Tuple[Optional[Path], Optional[i
     is none, and step None when it cannot be read: a message never claims what it has not read."""
     if run_dir is None:
         return None, None
-    from llmexp.checkpointing import checkpoint_step
-    from llmexp.record import RunDir
+    from llmexp.record import RunDir, checkpoint_step
 
     ckpt = RunDir(run_dir).checkpoint_to_resume()
     if ckpt is None:

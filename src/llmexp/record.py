@@ -82,6 +82,16 @@ class RunDir:
         return steps[-1] if steps else None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint (a file, or a sharded checkpoint directory) was saved at."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():  # sharded: the non-tensor state lives in meta.pt
+        return int(torch.load(path / "meta.pt", map_location="cpu", weights_only=True)["global_step"])
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
 def model_dir_of(target: str, key: str = "run") -> Path:
     """The exported language model of ``target``: a run directory (its model/), ``run=<dir>``,
     ``model=<dir>`` or a model directory itself. A reward model or a directory without

@@ -51,7 +51,8 @@ def clean_partials(run_dir: Path) -> None:
 
 def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: float) -> float:
     """The run itself, in a run directory this process holds."""
-    from llmexp.checkpointing import checkpoint_step, resolve_resume
+    from llmexp.checkpointing import resolve_resume
+    from llmexp.record import checkpoint_step
 
     resume_from = resolve_resume(typed.resume, run_dir)  # a damaged checkpoint is refused here, record untouched
     resolved = start_record(typed, run_dir)
