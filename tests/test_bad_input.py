@@ -157,22 +157,28 @@ def _args(args, workdir):
     return [a.format(**fmt) for a in args]
 
 
-def _check(r, expected):
+def _unchanged(workdir):
+    """The existing run record is byte for byte what it was before any bad command."""
+    assert _digest(workdir / "runs" / "sft-llama" / "20260101-000000-000000") == before_digest[0]
+
+
+def _check(r, expected, workdir):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.count("llmexp: error:") == 1
     assert expected in r.stderr, r.stderr
+    _unchanged(workdir)
 
 
-def test_there_are_at_least_25_cases():
-    assert len(CONFIG_CASES) + len(RUN_CASES) >= 25
+def test_the_table_covers_at_least_60_cases():
+    assert len(CONFIG_CASES) + len(RUN_CASES) + len(COMMAND_CASES) >= 60
 
 
 @pytest.mark.parametrize("name", list(CONFIG_CASES))
 def test_config_errors(name, workdir):
     args, expected = CONFIG_CASES[name]
     r = run_cli([*FAST, *_args(args, workdir)], cwd=workdir)
-    _check(r, expected.format(files=workdir / "files"))
+    _check(r, expected.format(files=workdir / "files"), workdir)
     assert "Validation" not in r.stderr  # refused before any training started
 
 
@@ -201,7 +207,7 @@ def small_model(workdir):
 def test_data_and_model_errors(name, workdir, small_model):
     args, expected = RUN_CASES[name]
     r = run_cli([*FAST, *_args(args, workdir)], cwd=workdir)
-    _check(r, expected)
+    _check(r, expected, workdir)
     assert not list((workdir / "runs" / "sft-llama").glob("*/model"))
 
 
@@ -235,6 +241,7 @@ def test_command_errors(name, workdir):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr and expected in r.stderr, r.stderr
     assert f"{args[0]}: error:" in r.stderr and not r.stdout
+    _unchanged(workdir)
 
 
 def test_generate_refuses_a_prompt_longer_than_the_context(workdir):

@@ -160,7 +160,10 @@ def test_differing_keys_collapse_a_changed_group_to_its_name():
     keys = differing_keys([sft, dpo])
     assert keys == ["stage.name", "model.pretrained"]
     assert run_labels([sft, dpo], keys, ["p/1-sft", "p/2-dpo"]) == [
-        "name=sft, pretrained=None", "name=dpo, pretrained=…/1-sft/model"]
+        "stage=sft, pretrained=None", "stage=dpo, pretrained=…/1-sft/model"]
+    sft["stage"]["reward"], dpo["data"], sft["data"] = {"function": "x"}, {"name": "pairs", "options": {"n": 2}}, \
+        {"name": "chat", "options": {"n": 1}}
+    assert differing_keys([sft, dpo]) == ["stage.name", "model.pretrained", "data.name"]  # nested keys follow too
     same = differing_keys([sft, sft])
     assert same == [] and run_labels([sft, sft], same, ["a/x", "a/y"]) == ["x", "y"]
 
@@ -198,7 +201,7 @@ def test_compare_on_pipeline_stage_directories_names_runs_by_stage(sweep, tmp_pa
     (pipe / "2-dpo" / "config.yaml").write_text(yaml.safe_dump(config))
     result = compare([str(pipe)], str(tmp_path / "cmp"), show=False)
     assert result["keys"] == ["stage.name", "optim.lr"]
-    assert result["labels"] == ["name=sft, lr=1e-4", "name=dpo, lr=0.01"]
+    assert result["labels"] == ["stage=sft, lr=1e-4", "stage=dpo, lr=0.01"]
     runs = [load_run(p) for p in run_paths([str(pipe)])]
     fig = curves_figure([r.metrics for r in runs], result["labels"], "t")
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
@@ -221,3 +224,21 @@ def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
         r = _cli("compare", *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert "give finished run directories" in r.stderr or "choose a new directory" in r.stderr
+
+
+def test_a_table_too_wide_for_the_console_is_turned_a_column_per_run(capsys, monkeypatch):
+    from llmexp.compare.table import print_table
+
+    monkeypatch.setenv("COLUMNS", "80")
+    rows = [{"run": f"stage={stage}", "stage": stage, **{f"stage.option_{i}": f"{stage}-{i}" for i in range(12)},
+             "val/loss initial": 6.0, "val/loss final": loss, "wall_seconds": 10.0, "tokens_per_second": 900.0,
+             "run_dir": f"/runs/p/{n}-{stage}"} for n, (stage, loss) in enumerate((("sft", 0.5), ("dpo", 0.4)), 1)]
+    print_table(rows, "2 runs")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    header = next(line for line in lines if "1-sft" in line)
+    assert "2-dpo" in header  # one column per run, named by its directory
+    for i in range(12):  # a row per differing key, each whole on one line with both runs' values
+        assert any(f"stage.option_{i} " in line and f"sft-{i} " in line and f"dpo-{i} " in line for line in lines)
+    assert any("val/loss" in line and "6 → 0.5" in line and "6 → 0.4" in line for line in lines)

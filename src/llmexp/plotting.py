@@ -77,8 +77,9 @@ def save(fig, path: Path) -> Path:
 
 def describe(values: dict, keys: Optional[Iterable[str]] = None) -> str:
     """``lr=3e-4, beta=0.1``: a run named by its settings, each key by its last part when that is
-    unambiguous among ``keys`` (``optim.lr`` -> ``lr``)."""
+    unambiguous among ``keys`` (``optim.lr`` -> ``lr``); a config group's choice by the group
+    (``stage.name`` -> ``stage``)."""
     keys = list(values if keys is None else keys)
-    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    leaves = [k.split(".")[0] if k.endswith(".name") and k.count(".") == 1 else k.rsplit(".", 1)[-1] for k in keys]
     names = {k: leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(keys, leaves)}
     return ", ".join(f"{names[k]}={short(values.get(k))}" for k in keys)

@@ -36,7 +36,8 @@ def differing_keys(configs: Sequence[Dict[str, Any]]) -> List[str]:
     differ = [k for k in keys if k not in IGNORED
               and len({repr(f.get(k, missing)) for f in flats}) > 1]
     chosen = {k.rsplit(".", 1)[0] for k in differ if k.endswith(".name") and "." in k}
-    return [k for k in differ if k.endswith(".name") or k.rsplit(".", 1)[0] not in chosen]
+    return [k for k in differ if k.endswith(".name") and k.count(".") == 1
+            or not any(k.startswith(f"{group}.") for group in chosen)]
 
 
 def run_labels(configs: Sequence[Dict[str, Any]], keys: Sequence[str], paths: Sequence[Path],

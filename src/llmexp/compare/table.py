@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from llmexp.compare.diff import flatten
@@ -13,6 +14,8 @@ from llmexp.plotting import short
 
 # The metrics a reader looks for first; the rest follow in name order.
 FIRST = ("val/task_score", "val/loss", "val/accuracy", "val/reward")
+# Group choices every row already shows as its stage, model and data columns.
+SHOWN = ("stage.name", "model.name", "data.name")
 
 
 def metric_pairs(summary: Dict[str, Any]) -> Dict[str, Tuple[Optional[float], Optional[float]]]:
@@ -37,7 +40,7 @@ def records(runs: Sequence[Run], keys: Sequence[str], labels: Sequence[str]) -> 
     for run, label, p in zip(runs, labels, pairs):
         s, flat = run.summary, flatten(run.config)
         row: Dict[str, Any] = {"run": label, "stage": s.get("stage"), "model": s.get("model"), "data": s.get("data")}
-        row.update({k: flat.get(k) for k in keys})
+        row.update({k: flat.get(k) for k in keys if k not in SHOWN})
         row["steps"] = s.get("global_step")
         for m in metrics:
             row[f"{m} initial"], row[f"{m} final"] = p.get(m, (None, None))
@@ -97,7 +100,8 @@ def to_markdown(rows: Sequence[Dict[str, Any]], title: str) -> str:
 
 def print_table(rows: Sequence[Dict[str, Any]], title: str) -> None:
     """The table on the console, narrowed to fit: columns equal in every run go into the caption,
-    run directories stay in the files."""
+    run directories stay in the files. When the runs' columns still do not fit the console (many
+    differing keys and metrics), it is turned: a row per column, a column per run."""
     from rich.console import Console
     from rich.table import Table
 
@@ -107,10 +111,27 @@ def print_table(rows: Sequence[Dict[str, Any]], title: str) -> None:
     keep = [j for j, h in enumerate(header) if j in result or (h != "run_dir" and (len(cells) == 1 or
             len({line[j] for line in cells}) > 1))]
     same = [f"{header[j]}={cells[0][j]}" for j in range(len(header)) if j not in keep and header[j] != "run_dir"]
-    table = Table(title=title + " (metrics: initial → final)",
-                  caption=f"same in every run: {', '.join(same)}" if same else None)
-    for j in keep:
-        table.add_column(header[j], overflow="fold")
-    for line in cells:
-        table.add_row(*[line[j] for j in keep])
-    Console().print(table)
+    caption = f"same in every run: {', '.join(same)}" if same else None
+    console = Console()
+    if fits(header, cells, keep, console.width):
+        table = Table(title=title + " (metrics: initial → final)", caption=caption)
+        for j in keep:
+            table.add_column(header[j], overflow="fold")
+        for line in cells:
+            table.add_row(*[line[j] for j in keep])
+    else:
+        names = [Path(row["run_dir"]).name for row in rows]
+        table = Table(title=title + " (metrics: initial → final)", caption=caption)
+        table.add_column("", style="bold", overflow="fold")
+        for name in names:
+            table.add_column(name, overflow="fold")
+        for j in keep:
+            table.add_row(header[j], *[line[j] for line in cells])
+    console.print(table)
+
+
+def fits(header: Sequence[str], cells: Sequence[Sequence[str]], keep: Sequence[int], width: int) -> bool:
+    """Whether one row per run fits ``width`` columns without folding a header or a cell into
+    pieces shorter than about ten characters."""
+    needed = sum(min(max(len(header[j]), *(len(line[j]) for line in cells)), 10) + 3 for j in keep) + 1
+    return needed <= width
