@@ -1,4 +1,5 @@
-"""llmexp's DPO against TRL's DPOTrainer: same tiny model, same pairs, same loss (|delta| <= 1e-5)."""
+"""llmexp's preference losses against TRL's: DPO (DPOTrainer), SimPO (CPOTrainer) and ORPO (ORPOTrainer),
+same tiny model, same pairs, same loss (|delta| <= 1e-5)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,75 @@ def test_label_smoothing_is_conservative_dpo(tiny, pairs):
     expected = -(0.8) * torch.nn.functional.logsigmoid(bd) - 0.2 * torch.nn.functional.logsigmoid(-bd)
     assert torch.allclose(smooth["loss"], expected, atol=1e-6)
     assert not torch.allclose(smooth["loss"], plain["loss"])
+
+
+# -- the reference-free stages against TRL's CPOTrainer (loss_type="simpo") and ORPOTrainer --------
+# llmexp's batch (its tokens are DPO's, checked above) goes through TRL's own forward pass, log-probs
+# and loss (get_batch_loss_metrics), so the comparison covers everything but TRL's tokenization.
+
+def trl_reference_free(tmp_path, tokenizer, policy, rows, batch, stage, **options):
+    from datasets import Dataset
+
+    common = dict(output_dir=str(tmp_path / f"trl-{stage}"), per_device_train_batch_size=len(rows), report_to=[],
+                  use_cpu=True, bf16=False, fp16=False, **options)
+    if stage == "simpo":
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+        common["loss_type"] = "simpo"
+    else:
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+    strings = [{"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"],
+                "rejected": r["rejected"][0]["content"]} for r in rows]
+    trainer = Trainer(model=policy, args=Config(**common), train_dataset=Dataset.from_list(strings),
+                      processing_class=tokenizer)
+    n = len(rows)
+    trl_batch = {f"{side}_{k}": batch[k][part] for side, part in (("chosen", slice(0, n)), ("rejected", slice(n, None)))
+                 for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        loss, metrics = trainer.get_batch_loss_metrics(trainer.model, trl_batch)
+    return float(loss), metrics
+
+
+def llmexp_reference_free(tokenizer, policy, rows, stage, *options):
+    from llmexp.stages import stage_class
+
+    stage_module = stage_class(stage)(typed([f"stage={stage}", *options]), policy, tokenizer)
+    batch = stage_module.collate([stage_module.encoder("preference")(row) for row in rows])
+    with torch.no_grad():
+        return batch, stage_module.pair_sums(batch)
+
+
+def equal_length_pairs(num=6):
+    """Pairs whose chosen answers have one length, where TRL's batch token mean of the NLL and
+    llmexp's per-pair token mean agree."""
+    from llmexp.data.skill import preference_pairs
+
+    return [p for p in preference_pairs(num_samples=40, seed=3) if len(p["chosen"][0]["content"]) == 9][:num]
+
+
+@pytest.mark.parametrize("beta,gamma,smoothing,cpo_alpha", [(2.0, 1.0, 0.0, 0.0), (0.5, 0.3, 0.1, 0.0),
+                                                             (2.0, 0.5, 0.0, 0.7)])
+def test_simpo_loss_equals_trl_cpo_trainer(tmp_path, tiny, beta, gamma, smoothing, cpo_alpha):
+    tokenizer, policy, _ = tiny
+    rows = equal_length_pairs()
+    batch, terms = llmexp_reference_free(tokenizer, policy, rows, "simpo", f"stage.beta={beta}",
+                                         f"stage.gamma={gamma}", f"stage.label_smoothing={smoothing}",
+                                         f"stage.cpo_alpha={cpo_alpha}")
+    trl_loss, metrics = trl_reference_free(tmp_path, tokenizer, policy, rows, batch, "simpo", beta=beta,
+                                           simpo_gamma=gamma, label_smoothing=smoothing, cpo_alpha=cpo_alpha)
+    assert abs(float(terms["loss"].mean()) - trl_loss) <= 1e-5
+    assert float(terms["reward_chosen"].mean()) == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
+    assert float(terms["reward_margin"].mean()) == pytest.approx(metrics["rewards/margins"], abs=1e-5)
+    assert float(terms["accuracy"].mean()) == pytest.approx(metrics["rewards/accuracies"], abs=1e-6)
+
+
+def test_orpo_loss_equals_trl_orpo_trainer(tmp_path, tiny, pairs):
+    """The odds-ratio term and rewards as TRL's; the NLL term differs on purpose: llmexp's covers the
+    chosen answer (the paper's L_SFT, as sft trains), TRL's the prompt tokens too."""
+    tokenizer, policy, _ = tiny
+    batch, terms = llmexp_reference_free(tokenizer, policy, pairs, "orpo", "stage.beta=0.3")
+    trl_loss, metrics = trl_reference_free(tmp_path, tokenizer, policy, pairs, batch, "orpo", beta=0.3)
+    ours_odds_term = float((terms["loss"] - terms["nll_chosen"]).mean())
+    assert abs(ours_odds_term - (trl_loss - metrics["nll_loss"])) <= 1e-5
+    assert float(terms["log_odds_ratio"].mean()) == pytest.approx(metrics["log_odds_chosen"], abs=1e-5)
+    assert float(terms["reward_rejected"].mean()) == pytest.approx(metrics["rewards/rejected"], abs=1e-5)
+    assert float(terms["accuracy"].mean()) == pytest.approx(metrics["rewards/accuracies"], abs=1e-6)

@@ -28,7 +28,8 @@ def _weights(run_dir):
     ["stage=grpo", "stage.group_size=2", "stage.kl_coef=0.05", "stage.rollout.max_new_tokens=6"],
     ["stage=dpo", "model=gpt2"],
     ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=gpt2"],
-], ids=["gpt2-dropout", "lora", "ppo", "grpo", "dpo", "ddp"])
+    ["stage=simpo", "model=gpt2"], ["stage=orpo", "model=gpt2"],
+], ids=["gpt2-dropout", "lora", "ppo", "grpo", "dpo", "ddp", "simpo", "orpo"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra):
     overrides = [*COMMON, *extra]
     straight = tmp_path / "straight"

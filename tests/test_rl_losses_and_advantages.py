@@ -9,12 +9,16 @@ import torch
 
 from llmexp import advantages as M
 from llmexp.losses import (
+    average_logprobs,
     bradley_terry_loss,
     clipped_policy_loss,
     clipped_value_loss,
     dpo_loss,
     k3_kl,
+    log1mexp,
+    odds_ratio_loss,
     sequence_logprobs,
+    simpo_loss,
     token_logprobs,
 )
 
@@ -37,6 +41,43 @@ def test_bradley_terry_loss_with_margin():
 
 def _sig(x):
     return 1 / (1 + math.exp(-x))
+
+
+def test_simpo_loss_by_hand():
+    """-(1-e) log s(b (avg_c - avg_r) - g) - e log s(-(b (avg_c - avg_r) - g)) on mean token log-probs."""
+    chosen = average_logprobs(torch.tensor([-3.0, -6.0]), torch.tensor([3, 2]))  # -1, -3
+    rejected = average_logprobs(torch.tensor([-4.0, -2.0]), torch.tensor([2, 4]))  # -2, -0.5
+    beta, gamma, eps = 2.0, 0.5, 0.1
+    got = simpo_loss(chosen, rejected, beta=beta, gamma=gamma, label_smoothing=eps).tolist()
+    z = [beta * 1.0 - gamma, beta * -2.5 - gamma]
+    expected = [-(1 - eps) * math.log(_sig(x)) - eps * math.log(_sig(-x)) for x in z]
+    assert got == pytest.approx(expected, abs=1e-6)
+    # Equal averages still pay for the margin: the loss is -log s(-gamma) > ln 2.
+    tie = simpo_loss(torch.tensor([-1.0]), torch.tensor([-1.0]), beta=beta, gamma=gamma).item()
+    assert tie == pytest.approx(-math.log(_sig(-gamma)), abs=1e-6) and tie > math.log(2)
+
+
+def test_odds_ratio_loss_by_hand():
+    """log odds(p) = log p - log(1 - p), on the length-averaged log-prob."""
+    pc, pr = 0.6, 0.2
+    loss, log_odds = odds_ratio_loss(torch.tensor([math.log(pc)]), torch.tensor([math.log(pr)]))
+    expected = math.log(pc / (1 - pc)) - math.log(pr / (1 - pr))
+    assert log_odds.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(-math.log(_sig(expected)), abs=1e-6)
+    # Equal likelihoods: ln 2; a chosen answer far likelier than the rejected one: near 0.
+    same, _ = odds_ratio_loss(torch.tensor([-0.3]), torch.tensor([-0.3]))
+    assert same.item() == pytest.approx(math.log(2), abs=1e-6)
+    far, _ = odds_ratio_loss(torch.tensor([-0.01]), torch.tensor([-5.0]))
+    assert far.item() < 0.01
+
+
+def test_log1mexp_is_accurate_on_both_branches_and_finite_at_zero():
+    x = torch.tensor([-1e-6, -0.1, -0.69, -0.7, -5.0, -50.0], dtype=torch.float64)
+    assert torch.allclose(log1mexp(x), torch.log(1 - torch.exp(x)), rtol=1e-6)
+    at_zero = torch.tensor([0.0], requires_grad=True)
+    value = log1mexp(at_zero)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(at_zero.grad).all()
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])

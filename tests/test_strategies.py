@@ -138,7 +138,7 @@ def test_evals_under_fsdp_run_on_rank_0_with_the_gathered_weights(tmp_path):
 PAIRS = [*BASE, "trainer.max_steps=8", "trainer.val_check_interval=4", "data.options.num_samples=200"]
 
 
-@pytest.mark.parametrize("stage", ["rm", "dpo"])
+@pytest.mark.parametrize("stage", ["rm", "dpo", "simpo", "orpo"])
 def test_preference_stages_under_ddp_and_fsdp_match_one_process(tmp_path, stage):
     """Loss normalised by the global number of pairs: 2 ranks x 2 pairs x 2 == 1 rank x 4 pairs x 2."""
     runs = {}

@@ -18,8 +18,9 @@ from llmexp.errors import UserError
 
 FIXES = {
     "kl_runaway": "the policy is running away from its reference: lower optim.lr, or raise stage.kl_coef",
-    "logp_drop": "DPO is pushing the chosen answers down too (the model forgets them): lower optim.lr or "
-                 "trainer.max_steps, or raise stage.beta (or stage.rpo_alpha)",
+    "logp_drop": "the preference loss is pushing the chosen answers down too (the model forgets them): lower "
+                 "optim.lr or trainer.max_steps, or raise stage.rpo_alpha (dpo; or stage.beta), stage.cpo_alpha "
+                 "(simpo)",
     "length_collapse": "responses are collapsing to a few tokens: lower optim.lr, raise stage.kl_coef, and "
                        "check that the reward does not favour short answers",
     "length_at_cap": "responses run to stage.rollout.max_new_tokens without ending: lower optim.lr, or set "

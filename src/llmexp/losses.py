@@ -7,6 +7,7 @@ and packing give exactly the loss of one big unpacked batch.
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -47,6 +48,12 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
     return -F.logsigmoid(chosen - rejected - margin)
 
 
+def smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """``-(1-e) log s(z) - e log s(-z)``: the logistic loss of a preference logit ``z`` when a
+    fraction ``e`` of the labels is assumed flipped (conservative DPO; plain when e = 0)."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,7 +68,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     rejected_ratio = policy_rejected - ref_rejected
     delta = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
-        return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+        return smoothed_sigmoid_loss(beta * delta, label_smoothing)
     if loss_type == "hinge":
         return torch.relu(1 - beta * delta)
     if loss_type == "ipo":
@@ -74,6 +81,35 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         flipped = -label_smoothing * F.logsigmoid(-beta * delta)
         return (clean - flipped) / (1 - 2 * label_smoothing)
     raise ValueError(f"unknown DPO loss type {loss_type!r}")
+
+
+def average_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Length-normalised sequence log-probs: the summed log-prob over the number of target tokens."""
+    return logprobs / tokens.clamp(min=1)
+
+
+def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, *, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair SimPO loss (Meng et al. 2024) from length-averaged log-probs, no reference:
+    ``-log s(b (avg_c - avg_r) - g)``, the chosen answer's mean token log-prob should beat the
+    rejected one's by the target margin ``g / b``; with label smoothing as in conservative DPO
+    (TRL's CPOTrainer, ``loss_type="simpo"``)."""
+    return smoothed_sigmoid_loss(beta * (chosen_avg - rejected_avg) - gamma, label_smoothing)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate on both sides of ``-ln 2`` (Maechler 2012);
+    ``x`` is capped just below 0 so that a certain answer gives a large finite value, not inf."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def odds_ratio_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair ORPO odds-ratio term (Hong et al. 2024) ``-log s(log odds_c - log odds_r)`` and
+    the log odds ratio, with ``log odds(p) = log p - log(1 - p)`` of the length-averaged log-prob
+    ``log p``. ORPO's loss is the chosen answers' NLL plus lambda times this term."""
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+    return -F.logsigmoid(log_odds), log_odds
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

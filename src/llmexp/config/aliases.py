@@ -10,6 +10,8 @@ _ROLLOUT_STAGES = ("ppo", "grpo")
 # key -> (llmexp's key, the stages it applies to; empty: every stage)
 ALIASES = {
     "stage.beta": ("stage.kl_coef", _ROLLOUT_STAGES),  # TRL's GRPO beta; llmexp's beta is dpo's temperature
+    "stage.simpo_gamma": ("stage.gamma", ("simpo",)),
+    "stage.lambda": ("stage.beta", ("orpo",)),  # the ORPO paper's name; TRL's is beta, as llmexp's
     "stage.kl_beta": ("stage.kl_coef", _ROLLOUT_STAGES),
     "stage.num_generations": ("stage.group_size", ("grpo",)),
     "stage.epsilon": ("stage.clip_range", ("grpo",)),

@@ -169,6 +169,36 @@ class DPOStageConfig:
 
 
 @dataclass
+class SimPOStageConfig:
+    """simpo: reference-free preference optimisation on length-averaged log-probs with a target
+    margin (SimPO, Meng et al. 2024)."""
+
+    name: str = _stage_name("simpo")
+    beta: float = bounded(2.0, above=0.0, help=(
+        "Scale of the difference of the chosen and rejected answers' mean token log-probs in the loss and the "
+        "rewards (SimPO's beta; TRL's CPOConfig.beta)."))
+    gamma: float = bounded(1.0, min=0.0, help=(
+        "Target reward margin subtracted inside the sigmoid: the chosen answer's reward should beat the rejected "
+        "one's by gamma (TRL's simpo_gamma)."))
+    label_smoothing: float = bounded(0.0, min=0.0, max=0.49, help=(
+        "The assumed fraction of flipped preference labels (conservative SimPO, as TRL's label_smoothing)."))
+    cpo_alpha: float = bounded(1.0, min=0.0, help=(
+        "Weight of the chosen answers' mean token NLL added to the loss (TRL's cpo_alpha, CPO-SimPO; TRL's default "
+        "is 0): keeps the chosen answers likely while the margin grows; 0: plain SimPO."))
+
+
+@dataclass
+class ORPOStageConfig:
+    """orpo: odds-ratio preference optimisation, SFT on the chosen answers plus an odds-ratio
+    penalty on the rejected ones, no reference (ORPO, Hong et al. 2024)."""
+
+    name: str = _stage_name("orpo")
+    beta: float = bounded(0.5, above=0.0, help=(
+        "lambda, the weight of the odds-ratio term added to the chosen answers' NLL (TRL's ORPOConfig.beta); "
+        "it also scales the logged rewards."))
+
+
+@dataclass
 class RewardConfig:
     """Where ppo/grpo rewards come from: a reward function by name, or a reward model directory."""
 
@@ -453,7 +483,7 @@ class TaskConfig:
 
 @dataclass
 class HealthConfig:
-    """Post-training's known failure signs (dpo, ppo, grpo), checked on the logged metrics (see
+    """Post-training's known failure signs (dpo, simpo, orpo, ppo, grpo), checked on the logged metrics (see
     llmexp.health)."""
 
     action: str = choice("warn", HEALTH_ACTIONS, help=(
@@ -461,7 +491,7 @@ class HealthConfig:
     max_kl: float = bounded(10.0, min=0.0, help=(
         "ppo/grpo: most KL of the policy to its reference, summed over a response (nats)."))
     max_logp_drop: float = bounded(20.0, min=0.0, help=(
-        "dpo: how far the chosen responses' log-prob may fall below its value at the start (nats)."))
+        "dpo, simpo, orpo: how far the chosen responses' log-prob may fall below its value at the start (nats)."))
     min_response_tokens: float = bounded(2.0, min=0.0, help="ppo/grpo: least mean response length, in tokens.")
     max_length_fraction: float = bounded(0.98, min=0.0, max=1.0, help=(
         "ppo/grpo: mean response length, as a fraction of stage.rollout.max_new_tokens, that counts as running to "

@@ -1,6 +1,7 @@
-"""Preference stages: a Bradley-Terry reward model (rm) and direct preference optimisation (dpo).
+"""Preference stages: a Bradley-Terry reward model (rm), direct preference optimisation (dpo) and
+the reference-free simpo and orpo.
 
-Both train on prompt/chosen/rejected pairs, collated as one batch of chosen rows followed by
+All train on prompt/chosen/rejected pairs, collated as one batch of chosen rows followed by
 rejected rows so each micro-batch needs one forward pass; the loss weight is the number of pairs.
 """
 
@@ -14,7 +15,8 @@ import torch
 
 from llmexp.data.collate import collate_preference
 from llmexp.data.encode import preference_encoder
-from llmexp.losses import bradley_terry_loss, dpo_loss, sequence_logprobs
+from llmexp.losses import (average_logprobs, bradley_terry_loss, dpo_loss, odds_ratio_loss, sequence_logprobs,
+                           simpo_loss)
 from llmexp.stages.base import StageModule
 from llmexp.stages.reference import Reference
 
@@ -166,15 +168,63 @@ class DPOStage(PreferenceStage):
         loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=s.beta, loss_type=s.loss_type,
                         label_smoothing=s.label_smoothing, chosen_tokens=chosen_tokens,
                         rejected_tokens=rejected_tokens)
-        nll_chosen = -chosen / chosen_tokens.clamp(min=1)
+        nll_chosen = -average_logprobs(chosen, chosen_tokens)
         if s.rpo_alpha:
             loss = loss + s.rpo_alpha * nll_chosen
-        reward_chosen = s.beta * (chosen - ref_chosen).detach()
-        reward_rejected = s.beta * (rejected - ref_rejected).detach()
-        return {"loss": loss, "accuracy": (reward_chosen > reward_rejected).float(),
-                "reward_margin": reward_chosen - reward_rejected, "reward_chosen": reward_chosen,
-                "reward_rejected": reward_rejected, "logp_chosen": chosen.detach(),
-                "logp_rejected": rejected.detach(), "nll_chosen": nll_chosen.detach()}
+        return pair_metrics(loss, s.beta * (chosen - ref_chosen), s.beta * (rejected - ref_rejected), chosen,
+                            rejected, nll_chosen)
+
+
+def pair_metrics(loss: torch.Tensor, reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
+                 logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, nll_chosen: torch.Tensor,
+                 **extra: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The per-pair loss and the metrics every policy preference stage logs (the health guard reads
+    ``logp_chosen``, the summed log-prob; ``accuracy`` counts ties as misses)."""
+    reward_chosen, reward_rejected = reward_chosen.detach(), reward_rejected.detach()
+    return {"loss": loss, "accuracy": (reward_chosen > reward_rejected).float(),
+            "reward_margin": reward_chosen - reward_rejected, "reward_chosen": reward_chosen,
+            "reward_rejected": reward_rejected, "logp_chosen": logp_chosen.detach(),
+            "logp_rejected": logp_rejected.detach(), "nll_chosen": nll_chosen.detach(),
+            **{k: v.detach() for k, v in extra.items()}}
+
+
+class ReferenceFreeStage(PreferenceStage):
+    """simpo and orpo: one forward pass over the pairs and a loss of the length-averaged log-probs
+    (no reference model); the rewards are ``beta`` times those averages, as TRL logs them."""
+
+    def pair_sums(self, batch):
+        logits = self.model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
+        logprobs, tokens = sequence_logprobs(logits, batch["labels"])
+        chosen, rejected = logprobs.chunk(2)
+        chosen_avg, rejected_avg = average_logprobs(logprobs, tokens).chunk(2)
+        loss, extra = self.pair_loss(chosen_avg, rejected_avg)
+        beta = self.cfg.stage.beta
+        return pair_metrics(loss, beta * chosen_avg, beta * rejected_avg, chosen, rejected, -chosen_avg, **extra)
+
+    def pair_loss(self, chosen_avg: torch.Tensor, rejected_avg: torch.Tensor):
+        """The per-pair loss and any extra per-pair metrics."""
+        raise NotImplementedError
+
+
+class SimPOStage(ReferenceFreeStage):
+    """SimPO: ``-log s(beta (avg_c - avg_r) - gamma)``, plus ``cpo_alpha`` times the chosen answers'
+    mean token NLL when set (CPO-SimPO)."""
+
+    def pair_loss(self, chosen_avg, rejected_avg):
+        s = self.cfg.stage
+        loss = simpo_loss(chosen_avg, rejected_avg, beta=s.beta, gamma=s.gamma, label_smoothing=s.label_smoothing)
+        if s.cpo_alpha:
+            loss = loss - s.cpo_alpha * chosen_avg
+        return loss, {}
+
+
+class ORPOStage(ReferenceFreeStage):
+    """ORPO: the chosen answers' mean token NLL plus ``beta`` (the paper's lambda) times
+    ``-log s(log odds_c - log odds_r)``."""
+
+    def pair_loss(self, chosen_avg, rejected_avg):
+        odds_loss, log_odds = odds_ratio_loss(chosen_avg, rejected_avg)
+        return -chosen_avg + self.cfg.stage.beta * odds_loss, {"log_odds_ratio": log_odds}
 
 
 def _chunks(rows: List[Any], size: int) -> Iterable[List[Any]]:
