@@ -43,12 +43,16 @@ def test_messages_given_as_a_list_of_strings_are_named_with_the_fix(tmp_path):
         load_examples(typed(["data=files", f"data.path={pc}"]).data, "sft")
 
 
-@pytest.mark.slow
-def test_a_max_length_below_every_prompt_advises_what_helps(tmp_path):
+def _long_prompts(tmp_path):
+    """40 prompt/completion rows whose prompts are all about 30 tokens long, their file and the tokenizer."""
     rows = [{"prompt": "Please add these numbers: " + " ".join(str(j) for j in range(i % 5, i % 5 + 20)),
              "completion": str(i)} for i in range(40)]
-    data = _jsonl(tmp_path / "long_prompts.jsonl", rows)
-    tok = load_tokenizer(None, None)
+    return rows, _jsonl(tmp_path / "long_prompts.jsonl", rows), load_tokenizer(None, None)
+
+
+@pytest.mark.slow
+def test_a_max_length_below_every_prompt_advises_what_helps(tmp_path):
+    rows, data, tok = _long_prompts(tmp_path)
     encoded = [encode_prompt_completion(tok, r["prompt"], r["completion"], True) for r in rows]
     shortest_prompt = min(len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
     longest = max(len(e["input_ids"]) for e in encoded)
@@ -76,10 +80,7 @@ def test_a_max_length_below_every_prompt_advises_what_helps(tmp_path):
 
 @pytest.mark.slow
 def test_the_advice_on_max_length_works(tmp_path):
-    rows = [{"prompt": "Please add these numbers: " + " ".join(str(j) for j in range(i % 5, i % 5 + 20)),
-             "completion": str(i)} for i in range(40)]
-    data = _jsonl(tmp_path / "long_prompts.jsonl", rows)
-    tok = load_tokenizer(None, None)
+    rows, data, tok = _long_prompts(tmp_path)
     longest = max(len(encode_prompt_completion(tok, r["prompt"], r["completion"], True)["input_ids"]) for r in rows)
     run = tmp_path / "run"
     r = run_cli([*QUICK, "data=files", f"data.path={data}", f"data.max_length={longest}", f"hydra.run.dir={run}"],
