@@ -125,6 +125,9 @@ CONFIG_CASES = {
                                            "strategy.sequence_parallel=true"], "generates token by token"),
     "language model as the reward model": (["stage=ppo", "stage.reward.model={files}/fake_lm"],
                                            "is not a reward model (architectures: LlamaForCausalLM)"),
+    "vllm rollouts on a CPU": (["stage=grpo", "stage.rollout.engine=vllm"],
+                               "stage.rollout.engine: engine=vllm: vLLM runs on CUDA GPUs and none is available"),
+    "unknown rollout engine": (["stage=ppo", "stage.rollout.engine=vlm"], "stage.rollout.engine"),
 }
 
 RUN_CASES = {

@@ -103,9 +103,9 @@ def test_dpo_sigmoid_is_ln2_when_policy_is_reference():
 
 
 def test_response_mask_stops_after_first_eos():
-    responses = torch.tensor([[5, 7, 1, 9, 1], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0]])
-    assert M.response_mask(responses, eos_id=1, pad_id=0).tolist() == [
-        [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    responses = torch.tensor([[5, 7, 1, 9, 1], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0], [5, 0, 7, 1, 0]])
+    assert M.response_mask(responses, eos_id=1).tolist() == [
+        [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]
 
 
 def test_kl_penalised_rewards_put_the_score_on_the_last_token():

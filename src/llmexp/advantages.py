@@ -47,11 +47,12 @@ def masked_whiten_across(xs: List[torch.Tensor], masks: List[torch.Tensor], shif
     return [out[a:b, : m.shape[1]] for a, b, m in zip(rows, rows[1:], masks)]
 
 
-def response_mask(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    """1 for every response token up to and including the first eos, 0 after it and on padding."""
-    is_eos = responses == eos_id
-    after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
-    return (~after_eos & (responses != pad_id) | is_eos & ~after_eos).float()
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for every response token up to and including the first eos, 0 after it (where samplers
+    pad). A pad token the policy sampled before eos is part of the response: the loss must see
+    the context the token was sampled in."""
+    is_eos = (responses == eos_id).long()
+    return ((torch.cumsum(is_eos, dim=1) - is_eos) == 0).float()
 
 
 def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

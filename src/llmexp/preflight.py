@@ -175,6 +175,16 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
         if r.function not in names:
             p.append(Problem("stage.reward.function", f"no reward named {r.function!r} is registered",
                              suggest(r.function, names)))
+    if st.rollout.engine == "vllm":
+        from llmexp.rollout_engines import vllm_problem
+
+        problem = vllm_problem(_cuda_available())
+        if problem:
+            p.append(Problem("stage.rollout.engine", f"engine=vllm: {problem}",
+                             "stage.rollout.engine=hf (llmexp's decode loop, on any device)"))
+        elif run.strategy.name not in ("auto", "ddp"):
+            p.append(Problem("stage.rollout.engine", f"engine=vllm holds a whole copy of the policy per process, "
+                             f"which strategy={run.strategy.name} shards", "strategy=ddp, or stage.rollout.engine=hf"))
     longest = d.max_length + max(st.rollout.max_new_tokens, st.rollout.val_max_new_tokens or 0)
     if run.model.pretrained is None and longest > run.model.max_position_embeddings:
         p.append(Problem("stage.rollout.max_new_tokens", f"prompts up to data.max_length={d.max_length} plus "

@@ -28,26 +28,34 @@ class FunctionReward:
     """``fn(completion, **columns) -> float`` from the ``llmexp_rewards`` registry. Columns the
     function does not name are not passed, so one function serves datasets with extra columns."""
 
-    def __init__(self, name: str, key: str = "stage.reward.function"):
+    def __init__(self, name: str, key: str = "stage.reward.function", workers: int = 0):
         from llmexp.plugins.registry import lookup
 
         entry = lookup("llmexp_rewards", name, key)
-        self.key = key
+        self.key, self.workers = key, workers
         self.name, self.owner, self.fn = name, entry.owner, entry.declaration.fn
         self.accepted = accepted_columns(self.fn)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
                  columns: Sequence[Dict[str, Any]]) -> torch.Tensor:
-        out = []
-        for completion, cols in zip(completions, columns):
-            if self.accepted is not None:
-                cols = {k: v for k, v in cols.items() if k in self.accepted}
-            try:
-                out.append(float(self.fn(completion, **cols)))
-            except Exception as e:  # noqa: BLE001 - a plugin's bug: name it
-                raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on "
-                                f"{completion!r} with columns {sorted(cols)}: {type(e).__name__}: {e}") from e
+        if self.workers and len(completions) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # Threads: a slow reward waits on a sandbox, a server or a subprocess, not on Python.
+            with ThreadPoolExecutor(min(self.workers, len(completions))) as pool:
+                out = list(pool.map(self.one, completions, columns))
+        else:
+            out = [self.one(c, cols) for c, cols in zip(completions, columns)]
         return torch.tensor(out, dtype=torch.float32)
+
+    def one(self, completion: str, cols: Dict[str, Any]) -> float:
+        if self.accepted is not None:
+            cols = {k: v for k, v in cols.items() if k in self.accepted}
+        try:
+            return float(self.fn(completion, **cols))
+        except Exception as e:  # noqa: BLE001 - a plugin's bug: name it
+            raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on "
+                            f"{completion!r} with columns {sorted(cols)}: {type(e).__name__}: {e}") from e
 
 
 class ModelReward:
@@ -100,4 +108,4 @@ def build_reward(cfg: RewardConfig):
         return ModelReward(cfg.model, normalize=cfg.normalize)
     if not cfg.function:
         raise UserError("stage.reward: set stage.reward.function=<name> or stage.reward.model=<dir>")
-    return FunctionReward(cfg.function)
+    return FunctionReward(cfg.function, workers=cfg.workers)

@@ -30,6 +30,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 DPO_REFERENCES = ("copy", "adapter_disabled", "precomputed")
 KL_CONTROLS = ("fixed", "adaptive")
+ROLLOUT_ENGINES = ("hf", "generate", "vllm")
 HEALTH_ACTIONS = ("warn", "stop", "off")
 
 
@@ -212,6 +213,9 @@ class RewardConfig:
         "Map a reward model's scores with the center/scale its rm run measured on held-out pairs (mean chosen -> "
         "+1, mean rejected -> -1), the scale of a 0/1 rule reward, so that kl_coef and the critic mean the same for "
         "both; models without them are used as they score."))
+    workers: int = bounded(0, min=0, help=(
+        "Threads scoring a rollout's responses with a reward function at once (0: in the training loop); "
+        "for slow rewards, e.g. a plugin calling a sandbox."))
 
 
 @dataclass
@@ -225,6 +229,18 @@ class RolloutConfig:
         "Nucleus sampling: among the most likely tokens holding this much probability (1.0: off)."))
     val_max_new_tokens: Optional[int] = bounded(None, min=1, help=(
         "Longest greedy response to the held-out prompts scored for val/reward (null: max_new_tokens)."))
+    engine: str = choice("hf", ROLLOUT_ENGINES, help=(
+        "hf: llmexp's decode loop over the transformers model (shared prefill, finished responses leave the "
+        "batch, log-probs from the rollout); generate: transformers' model.generate (the reference); vllm: "
+        "vLLM colocated on the GPU, weights synced after each update (CUDA only)."))
+    share_prefill: bool = doc(True, help=(
+        "engine=hf: prefill each prompt once and expand its KV cache to its samples (grpo's group)."))
+    drop_finished: bool = doc(True, help=(
+        "engine=hf: responses that emitted eos leave the decode batch, so late tokens do not pay for them."))
+    compile: bool = doc(False, help=(
+        "engine=hf: torch.compile the decode step (pays on long responses; the first steps pay the compile)."))
+    vllm_gpu_memory_utilization: float = bounded(0.3, above=0.0, max=1.0, help=(
+        "engine=vllm: share of the GPU's memory vLLM may take beside the training process."))
 
 
 _CLIP_RANGE = "Clip of the probability ratio to the sampling policy, to [1 - clip_range, 1 + clip_range]."

@@ -277,15 +277,21 @@ class StageModule(L.LightningModule):
     # -- generation (the task metric here; rollouts in rollout.py) -------------------------------
     @torch.no_grad()
     def generate_responses(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-                           **sampling: Any) -> torch.Tensor:
+                           engine: str = "hf", **sampling: Any) -> torch.Tensor:
         """Responses ``[B, T]`` to left-padded prompts (pad after eos), greedy unless ``sampling``
-        says otherwise. Sharded models generate in lockstep across ranks."""
+        says otherwise: by llmexp's decode loop, or ``engine="generate"`` by transformers'
+        ``model.generate``. Sharded models generate in lockstep across ranks."""
+        lockstep = self.is_model_parallel and self.trainer.world_size > 1
+        if engine == "hf" and not sampling:
+            from llmexp.sampler import Sampler
+
+            sampler = Sampler(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, lockstep=lockstep)
+            return sampler(prompt_ids, prompt_mask, max_new_tokens, greedy=True).responses
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
                                   min_new_tokens=1, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
-                                  synced_gpus=self.is_model_parallel and self.trainer.world_size > 1,
+                                  eos_token_id=self.tokenizer.eos_token_id, use_cache=True, synced_gpus=lockstep,
                                   **(sampling or {"do_sample": False}))
         self.model.train(was_training)
         return out[:, prompt_ids.shape[1]:]

@@ -10,7 +10,7 @@ the whole batch, then the updates of ``update_plan()`` run over it. The step cou
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -19,6 +19,7 @@ from llmexp.advantages import entropy_from_logits, response_mask
 from llmexp.data.collate import collate_prompts
 from llmexp.data.encode import prompt_encoder
 from llmexp.faults import check_finite
+from llmexp.sampler import Sampled
 from llmexp.stages.base import StageModule, seconds_since_process_start
 from llmexp.stages.reference import Reference
 
@@ -41,10 +42,42 @@ class Rollout:
     returns: Optional[torch.Tensor] = None
 
 
+@dataclass
+class StepClock:
+    """Seconds a training step spent in each part, and the response tokens it generated."""
+
+    seconds: Dict[str, float] = field(default_factory=dict)
+    generated_tokens: int = 0
+    last: float = field(default_factory=time.perf_counter)
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self.last
+        self.last = now
+
+    def add(self, other: "StepClock") -> None:
+        for part, sec in other.seconds.items():
+            self.seconds[part] = self.seconds.get(part, 0.0) + sec
+        self.generated_tokens += other.generated_tokens
+
+    def metrics(self) -> Dict[str, float]:
+        """``<part>_seconds`` for each part and ``rollout_tokens_per_second``."""
+        out = {f"{part}_seconds": sec for part, sec in self.seconds.items()}
+        out["generated_tokens"] = float(self.generated_tokens)
+        if self.seconds.get("rollout"):
+            out["rollout_tokens_per_second"] = self.generated_tokens / self.seconds["rollout"]
+        return out
+
+
 class RolloutStage(StageModule):
     # Samples drawn per prompt (grpo: its group size).
     samples_per_prompt = 1
     needs_values = False
+
+    def __init__(self, cfg, model, tokenizer):
+        super().__init__(cfg, model, tokenizer)
+        self._clock = StepClock()
+        self.time_split = StepClock()  # the whole run's, for summary.json
 
     @classmethod
     def create(cls, cfg, tokenizer):
@@ -92,13 +125,28 @@ class RolloutStage(StageModule):
         self._place_frozen()
 
     # -- sampling and scoring --------------------------------------------------------------------
-    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool) -> torch.Tensor:
-        """Responses ``[B, T]`` (pad after eos): sampled as stage.rollout says, or greedy."""
+    @property
+    def engine(self):
+        """What answers prompts (stage.rollout.engine), built on first use."""
+        if "engine" not in self._frozen:
+            from llmexp.rollout_engines import build_engine
+
+            self._frozen["engine"] = build_engine(self)
+        return self._frozen["engine"]
+
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool, samples_per_prompt: int = 1,
+               with_logprobs: bool = False, with_hidden: bool = False) -> Sampled:
+        """``samples_per_prompt`` responses to each prompt, prompt-major (pad after eos, cut to the
+        longest): sampled as stage.rollout says, or greedy."""
         r = self.cfg.stage.rollout
         if greedy:
-            return self.generate_responses(prompt_ids, prompt_mask, r.val_max_new_tokens or r.max_new_tokens)
-        return self.generate_responses(prompt_ids, prompt_mask, r.max_new_tokens, do_sample=True,
-                                       temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+            out = self.engine(prompt_ids, prompt_mask, r.val_max_new_tokens or r.max_new_tokens,
+                              samples_per_prompt=samples_per_prompt, greedy=True)
+        else:
+            out = self.engine(prompt_ids, prompt_mask, r.max_new_tokens, samples_per_prompt=samples_per_prompt,
+                              temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                              with_logprobs=with_logprobs, with_hidden=with_hidden)
+        return out.trimmed(self.tokenizer.eos_token_id)
 
     def score(self, prompts: List[Any], responses: torch.Tensor, mask: torch.Tensor,
               columns: List[Dict[str, Any]]) -> torch.Tensor:
@@ -113,26 +161,36 @@ class RolloutStage(StageModule):
             scores = scores + penalty * (~ended).float()
         return scores
 
-    def expand(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, List[Any], List[Dict[str, Any]]]:
+    def rollout(self, batch: Dict[str, Any]) -> Rollout:
+        clock = self._clock
         k = self.samples_per_prompt
-        ids, mask = batch["prompt_ids"], batch["prompt_mask"]
         prompts = [p for p in batch["prompts"] for _ in range(k)]
         columns = [c for c in batch["columns"] for _ in range(k)]
-        return ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), prompts, columns
-
-    def rollout(self, batch: Dict[str, Any]) -> Rollout:
-        prompt_ids, prompt_mask, prompts, columns = self.expand(batch)
-        responses = self.sample(prompt_ids, prompt_mask, greedy=False)
-        mask = response_mask(responses, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        old = self.needs_old_logprobs()
+        sampled = self.sample(prompt_ids, prompt_mask, greedy=False, samples_per_prompt=k, with_logprobs=old,
+                              with_hidden=old and self.needs_values)
+        responses = sampled.responses
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+        mask = response_mask(responses, self.tokenizer.eos_token_id)
         attention = torch.cat([prompt_mask, mask.long()], 1)
+        clock.lap("rollout")
+        clock.generated_tokens += int(mask.sum())
         r = Rollout(sequences=torch.cat([prompt_ids, responses], 1), attention_mask=attention,
                     position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=prompt_ids.shape[1],
                     mask=mask, scores=self.score(prompts, responses, mask, columns))
+        clock.lap("scoring")
         with torch.no_grad():
-            if self.needs_old_logprobs():
+            if old and sampled.logprobs is not None:  # the rollout's own: no second forward pass
+                r.logprobs, r.entropy = sampled.logprobs * mask, sampled.entropy * mask
+                if self.needs_values:
+                    r.values = self.value_head(sampled.hidden.float()).squeeze(-1)
+            elif old:
                 r.logprobs, r.values, r.entropy = self.token_outputs(r, self.model, with_values=self.needs_values)
+            clock.lap("old_logprobs")
             if self.uses_reference(self.cfg):
                 r.ref_logprobs = self.reference_logprobs(r)
+            clock.lap("reference")
         return r
 
     def needs_old_logprobs(self) -> bool:
@@ -175,12 +233,13 @@ class RolloutStage(StageModule):
 
     # -- the iteration ---------------------------------------------------------------------------
     def training_step(self, window: List[Dict[str, Any]], batch_idx: int):
-        started = time.perf_counter()
+        self._clock = clock = StepClock()
         rollouts = [self.rollout(mb) for mb in window]
         batch_stats = self.finish(rollouts)
-        sampled = time.perf_counter()
+        clock.lap("scoring")
         loss, update_stats = self.optimise(rollouts)
-        done = time.perf_counter()
+        clock.lap("optimisation")
+        self.time_split.add(clock)
         self.lr_schedulers().step()
         self._record_throughput(sum(int(r.attention_mask.sum()) for r in rollouts))
         if self.seconds_to_first_step is None:
@@ -189,15 +248,19 @@ class RolloutStage(StageModule):
             scores = torch.cat([r.scores for r in rollouts])
             lengths = torch.cat([r.mask.sum(1) for r in rollouts])
             metrics = {"loss": loss, "reward_mean": scores.mean(), "reward_std": scores.std(unbiased=False),
-                       "response_length": lengths.mean(), "rollout_seconds": sampled - started,
-                       "optimisation_seconds": done - sampled, "lr": self.lr_schedulers().get_last_lr()[0],
-                       **batch_stats, **update_stats}
+                       "response_length": lengths.mean(), "lr": self.lr_schedulers().get_last_lr()[0],
+                       **clock.metrics(), **batch_stats, **update_stats}
             for k, v in metrics.items():
                 v = torch.as_tensor(v, dtype=torch.float32, device=self.device)
-                if self.trainer.world_size > 1 and not k.endswith("_seconds") and k != "lr":
+                local = k.endswith("_seconds") or k.endswith("_per_second") or k in ("lr", "generated_tokens")
+                if self.trainer.world_size > 1 and not local:
                     v = self.trainer.strategy.reduce(v, reduce_op="mean")
-                self.log(f"train/{k}", v, on_step=True, prog_bar=k == "reward_mean")
+                self.log(f"train/{k}", v, on_step=True, prog_bar=k in ("reward_mean", "rollout_tokens_per_second"))
         return loss
+
+    def summary_extras(self) -> Dict[str, Any]:
+        """Where the training steps' time went (this rank), summed over the run."""
+        return {"time_split": {k: round(v, 4) for k, v in self.time_split.metrics().items()}}
 
     def optimise(self, rollouts: List[Rollout]) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The planned updates over the rollout batch; each update normalises by its token count."""
@@ -231,10 +294,8 @@ class RolloutStage(StageModule):
 
     # -- validation: mean reward of greedy responses to held-out prompts -------------------------
     def val_sums(self, batch):
-        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-        responses = self.sample(prompt_ids, prompt_mask, greedy=True)
-        mask = response_mask(responses, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        responses = self.sample(batch["prompt_ids"], batch["prompt_mask"], greedy=True).responses
+        mask = response_mask(responses, self.tokenizer.eos_token_id)
         scores = self.score(batch["prompts"], responses, mask, batch["columns"])
         n = len(scores)
         return {"reward": (scores.sum(), n), "response_length": (mask.sum(), n)}
-

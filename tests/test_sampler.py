@@ -1,0 +1,171 @@
+"""The rollout sampler against transformers' model.generate: the same greedy tokens, the same
+sampling distribution, the rollout's own log-probs equal to a forward pass, compiled equal to eager."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from llmexp.advantages import response_mask
+from llmexp.sampler import Sampler
+
+G, T = 4, 12
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny llama, its logits sharpened, whose eos takes over one common token's logit, so greedy responses end
+    at different lengths (and finished rows leave the decode batch), with 6 left-padded prompts."""
+    from transformers import AutoModelForCausalLM
+
+    from llmexp.data.collate import collate_prompts
+    from llmexp.data.encode import render_prompt
+    from llmexp.models.build import architecture_config
+    from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.testing import typed
+
+    tok = load_tokenizer(None, None)
+    cfg = typed(["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+                         "model.intermediate_size=128"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(architecture_config(cfg.model, tok), attn_implementation="sdpa").eval()
+    prompts = ["What is 3 + 4?", "Compute 12 * 7.", "What is 100 - 58?", "9 + 9 =",
+               "What is the sum of 123 and 456?", "Add 1 and 2."]
+    batch = collate_prompts([{"input_ids": render_prompt(tok, [{"role": "user", "content": p}]), "prompt": p,
+                              "columns": {}} for p in prompts], tok.pad_token_id)
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    with torch.no_grad():
+        # A random init's logits are nearly flat; a trained model's are not (and sampling settings
+        # only matter then).
+        model.get_output_embeddings().weight.mul_(12.0)
+        # eos takes the place of the token greedy decoding picks most often
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, ids.shape[1]:]
+        common = int(out[:, 2:].flatten().bincount().argmax())
+        head = model.get_output_embeddings().weight
+        head[tok.eos_token_id] = head[common] * 1.05
+    return model, tok, ids, mask
+
+
+def generate(model, tok, ids, mask, k, **sampling):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
+                             max_new_tokens=T, min_new_tokens=1, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, **(sampling or {"do_sample": False}))
+    return out[:, ids.shape[1]:]
+
+
+def padded(x: torch.Tensor, width: int, pad: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad)
+
+
+@pytest.mark.parametrize("share_prefill,drop_finished", [(True, True), (True, False), (False, True)])
+def test_greedy_tokens_equal_generate_of_each_prompt_repeated(tiny, share_prefill, drop_finished):
+    model, tok, ids, mask = tiny
+    reference = generate(model, tok, ids, mask, G)
+    lengths = response_mask(reference, tok.eos_token_id).sum(1)
+    assert lengths.min() < lengths.max() < T or lengths.min() < T, "the fixture must end responses early"
+    sampler = Sampler(model, tok.eos_token_id, tok.pad_token_id, share_prefill=share_prefill,
+                      drop_finished=drop_finished)
+    got = sampler(ids, mask, T, samples_per_prompt=G, greedy=True).responses
+    assert torch.equal(padded(reference, T, tok.pad_token_id), got)
+
+
+def test_rollout_logprobs_entropy_and_hidden_equal_a_forward_pass(tiny):
+    model, tok, ids, mask = tiny
+    torch.manual_seed(3)
+    s = Sampler(model, tok.eos_token_id, tok.pad_token_id)(ids, mask, T, samples_per_prompt=G, temperature=0.7,
+                                                           with_logprobs=True, with_hidden=True)
+    m = response_mask(s.responses, tok.eos_token_id)
+    seq = torch.cat([ids.repeat_interleave(G, 0), s.responses], 1)
+    attention = torch.cat([mask.repeat_interleave(G, 0), m.long()], 1)
+    with torch.no_grad():
+        out = model(input_ids=seq, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                    output_hidden_states=True)
+    P = ids.shape[1]
+    logp = torch.log_softmax(out.logits[:, P - 1:-1].float() / 0.7, -1)
+    expected = logp.gather(-1, s.responses.unsqueeze(-1)).squeeze(-1) * m
+    assert m.sum() > G * len(ids)  # responses of several tokens
+    assert torch.allclose(s.logprobs * m, expected, atol=1e-4), (s.logprobs * m - expected).abs().max()
+    entropy = -(logp.exp() * logp).sum(-1) * m
+    assert torch.allclose(s.entropy * m, entropy, atol=1e-4)
+    hidden = out.hidden_states[-1][:, P - 1:-1] * m.unsqueeze(-1)
+    assert torch.allclose(s.hidden * m.unsqueeze(-1), hidden, atol=1e-4)
+
+
+def _token_counts(responses: torch.Tensor, tok, vocab: int) -> torch.Tensor:
+    m = response_mask(responses, tok.eos_token_id).bool()
+    return responses[m].bincount(minlength=vocab).double()
+
+
+def _same_distribution_p(a: torch.Tensor, b: torch.Tensor) -> float:
+    """p-value of a chi-square test that two token histograms come from one distribution (tokens
+    seen fewer than 10 times pooled into one bin)."""
+    from scipy.stats import chi2_contingency
+
+    frequent = (a + b) >= 10
+    table = torch.stack([torch.cat([a[frequent], a[~frequent].sum(0, keepdim=True)]),
+                         torch.cat([b[frequent], b[~frequent].sum(0, keepdim=True)])])
+    return float(chi2_contingency(table.numpy())[1])
+
+
+def test_sampled_tokens_follow_generates_distribution(tiny):
+    """Token frequencies of 900 sampled responses: shared prefill and dropped rows against
+    generate's, at temperature 0.7 with top-k 40. The test can tell: temperature 1.0 is refused."""
+    model, tok, ids, mask = tiny
+    vocab, k, kw = model.config.vocab_size, 150, {"temperature": 0.7, "top_k": 40, "top_p": 1.0}
+    torch.manual_seed(11)
+    ours = Sampler(model, tok.eos_token_id, tok.pad_token_id)(ids, mask, T, samples_per_prompt=k, **kw).responses
+    torch.manual_seed(12)
+    theirs = generate(model, tok, ids, mask, k, do_sample=True, **kw)
+    torch.manual_seed(13)
+    hotter = generate(model, tok, ids, mask, k, do_sample=True, temperature=1.0, top_k=40)
+    a, b, c = (_token_counts(x, tok, vocab) for x in (ours, theirs, hotter))
+    assert _same_distribution_p(a, b) > 1e-3
+    assert _same_distribution_p(c, b) < 1e-6
+    first = [x[:, 0].view(len(ids), k) for x in (ours, theirs)]  # per prompt: the same first-token law
+    for i in range(len(ids)):
+        assert _same_distribution_p(*(f[i].bincount(minlength=vocab).double() for f in first)) > 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager(tiny):
+    model, tok, ids, mask = tiny
+    eager = Sampler(model, tok.eos_token_id, tok.pad_token_id)(ids, mask, T, samples_per_prompt=G, greedy=True,
+                                                               with_logprobs=True)
+    compiled = Sampler(model, tok.eos_token_id, tok.pad_token_id, compile=True)(
+        ids, mask, T, samples_per_prompt=G, greedy=True, with_logprobs=True)
+    assert torch.equal(eager.responses, compiled.responses)
+    assert torch.allclose(eager.logprobs, compiled.logprobs, atol=1e-5)
+
+
+def test_reward_function_workers_score_concurrently_and_alike():
+    """stage.reward.workers: the same scores in the same order, from several threads at once (a
+    slow reward function, as a plugin's calling a sandbox, in place of the built-in one)."""
+    from llmexp.rewards import FunctionReward, accepted_columns
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_length(completion: str) -> float:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return float(len(completion))
+
+    texts = [f"answer {'x' * i}" for i in range(8)]
+    scores = {}
+    for workers in (0, 4):
+        reward = FunctionReward("arithmetic_correct", workers=workers)
+        reward.fn, reward.accepted = slow_length, accepted_columns(slow_length)
+        scores[workers] = reward([None] * 8, texts, [{"answer": "1"}] * 8)
+        if workers == 0:
+            assert most[0] == 1
+    assert torch.equal(scores[0], scores[4]) and scores[0].tolist() == [float(len(t)) for t in texts]
+    assert most[0] > 1
