@@ -46,6 +46,14 @@ def llmexp_run(overrides: List[str], callbacks=()) -> Dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def sft_policy(model: List[str]) -> str:
+    """``model`` after llmexp's 150-step SFT on the bundled arithmetic chats (its exported model
+    directory): a policy that already answers, as RL starts from in practice."""
+    summary = llmexp_run([*model, "stage=sft", "trainer.max_steps=150", "trainer.val_check_interval=null",
+                          "trainer.limit_val_batches=1"])
+    return summary["model_dir"]
+
+
 def trl_clock():
     """A transformers callback timing the training loop (on_train_begin .. on_train_end)."""
     from transformers import TrainerCallback

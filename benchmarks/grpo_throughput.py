@@ -1,39 +1,56 @@
 """GRPO throughput (sampled responses per second, rollout + update) of llmexp against TRL's GRPOTrainer.
 
-Same tiny llama (same config and seed), same bundled arithmetic prompts and rule-based reward,
+Same tiny llama (same config and weights), same bundled arithmetic prompts and rule-based reward,
 same batch (prompts x responses per prompt), the same response length cap, temperature 1, no KL
 term (beta 0, so neither side keeps a reference), one update per rollout batch, fp32, on the same
 CPU. Each side is timed over its training loop only.
 
-    python benchmarks/grpo_throughput.py [--steps 30]
+Two starting points: ``sft`` (the job as users run it: a policy that already answers, so
+responses end at different lengths; a 150-step llmexp SFT of the same model) and ``random``
+(a fresh init: every response runs to the length cap). Then llmexp again with each rollout
+speed-up switched off in turn, so each one's share is measured in the same run.
+
+    python benchmarks/grpo_throughput.py [--steps 30] [--init sft random]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from typing import Dict, List, Optional
 
-from common import lightning_clock, llmexp_run, save, trl_clock
+from common import lightning_clock, llmexp_run, save, sft_policy, trl_clock
 
 MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.intermediate_size=512"]
+# Each row switches one speed-up off (measured against the full engine).
+ABLATIONS = {
+    "llmexp without shared prefill": ["stage.rollout.share_prefill=false"],
+    "llmexp without dropping finished rows": ["stage.rollout.drop_finished=false"],
+    "llmexp with model.generate, nothing shared (no speed-up)": ["stage.rollout.engine=generate",
+                                                                 "stage.rollout.share_prefill=false"],
+}
 
 
-def trl_run(steps: int, prompts: int, group: int, max_new: int) -> dict:
+def trl_run(steps: int, prompts: int, group: int, max_new: int, policy: Optional[str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from llmexp.testing import compose
-    from llmexp.preflight import preflight
     from llmexp.data.module import load_examples
     from llmexp.data.skill import correctness_reward
     from llmexp.models.build import architecture_config
     from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.preflight import preflight
+    from llmexp.testing import compose
 
     cfg = preflight(compose([*MODEL, "stage=grpo"]))
     tok = load_tokenizer(None, None)
     torch.manual_seed(cfg.trainer.seed)
-    model = AutoModelForCausalLM.from_config(architecture_config(cfg.model, tok), attn_implementation="sdpa")
+    if policy:
+        model = AutoModelForCausalLM.from_pretrained(policy, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_config(architecture_config(cfg.model, tok), attn_implementation="sdpa")
     train = load_examples(cfg.data, "grpo").train
 
     def reward(completions, answer, **_):
@@ -41,11 +58,11 @@ def trl_run(steps: int, prompts: int, group: int, max_new: int) -> dict:
                 for c, a in zip(completions, answer)]
 
     clock = trl_clock()
-    args = GRPOConfig(output_dir="/tmp/trl-grpo-bench", max_steps=steps, per_device_train_batch_size=prompts * group,
-                      num_generations=group, max_completion_length=max_new, temperature=1.0, top_k=0, beta=0.0,
-                      num_iterations=1, learning_rate=1e-3, use_cpu=True, report_to="none", logging_steps=steps,
-                      save_strategy="no", bf16=False, gradient_checkpointing=False, seed=cfg.trainer.seed,
-                      dataloader_num_workers=0)
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-grpo-bench-"), max_steps=steps,
+                      per_device_train_batch_size=prompts * group, num_generations=group,
+                      max_completion_length=max_new, temperature=1.0, top_k=0, beta=0.0, num_iterations=1,
+                      learning_rate=1e-4, use_cpu=True, report_to="none", logging_steps=steps, save_strategy="no",
+                      bf16=False, gradient_checkpointing=False, seed=cfg.trainer.seed, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=train, processing_class=tok,
                           callbacks=[clock])
     trainer.train()
@@ -53,14 +70,39 @@ def trl_run(steps: int, prompts: int, group: int, max_new: int) -> dict:
             "responses_per_second": steps * prompts * group / clock.seconds}
 
 
-def llmexp_side(steps: int, prompts: int, group: int, max_new: int) -> dict:
+def llmexp_side(steps: int, prompts: int, group: int, max_new: int, policy: Optional[str],
+                extra: List[str] = ()) -> dict:
     clock = lightning_clock()
-    llmexp_run([*MODEL, "stage=grpo", f"trainer.max_steps={steps}", f"trainer.micro_batch_size={prompts}",
-                f"stage.group_size={group}", f"stage.rollout.max_new_tokens={max_new}", "optim.lr=1e-3",
-                "optim.warmup_steps=1", "trainer.val_check_interval=null", "trainer.limit_val_batches=1"],
-               callbacks=[clock])
+    start = [f"model.pretrained={policy}"] if policy else []
+    summary = llmexp_run([*MODEL, *start, "stage=grpo", f"trainer.max_steps={steps}",
+                          f"trainer.micro_batch_size={prompts}", "trainer.grad_accum=1", "stage.epochs=1",
+                          f"stage.group_size={group}", f"stage.rollout.max_new_tokens={max_new}",
+                          "stage.rollout.temperature=1.0", "optim.lr=1e-4", "optim.warmup_steps=1",
+                          "trainer.val_check_interval=null", "trainer.limit_val_batches=1", *extra],
+                         callbacks=[clock])
     return {"responses": steps * prompts * group, "seconds": clock.seconds,
-            "responses_per_second": steps * prompts * group / clock.seconds}
+            "responses_per_second": steps * prompts * group / clock.seconds, "time_split": summary["time_split"]}
+
+
+def best(runs: List[dict]) -> dict:
+    return max(runs, key=lambda r: r["responses_per_second"])
+
+
+def measure(init: str, args) -> Dict[str, dict]:
+    policy = sft_policy(MODEL) if init == "sft" else None
+    settings = (args.steps, args.prompts, args.group, args.max_new_tokens, policy)
+    rows: Dict[str, List[dict]] = {"llmexp": [], "TRL GRPOTrainer": [], **{k: [] for k in ABLATIONS}}
+    for _ in range(args.repeats):  # interleaved, so load on the machine hits every side alike
+        rows["llmexp"].append(llmexp_side(*settings))
+        rows["TRL GRPOTrainer"].append(trl_run(*settings))
+        if args.ablations:
+            for name, extra in ABLATIONS.items():
+                rows[name].append(llmexp_side(*settings, extra=extra))
+    out = {name: best(runs) for name, runs in rows.items() if runs}
+    trl = out["TRL GRPOTrainer"]["responses_per_second"]
+    for r in out.values():
+        r["ratio_to_trl"] = r["responses_per_second"] / trl
+    return out
 
 
 def main() -> None:
@@ -70,15 +112,17 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--init", nargs="+", default=["sft", "random"], choices=["sft", "random"])
+    ap.add_argument("--no-ablations", dest="ablations", action="store_false")
     args = ap.parse_args()
-    settings = (args.steps, args.prompts, args.group, args.max_new_tokens)
-    ours = max((llmexp_side(*settings) for _ in range(args.repeats)), key=lambda r: r["responses_per_second"])
-    theirs = max((trl_run(*settings) for _ in range(args.repeats)), key=lambda r: r["responses_per_second"])
-    ratio = ours["responses_per_second"] / theirs["responses_per_second"]
-    print(f"grpo  llmexp {ours['responses_per_second']:7.1f} responses/s   TRL {theirs['responses_per_second']:7.1f} "
-          f"responses/s   ratio {ratio:.2f}x")
-    save("grpo_throughput", {"settings": vars(args), "model": MODEL,
-                             "results": {"llmexp": ours, "trl": theirs, "ratio": ratio}})
+    results = {init: measure(init, args) for init in args.init}
+    print(f"\n{'start':7} {'side':45} {'responses/s':>12} {'vs TRL':>7}  split (s): rollout / scoring / optimisation")
+    for init, rows in results.items():
+        for name, r in rows.items():
+            split = r.get("time_split", {})
+            parts = " / ".join(f"{split.get(k + '_seconds', 0):.1f}" for k in ("rollout", "scoring", "optimisation"))
+            print(f"{init:7} {name:45} {r['responses_per_second']:12.1f} {r['ratio_to_trl']:6.2f}x  {parts if split else ''}")
+    save("grpo_throughput", {"settings": vars(args), "model": MODEL, "results": results})
 
 
 if __name__ == "__main__":

@@ -81,10 +81,14 @@ def test_rm_from_the_default_sft_ranks_held_out_pairs(rlhf_pipeline):
 STAGE_COLUMNS = {
     "dpo": ["train/logp_chosen", "train/nll_chosen", "val/accuracy", "val/reward_margin"],
     "ppo": ["train/kl", "train/kl_coef", "train/value_loss", "train/approx_kl", "train/entropy",
-            "train/response_length", "train/reward_std", "train/rollout_seconds"],
+            "train/response_length", "train/reward_std"],
     "grpo": ["train/entropy", "train/response_length", "train/reward_std", "train/clipfrac",
              "train/groups_without_signal"],
 }
+# Where a rollout step's time went: metrics.csv every logging step, summary.json over the run.
+TIME_SPLIT = {"ppo": ["rollout_seconds", "scoring_seconds", "reference_seconds", "optimisation_seconds",
+                      "rollout_tokens_per_second"],
+              "grpo": ["rollout_seconds", "scoring_seconds", "optimisation_seconds", "rollout_tokens_per_second"]}
 
 
 @pytest.mark.parametrize("stage", ["dpo", "ppo", "grpo"])
@@ -100,8 +104,14 @@ def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tm
         assert s["final"]["val/accuracy"] >= 0.9
         assert s["final"]["val/logp_chosen"] >= s["initial"]["val/logp_chosen"] - 1.0
     header = (tmp_path / stage / "metrics.csv").read_text().splitlines()[0]
-    for col in STAGE_COLUMNS[stage] + ["val/task_score"]:
+    for col in STAGE_COLUMNS[stage] + ["val/task_score"] + [f"train/{k}" for k in TIME_SPLIT.get(stage, [])]:
         assert col in header, col
+    if stage in TIME_SPLIT:
+        split = s["time_split"]
+        assert all(split[k] > 0 for k in TIME_SPLIT[stage]), split
+        assert "old_logprobs_seconds" not in split  # the rollout's own log-probs: no extra forward pass
+        parts = sum(v for k, v in split.items() if k.endswith("_seconds"))
+        assert parts <= s["fit_seconds"] and split["generated_tokens"] > 0
 
 
 @pytest.mark.parametrize("name", ["dpo", "grpo"])

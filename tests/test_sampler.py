@@ -169,3 +169,38 @@ def test_reward_function_workers_score_concurrently_and_alike():
             assert most[0] == 1
     assert torch.equal(scores[0], scores[4]) and scores[0].tolist() == [float(len(t)) for t in texts]
     assert most[0] > 1
+
+
+def test_loss_forward_sharing_each_prompt_equals_whole_sequences_with_gradients(tiny):
+    """grpo's loss runs a prompt once for its group (keys and values repeated to the samples):
+    the same log-probs, entropies and parameter gradients as every prompt + response run whole."""
+    import copy
+
+    from llmexp.stages.policy_gradient import GRPOStage
+    from llmexp.stages.rollout import Rollout
+    from llmexp.testing import typed
+
+    model, tok, ids, mask = tiny
+    cfg = typed(["stage=grpo", f"stage.group_size={G}", "stage.rollout.temperature=0.7", "model.hidden_size=64",
+                 "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=128"])
+    torch.manual_seed(5)
+    responses = Sampler(model, tok.eos_token_id, tok.pad_token_id)(ids, mask, T, samples_per_prompt=G,
+                                                                   temperature=0.7).trimmed(tok.eos_token_id).responses
+    m = response_mask(responses, tok.eos_token_id)
+    attention = torch.cat([mask.repeat_interleave(G, 0), m.long()], 1)
+    r = Rollout(sequences=torch.cat([ids.repeat_interleave(G, 0), responses], 1), attention_mask=attention,
+                position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=ids.shape[1], mask=m,
+                scores=torch.zeros(len(responses)))
+    results = {}
+    for share in (True, False):
+        policy = copy.deepcopy(model).train()
+        cfg.stage.rollout.share_prefill = share
+        stage = GRPOStage(cfg, policy, tok)
+        assert stage.shares_prefix(policy) is share
+        logprobs, _, entropy = stage.token_outputs(r, policy)
+        (logprobs * m).sum().backward()
+        results[share] = (logprobs * m, entropy * m, {n: p.grad.clone() for n, p in policy.named_parameters()})
+    (lp_a, ent_a, grad_a), (lp_b, ent_b, grad_b) = results[True], results[False]
+    assert torch.allclose(lp_a, lp_b, atol=1e-4) and torch.allclose(ent_a, ent_b, atol=1e-4)
+    for name in grad_b:
+        assert torch.allclose(grad_a[name], grad_b[name], atol=1e-4, rtol=1e-3), name

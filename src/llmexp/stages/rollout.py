@@ -127,12 +127,15 @@ class RolloutStage(StageModule):
     # -- sampling and scoring --------------------------------------------------------------------
     @property
     def engine(self):
-        """What answers prompts (stage.rollout.engine), built on first use."""
-        if "engine" not in self._frozen:
+        """What answers prompts (stage.rollout.engine), built on first use (and again if the
+        policy module was replaced, as export does)."""
+        model, engine = self._frozen.get("engine", (None, None))
+        if model is not self.model:
             from llmexp.rollout_engines import build_engine
 
-            self._frozen["engine"] = build_engine(self)
-        return self._frozen["engine"]
+            engine = build_engine(self)
+            self._frozen["engine"] = (self.model, engine)
+        return engine
 
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool, samples_per_prompt: int = 1,
                with_logprobs: bool = False, with_hidden: bool = False) -> Sampled:
@@ -187,10 +190,10 @@ class RolloutStage(StageModule):
                     r.values = self.value_head(sampled.hidden.float()).squeeze(-1)
             elif old:
                 r.logprobs, r.values, r.entropy = self.token_outputs(r, self.model, with_values=self.needs_values)
-            clock.lap("old_logprobs")
+                clock.lap("old_logprobs")
             if self.uses_reference(self.cfg):
                 r.ref_logprobs = self.reference_logprobs(r)
-            clock.lap("reference")
+                clock.lap("reference")
         return r
 
     def needs_old_logprobs(self) -> bool:
@@ -200,19 +203,50 @@ class RolloutStage(StageModule):
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         """Per-response-token log-probs (at the sampling temperature), values (from the value head,
         when asked) and entropies."""
-        want_hidden = with_values
-        out = model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids,
-                    use_cache=False, output_hidden_states=want_hidden)
-        P = r.prompt_width
-        logits = out.logits[:, P - 1 : -1].float() / self.cfg.stage.rollout.temperature
-        targets = r.sequences[:, P:]
-        logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        values = None
-        if want_hidden:
-            values = self.value_head(out.hidden_states[-1][:, P - 1 : -1].float()).squeeze(-1)
+        logits, hidden = self.response_logits(r, model, with_hidden=with_values)
+        logits = logits.float() / self.cfg.stage.rollout.temperature
+        logprobs = torch.log_softmax(logits, -1).gather(-1, r.sequences[:, r.prompt_width:].unsqueeze(-1)).squeeze(-1)
+        values = self.value_head(hidden.float()).squeeze(-1) if with_values else None
         with torch.no_grad():
             entropy = entropy_from_logits(logits)
         return logprobs, values, entropy
+
+    def response_logits(self, r: Rollout, model, with_hidden: bool = False
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The logits (and last hidden states) that predict each response token, ``[N, T, ...]``.
+
+        A prompt answered ``samples_per_prompt`` times is run once: its keys and values (with
+        their gradient) are repeated to its samples, whose response tokens attend to them; equal
+        to running every prompt + response whole (tested), for a fraction of the prompt's cost."""
+        P, k = r.prompt_width, self.samples_per_prompt
+        if k == 1 or not self.shares_prefix(model):
+            out = model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids,
+                        use_cache=False, output_hidden_states=with_hidden, logits_to_keep=r.sequences.shape[1] - P + 1)
+            hidden = out.hidden_states[-1][:, P - 1 : -1] if with_hidden else None
+            return out.logits[:, :-1], hidden
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        prompt = model(input_ids=r.sequences[::k, :P], attention_mask=r.attention_mask[::k, :P],
+                       position_ids=r.position_ids[::k, :P], cache=cache, use_cache=True,
+                       output_hidden_states=with_hidden, logits_to_keep=1)
+        cache.batch_repeat_interleave(k)
+        logits = prompt.logits.repeat_interleave(k, 0)
+        hidden = prompt.hidden_states[-1][:, -1:].repeat_interleave(k, 0) if with_hidden else None
+        if r.sequences.shape[1] - P > 1:  # the last response token predicts nothing we score
+            rest = model(input_ids=r.sequences[:, P:-1], attention_mask=r.attention_mask[:, :-1],
+                         position_ids=r.position_ids[:, P:-1], cache=cache, use_cache=True,
+                         output_hidden_states=with_hidden)
+            logits = torch.cat([logits, rest.logits], 1)
+            hidden = torch.cat([hidden, rest.hidden_states[-1]], 1) if with_hidden else None
+        return logits, hidden
+
+    def shares_prefix(self, model) -> bool:
+        """Whether the loss's forward passes may share each prompt among its samples: asked for,
+        and the model runs whole in this process with its cache (not sharded, not checkpointing
+        activations, which turns the cache off)."""
+        return (self.cfg.stage.rollout.share_prefill and not self.is_model_parallel
+                and not getattr(model, "is_gradient_checkpointing", False))
 
     def reference_logprobs(self, r: Rollout) -> torch.Tensor:
         with self._frozen["reference"].model(self.model) as reference:
