@@ -204,3 +204,30 @@ def test_loss_forward_sharing_each_prompt_equals_whole_sequences_with_gradients(
     assert torch.allclose(lp_a, lp_b, atol=1e-4) and torch.allclose(ent_a, ent_b, atol=1e-4)
     for name in grad_b:
         assert torch.allclose(grad_a[name], grad_b[name], atol=1e-4, rtol=1e-3), name
+
+
+def test_vllm_weight_sync_merges_a_lora_adapter_under_the_base_models_names(tiny):
+    """What engine=vllm loads into vLLM after each update (the vLLM side needs a GPU): the
+    policy's weights with its LoRA adapter merged, named as the base model's, and the adapter
+    unmerged again afterwards."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from llmexp.rollout_engines import policy_weights
+
+    model, tok, ids, mask = tiny
+    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    before = policy(input_ids=ids, attention_mask=mask).logits
+    merged = copy.deepcopy(policy).merge_and_unload().state_dict()
+    with policy_weights(policy) as weights:  # compared inside: unmerging changes them in place
+        weights = dict(weights)
+        assert set(weights) == set(merged)
+        assert all(torch.allclose(weights[n], merged[n], atol=1e-6) for n in merged)
+    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"],
+                              model.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.allclose(policy(input_ids=ids, attention_mask=mask).logits, before, atol=1e-5)

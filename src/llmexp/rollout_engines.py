@@ -79,10 +79,13 @@ class VLLMEngine:
 
         self.stage = stage
         model = stage.model
+        # Under ddp every rank holds its own engine inside the already-launched process group
+        # (vLLM's external_launcher backend, as TRL's colocate mode does).
+        distributed = {"distributed_executor_backend": "external_launcher"} if stage.trainer.world_size > 1 else {}
         self.llm = LLM(model=_export_for_vllm(stage), tensor_parallel_size=1,
                        gpu_memory_utilization=stage.cfg.stage.rollout.vllm_gpu_memory_utilization,
                        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                       enable_prefix_caching=True, seed=stage.cfg.trainer.seed)
+                       enable_prefix_caching=True, seed=stage.cfg.trainer.seed + stage.global_rank, **distributed)
         self.synced_step = stage.global_step
 
     def sync_weights(self) -> None:
