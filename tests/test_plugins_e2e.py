@@ -71,7 +71,8 @@ def test_grpo_rewarded_by_a_plugin_reward_function(tmp_path):
     r = run_cli(["stage=grpo", "stage.reward.function=answer_closeness", "trainer.max_steps=3",
                  "trainer.micro_batch_size=4", "stage.group_size=2", "optim.warmup_steps=1", "logger=none",
                  "trainer.progress_bar=false", "stage.rollout.max_new_tokens=6", "data.options.num_samples=200",
-                 f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+                 # the plugin's score alone (grpo's default adds -1 to responses that never end)
+                 "stage.reward.missing_eos_penalty=null", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["stage"]["reward"]["function"] == "answer_closeness"
