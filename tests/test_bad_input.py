@@ -253,6 +253,7 @@ def test_command_errors(name, workdir):
     _unchanged(workdir)
 
 
+@pytest.mark.slow  # trains the small model it generates with
 def test_generate_refuses_a_prompt_longer_than_the_context(workdir):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -62,6 +62,7 @@ def test_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # two CLI runs that start training before the bad line is read
 def test_user_error_during_a_run_exits_2_and_traceback_on_request(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"text": "fine"}\n{oops\n')
