@@ -80,3 +80,41 @@ def lightning_clock():
             self.seconds = time.perf_counter() - self.start
 
     return Clock()
+
+
+def rollout_arguments(doc: str, **defaults: int):
+    """The command line of a rollout benchmark: its own numbers (``defaults``, name -> default)
+    plus --repeats, --init and --no-ablations."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in defaults.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--init", nargs="+", default=["sft", "random"], choices=["sft", "random"])
+    ap.add_argument("--no-ablations", dest="ablations", action="store_false")
+    return ap
+
+
+def best_of_interleaved(sides: Dict[str, Any], repeats: int, baseline: str, ratio_key: str) -> Dict[str, dict]:
+    """Run every side (name -> no-argument callable returning a dict with responses_per_second)
+    ``repeats`` times, interleaved so that load on the machine hits every side alike; keep each
+    side's best run and its ratio to ``baseline``'s under ``ratio_key``."""
+    runs: Dict[str, List[dict]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, side in sides.items():
+            runs[name].append(side())
+    out = {name: max(r, key=lambda x: x["responses_per_second"]) for name, r in runs.items()}
+    for r in out.values():
+        r[ratio_key] = r["responses_per_second"] / out[baseline]["responses_per_second"]
+    return out
+
+
+def print_rollout_table(results: Dict[str, Dict[str, dict]], ratio_key: str, label: str, parts: List[str]) -> None:
+    """One row per starting point and side: responses/s, the ratio, and llmexp's time split."""
+    print(f"\n{'start':7} {'side':56} {'responses/s':>12} {label:>8}  split (s): {' / '.join(parts)}")
+    for init, rows in results.items():
+        for name, r in rows.items():
+            split = r.get("time_split")
+            seconds = " / ".join(f"{split.get(p + '_seconds', 0):.1f}" for p in parts) if split else ""
+            print(f"{init:7} {name:56} {r['responses_per_second']:12.1f} {r[ratio_key]:7.2f}x  {seconds}")

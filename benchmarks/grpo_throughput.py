@@ -15,11 +15,11 @@ speed-up switched off in turn, so each one's share is measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from typing import Dict, List, Optional
 
-from common import lightning_clock, llmexp_run, save, sft_policy, trl_clock
+from common import (best_of_interleaved, lightning_clock, llmexp_run, print_rollout_table, rollout_arguments, save,
+                    sft_policy, trl_clock)
 
 MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.intermediate_size=512"]
@@ -84,44 +84,20 @@ def llmexp_side(steps: int, prompts: int, group: int, max_new: int, policy: Opti
             "responses_per_second": steps * prompts * group / clock.seconds, "time_split": summary["time_split"]}
 
 
-def best(runs: List[dict]) -> dict:
-    return max(runs, key=lambda r: r["responses_per_second"])
-
-
 def measure(init: str, args) -> Dict[str, dict]:
     policy = sft_policy(MODEL) if init == "sft" else None
     settings = (args.steps, args.prompts, args.group, args.max_new_tokens, policy)
-    rows: Dict[str, List[dict]] = {"llmexp": [], "TRL GRPOTrainer": [], **{k: [] for k in ABLATIONS}}
-    for _ in range(args.repeats):  # interleaved, so load on the machine hits every side alike
-        rows["llmexp"].append(llmexp_side(*settings))
-        rows["TRL GRPOTrainer"].append(trl_run(*settings))
-        if args.ablations:
-            for name, extra in ABLATIONS.items():
-                rows[name].append(llmexp_side(*settings, extra=extra))
-    out = {name: best(runs) for name, runs in rows.items() if runs}
-    trl = out["TRL GRPOTrainer"]["responses_per_second"]
-    for r in out.values():
-        r["ratio_to_trl"] = r["responses_per_second"] / trl
-    return out
+    sides = {"llmexp": lambda: llmexp_side(*settings), "TRL GRPOTrainer": lambda: trl_run(*settings)}
+    if args.ablations:
+        sides.update({name: (lambda extra=extra: llmexp_side(*settings, extra=extra))
+                      for name, extra in ABLATIONS.items()})
+    return best_of_interleaved(sides, args.repeats, "TRL GRPOTrainer", "ratio_to_trl")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--init", nargs="+", default=["sft", "random"], choices=["sft", "random"])
-    ap.add_argument("--no-ablations", dest="ablations", action="store_false")
-    args = ap.parse_args()
+    args = rollout_arguments(__doc__, steps=30, prompts=16, group=4, max_new_tokens=16).parse_args()
     results = {init: measure(init, args) for init in args.init}
-    print(f"\n{'start':7} {'side':45} {'responses/s':>12} {'vs TRL':>7}  split (s): rollout / scoring / optimisation")
-    for init, rows in results.items():
-        for name, r in rows.items():
-            split = r.get("time_split", {})
-            parts = " / ".join(f"{split.get(k + '_seconds', 0):.1f}" for k in ("rollout", "scoring", "optimisation"))
-            print(f"{init:7} {name:45} {r['responses_per_second']:12.1f} {r['ratio_to_trl']:6.2f}x  {parts if split else ''}")
+    print_rollout_table(results, "ratio_to_trl", "vs TRL", ["rollout", "scoring", "optimisation"])
     save("grpo_throughput", {"settings": vars(args), "model": MODEL, "results": results})
 
 

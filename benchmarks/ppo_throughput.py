@@ -13,12 +13,12 @@ same fused AdamW, model, weights, prompts, reward and batch. The loop is the spe
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from typing import Dict, List, Optional
 
-from common import lightning_clock, llmexp_run, save, sft_policy
+from common import (best_of_interleaved, lightning_clock, llmexp_run, print_rollout_table, rollout_arguments, save,
+                    sft_policy)
 
 MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.intermediate_size=512"]
@@ -84,7 +84,8 @@ def plain_loop(steps: int, prompts: int, accum: int, max_new: int, epochs: int, 
             attn = torch.cat([pmask, mask.long()], 1)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             seq, P = torch.cat([ids, resp], 1), ids.shape[1]
-            texts = [tok.decode(r[: int(m.sum())], skip_special_tokens=True).strip() for r, m in zip(resp.tolist(), mask)]
+            texts = [tok.decode(r[: int(m.sum())], skip_special_tokens=True).strip()
+                     for r, m in zip(resp.tolist(), mask)]
             scores = torch.tensor([correctness_reward(t, c["answer"]) for t, c in zip(texts, b["columns"])])
             with torch.no_grad():
                 old, values = forward(model, seq, attn, pos, P, values=True)
@@ -128,41 +129,18 @@ def llmexp_side(steps: int, prompts: int, accum: int, max_new: int, epochs: int,
 def measure(init: str, args) -> Dict[str, dict]:
     policy = sft_policy(MODEL) if init == "sft" else None
     settings = (args.steps, args.prompts, args.grad_accum, args.max_new_tokens, args.ppo_epochs, policy)
-    rows: Dict[str, List[dict]] = {"llmexp": [], "plain loop": [], **{k: [] for k in ABLATIONS}}
-    for _ in range(args.repeats):  # interleaved, so load on the machine hits every side alike
-        rows["llmexp"].append(llmexp_side(*settings))
-        rows["plain loop"].append(plain_loop(*settings))
-        if args.ablations:
-            for name, extra in ABLATIONS.items():
-                rows[name].append(llmexp_side(*settings, extra=extra))
-    out = {name: max(runs, key=lambda r: r["responses_per_second"]) for name, runs in rows.items() if runs}
-    base = out["plain loop"]["responses_per_second"]
-    for r in out.values():
-        r["ratio_to_plain_loop"] = r["responses_per_second"] / base
-    return out
+    sides = {"llmexp": lambda: llmexp_side(*settings), "plain loop": lambda: plain_loop(*settings)}
+    if args.ablations:
+        sides.update({name: (lambda extra=extra: llmexp_side(*settings, extra=extra))
+                      for name, extra in ABLATIONS.items()})
+    return best_of_interleaved(sides, args.repeats, "plain loop", "ratio_to_plain_loop")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--grad-accum", type=int, default=2)
-    ap.add_argument("--ppo-epochs", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--init", nargs="+", default=["sft", "random"], choices=["sft", "random"])
-    ap.add_argument("--no-ablations", dest="ablations", action="store_false")
-    args = ap.parse_args()
+    args = rollout_arguments(__doc__, steps=10, prompts=32, grad_accum=2, ppo_epochs=4, max_new_tokens=16).parse_args()
     results = {init: measure(init, args) for init in args.init}
-    print(f"\n{'start':7} {'side':42} {'responses/s':>12} {'vs loop':>8}  split (s): rollout / old log-probs / "
-          f"reference / optimisation")
-    for init, rows in results.items():
-        for name, r in rows.items():
-            split = r.get("time_split", {})
-            parts = " / ".join(f"{split.get(k + '_seconds', 0):.1f}"
-                               for k in ("rollout", "old_logprobs", "reference", "optimisation"))
-            print(f"{init:7} {name:42} {r['responses_per_second']:12.1f} {r['ratio_to_plain_loop']:7.2f}x  "
-                  f"{parts if split else ''}")
+    print_rollout_table(results, "ratio_to_plain_loop", "vs loop",
+                        ["rollout", "old_logprobs", "reference", "optimisation"])
     save("ppo_throughput", {"settings": vars(args), "model": MODEL, "results": results})
 
 

@@ -49,8 +49,8 @@ class GenerateEngine:
 
         k = samples_per_prompt
         sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-        responses = self.stage.generate_responses(prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0),
-                                                  max_new_tokens, engine="generate", **sampling)
+        ids, mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+        responses = self.stage.generate_responses(ids, mask, max_new_tokens, engine="generate", **sampling)
         return Sampled(responses)  # no log-probs: the stage takes them with a forward pass
 
 
