@@ -231,3 +231,21 @@ def test_vllm_weight_sync_merges_a_lora_adapter_under_the_base_models_names(tiny
     assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"],
                               model.state_dict()["model.layers.0.self_attn.q_proj.weight"])
     assert torch.allclose(policy(input_ids=ids, attention_mask=mask).logits, before, atol=1e-5)
+
+
+def test_the_stage_answers_alike_with_either_engine(tiny):
+    """stage.rollout.engine=hf and =generate give a grpo stage the same greedy responses (cut to
+    the longest), and only hf brings the rollout's own log-probs."""
+    from llmexp.stages.policy_gradient import GRPOStage
+    from llmexp.testing import typed
+
+    model, tok, ids, mask = tiny
+    got = {}
+    for engine in ("hf", "generate"):
+        cfg = typed(["stage=grpo", f"stage.rollout.engine={engine}", f"stage.rollout.max_new_tokens={T}"])
+        stage = GRPOStage(cfg, model, tok)
+        got[engine] = stage.sample(ids, mask, greedy=True, samples_per_prompt=G)
+        sampled = stage.sample(ids, mask, greedy=False, samples_per_prompt=G, with_logprobs=True)
+        assert (sampled.logprobs is not None) is (engine == "hf")
+    assert torch.equal(got["hf"].responses, got["generate"].responses)
+    assert got["hf"].responses.shape[0] == G * len(ids)

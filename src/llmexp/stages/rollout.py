@@ -77,6 +77,7 @@ class RolloutStage(StageModule):
     def __init__(self, cfg, model, tokenizer):
         super().__init__(cfg, model, tokenizer)
         self._clock = StepClock()
+        self._frozen: Dict[str, Any] = {}  # create() adds the reference and reward
         self.time_split = StepClock()  # the whole run's, for summary.json
 
     @classmethod
@@ -89,7 +90,7 @@ class RolloutStage(StageModule):
         model = build_model(cfg.model, tokenizer, quantization_config(cfg.peft))
         reference = Reference.of(model, keep_copy=cls.uses_reference(cfg) and cfg.peft.name == "none")
         stage = cls(cfg, apply_peft(model, cfg.peft, cfg.model), tokenizer)
-        stage._frozen = {"reference": reference, "reward": reward}
+        stage._frozen.update(reference=reference, reward=reward)
         return stage
 
     @staticmethod
