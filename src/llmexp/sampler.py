@@ -31,7 +31,6 @@ class Sampled:
     logprobs: Optional[torch.Tensor] = None  # [N, T] log-prob of each token at the temperature
     entropy: Optional[torch.Tensor] = None  # [N, T] entropy of the distribution it was drawn from
     hidden: Optional[torch.Tensor] = None  # [N, T, H] last hidden state that predicted each token
-    forward_tokens: int = 0  # tokens the model ran over (prefill + decode), for the split's counts
 
     def trimmed(self, eos_token_id: int) -> "Sampled":
         """Cut to the longest response, so no later pass pays for columns that are padding in every row."""
@@ -41,8 +40,7 @@ class Sampled:
         if width == self.responses.shape[1]:
             return self
         cut = lambda x: None if x is None else x[:, :width]  # noqa: E731
-        return Sampled(self.responses[:, :width], cut(self.logprobs), cut(self.entropy), cut(self.hidden),
-                       self.forward_tokens)
+        return Sampled(self.responses[:, :width], cut(self.logprobs), cut(self.entropy), cut(self.hidden))
 
 
 def warpers(temperature: float, top_k: int, top_p: float) -> List[Callable]:
@@ -90,7 +88,6 @@ class Sampler:
             out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
                         position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), cache=cache,
                         use_cache=True, output_hidden_states=with_hidden, logits_to_keep=1)
-            forward_tokens = int(prompt_mask.sum())
             logits = out.logits[:, -1].float()
             hidden = out.hidden_states[-1][:, -1] if with_hidden else None
             if k > 1:
@@ -98,12 +95,12 @@ class Sampler:
                 logits, prompt_mask = logits.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
                 hidden = hidden.repeat_interleave(k, 0) if hidden is not None else None
             return self._decode(cache, logits, hidden, prompt_mask, max_new_tokens, greedy,
-                                warpers(temperature, top_k, top_p), temperature, with_logprobs, forward_tokens)
+                                warpers(temperature, top_k, top_p), temperature, with_logprobs)
         finally:
             model.train(was_training)
 
-    def _decode(self, cache, logits, hidden, mask, max_new_tokens, greedy, warp, temperature, with_logprobs,
-                forward_tokens) -> Sampled:
+    def _decode(self, cache, logits, hidden, mask, max_new_tokens, greedy, warp, temperature,
+                with_logprobs) -> Sampled:
         n, device = logits.shape[0], logits.device
         responses = torch.full((n, max_new_tokens), self.pad, dtype=torch.long, device=device)
         logprobs = torch.zeros(n, max_new_tokens, device=device) if with_logprobs else None
@@ -135,11 +132,10 @@ class Sampler:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             out = self.step(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache,
                              use_cache=True, output_hidden_states=hiddens is not None)
-            forward_tokens += int(token.shape[0])
             position = position + 1
             logits = out.logits[:, -1].float()
             hidden = out.hidden_states[-1][:, -1] if hiddens is not None else None
-        return Sampled(responses, logprobs, entropy, hiddens, forward_tokens)
+        return Sampled(responses, logprobs, entropy, hiddens)
 
     def _pick(self, logits: torch.Tensor, t: int, greedy: bool, warp: List[Callable]) -> torch.Tensor:
         """The next token of every row: at least one token before eos (generate's min_new_tokens=1)."""
