@@ -233,14 +233,11 @@ COMMAND_CASES = {
 }
 
 
-def _module(args, workdir, **kw):
-    import subprocess
-    import sys
+def _module(args, workdir):
+    from llmexp.testing import run_module
 
-    from llmexp.testing import OFFLINE_ENV
-
-    return subprocess.run([sys.executable, "-m", *_args(args, workdir)], cwd=workdir, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **OFFLINE_ENV}, **kw)
+    module, *rest = _args(args, workdir)
+    return run_module(module, rest, cwd=workdir, timeout=300)
 
 
 @pytest.mark.parametrize("name", list(COMMAND_CASES))

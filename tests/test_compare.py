@@ -6,14 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from llmexp.testing import FAST, OFFLINE_ENV
+from llmexp.testing import FAST, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # A few steps per trial: generation for the task score is what costs, so few prompts.
@@ -22,10 +20,7 @@ TINY = [o for o in FAST if not o.startswith(("trainer.max_steps", "trainer.val_c
 
 
 def _cli(*args, cwd=REPO):
-    import os
-
-    return subprocess.run([sys.executable, "-m", "llmexp", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**OFFLINE_ENV, **os.environ})
+    return run_cli(list(map(str, args)), cwd=cwd)
 
 
 @pytest.fixture(scope="module")

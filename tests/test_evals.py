@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import json
-import subprocess
-import sys
 
 import pytest
-from llmexp.testing import run_cli
+from llmexp.testing import run_cli, run_module
 REPO = Path(__file__).resolve().parents[1]
 
 from llmexp.record import read_metrics
@@ -61,15 +59,13 @@ def test_eval_of_an_existing_run_and_a_custom_task_dir(evaluated_run, tmp_path):
         "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
         "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "llmexp.eval", f"run={evaluated_run}", "--tasks", "pick_sum,arithmetic_gen",
-                        "--include-path", str(tasks), "--limit", "20", "--out", str(out)],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = run_module("llmexp.eval", [f"run={evaluated_run}", "--tasks", "pick_sum,arithmetic_gen",
+                                   "--include-path", str(tasks), "--limit", "20", "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"pick_sum", "arithmetic_gen"}
     assert results["pick_sum"]["acc"] >= 0.9
-    g = subprocess.run([sys.executable, "-m", "llmexp.generate", str(evaluated_run), "What is 3 plus 4?"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    g = run_module("llmexp.generate", [str(evaluated_run), "What is 3 plus 4?"], cwd=tmp_path)
     assert g.returncode == 0 and "3 + 4 = 7" in g.stdout
 
 
@@ -78,8 +74,7 @@ def test_unknown_task_is_refused_before_training(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "eval.tasks: unknown task 'arithmetic_mcq'" in r.stderr and "did you mean 'arithmetic_mc'" in r.stderr
     assert not (tmp_path / "runs").exists()
-    r = subprocess.run([sys.executable, "-m", "llmexp.eval", str(tmp_path), "--tasks", "nope"],
-                       capture_output=True, text=True, cwd=REPO)
+    r = run_module("llmexp.eval", [str(tmp_path), "--tasks", "nope"], cwd=REPO)
     assert r.returncode == 2 and "unknown task 'nope'" in r.stderr
 
 

@@ -16,7 +16,10 @@ from llmexp.losses import (
     dpo_loss,
     k3_kl,
     log1mexp,
+    importance_log_weights,
     odds_ratio_loss,
+    policy_loss_sum,
+    policy_loss_units,
     sequence_logprobs,
     simpo_loss,
     token_logprobs,
@@ -149,6 +152,48 @@ def test_clipped_policy_loss_clips_large_ratios():
     assert loss.tolist()[0] == pytest.approx([-1.2, 0.9], abs=1e-6)
     assert clipped.tolist()[0] == [1.0, 0.0]
     assert approx_kl[0, 0].item() == pytest.approx(0.5 - math.log(1.5), abs=1e-6)
+
+
+def test_clip_higher_lets_a_rewarded_token_grow_further():
+    """DAPO's clip-higher: with epsilon_high 0.28 a ratio of 1.25 on a positive advantage is
+    inside the clip; with the symmetric 0.2 it is clipped to 1.2. The low side stays at 0.8."""
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.25, 1.4, 0.5]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    symmetric, clipped_sym, _ = clipped_policy_loss(new, old, adv, 0.2)
+    higher, clipped_high, _ = clipped_policy_loss(new, old, adv, 0.2, clip_range_high=0.28)
+    assert symmetric.tolist()[0] == pytest.approx([-1.2, -1.2, 0.8], abs=1e-6)
+    assert higher.tolist()[0] == pytest.approx([-1.25, -1.28, 0.8], abs=1e-6)
+    assert clipped_sym.tolist()[0] == [1.0, 1.0, 1.0] and clipped_high.tolist()[0] == [0.0, 1.0, 1.0]
+
+
+def test_sequence_level_importance_weight_is_the_mean_token_log_ratio():
+    """GSPO: one ratio per response, exp of the mean log-ratio over its tokens (padding ignored)."""
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[0.3, -0.1, 5.0], [0.2, 0.4, 0.6]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    w = importance_log_weights(new, old, mask, "sequence")
+    assert w.shape == (2, 1) and w[:, 0].tolist() == pytest.approx([0.1, 0.4], abs=1e-6)
+    assert torch.equal(importance_log_weights(new, old, mask, "token"), new)
+    loss, _, _ = clipped_policy_loss(new, old, torch.tensor([[1.0], [-1.0]]), 0.2, level="sequence", mask=mask)
+    assert loss[0].tolist() == pytest.approx([-math.exp(0.1)] * 3, abs=1e-6)  # inside the clip
+    assert loss[1].tolist() == pytest.approx([math.exp(0.4)] * 3, abs=1e-6)  # max(-A r, -A 1.2) with A = -1
+    with pytest.raises(ValueError, match="token or sequence"):
+        importance_log_weights(new, old, mask, "sentence")
+
+
+@pytest.mark.parametrize("loss_type,expected", [
+    # per-token losses [[1, 2, x], [3, x, x]] (x: masked); 2 responses, 3 tokens, max_new_tokens 4
+    ("grpo", ((1 + 2) / 2 + 3) / 2),  # mean over each response's tokens, then over responses
+    ("bnpo", (1 + 2 + 3) / 3),  # mean over the micro-batch's tokens
+    ("dapo", (1 + 2 + 3) / 3),  # mean over the update's tokens (one micro-batch, one rank here)
+    ("dr_grpo", (1 + 2 + 3) / (2 * 4)),  # token sum over responses x max_new_tokens
+])
+def test_policy_loss_aggregations(loss_type, expected):
+    per_token = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    total = policy_loss_sum(per_token, mask, loss_type)
+    assert float(total) / policy_loss_units(mask, loss_type, max_new_tokens=4) == pytest.approx(expected)
 
 
 def test_clipped_value_loss():

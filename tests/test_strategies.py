@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from llmexp.testing import FAST, run_cli
+from llmexp.testing import FAST, run_cli, run_module
 from safetensors.torch import load_file
 
 from llmexp.record import read_metrics
@@ -115,9 +115,6 @@ def test_fsdp_times_tensor_parallel_on_a_2d_mesh_matches_one_process(tmp_path, s
 
 
 def test_evals_under_fsdp_run_on_rank_0_with_the_gathered_weights(tmp_path):
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "fsdp_eval"
     r = run_cli([*BASE, "strategy=fsdp", "trainer.devices=2", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
                  "eval=lm_eval", "eval.tasks=[arithmetic_mc]", "eval.limit=20", "eval.every_n_steps=6",
@@ -125,8 +122,7 @@ def test_evals_under_fsdp_run_on_rank_0_with_the_gathered_weights(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     during = json.loads((run_dir / "summary.json").read_text())["eval"]
     out = tmp_path / "again"
-    r = subprocess.run([sys.executable, "-m", "llmexp.eval", str(run_dir), "--tasks", "arithmetic_mc", "--limit", "20",
-                        "--out", str(out)], capture_output=True, text=True)
+    r = run_module("llmexp.eval", [str(run_dir), "--tasks", "arithmetic_mc", "--limit", "20", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == during
     # Every 6 steps during training too: all ranks gather the shards, rank 0 evaluates a whole copy.

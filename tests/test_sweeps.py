@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from llmexp.testing import FAST
+from llmexp.testing import FAST, run_module
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = [o for o in FAST if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=15",
@@ -27,8 +25,7 @@ def _spec(tmp_path, method="grid", parameters=None, **extra):
 
 
 def _sweep(spec, out, *args):
-    return subprocess.run([sys.executable, "-m", "llmexp.sweep", str(spec), "--dir", str(out), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    return run_module("llmexp.sweep", [str(spec), "--dir", str(out), *args], cwd=REPO, timeout=900)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ and packing give exactly the loss of one big unpacked batch.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -112,15 +112,53 @@ def odds_ratio_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> Tup
     return -F.logsigmoid(log_odds), log_odds
 
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        clip_range: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO surrogate ``max(-A r, -A clip(r, 1-e, 1+e))``, with the clipped indicator and
-    the per-token approximate KL ``(r - 1) - log r`` (Schulman's k3) to the sampling policy."""
+def importance_log_weights(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                           level: str = "token") -> torch.Tensor:
+    """``log pi/pi_old`` per token ([B, T]), or at ``level="sequence"`` (GSPO) the mean over each
+    response's tokens ([B, 1]: one ratio for the whole sequence)."""
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    raise ValueError(f"importance sampling level {level!r}: token or sequence")
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        clip_range: float, clip_range_high: Optional[float] = None, level: str = "token",
+                        mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO surrogate ``max(-A r, -A clip(r, 1-e, 1+e_high))`` (``e_high``: DAPO's
+    clip-higher, default ``e``), with the clipped indicator and the per-token approximate KL
+    ``(r - 1) - log r`` (Schulman's k3) to the sampling policy. ``level="sequence"`` uses one
+    ratio per response (GSPO; needs ``mask``)."""
+    if mask is None:
+        mask = torch.ones_like(logprobs)
+    log_weights = importance_log_weights(logprobs, old_logprobs, mask, level)
+    ratio = torch.exp(log_weights)
+    high = clip_range if clip_range_high is None else clip_range_high
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped), (clipped > unclipped).float(), (ratio - 1) - log_ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    loss = torch.maximum(unclipped, clipped).expand_as(logprobs)
+    log_ratio = logprobs - old_logprobs
+    return loss, (clipped > unclipped).float().expand_as(logprobs), torch.exp(log_ratio) - 1 - log_ratio
+
+
+def policy_loss_sum(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The numerator of ``loss_type``: the sum of per-response token means (grpo) or of the
+    masked tokens (bnpo, dr_grpo, dapo); policy_loss_units gives what it is divided by."""
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+    return (per_token * mask).sum()
+
+
+def policy_loss_units(mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> float:
+    """What one micro-batch adds to the denominator of ``loss_type``: responses (grpo), tokens
+    (bnpo, dapo) or responses x max_new_tokens (dr_grpo)."""
+    if loss_type == "grpo":
+        return float(mask.shape[0])
+    if loss_type == "dr_grpo":
+        return float(mask.shape[0] * max_new_tokens)
+    return float(mask.sum())
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

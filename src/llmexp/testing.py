@@ -39,12 +39,26 @@ def check_config(overrides: Sequence[str] = ()):
     return preflight(check_overrides(list(overrides)))
 
 
+def run_module(module: str, args: Sequence[str], cwd: Optional[Path] = None,
+               env: Optional[Mapping[str, str]] = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` in a fresh process, offline; returns the CompletedProcess. The
+    process is forked from llmexp.forkserver, which has the heavy libraries imported already
+    (``LLMEXP_TEST_FORKSERVER=0``: a fresh interpreter every time)."""
+    from llmexp.forkserver import shared_server
+
+    base_env: Dict[str, str] = {**OFFLINE_ENV, **os.environ}
+    full_env: Dict[str, str] = {**base_env, **(env or {})}
+    server = shared_server(base_env, full_env)
+    if server is not None:
+        return server.run(module, args, cwd=cwd, env=full_env, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def run_cli(args: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m llmexp ARGS`` in a fresh process, offline; returns the CompletedProcess."""
-    full_env: Dict[str, str] = {**OFFLINE_ENV, **os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "llmexp", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    """``python -m llmexp ARGS`` in a fresh process, offline (see run_module)."""
+    return run_module("llmexp", args, cwd=cwd, env=env, timeout=timeout)
 
 
 def tiny_run(run_dir: Path, overrides: Sequence[str] = (), env: Optional[Mapping[str, str]] = None,

@@ -243,6 +243,8 @@ class RolloutConfig:
         "engine=vllm: share of the GPU's memory vLLM may take beside the training process."))
 
 
+# How a policy loss's per-token terms become one number (TRL's GRPOConfig.loss_type; llmexp.losses).
+POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _CLIP_RANGE = "Clip of the probability ratio to the sampling policy, to [1 - clip_range, 1 + clip_range]."
 
 
@@ -296,8 +298,19 @@ class GRPOStageConfig:
     epochs: int = bounded(1, min=1, help=(
         "Optimisation passes over each rollout batch (>1 makes the clipped ratio matter)."))
     clip_range: float = bounded(0.2, min=0.0, help=_CLIP_RANGE)
+    epsilon_high: Optional[float] = bounded(None, min=0.0, help=(
+        "Upper clip of the ratio, to 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); null: clip_range."))
+    loss_type: str = choice("dapo", POLICY_LOSS_TYPES, help=(
+        "How per-token losses become one (TRL's names): grpo averages each response's tokens, then the responses; "
+        "bnpo averages each micro-batch's tokens; dr_grpo divides the token sum by responses x max_new_tokens; "
+        "dapo divides it by the update's tokens on all ranks."))
+    importance_sampling_level: str = choice("token", ("token", "sequence"), help=(
+        "token: a probability ratio per token; sequence: one per response, the mean of its tokens' log-ratios (GSPO)."))
     kl_coef: float = bounded(0.0, min=0.0, help=(
         "Weight of the KL to the frozen reference in the loss, as ppo's kl_coef (0: no reference model is built)."))
+    use_bias_correction_kl: bool = doc(True, help=(
+        "Multiply the per-token KL by the probability ratio to the sampling policy, which makes its gradient the "
+        "unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's default)."))
 
 
 @dataclass

@@ -246,8 +246,8 @@ class StageModule(L.LightningModule):
         dist.all_gather_object(states, state)
         return states
 
-    def _global_sum(self, value: int) -> float:
-        if self.trainer.world_size == 1:
+    def _global_sum(self, value: float) -> float:
+        if self._trainer is None or self.trainer.world_size == 1:
             return float(value)
         t = torch.tensor(float(value), device=self.device)
         return float(self.trainer.strategy.reduce(t, reduce_op="sum"))

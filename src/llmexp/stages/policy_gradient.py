@@ -8,7 +8,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from llmexp import advantages as M
-from llmexp.losses import clipped_policy_loss, clipped_value_loss, k3_kl
+from llmexp.losses import (clipped_policy_loss, clipped_value_loss, importance_log_weights, k3_kl, policy_loss_sum,
+                           policy_loss_units)
 from llmexp.optim import build_optimizer
 from llmexp.stages.rollout import Rollout, RolloutStage
 
@@ -122,17 +123,29 @@ class GRPOStage(RolloutStage):
             solved.append((grouped.std(1) == 0).float())
         return {"groups_without_signal": float(torch.cat(solved).mean())}
 
+    def loss_denominators(self, group: List[Rollout]) -> List[float]:
+        """stage.loss_type's denominator for each micro-batch of one update (llmexp.losses)."""
+        s = self.cfg.stage
+        units = [policy_loss_units(r.mask, s.loss_type, s.rollout.max_new_tokens) for r in group]
+        if s.loss_type == "bnpo":  # each micro-batch's own token mean, averaged over the update
+            return [u * len(group) for u in units]
+        total = self.per_rank_share(sum(units)) if s.loss_type == "dapo" else sum(units)
+        return [total] * len(group)
+
     def rollout_loss(self, r: Rollout):
         s = self.cfg.stage
         logprobs, _, entropy = self.token_outputs(r, self.model)
         old = r.logprobs if r.logprobs is not None else logprobs.detach()
-        pg, clipped, _ = clipped_policy_loss(logprobs, old, r.advantages, s.clip_range)
         m = r.mask
+        pg, clipped, _ = clipped_policy_loss(logprobs, old, r.advantages, s.clip_range, s.epsilon_high,
+                                             s.importance_sampling_level, m)
         extras = {"policy_loss": M.masked_sum(pg, m), "clipfrac": M.masked_sum(clipped, m),
                   "entropy": M.masked_sum(entropy, m)}
-        loss = extras["policy_loss"]
+        per_token = pg
         if s.kl_coef > 0:
-            kl = M.masked_sum(k3_kl(logprobs, r.ref_logprobs), m)
-            extras["kl"] = kl
-            loss = loss + s.kl_coef * kl
-        return loss, extras
+            kl = k3_kl(logprobs, r.ref_logprobs)
+            extras["kl"] = M.masked_sum(kl.detach(), m)
+            if s.use_bias_correction_kl:
+                kl = kl * torch.exp(importance_log_weights(logprobs, old, m, s.importance_sampling_level))
+            per_token = pg + s.kl_coef * kl
+        return policy_loss_sum(per_token, m, s.loss_type), extras

@@ -266,6 +266,17 @@ class RolloutStage(StageModule):
         """(passes over the rollout batch, optimizer updates per pass)."""
         return 1, 1
 
+    def loss_denominators(self, group: List[Rollout]) -> List[float]:
+        """What each micro-batch's rollout_loss sum is divided by in one update: the update's
+        response tokens on this rank."""
+        return [float(sum(r.mask.sum() for r in group))] * len(group)
+
+    def per_rank_share(self, value: float) -> float:
+        """``value`` summed over every rank, divided by the number of ranks (as the SFT loss is
+        normalised): gradients are averaged over ranks, so a sum divided by this share is divided
+        by the sum over all ranks."""
+        return self._global_sum(value) / (self.trainer.world_size if self._trainer is not None else 1)
+
     # -- the iteration ---------------------------------------------------------------------------
     def training_step(self, window: List[Dict[str, Any]], batch_idx: int):
         self._clock = clock = StepClock()
@@ -308,9 +319,9 @@ class RolloutStage(StageModule):
             for u in range(per_pass):
                 group = [rollouts[i] for i in order[u::per_pass]]
                 tokens = float(sum(r.mask.sum() for r in group))
-                for r in group:
+                for r, denominator in zip(group, self.loss_denominators(group)):
                     loss_sum, extras = self.rollout_loss(r)
-                    self.manual_backward(loss_sum / max(tokens, 1.0))
+                    self.manual_backward(loss_sum / max(denominator, 1.0))
                     total_loss += loss_sum.detach()
                     for k, v in extras.items():
                         sums[k] = sums.get(k, 0) + v.detach()

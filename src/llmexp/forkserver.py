@@ -1,0 +1,181 @@
+"""A fork server for tests: one process imports what every ``python -m llmexp`` imports (torch,
+Lightning, transformers, Hydra: about 6 s on a 2-core machine) once, then forks a fresh child per
+command. The child is a new process with its own pid, session, working directory, environment,
+stdout, stderr and exit code, and runs ``llmexp.__main__`` exactly as ``python -m llmexp`` does;
+only the interpreter start and the third-party imports are shared. llmexp itself is imported in
+each child, so installed plugins and edited code are found as in a fresh process.
+
+``llmexp.testing.run_cli`` uses it (``LLMEXP_TEST_FORKSERVER=0`` turns it off) unless the
+environment changes a variable that libraries read at import time (PYTHONPATH, HF_HUB_*, ...):
+then a fresh interpreter is the only faithful choice and run_cli starts one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+# Read when a library is imported (or by the interpreter at start): a child of the server would
+# keep the server's values, so a command that changes one of these runs in a fresh interpreter.
+IMPORT_TIME_PREFIXES = ("PYTHON", "HF_HUB_", "HF_DATASETS_", "HF_HOME", "TRANSFORMERS_", "TORCH", "PYTORCH_",
+                        "OMP_", "MKL_", "CUDA_", "TOKENIZERS_", "LD_", "LIGHTNING_", "PL_")
+PRELOAD = ("torch", "lightning", "lightning.pytorch", "transformers", "transformers.models.llama.modeling_llama",
+           "hydra", "omegaconf", "peft")
+
+
+def import_time_changes(server_env: Mapping[str, str], env: Mapping[str, str]) -> List[str]:
+    """The variables a library reads at import time whose value in ``env`` differs from the server's."""
+    keys = set(server_env) | set(env)
+    return sorted(k for k in keys if k.startswith(IMPORT_TIME_PREFIXES) and server_env.get(k) != env.get(k))
+
+
+def _child(request: dict) -> None:
+    """Become the command: fresh session, cwd, environment and standard streams, then run the
+    module as ``python -m MODULE ARGS`` would; never returns."""
+    import runpy
+    import traceback
+
+    code = 1
+    try:
+        os.setsid()
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(request["stdout"], os.O_WRONLY | os.O_TRUNC)
+        err = os.open(request["stderr"], os.O_WRONLY | os.O_TRUNC)
+        for fd, target in ((stdin, 0), (out, 1), (err, 2)):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.argv = [request["module"], *request["args"]]  # run_module puts the module's path first
+        try:
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                sys.stderr.write(f"{e.code}\n")
+                code = 1
+        except BaseException:  # what the interpreter would print for an uncaught exception
+            traceback.print_exc()
+            code = 1
+        import atexit
+
+        atexit._run_exitfuncs()  # a normal exit runs them (W&B, tempfile cleanups)
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve() -> None:
+    """Read one JSON request per line on stdin; for each, fork, answer ``{"pid": ...}`` and then
+    ``{"returncode": ...}`` on stdout (the raw file descriptor: nothing is buffered into a child)."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    sys.stdout.flush()
+    os.write(1, b'{"ready": true}\n')
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        os.write(1, (json.dumps({"pid": pid}) + "\n").encode())
+        _, status = os.waitpid(pid, 0)
+        os.write(1, (json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+
+
+class ForkServer:
+    """The client: starts ``python -m llmexp.forkserver`` with ``env`` and runs commands in it."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = dict(env)
+        self.lock = threading.Lock()
+        self.proc = subprocess.Popen([sys.executable, "-m", "llmexp.forkserver"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=self.env, start_new_session=True)
+        if json.loads(self._line(timeout=300) or "{}").get("ready") is not True:
+            raise RuntimeError("the llmexp fork server did not start")
+
+    def _line(self, timeout: Optional[float]) -> Optional[str]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().decode() if ready else None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def can_run(self, env: Mapping[str, str]) -> bool:
+        return self.alive() and not import_time_changes(self.env, env)
+
+    def run(self, module: str, args: Sequence[str], cwd: Optional[Path], env: Mapping[str, str],
+            timeout: float) -> subprocess.CompletedProcess:
+        """Like ``subprocess.run([python, "-m", module, *args], capture_output=True, text=True)``."""
+        argv = [sys.executable, "-m", module, *args]
+        with self.lock, tempfile.TemporaryDirectory(prefix="llmexp-fork-") as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            out.touch()
+            err.touch()
+            request = {"module": module, "args": list(args), "cwd": str(Path(cwd or os.getcwd()).resolve()),
+                       "env": dict(env), "stdout": str(out), "stderr": str(err)}
+            assert self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+            pid = json.loads(self._line(timeout=60) or "{}")["pid"]
+            answer = self._line(timeout=timeout)
+            if answer is None:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self._line(timeout=60)
+                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(),
+                                                err.read_text())
+            return subprocess.CompletedProcess(argv, json.loads(answer)["returncode"],
+                                               out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+    def close(self) -> None:
+        if self.alive():
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+_servers: Dict[int, ForkServer] = {}
+
+
+def shared_server(base_env: Mapping[str, str], env: Mapping[str, str]) -> Optional[ForkServer]:
+    """This process's fork server (started on first use with ``base_env``), or None where it cannot
+    run ``env``'s command faithfully or is busy with another thread's command (the caller then
+    starts a fresh interpreter)."""
+    if os.environ.get("LLMEXP_TEST_FORKSERVER", "1") == "0" or not hasattr(os, "fork"):
+        return None
+    server = _servers.get(os.getpid())
+    if server is None or not server.alive():
+        import atexit
+
+        server = _servers[os.getpid()] = ForkServer(base_env)
+        atexit.register(server.close)
+    if not server.can_run(env) or server.lock.locked():
+        return None
+    return server
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,50 @@
+"""llmexp.forkserver: a command forked from the server answers exactly as a fresh interpreter does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from llmexp.forkserver import ForkServer, import_time_changes, shared_server
+from llmexp.testing import OFFLINE_ENV
+
+
+@pytest.fixture
+def server() -> ForkServer:
+    """The one run_cli uses in this process."""
+    base = {**OFFLINE_ENV, **os.environ}
+    s = shared_server(base, base)
+    assert s is not None
+    return s
+
+
+@pytest.mark.parametrize("args", [["trainer.max_steps=abc", "optim.lr=x"], ["--cfg", "job", "trainer.max_steps=7"]],
+                         ids=["config error", "printed config"])
+def test_a_forked_command_equals_a_fresh_interpreter(server, tmp_path, args):
+    env = {**OFFLINE_ENV, **os.environ, "LLMEXP_TRACEBACK": "1"}
+    forked = server.run("llmexp", args, cwd=tmp_path, env=env, timeout=120)
+    fresh = subprocess.run([sys.executable, "-m", "llmexp", *args], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert forked.returncode == (2 if "optim.lr=x" in args else 0)
+    assert ("Traceback" in forked.stderr) == (forked.returncode == 2)  # the environment reached the child
+
+
+def test_the_child_has_its_own_directory_and_a_timeout_kills_it(server, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    r = server.run("zipfile", ["-c", "made.zip", "notes.txt"], cwd=tmp_path, env=dict(os.environ), timeout=60)
+    assert r.returncode == 0 and r.stderr == "" and (tmp_path / "made.zip").is_file()  # relative to its cwd
+    with pytest.raises(subprocess.TimeoutExpired):
+        server.run("timeit", ["-n", "1000000000", "pass"], cwd=tmp_path, env=dict(os.environ), timeout=1)
+    r = server.run("timeit", ["-n", "10", "pass"], cwd=tmp_path, env=dict(os.environ), timeout=60)
+    assert r.returncode == 0 and "10 loops" in r.stdout  # the server goes on after a killed child
+
+
+def test_import_time_variables_send_a_command_to_a_fresh_interpreter():
+    base = {**OFFLINE_ENV, **os.environ}
+    assert import_time_changes(base, {**base, "LLMEXP_TRACEBACK": "1", "HF_TOKEN": "t"}) == []
+    assert import_time_changes(base, {**base, "PYTHONPATH": "/x", "HF_HUB_OFFLINE": "0"}) == ["HF_HUB_OFFLINE",
+                                                                                              "PYTHONPATH"]
+    assert shared_server(base, {**base, "PYTHONPATH": "/x"}) is None

@@ -1,0 +1,115 @@
+"""grpo's loss options against TRL's GRPOTrainer._compute_loss: the same tiny policy, the same
+sampled responses, old and reference log-probs and advantages, every loss_type x importance
+sampling level, with clip-higher and a KL term (|delta| <= 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmexp.testing import typed
+
+GROUP = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny policy, its tokenizer, and two prompts of the same token length (TRL gives the
+    model no position ids, so left-padded prompts would sit at other positions there)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmexp.data.encode import render_prompt
+    from llmexp.data.skill import prompts_with_answers
+    from llmexp.models.build import build_model
+    from llmexp.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None, None, [], False)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny")  # saved: TRL builds its reference model from the path
+    build_model(typed(["stage=grpo"]).model, tokenizer).save_pretrained(str(path))
+    policy = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    rows = list(prompts_with_answers(num_samples=50, seed=3))
+    length = len(render_prompt(tokenizer, rows[0]["prompt"]))
+    rows = [r for r in rows if len(render_prompt(tokenizer, r["prompt"])) == length][:2]
+    assert len(rows) == 2
+    return tokenizer, policy, rows
+
+
+def end_responses_early(r, tokenizer, lengths):
+    """Response i ends with eos after lengths[i] tokens (padding after it), as sampled ones do."""
+    from llmexp.advantages import response_mask
+
+    P = r.prompt_width
+    responses = r.sequences[:, P:]
+    for i, n in enumerate(lengths):
+        if n < responses.shape[1]:
+            responses[i, n - 1] = tokenizer.eos_token_id
+            responses[i, n:] = tokenizer.pad_token_id
+    r.mask = response_mask(responses, tokenizer.eos_token_id)
+    r.attention_mask = torch.cat([r.attention_mask[:, :P], r.mask.long()], 1)
+    r.position_ids = (r.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def ours(tokenizer, policy, rows, overrides):
+    """A grpo rollout of the rows (sampled by llmexp), then the policy moved a little so the
+    ratios to the sampling policy are not 1; returns the rollout and llmexp's loss of it."""
+    from llmexp import advantages as M
+    from llmexp.rewards import build_reward
+    from llmexp.stages.policy_gradient import GRPOStage
+    from llmexp.stages.reference import Reference
+
+    cfg = typed(["stage=grpo", f"stage.group_size={GROUP}", "stage.epochs=2", *overrides])
+    stage = GRPOStage(cfg, policy, tokenizer)
+    stage._frozen.update(reference=Reference.of(policy, keep_copy=cfg.stage.kl_coef > 0),
+                         reward=build_reward(cfg.stage.reward))
+    batch = stage.collate([stage.encoder("prompt_only")(row) for row in rows])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        r = stage.rollout(batch)
+        end_responses_early(r, tokenizer, lengths=[3, 16, 7, 1, 12, 5, 16, 9])  # a random model seldom ends
+        r.logprobs = stage.token_outputs(r, policy)[0] * r.mask
+        if cfg.stage.kl_coef > 0:
+            r.ref_logprobs = stage.reference_logprobs(r)
+        r.scores = torch.arange(len(r.scores), dtype=torch.float32) % 3  # groups with signal
+        stage.finish([r])
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        loss_sum, _ = stage.rollout_loss(r)
+    lengths = r.mask.sum(1)
+    assert lengths.min() < lengths.max(), "responses of different lengths tell the aggregations apart"
+    return r, M.group_advantages(r.scores, GROUP, True), float(loss_sum) / stage.loss_denominators([r])[0]
+
+
+def trl_loss(tmp_path, tokenizer, policy, r, advantages, loss_type, level, epsilon_high, beta):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type, importance_sampling_level=level,
+                      epsilon=0.2, epsilon_high=epsilon_high, beta=beta, temperature=0.7, max_completion_length=16,
+                      num_generations=GROUP, per_device_train_batch_size=2 * GROUP, report_to=[], use_cpu=True,
+                      bf16=False, fp16=False)
+    trainer = GRPOTrainer(model=policy, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          train_dataset=Dataset.from_list([{"prompt": "x"}] * 8), processing_class=tokenizer)
+    P = r.prompt_width
+    inputs = {"prompt_ids": r.sequences[:, :P], "prompt_mask": r.attention_mask[:, :P],
+              "completion_ids": r.sequences[:, P:], "completion_mask": r.mask.long(), "advantages": advantages,
+              "old_per_token_logps": r.logprobs, "num_items_in_batch": r.mask.sum()}
+    if beta:
+        inputs["ref_per_token_logps"] = r.ref_logprobs
+    trainer.model.eval()  # TRL's eval-mode normalisers: no accumulation window to divide by
+    with torch.no_grad():
+        return float(trainer._compute_loss(trainer.model, inputs))
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_grpo_loss_equals_trl(tmp_path, setup, loss_type, level):
+    tokenizer, policy, rows = setup
+    policy = __import__("copy").deepcopy(policy)
+    epsilon_high, beta = (0.28, 0.05) if level == "token" else (None, 0.0)
+    overrides = [f"stage.loss_type={loss_type}", f"stage.importance_sampling_level={level}",
+                 f"stage.kl_coef={beta}", f"stage.epsilon_high={'null' if epsilon_high is None else epsilon_high}"]
+    r, advantages, loss = ours(tokenizer, policy, rows, overrides)
+    expected = trl_loss(tmp_path, tokenizer, policy, r, advantages, loss_type, level, epsilon_high, beta)
+    assert loss == pytest.approx(expected, abs=1e-5)
+    assert abs(loss) > 1e-3  # a loss with something in it
