@@ -128,6 +128,10 @@ CONFIG_CASES = {
     "vllm rollouts on a CPU": (["stage=grpo", "stage.rollout.engine=vllm"],
                                "stage.rollout.engine: engine=vllm: vLLM runs on CUDA GPUs and none is available"),
     "unknown rollout engine": (["stage=ppo", "stage.rollout.engine=vlm"], "stage.rollout.engine"),
+    "unknown grpo loss type": (["stage=grpo", "stage.loss_type=dr-grpo"], "did you mean 'dr_grpo'"),
+    "grpo importance sampling per sentence": (["stage=grpo", "stage.importance_sampling_level=sentence"],
+                                              "stage.importance_sampling_level"),
+    "negative clip-higher": (["stage=grpo", "stage.epsilon_high=-0.1"], "stage.epsilon_high: must be >= 0.0"),
 }
 
 RUN_CASES = {
