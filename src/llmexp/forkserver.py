@@ -39,7 +39,7 @@ def import_time_changes(server_env: Mapping[str, str], env: Mapping[str, str]) -
 
 def _child(request: dict) -> None:
     """Become the command: fresh session, cwd, environment and standard streams, then run the
-    module as ``python -m MODULE ARGS`` would; never returns."""
+    module or script as ``python -m MODULE ARGS`` or ``python SCRIPT ARGS`` would; never returns."""
     import runpy
     import traceback
 
@@ -56,9 +56,13 @@ def _child(request: dict) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        sys.argv = [request["module"], *request["args"]]  # run_module puts the module's path first
         try:
-            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            if "script" in request:  # python SCRIPT ARGS
+                sys.argv = [request["script"], *request["args"]]
+                runpy.run_path(request["script"], run_name="__main__")
+            else:  # python -m MODULE ARGS (run_module puts the module's path first)
+                sys.argv = [request["module"], *request["args"]]
+                runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as e:
             if e.code is None or isinstance(e.code, int):
@@ -122,14 +126,15 @@ class ForkServer:
         return self.alive() and not import_time_changes(self.env, env)
 
     def run(self, module: str, args: Sequence[str], cwd: Optional[Path], env: Mapping[str, str],
-            timeout: float) -> subprocess.CompletedProcess:
-        """Like ``subprocess.run([python, "-m", module, *args], capture_output=True, text=True)``."""
-        argv = [sys.executable, "-m", module, *args]
+            timeout: float, script: bool = False) -> subprocess.CompletedProcess:
+        """Like ``subprocess.run([python, "-m", module, *args], capture_output=True, text=True)``,
+        or with ``script`` like ``subprocess.run([python, module, *args], ...)``."""
+        argv = [sys.executable, *([] if script else ["-m"]), module, *args]
         with self.lock, tempfile.TemporaryDirectory(prefix="llmexp-fork-") as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             out.touch()
             err.touch()
-            request = {"module": module, "args": list(args), "cwd": str(Path(cwd or os.getcwd()).resolve()),
+            request = {"script" if script else "module": module, "args": list(args), "cwd": str(Path(cwd or os.getcwd()).resolve()),
                        "env": dict(env), "stdout": str(out), "stderr": str(err)}
             assert self.proc.stdin is not None
             self.proc.stdin.write((json.dumps(request) + "\n").encode())

@@ -40,19 +40,21 @@ def check_config(overrides: Sequence[str] = ()):
 
 
 def run_module(module: str, args: Sequence[str], cwd: Optional[Path] = None,
-               env: Optional[Mapping[str, str]] = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` in a fresh process, offline; returns the CompletedProcess. The
-    process is forked from llmexp.forkserver, which has the heavy libraries imported already
-    (``LLMEXP_TEST_FORKSERVER=0``: a fresh interpreter every time)."""
+               env: Optional[Mapping[str, str]] = None, timeout: int = 600,
+               script: bool = False) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` (with ``script``: ``python MODULE ARGS``) in a fresh process and
+    session, offline; returns the CompletedProcess. The process is forked from llmexp.forkserver,
+    which has the heavy libraries imported already (``LLMEXP_TEST_FORKSERVER=0``: a fresh
+    interpreter every time)."""
     from llmexp.forkserver import shared_server
 
     base_env: Dict[str, str] = {**OFFLINE_ENV, **os.environ}
     full_env: Dict[str, str] = {**base_env, **(env or {})}
     server = shared_server(base_env, full_env)
     if server is not None:
-        return server.run(module, args, cwd=cwd, env=full_env, timeout=timeout)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+        return server.run(module, args, cwd=cwd, env=full_env, timeout=timeout, script=script)
+    return subprocess.run([sys.executable, *([] if script else ["-m"]), module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
 def run_cli(args: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
@@ -127,6 +129,4 @@ def train_in_subprocess(overrides: Sequence[str], run_dir: Path, kill_at: int = 
     ``-c``, so that Lightning can relaunch it for each rank of a distributed run."""
     script = Path(tempfile.mkdtemp(prefix="llmexp-test-")) / "train_or_die.py"
     script.write_text(_KILLABLE)
-    return subprocess.run([sys.executable, str(script), "|".join(overrides), str(run_dir), str(kill_at)],
-                          capture_output=True, text=True, timeout=timeout, start_new_session=True,
-                          env={**OFFLINE_ENV, **os.environ})
+    return run_module(str(script), ["|".join(overrides), str(run_dir), str(kill_at)], timeout=timeout, script=True)
