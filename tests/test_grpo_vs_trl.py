@@ -4,6 +4,8 @@ sampling level, with clip-higher and a KL term (|delta| <= 1e-5)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -105,7 +107,7 @@ def trl_loss(tmp_path, tokenizer, policy, r, advantages, loss_type, level, epsil
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_grpo_loss_equals_trl(tmp_path, setup, loss_type, level):
     tokenizer, policy, rows = setup
-    policy = __import__("copy").deepcopy(policy)
+    policy = copy.deepcopy(policy)  # ours() moves the weights
     epsilon_high, beta = (0.28, 0.05) if level == "token" else (None, 0.0)
     overrides = [f"stage.loss_type={loss_type}", f"stage.importance_sampling_level={level}",
                  f"stage.kl_coef={beta}", f"stage.epsilon_high={'null' if epsilon_high is None else epsilon_high}"]
