@@ -13,12 +13,25 @@ from typing import Callable, Tuple
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from llmexp.testing import OFFLINE_ENV
+
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+_ENV_AT_START = dict(os.environ)
+
+
+@pytest.fixture(autouse=True)
+def _environment_as_at_start():
+    """Undo what a test's in-process run left in os.environ (Lightning's PL_GLOBAL_SEED, a DDP
+    launcher's OMP_NUM_THREADS, ...): later tests, and the commands they fork, see the same one.
+    pytest's own PYTEST_* and the session's LLMEXP_CACHE stay."""
+    yield
+    for key in set(os.environ) - set(_ENV_AT_START):
+        if not key.startswith("PYTEST_") and key != "LLMEXP_CACHE":
+            del os.environ[key]
+    for key, value in _ENV_AT_START.items():
+        if os.environ.get(key) != value and not key.startswith("PYTEST_"):
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from llmexp.forkserver import ForkServer, import_time_changes, shared_server
+from llmexp.forkserver import ForkServer, _servers, import_time_changes, shared_server
 from llmexp.testing import OFFLINE_ENV
 
 
@@ -16,7 +16,10 @@ def server() -> ForkServer:
     """The one run_cli uses in this process."""
     base = {**OFFLINE_ENV, **os.environ}
     s = shared_server(base, base)
-    assert s is not None
+    if s is None:
+        started = _servers[os.getpid()]
+        pytest.fail(f"the server cannot run this process's commands: "
+                    f"{import_time_changes(started.env, base, started.set_by_imports)} changed since it started")
     return s
 
 
@@ -48,3 +51,18 @@ def test_import_time_variables_send_a_command_to_a_fresh_interpreter():
     assert import_time_changes(base, {**base, "PYTHONPATH": "/x", "HF_HUB_OFFLINE": "0"}) == ["HF_HUB_OFFLINE",
                                                                                               "PYTHONPATH"]
     assert shared_server(base, {**base, "PYTHONPATH": "/x"}) is None
+
+
+def test_an_in_process_run_leaves_later_commands_on_the_server(tmp_path):
+    """An in-process run sets variables (llmexp.env's, Lightning's PL_GLOBAL_SEED): none of them may
+    send the commands later tests run to a fresh interpreter (each one then pays the imports again)."""
+    from llmexp.testing import train
+
+    base = {**OFFLINE_ENV, **os.environ}
+    train(tmp_path, ["trainer.max_steps=2", "trainer.val_check_interval=2"])
+    assert os.environ.get("PL_GLOBAL_SEED") is not None  # the run did leave something behind
+    after = {**OFFLINE_ENV, **os.environ}
+    server = shared_server(base, base)
+    assert server is not None
+    assert import_time_changes(server.env, after, server.set_by_imports) == []
+    assert shared_server(base, after) is server

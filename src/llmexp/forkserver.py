@@ -21,19 +21,25 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Collection, Dict, List, Mapping, Optional, Sequence
 
 # Read when a library is imported (or by the interpreter at start): a child of the server would
 # keep the server's values, so a command that changes one of these runs in a fresh interpreter.
 IMPORT_TIME_PREFIXES = ("PYTHON", "HF_HUB_", "HF_DATASETS_", "HF_HOME", "TRANSFORMERS_", "TORCH", "PYTORCH_",
                         "OMP_", "MKL_", "CUDA_", "TOKENIZERS_", "LD_", "LIGHTNING_", "PL_")
+# Read at run time although their prefix says otherwise (Lightning's seed_everything and Inductor's
+# cache_dir() set them in the test process; a fresh interpreter sets them the same way).
+RUN_TIME_VARS = frozenset({"PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHINDUCTOR_CACHE_DIR"})
 PRELOAD = ("torch", "lightning", "lightning.pytorch", "transformers", "transformers.models.llama.modeling_llama",
            "hydra", "omegaconf", "peft")
 
 
-def import_time_changes(server_env: Mapping[str, str], env: Mapping[str, str]) -> List[str]:
-    """The variables a library reads at import time whose value in ``env`` differs from the server's."""
-    keys = set(server_env) | set(env)
+def import_time_changes(server_env: Mapping[str, str], env: Mapping[str, str],
+                        set_by_imports: Collection[str] = ()) -> List[str]:
+    """The variables a library reads at import time whose value in ``env`` differs from the server's
+    (those the preloaded imports set themselves, as lightning sets PYTORCH_NVML_BASED_CUDA_CHECK, a
+    fresh interpreter sets too)."""
+    keys = (set(server_env) | set(env)) - RUN_TIME_VARS - set(set_by_imports)
     return sorted(k for k in keys if k.startswith(IMPORT_TIME_PREFIXES) and server_env.get(k) != env.get(k))
 
 
@@ -89,10 +95,12 @@ def serve() -> None:
     ``{"returncode": ...}`` on stdout (the raw file descriptor: nothing is buffered into a child)."""
     import importlib
 
+    before = dict(os.environ)
     for name in PRELOAD:
         importlib.import_module(name)
+    set_by_imports = sorted(k for k, v in os.environ.items() if before.get(k) != v)
     sys.stdout.flush()
-    os.write(1, b'{"ready": true}\n')
+    os.write(1, (json.dumps({"ready": True, "set_by_imports": set_by_imports}) + "\n").encode())
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
@@ -111,8 +119,10 @@ class ForkServer:
         self.lock = threading.Lock()
         self.proc = subprocess.Popen([sys.executable, "-m", "llmexp.forkserver"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=self.env, start_new_session=True)
-        if json.loads(self._line(timeout=300) or "{}").get("ready") is not True:
+        ready = json.loads(self._line(timeout=300) or "{}")
+        if ready.get("ready") is not True:
             raise RuntimeError("the llmexp fork server did not start")
+        self.set_by_imports: List[str] = ready["set_by_imports"]
 
     def _line(self, timeout: Optional[float]) -> Optional[str]:
         assert self.proc.stdout is not None
@@ -123,7 +133,7 @@ class ForkServer:
         return self.proc.poll() is None
 
     def can_run(self, env: Mapping[str, str]) -> bool:
-        return self.alive() and not import_time_changes(self.env, env)
+        return self.alive() and not import_time_changes(self.env, env, self.set_by_imports)
 
     def run(self, module: str, args: Sequence[str], cwd: Optional[Path], env: Mapping[str, str],
             timeout: float, script: bool = False) -> subprocess.CompletedProcess:
@@ -134,8 +144,9 @@ class ForkServer:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             out.touch()
             err.touch()
-            request = {"script" if script else "module": module, "args": list(args), "cwd": str(Path(cwd or os.getcwd()).resolve()),
-                       "env": dict(env), "stdout": str(out), "stderr": str(err)}
+            request = {"script" if script else "module": module, "args": list(args),
+                       "cwd": str(Path(cwd or os.getcwd()).resolve()), "env": dict(env),
+                       "stdout": str(out), "stderr": str(err)}
             assert self.proc.stdin is not None
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()

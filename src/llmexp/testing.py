@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
+from llmexp.env import OFFLINE_VARS, QUIET_VARS
 from llmexp.record import RunDir
 
 # Overrides for a run of a few seconds on a CPU.
@@ -27,8 +28,9 @@ TINY = ["logger=none", "trainer.progress_bar=false", "trainer.max_steps=20", "tr
 # Overrides for 40-step runs on a CPU (llmexp's own end-to-end tests).
 FAST = ["logger=none", "trainer.progress_bar=false", "trainer.max_steps=40", "trainer.val_check_interval=20",
         "optim.warmup_steps=5", "trainer.micro_batch_size=8", "trainer.val_batch_size=32"]
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "HF_UPDATE_DOWNLOAD_COUNTS": "0", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+# What every offline ``python -m llmexp`` sets before its imports (llmexp.env), plus offline W&B: a
+# test process starts with it, so an in-process run changes nothing a later forked command reads.
+OFFLINE_ENV = {**OFFLINE_VARS, **QUIET_VARS, "WANDB_MODE": "offline"}
 
 
 def check_config(overrides: Sequence[str] = ()):
