@@ -128,3 +128,9 @@ def dpo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
 def grpo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
     """`llmexp pipeline grpo`: (its directory, what it printed)."""
     return _shipped(shared_tmp, short_sft, "grpo")
+
+
+@pytest.fixture(scope="session")
+def rloo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
+    """`llmexp pipeline rloo`: (its directory, what it printed)."""
+    return _shipped(shared_tmp, short_sft, "rloo")

@@ -132,6 +132,10 @@ CONFIG_CASES = {
     "grpo importance sampling per sentence": (["stage=grpo", "stage.importance_sampling_level=sentence"],
                                               "stage.importance_sampling_level"),
     "negative clip-higher": (["stage=grpo", "stage.epsilon_high=-0.1"], "stage.epsilon_high: must be >= 0.0"),
+    "rloo group of one": (["stage=rloo", "stage.group_size=1"], "stage.group_size: must be >= 2"),
+    "rloo on chat data": (["stage=rloo", "data=arithmetic"], "stage=rloo needs fields prompt"),
+    "rloo negative KL weight": (["stage=rloo", "stage.kl_coef=-0.1"], "stage.kl_coef: must be >= 0.0"),
+    "rloo KL weight under TRL's name": (["stage=rloo", "stage.beta=0.1"], "llmexp calls it stage.kl_coef"),
 }
 
 RUN_CASES = {

@@ -84,6 +84,8 @@ STAGE_COLUMNS = {
             "train/response_length", "train/reward_std"],
     "grpo": ["train/entropy", "train/response_length", "train/reward_std", "train/clipfrac",
              "train/groups_without_signal"],
+    "rloo": ["train/kl", "train/entropy", "train/response_length", "train/reward_std", "train/clipfrac",
+             "train/groups_without_signal"],
 }
 # Where a rollout step's time went: metrics.csv every logging step, summary.json over the run.
 TIME_SPLIT = {"ppo": ["rollout_seconds", "scoring_seconds", "reference_seconds", "optimisation_seconds",
@@ -114,7 +116,7 @@ def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tm
         assert parts <= s["fit_seconds"] and split["generated_tokens"] > 0
 
 
-@pytest.mark.parametrize("name", ["dpo", "grpo"])
+@pytest.mark.parametrize("name", ["dpo", "grpo", "rloo"])
 def test_shipped_pipelines_raise_exact_match_over_their_short_sft(request, name):
     root, printed = request.getfixturevalue(f"{name}_pipeline")
     sft, post = json.loads((root / "pipeline_summary.json").read_text())["stages"]
@@ -124,6 +126,8 @@ def test_shipped_pipelines_raise_exact_match_over_their_short_sft(request, name)
     assert end >= start + 0.15, (start, end)
     assert f"{name} {start:.3f} -> {end:.3f}" in printed  # the printed result shows the task metric
     assert summary(root / f"2-{name}")["health"]["warnings"] == []
+    header = (root / f"2-{name}" / "metrics.csv").read_text().splitlines()[0]
+    assert all(col in header for col in STAGE_COLUMNS.get(name, [])), header
 
 
 def test_rlhf_pipeline_keeps_the_exact_match_of_its_sft(rlhf_pipeline):

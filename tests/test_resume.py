@@ -26,10 +26,11 @@ def _weights(run_dir):
     # Sampling draws from the restored RNG, the value head and KL coefficient come from the checkpoint.
     ["stage=ppo", "model=gpt2", "stage.kl_control=adaptive", "stage.kl_horizon=100", "stage.rollout.max_new_tokens=6"],
     ["stage=grpo", "stage.group_size=2", "stage.kl_coef=0.05", "stage.rollout.max_new_tokens=6"],
+    ["stage=rloo", "stage.epochs=2", "stage.normalize_advantages=true", "stage.rollout.max_new_tokens=6"],
     ["stage=dpo", "model=gpt2"],
     ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=gpt2"],
     ["stage=simpo", "model=gpt2"], ["stage=orpo", "model=gpt2"],
-], ids=["gpt2-dropout", "lora", "ppo", "grpo", "dpo", "ddp", "simpo", "orpo"])
+], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "dpo", "ddp", "simpo", "orpo"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra):
     overrides = [*COMMON, *extra]
     straight = tmp_path / "straight"

@@ -20,6 +20,7 @@ from llmexp.losses import (
     odds_ratio_loss,
     policy_loss_sum,
     policy_loss_units,
+    sequence_clipped_policy_loss,
     sequence_logprobs,
     simpo_loss,
     token_logprobs,
@@ -213,6 +214,36 @@ def test_group_advantages():
     std = torch.tensor([1.0, 0.0, 0.0]).std().item()
     assert scaled[0].item() == pytest.approx((2 / 3) / (std + 1e-4), rel=1e-5)
     assert scaled[3:].abs().max().item() == 0.0
+
+
+def test_leave_one_out_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0])  # two prompts, three samples each
+    adv = M.leave_one_out_advantages(rewards, group_size=3)
+    # 1 - (0 + 0)/2, 0 - (1 + 0)/2, ...; a group with one reward for all has no advantage
+    assert adv.tolist() == pytest.approx([1.0, -0.5, -0.5, 0.0, 0.0, 0.0])
+    # RLOO's advantage is the group-mean one scaled by k / (k - 1)
+    assert adv.tolist() == pytest.approx((M.group_advantages(rewards, 3, scale=False) * 3 / 2).tolist())
+
+
+def test_sequence_kl_sums_the_log_ratio_over_the_response():
+    logprobs, ref = torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-1.5, -1.0, -1.0]])
+    assert M.sequence_kl(logprobs, ref, torch.tensor([[1.0, 1.0, 0.0]])).tolist() == pytest.approx([0.5 - 1.0])
+
+
+def test_sequence_clipped_policy_loss_uses_the_response_probability_ratio():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    old = torch.zeros(2, 3)
+    logprobs = torch.tensor([[0.1, 0.2, 5.0], [-0.3, -0.3, -0.4]])  # ratios e^0.3 and e^-1.0
+    advantages = torch.tensor([1.0, -2.0])
+    loss, clipped = sequence_clipped_policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    # response 0: ratio e^0.3 = 1.35 > 1.2 with A > 0 -> clipped to -1.2; response 1: ratio e^-1 = 0.37
+    # < 0.8 with A < 0: the unclipped -A r = 0.74 is below -A 0.8 = 1.6, so the clipped term wins
+    assert loss.tolist() == pytest.approx([-1.2, 1.6])
+    assert clipped.tolist() == [1.0, 1.0]
+    _, clipped = sequence_clipped_policy_loss(logprobs * 0.1, old, advantages, mask, clip_range=0.2)
+    assert clipped.tolist() == [0.0, 0.0]  # ratios e^0.03 and e^-0.1 within [0.8, 1.2]
+    loss, _ = sequence_clipped_policy_loss(logprobs, old, advantages, mask, clip_range=0.2, clip_range_high=0.5)
+    assert loss[0] == pytest.approx(-math.exp(0.3))  # clip-higher leaves 1.35 alone
 
 
 def test_k3_kl_is_zero_at_equality_and_positive_otherwise():

@@ -91,6 +91,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return centred.reshape(-1)
 
 
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each reward minus the mean of the other ``group_size - 1`` rewards of its prompt
+    (consecutive rows are one prompt's samples), an unbiased baseline that needs no critic."""
+    grouped = rewards.view(-1, group_size)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-response KL estimate to the reference, ``sum_t (log p - log p_ref)`` over the response's
+    tokens (k1, as RLOO subtracts it from the reward; can be negative for one response)."""
+    return ((logprobs - ref_logprobs) * mask).sum(-1)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of the categorical distribution the logits define."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -143,6 +143,19 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     return loss, (clipped > unclipped).float().expand_as(logprobs), torch.exp(log_ratio) - 1 - log_ratio
 
 
+def sequence_clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                                 mask: torch.Tensor, clip_range: float, clip_range_high: Optional[float] = None
+                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RLOO's per-response surrogate ``max(-A r, -A clip(r, 1-e, 1+e_high))`` with one ratio per
+    response, ``r = exp(sum_t log pi/pi_old)`` (the response's probability ratio, not GSPO's
+    per-token mean), and the clipped indicator; ``advantages`` is one per response ([B])."""
+    ratio = torch.exp(((logprobs - old_logprobs) * mask).sum(-1))
+    high = clip_range if clip_range_high is None else clip_range_high
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
 def policy_loss_sum(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
     """The numerator of ``loss_type``: the sum of per-response token means (grpo) or of the
     masked tokens (bnpo, dr_grpo, dapo); policy_loss_units gives what it is divided by."""

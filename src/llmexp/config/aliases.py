@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-_ROLLOUT_STAGES = ("ppo", "grpo")
+_ROLLOUT_STAGES = ("ppo", "grpo", "rloo")
 
 # key -> (llmexp's key, the stages it applies to; empty: every stage)
 ALIASES = {
@@ -13,13 +13,13 @@ ALIASES = {
     "stage.simpo_gamma": ("stage.gamma", ("simpo",)),
     "stage.lambda": ("stage.beta", ("orpo",)),  # the ORPO paper's name; TRL's is beta, as llmexp's
     "stage.kl_beta": ("stage.kl_coef", _ROLLOUT_STAGES),
-    "stage.num_generations": ("stage.group_size", ("grpo",)),
-    "stage.epsilon": ("stage.clip_range", ("grpo",)),
+    "stage.num_generations": ("stage.group_size", ("grpo", "rloo")),
+    "stage.epsilon": ("stage.clip_range", ("grpo", "rloo")),
     "stage.cliprange": ("stage.clip_range", ("ppo",)),
     "stage.cliprange_value": ("stage.clip_range_value", ("ppo",)),
     "stage.vf_coef": ("stage.value_loss_coef", ("ppo",)),
     "stage.num_ppo_epochs": ("stage.ppo_epochs", ("ppo",)),
-    "stage.num_iterations": ("stage.epochs", ("grpo",)),
+    "stage.num_iterations": ("stage.epochs", ("grpo", "rloo")),
     "stage.max_completion_length": ("stage.rollout.max_new_tokens", _ROLLOUT_STAGES),
     "stage.response_length": ("stage.rollout.max_new_tokens", ("ppo",)),
     "stage.temperature": ("stage.rollout.temperature", _ROLLOUT_STAGES),

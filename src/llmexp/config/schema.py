@@ -314,6 +314,29 @@ class GRPOStageConfig:
 
 
 @dataclass
+class RLOOStageConfig:
+    """rloo: REINFORCE with a leave-one-out baseline, several responses per prompt, each response's
+    advantage its reward minus the mean reward of the others, no critic (TRL's RLOOTrainer)."""
+
+    name: str = _stage_name("rloo")
+    reward: RewardConfig = section(RewardConfig)
+    rollout: RolloutConfig = section(RolloutConfig)
+    group_size: int = bounded(2, min=2, help=(
+        "Responses sampled per prompt; each one's baseline is the mean reward of the others."))
+    epochs: int = bounded(1, min=1, help=(
+        "Optimisation passes over each rollout batch (>1 makes the clipped ratio matter)."))
+    clip_range: float = bounded(0.2, min=0.0, help=(
+        "Clip of each response's probability ratio to the sampling policy, to [1 - clip_range, 1 + clip_range]."))
+    epsilon_high: Optional[float] = bounded(None, min=0.0, help=(
+        "Upper clip of the ratio, to 1 + epsilon_high; null: clip_range."))
+    kl_coef: float = bounded(0.05, min=0.0, help=(
+        "Weight of the KL to the frozen reference, summed over each response and subtracted from its reward "
+        "(0: no reference model is built)."))
+    normalize_advantages: bool = doc(False, help=(
+        "Scale the advantages to zero mean and unit std over the rollout batch of every rank."))
+
+
+@dataclass
 class FieldMap:
     """Which column of the source data holds each field a stage format needs."""
 

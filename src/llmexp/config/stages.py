@@ -62,6 +62,8 @@ STAGES: Dict[str, StageSpec] = {s.name: s for s in (
               generates=True, post_training=True),
     StageSpec("grpo", "llmexp.stages.policy_gradient:GRPOStage", S.GRPOStageConfig, ROLLOUT_FORMATS,
               generates=True, post_training=True),
+    StageSpec("rloo", "llmexp.stages.policy_gradient:RLOOStage", S.RLOOStageConfig, ROLLOUT_FORMATS,
+              generates=True, post_training=True),
 )}
 
 

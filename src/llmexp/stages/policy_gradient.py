@@ -1,5 +1,5 @@
-"""PPO and GRPO on the shared rollout engine: they differ only in how scores become advantages
-and in the per-token loss."""
+"""PPO, GRPO and RLOO on the shared rollout engine: they differ only in how scores become
+advantages and in the loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from llmexp import advantages as M
 from llmexp.losses import (clipped_policy_loss, clipped_value_loss, importance_log_weights, k3_kl, policy_loss_sum,
-                           policy_loss_units)
+                           policy_loss_units, sequence_clipped_policy_loss)
 from llmexp.optim import build_optimizer
 from llmexp.stages.rollout import Rollout, RolloutStage
 
@@ -149,3 +149,65 @@ class GRPOStage(RolloutStage):
                 kl = kl * torch.exp(importance_log_weights(logprobs, old, m, s.importance_sampling_level))
             per_token = pg + s.kl_coef * kl
         return policy_loss_sum(per_token, m, s.loss_type), extras
+
+
+class RLOOStage(RolloutStage):
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, TRL's RLOOTrainer): ``group_size``
+    responses per prompt, the KL to the reference subtracted from each response's reward, each
+    advantage the reward minus the mean of the others', and a clipped loss with one probability
+    ratio per response, averaged over responses."""
+
+    @property
+    def samples_per_prompt(self) -> int:  # type: ignore[override]
+        return self.cfg.stage.group_size
+
+    @staticmethod
+    def uses_reference(cfg) -> bool:
+        return cfg.stage.kl_coef > 0
+
+    def needs_old_logprobs(self) -> bool:
+        # The KL in the reward is the sampling policy's; several epochs need its ratio. One epoch
+        # without KL needs neither: the ratio to the update's own detached log-probs is 1.
+        return self.cfg.stage.epochs > 1 or self.cfg.stage.kl_coef > 0
+
+    def update_plan(self) -> Tuple[int, int]:
+        return self.cfg.stage.epochs, 1
+
+    def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
+        s = self.cfg.stage
+        stats: Dict[str, List[torch.Tensor]] = {"groups_without_signal": [], "kl": []}
+        for r in rollouts:
+            rewards = r.scores
+            if s.kl_coef > 0:
+                kl = M.sequence_kl(r.logprobs, r.ref_logprobs, r.mask)
+                rewards = rewards - s.kl_coef * kl
+                stats["kl"].append(kl)
+            r.advantages = M.leave_one_out_advantages(rewards, s.group_size)
+            stats["groups_without_signal"].append((r.scores.view(-1, s.group_size).std(1) == 0).float())
+        if s.normalize_advantages:
+            self._normalise_over_ranks(rollouts)
+        return {k: float(torch.cat(v).mean()) for k, v in stats.items() if v}
+
+    def _normalise_over_ranks(self, rollouts: List[Rollout]) -> None:
+        """Advantages to zero mean and unit std over the rollout batch of every rank (as TRL
+        normalises its gathered batch), so ddp equals one process."""
+        advantages = torch.cat([r.advantages for r in rollouts])
+        n = self._global_sum(advantages.numel())
+        mean = self._global_sum(float(advantages.sum())) / n
+        var = self._global_sum(float(((advantages - mean) ** 2).sum())) / max(n - 1, 1)
+        for r in rollouts:
+            r.advantages = (r.advantages - mean) / (var ** 0.5 + 1e-4)
+
+    def loss_denominators(self, group: List[Rollout]) -> List[float]:
+        """The mean over the update's responses on this rank (ranks hold equal shares)."""
+        return [float(sum(r.mask.shape[0] for r in group))] * len(group)
+
+    def rollout_loss(self, r: Rollout):
+        s = self.cfg.stage
+        logprobs, _, entropy = self.token_outputs(r, self.model)
+        old = r.logprobs if s.epochs > 1 else logprobs.detach()
+        per_response, clipped = sequence_clipped_policy_loss(logprobs, old, r.advantages, r.mask, s.clip_range,
+                                                             s.epsilon_high)
+        lengths = r.mask.sum(-1)
+        extras = {"clipfrac": (clipped * lengths).sum(), "entropy": M.masked_sum(entropy, r.mask)}
+        return per_response.sum(), extras

@@ -24,6 +24,13 @@ from llmexp.stages.base import StageModule, seconds_since_process_start
 from llmexp.stages.reference import Reference
 
 
+def activation_checkpointing(model) -> bool:
+    """Whether the model checkpoints activations; transformers 5 renamed the attribute and warns
+    on the old name, which older releases alone have."""
+    value = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if value is None else value)
+
+
 @dataclass
 class Rollout:
     """One micro-batch of sampled responses and what the stage computed about them."""
@@ -247,7 +254,7 @@ class RolloutStage(StageModule):
         and the model runs whole in this process with its cache (not sharded, not checkpointing
         activations, which turns the cache off)."""
         return (self.cfg.stage.rollout.share_prefill and not self.is_model_parallel
-                and not getattr(model, "is_gradient_checkpointing", False))
+                and not activation_checkpointing(model))
 
     def reference_logprobs(self, r: Rollout) -> torch.Tensor:
         with self._frozen["reference"].model(self.model) as reference:

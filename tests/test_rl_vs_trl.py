@@ -1,6 +1,7 @@
-"""grpo's loss options against TRL's GRPOTrainer._compute_loss: the same tiny policy, the same
-sampled responses, old and reference log-probs and advantages, every loss_type x importance
-sampling level, with clip-higher and a KL term (|delta| <= 1e-5)."""
+"""grpo's and rloo's losses against TRL's GRPOTrainer._compute_loss and RLOOTrainer._compute_loss:
+the same tiny policy, the same sampled responses, old and reference log-probs and advantages;
+for grpo every loss_type x importance sampling level, with clip-higher and a KL term
+(|delta| <= 1e-5)."""
 
 from __future__ import annotations
 
@@ -52,16 +53,17 @@ def end_responses_early(r, tokenizer, lengths):
     r.position_ids = (r.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def ours(tokenizer, policy, rows, overrides):
-    """A grpo rollout of the rows (sampled by llmexp), then the policy moved a little so the
-    ratios to the sampling policy are not 1; returns the rollout and llmexp's loss of it."""
+def ours(tokenizer, policy, rows, overrides, stage_name="grpo"):
+    """A grpo (or rloo) rollout of the rows (sampled by llmexp), then the policy moved a little so
+    the ratios to the sampling policy are not 1; returns the rollout, its advantages and llmexp's
+    loss of it."""
     from llmexp import advantages as M
     from llmexp.rewards import build_reward
-    from llmexp.stages.policy_gradient import GRPOStage
+    from llmexp.stages import stage_class
     from llmexp.stages.reference import Reference
 
-    cfg = typed(["stage=grpo", f"stage.group_size={GROUP}", "stage.epochs=2", *overrides])
-    stage = GRPOStage(cfg, policy, tokenizer)
+    cfg = typed([f"stage={stage_name}", f"stage.group_size={GROUP}", "stage.epochs=2", *overrides])
+    stage = stage_class(stage_name)(cfg, policy, tokenizer)
     stage._frozen.update(reference=Reference.of(policy, keep_copy=cfg.stage.kl_coef > 0),
                          reward=build_reward(cfg.stage.reward))
     batch = stage.collate([stage.encoder("prompt_only")(row) for row in rows])
@@ -74,12 +76,13 @@ def ours(tokenizer, policy, rows, overrides):
             r.ref_logprobs = stage.reference_logprobs(r)
         r.scores = torch.arange(len(r.scores), dtype=torch.float32) % 3  # groups with signal
         stage.finish([r])
+        advantages = r.advantages if stage_name == "rloo" else M.group_advantages(r.scores, GROUP, True)
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
         loss_sum, _ = stage.rollout_loss(r)
     lengths = r.mask.sum(1)
     assert lengths.min() < lengths.max(), "responses of different lengths tell the aggregations apart"
-    return r, M.group_advantages(r.scores, GROUP, True), float(loss_sum) / stage.loss_denominators([r])[0]
+    return r, advantages, float(loss_sum) / stage.loss_denominators([r])[0]
 
 
 def trl_loss(tmp_path, tokenizer, policy, r, advantages, loss_type, level, epsilon_high, beta):
@@ -115,3 +118,33 @@ def test_grpo_loss_equals_trl(tmp_path, setup, loss_type, level):
     expected = trl_loss(tmp_path, tokenizer, policy, r, advantages, loss_type, level, epsilon_high, beta)
     assert loss == pytest.approx(expected, abs=1e-5)
     assert abs(loss) > 1e-3  # a loss with something in it
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rloo_loss_equals_trl(tmp_path, setup, normalize):
+    """With the KL in the reward and clip-higher; the advantages are checked by hand in
+    test_rl_losses_and_advantages (TRL computes them inside its generation step)."""
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    tokenizer, policy, rows = setup
+    policy = copy.deepcopy(policy)
+    r, advantages, loss = ours(tokenizer, policy, rows, ["stage.kl_coef=0.05", "stage.epsilon_high=0.28",
+                                                         f"stage.normalize_advantages={normalize}"], "rloo")
+    args = RLOOConfig(output_dir=str(tmp_path / "trl"), epsilon=0.2, epsilon_high=0.28, beta=0.05, temperature=0.7,
+                      max_completion_length=16, num_generations=GROUP, per_device_train_batch_size=2 * GROUP,
+                      report_to=[], use_cpu=True, bf16=False, fp16=False)
+    trainer = RLOOTrainer(model=policy, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          train_dataset=Dataset.from_list([{"prompt": "x"}] * 8), processing_class=tokenizer)
+    P = r.prompt_width
+    inputs = {"prompt_ids": r.sequences[:, :P], "prompt_mask": r.attention_mask[:, :P],
+              "completion_ids": r.sequences[:, P:], "completion_mask": r.mask.long(), "advantages": advantages,
+              "old_logps": (r.logprobs * r.mask).sum(1)}
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = float(trainer._compute_loss(trainer.model, inputs))
+    assert loss == pytest.approx(expected, abs=1e-5)
+    assert abs(loss) > 1e-3
+    if normalize:
+        assert float(advantages.mean()) == pytest.approx(0.0, abs=1e-5)
+        assert float(advantages.std()) == pytest.approx(1.0, abs=1e-3)
