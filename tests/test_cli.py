@@ -35,7 +35,8 @@ def test_help_annotates_the_config_of_the_overrides_and_hydra_help_stays_hydras(
     assert lines[lr - 1].startswith("  # Peak learning rate") and lines[lr - 1].endswith("(>= 0.0)")
     beta = lines.index("  beta: 0.1")
     assert lines[beta - 2].startswith("  # DPO's temperature: scales the log-ratio margin")
-    assert "  # (one of sigmoid, ipo, hinge, robust)" in lines
+    assert ("  # (one of sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, "
+            "discopop)") in lines
     assert not any("assistant_only_loss" in line for line in lines) and not (tmp_path / "runs").exists()
     r = run_cli(["--hydra-help"], cwd=tmp_path)
     assert r.returncode == 0 and "== Flags ==" in r.stdout and "hydra/launcher" in r.stdout

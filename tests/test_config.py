@@ -280,7 +280,7 @@ def test_annotated_config_is_the_composed_yaml_with_the_chosen_stages_help():
     lines = text.splitlines()
     lr = lines.index("  lr: 0.0005")
     assert lines[lr - 1].startswith("  # Peak learning rate") and lines[lr - 1].endswith("(>= 0.0)")
-    assert "  # sigmoid (conservative DPO) and robust: the assumed fraction of flipped preference labels." in lines
+    assert "  # sigmoid (conservative DPO), robust and exo_pair: the assumed fraction of flipped preference" in lines
     assert "  rpo_alpha: 1.0" in lines and not any("assistant_only_loss" in line for line in lines)
 
 

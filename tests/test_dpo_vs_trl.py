@@ -10,7 +10,8 @@ import torch
 
 from llmexp.testing import typed
 
-LOSSES = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)]
+LOSSES = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1), ("exo_pair", 1e-3), ("nca_pair", 0.0),
+          ("bco_pair", 0.0), ("sppo_hard", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0), ("discopop", 0.0)]
 
 
 @pytest.fixture(scope="module")

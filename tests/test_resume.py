@@ -30,9 +30,13 @@ def _weights(run_dir):
     ["stage=dpo", "model=gpt2"],
     ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=gpt2"],
     ["stage=simpo", "model=gpt2"], ["stage=orpo", "model=gpt2"],
-], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "dpo", "ddp", "simpo", "orpo"])
+    # Small sources, so the 30 steps run over the mixed rows several times.
+    ["model=gpt2", "data=mixture", "data.mixture=[{name: arithmetic, weight: 3, options: {num_samples: 200}}, "
+     "{name: arithmetic, weight: 1, options: {num_samples: 200, max_operand: 20}}]"],
+], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "dpo", "ddp", "simpo", "orpo", "mixture"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra):
-    overrides = [*COMMON, *extra]
+    mixed = "data=mixture" in extra  # its sources carry their own options
+    overrides = [*(o for o in COMMON if not (mixed and o.startswith("data.options."))), *extra]
     straight = tmp_path / "straight"
     assert train_in_subprocess(overrides, straight).returncode == 0
 

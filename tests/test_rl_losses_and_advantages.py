@@ -84,7 +84,8 @@ def test_log1mexp_is_accurate_on_both_branches_and_finite_at_zero():
     assert torch.isfinite(value).all() and torch.isfinite(at_zero.grad).all()
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair",
+                                       "sppo_hard", "apo_zero", "apo_down", "discopop"])
 def test_dpo_losses_by_hand(loss_type):
     pc, pr, rc, rr = torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5])
     beta, eps = 0.5, 0.1
@@ -97,6 +98,15 @@ def test_dpo_losses_by_hand(loss_type):
         "hinge": max(0.0, 1 - beta * d),
         "ipo": ((1 / 3) - (-0.5 / 2) - 1 / (2 * beta)) ** 2,
         "robust": (-(1 - eps) * math.log(_sig(beta * d)) + eps * math.log(_sig(-beta * d))) / (1 - 2 * eps),
+        # c = 1, r = -0.5: the chosen and rejected log-ratios
+        "exo_pair": (_sig(beta * d) * (math.log(_sig(beta * d)) - math.log(1 - eps))
+                     + _sig(-beta * d) * (math.log(_sig(-beta * d)) - math.log(eps))),
+        "nca_pair": -math.log(_sig(0.5)) - 0.5 * math.log(_sig(-0.5)) - 0.5 * math.log(_sig(0.25)),
+        "bco_pair": -math.log(_sig(0.5)) - math.log(_sig(0.25)),
+        "sppo_hard": (1 - 1) ** 2 + (-0.5 + 1) ** 2,
+        "apo_zero": 1 - _sig(0.5) + _sig(-0.25),
+        "apo_down": _sig(0.5) + 1 - _sig(0.75),
+        "discopop": -math.log(_sig(0.75)) * (1 - _sig(0.75 / 0.05)) + math.exp(-0.75) * _sig(0.75 / 0.05),
     }[loss_type]
     assert got == pytest.approx(expected, abs=1e-6)
 
@@ -284,3 +294,15 @@ def test_masked_whiten_across_micro_batches_of_different_widths_is_one_whitening
     # shift_mean=False keeps the mean: only the scale changes
     wa, wb = M.masked_whiten_across([a, b], [ma, mb], shift_mean=False)
     assert (wa[0, :2].sum() + wb.sum()).item() / 6 == pytest.approx(3.5, abs=1e-5)
+
+
+def test_groups_without_signal_are_those_whose_rewards_all_agree():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0])
+    assert M.groups_without_signal(rewards, 3).tolist() == [True, False, True]
+
+
+def test_responses_left_out_add_nothing_to_the_denominators():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # the second one left out
+    assert policy_loss_units(mask, "grpo", 3) == 2
+    assert policy_loss_units(mask, "dr_grpo", 3) == 6
+    assert policy_loss_units(mask, "dapo", 3) == 3

@@ -6,6 +6,7 @@ for grpo every loss_type x importance sampling level, with clip-higher and a KL 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def end_responses_early(r, tokenizer, lengths):
     r.position_ids = (r.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def ours(tokenizer, policy, rows, overrides, stage_name="grpo"):
+def ours(tokenizer, policy, rows, overrides, stage_name="grpo", scores=None):
     """A grpo (or rloo) rollout of the rows (sampled by llmexp), then the policy moved a little so
     the ratios to the sampling policy are not 1; returns the rollout, its advantages and llmexp's
     loss of it."""
@@ -74,7 +75,7 @@ def ours(tokenizer, policy, rows, overrides, stage_name="grpo"):
         r.logprobs = stage.token_outputs(r, policy)[0] * r.mask
         if cfg.stage.kl_coef > 0:
             r.ref_logprobs = stage.reference_logprobs(r)
-        r.scores = torch.arange(len(r.scores), dtype=torch.float32) % 3  # groups with signal
+        r.scores = torch.arange(len(r.scores), dtype=torch.float32) % 3 if scores is None else scores
         stage.finish([r])
         advantages = r.advantages if stage_name == "rloo" else M.group_advantages(r.scores, GROUP, True)
         for p in policy.parameters():
@@ -118,6 +119,23 @@ def test_grpo_loss_equals_trl(tmp_path, setup, loss_type, level):
     expected = trl_loss(tmp_path, tokenizer, policy, r, advantages, loss_type, level, epsilon_high, beta)
     assert loss == pytest.approx(expected, abs=1e-5)
     assert abs(loss) > 1e-3  # a loss with something in it
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_filter_groups_equals_trl_on_the_groups_with_signal_alone(tmp_path, setup, loss_type):
+    """stage.filter_groups: a group whose responses all scored the same is left out, so the loss
+    is TRL's loss of the other groups alone (its denominator counts their responses or tokens)."""
+    tokenizer, policy, rows = setup
+    policy = copy.deepcopy(policy)
+    scores = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # the second group: no signal
+    r, advantages, loss = ours(tokenizer, policy, rows, [f"stage.loss_type={loss_type}", "stage.filter_groups=true"],
+                               scores=scores)
+    assert r.counted[GROUP:].sum() == 0 and r.counted[:GROUP].sum() == r.mask[:GROUP].sum()
+    kept = dataclasses.replace(r, **{k: getattr(r, k)[:GROUP] for k in ("sequences", "attention_mask", "mask",
+                                                                         "logprobs", "scores")})
+    expected = trl_loss(tmp_path, tokenizer, policy, kept, advantages[:GROUP], loss_type, "token", None, 0.0)
+    assert loss == pytest.approx(expected, abs=1e-5)
+    assert abs(loss) > 1e-3
 
 
 @pytest.mark.parametrize("normalize", [False, True])

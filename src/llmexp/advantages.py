@@ -91,6 +91,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return centred.reshape(-1)
 
 
+def groups_without_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group (consecutive rows), whether all its responses scored the same: a group-relative
+    advantage is then zero for each of them."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(1)
+
+
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO: each reward minus the mean of the other ``group_size - 1`` rewards of its prompt
     (consecutive rows are one prompt's samples), an unbiased baseline that needs no critic."""

@@ -56,13 +56,20 @@ def smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float = 0.0) -> torc
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+             discopop_tau: float = 0.05) -> torch.Tensor:
     """Per-pair DPO losses from summed sequence log-probs of policy and reference.
 
     sigmoid: ``-(1-e) log s(b d) - e log s(-b d)`` (conservative DPO when e > 0), d the
     difference of the chosen and rejected log-ratios; hinge: ``relu(1 - b d)``; ipo: ``(d' -
     1/(2b))^2`` with d' from per-token (length-averaged) log-ratios, as TRL and the IPO authors
     do; robust: the unbiased noisy-label estimator ``(-(1-e) log s(b d) + e log s(-b d)) / (1-2e)``.
+    With ``c``, ``r`` the chosen and rejected log-ratios (TRL's DPOTrainer, each loss's paper):
+    exo_pair: ``KL(softmax(b [c, r]) || [1-e, e])`` (EXO, needs e > 0); nca_pair: ``-log s(b c) -
+    log s(-b c)/2 - log s(-b r)/2``; bco_pair: ``-log s(b c) - log s(-b r)``; sppo_hard: ``(c -
+    1/(2b))^2 + (r + 1/(2b))^2``; apo_zero: ``1 - s(b c) + s(b r)`` (raise the chosen, lower the
+    rejected); apo_down: ``s(b c) + 1 - s(b d)`` (lower both, the rejected more); discopop: the
+    logistic and exponential losses of ``b d`` blended by ``s(b d / tau)``.
     """
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
@@ -80,6 +87,27 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
         flipped = -label_smoothing * F.logsigmoid(-beta * delta)
         return (clean - flipped) / (1 - 2 * label_smoothing)
+    c, r = beta * chosen_ratio, beta * rejected_ratio
+    if loss_type == "exo_pair":
+        if not 0 < label_smoothing < 1:
+            raise ValueError("exo_pair needs 0 < label_smoothing < 1")
+        z = beta * delta
+        return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-label_smoothing))
+                + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(label_smoothing)))
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(c) - F.logsigmoid(-r)
+    if loss_type == "sppo_hard":
+        return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(c) + torch.sigmoid(r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(c) + 1 - torch.sigmoid(beta * delta)
+    if loss_type == "discopop":
+        z = beta * delta
+        mix = torch.sigmoid(z / discopop_tau)
+        return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
     raise ValueError(f"unknown DPO loss type {loss_type!r}")
 
 
@@ -166,11 +194,13 @@ def policy_loss_sum(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str)
 
 def policy_loss_units(mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> float:
     """What one micro-batch adds to the denominator of ``loss_type``: responses (grpo), tokens
-    (bnpo, dapo) or responses x max_new_tokens (dr_grpo)."""
+    (bnpo, dapo) or responses x max_new_tokens (dr_grpo); a response with no counted token (left
+    out of the update) adds nothing."""
+    responses = float((mask.sum(-1) > 0).sum())
     if loss_type == "grpo":
-        return float(mask.shape[0])
+        return responses
     if loss_type == "dr_grpo":
-        return float(mask.shape[0] * max_new_tokens)
+        return responses * max_new_tokens
     return float(mask.sum())
 
 

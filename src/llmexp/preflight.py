@@ -37,7 +37,17 @@ def preflight(cfg: DictConfig) -> S.RunConfig:
 
 def _check_dataset(d: S.DataConfig) -> List[Problem]:
     """A registered dataset (built-in or a plugin's) exists and data.options fit its typed schema;
-    on success data.options becomes the complete, coerced options."""
+    on success data.options becomes the complete, coerced options (each mixture source's likewise)."""
+    if d.source == "mixture":
+        from llmexp.data.mixture import source_config
+
+        problems = []
+        for i, m in enumerate(d.mixture):
+            sub = source_config(d, i)
+            found = _check_dataset(sub)
+            m.options = sub.options
+            problems += [within_mixture(x, i) for x in found]
+        return problems
     if d.source != "bundled":
         return []
     from llmexp.plugins.registry import datasets
@@ -91,15 +101,8 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
     if m.architecture == "gpt2" and m.num_kv_heads and m.pretrained is None:
         p.append(Problem("model.num_kv_heads", "gpt2 has no grouped-query attention",
                          "model.num_kv_heads=null, or a llama/qwen2/mistral model"))
-    if d.source == "files" and d.path:
-        if not glob.glob(os.path.expanduser(d.path)):
-            p.append(Problem("data.path", f"no file or directory matches {d.path!r}",
-                             "give an existing JSONL/JSON/Parquet/CSV file, directory or glob"))
-    if d.source == "hf" and d.path and not Path(d.path).exists() and run.offline:
-        p.append(Problem("data.path", f"{d.path!r} is not a local dataset and offline=true",
-                         "set offline=false to download it from the hub, or use a local path"))
-    if d.source != "bundled" and not d.path:
-        p.append(Problem("data.path", f"data.source={d.source} needs a path", "data.path=..."))
+    p.extend(_check_data_source(run))
+    p.extend(_check_mixture(run))
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(Problem("optim.betas", f"expected two numbers in [0, 1), got {o.betas}", "optim.betas=[0.9,0.95]"))
     p.extend(_check_strategy(run))
@@ -143,6 +146,10 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
             p.append(Problem("model.pretrained", f"{pretrained!r} is a reward model ({scorers[0]}), not a "
                              f"language model for stage={st.name}",
                              "a policy run's model (sft, dpo, ppo, grpo); a reward model goes in stage.reward.model"))
+    if getattr(st, "loss_type", None) == "exo_pair" and st.label_smoothing == 0:
+        p.append(Problem("stage.loss_type", "exo_pair is the KL to the label distribution [1 - label_smoothing, "
+                         "label_smoothing], undefined with label_smoothing 0", "stage.label_smoothing=1e-3 (as "
+                         "the EXO paper recommends), or another stage.loss_type"))
     if not spec.packs and d.packing:
         p.append(Problem("data.packing", f"stage={st.name} scores whole sequences one per row; packing "
                          "would mix several into one", "data.packing=false"))
@@ -314,12 +321,57 @@ def _check_strategy(run: S.RunConfig) -> List[Problem]:
     return p
 
 
+def within_mixture(problem: Problem, i: int) -> Problem:
+    """A problem of one mixture source, keyed where the user wrote it: data.mixture[i].<key>."""
+    if problem.key.startswith("data."):
+        return Problem(problem.key.replace("data.", f"data.mixture[{i}].", 1), problem.message, problem.fix)
+    return Problem(problem.key, f"data.mixture[{i}]: {problem.message}", problem.fix)
+
+
+def _check_mixture(run: S.RunConfig) -> List[Problem]:
+    """Each source of data=mixture as if it were the run's only data: its path, its format, the
+    stage's needs; and a mixture has sources, and only data.source=mixture has them."""
+    from llmexp.data.mixture import source_config
+
+    d = run.data
+    if d.source != "mixture":
+        return [Problem("data.mixture", f"data.source={d.source} reads one dataset; data.mixture is read only "
+                        "with data.source=mixture", "data=mixture (or drop data.mixture)")] if d.mixture else []
+    if not d.mixture:
+        return [Problem("data.mixture", "data.source=mixture needs at least one dataset",
+                        "data.mixture=[{name: arithmetic, weight: 1}, {source: files, path: my.jsonl, weight: 1}]")]
+    problems: List[Problem] = []
+    for i in range(len(d.mixture)):
+        sub = source_config(d, i)
+        one = dataclasses.replace(run, data=sub)
+        found = _check_data_source(one) + _check_stage_data(one)
+        problems += [within_mixture(x, i) for x in found]
+    return problems
+
+
+def _check_data_source(run: S.RunConfig) -> List[Problem]:
+    """data.path names something readable for data.source."""
+    d, p = run.data, []
+    if d.source == "files" and d.path:
+        if not glob.glob(os.path.expanduser(d.path)):
+            p.append(Problem("data.path", f"no file or directory matches {d.path!r}",
+                             "give an existing JSONL/JSON/Parquet/CSV file, directory or glob"))
+    if d.source == "hf" and d.path and not Path(d.path).exists() and run.offline:
+        p.append(Problem("data.path", f"{d.path!r} is not a local dataset and offline=true",
+                         "set offline=false to download it from the hub, or use a local path"))
+    if d.source not in ("bundled", "mixture") and not d.path:
+        p.append(Problem("data.path", f"data.source={d.source} needs a path", "data.path=..."))
+    return p
+
+
 def _check_stage_data(run: S.RunConfig) -> List[Problem]:
     """The stage can train on the data's format (known from the config or the first row)."""
     from llmexp.data.formats import FORMAT_COLUMNS, detect_format, format_problem
     from llmexp.data.peek import peek_columns
 
     d = run.data
+    if d.source == "mixture":
+        return []  # each source is checked by _check_mixture
     fields = dataclasses.asdict(d.fields)
     columns = peek_columns(d)
     if d.format != "auto":

@@ -70,6 +70,14 @@ def _check_node(value: Any, schema: type, path: str, problems: List[Problem]) ->
         if dataclasses.is_dataclass(hint):
             good[key] = _check_node(item, hint, key_path, problems)
             continue
+        element = _dataclass_element(hint)
+        if element is not None:
+            if not isinstance(item, list):
+                problems.append(Problem(key_path, f"expected a list of {element.__name__} mappings, got {item!r}",
+                                        None))
+                continue
+            good[key] = [_check_node(x, element, f"{key_path}[{i}]", problems) for i, x in enumerate(item)]
+            continue
         if item == "???":
             problems.append(Problem(key_path, "a value is required",
                                     f"set it on the command line: {key_path}=..."))
@@ -90,6 +98,14 @@ def _check_node(value: Any, schema: type, path: str, problems: List[Problem]) ->
         return schema(**good)
     except TypeError:
         return schema()
+
+
+def _dataclass_element(hint: Any) -> Optional[type]:
+    """The dataclass of a ``List[<dataclass>]`` field, else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (list, List) and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
 
 
 def check_options(values: dict, schema: Optional[type], key: str, where: str):

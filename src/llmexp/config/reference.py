@@ -48,6 +48,9 @@ def entries(schema: type, prefix: str = "", nested: Optional[Mapping[str, type]]
                     allowed(f.metadata, many), f.metadata.get("help", ""), section=sub is not None)
         if sub:
             yield from entries(sub, key + ".")
+        element = typing.get_args(hints[f.name])[0] if many and typing.get_args(hints[f.name]) else None
+        if element is not None and dataclasses.is_dataclass(element):  # each item's keys: data.mixture[].weight
+            yield from entries(element, key + "[].")
 
 
 def run_entries(stage: Optional[str]) -> Iterator[Entry]:

@@ -18,7 +18,9 @@ ARCHITECTURES = ("llama", "gpt2", "qwen2", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 SCHEDULERS = ("cosine", "linear", "constant")
-DATA_SOURCES = ("bundled", "files", "hf")
+DATA_SOURCES = ("bundled", "files", "hf", "mixture")
+MIXTURE_SOURCES = ("bundled", "files", "hf")
+MIXTURE_STOPPING = ("first_exhausted", "all_exhausted")
 DATA_FORMATS = ("auto", "text", "chat", "prompt_completion")
 PREP_STEPS = ("normalize", "filter_length", "dedup")
 OVERLONG = ("truncate", "drop", "split")
@@ -27,7 +29,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 PEFT_METHODS = ("none", "lora", "qlora")
 STRATEGIES = ("auto", "ddp", "fsdp", "tp", "deepspeed_zero2", "deepspeed_zero3")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+              "apo_down", "discopop")
 DPO_REFERENCES = ("copy", "adapter_disabled", "precomputed")
 KL_CONTROLS = ("fixed", "adaptive")
 ROLLOUT_ENGINES = ("hf", "generate", "vllm")
@@ -154,12 +157,15 @@ class DPOStageConfig:
     name: str = _stage_name("dpo")
     loss_type: str = choice("sigmoid", DPO_LOSSES, help=(
         "sigmoid: DPO; ipo: (length-averaged log-ratio margin - 1/(2 beta))^2; hinge: relu(1 - beta x margin); "
-        "robust: the unbiased estimator under flipped labels."))
+        "robust: the unbiased estimator under flipped labels; exo_pair (needs label_smoothing > 0), nca_pair, "
+        "bco_pair, sppo_hard, apo_zero, apo_down, discopop: TRL's losses of those names (docs/stages.md)."))
     beta: float = bounded(0.1, above=0.0, help=(
         "DPO's temperature: scales the log-ratio margin in the loss and the implicit rewards (larger keeps the "
         "policy nearer the reference)."))
     label_smoothing: float = bounded(0.0, min=0.0, max=0.49, help=(
-        "sigmoid (conservative DPO) and robust: the assumed fraction of flipped preference labels."))
+        "sigmoid (conservative DPO), robust and exo_pair: the assumed fraction of flipped preference labels."))
+    discopop_tau: float = bounded(0.05, above=0.0, help=(
+        "discopop: the temperature of the sigmoid that blends its logistic and exponential losses."))
     reference: str = choice("copy", DPO_REFERENCES, help=(
         "copy: a frozen copy of the starting policy; adapter_disabled: with LoRA, the base model with the adapter "
         "switched off (no second copy); precomputed: reference log-probs computed once before training, then the "
@@ -311,6 +317,9 @@ class GRPOStageConfig:
     use_bias_correction_kl: bool = doc(True, help=(
         "Multiply the per-token KL by the probability ratio to the sampling policy, which makes its gradient the "
         "unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's default)."))
+    filter_groups: bool = doc(False, help=(
+        "Leave the groups whose responses all scored the same out of the update (DAPO's dynamic filtering, without "
+        "re-sampling): they have no advantage to learn from, and in the loss's token count they dilute the rest."))
 
 
 @dataclass
@@ -351,16 +360,36 @@ class FieldMap:
 
 
 @dataclass
+class MixtureSource:
+    """One dataset of a data=mixture run and its weight."""
+
+    name: str = doc("arithmetic", help="bundled: the registered dataset; files/hf: a label for the record.")
+    source: str = choice("bundled", MIXTURE_SOURCES, help="Where its rows come from, as data.source.")
+    path: Optional[str] = doc(None, help="files/hf: as data.path.")
+    split: str = doc("train", help="hf: the split to take.")
+    options: Dict[str, Any] = doc({}, help="As data.options: a bundled dataset's options, or load_dataset's.")
+    fields: FieldMap = section(FieldMap)
+    weight: float = bounded(1.0, above=0.0, help=(
+        "Its share of the mixed rows is weight / the sum of the weights."))
+
+
+@dataclass
 class DataConfig:
     """The training data: where its rows come from, how they are prepared and held out, and how
     they become token sequences."""
 
     name: str = doc("arithmetic", help=(
-        "bundled: the registered dataset to build (llmexp plugins lists them); files/hf: a label recorded in "
-        "summary.json."))
+        "bundled: the registered dataset to build (llmexp plugins lists them); files/hf/mixture: a label recorded "
+        "in summary.json."))
     source: str = choice("bundled", DATA_SOURCES, help=(
         "Where rows come from: bundled (a dataset llmexp or a plugin registers, by data.name), files or hf "
-        "(data.path)."))
+        "(data.path), or mixture (the datasets of data.mixture)."))
+    mixture: List[MixtureSource] = doc([], help=(
+        "mixture: the datasets to mix, each with its weight; rows are drawn from them in proportion to the weights "
+        "(datasets.interleave_datasets, seeded by data.seed), then prepared and held out as one dataset."))
+    mixture_stopping: str = choice("first_exhausted", MIXTURE_STOPPING, help=(
+        "mixture: stop drawing when the first dataset runs out (no row repeats), or when every one has (smaller "
+        "ones repeat to keep their share)."))
     path: Optional[str] = doc(None, help=(
         "files: a JSONL/JSON/Parquet/CSV file, directory or glob; hf: a hub dataset id (needs offline=false) or a "
         "saved dataset directory; bundled: unused."))

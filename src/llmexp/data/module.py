@@ -13,8 +13,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from llmexp.config.schema import DataConfig, FieldMap, TrainerConfig
-from llmexp.data import formats, prepare, sources
+from llmexp.config.schema import DataConfig, TrainerConfig
+from llmexp.data import formats, mixture, prepare, sources
+from llmexp.data.fields import check_field_map, field_map, rename_fields
 from llmexp.data.collate import WindowCollator
 from llmexp.data.encode import IGNORE_INDEX
 from llmexp.data.packing import pack
@@ -47,28 +48,16 @@ def _strings(value):
         yield from _strings(value.get("content"))
 
 
-def rename_fields(ds, fields: Dict[str, str]):
-    mapping = {src: canon for canon, src in fields.items() if src != canon and src in ds.column_names}
-    return ds.rename_columns(mapping) if mapping else ds
-
-
-def check_field_map(fields: Dict[str, str], columns: List[str], where: str) -> None:
-    """A data.fields entry the user changed must name a column the data has (else the mapping is
-    silently ignored and another format detected)."""
-    defaults = vars(FieldMap())
-    for canon, source in fields.items():
-        if source != defaults.get(canon, canon) and source not in columns:
-            raise UserError(f"data.fields.{canon}={source}: {where!r} has no column {source!r} (columns: "
-                            f"{', '.join(columns)}); name one of them")
-
-
 def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
     """Load, map fields, check the format for ``stage``, prepare and split."""
-    train, val = sources.load_raw(cfg)
-    fields = dict(vars(cfg.fields)) if not isinstance(cfg.fields, dict) else dict(cfg.fields)
-    check_field_map(fields, train.column_names, cfg.path or cfg.name)
-    train = rename_fields(train, fields)
-    val = rename_fields(val, fields) if val is not None else None
+    if cfg.source == "mixture":  # each source's own data.fields are applied as it is loaded
+        train, val = mixture.load_mixture(cfg), None
+    else:
+        train, val = sources.load_raw(cfg)
+        fields = field_map(cfg.fields)
+        check_field_map(fields, train.column_names, cfg.path or cfg.name)
+        train = rename_fields(train, fields)
+        val = rename_fields(val, fields) if val is not None else None
     fmt = cfg.format if cfg.format != "auto" else formats.detect_format(train.column_names, {})
     if fmt is not None and fmt != "auto":
         missing = [c for c in formats.FORMAT_COLUMNS[fmt] if c not in train.column_names]
@@ -81,11 +70,15 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
     for split_rows in (train, val):
         if split_rows is not None:
             check_rows(split_rows, fmt, repr(cfg.path or cfg.name))
+    mixed = mixture.source_counts(train) if cfg.source == "mixture" else None
     train, log = prepare.run_steps(train, cfg)
     if val is not None:
         val, _ = prepare.run_steps(val, cfg)
     train, val = prepare.split(train, val, cfg)
     log.append({"step": "split", "train_rows": len(train), "val_rows": len(val)})
+    if cfg.source == "mixture":
+        train, val, counts = mixture.count_and_untag(mixed, train, val, cfg)
+        log.insert(0, counts)
     return PreparedData(train=train, val=val, format=fmt, log=log)
 
 

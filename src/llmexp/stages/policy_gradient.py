@@ -119,14 +119,16 @@ class GRPOStage(RolloutStage):
         for r in rollouts:
             adv = M.group_advantages(r.scores, s.group_size, s.scale_rewards)
             r.advantages = adv.unsqueeze(1) * r.mask
-            grouped = r.scores.view(-1, s.group_size)
-            solved.append((grouped.std(1) == 0).float())
+            without_signal = M.groups_without_signal(r.scores, s.group_size)
+            solved.append(without_signal.float())
+            if s.filter_groups:
+                r.loss_mask = r.mask * (~without_signal).repeat_interleave(s.group_size).unsqueeze(1)
         return {"groups_without_signal": float(torch.cat(solved).mean())}
 
     def loss_denominators(self, group: List[Rollout]) -> List[float]:
         """stage.loss_type's denominator for each micro-batch of one update (llmexp.losses)."""
         s = self.cfg.stage
-        units = [policy_loss_units(r.mask, s.loss_type, s.rollout.max_new_tokens) for r in group]
+        units = [policy_loss_units(r.counted, s.loss_type, s.rollout.max_new_tokens) for r in group]
         if s.loss_type == "bnpo":  # each micro-batch's own token mean, averaged over the update
             return [u * len(group) for u in units]
         total = self.per_rank_share(sum(units)) if s.loss_type == "dapo" else sum(units)
@@ -136,7 +138,7 @@ class GRPOStage(RolloutStage):
         s = self.cfg.stage
         logprobs, _, entropy = self.token_outputs(r, self.model)
         old = r.logprobs if r.logprobs is not None else logprobs.detach()
-        m = r.mask
+        m = r.mask  # metrics over every sampled response; the loss over those it counts
         pg, clipped, _ = clipped_policy_loss(logprobs, old, r.advantages, s.clip_range, s.epsilon_high,
                                              s.importance_sampling_level, m)
         extras = {"policy_loss": M.masked_sum(pg, m), "clipfrac": M.masked_sum(clipped, m),
@@ -148,7 +150,7 @@ class GRPOStage(RolloutStage):
             if s.use_bias_correction_kl:
                 kl = kl * torch.exp(importance_log_weights(logprobs, old, m, s.importance_sampling_level))
             per_token = pg + s.kl_coef * kl
-        return policy_loss_sum(per_token, m, s.loss_type), extras
+        return policy_loss_sum(per_token, r.counted, s.loss_type), extras
 
 
 class RLOOStage(RolloutStage):
@@ -183,7 +185,7 @@ class RLOOStage(RolloutStage):
                 rewards = rewards - s.kl_coef * kl
                 stats["kl"].append(kl)
             r.advantages = M.leave_one_out_advantages(rewards, s.group_size)
-            stats["groups_without_signal"].append((r.scores.view(-1, s.group_size).std(1) == 0).float())
+            stats["groups_without_signal"].append(M.groups_without_signal(r.scores, s.group_size).float())
         if s.normalize_advantages:
             self._normalise_over_ranks(rollouts)
         return {k: float(torch.cat(v).mean()) for k, v in stats.items() if v}

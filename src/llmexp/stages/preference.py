@@ -167,7 +167,7 @@ class DPOStage(PreferenceStage):
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=s.beta, loss_type=s.loss_type,
                         label_smoothing=s.label_smoothing, chosen_tokens=chosen_tokens,
-                        rejected_tokens=rejected_tokens)
+                        rejected_tokens=rejected_tokens, discopop_tau=s.discopop_tau)
         nll_chosen = -average_logprobs(chosen, chosen_tokens)
         if s.rpo_alpha:
             loss = loss + s.rpo_alpha * nll_chosen

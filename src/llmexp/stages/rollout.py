@@ -47,6 +47,12 @@ class Rollout:
     entropy: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
+    loss_mask: Optional[torch.Tensor] = None  # the tokens the loss counts, where it differs from mask
+
+    @property
+    def counted(self) -> torch.Tensor:
+        """The response tokens the loss counts: ``mask`` less any responses a stage left out."""
+        return self.mask if self.loss_mask is None else self.loss_mask
 
 
 @dataclass

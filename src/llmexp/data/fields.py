@@ -1,0 +1,28 @@
+"""data.fields: which column of the source data holds each field a stage format needs."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from llmexp.config.schema import FieldMap
+from llmexp.errors import UserError
+
+
+def field_map(fields: Any) -> Dict[str, str]:
+    """data.fields (a FieldMap or a mapping) as {canonical name: source column}."""
+    return dict(fields) if isinstance(fields, dict) else dict(vars(fields))
+
+
+def rename_fields(ds, fields: Dict[str, str]):
+    mapping = {src: canon for canon, src in fields.items() if src != canon and src in ds.column_names}
+    return ds.rename_columns(mapping) if mapping else ds
+
+
+def check_field_map(fields: Dict[str, str], columns: List[str], where: str) -> None:
+    """A data.fields entry the user changed must name a column the data has (else the mapping is
+    silently ignored and another format detected)."""
+    defaults = vars(FieldMap())
+    for canon, source in fields.items():
+        if source != defaults.get(canon, canon) and source not in columns:
+            raise UserError(f"data.fields.{canon}={source}: {where!r} has no column {source!r} (columns: "
+                            f"{', '.join(columns)}); name one of them")
