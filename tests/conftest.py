@@ -131,6 +131,12 @@ def grpo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
 
 
 @pytest.fixture(scope="session")
+def kto_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
+    """`llmexp pipeline kto`: (its directory, what it printed)."""
+    return _shipped(shared_tmp, short_sft, "kto")
+
+
+@pytest.fixture(scope="session")
 def rloo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
     """`llmexp pipeline rloo`: (its directory, what it printed)."""
     return _shipped(shared_tmp, short_sft, "rloo")

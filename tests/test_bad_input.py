@@ -52,6 +52,7 @@ def workdir(tmp_path_factory):
     jsonl("unknown_role.jsonl", [{"messages": chat}] * 19 + [{"messages": [{"role": "bot", "content": "q"}, chat[1]]}])
     jsonl("empty_completions.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(20)])
     jsonl("qa.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
+    jsonl("kto_labels.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}", "label": "yes"} for i in range(20)])
     yield root
     assert _digest(old) == before_digest[0]
 
@@ -151,6 +152,11 @@ CONFIG_CASES = {
     "mixture of chat data for dpo": (["stage=dpo", "data=mixture"], "data.mixture[0]: stage=dpo needs fields"),
     "mixture list on one dataset": (["data.mixture=[{{name: arithmetic}}]"],
                                     "data.mixture: data.source=bundled reads one dataset"),
+    "kto on chat data": (["stage=kto", "data=arithmetic"], "stage=kto needs fields prompt+completion+label or "
+                                                             "prompt+chosen+rejected"),
+    "kto micro-batch of one": (["stage=kto", "trainer.micro_batch_size=1"], "trainer.micro_batch_size: kto"),
+    "kto labels not booleans": (["stage=kto", "data=files", "data.path={files}/kto_labels.jsonl"],
+                                "label is 'yes'; a label is true (desirable) or false"),
     "rloo group of one": (["stage=rloo", "stage.group_size=1"], "stage.group_size: must be >= 2"),
     "rloo on chat data": (["stage=rloo", "data=arithmetic"], "stage=rloo needs fields prompt"),
     "rloo negative KL weight": (["stage=rloo", "stage.kl_coef=-0.1"], "stage.kl_coef: must be >= 0.0"),

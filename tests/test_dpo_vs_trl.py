@@ -191,3 +191,51 @@ def test_orpo_loss_equals_trl_orpo_trainer(tmp_path, tiny, pairs):
     assert float(terms["log_odds_ratio"].mean()) == pytest.approx(metrics["log_odds_chosen"], abs=1e-5)
     assert float(terms["reward_rejected"].mean()) == pytest.approx(metrics["rewards/rejected"], abs=1e-5)
     assert float(terms["accuracy"].mean()) == pytest.approx(metrics["rewards/accuracies"], abs=1e-6)
+
+
+def unpaired(pairs):
+    """Each pair as two labelled completions, chosen first (the order kto gives a preference row's)."""
+    rows = []
+    for p in pairs:
+        rows += [{"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                 {"prompt": p["prompt"], "completion": p["rejected"], "label": False}]
+    return rows
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("fmt", ["unpaired_preference", "preference"])
+def test_kto_loss_equals_trl(tmp_path, tiny, pairs, loss_type, fmt):
+    """stage=kto on unpaired rows, and on the same completions given as preference pairs, equals
+    TRL's KTOTrainer (its tokens, its KL pairs of each prompt with the previous completion)."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from llmexp.stages.preference import KTOStage
+    from llmexp.stages.reference import Reference, frozen
+
+    tokenizer, policy, reference = tiny
+    rows = unpaired(pairs)
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=loss_type, desirable_weight=2.0,
+                     undesirable_weight=1.5, per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
+                     max_length=None, bf16=False, fp16=False)
+    trainer = KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    with torch.no_grad():
+        trl_loss = float(trainer.compute_loss(trainer.model, trl_batch))
+
+    cfg = typed(["stage=kto", f"stage.loss_type={loss_type}", "stage.beta=0.1", "stage.desirable_weight=2.0",
+                 "stage.undesirable_weight=1.5"])
+    stage = KTOStage(cfg, policy, tokenizer)
+    stage._frozen = {"reference": Reference(frozen(reference))}
+    source = rows if fmt == "unpaired_preference" else pairs
+    batch = stage.collate([stage.encoder(fmt)(row) for row in source])
+    width = trl_batch["input_ids"].shape[1]
+    assert torch.equal(batch["input_ids"][:, :width], trl_batch["input_ids"])
+    assert batch["desirable"].tolist() == [True, False] * len(pairs)
+    with torch.no_grad():
+        terms = stage.completion_sums(batch)
+    if loss_type == "kto":
+        assert float(terms["kl"]) > 0  # the mismatched completions are less likely than the policy's own
+    ours = float(terms["loss"].mean())
+    assert abs(ours - trl_loss) <= 1e-5, (ours, trl_loss)

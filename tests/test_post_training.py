@@ -84,6 +84,8 @@ STAGE_COLUMNS = {
             "train/response_length", "train/reward_std"],
     "grpo": ["train/entropy", "train/response_length", "train/reward_std", "train/clipfrac",
              "train/groups_without_signal"],
+    "kto": ["train/kl", "train/accuracy", "train/reward_desirable", "train/reward_undesirable",
+            "train/logp_chosen", "val/kl", "val/accuracy", "val/reward_desirable", "val/reward_undesirable"],
     "rloo": ["train/kl", "train/entropy", "train/response_length", "train/reward_std", "train/clipfrac",
              "train/groups_without_signal"],
 }
@@ -116,7 +118,7 @@ def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tm
         assert parts <= s["fit_seconds"] and split["generated_tokens"] > 0
 
 
-@pytest.mark.parametrize("name", ["dpo", "grpo", "rloo"])
+@pytest.mark.parametrize("name", ["dpo", "kto", "grpo", "rloo"])
 def test_shipped_pipelines_raise_exact_match_over_their_short_sft(request, name):
     root, printed = request.getfixturevalue(f"{name}_pipeline")
     sft, post = json.loads((root / "pipeline_summary.json").read_text())["stages"]

@@ -111,6 +111,21 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     raise ValueError(f"unknown DPO loss type {loss_type!r}")
 
 
+def kto_loss(logratios: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto") -> torch.Tensor:
+    """Per-completion KTO losses (Ethayarajh et al. 2024, Eq. 7; TRL's KTOTrainer) from each
+    completion's log-ratio ``log pi - log pi_ref`` and whether it is desirable: ``w_d (1 - s(b (r -
+    z)))`` for desirable ones, ``w_u (1 - s(b (z - r)))`` for the others, ``z`` the batch's KL
+    estimate (detached, >= 0). apo_zero_unpaired: ``1 - s(b r)`` and ``s(b r)``, no KL."""
+    if loss_type == "kto":
+        good, bad = 1 - torch.sigmoid(beta * (logratios - kl)), 1 - torch.sigmoid(beta * (kl - logratios))
+    elif loss_type == "apo_zero_unpaired":
+        good, bad = 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios)
+    else:
+        raise ValueError(f"unknown KTO loss type {loss_type!r}")
+    return torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
+
+
 def average_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Length-normalised sequence log-probs: the summed log-prob over the number of target tokens."""
     return logprobs / tokens.clamp(min=1)

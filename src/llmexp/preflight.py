@@ -150,6 +150,10 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
         p.append(Problem("stage.loss_type", "exo_pair is the KL to the label distribution [1 - label_smoothing, "
                          "label_smoothing], undefined with label_smoothing 0", "stage.label_smoothing=1e-3 (as "
                          "the EXO paper recommends), or another stage.loss_type"))
+    if getattr(st, "loss_type", None) == "kto" and t.micro_batch_size < 2:
+        p.append(Problem("trainer.micro_batch_size", "kto estimates its KL term by pairing each prompt with "
+                         "another row's completion in the micro-batch, and 1 row has no other",
+                         "trainer.micro_batch_size=2 or more (or stage.loss_type=apo_zero_unpaired, without KL)"))
     if not spec.packs and d.packing:
         p.append(Problem("data.packing", f"stage={st.name} scores whole sequences one per row; packing "
                          "would mix several into one", "data.packing=false"))

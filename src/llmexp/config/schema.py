@@ -176,6 +176,25 @@ class DPOStageConfig:
 
 
 @dataclass
+class KTOStageConfig:
+    """kto: Kahneman-Tversky optimisation against a frozen reference, from completions labelled
+    desirable or not (unpaired; preference pairs give one of each)."""
+
+    name: str = _stage_name("kto")
+    loss_type: str = choice("kto", ("kto", "apo_zero_unpaired"), help=(
+        "kto: the KTO loss with the batch's KL estimate as reference point; apo_zero_unpaired: APO-zero on "
+        "unpaired labels (no KL term)."))
+    beta: float = bounded(0.1, above=0.0, help=(
+        "KTO's temperature on the log-ratios (larger keeps the policy nearer the reference)."))
+    desirable_weight: float = bounded(1.0, above=0.0, help=(
+        "Weight of the desirable completions' losses (raise it when they are the fewer, KTO paper Eq. 8)."))
+    undesirable_weight: float = bounded(1.0, above=0.0, help="Weight of the undesirable completions' losses.")
+    reference: str = choice("copy", ("copy", "adapter_disabled"), help=(
+        "copy: a frozen copy of the starting policy; adapter_disabled: with LoRA, the base model with the adapter "
+        "switched off."))
+
+
+@dataclass
 class SimPOStageConfig:
     """simpo: reference-free preference optimisation on length-averaged log-probs with a target
     margin (SimPO, Meng et al. 2024)."""
@@ -352,7 +371,8 @@ class FieldMap:
     text: str = doc("text", help="Plain text (format text: pretrain).")
     messages: str = doc("messages", help="Chat messages, a list of {role, content} (format chat).")
     prompt: str = doc("prompt", help="The prompt (formats prompt_completion, preference and prompt_only).")
-    completion: str = doc("completion", help="The completion (format prompt_completion).")
+    completion: str = doc("completion", help="The completion (formats prompt_completion, unpaired_preference).")
+    label: str = doc("label", help="Whether the completion is desirable, true/false (format unpaired_preference: kto).")
     chosen: str = doc("chosen", help="The preferred response (format preference: rm, dpo).")
     rejected: str = doc("rejected", help="The dispreferred response (format preference: rm, dpo).")
     answer: str = doc("answer", help=(

@@ -43,7 +43,7 @@ class StageSpec:
         return getattr(importlib.import_module(module), name)
 
 
-ROLLOUT_FORMATS = ("prompt_only", "preference", "prompt_completion")
+ROLLOUT_FORMATS = ("prompt_only", "preference", "unpaired_preference", "prompt_completion")
 
 STAGES: Dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("pretrain", "llmexp.stages.causal_lm:PretrainStage", S.PretrainStageConfig,
@@ -53,6 +53,8 @@ STAGES: Dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("rm", "llmexp.stages.preference:RewardModelStage", S.RewardModelStageConfig, ("preference",),
               head="score"),
     StageSpec("dpo", "llmexp.stages.preference:DPOStage", S.DPOStageConfig, ("preference",),
+              post_training=True),
+    StageSpec("kto", "llmexp.stages.preference:KTOStage", S.KTOStageConfig, ("unpaired_preference", "preference"),
               post_training=True),
     StageSpec("simpo", "llmexp.stages.preference:SimPOStage", S.SimPOStageConfig, ("preference",),
               post_training=True),

@@ -68,6 +68,28 @@ def collate_preference(rows: Sequence[Dict[str, Any]], pad_id: int, multiple: in
     return batch
 
 
+def collate_unpaired(rows: Sequence[Dict[str, Any]], pad_id: int, multiple: int = 1) -> Dict[str, Any]:
+    """kto: every completion of the rows (a preference row's chosen, then its rejected) with its
+    label, and in ``kl`` the same completions each behind the previous one's prompt (rotated by
+    one, as TRL's KTO pairs them to estimate the KL term from mismatched prompt and completion);
+    ``loss_weight`` is the number of completions."""
+    seqs = []
+    for r in rows:
+        seqs.append((r["input_ids"], r["labels"], r["desirable"]))
+        if "rejected_input_ids" in r:
+            seqs.append((r["rejected_input_ids"], r["rejected_labels"], False))
+    starts = [next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids)) for ids, labels, _ in seqs]
+    prompts = [ids[:k] for (ids, _, _), k in zip(seqs, starts)]
+    completions = [ids[k:] for (ids, _, _), k in zip(seqs, starts)]
+    mismatched = [prompts[j] + completions[j - 1] for j in range(len(seqs))]
+    batch = collate_lm([{"input_ids": ids, "labels": labels} for ids, labels, _ in seqs], pad_id, multiple)
+    batch["kl"] = collate_lm([{"input_ids": ids, "labels": [IGNORE_INDEX] * len(p) + ids[len(p):]}
+                              for ids, p in zip(mismatched, prompts)], pad_id, multiple)
+    batch["desirable"] = torch.tensor([d for _, _, d in seqs], dtype=torch.bool)
+    batch["loss_weight"] = len(seqs)
+    return batch
+
+
 def collate_prompts(rows: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
     """Left-padded prompts (generation appends on the right) with their reward columns."""
     width = max(len(r["input_ids"]) for r in rows)

@@ -129,6 +129,21 @@ def preference_encoder(tokenizer) -> Callable[[Dict[str, Any]], Dict[str, List[i
     return lambda row: encode_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"])
 
 
+def unpaired_encoder(tokenizer, fmt: str) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
+    """kto: a completion and whether it is desirable; a preference row gives both of its answers,
+    the chosen one desirable (collate_unpaired makes them two completions)."""
+
+    def encode(row: Dict[str, Any]) -> Dict[str, Any]:
+        if fmt == "preference":
+            return {**encode_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"]), "desirable": True}
+        prompt_ids = render_prompt(tokenizer, row["prompt"])
+        ids = render_prompt_response(tokenizer, row["prompt"], row["completion"])
+        start = common_prefix_length(prompt_ids, ids)
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * start + ids[start:], "desirable": bool(row["label"])}
+
+    return encode
+
+
 def prompt_encoder(tokenizer) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
     """Rollout stages: the rendered prompt ids, the prompt itself (a reward model re-renders
     prompt + response with its own tokenizer) and the row's other columns (for reward functions)."""

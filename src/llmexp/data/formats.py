@@ -13,11 +13,12 @@ FORMAT_COLUMNS: Dict[str, Tuple[str, ...]] = {
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "preference": ("prompt", "chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
     "prompt_only": ("prompt",),
     "text": ("text",),
 }
 # Detection order: the most specific format first.
-DETECTION_ORDER = ("preference", "chat", "prompt_completion", "text", "prompt_only")
+DETECTION_ORDER = ("preference", "unpaired_preference", "chat", "prompt_completion", "text", "prompt_only")
 
 
 

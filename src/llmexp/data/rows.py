@@ -41,6 +41,9 @@ def value_problem(field: str, value: Any, fmt: str) -> Optional[str]:
     """Why one field of one row cannot be used in format ``fmt``, or None."""
     if field == "messages":
         return message_problem(value, needs_assistant=True)
+    if field == "label":  # unpaired preference: is the completion desirable
+        return None if isinstance(value, bool) or value in (0, 1) else \
+            f"is {value!r}; a label is true (desirable) or false (undesirable)"
     if field == "text" or isinstance(value, str):
         return None if isinstance(value, str) else f"is {type(value).__name__}, not text"
     if isinstance(value, list):  # prompt or response as chat messages

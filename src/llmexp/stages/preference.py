@@ -1,8 +1,10 @@
-"""Preference stages: a Bradley-Terry reward model (rm), direct preference optimisation (dpo) and
-the reference-free simpo and orpo.
+"""Preference stages: a Bradley-Terry reward model (rm), direct preference optimisation (dpo),
+kto, and the reference-free simpo and orpo.
 
-All train on prompt/chosen/rejected pairs, collated as one batch of chosen rows followed by
-rejected rows so each micro-batch needs one forward pass; the loss weight is the number of pairs.
+rm, dpo, simpo and orpo train on prompt/chosen/rejected pairs, collated as one batch of chosen
+rows followed by rejected rows so each micro-batch needs one forward pass; the loss weight is the
+number of pairs. kto trains on completions labelled desirable or not; its loss weight is the
+number of completions.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from typing import Any, Dict, Iterable, List
 
 import torch
 
-from llmexp.data.collate import collate_preference
-from llmexp.data.encode import preference_encoder
-from llmexp.losses import (average_logprobs, bradley_terry_loss, dpo_loss, odds_ratio_loss, sequence_logprobs,
-                           simpo_loss)
+from llmexp.data.collate import collate_preference, collate_unpaired
+from llmexp.data.encode import preference_encoder, unpaired_encoder
+from llmexp.losses import (average_logprobs, bradley_terry_loss, dpo_loss, kto_loss, odds_ratio_loss,
+                           sequence_logprobs, simpo_loss)
 from llmexp.stages.base import StageModule
 from llmexp.stages.reference import Reference
 
@@ -173,6 +175,59 @@ class DPOStage(PreferenceStage):
             loss = loss + s.rpo_alpha * nll_chosen
         return pair_metrics(loss, s.beta * (chosen - ref_chosen), s.beta * (rejected - ref_rejected), chosen,
                             rejected, nll_chosen)
+
+
+class KTOStage(DPOStage):
+    """Kahneman-Tversky optimisation (Ethayarajh et al. 2024; TRL's KTOTrainer): each completion's
+    log-ratio to the frozen reference is pushed above (desirable) or below (undesirable) the
+    micro-batch's KL estimate, measured on the same completions behind mismatched prompts."""
+
+    def encoder(self, fmt: str):
+        return unpaired_encoder(self.tokenizer, fmt)
+
+    def collate(self, rows):
+        return collate_unpaired(rows, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    def completion_sums(self, batch) -> Dict[str, torch.Tensor]:
+        """Per-completion loss and log-ratio, the desirable mask, and the KL estimate (a scalar)."""
+        s = self.cfg.stage
+        logits = self.model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
+        logprobs, _ = sequence_logprobs(logits, batch["labels"])
+        logratios = logprobs - self.reference_logprobs(batch)
+        kl = torch.zeros((), device=logprobs.device)
+        if s.loss_type == "kto":
+            mismatched = batch["kl"]
+            with torch.no_grad():
+                kl_logits = self.model(**{k: mismatched[k] for k in MODEL_KEYS}, use_cache=False).logits
+                kl_local = sequence_logprobs(kl_logits, mismatched["labels"])[0] - self.reference_logprobs(mismatched)
+            n = kl_local.numel()
+            kl = torch.tensor(self._global_sum(float(kl_local.sum())) / max(self._global_sum(n), 1.0),
+                              device=logprobs.device).clamp(min=0)
+        desirable = batch["desirable"]
+        loss = kto_loss(logratios, desirable, kl, beta=s.beta, desirable_weight=s.desirable_weight,
+                        undesirable_weight=s.undesirable_weight, loss_type=s.loss_type)
+        return {"loss": loss, "logratios": logratios.detach(), "logprobs": logprobs.detach(), "desirable": desirable,
+                "kl": kl}
+
+    def _metric_sums(self, t: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        """name -> (sum, count): rewards and the chosen log-prob over the completions they concern."""
+        beta, d = self.cfg.stage.beta, t["desirable"]
+        rewards = beta * t["logratios"]
+        n, n_good = d.numel(), d.sum()
+        return {"kl": (t["kl"] * n, n),
+                "accuracy": (((rewards > 0) == d).float().sum(), n),  # the implicit reward has the label's sign
+                "reward_desirable": (rewards[d].sum(), n_good), "reward_undesirable": (rewards[~d].sum(), n - n_good),
+                "logp_chosen": (t["logprobs"][d].sum(), n_good)}
+
+    def micro_loss(self, batch):
+        t = self.completion_sums(batch)
+        n = t["loss"].numel()  # the base divides by the completions: scale each mean to a sum over n
+        extras = {k: s * n / max(float(c), 1.0) for k, (s, c) in self._metric_sums(t).items()}
+        return t["loss"].sum(), extras
+
+    def val_sums(self, batch):
+        t = self.completion_sums(batch)
+        return {"loss": (t["loss"].detach().sum(), t["loss"].numel()), **self._metric_sums(t)}
 
 
 def pair_metrics(loss: torch.Tensor, reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
