@@ -133,6 +133,16 @@ def test_importance_ranks_the_parameter_that_moves_the_metric():
     assert correlation([1, 1, 1], [1, 2, 3]) is None
 
 
+def test_a_categorical_parameter_has_an_importance_and_no_correlation():
+    """stage=dpo,kto,simpo,orpo: the codes' order is arbitrary, so a correlation with it means nothing."""
+    from llmexp.sweep.importance import importance
+
+    params = [{"stage": s, "lr": lr} for s, lr in [("dpo", 1e-3), ("kto", 1e-3), ("orpo", 1e-4), ("simpo", 1e-4)]]
+    rows = {r["param"]: r for r in importance(params, [0.66, 0.53, 0.71, 0.57])}
+    assert rows["stage"]["correlation"] is None and rows["stage"]["importance"] is not None
+    assert rows["lr"]["correlation"] is not None
+
+
 def test_log_scale_short_values_and_labels():
     from llmexp.plotting import describe, log_scale, short
 

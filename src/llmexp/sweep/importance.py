@@ -62,6 +62,8 @@ def importance(params: Sequence[Dict[str, Any]], metric: Sequence[float],
     columns = [encode([p.get(k) for p in params], log_scale([p.get(k) for p in params], distributions.get(k)))
                for k in keys]
     forest = forest_importance(columns, metric) if len(metric) >= 3 and len(set(metric)) > 1 else [None] * len(keys)
-    rows = [{"param": k, "importance": f, "correlation": correlation(c, metric)}
-            for k, c, f in zip(keys, columns, forest)]
+    # A correlation with category codes (stage=dpo, kto, ...) would rank them by their order: none.
+    numeric = [all(isinstance(p.get(k), (int, float)) for p in params) for k in keys]
+    rows = [{"param": k, "importance": f, "correlation": correlation(c, metric) if num else None}
+            for k, c, f, num in zip(keys, columns, forest, numeric)]
     return sorted(rows, key=lambda r: -(r["importance"] if r["importance"] is not None else abs(r["correlation"] or 0)))

@@ -9,6 +9,7 @@ nothing. Trials are named by their swept values (``lr=3e-4``), never by director
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -79,7 +80,9 @@ def parameter_panels(trials, metric: str, goal: str, distributions: Optional[Dic
     for ax in axes.flat:
         legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
     axes.flat[0].legend(list(legend.values()), list(legend), fontsize=8)
-    fig.suptitle(title or f"{metric} ({goal}) for each swept parameter")
+    # Wrapped to the figure's width (about 9 characters an inch): one panel is narrower than the title.
+    fig.suptitle(textwrap.fill(title or f"{metric} ({goal}) for each swept parameter",
+                               width=max(30, int(fig.get_figwidth() * 9))))
     fig.tight_layout()
     return fig
 
