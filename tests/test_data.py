@@ -149,3 +149,22 @@ def test_bundled_generators_are_seeded_and_checkable():
     left, right = q.split(" = ")
     assert eval(left) == int(right)  # noqa: S307 - our own generated arithmetic
     assert skill.correctness_reward("2 + 2 = 4", "4") == 1.0 and skill.correctness_reward("2 + 2 = 5", "4") == 0.0
+
+
+def test_preference_rows_with_an_implicit_prompt_get_it_extracted_as_trl_does(tmp_path):
+    """TRL's implicit-prompt format (whole conversations in chosen and rejected): the shared turns
+    become the prompt, and every preference stage takes the rows (dpo here, kto unpairs them)."""
+    rows = [{"chosen": [{"role": "user", "content": f"What is {i} plus 1?"},
+                        {"role": "assistant", "content": f"{i} + 1 = {i + 1}"}],
+             "rejected": [{"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": f"{i} + 1 = {i + 2}"}]} for i in range(40)]
+    path = tmp_path / "implicit.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for stage in ("dpo", "kto"):
+        prepared = load_examples(typed([f"stage={stage}", "data=files", f"data.path={path}"]).data, stage)
+        assert prepared.format == "preference"
+        row = prepared.train[0]
+        assert len(row["prompt"]) == 1 and row["prompt"][0]["role"] == "user"
+        assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+        n = row["prompt"][0]["content"].split()[2]  # "What is <n> plus 1?": the answers to that question
+        assert row["chosen"][0]["content"].startswith(f"{n} + 1 = ") and row["rejected"][0]["content"].startswith(n)

@@ -63,11 +63,30 @@ def _check_dataset(d: S.DataConfig) -> List[Problem]:
     return problems
 
 
+def _check_importable(key: str, path: str) -> List[Problem]:
+    """``module:function`` names a module that can be found (imported, and its function looked up,
+    when the run starts)."""
+    import importlib.util
+
+    module, _, attr = path.partition(":")
+    try:
+        found = bool(module and attr) and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return []
+    return [Problem(key, f"{path!r}: no module {module!r} to import" if module and attr else
+                    f"{path!r} is not module:function", "module:function of an importable module (on PYTHONPATH "
+                    "or installed), e.g. trl.rewards:think_format_reward; or a registered reward's name")]
+
+
 def _check_task(run: S.RunConfig) -> List[Problem]:
-    """task.check names a checker llmexp knows, or a registered reward function."""
+    """task.check names a checker llmexp knows, a registered reward function or a module:function."""
     check = run.task.check
     if check in ("auto", "reference", "none"):
         return []
+    if ":" in check:
+        return _check_importable("task.check", check)
     from llmexp.plugins.registry import rewards
 
     names = rewards()
@@ -179,6 +198,8 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
     elif not r.function:
         p.append(Problem("stage.reward", "no reward: neither stage.reward.function nor stage.reward.model is set",
                          "stage.reward.function=arithmetic_correct, or stage.reward.model=<rm run>/model"))
+    elif ":" in r.function:  # module:function, imported when the run starts
+        p.extend(_check_importable("stage.reward.function", r.function))
     else:
         from llmexp.plugins.registry import rewards
 

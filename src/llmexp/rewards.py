@@ -24,20 +24,49 @@ def accepted_columns(fn) -> Optional[set]:
     return {p.name for p in params}
 
 
+def load_reward_function(name: str, key: str):
+    """(function, who provides it) for a registered reward name or a ``module:function`` path
+    (a TRL reward such as ``trl.rewards:think_format_reward``, or one of the user's own)."""
+    if ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr), f"module {module}"
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"{key}: cannot import {name!r} ({type(e).__name__}: {e}); give module:function of an "
+                            f"importable module, or a registered reward (llmexp plugins lists them)") from None
+    from llmexp.plugins.registry import lookup
+
+    entry = lookup("llmexp_rewards", name, key)
+    return entry.declaration.fn, entry.owner
+
+
+def is_batched(fn) -> bool:
+    """TRL's convention: ``fn(completions, **kwargs) -> list[float]``, one call per batch, the
+    columns as lists; llmexp's own: ``fn(completion, **columns) -> float``, one call per sample."""
+    params = list(inspect.signature(fn).parameters)
+    return bool(params) and params[0] == "completions"
+
+
 class FunctionReward:
-    """``fn(completion, **columns) -> float`` from the ``llmexp_rewards`` registry. Columns the
-    function does not name are not passed, so one function serves datasets with extra columns."""
+    """A reward function by registered name or ``module:function``. llmexp's kind takes one
+    completion and the row's columns it names (columns it does not name are not passed, so one
+    function serves datasets with extra columns); TRL's kind (first parameter ``completions``)
+    takes the batch as TRL's GRPOTrainer passes it: ``prompts``, ``completions`` (as messages
+    when the prompts are), and every column as a list."""
 
     def __init__(self, name: str, key: str = "stage.reward.function", workers: int = 0):
-        from llmexp.plugins.registry import lookup
-
-        entry = lookup("llmexp_rewards", name, key)
         self.key, self.workers = key, workers
-        self.name, self.owner, self.fn = name, entry.owner, entry.declaration.fn
+        self.fn, self.owner = load_reward_function(name, key)
+        self.name = name
         self.accepted = accepted_columns(self.fn)
+        self.batched = is_batched(self.fn)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
                  columns: Sequence[Dict[str, Any]]) -> torch.Tensor:
+        if self.batched:
+            return torch.tensor(self.batch(prompts, completions, columns), dtype=torch.float32)
         if self.workers and len(completions) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -56,6 +85,26 @@ class FunctionReward:
         except Exception as e:  # noqa: BLE001 - a plugin's bug: name it
             raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on "
                             f"{completion!r} with columns {sorted(cols)}: {type(e).__name__}: {e}") from e
+
+    def batch(self, prompts: Sequence[Any], completions: Sequence[str], columns: Sequence[Dict[str, Any]]):
+        conversational = bool(prompts) and isinstance(prompts[0], list)
+        texts = [[{"role": "assistant", "content": c}] for c in completions] if conversational else list(completions)
+        names = set.intersection(*(set(c) for c in columns)) if columns else set()
+        kwargs = {"prompts": list(prompts), **{k: [c[k] for c in columns] for k in sorted(names)}}
+        if self.accepted is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in self.accepted}
+        try:
+            out = list(self.fn(texts, **kwargs))
+        except Exception as e:  # noqa: BLE001 - the user's function: name it
+            raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on a batch of "
+                            f"{len(texts)} completions with {sorted(kwargs)}: {type(e).__name__}: {e}") from e
+        bad = next((i for i, v in enumerate(out) if not isinstance(v, (int, float)) or v != v), None)
+        if len(out) != len(texts) or bad is not None:
+            what = f"{len(out)} values for {len(texts)} completions" if len(out) != len(texts) \
+                else f"{out[bad]!r} for completion {bad}"
+            raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} returned {what}; it must return "
+                            f"one number per completion")
+        return [float(v) for v in out]
 
 
 class ModelReward:

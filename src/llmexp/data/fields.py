@@ -26,3 +26,13 @@ def check_field_map(fields: Dict[str, str], columns: List[str], where: str) -> N
         if source != defaults.get(canon, canon) and source not in columns:
             raise UserError(f"data.fields.{canon}={source}: {where!r} has no column {source!r} (columns: "
                             f"{', '.join(columns)}); name one of them")
+
+
+def extract_implicit_prompt(ds):
+    """Preference rows with no prompt column (TRL's implicit-prompt format: whole conversations in
+    chosen and rejected): the turns both share become the prompt, as TRL's extract_prompt does."""
+    if ds is None or "prompt" in ds.column_names or not {"chosen", "rejected"} <= set(ds.column_names):
+        return ds
+    from trl.data_utils import extract_prompt
+
+    return ds.map(extract_prompt, desc="extract_prompt")

@@ -26,7 +26,10 @@ def canonical_columns(columns: Iterable[str], fields: Dict[str, str]) -> set:
     """The canonical field names present, given the source columns and the field mapping."""
     columns = set(columns)
     present = {canon for canon, source in fields.items() if source in columns}
-    return present | {c for c in columns if c not in fields.values()}
+    present |= {c for c in columns if c not in fields.values()}
+    if {"chosen", "rejected"} <= present:  # an implicit prompt: the turns both answers start with
+        present.add("prompt")
+    return present
 
 
 def detect_format(columns: Iterable[str], fields: Dict[str, str]) -> Optional[str]:

@@ -1,0 +1,65 @@
+"""Reward functions written for TRL work unchanged: ``fn(completions, **kwargs) -> list[float]``,
+by ``module:function`` (TRL's own in trl.rewards, or the user's), called once per batch with the
+columns as lists, as TRL's GRPOTrainer calls them."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+from llmexp.testing import FAST, run_cli
+
+from llmexp.errors import UserError
+from llmexp.rewards import FunctionReward
+
+CHAT = [{"role": "user", "content": "What is 2 plus 3?"}]
+USER_MODULE = textwrap.dedent('''
+    def exact(completions, answer, **kwargs):
+        """TRL-style: conversational completions, the answer column as a list."""
+        return [1.0 if c[0]["content"].strip().endswith("= " + str(a)) else 0.0 for c, a in zip(completions, answer)]
+
+    def too_few(completions, **kwargs):
+        return [1.0]
+''')
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_trls_own_reward_function_scores_a_batch():
+    reward = FunctionReward("trl.rewards:think_format_reward")
+    scores = reward([CHAT, CHAT], ["<think>\n2 and 3\n</think>\n5", "5"], [{"answer": "5"}, {"answer": "5"}])
+    assert reward.batched and scores.tolist() == [1.0, 0.0]
+
+
+def test_a_users_trl_style_function_gets_the_columns_as_lists(user_module):
+    reward = FunctionReward("my_rewards:exact")
+    scores = reward([CHAT] * 3, ["2 + 3 = 5", "2 + 3 = 6", "2 + 3 = 5"],
+                    [{"answer": "5"}, {"answer": "5"}, {"answer": "4"}])
+    assert scores.tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(UserError, match="returned 1 values for 2 completions"):
+        FunctionReward("my_rewards:too_few")([CHAT] * 2, ["a", "b"], [{}, {}])
+    with pytest.raises(UserError, match="cannot import 'my_rewards:missing'"):
+        FunctionReward("my_rewards:missing")
+
+
+@pytest.mark.slow
+def test_grpo_trains_on_a_trl_style_reward_by_module_path(tmp_path, user_module):
+    """The bundled prompts' answers reach the function as TRL passes them; it also checks the task."""
+    run_dir = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(user_module), os.environ.get("PYTHONPATH", "")])}
+    r = run_cli([*FAST, "stage=grpo", "stage.reward.function=my_rewards:exact", "task.check=my_rewards:exact",
+                 "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.micro_batch_size=4",
+                 "stage.group_size=2", "stage.rollout.max_new_tokens=8", f"hydra.run.dir={run_dir}"], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["task"]["check"] == "my_rewards:exact"
+    assert -1.0 <= s["final"]["val/reward"] <= 1.0 and 0.0 <= s["final"]["val/task_score"] <= 1.0
+    r = run_cli([*FAST, "stage=grpo", "stage.reward.function=no_such_module:fn"], cwd=tmp_path)
+    assert r.returncode == 2 and "stage.reward.function: 'no_such_module:fn': no module" in r.stderr
