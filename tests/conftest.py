@@ -113,30 +113,13 @@ def rlhf_pipeline(shared_tmp, default_sft) -> Path:
     return once(shared_tmp, "rlhf-pipeline", lambda root: _pipeline(root, "rlhf", default_sft))
 
 
-def _shipped(shared_tmp, short_sft, name: str) -> Tuple[Path, str]:
-    root = once(shared_tmp, f"{name}-pipeline", lambda r: _pipeline(r, name, short_sft))
-    return root, (root / "printed.txt").read_text()
-
-
 @pytest.fixture(scope="session")
-def dpo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
-    """`llmexp pipeline dpo`: (its directory, what it printed)."""
-    return _shipped(shared_tmp, short_sft, "dpo")
+def shipped_pipeline(shared_tmp, short_sft) -> Callable[[str], Tuple[Path, str]]:
+    """``shipped_pipeline(name)``: `llmexp pipeline <name>` from the 150-step SFT (dpo, kto, grpo,
+    rloo), built once per session: (its directory, what it printed)."""
 
+    def build(name: str) -> Tuple[Path, str]:
+        root = once(shared_tmp, f"{name}-pipeline", lambda r: _pipeline(r, name, short_sft))
+        return root, (root / "printed.txt").read_text()
 
-@pytest.fixture(scope="session")
-def grpo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
-    """`llmexp pipeline grpo`: (its directory, what it printed)."""
-    return _shipped(shared_tmp, short_sft, "grpo")
-
-
-@pytest.fixture(scope="session")
-def kto_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
-    """`llmexp pipeline kto`: (its directory, what it printed)."""
-    return _shipped(shared_tmp, short_sft, "kto")
-
-
-@pytest.fixture(scope="session")
-def rloo_pipeline(shared_tmp, short_sft) -> Tuple[Path, str]:
-    """`llmexp pipeline rloo`: (its directory, what it printed)."""
-    return _shipped(shared_tmp, short_sft, "rloo")
+    return build

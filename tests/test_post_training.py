@@ -29,7 +29,7 @@ def task(s: dict) -> tuple:
     return s["initial"]["val/task_score"], s["final"]["val/task_score"]
 
 
-# The shared runs (default_sft, short_sft, rlhf_pipeline, dpo_pipeline, grpo_pipeline) are
+# The shared runs (default_sft, short_sft, rlhf_pipeline, shipped_pipeline(name)) are
 # conftest's session fixtures: each trained once per session.
 
 
@@ -119,8 +119,8 @@ def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tm
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto", "grpo", "rloo"])
-def test_shipped_pipelines_raise_exact_match_over_their_short_sft(request, name):
-    root, printed = request.getfixturevalue(f"{name}_pipeline")
+def test_shipped_pipelines_raise_exact_match_over_their_short_sft(shipped_pipeline, name):
+    root, printed = shipped_pipeline(name)
     sft, post = json.loads((root / "pipeline_summary.json").read_text())["stages"]
     assert sft["global_step"] == 150
     start, end = post["initial"]["val/task_score"], post["final"]["val/task_score"]

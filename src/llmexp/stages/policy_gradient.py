@@ -93,25 +93,30 @@ class PPOStage(RolloutStage):
         self.kl.value = checkpoint.get("llmexp", {}).get("kl_coef", self.kl.value)
 
 
-class GRPOStage(RolloutStage):
-    """Group-relative policy optimisation: ``group_size`` responses per prompt, each advantage its
-    reward relative to the group's, a clipped token-level objective, no critic."""
+class GroupSampling:
+    """What grpo and rloo share: ``stage.group_size`` responses per prompt, a reference model only
+    with a KL term, ``stage.epochs`` passes over each rollout batch, one update each."""
 
     @property
-    def samples_per_prompt(self) -> int:  # type: ignore[override]
+    def samples_per_prompt(self) -> int:
         return self.cfg.stage.group_size
 
     @staticmethod
     def uses_reference(cfg) -> bool:
         return cfg.stage.kl_coef > 0
 
+    def update_plan(self) -> Tuple[int, int]:
+        return self.cfg.stage.epochs, 1
+
+
+class GRPOStage(GroupSampling, RolloutStage):
+    """Group-relative policy optimisation: ``group_size`` responses per prompt, each advantage its
+    reward relative to the group's, a clipped token-level objective, no critic."""
+
     def needs_old_logprobs(self) -> bool:
         # One pass: the sampling policy is the current one, so its log-probs are the detached
         # log-probs of the update itself (ratio 1) and need no extra forward pass.
         return self.cfg.stage.epochs > 1
-
-    def update_plan(self) -> Tuple[int, int]:
-        return self.cfg.stage.epochs, 1
 
     def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
         s = self.cfg.stage
@@ -153,27 +158,16 @@ class GRPOStage(RolloutStage):
         return policy_loss_sum(per_token, r.counted, s.loss_type), extras
 
 
-class RLOOStage(RolloutStage):
+class RLOOStage(GroupSampling, RolloutStage):
     """REINFORCE leave-one-out (Ahmadian et al. 2024, TRL's RLOOTrainer): ``group_size``
     responses per prompt, the KL to the reference subtracted from each response's reward, each
     advantage the reward minus the mean of the others', and a clipped loss with one probability
     ratio per response, averaged over responses."""
 
-    @property
-    def samples_per_prompt(self) -> int:  # type: ignore[override]
-        return self.cfg.stage.group_size
-
-    @staticmethod
-    def uses_reference(cfg) -> bool:
-        return cfg.stage.kl_coef > 0
-
     def needs_old_logprobs(self) -> bool:
         # The KL in the reward is the sampling policy's; several epochs need its ratio. One epoch
         # without KL needs neither: the ratio to the update's own detached log-probs is 1.
         return self.cfg.stage.epochs > 1 or self.cfg.stage.kl_coef > 0
-
-    def update_plan(self) -> Tuple[int, int]:
-        return self.cfg.stage.epochs, 1
 
     def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
         s = self.cfg.stage
