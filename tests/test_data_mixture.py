@@ -14,16 +14,16 @@ from llmexp.data.module import load_examples
 
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
-    """600 distinct chat rows under another column name, mapped with the source's own fields."""
+    """150 distinct chat rows under another column name, mapped with the source's own fields."""
     path = tmp_path_factory.mktemp("mix") / "talk.jsonl"
     rows = [{"conversation": [{"role": "user", "content": f"Say the word number {i}."},
-                              {"role": "assistant", "content": f"word{i}"}]} for i in range(600)]
+                              {"role": "assistant", "content": f"word{i}"}]} for i in range(150)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def mixture(chat_file, *extra):
-    sources = (f"[{{name: arithmetic, weight: 1, options: {{num_samples: 4000, max_operand: 20}}}}, "
+    sources = (f"[{{name: arithmetic, weight: 1, options: {{num_samples: 800, max_operand: 20}}}}, "
                f"{{source: files, name: talk, path: '{chat_file}', weight: 3, fields: {{messages: conversation}}}}]")
     return typed(["data=mixture", f"data.mixture={sources}", "data.steps=[normalize]", *extra]).data
 
@@ -37,8 +37,8 @@ def test_rows_come_from_each_source_in_proportion_to_its_weight(chat_file):
     prepared = load_examples(mixture(chat_file), "sft")
     a, b = entry(prepared)
     assert (a["share"], b["share"]) == (0.25, 0.75)
-    # first_exhausted: drawing stops when the 600 file rows (weight 3) run out, no row repeats
-    assert b["mixed_rows"] == 600 and a["mixed_rows"] == pytest.approx(200, abs=40)
+    # first_exhausted: drawing stops when the 150 file rows (weight 3) run out, no row repeats
+    assert b["mixed_rows"] == 150 and a["mixed_rows"] == pytest.approx(50, abs=20)
     assert a["train_rows"] + b["train_rows"] == len(prepared.train)
     assert a["val_rows"] + b["val_rows"] == len(prepared.val)
     assert SOURCE_COLUMN not in prepared.train.column_names and prepared.format == "chat"
@@ -56,7 +56,7 @@ def test_the_mixture_is_the_same_for_a_seed_and_another_for_another_seed(chat_fi
 def test_all_exhausted_repeats_the_smaller_sources_to_keep_their_share(chat_file):
     prepared = load_examples(mixture(chat_file, "data.mixture_stopping=all_exhausted"), "sft")
     a, b = entry(prepared)
-    assert a["mixed_rows"] >= 4000 and b["mixed_rows"] == pytest.approx(3 * a["mixed_rows"], rel=0.1)
+    assert a["mixed_rows"] >= 800 and b["mixed_rows"] == pytest.approx(3 * a["mixed_rows"], rel=0.1)
 
 
 @pytest.mark.slow
