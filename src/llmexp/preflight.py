@@ -356,8 +356,6 @@ def within_mixture(problem: Problem, i: int) -> Problem:
 def _check_mixture(run: S.RunConfig) -> List[Problem]:
     """Each source of data=mixture as if it were the run's only data: its path, its format, the
     stage's needs; and a mixture has sources, and only data.source=mixture has them."""
-    from llmexp.data.mixture import source_config
-
     d = run.data
     if d.source != "mixture":
         return [Problem("data.mixture", f"data.source={d.source} reads one dataset; data.mixture is read only "
@@ -365,6 +363,8 @@ def _check_mixture(run: S.RunConfig) -> List[Problem]:
     if not d.mixture:
         return [Problem("data.mixture", "data.source=mixture needs at least one dataset",
                         "data.mixture=[{name: arithmetic, weight: 1}, {source: files, path: my.jsonl, weight: 1}]")]
+    from llmexp.data.mixture import source_config
+
     problems: List[Problem] = []
     for i in range(len(d.mixture)):
         sub = source_config(d, i)

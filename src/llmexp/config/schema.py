@@ -584,7 +584,7 @@ class TaskConfig:
 
 @dataclass
 class HealthConfig:
-    """Post-training's known failure signs (dpo, simpo, orpo, ppo, grpo), checked on the logged metrics (see
+    """Post-training's known failure signs (dpo, kto, simpo, orpo, ppo, grpo, rloo), checked on the logged metrics (see
     llmexp.health)."""
 
     action: str = choice("warn", HEALTH_ACTIONS, help=(
