@@ -116,7 +116,7 @@ def rlhf_pipeline(shared_tmp, default_sft) -> Path:
 @pytest.fixture(scope="session")
 def shipped_pipeline(shared_tmp, short_sft) -> Callable[[str], Tuple[Path, str]]:
     """``shipped_pipeline(name)``: `llmexp pipeline <name>` from the 150-step SFT (dpo, kto, grpo,
-    rloo), built once per session: (its directory, what it printed)."""
+    rloo, online_dpo), built once per session: (its directory, what it printed)."""
 
     def build(name: str) -> Tuple[Path, str]:
         root = once(shared_tmp, f"{name}-pipeline", lambda r: _pipeline(r, name, short_sft))

@@ -161,6 +161,12 @@ CONFIG_CASES = {
     "rloo on chat data": (["stage=rloo", "data=arithmetic"], "stage=rloo needs fields prompt"),
     "rloo negative KL weight": (["stage=rloo", "stage.kl_coef=-0.1"], "stage.kl_coef: must be >= 0.0"),
     "rloo KL weight under TRL's name": (["stage=rloo", "stage.beta=0.1"], "llmexp calls it stage.kl_coef"),
+    "online_dpo on chat data": (["stage=online_dpo", "data=arithmetic"], "stage=online_dpo needs fields prompt"),
+    "online_dpo beta of zero": (["stage=online_dpo", "stage.beta=0"], "stage.beta: must be > 0.0"),
+    "online_dpo exo_pair without smoothing": (["stage=online_dpo", "stage.loss_type=exo_pair"],
+                                              "stage.loss_type: exo_pair is the KL"),
+    "online_dpo length under TRL's name": (["stage=online_dpo", "stage.max_new_tokens=8"],
+                                           "llmexp calls it stage.rollout.max_new_tokens"),
 }
 
 RUN_CASES = {

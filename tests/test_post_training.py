@@ -88,6 +88,8 @@ STAGE_COLUMNS = {
             "train/logp_chosen", "val/kl", "val/accuracy", "val/reward_desirable", "val/reward_undesirable"],
     "rloo": ["train/kl", "train/entropy", "train/response_length", "train/reward_std", "train/clipfrac",
              "train/groups_without_signal"],
+    "online_dpo": ["train/kl", "train/entropy", "train/response_length", "train/reward_std", "train/accuracy",
+                   "train/margin", "train/ties", "train/score_margin"],
 }
 # Where a rollout step's time went: metrics.csv every logging step, summary.json over the run.
 TIME_SPLIT = {"ppo": ["rollout_seconds", "scoring_seconds", "reference_seconds", "optimisation_seconds",
@@ -118,7 +120,7 @@ def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tm
         assert parts <= s["fit_seconds"] and split["generated_tokens"] > 0
 
 
-@pytest.mark.parametrize("name", ["dpo", "kto", "grpo", "rloo"])
+@pytest.mark.parametrize("name", ["dpo", "kto", "grpo", "rloo", "online_dpo"])
 def test_shipped_pipelines_raise_exact_match_over_their_short_sft(shipped_pipeline, name):
     root, printed = shipped_pipeline(name)
     sft, post = json.loads((root / "pipeline_summary.json").read_text())["stages"]

@@ -27,13 +27,14 @@ def _weights(run_dir):
     ["stage=ppo", "model=gpt2", "stage.kl_control=adaptive", "stage.kl_horizon=100", "stage.rollout.max_new_tokens=6"],
     ["stage=grpo", "stage.group_size=2", "stage.kl_coef=0.05", "stage.rollout.max_new_tokens=6"],
     ["stage=rloo", "stage.epochs=2", "stage.normalize_advantages=true", "stage.rollout.max_new_tokens=6"],
+    ["stage=online_dpo", "stage.rollout.max_new_tokens=6"],
     ["stage=dpo", "model=gpt2"], ["stage=kto", "model=gpt2"],
     ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=gpt2"],
     ["stage=simpo", "model=gpt2"], ["stage=orpo", "model=gpt2"],
     # Small sources, so the 30 steps run over the mixed rows several times.
     ["model=gpt2", "data=mixture", "data.mixture=[{name: arithmetic, weight: 3, options: {num_samples: 200}}, "
      "{name: arithmetic, weight: 1, options: {num_samples: 200, max_operand: 20}}]"],
-], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "dpo", "kto", "ddp", "simpo", "orpo", "mixture"])
+], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "online_dpo", "dpo", "kto", "ddp", "simpo", "orpo", "mixture"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra):
     mixed = "data=mixture" in extra  # its sources carry their own options
     overrides = [*(o for o in COMMON if not (mixed and o.startswith("data.options."))), *extra]

@@ -235,6 +235,19 @@ def test_leave_one_out_advantages():
     assert adv.tolist() == pytest.approx((M.group_advantages(rewards, 3, scale=False) * 3 / 2).tolist())
 
 
+def test_preference_pairs_choose_the_higher_score_and_mark_ties():
+    """Consecutive rows are one prompt's two responses; on a tie the first counts as chosen (TRL)."""
+    chosen, rejected, decided = M.preference_pairs(torch.tensor([0.0, 1.0, 1.0, -1.0, 0.5, 0.5]))
+    assert chosen.tolist() == [1, 0, 0] and rejected.tolist() == [0, 1, 1]
+    assert decided.tolist() == [True, True, False]
+
+
+def test_preference_pairs_of_larger_groups_are_the_best_and_the_worst():
+    chosen, rejected, decided = M.preference_pairs(torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0]), 4)
+    assert chosen.tolist() == [1, 0] and rejected.tolist() == [3, 3]  # first best, last worst
+    assert decided.tolist() == [True, False]
+
+
 def test_sequence_kl_sums_the_log_ratio_over_the_response():
     logprobs, ref = torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-1.5, -1.0, -1.0]])
     assert M.sequence_kl(logprobs, ref, torch.tensor([[1.0, 1.0, 0.0]])).tolist() == pytest.approx([0.5 - 1.0])

@@ -6,6 +6,7 @@ for grpo every loss_type x importance sampling level, with clip-higher and a KL 
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 
 import pytest
@@ -166,3 +167,76 @@ def test_rloo_loss_equals_trl(tmp_path, setup, normalize):
     if normalize:
         assert float(advantages.mean()) == pytest.approx(0.0, abs=1e-5)
         assert float(advantages.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def online_dpo_loss(tokenizer, policy, rows, scores, overrides):
+    """llmexp's online_dpo loss of a rollout of the rows (stage.group_size responses each, scored
+    ``scores``), with the policy moved a little from its reference; returns the rollout, the
+    reference and the loss."""
+    from llmexp.rewards import build_reward
+    from llmexp.stages import stage_class
+    from llmexp.stages.reference import Reference
+
+    cfg = typed(["stage=online_dpo", *overrides])
+    reference = Reference.of(policy, keep_copy=True)
+    stage = stage_class("online_dpo")(cfg, policy, tokenizer)
+    stage._frozen.update(reference=reference, reward=build_reward(cfg.stage.reward))
+    batch = stage.collate([stage.encoder("prompt_only")(row) for row in rows])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        r = stage.rollout(batch)
+        end_responses_early(r, tokenizer, lengths=[3, 16, 7, 5, 12, 1, 16, 9][: len(r.sequences)])
+        r.ref_logprobs = stage.reference_logprobs(r)
+        r.scores = scores
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        loss_sum, extras = stage.rollout_loss(r)
+    return r, reference.copy, float(loss_sum) / stage.loss_denominators([r])[0]
+
+
+def trl_online_dpo_loss(tmp_path, tokenizer, policy, reference, r, scores, beta):
+    """TRL's OnlineDPOTrainer.training_step on the same pairs (two responses per prompt, prompt
+    by prompt): its generation returns them (TRL holds every prompt's first sample, then every
+    prompt's second) and its reward function the same scores."""
+    from datasets import Dataset
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    n = r.sequences.shape[0] // 2
+    order = torch.cat([torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2)])  # prompt-major -> TRL's halves
+    P = r.prompt_width
+    args = OnlineDPOConfig(output_dir=str(tmp_path / "trl-online-dpo"), beta=beta, loss_type="sigmoid",
+                           max_new_tokens=16, max_length=512, per_device_train_batch_size=n, report_to=[],
+                           use_cpu=True, bf16=False, fp16=False)
+    trainer = OnlineDPOTrainer(model=policy, ref_model=reference,
+                               reward_funcs=lambda completions, **kw: scores[order].tolist(), args=args,
+                               train_dataset=Dataset.from_list([{"prompt": "x"}] * 8), processing_class=tokenizer)
+    trainer._generate = lambda model, prompts, images=None: (
+        r.sequences[order, :P], r.attention_mask[order, :P], r.sequences[order, P:], r.mask[order].long(), None)
+    return float(trainer.training_step(trainer.model, {"prompt": ["x"] * n}))
+
+
+def rows_of(r, index):
+    return dataclasses.replace(r, **{k: getattr(r, k)[index] for k in ("sequences", "attention_mask", "mask")})
+
+
+@pytest.mark.parametrize("case", ["ties kept", "ties skipped", "best and worst of four"])
+def test_online_dpo_loss_equals_trl(tmp_path, setup, case):
+    """Two responses per prompt, the second prompt's tied: TRL trains on the tie anyway (its
+    first response chosen), as llmexp with skip_ties=false; with skip_ties=true the loss is TRL's
+    of the first pair alone. With four responses per prompt, it is TRL's loss of each prompt's
+    best (first of the highest) and worst (last of the lowest) responses."""
+    tokenizer, policy, rows = setup
+    policy = copy.deepcopy(policy)
+    if case == "best and worst of four":
+        scores = torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 1.0])
+        r, reference, loss = online_dpo_loss(tokenizer, policy, rows, scores, ["stage.beta=0.5", "stage.group_size=4"])
+        index = torch.tensor([1, 3, 4, 7])
+        expected = trl_online_dpo_loss(tmp_path, tokenizer, policy, reference, rows_of(r, index), scores[index], 0.5)
+    else:
+        skip = case == "ties skipped"
+        scores = torch.tensor([0.0, 1.0, 1.0, 1.0])  # prompt 1: the second response wins; prompt 2: a tie
+        r, reference, loss = online_dpo_loss(tokenizer, policy, rows, scores, ["stage.beta=0.5", f"stage.skip_ties={skip}"])
+        index = torch.arange(2 if skip else 4)
+        expected = trl_online_dpo_loss(tmp_path, tokenizer, policy, reference, rows_of(r, index), scores[index], 0.5)
+    assert loss == pytest.approx(expected, abs=1e-5)
+    assert abs(loss - math.log(2)) > 1e-3  # the policy moved from the reference: not the loss at equality

@@ -163,7 +163,7 @@ def test_preference_stages_under_ddp_and_fsdp_match_one_process(tmp_path, stage)
         assert s2["initial"]["val/accuracy"] == pytest.approx(s1["initial"]["val/accuracy"], abs=1e-9)
 
 
-@pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo"])
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo", "online_dpo"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_rollout_stages_run_distributed(tmp_path, stage, strategy):
     """Each rank samples its own prompts (so no equality with one process); the replicas stay
@@ -172,11 +172,11 @@ def test_rollout_stages_run_distributed(tmp_path, stage, strategy):
     r = run_cli([*BASE, f"stage={stage}", f"strategy={strategy}", "trainer.devices=2", "trainer.max_steps=4",
                  "trainer.val_check_interval=4", "trainer.micro_batch_size=4", "stage.rollout.max_new_tokens=6",
                  "data.options.num_samples=200", f"hydra.run.dir={run_dir}"]
-                + (["stage.ppo_epochs=2"] if stage == "ppo" else ["stage.group_size=2"]))
+                + {"ppo": ["stage.ppo_epochs=2"], "online_dpo": []}.get(stage, ["stage.group_size=2"]))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["strategy"] == strategy and s["global_step"] == 4
-    lowest = 0.0 if stage == "ppo" else -1.0  # grpo's and rloo's default missing-eos penalty, on a 0/1 reward
+    lowest = 0.0 if stage == "ppo" else -1.0  # the others' default missing-eos penalty, on a 0/1 reward
     assert lowest <= s["final"]["val/reward"] <= 1.0
     rows = [r for r in read_metrics(run_dir / "metrics.csv") if "train/reward_mean" in r]
     assert len(rows) == 4 and all(lowest <= r["train/reward_mean"] <= 1.0 for r in rows)

@@ -98,6 +98,18 @@ def groups_without_signal(rewards: torch.Tensor, group_size: int) -> torch.Tenso
     return (grouped == grouped[:, :1]).all(1)
 
 
+def preference_pairs(scores: torch.Tensor, group_size: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online DPO: each prompt's responses (``group_size`` consecutive rows) become one preference
+    pair, the first highest-scored response chosen and the last lowest-scored one rejected (of two
+    tied responses the first is chosen, as TRL's OnlineDPOTrainer). Returns the offsets of the
+    chosen and rejected rows in each group, and whether their scores differ (a tie says nothing
+    about which is better)."""
+    grouped = scores.view(-1, group_size)
+    chosen = grouped.argmax(1)
+    rejected = group_size - 1 - grouped.flip(1).argmin(1)
+    return chosen, rejected, grouped.max(1).values != grouped.min(1).values
+
+
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO: each reward minus the mean of the other ``group_size - 1`` rewards of its prompt
     (consecutive rows are one prompt's samples), an unbiased baseline that needs no critic."""

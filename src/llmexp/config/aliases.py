@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 _ROLLOUT_STAGES = ("ppo", "grpo", "rloo")
+_SAMPLING_STAGES = (*_ROLLOUT_STAGES, "online_dpo")
 
 # key -> (llmexp's key, the stages it applies to; empty: every stage)
 ALIASES = {
@@ -20,9 +21,10 @@ ALIASES = {
     "stage.vf_coef": ("stage.value_loss_coef", ("ppo",)),
     "stage.num_ppo_epochs": ("stage.ppo_epochs", ("ppo",)),
     "stage.num_iterations": ("stage.epochs", ("grpo", "rloo")),
-    "stage.max_completion_length": ("stage.rollout.max_new_tokens", _ROLLOUT_STAGES),
+    "stage.max_completion_length": ("stage.rollout.max_new_tokens", _SAMPLING_STAGES),
+    "stage.max_new_tokens": ("stage.rollout.max_new_tokens", _SAMPLING_STAGES),  # TRL's OnlineDPOConfig
     "stage.response_length": ("stage.rollout.max_new_tokens", ("ppo",)),
-    "stage.temperature": ("stage.rollout.temperature", _ROLLOUT_STAGES),
+    "stage.temperature": ("stage.rollout.temperature", _SAMPLING_STAGES),
     "optim.learning_rate": ("optim.lr", ()),
     "optim.lr_scheduler_type": ("optim.scheduler", ()),
     "trainer.learning_rate": ("optim.lr", ()),

@@ -365,6 +365,31 @@ class RLOOStageConfig:
 
 
 @dataclass
+class OnlineDPOStageConfig:
+    """online_dpo: two responses sampled per prompt from the current policy, the one the reward
+    scores higher is chosen, and the DPO loss against the frozen starting policy (Guo et al. 2024,
+    TRL's OnlineDPOTrainer)."""
+
+    name: str = _stage_name("online_dpo")
+    reward: RewardConfig = section(RewardConfig)
+    rollout: RolloutConfig = section(RolloutConfig)
+    group_size: int = bounded(2, min=2, help=(
+        "Responses sampled per prompt; the highest- and the lowest-scored form its pair (2: TRL's online DPO)."))
+    loss_type: str = choice("sigmoid", DPO_LOSSES, help=(
+        "The preference loss of each sampled pair, as dpo's stage.loss_type (TRL has sigmoid and ipo)."))
+    beta: float = bounded(0.1, above=0.0, help=(
+        "DPO's temperature on the log-ratio margin (larger keeps the policy nearer the reference)."))
+    label_smoothing: float = bounded(0.0, min=0.0, max=0.49, help=(
+        "sigmoid, robust and exo_pair: the assumed fraction of flipped preference labels."))
+    discopop_tau: float = bounded(0.05, above=0.0, help="discopop: as dpo's.")
+    rpo_alpha: float = bounded(0.0, min=0.0, help=(
+        "Weight of the chosen responses' mean token NLL added to each pair's loss, as dpo's."))
+    skip_ties: bool = doc(True, help=(
+        "Leave pairs whose responses scored the same out of the loss: a tie says nothing about which is better "
+        "(false: the first response counts as chosen, as TRL does)."))
+
+
+@dataclass
 class FieldMap:
     """Which column of the source data holds each field a stage format needs."""
 

@@ -66,6 +66,8 @@ STAGES: Dict[str, StageSpec] = {s.name: s for s in (
               generates=True, post_training=True),
     StageSpec("rloo", "llmexp.stages.policy_gradient:RLOOStage", S.RLOOStageConfig, ROLLOUT_FORMATS,
               generates=True, post_training=True),
+    StageSpec("online_dpo", "llmexp.stages.online_dpo:OnlineDPOStage", S.OnlineDPOStageConfig, ROLLOUT_FORMATS,
+              generates=True, post_training=True),
 )}
 
 

@@ -213,12 +213,18 @@ class RolloutStage(StageModule):
     def needs_old_logprobs(self) -> bool:
         return True
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of the loss's log-probs: the sampling one, so that the ratio to the
+        sampling policy is exact (online dpo: 1)."""
+        return self.cfg.stage.rollout.temperature
+
     def token_outputs(self, r: Rollout, model, with_values: bool = False
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-        """Per-response-token log-probs (at the sampling temperature), values (from the value head,
+        """Per-response-token log-probs (at ``logprob_temperature``), values (from the value head,
         when asked) and entropies."""
         logits, hidden = self.response_logits(r, model, with_hidden=with_values)
-        logits = logits.float() / self.cfg.stage.rollout.temperature
+        logits = logits.float() / self.logprob_temperature
         logprobs = torch.log_softmax(logits, -1).gather(-1, r.sequences[:, r.prompt_width:].unsqueeze(-1)).squeeze(-1)
         values = self.value_head(hidden.float()).squeeze(-1) if with_values else None
         with torch.no_grad():
@@ -284,6 +290,10 @@ class RolloutStage(StageModule):
         response tokens on this rank."""
         return [float(sum(r.mask.sum() for r in group))] * len(group)
 
+    def metric_units(self, r: Rollout) -> float:
+        """What the loss and the metric sums of rollout_loss are averaged over: response tokens."""
+        return float(r.mask.sum())
+
     def per_rank_share(self, value: float) -> float:
         """``value`` summed over every rank, divided by the number of ranks (as the SFT loss is
         normalised): gradients are averaged over ranks, so a sum divided by this share is divided
@@ -322,23 +332,25 @@ class RolloutStage(StageModule):
         return {"time_split": {k: round(v, 4) for k, v in self.time_split.metrics().items()}}
 
     def optimise(self, rollouts: List[Rollout]) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """The planned updates over the rollout batch; each update normalises by its token count."""
+        """The planned updates over the rollout batch; each update's loss is normalised by
+        loss_denominators (the logged loss is their mean), the metric sums by metric_units."""
         opt = self.optimizers()
         passes, per_pass = self.update_plan()
         sums: Dict[str, torch.Tensor] = {}
-        total_loss, total_tokens = torch.zeros((), device=self.device), 0.0
+        total_loss, total_units = torch.zeros((), device=self.device), 0.0
         for p in range(passes):
             order = torch.randperm(len(rollouts)).tolist()
             for u in range(per_pass):
                 group = [rollouts[i] for i in order[u::per_pass]]
-                tokens = float(sum(r.mask.sum() for r in group))
+                units = sum(self.metric_units(r) for r in group)
                 for r, denominator in zip(group, self.loss_denominators(group)):
                     loss_sum, extras = self.rollout_loss(r)
-                    self.manual_backward(loss_sum / max(denominator, 1.0))
-                    total_loss += loss_sum.detach()
+                    loss = loss_sum / max(denominator, 1.0)
+                    self.manual_backward(loss)
+                    total_loss += loss.detach()
                     for k, v in extras.items():
                         sums[k] = sums.get(k, 0) + v.detach()
-                total_tokens += tokens
+                total_units += units
                 grad_norm = self._clip_and_measure(opt)
                 check_finite(total_loss, grad_norm, self.global_step + 1)
                 if p == passes - 1 and u == per_pass - 1:
@@ -346,10 +358,10 @@ class RolloutStage(StageModule):
                 else:
                     self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
                 opt.zero_grad(set_to_none=True)
-        stats = {k: float(v) / max(total_tokens, 1.0) for k, v in sums.items()}
+        stats = {k: float(v) / max(total_units, 1.0) for k, v in sums.items()}
         if grad_norm is not None:
             stats["grad_norm"] = float(grad_norm)
-        return total_loss / max(total_tokens, 1.0), stats
+        return total_loss / (passes * per_pass), stats
 
     # -- validation: mean reward of greedy responses to held-out prompts -------------------------
     def val_sums(self, batch):
