@@ -265,7 +265,7 @@ def test_every_key_of_every_schema_has_help():
     assert keys["trainer.max_steps"].allowed == ">= 1" and keys["data.val_fraction"].allowed == "0.0 to 0.9"
     assert "adapter_disabled: with LoRA" in keys["stage.reference"].help
     # a nested config's help is its class docstring
-    assert keys["stage.reward"].section and keys["stage.reward"].help.startswith("Where ppo/grpo rewards come from")
+    assert keys["stage.reward"].section and keys["stage.reward"].help.startswith("Where rollout-stage rewards come from")
 
 
 def test_annotated_config_is_the_composed_yaml_with_the_chosen_stages_help():

@@ -170,24 +170,22 @@ def test_rloo_loss_equals_trl(tmp_path, setup, normalize):
 
 
 def online_dpo_loss(tokenizer, policy, rows, scores, overrides):
-    """llmexp's online_dpo loss of a rollout of the rows (stage.group_size responses each, scored
-    ``scores``), with the policy moved a little from its reference; returns the rollout, the
-    reference and the loss."""
-    from llmexp.rewards import build_reward
+    """llmexp's online_dpo rollout of the rows (stage.group_size responses each, scored
+    ``scores``, each prompt's chosen and rejected kept), and its loss with the policy moved a
+    little from its reference: (the rollout, the reference, the loss)."""
     from llmexp.stages import stage_class
     from llmexp.stages.reference import Reference
 
     cfg = typed(["stage=online_dpo", *overrides])
     reference = Reference.of(policy, keep_copy=True)
     stage = stage_class("online_dpo")(cfg, policy, tokenizer)
-    stage._frozen.update(reference=reference, reward=build_reward(cfg.stage.reward))
+    stage._frozen.update(reference=reference, reward=lambda prompts, texts, columns: scores)
     batch = stage.collate([stage.encoder("prompt_only")(row) for row in rows])
     torch.manual_seed(1)
     with torch.no_grad():
         r = stage.rollout(batch)
-        end_responses_early(r, tokenizer, lengths=[3, 16, 7, 5, 12, 1, 16, 9][: len(r.sequences)])
+        end_responses_early(r, tokenizer, lengths=[3, 16, 7, 5])
         r.ref_logprobs = stage.reference_logprobs(r)
-        r.scores = scores
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
         loss_sum, extras = stage.rollout_loss(r)
@@ -223,20 +221,19 @@ def rows_of(r, index):
 def test_online_dpo_loss_equals_trl(tmp_path, setup, case):
     """Two responses per prompt, the second prompt's tied: TRL trains on the tie anyway (its
     first response chosen), as llmexp with skip_ties=false; with skip_ties=true the loss is TRL's
-    of the first pair alone. With four responses per prompt, it is TRL's loss of each prompt's
-    best (first of the highest) and worst (last of the lowest) responses."""
+    of the first pair alone. With four responses per prompt, llmexp keeps each prompt's best
+    (first of the highest) and worst (last of the lowest), and the loss is TRL's of those."""
     tokenizer, policy, rows = setup
     policy = copy.deepcopy(policy)
-    if case == "best and worst of four":
-        scores = torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 1.0])
-        r, reference, loss = online_dpo_loss(tokenizer, policy, rows, scores, ["stage.beta=0.5", "stage.group_size=4"])
-        index = torch.tensor([1, 3, 4, 7])
-        expected = trl_online_dpo_loss(tmp_path, tokenizer, policy, reference, rows_of(r, index), scores[index], 0.5)
-    else:
-        skip = case == "ties skipped"
-        scores = torch.tensor([0.0, 1.0, 1.0, 1.0])  # prompt 1: the second response wins; prompt 2: a tie
-        r, reference, loss = online_dpo_loss(tokenizer, policy, rows, scores, ["stage.beta=0.5", f"stage.skip_ties={skip}"])
-        index = torch.arange(2 if skip else 4)
-        expected = trl_online_dpo_loss(tmp_path, tokenizer, policy, reference, rows_of(r, index), scores[index], 0.5)
+    four = case == "best and worst of four"
+    scores = torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 1.0]) if four else torch.tensor([0.0, 1.0, 1.0, 1.0])
+    overrides = ["stage.beta=0.5", "stage.reward.missing_eos_penalty=null", f"stage.skip_ties={case != 'ties kept'}",
+                 f"stage.group_size={4 if four else 2}"]
+    r, reference, loss = online_dpo_loss(tokenizer, policy, rows, scores, overrides)
+    kept = torch.tensor([1, 3, 4, 7] if four else [1, 0, 2, 3])  # chosen, rejected of each prompt
+    assert r.scores.tolist() == scores[kept].tolist() and r.all_scores.tolist() == scores.tolist()
+    if case == "ties skipped":
+        r = rows_of(r, torch.arange(2))
+    expected = trl_online_dpo_loss(tmp_path, tokenizer, policy, reference, r, r.scores, 0.5)
     assert loss == pytest.approx(expected, abs=1e-5)
     assert abs(loss - math.log(2)) > 1e-3  # the policy moved from the reference: not the loss at equality

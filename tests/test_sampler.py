@@ -190,7 +190,7 @@ def test_loss_forward_sharing_each_prompt_equals_whole_sequences_with_gradients(
     attention = torch.cat([mask.repeat_interleave(G, 0), m.long()], 1)
     r = Rollout(sequences=torch.cat([ids.repeat_interleave(G, 0), responses], 1), attention_mask=attention,
                 position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=ids.shape[1], mask=m,
-                scores=torch.zeros(len(responses)))
+                scores=torch.zeros(len(responses)), samples_per_prompt=G)
     results = {}
     for share in (True, False):
         policy = copy.deepcopy(model).train()

@@ -96,6 +96,14 @@ def test_each_sign_fires_past_its_threshold_and_not_before():
     assert set(step_signs({**healthy, "train/response_length": 16.0}, {}, c, "ppo", 16)) == {"length_at_cap"}
     assert set(step_signs({**healthy, "train/entropy": 0.001}, {}, c, "ppo", 16)) == {"entropy_collapse"}
     assert set(step_signs({**healthy, "train/reward_std": 0.0}, {}, c, "ppo", 16)) == {"no_reward_signal"}
+    # Every response right: solved, not broken (the mean rose from its start to its highest yet) ...
+    solved = {**healthy, "train/reward_std": 0.0, "train/reward_mean": 1.0}
+    start, peak = {"train/reward_mean": 0.4}, {"train/reward_mean": 0.95}
+    assert "no_reward_signal" not in step_signs(solved, start, c, "ppo", 16, peak)
+    # ... but the same reward throughout, or a fall to one reward for all, is a sign.
+    assert "no_reward_signal" in step_signs(solved, {"train/reward_mean": 1.0}, c, "ppo", 16, peak)
+    fallen = {**solved, "train/reward_mean": 0.5}
+    assert "no_reward_signal" in step_signs(fallen, start, c, "ppo", 16, {"train/reward_mean": 0.95})
     start = {"train/logp_chosen": -0.3}
     assert step_signs({"train/logp_chosen": -5.0}, start, c, "dpo", None) == {}
     assert set(step_signs({"train/logp_chosen": -40.0}, start, c, "dpo", None)) == {"logp_drop"}

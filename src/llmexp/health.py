@@ -42,9 +42,9 @@ class HealthStop(UserError):
 
 
 def step_signs(m: Dict[str, float], start: Dict[str, float], cfg: HealthConfig, stage: str,
-               max_new_tokens: Optional[int]) -> Dict[str, str]:
+               max_new_tokens: Optional[int], peak: Optional[Dict[str, float]] = None) -> Dict[str, str]:
     """Sign name -> what was seen, for one logged step's metrics ``m``; ``start`` holds the
-    first logged values (DPO's chosen log-prob at the start)."""
+    first logged values (DPO's chosen log-prob at the start), ``peak`` the highest ones before."""
     signs: Dict[str, str] = {}
     length = m.get("train/response_length")
     kl = m.get("train/kl")
@@ -65,9 +65,16 @@ def step_signs(m: Dict[str, float], start: Dict[str, float], cfg: HealthConfig, 
     entropy = m.get("train/entropy")
     if entropy is not None and entropy < cfg.min_entropy:
         signs["entropy_collapse"] = f"mean entropy {entropy:.4f} nats < health.min_entropy={cfg.min_entropy}"
-    if m.get("train/reward_std") == 0.0:
+    if m.get("train/reward_std") == 0.0 and not solved(m, start, peak or {}):
         signs["no_reward_signal"] = "reward std 0 over the rollout batch"
     return signs
+
+
+def solved(m: Dict[str, float], start: Dict[str, float], peak: Dict[str, float]) -> bool:
+    """Every response scored the same because the policy got them all as right as it ever has:
+    the mean reward rose from its start to its highest yet (a broken reward stays where it began)."""
+    mean, first = m.get("train/reward_mean"), start.get("train/reward_mean")
+    return mean is not None and first is not None and mean > first and mean >= peak.get("train/reward_mean", mean)
 
 
 def task_sign(score: Optional[float], initial: Optional[float], cfg: HealthConfig) -> Dict[str, str]:
@@ -83,6 +90,7 @@ class HealthGuard(L.Callback):
     def __init__(self, cfg: HealthConfig, stage: str, max_new_tokens: Optional[int], run_dir: Any = None):
         self.cfg, self.stage, self.max_new_tokens, self.run_dir = cfg, stage, max_new_tokens, run_dir
         self.start: Dict[str, float] = {}
+        self.peak: Dict[str, float] = {}
         self.streak: Dict[str, int] = {}
         self.warnings: List[Dict[str, Any]] = []
 
@@ -92,7 +100,9 @@ class HealthGuard(L.Callback):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         for k, v in m.items():
             self.start.setdefault(k, v)
-        signs = step_signs(m, self.start, self.cfg, self.stage, self.max_new_tokens)
+        signs = step_signs(m, self.start, self.cfg, self.stage, self.max_new_tokens, self.peak)
+        for k, v in m.items():
+            self.peak[k] = max(self.peak.get(k, v), v)
         for name in list(self.streak):
             if name not in signs:
                 self.streak[name] = 0

@@ -96,7 +96,7 @@ class ModelConfig:
         + _FROM_SCRATCH))
     intermediate_size: int = bounded(256, min=1, help="Width of the MLP's hidden layer" + _FROM_SCRATCH)
     max_position_embeddings: int = bounded(512, min=16, help=(
-        "Longest sequence the model takes, in tokens (data.max_length, plus the responses of ppo/grpo, must fit)"
+        "Longest sequence the model takes, in tokens (data.max_length, plus the responses of the rollout stages, must fit)"
         + _FROM_SCRATCH))
     extra: Dict[str, Any] = doc({}, help=(
         "Architecture-specific keys passed as-is to the transformers config (rope_theta, tie_word_embeddings, ...)"
@@ -226,7 +226,7 @@ class ORPOStageConfig:
 
 @dataclass
 class RewardConfig:
-    """Where ppo/grpo rewards come from: a reward function by name, or a reward model directory."""
+    """Where rollout-stage rewards come from: a reward function by name, or a reward model directory."""
 
     function: Optional[str] = doc("arithmetic_correct", help=(
         "A registered reward function (llmexp plugins lists them); ignored when `model` is set."))
@@ -245,7 +245,7 @@ class RewardConfig:
 
 @dataclass
 class RolloutConfig:
-    """Sampling of responses from the policy (shared by ppo and grpo)."""
+    """Sampling of responses from the policy (shared by the rollout stages: ppo, grpo, rloo, online_dpo)."""
 
     max_new_tokens: int = bounded(16, min=1, help="Longest sampled response, in tokens.")
     temperature: float = bounded(1.0, min=0.01, help="Sampling temperature (the loss's log-probs are taken at it too).")
@@ -401,7 +401,7 @@ class FieldMap:
     chosen: str = doc("chosen", help="The preferred response (format preference: rm, dpo).")
     rejected: str = doc("rejected", help="The dispreferred response (format preference: rm, dpo).")
     answer: str = doc("answer", help=(
-        "The reference answer a reward function checks (ppo/grpo; e.g. arithmetic_correct)."))
+        "The reference answer a reward function checks (rollout stages; e.g. arithmetic_correct)."))
 
 
 @dataclass
@@ -461,7 +461,7 @@ class DataConfig:
         "Fraction of the rows held out for validation when no validation_split is given."))
     max_val_samples: Optional[int] = bounded(200, min=1, help="At most this many validation rows (null: all).")
     max_length: int = bounded(128, min=8, help=(
-        "Longest sequence, in tokens (with packing: of a packed row); ppo/grpo prompts keep their last max_length "
+        "Longest sequence, in tokens (with packing: of a packed row); rollout-stage prompts keep their last max_length "
         "tokens."))
     overlong: str = choice("truncate", OVERLONG, help=(
         "Samples longer than max_length: truncate (keep the start), drop, or split into chunks (format text; others "
@@ -478,12 +478,12 @@ class TrainerConfig:
     and checkpoints."""
 
     max_steps: int = bounded(600, min=1, help=(
-        "Optimizer steps to train (ppo/grpo: rollout iterations); the lr schedule runs over them."))
+        "Optimizer steps to train (rollout stages: rollout iterations); the lr schedule runs over them."))
     micro_batch_size: int = bounded(16, min=1, help=(
-        "Samples per forward/backward pass on each device (ppo/grpo: prompts, each answered stage.group_size times "
+        "Samples per forward/backward pass on each device (rollout stages: prompts, each answered stage.group_size times "
         "in grpo)."))
     grad_accum: int = bounded(1, min=1, help=(
-        "Micro-batches per optimizer step (ppo/grpo: per rollout batch); the global batch is micro_batch_size x "
+        "Micro-batches per optimizer step (rollout stages: per rollout batch); the global batch is micro_batch_size x "
         "grad_accum x data-parallel ranks."))
     val_batch_size: int = bounded(32, min=1, help=(
         "Samples per validation batch (and per batch of dpo's precomputed reference pass)."))
@@ -550,7 +550,7 @@ class StrategyConfig:
     sequence_parallel: bool = doc(False, help=(
         "tp (and fsdp x tp): also shard the norms and the residual stream along the sequence between the "
         "tensor-parallel blocks (less activation memory; batches are padded to a multiple of the tensor-parallel "
-        "size; not for ppo/grpo)."))
+        "size; not for the rollout stages)."))
     reshard_after_forward: bool = doc(True, help=(
         "fsdp: free each layer's gathered weights after forward (less memory, more communication)."))
     activation_checkpointing: bool = doc(False, help="fsdp/tp: recompute each decoder layer's activations in backward.")
@@ -600,7 +600,7 @@ class TaskConfig:
     scored by a checker (see llmexp.task_probe for what auto picks)."""
 
     check: str = doc("auto", help=(
-        "auto: the bundled skill's rule on bundled data, else the stage's reward function (ppo/grpo), else exact "
+        "auto: the bundled skill's rule on bundled data, else the stage's reward function (rollout stages), else exact "
         "match with the reference answer; reference; a registered reward function; or none."))
     max_prompts: Optional[int] = bounded(200, min=1, help="At most this many held-out prompts (null: all).")
     max_new_tokens: int = bounded(24, min=1, help="Longest greedy answer, in tokens.")
@@ -609,21 +609,21 @@ class TaskConfig:
 
 @dataclass
 class HealthConfig:
-    """Post-training's known failure signs (dpo, kto, simpo, orpo, ppo, grpo, rloo), checked on the logged metrics (see
+    """Post-training's known failure signs (dpo, kto, simpo, orpo and the rollout stages), checked on the logged metrics (see
     llmexp.health)."""
 
     action: str = choice("warn", HEALTH_ACTIONS, help=(
         "What a sign does: warn (printed, logged, in summary.json), stop (the run ends with exit code 4) or off."))
     max_kl: float = bounded(10.0, min=0.0, help=(
-        "ppo/grpo: most KL of the policy to its reference, summed over a response (nats)."))
+        "rollout stages: most KL of the policy to its reference, summed over a response (nats)."))
     max_logp_drop: float = bounded(20.0, min=0.0, help=(
         "dpo, simpo, orpo: how far the chosen responses' log-prob may fall below its value at the start (nats)."))
-    min_response_tokens: float = bounded(2.0, min=0.0, help="ppo/grpo: least mean response length, in tokens.")
+    min_response_tokens: float = bounded(2.0, min=0.0, help="rollout stages: least mean response length, in tokens.")
     max_length_fraction: float = bounded(0.98, min=0.0, max=1.0, help=(
-        "ppo/grpo: mean response length, as a fraction of stage.rollout.max_new_tokens, that counts as running to "
+        "rollout stages: mean response length, as a fraction of stage.rollout.max_new_tokens, that counts as running to "
         "the cap."))
     min_entropy: float = bounded(0.005, min=0.0, help=(
-        "ppo/grpo: least mean per-token entropy of the sampled responses (nats)."))
+        "rollout stages: least mean per-token entropy of the sampled responses (nats)."))
     max_task_drop: float = bounded(0.2, min=0.0, help="How far val/task_score may fall below its value at the start.")
     patience: int = bounded(3, min=1, help=(
         "Logged steps in a row a sign must show before it counts (one noisy batch is not a collapse)."))

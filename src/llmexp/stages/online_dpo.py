@@ -12,11 +12,6 @@ from llmexp.losses import dpo_loss
 from llmexp.stages.rollout import Rollout, RolloutStage
 
 
-def _pick(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """From ``x`` of shape ``[prompts, group]``, each prompt's entry at ``offset``."""
-    return x.gather(1, offset.unsqueeze(1)).squeeze(1)
-
-
 class OnlineDPOStage(RolloutStage):
     """Online DPO (Guo et al. 2024, TRL's OnlineDPOTrainer): ``group_size`` responses sampled per
     prompt, the highest-scored chosen and the lowest rejected, and dpo's loss of the pair against
@@ -39,46 +34,49 @@ class OnlineDPOStage(RolloutStage):
         # which responses are drawn (TRL takes the log-probs at 1 too).
         return 1.0
 
-    def pairs(self, r: Rollout) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per prompt: the chosen and rejected offsets in its group, and 1 if the loss counts
-        the pair (stage.skip_ties leaves ties out), else 0."""
-        chosen, rejected, decided = M.preference_pairs(r.scores, self.samples_per_prompt)
-        counted = decided.float() if self.cfg.stage.skip_ties else torch.ones_like(decided, dtype=torch.float)
-        return chosen, rejected, counted
+    def keep_rows(self, r: Rollout) -> Rollout:
+        """Each prompt's chosen then rejected response: the reference and the loss run over these
+        alone, whatever the group size."""
+        k = r.samples_per_prompt
+        chosen, rejected, _ = M.preference_pairs(r.scores, k)
+        first = torch.arange(0, len(r.scores), k, device=r.scores.device)
+        return r.rows(torch.stack([first + chosen, first + rejected], 1).flatten(), samples_per_prompt=2)
+
+    @staticmethod
+    def split(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A per-row tensor of kept rows as (chosen, rejected), one entry per prompt each."""
+        return x[0::2], x[1::2]
+
+    def counted_pairs(self, r: Rollout) -> torch.Tensor:
+        """Per pair, 1 if the loss counts it (stage.skip_ties leaves ties out), else 0."""
+        chosen, rejected = self.split(r.scores)
+        return (chosen != rejected).float() if self.cfg.stage.skip_ties else torch.ones_like(chosen)
 
     def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
-        decided, margins = [], []
-        for r in rollouts:
-            chosen, rejected, d = M.preference_pairs(r.scores, self.samples_per_prompt)
-            grouped = r.scores.view(-1, self.samples_per_prompt)
-            decided.append(d.float())
-            margins.append(_pick(grouped, chosen) - _pick(grouped, rejected))
-        return {"ties": float(1 - torch.cat(decided).mean()), "score_margin": float(torch.cat(margins).mean())}
+        margins = torch.cat([torch.sub(*self.split(r.scores)) for r in rollouts])
+        return {"ties": float((margins == 0).float().mean()), "score_margin": float(margins.mean())}
 
     def loss_denominators(self, group: List[Rollout]) -> List[float]:
         """The pairs the update counts, over every rank (so ddp equals one process)."""
-        return [self.per_rank_share(float(sum(self.pairs(r)[2].sum() for r in group)))] * len(group)
+        return [self.per_rank_share(float(sum(self.counted_pairs(r).sum() for r in group)))] * len(group)
 
     def metric_units(self, r: Rollout) -> float:
-        return float(r.scores.numel() // self.samples_per_prompt)  # metrics are means over prompts
+        return float(len(r.scores) // 2)  # metrics are means over pairs
 
     def rollout_loss(self, r: Rollout):
-        s, k = self.cfg.stage, self.samples_per_prompt
+        s = self.cfg.stage
         logprobs, _, entropy = self.token_outputs(r, self.model)
         m = r.mask
-        policy, ref = (logprobs * m).sum(1).view(-1, k), (r.ref_logprobs * m).sum(1).view(-1, k)
-        tokens = m.sum(1).view(-1, k)
-        chosen, rejected, counted = self.pairs(r)
-        losses = dpo_loss(_pick(policy, chosen), _pick(policy, rejected), _pick(ref, chosen), _pick(ref, rejected),
-                          beta=s.beta, loss_type=s.loss_type, label_smoothing=s.label_smoothing,
-                          chosen_tokens=_pick(tokens, chosen), rejected_tokens=_pick(tokens, rejected),
-                          discopop_tau=s.discopop_tau)
+        policy, ref, tokens = (logprobs * m).sum(1), (r.ref_logprobs * m).sum(1), m.sum(1)
+        (pc, pr), (rc, rr), (tc, tr) = self.split(policy), self.split(ref), self.split(tokens)
+        losses = dpo_loss(pc, pr, rc, rr, beta=s.beta, loss_type=s.loss_type, label_smoothing=s.label_smoothing,
+                          chosen_tokens=tc, rejected_tokens=tr, discopop_tau=s.discopop_tau)
         if s.rpo_alpha:
-            losses = losses - s.rpo_alpha * _pick(policy, chosen) / _pick(tokens, chosen).clamp(min=1)
+            losses = losses - s.rpo_alpha * pc / tc.clamp(min=1)
         with torch.no_grad():
-            ratio = policy - ref
-            margin = s.beta * (_pick(ratio, chosen) - _pick(ratio, rejected))
+            margin = s.beta * ((pc - rc) - (pr - rr))
+            entropy = (entropy * m).sum(1) / tokens.clamp(min=1)
             extras = {"margin": margin.sum(), "accuracy": (margin > 0).float().sum(),
-                      "kl": ratio.mean(1).sum(),  # per response, averaged within each group
-                      "entropy": ((entropy * m).sum(1).view(-1, k) / tokens.clamp(min=1)).mean(1).sum()}
-        return (losses * counted).sum(), extras
+                      "kl": ((policy - ref) / 2).sum(),  # per response
+                      "entropy": (entropy / 2).sum()}  # per token of each response, averaged over responses
+        return (losses * self.counted_pairs(r)).sum(), extras

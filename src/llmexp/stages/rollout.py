@@ -48,11 +48,26 @@ class Rollout:
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
     loss_mask: Optional[torch.Tensor] = None  # the tokens the loss counts, where it differs from mask
+    samples_per_prompt: int = 1  # consecutive rows that answer one prompt
+    sampled_scores: Optional[torch.Tensor] = None  # every sampled response's, where only some rows are kept
 
     @property
     def counted(self) -> torch.Tensor:
         """The response tokens the loss counts: ``mask`` less any responses a stage left out."""
         return self.mask if self.loss_mask is None else self.loss_mask
+
+    def rows(self, index: torch.Tensor, samples_per_prompt: int) -> "Rollout":
+        """These rows alone (``samples_per_prompt`` consecutive ones per prompt), every score
+        sampled kept in ``sampled_scores``."""
+        per_row = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()
+                   if k != "sampled_scores"}
+        return Rollout(**{**per_row, "samples_per_prompt": samples_per_prompt,
+                          "sampled_scores": self.scores if self.sampled_scores is None else self.sampled_scores})
+
+    @property
+    def all_scores(self) -> torch.Tensor:
+        """The score of every response sampled (kept or not)."""
+        return self.scores if self.sampled_scores is None else self.sampled_scores
 
 
 @dataclass
@@ -195,7 +210,7 @@ class RolloutStage(StageModule):
         clock.generated_tokens += int(mask.sum())
         r = Rollout(sequences=torch.cat([prompt_ids, responses], 1), attention_mask=attention,
                     position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=prompt_ids.shape[1],
-                    mask=mask, scores=self.score(prompts, responses, mask, columns))
+                    mask=mask, scores=self.score(prompts, responses, mask, columns), samples_per_prompt=k)
         clock.lap("scoring")
         with torch.no_grad():
             if old and sampled.logprobs is not None:  # the rollout's own: no second forward pass
@@ -205,9 +220,15 @@ class RolloutStage(StageModule):
             elif old:
                 r.logprobs, r.values, r.entropy = self.token_outputs(r, self.model, with_values=self.needs_values)
                 clock.lap("old_logprobs")
+            r = self.keep_rows(r)
             if self.uses_reference(self.cfg):
                 r.ref_logprobs = self.reference_logprobs(r)
                 clock.lap("reference")
+        return r
+
+    def keep_rows(self, r: Rollout) -> Rollout:
+        """The rows the loss uses (online dpo: each prompt's chosen and rejected), before the
+        reference and the loss run over them; every row by default."""
         return r
 
     def needs_old_logprobs(self) -> bool:
@@ -235,10 +256,10 @@ class RolloutStage(StageModule):
                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The logits (and last hidden states) that predict each response token, ``[N, T, ...]``.
 
-        A prompt answered ``samples_per_prompt`` times is run once: its keys and values (with
+        A prompt answered ``r.samples_per_prompt`` times is run once: its keys and values (with
         their gradient) are repeated to its samples, whose response tokens attend to them; equal
         to running every prompt + response whole (tested), for a fraction of the prompt's cost."""
-        P, k = r.prompt_width, self.samples_per_prompt
+        P, k = r.prompt_width, r.samples_per_prompt
         if k == 1 or not self.shares_prefix(model):
             out = model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids,
                         use_cache=False, output_hidden_states=with_hidden, logits_to_keep=r.sequences.shape[1] - P + 1)
@@ -314,7 +335,7 @@ class RolloutStage(StageModule):
         if self.seconds_to_first_step is None:
             self.seconds_to_first_step = seconds_since_process_start()
         if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
-            scores = torch.cat([r.scores for r in rollouts])
+            scores = torch.cat([r.all_scores for r in rollouts])
             lengths = torch.cat([r.mask.sum(1) for r in rollouts])
             metrics = {"loss": loss, "reward_mean": scores.mean(), "reward_std": scores.std(unbiased=False),
                        "response_length": lengths.mean(), "lr": self.lr_schedulers().get_last_lr()[0],
