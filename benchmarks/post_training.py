@@ -19,9 +19,11 @@ from typing import Any, Dict, List
 from common import REPO, save
 
 STAGE_METRICS = {"sft": ["val/loss"], "rm": ["val/accuracy"], "dpo": ["val/accuracy", "val/logp_chosen"],
-                 "ppo": ["val/reward"], "grpo": ["val/reward"], "rloo": ["val/reward"]}
+                 "ppo": ["val/reward"], "grpo": ["val/reward"], "rloo": ["val/reward"],
+                 "online_dpo": ["val/reward"], "kto": ["val/accuracy"]}
 SETTINGS = ["optim.lr", "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum", "stage.beta",
-            "stage.rpo_alpha", "stage.kl_coef", "stage.group_size", "stage.epochs", "stage.rollout.temperature"]
+            "stage.rpo_alpha", "stage.kl_coef", "stage.group_size", "stage.epochs", "stage.rollout.temperature",
+            "stage.desirable_weight"]
 
 
 def run(args: List[str], run_dir: Path) -> Dict[str, Any]:
@@ -63,7 +65,7 @@ def main() -> None:
     short = run(["trainer.max_steps=150"], root / "sft150")
     rows.append(row("sft (150 steps)", "scratch", short, root / "sft150"))
     for start, sft_dir in (("default sft", root / "sft"), ("sft 150 steps", root / "sft150")):
-        for stage in ("rm", "dpo", "ppo", "grpo", "rloo"):
+        for stage in ("rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo"):
             if stage == "rm" and start != "default sft":
                 continue
             run_dir = root / f"{stage}-{sft_dir.name}"

@@ -228,7 +228,7 @@ def test_online_dpo_loss_equals_trl(tmp_path, setup, case):
     four = case == "best and worst of four"
     scores = torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 1.0]) if four else torch.tensor([0.0, 1.0, 1.0, 1.0])
     overrides = ["stage.beta=0.5", "stage.reward.missing_eos_penalty=null", f"stage.skip_ties={case != 'ties kept'}",
-                 f"stage.group_size={4 if four else 2}"]
+                 f"stage.group_size={4 if four else 2}", "stage.rpo_alpha=0"]
     r, reference, loss = online_dpo_loss(tokenizer, policy, rows, scores, overrides)
     kept = torch.tensor([1, 3, 4, 7] if four else [1, 0, 2, 3])  # chosen, rejected of each prompt
     assert r.scores.tolist() == scores[kept].tolist() and r.all_scores.tolist() == scores.tolist()
@@ -237,3 +237,21 @@ def test_online_dpo_loss_equals_trl(tmp_path, setup, case):
     expected = trl_online_dpo_loss(tmp_path, tokenizer, policy, reference, r, r.scores, 0.5)
     assert loss == pytest.approx(expected, abs=1e-5)
     assert abs(loss - math.log(2)) > 1e-3  # the policy moved from the reference: not the loss at equality
+
+
+def test_online_dpo_rpo_alpha_adds_the_chosen_responses_mean_token_nll(setup):
+    """stage.rpo_alpha (TRL's online DPO has none): each counted pair's loss gains alpha times its
+    chosen response's mean token NLL, computed here from a plain forward pass of the policy."""
+    tokenizer, policy, rows = setup
+    scores = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    base = ["stage.beta=0.5", "stage.reward.missing_eos_penalty=null", "stage.group_size=2"]
+    r, _, plain = online_dpo_loss(tokenizer, copy.deepcopy(policy), rows, scores, [*base, "stage.rpo_alpha=0"])
+    moved = copy.deepcopy(policy)
+    r, _, with_nll = online_dpo_loss(tokenizer, moved, rows, scores, [*base, "stage.rpo_alpha=0.5"])
+    P = r.prompt_width
+    with torch.no_grad():
+        logits = moved(input_ids=r.sequences, attention_mask=r.attention_mask).logits[:, P - 1 : -1]
+        token_logps = torch.log_softmax(logits, -1).gather(-1, r.sequences[:, P:].unsqueeze(-1)).squeeze(-1)
+    nll = -(token_logps * r.mask).sum(1) / r.mask.sum(1)
+    assert with_nll - plain == pytest.approx(0.5 * float(nll[0::2].mean()), abs=1e-5)  # rows 0, 2: the chosen
+    assert float(nll[0::2].mean()) > 0.1
