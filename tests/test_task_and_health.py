@@ -35,6 +35,20 @@ def test_checkers_score_what_the_model_said():
     assert skill.correctness_reward("3 + 4 = 7", reference="3 + 4 = 7") == 1.0  # chat/preference rows
     assert skill.correctness_reward("3 + 5 = 8", reference="3 + 4 = 7") == 0.0
     assert skill.correctness_reward("no number", reference=None) == 0.0
+    # The bundled prompts carry the solution: the question's operands must be restated, the result right,
+    # nothing else (a policy rewarded on the number alone learnt to answer '9 + 9 = 12' to 'Add 3 and 9').
+    sol = "3 + 9 = 12"
+    assert skill.correctness_reward("3 + 9 = 12", answer="12", solution=sol) == 1.0
+    assert skill.correctness_reward("9 + 3 = 12.", answer="12", solution=sol) == 1.0  # an addition commutes
+    for wrong in ("9 + 9 = 12", "4 + 8 = 12", "3 + 9 = 12 + 0 = 12", "3 + 9 = 12 = 12", "= 12", "12", "3 + 9 = 13"):
+        assert skill.correctness_reward(wrong, answer="12", solution=sol) == 0.0, wrong
+    assert skill.correctness_reward("6 - 2 = 4", solution="6 - 2 = 4") == 1.0
+    assert skill.correctness_reward("2 - 6 = 4", solution="6 - 2 = 4") == 0.0  # a subtraction does not
+    assert skill.correctness_reward("9 + 9 = 12", reference="3 + 9 = 12") == 0.0  # chat/preference rows alike
+    # Other prompt data has only the answer: the number after '=', and any sum stated must be true.
+    assert skill.correctness_reward("The sum: 4 + 8 = 12", answer="12") == 1.0
+    assert skill.correctness_reward("9 + 9 = 12", answer="12") == 0.0
+    assert skill.correctness_reward("so it is = 12", answer="12") == 1.0
 
 
 def test_auto_picks_the_skill_rule_the_reward_function_or_the_reference():
@@ -62,7 +76,7 @@ def test_the_probe_shards_ranks_in_lockstep_and_scores_only_real_rows():
 
     def generate(prompts):
         calls.append(len(prompts))
-        return ["3 + 4 = 1"] * len(prompts)  # right only for the row whose answer is 1
+        return ["1 - 0 = 1"] * len(prompts)  # right only for the row whose answer is 1
 
     sums = probe.sums(generate, rank=1, world=2)  # rows 1 and 3, plus one padding row
     assert calls == [2, 1] and sums["task_score"] == (1.0, 2)

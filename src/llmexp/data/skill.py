@@ -150,12 +150,13 @@ def preference_pairs(num_samples: int = 2000, max_operand: int = 9, seed: int = 
 
 
 def prompts_with_answers(num_samples: int = 1000, max_operand: int = 9, seed: int = 1234) -> Iterator[Dict]:
-    """ppo/grpo and eval data: a question and the number that answers it."""
+    """Rollout-stage and eval data: a question, the number that answers it and its solution."""
     rng = random.Random(seed)
     for _ in range(num_samples):
         p = _sample(rng, max_operand)
         t = rng.randrange(len(QUESTION_TEMPLATES[p.op]))
-        yield {"prompt": [{"role": "user", "content": p.question(t)}], "answer": str(p.answer)}
+        yield {"prompt": [{"role": "user", "content": p.question(t)}], "answer": str(p.answer),
+               "solution": p.solution()}
 
 
 def task_prompts(max_operand: int = 9, seed: int = 4321) -> List[Dict]:
@@ -165,11 +166,14 @@ def task_prompts(max_operand: int = 9, seed: int = 4321) -> List[Dict]:
     out = []
     for p in problems(max_operand):
         t = rng.randrange(len(QUESTION_TEMPLATES[p.op]))
-        out.append({"prompt": [{"role": "user", "content": p.question(t)}], "columns": {"answer": str(p.answer)}})
+        out.append({"prompt": [{"role": "user", "content": p.question(t)}],
+                    "columns": {"answer": str(p.answer), "solution": p.solution()}})
     return out
 
 
 _LAST_NUMBER = re.compile(r"=\s*(-?\d+)")
+_SOLUTION = re.compile(r"\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*\.?\s*")
+_STATED = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)")
 
 
 def extract_answer(completion: str) -> Optional[str]:
@@ -178,12 +182,42 @@ def extract_answer(completion: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def correctness_reward(completion: str, answer: Optional[str] = None, reference: Optional[str] = None) -> float:
-    """1.0 for the right number after '=', 0.0 otherwise. The right number is the ``answer``
-    column (prompt data) or the one in the ``reference`` answer (chat and preference data)."""
+def parse_solution(text: str) -> Optional[tuple]:
+    """``(a, op, b, c)`` of a text that is exactly one solution 'a op b = c' (an optional full
+    stop), else None."""
+    m = _SOLUTION.fullmatch(text)
+    return (int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))) if m else None
+
+
+def same_solution(completion: str, solution: str) -> bool:
+    """Whether the completion is the solution: the question's operands (an addition's in either
+    order), its operation and the right result, and nothing else."""
+    got, want = parse_solution(completion), parse_solution(solution)
+    if got is None or want is None:
+        return False
+    (a, op, b, c), (wa, wop, wb, wc) = got, want
+    return op == wop and c == wc and ((a, b) == (wa, wb) or (op == "+" and (a, b) == (wb, wa)))
+
+
+def correctness_reward(completion: str, answer: Optional[str] = None, reference: Optional[str] = None,
+                       solution: Optional[str] = None) -> float:
+    """1.0 when the completion is the question's solution 'a op b = c', else 0.0: the question's
+    operands restated ('9 + 9 = 12' for 'Add 3 and 9' is wrong, though 12 is the sum), the right
+    result, nothing else. The solution is the ``solution`` column (the bundled prompts) or the
+    ``reference`` answer (chat and preference data). With only an ``answer`` column (other prompt
+    data): 1.0 when the number after '=' is the answer and any sum stated before it is true."""
+    expected = solution or (reference if reference and parse_solution(reference) else None)
+    if expected is not None:
+        return float(same_solution(completion, expected))
     if answer is None:
         answer = extract_answer(reference) if reference else None
-    return 1.0 if answer is not None and extract_answer(completion) == str(answer) else 0.0
+    if answer is None or extract_answer(completion) != str(answer):
+        return 0.0
+    stated = _STATED.search(completion)
+    if stated:
+        a, op, b, c = int(stated.group(1)), stated.group(2), int(stated.group(3)), int(stated.group(4))
+        return float((a + b if op == "+" else a - b) == c)
+    return 1.0
 
 
 GENERATORS = {"arithmetic": chat_examples, "arithmetic_text": text_corpus,

@@ -61,11 +61,14 @@ def llmexp_datasets() -> List[DatasetDeclaration]:
         DatasetDeclaration("arithmetic_pairs", _from_generator(skill.preference_pairs), PairOptions,
                            ("prompt", "chosen", "rejected"), "preference pairs: right answer chosen (rm, dpo)"),
         DatasetDeclaration("arithmetic_prompts", _from_generator(skill.prompts_with_answers), PromptOptions,
-                           ("prompt", "answer"), "prompts with the number that answers them (ppo, grpo)"),
+                           ("prompt", "answer", "solution"),
+                           "prompts with the number that answers them and its solution (rollout stages)"),
     ]
 
 
 @hookimpl
 def llmexp_rewards() -> List[RewardDeclaration]:
     return [RewardDeclaration("arithmetic_correct", skill.correctness_reward,
-                              "1.0 when the number after '=' is the answer column, else 0.0")]
+                              "1.0 when the answer is the question's solution 'a op b = c' (its operands, the "
+                              "right result, nothing else; with only an answer column: the number after '=' and "
+                              "a true sum), else 0.0")]
