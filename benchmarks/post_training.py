@@ -1,9 +1,9 @@
 """Post-training as shipped: each stage's README command, no overrides, from the default SFT run
-and from a short SFT (150 steps, answers left to fix). Prints and saves one table: stage, the
+and from a short SFT (200 steps, answers left to fix). Prints and saves one table: stage, the
 stage's default settings, wall time, the task metric (greedy exact match on the skill's 155
 questions) before -> after, the stage's own metrics and the health guard's warnings.
 
-    python benchmarks/post_training.py            # about 10 minutes on a 2-core CPU
+    python benchmarks/post_training.py            # about 25 minutes on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from common import REPO, save
 
 STAGE_METRICS = {"sft": ["val/loss"], "rm": ["val/accuracy"], "dpo": ["val/accuracy", "val/logp_chosen"],
                  "ppo": ["val/reward"], "grpo": ["val/reward"], "rloo": ["val/reward"],
-                 "online_dpo": ["val/reward"], "kto": ["val/accuracy"]}
+                 "online_dpo": ["val/reward"], "kto": ["val/accuracy"], "simpo": ["val/accuracy"],
+                 "orpo": ["val/accuracy"]}
 SETTINGS = ["optim.lr", "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum", "stage.beta",
             "stage.rpo_alpha", "stage.kl_coef", "stage.group_size", "stage.epochs", "stage.rollout.temperature",
             "stage.desirable_weight"]
@@ -62,11 +63,11 @@ def main() -> None:
     rows = []
     sft = run([], root / "sft")  # python -m llmexp
     rows.append(row("sft", "scratch", sft, root / "sft"))
-    short = run(["trainer.max_steps=150"], root / "sft150")
-    rows.append(row("sft (150 steps)", "scratch", short, root / "sft150"))
-    for start, sft_dir in (("default sft", root / "sft"), ("sft 150 steps", root / "sft150")):
-        for stage in ("rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo"):
-            if stage == "rm" and start != "default sft":
+    short = run(["trainer.max_steps=200"], root / "sft200")
+    rows.append(row("sft (200 steps)", "scratch", short, root / "sft200"))
+    for start, sft_dir in (("default sft", root / "sft"), ("sft 200 steps", root / "sft200")):
+        for stage in ("rm", "dpo", "kto", "simpo", "orpo", "ppo", "grpo", "rloo", "online_dpo"):
+            if stage == "rm" and start != "default sft" or stage in ("simpo", "orpo") and start == "default sft":
                 continue
             run_dir = root / f"{stage}-{sft_dir.name}"
             summary = run([f"stage={stage}", f"model.pretrained={sft_dir}/model"], run_dir)

@@ -103,8 +103,8 @@ def default_sft(shared_tmp) -> Path:
 
 @pytest.fixture(scope="session")
 def short_sft(shared_tmp) -> Path:
-    """The 150-step SFT the shipped dpo and grpo pipelines start with."""
-    return once(shared_tmp, "short-sft", lambda d: _llmexp(d, "logger=csv", "stage=sft", "trainer.max_steps=150"))
+    """The 200-step SFT the shipped post-training pipelines start with."""
+    return once(shared_tmp, "short-sft-200", lambda d: _llmexp(d, "logger=csv", "stage=sft", "trainer.max_steps=200"))
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +115,7 @@ def rlhf_pipeline(shared_tmp, default_sft) -> Path:
 
 @pytest.fixture(scope="session")
 def shipped_pipeline(shared_tmp, short_sft) -> Callable[[str], Tuple[Path, str]]:
-    """``shipped_pipeline(name)``: `llmexp pipeline <name>` from the 150-step SFT (dpo, kto, grpo,
+    """``shipped_pipeline(name)``: `llmexp pipeline <name>` from the 200-step SFT (dpo, kto, grpo,
     rloo, online_dpo), built once per session: (its directory, what it printed)."""
 
     def build(name: str) -> Tuple[Path, str]:
