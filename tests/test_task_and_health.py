@@ -109,6 +109,8 @@ def test_each_sign_fires_past_its_threshold_and_not_before():
     assert set(step_signs({**healthy, "train/response_length": 1.5}, {}, c, "ppo", 16)) == {"length_collapse"}
     assert set(step_signs({**healthy, "train/response_length": 16.0}, {}, c, "ppo", 16)) == {"length_at_cap"}
     assert set(step_signs({**healthy, "train/entropy": 0.001}, {}, c, "ppo", 16)) == {"entropy_collapse"}
+    # ... unless the held-out answers got better: converging on the right answers, not collapsing
+    assert step_signs({**healthy, "train/entropy": 0.001}, {}, c, "ppo", 16, task_improved=True) == {}
     assert set(step_signs({**healthy, "train/reward_std": 0.0}, {}, c, "ppo", 16)) == {"no_reward_signal"}
     # Every response right: solved, not broken (the mean rose from its start to its highest yet) ...
     solved = {**healthy, "train/reward_std": 0.0, "train/reward_mean": 1.0}

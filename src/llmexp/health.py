@@ -42,9 +42,11 @@ class HealthStop(UserError):
 
 
 def step_signs(m: Dict[str, float], start: Dict[str, float], cfg: HealthConfig, stage: str,
-               max_new_tokens: Optional[int], peak: Optional[Dict[str, float]] = None) -> Dict[str, str]:
+               max_new_tokens: Optional[int], peak: Optional[Dict[str, float]] = None,
+               task_improved: bool = False) -> Dict[str, str]:
     """Sign name -> what was seen, for one logged step's metrics ``m``; ``start`` holds the
-    first logged values (DPO's chosen log-prob at the start), ``peak`` the highest ones before."""
+    first logged values (DPO's chosen log-prob at the start), ``peak`` the highest ones before;
+    ``task_improved``: the task metric rose above its start at the last validation pass."""
     signs: Dict[str, str] = {}
     length = m.get("train/response_length")
     kl = m.get("train/kl")
@@ -63,7 +65,9 @@ def step_signs(m: Dict[str, float], start: Dict[str, float], cfg: HealthConfig, 
             signs["length_at_cap"] = (f"mean response length {length:.1f} of at most {max_new_tokens} tokens "
                                       f"(>= health.max_length_fraction={cfg.max_length_fraction})")
     entropy = m.get("train/entropy")
-    if entropy is not None and entropy < cfg.min_entropy:
+    # A policy that samples one answer while its held-out answers got better is converging on the
+    # right ones (a deterministic task's optimum), not collapsing.
+    if entropy is not None and entropy < cfg.min_entropy and not task_improved:
         signs["entropy_collapse"] = f"mean entropy {entropy:.4f} nats < health.min_entropy={cfg.min_entropy}"
     if m.get("train/reward_std") == 0.0 and not solved(m, start, peak or {}):
         signs["no_reward_signal"] = "reward std 0 over the rollout batch"
@@ -91,6 +95,7 @@ class HealthGuard(L.Callback):
         self.cfg, self.stage, self.max_new_tokens, self.run_dir = cfg, stage, max_new_tokens, run_dir
         self.start: Dict[str, float] = {}
         self.peak: Dict[str, float] = {}
+        self.task_improved = False
         self.streak: Dict[str, int] = {}
         self.warnings: List[Dict[str, Any]] = []
 
@@ -100,7 +105,7 @@ class HealthGuard(L.Callback):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         for k, v in m.items():
             self.start.setdefault(k, v)
-        signs = step_signs(m, self.start, self.cfg, self.stage, self.max_new_tokens, self.peak)
+        signs = step_signs(m, self.start, self.cfg, self.stage, self.max_new_tokens, self.peak, self.task_improved)
         for k, v in m.items():
             self.peak[k] = max(self.peak.get(k, v), v)
         for name in list(self.streak):
@@ -117,7 +122,9 @@ class HealthGuard(L.Callback):
         if trainer.state.fn != "fit" and not pl_module.initial_metrics:
             return  # the pass before training: nothing to compare with yet
         score = pl_module.last_val_metrics.get("val/task_score")
-        for name, seen in task_sign(score, pl_module.initial_metrics.get("val/task_score"), self.cfg).items():
+        initial = pl_module.initial_metrics.get("val/task_score")
+        self.task_improved = score is not None and initial is not None and score > initial
+        for name, seen in task_sign(score, initial, self.cfg).items():
             if not any(w["sign"] == name and w["step"] == trainer.global_step for w in self.warnings):
                 self._raise(trainer, pl_module, name, seen)
 
