@@ -232,3 +232,20 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token unbiased, non-negative KL estimate ``exp(d) - d - 1`` with ``d = logp_ref - logp``."""
     d = ref_logprobs - logprobs
     return torch.exp(d) - d - 1
+
+
+def distillation_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+                            temperature: float = 1.0) -> torch.Tensor:
+    """Per-position generalised Jensen-Shannon divergence between the teacher's and the student's
+    next-token distributions (GKD, Agarwal et al. 2024, eq. 1; TRL's generalized_jsd_loss), both
+    softened by ``temperature``. ``beta`` 0 is the forward KL(teacher || student) of classic
+    distillation (mass-covering), 1 the reverse KL(student || teacher) (mode-seeking), between
+    them the KLs of each to the mixture ``beta * teacher + (1 - beta) * student``."""
+    s = torch.log_softmax(student_logits.float() / temperature, -1)
+    t = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    mix = torch.logsumexp(torch.stack([s + math.log1p(-beta), t + math.log(beta)]), 0)
+    return beta * (t.exp() * (t - mix)).sum(-1) + (1 - beta) * (s.exp() * (s - mix)).sum(-1)

@@ -179,6 +179,8 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
     if getattr(st, "reference", None) == "adapter_disabled" and run.peft.name == "none":
         p.append(Problem("stage.reference", "adapter_disabled uses the base model under a LoRA adapter, "
                          "and peft=none has none", "peft=lora, or stage.reference=copy or precomputed"))
+    if st.name == "distill":
+        p.extend(_check_teacher(run))
     if not spec.generates:
         return p
     if t.grad_accum % getattr(st, "num_minibatches", 1):
@@ -415,6 +417,29 @@ def _check_stage_data(run: S.RunConfig) -> List[Problem]:
         fmt = detect_format(columns, fields)
     problem = format_problem(run.stage.name, fmt, columns, fields, f"data {d.path or d.name!r}")
     return [Problem("stage", problem, None)] if problem else []
+
+
+def _check_teacher(run: S.RunConfig) -> List[Problem]:
+    """distill's teacher: given, a causal LM (not a reward model) where it says, and sampled with
+    an engine distill runs."""
+    st = run.stage
+    if not st.teacher:
+        return [Problem("stage.teacher", "distillation needs a teacher and none is given",
+                        "stage.teacher=<run dir> (e.g. an sft run) or a model directory")]
+    p = _check_model_source("stage.teacher", st.teacher, run.offline)
+    local = Path(os.path.expanduser(st.teacher))
+    if not p and local.is_dir():
+        config = next((c for c in (local / "model" / "config.json", local / "config.json") if c.is_file()), None)
+        if config is None:
+            p.append(Problem("stage.teacher", f"{st.teacher!r} is neither a run directory with model/ nor a model "
+                             "directory (no config.json)", "give a finished run's directory or its model/"))
+        elif any(a.endswith("ForSequenceClassification") for a in _architectures(config)):
+            p.append(Problem("stage.teacher", f"{st.teacher!r} is a reward model, not a language model",
+                             "give the run directory of a language-model stage (sft, dpo, grpo, ...)"))
+    if st.lmbda > 0 and st.rollout.engine == "vllm":
+        p.append(Problem("stage.rollout.engine", "distill samples the student's completions with engine hf or "
+                         "generate", "stage.rollout.engine=hf"))
+    return p
 
 
 def _check_model_source(key: str, source: str, offline: bool) -> List[Problem]:

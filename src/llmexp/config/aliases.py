@@ -21,8 +21,8 @@ ALIASES = {
     "stage.vf_coef": ("stage.value_loss_coef", ("ppo",)),
     "stage.num_ppo_epochs": ("stage.ppo_epochs", ("ppo",)),
     "stage.num_iterations": ("stage.epochs", ("grpo", "rloo")),
-    "stage.max_completion_length": ("stage.rollout.max_new_tokens", _SAMPLING_STAGES),
-    "stage.max_new_tokens": ("stage.rollout.max_new_tokens", _SAMPLING_STAGES),  # TRL's OnlineDPOConfig
+    "stage.max_completion_length": ("stage.rollout.max_new_tokens", (*_SAMPLING_STAGES, "distill")),
+    "stage.max_new_tokens": ("stage.rollout.max_new_tokens", (*_SAMPLING_STAGES, "distill")),  # TRL's Online DPO, GKD
     "stage.response_length": ("stage.rollout.max_new_tokens", ("ppo",)),
     "stage.temperature": ("stage.rollout.temperature", _SAMPLING_STAGES),
     "optim.learning_rate": ("optim.lr", ()),

@@ -389,6 +389,40 @@ class OnlineDPOStageConfig:
         "(false: the first response counts as chosen, as TRL does)."))
 
 
+# The divergence a distilled student minimises to its teacher (llmexp.losses.distillation_divergence).
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class DistillStageConfig:
+    """distill: a student (any model= option) learns a frozen teacher's next-token distributions
+    on the completion tokens: on the data's completions, and on a share of completions the student
+    samples itself, which the teacher scores (on-policy distillation: GKD, Agarwal et al. 2024;
+    TRL's GKDTrainer)."""
+
+    name: str = _stage_name("distill")
+    teacher: Optional[str] = doc(None, help=(
+        "The teacher: a run directory (its model/ is used), a model directory or a hub id; a causal LM with the "
+        "student's tokenizer."))
+    loss_type: str = choice("forward_kl", DISTILL_LOSSES, help=(
+        "forward_kl: KL(teacher || student), classic distillation (the student covers all the teacher's likely "
+        "tokens); reverse_kl: KL(student || teacher), mode-seeking; jsd: the generalised Jensen-Shannon divergence "
+        "with weight stage.jsd_beta (GKD)."))
+    jsd_beta: float = bounded(0.5, above=0.0, max=0.99, help=(
+        "loss_type=jsd: the teacher's weight in the mixture both are compared with (GKD's beta; near 0 acts like "
+        "forward_kl, near 1 like reverse_kl)."))
+    temperature: float = bounded(1.0, above=0.0, help=(
+        "Softens both distributions before they are compared; the divergence is multiplied by temperature^2 so "
+        "its gradients keep their size (Hinton et al. 2015)."))
+    sft_weight: float = bounded(0.0, min=0.0, help=(
+        "Weight of the plain SFT loss (the data completion's mean token NLL) added on the data's batches."))
+    lmbda: float = bounded(0.0, min=0.0, max=1.0, help=(
+        "Share of micro-batches whose completions the student samples itself (stage.rollout), scored by the "
+        "teacher: on-policy distillation (GKD's lambda). 0: the data's completions only."))
+    rollout: RolloutConfig = section(RolloutConfig, help=(
+        "How the student samples its completions when stage.lmbda > 0 (engine hf or generate)."))
+
+
 @dataclass
 class FieldMap:
     """Which column of the source data holds each field a stage format needs."""

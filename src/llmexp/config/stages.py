@@ -68,6 +68,7 @@ STAGES: Dict[str, StageSpec] = {s.name: s for s in (
               generates=True, post_training=True),
     StageSpec("online_dpo", "llmexp.stages.online_dpo:OnlineDPOStage", S.OnlineDPOStageConfig, ROLLOUT_FORMATS,
               generates=True, post_training=True),
+    StageSpec("distill", "llmexp.stages.distill:DistillStage", S.DistillStageConfig, ("chat", "prompt_completion")),
 )}
 
 

@@ -1,0 +1,174 @@
+"""Knowledge distillation: a student learns a frozen teacher's whole next-token distribution on
+the completion tokens, instead of the data's one-hot tokens alone.
+
+Off-policy batches are the data's completions (classic distillation); with ``stage.lmbda`` a
+share of micro-batches has the student sample its own completions to the data's prompts, which
+the teacher then scores token by token (on-policy distillation, GKD): the student learns where
+its own mistakes lead, not only on the teacher's paths.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Dict, Tuple
+
+import torch
+
+from llmexp.advantages import response_mask
+from llmexp.data.collate import collate_lm, collate_prompts
+from llmexp.data.encode import IGNORE_INDEX, render_prompt
+from llmexp.losses import distillation_divergence, token_nll_sum
+from llmexp.stages.causal_lm import CausalLMStage
+from llmexp.stages.reference import Reference, frozen
+
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
+JSD_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
+
+
+def load_teacher(cfg, tokenizer) -> torch.nn.Module:
+    """The frozen teacher of ``stage.teacher`` (a run directory or a model); it must read the
+    student's tokens as the same ids and predict over the same vocabulary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmexp.errors import UserError
+    from llmexp.models.build import load_pretrained, torch_dtype
+    from llmexp.record import model_dir_of
+
+    source = os.path.expanduser(cfg.stage.teacher)
+    path = model_dir_of(source, "stage.teacher") if os.path.exists(source) else source  # else a hub id
+    theirs = load_pretrained(AutoTokenizer, path, "stage.teacher", "a tokenizer")
+    problem = tokenizer_mismatch(tokenizer, theirs)
+    if problem:
+        raise UserError(f"stage.teacher: {problem}; distillation compares distributions token id by token id, so "
+                        "teacher and student need one tokenizer: train the student with the teacher's "
+                        f"(model.tokenizer={path}) or pick a teacher trained with the student's")
+    model = load_pretrained(AutoModelForCausalLM, path, "stage.teacher", "a causal LM",
+                            dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation)
+    return frozen(model)
+
+
+def tokenizer_mismatch(student, teacher) -> str | None:
+    """Why two tokenizers do not give the same ids (None if they do)."""
+    mine, theirs = student.get_vocab(), teacher.get_vocab()
+    if mine != theirs:
+        differ = sorted(set(mine.items()) ^ set(theirs.items()), key=str)[:3]
+        return (f"its tokenizer has {len(theirs)} tokens, the student's {len(mine)}, and they differ "
+                f"(e.g. {', '.join(repr(t) for t, _ in differ)})")
+    if (student.eos_token_id, student.pad_token_id) != (teacher.eos_token_id, teacher.pad_token_id):
+        return "its tokenizer's eos/pad tokens differ from the student's"
+    return None
+
+
+class DistillStage(CausalLMStage):
+    """The student (``model=``) trained on ``stage.loss_type``'s divergence from the teacher,
+    times temperature^2, averaged over completion tokens, plus ``stage.sft_weight`` x the data
+    completion's token NLL."""
+
+    loss_on_targets_only = True
+
+    @classmethod
+    def create(cls, cfg, tokenizer):
+        stage = super().create(cfg, tokenizer)
+        stage._frozen = {"teacher": Reference(load_teacher(cfg, tokenizer))}
+        return stage
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self._frozen["teacher"].copy
+
+    def on_fit_start(self) -> None:
+        self._frozen["teacher"].place(self.model)
+
+    def on_validation_start(self) -> None:
+        self._frozen["teacher"].place(self.model)
+
+    # -- data: the SFT encoding, plus the prompt alone for the student's own completions ---------
+    def encoder(self, fmt: str):
+        encode_lm = super().encoder(fmt)
+
+        def encode(row: Dict[str, Any]) -> Dict[str, Any]:
+            out = dict(encode_lm(row))
+            prompt = row["messages"][:-1] if fmt == "chat" else row["prompt"]
+            out["prompt_ids"] = render_prompt(self.tokenizer, prompt)
+            return out
+
+        return encode
+
+    def collate(self, rows):
+        batch = collate_lm(rows, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        if self.cfg.stage.lmbda > 0:
+            batch["prompt"] = collate_prompts([{"input_ids": r["prompt_ids"], "prompt": None, "columns": {}}
+                                               for r in rows], self.tokenizer.pad_token_id)
+        return batch
+
+    # -- the loss --------------------------------------------------------------------------------
+    def divergence_sum(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of the divergence x temperature^2 over completion tokens, their count, the
+        student's logits) for one batch of sequences with labels."""
+        s = self.cfg.stage
+        inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
+        logits = self.model(**inputs, use_cache=False).logits
+        with self._frozen["teacher"].model(self.model) as teacher:
+            teacher_logits = teacher(**inputs, use_cache=False).logits
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        beta = JSD_BETA.get(s.loss_type, s.jsd_beta)
+        per_token = distillation_divergence(logits[:, :-1][mask], teacher_logits[:, :-1][mask], beta, s.temperature)
+        return per_token.sum() * s.temperature ** 2, mask.sum(), logits
+
+    def micro_loss(self, batch):
+        s = self.cfg.stage
+        if self._on_policy():
+            sampled = self.sample_completions(batch["prompt"])
+            div, n, _ = self.divergence_sum(sampled)
+            # weighed like the data batch it replaces, so every micro-batch counts as its data does
+            loss = div / n.clamp(min=1) * batch["loss_weight"]
+            return loss, {"divergence": loss.detach(), "on_policy": torch.tensor(float(batch["loss_weight"]))}
+        div, _, logits = self.divergence_sum(batch)
+        loss = div
+        if s.sft_weight:
+            nll, _ = token_nll_sum(logits, batch["labels"])
+            loss = loss + s.sft_weight * nll
+        return loss, {"divergence": div.detach(), "on_policy": torch.zeros(())}
+
+    def _on_policy(self) -> bool:
+        """Whether this micro-batch is the student's own: drawn from the seed, step and micro-batch
+        index, so every rank draws alike and a resumed run draws as the uninterrupted one."""
+        lmbda = self.cfg.stage.lmbda
+        if lmbda <= 0:
+            return False
+        self._micro = getattr(self, "_micro", -1) + 1
+        draw = random.Random(f"{self.cfg.trainer.seed}:{self.global_step}:{self._micro}").random()
+        return draw < lmbda
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self._micro = -1
+
+    @torch.no_grad()
+    def sample_completions(self, prompt: Dict[str, Any]) -> Dict[str, Any]:
+        """The student's completions to the prompts (stage.rollout), as left-padded prompt +
+        response sequences with labels on the response up to its eos."""
+        r = self.cfg.stage.rollout
+        ids, pmask = prompt["prompt_ids"].to(self.device), prompt["prompt_mask"].to(self.device)
+        sampling = {"temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
+        if r.engine == "generate":
+            responses = self.generate_responses(ids, pmask, r.max_new_tokens, engine="generate", do_sample=True,
+                                                **sampling)
+        else:
+            from llmexp.sampler import Sampler
+
+            lockstep = self.is_model_parallel and self.trainer.world_size > 1
+            sampler = Sampler(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                              share_prefill=r.share_prefill, drop_finished=r.drop_finished, lockstep=lockstep)
+            responses = sampler(ids, pmask, r.max_new_tokens, **sampling).responses
+        mask = response_mask(responses, self.tokenizer.eos_token_id).long()
+        attention = torch.cat([pmask, mask], 1)
+        labels = torch.cat([torch.full_like(ids, IGNORE_INDEX), responses.masked_fill(mask == 0, IGNORE_INDEX)], 1)
+        return {"input_ids": torch.cat([ids, responses], 1), "attention_mask": attention,
+                "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "labels": labels}
+
+    def val_sums(self, batch):
+        div, n, logits = self.divergence_sum(batch)
+        nll, count = token_nll_sum(logits, batch["labels"])
+        return {"loss": (nll, count), "divergence": (div, n)}
