@@ -101,6 +101,27 @@ def _pipeline(root: Path, name: str, first_stage: Path) -> None:
     (root / "printed.txt").write_text(r.stdout)
 
 
+def _save_tiny_teacher(path: Path) -> None:
+    import torch
+
+    from llmexp.models.build import build_model
+    from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.testing import typed
+
+    tokenizer = load_tokenizer(None, None, [], False)
+    torch.manual_seed(1)
+    model = build_model(typed(["stage=sft"]).model, tokenizer)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(shared_tmp) -> Path:
+    """An untrained default llama with the bundled tokenizer, saved as a model directory: a
+    teacher for stage=distill tests that check arithmetic, not learning."""
+    return once(shared_tmp, "tiny-teacher", _save_tiny_teacher)
+
+
 @pytest.fixture(scope="session")
 def default_sft(shared_tmp) -> Path:
     """`python -m llmexp` as the README says (logger=csv, and stage=sft as the rlhf pipeline names

@@ -31,11 +31,15 @@ def _weights(run_dir):
     ["stage=dpo", "model=gpt2"], ["stage=kto", "model=gpt2"],
     ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=gpt2"],
     ["stage=simpo", "model=gpt2"], ["stage=orpo", "model=gpt2"],
+    # Half the micro-batches the student's own samples: the draw and the sampling must resume too.
+    ["stage=distill", "stage.teacher=TINY_TEACHER", "model=gpt2", "stage.lmbda=0.5", "stage.rollout.max_new_tokens=6"],
     # Small sources, so the 30 steps run over the mixed rows several times.
     ["model=gpt2", "data=mixture", "data.mixture=[{name: arithmetic, weight: 3, options: {num_samples: 200}}, "
      "{name: arithmetic, weight: 1, options: {num_samples: 200, max_operand: 20}}]"],
-], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "online_dpo", "dpo", "kto", "ddp", "simpo", "orpo", "mixture"])
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra):
+], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "online_dpo", "dpo", "kto", "ddp", "simpo", "orpo", "distill",
+        "mixture"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher):
+    extra = [o.replace("TINY_TEACHER", str(tiny_teacher)) for o in extra]
     mixed = "data=mixture" in extra  # its sources carry their own options
     overrides = [*(o for o in COMMON if not (mixed and o.startswith("data.options."))), *extra]
     straight = tmp_path / "straight"
