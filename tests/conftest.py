@@ -142,6 +142,12 @@ def rlhf_pipeline(shared_tmp, default_sft) -> Path:
 
 
 @pytest.fixture(scope="session")
+def distill_pipeline(shared_tmp, default_sft) -> Path:
+    """`llmexp pipeline distill`: the default SFT as the teacher of a half-width student."""
+    return once(shared_tmp, "distill-pipeline", lambda root: _pipeline(root, "distill", default_sft))
+
+
+@pytest.fixture(scope="session")
 def shipped_pipeline(shared_tmp, short_sft) -> Callable[[str], Tuple[Path, str]]:
     """``shipped_pipeline(name)``: `llmexp pipeline <name>` from the 200-step SFT (dpo, kto, grpo,
     rloo, online_dpo), built once per session: (its directory, what it printed)."""

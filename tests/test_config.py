@@ -58,6 +58,10 @@ def test_every_shipped_option_composes_and_validates(group, option, tmp_path):
             overrides.append("stage=pretrain")
     if option == "llama_1b":
         overrides.append("model.dtype=float32")
+    if (group, option) == ("stage", "distill"):  # a teacher is required: a model directory will do
+        (tmp_path / "teacher").mkdir()
+        (tmp_path / "teacher" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+        overrides.append(f"stage.teacher={tmp_path / 'teacher'}")
     cfg = compose(overrides)
     if (group, option) in NEEDS_GPU:
         with pytest.raises(ConfigError) as e:

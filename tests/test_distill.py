@@ -66,7 +66,7 @@ def chat_batch(stage, n=6):
 def test_stage_loss_is_trls_gkd_loss_on_the_same_batch(teacher_dir, loss_type, beta):
     """The data batch's loss per completion token equals TRL's GKDTrainer.compute_loss (its
     student and teacher forward, causal shift and label mask) on the same tokens."""
-    stage = distill_stage(teacher_dir, f"stage.loss_type={loss_type}")
+    stage = distill_stage(teacher_dir, f"stage.loss_type={loss_type}", "stage.sft_weight=0")
     batch = chat_batch(stage)
     with torch.no_grad():
         loss, extras = stage.micro_loss(batch)

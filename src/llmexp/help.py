@@ -26,7 +26,7 @@ This help for other choices:                python -m llmexp stage=dpo data=file
 Every key of every group and stage:         docs/config.md
 Print the composed config without training: python -m llmexp [overrides] --cfg job
 Sweep with Hydra multirun:                  python -m llmexp -m optim.lr=1e-4,3e-4
-Stages in sequence (SFT -> RM -> PPO):       llmexp pipeline rlhf   (also: dpo, kto, simpo, orpo, grpo, rloo, online_dpo)
+Stages in sequence (SFT -> RM -> PPO):       llmexp pipeline rlhf   (also: dpo, kto, simpo, orpo, grpo, rloo, online_dpo, distill)
 Sweep with a W&B sweep file:                llmexp sweep sweeps/lr.yaml
 Hydra's own flags:                          python -m llmexp --hydra-help
 """

@@ -77,6 +77,10 @@ class DistillStage(CausalLMStage):
     def teacher(self) -> torch.nn.Module:
         return self._frozen["teacher"].copy
 
+    def summary_extras(self) -> Dict[str, Any]:
+        return {"teacher": {"source": self.cfg.stage.teacher,
+                            "parameters": sum(p.numel() for p in self.teacher.parameters())}}
+
     def on_fit_start(self) -> None:
         self._frozen["teacher"].place(self.model)
 
