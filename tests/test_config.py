@@ -62,6 +62,10 @@ def test_every_shipped_option_composes_and_validates(group, option, tmp_path):
         (tmp_path / "teacher").mkdir()
         (tmp_path / "teacher" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
         overrides.append(f"stage.teacher={tmp_path / 'teacher'}")
+    if (group, option) == ("stage", "quantize"):  # changes a trained model: one must be named
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+        overrides.append(f"model.pretrained={tmp_path / 'model'}")
     cfg = compose(overrides)
     if (group, option) in NEEDS_GPU:
         with pytest.raises(ConfigError) as e:

@@ -18,11 +18,21 @@ def configure_environment(offline: bool) -> None:
     """
     for key, value in QUIET_VARS.items():
         os.environ.setdefault(key, value)
+    quiet_import_warnings()
     for key, value in OFFLINE_VARS.items():
         if offline:
             os.environ.setdefault(key, value)
         elif os.environ.get(key) == value:
             os.environ.pop(key)
+
+
+def quiet_import_warnings() -> None:
+    """torchao (imported by transformers and peft when installed) logs a warning for each optional
+    CUDA kernel library a CPU build lacks, and torch's pytree one per enum torchao registers."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # Library messages that say nothing to an llmexp user (the run record holds the facts).
@@ -35,6 +45,7 @@ _NOISE = (
     r".*sync_dist=True.*",
     r".*Detected an existing checkpoint in.*",  # llmexp reduces validation sums across ranks itself
     r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*configure_optimizers. returned .None., this fit will run with no optimizer.*",  # stage=quantize
 )
 
 

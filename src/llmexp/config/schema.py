@@ -423,6 +423,25 @@ class DistillStageConfig:
         "How the student samples its completions when stage.lmbda > 0 (engine hf or generate)."))
 
 
+# Weight-only quantization schemes of torchao (llmexp.stages.quantize).
+QUANTIZE_METHODS = ("int8", "int4")
+
+
+@dataclass
+class QuantizeStageConfig:
+    """quantize: a trained model's weights stored in fewer bits (torchao weight-only quantization
+    through transformers' TorchAoConfig), its task metric measured before and after; no training."""
+
+    name: str = _stage_name("quantize")
+    method: str = choice("int8", QUANTIZE_METHODS, help=(
+        "int8: 8-bit weights with one scale per output channel (CPU and GPU); int4: 4-bit weights in groups "
+        "(stage.group_size) with torchao's CUDA kernels (a GPU)."))
+    group_size: int = choice(128, (32, 64, 128, 256), help="int4: weights sharing one scale.")
+    embeddings: bool = doc(True, help=(
+        "Quantize the input embedding and the output projection too (in a tiny model they are most of the "
+        "weights; the output projection is untied from the input embedding for it)."))
+
+
 @dataclass
 class FieldMap:
     """Which column of the source data holds each field a stage format needs."""
@@ -511,8 +530,9 @@ class TrainerConfig:
     """The training loop (Lightning's Trainer): length, batches, precision, devices, validation
     and checkpoints."""
 
-    max_steps: int = bounded(600, min=1, help=(
-        "Optimizer steps to train (rollout stages: rollout iterations); the lr schedule runs over them."))
+    max_steps: int = bounded(600, min=0, help=(
+        "Optimizer steps to train (rollout stages: rollout iterations); the lr schedule runs over them (0: only "
+        "the stages that do not train, quantize)."))
     micro_batch_size: int = bounded(16, min=1, help=(
         "Samples per forward/backward pass on each device (rollout stages: prompts, each answered stage.group_size times "
         "in grpo)."))

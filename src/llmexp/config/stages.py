@@ -32,6 +32,8 @@ class StageSpec:
     generates: bool = False
     # post-training of a language model: health-guarded, warned about lr scale on big models
     post_training: bool = False
+    # optimizes weights (trainer.max_steps >= 1); quantize changes a trained model without steps
+    trains: bool = True
 
     @property
     def language_model(self) -> bool:
@@ -69,6 +71,8 @@ STAGES: Dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("online_dpo", "llmexp.stages.online_dpo:OnlineDPOStage", S.OnlineDPOStageConfig, ROLLOUT_FORMATS,
               generates=True, post_training=True),
     StageSpec("distill", "llmexp.stages.distill:DistillStage", S.DistillStageConfig, ("chat", "prompt_completion")),
+    StageSpec("quantize", "llmexp.stages.quantize:QuantizeStage", S.QuantizeStageConfig, ("chat", "prompt_completion"),
+              trains=False),
 )}
 
 

@@ -1,0 +1,122 @@
+"""Weight-only quantization of a trained model, as a stage: the run validates the model as
+trained (``initial``), quantizes it with torchao through transformers' ``TorchAoConfig`` (the
+export then records how to load it), validates again (``final``) and exports. No steps train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from llmexp.stages.causal_lm import CausalLMStage
+
+
+@contextlib.contextmanager
+def quiet_torchao():
+    """torchao's import logs a warning for each optional CUDA kernel library a CPU build cannot
+    load, and torch's pytree one per enum it registers: nothing a user can act on."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def torchao_config(stage_cfg, embedding: str):
+    """transformers' TorchAoConfig of ``stage.method``; with ``stage.embeddings`` the input
+    embedding (module ``embedding``) in int8 rows and the output projection as the other
+    linear layers. (transformers' untie_embedding_weights=True corrupts the output here, so
+    embeddings stay as the checkpoint ties them.)"""
+    import warnings
+
+    import torch
+    from torchao.quantization import FqnToConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis
+    from transformers import TorchAoConfig
+
+    scheme = Int8WeightOnlyConfig() if stage_cfg.method == "int8" else Int4WeightOnlyConfig(
+        group_size=stage_cfg.group_size)
+    if not stage_cfg.embeddings:
+        return TorchAoConfig(scheme)
+    with warnings.catch_warnings():  # "_default" is torchao 0.18's key for every other module
+        warnings.simplefilter("ignore")
+        per_module = FqnToConfig({"_default": scheme,
+                                  embedding: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))})
+    return TorchAoConfig(per_module, include_input_output_embeddings=True, untie_embedding_weights=False)
+
+
+def weight_bytes(directory: Path) -> int:
+    """Bytes of a saved model's weight files."""
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
+class QuantizeStage(CausalLMStage):
+    """Validation loss and the task metric of the model before and after quantization."""
+
+    loss_on_targets_only = True
+
+    def configure_optimizers(self):
+        return None  # nothing trains
+
+    def on_fit_end(self) -> None:
+        """Swap in the quantized model, loaded from the trained one's directory by transformers."""
+        from transformers import AutoModelForCausalLM
+
+        from llmexp.models.build import load_pretrained
+
+        m = self.cfg.model
+        before = self.generation_speed(self.model)
+        embedding = next(name for name, module in self.model.named_modules()
+                         if module is self.model.get_input_embeddings())
+        with quiet_torchao():
+            config = torchao_config(self.cfg.stage, embedding)
+        quantized = load_pretrained(AutoModelForCausalLM, m.pretrained, "model.pretrained", "a causal LM",
+                                    quantization_config=config,
+                                    attn_implementation=m.attn_implementation)
+        quantized.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = quantized.eval().to(self.device)
+        self.speeds = {"before": before, "after": self.generation_speed(self.model)}
+
+    def generation_speed(self, model) -> float:
+        """Greedy tokens per second on 32 of the task's prompts (the model as it will be served)."""
+        probe = getattr(self, "task_probe", None)
+        prompts: List[Any] = [r["prompt"] for r in probe.rows[:32]] if probe is not None else []
+        if not prompts:
+            return float("nan")
+        self.model, kept = model, self.model
+        try:
+            self.greedy_answers(prompts[:4], 4)  # warm-up
+            started = time.perf_counter()
+            answers = self.greedy_answers(prompts, 24)
+            seconds = time.perf_counter() - started
+        finally:
+            self.model = kept
+        tokens = sum(len(self.tokenizer(a)["input_ids"]) + 1 for a in answers)
+        return tokens / seconds
+
+    def export(self, out_dir) -> Dict[str, Any]:
+        facts = super().export(out_dir)
+        before, after = weight_bytes(Path(self.cfg.model.pretrained)), weight_bytes(Path(out_dir))
+        facts["quantization"] = {
+            "method": self.cfg.stage.method, "library": "torchao", "embeddings": self.cfg.stage.embeddings,
+            "weight_bytes_before": before, "weight_bytes_after": after,
+            "size_ratio": round(before / after, 3) if after else None,
+            "generation_tokens_per_second": {k: round(v, 1) for k, v in getattr(self, "speeds", {}).items()}}
+        return facts
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {}  # the export holds the quantized weights; nothing resumes
+
+    @torch.no_grad()
+    def training_step(self, window, batch_idx):  # pragma: no cover - max_steps is 0 (preflight)
+        raise RuntimeError("stage=quantize does not train")

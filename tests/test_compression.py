@@ -1,0 +1,66 @@
+"""stage=quantize: a trained model's weights in int8 (torchao through transformers), measured
+before and after, exported loadable by plain transformers; and what it refuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmexp.testing import run_cli, run_module
+
+
+@pytest.mark.slow
+def test_int8_keeps_exact_match_shrinks_the_weights_and_loads_without_llmexp(tmp_path, default_sft):
+    run_dir = tmp_path / "q8"
+    r = run_cli(["stage=quantize", f"model.pretrained={default_sft}/model", "logger=csv", f"hydra.run.dir={run_dir}"],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Failed to load" not in r.stderr and "configure_optimizers" not in r.stderr  # no library noise
+    s = json.loads((run_dir / "summary.json").read_text())
+    before, after = s["initial"]["val/task_score"], s["final"]["val/task_score"]
+    sft = json.loads((default_sft / "summary.json").read_text())["final"]["val/task_score"]
+    assert before == pytest.approx(sft, abs=1e-6)  # initial: the model as trained
+    assert after >= before - 0.02, (before, after)
+    q = s["quantization"]
+    assert q["method"] == "int8" and q["weight_bytes_before"] == (default_sft / "model" / "model.safetensors").stat().st_size
+    assert q["weight_bytes_after"] == (run_dir / "model" / "model.safetensors").stat().st_size
+    assert q["size_ratio"] >= 3.0, q
+    assert all(v > 0 for v in q["generation_tokens_per_second"].values()) and s["global_step"] == 0
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    # Plain transformers (no llmexp import) loads the int8 weights and answers as llmexp.generate does.
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "d = sys.argv[1]; tok = AutoTokenizer.from_pretrained(d); m = AutoModelForCausalLM.from_pretrained(d)\n"
+            "assert 'llmexp' not in sys.modules\n"
+            "w = m.model.layers[0].mlp.up_proj.weight; print(type(w.data).__name__ if hasattr(w, 'data') else type(w))\n"
+            "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Add 3 and 9.'}], add_generation_prompt=True,"
+            " return_tensors='pt', return_dict=True)['input_ids']\n"
+            "out = m.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)\n"
+            "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())\n")
+    plain = subprocess.run([sys.executable, "-c", code, str(run_dir / "model")], capture_output=True, text=True,
+                           timeout=300)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    kind, answer = plain.stdout.strip().splitlines()[-2:]
+    assert kind == "Int8Tensor" and answer == "3 + 9 = 12", plain.stdout
+    generated = run_module("llmexp.generate", [str(run_dir), "Add 3 and 9."])
+    assert generated.returncode == 0 and answer in generated.stdout, generated.stdout + generated.stderr
+
+
+@pytest.mark.parametrize("case,overrides,expected", [
+    ("int4 on a CPU", ["stage.method=int4"], "stage.method: int4 uses torchao's CUDA kernels"),
+    ("no model", [], "model.pretrained: stage=quantize needs the trained model"),
+    ("steps asked", ["trainer.max_steps=5"], "trainer.max_steps: stage=quantize changes a trained model"),
+])
+def test_quantize_refuses_what_cannot_work_with_exit_2(tmp_path, tiny_teacher, case, overrides, expected):
+    model = [] if case == "no model" else [f"model.pretrained={tiny_teacher}"]
+    r = run_cli(["stage=quantize", *model, *overrides, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                cwd=tmp_path)
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_training_stage_refuses_zero_steps(tmp_path):
+    r = run_cli(["stage=sft", "trainer.max_steps=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "trainer.max_steps: stage=sft trains" in r.stderr, r.stderr[-2000:]
