@@ -143,7 +143,8 @@ def rlhf_pipeline(shared_tmp, default_sft) -> Path:
 
 @pytest.fixture(scope="session")
 def distill_pipeline(shared_tmp, default_sft) -> Path:
-    """`llmexp pipeline distill`: the default SFT as the teacher of a half-width student."""
+    """`llmexp pipeline distill`: the default SFT as the teacher of a half-width student, then
+    the student in int8."""
     return once(shared_tmp, "distill-pipeline", lambda root: _pipeline(root, "distill", default_sft))
 
 

@@ -53,6 +53,7 @@ def test_int8_keeps_exact_match_shrinks_the_weights_and_loads_without_llmexp(tmp
     ("int4 on a CPU", ["stage.method=int4"], "stage.method: int4 uses torchao's CUDA kernels"),
     ("no model", [], "model.pretrained: stage=quantize needs the trained model"),
     ("steps asked", ["trainer.max_steps=5"], "trainer.max_steps: stage=quantize changes a trained model"),
+    ("sharded", ["strategy=fsdp"], "strategy: stage=quantize changes a whole model in one process"),
 ])
 def test_quantize_refuses_what_cannot_work_with_exit_2(tmp_path, tiny_teacher, case, overrides, expected):
     model = [] if case == "no model" else [f"model.pretrained={tiny_teacher}"]

@@ -270,7 +270,8 @@ def test_every_key_of_every_schema_has_help():
     assert "stage.rollout.top_p" in keys and "data.fields.answer" in keys and "health.patience" in keys
     # the checker's metadata is shown as allowed values, beside the help
     assert keys["optim.scheduler"].allowed == "one of cosine, linear, constant"
-    assert keys["trainer.max_steps"].allowed == ">= 1" and keys["data.val_fraction"].allowed == "0.0 to 0.9"
+    assert keys["trainer.micro_batch_size"].allowed == ">= 1" and keys["data.val_fraction"].allowed == "0.0 to 0.9"
+    assert keys["trainer.max_steps"].allowed == ">= 0"  # 0 only for quantize (preflight refuses it elsewhere)
     assert "adapter_disabled: with LoRA" in keys["stage.reference"].help
     # a nested config's help is its class docstring
     assert keys["stage.reward"].section and keys["stage.reward"].help.startswith("Where rollout-stage rewards come from")

@@ -200,10 +200,10 @@ def test_the_guard_warns_and_records_a_dpo_collapse(tmp_path, default_sft):
 
 def test_distill_pipeline_keeps_most_of_the_teachers_exact_match_at_half_the_width(distill_pipeline):
     """`llmexp pipeline distill`: the default SFT teaches a student of half its width (hidden 32,
-    MLP 128), shipped defaults. Measured 0.923 -> 0.897; plain SFT of the same student for the
+    MLP 128), which is then quantized to int8; shipped defaults. Measured 0.923 -> 0.897; plain SFT of the same student for the
     same 600 steps reached 0.923 too, so on this task the teacher adds nothing the answers
     themselves do not say (docs/stages.md)."""
-    sft, distill = json.loads((distill_pipeline / "pipeline_summary.json").read_text())["stages"]
+    sft, distill, quantized = json.loads((distill_pipeline / "pipeline_summary.json").read_text())["stages"]
     teacher = sft["final"]["val/task_score"]
     s = summary(distill_pipeline / "2-distill")
     before, after = task(s)
@@ -214,3 +214,7 @@ def test_distill_pipeline_keeps_most_of_the_teachers_exact_match_at_half_the_wid
     assert "hidden_size: 32" in config and f"teacher: {(distill_pipeline / '1-sft').resolve()}" in config
     header = (distill_pipeline / "2-distill" / "metrics.csv").read_text().splitlines()[0]
     assert "train/divergence" in header and "val/divergence" in header
+    # then the student in int8: its exact match kept, its weights 3x smaller
+    assert quantized["initial"]["val/task_score"] == pytest.approx(after, abs=1e-6)
+    assert quantized["final"]["val/task_score"] >= after - 0.02
+    assert summary(distill_pipeline / "3-quantize")["quantization"]["size_ratio"] >= 3.0

@@ -191,6 +191,10 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
         if not pretrained:
             p.append(Problem("model.pretrained", f"stage={st.name} needs the trained model to change",
                              "model.pretrained=<run dir>/model (e.g. an sft run's)"))
+        if run.strategy.name != "auto" or run.peft.name != "none":
+            key = "strategy" if run.strategy.name != "auto" else "peft"
+            p.append(Problem(key, f"stage={st.name} changes a whole model in one process, without "
+                             f"{key}={getattr(run, key).name}", f"{key}={'auto' if key == 'strategy' else 'none'}"))
     if st.name == "quantize" and st.method == "int4" and not _cuda_available():
         p.append(Problem("stage.method", "int4 uses torchao's CUDA kernels (tinygemm), and no CUDA GPU is "
                          "available", "stage.method=int8 on a CPU"))

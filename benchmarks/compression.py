@@ -1,0 +1,95 @@
+"""Compression as shipped, measured before -> after in one table: the default SFT (the teacher),
+a half-width student trained by plain SFT and by distillation from the teacher, and each of
+the teacher and the distilled student quantized to int8. For every model: parameters, weight
+bytes on disk, greedy generation tokens/s, the task metric (exact match on the skill's 155
+held-out questions) and validation perplexity.
+
+    python benchmarks/compression.py              # about 2 minutes on a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from common import REPO, save
+
+HALF = ["model.hidden_size=32", "model.intermediate_size=128"]
+
+
+def run(args: List[str], run_dir: Path) -> Dict[str, Any]:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "llmexp", "logger=csv", *args, f"hydra.run.dir={run_dir}"], check=True,
+                   capture_output=True, cwd=REPO)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["_wall"] = time.perf_counter() - started
+    return summary
+
+
+def generation_speed(model_dir: Path) -> float:
+    """Greedy tokens/s of an exported model on 32 task prompts (plain transformers + llmexp's sampler)."""
+    import torch
+
+    from llmexp.data.collate import collate_prompts
+    from llmexp.data.encode import render_prompt
+    from llmexp.data.skill import task_prompts
+    from llmexp.record import load_language_model
+    from llmexp.sampler import Sampler
+
+    model, tok = load_language_model(model_dir)
+    rows = [{"input_ids": render_prompt(tok, r["prompt"]), "prompt": r["prompt"], "columns": {}}
+            for r in task_prompts()[:32]]
+    batch = collate_prompts(rows, tok.pad_token_id)
+    sampler = Sampler(model, tok.eos_token_id, tok.pad_token_id)
+    with torch.no_grad():
+        sampler(batch["prompt_ids"][:4], batch["prompt_mask"][:4], 4, greedy=True)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            out = sampler(batch["prompt_ids"], batch["prompt_mask"], 24, greedy=True).responses
+            best = min(best, time.perf_counter() - started)
+    tokens = int((out != tok.pad_token_id).sum())
+    return tokens / best
+
+
+def row(name: str, run_dir: Path, s: Dict[str, Any]) -> Dict[str, Any]:
+    metrics, model_dir = s["final"], Path(s["model_dir"])
+    return {"model": name, "parameters": s["parameters"],
+            "weight_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
+            "tokens_per_second": round(generation_speed(model_dir), 1),
+            "task_score": round(metrics["val/task_score"], 4), "perplexity": round(metrics["val/perplexity"], 4),
+            "run_seconds": round(s["_wall"], 1), "run_dir": str(run_dir)}
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="llmexp-compression-"))
+    teacher = run(["stage=sft"], root / "teacher")
+    student_sft = run(["stage=sft", *HALF], root / "student-sft")
+    student_kd = run(["stage=distill", f"stage.teacher={root / 'teacher'}", *HALF], root / "student-distill")
+    teacher_q = run(["stage=quantize", f"model.pretrained={root / 'teacher' / 'model'}"], root / "teacher-int8")
+    student_q = run(["stage=quantize", f"model.pretrained={root / 'student-distill' / 'model'}"],
+                    root / "student-distill-int8")
+    rows = [row("teacher: default sft (hidden 64)", root / "teacher", teacher),
+            row("teacher int8", root / "teacher-int8", teacher_q),
+            row("half-width student, plain sft", root / "student-sft", student_sft),
+            row("half-width student, distilled", root / "student-distill", student_kd),
+            row("distilled student int8", root / "student-distill-int8", student_q)]
+    base = rows[0]
+    for r in rows:
+        r["size_ratio_to_teacher"] = round(base["weight_bytes"] / r["weight_bytes"], 2)
+        r["speed_ratio_to_teacher"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2)
+    print(f"{'model':36} {'params':>8} {'weights':>9} {'size x':>7} {'tok/s':>8} {'speed x':>8} {'exact match':>12}")
+    for r in rows:
+        print(f"{r['model']:36} {r['parameters']:>8} {r['weight_bytes']:>9} {r['size_ratio_to_teacher']:>7} "
+              f"{r['tokens_per_second']:>8} {r['speed_ratio_to_teacher']:>8} {r['task_score']:>12.3f}")
+    save("compression", {"rows": rows, "quantization": {"teacher": teacher_q["quantization"],
+                                                         "student": student_q["quantization"]}})
+
+
+if __name__ == "__main__":
+    main()
