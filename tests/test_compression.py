@@ -65,3 +65,75 @@ def test_quantize_refuses_what_cannot_work_with_exit_2(tmp_path, tiny_teacher, c
 def test_a_training_stage_refuses_zero_steps(tmp_path):
     r = run_cli(["stage=sft", "trainer.max_steps=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert r.returncode == 2 and "trainer.max_steps: stage=sft trains" in r.stderr, r.stderr[-2000:]
+
+
+def _unpermute_rotary(weight, n_head: int):
+    """Inverse of llama.cpp's q/k row permutation."""
+    return weight.reshape(n_head, weight.shape[0] // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def test_gguf_export_round_trips_through_the_gguf_reader(tmp_path, tiny_teacher):
+    import numpy as np
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "tiny.gguf"
+    r = run_cli(["export", str(tiny_teacher), "--format", "gguf", "--out", str(out)], cwd=tmp_path)
+    assert r.returncode == 0 and f"wrote {out}" in r.stdout, r.stderr[-2000:]
+    reader = GGUFReader(str(out))
+    field = {k: f.contents() for k, f in reader.fields.items()}
+    config = json.loads((tiny_teacher / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(tiny_teacher))
+    assert field["general.architecture"] == "llama"
+    assert (field["llama.block_count"], field["llama.embedding_length"], field["llama.feed_forward_length"],
+            field["llama.attention.head_count"], field["llama.attention.head_count_kv"],
+            field["llama.context_length"]) == (config["num_hidden_layers"], config["hidden_size"],
+                                               config["intermediate_size"], config["num_attention_heads"],
+                                               config["num_key_value_heads"], config["max_position_embeddings"])
+    assert field["tokenizer.ggml.model"] == "gpt2"
+    assert field["tokenizer.ggml.tokens"] == [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    merges = json.loads((tiny_teacher / "tokenizer.json").read_text())["model"]["merges"]
+    assert len(field["tokenizer.ggml.merges"]) == len(merges) > 0
+    assert field["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert field["tokenizer.chat_template"] == tok.chat_template
+    # every weight under its GGUF name, GGUF's reversed shape, the same numbers (q/k un-permuted)
+    state = load_file(str(tiny_teacher / "model.safetensors"))
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == len(state)
+    layer0 = {"model.layers.0.self_attn.q_proj.weight": ("blk.0.attn_q.weight", config["num_attention_heads"]),
+              "model.layers.0.self_attn.k_proj.weight": ("blk.0.attn_k.weight", config["num_key_value_heads"]),
+              "model.layers.0.mlp.down_proj.weight": ("blk.0.ffn_down.weight", None),
+              "model.embed_tokens.weight": ("token_embd.weight", None), "lm_head.weight": ("output.weight", None)}
+    for key, (name, heads) in layer0.items():
+        t = tensors[name]
+        assert [int(n) for n in t.shape] == list(reversed(state[key].shape)), name
+        data = np.asarray(t.data).reshape(tuple(state[key].shape))
+        if heads:
+            data = _unpermute_rotary(data, heads)
+        assert np.array_equal(data, state[key].numpy()), name
+
+
+@pytest.mark.parametrize("case", ["gpt2", "quantized", "out exists", "missing"])
+def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher, case):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_teacher, model)
+    config = json.loads((model / "config.json").read_text())
+    out = tmp_path / "x.gguf"
+    if case == "gpt2":
+        (model / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    elif case == "quantized":
+        (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "torchao"}}))
+    elif case == "out exists":
+        out.write_text("mine")
+    target = tmp_path / "nowhere" if case == "missing" else model
+    r = run_cli(["export", str(target), "--format", "gguf", "--out", str(out)], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    expected = {"gpt2": "writes llama and mistral", "quantized": "full-precision weights",
+                "out exists": "exists and is kept", "missing": "neither a run directory"}[case]
+    assert expected in r.stderr, r.stderr
+    assert (out.read_text() == "mine") if case == "out exists" else not out.exists()
+    assert not list(tmp_path.glob(".*.partial"))

@@ -55,6 +55,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         from llmexp.compare.__main__ import main as run_compare
 
         sys.exit(run_compare(argv[1:]))
+    if argv[:1] == ["export"]:
+        from llmexp.export_gguf import main as export
+
+        sys.exit(export(argv[1:]))
     if argv[:1] == ["plugins"]:
         from llmexp.plugins.listing import main as list_plugins
 

@@ -28,6 +28,7 @@ Print the composed config without training: python -m llmexp [overrides] --cfg j
 Sweep with Hydra multirun:                  python -m llmexp -m optim.lr=1e-4,3e-4
 Stages in sequence (SFT -> RM -> PPO):       llmexp pipeline rlhf   (also: dpo, kto, simpo, orpo, grpo, rloo, online_dpo, distill)
 Sweep with a W&B sweep file:                llmexp sweep sweeps/lr.yaml
+A run's model as GGUF for llama.cpp:        llmexp export <run dir> --format gguf
 Hydra's own flags:                          python -m llmexp --hydra-help
 """
 

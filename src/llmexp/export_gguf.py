@@ -1,0 +1,140 @@
+"""`llmexp export <run dir> --format gguf`: a run's model as one GGUF file for llama.cpp, written
+with the `gguf` package (llama.cpp's own writer): the architecture's hyperparameters, the BPE
+tokenizer with its merges and special tokens, the chat template, and the weights under GGUF's
+tensor names (q/k rows permuted to llama.cpp's rotary layout, as its convert_hf_to_gguf does).
+
+    llmexp export runs/sft-llama/<time> --format gguf [--out model.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+# HF architectures written as GGUF's llama (same tensors and rotary layout).
+LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+
+
+def permute_rotary(weight, n_head: int):
+    """HF's q/k projection rows (rotary halves) to llama.cpp's interleaved pairs."""
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _tokenizer_fields(writer, model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    import gguf
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    if spec["model"]["type"] != "BPE":
+        raise ValueError(f"a {spec['model']['type']} tokenizer (GGUF export writes byte-level BPE tokenizers)")
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = set(tok.all_special_tokens)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_pad_token_id(tok.pad_token_id)
+    if tok.bos_token_id is not None:
+        writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_add_bos_token(False)
+    if getattr(tok, "chat_template", None):
+        writer.add_chat_template(tok.chat_template)
+
+
+def write_gguf(model_dir: Path, out: Path) -> dict:
+    """Write ``model_dir`` (an exported HF llama) as GGUF (f32 tensors); return its facts."""
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = next((LLAMA_LIKE[a] for a in config.get("architectures", []) if a in LLAMA_LIKE), None)
+    if arch is None:
+        raise ValueError(f"architecture {config.get('architectures')} (GGUF export writes llama and mistral "
+                         "models: model=llama or model=mistral)")
+    if "quantization_config" in config:
+        raise ValueError("a quantized export (GGUF export reads full-precision weights: export the run "
+                         "quantize started from, and quantize with llama.cpp's llama-quantize)")
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    n_layer = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_name(model_dir.parent.name or model_dir.name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get(
+        "rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(config["hidden_size"] // n_head)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _tokenizer_fields(writer, model_dir)
+    state = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if "lm_head.weight" not in state and config.get("tie_word_embeddings"):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    shapes = {}
+    for key, tensor in state.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"tensor {key!r} has no GGUF name for a llama model")
+        tensor = tensor.to(torch.float32)
+        if key.endswith("q_proj.weight"):
+            tensor = permute_rotary(tensor, n_head)
+        elif key.endswith("k_proj.weight"):
+            tensor = permute_rotary(tensor, n_kv)
+        array = tensor.contiguous().numpy()
+        writer.add_tensor(name, array)
+        shapes[name] = list(array.shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"gguf": str(out), "architecture": arch, "tensors": len(shapes), "bytes": out.stat().st_size}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from llmexp.errors import UserError, report
+    from llmexp.record import model_dir_of
+
+    parser = argparse.ArgumentParser(prog="llmexp export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run directory (its model/) or an exported model directory")
+    parser.add_argument("--format", choices=["gguf"], required=True, help="gguf: one file for llama.cpp")
+    parser.add_argument("--out", help="the file to write (default: <run dir>/model.gguf)")
+    args = parser.parse_args(argv)
+    try:
+        model_dir = model_dir_of(args.run, "run")
+        out = Path(args.out) if args.out else model_dir.parent / "model.gguf"
+        if out.exists():
+            raise UserError(f"--out: {str(out)!r} exists and is kept; give another --out or remove it")
+        partial = out.with_name(f".{out.name}.partial")
+        try:
+            facts = write_gguf(model_dir, partial)
+        except ValueError as e:
+            partial.unlink(missing_ok=True)
+            raise UserError(f"run: cannot write {e}") from None
+        partial.replace(out)
+        facts["gguf"] = str(out)
+    except UserError as e:
+        return report(e)
+    print(f"wrote {out} ({facts['tensors']} tensors, {facts['bytes']} bytes, {facts['architecture']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
