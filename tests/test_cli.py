@@ -30,7 +30,7 @@ def test_help_annotates_the_config_of_the_overrides_and_hydra_help_stays_hydras(
     r = run_cli(["stage=dpo", "--help"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert "stage: distill, dpo, grpo, kto, online_dpo, orpo, ppo, pretrain, quantize, rloo, rm, sft, simpo" in lines and "eval: lm_eval, none" in lines
+    assert "stage: distill, dpo, grpo, kto, online_dpo, orpo, ppo, pretrain, prune, quantize, rloo, rm, sft, simpo" in lines and "eval: lm_eval, none" in lines
     lr = lines.index("  lr: 0.0005")  # the dpo stage's lr, with optim.lr's help above it
     assert lines[lr - 1].startswith("  # Peak learning rate") and lines[lr - 1].endswith("(>= 0.0)")
     beta = lines.index("  beta: 0.1")

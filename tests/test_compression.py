@@ -137,3 +137,86 @@ def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher,
     assert expected in r.stderr, r.stderr
     assert (out.read_text() == "mine") if case == "out exists" else not out.exists()
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def _tiny_llama(tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_teacher)).eval()
+
+
+def _batches(tiny_teacher, n=2):
+    from transformers import AutoTokenizer
+
+    from llmexp.data.collate import collate_lm
+    from llmexp.data.encode import lm_encoder
+    from llmexp.data.skill import chat_examples
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_teacher))
+    rows = [lm_encoder("chat", tok, True)(r) for r in chat_examples(num_samples=8 * n, seed=5)]
+    return [collate_lm(rows[i:i + 8], tok.pad_token_id) for i in range(0, len(rows), 8)]
+
+
+@pytest.mark.parametrize("part", ["mlp", "kv_heads", "layers"])
+def test_pruning_removes_exactly_what_does_nothing_and_plain_transformers_loads_the_result(tmp_path, tiny_teacher,
+                                                                                            part):
+    """Parts made inert (their output weights zeroed) score lowest, are the ones removed, and the
+    smaller model computes the same logits; saved, it loads by its config alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmexp.pruning import importances, prune
+
+    model = _tiny_llama(tiny_teacher)
+    c = model.config
+    head_dim, n_kv = c.hidden_size // c.num_attention_heads, c.num_key_value_heads
+    per_group = c.num_attention_heads // n_kv
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if part == "mlp":
+                layer.mlp.down_proj.weight[:, : c.intermediate_size // 2] = 0  # half the neurons inert
+            elif part == "kv_heads":
+                layer.self_attn.o_proj.weight[:, : per_group * head_dim] = 0  # group 0's query heads inert
+        if part == "layers":
+            model.model.layers[0].self_attn.o_proj.weight.zero_()
+            model.model.layers[0].mlp.down_proj.weight.zero_()  # layer 0 passes its input on
+    batch = _batches(tiny_teacher)[0]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        before = model(**inputs).logits
+    scores = importances(model, _batches(tiny_teacher), head_dim, n_kv)
+    options = {"mlp": (0.5, None, None), "kv_heads": (1.0, n_kv - 1, None), "layers": (1.0, None, 1)}[part]
+    kept = prune(model, scores, *options)
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert torch.allclose(before, after, atol=1e-5), float((before - after).abs().max())
+    if part == "mlp":
+        assert all(k == list(range(c.intermediate_size, 2 * c.intermediate_size)) for k in kept["mlp"])
+    elif part == "kv_heads":
+        assert all(0 not in k for k in kept["kv_heads"]) and model.config.num_key_value_heads == n_kv - 1
+    else:
+        assert kept["layers"] == [1] and scores["influence"][0] == pytest.approx(0.0, abs=1e-6)
+    model.save_pretrained(str(tmp_path / "small"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "small")).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, after, atol=1e-6)
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in _tiny_llama(tiny_teacher).parameters())
+
+
+@pytest.mark.slow
+def test_prune_to_under_70_percent_with_recovery_keeps_exact_match(tmp_path, default_sft):
+    """`python -m llmexp stage=prune model.pretrained=<default sft>/model`, shipped defaults."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "pruned"
+    r = run_cli(["stage=prune", f"model.pretrained={default_sft}/model", "logger=csv", f"hydra.run.dir={run_dir}"],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    p = s["pruning"]
+    assert p["parameter_fraction"] <= 0.7 and s["parameters"] == p["parameters_after"]
+    before, after = s["initial"]["val/task_score"], s["final"]["val/task_score"]
+    assert after >= before - 0.05, (before, after)
+    model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"))
+    assert sum(x.numel() for x in model.parameters()) == p["parameters_after"]
+    assert model.config.intermediate_size == p["sizes"]["intermediate_size"] < 256

@@ -62,7 +62,7 @@ def test_every_shipped_option_composes_and_validates(group, option, tmp_path):
         (tmp_path / "teacher").mkdir()
         (tmp_path / "teacher" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
         overrides.append(f"stage.teacher={tmp_path / 'teacher'}")
-    if (group, option) == ("stage", "quantize"):  # changes a trained model: one must be named
+    if (group, option) in (("stage", "quantize"), ("stage", "prune")):  # change a trained model: name one
         (tmp_path / "model").mkdir()
         (tmp_path / "model" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
         overrides.append(f"model.pretrained={tmp_path / 'model'}")

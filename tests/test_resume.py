@@ -33,11 +33,13 @@ def _weights(run_dir):
     ["stage=simpo", "model=gpt2"], ["stage=orpo", "model=gpt2"],
     # Half the micro-batches the student's own samples: the draw and the sampling must resume too.
     ["stage=distill", "stage.teacher=TINY_TEACHER", "model=gpt2", "stage.lmbda=0.5", "stage.rollout.max_new_tokens=6"],
+    # The resumed run prunes the same parts again before it loads the smaller model's checkpoint.
+    ["stage=prune", "model.pretrained=TINY_TEACHER", "stage.kv_heads_keep=1", "optim.lr=1e-2"],
     # Small sources, so the 30 steps run over the mixed rows several times.
     ["model=gpt2", "data=mixture", "data.mixture=[{name: arithmetic, weight: 3, options: {num_samples: 200}}, "
      "{name: arithmetic, weight: 1, options: {num_samples: 200, max_operand: 20}}]"],
 ], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "online_dpo", "dpo", "kto", "ddp", "simpo", "orpo", "distill",
-        "mixture"])
+        "prune", "mixture"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher):
     extra = [o.replace("TINY_TEACHER", str(tiny_teacher)) for o in extra]
     mixed = "data=mixture" in extra  # its sources carry their own options

@@ -181,13 +181,13 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
                          "and peft=none has none", "peft=lora, or stage.reference=copy or precomputed"))
     if st.name == "distill":
         p.extend(_check_teacher(run))
-    if spec.trains and t.max_steps < 1:
+    if spec.steps == "required" and t.max_steps < 1:
         p.append(Problem("trainer.max_steps", f"stage={st.name} trains, and 0 steps would leave the model as it "
                          "started", "trainer.max_steps=1 or more"))
-    if not spec.trains:
-        if t.max_steps:
-            p.append(Problem("trainer.max_steps", f"stage={st.name} changes a trained model without training "
-                             f"steps, and {t.max_steps} were asked", "trainer.max_steps=0"))
+    if spec.steps == "none" and t.max_steps:
+        p.append(Problem("trainer.max_steps", f"stage={st.name} changes a trained model without training "
+                         f"steps, and {t.max_steps} were asked", "trainer.max_steps=0"))
+    if spec.changes_a_trained_model:
         if not pretrained:
             p.append(Problem("model.pretrained", f"stage={st.name} needs the trained model to change",
                              "model.pretrained=<run dir>/model (e.g. an sft run's)"))

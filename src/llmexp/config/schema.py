@@ -443,6 +443,25 @@ class QuantizeStageConfig:
 
 
 @dataclass
+class PruneStageConfig:
+    """prune: structured pruning that really shrinks a trained model (MLP neurons, key/value head
+    groups, whole layers, chosen by importance measured on validation data), then a recovery SFT
+    of trainer.max_steps steps (0: none)."""
+
+    name: str = _stage_name("prune")
+    mlp_keep: float = bounded(1.0, above=0.0, max=1.0, help=(
+        "Fraction of each layer's MLP neurons kept, the least important dropped (importance: mean |input| of the "
+        "neuron's down-projection column on validation tokens x that column's norm)."))
+    kv_heads_keep: Optional[int] = bounded(None, min=1, help=(
+        "Key/value heads kept per layer, each with its query heads (importance: the group's mean output norm on "
+        "validation tokens x its o_proj columns' norm); null: all."))
+    layers_keep: Optional[int] = bounded(None, min=1, help=(
+        "Decoder layers kept, those that change the hidden state least dropped (1 - cosine of a layer's input "
+        "and output on validation tokens, ShortGPT's block influence); null: all."))
+    importance_batches: int = bounded(8, min=1, help="Validation batches the importances are measured on.")
+
+
+@dataclass
 class FieldMap:
     """Which column of the source data holds each field a stage format needs."""
 

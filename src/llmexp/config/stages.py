@@ -32,8 +32,14 @@ class StageSpec:
     generates: bool = False
     # post-training of a language model: health-guarded, warned about lr scale on big models
     post_training: bool = False
-    # optimizes weights (trainer.max_steps >= 1); quantize changes a trained model without steps
-    trains: bool = True
+    # trainer.max_steps: "required" (>= 1: the stage trains), "optional" (0 allowed: prune's
+    # recovery SFT), "none" (must be 0: quantize changes a trained model without steps)
+    steps: str = "required"
+
+    @property
+    def changes_a_trained_model(self) -> bool:
+        """It starts from model.pretrained and alters it (prune, quantize)."""
+        return self.steps != "required"
 
     @property
     def language_model(self) -> bool:
@@ -72,7 +78,9 @@ STAGES: Dict[str, StageSpec] = {s.name: s for s in (
               generates=True, post_training=True),
     StageSpec("distill", "llmexp.stages.distill:DistillStage", S.DistillStageConfig, ("chat", "prompt_completion")),
     StageSpec("quantize", "llmexp.stages.quantize:QuantizeStage", S.QuantizeStageConfig, ("chat", "prompt_completion"),
-              trains=False),
+              steps="none"),
+    StageSpec("prune", "llmexp.stages.prune:PruneStage", S.PruneStageConfig, ("chat", "prompt_completion"),
+              steps="optional"),
 )}
 
 
