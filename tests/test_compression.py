@@ -220,3 +220,25 @@ def test_prune_to_under_70_percent_with_recovery_keeps_exact_match(tmp_path, def
     model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"))
     assert sum(x.numel() for x in model.parameters()) == p["parameters_after"]
     assert model.config.intermediate_size == p["sizes"]["intermediate_size"] < 256
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["stage.layers_keep=3"], "stage.layers_keep: keeps 3 layers of a model that has 2"),
+    (["stage.kv_heads_keep=4"], "stage.kv_heads_keep: keeps 4 key/value heads of a model that has 2"),
+    (["stage.mlp_keep=0"], "stage.mlp_keep"),
+    (["model=gpt2", "GPT2"], "stage=prune prunes llama-style decoders"),
+])
+def test_pruning_more_than_the_model_has_exits_2(tmp_path, tiny_teacher, overrides, expected):
+    model = tiny_teacher
+    if "GPT2" in overrides:
+        import shutil
+
+        model = tmp_path / "gpt2"
+        shutil.copytree(tiny_teacher, model)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+        overrides = []
+    r = run_cli(["stage=prune", f"model.pretrained={model}", *overrides, "logger=none",
+                 f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / "model").exists()

@@ -195,6 +195,8 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
             key = "strategy" if run.strategy.name != "auto" else "peft"
             p.append(Problem(key, f"stage={st.name} changes a whole model in one process, without "
                              f"{key}={getattr(run, key).name}", f"{key}={'auto' if key == 'strategy' else 'none'}"))
+    if st.name == "prune" and pretrained:
+        p.extend(_check_prune_sizes(st, Path(os.path.expanduser(pretrained)) / "config.json"))
     if st.name == "quantize" and st.method == "int4" and not _cuda_available():
         p.append(Problem("stage.method", "int4 uses torchao's CUDA kernels (tinygemm), and no CUDA GPU is "
                          "available", "stage.method=int8 on a CPU"))
@@ -456,6 +458,31 @@ def _check_teacher(run: S.RunConfig) -> List[Problem]:
     if st.lmbda > 0 and st.rollout.engine == "vllm":
         p.append(Problem("stage.rollout.engine", "distill samples the student's completions with engine hf or "
                          "generate", "stage.rollout.engine=hf"))
+    return p
+
+
+def _check_prune_sizes(st, config_file: Path) -> List[Problem]:
+    """What stage=prune keeps must exist in the model: a llama-style decoder with at least that
+    many layers and key/value heads."""
+    import json
+
+    if not config_file.is_file():
+        return []
+    config = json.loads(config_file.read_text())
+    if not any(a in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+               for a in config.get("architectures") or []):
+        return [Problem("stage", f"stage=prune prunes llama-style decoders (llama, mistral, qwen2), and this model "
+                        f"is {', '.join(config.get('architectures') or ['unknown'])}", "model.pretrained=<a llama, "
+                        "mistral or qwen2 run>/model")]
+    p: List[Problem] = []
+    layers = config.get("num_hidden_layers", 0)
+    kv = config.get("num_key_value_heads") or config.get("num_attention_heads", 0)
+    if st.layers_keep is not None and st.layers_keep > layers:
+        p.append(Problem("stage.layers_keep", f"keeps {st.layers_keep} layers of a model that has {layers}",
+                         f"stage.layers_keep={max(layers - 1, 1)} or fewer (null keeps all)"))
+    if st.kv_heads_keep is not None and st.kv_heads_keep > kv:
+        p.append(Problem("stage.kv_heads_keep", f"keeps {st.kv_heads_keep} key/value heads of a model that has {kv} "
+                         "per layer", f"stage.kv_heads_keep={max(kv - 1, 1)} or fewer (null keeps all)"))
     return p
 
 
