@@ -1,6 +1,7 @@
 """Compression as shipped, measured before -> after in one table: the default SFT (the teacher),
-a half-width student trained by plain SFT and by distillation from the teacher, and each of
-the teacher and the distilled student quantized to int8. For every model: parameters, weight
+a half-width student trained by plain SFT and by distillation from the teacher, the teacher
+pruned (shipped stage=prune: 40 % of the MLP neurons, 200 recovery steps), and each of the
+teacher and the distilled student quantized to int8. For every model: parameters, weight
 bytes on disk, greedy generation tokens/s, the task metric (exact match on the skill's 155
 held-out questions) and validation perplexity.
 
@@ -71,11 +72,13 @@ def main() -> None:
     teacher = run(["stage=sft"], root / "teacher")
     student_sft = run(["stage=sft", *HALF], root / "student-sft")
     student_kd = run(["stage=distill", f"stage.teacher={root / 'teacher'}", *HALF], root / "student-distill")
+    teacher_pruned = run(["stage=prune", f"model.pretrained={root / 'teacher' / 'model'}"], root / "teacher-pruned")
     teacher_q = run(["stage=quantize", f"model.pretrained={root / 'teacher' / 'model'}"], root / "teacher-int8")
     student_q = run(["stage=quantize", f"model.pretrained={root / 'student-distill' / 'model'}"],
                     root / "student-distill-int8")
     rows = [row("teacher: default sft (hidden 64)", root / "teacher", teacher),
             row("teacher int8", root / "teacher-int8", teacher_q),
+            row("teacher pruned (mlp 0.4) + recovery", root / "teacher-pruned", teacher_pruned),
             row("half-width student, plain sft", root / "student-sft", student_sft),
             row("half-width student, distilled", root / "student-distill", student_kd),
             row("distilled student int8", root / "student-distill-int8", student_q)]
@@ -87,8 +90,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:36} {r['parameters']:>8} {r['weight_bytes']:>9} {r['size_ratio_to_teacher']:>7} "
               f"{r['tokens_per_second']:>8} {r['speed_ratio_to_teacher']:>8} {r['task_score']:>12.3f}")
-    save("compression", {"rows": rows, "quantization": {"teacher": teacher_q["quantization"],
-                                                         "student": student_q["quantization"]}})
+    save("compression", {"rows": rows, "pruning": teacher_pruned["pruning"],
+                         "quantization": {"teacher": teacher_q["quantization"], "student": student_q["quantization"]}})
 
 
 if __name__ == "__main__":
