@@ -551,7 +551,7 @@ class TrainerConfig:
 
     max_steps: int = bounded(600, min=0, help=(
         "Optimizer steps to train (rollout stages: rollout iterations); the lr schedule runs over them (0: only "
-        "the stages that do not train, quantize)."))
+        "for the stages that change a trained model: prune without recovery, quantize)."))
     micro_batch_size: int = bounded(16, min=1, help=(
         "Samples per forward/backward pass on each device (rollout stages: prompts, each answered stage.group_size times "
         "in grpo)."))
