@@ -59,6 +59,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         from llmexp.export_gguf import main as export
 
         sys.exit(export(argv[1:]))
+    if argv[:1] == ["serve"]:
+        from llmexp.serving.server import main as serve
+
+        sys.exit(serve(argv[1:]))
     if argv[:1] == ["plugins"]:
         from llmexp.plugins.listing import main as list_plugins
 

@@ -1,0 +1,179 @@
+"""The OpenAI chat API of ``llmexp serve``, on LitServe: requests are checked where they arrive
+(HTTP 400 naming the field, before they reach the model), batched by LitServe, and answered by
+``llmexp.serving.engine`` in the inference worker."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import litserve as ls
+from fastapi import BackgroundTasks, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from litserve.specs.openai import ChatCompletionRequest, OpenAISpec
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the server answers with, and its defaults (from the run record)."""
+
+    model_dir: str
+    name: str
+    max_new_tokens: int  # a request's max_tokens when it gives none: the run's task.max_new_tokens
+    temperature: float  # a request's temperature when it gives none
+    max_batch_size: int
+    api_key: Optional[str] = None
+
+
+def openai_error(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+class RequestProblem(Exception):
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer, context: Optional[int]) -> None:
+    """Raise RequestProblem for a request this server cannot answer as asked."""
+    if request.model and request.model != served.name:
+        raise RequestProblem(f"model {request.model!r} is not served here; this server serves {served.name!r} "
+                             f"(GET /v1/models)", "model", 404)
+    if not request.messages:
+        raise RequestProblem("messages: give at least one message", "messages")
+    for i, m in enumerate(request.messages):
+        if m.role not in ROLES or not isinstance(m.content, str):
+            raise RequestProblem(f"messages[{i}]: each message needs a role ({', '.join(ROLES)}) and text content",
+                                 f"messages[{i}]")
+    if request.messages[-1].role != "user":
+        raise RequestProblem("messages: the last message must be the user's (this server answers it)", "messages")
+    for name in ("tools", "response_format", "stop"):
+        if getattr(request, name):
+            raise RequestProblem(f"{name}: not supported by llmexp serve; leave it out", name)
+    if not 1 <= (request.n or 1) <= served.max_batch_size:
+        raise RequestProblem(f"n: must be from 1 to {served.max_batch_size} (the server's --max-batch-size)", "n")
+    if not 0 <= request.temperature <= 2:
+        raise RequestProblem("temperature: must be from 0 (greedy) to 2", "temperature")
+    if not 0 < request.top_p <= 1:
+        raise RequestProblem("top_p: must be above 0 and at most 1", "top_p")
+    limit = new_token_limit(request, served)
+    if limit < 1:
+        raise RequestProblem("max_tokens: must be at least 1", "max_tokens")
+    prompt = tokenizer.apply_chat_template(messages_of(request), add_generation_prompt=True, tokenize=True)
+    prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    if context and len(prompt) + limit > context:
+        raise RequestProblem(f"the prompt is {len(prompt)} tokens; with max_tokens {limit} it exceeds the model's "
+                             f"context of {context} tokens: shorten it or lower max_tokens", "messages")
+
+
+def messages_of(request: ChatCompletionRequest) -> List[Dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in request.messages]
+
+
+def new_token_limit(request: ChatCompletionRequest, served: ServedModel) -> int:
+    given = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    return served.max_new_tokens if given is None else int(given)
+
+
+def temperature_of(request: ChatCompletionRequest, served: ServedModel) -> float:
+    """The request's temperature, or the run's when the client gave none (LitServe fills in 0.7)."""
+    return float(request.temperature) if "temperature" in request.model_fields_set else served.temperature
+
+
+class CheckedOpenAISpec(OpenAISpec):
+    """LitServe's OpenAI spec, with each request checked before it is queued for the model."""
+
+    def __init__(self, served: ServedModel):
+        super().__init__()
+        self.served = served
+        self._tokenizer = None
+        self._context: Optional[int] = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_tokenizer"] = None  # loaded again where it is needed
+        return state
+
+    def _load(self):
+        if self._tokenizer is None:
+            from transformers import AutoConfig, AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.served.model_dir)
+            self._context = getattr(AutoConfig.from_pretrained(self.served.model_dir), "max_position_embeddings", None)
+        return self._tokenizer
+
+    async def chat_completion(self, request: ChatCompletionRequest, background_tasks: BackgroundTasks):
+        try:
+            check_request(request, self.served, self._load(), self._context)
+        except RequestProblem as p:
+            return openai_error(p.status, str(p), p.param)
+        return await super().chat_completion(request, background_tasks)
+
+
+class ChatAPI(ls.LitAPI):
+    """The model in LitServe's inference worker: one batch of requests -> streamed answers."""
+
+    def __init__(self, served: ServedModel):
+        super().__init__(max_batch_size=served.max_batch_size, batch_timeout=0.02, spec=CheckedOpenAISpec(served))
+        self.served = served
+
+    def setup(self, device) -> None:
+        from llmexp.env import configure_environment, quiet_libraries
+        from llmexp.record import load_language_model
+
+        configure_environment(offline=True)
+        quiet_libraries()
+        from pathlib import Path
+
+        self.model, self.tokenizer = load_language_model(Path(self.served.model_dir))
+        self.model.to(device)
+
+    def authorize(self, request: Request) -> None:
+        """``Authorization: Bearer <key>`` (the OpenAI clients) or ``X-API-Key`` when the server has a key."""
+        require_key(request, self.served.api_key)
+
+    def decode_request(self, request: ChatCompletionRequest, context=None):
+        from llmexp.serving.engine import GenerationRequest
+
+        return GenerationRequest(messages_of(request), new_token_limit(request, self.served),
+                                 temperature_of(request, self.served), float(request.top_p))
+
+    def batch(self, inputs):
+        return list(inputs)
+
+    def predict(self, requests, context=None):
+        from llmexp.serving.engine import stream_answers
+
+        yield from stream_answers(self.model, self.tokenizer, list(requests))
+
+    def unbatch(self, output, context=None):
+        yield from output
+
+    def encode_response(self, output, context=None):
+        for step in output:
+            yield [{"role": "assistant", **delta} for delta in step]
+
+
+def require_key(request: Request, key: Optional[str]) -> None:
+    if not key:
+        return
+    given = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise HTTPException(401, "a wrong or missing API key: send 'Authorization: Bearer <key>' (OpenAI clients: "
+                                 "api_key=<key>) with the key the server was started with")
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A malformed body (a missing field, a wrong type): 400 naming the field, in OpenAI's shape."""
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    return openai_error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None)

@@ -1,0 +1,210 @@
+"""``llmexp serve <run dir>``: a run's model behind an OpenAI-compatible API, and a page where
+people compare its answers; their judgements become preference data for the next round.
+
+    llmexp serve runs/sft-llama/<time>                      # http://127.0.0.1:8000
+    llmexp serve runs/sft-llama/<time> --port 8080 --api-key $KEY --prompts prompts.jsonl
+
+``/v1/chat/completions`` (streaming too) and ``/v1/models`` speak OpenAI's API; ``/`` is the
+feedback page; judgements go to ``<run dir>/feedback/`` (``--feedback DIR``): ``pairs.jsonl`` for
+stage=dpo, ``ratings.jsonl`` for stage=kto (docs/serving.md).
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from llmexp.argtypes import positive_int
+from llmexp.errors import UserError, reader_may_stop_early, report
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")
+PAGE = Path(__file__).with_name("page.html")
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's, for a run without rollout settings
+
+
+def run_defaults(target: Path) -> Dict[str, Any]:
+    """The served run's generation settings and prompts: its task probe's answer length, its
+    rollout temperature (if it had one), and whether it trained on the bundled skill."""
+    from llmexp.record import RunDir
+
+    import yaml
+
+    config = RunDir(target).config
+    cfg = yaml.safe_load(config.read_text()) if config.is_file() else {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    rollout = (cfg.get("stage") or {}).get("rollout") or {}
+    data = cfg.get("data") or {}
+    return {"max_new_tokens": int((cfg.get("task") or {}).get("max_new_tokens") or 24),
+            "temperature": float(rollout.get("temperature", DEFAULT_TEMPERATURE)),
+            "bundled_skill": str(data.get("name", "")).startswith("arithmetic") or data.get("source") == "mixture",
+            "run_name": cfg.get("run_name")}
+
+
+def load_prompts(path: Optional[str], bundled_skill: bool) -> List[Dict[str, Any]]:
+    """The page's prompts: ``{"id", "text", "columns"}``. From a JSONL file (``prompt``: text or a
+    list of messages, other fields kept as columns), else the bundled skill's questions for a run
+    trained on it, else none (people type their own)."""
+    if path is None:
+        if not bundled_skill:
+            return []
+        from llmexp.data.skill import task_prompts
+
+        rows = task_prompts()
+        return [{"id": i, "text": r["prompt"][-1]["content"], "columns": r["columns"]} for i, r in enumerate(rows)]
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--prompts: no file {path!r}; give a JSONL file with one {{\"prompt\": ...}} per line")
+    out = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--prompts: {path} line {n} is not JSON ({e.msg}); one JSON object per line") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+            prompt = prompt[-1].get("content")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"--prompts: {path} line {n} has no 'prompt' text (a string, or a list of messages "
+                            f"ending with the user's)")
+        out.append({"id": len(out), "text": prompt, "columns": {k: v for k, v in row.items() if k != "prompt"}})
+    if not out:
+        raise UserError(f"--prompts: {path} has no prompts")
+    return out
+
+
+def check_address(host: str, port: int) -> None:
+    if host not in HOSTS:
+        raise UserError(f"--host: {host!r} is not one llmexp serve can bind; use 127.0.0.1 (this machine only, the "
+                        f"default), 0.0.0.0 (every IPv4 interface) or :: (every interface)")
+    if not 1024 <= port <= 65535:
+        raise UserError(f"--port: {port} is outside 1024-65535; pick a free port in that range")
+    family = socket.AF_INET6 if host == "::" else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--port: {host}:{port} is not free ({e.strerror}); stop what uses it or give "
+                            f"another --port") from None
+
+
+def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
+    """The LitServer: the chat API (LitServe's OpenAI spec), /v1/models, the page and its routes."""
+    import litserve as ls
+    from fastapi import Depends, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    from llmexp.serving.api import ChatAPI, openai_error, require_key, validation_error
+    from llmexp.serving.feedback import BadJudgement, FeedbackLog, judgement_rows
+
+    api = ChatAPI(served)
+    server = ls.LitServer(api, accelerator="auto", timeout=600, enable_shutdown_api=False)
+    app = server.app
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]  # LitServe's greeting
+    app.add_exception_handler(RequestValidationError, validation_error)
+    log = FeedbackLog(feedback_dir)
+
+    def check_key(request: Request) -> None:
+        require_key(request, served.api_key)
+
+    keyed = [Depends(check_key)]
+    by_id = {p["id"]: p for p in prompts}
+
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    async def config() -> Dict[str, Any]:
+        return {"model": served.name, "temperature": served.temperature, "max_tokens": served.max_new_tokens,
+                "key_required": bool(served.api_key), "feedback_dir": str(feedback_dir)}
+
+    async def models() -> Dict[str, Any]:
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
+                                            "owned_by": "llmexp"}]}
+
+    async def prompt_list() -> Dict[str, Any]:
+        return {"prompts": [{"id": p["id"], "text": p["text"]} for p in prompts]}
+
+    def record(body: Any) -> Dict[str, int]:
+        picked = by_id.get(body.get("prompt_id")) if isinstance(body, dict) else None
+        columns = picked["columns"] if picked and picked["text"] == body.get("prompt") else {}
+        reserved = {"prompt", "chosen", "rejected", "completion", "label", "judged_at", "judgement", "model"}
+        extra = {"model": served.name, **{k: v for k, v in columns.items() if k not in reserved}}
+        return log.append(judgement_rows(body, extra))
+
+    async def judgements(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return openai_error(400, "the body is not JSON; send a JSON object with kind, prompt and the answers")
+        try:
+            from starlette.concurrency import run_in_threadpool
+
+            counts = await run_in_threadpool(record, body)
+        except BadJudgement as e:
+            return openai_error(400, str(e))
+        return JSONResponse({"recorded": True, "pairs": counts["pairs.jsonl"], "ratings": counts["ratings.jsonl"]})
+
+    app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/feedback/config", config, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/feedback/prompts", prompt_list, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/feedback/judgements", judgements, methods=["POST"], dependencies=keyed)
+    return server
+
+
+@reader_may_stop_early
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="llmexp serve", description=__doc__.splitlines()[0])
+    ap.add_argument("target", help="a run directory (its model/) or a model directory")
+    ap.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default: this machine only), 0.0.0.0 or ::")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=os.environ.get("LLMEXP_API_KEY"),
+                    help="clients must send it (Authorization: Bearer); default: $LLMEXP_API_KEY, else none")
+    ap.add_argument("--prompts", help="JSONL of prompts for the page (default: the bundled skill's questions for "
+                                      "a run trained on it)")
+    ap.add_argument("--feedback", help="directory for the judgements (default: <run dir>/feedback)")
+    ap.add_argument("--max-batch-size", type=positive_int, default=8,
+                    help="requests answered together (and the most answers one request may ask for)")
+    args = ap.parse_args(argv)
+    from llmexp.env import configure_environment
+
+    configure_environment(offline=True)
+    try:
+        from llmexp.record import RunDir, model_dir_of
+        from llmexp.serving.api import ServedModel
+
+        model_dir = model_dir_of(args.target)
+        target = Path(args.target)
+        defaults = run_defaults(target)
+        check_address(args.host, args.port)
+        prompts = load_prompts(args.prompts, defaults["bundled_skill"])
+        is_run = RunDir(target).model == model_dir
+        feedback_dir = Path(args.feedback) if args.feedback else (target / "feedback" if is_run else Path("feedback"))
+        name = defaults["run_name"] or (target.name if not is_run else target.parent.name)
+        served = ServedModel(str(model_dir.resolve()), name, defaults["max_new_tokens"], defaults["temperature"],
+                             max(2, args.max_batch_size), args.api_key or None)
+    except UserError as e:
+        return report(e)
+    from rich.console import Console
+
+    url = f"http://{'127.0.0.1' if args.host != '::' else '[::1]'}:{args.port}"
+    Console(stderr=True, soft_wrap=True).print(
+        f"serving [bold]{name}[/] ({model_dir}) at {url}\n"
+        f"  OpenAI API: {url}/v1 (chat/completions, models){' - API key required' if served.api_key else ''}\n"
+        f"  feedback page: {url}/  -> judgements in {feedback_dir.resolve()}\n"
+        f"  {len(prompts)} prompt(s) on the page; Ctrl+C stops", highlight=False)
+    if args.host != "127.0.0.1" and not served.api_key:
+        Console(stderr=True).print("[yellow]warning[/]: listening beyond this machine without --api-key")
+    server = build_server(served, prompts, feedback_dir.resolve())
+    server.run(host=args.host, port=args.port, log_level="warning", generate_client_file=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
