@@ -15,6 +15,7 @@ from llmexp.preflight import preflight
 from llmexp.record import RunDir, build_summary, finish_record, write_config, write_overrides
 from llmexp.run_lock import RunLock
 from llmexp.secrets import redact
+from llmexp.serving.feedback import feedback_record
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any] = ()) -> float:
@@ -72,7 +73,7 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
                                typed.model.trust_remote_code)
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
-    notes = run_notes(typed, stage)
+    notes = {**run_notes(typed, stage), **feedback_record(typed.data, prepared)}
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
     watchers = watching_callbacks(typed, run_dir, stage, prepared)

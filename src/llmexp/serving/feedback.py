@@ -33,9 +33,9 @@ class BadJudgement(ValueError):
     """A judgement the server refuses (HTTP 400); the message names the field and what it takes."""
 
 
-def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise BadJudgement(f"{name}: must be a non-empty string")
+def _text(value: Any, name: str, may_be_empty: bool = False) -> str:
+    if not isinstance(value, str) or not (may_be_empty or value.strip()):
+        raise BadJudgement(f"{name}: must be a {'' if may_be_empty else 'non-empty '}string")
     return value
 
 
@@ -59,7 +59,7 @@ def judgement_rows(body: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[st
         answers = body.get("answers")
         if not isinstance(answers, list) or len(answers) != 2:
             raise BadJudgement("answers: must be a list of the two answers shown")
-        a, b = (_text(x, f"answers[{i}]") for i, x in enumerate(answers))
+        a, b = (_text(x, f"answers[{i}]", True) for i, x in enumerate(answers))
         choice = body.get("choice")
         if choice not in CHOICES:
             raise BadJudgement(f"choice: must be one of {', '.join(CHOICES)}, got {choice!r}")
@@ -71,7 +71,7 @@ def judgement_rows(body: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[st
     if kind == "rating":
         if body.get("label") not in LABELS:
             raise BadJudgement(f"label: must be 'up' or 'down', got {body.get('label')!r}")
-        return {RATINGS: [{"prompt": prompt, "completion": answer(_text(body.get("answer"), "answer")),
+        return {RATINGS: [{"prompt": prompt, "completion": answer(_text(body.get("answer"), "answer", True)),
                            "label": LABELS[body["label"]], **meta}]}
     raise BadJudgement(f"kind: must be 'pair' or 'rating', got {kind!r}")
 
@@ -126,3 +126,15 @@ def count_rows(path: Path) -> int:
         return 0
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
+
+
+def feedback_record(data_cfg, prepared) -> Dict[str, Any]:
+    """summary.json's ``feedback`` for a run trained on judgements (``data=feedback``): the file(s)
+    they came from, how many judgements those hold, and how many rows the run used."""
+    if data_cfg.name != "feedback" or not data_cfg.path:
+        return {}
+    from llmexp.data.sources import data_files
+
+    files = [str(Path(f).resolve()) for f in data_files(data_cfg.path)]
+    return {"feedback": {"files": files, "judgements": sum(count_rows(Path(f)) for f in files),
+                         "train_rows": len(prepared.train), "val_rows": len(prepared.val or [])}}

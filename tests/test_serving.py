@@ -1,0 +1,377 @@
+"""`llmexp serve`: the real server (LitServe, uvicorn) on a loopback port, the official `openai`
+client, the feedback page in Debian's chromium through Playwright, and training on the judgements."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+
+from llmexp.testing import run_cli
+
+KEY = "test-key-123"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: Optional[dict] = None, key: Optional[str] = KEY, timeout: float = 60):
+    """(status, parsed JSON body) of one request."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw or b"null")
+    except ValueError:
+        return status, raw.decode(errors="replace")  # /health answers plain text
+
+
+@contextlib.contextmanager
+def serving(run_dir: Path, *args: str, timeout: float = 180) -> Iterator[Dict[str, object]]:
+    """`llmexp serve run_dir --port <free> *args` until the block ends (the whole process group is
+    killed then); yields its url and process."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    log = run_dir.parent / f"serve-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llmexp", "serve", str(run_dir), "--port", str(port), *args],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llmexp serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(OSError, ValueError):  # not listening yet
+                if http("GET", f"{url}/health", key=key, timeout=2)[0] == 200:
+                    break
+            if time.time() > deadline:
+                pytest.fail(f"llmexp serve did not answer /health in time:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield {"url": url, "proc": proc}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served_sft(tmp_path_factory, short_sft):
+    """The 200-step SFT run (a copy: the judgements land in its feedback/), served with an API key."""
+    run = tmp_path_factory.mktemp("serve") / "sft"
+    shutil.copytree(short_sft, run, ignore=shutil.ignore_patterns("checkpoints"))
+    with serving(run, "--api-key", KEY) as s:
+        yield {**s, "run": run}
+
+
+def greedy_reference(model_dir: Path, prompts: List[str], max_new_tokens: int = 24) -> List[str]:
+    """What `python -m llmexp.generate` answers (its generate(), one prompt at a time)."""
+    from llmexp.generate import generate
+    from llmexp.record import load_language_model
+
+    model, tokenizer = load_language_model(model_dir)
+    return [generate(model, tokenizer, [p], max_new_tokens)[0] for p in prompts]
+
+
+PROMPTS = ["Add 3 and 4.", "What is 9 minus 2?", "What is 5 plus 8?", "Subtract 1 from 7.", "Tell me a story."]
+
+
+def client(url: str, key: str = KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_openai_client_gets_the_greedy_answers_of_llmexp_generate(served_sft):
+    c = client(served_sft["url"])
+    models = [m.id for m in c.models.list().data]
+    assert models == ["sft-llama"]
+    expected = greedy_reference(served_sft["run"] / "model", PROMPTS)
+    got = [c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": p}], temperature=0)
+           for p in PROMPTS]
+    assert [r.choices[0].message.content for r in got] == expected
+    assert all(r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0 for r in got)
+    assert len(set(expected)) > 2  # different prompts, different answers: not one canned reply
+    # Streaming: many chunks whose text joins to the same answer.
+    stream = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                       temperature=0, stream=True)
+    pieces = [ch.choices[0].delta.content for ch in stream if ch.choices and ch.choices[0].delta.content]
+    assert len(pieces) >= 3 and "".join(pieces) == expected[0], pieces
+    # max_tokens is the answer's token limit
+    short = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                      temperature=0, max_tokens=2)
+    assert short.usage.completion_tokens == 2 and expected[0].startswith(short.choices[0].message.content)
+
+
+def test_concurrent_requests_are_batched_and_all_answered(served_sft):
+    c = client(served_sft["url"])
+    prompts = [f"What is {a} plus {b}?" for a in range(4) for b in range(6)]
+    expected = greedy_reference(served_sft["run"] / "model", prompts)
+
+    def ask(p: str) -> str:
+        r = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": p}], temperature=0)
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(ask, prompts))
+    assert got == expected
+    # n=2 sampled answers come back as two choices (the feedback page asks this way)
+    r = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": prompts[0]}], n=2,
+                                  temperature=1.0)
+    assert len(r.choices) == 2 and all(ch.message.content for ch in r.choices)
+
+
+@pytest.mark.parametrize("case,body,status,words", [
+    ("no messages", {"messages": []}, 400, "messages: give at least one message"),
+    ("messages not a list", {"messages": "hi"}, 400, "messages"),
+    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "GET /v1/models"),
+    ("too many answers", {"messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n: must be from 1 to 8"),
+    ("bad temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ("too long", {"messages": [{"role": "user", "content": "hi " * 400}], "max_tokens": 10}, 400,
+     "exceeds the model's context"),
+    ("ends with the assistant", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
+])
+def test_bad_requests_get_4xx_with_a_message(served_sft, case, body, status, words):
+    code, reply = http("POST", f"{served_sft['url']}/v1/chat/completions", body)
+    assert code == status, (code, reply)
+    assert words in reply["error"]["message"], reply
+
+
+def test_a_wrong_or_missing_api_key_gets_401(served_sft):
+    import openai
+
+    for key in ("wrong", ""):
+        with pytest.raises(openai.AuthenticationError) as e:
+            client(served_sft["url"], key or "none").chat.completions.create(
+                model="sft-llama", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 401
+        code, reply = http("POST", f"{served_sft['url']}/feedback/judgements",
+                           {"kind": "rating", "prompt": "p", "answer": "a", "label": "up"}, key=key or None)
+        assert code == 401 and "API key" in json.dumps(reply)
+    code, _ = http("GET", f"{served_sft['url']}/v1/models", key=None)
+    assert code == 401
+    assert not (served_sft["run"] / "feedback" / "ratings.jsonl").exists() or all(
+        "\"prompt\": [{\"role\": \"user\", \"content\": \"p\"}]" not in line
+        for line in (served_sft["run"] / "feedback" / "ratings.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"kind": "pair", "prompt": "p", "answers": ["a"], "choice": "a"}, "answers: must be a list of the two"),
+    ({"kind": "pair", "prompt": "p", "answers": ["a", "b"], "choice": "c"}, "choice: must be one of"),
+    ({"kind": "rating", "prompt": "", "answer": "a", "label": "up"}, "prompt: must be a non-empty string"),
+    ({"kind": "vote", "prompt": "p"}, "kind: must be 'pair' or 'rating'"),
+])
+def test_bad_judgements_get_400_and_write_nothing(served_sft, body, words):
+    feedback = served_sft["run"] / "feedback"
+    before = {p.name: p.read_text() for p in feedback.glob("*.jsonl")} if feedback.is_dir() else {}
+    code, reply = http("POST", f"{served_sft['url']}/feedback/judgements", body)
+    assert code == 400 and words in reply["error"]["message"], reply
+    after = {p.name: p.read_text() for p in feedback.glob("*.jsonl")} if feedback.is_dir() else {}
+    assert after == before
+
+
+def test_the_feedback_page_in_a_real_browser_records_exactly_the_judgements(tmp_path, short_sft):
+    """Debian's chromium (apt-get install chromium), driven by Playwright: pick a prompt, sample
+    two answers, choose; 'both bad'; a thumbs up. The files hold exactly those judgements."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "install the browser first: apt-get install -y chromium (README)"
+    run = tmp_path / "sft"
+    shutil.copytree(short_sft, run, ignore=shutil.ignore_patterns("checkpoints"))
+    with serving(run, "--api-key", KEY) as s, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(s["url"] + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.is_visible("#api-key")  # the server has a key: the page asks for it
+        with page.expect_navigation():  # the page reloads with the key
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("body[data-ready='1']")
+        page.wait_for_function("document.querySelectorAll('#prompt-select option').length > 100")
+        shown = []
+        for choice, status in (("#choose-a", "1 pair(s) and 0 rating(s)"), ("#both-bad", "1 pair(s) and 3 rating(s)")):
+            page.select_option("#prompt-select", index=3)
+            prompt = page.input_value("#prompt-text")
+            page.click("#sample")
+            page.wait_for_function("!document.getElementById('choose-a').disabled")
+            answers = [page.inner_text("#answer-a"), page.inner_text("#answer-b")]
+            if choice == "#both-bad":
+                page.click("#up-a")  # a thumbs up on answer A first, then the pair is 'both bad'
+                page.wait_for_function("document.getElementById('status').textContent.includes('1 rating')")
+            page.click(choice)
+            page.wait_for_function(f"document.getElementById('status').textContent.includes('{status}')")
+            shown.append((prompt, answers))
+        assert "Saved. 1 pair(s) and 3 rating(s) so far." in page.inner_text("#status")
+        page.screenshot(path=str(tmp_path / "page.png"))
+        browser.close()
+    pairs = [json.loads(x) for x in (run / "feedback" / "pairs.jsonl").read_text().splitlines()]
+    ratings = [json.loads(x) for x in (run / "feedback" / "ratings.jsonl").read_text().splitlines()]
+    (prompt, (a, b)), (prompt2, (a2, b2)) = shown
+    assert len(pairs) == 1 and pairs[0]["prompt"] == [{"role": "user", "content": prompt}]
+    assert pairs[0]["chosen"][0]["content"] == a and pairs[0]["rejected"][0]["content"] == b
+    assert pairs[0]["model"] == "sft-llama" and "solution" in pairs[0]  # the prompt's own columns come along
+    assert [(r["completion"][0]["content"], r["label"]) for r in ratings] == [(a2, True), (a2, False), (b2, False)]
+    assert all(r["prompt"][0]["content"] == prompt2 for r in ratings)
+
+
+_WRITER = """
+import sys
+from llmexp.serving.feedback import FeedbackLog
+log = FeedbackLog(sys.argv[1])
+big = "x" * 32_000_000  # 32 MB answers: writing one takes tens of milliseconds, so kills land inside writes
+i = 0
+while True:
+    log.append({"pairs.jsonl": [{"prompt": [{"role": "user", "content": f"q{i}"}],
+                                 "chosen": [{"role": "assistant", "content": big}],
+                                 "rejected": [{"role": "assistant", "content": "no"}]}]})
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def test_a_writer_killed_mid_write_never_leaves_a_broken_line(tmp_path):
+    """SIGKILL a process appending 32 MB judgements at 12 moments spread over its writes (a plain
+    append leaves a torn last line for about a quarter of them): every file ends at a line's end,
+    every line is whole JSON, and every append the writer finished is there, in order."""
+    for attempt in range(12):
+        d = tmp_path / f"fb{attempt}"
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(d)], stdout=subprocess.PIPE, text=True)
+        acknowledged = [proc.stdout.readline()]
+        time.sleep(0.025 * attempt)
+        proc.kill()
+        proc.wait()
+        acknowledged += proc.stdout.read().splitlines()
+        lines = (d / "pairs.jsonl").read_bytes().split(b"\n")
+        assert lines[-1] == b"", f"attempt {attempt}: the file ends inside a line"
+        prompts = [json.loads(x)["prompt"][0]["content"] for x in lines[:-1]]
+        assert prompts == [f"q{i}" for i in range(len(prompts))] and len(prompts) >= len(acknowledged)
+        shutil.rmtree(d)
+
+
+def test_judgements_from_concurrent_clients_while_the_server_is_killed(tmp_path, short_sft):
+    """Eight clients post judgements at once; the server is SIGKILLed mid-stream. Every judgement
+    the server acknowledged is in the file, once, and no line is broken."""
+    run = tmp_path / "sft"
+    shutil.copytree(short_sft, run, ignore=shutil.ignore_patterns("checkpoints"))
+    acknowledged: List[str] = []
+    stop = threading.Event()
+    with serving(run) as s:
+        def client_loop(c: int) -> None:
+            i = 0
+            while not stop.is_set():
+                prompt = f"client {c} judgement {i}"
+                try:
+                    code, _ = http("POST", f"{s['url']}/feedback/judgements", {
+                        "kind": "pair", "prompt": prompt, "answers": ["a" * 20000, "b"], "choice": "a"}, key=None,
+                        timeout=10)
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    return
+                if code == 200:
+                    acknowledged.append(prompt)
+                i += 1
+
+        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        while len(acknowledged) < 40:
+            time.sleep(0.01)
+        os.killpg(s["proc"].pid, signal.SIGKILL)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    text = (run / "feedback" / "pairs.jsonl").read_text()
+    assert text.endswith("\n")
+    prompts = [json.loads(line)["prompt"][0]["content"] for line in text.splitlines()]
+    assert len(prompts) == len(set(prompts)) and set(acknowledged) <= set(prompts)
+
+
+def simulated_judges(url: str, n_pairs: int, key: Optional[str] = None) -> Dict[str, int]:
+    """The bundled skill's checker as the people: for each of ``n_pairs`` prompts of the page, two
+    sampled answers through the chat API, then the judgement a careful person would post: the
+    right answer over a wrong one, both bad, or both good."""
+    from llmexp.data.skill import correctness_reward
+
+    _, listing = http("GET", f"{url}/feedback/prompts", key=key)
+    prompts = listing["prompts"]
+    _, config = http("GET", f"{url}/feedback/config", key=key)
+    counts: Dict[str, int] = {}
+    from llmexp.data.skill import task_prompts
+
+    solutions = [r["columns"]["solution"] for r in task_prompts()]
+    for i in range(n_pairs):
+        p = prompts[(i * 7) % len(prompts)]
+        code, r = http("POST", f"{url}/v1/chat/completions", {
+            "model": config["model"], "n": 2, "temperature": config["temperature"],
+            "messages": [{"role": "user", "content": p["text"]}]}, key=key)
+        assert code == 200, r
+        answers = [c["message"]["content"] for c in r["choices"]]
+        right = [correctness_reward(a, solution=solutions[p["id"]]) == 1.0 for a in answers]
+        choice = "both_good" if all(right) else "both_bad" if not any(right) else "a" if right[0] else "b"
+        counts[choice] = counts.get(choice, 0) + 1
+        code, _ = http("POST", f"{url}/feedback/judgements", {"kind": "pair", "prompt": p["text"], "prompt_id": p["id"],
+                                                              "answers": answers, "choice": choice}, key=key)
+        assert code == 200
+    return counts
+
+
+def held_out_exact_match(model_dir: Path) -> float:
+    """The bundled skill's 155 questions, greedy, scored by its checker (the task metric of the SFT run)."""
+    from llmexp.data.skill import task_prompts
+    from llmexp.generate import generate
+    from llmexp.record import load_language_model
+    from llmexp.task_probe import TaskProbe
+
+    model, tokenizer = load_language_model(model_dir)
+    probe = TaskProbe(check="arithmetic_correct", rows=task_prompts(), max_new_tokens=24, batch_size=64)
+    total, n = probe.sums(lambda prompts: generate(model, tokenizer, [p[-1]["content"] for p in prompts], 24))[
+        "task_score"]
+    return total / n
+
+
+@pytest.mark.slow
+def test_dpo_on_judgements_collected_through_the_api_raises_exact_match(tmp_path, short_sft):
+    """Serve the 200-step SFT, let simulated judges label 200 pairs over HTTP, then the README's
+    command: `python -m llmexp stage=dpo model.pretrained=<sft>/model data=feedback
+    data.path=<sft>/feedback/pairs.jsonl` (shipped defaults). Held-out exact match rises."""
+    run = tmp_path / "sft"
+    shutil.copytree(short_sft, run, ignore=shutil.ignore_patterns("checkpoints"))
+    with serving(run) as s:
+        counts = simulated_judges(s["url"], 200)
+    pairs = run / "feedback" / "pairs.jsonl"
+    assert sum(counts.values()) == 200 and counts.get("a", 0) + counts.get("b", 0) >= 40, counts
+    dpo = tmp_path / "dpo"
+    r = run_cli(["stage=dpo", f"model.pretrained={run}/model", "data=feedback", f"data.path={pairs}", "logger=csv",
+                 f"hydra.run.dir={dpo}"], cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((dpo / "summary.json").read_text())
+    assert summary["feedback"]["files"] == [str(pairs.resolve())]
+    assert summary["feedback"]["judgements"] == counts.get("a", 0) + counts.get("b", 0)
+    before, after = held_out_exact_match(run / "model"), held_out_exact_match(dpo / "model")
+    sft_metric = json.loads((run / "summary.json").read_text())["final"]["val/task_score"]
+    assert before == pytest.approx(sft_metric, abs=1e-6)
+    assert after >= before + 0.15, (before, after, counts)
