@@ -22,7 +22,7 @@ from llmexp.errors import UserError, reader_may_stop_early, report
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 PAGE = Path(__file__).with_name("page.html")
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's, for a run without rollout settings
+DEFAULT_TEMPERATURE = 0.7  # for a run without rollout settings (LitServe's default too)
 
 
 def run_defaults(target: Path) -> Dict[str, Any]:
