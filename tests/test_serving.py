@@ -392,3 +392,27 @@ def test_dpo_on_judgements_collected_through_the_api_raises_exact_match(tmp_path
     assert before == pytest.approx(sft_metric, abs=1e-6)
     print(f"dpo on {counts['a'] + counts['b']} judged pairs ({counts}): exact match {before:.3f} -> {after:.3f}")
     assert after >= before + 0.15, (before, after, counts)
+
+
+@pytest.mark.parametrize("case,args,words", [
+    ("no run", ["{tmp}/nothing"], "is neither a run directory with model/ nor a model directory"),
+    ("bad host", ["{run}", "--host", "10.1.2.3"], "--host: '10.1.2.3' is not one llmexp serve can bind"),
+    ("port taken", ["{run}", "--port", "{busy}"], "is not free"),
+    ("low port", ["{run}", "--port", "80"], "--port: 80 is outside 1024-65535"),
+    ("no prompt file", ["{run}", "--prompts", "{tmp}/missing.jsonl"], "--prompts: no file"),
+    ("prompt file not JSON", ["{run}", "--prompts", "{tmp}/bad.jsonl"], "line 2 is not JSON"),
+    ("reward model", ["{rm}"], "reward model"),
+])
+def test_serve_refuses_bad_input_with_exit_2_before_loading(tmp_path, tiny_teacher, case, args, words):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{not json\n')
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    config = json.loads((tiny_teacher / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        filled = [a.format(tmp=tmp_path, run=tiny_teacher, busy=busy.getsockname()[1], rm=rm) for a in args]
+        r = run_cli(["serve", *filled], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert words in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
