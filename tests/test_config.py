@@ -12,12 +12,13 @@ from llmexp.paths import config_groups
 GROUPS = config_groups()
 # Options that need something this CPU machine lacks (refused on purpose, tested below).
 NEEDS_GPU = {("peft", "qlora"), ("trainer", "gpu"), ("strategy", "deepspeed_zero2"), ("strategy", "deepspeed_zero3")}
-NEEDS_PATH = {("data", "files"), ("data", "hf")}
+NEEDS_PATH = {("data", "files"), ("data", "hf"), ("data", "feedback")}
 # Options that only make sense with a matching choice in another group.
 COMPANIONS = {
     ("data", "arithmetic_text"): ["stage=pretrain"],
     ("data", "arithmetic_pairs"): ["stage=dpo"],
     ("data", "arithmetic_prompts"): ["stage=grpo"],
+    ("data", "feedback"): ["stage=dpo"],
     ("stage", "pretrain"): [],
     ("stage", "rm"): ["data=arithmetic_pairs"],
     ("stage", "dpo"): ["data=arithmetic_pairs"],
@@ -49,7 +50,10 @@ def test_every_shipped_option_composes_and_validates(group, option, tmp_path):
     if (group, option) in NEEDS_PATH:
         data = tmp_path / "d.jsonl"
         data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
-        overrides.append(f"data.path={data}" if option == "files" else f"data.path={tmp_path}")
+        if option == "feedback":  # what llmexp serve writes: pairs.jsonl
+            data.write_text('{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", '
+                            '"content": "yo"}], "rejected": [{"role": "assistant", "content": "no"}]}\n')
+        overrides.append(f"data.path={data}" if option in ("files", "feedback") else f"data.path={tmp_path}")
         if option == "hf":
             from datasets import Dataset
 

@@ -89,7 +89,7 @@ def test_help_lists_plugin_config_options_without_importing_heavy_libraries():
     code = ("import sys\nfrom llmexp.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('HEAVY', [m for m in ('torch', 'transformers', 'lightning', 'datasets') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout
-    assert "data: acme_qa, arithmetic, arithmetic_pairs, arithmetic_prompts, arithmetic_text, files, hf" in out
+    assert "data: acme_qa, arithmetic, arithmetic_pairs, arithmetic_prompts, arithmetic_text, feedback, files, hf" in out
     assert "HEAVY []" in out
 
 
