@@ -59,6 +59,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         from llmexp.export_gguf import main as export
 
         sys.exit(export(argv[1:]))
+    if argv[:1] == ["prepare"]:
+        from llmexp.prepare_corpus import main as prepare
+
+        sys.exit(prepare(argv[1:]))
     if argv[:1] == ["serve"]:
         from llmexp.serving.server import main as serve
 

@@ -29,6 +29,7 @@ Sweep with Hydra multirun:                  python -m llmexp -m optim.lr=1e-4,3e
 Stages in sequence (SFT -> RM -> PPO):       llmexp pipeline rlhf   (also: dpo, kto, simpo, orpo, grpo, rloo, online_dpo, distill)
 Sweep with a W&B sweep file:                llmexp sweep sweeps/lr.yaml
 A run's model as GGUF for llama.cpp:        llmexp export <run dir> --format gguf
+Tokenize a text corpus once, before runs:   llmexp prepare stage=pretrain data=files data.path=DIR
 Serve a run (OpenAI API + feedback page):   llmexp serve <run dir> [--port N] [--api-key KEY]
 Hydra's own flags:                          python -m llmexp --hydra-help
 """

@@ -173,6 +173,13 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
         p.append(Problem("trainer.micro_batch_size", "kto estimates its KL term by pairing each prompt with "
                          "another row's completion in the micro-batch, and 1 row has no other",
                          "trainer.micro_batch_size=2 or more (or stage.loss_type=apo_zero_unpaired, without KL)"))
+    if d.concat and not spec.packs:
+        p.append(Problem("data.concat", f"stage={st.name} scores whole sequences one per row; joining "
+                         "documents into blocks would mix several into one", "data.concat=false"))
+    if d.concat and d.packing:
+        p.append(Problem("data.concat", "data.concat and data.packing both put several documents in a row; "
+                         "choose one", "data.packing=false (blocks across documents) or data.concat=false "
+                         "(packed rows, no attention across documents)"))
     if not spec.packs and d.packing:
         p.append(Problem("data.packing", f"stage={st.name} scores whole sequences one per row; packing "
                          "would mix several into one", "data.packing=false"))

@@ -57,20 +57,17 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
 
     resume_from = resolve_resume(typed.resume, run_dir)  # a damaged checkpoint is refused here, record untouched
     resolved = start_record(typed, run_dir)
-    from llmexp.data.module import StageDataModule, load_examples
+    from llmexp.data.module import StageDataModule
 
-    prepared = load_examples(typed.data, typed.stage.name)  # data problems surface before any model
+    prepared, tokenizer = prepare_data(typed)  # data problems surface before any model
     import lightning as L
 
     quiet_libraries()  # after Lightning's import, which sets its own log levels
     from llmexp.loggers import build_loggers
-    from llmexp.models.tokenizer import load_tokenizer
     from llmexp.plugins import plugin_callbacks
     from llmexp.stages import stage_class
     from llmexp.training import build_trainer, fit, save_last_checkpoint
 
-    tokenizer = load_tokenizer(typed.model.tokenizer, typed.model.pretrained, prepared.texts,
-                               typed.model.trust_remote_code)
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
     notes = {**run_notes(typed, stage), **feedback_record(typed.data, prepared)}
@@ -91,6 +88,26 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
             summary.update(facts)
         finish_record(trainer, run_dir, redact(summary), started)
     return float(final.get("val/loss", float("nan")))
+
+
+def prepare_data(typed):
+    """(PreparedData, tokenizer). A text corpus goes through the token cache: with a tokenizer
+    that does not depend on the data and a source known before loading, a cache hit skips
+    loading and tokenizing altogether; other data is loaded, prepared and encoded as rows."""
+    from llmexp.data.module import load_examples
+    from llmexp.data.token_cache import peeked_format, prepared_text
+    from llmexp.models.tokenizer import load_tokenizer
+
+    d, m = typed.data, typed.model
+    load = lambda: load_examples(d, typed.stage.name)  # noqa: E731
+    if m.tokenizer != "train" and peeked_format(d) == "text":
+        tokenizer = load_tokenizer(m.tokenizer, m.pretrained, None, m.trust_remote_code)
+        return prepared_text(d, typed.stage.name, tokenizer, load), tokenizer
+    prepared = load()
+    tokenizer = load_tokenizer(m.tokenizer, m.pretrained, prepared.texts, m.trust_remote_code)
+    if prepared.format == "text":
+        return prepared_text(d, typed.stage.name, tokenizer, load, prepared), tokenizer
+    return prepared, tokenizer
 
 
 def hydra_run_dir() -> Path:
@@ -173,7 +190,7 @@ def watching_callbacks(typed, run_dir: Path, stage, prepared) -> List[Any]:
     from llmexp.task_probe import build_probe
 
     if stage_spec(typed.stage.name).language_model:
-        stage.task_probe = build_probe(typed, prepared.val, prepared.format)
+        stage.task_probe = build_probe(typed, prepared.val if prepared.val is not None else [], prepared.format)
     out: List[Any] = []
     if watched(typed.stage.name) and typed.health.action != "off":
         rollout = getattr(typed.stage, "rollout", None)

@@ -541,6 +541,13 @@ class DataConfig:
     packing: bool = doc(False, help=(
         "Pack several samples into each row of max_length tokens, with no attention or loss across samples "
         "(pretrain and sft only)."))
+    concat: bool = doc(False, help=(
+        "Format text: join the documents with eos and cut the stream into rows of exactly max_length tokens (the "
+        "'group texts' of pretraining scripts; attention crosses documents, nothing is padded or cut away but the "
+        "last partial row). Instead of packing."))
+    num_proc: Optional[int] = bounded(None, min=1, help=(
+        "Processes that tokenize a text corpus into the token cache (null: every core for a large corpus, one for a "
+        "small one). The cache is reused by every run with the same data, tokenizer and lengths (llmexp prepare)."))
     num_workers: int = bounded(0, min=0, help="DataLoader worker processes (0: load in the main process).")
 
 

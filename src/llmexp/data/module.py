@@ -26,10 +26,11 @@ from llmexp.errors import UserError
 
 @dataclass
 class PreparedData:
-    train: Any  # datasets.Dataset with canonical column names
+    train: Any  # datasets.Dataset with canonical column names (None when read from the token cache)
     val: Any
     format: str
     log: List[Dict[str, Any]] = field(default_factory=list)
+    cache: Optional[Dict[str, Any]] = None  # a text corpus's token cache (llmexp.data.token_cache.summary_of)
 
     def texts(self):
         """Every string in the training rows (for training a tokenizer on the run's data)."""
@@ -77,6 +78,9 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
         val, _ = prepare.run_steps(val, cfg)
     train, val = prepare.split(train, val, cfg)
     log.append({"step": "split", "train_rows": len(train), "val_rows": len(val)})
+    if cfg.concat and fmt != "text":
+        raise UserError(f"data.concat: joins plain-text documents into blocks, and {cfg.path or cfg.name!r} has format "
+                        f"{fmt!r}; use data.packing=true for rows of several samples, or data.concat=false")
     if cfg.source == "mixture":
         train, val, counts = mixture.count_and_untag(mixed, train, val, cfg)
         log.insert(0, counts)
@@ -172,6 +176,29 @@ class StageDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_rows is not None:
             return
+        if self.prepared.cache is not None:
+            self._from_cache()
+        else:
+            self._encode()
+        window = self.tcfg.micro_batch_size * self.tcfg.grad_accum * (self.trainer.world_size if self.trainer else 1)
+        if len(self.train_rows) < window:
+            raise UserError(f"trainer.micro_batch_size: one optimizer step needs {window} training rows "
+                            f"(micro_batch_size x grad_accum) but the data has {len(self.train_rows)}; "
+                            f"lower trainer.micro_batch_size or trainer.grad_accum")
+
+    def _from_cache(self) -> None:
+        """A text corpus: rows read from the memory-mapped token cache, nothing held in memory."""
+        from pathlib import Path
+
+        from llmexp.data.token_cache import TokenRows
+
+        cache = self.prepared.cache
+        for split in ("train", "val"):
+            setattr(self, f"{split}_rows", TokenRows(Path(cache["dir"]), split, cache["mode"]))
+            self.stats[split] = dict(cache["splits"][split])
+        self.stats["cache"] = {k: v for k, v in cache.items() if k != "splits"}
+
+    def _encode(self) -> None:
         encode = self.stage.encoder(self.prepared.format)
         for split, ds in (("train", self.prepared.train), ("val", self.prepared.val)):
             encoded = [encode(row) for row in ds]
@@ -183,11 +210,6 @@ class StageDataModule(L.LightningDataModule):
             stats.update(samples=len(encoded), rows=len(rows), tokens=tokens)
             self.stats[split] = stats
             setattr(self, f"{split}_rows", rows)
-        window = self.tcfg.micro_batch_size * self.tcfg.grad_accum * (self.trainer.world_size if self.trainer else 1)
-        if len(self.train_rows) < window:
-            raise UserError(f"trainer.micro_batch_size: one optimizer step needs {window} training rows "
-                            f"(micro_batch_size x grad_accum) but the data has {len(self.train_rows)}; "
-                            f"lower trainer.micro_batch_size or trainer.grad_accum")
 
     def _data_parallel_rank(self):
         """(rank, size) among data-parallel replicas; tensor-parallel peers share their data."""

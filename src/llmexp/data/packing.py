@@ -9,30 +9,40 @@ predicted from the previous sample because the shift happens inside each sample'
 from __future__ import annotations
 
 import bisect
+import heapq
 from typing import Dict, List, Sequence
 
 from llmexp.data.encode import IGNORE_INDEX
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:
-    """Bins of sample indices: each sample, longest first, goes into the fullest bin it fits."""
+    """Bins of sample indices: each sample, longest first, goes into the fullest bin it fits (the
+    lowest-numbered such bin). Bins are kept by their free space, of which there are at most
+    ``capacity`` values, so a million samples pack in seconds."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: List[List[int]] = []
-    free: List[tuple] = []  # sorted (space left, bin index)
+    by_space: Dict[int, List[int]] = {}  # free space -> heap of bin indices with that much left
+    spaces: List[int] = []  # sorted free-space values that have bins
     for i in order:
         n = lengths[i]
         if n > capacity:
             raise ValueError(f"sample {i} has {n} tokens, more than the packing capacity {capacity}")
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            space, b = free.pop(k)
+        k = bisect.bisect_left(spaces, n)
+        if k < len(spaces):
+            space = spaces[k]
+            b = heapq.heappop(by_space[space])
+            if not by_space[space]:
+                spaces.pop(k)
             bins[b].append(i)
-            if space - n > 0:
-                bisect.insort(free, (space - n, b))
+            left = space - n
         else:
+            b, left = len(bins), capacity - n
             bins.append([i])
-            if capacity - n > 0:
-                bisect.insort(free, (capacity - n, len(bins) - 1))
+        if left > 0:
+            if not by_space.get(left):
+                by_space[left] = []
+                bisect.insort(spaces, left)
+            heapq.heappush(by_space[left], b)
     return [sorted(b) for b in bins]
 
 

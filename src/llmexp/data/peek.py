@@ -30,12 +30,18 @@ def peek_columns(cfg: DataConfig) -> Optional[List[str]]:
 
 
 def _columns_of(path: Path) -> Optional[List[str]]:
-    suffix = path.suffix
+    from llmexp.data.sources import TEXT_SUFFIXES, _data_suffix, open_binary
+
+    suffix = _data_suffix(path)
+    if suffix in TEXT_SUFFIXES:
+        return ["text"]
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
+        with open_binary(str(path)) as fh:
             for line in fh:
                 if line.strip():
                     return list(json.loads(line).keys())
+        return None
+    if suffix != path.suffix:  # other compressed kinds: known once loaded
         return None
     if suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))

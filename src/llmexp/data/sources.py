@@ -53,16 +53,49 @@ def _bundled(cfg: DataConfig):
 
 
 def data_files(path: str) -> List[str]:
+    """The data files a file, directory or glob names: JSONL/JSON/Parquet/CSV or plain text (.txt,
+    one row per line), each possibly compressed (.gz, .zst, .bz2, .xz), all of one kind."""
     p = Path(os.path.expanduser(path))
-    found = sorted(str(f) for f in p.rglob("*") if f.suffix in FILE_BUILDERS) if p.is_dir() \
-        else sorted(glob.glob(os.path.expanduser(path)))
+    if p.is_dir():  # structured files, else plain text ones; never hidden files
+        inside = [f for f in sorted(p.rglob("*")) if f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        found = [str(f) for f in inside if _data_suffix(f) in FILE_BUILDERS] \
+            or [str(f) for f in inside if _data_suffix(f) in TEXT_SUFFIXES]
+    else:
+        found = sorted(glob.glob(os.path.expanduser(path)))
     if not found:
-        raise UserError(f"data.path: no JSONL/JSON/Parquet/CSV file at {path!r}")
-    kinds = {FILE_BUILDERS.get(Path(f).suffix) for f in found}
+        raise UserError(f"data.path: no JSONL/JSON/Parquet/CSV/text file at {path!r}")
+    kinds = {FILE_BUILDERS.get(_data_suffix(Path(f)), "text" if _data_suffix(Path(f)) in TEXT_SUFFIXES else None)
+             for f in found}
     if None in kinds or len(kinds) > 1:
         raise UserError(f"data.path: {path!r} must name files of one kind among "
-                        f"{', '.join(FILE_BUILDERS)}; found {sorted({Path(f).suffix for f in found})}")
+                        f"{', '.join([*FILE_BUILDERS, *TEXT_SUFFIXES])} (optionally compressed: "
+                        f"{', '.join(sorted(COMPRESSED))}); found {sorted({''.join(Path(f).suffixes) for f in found})}")
     return found
+
+
+def open_binary(path: str):
+    """A file for reading bytes, decompressed by its suffix (.gz, .bz2, .xz, .zst)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if suffix == ".xz":
+        import lzma
+
+        return lzma.open(path, "rb")
+    if suffix == ".zst":
+        import io
+
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
 
 
 def _check_json_lines(files: List[str]) -> None:
@@ -70,9 +103,9 @@ def _check_json_lines(files: List[str]) -> None:
     for f in files:
         if os.path.getsize(f) == 0:
             raise UserError(f"data.path: {f} is empty")
-        if not f.endswith(".jsonl"):
+        if _data_suffix(Path(f)) != ".jsonl":
             continue
-        with open(f, "rb") as fh:
+        with open_binary(f) as fh:
             for n, raw in enumerate(fh, 1):
                 try:
                     line = raw.decode("utf-8")
@@ -93,7 +126,7 @@ def _files(cfg: DataConfig):
 
     files = data_files(cfg.path)
     _check_json_lines(files)
-    builder = FILE_BUILDERS[Path(files[0]).suffix]
+    builder = FILE_BUILDERS.get(_data_suffix(Path(files[0])), "text")
     try:
         ds = load_dataset(builder, data_files=files, split="train", **cfg.options)
     except Exception as e:  # datasets raises many kinds here; all mean the files are unreadable

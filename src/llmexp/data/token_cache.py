@@ -1,0 +1,297 @@
+"""Text corpora tokenized once, in parallel, into memory-mapped token shards that every later run
+reads without holding the corpus in memory.
+
+Preparation (``llmexp prepare``, or the first run that needs it) encodes the prepared rows with
+batched ``datasets.map`` on every core and writes, per split, one flat file of token ids (uint16
+when the vocabulary fits, else uint32) and the rows training reads as segments of that file:
+
+- ``documents`` (``data.packing=false``): one row per document, cut to ``data.max_length`` as
+  ``data.overlong`` says (truncate, drop, or split into chunks);
+- ``packed`` (``data.packing=true``): documents packed into rows of ``max_length`` tokens by best
+  fit, with position ids restarting per document and no loss across documents (as for small data);
+- ``concat`` (``data.concat=true``): documents joined with eos and cut into ``max_length`` blocks
+  (the "group texts" of pretraining scripts; attention crosses documents).
+
+The cache directory is keyed by everything the tokens depend on: the data config, the source
+files' sizes and modification times, the tokenizer's fingerprint, the row mode and llmexp's format
+version. A second run, a resumed run, every sweep trial and every rank finds it (ranks wait on a
+lock while one builds) and skips loading and tokenizing the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from llmexp.data.encode import IGNORE_INDEX
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMEXP_CACHE", Path.home() / ".cache" / "llmexp")) / "tokens"
+
+
+def row_mode(data_cfg) -> str:
+    return "concat" if data_cfg.concat else "packed" if data_cfg.packing else "documents"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the token ids: the fast tokenizer's whole definition
+    (vocabulary, merges, normalizer, pre-tokenizer) and the eos id appended to each document."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{spec}".encode()).hexdigest()
+
+
+def source_fingerprint(data_cfg) -> Optional[List[Any]]:
+    """The source's identity without reading it: each file's path, size and modification time
+    (files and local directories), or the bundled dataset's name, options and seed. None when it
+    cannot be known without loading (a hub dataset id): such data is prepared on every run."""
+    if data_cfg.source == "bundled":
+        return ["bundled", data_cfg.name]  # options and seed are part of the data config in the key
+    if data_cfg.source in ("files", "hf") and data_cfg.path:
+        from llmexp.data.sources import data_files, local_dataset_files
+
+        path = Path(os.path.expanduser(data_cfg.path))
+        if data_cfg.source == "files":
+            files = [Path(f) for f in data_files(data_cfg.path)]
+        elif path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file()) if (path / "state.json").is_file() \
+                or (path / "dataset_dict.json").is_file() else local_dataset_files(path)
+        else:
+            return None
+        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return None
+
+
+def cache_key(data_cfg, tokenizer, stage: str) -> Optional[str]:
+    source = source_fingerprint(data_cfg)
+    if source is None:
+        return None
+    config = {k: v for k, v in asdict(data_cfg).items() if k not in ("num_workers", "num_proc", "cache")}
+    payload = {"version": FORMAT_VERSION, "stage_encoding": "text" if stage in ("pretrain", "sft") else stage,
+               "data": config, "source": source, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class TokenRows:
+    """Rows of one split, read from the memory-mapped token file: ``{"input_ids", "labels"}`` (and
+    ``position_ids`` when packed), as the stage's collator takes them. Indexing by a slice (a
+    rank's share of the validation rows) gives a view."""
+
+    def __init__(self, split_dir: Path, split: str, mode: str, index: Optional[np.ndarray] = None):
+        self.dir, self.split, self.mode = Path(split_dir), split, mode
+        meta = json.loads((self.dir / f"{split}.json").read_text())
+        self.tokens = np.memmap(self.dir / f"{split}.tokens", dtype=meta["dtype"], mode="r",
+                                shape=(meta["tokens"],)) if meta["tokens"] else np.zeros(0, dtype=meta["dtype"])
+        self.segments = np.load(self.dir / f"{split}.segments.npy", mmap_mode="r")
+        self.row_offsets = np.load(self.dir / f"{split}.rows.npy", mmap_mode="r")
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index) if self.index is not None else len(self.row_offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return TokenRows(self.dir, self.split, self.mode, np.arange(len(self))[i] if self.index is None
+                             else self.index[i])
+        row = int(self.index[i]) if self.index is not None else int(i)
+        segs = self.segments[self.row_offsets[row]:self.row_offsets[row + 1]]
+        pieces = [np.asarray(self.tokens[s:s + n], dtype=np.int64) for s, n in segs]
+        ids = np.concatenate(pieces).tolist() if len(pieces) > 1 else pieces[0].tolist()
+        if self.mode != "packed":
+            return {"input_ids": ids, "labels": list(ids)}
+        labels, positions = [], []
+        for p in pieces:  # the first token of a document is never a target of the one before
+            labels += [IGNORE_INDEX] + p[1:].tolist()
+            positions += list(range(len(p)))
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def default_num_proc(rows: int) -> int:
+    """Every core for a large corpus; one process below 20k rows, where starting workers costs more."""
+    return max(1, min(os.cpu_count() or 1, rows // 20_000 + 1))
+
+
+def _encode_batch(batch: Dict[str, List[Any]], tokenizer, dtype) -> Dict[str, List[Any]]:
+    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return {"ids": [np.asarray(x + [eos], dtype=dtype) for x in ids]}
+
+
+def _write_tokens(ds, tokenizer, dtype, out: Path, split: str, num_proc: int) -> np.ndarray:
+    """Tokenize one split with ``num_proc`` processes, stream its ids into ``out/<split>.tokens``,
+    return each document's length."""
+    from datasets import Features, Sequence, Value
+
+    scratch = out / f".{split}-map.arrow"
+    mapped = ds.map(_encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                    remove_columns=ds.column_names, fn_kwargs={"tokenizer": tokenizer, "dtype": dtype},
+                    features=Features({"ids": Sequence(Value(np.dtype(dtype).name))}),
+                    cache_file_name=str(scratch), desc=f"tokenize {split}")
+    lengths = []
+    with open(out / f"{split}.tokens", "wb") as f:
+        for chunk in mapped.data.column("ids").chunks:
+            flat = chunk.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+            f.write(flat.tobytes())
+            offsets = chunk.offsets.to_numpy()
+            lengths.append(np.diff(offsets))
+    del mapped
+    for leftover in out.glob(f".{split}-map*"):
+        leftover.unlink()
+    return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+
+
+def _rows(lengths: np.ndarray, data_cfg, split: str) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+    """(segments (start, length), row offsets into the segments, stats) for the split's documents,
+    as ``llmexp.data.module.fit_length`` and ``pack`` make them for small data."""
+    from llmexp.data.packing import best_fit_decreasing
+
+    n = data_cfg.max_length
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else np.zeros(0, np.int64)
+    stats: Dict[str, Any] = {"truncated": 0, "dropped_overlong": 0, "dropped_no_target": 0, "split_chunks": 0,
+                             "samples": int(len(lengths))}
+    if data_cfg.concat:
+        total = int(lengths.sum())
+        blocks = total // n
+        segs = np.stack([np.arange(blocks, dtype=np.int64) * n, np.full(blocks, n, dtype=np.int64)], axis=1)
+        stats.update(blocks=blocks, tokens_dropped_at_end=total - blocks * n)
+        return segs.reshape(-1, 2), np.arange(blocks + 1, dtype=np.int64), stats
+    over = lengths > n
+    if data_cfg.overlong == "drop":
+        keep = ~over
+        stats["dropped_overlong"] = int(over.sum())
+        segs = np.stack([starts[keep], lengths[keep]], axis=1)
+    elif data_cfg.overlong == "split":
+        pieces = -(-lengths // n)
+        doc = np.repeat(np.arange(len(lengths)), pieces)
+        within = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        seg_start = starts[doc] + within * n
+        seg_len = np.minimum(n, lengths[doc] - within * n)
+        keep = (seg_len > 1) | ~over[doc]  # as fit_length: a 1-token chunk has nothing to learn
+        stats["split_chunks"] = int((keep & over[doc]).sum())
+        segs = np.stack([seg_start[keep], seg_len[keep]], axis=1)
+    else:
+        stats["truncated"] = int(over.sum())
+        segs = np.stack([starts, np.minimum(lengths, n)], axis=1)
+    targets = segs[:, 1] >= 2  # a row needs a next token to predict
+    stats["dropped_no_target"] = int((~targets).sum())
+    segs = segs[targets].astype(np.int64).reshape(-1, 2)
+    if not len(segs):
+        from llmexp.errors import UserError
+
+        raise UserError(f"data.max_length: every {split} document was removed ({stats}); documents have "
+                        f"{int(lengths.min()) if len(lengths) else 0}-{int(lengths.max()) if len(lengths) else 0} "
+                        f"tokens: raise data.max_length, use data.overlong=truncate or split, or data.concat=true")
+    tokens = int(segs[:, 1].sum())
+    if not data_cfg.packing:
+        return segs, np.arange(len(segs) + 1, dtype=np.int64), stats
+    bins = best_fit_decreasing(segs[:, 1].tolist(), n)
+    order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(segs))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in bins])]).astype(np.int64)
+    stats["packing_efficiency"] = tokens / (len(bins) * n) if bins else 0.0
+    return segs[order], offsets, stats
+
+
+def build(prepared, tokenizer, data_cfg, out: Path, num_proc: Optional[int] = None) -> Dict[str, Any]:
+    """Write the cache for ``prepared`` (its train and val datasets) into ``out``; returns its meta."""
+    started = time.time()
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    num_proc = num_proc or default_num_proc(len(prepared.train))
+    meta: Dict[str, Any] = {"mode": row_mode(data_cfg), "dtype": np.dtype(dtype).name, "num_proc": num_proc,
+                            "preparation": prepared.log, "splits": {}}
+    for split in SPLITS:
+        ds = getattr(prepared, split)
+        lengths = _write_tokens(ds, tokenizer, dtype, out, split, num_proc)
+        segs, offsets, stats = _rows(lengths, data_cfg, split)
+        np.save(out / f"{split}.segments.npy", segs)
+        np.save(out / f"{split}.rows.npy", offsets)
+        tokens = int((out / f"{split}.tokens").stat().st_size // np.dtype(dtype).itemsize)
+        (out / f"{split}.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "tokens": tokens}))
+        stats.update(rows=len(offsets) - 1, tokens=int(segs[:, 1].sum()) if len(segs) else 0)
+        meta["splits"][split] = stats
+    meta["prepare_seconds"] = time.time() - started
+    meta["tokens"] = {s: meta["splits"][s]["tokens"] for s in SPLITS}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def lookup(key: Optional[str]) -> Optional[Path]:
+    if key is None:
+        return None
+    d = cache_root() / key
+    return d if (d / "meta.json").is_file() else None
+
+
+def prepare_cached(key: Optional[str], load_prepared, tokenizer, data_cfg, num_proc: Optional[int] = None
+                   ) -> Tuple[Path, Dict[str, Any], bool]:
+    """(cache dir, meta, hit): the cache for ``key``, built from ``load_prepared()`` when missing
+    (under a lock, so concurrent ranks and trials build it once). A source without a fingerprint
+    (``key`` None) is prepared into a directory of its own each time."""
+    from filelock import FileLock
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    if key is None:
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmexp-tokens-{os.getpid()}-{time.time_ns()}"
+        out.mkdir(parents=True)
+        return out, build(load_prepared(), tokenizer, data_cfg, out, num_proc), False
+    final = root / key
+    with FileLock(str(root / f"{key}.lock")):
+        if (final / "meta.json").is_file():
+            return final, json.loads((final / "meta.json").read_text()), True
+        tmp = root / f".{key}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            meta = build(load_prepared(), tokenizer, data_cfg, tmp, num_proc)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        os.replace(tmp, final)
+    return final, meta, False
+
+
+def split_rows(cache_dir: Path, meta: Dict[str, Any]) -> Dict[str, TokenRows]:
+    return {s: TokenRows(cache_dir, s, meta["mode"]) for s in SPLITS}
+
+
+def summary_of(cache_dir: Path, meta: Dict[str, Any], hit: bool, key: Optional[str]) -> Dict[str, Any]:
+    """PreparedData.cache: what the data module reads, and what summary.json's data_stats.cache says."""
+    return {"dir": str(cache_dir), "hit": hit, "fingerprint": key, "mode": meta["mode"], "dtype": meta["dtype"],
+            "num_proc": meta["num_proc"], "prepare_seconds": meta["prepare_seconds"], "tokens": meta["tokens"],
+            "splits": meta["splits"]}
+
+
+def peeked_format(data_cfg) -> Optional[str]:
+    """The data's format when it can be known without loading it (the first row's columns)."""
+    from llmexp.data import formats
+    from llmexp.data.fields import field_map
+    from llmexp.data.peek import peek_columns
+
+    if data_cfg.format != "auto":
+        return data_cfg.format
+    columns = peek_columns(data_cfg)
+    return formats.detect_format(columns, field_map(data_cfg.fields)) if columns else None
+
+
+def prepared_text(data_cfg, stage: str, tokenizer, load_examples, prepared=None):
+    """PreparedData of a text corpus, read from its token cache (built here when missing, from
+    ``prepared`` or ``load_examples()``)."""
+    from llmexp.data.module import PreparedData
+
+    key = cache_key(data_cfg, tokenizer, stage)
+    cache_dir, meta, hit = prepare_cached(key, (lambda: prepared) if prepared is not None else load_examples,
+                                          tokenizer, data_cfg, data_cfg.num_proc)
+    return PreparedData(train=None, val=None, format="text", log=meta["preparation"],
+                        cache=summary_of(cache_dir, meta, hit, key))

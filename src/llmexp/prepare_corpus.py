@@ -1,0 +1,54 @@
+"""``llmexp prepare [overrides]``: tokenize a run's text corpus into the token cache, and nothing
+else, so that a cluster job prepares once and every training run, resumed run, sweep trial and
+rank then starts from the cache.
+
+    llmexp prepare stage=pretrain data=files data.path='corpus/*.jsonl.zst' data.max_length=1024
+    python -m llmexp stage=pretrain data=files data.path='corpus/*.jsonl.zst' data.max_length=1024   # hits it
+
+The overrides are a run's (the cache key is its data config, the files' sizes and times, and the
+tokenizer); datasets' progress bars show the tokenization.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+from llmexp.errors import UserError, reader_may_stop_early, report
+
+
+@reader_may_stop_early
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
+    try:
+        from llmexp.env import configure_environment
+        from llmexp.overrides import resolve_overrides, split_overrides
+        from llmexp.preflight import preflight
+
+        cfg, _ = resolve_overrides(split_overrides(argv))
+        typed = preflight(cfg)
+        configure_environment(typed.offline)
+        from llmexp.run import prepare_data
+
+        prepared, _tokenizer = prepare_data(typed)
+    except UserError as e:
+        return report(e)
+    cache = prepared.cache
+    if cache is None:
+        print(f"format {prepared.format!r}: prepared rows are encoded by each run (the token cache is for text "
+              f"corpora); {len(prepared.train)} training and {len(prepared.val)} validation rows checked")
+        return 0
+    state = "already prepared" if cache["hit"] else f"prepared in {cache['prepare_seconds']:.1f}s with " \
+                                                    f"{cache['num_proc']} process(es)"
+    print(f"{state}: {cache['dir']} ({cache['mode']} rows, {cache['dtype']} token ids)")
+    for split in ("train", "val"):
+        st = cache["splits"][split]
+        print(f"  {split}: {st['samples']} documents, {st['rows']} rows, {st['tokens']} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Text corpora through the token cache: the same rows as encoding them one by one, a cache that
+is hit, missed and invalidated when it should be, compressed files, the block-concatenation mode,
+`llmexp prepare`, and ranks reading disjoint rows."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from llmexp.testing import run_cli, typed
+
+WORDS = "the a model learns tokens from text every step of training reads data corpus shard cache".split()
+
+
+def write_corpus(path: Path, docs: int, seed: int = 0, compress: str = "") -> Path:
+    """A JSONL corpus of ``docs`` documents of 5-120 words (optionally .gz or .zst)."""
+    rng = random.Random(seed)
+    lines = "".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 120)))}) + "\n"
+                    for _ in range(docs))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress == "gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(lines)
+    elif compress == "zst":
+        import zstandard
+
+        path.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    else:
+        path.write_text(lines)
+    return path
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("LLMEXP_CACHE", str(d))
+    return d
+
+
+def rows_both_ways(overrides: List[str]):
+    """(rows encoded one by one as small data is, rows read from the token cache) of one config."""
+    from llmexp.data.module import StageDataModule, load_examples
+    from llmexp.data.token_cache import prepared_text
+    from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.stages import stage_class
+
+    cfg = typed(["stage=pretrain", *overrides])
+    tokenizer = load_tokenizer(None, None)
+    prepared = load_examples(cfg.data, "pretrain")
+    stage = stage_class("pretrain").create(cfg, tokenizer)
+    old = StageDataModule(prepared, cfg.data, cfg.trainer, stage)
+    old._encode()
+    cached = StageDataModule(prepared_text(cfg.data, "pretrain", tokenizer, None, prepared), cfg.data, cfg.trainer,
+                             stage)
+    cached._from_cache()
+    return old, cached
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["data.max_length=24"],                                   # truncation
+    ["data.max_length=24", "data.overlong=drop"],
+    ["data.max_length=24", "data.overlong=split"],
+    ["data.packing=true"],
+    ["data.packing=true", "data.max_length=32", "data.overlong=split"],
+])
+def test_cached_rows_are_exactly_the_rows_encoded_one_by_one(cache_dir, tmp_path, overrides):
+    corpus = write_corpus(tmp_path / "c.jsonl", 400)
+    old, cached = rows_both_ways(["data=files", f"data.path={corpus}", *overrides])
+    for split in ("train", "val"):
+        want, got = getattr(old, f"{split}_rows"), getattr(cached, f"{split}_rows")
+        assert len(got) == len(want) and [got[i] for i in range(len(got))] == want
+        for key in ("truncated", "dropped_overlong", "split_chunks", "dropped_no_target", "rows", "tokens"):
+            assert cached.stats[split][key] == old.stats[split][key], (split, key)
+    assert cached.stats["cache"]["dtype"] == "uint16" and cached.stats["cache"]["hit"] is False
+
+
+def test_concat_mode_cuts_the_eos_joined_stream_into_full_blocks(cache_dir, tmp_path):
+    from llmexp.data.module import load_examples
+    from llmexp.data.token_cache import TokenRows, prepared_text
+    from llmexp.models.tokenizer import load_tokenizer
+
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    cfg = typed(["stage=pretrain", "data=files", f"data.path={corpus}", "data.concat=true", "data.max_length=64"])
+    tokenizer = load_tokenizer(None, None)
+    prepared = load_examples(cfg.data, "pretrain")
+    cache = prepared_text(cfg.data, "pretrain", tokenizer, None, prepared).cache
+    rows = TokenRows(Path(cache["dir"]), "train", cache["mode"])
+    stream = [t for text in prepared.train["text"] for t in tokenizer(text, add_special_tokens=False)["input_ids"]
+              + [tokenizer.eos_token_id]]
+    assert len(rows) == len(stream) // 64 and len(rows) > 50
+    assert [t for i in range(len(rows)) for t in rows[i]["input_ids"]] == stream[: len(rows) * 64]
+    assert all(len(rows[i]["input_ids"]) == 64 and rows[i]["labels"] == rows[i]["input_ids"] for i in range(len(rows)))
+    assert "position_ids" not in rows[0]
+
+
+def test_the_cache_is_hit_missed_and_invalidated_as_it_should(cache_dir, tmp_path):
+    """Runs as users start them: the second run hits (without loading the corpus), a changed
+    max_length, preparation step, tokenizer or file prepares again; the record says which."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    base = ["stage=pretrain", "data=files", f"data.path={corpus}", "trainer.max_steps=2", "logger=none",
+            "trainer.val_check_interval=null", "task.check=none"]
+
+    def run(name: str, *extra: str) -> dict:
+        r = run_cli([*base, *extra, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path,
+                    env={"LLMEXP_CACHE": str(cache_dir)})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((tmp_path / name / "summary.json").read_text())["data_stats"]["cache"]
+
+    first, second = run("a"), run("b")
+    assert (first["hit"], second["hit"]) == (False, True) and first["dir"] == second["dir"]
+    assert run("c", "data.max_length=64")["hit"] is False
+    assert run("d", "data.steps=[normalize]")["hit"] is False
+    tok = tmp_path / "tok"
+    from llmexp.models.tokenizer import load_tokenizer
+
+    other = load_tokenizer(None, None)
+    other.add_tokens(["shard"])  # one more token: other ids
+    other.save_pretrained(str(tok))
+    assert run("e", f"model.tokenizer={tok}")["hit"] is False
+    assert run("f")["hit"] is True
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    changed = run("g")
+    assert changed["hit"] is False and changed["dir"] != first["dir"]
+    assert len({p.name for p in (cache_dir / "tokens").iterdir() if p.is_dir()}) == 5
+
+
+@pytest.mark.parametrize("compress", ["gz", "zst"])
+def test_compressed_corpora_and_a_directory_of_files(cache_dir, tmp_path, compress):
+    from llmexp.data.module import load_examples
+
+    plain = write_corpus(tmp_path / "plain" / "a.jsonl", 200, seed=3)
+    packed = write_corpus(tmp_path / "shards" / f"a.jsonl.{compress}", 200, seed=3, compress=compress)
+    write_corpus(tmp_path / "shards" / f"b.jsonl.{compress}", 100, seed=4, compress=compress)
+    one = load_examples(typed(["stage=pretrain", "data=files", f"data.path={plain}"]).data, "pretrain")
+    alone = load_examples(typed(["stage=pretrain", "data=files", f"data.path={packed}"]).data, "pretrain")
+    both = load_examples(typed(["stage=pretrain", "data=files", f"data.path={tmp_path / 'shards'}"]).data, "pretrain")
+    assert sorted(alone.train["text"]) == sorted(one.train["text"])
+    assert len(both.train) + len(both.val) > len(one.train) + len(one.val)
+
+
+def test_prepare_command_builds_the_cache_a_run_then_hits(cache_dir, tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", 300)
+    args = ["stage=pretrain", "data=files", f"data.path={corpus}"]
+    r = run_cli(["prepare", *args], cwd=tmp_path, env={"LLMEXP_CACHE": str(cache_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "prepared" in r.stdout and "train:" in r.stdout, r.stdout
+    again = run_cli(["prepare", *args], cwd=tmp_path, env={"LLMEXP_CACHE": str(cache_dir)})
+    assert again.returncode == 0 and "already prepared" in again.stdout, again.stdout
+    run = run_cli([*args, "trainer.max_steps=2", "logger=none", "task.check=none", f"hydra.run.dir={tmp_path / 'r'}"],
+                  cwd=tmp_path, env={"LLMEXP_CACHE": str(cache_dir)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["data_stats"]["cache"]["hit"] is True
+    bad = run_cli(["prepare", "stage=pretrain", "data=files", f"data.path={tmp_path / 'none.jsonl'}"], cwd=tmp_path)
+    assert bad.returncode == 2 and "data.path" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ranks_read_disjoint_cached_rows_that_cover_one_process(cache_dir, tmp_path):
+    """The window sampler over cached rows: two ranks' windows are disjoint and together are the
+    global windows one process would read, and every rank opens the same cache."""
+    from llmexp.data.sampler import WindowSampler
+
+    old, cached = rows_both_ways(["data=files", f"data.path={write_corpus(tmp_path / 'c.jsonl', 400)}",
+                                  "data.packing=true"])
+    rows = cached.train_rows
+    one = list(WindowSampler(len(rows), 8, seed=1, world_size=1))
+    ranks = [list(WindowSampler(len(rows), 4, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    for step, (a, b) in enumerate(zip(*ranks)):
+        assert not set(a) & set(b) and sorted(a + b) == sorted(one[step])
+    val = [cached.val_rows[r::2] for r in (0, 1)]
+    assert sum(len(v) for v in val) == len(cached.val_rows)
+    assert [v[i] for v in val for i in range(len(v))] != [] and val[0][0] == cached.val_rows[0]
+
+
+def test_concat_refuses_chat_data_and_packing_together(tmp_path):
+    r = run_cli(["stage=pretrain", "data.concat=true", "data.packing=true", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'x'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "data.concat and data.packing" in r.stderr
+    r = run_cli(["stage=sft", "data.concat=true", "logger=none", f"hydra.run.dir={tmp_path / 'y'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "data.concat" in r.stderr and "format 'chat'" in r.stderr, r.stderr[-2000:]
