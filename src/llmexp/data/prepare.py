@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import unicodedata
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from llmexp.config.schema import DataConfig
 from llmexp.errors import UserError
@@ -50,24 +51,41 @@ def content_key(row: Dict[str, Any]) -> str:
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
+def default_num_proc(rows: int) -> int:
+    """Every core for a large dataset; one process below 20k rows, where starting workers costs more."""
+    return max(1, min(os.cpu_count() or 1, rows // 20_000 + 1))
+
+
+def num_proc(ds, cfg: DataConfig) -> Optional[int]:
+    n = cfg.num_proc or default_num_proc(len(ds))
+    return n if n > 1 else None
+
+
 def normalize(ds, cfg: DataConfig):
     cols = [c for c in TEXT_FIELDS if c in ds.column_names]
-    return ds.map(lambda row: {c: _map_strings(row[c], normalize_text) for c in cols}, desc="normalize")
+    return ds.map(lambda row: {c: _map_strings(row[c], normalize_text) for c in cols}, desc="normalize",
+                  num_proc=num_proc(ds, cfg))
 
 
 def filter_length(ds, cfg: DataConfig):
     hi = cfg.max_chars or float("inf")
-    return ds.filter(lambda row: cfg.min_chars <= content_chars(row) <= hi, desc="filter_length")
+    return ds.filter(lambda row: cfg.min_chars <= content_chars(row) <= hi, desc="filter_length",
+                     num_proc=num_proc(ds, cfg))
+
+
+def _content_hashes(batch: Dict[str, List[Any]]) -> Dict[str, List[int]]:
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    return {"_content_hash": [int(content_key(r)[:15], 16) for r in rows]}  # 60 bits: fits int64
 
 
 def dedup(ds, cfg: DataConfig):
-    seen, keep = set(), []
-    for i, row in enumerate(ds):
-        key = content_key(row)
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return ds.select(keep) if len(keep) < len(ds) else ds
+    """Keep the first row of each content: hashes computed in the parallel map, compared in numpy."""
+    import numpy as np
+
+    hashes = ds.map(_content_hashes, batched=True, num_proc=num_proc(ds, cfg), desc="dedup",
+                    remove_columns=ds.column_names).with_format("numpy")["_content_hash"]
+    _, first = np.unique(np.asarray(hashes), return_index=True)
+    return ds.select(np.sort(first)) if len(first) < len(ds) else ds
 
 
 STEPS: Dict[str, Callable] = {"normalize": normalize, "filter_length": filter_length, "dedup": dedup}

@@ -53,32 +53,43 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{spec}".encode()).hexdigest()
 
 
-def source_fingerprint(data_cfg) -> Optional[List[Any]]:
-    """The source's identity without reading it: each file's path, size and modification time
-    (files and local directories), or the bundled dataset's name, options and seed. None when it
-    cannot be known without loading (a hub dataset id): such data is prepared on every run."""
-    if data_cfg.source == "bundled":
-        return ["bundled", data_cfg.name]  # options and seed are part of the data config in the key
-    if data_cfg.source in ("files", "hf") and data_cfg.path:
-        from llmexp.data.sources import data_files, local_dataset_files
+def source_fingerprint(data_cfg, prepared=None) -> Optional[List[Any]]:
+    """The source's identity: each file's path, size and modification time (files and local
+    directories: known without reading them), the bundled dataset's name with the version of the
+    code that generates it (its options and seed are in the data config), or, for a source known
+    only once loaded (a hub id), the loaded rows' content fingerprints from ``datasets``. None when
+    it cannot be known yet."""
+    import llmexp
 
-        path = Path(os.path.expanduser(data_cfg.path))
-        if data_cfg.source == "files":
-            files = [Path(f) for f in data_files(data_cfg.path)]
-        elif path.is_dir():
-            files = sorted(f for f in path.rglob("*") if f.is_file()) if (path / "state.json").is_file() \
-                or (path / "dataset_dict.json").is_file() else local_dataset_files(path)
-        else:
-            return None
-        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    if data_cfg.source == "bundled":
+        from llmexp.plugins.registry import lookup
+
+        owner = lookup("llmexp_datasets", data_cfg.name, "data.name").owner
+        return ["bundled", data_cfg.name, llmexp.__version__, str(owner), getattr(owner, "version", None)]
+    path = Path(os.path.expanduser(data_cfg.path)) if data_cfg.path else None
+    if data_cfg.source == "files" and path is not None:
+        from llmexp.data.sources import data_files
+
+        return _file_stats([Path(f) for f in data_files(data_cfg.path)])
+    if data_cfg.source == "hf" and path is not None and path.is_dir():
+        from llmexp.data.sources import local_dataset_files
+
+        saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+        return _file_stats(sorted(f for f in path.rglob("*") if f.is_file()) if saved else local_dataset_files(path))
+    if prepared is not None and prepared.train is not None:
+        return ["loaded", prepared.train._fingerprint, getattr(prepared.val, "_fingerprint", None)]
     return None
 
 
-def cache_key(data_cfg, tokenizer, stage: str) -> Optional[str]:
-    source = source_fingerprint(data_cfg)
+def _file_stats(files: List[Path]) -> List[Any]:
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def cache_key(data_cfg, tokenizer, stage: str, prepared=None) -> Optional[str]:
+    source = source_fingerprint(data_cfg, prepared)
     if source is None:
         return None
-    config = {k: v for k, v in asdict(data_cfg).items() if k not in ("num_workers", "num_proc", "cache")}
+    config = {k: v for k, v in asdict(data_cfg).items() if k not in ("num_workers", "num_proc")}
     payload = {"version": FORMAT_VERSION, "stage_encoding": "text" if stage in ("pretrain", "sft") else stage,
                "data": config, "source": source, "tokenizer": tokenizer_fingerprint(tokenizer)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -116,11 +127,6 @@ class TokenRows:
             labels += [IGNORE_INDEX] + p[1:].tolist()
             positions += list(range(len(p)))
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
-
-
-def default_num_proc(rows: int) -> int:
-    """Every core for a large corpus; one process below 20k rows, where starting workers costs more."""
-    return max(1, min(os.cpu_count() or 1, rows // 20_000 + 1))
 
 
 def _encode_batch(batch: Dict[str, List[Any]], tokenizer, dtype) -> Dict[str, List[Any]]:
@@ -207,6 +213,8 @@ def build(prepared, tokenizer, data_cfg, out: Path, num_proc: Optional[int] = No
     """Write the cache for ``prepared`` (its train and val datasets) into ``out``; returns its meta."""
     started = time.time()
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    from llmexp.data.prepare import default_num_proc
+
     num_proc = num_proc or default_num_proc(len(prepared.train))
     meta: Dict[str, Any] = {"mode": row_mode(data_cfg), "dtype": np.dtype(dtype).name, "num_proc": num_proc,
                             "preparation": prepared.log, "splits": {}}
@@ -226,26 +234,14 @@ def build(prepared, tokenizer, data_cfg, out: Path, num_proc: Optional[int] = No
     return meta
 
 
-def lookup(key: Optional[str]) -> Optional[Path]:
-    if key is None:
-        return None
-    d = cache_root() / key
-    return d if (d / "meta.json").is_file() else None
-
-
-def prepare_cached(key: Optional[str], load_prepared, tokenizer, data_cfg, num_proc: Optional[int] = None
+def prepare_cached(key: str, load_prepared, tokenizer, data_cfg, num_proc: Optional[int] = None
                    ) -> Tuple[Path, Dict[str, Any], bool]:
     """(cache dir, meta, hit): the cache for ``key``, built from ``load_prepared()`` when missing
-    (under a lock, so concurrent ranks and trials build it once). A source without a fingerprint
-    (``key`` None) is prepared into a directory of its own each time."""
+    (under a lock, so concurrent ranks and trials build it once)."""
     from filelock import FileLock
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    if key is None:
-        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmexp-tokens-{os.getpid()}-{time.time_ns()}"
-        out.mkdir(parents=True)
-        return out, build(load_prepared(), tokenizer, data_cfg, out, num_proc), False
     final = root / key
     with FileLock(str(root / f"{key}.lock")):
         if (final / "meta.json").is_file():
@@ -290,7 +286,10 @@ def prepared_text(data_cfg, stage: str, tokenizer, load_examples, prepared=None)
     ``prepared`` or ``load_examples()``)."""
     from llmexp.data.module import PreparedData
 
-    key = cache_key(data_cfg, tokenizer, stage)
+    key = cache_key(data_cfg, tokenizer, stage, prepared)
+    if key is None:  # a source known only once loaded: load it, and key the cache by its rows
+        prepared = load_examples()
+        key = cache_key(data_cfg, tokenizer, stage, prepared)
     cache_dir, meta, hit = prepare_cached(key, (lambda: prepared) if prepared is not None else load_examples,
                                           tokenizer, data_cfg, data_cfg.num_proc)
     return PreparedData(train=None, val=None, format="text", log=meta["preparation"],
