@@ -68,6 +68,7 @@ def rows_both_ways(overrides: List[str]):
     ["data.max_length=24", "data.overlong=split"],
     ["data.packing=true"],
     ["data.packing=true", "data.max_length=32", "data.overlong=split"],
+    ["data.num_proc=2", "data.max_length=48"],              # forked tokenizer workers, parts joined in order
 ])
 def test_cached_rows_are_exactly_the_rows_encoded_one_by_one(cache_dir, tmp_path, overrides):
     corpus = write_corpus(tmp_path / "c.jsonl", 400)

@@ -1,9 +1,11 @@
 """Text corpora tokenized once, in parallel, into memory-mapped token shards that every later run
 reads without holding the corpus in memory.
 
-Preparation (``llmexp prepare``, or the first run that needs it) encodes the prepared rows with
-batched ``datasets.map`` on every core and writes, per split, one flat file of token ids (uint16
-when the vocabulary fits, else uint32) and the rows training reads as segments of that file:
+Preparation (``llmexp prepare``, or the first run that needs it) encodes the prepared rows in
+batches through the fast tokenizer in forked processes on every core (each a contiguous range of
+the memory-mapped Arrow rows, writing its ids straight to a part file) and writes, per split, one
+flat file of token ids (uint16 when the vocabulary fits, else uint32) and the rows training reads
+as segments of that file:
 
 - ``documents`` (``data.packing=false``): one row per document, cut to ``data.max_length`` as
   ``data.overlong`` says (truncate, drop, or split into chunks);
@@ -21,6 +23,7 @@ lock while one builds) and skips loading and tokenizing the corpus.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -129,32 +132,61 @@ class TokenRows:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def _encode_batch(batch: Dict[str, List[Any]], tokenizer, dtype) -> Dict[str, List[Any]]:
-    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return {"ids": [np.asarray(x + [eos], dtype=dtype) for x in ids]}
+_JOB: Dict[str, Any] = {}  # what forked tokenizer workers inherit (no pickling of the dataset)
+
+
+def _tokenize_range(task: Tuple[int, int, int]) -> np.ndarray:
+    """Tokenize documents [start, stop) of the job's dataset into part file ``index``; return
+    their lengths (eos included)."""
+    index, start, stop = task
+    ds, tokenizer, dtype = _JOB["ds"], _JOB["tokenizer"], _JOB["dtype"]
+    eos, lengths = tokenizer.eos_token_id, []
+    with open(_JOB["out"] / f".{_JOB['split']}.part{index:05d}", "wb") as f:
+        for i in range(start, stop, 1000):
+            ids = tokenizer(ds[i:min(i + 1000, stop)]["text"], add_special_tokens=False)["input_ids"]
+            for x in ids:
+                x.append(eos)
+            lengths.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths[-1].sum()))
+            f.write(flat.tobytes())
+    return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
 
 
 def _write_tokens(ds, tokenizer, dtype, out: Path, split: str, num_proc: int) -> np.ndarray:
-    """Tokenize one split with ``num_proc`` processes, stream its ids into ``out/<split>.tokens``,
-    return each document's length."""
-    from datasets import Features, Sequence, Value
+    """Tokenize one split in ``num_proc`` forked processes (each a contiguous range of documents,
+    batches of 1000 through the fast tokenizer), write its ids to ``out/<split>.tokens`` in order,
+    return each document's length. A progress bar shows on a terminal."""
+    import multiprocessing as mp
 
-    scratch = out / f".{split}-map.arrow"
-    mapped = ds.map(_encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
-                    remove_columns=ds.column_names, fn_kwargs={"tokenizer": tokenizer, "dtype": dtype},
-                    features=Features({"ids": Sequence(Value(np.dtype(dtype).name))}),
-                    cache_file_name=str(scratch), desc=f"tokenize {split}")
-    lengths = []
-    with open(out / f"{split}.tokens", "wb") as f:
-        for chunk in mapped.data.column("ids").chunks:
-            flat = chunk.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-            f.write(flat.tobytes())
-            offsets = chunk.offsets.to_numpy()
-            lengths.append(np.diff(offsets))
-    del mapped
-    for leftover in out.glob(f".{split}-map*"):
-        leftover.unlink()
+    from tqdm.auto import tqdm
+
+    n = len(ds)
+    chunks = max(1, min(num_proc * 16, -(-n // 1000)))
+    bounds = [round(n * k / chunks) for k in range(chunks + 1)]
+    tasks = [(k, bounds[k], bounds[k + 1]) for k in range(chunks)]
+    _JOB.update(ds=ds, tokenizer=tokenizer, dtype=dtype, out=out, split=split)
+    bar = tqdm(total=n, desc=f"tokenize {split}", unit="doc", disable=None)
+    try:
+        if num_proc > 1:
+            with mp.get_context("fork").Pool(num_proc) as pool:
+                lengths = []
+                for (k, a, b), got in zip(tasks, pool.imap(_tokenize_range, tasks)):
+                    lengths.append(got)
+                    bar.update(b - a)
+        else:
+            lengths = []
+            for task in tasks:
+                lengths.append(_tokenize_range(task))
+                bar.update(task[2] - task[1])
+    finally:
+        bar.close()
+        _JOB.clear()
+    with open(out / f"{split}.tokens", "wb") as whole:
+        for k in range(chunks):
+            part = out / f".{split}.part{k:05d}"
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, whole, 16 << 20)
+            part.unlink()
     return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
 
 
@@ -213,9 +245,7 @@ def build(prepared, tokenizer, data_cfg, out: Path, num_proc: Optional[int] = No
     """Write the cache for ``prepared`` (its train and val datasets) into ``out``; returns its meta."""
     started = time.time()
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    from llmexp.data.prepare import default_num_proc
-
-    num_proc = num_proc or default_num_proc(len(prepared.train))
+    num_proc = num_proc or (os.cpu_count() or 1 if len(prepared.train) >= 5000 else 1)
     meta: Dict[str, Any] = {"mode": row_mode(data_cfg), "dtype": np.dtype(dtype).name, "num_proc": num_proc,
                             "preparation": prepared.log, "splits": {}}
     for split in SPLITS:
