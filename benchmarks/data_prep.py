@@ -7,7 +7,7 @@ For generated JSONL corpora (one document of 50-400 words per line) of each size
 - cold: ``llmexp prepare`` into an empty cache (loading, the preparation steps, tokenizing on every
   core, writing the shards): tokens/s of the tokenization and of the whole command, against the
   baseline;
-- warm: ``python -m llmexp stage=pretrain data=files data.path=<corpus> trainer.max_steps=2``
+- warm: ``python -m llmexp stage=pretrain data=files data.path=<corpus> data.concat=true trainer.max_steps=2``
   with that cache: seconds from process start to the first optimizer step (summary.json), and
   the peak RSS of the process while it trains.
 
@@ -123,11 +123,11 @@ def measure(size_mb: int, workdir: Path) -> Dict[str, Any]:
     cache = workdir / f"cache_{size_mb}"
     shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "LLMEXP_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
-    data = ["stage=pretrain", "data=files", f"data.path={corpus}", "data.max_length=512"]
+    data = ["stage=pretrain", "data=files", f"data.path={corpus}", "data.max_length=512", "data.concat=true"]
     base = baseline_tokens_per_second(corpus)
     cold = timed([sys.executable, "-m", "llmexp", "prepare", *data], env, workdir)
     meta = json.loads(next((cache / "tokens").glob("*/meta.json")).read_text())
-    tokens = sum(meta["tokens"].values())
+    tokens = sum(meta["tokenized"].values())  # every token of every document, as the baseline counts
     tokenize_seconds = meta["prepare_seconds"]
     run_dir = workdir / f"run_{size_mb}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -146,6 +146,7 @@ def measure(size_mb: int, workdir: Path) -> Dict[str, Any]:
         "cold_prepare_ratio_vs_baseline": tokens / cold["seconds"] / base["tokens_per_second"],
         "cold_prepare_peak_rss_gb": cold["peak_rss_gb"],
         "warm_cache_hit": summary["data_stats"]["cache"]["hit"],
+        "training_blocks": meta["splits"]["train"]["rows"],
         "warm_seconds_to_first_step": summary["seconds_to_first_step"],
         "warm_run_seconds": warm["seconds"],
         "warm_peak_rss_gb": warm["peak_rss_gb"],

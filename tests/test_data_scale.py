@@ -185,3 +185,68 @@ def test_concat_refuses_chat_data_and_packing_together(tmp_path):
     assert r.returncode == 2 and "data.concat and data.packing" in r.stderr
     r = run_cli(["stage=sft", "data.concat=true", "logger=none", f"hydra.run.dir={tmp_path / 'y'}"], cwd=tmp_path)
     assert r.returncode == 2 and "data.concat" in r.stderr and "format 'chat'" in r.stderr, r.stderr[-2000:]
+
+
+def streamed_corpus(tmp_path: Path) -> Path:
+    d = tmp_path / "stream"
+    write_corpus(d / "a.jsonl", 150, seed=1)
+    write_corpus(d / "b.jsonl.gz", 150, seed=2, compress="gz")
+    write_corpus(d / "c.jsonl", 100, seed=3)
+    return d
+
+
+def epoch_documents(data_overrides: List[str], rank: int, world: int) -> List[tuple]:
+    """The token sequences one rank's stream trains on in its first epoch (documents mode)."""
+    from llmexp.data.streaming import DocumentStream
+    from llmexp.models.tokenizer import load_tokenizer
+
+    cfg = typed(["stage=pretrain", *data_overrides])
+    stream = DocumentStream(cfg.data, load_tokenizer(None, None), window=1, seed=5, rank=rank, world=world)
+    out = []
+    for window in stream:
+        if stream.state["epoch"] > 0:
+            break
+        out.append(tuple(window[0]["input_ids"]))
+    return out
+
+
+def test_streaming_ranks_read_disjoint_documents_that_cover_the_corpus_but_its_validation(tmp_path):
+    corpus = streamed_corpus(tmp_path)
+    data = ["data=files", f"data.path={corpus}", "data.streaming=true", "data.max_length=512",
+            "data.shuffle_buffer=40", "data.max_val_samples=20"]
+    one = epoch_documents(data, 0, 1)
+    r0, r1 = epoch_documents(data, 0, 2), epoch_documents(data, 1, 2)
+    assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(one)
+    assert len(one) == 400 - 20 and len(set(one)) > 350  # every training document once (a few repeat by chance)
+    from llmexp.data.streaming import DocumentStream
+    from llmexp.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None, None)
+    val = DocumentStream(typed(["stage=pretrain", *data]).data, tok, 1, 5).validation_documents()
+    val_ids = {tuple(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for t in val}
+    assert len(val) == 20 and not val_ids & set(one)
+    assert one != sorted(one) and one[:50] != epoch_documents([*data[:-2], "data.shuffle_buffer=1",
+                                                                "data.max_val_samples=20"], 0, 1)[:50]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["data.concat=true"]], ids=["documents", "concat"])
+def test_streaming_resume_after_sigkill_matches_uninterrupted(tmp_path, mode):
+    from safetensors.torch import load_file
+
+    from llmexp.testing import FAST, train_in_subprocess
+
+    corpus = streamed_corpus(tmp_path)
+    overrides = [*FAST, "stage=pretrain", "data=files", f"data.path={corpus}", "data.streaming=true",
+                 "data.max_length=48", "data.shuffle_buffer=30", "data.max_val_samples=16", "trainer.max_steps=30",
+                 "trainer.checkpoint_every_n_steps=5", "trainer.val_check_interval=10", "trainer.micro_batch_size=4",
+                 "trainer.grad_accum=2", "task.check=none", *mode]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train_in_subprocess(overrides, straight).returncode == 0
+    assert train_in_subprocess(overrides, killed, kill_at=17).returncode == -9
+    r = train_in_subprocess([*overrides, f"resume={killed}"], killed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    s = json.loads((killed / "summary.json").read_text())
+    assert s["global_step"] == 30 and s["data_stats"]["streaming"]["files"] == 3

@@ -100,6 +100,15 @@ def prepare_data(typed):
 
     d, m = typed.data, typed.model
     load = lambda: load_examples(d, typed.stage.name)  # noqa: E731
+    if d.streaming:
+        from llmexp.data.module import PreparedData
+        from llmexp.errors import UserError
+
+        if peeked_format(d) != "text" or m.tokenizer == "train":
+            raise UserError("data.streaming: reads plain-text documents (a 'text' column, or data.fields.text=<column>) "
+                            "with a tokenizer that exists before the data (not model.tokenizer=train)")
+        tokenizer = load_tokenizer(m.tokenizer, m.pretrained, None, m.trust_remote_code)
+        return PreparedData(train=None, val=None, format="text", log=[{"step": "streaming"}]), tokenizer
     if m.tokenizer != "train" and peeked_format(d) == "text":
         tokenizer = load_tokenizer(m.tokenizer, m.pretrained, None, m.trust_remote_code)
         return prepared_text(d, typed.stage.name, tokenizer, load), tokenizer

@@ -548,6 +548,11 @@ class DataConfig:
     num_proc: Optional[int] = bounded(None, min=1, help=(
         "Processes that tokenize a text corpus into the token cache (null: every core for a large corpus, one for a "
         "small one). The cache is reused by every run with the same data, tokenizer and lengths (llmexp prepare)."))
+    streaming: bool = doc(False, help=(
+        "files, format text: read the corpus as training goes, never prepared or copied (documents shuffled through "
+        "a seeded buffer, tokenized as they come; exact resume). The first max_val_samples documents validate."))
+    shuffle_buffer: int = bounded(1000, min=1, help=(
+        "streaming: documents held in the shuffle buffer (1: file order, files themselves shuffled per epoch)."))
     num_workers: int = bounded(0, min=0, help="DataLoader worker processes (0: load in the main process).")
 
 

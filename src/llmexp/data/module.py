@@ -176,6 +176,9 @@ class StageDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_rows is not None:
             return
+        if self.cfg.streaming:
+            self._stream_validation()
+            return
         if self.prepared.cache is not None:
             self._from_cache()
         else:
@@ -197,6 +200,39 @@ class StageDataModule(L.LightningDataModule):
             setattr(self, f"{split}_rows", TokenRows(Path(cache["dir"]), split, cache["mode"]))
             self.stats[split] = dict(cache["splits"][split])
         self.stats["cache"] = {k: v for k, v in cache.items() if k != "splits"}
+
+    def _stream_validation(self) -> None:
+        """Streaming: the validation rows are the corpus's first documents, tokenized here; training
+        rows come from the stream (train_dataloader)."""
+        from llmexp.data.streaming import DocumentStream
+
+        probe = DocumentStream(self.cfg, self.stage.tokenizer, 1, self.tcfg.seed)
+        eos, n = self.stage.tokenizer.eos_token_id, self.cfg.max_length
+        ids = [self.stage.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
+               for t in probe.validation_documents()]
+        if self.cfg.concat:
+            flat = [t for x in ids for t in x]
+            ids = [flat[i:i + n] for i in range(0, len(flat) - n + 1, n)]
+        rows = [{"input_ids": x[:n], "labels": x[:n]} for x in ids if len(x) >= 2]
+        if not rows:
+            raise UserError(f"data.max_val_samples: the first {self.cfg.max_val_samples} documents of "
+                            f"{self.cfg.path!r} make no validation row; raise data.max_val_samples")
+        self.train_rows, self.val_rows = [], rows
+        self.stats = {"streaming": {"files": len(probe.files), "shuffle_buffer": self.cfg.shuffle_buffer},
+                      "val": {"rows": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows)}}
+        self.stream = None
+        self._resume_state = getattr(self, "_resume_state", None)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Streaming: the stream's state after the last window trained on (for exact resume)."""
+        stream = getattr(self, "stream", None)
+        if stream is None or self.trainer is None:
+            return {}
+        state = stream.state_after(self.trainer.global_step)
+        return {"stream": state} if state is not None else {}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._resume_state = state_dict.get("stream")
 
     def _encode(self) -> None:
         encode = self.stage.encoder(self.prepared.format)
@@ -222,6 +258,17 @@ class StageDataModule(L.LightningDataModule):
         """Windows in a seeded order that resumes at the trainer's current optimizer step."""
         trainer = self.trainer
         rank, world = self._data_parallel_rank()
+        if self.cfg.streaming:
+            from llmexp.data.streaming import DocumentStream, IterableWindows
+
+            if trainer is not None and trainer.global_step and self._resume_state is None:
+                raise UserError("resume: this checkpoint holds no stream position (saved without "
+                                "data.streaming); resume with the data settings it was trained with")
+            self.stream = DocumentStream(self.cfg, self.stage.tokenizer,
+                                         self.tcfg.micro_batch_size * self.tcfg.grad_accum, self.tcfg.seed,
+                                         rank=rank, world=world, state=self._resume_state)
+            return DataLoader(IterableWindows(self.stream), batch_size=None,
+                              collate_fn=WindowCollator(self.stage.collate, self.tcfg.micro_batch_size))
         sampler = WindowSampler(len(self.train_rows), self.tcfg.micro_batch_size * self.tcfg.grad_accum,
                                 self.tcfg.seed, start_step=trainer.global_step if trainer else 0,
                                 rank=rank, world_size=world)

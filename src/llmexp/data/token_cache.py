@@ -88,14 +88,21 @@ def _file_stats(files: List[Path]) -> List[Any]:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def cache_key(data_cfg, tokenizer, stage: str, prepared=None) -> Optional[str]:
+def key_inputs(data_cfg, tokenizer, stage: str, prepared=None) -> Optional[Dict[str, Any]]:
+    """Everything the cached tokens depend on (meta.json keeps it, to explain a miss)."""
     source = source_fingerprint(data_cfg, prepared)
     if source is None:
         return None
     config = {k: v for k, v in asdict(data_cfg).items() if k not in ("num_workers", "num_proc")}
-    payload = {"version": FORMAT_VERSION, "stage_encoding": "text" if stage in ("pretrain", "sft") else stage,
-               "data": config, "source": source, "tokenizer": tokenizer_fingerprint(tokenizer)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return {"version": FORMAT_VERSION, "stage_encoding": "text" if stage in ("pretrain", "sft") else stage,
+            "data": config, "source": source, "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+
+def cache_key(data_cfg, tokenizer, stage: str, prepared=None) -> Optional[str]:
+    inputs = key_inputs(data_cfg, tokenizer, stage, prepared)
+    if inputs is None:
+        return None
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 class TokenRows:
@@ -241,13 +248,14 @@ def _rows(lengths: np.ndarray, data_cfg, split: str) -> Tuple[np.ndarray, np.nda
     return segs[order], offsets, stats
 
 
-def build(prepared, tokenizer, data_cfg, out: Path, num_proc: Optional[int] = None) -> Dict[str, Any]:
+def build(prepared, tokenizer, data_cfg, out: Path, num_proc: Optional[int] = None,
+          inputs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write the cache for ``prepared`` (its train and val datasets) into ``out``; returns its meta."""
     started = time.time()
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     num_proc = num_proc or (os.cpu_count() or 1 if len(prepared.train) >= 5000 else 1)
     meta: Dict[str, Any] = {"mode": row_mode(data_cfg), "dtype": np.dtype(dtype).name, "num_proc": num_proc,
-                            "preparation": prepared.log, "splits": {}}
+                            "preparation": prepared.log, "splits": {}, "key_inputs": inputs}
     for split in SPLITS:
         ds = getattr(prepared, split)
         lengths = _write_tokens(ds, tokenizer, dtype, out, split, num_proc)
@@ -256,16 +264,17 @@ def build(prepared, tokenizer, data_cfg, out: Path, num_proc: Optional[int] = No
         np.save(out / f"{split}.rows.npy", offsets)
         tokens = int((out / f"{split}.tokens").stat().st_size // np.dtype(dtype).itemsize)
         (out / f"{split}.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "tokens": tokens}))
-        stats.update(rows=len(offsets) - 1, tokens=int(segs[:, 1].sum()) if len(segs) else 0)
+        stats.update(rows=len(offsets) - 1, tokens=int(segs[:, 1].sum()) if len(segs) else 0, tokenized=tokens)
         meta["splits"][split] = stats
     meta["prepare_seconds"] = time.time() - started
-    meta["tokens"] = {s: meta["splits"][s]["tokens"] for s in SPLITS}
+    meta["tokens"] = {s: meta["splits"][s]["tokens"] for s in SPLITS}  # in rows (after max_length)
+    meta["tokenized"] = {s: meta["splits"][s]["tokenized"] for s in SPLITS}  # every document's every token
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
-def prepare_cached(key: str, load_prepared, tokenizer, data_cfg, num_proc: Optional[int] = None
-                   ) -> Tuple[Path, Dict[str, Any], bool]:
+def prepare_cached(key: str, load_prepared, tokenizer, data_cfg, num_proc: Optional[int] = None,
+                   inputs: Optional[Dict[str, Any]] = None) -> Tuple[Path, Dict[str, Any], bool]:
     """(cache dir, meta, hit): the cache for ``key``, built from ``load_prepared()`` when missing
     (under a lock, so concurrent ranks and trials build it once)."""
     from filelock import FileLock
@@ -280,7 +289,7 @@ def prepare_cached(key: str, load_prepared, tokenizer, data_cfg, num_proc: Optio
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            meta = build(load_prepared(), tokenizer, data_cfg, tmp, num_proc)
+            meta = build(load_prepared(), tokenizer, data_cfg, tmp, num_proc, inputs)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -320,7 +329,8 @@ def prepared_text(data_cfg, stage: str, tokenizer, load_examples, prepared=None)
     if key is None:  # a source known only once loaded: load it, and key the cache by its rows
         prepared = load_examples()
         key = cache_key(data_cfg, tokenizer, stage, prepared)
+    inputs = key_inputs(data_cfg, tokenizer, stage, prepared)
     cache_dir, meta, hit = prepare_cached(key, (lambda: prepared) if prepared is not None else load_examples,
-                                          tokenizer, data_cfg, data_cfg.num_proc)
+                                          tokenizer, data_cfg, data_cfg.num_proc, inputs)
     return PreparedData(train=None, val=None, format="text", log=meta["preparation"],
                         cache=summary_of(cache_dir, meta, hit, key))
