@@ -201,16 +201,18 @@ def epoch_documents(data_overrides: List[str], rank: int, world: int) -> List[tu
     from llmexp.models.tokenizer import load_tokenizer
 
     cfg = typed(["stage=pretrain", *data_overrides])
-    stream = DocumentStream(cfg.data, load_tokenizer(None, None), window=1, seed=5, rank=rank, world=world)
+    stream = DocumentStream(cfg.data, load_tokenizer(None, None), window=1, seed=5, part=rank, parts=world)
     out = []
-    for window in stream:
+    for rows, _state in stream:
         if stream.state["epoch"] > 0:
             break
-        out.append(tuple(window[0]["input_ids"]))
+        out.append(tuple(rows[0]["input_ids"]))
     return out
 
 
-def test_streaming_ranks_read_disjoint_documents_that_cover_the_corpus_but_its_validation(tmp_path):
+def test_streaming_parts_read_disjoint_documents_that_cover_the_corpus_but_its_validation(tmp_path):
+    """Two parts (two ranks, or one rank's two DataLoader workers) read disjoint documents that
+    together are one part's; the validation documents are never among them."""
     corpus = streamed_corpus(tmp_path)
     data = ["data=files", f"data.path={corpus}", "data.streaming=true", "data.max_length=512",
             "data.shuffle_buffer=40", "data.max_val_samples=20"]
@@ -230,7 +232,9 @@ def test_streaming_ranks_read_disjoint_documents_that_cover_the_corpus_but_its_v
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [[], ["data.concat=true"]], ids=["documents", "concat"])
+@pytest.mark.parametrize("mode", [[], ["data.concat=true", "data.num_workers=2"],
+                                  ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]],
+                         ids=["documents", "concat-two-workers", "ddp"])
 def test_streaming_resume_after_sigkill_matches_uninterrupted(tmp_path, mode):
     from safetensors.torch import load_file
 

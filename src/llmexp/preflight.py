@@ -176,11 +176,10 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
     if d.streaming:
         for key, bad, fix in (("data.source", d.source != "files", "data=files data.path=<files, a directory or a glob>"),
                               ("data.packing", d.packing, "data.packing=false (or data.concat=true)"),
-                              ("data.num_workers", d.num_workers > 0, "data.num_workers=0"),
                               ("stage", not spec.packs, "stage=pretrain")):
             if bad:
-                p.append(Problem(key, "data.streaming reads local text files in one process, one document per row "
-                                 "or in concat blocks, for pretrain/sft", fix))
+                p.append(Problem(key, "data.streaming reads local text files, one document per row or in concat "
+                                 "blocks, for pretrain/sft", fix))
     if d.concat and not spec.packs:
         p.append(Problem("data.concat", f"stage={st.name} scores whole sequences one per row; joining "
                          "documents into blocks would mix several into one", "data.concat=false"))

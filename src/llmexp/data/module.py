@@ -220,19 +220,40 @@ class StageDataModule(L.LightningDataModule):
         self.train_rows, self.val_rows = [], rows
         self.stats = {"streaming": {"files": len(probe.files), "shuffle_buffer": self.cfg.shuffle_buffer},
                       "val": {"rows": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows)}}
-        self.stream = None
         self._resume_state = getattr(self, "_resume_state", None)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Streaming: keep the state a training window carries (its part's, after it), in the
+        training process, right before the step trains on it."""
+        if isinstance(batch, list) and batch and isinstance(batch[0], dict) and "_stream" in batch[0]:
+            logical, snapshot = batch[0].pop("_stream")
+            self._trained["states"][logical] = snapshot
+            self._trained["windows"] += 1
+        return batch
+
     def state_dict(self) -> Dict[str, Any]:
-        """Streaming: the stream's state after the last window trained on (for exact resume)."""
-        stream = getattr(self, "stream", None)
-        if stream is None or self.trainer is None:
+        """Streaming: every part's state after the last window trained on, of every rank (each
+        rank's stream is its own, and only rank 0 writes the checkpoint): for exact resume."""
+        trained = getattr(self, "_trained", None)
+        if not trained:
             return {}
-        state = stream.state_after(self.trainer.global_step)
-        return {"stream": state} if state is not None else {}
+        mine = {**trained, "states": list(trained["states"])}
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            every: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)
+            return {"stream_ranks": every}
+        return {"stream_ranks": [mine]}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self._resume_state = state_dict.get("stream")
+        ranks = state_dict.get("stream_ranks")
+        if ranks:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            if rank >= len(ranks):
+                raise UserError(f"resume: the stream was saved by {len(ranks)} process(es) and this run has more; "
+                                f"resume with the devices it was trained with")
+            self._resume_state = ranks[rank]
 
     def _encode(self) -> None:
         encode = self.stage.encoder(self.prepared.format)
@@ -259,16 +280,7 @@ class StageDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = self._data_parallel_rank()
         if self.cfg.streaming:
-            from llmexp.data.streaming import DocumentStream, IterableWindows
-
-            if trainer is not None and trainer.global_step and self._resume_state is None:
-                raise UserError("resume: this checkpoint holds no stream position (saved without "
-                                "data.streaming); resume with the data settings it was trained with")
-            self.stream = DocumentStream(self.cfg, self.stage.tokenizer,
-                                         self.tcfg.micro_batch_size * self.tcfg.grad_accum, self.tcfg.seed,
-                                         rank=rank, world=world, state=self._resume_state)
-            return DataLoader(IterableWindows(self.stream), batch_size=None,
-                              collate_fn=WindowCollator(self.stage.collate, self.tcfg.micro_batch_size))
+            return self._stream_dataloader(rank, world)
         sampler = WindowSampler(len(self.train_rows), self.tcfg.micro_batch_size * self.tcfg.grad_accum,
                                 self.tcfg.seed, start_step=trainer.global_step if trainer else 0,
                                 rank=rank, world_size=world)
@@ -277,6 +289,24 @@ class StageDataModule(L.LightningDataModule):
         return DataLoader(self.train_rows, batch_sampler=sampler, generator=torch.Generator(),
                           collate_fn=WindowCollator(self.stage.collate, self.tcfg.micro_batch_size),
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
+
+    def _stream_dataloader(self, rank: int, world: int) -> DataLoader:
+        from llmexp.data.streaming import IterableWindows, StreamCollator
+
+        workers = max(1, self.cfg.num_workers)
+        resume = self._resume_state
+        if self.trainer is not None and self.trainer.global_step and resume is None:
+            raise UserError("resume: this checkpoint holds no stream position (saved without data.streaming); "
+                            "resume with the data settings it was trained with")
+        if resume is not None and len(resume["states"]) != workers:
+            raise UserError(f"data.num_workers: the stream was saved with {len(resume['states'])} reading "
+                            f"part(s) per rank; resume with data.num_workers={len(resume['states'])}")
+        self._trained = {"states": list(resume["states"]) if resume else [None] * workers,
+                         "windows": resume["windows"] if resume else 0}
+        windows = IterableWindows(self.cfg, self.stage.tokenizer, self.tcfg.micro_batch_size * self.tcfg.grad_accum,
+                                  self.tcfg.seed, rank, world, workers, resume)
+        return DataLoader(windows, batch_size=None, num_workers=self.cfg.num_workers,
+                          collate_fn=StreamCollator(WindowCollator(self.stage.collate, self.tcfg.micro_batch_size)))
 
     def val_dataloader(self) -> DataLoader:
         """Each rank evaluates its own slice (no padding), and the stage sums across ranks."""

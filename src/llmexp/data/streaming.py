@@ -8,8 +8,11 @@ tokens carried into the next block. The state after each window is kept, and the
 the one after the last window trained on, so a run killed and resumed trains on exactly the rows
 the uninterrupted run would have (tested after SIGKILL).
 
-Ranks split the documents round-robin before tokenizing (document i goes to rank i mod world), so
-they read disjoint data. The first ``data.max_val_samples`` documents (in file order) are the
+Ranks and DataLoader workers split the documents round-robin before tokenizing (document i goes to
+part i mod (ranks x workers)), so they read disjoint data. Each window carries its part's state to
+the training process, which keeps the state of every part after the last window trained on; a
+resumed run restores each part and rotates the workers so that the next window comes from the part
+that would have made it. The first ``data.max_val_samples`` documents (in file order) are the
 validation rows and never trained on.
 """
 
@@ -47,10 +50,10 @@ def read_documents(path: str, text_field: str) -> Iterator[str]:
 class DocumentStream:
     """Windows of rows from the corpus, resumable from ``state``."""
 
-    def __init__(self, data_cfg, tokenizer, window: int, seed: int, rank: int = 0, world: int = 1,
+    def __init__(self, data_cfg, tokenizer, window: int, seed: int, part: int = 0, parts: int = 1,
                  state: Optional[Dict[str, Any]] = None):
         self.cfg, self.tokenizer, self.window, self.seed = data_cfg, tokenizer, window, seed
-        self.rank, self.world = rank, world
+        self.part, self.parts = part, parts
         self.files = data_files(data_cfg.path)
         self.text_field = (data_cfg.fields.text if getattr(data_cfg.fields, "text", None) else "text")
         self.n_val = data_cfg.max_val_samples or 0
@@ -105,7 +108,7 @@ class DocumentStream:
         st, eos = self.state, self.tokenizer.eos_token_id
         rng = random.Random()
         if st["rng"] is None:
-            rng.seed(self.seed + 7919 * self.rank)
+            rng.seed(self.seed + 7919 * self.part)
         else:
             rng.setstate((st["rng"][0], tuple(st["rng"][1]), st["rng"][2]))
         size = self.cfg.shuffle_buffer
@@ -120,7 +123,7 @@ class DocumentStream:
                     st["doc"] = doc + 1
                     if self._is_validation(index, doc):
                         continue
-                    mine = st["counter"] % self.world == self.rank
+                    mine = st["counter"] % self.parts == self.part
                     st["counter"] += 1
                     if not mine:
                         continue
@@ -143,26 +146,49 @@ class DocumentStream:
                         pending = []
             st["epoch"], st["file"], st["doc"] = st["epoch"] + 1, 0, 0
 
-    def _emit(self, rows: List[List[int]], rng: random.Random) -> List[Dict[str, List[int]]]:
-        """One window; the state after it is kept (a checkpoint taken after this step saves it)."""
+    def _emit(self, rows: List[List[int]], rng: random.Random):
+        """One window and this part's state after it (what a checkpoint after this step saves)."""
         st = self.state
         st["windows"] += 1
         version, internal, gauss = rng.getstate()
         st["rng"] = [version, list(internal), gauss]
-        self.snapshots[st["windows"]] = {**st, "buffer": list(st["buffer"]), "carry": list(st["carry"])}
-        for old in [k for k in self.snapshots if k < st["windows"] - 8]:
-            del self.snapshots[old]
-        return [{"input_ids": r, "labels": list(r)} for r in rows]
-
-    def state_after(self, windows: int) -> Optional[Dict[str, Any]]:
-        return self.snapshots.get(windows)
+        snapshot = {**st, "buffer": list(st["buffer"]), "carry": list(st["carry"])}
+        return [{"input_ids": r, "labels": list(r)} for r in rows], snapshot
 
 
 class IterableWindows(IterableDataset):
-    """The stream as a torch IterableDataset (one item: one optimizer step's rows)."""
+    """The stream as a torch IterableDataset: each DataLoader worker reads its own part; an item
+    is (one optimizer step's rows, its part, the part's state after it)."""
 
-    def __init__(self, stream: DocumentStream):
-        self.stream = stream
+    def __init__(self, data_cfg, tokenizer, window: int, seed: int, rank: int, world: int, workers: int,
+                 resume: Optional[Dict[str, Any]] = None):
+        self.args = (data_cfg, tokenizer, window, seed)
+        self.rank, self.world, self.workers = rank, world, workers
+        self.resume = resume or {"states": [None] * workers, "windows": 0}
 
     def __iter__(self):
-        return iter(self.stream)
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.resume["windows"]) % self.workers  # the part whose window comes next
+        part = self.rank * self.workers + logical
+        state = self.resume["states"][logical]
+        stream = DocumentStream(*self.args, part=part, parts=self.world * self.workers,
+                                state=dict(state) if state else None)
+        for rows, snapshot in stream:
+            yield rows, logical, snapshot
+
+
+class StreamCollator:
+    """The window's micro-batches (as WindowCollator makes them), the first carrying the part's
+    state under ``_stream`` for the data module to keep (and remove) before the step."""
+
+    def __init__(self, window_collator):
+        self.window_collator = window_collator
+
+    def __call__(self, item):
+        rows, logical, snapshot = item
+        batches = self.window_collator(rows)
+        batches[0]["_stream"] = (logical, snapshot)
+        return batches
