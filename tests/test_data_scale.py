@@ -45,7 +45,7 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 def rows_both_ways(overrides: List[str]):
     """(rows encoded one by one as small data is, rows read from the token cache) of one config."""
     from llmexp.data.module import StageDataModule, load_examples
-    from llmexp.data.token_cache import prepared_text
+    from llmexp.run import prepared_text
     from llmexp.models.tokenizer import load_tokenizer
     from llmexp.stages import stage_class
 
@@ -83,7 +83,8 @@ def test_cached_rows_are_exactly_the_rows_encoded_one_by_one(cache_dir, tmp_path
 
 def test_concat_mode_cuts_the_eos_joined_stream_into_full_blocks(cache_dir, tmp_path):
     from llmexp.data.module import load_examples
-    from llmexp.data.token_cache import TokenRows, prepared_text
+    from llmexp.data.token_cache import TokenRows
+    from llmexp.run import prepared_text
     from llmexp.models.tokenizer import load_tokenizer
 
     corpus = write_corpus(tmp_path / "c.jsonl", 300)

@@ -95,7 +95,7 @@ def prepare_data(typed):
     that does not depend on the data and a source known before loading, a cache hit skips
     loading and tokenizing altogether; other data is loaded, prepared and encoded as rows."""
     from llmexp.data.module import load_examples
-    from llmexp.data.token_cache import peeked_format, prepared_text
+    from llmexp.data.token_cache import peeked_format
     from llmexp.models.tokenizer import load_tokenizer
 
     d, m = typed.data, typed.model
@@ -117,6 +117,23 @@ def prepare_data(typed):
     if prepared.format == "text":
         return prepared_text(d, typed.stage.name, tokenizer, load, prepared), tokenizer
     return prepared, tokenizer
+
+
+def prepared_text(data_cfg, stage: str, tokenizer, load_examples, prepared=None):
+    """PreparedData of a text corpus, read from its token cache (built here when missing, from
+    ``prepared`` or ``load_examples()``)."""
+    from llmexp.data.module import PreparedData
+    from llmexp.data.token_cache import cache_key, key_inputs, prepare_cached, summary_of
+
+    key = cache_key(data_cfg, tokenizer, stage, prepared)
+    if key is None:  # a source known only once loaded: load it, and key the cache by its rows
+        prepared = load_examples()
+        key = cache_key(data_cfg, tokenizer, stage, prepared)
+    inputs = key_inputs(data_cfg, tokenizer, stage, prepared)
+    cache_dir, meta, hit = prepare_cached(key, (lambda: prepared) if prepared is not None else load_examples,
+                                          tokenizer, data_cfg, data_cfg.num_proc, inputs)
+    return PreparedData(train=None, val=None, format="text", log=meta["preparation"],
+                        cache=summary_of(cache_dir, meta, hit, key))
 
 
 def hydra_run_dir() -> Path:

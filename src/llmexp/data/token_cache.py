@@ -235,9 +235,8 @@ def _rows(lengths: np.ndarray, data_cfg, split: str) -> Tuple[np.ndarray, np.nda
     if not len(segs):
         from llmexp.errors import UserError
 
-        raise UserError(f"data.max_length: every {split} document was removed ({stats}); documents have "
-                        f"{int(lengths.min()) if len(lengths) else 0}-{int(lengths.max()) if len(lengths) else 0} "
-                        f"tokens: raise data.max_length, use data.overlong=truncate or split, or data.concat=true")
+        raise UserError(f"data.max_length: every {split} sample was removed ({stats}); "
+                        + length_advice(lengths, data_cfg))
     tokens = int(segs[:, 1].sum())
     if not data_cfg.packing:
         return segs, np.arange(len(segs) + 1, dtype=np.int64), stats
@@ -246,6 +245,17 @@ def _rows(lengths: np.ndarray, data_cfg, split: str) -> Tuple[np.ndarray, np.nda
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in bins])]).astype(np.int64)
     stats["packing_efficiency"] = tokens / (len(bins) * n) if bins else 0.0
     return segs[order], offsets, stats
+
+
+def length_advice(lengths: np.ndarray, data_cfg) -> str:
+    """What keeps documents that data.max_length removed (as data.module.length_advice says for rows)."""
+    n, lo, hi = data_cfg.max_length, int(lengths.min()), int(lengths.max())
+    span = f"samples have {lo}-{hi} tokens"
+    if hi < 2:
+        return "no sample has a token to learn from at any length; check the data's text"
+    return (f"data.overlong={data_cfg.overlong} drops every sample longer than data.max_length={n} ({span}); raise "
+            f"data.max_length (to {hi} to keep every sample whole) or use data.overlong=truncate (keeps each "
+            f"sample's first data.max_length tokens), data.overlong=split, or data.concat=true")
 
 
 def build(prepared, tokenizer, data_cfg, out: Path, num_proc: Optional[int] = None,
@@ -318,19 +328,3 @@ def peeked_format(data_cfg) -> Optional[str]:
         return data_cfg.format
     columns = peek_columns(data_cfg)
     return formats.detect_format(columns, field_map(data_cfg.fields)) if columns else None
-
-
-def prepared_text(data_cfg, stage: str, tokenizer, load_examples, prepared=None):
-    """PreparedData of a text corpus, read from its token cache (built here when missing, from
-    ``prepared`` or ``load_examples()``)."""
-    from llmexp.data.module import PreparedData
-
-    key = cache_key(data_cfg, tokenizer, stage, prepared)
-    if key is None:  # a source known only once loaded: load it, and key the cache by its rows
-        prepared = load_examples()
-        key = cache_key(data_cfg, tokenizer, stage, prepared)
-    inputs = key_inputs(data_cfg, tokenizer, stage, prepared)
-    cache_dir, meta, hit = prepare_cached(key, (lambda: prepared) if prepared is not None else load_examples,
-                                          tokenizer, data_cfg, data_cfg.num_proc, inputs)
-    return PreparedData(train=None, val=None, format="text", log=meta["preparation"],
-                        cache=summary_of(cache_dir, meta, hit, key))
