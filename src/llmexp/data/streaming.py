@@ -130,21 +130,21 @@ class DocumentStream:
                     st["buffer"].append(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
                     if len(st["buffer"]) < size:
                         continue
-                    out = st["buffer"].pop(rng.randrange(len(st["buffer"])))
-                    for row in self._rows_of(out):
-                        pending.append(row)
-                        if len(pending) == self.window:
-                            yield self._emit(pending, rng)
-                            pending = []
+                    yield from self._windows(st["buffer"].pop(rng.randrange(len(st["buffer"]))), pending, rng)
                 st["file"], st["doc"] = st["file"] + 1, 0
             while st["buffer"]:  # the epoch's last documents, in random order
-                out = st["buffer"].pop(rng.randrange(len(st["buffer"])))
-                for row in self._rows_of(out):
-                    pending.append(row)
-                    if len(pending) == self.window:
-                        yield self._emit(pending, rng)
-                        pending = []
+                yield from self._windows(st["buffer"].pop(rng.randrange(len(st["buffer"]))), pending, rng)
             st["epoch"], st["file"], st["doc"] = st["epoch"] + 1, 0, 0
+
+    def _windows(self, ids: List[int], pending: List[List[int]], rng: random.Random):
+        """The windows one document completes (its rows join ``pending``, the rows not yet in a
+        window; a window's snapshot is taken when ``pending`` has just become that window)."""
+        for row in self._rows_of(ids):
+            pending.append(row)
+            if len(pending) == self.window:
+                window = self._emit(pending, rng)
+                pending.clear()
+                yield window
 
     def _emit(self, rows: List[List[int]], rng: random.Random):
         """One window and this part's state after it (what a checkpoint after this step saves)."""
