@@ -115,6 +115,48 @@ def test_gguf_export_round_trips_through_the_gguf_reader(tmp_path, tiny_teacher)
         assert np.array_equal(data, state[key].numpy()), name
 
 
+def test_gguf_export_of_qwen2_keeps_its_biases_and_rotary_halves(tmp_path):
+    """model=qwen2 as GGUF's qwen2: its q/k/v biases under their names, q/k rows as HF has them
+    (llama.cpp's Qwen2Model converter does not permute), qwen2.* hyperparameters."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    from llmexp.models.build import build_model
+    from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.testing import typed
+
+    model_dir = tmp_path / "qwen2"
+    tokenizer = load_tokenizer(None, None)
+    torch.manual_seed(0)
+    model = build_model(typed(["model=qwen2"]).model, tokenizer)
+    for name, p in model.named_parameters():
+        if name.endswith("_proj.bias"):
+            torch.nn.init.normal_(p)  # non-zero biases, so that writing them is checked
+    model.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    out = tmp_path / "q.gguf"
+    r = run_cli(["export", str(model_dir), "--format", "gguf", "--out", str(out)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    reader = GGUFReader(str(out))
+    field = {k: f.contents() for k, f in reader.fields.items()}
+    config = json.loads((model_dir / "config.json").read_text())
+    assert field["general.architecture"] == "qwen2"
+    assert (field["qwen2.block_count"], field["qwen2.attention.head_count_kv"]) == (
+        config["num_hidden_layers"], config["num_key_value_heads"])
+    state = load_file(str(model_dir / "model.safetensors"))
+    tensors = {t.name: t for t in reader.tensors}
+    for key, name in {"model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
+                      "model.layers.0.self_attn.k_proj.weight": "blk.0.attn_k.weight",
+                      "model.layers.0.self_attn.q_proj.bias": "blk.0.attn_q.bias",
+                      "model.layers.0.self_attn.v_proj.bias": "blk.0.attn_v.bias",
+                      "model.norm.weight": "output_norm.weight"}.items():
+        data = np.asarray(tensors[name].data).reshape(tuple(state[key].shape))
+        assert np.array_equal(data, state[key].numpy()), name
+    assert float(state["model.layers.0.self_attn.q_proj.bias"].abs().sum()) > 0
+
+
 @pytest.mark.parametrize("case", ["gpt2", "quantized", "out exists", "missing"])
 def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher, case):
     import shutil
@@ -132,7 +174,7 @@ def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher,
     target = tmp_path / "nowhere" if case == "missing" else model
     r = run_cli(["export", str(target), "--format", "gguf", "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    expected = {"gpt2": "writes llama and mistral", "quantized": "full-precision weights",
+    expected = {"gpt2": "writes llama, mistral and qwen2", "quantized": "full-precision weights",
                 "out exists": "exists and is kept", "missing": "neither a run directory"}[case]
     assert expected in r.stderr, r.stderr
     assert (out.read_text() == "mine") if case == "out exists" else not out.exists()

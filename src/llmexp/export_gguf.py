@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-# HF architectures written as GGUF's llama (same tensors and rotary layout).
-LLAMA_LIKE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+# HF architecture -> (GGUF architecture, whether q/k rows go to llama.cpp's interleaved rotary
+# layout): llama and mistral are GGUF's llama (permuted, as convert_hf_to_gguf's LlamaModel does);
+# qwen2 is its own, with q/k/v biases and HF's rotary halves kept (its Qwen2Model does not permute).
+ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
+                 "Qwen2ForCausalLM": ("qwen2", False)}
 
 
 def permute_rotary(weight, n_head: int):
@@ -52,22 +55,23 @@ def _tokenizer_fields(writer, model_dir: Path) -> None:
 
 
 def write_gguf(model_dir: Path, out: Path) -> dict:
-    """Write ``model_dir`` (an exported HF llama) as GGUF (f32 tensors); return its facts."""
+    """Write ``model_dir`` (an exported HF llama, mistral or qwen2) as GGUF (f32 tensors); return its facts."""
     import gguf
     import torch
     from safetensors.torch import load_file
 
     config = json.loads((model_dir / "config.json").read_text())
-    arch = next((LLAMA_LIKE[a] for a in config.get("architectures", []) if a in LLAMA_LIKE), None)
+    arch, permute = next((ARCHITECTURES[a] for a in config.get("architectures", []) if a in ARCHITECTURES),
+                         (None, False))
     if arch is None:
-        raise ValueError(f"architecture {config.get('architectures')} (GGUF export writes llama and mistral "
-                         "models: model=llama or model=mistral)")
+        raise ValueError(f"architecture {config.get('architectures')} (GGUF export writes llama, mistral and "
+                         "qwen2 models: model=llama, model=mistral or model=qwen2)")
     if "quantization_config" in config:
         raise ValueError("a quantized export (GGUF export reads full-precision weights: export the run "
                          "quantize started from, and quantize with llama.cpp's llama-quantize)")
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     n_layer = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA, n_layer)
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(model_dir.parent.name or model_dir.name)
     writer.add_context_length(config["max_position_embeddings"])
@@ -92,11 +96,11 @@ def write_gguf(model_dir: Path, out: Path) -> dict:
     for key, tensor in state.items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ValueError(f"tensor {key!r} has no GGUF name for a llama model")
+            raise ValueError(f"tensor {key!r} has no GGUF name for a {arch} model")
         tensor = tensor.to(torch.float32)
-        if key.endswith("q_proj.weight"):
+        if permute and key.endswith("q_proj.weight"):
             tensor = permute_rotary(tensor, n_head)
-        elif key.endswith("k_proj.weight"):
+        elif permute and key.endswith("k_proj.weight"):
             tensor = permute_rotary(tensor, n_kv)
         array = tensor.contiguous().numpy()
         writer.add_tensor(name, array)
