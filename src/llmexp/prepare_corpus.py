@@ -2,8 +2,8 @@
 else, so that a cluster job prepares once and every training run, resumed run, sweep trial and
 rank then starts from the cache.
 
-    llmexp prepare stage=pretrain data=files data.path='corpus/*.jsonl.zst' data.max_length=1024
-    python -m llmexp stage=pretrain data=files data.path='corpus/*.jsonl.zst' data.max_length=1024   # hits it
+    llmexp prepare stage=pretrain data=files data.path='corpus/*.jsonl.zst' data.max_length=512
+    python -m llmexp stage=pretrain data=files data.path='corpus/*.jsonl.zst' data.max_length=512   # hits it
 
 The overrides are a run's (the cache key is its data config, the files' sizes and times, and the
 tokenizer); datasets' progress bars show the tokenization.
