@@ -115,9 +115,24 @@ def test_gguf_export_round_trips_through_the_gguf_reader(tmp_path, tiny_teacher)
         assert np.array_equal(data, state[key].numpy()), name
 
 
-def test_gguf_export_of_qwen2_keeps_its_biases_and_rotary_halves(tmp_path):
-    """model=qwen2 as GGUF's qwen2: its q/k/v biases under their names, q/k rows as HF has them
-    (llama.cpp's Qwen2Model converter does not permute), qwen2.* hyperparameters."""
+GGUF_LAYER0 = {
+    # qwen2: q/k/v biases under their names, q/k rows as HF has them (llama.cpp's Qwen2Model
+    # converter does not permute).
+    "qwen2": {"model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
+              "model.layers.0.self_attn.k_proj.weight": "blk.0.attn_k.weight",
+              "model.layers.0.self_attn.q_proj.bias": "blk.0.attn_q.bias",
+              "model.layers.0.self_attn.v_proj.bias": "blk.0.attn_v.bias", "model.norm.weight": "output_norm.weight"},
+    # gpt2: Conv1D weights (in, out) transposed to (out, in); layer norms with biases; positions.
+    "gpt2": {"transformer.h.0.attn.c_attn.weight": "blk.0.attn_qkv.weight",
+             "transformer.h.0.attn.c_attn.bias": "blk.0.attn_qkv.bias",
+             "transformer.h.0.mlp.c_fc.weight": "blk.0.ffn_up.weight",
+             "transformer.h.0.mlp.c_proj.weight": "blk.0.ffn_down.weight",
+             "transformer.h.0.ln_1.bias": "blk.0.attn_norm.bias", "transformer.wpe.weight": "position_embd.weight"},
+}
+
+
+@pytest.mark.parametrize("model", ["qwen2", "gpt2"])
+def test_gguf_export_of_qwen2_and_gpt2_writes_their_own_layouts(tmp_path, model):
     import numpy as np
     import torch
     from gguf import GGUFReader
@@ -127,37 +142,38 @@ def test_gguf_export_of_qwen2_keeps_its_biases_and_rotary_halves(tmp_path):
     from llmexp.models.tokenizer import load_tokenizer
     from llmexp.testing import typed
 
-    model_dir = tmp_path / "qwen2"
+    model_dir = tmp_path / model
     tokenizer = load_tokenizer(None, None)
     torch.manual_seed(0)
-    model = build_model(typed(["model=qwen2"]).model, tokenizer)
-    for name, p in model.named_parameters():
-        if name.endswith("_proj.bias"):
+    built = build_model(typed([f"model={model}"]).model, tokenizer)
+    for name, p in built.named_parameters():
+        if name.endswith("bias"):
             torch.nn.init.normal_(p)  # non-zero biases, so that writing them is checked
-    model.save_pretrained(str(model_dir))
+    built.save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
-    out = tmp_path / "q.gguf"
+    out = tmp_path / "m.gguf"
     r = run_cli(["export", str(model_dir), "--format", "gguf", "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     reader = GGUFReader(str(out))
     field = {k: f.contents() for k, f in reader.fields.items()}
-    config = json.loads((model_dir / "config.json").read_text())
-    assert field["general.architecture"] == "qwen2"
-    assert (field["qwen2.block_count"], field["qwen2.attention.head_count_kv"]) == (
-        config["num_hidden_layers"], config["num_key_value_heads"])
+    config = built.config
+    assert field["general.architecture"] == model
+    assert (field[f"{model}.block_count"], field[f"{model}.attention.head_count"], field[f"{model}.context_length"]) \
+        == (config.num_hidden_layers, config.num_attention_heads, config.max_position_embeddings)
     state = load_file(str(model_dir / "model.safetensors"))
     tensors = {t.name: t for t in reader.tensors}
-    for key, name in {"model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
-                      "model.layers.0.self_attn.k_proj.weight": "blk.0.attn_k.weight",
-                      "model.layers.0.self_attn.q_proj.bias": "blk.0.attn_q.bias",
-                      "model.layers.0.self_attn.v_proj.bias": "blk.0.attn_v.bias",
-                      "model.norm.weight": "output_norm.weight"}.items():
-        data = np.asarray(tensors[name].data).reshape(tuple(state[key].shape))
-        assert np.array_equal(data, state[key].numpy()), name
-    assert float(state["model.layers.0.self_attn.q_proj.bias"].abs().sum()) > 0
+    assert "output.weight" in tensors and not any(n.endswith("masked_bias") for n in tensors)
+    for key, name in GGUF_LAYER0[model].items():
+        want = state[key].numpy()
+        if model == "gpt2" and key.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")):
+            want = want.T  # llama.cpp's (out, in)
+        assert [int(n) for n in tensors[name].shape] == list(reversed(want.shape)), name
+        assert np.array_equal(np.asarray(tensors[name].data).reshape(want.shape), want), name
+        if key.endswith("bias"):
+            assert float(np.abs(want).sum()) > 0
 
 
-@pytest.mark.parametrize("case", ["gpt2", "quantized", "out exists", "missing"])
+@pytest.mark.parametrize("case", ["phi", "quantized", "out exists", "missing"])
 def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher, case):
     import shutil
 
@@ -165,8 +181,8 @@ def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher,
     shutil.copytree(tiny_teacher, model)
     config = json.loads((model / "config.json").read_text())
     out = tmp_path / "x.gguf"
-    if case == "gpt2":
-        (model / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    if case == "phi":
+        (model / "config.json").write_text(json.dumps({**config, "architectures": ["PhiForCausalLM"]}))
     elif case == "quantized":
         (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "torchao"}}))
     elif case == "out exists":
@@ -174,7 +190,7 @@ def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher,
     target = tmp_path / "nowhere" if case == "missing" else model
     r = run_cli(["export", str(target), "--format", "gguf", "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    expected = {"gpt2": "writes llama, mistral and qwen2", "quantized": "full-precision weights",
+    expected = {"phi": "writes llama, mistral, qwen2 and gpt2", "quantized": "full-precision weights",
                 "out exists": "exists and is kept", "missing": "neither a run directory"}[case]
     assert expected in r.stderr, r.stderr
     assert (out.read_text() == "mine") if case == "out exists" else not out.exists()

@@ -1,7 +1,8 @@
 """`llmexp export <run dir> --format gguf`: a run's model as one GGUF file for llama.cpp, written
 with the `gguf` package (llama.cpp's own writer): the architecture's hyperparameters, the BPE
 tokenizer with its merges and special tokens, the chat template, and the weights under GGUF's
-tensor names (q/k rows permuted to llama.cpp's rotary layout, as its convert_hf_to_gguf does).
+tensor names, laid out as llama.cpp's convert_hf_to_gguf lays them out: llama and mistral with
+q/k rows permuted to its rotary layout, qwen2 with its biases, gpt2 with Conv1D weights transposed.
 
     llmexp export runs/sft-llama/<time> --format gguf [--out model.gguf]
 """
@@ -17,8 +18,11 @@ from typing import List, Optional
 # HF architecture -> (GGUF architecture, whether q/k rows go to llama.cpp's interleaved rotary
 # layout): llama and mistral are GGUF's llama (permuted, as convert_hf_to_gguf's LlamaModel does);
 # qwen2 is its own, with q/k/v biases and HF's rotary halves kept (its Qwen2Model does not permute).
+# gpt2 is GGUF's gpt2: its Conv1D weights (in, out) are transposed to (out, in) and its causal-mask
+# buffers dropped, as convert_hf_to_gguf's GPT2Model does.
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
-                 "Qwen2ForCausalLM": ("qwen2", False)}
+                 "Qwen2ForCausalLM": ("qwen2", False), "GPT2LMHeadModel": ("gpt2", False)}
+CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
 
 def permute_rotary(weight, n_head: int):
@@ -55,7 +59,7 @@ def _tokenizer_fields(writer, model_dir: Path) -> None:
 
 
 def write_gguf(model_dir: Path, out: Path) -> dict:
-    """Write ``model_dir`` (an exported HF llama, mistral or qwen2) as GGUF (f32 tensors); return its facts."""
+    """Write ``model_dir`` (an exported HF llama, mistral, qwen2 or gpt2) as GGUF (f32 tensors); return its facts."""
     import gguf
     import torch
     from safetensors.torch import load_file
@@ -64,36 +68,50 @@ def write_gguf(model_dir: Path, out: Path) -> dict:
     arch, permute = next((ARCHITECTURES[a] for a in config.get("architectures", []) if a in ARCHITECTURES),
                          (None, False))
     if arch is None:
-        raise ValueError(f"architecture {config.get('architectures')} (GGUF export writes llama, mistral and "
-                         "qwen2 models: model=llama, model=mistral or model=qwen2)")
+        raise ValueError(f"architecture {config.get('architectures')} (GGUF export writes llama, mistral, qwen2 "
+                         "and gpt2 models: model=llama, mistral, qwen2 or gpt2)")
     if "quantization_config" in config:
         raise ValueError("a quantized export (GGUF export reads full-precision weights: export the run "
                          "quantize started from, and quantize with llama.cpp's llama-quantize)")
-    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    n_layer = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA, n_layer)
+    gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gpt2": gguf.MODEL_ARCH.GPT2}[arch]
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(model_dir.parent.name or model_dir.name)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
+    if arch == "gpt2":
+        n_head = n_kv = config["n_head"]
+        n_layer = config["n_layer"]
+        writer.add_context_length(config["n_positions"])
+        writer.add_embedding_length(config["n_embd"])
+        writer.add_feed_forward_length(config.get("n_inner") or 4 * config["n_embd"])
+        writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+        embed = "transformer.wte.weight"
+    else:
+        n_head = config["num_attention_heads"]
+        n_kv = config.get("num_key_value_heads") or n_head
+        n_layer = config["num_hidden_layers"]
+        writer.add_context_length(config["max_position_embeddings"])
+        writer.add_embedding_length(config["hidden_size"])
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+        writer.add_rope_freq_base(float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get(
+            "rope_theta", 10000.0)))
+        writer.add_rope_dimension_count(config["hidden_size"] // n_head)
+        embed = "model.embed_tokens.weight"
+    names = gguf.get_tensor_name_map(gguf_arch, n_layer)
     writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get(
-        "rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(config["hidden_size"] // n_head)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     _tokenizer_fields(writer, model_dir)
     state = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(f)))
-    if "lm_head.weight" not in state and config.get("tie_word_embeddings"):
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    if "lm_head.weight" not in state and config.get("tie_word_embeddings", arch == "gpt2"):
+        state["lm_head.weight"] = state[embed]
     shapes = {}
     for key, tensor in state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):  # gpt2's causal-mask buffers, not weights
+            continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"tensor {key!r} has no GGUF name for a {arch} model")
@@ -102,6 +120,8 @@ def write_gguf(model_dir: Path, out: Path) -> dict:
             tensor = permute_rotary(tensor, n_head)
         elif permute and key.endswith("k_proj.weight"):
             tensor = permute_rotary(tensor, n_kv)
+        elif arch == "gpt2" and key.endswith(CONV1D):
+            tensor = tensor.t()
         array = tensor.contiguous().numpy()
         writer.add_tensor(name, array)
         shapes[name] = list(array.shape)
