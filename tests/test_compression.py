@@ -12,14 +12,20 @@ import pytest
 from llmexp.testing import run_cli, run_module
 
 
-@pytest.mark.slow
-def test_int8_keeps_exact_match_shrinks_the_weights_and_loads_without_llmexp(tmp_path, default_sft):
-    run_dir = tmp_path / "q8"
-    r = run_cli(["stage=quantize", f"model.pretrained={default_sft}/model", "logger=csv", f"hydra.run.dir={run_dir}"],
+def compress(tmp_path, stage: str, model_dir, name: str) -> tuple:
+    """`python -m llmexp stage=<stage> model.pretrained=<model_dir>` with the shipped defaults:
+    (its run directory, its summary.json, what it printed on stderr)."""
+    run_dir = tmp_path / name
+    r = run_cli([f"stage={stage}", f"model.pretrained={model_dir}", "logger=csv", f"hydra.run.dir={run_dir}"],
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Failed to load" not in r.stderr and "configure_optimizers" not in r.stderr  # no library noise
-    s = json.loads((run_dir / "summary.json").read_text())
+    return run_dir, json.loads((run_dir / "summary.json").read_text()), r.stderr
+
+
+@pytest.mark.slow
+def test_int8_keeps_exact_match_shrinks_the_weights_and_loads_without_llmexp(tmp_path, default_sft):
+    run_dir, s, stderr = compress(tmp_path, "quantize", default_sft / "model", "q8")
+    assert "Failed to load" not in stderr and "configure_optimizers" not in stderr  # no library noise
     before, after = s["initial"]["val/task_score"], s["final"]["val/task_score"]
     sft = json.loads((default_sft / "summary.json").read_text())["final"]["val/task_score"]
     assert before == pytest.approx(sft, abs=1e-6)  # initial: the model as trained
@@ -266,11 +272,7 @@ def test_prune_to_under_70_percent_with_recovery_keeps_exact_match(tmp_path, def
     """`python -m llmexp stage=prune model.pretrained=<default sft>/model`, shipped defaults."""
     from transformers import AutoModelForCausalLM
 
-    run_dir = tmp_path / "pruned"
-    r = run_cli(["stage=prune", f"model.pretrained={default_sft}/model", "logger=csv", f"hydra.run.dir={run_dir}"],
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads((run_dir / "summary.json").read_text())
+    run_dir, s, _ = compress(tmp_path, "prune", default_sft / "model", "pruned")
     p = s["pruning"]
     assert p["parameter_fraction"] <= 0.7 and s["parameters"] == p["parameters_after"]
     before, after = s["initial"]["val/task_score"], s["final"]["val/task_score"]

@@ -15,6 +15,18 @@ from llmexp.help import HELP_FLAGS, help_text
 from llmexp.overrides import resolve_overrides, split_overrides
 from llmexp.paths import config_dir, config_groups
 
+# `llmexp <name> ...` commands besides a run: each module's main(argv) -> exit code, imported only
+# when asked for (so that a run, --help and the other commands do not pay for its imports).
+SUBCOMMANDS = {
+    "sweep": "llmexp.sweep.__main__:main",
+    "pipeline": "llmexp.pipeline:main",
+    "compare": "llmexp.compare.__main__:main",
+    "export": "llmexp.export_gguf:main",
+    "prepare": "llmexp.prepare_corpus:main",
+    "serve": "llmexp.serving.server:main",
+    "plugins": "llmexp.plugins.listing:main",
+}
+
 # Flags after which Hydra only prints help or information: no need to check overrides.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
 
@@ -43,34 +55,11 @@ def _task(cfg) -> Optional[float]:
 @reader_may_stop_early
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sweep"]:
-        from llmexp.sweep.__main__ import main as run_sweep
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
 
-        sys.exit(run_sweep(argv[1:]))
-    if argv[:1] == ["pipeline"]:
-        from llmexp.pipeline import main as run_pipeline
-
-        sys.exit(run_pipeline(argv[1:]))
-    if argv[:1] == ["compare"]:
-        from llmexp.compare.__main__ import main as run_compare
-
-        sys.exit(run_compare(argv[1:]))
-    if argv[:1] == ["export"]:
-        from llmexp.export_gguf import main as export
-
-        sys.exit(export(argv[1:]))
-    if argv[:1] == ["prepare"]:
-        from llmexp.prepare_corpus import main as prepare
-
-        sys.exit(prepare(argv[1:]))
-    if argv[:1] == ["serve"]:
-        from llmexp.serving.server import main as serve
-
-        sys.exit(serve(argv[1:]))
-    if argv[:1] == ["plugins"]:
-        from llmexp.plugins.listing import main as list_plugins
-
-        sys.exit(list_plugins(argv[1:]))
+        module, function = SUBCOMMANDS[argv[0]].split(":")
+        sys.exit(getattr(importlib.import_module(module), function)(argv[1:]))
     try:
         groups = config_groups()  # loads the plugins: a broken one is reported for --help too
         if HELP_FLAGS.intersection(argv):
