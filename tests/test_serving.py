@@ -140,9 +140,14 @@ def test_concurrent_requests_are_batched_and_all_answered(served_sft):
         got = list(pool.map(ask, prompts))
     assert got == expected
     # n=2 sampled answers come back as two choices (the feedback page asks this way)
-    r = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": prompts[0]}], n=2,
-                                  temperature=1.0)
-    assert len(r.choices) == 2 and all(ch.message.content for ch in r.choices)
+    # (at temperature 1 this small model ends at once about one time in nine: an empty answer is a sample)
+    sampled = []
+    for _ in range(4):
+        r = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": prompts[0]}], n=2,
+                                      temperature=1.0)
+        assert [ch.index for ch in r.choices] == [0, 1]
+        sampled += [ch.message.content for ch in r.choices]
+    assert all(isinstance(a, str) for a in sampled) and len(set(sampled)) >= 2  # samples, not one greedy answer
 
 
 @pytest.mark.parametrize("case,body,status,words", [

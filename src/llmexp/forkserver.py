@@ -28,8 +28,11 @@ from typing import Collection, Dict, List, Mapping, Optional, Sequence
 IMPORT_TIME_PREFIXES = ("PYTHON", "HF_HUB_", "HF_DATASETS_", "HF_HOME", "TRANSFORMERS_", "TORCH", "PYTORCH_",
                         "OMP_", "MKL_", "CUDA_", "TOKENIZERS_", "LD_", "LIGHTNING_", "PL_")
 # Read at run time although their prefix says otherwise (Lightning's seed_everything and Inductor's
-# cache_dir() set them in the test process; a fresh interpreter sets them the same way).
-RUN_TIME_VARS = frozenset({"PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHINDUCTOR_CACHE_DIR"})
+# cache_dir() set them in the test process; a fresh interpreter sets them the same way). Lightning's
+# import sets PYTORCH_NVML_BASED_CUDA_CHECK=1 and accelerate's import check may delete it again, so
+# its value depends on import order; torch reads it only when it counts CUDA devices.
+RUN_TIME_VARS = frozenset({"PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHINDUCTOR_CACHE_DIR",
+                           "PYTORCH_NVML_BASED_CUDA_CHECK"})
 PRELOAD = ("torch", "lightning", "lightning.pytorch", "transformers", "transformers.models.llama.modeling_llama",
            "hydra", "omegaconf", "peft")
 
