@@ -1,8 +1,9 @@
 """Compression as shipped, measured before -> after in one table: the default SFT (the teacher),
 a half-width student trained by plain SFT and by distillation from the teacher, the teacher
-pruned (shipped stage=prune: 40 % of the MLP neurons, 200 recovery steps), and each of the
-teacher and the distilled student quantized to int8. For every model: parameters, weight
-bytes on disk, greedy generation tokens/s, the task metric (exact match on the skill's 155
+pruned (shipped stage=prune: 40 % of the MLP neurons, 200 recovery steps), the teacher made 50 %
+sparse (stage.sparsity=0.5, magnitude, 200 recovery steps), and each of the teacher and the
+distilled student quantized to int8. For every model: parameters, the fraction of weights that
+are zero, weight bytes on disk and zstd-compressed, greedy generation tokens/s, the task metric (exact match on the skill's 155
 held-out questions) and validation perplexity.
 
     python benchmarks/compression.py              # about 2 minutes on a 2-core CPU
@@ -58,9 +59,23 @@ def generation_speed(model_dir: Path) -> float:
     return tokens / best
 
 
+def zero_fraction_and_zstd_bytes(model_dir: Path) -> tuple:
+    """The fraction of the weights that are exactly zero, and the safetensors' zstd size (what
+    unstructured sparsity saves when the file is stored or shipped compressed)."""
+    import zstandard
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    tensors = [t for f in files for t in load_file(str(f)).values() if t.is_floating_point()]
+    zeros = sum(int((t == 0).sum()) for t in tensors) / max(1, sum(t.numel() for t in tensors))
+    packed = sum(len(zstandard.ZstdCompressor(level=19).compress(f.read_bytes())) for f in files)
+    return round(zeros, 4), packed
+
+
 def row(name: str, run_dir: Path, s: Dict[str, Any]) -> Dict[str, Any]:
     metrics, model_dir = s["final"], Path(s["model_dir"])
-    return {"model": name, "parameters": s["parameters"],
+    zeros, packed = zero_fraction_and_zstd_bytes(model_dir)
+    return {"model": name, "parameters": s["parameters"], "zero_fraction": zeros, "zstd_bytes": packed,
             "weight_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
             "tokens_per_second": round(generation_speed(model_dir), 1),
             "task_score": round(metrics["val/task_score"], 4), "perplexity": round(metrics["val/perplexity"], 4),
@@ -73,12 +88,15 @@ def main() -> None:
     student_sft = run(["stage=sft", *HALF], root / "student-sft")
     student_kd = run(["stage=distill", f"stage.teacher={root / 'teacher'}", *HALF], root / "student-distill")
     teacher_pruned = run(["stage=prune", f"model.pretrained={root / 'teacher' / 'model'}"], root / "teacher-pruned")
+    teacher_sparse = run(["stage=prune", f"model.pretrained={root / 'teacher' / 'model'}", "stage.mlp_keep=1",
+                          "stage.sparsity=0.5"], root / "teacher-sparse")
     teacher_q = run(["stage=quantize", f"model.pretrained={root / 'teacher' / 'model'}"], root / "teacher-int8")
     student_q = run(["stage=quantize", f"model.pretrained={root / 'student-distill' / 'model'}"],
                     root / "student-distill-int8")
     rows = [row("teacher: default sft (hidden 64)", root / "teacher", teacher),
             row("teacher int8", root / "teacher-int8", teacher_q),
             row("teacher pruned (mlp 0.4) + recovery", root / "teacher-pruned", teacher_pruned),
+            row("teacher 50% sparse + recovery", root / "teacher-sparse", teacher_sparse),
             row("half-width student, plain sft", root / "student-sft", student_sft),
             row("half-width student, distilled", root / "student-distill", student_kd),
             row("distilled student int8", root / "student-distill-int8", student_q)]
@@ -86,11 +104,14 @@ def main() -> None:
     for r in rows:
         r["size_ratio_to_teacher"] = round(base["weight_bytes"] / r["weight_bytes"], 2)
         r["speed_ratio_to_teacher"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2)
-    print(f"{'model':36} {'params':>8} {'weights':>9} {'size x':>7} {'tok/s':>8} {'speed x':>8} {'exact match':>12}")
+    print(f"{'model':36} {'params':>8} {'zeros':>6} {'weights':>9} {'zstd':>8} {'size x':>7} {'tok/s':>8} "
+          f"{'speed x':>8} {'exact match':>12}")
     for r in rows:
-        print(f"{r['model']:36} {r['parameters']:>8} {r['weight_bytes']:>9} {r['size_ratio_to_teacher']:>7} "
-              f"{r['tokens_per_second']:>8} {r['speed_ratio_to_teacher']:>8} {r['task_score']:>12.3f}")
+        print(f"{r['model']:36} {r['parameters']:>8} {r['zero_fraction']:>6} {r['weight_bytes']:>9} "
+              f"{r['zstd_bytes']:>8} {r['size_ratio_to_teacher']:>7} {r['tokens_per_second']:>8} "
+              f"{r['speed_ratio_to_teacher']:>8} {r['task_score']:>12.3f}")
     save("compression", {"rows": rows, "pruning": teacher_pruned["pruning"],
+                         "sparsity": teacher_sparse["pruning"]["sparsity"],
                          "quantization": {"teacher": teacher_q["quantization"], "student": student_q["quantization"]}})
 
 

@@ -282,6 +282,63 @@ def test_prune_to_under_70_percent_with_recovery_keeps_exact_match(tmp_path, def
     assert model.config.intermediate_size == p["sizes"]["intermediate_size"] < 256
 
 
+def test_sparsity_drops_the_lowest_scores_in_each_row(tiny_teacher):
+    """Magnitude: exactly round(sparsity * in_features) weights per output row go, the smallest
+    |w|; wanda: a small weight on a loud input feature outranks a larger one on a quiet feature."""
+    import torch
+
+    from llmexp.pruning import apply_masks, decoder_linears, input_norms, sparsity_masks, zero_fraction
+
+    model = _tiny_llama(tiny_teacher)
+    linears = decoder_linears(model)
+    assert len(linears) == 7 * model.config.num_hidden_layers  # q k v o gate up down per layer
+    weights = {n: m.weight.detach().clone() for n, m in linears.items()}
+    masks = sparsity_masks(linears, 0.5)
+    for name, mask in masks.items():
+        w, drop = weights[name].abs(), round(weights[name].shape[1] * 0.5)
+        assert (~mask).sum(1).tolist() == [drop] * w.shape[0]
+        assert (w[~mask].view(w.shape[0], -1).max(1).values <= w[mask].view(w.shape[0], -1).min(1).values).all()
+    apply_masks(linears, masks)
+    assert zero_fraction(linears) == pytest.approx(0.5, abs=0.01)
+    assert all(torch.equal(m.weight[masks[n]], weights[n][masks[n]]) for n, m in linears.items())  # kept as is
+
+    model = _tiny_llama(tiny_teacher)
+    linears = decoder_linears(model)
+    norms = input_norms(model, linears, _batches(tiny_teacher))
+    name = "model.layers.0.mlp.down_proj"
+    assert norms[name].shape == (linears[name].in_features,) and (norms[name] > 0).all()
+    loud = int(norms[name].argmax())
+    with torch.no_grad():
+        linears[name].weight[:, loud] = 1e-4 * linears[name].weight.abs().max()  # small, on the loudest input
+    skewed = {**norms, name: torch.where(torch.arange(len(norms[name])) == loud, 1e6, 1e-6)}
+    assert not sparsity_masks(linears, 0.5)[name][:, loud].any()  # magnitude drops it
+    assert sparsity_masks(linears, 0.5, skewed)[name][:, loud].all()  # wanda keeps it
+
+
+def test_sparsity_stays_through_recovery_and_the_export_holds_it(tmp_path, tiny_teacher):
+    """stage=prune stage.mlp_keep=1 stage.sparsity=0.5: the recovery steps train the kept weights
+    and never the dropped ones; the exported model (dense, same shape) is half zeros there."""
+    import torch
+
+    from llmexp.pruning import decoder_linears
+
+    run_dir = tmp_path / "sparse"
+    r = run_cli(["stage=prune", f"model.pretrained={tiny_teacher}", "stage.mlp_keep=1", "stage.sparsity=0.5",
+                 "trainer.max_steps=4", "trainer.val_check_interval=4", "data.max_val_samples=16", "logger=csv",
+                 f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads((run_dir / "summary.json").read_text())["pruning"]
+    assert p["parameter_fraction"] == 1.0 and p["sparsity"]["target"] == 0.5 and p["sparsity"]["score"] == "magnitude"
+    assert p["sparsity"]["linear_weights_zero"] == pytest.approx(0.5, abs=0.01)
+    assert p["sparsity"]["final_linear_weights_zero"] == p["sparsity"]["linear_weights_zero"]
+    before, after = _tiny_llama(tiny_teacher), _tiny_llama(run_dir / "model")
+    old, new = decoder_linears(before), decoder_linears(after)
+    for name in old:
+        kept = new[name].weight != 0
+        assert (~kept).sum(1).tolist() == [round(old[name].in_features * 0.5)] * old[name].out_features
+        assert not torch.equal(new[name].weight[kept], old[name].weight[kept])  # recovery trained them
+
+
 @pytest.mark.parametrize("overrides,expected", [
     (["stage.layers_keep=3"], "stage.layers_keep: keeps 3 layers of a model that has 2"),
     (["stage.kv_heads_keep=4"], "stage.kv_heads_keep: keeps 4 key/value heads of a model that has 2"),

@@ -7,7 +7,7 @@ result is a smaller model of the same architecture that plain transformers loads
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Iterator, List
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -142,3 +142,62 @@ def prune(model, scores: Dict[str, list], mlp_keep: float, kv_heads_keep, layers
         config.num_hidden_layers = layers_keep
         kept["layers"] = keep
     return kept
+
+
+def decoder_linears(model) -> Dict[str, torch.nn.Linear]:
+    """The linear layers inside the decoder blocks (attention and MLP projections), by name: what
+    unstructured sparsity prunes (embeddings, norms and the output head stay dense, as in Wanda's
+    and SparseGPT's setups)."""
+    return {f"model.layers.{i}.{name}": m for i, layer in enumerate(model.model.layers)
+            for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@torch.no_grad()
+def input_norms(model, linears: Dict[str, torch.nn.Linear], batches: Iterable[Dict[str, torch.Tensor]]
+                ) -> Dict[str, torch.Tensor]:
+    """Each linear's per-input-feature L2 norm over the real (unpadded) tokens of ``batches``."""
+    names = list(linears)
+    sums = {n: torch.zeros(linears[n].in_features) for n in names}
+    was_training = model.training
+    model.eval()
+    try:
+        with _inputs_of([linears[n] for n in names]) as seen:
+            for batch in batches:
+                mask = _token_mask(batch)
+                model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, use_cache=False)
+                for n, inputs in zip(names, seen):
+                    x = inputs.pop()[mask].float()
+                    sums[n] += x.pow(2).sum(0).cpu()
+    finally:
+        model.train(was_training)
+    return {n: s.sqrt() for n, s in sums.items()}
+
+
+def sparsity_masks(linears: Dict[str, torch.nn.Linear], sparsity: float,
+                   norms: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Per linear, the boolean mask of the weights kept: in each output row the ``sparsity``
+    fraction with the lowest score is dropped. The score is |w| (magnitude pruning) or, given the
+    inputs' feature norms, |w| * ||x_j|| (Wanda, Sun et al. 2023: a small weight on a large input
+    matters)."""
+    masks = {}
+    for name, linear in linears.items():
+        w = linear.weight.detach().float().abs().cpu()
+        score = w * norms[name].unsqueeze(0) if norms is not None else w
+        drop = int(round(w.shape[1] * sparsity))
+        mask = torch.ones_like(w, dtype=torch.bool)
+        if drop:
+            mask.scatter_(1, torch.topk(score, drop, dim=1, largest=False).indices, False)
+        masks[name] = mask.to(linear.weight.device)
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(linears: Dict[str, torch.nn.Linear], masks: Dict[str, torch.Tensor]) -> None:
+    """Zero the dropped weights (after pruning, and again after every optimizer step of recovery)."""
+    for name, mask in masks.items():
+        linears[name].weight.mul_(mask.to(linears[name].weight.dtype))
+
+
+def zero_fraction(linears: Dict[str, torch.nn.Linear]) -> float:
+    zeros = sum(int((m.weight == 0).sum()) for m in linears.values())
+    return zeros / max(1, sum(m.weight.numel() for m in linears.values()))

@@ -445,8 +445,8 @@ class QuantizeStageConfig:
 @dataclass
 class PruneStageConfig:
     """prune: structured pruning that really shrinks a trained model (MLP neurons, key/value head
-    groups, whole layers, chosen by importance measured on validation data), then a recovery SFT
-    of trainer.max_steps steps (0: none)."""
+    groups, whole layers, chosen by importance measured on validation data) and/or unstructured
+    sparsity, then a recovery SFT of trainer.max_steps steps (0: none)."""
 
     name: str = _stage_name("prune")
     mlp_keep: float = bounded(1.0, above=0.0, max=1.0, help=(
@@ -458,6 +458,13 @@ class PruneStageConfig:
     layers_keep: Optional[int] = bounded(None, min=1, help=(
         "Decoder layers kept, those that change the hidden state least dropped (1 - cosine of a layer's input "
         "and output on validation tokens, ShortGPT's block influence); null: all."))
+    sparsity: float = bounded(0.0, min=0.0, max=0.99, help=(
+        "Unstructured sparsity: the fraction of each decoder linear layer's weights (per output row) set to zero "
+        "and kept zero through recovery; 0: none. Applied after any structured pruning. The model keeps its shape "
+        "(dense zeros): it compresses, it is not faster on dense kernels."))
+    sparsity_score: str = choice("magnitude", ("magnitude", "wanda"), help=(
+        "Which weights sparsity drops: magnitude, the smallest |w|; wanda, the smallest |w| x the L2 norm of its "
+        "input feature on validation tokens (Sun et al. 2023)."))
     importance_batches: int = bounded(8, min=1, help="Validation batches the importances are measured on.")
 
 

@@ -1,7 +1,7 @@
-"""Structured pruning as a stage: the run validates the trained model (``initial``), measures
-importances on validation batches, removes the least important parts (llmexp.pruning), trains
-the smaller model by SFT for ``trainer.max_steps`` (recovery; 0 for none), validates
-(``final``) and exports a smaller model of the same architecture."""
+"""Pruning as a stage: the run validates the trained model (``initial``), measures importances on
+validation batches, removes the least important parts (llmexp.pruning) and/or zeroes the least
+important weights (unstructured sparsity, kept zero through recovery), trains by SFT for
+``trainer.max_steps`` steps (recovery; 0 for none), validates (``final``) and exports the model."""
 
 from __future__ import annotations
 
@@ -29,16 +29,45 @@ class PruneStage(CausalLMStage):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         batches = ({k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
                    for b in itertools.islice(self.trainer.datamodule.val_dataloader(), s.importance_batches))
-        scores = importances(self.model, batches, head_dim, n_kv)
+        scores = importances(self.model, list(batches), head_dim, n_kv)
         kept = prune(self.model, scores, s.mlp_keep, s.kv_heads_keep, s.layers_keep)
         after = sum(p.numel() for p in self.model.parameters())
+        self.sparsity = self._sparsify(device) if s.sparsity > 0 else None
         self.pruned = {"parameters_before": before, "parameters_after": after,
                        "parameter_fraction": round(after / before, 4), "kept": kept,
                        "layer_influence": [round(x, 5) for x in scores["influence"]],
                        "sizes": {"intermediate_size": config.intermediate_size,
                                  "num_attention_heads": config.num_attention_heads,
                                  "num_key_value_heads": config.num_key_value_heads,
-                                 "num_hidden_layers": config.num_hidden_layers}}
+                                 "num_hidden_layers": config.num_hidden_layers},
+                       **({"sparsity": self.sparsity["measured"]} if self.sparsity else {})}
+
+    def _sparsify(self, device) -> Dict[str, Any]:
+        """Zero ``stage.sparsity`` of each decoder linear's weights (scored on the validation
+        batches for wanda); the masks are kept to zero them again after every optimizer step."""
+        from llmexp.pruning import apply_masks, decoder_linears, input_norms, sparsity_masks, zero_fraction
+
+        s = self.cfg.stage
+        self._linears = decoder_linears(self.model)
+        norms = None
+        if s.sparsity_score == "wanda":
+            batches = ({k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
+                       for b in itertools.islice(self.trainer.datamodule.val_dataloader(), s.importance_batches))
+            norms = input_norms(self.model, self._linears, batches)
+        self._masks = sparsity_masks(self._linears, s.sparsity, norms)
+        apply_masks(self._linears, self._masks)
+        total = sum(p.numel() for p in self.model.parameters())
+        zeros = sum(int((p == 0).sum()) for p in self.model.parameters())
+        return {"measured": {"target": s.sparsity, "score": s.sparsity_score,
+                             "linear_weights_zero": round(zero_fraction(self._linears), 4),
+                             "parameters_zero": round(zeros / total, 4)}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """Pruned weights stay zero: the optimizer step just taken may have moved them."""
+        if getattr(self, "sparsity", None):
+            from llmexp.pruning import apply_masks
+
+            apply_masks(self._linears, self._masks)
 
     def configure_optimizers(self):
         if self.cfg.trainer.max_steps == 0:
@@ -46,4 +75,9 @@ class PruneStage(CausalLMStage):
         return super().configure_optimizers()
 
     def summary_extras(self) -> Dict[str, Any]:
-        return {"pruning": getattr(self, "pruned", None)}
+        pruned = getattr(self, "pruned", None)
+        if pruned and getattr(self, "sparsity", None):  # what the exported weights hold, after recovery
+            from llmexp.pruning import zero_fraction
+
+            pruned["sparsity"]["final_linear_weights_zero"] = round(zero_fraction(self._linears), 4)
+        return {"pruning": pruned}
