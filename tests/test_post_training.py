@@ -183,7 +183,7 @@ def test_the_guard_stops_a_collapsing_run_with_its_exit_code(tmp_path, default_s
     run_dir = tmp_path / "ppo-collapse"
     # Made to collapse: a 6x lr on 64 prompts per iteration (the shipped 256 hold even at 3e-3).
     r = run_cli(["stage=ppo", f"model.pretrained={default_sft}/model", "optim.lr=3e-3", "health.action=stop",
-                 "trainer.grad_accum=2", "trainer.val_check_interval=50", "trainer.max_steps=100",
+                 "trainer.micro_batch_size=32", "trainer.grad_accum=2", "trainer.val_check_interval=50", "trainer.max_steps=100",
                  f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert r.returncode == 4, r.stderr[-3000:]
     assert "health.action=stop" in r.stderr and "fix:" in r.stderr.lower() and "Traceback" not in r.stderr
