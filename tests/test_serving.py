@@ -378,8 +378,8 @@ def test_dpo_on_judgements_collected_through_the_api_raises_exact_match(tmp_path
     data.path=<sft>/feedback/pairs.jsonl` (shipped defaults). Held-out exact match rises."""
     run = tmp_path / "sft"
     shutil.copytree(short_sft, run, ignore=shutil.ignore_patterns("checkpoints"))
-    with serving(run) as s:
-        counts = simulated_judges(s["url"], 200)
+    with serving(run, "--max-batch-size", "32") as s:  # 16 judges asking for 2 answers each: one batch
+        counts = simulated_judges(s["url"], 200, clients=16)
     pairs = run / "feedback" / "pairs.jsonl"
     assert counts["a"] + counts["b"] == 200 and counts["a"] > 50 and counts["b"] > 50, counts  # no position bias
     dpo = tmp_path / "dpo"
