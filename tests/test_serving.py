@@ -67,7 +67,7 @@ def serving(run_dir: Path, *args: str, timeout: float = 180) -> Iterator[Dict[st
             if proc.poll() is not None:
                 pytest.fail(f"llmexp serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             with contextlib.suppress(OSError, ValueError):  # not listening yet
-                if http("GET", f"{url}/health", key=key, timeout=2)[0] == 200:
+                if http("GET", f"{url}/health", key=None, timeout=2)[0] == 200:  # open, even with a key
                     break
             if time.time() > deadline:
                 pytest.fail(f"llmexp serve did not answer /health in time:\n{log.read_text()[-3000:]}")
@@ -179,6 +179,7 @@ def test_a_wrong_or_missing_api_key_gets_401(served_sft):
         assert code == 401 and "API key" in json.dumps(reply)
     code, _ = http("GET", f"{served_sft['url']}/v1/models", key=None)
     assert code == 401
+    assert http("GET", f"{served_sft['url']}/health", key=None)[0] == 200  # probes need no key
     assert not (served_sft["run"] / "feedback" / "ratings.jsonl").exists() or all(
         "\"prompt\": [{\"role\": \"user\", \"content\": \"p\"}]" not in line
         for line in (served_sft["run"] / "feedback" / "ratings.jsonl").read_text().splitlines())

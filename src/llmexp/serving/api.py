@@ -135,8 +135,11 @@ class ChatAPI(ls.LitAPI):
         self.model.to(device)
 
     def authorize(self, request: Request) -> None:
-        """``Authorization: Bearer <key>`` (the OpenAI clients) or ``X-API-Key`` when the server has a key."""
-        require_key(request, self.served.api_key)
+        """``Authorization: Bearer <key>`` (the OpenAI clients) or ``X-API-Key`` when the server has a key;
+        ``/health`` stays open, as load balancers and orchestrators probe it without credentials
+        (it says only whether the model is loaded)."""
+        if request.url.path != "/health":
+            require_key(request, self.served.api_key)
 
     def decode_request(self, request: ChatCompletionRequest, context=None):
         from llmexp.serving.engine import GenerationRequest
