@@ -120,7 +120,14 @@ def test_the_cache_is_hit_missed_and_invalidated_as_it_should(cache_dir, tmp_pat
     with open(corpus, "a") as f:
         f.write(json.dumps({"text": "one more document"}) + "\n")
     changed = run("c")
-    assert changed["hit"] is False and changed["dir"] != first["dir"]
+    assert changed["hit"] is False and changed["tokens_hit"] is False and changed["dir"] != first["dir"]
+    assert len([p for p in (cache_dir / "tokens").iterdir() if p.is_dir()]) == 2
+    # another max_length or row mode cuts new rows from the tokens already there (no tokenizing)
+    shorter, packed = run("d", "data.max_length=64"), run("e", "data.packing=true")
+    for other in (shorter, packed):
+        assert (other["hit"], other["tokens_hit"]) == (False, True) and other["dir"] != changed["dir"]
+        assert Path(other["dir"]).parent.parent == Path(changed["dir"]).parent.parent
+    assert shorter["tokens"]["train"] < changed["tokens"]["train"] and packed["mode"] == "packed"
     assert len([p for p in (cache_dir / "tokens").iterdir() if p.is_dir()]) == 2
 
     from llmexp.data.token_cache import cache_key

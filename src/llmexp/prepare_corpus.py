@@ -41,8 +41,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"format {prepared.format!r}: prepared rows are encoded by each run (the token cache is for text "
               f"corpora); {len(prepared.train)} training and {len(prepared.val)} validation rows checked")
         return 0
-    state = "already prepared" if cache["hit"] else f"prepared in {cache['prepare_seconds']:.1f}s with " \
-                                                    f"{cache['num_proc']} process(es)"
+    state = ("already prepared" if cache["hit"] else
+             f"rows cut in {cache['rows_seconds']:.1f}s from tokens already prepared" if cache["tokens_hit"] else
+             f"prepared in {cache['prepare_seconds']:.1f}s with {cache['num_proc']} process(es)")
     print(f"{state}: {cache['dir']} ({cache['mode']} rows, {cache['dtype']} token ids)")
     for split in ("train", "val"):
         st = cache["splits"][split]

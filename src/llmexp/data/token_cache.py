@@ -14,10 +14,13 @@ as segments of that file:
 - ``concat`` (``data.concat=true``): documents joined with eos and cut into ``max_length`` blocks
   (the "group texts" of pretraining scripts; attention crosses documents).
 
-The cache directory is keyed by everything the tokens depend on: the data config, the source
-files' sizes and modification times, the tokenizer's fingerprint, the row mode and llmexp's format
-version. A second run, a resumed run, every sweep trial and every rank finds it (ranks wait on a
-lock while one builds) and skips loading and tokenizing the corpus.
+Two levels, so that what changes only the rows does not tokenize again: the token files live in
+``tokens/<token key>/`` (keyed by the data config less its row settings, the source files' sizes and
+modification times, the tokenizer's fingerprint and llmexp's format version), each row layout in
+``tokens/<token key>/rows/<row key>/`` (the whole key: also ``data.max_length``, ``data.packing``,
+``data.concat`` and ``data.overlong``). A second run, a resumed run, every sweep trial and every
+rank finds them (ranks wait on a lock while one builds) and skips loading and tokenizing the
+corpus; a run with another ``max_length`` or row mode only cuts new rows from the same tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ import numpy as np
 
 from llmexp.data.encode import IGNORE_INDEX
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The data settings that decide only how tokenized documents become rows (not the tokens).
+ROW_FIELDS = ("max_length", "packing", "concat", "overlong")
 SPLITS = ("train", "val")
 
 
@@ -89,7 +94,7 @@ def _file_stats(files: List[Path]) -> List[Any]:
 
 
 def key_inputs(data_cfg, tokenizer, stage: str, prepared=None) -> Optional[Dict[str, Any]]:
-    """Everything the cached tokens depend on (meta.json keeps it, to explain a miss)."""
+    """Everything the cached rows depend on (meta.json keeps it, to explain a miss)."""
     source = source_fingerprint(data_cfg, prepared)
     if source is None:
         return None
@@ -98,11 +103,19 @@ def key_inputs(data_cfg, tokenizer, stage: str, prepared=None) -> Optional[Dict[
             "data": config, "source": source, "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
-def cache_key(data_cfg, tokenizer, stage: str, prepared=None) -> Optional[str]:
-    inputs = key_inputs(data_cfg, tokenizer, stage, prepared)
-    if inputs is None:
-        return None
+def token_inputs(inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """The part of ``key_inputs`` the token files depend on: all but the row settings."""
+    return {**inputs, "data": {k: v for k, v in inputs["data"].items() if k not in ROW_FIELDS}}
+
+
+def _hash(inputs: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cache_key(data_cfg, tokenizer, stage: str, prepared=None) -> Optional[str]:
+    """The rows' key (None while the source cannot be known without loading it)."""
+    inputs = key_inputs(data_cfg, tokenizer, stage, prepared)
+    return None if inputs is None else _hash(inputs)
 
 
 class TokenRows:
@@ -110,10 +123,11 @@ class TokenRows:
     ``position_ids`` when packed), as the stage's collator takes them. Indexing by a slice (a
     rank's share of the validation rows) gives a view."""
 
-    def __init__(self, split_dir: Path, split: str, mode: str, index: Optional[np.ndarray] = None):
-        self.dir, self.split, self.mode = Path(split_dir), split, mode
-        meta = json.loads((self.dir / f"{split}.json").read_text())
-        self.tokens = np.memmap(self.dir / f"{split}.tokens", dtype=meta["dtype"], mode="r",
+    def __init__(self, rows_dir: Path, split: str, mode: str, index: Optional[np.ndarray] = None):
+        self.dir, self.split, self.mode = Path(rows_dir), split, mode
+        tokens_dir = self.dir.parent.parent  # tokens/<token key>/rows/<row key>
+        meta = json.loads((tokens_dir / f"{split}.json").read_text())
+        self.tokens = np.memmap(tokens_dir / f"{split}.tokens", dtype=meta["dtype"], mode="r",
                                 shape=(meta["tokens"],)) if meta["tokens"] else np.zeros(0, dtype=meta["dtype"])
         self.segments = np.load(self.dir / f"{split}.segments.npy", mmap_mode="r")
         self.row_offsets = np.load(self.dir / f"{split}.rows.npy", mmap_mode="r")
@@ -258,53 +272,75 @@ def length_advice(lengths: np.ndarray, data_cfg) -> str:
             f"sample's first data.max_length tokens), data.overlong=split, or data.concat=true")
 
 
-def build(prepared, tokenizer, data_cfg, out: Path, num_proc: Optional[int] = None,
-          inputs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Write the cache for ``prepared`` (its train and val datasets) into ``out``; returns its meta."""
+def build_tokens(prepared, tokenizer, out: Path, num_proc: Optional[int] = None,
+                 inputs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Tokenize ``prepared`` (its train and val datasets) into ``out``: per split the flat token
+    file and each document's length; returns the meta."""
     started = time.time()
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     num_proc = num_proc or (os.cpu_count() or 1 if len(prepared.train) >= 5000 else 1)
-    meta: Dict[str, Any] = {"mode": row_mode(data_cfg), "dtype": np.dtype(dtype).name, "num_proc": num_proc,
-                            "preparation": prepared.log, "splits": {}, "key_inputs": inputs}
+    meta: Dict[str, Any] = {"dtype": np.dtype(dtype).name, "num_proc": num_proc, "preparation": prepared.log,
+                            "key_inputs": inputs, "tokenized": {}}
     for split in SPLITS:
-        ds = getattr(prepared, split)
-        lengths = _write_tokens(ds, tokenizer, dtype, out, split, num_proc)
-        segs, offsets, stats = _rows(lengths, data_cfg, split)
-        np.save(out / f"{split}.segments.npy", segs)
-        np.save(out / f"{split}.rows.npy", offsets)
+        lengths = _write_tokens(getattr(prepared, split), tokenizer, dtype, out, split, num_proc)
+        np.save(out / f"{split}.lengths.npy", lengths)
         tokens = int((out / f"{split}.tokens").stat().st_size // np.dtype(dtype).itemsize)
         (out / f"{split}.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "tokens": tokens}))
-        stats.update(rows=len(offsets) - 1, tokens=int(segs[:, 1].sum()) if len(segs) else 0, tokenized=tokens)
-        meta["splits"][split] = stats
+        meta["tokenized"][split] = tokens  # every document's every token
     meta["prepare_seconds"] = time.time() - started
-    meta["tokens"] = {s: meta["splits"][s]["tokens"] for s in SPLITS}  # in rows (after max_length)
-    meta["tokenized"] = {s: meta["splits"][s]["tokenized"] for s in SPLITS}  # every document's every token
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
-def prepare_cached(key: str, load_prepared, tokenizer, data_cfg, num_proc: Optional[int] = None,
-                   inputs: Optional[Dict[str, Any]] = None) -> Tuple[Path, Dict[str, Any], bool]:
-    """(cache dir, meta, hit): the cache for ``key``, built from ``load_prepared()`` when missing
-    (under a lock, so concurrent ranks and trials build it once)."""
+def build_rows(tokens_dir: Path, data_cfg, out: Path, inputs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Cut the documents of ``tokens_dir`` into rows as ``data_cfg`` says, into ``out``; returns the meta."""
+    started = time.time()
+    meta: Dict[str, Any] = {"mode": row_mode(data_cfg), "splits": {}, "key_inputs": inputs}
+    for split in SPLITS:
+        lengths = np.load(tokens_dir / f"{split}.lengths.npy")
+        segs, offsets, stats = _rows(lengths, data_cfg, split)
+        np.save(out / f"{split}.segments.npy", segs)
+        np.save(out / f"{split}.rows.npy", offsets)
+        stats.update(rows=len(offsets) - 1, tokens=int(segs[:, 1].sum()) if len(segs) else 0,
+                     tokenized=int(lengths.sum()))
+        meta["splits"][split] = stats
+    meta["rows_seconds"] = time.time() - started
+    meta["tokens"] = {s: meta["splits"][s]["tokens"] for s in SPLITS}  # in rows (after max_length)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _built_once(final: Path, build) -> Tuple[Dict[str, Any], bool]:
+    """(meta, hit): ``final``'s meta, or ``build(tmp)`` renamed to ``final`` under a lock (so that
+    concurrent ranks and trials build it once, and no reader sees it half-written)."""
     from filelock import FileLock
 
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / key
-    with FileLock(str(root / f"{key}.lock")):
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f"{final.name}.lock")):
         if (final / "meta.json").is_file():
-            return final, json.loads((final / "meta.json").read_text()), True
-        tmp = root / f".{key}.{os.getpid()}.tmp"
+            return json.loads((final / "meta.json").read_text()), True
+        tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            meta = build(load_prepared(), tokenizer, data_cfg, tmp, num_proc, inputs)
+            meta = build(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         os.replace(tmp, final)
-    return final, meta, False
+    return meta, False
+
+
+def prepare_cached(inputs: Dict[str, Any], load_prepared, tokenizer, data_cfg, num_proc: Optional[int] = None
+                   ) -> Tuple[Path, Dict[str, Any], bool]:
+    """(rows dir, meta, hit): the cached rows for ``inputs`` (key_inputs), tokenized from
+    ``load_prepared()`` when the tokens are missing and cut into rows when the rows are."""
+    tokens_dir = cache_root() / _hash(token_inputs(inputs))
+    token_meta, tokens_hit = _built_once(
+        tokens_dir, lambda out: build_tokens(load_prepared(), tokenizer, out, num_proc, token_inputs(inputs)))
+    rows_dir = tokens_dir / "rows" / _hash(inputs)
+    row_meta, hit = _built_once(rows_dir, lambda out: build_rows(tokens_dir, data_cfg, out, inputs))
+    return rows_dir, {**token_meta, **row_meta, "tokens_hit": tokens_hit}, hit
 
 
 def split_rows(cache_dir: Path, meta: Dict[str, Any]) -> Dict[str, TokenRows]:
@@ -313,9 +349,10 @@ def split_rows(cache_dir: Path, meta: Dict[str, Any]) -> Dict[str, TokenRows]:
 
 def summary_of(cache_dir: Path, meta: Dict[str, Any], hit: bool, key: Optional[str]) -> Dict[str, Any]:
     """PreparedData.cache: what the data module reads, and what summary.json's data_stats.cache says."""
-    return {"dir": str(cache_dir), "hit": hit, "fingerprint": key, "mode": meta["mode"], "dtype": meta["dtype"],
-            "num_proc": meta["num_proc"], "prepare_seconds": meta["prepare_seconds"], "tokens": meta["tokens"],
-            "splits": meta["splits"]}
+    return {"dir": str(cache_dir), "hit": hit, "tokens_hit": meta["tokens_hit"], "fingerprint": key,
+            "mode": meta["mode"], "dtype": meta["dtype"], "num_proc": meta["num_proc"],
+            "prepare_seconds": meta["prepare_seconds"], "rows_seconds": meta["rows_seconds"],
+            "tokens": meta["tokens"], "splits": meta["splits"]}
 
 
 def peeked_format(data_cfg) -> Optional[str]:
