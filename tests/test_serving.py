@@ -60,7 +60,6 @@ def serving(run_dir: Path, *args: str, timeout: float = 180) -> Iterator[Dict[st
         proc = subprocess.Popen([sys.executable, "-m", "llmexp", "serve", str(run_dir), "--port", str(port), *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    key = args[args.index("--api-key") + 1] if "--api-key" in args else None
     try:
         deadline = time.time() + timeout
         while True:
