@@ -126,7 +126,8 @@ def measure(size_mb: int, workdir: Path) -> Dict[str, Any]:
     data = ["stage=pretrain", "data=files", f"data.path={corpus}", "data.max_length=512", "data.concat=true"]
     base = baseline_tokens_per_second(corpus)
     cold = timed([sys.executable, "-m", "llmexp", "prepare", *data], env, workdir)
-    meta = json.loads(next((cache / "tokens").glob("*/meta.json")).read_text())
+    meta = json.loads(next((cache / "tokens").glob("*/meta.json")).read_text())  # the tokens
+    meta["splits"] = json.loads(next((cache / "tokens").glob("*/rows/*/meta.json")).read_text())["splits"]
     tokens = sum(meta["tokenized"].values())  # every token of every document, as the baseline counts
     tokenize_seconds = meta["prepare_seconds"]
     run_dir = workdir / f"run_{size_mb}"
