@@ -30,11 +30,12 @@ def test_int8_keeps_exact_match_shrinks_the_weights_and_loads_without_llmexp(tmp
     sft = json.loads((default_sft / "summary.json").read_text())["final"]["val/task_score"]
     assert before == pytest.approx(sft, abs=1e-6)  # initial: the model as trained
     assert after >= before - 0.02, (before, after)
-    q = s["quantization"]
-    assert q["method"] == "int8" and q["weight_bytes_before"] == (default_sft / "model" / "model.safetensors").stat().st_size
-    assert q["weight_bytes_after"] == (run_dir / "model" / "model.safetensors").stat().st_size
-    assert q["size_ratio"] >= 3.0, q
-    assert all(v > 0 for v in q["generation_tokens_per_second"].values()) and s["global_step"] == 0
+    q, c = s["quantization"], s["compression"]
+    assert q["method"] == "int8" and c["weight_bytes_before"] == (default_sft / "model" / "model.safetensors").stat().st_size
+    assert c["weight_bytes_after"] == (run_dir / "model" / "model.safetensors").stat().st_size
+    assert c["size_ratio"] >= 3.0, c
+    assert c["parameters_before"] == c["parameters_after"] and c["zero_fraction_after"] is None  # int8, not plain
+    assert all(v > 0 for v in c["generation_tokens_per_second"].values()) and s["global_step"] == 0
     config = json.loads((run_dir / "model" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "torchao"
     # Plain transformers (no llmexp import) loads the int8 weights and answers as llmexp.generate does.
@@ -280,6 +281,10 @@ def test_prune_to_under_70_percent_with_recovery_keeps_exact_match(tmp_path, def
     model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"))
     assert sum(x.numel() for x in model.parameters()) == p["parameters_after"]
     assert model.config.intermediate_size == p["sizes"]["intermediate_size"] < 256
+    c = s["compression"]  # the same record as every compression stage's
+    assert (c["parameters_before"], c["parameters_after"]) == (p["parameters_before"], p["parameters_after"])
+    assert c["weight_bytes_after"] == (run_dir / "model" / "model.safetensors").stat().st_size
+    assert c["size_ratio"] > 1.4 and all(v > 0 for v in c["generation_tokens_per_second"].values())
 
 
 def test_sparsity_drops_the_lowest_scores_in_each_row(tiny_teacher):
@@ -327,7 +332,10 @@ def test_sparsity_stays_through_recovery_and_the_export_holds_it(tmp_path, tiny_
                  "trainer.max_steps=4", "trainer.val_check_interval=4", "data.max_val_samples=16", "logger=csv",
                  f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    p = json.loads((run_dir / "summary.json").read_text())["pruning"]
+    s = json.loads((run_dir / "summary.json").read_text())
+    p, c = s["pruning"], s["compression"]
+    assert c["size_ratio"] == 1.0 and c["zero_fraction_before"] < 0.01
+    assert c["zero_fraction_after"] == pytest.approx(p["sparsity"]["parameters_zero"], abs=1e-3) > 0.25
     assert p["parameter_fraction"] == 1.0 and p["sparsity"]["target"] == 0.5 and p["sparsity"]["score"] == "magnitude"
     assert p["sparsity"]["linear_weights_zero"] == pytest.approx(0.5, abs=0.01)
     assert p["sparsity"]["final_linear_weights_zero"] == p["sparsity"]["linear_weights_zero"]

@@ -217,4 +217,7 @@ def test_distill_pipeline_keeps_most_of_the_teachers_exact_match_at_half_the_wid
     # then the student in int8: its exact match kept, its weights 3x smaller
     assert quantized["initial"]["val/task_score"] == pytest.approx(after, abs=1e-6)
     assert quantized["final"]["val/task_score"] >= after - 0.02
-    assert summary(distill_pipeline / "3-quantize")["quantization"]["size_ratio"] >= 3.0
+    assert summary(distill_pipeline / "3-quantize")["compression"]["size_ratio"] >= 3.0
+    c = s["compression"]  # the student against its teacher, in the record every compression stage writes
+    assert c["parameters_before"] == s["teacher"]["parameters"] and c["parameters_after"] == s["parameters"]
+    assert c["size_ratio"] > 2.5 and c["model_before"] == str((distill_pipeline / "1-sft" / "model").resolve())

@@ -81,6 +81,23 @@ class DistillStage(CausalLMStage):
         return {"teacher": {"source": self.cfg.stage.teacher,
                             "parameters": sum(p.numel() for p in self.teacher.parameters())}}
 
+    def export(self, out_dir) -> Dict[str, Any]:
+        """The student's export, and how it compares with its teacher."""
+        from pathlib import Path
+
+        from llmexp.record import model_dir_of
+        from llmexp.stages.compression import compression_record, describe, generation_speed
+
+        facts = super().export(out_dir)
+        if self.trainer.is_global_zero:
+            source = os.path.expanduser(self.cfg.stage.teacher)
+            local = Path(model_dir_of(source, "stage.teacher")) if os.path.exists(source) else None
+            self._frozen["teacher"].place(self.model)
+            before = describe(self, self.teacher, local, source=self.cfg.stage.teacher)
+            facts["compression"] = compression_record(before, self.model, Path(out_dir),
+                                                      generation_speed(self, self.model))
+        return facts
+
     def on_fit_start(self) -> None:
         self._frozen["teacher"].place(self.model)
 

@@ -74,6 +74,26 @@ class PruneStage(CausalLMStage):
             return None  # no recovery steps: nothing to optimise
         return super().configure_optimizers()
 
+    def export(self, out_dir) -> Dict[str, Any]:
+        """The pruned model's export, and how it compares with the model it came from (loaded
+        again from model.pretrained to measure it)."""
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM
+
+        from llmexp.models.build import load_pretrained
+        from llmexp.stages.compression import compression_record, describe, generation_speed
+
+        facts = super().export(out_dir)
+        if self.trainer.is_global_zero:
+            source = self.cfg.model.pretrained
+            original = load_pretrained(AutoModelForCausalLM, source, "model.pretrained", "a causal LM").to(self.device)
+            original.config.pad_token_id = self.tokenizer.pad_token_id
+            before = describe(self, original.eval(), Path(source))
+            facts["compression"] = compression_record(before, self.model, Path(out_dir),
+                                                      generation_speed(self, self.model))
+        return facts
+
     def summary_extras(self) -> Dict[str, Any]:
         pruned = getattr(self, "pruned", None)
         if pruned and getattr(self, "sparsity", None):  # what the exported weights hold, after recovery

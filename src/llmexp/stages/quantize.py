@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
@@ -54,11 +53,6 @@ def torchao_config(stage_cfg, embedding: str):
     return TorchAoConfig(per_module, include_input_output_embeddings=True, untie_embedding_weights=False)
 
 
-def weight_bytes(directory: Path) -> int:
-    """Bytes of a saved model's weight files."""
-    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
-
-
 class QuantizeStage(CausalLMStage):
     """Validation loss and the task metric of the model before and after quantization."""
 
@@ -73,8 +67,10 @@ class QuantizeStage(CausalLMStage):
 
         from llmexp.models.build import load_pretrained
 
+        from llmexp.stages.compression import describe, generation_speed
+
         m = self.cfg.model
-        before = self.generation_speed(self.model)
+        self.before = describe(self, self.model, Path(m.pretrained))
         embedding = next(name for name, module in self.model.named_modules()
                          if module is self.model.get_input_embeddings())
         with quiet_torchao():
@@ -84,33 +80,16 @@ class QuantizeStage(CausalLMStage):
                                     attn_implementation=m.attn_implementation)
         quantized.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = quantized.eval().to(self.device)
-        self.speeds = {"before": before, "after": self.generation_speed(self.model)}
-
-    def generation_speed(self, model) -> float:
-        """Greedy tokens per second on 32 of the task's prompts (the model as it will be served)."""
-        probe = getattr(self, "task_probe", None)
-        prompts: List[Any] = [r["prompt"] for r in probe.rows[:32]] if probe is not None else []
-        if not prompts:
-            return float("nan")
-        self.model, kept = model, self.model
-        try:
-            self.greedy_answers(prompts[:4], 4)  # warm-up
-            started = time.perf_counter()
-            answers = self.greedy_answers(prompts, 24)
-            seconds = time.perf_counter() - started
-        finally:
-            self.model = kept
-        tokens = sum(len(self.tokenizer(a)["input_ids"]) + 1 for a in answers)
-        return tokens / seconds
+        self.after_speed = generation_speed(self, self.model)
 
     def export(self, out_dir) -> Dict[str, Any]:
+        from llmexp.stages.compression import compression_record
+
         facts = super().export(out_dir)
-        before, after = weight_bytes(Path(self.cfg.model.pretrained)), weight_bytes(Path(out_dir))
-        facts["quantization"] = {
-            "method": self.cfg.stage.method, "library": "torchao", "embeddings": self.cfg.stage.embeddings,
-            "weight_bytes_before": before, "weight_bytes_after": after,
-            "size_ratio": round(before / after, 3) if after else None,
-            "generation_tokens_per_second": {k: round(v, 1) for k, v in getattr(self, "speeds", {}).items()}}
+        facts["quantization"] = {"method": self.cfg.stage.method, "library": "torchao",
+                                 "embeddings": self.cfg.stage.embeddings}
+        if self.trainer.is_global_zero:
+            facts["compression"] = compression_record(self.before, self.model, Path(out_dir), self.after_speed)
         return facts
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

@@ -1,0 +1,70 @@
+"""What every compression stage (distill, prune, quantize) records, in one shape: the model it
+compresses against the model it exports (weight bytes on disk, parameters, the fraction of
+weights that are zero, greedy generation tokens/s), next to the run's task metric initial ->
+final, so that ``llmexp compare`` puts the trade-offs of all three in one table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+
+def weight_bytes(directory: Optional[Path]) -> Optional[int]:
+    """Bytes of a saved model's weight files (None for a model not on this disk, e.g. a hub id)."""
+    if directory is None or not Path(directory).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def zero_fraction(model) -> Optional[float]:
+    """The fraction of the model's weights that are exactly zero (None for a quantized model,
+    whose weights are not plain tensors)."""
+    params = list(model.parameters())
+    if any(type(p.data) is not torch.Tensor for p in params):
+        return None
+    total = sum(p.numel() for p in params)
+    return round(sum(int((p == 0).sum()) for p in params) / max(total, 1), 4)
+
+
+def generation_speed(stage, model) -> float:
+    """Greedy tokens per second of ``model`` on 32 of the task's prompts (NaN without a task)."""
+    probe = getattr(stage, "task_probe", None)
+    prompts: List[Any] = [r["prompt"] for r in probe.rows[:32]] if probe is not None else []
+    if not prompts:
+        return float("nan")
+    stage.model, kept = model, stage.model
+    try:
+        stage.greedy_answers(prompts[:4], 4)  # warm-up
+        started = time.perf_counter()
+        answers = stage.greedy_answers(prompts, 24)
+        seconds = time.perf_counter() - started
+    finally:
+        stage.model = kept
+    tokens = sum(len(stage.tokenizer(a)["input_ids"]) + 1 for a in answers)
+    return tokens / seconds
+
+
+def compression_record(before: Dict[str, Any], after_model, out_dir: Path, after_speed: float) -> Dict[str, Any]:
+    """summary.json's ``compression``: ``before`` (``dir``, ``parameters``, ``zero_fraction``,
+    ``tokens_per_second`` of the model compressed) against the exported model."""
+    bytes_before, bytes_after = weight_bytes(before.get("dir")), weight_bytes(out_dir)
+    return {"model_before": str(Path(before["dir"]).resolve()) if before.get("dir") else before.get("source"),
+            "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after,
+            "size_ratio": round(bytes_before / bytes_after, 3) if bytes_before and bytes_after else None,
+            "parameters_before": before["parameters"], "parameters_after": parameter_count(after_model),
+            "zero_fraction_before": before["zero_fraction"], "zero_fraction_after": zero_fraction(after_model),
+            "generation_tokens_per_second": {"before": round(before["tokens_per_second"], 1),
+                                             "after": round(after_speed, 1)}}
+
+
+def describe(stage, model, directory: Optional[Path], source: Optional[str] = None) -> Dict[str, Any]:
+    """The ``before`` of compression_record, measured now on ``model``."""
+    return {"dir": directory, "source": source, "parameters": parameter_count(model),
+            "zero_fraction": zero_fraction(model), "tokens_per_second": generation_speed(stage, model)}
