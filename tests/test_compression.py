@@ -3,6 +3,7 @@ before and after, exported loadable by plain transformers; and what it refuses."
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -345,6 +346,13 @@ def test_sparsity_stays_through_recovery_and_the_export_holds_it(tmp_path, tiny_
         kept = new[name].weight != 0
         assert (~kept).sum(1).tolist() == [round(old[name].in_features * 0.5)] * old[name].out_features
         assert not torch.equal(new[name].weight[kept], old[name].weight[kept])  # recovery trained them
+    # `llmexp compare` shows what the sparsity cost and gave next to the task metric
+    r = run_cli(["compare", str(run_dir), "--out", str(tmp_path / "cmp")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
+    assert float(row["compression/zero_fraction final"]) == c["zero_fraction_after"]
+    assert int(row["compression/parameters initial"]) == int(row["compression/parameters final"])
+    assert float(row["compression/generation_tokens_per_second final"]) > 0 and "val/task_score final" in row
 
 
 @pytest.mark.parametrize("overrides,expected", [

@@ -27,7 +27,19 @@ def metric_pairs(summary: Dict[str, Any]) -> Dict[str, Tuple[Optional[float], Op
     for task in sorted(set(before) | set(after)):
         for metric in sorted(set(before.get(task) or {}) | set(after.get(task) or {})):
             pairs[f"eval/{task}/{metric}"] = ((before.get(task) or {}).get(metric), (after.get(task) or {}).get(metric))
-    return pairs
+    return {**pairs, **compression_pairs(summary)}
+
+
+def compression_pairs(summary: Dict[str, Any]) -> Dict[str, Tuple[Optional[float], Optional[float]]]:
+    """A compression stage's model compressed -> its export (llmexp.stages.compression), so that
+    size, sparsity and speed stand next to the task metric they cost."""
+    c = summary.get("compression")
+    if not c:
+        return {}
+    speed = c.get("generation_tokens_per_second") or {}
+    return {**{f"compression/{name}": (c.get(f"{name}_before"), c.get(f"{name}_after"))
+               for name in ("weight_bytes", "parameters", "zero_fraction")},
+            "compression/generation_tokens_per_second": (speed.get("before"), speed.get("after"))}
 
 
 def records(runs: Sequence[Run], keys: Sequence[str], labels: Sequence[str]) -> List[Dict[str, Any]]:
