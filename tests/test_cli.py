@@ -126,3 +126,14 @@ def test_wheel_installs_into_a_fresh_venv_and_finds_its_configs(tmp_path):
                        capture_output=True, text=True, cwd=elsewhere)
     assert r.returncode == 0 and "name: pretrain" in r.stdout
     assert (Path(where).parent / "assets" / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("extra", [[], ["peft=lora"]], ids=["full", "lora"])
+def test_a_run_prints_no_library_warnings(tmp_path, extra):
+    """What a user sees of a short run is llmexp's own output: no deprecation or kernel-loading
+    warnings from the libraries underneath (peft, transformers, torchao, Lightning)."""
+    r = run_cli([*FAST, *extra, "trainer.max_steps=2", "trainer.val_check_interval=null",
+                 f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    noise = [line for line in r.stderr.splitlines() if "Warning" in line or "Failed to load" in line]
+    assert noise == [], noise

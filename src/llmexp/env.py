@@ -46,6 +46,7 @@ _NOISE = (
     r".*Detected an existing checkpoint in.*",  # llmexp reduces validation sums across ranks itself
     r".*The number of training batches .* is smaller than the logging interval.*",
     r".*configure_optimizers. returned .None., this fit will run with no optimizer.*",  # stage=quantize
+    r".*`is_gradient_checkpointing` is deprecated.*",  # peft=lora: peft reads transformers' old attribute name
 )
 
 
