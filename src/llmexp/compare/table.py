@@ -91,7 +91,9 @@ def display(rows: Sequence[Dict[str, Any]], arrows_in_header: bool = True) -> Tu
 def _num(value: Any) -> str:
     if value is None:
         return "–"
-    return f"{value:.4g}" if isinstance(value, float) else short(value)
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"  # 15570, not 1.557e+04
+    return short(value)
 
 
 def to_csv(rows: Sequence[Dict[str, Any]]) -> str:
