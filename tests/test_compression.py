@@ -360,6 +360,8 @@ def test_sparsity_stays_through_recovery_and_the_export_holds_it(tmp_path, tiny_
     (["stage.layers_keep=3"], "stage.layers_keep: keeps 3 layers of a model that has 2"),
     (["stage.kv_heads_keep=4"], "stage.kv_heads_keep: keeps 4 key/value heads of a model that has 2"),
     (["stage.mlp_keep=0"], "stage.mlp_keep"),
+    (["stage.sparsity=1.5"], "stage.sparsity: must be <= 0.99, got 1.5"),
+    (["stage.sparsity_score=foo"], "stage.sparsity_score: 'foo' is not one of magnitude, wanda"),
     (["model=gpt2", "GPT2"], "stage=prune prunes llama-style decoders"),
 ])
 def test_pruning_more_than_the_model_has_exits_2(tmp_path, tiny_teacher, overrides, expected):
