@@ -123,17 +123,16 @@ def prepared_text(data_cfg, stage: str, tokenizer, load_examples, prepared=None)
     """PreparedData of a text corpus, read from its token cache (built here when missing, from
     ``prepared`` or ``load_examples()``)."""
     from llmexp.data.module import PreparedData
-    from llmexp.data.token_cache import cache_key, key_inputs, prepare_cached, summary_of
+    from llmexp.data.token_cache import key_inputs, prepare_cached, summary_of
 
     inputs = key_inputs(data_cfg, tokenizer, stage, prepared)
     if inputs is None:  # a source known only once loaded: load it, and key the cache by its rows
         prepared = load_examples()
         inputs = key_inputs(data_cfg, tokenizer, stage, prepared)
-    key = cache_key(data_cfg, tokenizer, stage, prepared)
     cache_dir, meta, hit = prepare_cached(inputs, (lambda: prepared) if prepared is not None else load_examples,
                                           tokenizer, data_cfg, data_cfg.num_proc)
     return PreparedData(train=None, val=None, format="text", log=meta["preparation"],
-                        cache=summary_of(cache_dir, meta, hit, key))
+                        cache=summary_of(cache_dir, meta, hit, cache_dir.name))  # the rows' key names their dir
 
 
 def hydra_run_dir() -> Path:
