@@ -66,3 +66,69 @@ def test_an_in_process_run_leaves_later_commands_on_the_server(tmp_path):
     assert server is not None
     assert import_time_changes(server.env, after, server.set_by_imports) == []
     assert shared_server(base, after) is server
+
+
+CHILD = """
+import json, os, sys
+print(json.dumps({"forked": "torch" in sys.modules, "pgid": os.getpgrp(), "cwd": os.getcwd(), "argv": sys.argv[1:],
+                  "x": os.environ.get("X")}))
+sys.stderr.write("to stderr")
+sys.exit(int(sys.argv[1]))
+"""
+
+PARENT = """
+import json, os, subprocess, sys, time
+child = sys.argv[1]
+out = {"pgid": os.getpgrp()}
+r = subprocess.run([sys.executable, child, "3"], capture_output=True, text=True, env={**os.environ, "X": "1"},
+                   cwd=os.path.dirname(child))
+out["run"] = [r.returncode, json.loads(r.stdout), r.stderr]
+fresh = subprocess.run([sys.executable, child, "0"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": "/nowhere"})
+out["pythonpath"] = json.loads(fresh.stdout)["forked"]
+p = subprocess.Popen([sys.executable, "-m", "timeit", "-n", "1000000000", "pass"])
+out["poll"] = p.poll()
+p.kill()
+out["killed"] = p.wait()
+print(json.dumps(out))
+if len(sys.argv) > 2:  # start one more that outlives the command's timeout
+    p = subprocess.Popen([sys.executable, "-m", "timeit", "-n", "1000000000", "pass"])
+    open(sys.argv[2], "w").write(str(p.pid))
+    time.sleep(600)
+"""
+
+
+def test_python_commands_a_command_starts_are_forked_in_its_process_group(server, tmp_path):
+    """Lightning's extra ranks, pipeline stages and sweep trials are ``python -m ...`` commands the
+    command starts: they are forked too (torch already imported), with the cwd, environment,
+    arguments and pipes asked for, in the command's process group; Popen waits, polls and kills
+    them as its own children. One that changes an import-time variable gets a fresh interpreter."""
+    import json
+    import time
+
+    (tmp_path / "child.py").write_text(CHILD)
+    (tmp_path / "parent.py").write_text(PARENT)
+    env = {**OFFLINE_ENV, **os.environ}
+    r = server.run(str(tmp_path / "parent.py"), [str(tmp_path / "child.py")], cwd=tmp_path.parent, env=env,
+                   timeout=120, script=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    code, child, stderr = out["run"]
+    assert code == 3 and stderr == "to stderr"
+    assert child == {"forked": True, "pgid": out["pgid"], "cwd": str(tmp_path), "argv": ["3"], "x": "1"}
+    assert out["pythonpath"] is False  # PYTHONPATH is read at start: a fresh interpreter
+    assert out["poll"] is None and out["killed"] == -9
+    # A timeout kills the command's whole process group, the commands it forked included.
+    pid_file = tmp_path / "grandchild.pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        server.run(str(tmp_path / "parent.py"), [str(tmp_path / "child.py"), str(pid_file)], cwd=tmp_path,
+                   env=env, timeout=10, script=True)
+    pid = int(pid_file.read_text())
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the forked grandchild {pid} outlived the killed command")

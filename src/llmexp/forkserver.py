@@ -16,12 +16,13 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Collection, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 # Read when a library is imported (or by the interpreter at start): a child of the server would
 # keep the server's values, so a command that changes one of these runs in a fresh interpreter.
@@ -49,22 +50,33 @@ def import_time_changes(server_env: Mapping[str, str], env: Mapping[str, str],
 def _child(request: dict) -> None:
     """Become the command: fresh session, cwd, environment and standard streams, then run the
     module or script as ``python -m MODULE ARGS`` or ``python SCRIPT ARGS`` would; never returns."""
+    try:
+        os.setsid()
+        stdio = (os.open(os.devnull, os.O_RDONLY), os.open(request["stdout"], os.O_WRONLY | os.O_TRUNC),
+                 os.open(request["stderr"], os.O_WRONLY | os.O_TRUNC))
+    except BaseException:
+        os._exit(1)
+    _run_command(request, stdio)
+
+
+def _run_command(request: dict, stdio: Sequence[int]) -> None:
+    """Take ``stdio`` as fds 0, 1, 2 and the request's cwd and environment, then run its module
+    or script, the python commands it starts forked too (see _Zygote); never returns."""
     import runpy
     import traceback
 
     code = 1
     try:
-        os.setsid()
-        stdin = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(request["stdout"], os.O_WRONLY | os.O_TRUNC)
-        err = os.open(request["stderr"], os.O_WRONLY | os.O_TRUNC)
-        for fd, target in ((stdin, 0), (out, 1), (err, 2)):
-            os.dup2(fd, target)
+        for fd, target in zip(stdio, (0, 1, 2)):
+            if fd != target:
+                os.dup2(fd, target)
+        for fd in set(stdio) - {0, 1, 2}:
             os.close(fd)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _Zygote.start()
         try:
             if "script" in request:  # python SCRIPT ARGS
                 sys.argv = [request["script"], *request["args"]]
@@ -93,6 +105,124 @@ def _child(request: dict) -> None:
             os._exit(code)
 
 
+def python_command(args: Any, env: Mapping[str, str]) -> Optional[dict]:
+    """The request that runs ``args`` (``[sys.executable, "-m", MODULE, ...]`` or
+    ``[sys.executable, SCRIPT.py, ...]``) in a fork, or None where only a fresh interpreter is
+    faithful: another program, interpreter options, or a variable read at import time that differs
+    from the server's."""
+    if isinstance(args, (str, bytes)) or not args or str(args[0]) != sys.executable or len(args) < 2:
+        return None
+    args = [os.fsdecode(a) for a in args]
+    if import_time_changes(_SERVER["env"], env, _SERVER["set_by_imports"]):
+        return None
+    if args[1] == "-m" and len(args) > 2 and not args[2].startswith("-"):
+        return {"module": args[2], "args": args[3:]}
+    if args[1].endswith(".py") and os.path.isfile(args[1]):
+        return {"script": args[1], "args": args[2:]}
+    return None
+
+
+# The fork server's environment before its imports, and what the imports set (copied into every
+# command it forks, which checks its own python commands against them).
+_SERVER: Dict[str, Any] = {"env": {}, "set_by_imports": []}
+
+
+class _Zygote:
+    """A copy of the command taken before it runs (the server's imports and nothing of the
+    command's own): it forks the python commands the command starts (Lightning's extra ranks,
+    ``llmexp pipeline``'s stages, a sweep's trials), which then start in milliseconds instead of
+    re-importing torch, Lightning and transformers for seconds. Each runs as in _child, but in the
+    command's session and process group (a timeout's killpg reaches it), with the stdio the caller
+    gave, and as the command's own child (the command is made a child subreaper and the
+    zygote forks twice), so subprocess.Popen waits for it, polls and signals it as usual."""
+
+    sock: Optional[socket.socket] = None
+    lock = threading.Lock()
+
+    @classmethod
+    def start(cls) -> None:
+        import ctypes
+
+        if ctypes.CDLL(None).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER: Linux only
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if os.fork() == 0:
+            ours.close()
+            cls._serve(theirs)
+        theirs.close()
+        cls.sock = ours
+        subprocess.Popen = _ForkingPopen  # type: ignore[misc]  # call/run/check_output use it too
+
+    @staticmethod
+    def _serve(sock: socket.socket) -> None:
+        """Fork one command per request until the command closes its end; never returns."""
+        try:
+            while True:
+                message, fds, _, _ = socket.recv_fds(sock, 1 << 22, 3)
+                if not message:
+                    break
+                request = json.loads(message)
+                read, write = os.pipe()
+                middle = os.fork()
+                if middle == 0:  # its child is orphaned at once and adopted by the command
+                    os.close(read)
+                    pid = os.fork()
+                    if pid == 0:
+                        os.close(write)
+                        sock.close()
+                        _run_command(request, fds)
+                    os.write(write, str(pid).encode())
+                    os._exit(0)
+                os.close(write)
+                pid = int(os.read(read, 64) or b"0")
+                os.close(read)
+                os.waitpid(middle, 0)  # the adoption is done before the command hears the pid
+                for fd in fds:
+                    os.close(fd)
+                sock.send(str(pid).encode())
+        finally:
+            os._exit(0)
+
+    @classmethod
+    def fork(cls, request: dict, stdio: Sequence[int]) -> int:
+        assert cls.sock is not None
+        with cls.lock:
+            socket.send_fds(cls.sock, [json.dumps(request).encode()], list(stdio))
+            pid = int(cls.sock.recv(64) or b"0")
+        if pid <= 0:
+            raise OSError("the llmexp fork server's zygote did not start the command")
+        return pid
+
+
+class _ForkingPopen(subprocess.Popen):
+    """subprocess.Popen whose python commands (python_command) are forked by the zygote; every
+    other command is executed as usual."""
+
+    def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,  # type: ignore[override]
+                       creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, *rest):
+        request = None
+        # rest: restore_signals, gid, gids, uid, umask, start_new_session (and process_group, 3.11+)
+        plain = (not shell and executable is None and preexec_fn is None and not pass_fds
+                 and list(rest[1:4]) == [None, None, None] and rest[4] == -1 and not rest[5]
+                 and all(x in (None, -1) for x in rest[6:]))
+        if plain:
+            full_env = dict(os.environ if env is None else env)
+            request = python_command(args, {os.fsdecode(k): os.fsdecode(v) for k, v in full_env.items()})
+        if request is None:
+            return super()._execute_child(args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
+                                          creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread,
+                                          errwrite, *rest)
+        request.update(cwd=os.path.abspath(os.fsdecode(cwd)) if cwd is not None else os.getcwd(),
+                       env={os.fsdecode(k): os.fsdecode(v) for k, v in full_env.items()})
+        stdio = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
+                 errwrite if errwrite != -1 else 2]
+        try:
+            self.pid = _Zygote.fork(request, stdio)
+            self._child_created = True
+        finally:
+            self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+
+
 def serve() -> None:
     """Read one JSON request per line on stdin; for each, fork, answer ``{"pid": ...}`` and then
     ``{"returncode": ...}`` on stdout (the raw file descriptor: nothing is buffered into a child)."""
@@ -102,6 +232,7 @@ def serve() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     set_by_imports = sorted(k for k, v in os.environ.items() if before.get(k) != v)
+    _SERVER.update(env=before, set_by_imports=set_by_imports)
     sys.stdout.flush()
     os.write(1, (json.dumps({"ready": True, "set_by_imports": set_by_imports}) + "\n").encode())
     for line in sys.stdin:
