@@ -35,7 +35,7 @@ IMPORT_TIME_PREFIXES = ("PYTHON", "HF_HUB_", "HF_DATASETS_", "HF_HOME", "TRANSFO
 RUN_TIME_VARS = frozenset({"PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHINDUCTOR_CACHE_DIR",
                            "PYTORCH_NVML_BASED_CUDA_CHECK"})
 PRELOAD = ("torch", "lightning", "lightning.pytorch", "transformers", "transformers.models.llama.modeling_llama",
-           "hydra", "omegaconf", "peft")
+           "hydra", "omegaconf", "peft", "datasets")
 
 
 def import_time_changes(server_env: Mapping[str, str], env: Mapping[str, str],

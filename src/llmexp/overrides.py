@@ -66,6 +66,10 @@ def resolve_overrides(overrides: List[str]):
                 selections.append(single)
         else:
             keys.append((o, single))
+    plain = not problems and all(not (o.is_add() or o.is_force_add() or o.is_delete()) for o, _ in keys)
+    cfg = _compose([*selections, *(single for _, single in keys)], []) if plain else None
+    if cfg is not None:  # every key is one the config has (Hydra's config is struct): nothing to check
+        return _preflighted(cfg, problems), list(overrides)
     cfg = _compose(selections, problems)
     if cfg is None:
         raise ConfigError(problems)
@@ -85,6 +89,11 @@ def resolve_overrides(overrides: List[str]):
         else:
             valid.append(single)
     cfg = _compose(valid, problems)
+    return _preflighted(cfg, problems), [as_given.get(o, o) for o in overrides]
+
+
+def _preflighted(cfg, problems: List[Problem]):
+    """``cfg`` once llmexp.preflight found nothing wrong in it, else ConfigError with every problem."""
     if cfg is not None:
         from llmexp.preflight import preflight
 
@@ -94,7 +103,7 @@ def resolve_overrides(overrides: List[str]):
             problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
-    return cfg, [as_given.get(o, o) for o in overrides]
+    return cfg
 
 
 def _typed_option_to_add(cfg, o, chosen: Dict[str, str]) -> bool:

@@ -59,7 +59,8 @@ def save_last_checkpoint(trainer, run_dir: Path) -> Path:
 
 def fit(trainer, stage, data, resume_from: Optional[Path]) -> Tuple[Dict[str, float], float]:
     """Validate before training (not when resuming: the checkpoint holds the initial metrics),
-    train, validate after; returns (final validation metrics, seconds in fit). Known faults
+    train, validate after (unless a validation ran at the last step: same weights, same
+    metrics); returns (final validation metrics, seconds in fit). Known faults
     (out of memory, a diverged loss) get one clear message."""
     from llmexp.faults import explain_faults
 
@@ -70,5 +71,6 @@ def fit(trainer, stage, data, resume_from: Optional[Path]) -> Tuple[Dict[str, fl
         started = time.time()
         trainer.fit(stage, datamodule=data, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
         fit_seconds = time.time() - started
-        trainer.validate(stage, datamodule=data, verbose=False)
+        if stage.last_val_at != ("fit", trainer.global_step):  # else the last step's validation says it all
+            trainer.validate(stage, datamodule=data, verbose=False)
     return dict(stage.last_val_metrics), fit_seconds

@@ -83,7 +83,7 @@ def dedup(ds, cfg: DataConfig):
     import numpy as np
 
     hashes = ds.map(_content_hashes, batched=True, num_proc=num_proc(ds, cfg), desc="dedup",
-                    remove_columns=ds.column_names).with_format("numpy")["_content_hash"]
+                    remove_columns=ds.column_names).with_format("numpy")[:]["_content_hash"]  # one array, not per row
     _, first = np.unique(np.asarray(hashes), return_index=True)
     return ds.select(np.sort(first)) if len(first) < len(ds) else ds
 

@@ -45,6 +45,7 @@ class StageModule(L.LightningModule):
         self.train_seconds = 0.0
         self.last_val_metrics: Dict[str, float] = {}
         self.initial_metrics: Dict[str, float] = {}
+        self.last_val_at: Tuple[str, int] = ("", -1)  # (trainer function, global step) of the last validation
         self.seconds_to_first_step: float | None = None
         self.lr_changed_on_resume: Dict[str, float] | None = None
 
@@ -338,5 +339,6 @@ class StageModule(L.LightningModule):
             means[name] = float(s / n.clamp(min=1))
         means.update(self.derived_metrics(means))
         self.last_val_metrics = {f"val/{k}": v for k, v in means.items()}
+        self.last_val_at = (getattr(self.trainer.state.fn, "value", ""), self.trainer.global_step)
         for k, v in self.last_val_metrics.items():
             self.log(k, v, sync_dist=False, prog_bar=k == "val/loss")
