@@ -122,7 +122,7 @@ def test_python_commands_a_command_starts_are_forked_in_its_process_group(server
     pid_file = tmp_path / "grandchild.pid"
     with pytest.raises(subprocess.TimeoutExpired):
         server.run(str(tmp_path / "parent.py"), [str(tmp_path / "child.py"), str(pid_file)], cwd=tmp_path,
-                   env=env, timeout=10, script=True)
+                   env=env, timeout=5, script=True)
     pid = int(pid_file.read_text())
     for _ in range(100):
         try:

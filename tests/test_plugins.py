@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from llmexp.testing import run_cli
+from llmexp.testing import run_cli, run_module
 REPO = Path(__file__).resolve().parents[1]
 from plugin_packages import PACKAGES, ensure_installed
 
@@ -80,7 +80,7 @@ def test_installed_plugins_are_listed_with_versions_and_what_they_provide():
     assert "llmexp_callbacks" in acme["hooks"]
     assert (match["distribution"], match["evals"], match["rewards"]) == ("llmexp-answer-match", ["answer_match"],
                                                                          ["answer_closeness"])
-    text = subprocess.run([sys.executable, "-m", "llmexp.plugins"], capture_output=True, text=True).stdout
+    text = run_module("llmexp.plugins", []).stdout
     assert "acme_qa  [llmexp-acme-qa 0.1.0]  llmexp_acme_qa.plugin" in text
     assert "evals: answer_match" in text and "rewards: answer_closeness" in text
 
@@ -218,8 +218,7 @@ def test_malformed_declarations_name_the_plugin(tmp_path):
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))
 def test_example_package_tests_pass(package):
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "tests"],
-                       cwd=PACKAGES[package], capture_output=True, text=True, timeout=600)
+    r = run_module("pytest", ["-q", "-m", "not slow", "-p", "no:cacheprovider", "tests"], cwd=PACKAGES[package])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout
 

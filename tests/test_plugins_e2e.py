@@ -5,12 +5,10 @@ finds the plugins through their entry points."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
-from llmexp.testing import run_cli
+from llmexp.testing import run_cli, run_module
 from plugin_packages import PACKAGES, ensure_installed
 
 from llmexp.data import skill
@@ -43,7 +41,9 @@ def test_train_on_a_plugin_dataset_then_run_a_plugin_eval(tmp_path):
     code = ("import json, sys\nfrom pathlib import Path\nfrom llmexp.plugins.evaluation import evaluate_model_dir\n"
             "run = Path(sys.argv[1])\nprint(json.dumps(evaluate_model_dir('answer_match', run / 'model', "
             "{'num_samples': 6, 'max_new_tokens': 6}, run_dir=run)))")
-    r = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=300)
+    script = tmp_path / "evaluate.py"
+    script.write_text(code)
+    r = run_module(str(script), [str(run_dir)], script=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
     details = [json.loads(line) for line in (run_dir / "answer_match.jsonl").read_text().splitlines()]
@@ -58,8 +58,7 @@ def test_train_on_a_plugin_dataset_then_run_a_plugin_eval(tmp_path):
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))
 def test_example_package_end_to_end_tests_pass(package):
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "slow", "-p", "no:cacheprovider", "tests"],
-                       cwd=PACKAGES[package], capture_output=True, text=True, timeout=600)
+    r = run_module("pytest", ["-q", "-m", "slow", "-p", "no:cacheprovider", "tests"], cwd=PACKAGES[package])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "1 passed" in r.stdout
 

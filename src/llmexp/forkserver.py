@@ -51,12 +51,11 @@ def _child(request: dict) -> None:
     """Become the command: fresh session, cwd, environment and standard streams, then run the
     module or script as ``python -m MODULE ARGS`` or ``python SCRIPT ARGS`` would; never returns."""
     try:
-        os.setsid()
         stdio = (os.open(os.devnull, os.O_RDONLY), os.open(request["stdout"], os.O_WRONLY | os.O_TRUNC),
                  os.open(request["stderr"], os.O_WRONLY | os.O_TRUNC))
     except BaseException:
         os._exit(1)
-    _run_command(request, stdio)
+    _run_command({**request, "new_session": True}, stdio)
 
 
 def _run_command(request: dict, stdio: Sequence[int]) -> None:
@@ -67,6 +66,8 @@ def _run_command(request: dict, stdio: Sequence[int]) -> None:
 
     code = 1
     try:
+        if request.get("new_session"):
+            os.setsid()
         for fd, target in zip(stdio, (0, 1, 2)):
             if fd != target:
                 os.dup2(fd, target)
@@ -132,8 +133,8 @@ class _Zygote:
     command's own): it forks the python commands the command starts (Lightning's extra ranks,
     ``llmexp pipeline``'s stages, a sweep's trials), which then start in milliseconds instead of
     re-importing torch, Lightning and transformers for seconds. Each runs as in _child, but in the
-    command's session and process group (a timeout's killpg reaches it), with the stdio the caller
-    gave, and as the command's own child (the command is made a child subreaper and the
+    command's session and process group (a timeout's killpg reaches it; start_new_session gives it
+    its own), with the stdio the caller gave, and as the command's own child (the command is made a child subreaper and the
     zygote forks twice), so subprocess.Popen waits for it, polls and signals it as usual."""
 
     sock: Optional[socket.socket] = None
@@ -203,7 +204,7 @@ class _ForkingPopen(subprocess.Popen):
         request = None
         # rest: restore_signals, gid, gids, uid, umask, start_new_session (and process_group, 3.11+)
         plain = (not shell and executable is None and preexec_fn is None and not pass_fds
-                 and list(rest[1:4]) == [None, None, None] and rest[4] == -1 and not rest[5]
+                 and list(rest[1:4]) == [None, None, None] and rest[4] == -1
                  and all(x in (None, -1) for x in rest[6:]))
         if plain:
             full_env = dict(os.environ if env is None else env)
@@ -213,7 +214,7 @@ class _ForkingPopen(subprocess.Popen):
                                           creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread,
                                           errwrite, *rest)
         request.update(cwd=os.path.abspath(os.fsdecode(cwd)) if cwd is not None else os.getcwd(),
-                       env={os.fsdecode(k): os.fsdecode(v) for k, v in full_env.items()})
+                       env={os.fsdecode(k): os.fsdecode(v) for k, v in full_env.items()}, new_session=bool(rest[5]))
         stdio = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
                  errwrite if errwrite != -1 else 2]
         try:
