@@ -137,3 +137,18 @@ def test_continue_from_a_previous_runs_export_and_trained_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(second / "model")) == len(AutoTokenizer.from_pretrained(first / "model"))
+
+
+@pytest.mark.parametrize("max_steps,logged_at", [(20, [0, 9, 19]), (25, [0, 9, 19, 25])])
+def test_validation_after_training_only_when_the_last_step_was_not_validated(tmp_path, max_steps, logged_at):
+    """Before training, every val_check_interval steps, and after training unless the last step
+    was just validated (the same weights would give the same metrics a second time). Lightning
+    logs a validation during training at the step before the one it followed (9 for step 10)."""
+    from llmexp.record import read_metrics
+    from llmexp.testing import TINY, tiny_run
+
+    assert "trainer.val_check_interval=10" in TINY
+    s = tiny_run(tmp_path / "run", ["logger=csv", f"trainer.max_steps={max_steps}"])
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if "val/loss" in r]
+    assert [int(r["step"]) for r in rows] == logged_at
+    assert s["global_step"] == max_steps and s["final"]["val/loss"] == pytest.approx(rows[-1]["val/loss"], rel=1e-6)

@@ -583,8 +583,8 @@ class TrainerConfig:
         "Lightning's precision; 16-* need a CUDA GPU, and fsdp with bf16-* keeps bf16 parameters with fp32 gradient "
         "reduction."))
     val_check_interval: Optional[int] = bounded(200, min=1, help=(
-        "Validate every N optimizer steps (a validation pass also runs before and after training; null: only "
-        "those)."))
+        "Validate every N optimizer steps (a validation pass also runs before training, and after it unless the "
+        "last step was one of the N; null: only those)."))
     limit_val_batches: Optional[int] = bounded(None, min=1, help=(
         "Validate on at most this many batches per pass (null: the whole validation set)."))
     log_every_n_steps: int = bounded(10, min=1, help=(
