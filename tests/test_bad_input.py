@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -310,12 +309,10 @@ def test_generate_refuses_a_prompt_longer_than_the_context(workdir):
 def test_a_reader_that_stops_early_ends_the_listing_quietly(workdir):
     """`llmexp plugins | head -1`: the pipe is closed before llmexp writes (no BrokenPipeError)."""
     import subprocess
-    import sys
 
-    from llmexp.testing import OFFLINE_ENV
+    from llmexp.testing import popen_module
 
-    p = subprocess.Popen([sys.executable, "-m", "llmexp.plugins"], cwd=workdir, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env={**os.environ, **OFFLINE_ENV})
+    p = popen_module("llmexp.plugins", [], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err[-2000:]

@@ -28,7 +28,7 @@ from typing import List, Optional, Tuple
 
 import pytest
 import torch
-from llmexp.testing import FAST, OFFLINE_ENV, run_cli
+from llmexp.testing import FAST, OFFLINE_ENV, popen_module, run_cli
 from safetensors.torch import load_file
 
 from llmexp.checkpointing import AtomicCheckpointIO, remove_stale_partials
@@ -46,9 +46,12 @@ MAX_STEPS, EVERY = 16, 2
 def cli(args, **kw) -> subprocess.Popen:
     """``python -m llmexp ARGS`` in a new process group (so that its whole group can be frozen
     and killed), offline, output captured."""
-    return subprocess.Popen([sys.executable, "-m", "llmexp", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**OFFLINE_ENV, **os.environ}, **kw)
+    if "preexec_fn" in kw:  # runs in the child before it starts: only a fresh interpreter has it
+        return subprocess.Popen([sys.executable, "-m", "llmexp", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**OFFLINE_ENV, **os.environ}, **kw)
+    return popen_module("llmexp", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        start_new_session=True, **kw)
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> Tuple[int, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from llmexp.run_lock import LOCK_NAME, RunDirInUse, RunLock
-from llmexp.testing import OFFLINE_ENV, TINY, run_cli
+from llmexp.testing import TINY, popen_module, run_cli
 
 HOLD = "import sys, time; from llmexp.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
 
@@ -54,8 +54,8 @@ def test_ranks_above_zero_join_their_rank_zeros_directory(tmp_path, monkeypatch)
 def test_a_resume_started_while_the_run_trains_is_refused_and_the_run_finishes(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*TINY, "trainer.max_steps=300", "trainer.checkpoint_every_n_steps=10"]
-    first = subprocess.Popen([sys.executable, "-m", "llmexp", *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env={**OFFLINE_ENV, **os.environ})
+    first = popen_module("llmexp", [*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(run_dir.glob("checkpoints/*.ckpt")) and first.poll() is None and time.time() < deadline:
         time.sleep(0.1)

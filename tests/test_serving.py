@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-from llmexp.testing import run_cli
+from llmexp.testing import popen_module, run_cli
 
 KEY = "test-key-123"
 CHROMIUM = "/usr/bin/chromium"
@@ -54,11 +54,10 @@ def serving(run_dir: Path, *args: str, timeout: float = 180) -> Iterator[Dict[st
     """`llmexp serve run_dir --port <free> *args` until the block ends (the whole process group is
     killed then); yields its url and process."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     log = run_dir.parent / f"serve-{port}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llmexp", "serve", str(run_dir), "--port", str(port), *args],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = popen_module("llmexp", ["serve", str(run_dir), "--port", str(port), *args], stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
@@ -195,6 +196,22 @@ class _Zygote:
         return pid
 
 
+def _forked_child(popen: subprocess.Popen, fork, request: dict, cwd, env: Mapping[str, str], new_session: bool,
+                  fds: Sequence[int]) -> None:
+    """Start ``popen``'s process with ``fork(request, stdio)`` (which answers its pid) instead of
+    executing it: the request gets the cwd, environment and session asked for, the child the
+    stdio Popen prepared (``fds``: its p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)."""
+    p2cread, _, _, c2pwrite, _, errwrite = fds
+    request = {**request, "cwd": os.path.abspath(os.fsdecode(cwd)) if cwd is not None else os.getcwd(),
+               "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}, "new_session": bool(new_session)}
+    stdio = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1, errwrite if errwrite != -1 else 2]
+    try:
+        popen.pid = fork(request, stdio)
+        popen._child_created = True  # type: ignore[attr-defined]
+    finally:
+        popen._close_pipe_fds(*fds)  # type: ignore[attr-defined]
+
+
 class _ForkingPopen(subprocess.Popen):
     """subprocess.Popen whose python commands (python_command) are forked by the zygote; every
     other command is executed as usual."""
@@ -206,22 +223,77 @@ class _ForkingPopen(subprocess.Popen):
         plain = (not shell and executable is None and preexec_fn is None and not pass_fds
                  and list(rest[1:4]) == [None, None, None] and rest[4] == -1
                  and all(x in (None, -1) for x in rest[6:]))
+        full_env = {os.fsdecode(k): os.fsdecode(v) for k, v in (os.environ if env is None else env).items()}
         if plain:
-            full_env = dict(os.environ if env is None else env)
-            request = python_command(args, {os.fsdecode(k): os.fsdecode(v) for k, v in full_env.items()})
+            request = python_command(args, full_env)
         if request is None:
             return super()._execute_child(args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                                           creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread,
                                           errwrite, *rest)
-        request.update(cwd=os.path.abspath(os.fsdecode(cwd)) if cwd is not None else os.getcwd(),
-                       env={os.fsdecode(k): os.fsdecode(v) for k, v in full_env.items()}, new_session=bool(rest[5]))
-        stdio = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
-                 errwrite if errwrite != -1 else 2]
-        try:
-            self.pid = _Zygote.fork(request, stdio)
-            self._child_created = True
-        finally:
-            self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+        _forked_child(self, _Zygote.fork, request, cwd, full_env, rest[5],
+                      (p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite))
+
+
+class ServerPopen(subprocess.Popen):
+    """A subprocess.Popen of ``python -m MODULE`` (or a script) forked by the fork server's
+    spawner (ForkServer.popen): stdio, cwd, environment and start_new_session as asked; poll and
+    wait ask the spawner, its parent, for the exit status; signals go to the pid as usual."""
+
+    def __init__(self, server: "ForkServer", request: dict, args: Sequence[str], **kwargs: Any):
+        self._server, self._request = server, request
+        super().__init__(list(args), **kwargs)
+
+    def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,  # type: ignore[override]
+                       creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, *rest):
+        _forked_child(self, lambda request, stdio: self._server.spawn(request, stdio), self._request, cwd,
+                      os.environ if env is None else env, rest[5],
+                      (p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite))
+
+    def _internal_poll(self, _deadstate=None, **_: Any):  # type: ignore[override]
+        if self.returncode is None:
+            try:
+                self.returncode = self._server.exit_status(self.pid)
+            except OSError:  # the server is gone, and with it the status
+                self.returncode = _deadstate
+        return self.returncode
+
+    def _wait(self, timeout):  # type: ignore[override]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._internal_poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
+def _spawner(sock: socket.socket) -> None:
+    """The fork server's second loop, for the client's long-lived commands: fork one per request
+    (its stdio received with it) and answer its pid; answer exit statuses when asked (the commands
+    are this process's children); never returns."""
+    codes: Dict[int, int] = {}
+    try:
+        while True:
+            message, fds, _, _ = socket.recv_fds(sock, 1 << 22, 3)
+            if not message:
+                break
+            request = json.loads(message)
+            if "poll" in request:
+                pid = request["poll"]
+                if pid not in codes:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        codes[pid] = os.waitstatus_to_exitcode(status)
+                sock.send(json.dumps({"returncode": codes.get(pid)}).encode())
+                continue
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                _run_command(request, fds)
+            for fd in fds:
+                os.close(fd)
+            sock.send(json.dumps({"pid": pid}).encode())
+    finally:
+        os._exit(0)
 
 
 def serve() -> None:
@@ -234,6 +306,12 @@ def serve() -> None:
         importlib.import_module(name)
     set_by_imports = sorted(k for k, v in os.environ.items() if before.get(k) != v)
     _SERVER.update(env=before, set_by_imports=set_by_imports)
+    if len(sys.argv) > 1:  # the client's socket for long-lived commands (ForkServer.popen)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(sys.argv[1])
+        if os.fork() == 0:
+            _spawner(sock)
+        sock.close()
     sys.stdout.flush()
     os.write(1, (json.dumps({"ready": True, "set_by_imports": set_by_imports}) + "\n").encode())
     for line in sys.stdin:
@@ -251,13 +329,40 @@ class ForkServer:
 
     def __init__(self, env: Mapping[str, str]):
         self.env = dict(env)
-        self.lock = threading.Lock()
-        self.proc = subprocess.Popen([sys.executable, "-m", "llmexp.forkserver"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=self.env, start_new_session=True)
-        ready = json.loads(self._line(timeout=300) or "{}")
-        if ready.get("ready") is not True:
-            raise RuntimeError("the llmexp fork server did not start")
+        self.lock, self.spawn_lock = threading.Lock(), threading.Lock()
+        with tempfile.TemporaryDirectory(prefix="llmexp-fork-") as tmp, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+            listener.bind(str(Path(tmp) / "spawn"))
+            listener.listen(1)
+            self.proc = subprocess.Popen([sys.executable, "-m", "llmexp.forkserver", str(Path(tmp) / "spawn")],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env,
+                                         start_new_session=True)
+            ready = json.loads(self._line(timeout=300) or "{}")
+            if ready.get("ready") is not True:
+                raise RuntimeError("the llmexp fork server did not start")
+            listener.settimeout(60)
+            self.spawner, _ = listener.accept()
         self.set_by_imports: List[str] = ready["set_by_imports"]
+
+    def _ask(self, request: dict, fds: Sequence[int] = ()) -> dict:
+        with self.spawn_lock:
+            socket.send_fds(self.spawner, [json.dumps(request).encode()], list(fds))
+            answer = self.spawner.recv(1 << 16)
+        if not answer:
+            raise OSError("the llmexp fork server's spawner is gone")
+        return json.loads(answer)
+
+    def spawn(self, request: dict, stdio: Sequence[int]) -> int:
+        return self._ask(request, stdio)["pid"]
+
+    def exit_status(self, pid: int) -> Optional[int]:
+        return self._ask({"poll": pid})["returncode"]
+
+    def popen(self, module: str, args: Sequence[str], script: bool = False, **kwargs: Any) -> subprocess.Popen:
+        """Like ``subprocess.Popen([python, "-m", module, *args], **kwargs)`` (``script``: ``python
+        module ...``) without waiting for it: a long-lived command (a server, a run to kill)."""
+        request = {"script" if script else "module": module, "args": list(args)}
+        return ServerPopen(self, request, [sys.executable, *([] if script else ["-m"]), module, *args], **kwargs)
 
     def _line(self, timeout: Optional[float]) -> Optional[str]:
         assert self.proc.stdout is not None
@@ -299,6 +404,7 @@ class ForkServer:
                                                out.read_text(errors="replace"), err.read_text(errors="replace"))
 
     def close(self) -> None:
+        self.spawner.close()
         if self.alive():
             assert self.proc.stdin is not None
             self.proc.stdin.close()
@@ -311,10 +417,10 @@ class ForkServer:
 _servers: Dict[int, ForkServer] = {}
 
 
-def shared_server(base_env: Mapping[str, str], env: Mapping[str, str]) -> Optional[ForkServer]:
+def shared_server(base_env: Mapping[str, str], env: Mapping[str, str], busy_ok: bool = False) -> Optional[ForkServer]:
     """This process's fork server (started on first use with ``base_env``), or None where it cannot
     run ``env``'s command faithfully or is busy with another thread's command (the caller then
-    starts a fresh interpreter)."""
+    starts a fresh interpreter; ``busy_ok``: a ForkServer.popen does not wait for it)."""
     if os.environ.get("LLMEXP_TEST_FORKSERVER", "1") == "0" or not hasattr(os, "fork"):
         return None
     server = _servers.get(os.getpid())
@@ -323,7 +429,7 @@ def shared_server(base_env: Mapping[str, str], env: Mapping[str, str]) -> Option
 
         server = _servers[os.getpid()] = ForkServer(base_env)
         atexit.register(server.close)
-    if not server.can_run(env) or server.lock.locked():
+    if not server.can_run(env) or (server.lock.locked() and not busy_ok):
         return None
     return server
 

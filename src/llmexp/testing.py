@@ -59,6 +59,22 @@ def run_module(module: str, args: Sequence[str], cwd: Optional[Path] = None,
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
+def popen_module(module: str, args: Sequence[str], env: Optional[Mapping[str, str]] = None, script: bool = False,
+                 **popen_kwargs) -> subprocess.Popen:
+    """``subprocess.Popen([python, "-m", MODULE, *ARGS], env=..., **popen_kwargs)`` (offline), for a
+    command the test runs alongside (a server, a run to interrupt): forked from llmexp.forkserver
+    like run_module's, or a fresh interpreter where that would not be faithful."""
+    from llmexp.forkserver import shared_server
+
+    base_env: Dict[str, str] = {**OFFLINE_ENV, **os.environ}
+    full_env: Dict[str, str] = {**base_env, **(env or {})}
+    server = shared_server(base_env, full_env, busy_ok=True)
+    if server is not None:
+        return server.popen(module, args, script=script, env=full_env, **popen_kwargs)
+    return subprocess.Popen([sys.executable, *([] if script else ["-m"]), module, *args], env=full_env,
+                            **popen_kwargs)
+
+
 def run_cli(args: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m llmexp ARGS`` in a fresh process, offline (see run_module)."""
