@@ -132,3 +132,33 @@ def test_python_commands_a_command_starts_are_forked_in_its_process_group(server
         time.sleep(0.1)
     else:
         pytest.fail(f"the forked grandchild {pid} outlived the killed command")
+
+
+def test_popen_module_forks_a_long_lived_command_the_test_polls_signals_and_waits_for(tmp_path):
+    """llmexp.testing.popen_module (llmexp serve, a run to kill): a subprocess.Popen of a command
+    forked from the server, with the pipes, cwd, environment and session asked for."""
+    import json
+    import signal
+    import time
+
+    from llmexp.forkserver import ServerPopen
+    from llmexp.testing import popen_module
+
+    (tmp_path / "child.py").write_text(CHILD)
+    p = popen_module(str(tmp_path / "child.py"), ["5"], script=True, cwd=tmp_path, env={"X": "2"},
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=60)
+    assert isinstance(p, ServerPopen) and p.returncode == 5 and err == "to stderr"
+    child = json.loads(out)
+    assert child["forked"] is True and child["cwd"] == str(tmp_path) and child["x"] == "2" and child["argv"] == ["5"]
+    p = popen_module("timeit", ["-n", "1000000000", "pass"], start_new_session=True)
+    with pytest.raises(subprocess.TimeoutExpired):
+        p.wait(timeout=0.5)
+    assert p.poll() is None and os.getpgid(p.pid) == p.pid  # its own session and group
+    os.killpg(p.pid, signal.SIGKILL)
+    assert p.wait(timeout=30) == -signal.SIGKILL
+    p = popen_module("timeit", ["-n", "10", "pass"], stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.returncode == 0 and "10 loops" in p.stdout.read()
