@@ -6,7 +6,8 @@ run; ``tiny_run`` trains a tiny model through the real ``python -m llmexp`` in a
 (so installed plugins are discovered through their entry points) and returns its summary;
 ``compose``/``typed`` give the config of overrides without the command-line check, and ``train``
 runs llmexp in-process on ``FAST`` settings; ``train_in_subprocess`` trains in a fresh process group
-and can SIGKILL it after a given step (to test resuming).
+and can SIGKILL it after a given step (to test resuming); ``run_module`` runs any ``python -m``
+command to completion and ``popen_module`` starts one alongside the test (a server, a run to kill).
 """
 
 from __future__ import annotations
