@@ -330,21 +330,30 @@ class ForkServer:
     def __init__(self, env: Mapping[str, str]):
         self.env = dict(env)
         self.lock, self.spawn_lock = threading.Lock(), threading.Lock()
-        with tempfile.TemporaryDirectory(prefix="llmexp-fork-") as tmp, \
+        self.spawner: Optional[socket.socket] = None
+        # A socket path is at most 107 bytes: under /tmp, whatever TMPDIR says
+        short = "/tmp" if os.access("/tmp", os.W_OK) else None
+        with tempfile.TemporaryDirectory(prefix="llmexp-fork-", dir=short) as tmp, \
                 socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
-            listener.bind(str(Path(tmp) / "spawn"))
-            listener.listen(1)
-            self.proc = subprocess.Popen([sys.executable, "-m", "llmexp.forkserver", str(Path(tmp) / "spawn")],
+            path = str(Path(tmp) / "spawn")
+            try:
+                listener.bind(path)
+                listener.listen(1)
+            except OSError:  # no spawner: popen() starts fresh interpreters
+                path = ""
+            self.proc = subprocess.Popen([sys.executable, "-m", "llmexp.forkserver", *([path] if path else [])],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env,
                                          start_new_session=True)
             ready = json.loads(self._line(timeout=300) or "{}")
             if ready.get("ready") is not True:
                 raise RuntimeError("the llmexp fork server did not start")
-            listener.settimeout(60)
-            self.spawner, _ = listener.accept()
+            if path:
+                listener.settimeout(60)
+                self.spawner, _ = listener.accept()
         self.set_by_imports: List[str] = ready["set_by_imports"]
 
     def _ask(self, request: dict, fds: Sequence[int] = ()) -> dict:
+        assert self.spawner is not None
         with self.spawn_lock:
             socket.send_fds(self.spawner, [json.dumps(request).encode()], list(fds))
             answer = self.spawner.recv(1 << 16)
@@ -361,8 +370,10 @@ class ForkServer:
     def popen(self, module: str, args: Sequence[str], script: bool = False, **kwargs: Any) -> subprocess.Popen:
         """Like ``subprocess.Popen([python, "-m", module, *args], **kwargs)`` (``script``: ``python
         module ...``) without waiting for it: a long-lived command (a server, a run to kill)."""
-        request = {"script" if script else "module": module, "args": list(args)}
-        return ServerPopen(self, request, [sys.executable, *([] if script else ["-m"]), module, *args], **kwargs)
+        argv = [sys.executable, *([] if script else ["-m"]), module, *args]
+        if self.spawner is None:
+            return subprocess.Popen(argv, **kwargs)
+        return ServerPopen(self, {"script" if script else "module": module, "args": list(args)}, argv, **kwargs)
 
     def _line(self, timeout: Optional[float]) -> Optional[str]:
         assert self.proc.stdout is not None
@@ -404,7 +415,8 @@ class ForkServer:
                                                out.read_text(errors="replace"), err.read_text(errors="replace"))
 
     def close(self) -> None:
-        self.spawner.close()
+        if self.spawner is not None:
+            self.spawner.close()
         if self.alive():
             assert self.proc.stdin is not None
             self.proc.stdin.close()
