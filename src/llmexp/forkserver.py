@@ -129,6 +129,15 @@ def python_command(args: Any, env: Mapping[str, str]) -> Optional[dict]:
 _SERVER: Dict[str, Any] = {"env": {}, "set_by_imports": []}
 
 
+def _requests(sock: socket.socket):
+    """The (request, received fds) sent on ``sock``, until its other end is closed."""
+    while True:
+        message, fds, _, _ = socket.recv_fds(sock, 1 << 22, 3)
+        if not message:
+            return
+        yield json.loads(message), fds
+
+
 class _Zygote:
     """A copy of the command taken before it runs (the server's imports and nothing of the
     command's own): it forks the python commands the command starts (Lightning's extra ranks,
@@ -159,11 +168,7 @@ class _Zygote:
     def _serve(sock: socket.socket) -> None:
         """Fork one command per request until the command closes its end; never returns."""
         try:
-            while True:
-                message, fds, _, _ = socket.recv_fds(sock, 1 << 22, 3)
-                if not message:
-                    break
-                request = json.loads(message)
+            for request, fds in _requests(sock):
                 read, write = os.pipe()
                 middle = os.fork()
                 if middle == 0:  # its child is orphaned at once and adopted by the command
@@ -272,11 +277,7 @@ def _spawner(sock: socket.socket) -> None:
     are this process's children); never returns."""
     codes: Dict[int, int] = {}
     try:
-        while True:
-            message, fds, _, _ = socket.recv_fds(sock, 1 << 22, 3)
-            if not message:
-                break
-            request = json.loads(message)
+        for request, fds in _requests(sock):
             if "poll" in request:
                 pid = request["poll"]
                 if pid not in codes:
