@@ -15,7 +15,7 @@ from llmexp.testing import FAST, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # A few steps per trial: generation for the task score is what costs, so few prompts.
-TINY = [o for o in FAST if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))] + [
+TINY = [o for o in FAST if not o.startswith(("trainer.max_steps", "trainer.val_check_interval", "task.max_prompts"))] + [
     "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "task.max_prompts=8"]
 
 
