@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmexp.advantages import response_mask
-from llmexp.sampler import Sampler
+from llmexp.sampler import Sampler, draw
 
 G, T = 4, 12
 
@@ -129,6 +129,29 @@ def test_sampled_tokens_follow_generates_distribution(tiny):
     first = [x[:, 0].view(len(ids), k) for x in (ours, theirs)]  # per prompt: the same first-token law
     for i in range(len(ids)):
         assert _same_distribution_p(*(f[i].bincount(minlength=vocab).double() for f in first)) > 1e-4
+
+
+def test_draw_follows_the_probabilities_and_never_picks_a_token_without_any(monkeypatch):
+    """The inverse-CDF draw against torch.multinomial on the same rows (a top-k-like row with zeros
+    and a near one-hot row), 60,000 draws each; then with the uniform at its very top, where rounding
+    could step past the row's last token with probability."""
+    from scipy.stats import chi2_contingency
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 50) * 2, -1)
+    probs[0, 10:] = 0.0  # only the first 10 tokens, as top-k 10 leaves them
+    probs[1] = torch.softmax(torch.tensor([9.0] + [0.0] * 49), -1)
+    probs = probs / probs.sum(-1, keepdim=True)
+    rows = probs.repeat_interleave(30_000, 0)
+    ours, theirs = draw(rows).view(2, -1), torch.multinomial(rows, 1).view(2, -1)
+    assert (ours[0] < 10).all()
+    for i in range(2):
+        a, b = ours[i].bincount(minlength=50).double(), theirs[i].bincount(minlength=50).double()
+        seen = (a + b) > 0
+        assert chi2_contingency(torch.stack([a[seen], b[seen]]).numpy())[1] > 1e-3
+        assert (a / a.sum() - probs[i]).abs().max() < 0.01
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, **kw))
+    assert draw(probs).tolist() == [9, 49]
 
 
 @pytest.mark.slow

@@ -58,6 +58,19 @@ def warpers(temperature: float, top_k: int, top_p: float) -> List[Callable]:
     return out
 
 
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` [N, V], drawn with probability ``probs`` (torch.multinomial's
+    law) by inverting the row's cumulative distribution with one uniform number. torch.multinomial
+    draws a random number for every vocabulary entry: 1.3 ms against 0.08 ms for 128 rows of 512
+    tokens on one CPU core, a quarter of a grpo rollout's time."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    # u can round up to the row's total: never past the last token that has any probability
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(token, last)
+
+
 class Sampler:
     """Answers prompts with ``model``; see the module docstring for what differs from generate.
 
@@ -146,7 +159,7 @@ class Sampler:
             return scores.argmax(-1)
         for w in warp:
             scores = w(None, scores)
-        return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
+        return draw(torch.softmax(scores, -1))
 
     def _rows_to_keep(self, finished: torch.Tensor) -> Optional[torch.Tensor]:
         """Indices of the rows to keep decoding (None: keep all). Under lockstep one finished row
