@@ -8,7 +8,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +44,27 @@ def llmexp_run(overrides: List[str], callbacks=()) -> Dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="llmexp-bench-")) / "run"
     run(compose(["logger=none", "trainer.progress_bar=false", *overrides]), run_dir=run_dir, callbacks=callbacks)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+MULTINOMIAL = "llmexp drawing each token with torch.multinomial"
+
+
+def with_multinomial_draw(side: Callable[[], dict]) -> Callable[[], dict]:
+    """``side`` with the rollout sampler drawing each token by torch.multinomial, as it did before
+    it inverted each row's cumulative distribution: the ablation row of that change."""
+    def run() -> dict:
+        import torch
+
+        from llmexp import sampler
+
+        drawn = sampler.draw
+        sampler.draw = lambda probs: torch.multinomial(probs, 1).squeeze(1)
+        try:
+            return side()
+        finally:
+            sampler.draw = drawn
+
+    return run
 
 
 def sft_policy(model: List[str]) -> str:

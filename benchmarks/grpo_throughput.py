@@ -18,8 +18,8 @@ from __future__ import annotations
 import tempfile
 from typing import Dict, List, Optional
 
-from common import (best_of_interleaved, lightning_clock, llmexp_run, print_rollout_table, rollout_arguments, save,
-                    sft_policy, trl_clock)
+from common import (MULTINOMIAL, best_of_interleaved, lightning_clock, llmexp_run, print_rollout_table,
+                    rollout_arguments, save, sft_policy, trl_clock, with_multinomial_draw)
 
 MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.intermediate_size=512"]
@@ -91,6 +91,7 @@ def measure(init: str, args) -> Dict[str, dict]:
     if args.ablations:
         sides.update({name: (lambda extra=extra: llmexp_side(*settings, extra=extra))
                       for name, extra in ABLATIONS.items()})
+        sides[MULTINOMIAL] = with_multinomial_draw(lambda: llmexp_side(*settings))
     return best_of_interleaved(sides, args.repeats, "TRL GRPOTrainer", "ratio_to_trl")
 
 

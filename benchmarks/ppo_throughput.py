@@ -17,8 +17,8 @@ import copy
 import time
 from typing import Dict, List, Optional
 
-from common import (best_of_interleaved, lightning_clock, llmexp_run, print_rollout_table, rollout_arguments, save,
-                    sft_policy)
+from common import (MULTINOMIAL, best_of_interleaved, lightning_clock, llmexp_run, print_rollout_table,
+                    rollout_arguments, save, sft_policy, with_multinomial_draw)
 
 MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.intermediate_size=512"]
@@ -133,6 +133,7 @@ def measure(init: str, args) -> Dict[str, dict]:
     if args.ablations:
         sides.update({name: (lambda extra=extra: llmexp_side(*settings, extra=extra))
                       for name, extra in ABLATIONS.items()})
+        sides[MULTINOMIAL] = with_multinomial_draw(lambda: llmexp_side(*settings))
     return best_of_interleaved(sides, args.repeats, "plain loop", "ratio_to_plain_loop")
 
 

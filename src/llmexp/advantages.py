@@ -124,9 +124,9 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
     return ((logprobs - ref_logprobs) * mask).sum(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of the categorical distribution the logits define."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the categorical distribution whose log-probabilities are ``logp``
+    (the log_softmax a caller already has for its token log-probs)."""
     return -(logp.exp() * logp).sum(-1)
 
 

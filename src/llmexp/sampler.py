@@ -10,8 +10,9 @@ responses stop at very different lengths. Here
 - the log-probs, entropies and last hidden states of the sampled tokens come out of the decode
   itself, so the old policy needs no second forward pass.
 
-Sampling is transformers' own temperature, top-k and top-p warpers in generate's order, on the
-global torch RNG, so responses follow generate's distribution; greedy responses are generate's
+Sampling is transformers' own temperature, top-k and top-p warpers in generate's order, then one
+draw per row from the global torch RNG (``draw``: torch.multinomial's law from one uniform number
+per row), so responses follow generate's distribution; greedy responses are generate's
 tokens. ``engine="generate"`` keeps ``model.generate`` as the reference.
 """
 
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
+
+from llmexp.advantages import entropy_of
 
 
 @dataclass
@@ -130,7 +133,7 @@ class Sampler:
                 scaled = torch.log_softmax(logits / temperature, -1)
                 live = (~finished).float()
                 logprobs[rows, t] = scaled.gather(-1, token[:, None]).squeeze(-1) * live
-                entropy[rows, t] = -(scaled.exp() * scaled).sum(-1) * live
+                entropy[rows, t] = entropy_of(scaled) * live
             if hiddens is not None:
                 hiddens[rows, t] = hidden
             finished = finished | (token == self.eos)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from llmexp.advantages import entropy_from_logits, response_mask
+from llmexp.advantages import entropy_of, response_mask
 from llmexp.data.collate import collate_prompts
 from llmexp.data.encode import prompt_encoder
 from llmexp.faults import check_finite
@@ -245,11 +245,11 @@ class RolloutStage(StageModule):
         """Per-response-token log-probs (at ``logprob_temperature``), values (from the value head,
         when asked) and entropies."""
         logits, hidden = self.response_logits(r, model, with_hidden=with_values)
-        logits = logits.float() / self.logprob_temperature
-        logprobs = torch.log_softmax(logits, -1).gather(-1, r.sequences[:, r.prompt_width:].unsqueeze(-1)).squeeze(-1)
+        every = torch.log_softmax(logits.float() / self.logprob_temperature, -1)
+        logprobs = every.gather(-1, r.sequences[:, r.prompt_width:].unsqueeze(-1)).squeeze(-1)
         values = self.value_head(hidden.float()).squeeze(-1) if with_values else None
         with torch.no_grad():
-            entropy = entropy_from_logits(logits)
+            entropy = entropy_of(every)
         return logprobs, values, entropy
 
     def response_logits(self, r: Rollout, model, with_hidden: bool = False
