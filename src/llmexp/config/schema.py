@@ -112,7 +112,8 @@ class ModelConfig:
         "Run model and tokenizer code shipped with model.pretrained or model.tokenizer (transformers' "
         "trust_remote_code)."))
     compile: bool = doc(False, help=(
-        "torch.compile the model's forward (inductor; the first steps pay the compile time)."))
+        "torch.compile the forward that trains (inductor; the first step pays the compile time); forwards "
+        "without gradient run eager, and packed batches are padded to data.max_length (one shape)."))
     liger_kernel: bool = doc(False, help=(
         "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only: pip install 'llmexp[liger]')."))
 

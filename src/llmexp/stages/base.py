@@ -19,6 +19,7 @@ import torch
 from llmexp.checkpointing import restore_rng_state, rng_state
 from llmexp.config.schema import RunConfig
 from llmexp.faults import check_finite
+from llmexp.models.compiled import compile_training_forward
 from llmexp.optim import build_optimizer
 from llmexp.parallel import clip_grad_norm
 
@@ -107,7 +108,7 @@ class StageModule(L.LightningModule):
         if self.is_model_parallel:
             self._parallelize()
         if self.cfg.model.compile:
-            self.model.compile()
+            compile_training_forward(self.model)
 
     def _parallelize(self) -> None:
         from llmexp import parallel
@@ -143,14 +144,19 @@ class StageModule(L.LightningModule):
 
     @property
     def pad_to_multiple_of(self) -> int:
-        """Sequence parallelism splits each batch's length over the tensor-parallel ranks."""
+        """Sequence parallelism splits each batch's length over the tensor-parallel ranks; a compiled
+        model trains on packed rows padded to their full length (one shape: one compile, where a
+        shorter batch would compile the forward and backward again)."""
         from llmexp.parallel_plans import mesh_shape
 
         s = self.cfg.strategy
-        if not s.sequence_parallel or s.name not in ("tp", "fsdp"):
-            return 1
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return mesh_shape(s.name, world, s.data_parallel_size, s.tensor_parallel_size)[1]
+        split = 1
+        if s.sequence_parallel and s.name in ("tp", "fsdp"):
+            world = self.trainer.world_size if self._trainer is not None else 1
+            split = mesh_shape(s.name, world, s.data_parallel_size, s.tensor_parallel_size)[1]
+        if self.cfg.model.compile and self.cfg.data.packing:
+            return -(-self.cfg.data.max_length // split) * split
+        return split
 
     def micro_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Sum of the loss terms of one micro-batch (normalised by the base) and extra metric sums."""
