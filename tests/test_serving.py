@@ -117,12 +117,19 @@ def test_openai_client_gets_the_greedy_answers_of_llmexp_generate(served_sft):
     # Streaming: many chunks whose text joins to the same answer.
     stream = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": PROMPTS[0]}],
                                        temperature=0, stream=True)
-    pieces = [ch.choices[0].delta.content for ch in stream if ch.choices and ch.choices[0].delta.content]
+    chunks = list(stream)
+    pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
     assert len(pieces) >= 3 and "".join(pieces) == expected[0], pieces
-    # max_tokens is the answer's token limit
+    assert len({ch.id for ch in chunks}) == 1  # one completion, one id, as OpenAI streams it
+    assert [ch.choices[0].finish_reason for ch in chunks][-1] == "stop" == got[0].choices[0].finish_reason
+    # max_tokens is the answer's token limit, and an answer cut off there finishes for "length"
     short = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": PROMPTS[0]}],
                                       temperature=0, max_tokens=2)
     assert short.usage.completion_tokens == 2 and expected[0].startswith(short.choices[0].message.content)
+    assert short.choices[0].finish_reason == "length"
+    cut = list(c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                         temperature=0, max_tokens=2, stream=True))
+    assert cut[-1].choices[0].finish_reason == "length" and len({ch.id for ch in cut}) == 1
 
 
 def test_concurrent_requests_are_batched_and_all_answered(served_sft):

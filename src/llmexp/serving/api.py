@@ -4,15 +4,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import json
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import AsyncIterator, Dict, List, Optional
 
 import litserve as ls
 from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from litserve.specs.openai import ChatCompletionRequest, OpenAISpec
+from litserve.utils import LitAPIStatus
 
 ROLES = ("system", "user", "assistant")
 
@@ -114,6 +117,45 @@ class CheckedOpenAISpec(OpenAISpec):
         except RequestProblem as p:
             return openai_error(p.status, str(p), p.param)
         return await super().chat_completion(request, background_tasks)
+
+    # LitServe answers finish_reason "stop" always and gives each streamed chunk a new id; OpenAI's
+    # API says "length" for an answer cut off at max_tokens (clients and eval harnesses check it),
+    # and one id for every chunk of a completion.
+    async def non_streaming_completion(self, request: ChatCompletionRequest, generator_list: list):
+        reasons: Dict[int, str] = {}
+        response = await super().non_streaming_completion(
+            request, [noting_finish_reason(g, reasons, i) for i, g in enumerate(generator_list)])
+        for choice in response.choices:
+            choice.finish_reason = reasons.get(choice.index, "stop")
+        return response
+
+    async def streaming_completion(self, request: ChatCompletionRequest, pipe_responses: list):
+        reasons: Dict[int, str] = {}
+        first_id: List[str] = []
+        async for event in super().streaming_completion(
+                request, [noting_finish_reason(p, reasons, i) for i, p in enumerate(pipe_responses)]):
+            if not event.startswith("data: {"):
+                yield event  # [DONE], or an error
+                continue
+            chunk = json.loads(event[len("data: "):])
+            first_id = first_id or [chunk["id"]]
+            chunk["id"] = first_id[0]
+            for choice in chunk.get("choices", []):
+                if choice.get("finish_reason") is not None:
+                    choice["finish_reason"] = reasons.get(choice["index"], choice["finish_reason"])
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+
+
+async def noting_finish_reason(responses: AsyncIterator, reasons: Dict[int, str], index: int) -> AsyncIterator:
+    """Pass choice ``index``'s (encoded response, status) items on, noting the finish_reason the
+    engine's last step carries."""
+    async for response, status in responses:
+        if status != LitAPIStatus.ERROR and isinstance(response, (str, bytes)):
+            with contextlib.suppress(ValueError, AttributeError):
+                reason = json.loads(response).get("finish_reason")
+                if reason:
+                    reasons[index] = reason
+        yield response, status
 
 
 class ChatAPI(ls.LitAPI):

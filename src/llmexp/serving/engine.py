@@ -39,6 +39,7 @@ class _Answer:
     tokens: List[int] = field(default_factory=list)
     sent: str = ""
     done: bool = False
+    stopped: bool = False  # ended by a stop token (finish_reason "stop"), not by the token limit ("length")
 
 
 class _StepQueue(BaseStreamer, StoppingCriteria):
@@ -79,7 +80,8 @@ def _visible(tokenizer, answer: _Answer) -> str:
 
 def stream_answers(model, tokenizer, requests: List[GenerationRequest]) -> Iterator[List[Dict[str, object]]]:
     """Steps of ``{"content": new text}`` per request; the last step also carries each request's
-    ``prompt_tokens``, ``completion_tokens`` and ``total_tokens``."""
+    ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and ``finish_reason`` (``"stop"``
+    at a stop token, ``"length"`` when cut off at max_tokens)."""
     tokenizer.padding_side = "left"
     prompts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False) for r in requests]
     groups: Dict[Tuple[float, float], List[int]] = {}
@@ -105,7 +107,8 @@ def stream_answers(model, tokenizer, requests: List[GenerationRequest]) -> Itera
     last = []
     for a in answers:
         last.append({"content": "", "prompt_tokens": a.prompt_tokens, "completion_tokens": len(a.tokens),
-                     "total_tokens": a.prompt_tokens + len(a.tokens)})
+                     "total_tokens": a.prompt_tokens + len(a.tokens),
+                     "finish_reason": "stop" if a.stopped else "length"})
     yield last
 
 
@@ -114,7 +117,7 @@ def _advance(tokenizer, answer: _Answer, token: int, stops: set) -> str:
     if answer.done:
         return ""
     if token in stops:
-        answer.done = True
+        answer.done = answer.stopped = True
     else:
         answer.tokens.append(token)
         answer.done = len(answer.tokens) >= answer.limit
