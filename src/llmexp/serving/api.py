@@ -131,15 +131,15 @@ class CheckedOpenAISpec(OpenAISpec):
 
     async def streaming_completion(self, request: ChatCompletionRequest, pipe_responses: list):
         reasons: Dict[int, str] = {}
-        first_id: List[str] = []
+        stream_id: Optional[str] = None
         async for event in super().streaming_completion(
                 request, [noting_finish_reason(p, reasons, i) for i, p in enumerate(pipe_responses)]):
             if not event.startswith("data: {"):
                 yield event  # [DONE], or an error
                 continue
             chunk = json.loads(event[len("data: "):])
-            first_id = first_id or [chunk["id"]]
-            chunk["id"] = first_id[0]
+            stream_id = stream_id or chunk["id"]
+            chunk["id"] = stream_id
             for choice in chunk.get("choices", []):
                 if choice.get("finish_reason") is not None:
                     choice["finish_reason"] = reasons.get(choice["index"], choice["finish_reason"])
