@@ -25,6 +25,7 @@ MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.nu
          "model.num_kv_heads=2", "model.intermediate_size=512"]
 # Each row switches one speed-up off (measured against the full engine).
 ABLATIONS = {
+    "llmexp running the groups that scored alike": ["stage.skip_groups_without_signal=false"],
     "llmexp without shared prefill": ["stage.rollout.share_prefill=false"],
     "llmexp without dropping finished rows": ["stage.rollout.drop_finished=false"],
     "llmexp with model.generate, nothing shared (no speed-up)": ["stage.rollout.engine=generate",

@@ -314,6 +314,17 @@ def test_groups_without_signal_are_those_whose_rewards_all_agree():
     assert M.groups_without_signal(rewards, 3).tolist() == [True, False, True]
 
 
+def test_groups_with_advantage_are_whole_groups_with_a_nonzero_token():
+    adv = M.group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.0, 1.0]), 2).unsqueeze(1) * torch.ones(8, 3)
+    assert M.groups_with_advantage(adv, 2).tolist() == [2, 3, 6, 7]
+    assert M.groups_with_advantage(adv, 4).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    adv[2, 1:] = 0.0  # a group moves when any token of any of its rows has an advantage
+    adv[3] = 0.0
+    assert M.groups_with_advantage(adv, 2).tolist() == [2, 3, 6, 7]
+    # none moves: the first group still runs (every rank keeps a backward pass)
+    assert M.groups_with_advantage(torch.zeros(6, 3), 3).tolist() == [0, 1, 2]
+
+
 def test_responses_left_out_add_nothing_to_the_denominators():
     mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # the second one left out
     assert policy_loss_units(mask, "grpo", 3) == 2

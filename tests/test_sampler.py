@@ -229,6 +229,56 @@ def test_loss_forward_sharing_each_prompt_equals_whole_sequences_with_gradients(
         assert torch.allclose(grad_a[name], grad_b[name], atol=1e-4, rtol=1e-3), name
 
 
+def test_grpo_update_without_the_groups_that_scored_alike_has_the_same_loss_and_gradients(tiny):
+    """stage.skip_groups_without_signal: the update's passes run only the groups whose responses
+    scored differently (here 2 of 6 prompts), with the loss, its metric sums and every parameter
+    gradient of the update over all rows; train/entropy comes from the rollout instead."""
+    import copy
+
+    from llmexp.stages.policy_gradient import GRPOStage
+    from llmexp.stages.rollout import Rollout
+    from llmexp.testing import typed
+
+    model, tok, ids, mask = tiny
+    cfg = typed(["stage=grpo", f"stage.group_size={G}", "stage.epochs=2", "stage.rollout.temperature=0.7",
+                 "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+                 "model.intermediate_size=128"])
+    torch.manual_seed(5)
+    sampled = Sampler(model, tok.eos_token_id, tok.pad_token_id)(
+        ids, mask, T, samples_per_prompt=G, temperature=0.7, with_logprobs=True).trimmed(tok.eos_token_id)
+    m = response_mask(sampled.responses, tok.eos_token_id)
+    attention = torch.cat([mask.repeat_interleave(G, 0), m.long()], 1)
+    scores = torch.ones(len(m))
+    scores[[1, 2, 13]] = 0.0  # prompts 0 and 3 have a signal; the other four scored alike
+    rows_run = []
+    results = {}
+    for skip in (True, False):
+        cfg.stage.skip_groups_without_signal = skip
+        policy = copy.deepcopy(model).train()
+        stage = GRPOStage(cfg, policy, tok)
+        assert stage.needs_sampling_entropy() is skip
+        r = Rollout(sequences=torch.cat([ids.repeat_interleave(G, 0), sampled.responses], 1), attention_mask=attention,
+                    position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=ids.shape[1], mask=m,
+                    scores=scores, samples_per_prompt=G, logprobs=sampled.logprobs * m, entropy=sampled.entropy * m)
+        stats = stage.finish([r])
+        hook = policy.get_input_embeddings().register_forward_hook(lambda mod, i, o: rows_run.append(len(i[0])))
+        loss, extras = stage.rollout_loss(r)
+        hook.remove()
+        (loss / 100).backward()
+        results[skip] = (loss.detach(), extras, stats, {n: p.grad.clone() for n, p in policy.named_parameters()})
+    assert rows_run == [2, 2 * G, 6, 6 * G]  # prompts then responses: 2 groups of 6, then all 6
+    (loss_a, extras_a, stats_a, grad_a), (loss_b, extras_b, stats_b, grad_b) = results[True], results[False]
+    assert loss_a != 0 and torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert set(extras_b) - set(extras_a) == {"entropy"}
+    assert all(torch.allclose(extras_a[k], extras_b[k], atol=1e-5) for k in extras_a)
+    # the rollout's entropy is the update's (same weights, same temperature) over every row
+    assert stats_a["entropy"] == pytest.approx(float(extras_b["entropy"] / m.sum()), rel=1e-4)
+    assert "entropy" not in stats_b
+    for name in grad_b:
+        assert grad_b[name].abs().sum() > 0, name
+        assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6, rtol=1e-4), name
+
+
 def test_vllm_weight_sync_merges_a_lora_adapter_under_the_base_models_names(tiny):
     """What engine=vllm loads into vLLM after each update (the vLLM side needs a GPU): the
     policy's weights with its LoRA adapter merged, named as the base model's, and the adapter

@@ -98,6 +98,17 @@ def groups_without_signal(rewards: torch.Tensor, group_size: int) -> torch.Tenso
     return (grouped == grouped[:, :1]).all(1)
 
 
+def groups_with_advantage(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Indices of the rows of every group (consecutive ``group_size`` rows) with a nonzero advantage
+    on some token, or of the first group if none has one: rows whose advantage is zero throughout
+    add nothing to a policy-gradient loss without a KL term, and one group keeps a backward pass
+    on every rank."""
+    moves = (advantages != 0).reshape(-1, group_size * advantages[0].numel()).any(1)
+    if not moves.any():
+        moves[0] = True
+    return moves.repeat_interleave(group_size).nonzero().squeeze(1)
+
+
 def preference_pairs(scores: torch.Tensor, group_size: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online DPO: each prompt's responses (``group_size`` consecutive rows) become one preference
     pair, the first highest-scored response chosen and the last lowest-scored one rejected (of two

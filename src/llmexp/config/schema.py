@@ -340,6 +340,10 @@ class GRPOStageConfig:
     filter_groups: bool = doc(False, help=(
         "Leave the groups whose responses all scored the same out of the update (DAPO's dynamic filtering, without "
         "re-sampling): they have no advantage to learn from, and in the loss's token count they dilute the rest."))
+    skip_groups_without_signal: bool = doc(True, help=(
+        "Run the update's forward and backward passes only over groups whose responses scored differently, where "
+        "that changes nothing (kl_coef 0): the others have zero advantage on every token, so the gradient, loss "
+        "and loss's token count are the same; train/entropy is then the sampling policy's, from the rollout."))
 
 
 @dataclass

@@ -118,6 +118,16 @@ class GRPOStage(GroupSampling, RolloutStage):
         # log-probs of the update itself (ratio 1) and need no extra forward pass.
         return self.cfg.stage.epochs > 1
 
+    def skips_groups_without_signal(self) -> bool:
+        """stage.skip_groups_without_signal where it is exact: without a KL term, a group whose
+        responses all scored alike has zero advantage on every token, so its rows add exactly
+        nothing to the loss or its gradient (from the default SFT, 94 % of the groups)."""
+        s = self.cfg.stage
+        return s.skip_groups_without_signal and s.kl_coef == 0
+
+    def needs_sampling_entropy(self) -> bool:
+        return self.skips_groups_without_signal()  # train/entropy of the rows the update skips
+
     def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
         s = self.cfg.stage
         solved = []
@@ -128,7 +138,14 @@ class GRPOStage(GroupSampling, RolloutStage):
             solved.append(without_signal.float())
             if s.filter_groups:
                 r.loss_mask = r.mask * (~without_signal).repeat_interleave(s.group_size).unsqueeze(1)
-        return {"groups_without_signal": float(torch.cat(solved).mean())}
+        stats = {"groups_without_signal": float(torch.cat(solved).mean())}
+        if self._skipping(rollouts):  # the update sees only some rows: the entropy is the rollout's
+            tokens = float(sum(r.mask.sum() for r in rollouts))
+            stats["entropy"] = float(sum(M.masked_sum(r.entropy, r.mask) for r in rollouts)) / max(tokens, 1.0)
+        return stats
+
+    def _skipping(self, rollouts: List[Rollout]) -> bool:
+        return self.skips_groups_without_signal() and all(r.entropy is not None for r in rollouts)
 
     def loss_denominators(self, group: List[Rollout]) -> List[float]:
         """stage.loss_type's denominator for each micro-batch of one update (llmexp.losses)."""
@@ -141,13 +158,17 @@ class GRPOStage(GroupSampling, RolloutStage):
 
     def rollout_loss(self, r: Rollout):
         s = self.cfg.stage
+        skipping = self._skipping([r])
+        if skipping:  # the other rows' policy loss and clipped fraction are exactly zero
+            r = r.rows(M.groups_with_advantage(r.advantages, s.group_size), s.group_size)
         logprobs, _, entropy = self.token_outputs(r, self.model)
         old = r.logprobs if r.logprobs is not None else logprobs.detach()
         m = r.mask  # metrics over every sampled response; the loss over those it counts
         pg, clipped, _ = clipped_policy_loss(logprobs, old, r.advantages, s.clip_range, s.epsilon_high,
                                              s.importance_sampling_level, m)
-        extras = {"policy_loss": M.masked_sum(pg, m), "clipfrac": M.masked_sum(clipped, m),
-                  "entropy": M.masked_sum(entropy, m)}
+        extras = {"policy_loss": M.masked_sum(pg, m), "clipfrac": M.masked_sum(clipped, m)}
+        if not skipping:
+            extras["entropy"] = M.masked_sum(entropy, m)
         per_token = pg
         if s.kl_coef > 0:
             kl = k3_kl(logprobs, r.ref_logprobs)

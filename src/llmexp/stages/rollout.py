@@ -200,8 +200,8 @@ class RolloutStage(StageModule):
         columns = [c for c in batch["columns"] for _ in range(k)]
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         old = self.needs_old_logprobs()
-        sampled = self.sample(prompt_ids, prompt_mask, greedy=False, samples_per_prompt=k, with_logprobs=old,
-                              with_hidden=old and self.needs_values)
+        sampled = self.sample(prompt_ids, prompt_mask, greedy=False, samples_per_prompt=k,
+                              with_logprobs=old or self.needs_sampling_entropy(), with_hidden=old and self.needs_values)
         responses = sampled.responses
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
         mask = response_mask(responses, self.tokenizer.eos_token_id)
@@ -220,6 +220,8 @@ class RolloutStage(StageModule):
             elif old:
                 r.logprobs, r.values, r.entropy = self.token_outputs(r, self.model, with_values=self.needs_values)
                 clock.lap("old_logprobs")
+            elif sampled.entropy is not None:
+                r.entropy = sampled.entropy * mask
             r = self.keep_rows(r)
             if self.uses_reference(self.cfg):
                 r.ref_logprobs = self.reference_logprobs(r)
@@ -233,6 +235,10 @@ class RolloutStage(StageModule):
 
     def needs_old_logprobs(self) -> bool:
         return True
+
+    def needs_sampling_entropy(self) -> bool:
+        """Whether the rollout keeps its tokens' entropies even where it needs no old log-probs."""
+        return False
 
     @property
     def logprob_temperature(self) -> float:
