@@ -75,7 +75,7 @@ class PPOStage(RolloutStage):
 
     def rollout_loss(self, r: Rollout):
         s = self.cfg.stage
-        logprobs, values, _ = self.token_outputs(r, self.model, with_values=True)
+        logprobs, values, _ = self.token_outputs(r, self.model, with_values=True, with_entropy=False)
         pg, clipped, approx_kl = clipped_policy_loss(logprobs, r.logprobs, r.advantages, s.clip_range)
         vf, vf_clipped = clipped_value_loss(values, r.values, r.returns, s.clip_range_value)
         m = r.mask
@@ -161,7 +161,7 @@ class GRPOStage(GroupSampling, RolloutStage):
         skipping = self._skipping([r])
         if skipping:  # the other rows' policy loss and clipped fraction are exactly zero
             r = r.rows(M.groups_with_advantage(r.advantages, s.group_size), s.group_size)
-        logprobs, _, entropy = self.token_outputs(r, self.model)
+        logprobs, _, entropy = self.token_outputs(r, self.model, with_entropy=not skipping)
         old = r.logprobs if r.logprobs is not None else logprobs.detach()
         m = r.mask  # metrics over every sampled response; the loss over those it counts
         pg, clipped, _ = clipped_policy_loss(logprobs, old, r.advantages, s.clip_range, s.epsilon_high,

@@ -246,16 +246,16 @@ class RolloutStage(StageModule):
         sampling policy is exact (online dpo: 1)."""
         return self.cfg.stage.rollout.temperature
 
-    def token_outputs(self, r: Rollout, model, with_values: bool = False
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    def token_outputs(self, r: Rollout, model, with_values: bool = False, with_entropy: bool = True
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Per-response-token log-probs (at ``logprob_temperature``), values (from the value head,
-        when asked) and entropies."""
+        when asked) and entropies (unless a caller has no use for them)."""
         logits, hidden = self.response_logits(r, model, with_hidden=with_values)
         every = torch.log_softmax(logits.float() / self.logprob_temperature, -1)
         logprobs = every.gather(-1, r.sequences[:, r.prompt_width:].unsqueeze(-1)).squeeze(-1)
         values = self.value_head(hidden.float()).squeeze(-1) if with_values else None
         with torch.no_grad():
-            entropy = entropy_of(every)
+            entropy = entropy_of(every) if with_entropy else None
         return logprobs, values, entropy
 
     def response_logits(self, r: Rollout, model, with_hidden: bool = False
@@ -297,7 +297,7 @@ class RolloutStage(StageModule):
 
     def reference_logprobs(self, r: Rollout) -> torch.Tensor:
         with self._frozen["reference"].model(self.model) as reference:
-            return self.token_outputs(r, reference)[0]
+            return self.token_outputs(r, reference, with_entropy=False)[0]
 
     # -- what ppo and grpo provide ---------------------------------------------------------------
     def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
