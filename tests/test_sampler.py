@@ -156,13 +156,19 @@ def test_draw_follows_the_probabilities_and_never_picks_a_token_without_any(monk
 
 @pytest.mark.slow
 def test_compiled_decode_step_equals_eager(tiny):
+    """The same tokens and log-probs, from one compiled graph for every decode step (the cache
+    held views after the prefill, whole tensors later: that alone compiled a second graph)."""
+    from torch._dynamo.utils import counters
+
     model, tok, ids, mask = tiny
     eager = Sampler(model, tok.eos_token_id, tok.pad_token_id)(ids, mask, T, samples_per_prompt=G, greedy=True,
                                                                with_logprobs=True)
+    counters.clear()
     compiled = Sampler(model, tok.eos_token_id, tok.pad_token_id, compile=True)(
         ids, mask, T, samples_per_prompt=G, greedy=True, with_logprobs=True)
     assert torch.equal(eager.responses, compiled.responses)
     assert torch.allclose(eager.logprobs, compiled.logprobs, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_reward_function_workers_score_concurrently_and_alike():

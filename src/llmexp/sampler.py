@@ -77,6 +77,15 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return torch.minimum(token, last)
 
 
+def own_storage(cache) -> None:
+    """Give the cache's keys and values storage of their own. After the prefill they are views
+    (of the attention's projections), after the first decode step whole tensors (torch.cat):
+    the compiled decode step would compile again for the second step on that difference alone."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+
+
 class Sampler:
     """Answers prompts with ``model``; see the module docstring for what differs from generate.
 
@@ -113,6 +122,8 @@ class Sampler:
                 cache.batch_repeat_interleave(k)
                 logits, prompt_mask = logits.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
                 hidden = hidden.repeat_interleave(k, 0) if hidden is not None else None
+            if self.step is not model:
+                own_storage(cache)
             return self._decode(cache, logits, hidden, prompt_mask, max_new_tokens, greedy,
                                 warpers(temperature, top_k, top_p), temperature, with_logprobs)
         finally:
