@@ -285,6 +285,50 @@ def test_grpo_update_without_the_groups_that_scored_alike_has_the_same_loss_and_
         assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_online_dpo_runs_tied_pairs_without_gradient_and_computes_the_same(tiny):
+    """stage.skip_ties: the tied pairs (left out of the loss) run without recording a gradient,
+    for their metrics; the loss, every metric sum and every parameter gradient equal one pass
+    over all rows with gradients, and a batch of ties alone still runs one pair with gradient."""
+    import copy
+
+    from llmexp.stages.online_dpo import OnlineDPOStage
+    from llmexp.stages.rollout import Rollout
+    from llmexp.testing import typed
+
+    model, tok, ids, mask = tiny
+    cfg = typed(["stage=online_dpo", "stage.group_size=2", "model.hidden_size=64", "model.num_layers=2",
+                 "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=128"])
+    torch.manual_seed(5)
+    responses = Sampler(model, tok.eos_token_id, tok.pad_token_id)(ids, mask, T, samples_per_prompt=2,
+                                                                   temperature=0.7).trimmed(tok.eos_token_id).responses
+    m = response_mask(responses, tok.eos_token_id)
+    attention = torch.cat([mask.repeat_interleave(2, 0), m.long()], 1)
+    for scores, learned in ((torch.tensor([1.0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0]), 3), (torch.ones(12), 1)):
+        results, rows_run = {}, []
+        for split in (True, False):
+            policy = copy.deepcopy(model).train()
+            stage = OnlineDPOStage(cfg, policy, tok)
+            r = Rollout(sequences=torch.cat([ids.repeat_interleave(2, 0), responses], 1), attention_mask=attention,
+                        position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=ids.shape[1], mask=m,
+                        scores=scores, samples_per_prompt=2)
+            r.ref_logprobs = torch.zeros_like(m)
+            if not split:  # one pass over every row, with gradients
+                stage.pair_outputs = lambda r, stage=stage: stage.token_outputs(r, stage.model)[::2]
+            hook = policy.get_input_embeddings().register_forward_hook(
+                lambda mod, i, o: rows_run.append((len(i[0]), torch.is_grad_enabled())))
+            loss, extras = stage.rollout_loss(r)
+            hook.remove()
+            loss.backward()
+            results[split] = (loss.detach(), extras, {n: p.grad.clone() for n, p in policy.named_parameters()})
+        # the split run: prompts then responses of the learned pairs with gradient, of the rest without
+        assert rows_run[:4] == [(learned, True), (2 * learned, True), (6 - learned, False), (12 - 2 * learned, False)]
+        (loss_a, extras_a, grad_a), (loss_b, extras_b, grad_b) = results[True], results[False]
+        assert torch.allclose(loss_a, loss_b, atol=1e-5)
+        assert all(torch.allclose(extras_a[k], extras_b[k], atol=1e-5) for k in extras_b)
+        for name in grad_b:
+            assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6, rtol=1e-4), name
+
+
 def test_vllm_weight_sync_merges_a_lora_adapter_under_the_base_models_names(tiny):
     """What engine=vllm loads into vLLM after each update (the vLLM side needs a GPU): the
     policy's weights with its LoRA adapter merged, named as the base model's, and the adapter
