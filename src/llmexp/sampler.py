@@ -35,6 +35,11 @@ class Sampled:
     entropy: Optional[torch.Tensor] = None  # [N, T] entropy of the distribution it was drawn from
     hidden: Optional[torch.Tensor] = None  # [N, T, H] last hidden state that predicted each token
 
+    def rows(self, start: int, stop: int) -> "Sampled":
+        """Responses ``start`` to ``stop`` (and what came with them)."""
+        cut = lambda x: None if x is None else x[start:stop]  # noqa: E731
+        return Sampled(self.responses[start:stop], cut(self.logprobs), cut(self.entropy), cut(self.hidden))
+
     def trimmed(self, eos_token_id: int) -> "Sampled":
         """Cut to the longest response, so no later pass pays for columns that are padding in every row."""
         from llmexp.advantages import response_mask

@@ -193,15 +193,38 @@ class RolloutStage(StageModule):
             scores = scores + penalty * (~ended).float()
         return scores
 
-    def rollout(self, batch: Dict[str, Any]) -> Rollout:
+    def rollouts(self, window: List[Dict[str, Any]]) -> List[Rollout]:
+        """The window's micro-batches, their prompts answered in one engine call (the decode's cost
+        per token is paid once for the whole rollout batch, as TRL generates its generation batch)
+        and split back: each micro-batch keeps its own prompt width and longest response."""
+        if len(window) == 1:
+            return [self.rollout(window[0])]
+        width = max(mb["prompt_ids"].shape[1] for mb in window)
+        widen = lambda x, value: torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)  # noqa: E731
+        sampled = self.sample_responses(torch.cat([widen(mb["prompt_ids"], self.tokenizer.pad_token_id)
+                                                   for mb in window]),
+                                        torch.cat([widen(mb["prompt_mask"], 0) for mb in window]))
+        starts = torch.tensor([0] + [len(mb["prompts"]) * self.samples_per_prompt for mb in window]).cumsum(0)
+        return [self.rollout(mb, sampled.rows(a, b).trimmed(self.tokenizer.eos_token_id))
+                for mb, a, b in zip(window, starts.tolist(), starts[1:].tolist())]
+
+    def sample_responses(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Sampled:
+        """``samples_per_prompt`` sampled responses to each prompt, with what the stage needs of
+        the sampling policy (log-probs, entropies, hidden states for the values)."""
+        old = self.needs_old_logprobs()
+        return self.sample(prompt_ids, prompt_mask, greedy=False, samples_per_prompt=self.samples_per_prompt,
+                           with_logprobs=old or self.needs_sampling_entropy(), with_hidden=old and self.needs_values)
+
+    def rollout(self, batch: Dict[str, Any], sampled: Optional[Sampled] = None) -> Rollout:
+        """One micro-batch's rollout (its responses sampled here unless given): scored, with the
+        old policy's and the reference's log-probs where the stage needs them."""
         clock = self._clock
         k = self.samples_per_prompt
         prompts = [p for p in batch["prompts"] for _ in range(k)]
         columns = [c for c in batch["columns"] for _ in range(k)]
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         old = self.needs_old_logprobs()
-        sampled = self.sample(prompt_ids, prompt_mask, greedy=False, samples_per_prompt=k,
-                              with_logprobs=old or self.needs_sampling_entropy(), with_hidden=old and self.needs_values)
+        sampled = sampled or self.sample_responses(prompt_ids, prompt_mask)
         responses = sampled.responses
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
         mask = response_mask(responses, self.tokenizer.eos_token_id)
@@ -330,7 +353,7 @@ class RolloutStage(StageModule):
     # -- the iteration ---------------------------------------------------------------------------
     def training_step(self, window: List[Dict[str, Any]], batch_idx: int):
         self._clock = clock = StepClock()
-        rollouts = [self.rollout(mb) for mb in window]
+        rollouts = self.rollouts(window)
         batch_stats = self.finish(rollouts)
         clock.lap("scoring")
         loss, update_stats = self.optimise(rollouts)
