@@ -224,7 +224,7 @@ def test_defaults_live_once_in_the_schemas():
     # and every key is still there to override and to see in --cfg job
     cfg = compose(["stage=ppo"])
     assert cfg.trainer.precision == "32-true" and cfg.stage.rollout.top_p == 1.0 and cfg.health.patience == 3
-    assert cfg.optim.lr == 1e-3 and cfg.stage.ppo_epochs == 2  # the stage's settings, over the schema's
+    assert cfg.optim.lr == 5e-4  # the stage's setting, over optim/adamw.yaml's
     from omegaconf import OmegaConf
 
     assert "path" in cfg.data and OmegaConf.is_missing(compose(["data=files"]).data, "path")  # still required

@@ -181,7 +181,7 @@ def test_ppo_from_a_short_sft_raises_exact_match(tmp_path, short_sft):
 
 def test_the_guard_stops_a_collapsing_run_with_its_exit_code(tmp_path, default_sft):
     run_dir = tmp_path / "ppo-collapse"
-    # Made to collapse: a 3x lr on 64 prompts per iteration (the shipped 256: exact match 0.92 -> 0.47 by step 50).
+    # Made to collapse: a 6x lr on 64 prompts per iteration (the shipped 256 hold even at 3e-3).
     r = run_cli(["stage=ppo", f"model.pretrained={default_sft}/model", "optim.lr=3e-3", "health.action=stop",
                  "trainer.micro_batch_size=32", "trainer.grad_accum=2", "trainer.val_check_interval=50", "trainer.max_steps=100",
                  f"hydra.run.dir={run_dir}"], cwd=tmp_path)
