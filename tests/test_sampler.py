@@ -329,6 +329,34 @@ def test_online_dpo_runs_tied_pairs_without_gradient_and_computes_the_same(tiny)
             assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("limit,calls", [(None, 1), (4, 2), (1, 3)])
+def test_the_rollout_batch_is_sampled_in_as_few_calls_as_max_prompts_per_call_allows(tiny, limit, calls):
+    """A rollout window's micro-batches are answered together (stage.rollout.max_prompts_per_call
+    caps a call, in whole micro-batches), and each micro-batch gets back its own prompts' rows."""
+    from llmexp.rewards import build_reward
+    from llmexp.stages.policy_gradient import GRPOStage
+    from llmexp.testing import typed
+
+    model, tok, ids, mask = tiny
+    cfg = typed(["stage=grpo", f"stage.group_size={G}", "model.hidden_size=64", "model.num_layers=2",
+                 "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=128"]
+                + ([f"stage.rollout.max_prompts_per_call={limit}"] if limit else []))
+    stage = GRPOStage(cfg, model, tok)
+    stage._frozen.update(reward=build_reward(cfg.stage.reward))
+    window = [{"prompt_ids": ids[i:i + 2, (ids[i:i + 2] != tok.pad_token_id).any(0).nonzero().min():],
+               "prompt_mask": mask[i:i + 2, (ids[i:i + 2] != tok.pad_token_id).any(0).nonzero().min():],
+               "prompts": [f"p{i}", f"p{i + 1}"], "columns": [{"answer": "7"}] * 2} for i in (0, 2, 4)]
+    seen = []
+    sample = stage.sample
+    stage.sample = lambda prompt_ids, *a, **kw: seen.append(len(prompt_ids)) or sample(prompt_ids, *a, **kw)
+    rollouts = stage.rollouts(window)
+    assert len(seen) == calls and sum(seen) == 6
+    for r, mb in zip(rollouts, window):
+        assert r.sequences.shape[0] == 2 * G and r.prompt_width == mb["prompt_ids"].shape[1]
+        assert torch.equal(r.sequences[:, :r.prompt_width], mb["prompt_ids"].repeat_interleave(G, 0))
+        assert r.mask.sum(1).min() >= 1 and r.mask.shape[1] == int(r.mask.sum(1).max())  # each trimmed to its own
+
+
 def test_vllm_weight_sync_merges_a_lora_adapter_under_the_base_models_names(tiny):
     """What engine=vllm loads into vLLM after each update (the vLLM side needs a GPU): the
     policy's weights with its LoRA adapter merged, named as the base model's, and the adapter

@@ -265,6 +265,10 @@ class RolloutConfig:
         "engine=hf: responses that emitted eos leave the decode batch, so late tokens do not pay for them."))
     compile: bool = doc(False, help=(
         "engine=hf: torch.compile the decode step (pays on long responses; the first steps pay the compile)."))
+    max_prompts_per_call: Optional[int] = bounded(None, min=1, help=(
+        "Most prompts one sampling call answers, in whole micro-batches (null: the whole rollout batch, "
+        "micro_batch_size x grad_accum prompts, so the decode's per-token cost is paid once; set it where that "
+        "batch's KV cache does not fit)."))
     vllm_gpu_memory_utilization: float = bounded(0.3, above=0.0, max=1.0, help=(
         "engine=vllm: share of the GPU's memory vLLM may take beside the training process."))
 

@@ -197,6 +197,20 @@ class RolloutStage(StageModule):
         """The window's micro-batches, their prompts answered in one engine call (the decode's cost
         per token is paid once for the whole rollout batch, as TRL generates its generation batch)
         and split back: each micro-batch keeps its own prompt width and longest response."""
+        limit = self.cfg.stage.rollout.max_prompts_per_call
+        if limit is not None:  # consecutive micro-batches, as many as the limit holds (at least one)
+            calls: List[List[Dict[str, Any]]] = []
+            for mb in window:
+                if calls and sum(len(m["prompts"]) for m in calls[-1]) + len(mb["prompts"]) <= limit:
+                    calls[-1].append(mb)
+                else:
+                    calls.append([mb])
+            if len(calls) > 1:
+                return [r for call in calls for r in self.rollouts_of(call)]
+        return self.rollouts_of(window)
+
+    def rollouts_of(self, window: List[Dict[str, Any]]) -> List[Rollout]:
+        """These micro-batches' rollouts from one sampling call."""
         if len(window) == 1:
             return [self.rollout(window[0])]
         width = max(mb["prompt_ids"].shape[1] for mb in window)
