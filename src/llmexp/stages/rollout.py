@@ -198,16 +198,13 @@ class RolloutStage(StageModule):
         per token is paid once for the whole rollout batch, as TRL generates its generation batch)
         and split back: each micro-batch keeps its own prompt width and longest response."""
         limit = self.cfg.stage.rollout.max_prompts_per_call
-        if limit is not None:  # consecutive micro-batches, as many as the limit holds (at least one)
-            calls: List[List[Dict[str, Any]]] = []
-            for mb in window:
-                if calls and sum(len(m["prompts"]) for m in calls[-1]) + len(mb["prompts"]) <= limit:
-                    calls[-1].append(mb)
-                else:
-                    calls.append([mb])
-            if len(calls) > 1:
-                return [r for call in calls for r in self.rollouts_of(call)]
-        return self.rollouts_of(window)
+        calls: List[List[Dict[str, Any]]] = []  # consecutive micro-batches, as many as the limit holds
+        for mb in window:
+            if calls and (limit is None or sum(len(m["prompts"]) for m in calls[-1]) + len(mb["prompts"]) <= limit):
+                calls[-1].append(mb)
+            else:
+                calls.append([mb])
+        return [r for call in calls for r in self.rollouts_of(call)]
 
     def rollouts_of(self, window: List[Dict[str, Any]]) -> List[Rollout]:
         """These micro-batches' rollouts from one sampling call."""
