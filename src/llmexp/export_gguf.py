@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,6 +24,10 @@ from typing import List, Optional
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
                  "Qwen2ForCausalLM": ("qwen2", False), "GPT2LMHeadModel": ("gpt2", False)}
 CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+# --type: how the 2-D weights are stored (llama.cpp's names; its converter's --outtype, and llama-quantize's
+# q4_0). 1-D tensors, biases and gpt2's position table stay f32, and a weight whose rows do not split into
+# the type's blocks (32 values) falls back to f16, as llama.cpp's converter does.
+TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def permute_rotary(weight, n_head: int):
@@ -58,15 +63,43 @@ def _tokenizer_fields(writer, model_dir: Path) -> None:
         writer.add_chat_template(tok.chat_template)
 
 
-def write_gguf(model_dir: Path, out: Path) -> dict:
-    """Write ``model_dir`` (an exported HF llama, mistral, qwen2 or gpt2) as GGUF (f32 tensors); return its facts."""
+EMBEDDINGS = ("token_embd.weight", "output.weight")
+
+
+def _stored(name: str, array, tensor_type: str, embeddings: bool = True):
+    """(the data to write, its GGML type) of one tensor for ``--type tensor_type``; with
+    ``embeddings`` false the input embedding and the output projection stay f32."""
+    import numpy as np
+
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if (tensor_type == "f32" or array.ndim < 2 or not name.endswith(".weight") or name.startswith("position_embd")
+            or (not embeddings and name in EMBEDDINGS)):
+        return array, Q.F32
+    qtype = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[tensor_type]
+    if qtype == Q.F16 or array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return array.astype(np.float16), Q.F16
+    return gguf.quants.quantize(array, qtype), qtype
+
+
+def gguf_architecture(model_dir: Path) -> Optional[tuple]:
+    """(GGUF architecture, whether q/k rows are permuted) of an exported model, None if GGUF export
+    does not write its architecture."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return next((ARCHITECTURES[a] for a in config.get("architectures") or [] if a in ARCHITECTURES), None)
+
+
+def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings: bool = True) -> dict:
+    """Write ``model_dir`` (an exported HF llama, mistral, qwen2 or gpt2) as GGUF, its weights stored
+    as ``tensor_type`` (TENSOR_TYPES; with ``embeddings`` false the embedding and output projection
+    stay f32); return its facts, ``weight_bytes`` the tensors' bytes (without the tokenizer)."""
     import gguf
     import torch
     from safetensors.torch import load_file
 
     config = json.loads((model_dir / "config.json").read_text())
-    arch, permute = next((ARCHITECTURES[a] for a in config.get("architectures", []) if a in ARCHITECTURES),
-                         (None, False))
+    arch, permute = gguf_architecture(model_dir) or (None, False)
     if arch is None:
         raise ValueError(f"architecture {config.get('architectures')} (GGUF export writes llama, mistral, qwen2 "
                          "and gpt2 models: model=llama, mistral, qwen2 or gpt2)")
@@ -101,14 +134,16 @@ def write_gguf(model_dir: Path, out: Path) -> dict:
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[tensor_type])
     _tokenizer_fields(writer, model_dir)
     state = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(f)))
     if "lm_head.weight" not in state and config.get("tie_word_embeddings", arch == "gpt2"):
         state["lm_head.weight"] = state[embed]
-    shapes = {}
+    shapes, types, nbytes = {}, {}, {}
     for key, tensor in state.items():
         if key.endswith((".attn.bias", ".attn.masked_bias")):  # gpt2's causal-mask buffers, not weights
             continue
@@ -123,13 +158,15 @@ def write_gguf(model_dir: Path, out: Path) -> dict:
         elif arch == "gpt2" and key.endswith(CONV1D):
             tensor = tensor.t()
         array = tensor.contiguous().numpy()
-        writer.add_tensor(name, array)
-        shapes[name] = list(array.shape)
+        data, qtype = _stored(name, array, tensor_type, embeddings)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        shapes[name], types[name], nbytes[name] = list(array.shape), qtype.name, data.nbytes
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"gguf": str(out), "architecture": arch, "tensors": len(shapes), "bytes": out.stat().st_size}
+    return {"gguf": str(out), "architecture": arch, "tensors": len(shapes), "bytes": out.stat().st_size,
+            "weight_bytes": sum(nbytes.values()), "type": tensor_type, "tensor_types": dict(sorted(Counter(types.values()).items()))}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -140,6 +177,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("run", help="a run directory (its model/) or an exported model directory")
     parser.add_argument("--format", choices=["gguf"], required=True, help="gguf: one file for llama.cpp")
     parser.add_argument("--out", help="the file to write (default: <run dir>/model.gguf)")
+    parser.add_argument("--type", choices=TENSOR_TYPES, default="f32", dest="tensor_type",
+                        help="how the weights are stored (default f32; q8_0 and q4_0 are llama.cpp's 8- and "
+                             "4-bit blocks of 32 weights with one f16 scale)")
     args = parser.parse_args(argv)
     try:
         model_dir = model_dir_of(args.run, "run")
@@ -148,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise UserError(f"--out: {str(out)!r} exists and is kept; give another --out or remove it")
         partial = out.with_name(f".{out.name}.partial")
         try:
-            facts = write_gguf(model_dir, partial)
+            facts = write_gguf(model_dir, partial, args.tensor_type)
         except ValueError as e:
             partial.unlink(missing_ok=True)
             raise UserError(f"run: cannot write {e}") from None
@@ -156,7 +196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         facts["gguf"] = str(out)
     except UserError as e:
         return report(e)
-    print(f"wrote {out} ({facts['tensors']} tensors, {facts['bytes']} bytes, {facts['architecture']})")
+    print(f"wrote {out} ({facts['tensors']} tensors, {facts['bytes']} bytes, {facts['architecture']}, "
+          + ", ".join(f"{n} {t}" for t, n in facts["tensor_types"].items()) + ")")
     return 0
 
 

@@ -213,7 +213,9 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
         p.extend(_check_prune_sizes(st, Path(os.path.expanduser(pretrained)) / "config.json"))
     if st.name == "quantize" and st.method == "int4" and not _cuda_available():
         p.append(Problem("stage.method", "int4 uses torchao's CUDA kernels (tinygemm), and no CUDA GPU is "
-                         "available", "stage.method=int8 on a CPU"))
+                         "available", "stage.method=int8, or stage.method=q4_0 for llama.cpp's 4-bit GGUF, on a CPU"))
+    if st.name == "quantize" and st.method in S.GGUF_METHODS and pretrained:
+        p.extend(_check_gguf_architecture(st, Path(os.path.expanduser(pretrained)) / "config.json"))
     if not spec.generates:
         return p
     if t.grad_accum % getattr(st, "num_minibatches", 1):
@@ -498,6 +500,26 @@ def _check_prune_sizes(st, config_file: Path) -> List[Problem]:
         p.append(Problem("stage.kv_heads_keep", f"keeps {st.kv_heads_keep} key/value heads of a model that has {kv} "
                          "per layer", f"stage.kv_heads_keep={max(kv - 1, 1)} or fewer (null keeps all)"))
     return p
+
+
+def _check_gguf_architecture(st, config_file: Path) -> List[Problem]:
+    """stage.method=q8_0/q4_0 writes GGUF: an architecture GGUF export writes, in full precision."""
+    import json
+
+    from llmexp.export_gguf import ARCHITECTURES
+
+    if not config_file.is_file():
+        return []
+    config = json.loads(config_file.read_text())
+    found = config.get("architectures") or ["unknown"]
+    if not any(a in ARCHITECTURES for a in found):
+        return [Problem("stage.method", f"{st.method} writes a GGUF file, which llmexp writes for llama, mistral, "
+                        f"qwen2 and gpt2 models, and this model is {', '.join(found)}",
+                        "stage.method=int8 (torchao) for this model")]
+    if "quantization_config" in config:
+        return [Problem("model.pretrained", f"{st.method} reads full-precision weights, and this model is already "
+                        "quantized", "model.pretrained=<the run it was quantized from>/model")]
+    return []
 
 
 def _check_model_source(key: str, source: str, offline: bool) -> List[Problem]:

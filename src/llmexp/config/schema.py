@@ -432,8 +432,11 @@ class DistillStageConfig:
         "How the student samples its completions when stage.lmbda > 0 (engine hf or generate)."))
 
 
-# Weight-only quantization schemes of torchao (llmexp.stages.quantize).
-QUANTIZE_METHODS = ("int8", "int4")
+# Weight-only quantization (llmexp.stages.quantize): torchao's schemes, and llama.cpp's GGUF block
+# formats (written by the gguf package).
+TORCHAO_METHODS = ("int8", "int4")
+GGUF_METHODS = ("q8_0", "q4_0")
+QUANTIZE_METHODS = TORCHAO_METHODS + GGUF_METHODS
 
 
 @dataclass
@@ -443,8 +446,10 @@ class QuantizeStageConfig:
 
     name: str = _stage_name("quantize")
     method: str = choice("int8", QUANTIZE_METHODS, help=(
-        "int8: 8-bit weights with one scale per output channel (CPU and GPU); int4: 4-bit weights in groups "
-        "(stage.group_size) with torchao's CUDA kernels (a GPU)."))
+        "int8: 8-bit weights with one scale per output channel (torchao, CPU and GPU); int4: 4-bit weights in "
+        "groups (stage.group_size) with torchao's CUDA kernels (a GPU); q8_0 / q4_0: llama.cpp's 8- / 4-bit "
+        "blocks of 32 weights, written as <run dir>/model.gguf (any machine; model/ holds its weights "
+        "dequantized)."))
     group_size: int = choice(128, (32, 64, 128, 256), help="int4: weights sharing one scale.")
     embeddings: bool = doc(True, help=(
         "Quantize the input embedding and the output projection too (in a tiny model they are most of the "

@@ -51,17 +51,20 @@ def generation_speed(stage, model) -> float:
     return tokens / seconds
 
 
-def compression_record(before: Dict[str, Any], after_model, out_dir: Path, after_speed: float) -> Dict[str, Any]:
+def compression_record(before: Dict[str, Any], after_model, out_dir: Path, after_speed: Optional[float],
+                       weight_bytes_after: Optional[int] = None) -> Dict[str, Any]:
     """summary.json's ``compression``: ``before`` (``dir``, ``parameters``, ``zero_fraction``,
-    ``tokens_per_second`` of the model compressed) against the exported model."""
-    bytes_before, bytes_after = weight_bytes(before.get("dir")), weight_bytes(out_dir)
+    ``tokens_per_second`` of the model compressed) against the exported model (its weight files'
+    bytes unless ``weight_bytes_after`` says otherwise; ``after_speed`` None where not measured)."""
+    bytes_before = weight_bytes(before.get("dir"))
+    bytes_after = weight_bytes_after if weight_bytes_after is not None else weight_bytes(out_dir)
     return {"model_before": str(Path(before["dir"]).resolve()) if before.get("dir") else before.get("source"),
             "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after,
             "size_ratio": round(bytes_before / bytes_after, 3) if bytes_before and bytes_after else None,
             "parameters_before": before["parameters"], "parameters_after": parameter_count(after_model),
             "zero_fraction_before": before["zero_fraction"], "zero_fraction_after": zero_fraction(after_model),
             "generation_tokens_per_second": {"before": round(before["tokens_per_second"], 1),
-                                             "after": round(after_speed, 1)}}
+                                             "after": None if after_speed is None else round(after_speed, 1)}}
 
 
 def describe(stage, model, directory: Optional[Path], source: Optional[str] = None) -> Dict[str, Any]:

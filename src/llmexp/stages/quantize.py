@@ -1,12 +1,18 @@
 """Weight-only quantization of a trained model, as a stage: the run validates the model as
-trained (``initial``), quantizes it with torchao through transformers' ``TorchAoConfig`` (the
-export then records how to load it), validates again (``final``) and exports. No steps train.
+trained (``initial``), quantizes it, validates again (``final``) and exports. No steps train.
+
+- int8 / int4: torchao through transformers' ``TorchAoConfig``; the export records how to load it.
+- q8_0 / q4_0: llama.cpp's GGUF block formats, written by the gguf package as ``<run dir>/model.gguf``
+  and read back through transformers' GGUF loader, so ``final`` measures the file as llama.cpp gets
+  it; ``model/`` holds those weights dequantized (for generate, serving and later stages).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
@@ -61,16 +67,44 @@ class QuantizeStage(CausalLMStage):
     def configure_optimizers(self):
         return None  # nothing trains
 
+    gguf: Dict[str, Any] = {}
+
     def on_fit_end(self) -> None:
-        """Swap in the quantized model, loaded from the trained one's directory by transformers."""
+        """Swap in the quantized model."""
+        from llmexp.config.schema import GGUF_METHODS
+        from llmexp.stages.compression import describe, generation_speed
+
+        self.before = describe(self, self.model, Path(self.cfg.model.pretrained))
+        if self.cfg.stage.method in GGUF_METHODS:
+            self.gguf_round_trip(Path(self.cfg.model.pretrained))
+            self.after_speed = None  # the file runs in llama.cpp; here its weights run dequantized
+        else:
+            self.torchao_quantized()
+            self.after_speed = generation_speed(self, self.model)
+
+    def gguf_round_trip(self, model_dir: Path) -> None:
+        """Write the trained model as GGUF in the stage's block format, read the file back through
+        transformers' GGUF loader (dequantizing it) and run those weights in the trained model."""
+        from transformers import AutoModelForCausalLM
+
+        from llmexp.export_gguf import write_gguf
+        from llmexp.models.build import load_pretrained
+
+        folder = Path(tempfile.mkdtemp(prefix="llmexp-gguf-"))
+        facts = write_gguf(model_dir, folder / "model.gguf", self.cfg.stage.method, self.cfg.stage.embeddings)
+        read = load_pretrained(AutoModelForCausalLM, folder, "model.pretrained", "the GGUF file written from it",
+                               gguf_file="model.gguf", dtype=torch.float32)
+        self.model.load_state_dict({k: v.to(self.device) for k, v in read.state_dict().items()})
+        self.model.eval()
+        self.gguf = {**facts, "file": folder / "model.gguf"}
+
+    def torchao_quantized(self) -> None:
+        """The model loaded from the trained one's directory by transformers, quantized by torchao."""
         from transformers import AutoModelForCausalLM
 
         from llmexp.models.build import load_pretrained
 
-        from llmexp.stages.compression import describe, generation_speed
-
         m = self.cfg.model
-        self.before = describe(self, self.model, Path(m.pretrained))
         embedding = next(name for name, module in self.model.named_modules()
                          if module is self.model.get_input_embeddings())
         with quiet_torchao():
@@ -80,16 +114,24 @@ class QuantizeStage(CausalLMStage):
                                     attn_implementation=m.attn_implementation)
         quantized.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = quantized.eval().to(self.device)
-        self.after_speed = generation_speed(self, self.model)
 
     def export(self, out_dir) -> Dict[str, Any]:
         from llmexp.stages.compression import compression_record
 
         facts = super().export(out_dir)
-        facts["quantization"] = {"method": self.cfg.stage.method, "library": "torchao",
+        facts["quantization"] = {"method": self.cfg.stage.method, "library": "gguf" if self.gguf else "torchao",
                                  "embeddings": self.cfg.stage.embeddings}
         if self.trainer.is_global_zero:
-            facts["compression"] = compression_record(self.before, self.model, Path(out_dir), self.after_speed)
+            weight_bytes = None
+            if self.gguf:
+                gguf_path = Path(out_dir).parent / "model.gguf"
+                shutil.move(str(self.gguf["file"]), str(gguf_path))
+                shutil.rmtree(self.gguf["file"].parent, ignore_errors=True)
+                weight_bytes = self.gguf["weight_bytes"]
+                facts["quantization"].update(gguf=str(gguf_path), gguf_bytes=gguf_path.stat().st_size,
+                                             tensor_types=self.gguf["tensor_types"])
+            facts["compression"] = compression_record(self.before, self.model, Path(out_dir), self.after_speed,
+                                                      weight_bytes_after=weight_bytes)
         return facts
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
