@@ -1,8 +1,10 @@
 """Compression as shipped, measured before -> after in one table: the default SFT (the teacher),
 a half-width student trained by plain SFT and by distillation from the teacher, the teacher
 pruned (shipped stage=prune: 40 % of the MLP neurons, 200 recovery steps), the teacher made 50 %
-sparse (stage.sparsity=0.5, magnitude, 200 recovery steps), and each of the teacher and the
-distilled student quantized to int8. For every model: parameters, the fraction of weights that
+sparse (stage.sparsity=0.5, magnitude, 200 recovery steps), each of the teacher and the
+distilled student quantized to int8 (torchao), and the teacher as llama.cpp's 8- and 4-bit GGUF
+(stage.method=q8_0 / q4_0; measured as transformers reads the file back, its tokens/s left out:
+llama.cpp runs it). For every model: parameters, the fraction of weights that
 are zero, weight bytes on disk and zstd-compressed, greedy generation tokens/s, the task metric (exact match on the skill's 155
 held-out questions) and validation perplexity.
 
@@ -75,9 +77,15 @@ def zero_fraction_and_zstd_bytes(model_dir: Path) -> tuple:
 def row(name: str, run_dir: Path, s: Dict[str, Any]) -> Dict[str, Any]:
     metrics, model_dir = s["final"], Path(s["model_dir"])
     zeros, packed = zero_fraction_and_zstd_bytes(model_dir)
+    gguf = s.get("quantization", {}).get("gguf")
+    if gguf:  # the file is the model shipped; model/ holds its weights dequantized
+        import zstandard
+
+        packed = len(zstandard.ZstdCompressor(level=19).compress(Path(gguf).read_bytes()))
     return {"model": name, "parameters": s["parameters"], "zero_fraction": zeros, "zstd_bytes": packed,
-            "weight_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
-            "tokens_per_second": round(generation_speed(model_dir), 1),
+            "weight_bytes": (s["compression"]["weight_bytes_after"] if gguf else
+                             sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))),
+            "tokens_per_second": None if gguf else round(generation_speed(model_dir), 1),
             "task_score": round(metrics["val/task_score"], 4), "perplexity": round(metrics["val/perplexity"], 4),
             "run_seconds": round(s["_wall"], 1), "run_dir": str(run_dir)}
 
@@ -91,10 +99,16 @@ def main() -> None:
     teacher_sparse = run(["stage=prune", f"model.pretrained={root / 'teacher' / 'model'}", "stage.mlp_keep=1",
                           "stage.sparsity=0.5"], root / "teacher-sparse")
     teacher_q = run(["stage=quantize", f"model.pretrained={root / 'teacher' / 'model'}"], root / "teacher-int8")
+    teacher_q8_0 = run(["stage=quantize", f"model.pretrained={root / 'teacher' / 'model'}", "stage.method=q8_0"],
+                       root / "teacher-q8_0")
+    teacher_q4_0 = run(["stage=quantize", f"model.pretrained={root / 'teacher' / 'model'}", "stage.method=q4_0"],
+                       root / "teacher-q4_0")
     student_q = run(["stage=quantize", f"model.pretrained={root / 'student-distill' / 'model'}"],
                     root / "student-distill-int8")
     rows = [row("teacher: default sft (hidden 64)", root / "teacher", teacher),
             row("teacher int8", root / "teacher-int8", teacher_q),
+            row("teacher q8_0 GGUF", root / "teacher-q8_0", teacher_q8_0),
+            row("teacher q4_0 GGUF", root / "teacher-q4_0", teacher_q4_0),
             row("teacher pruned (mlp 0.4) + recovery", root / "teacher-pruned", teacher_pruned),
             row("teacher 50% sparse + recovery", root / "teacher-sparse", teacher_sparse),
             row("half-width student, plain sft", root / "student-sft", student_sft),
@@ -103,16 +117,19 @@ def main() -> None:
     base = rows[0]
     for r in rows:
         r["size_ratio_to_teacher"] = round(base["weight_bytes"] / r["weight_bytes"], 2)
-        r["speed_ratio_to_teacher"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2)
+        r["speed_ratio_to_teacher"] = (round(r["tokens_per_second"] / base["tokens_per_second"], 2)
+                                       if r["tokens_per_second"] else None)
     print(f"{'model':36} {'params':>8} {'zeros':>6} {'weights':>9} {'zstd':>8} {'size x':>7} {'tok/s':>8} "
           f"{'speed x':>8} {'exact match':>12}")
     for r in rows:
         print(f"{r['model']:36} {r['parameters']:>8} {r['zero_fraction']:>6} {r['weight_bytes']:>9} "
-              f"{r['zstd_bytes']:>8} {r['size_ratio_to_teacher']:>7} {r['tokens_per_second']:>8} "
-              f"{r['speed_ratio_to_teacher']:>8} {r['task_score']:>12.3f}")
+              f"{r['zstd_bytes']:>8} {r['size_ratio_to_teacher']:>7} {str(r['tokens_per_second'] or '-'):>8} "
+              f"{str(r['speed_ratio_to_teacher'] or '-'):>8} {r['task_score']:>12.3f}")
     save("compression", {"rows": rows, "pruning": teacher_pruned["pruning"],
                          "sparsity": teacher_sparse["pruning"]["sparsity"],
-                         "quantization": {"teacher": teacher_q["quantization"], "student": student_q["quantization"]}})
+                         "quantization": {"teacher": teacher_q["quantization"], "student": student_q["quantization"],
+                                      "teacher_q8_0": teacher_q8_0["quantization"],
+                                      "teacher_q4_0": teacher_q4_0["quantization"]}})
 
 
 if __name__ == "__main__":
