@@ -4,6 +4,7 @@ before and after, exported loadable by plain transformers; and what it refuses."
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def test_gguf_export_round_trips_through_the_gguf_reader(tmp_path, tiny_teacher)
                                                config["intermediate_size"], config["num_attention_heads"],
                                                config["num_key_value_heads"], config["max_position_embeddings"])
     assert field["tokenizer.ggml.model"] == "gpt2"
+    # digits one by one, then GPT-2's split: llama.cpp's "starcoder" (its "default" splits '0 +' otherwise)
+    assert field["tokenizer.ggml.pre"] == "starcoder"
     assert field["tokenizer.ggml.tokens"] == [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
     merges = json.loads((tiny_teacher / "tokenizer.json").read_text())["model"]["merges"]
     assert len(field["tokenizer.ggml.merges"]) == len(merges) > 0
@@ -121,6 +124,53 @@ def test_gguf_export_round_trips_through_the_gguf_reader(tmp_path, tiny_teacher)
         if heads:
             data = _unpermute_rotary(data, heads)
         assert np.array_equal(data, state[key].numpy()), name
+
+
+def test_gguf_names_llama_cpps_pre_tokenizer_or_refuses_one_it_cannot_name():
+    from llmexp.export_gguf import llama_cpp_pre_tokenizer
+
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert llama_cpp_pre_tokenizer(gpt2) == "gpt2"
+    assert llama_cpp_pre_tokenizer({"type": "Sequence", "pretokenizers": [gpt2]}) == "gpt2"
+    assert llama_cpp_pre_tokenizer({"type": "Sequence", "pretokenizers": [digits, gpt2]}) == "starcoder"
+    for other in ({"type": "Metaspace", "replacement": "_"}, {**gpt2, "add_prefix_space": True},
+                  {"type": "Sequence", "pretokenizers": [{**digits, "individual_digits": False}, gpt2]}, None):
+        with pytest.raises(ValueError, match="convert_hf_to_gguf.py"):
+            llama_cpp_pre_tokenizer(other)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (it compiles llama.cpp: pip install llama-cpp-python)")
+def test_llama_cpp_runs_the_q4_0_file_and_tokenizes_as_transformers(tmp_path, tiny_teacher):
+    """The file in llama.cpp itself: the same tokens as transformers for the chat prompts and text
+    with digits, punctuation and spaces, and next-token logits close to transformers' reading of
+    the same file."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmexp.data.encode import render_prompt
+    from llmexp.data.skill import task_prompts
+
+    out = tmp_path / "m.gguf"
+    assert run_cli(["export", str(tiny_teacher), "--format", "gguf", "--type", "q4_0", "--out", str(out)],
+                   cwd=tmp_path).returncode == 0
+    tok = AutoTokenizer.from_pretrained(str(tiny_teacher))
+    llm = Llama(model_path=str(out), n_ctx=256, n_threads=1, verbose=False, logits_all=True)
+    texts = [tok.decode(render_prompt(tok, r["prompt"])) for r in task_prompts()]
+    texts += ["Compute 10 - 3.", "It's 2026-12-06, isn't it?  Yes!\n\n(x+y)*z = 42", "héllo  wörld 🙂"]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+            tok(text, add_special_tokens=False)["input_ids"], text
+    ids = tok(texts[0], add_special_tokens=False)["input_ids"]
+    llm.eval(ids)
+    read = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
+    with torch.no_grad():
+        want = read(torch.tensor([ids])).logits[0].numpy()
+    got = np.asarray(llm.scores[:len(ids)])
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max(), np.abs(got - want).max()
 
 
 @pytest.mark.parametrize("tensor_type", ["f16", "q8_0", "q4_0"])
@@ -193,20 +243,28 @@ def test_q4_0_gguf_keeps_exact_match_and_model_holds_what_the_file_holds(tmp_pat
         assert torch.equal(read(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("case", ["phi", "quantized"])
+@pytest.mark.parametrize("case", ["phi", "quantized", "metaspace tokenizer"])
 def test_gguf_quantization_refuses_a_model_it_cannot_write_with_exit_2(tmp_path, tiny_teacher, case):
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(tiny_teacher, model)
     config = json.loads((model / "config.json").read_text())
-    extra = ({"architectures": ["PhiForCausalLM"]} if case == "phi"
-             else {"quantization_config": {"quant_method": "torchao"}})
-    (model / "config.json").write_text(json.dumps({**config, **extra}))
+    if case == "metaspace tokenizer":
+        spec = json.loads((model / "tokenizer.json").read_text())
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                                 "split": True}
+        (model / "tokenizer.json").write_text(json.dumps(spec))
+    else:
+        extra = ({"architectures": ["PhiForCausalLM"]} if case == "phi"
+                 else {"quantization_config": {"quant_method": "torchao"}})
+        (model / "config.json").write_text(json.dumps({**config, **extra}))
     r = run_cli(["stage=quantize", f"model.pretrained={model}", "stage.method=q4_0", "logger=none",
                  f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
-    expected = {"phi": "stage.method: q4_0 writes a GGUF file", "quantized": "model.pretrained: q4_0 reads"}[case]
-    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    expected = {"phi": "architecture ['PhiForCausalLM']", "quantized": "a quantized export",
+                "metaspace tokenizer": "convert_hf_to_gguf.py"}[case]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "stage.method: q4_0 writes a GGUF file and cannot write" in r.stderr and expected in r.stderr, r.stderr
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("model*"))
 
 

@@ -36,6 +36,27 @@ def permute_rotary(weight, n_head: int):
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def _is_gpt2_byte_level(step) -> bool:
+    return (step or {}).get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
+
+
+def llama_cpp_pre_tokenizer(pre) -> str:
+    """llama.cpp's name for the way a tokenizer.json's pre-tokenizer splits text before BPE, so that
+    llama.cpp tokenizes text as transformers does: GPT-2's byte-level split is its ``gpt2``; digits
+    split one by one first, then GPT-2's split (llmexp's tokenizer) its ``starcoder`` (``\\p{N}``,
+    then GPT-2's expression). Other splits are refused: llama.cpp's ``default`` would split them
+    otherwise (e.g. '0 +' into '0', ' ', '+' where the tokenizer has '0', ' +')."""
+    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and _is_gpt2_byte_level(steps[0]):
+        return "gpt2"
+    if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
+            and _is_gpt2_byte_level(steps[1])):
+        return "starcoder"
+    raise ValueError(f"a tokenizer whose pre-tokenizer ({json.dumps(pre)[:200]}) GGUF export does not map to "
+                     "llama.cpp's (it writes GPT-2's byte-level split, with or without digits split one by one); "
+                     "convert a hub model with llama.cpp's convert_hf_to_gguf.py")
+
+
 def _tokenizer_fields(writer, model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -43,14 +64,12 @@ def _tokenizer_fields(writer, model_dir: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     spec = json.loads((model_dir / "tokenizer.json").read_text())
-    if spec["model"]["type"] != "BPE":
-        raise ValueError(f"a {spec['model']['type']} tokenizer (GGUF export writes byte-level BPE tokenizers)")
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     special = set(tok.all_special_tokens)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(spec.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges(merges)
@@ -90,6 +109,26 @@ def gguf_architecture(model_dir: Path) -> Optional[tuple]:
     return next((ARCHITECTURES[a] for a in config.get("architectures") or [] if a in ARCHITECTURES), None)
 
 
+def check_writable(model_dir: Path) -> tuple:
+    """(GGUF architecture, whether q/k rows are permuted) of ``model_dir``; ValueError naming what
+    GGUF export cannot write: the architecture, quantized weights, or the tokenizer."""
+    config = json.loads((model_dir / "config.json").read_text())
+    found = gguf_architecture(model_dir)
+    if found is None:
+        raise ValueError(f"architecture {config.get('architectures')} (GGUF export writes llama, mistral, qwen2 "
+                         "and gpt2 models: model=llama, mistral, qwen2 or gpt2)")
+    if "quantization_config" in config:
+        raise ValueError("a quantized export (GGUF export reads full-precision weights: export the run "
+                         "quantize started from, and quantize with llama.cpp's llama-quantize)")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ValueError("a model without tokenizer.json (GGUF export writes byte-level BPE tokenizers)")
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    if spec["model"]["type"] != "BPE":
+        raise ValueError(f"a {spec['model']['type']} tokenizer (GGUF export writes byte-level BPE tokenizers)")
+    llama_cpp_pre_tokenizer(spec.get("pre_tokenizer"))
+    return found
+
+
 def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings: bool = True) -> dict:
     """Write ``model_dir`` (an exported HF llama, mistral, qwen2 or gpt2) as GGUF, its weights stored
     as ``tensor_type`` (TENSOR_TYPES; with ``embeddings`` false the embedding and output projection
@@ -98,14 +137,8 @@ def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings:
     import torch
     from safetensors.torch import load_file
 
+    arch, permute = check_writable(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    arch, permute = gguf_architecture(model_dir) or (None, False)
-    if arch is None:
-        raise ValueError(f"architecture {config.get('architectures')} (GGUF export writes llama, mistral, qwen2 "
-                         "and gpt2 models: model=llama, mistral, qwen2 or gpt2)")
-    if "quantization_config" in config:
-        raise ValueError("a quantized export (GGUF export reads full-precision weights: export the run "
-                         "quantize started from, and quantize with llama.cpp's llama-quantize)")
     gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gpt2": gguf.MODEL_ARCH.GPT2}[arch]
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(model_dir.parent.name or model_dir.name)

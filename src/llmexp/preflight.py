@@ -215,7 +215,7 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
         p.append(Problem("stage.method", "int4 uses torchao's CUDA kernels (tinygemm), and no CUDA GPU is "
                          "available", "stage.method=int8, or stage.method=q4_0 for llama.cpp's 4-bit GGUF, on a CPU"))
     if st.name == "quantize" and st.method in S.GGUF_METHODS and pretrained:
-        p.extend(_check_gguf_architecture(st, Path(os.path.expanduser(pretrained)) / "config.json"))
+        p.extend(_check_gguf_writable(st, Path(os.path.expanduser(pretrained))))
     if not spec.generates:
         return p
     if t.grad_accum % getattr(st, "num_minibatches", 1):
@@ -502,23 +502,19 @@ def _check_prune_sizes(st, config_file: Path) -> List[Problem]:
     return p
 
 
-def _check_gguf_architecture(st, config_file: Path) -> List[Problem]:
-    """stage.method=q8_0/q4_0 writes GGUF: an architecture GGUF export writes, in full precision."""
-    import json
+def _check_gguf_writable(st, model_dir: Path) -> List[Problem]:
+    """stage.method=q8_0/q4_0 writes GGUF: what GGUF export writes (architecture, full-precision
+    weights, a byte-level BPE tokenizer llama.cpp splits alike)."""
+    from llmexp.export_gguf import check_writable
 
-    from llmexp.export_gguf import ARCHITECTURES
-
-    if not config_file.is_file():
+    if not (model_dir / "config.json").is_file():
         return []
-    config = json.loads(config_file.read_text())
-    found = config.get("architectures") or ["unknown"]
-    if not any(a in ARCHITECTURES for a in found):
-        return [Problem("stage.method", f"{st.method} writes a GGUF file, which llmexp writes for llama, mistral, "
-                        f"qwen2 and gpt2 models, and this model is {', '.join(found)}",
-                        "stage.method=int8 (torchao) for this model")]
-    if "quantization_config" in config:
-        return [Problem("model.pretrained", f"{st.method} reads full-precision weights, and this model is already "
-                        "quantized", "model.pretrained=<the run it was quantized from>/model")]
+    try:
+        check_writable(model_dir)
+    except ValueError as e:
+        return [Problem("stage.method", f"{st.method} writes a GGUF file and cannot write {e}",
+                        "stage.method=int8 (torchao), or model.pretrained=<a full-precision llama, mistral, qwen2 "
+                        "or gpt2 run>/model")]
     return []
 
 
