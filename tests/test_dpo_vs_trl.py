@@ -84,7 +84,8 @@ def test_dpo_loss_equals_trl(tmp_path, tiny, pairs, loss_type, smoothing):
     assert torch.equal(ours["input_ids"][:, :width], trl_batch["input_ids"])
     assert torch.equal((ours["labels"] != -100).long()[:, :width], trl_batch["completion_mask"])
     ours_loss = float(terms["loss"].mean())
-    assert abs(ours_loss - trl_loss) <= 1e-5, (loss_type, ours_loss, trl_loss)
+    # float32 agreement (relative, for losses such as sppo_hard near 50; the prompt-shared pass sums in another order)
+    assert abs(ours_loss - trl_loss) <= 1e-5 * max(1.0, abs(trl_loss)), (loss_type, ours_loss, trl_loss)
     assert ours_loss > 0
 
 

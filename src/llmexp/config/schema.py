@@ -140,6 +140,14 @@ class SFTStageConfig:
         "pretrain."))
 
 
+def _share_prompt() -> bool:
+    """stage.share_prompt of the paired preference stages (one description for all four)."""
+    return doc(True, help=(
+        "Run each pair's prompt once for its chosen and rejected answers (its keys and values repeated to both, "
+        "with their gradient): the same numbers as the whole rows, for less compute; false: whole rows (also "
+        "whenever the model is sharded or checkpoints activations)."))
+
+
 @dataclass
 class RewardModelStageConfig:
     """rm: a Bradley-Terry reward model, a one-label sequence classifier scoring prompt+response."""
@@ -149,6 +157,7 @@ class RewardModelStageConfig:
         "Required score gap: loss = -log sigmoid(r_chosen - r_rejected - margin)."))
     center_rewards_coefficient: float = bounded(0.0, min=0.0, help=(
         "Penalty on the squared sum of a pair's scores (keeps them centred; 0 turns it off)."))
+    share_prompt: bool = _share_prompt()
 
 
 @dataclass
@@ -174,6 +183,7 @@ class DPOStageConfig:
     rpo_alpha: float = bounded(1.0, min=0.0, help=(
         "Weight of the chosen answers' mean token NLL added to the DPO loss (TRL's rpo_alpha; RPO, Pang et al. "
         "2024): keeps the chosen answers likely while the margin grows."))
+    share_prompt: bool = _share_prompt()
 
 
 @dataclass
@@ -212,6 +222,7 @@ class SimPOStageConfig:
     cpo_alpha: float = bounded(1.0, min=0.0, help=(
         "Weight of the chosen answers' mean token NLL added to the loss (TRL's cpo_alpha, CPO-SimPO; TRL's default "
         "is 0): keeps the chosen answers likely while the margin grows; 0: plain SimPO."))
+    share_prompt: bool = _share_prompt()
 
 
 @dataclass
@@ -223,6 +234,7 @@ class ORPOStageConfig:
     beta: float = bounded(0.5, above=0.0, help=(
         "lambda, the weight of the odds-ratio term added to the chosen answers' NLL (TRL's ORPOConfig.beta); "
         "it also scales the logged rewards."))
+    share_prompt: bool = _share_prompt()
 
 
 @dataclass

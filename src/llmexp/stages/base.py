@@ -24,6 +24,13 @@ from llmexp.optim import build_optimizer
 from llmexp.parallel import clip_grad_norm
 
 
+def activation_checkpointing(model) -> bool:
+    """Whether the model checkpoints activations; transformers 5 renamed the attribute and warns
+    on the old name, which older releases alone have."""
+    value = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if value is None else value)
+
+
 def seconds_since_process_start() -> float:
     """Wall time since this process started (the user's command), for the start-up benchmark."""
     import psutil
@@ -91,6 +98,12 @@ class StageModule(L.LightningModule):
         model = apply_peft(model, self.cfg.peft, self.cfg.model, task_type="SEQ_CLS" if head == "score" else "CAUSAL_LM")
         model.load_state_dict(state)
         return model.eval()
+
+    def can_share_prefixes(self, model) -> bool:
+        """Whether forward passes may run a prefix shared by several rows once and repeat its
+        cache to them: the model runs whole in this process with its cache (not sharded, not
+        checkpointing activations, which turns the cache off)."""
+        return not self.is_model_parallel and not activation_checkpointing(model)
 
     # -- model parallelism (fsdp / tp through Lightning's ModelParallelStrategy) -----------------
     @property

@@ -2,8 +2,8 @@
 kto, and the reference-free simpo and orpo.
 
 rm, dpo, simpo and orpo train on prompt/chosen/rejected pairs, collated as one batch of chosen
-rows followed by rejected rows so each micro-batch needs one forward pass; the loss weight is the
-number of pairs. kto trains on completions labelled desirable or not; its loss weight is the
+rows followed by rejected rows; with ``stage.share_prompt`` each pair's prompt runs once for both
+answers (llmexp.prompt_sharing), else the rows run whole. The loss weight is the number of pairs. kto trains on completions labelled desirable or not; its loss weight is the
 number of completions.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -19,6 +19,7 @@ from llmexp.data.collate import collate_preference, collate_unpaired
 from llmexp.data.encode import preference_encoder, unpaired_encoder
 from llmexp.losses import (average_logprobs, bradley_terry_loss, dpo_loss, kto_loss, odds_ratio_loss,
                            sequence_logprobs, simpo_loss)
+from llmexp.prompt_sharing import SharedPairs, pair_logits, pair_scores, share_pairs
 from llmexp.stages.base import StageModule
 from llmexp.stages.reference import Reference
 
@@ -36,6 +37,20 @@ class PreferenceStage(StageModule):
     def pair_sums(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """Per-pair tensors of this stage: ``loss`` and the pair metrics, each of shape [pairs]."""
         raise NotImplementedError
+
+    def shared_pairs(self, model, batch: Dict[str, Any]) -> Optional[SharedPairs]:
+        """The batch as prompts and answers when ``stage.share_prompt`` is on and the model and
+        the batch allow it (None: run the rows whole)."""
+        if not getattr(self.cfg.stage, "share_prompt", False) or not self.can_share_prefixes(model):
+            return None
+        return share_pairs(batch["input_ids"], batch["attention_mask"], batch["labels"], self.tokenizer.pad_token_id)
+
+    def row_logprobs(self, model, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed answer log-prob under ``model`` and its number of answer tokens."""
+        shared = self.shared_pairs(model, batch)
+        if shared is not None:
+            return sequence_logprobs(*pair_logits(model, shared))
+        return sequence_logprobs(model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits, batch["labels"])
 
     def micro_loss(self, batch):
         terms = self.pair_sums(batch)
@@ -59,9 +74,15 @@ class RewardModelStage(PreferenceStage):
         model = build_model(cfg.model, tokenizer, quantization_config(cfg.peft), head="score")
         return cls(cfg, apply_peft(model, cfg.peft, cfg.model, task_type="SEQ_CLS"), tokenizer)
 
+    def row_scores(self, batch: Dict[str, Any]) -> torch.Tensor:
+        shared = self.shared_pairs(self.model, batch)
+        scores = pair_scores(self.model, shared) if shared is not None else None
+        if scores is None:
+            scores = self.model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
+        return scores[:, 0].float()
+
     def pair_sums(self, batch):
-        scores = self.model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits[:, 0].float()
-        chosen, rejected = scores.chunk(2)
+        chosen, rejected = self.row_scores(batch).chunk(2)
         loss = bradley_terry_loss(chosen, rejected, self.cfg.stage.margin)
         if self.cfg.stage.center_rewards_coefficient:
             loss = loss + self.cfg.stage.center_rewards_coefficient * (chosen + rejected) ** 2
@@ -126,8 +147,7 @@ class DPOStage(PreferenceStage):
         if "ref_logprobs" in batch:
             return batch["ref_logprobs"].to(batch["input_ids"].device)
         with self._frozen["reference"].model(self.model) as reference:
-            logits = reference(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
-        return sequence_logprobs(logits, batch["labels"])[0]
+            return self.row_logprobs(reference, batch)[0]
 
     def setup(self, stage: str) -> None:
         """stage.reference=precomputed: one pass of the reference over every pair, then free it."""
@@ -161,8 +181,7 @@ class DPOStage(PreferenceStage):
     # -- the loss --------------------------------------------------------------------------------
     def pair_sums(self, batch):
         s = self.cfg.stage
-        logits = self.model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
-        logprobs, tokens = sequence_logprobs(logits, batch["labels"])
+        logprobs, tokens = self.row_logprobs(self.model, batch)
         ref = self.reference_logprobs(batch)
         chosen, rejected = logprobs.chunk(2)
         ref_chosen, ref_rejected = ref.chunk(2)
@@ -248,8 +267,7 @@ class ReferenceFreeStage(PreferenceStage):
     (no reference model); the rewards are ``beta`` times those averages, as TRL logs them."""
 
     def pair_sums(self, batch):
-        logits = self.model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
-        logprobs, tokens = sequence_logprobs(logits, batch["labels"])
+        logprobs, tokens = self.row_logprobs(self.model, batch)
         chosen, rejected = logprobs.chunk(2)
         chosen_avg, rejected_avg = average_logprobs(logprobs, tokens).chunk(2)
         loss, extra = self.pair_loss(chosen_avg, rejected_avg)

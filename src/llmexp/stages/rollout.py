@@ -24,13 +24,6 @@ from llmexp.stages.base import StageModule, seconds_since_process_start
 from llmexp.stages.reference import Reference
 
 
-def activation_checkpointing(model) -> bool:
-    """Whether the model checkpoints activations; transformers 5 renamed the attribute and warns
-    on the old name, which older releases alone have."""
-    value = getattr(model, "is_activation_checkpointing", None)
-    return bool(getattr(model, "is_gradient_checkpointing", False) if value is None else value)
-
-
 @dataclass
 class Rollout:
     """One micro-batch of sampled responses and what the stage computed about them."""
@@ -324,10 +317,8 @@ class RolloutStage(StageModule):
 
     def shares_prefix(self, model) -> bool:
         """Whether the loss's forward passes may share each prompt among its samples: asked for,
-        and the model runs whole in this process with its cache (not sharded, not checkpointing
-        activations, which turns the cache off)."""
-        return (self.cfg.stage.rollout.share_prefill and not self.is_model_parallel
-                and not activation_checkpointing(model))
+        and the model can (StageModule.can_share_prefixes)."""
+        return self.cfg.stage.rollout.share_prefill and self.can_share_prefixes(model)
 
     def reference_logprobs(self, r: Rollout) -> torch.Tensor:
         with self._frozen["reference"].model(self.model) as reference:
