@@ -173,6 +173,26 @@ def test_llama_cpp_runs_the_q4_0_file_and_tokenizes_as_transformers(tmp_path, ti
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max(), np.abs(got - want).max()
 
 
+def test_gguf_types_of_tensors_follow_llama_cpps_rules():
+    """Norms, biases and gpt2's positions stay f32; rows not in 32-weight blocks fall back to f16;
+    with stage.embeddings=false the embedding and the output projection stay f32."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from llmexp.export_gguf import _stored
+
+    w, odd, norm = np.ones((8, 64), np.float32), np.ones((8, 48), np.float32), np.ones(64, np.float32)
+    assert _stored("blk.0.ffn_up.weight", w, "q4_0")[1] == Q.Q4_0
+    assert _stored("blk.0.ffn_up.weight", odd, "q8_0")[1] == Q.F16
+    assert _stored("blk.0.attn_norm.weight", norm, "q8_0")[1] == Q.F32
+    assert _stored("blk.0.attn_qkv.bias", norm, "q4_0")[1] == Q.F32
+    assert _stored("position_embd.weight", w, "q4_0")[1] == Q.F32
+    assert _stored("token_embd.weight", w, "q4_0")[1] == Q.Q4_0
+    assert _stored("token_embd.weight", w, "q4_0", embeddings=False)[1] == Q.F32
+    assert _stored("output.weight", w, "q8_0", embeddings=False)[1] == Q.F32
+    assert _stored("blk.0.ffn_up.weight", w, "q8_0", embeddings=False)[1] == Q.Q8_0
+
+
 @pytest.mark.parametrize("tensor_type", ["f16", "q8_0", "q4_0"])
 def test_gguf_export_stores_weights_in_llama_cpps_types_and_transformers_reads_them(tmp_path, tiny_teacher,
                                                                                    tensor_type):
