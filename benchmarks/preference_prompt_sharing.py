@@ -1,5 +1,5 @@
-"""Preference steps with each pair's prompt run once (stage.share_prompt=true, the default)
-against the whole rows (false): milliseconds per forward + backward of a micro-batch's loss, for
+"""Preference steps with each pair's prompt run once (stage.share_prompt=true; off by default)
+against the whole rows (false, the default): milliseconds per forward + backward of a micro-batch's loss, for
 rm, dpo (policy and reference), simpo and orpo, measured in the same process, interleaved.
 
 Two workloads: the bundled pairs on the shipped tiny model (prompts of ~15 tokens, answers of
