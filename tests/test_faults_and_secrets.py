@@ -78,6 +78,7 @@ def test_secrets_never_reach_the_run_record_or_wandb(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run_dir / "summary.json").is_file()
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb")), "W&B logs offline by default"
+    assert "wandb: WARNING" not in r.stderr, r.stderr[-2000:]  # e.g. Lightning's anonymous=None, deprecated
     for path in run_dir.rglob("*"):
         if path.is_file():
             blob = path.read_bytes()
