@@ -29,10 +29,11 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[
         wandb = WandbLogger(project=cfg.project, entity=cfg.entity, name=run_name, save_dir=str(run_dir),
                             offline=cfg.mode == "offline", tags=list(cfg.tags), config=config,
                             settings=_wandb_settings())
-        if wandb._wandb_init.get("anonymous", "") is None:
+        init = getattr(wandb, "_wandb_init", None)
+        if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
             # Lightning passes anonymous=None, which wandb >= 0.22 answers with a deprecation warning on
             # every run ("The anonymous setting has no effect"); unset is what it means.
-            del wandb._wandb_init["anonymous"]
+            del init["anonymous"]
         loggers.append(wandb)
     return loggers
 
