@@ -3,8 +3,8 @@ a half-width student trained by plain SFT and by distillation from the teacher, 
 pruned (shipped stage=prune: 40 % of the MLP neurons, 200 recovery steps), the teacher made 50 %
 sparse (stage.sparsity=0.5, magnitude, 200 recovery steps), each of the teacher and the
 distilled student quantized to int8 (torchao), and the teacher as llama.cpp's 8- and 4-bit GGUF
-(stage.method=q8_0 / q4_0; measured as transformers reads the file back, its tokens/s left out:
-llama.cpp runs it). For every model: parameters, the fraction of weights that
+(stage.method=q8_0 / q4_0; measured as transformers reads the file back, and, where
+llama-cpp-python is installed, in llama.cpp itself: exact match, tokenization, tokens/s). For every model: parameters, the fraction of weights that
 are zero, weight bytes on disk and zstd-compressed, greedy generation tokens/s, the task metric (exact match on the skill's 155
 held-out questions) and validation perplexity.
 
@@ -61,6 +61,37 @@ def generation_speed(model_dir: Path) -> float:
     return tokens / best
 
 
+def llama_cpp_check(gguf: Path, model_dir: Path) -> Dict[str, Any]:
+    """The GGUF file in llama.cpp itself (llama-cpp-python, where installed): exact match on the
+    155 questions (greedy, the prompts tokenized by transformers and fed as ids), whether llama.cpp
+    tokenizes every rendered prompt as transformers does, and greedy tokens/s one question at a
+    time on 2 threads. Empty without llama-cpp-python."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {}
+    from transformers import AutoTokenizer
+
+    from llmexp.data.encode import render_prompt
+    from llmexp.data.skill import correctness_reward, task_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=2, verbose=False)
+    right = same_tokens = tokens = 0
+    rows = task_prompts()
+    started = time.perf_counter()
+    for r in rows:
+        ids = render_prompt(tok, r["prompt"])
+        same_tokens += llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True) == list(ids)
+        out = llm.create_completion(list(ids), max_tokens=24, temperature=0.0, top_k=1)
+        tokens += out["usage"]["completion_tokens"]
+        right += correctness_reward(out["choices"][0]["text"].strip(), **r["columns"])
+    seconds = time.perf_counter() - started
+    return {"llama_cpp_task_score": round(right / len(rows), 4),
+            "llama_cpp_same_tokens": f"{same_tokens}/{len(rows)}",
+            "llama_cpp_tokens_per_second": round(tokens / seconds, 1)}
+
+
 def zero_fraction_and_zstd_bytes(model_dir: Path) -> tuple:
     """The fraction of the weights that are exactly zero, and the safetensors' zstd size (what
     unstructured sparsity saves when the file is stored or shipped compressed)."""
@@ -87,6 +118,7 @@ def row(name: str, run_dir: Path, s: Dict[str, Any]) -> Dict[str, Any]:
                              sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))),
             "tokens_per_second": None if gguf else round(generation_speed(model_dir), 1),
             "task_score": round(metrics["val/task_score"], 4), "perplexity": round(metrics["val/perplexity"], 4),
+            **(llama_cpp_check(Path(gguf), model_dir) if gguf else {}),
             "run_seconds": round(s["_wall"], 1), "run_dir": str(run_dir)}
 
 
@@ -125,6 +157,10 @@ def main() -> None:
         print(f"{r['model']:36} {r['parameters']:>8} {r['zero_fraction']:>6} {r['weight_bytes']:>9} "
               f"{r['zstd_bytes']:>8} {r['size_ratio_to_teacher']:>7} {str(r['tokens_per_second'] or '-'):>8} "
               f"{str(r['speed_ratio_to_teacher'] or '-'):>8} {r['task_score']:>12.3f}")
+    for r in rows:
+        if "llama_cpp_task_score" in r:
+            print(f"  in llama.cpp: {r['model']}: exact match {r['llama_cpp_task_score']:.3f}, "
+                  f"{r['llama_cpp_tokens_per_second']} tokens/s, tokenized as transformers: {r['llama_cpp_same_tokens']}")
     save("compression", {"rows": rows, "pruning": teacher_pruned["pruning"],
                          "sparsity": teacher_sparse["pruning"]["sparsity"],
                          "quantization": {"teacher": teacher_q["quantization"], "student": student_q["quantization"],
