@@ -195,6 +195,9 @@ def test_the_guard_warns_and_records_a_dpo_collapse(tmp_path, default_sft):
                "stage.rpo_alpha=0")
     signs = {w["sign"] for w in s["health"]["warnings"]}
     assert signs & {"logp_drop", "task_drop"}, s["health"]
+    last = s["health"]["warnings"][-1]  # the export, at the last validation, judged by max_final_task_drop
+    assert last["sign"] == "task_drop" and last["step"] == s["global_step"], s["health"]
+    assert "ends at" in last["seen"] and "health.max_final_task_drop" in last["seen"], last
     assert all(w["fix"] and w["step"] > 0 for w in s["health"]["warnings"])
 
 

@@ -125,6 +125,10 @@ def test_each_sign_fires_past_its_threshold_and_not_before():
     assert set(step_signs({"train/logp_chosen": -40.0}, start, c, "dpo", None)) == {"logp_drop"}
     assert task_sign(0.80, 0.92, c) == {} and set(task_sign(0.5, 0.92, c)) == {"task_drop"}
     assert task_sign(None, 0.9, c) == {}
+    # At the last validation the export is judged: 0.923 -> 0.761 (measured: PPO against a reward model
+    # of another seed in the rlhf pipeline) is a sign there, not during training; 0.923 -> 0.871 is not.
+    assert task_sign(0.761, 0.923, c) == {} and task_sign(0.871, 0.923, c, final=True) == {}
+    assert "health.max_final_task_drop=0.1" in task_sign(0.761, 0.923, c, final=True)["task_drop"]
     assert set(FIXES) == {"kl_runaway", "logp_drop", "length_collapse", "length_at_cap", "entropy_collapse",
                           "no_reward_signal", "task_drop"}
 

@@ -743,7 +743,11 @@ class HealthConfig:
         "the cap."))
     min_entropy: float = bounded(0.005, min=0.0, help=(
         "rollout stages: least mean per-token entropy of the sampled responses (nats)."))
-    max_task_drop: float = bounded(0.2, min=0.0, help="How far val/task_score may fall below its value at the start.")
+    max_task_drop: float = bounded(0.2, min=0.0, help=(
+        "How far val/task_score may fall below its value at the start during training (early dips recover)."))
+    max_final_task_drop: float = bounded(0.1, min=0.0, help=(
+        "How far val/task_score may end below its value at the start: the exported model that much worse at its "
+        "task than the model the stage started from."))
     patience: int = bounded(3, min=1, help=(
         "Logged steps in a row a sign must show before it counts (one noisy batch is not a collapse)."))
 
