@@ -265,7 +265,7 @@ def test_q4_0_gguf_keeps_exact_match_and_model_holds_what_the_file_holds(tmp_pat
         assert torch.equal(read(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("case", ["phi", "quantized", "metaspace tokenizer"])
+@pytest.mark.parametrize("case", ["phi", "quantized", "metaspace tokenizer", "gpt2"])
 def test_gguf_quantization_refuses_a_model_it_cannot_write_with_exit_2(tmp_path, tiny_teacher, case):
     import shutil
 
@@ -278,15 +278,17 @@ def test_gguf_quantization_refuses_a_model_it_cannot_write_with_exit_2(tmp_path,
                                  "split": True}
         (model / "tokenizer.json").write_text(json.dumps(spec))
     else:
-        extra = ({"architectures": ["PhiForCausalLM"]} if case == "phi"
-                 else {"quantization_config": {"quant_method": "torchao"}})
+        extra = {"phi": {"architectures": ["PhiForCausalLM"]}, "gpt2": {"architectures": ["GPT2LMHeadModel"]},
+                 "quantized": {"quantization_config": {"quant_method": "torchao"}}}[case]
         (model / "config.json").write_text(json.dumps({**config, **extra}))
     r = run_cli(["stage=quantize", f"model.pretrained={model}", "stage.method=q4_0", "logger=none",
                  f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     expected = {"phi": "architecture ['PhiForCausalLM']", "quantized": "a quantized export",
-                "metaspace tokenizer": "convert_hf_to_gguf.py"}[case]
+                "metaspace tokenizer": "convert_hf_to_gguf.py", "gpt2": "cannot read a gpt2 GGUF"}[case]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "stage.method: q4_0 writes a GGUF file and cannot write" in r.stderr and expected in r.stderr, r.stderr
+    assert "stage.method: q4_0" in r.stderr and expected in r.stderr, r.stderr
+    if case != "gpt2":
+        assert "q4_0 writes a GGUF file and cannot write" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("model*"))
 
 

@@ -510,11 +510,16 @@ def _check_gguf_writable(st, model_dir: Path) -> List[Problem]:
     if not (model_dir / "config.json").is_file():
         return []
     try:
-        check_writable(model_dir)
+        arch, _ = check_writable(model_dir)
     except ValueError as e:
         return [Problem("stage.method", f"{st.method} writes a GGUF file and cannot write {e}",
                         "stage.method=int8 (torchao), or model.pretrained=<a full-precision llama, mistral, qwen2 "
                         "or gpt2 run>/model")]
+    if arch == "gpt2":  # transformers' GGUF reader builds gpt2 with 1024 positions, whatever the file says
+        return [Problem("stage.method", f"{st.method} measures the GGUF file as transformers reads it back, and "
+                        "transformers cannot read a gpt2 GGUF with its own context length",
+                        f"llmexp export <run dir> --format gguf --type {st.method} writes the file for llama.cpp; "
+                        "stage.method=int8 measures a quantized gpt2")]
     return []
 
 
