@@ -180,6 +180,8 @@ RUN_CASES = {
     "not a model directory": (["model.pretrained={files}/notamodel"], "model.pretrained: cannot load"),
     "tokenizer does not fit the model": (["model.pretrained={small}", "model.tokenizer={bundled}"],
                                          "the tokenizer has 512 tokens but the model"),
+    "model directory with another model's tokenizer": (["model.pretrained={files}/mismatched_model"],
+                                                       "the directory's tokenizer does not belong to its model"),
     "unknown bundled data option": (["+data.options.colour=red"], "data.options: unknown option"),
     "damaged weights": (["model.pretrained={files}/damaged_model"], "its weights file is damaged or incomplete"),
     "non-UTF-8 JSONL": (["data=files", "data.path={files}/latin1.jsonl", "stage=pretrain"],
@@ -246,6 +248,10 @@ def small_model(workdir):
     from llmexp.models.tokenizer import BUNDLED_TOKENIZER_DIR
 
     AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR)).save_pretrained(damaged)
+    mismatched = workdir / "files" / "mismatched_model"  # embeds 100 tokens, ships a 512-token tokenizer
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)).save_pretrained(mismatched)
+    AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR)).save_pretrained(mismatched)
     return path
 
 

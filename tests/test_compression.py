@@ -134,18 +134,28 @@ def test_gguf_names_llama_cpps_pre_tokenizer_or_refuses_one_it_cannot_name():
     assert llama_cpp_pre_tokenizer(gpt2) == "gpt2"
     assert llama_cpp_pre_tokenizer({"type": "Sequence", "pretokenizers": [gpt2]}) == "gpt2"
     assert llama_cpp_pre_tokenizer({"type": "Sequence", "pretokenizers": [digits, gpt2]}) == "starcoder"
+    # a model=qwen2 run's tokenizer: transformers' Qwen2 class rebuilds llmexp's vocabulary with its own split
+    from llmexp.models.tokenizer import load_tokenizer
+
+    qwen2 = json.loads(load_tokenizer(None, None, architecture="qwen2").backend_tokenizer.to_str())["pre_tokenizer"]
+    assert llama_cpp_pre_tokenizer(qwen2) == "qwen2"
+    split, qwen2_bytes = qwen2["pretokenizers"]
+    other_split = {**split, "pattern": {"Regex": "\\s+|\\S+"}}
     for other in ({"type": "Metaspace", "replacement": "_"}, {**gpt2, "add_prefix_space": True},
-                  {"type": "Sequence", "pretokenizers": [{**digits, "individual_digits": False}, gpt2]}, None):
+                  {"type": "Sequence", "pretokenizers": [{**digits, "individual_digits": False}, gpt2]}, None,
+                  {"type": "Sequence", "pretokenizers": [other_split, qwen2_bytes]},
+                  {"type": "Sequence", "pretokenizers": [split, gpt2]}):
         with pytest.raises(ValueError, match="convert_hf_to_gguf.py"):
             llama_cpp_pre_tokenizer(other)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python is not installed (it compiles llama.cpp: pip install llama-cpp-python)")
-def test_llama_cpp_runs_the_q4_0_file_and_tokenizes_as_transformers(tmp_path, tiny_teacher):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_runs_the_q4_0_file_and_tokenizes_as_transformers(tmp_path, tiny_teacher, arch):
     """The file in llama.cpp itself: the same tokens as transformers for the chat prompts and text
     with digits, punctuation and spaces, and next-token logits close to transformers' reading of
-    the same file."""
+    the same file. qwen2: a directory as a model=qwen2 run exports it (Qwen2's split)."""
     import numpy as np
     import torch
     from llama_cpp import Llama
@@ -154,10 +164,20 @@ def test_llama_cpp_runs_the_q4_0_file_and_tokenizes_as_transformers(tmp_path, ti
     from llmexp.data.encode import render_prompt
     from llmexp.data.skill import task_prompts
 
+    model_dir = tiny_teacher
+    if arch == "qwen2":
+        from llmexp.models.build import build_model
+        from llmexp.models.tokenizer import load_tokenizer
+        from llmexp.testing import typed
+
+        model_dir, tokenizer = tmp_path / "qwen2", load_tokenizer(None, None, architecture="qwen2")
+        torch.manual_seed(0)
+        build_model(typed(["model=qwen2"]).model, tokenizer).save_pretrained(str(model_dir))
+        tokenizer.save_pretrained(str(model_dir))
     out = tmp_path / "m.gguf"
-    assert run_cli(["export", str(tiny_teacher), "--format", "gguf", "--type", "q4_0", "--out", str(out)],
+    assert run_cli(["export", str(model_dir), "--format", "gguf", "--type", "q4_0", "--out", str(out)],
                    cwd=tmp_path).returncode == 0
-    tok = AutoTokenizer.from_pretrained(str(tiny_teacher))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
     llm = Llama(model_path=str(out), n_ctx=256, n_threads=1, verbose=False, logits_all=True)
     texts = [tok.decode(render_prompt(tok, r["prompt"])) for r in task_prompts()]
     texts += ["Compute 10 - 3.", "It's 2026-12-06, isn't it?  Yes!\n\n(x+y)*z = 42", "héllo  wörld 🙂"]
@@ -320,7 +340,7 @@ def test_gguf_export_of_qwen2_and_gpt2_writes_their_own_layouts(tmp_path, model)
     from llmexp.testing import typed
 
     model_dir = tmp_path / model
-    tokenizer = load_tokenizer(None, None)
+    tokenizer = load_tokenizer(None, None, architecture=model)  # as a model=<model> run has it
     torch.manual_seed(0)
     built = build_model(typed([f"model={model}"]).model, tokenizer)
     for name, p in built.named_parameters():
@@ -335,6 +355,9 @@ def test_gguf_export_of_qwen2_and_gpt2_writes_their_own_layouts(tmp_path, model)
     field = {k: f.contents() for k, f in reader.fields.items()}
     config = built.config
     assert field["general.architecture"] == model
+    # llama.cpp splits text as transformers' tokenizer of that directory does, whose every token the model embeds
+    assert field["tokenizer.ggml.pre"] == {"qwen2": "qwen2", "gpt2": "starcoder"}[model]
+    assert len(field["tokenizer.ggml.tokens"]) == built.get_input_embeddings().weight.shape[0] == len(tokenizer)
     assert (field[f"{model}.block_count"], field[f"{model}.attention.head_count"], field[f"{model}.context_length"]) \
         == (config.num_hidden_layers, config.num_attention_heads, config.max_position_embeddings)
     state = load_file(str(model_dir / "model.safetensors"))

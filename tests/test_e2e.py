@@ -82,13 +82,34 @@ def test_pretrain_gpt2_from_scratch_with_packing(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_other_architectures_train(tmp_path, arch):
+def test_other_architectures_train_and_their_exports_go_on(tmp_path, arch):
+    """The exported directory loads the tokenizer the run trained with (transformers picks Qwen2's
+    class for a qwen2 directory, which adds a token and its own split: a qwen2 run from the bundled
+    tokenizer exported one the model did not embed, and every later stage refused it), and the next
+    stages start from it: dpo, and int8 quantization (qwen2's attention projections have biases,
+    which must stay unquantized)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from llmexp.data.skill import task_prompts
+    from llmexp.models.tokenizer import load_tokenizer
+
     run_dir = train(tmp_path, [f"model={arch}", "trainer.max_steps=20", "trainer.val_check_interval=20"])
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["architecture"] == arch and s["final"]["val/loss"] < s["initial"]["val/loss"]
-    from transformers import AutoConfig
-
     assert AutoConfig.from_pretrained(run_dir / "model").model_type == arch
+    exported = AutoTokenizer.from_pretrained(run_dir / "model")
+    trained = load_tokenizer(None, None, architecture=arch)
+    rows = AutoModelForCausalLM.from_pretrained(run_dir / "model").get_input_embeddings().weight.shape[0]
+    assert len(exported) == len(trained) == rows and type(exported) is type(trained)
+    texts = [exported.apply_chat_template(p["prompt"], tokenize=False) for p in task_prompts()[:20]]
+    texts += ["It's (x+y)*z = 42,  isn't it?\n\nhéllo"]
+    assert [exported(t).input_ids for t in texts] == [trained(t).input_ids for t in texts]
+    model = f"model.pretrained={run_dir / 'model'}"
+    dpo = json.loads((train(tmp_path, ["stage=dpo", model, "trainer.max_steps=2"], "dpo") / "summary.json").read_text())
+    assert dpo["global_step"] == 2
+    quantized = train(tmp_path, ["stage=quantize", "stage.method=int8", model, "trainer.max_steps=0"], "int8")
+    q = json.loads((quantized / "summary.json").read_text())
+    assert q["final"]["val/loss"] == pytest.approx(s["final"]["val/loss"], rel=0.02)
 
 
 def test_lora_trains_adapters_only_and_exports_merged_weights(tmp_path):

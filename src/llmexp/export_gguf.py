@@ -40,21 +40,33 @@ def _is_gpt2_byte_level(step) -> bool:
     return (step or {}).get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
 
 
+def _is_qwen2_split(step) -> bool:
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    return ((step or {}).get("type") == "Split" and step.get("pattern") == {"Regex": PRETOKENIZE_REGEX}
+            and step.get("behavior") == "Isolated" and not step.get("invert"))
+
+
 def llama_cpp_pre_tokenizer(pre) -> str:
     """llama.cpp's name for the way a tokenizer.json's pre-tokenizer splits text before BPE, so that
     llama.cpp tokenizes text as transformers does: GPT-2's byte-level split is its ``gpt2``; digits
     split one by one first, then GPT-2's split (llmexp's tokenizer) its ``starcoder`` (``\\p{N}``,
-    then GPT-2's expression). Other splits are refused: llama.cpp's ``default`` would split them
-    otherwise (e.g. '0 +' into '0', ' ', '+' where the tokenizer has '0', ' +')."""
+    then GPT-2's expression); Qwen2's expression, then bytes (what transformers' Qwen2 tokenizer
+    makes of any vocabulary, llmexp's in a model=qwen2 run) its ``qwen2``. Other splits are
+    refused: llama.cpp's ``default`` would split them otherwise (e.g. '0 +' into '0', ' ', '+'
+    where the tokenizer has '0', ' +')."""
     steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre]
     if len(steps) == 1 and _is_gpt2_byte_level(steps[0]):
         return "gpt2"
     if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
             and _is_gpt2_byte_level(steps[1])):
         return "starcoder"
+    if (len(steps) == 2 and _is_qwen2_split(steps[0]) and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
+        return "qwen2"
     raise ValueError(f"a tokenizer whose pre-tokenizer ({json.dumps(pre)[:200]}) GGUF export does not map to "
-                     "llama.cpp's (it writes GPT-2's byte-level split, with or without digits split one by one); "
-                     "convert a hub model with llama.cpp's convert_hf_to_gguf.py")
+                     "llama.cpp's (it writes GPT-2's byte-level split, with or without digits split one by one, "
+                     "and Qwen2's); convert a hub model with llama.cpp's convert_hf_to_gguf.py")
 
 
 def _tokenizer_fields(writer, model_dir: Path) -> None:

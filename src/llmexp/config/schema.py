@@ -87,7 +87,9 @@ class ModelConfig:
         "needs offline=false); null: initialise from the architecture."))
     tokenizer: Optional[str] = doc(None, help=(
         "null: the pretrained model's tokenizer, else llmexp's bundled one; train: a BPE tokenizer trained on this "
-        "run's data (cached); or a local directory / hub id."))
+        "run's data (cached); or a local directory / hub id. One not from the model's own directory is used as "
+        "transformers loads it from a directory of the model's type, so the export loads what the run trained "
+        "with (qwen2: transformers' Qwen2 class, its split and one more token)."))
     hidden_size: int = bounded(64, min=8, help="Width of the hidden states" + _FROM_SCRATCH)
     num_layers: int = bounded(2, min=1, help="Decoder layers" + _FROM_SCRATCH)
     num_heads: int = bounded(4, min=1, help="Attention heads, a divisor of hidden_size" + _FROM_SCRATCH)

@@ -122,6 +122,10 @@ def apply_liger(model) -> None:
 def check_tokenizer_fits(model, tokenizer, cfg: ModelConfig) -> None:
     """A tokenizer with ids beyond the embedding table would index out of range mid-run."""
     rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows and cfg.tokenizer is None:
+        raise UserError(f"model.pretrained: the tokenizer in {cfg.pretrained!r} has {len(tokenizer)} tokens but its "
+                        f"model embeds only {rows}; the directory's tokenizer does not belong to its model: give "
+                        f"model.tokenizer=<the tokenizer it was trained with> (at most {rows} tokens)")
     if len(tokenizer) > rows:
         raise UserError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model "
                         f"{cfg.pretrained!r} embeds only {rows}; use the model's own tokenizer "

@@ -51,19 +51,60 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 512):
     return fast
 
 
-def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts=None, trust_remote_code=False):
-    """Pick the tokenizer: explicit source, else the pretrained model's, else the bundled one."""
+def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts=None, trust_remote_code=False,
+                   architecture: Optional[str] = None):
+    """Pick the tokenizer: explicit source, else the pretrained model's, else the bundled one.
+
+    With ``architecture`` (the model a run builds from its config), a tokenizer that does not come
+    from the model's own directory is the one that directory will load once exported (see
+    as_a_model_directory_loads_it)."""
     from transformers import AutoTokenizer
 
     if source == "train":
-        return _trained_on(train_texts() if callable(train_texts) else train_texts)
-    where = source or pretrained or str(BUNDLED_TOKENIZER_DIR)
+        tok = _trained_on(train_texts() if callable(train_texts) else train_texts)
+    else:
+        where = source or pretrained or str(BUNDLED_TOKENIZER_DIR)
+        try:
+            tok = ensure_special_tokens(AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code))
+        except (OSError, ValueError) as e:
+            key = "model.tokenizer" if source else "model.pretrained"
+            raise UserError(f"{key}: cannot load a tokenizer from {where!r}: {str(e).splitlines()[0]}") from None
+    if architecture is not None and (source is not None or pretrained is None):
+        model_type = architecture if pretrained is None else _model_type(pretrained)
+        if model_type is not None:
+            tok = as_a_model_directory_loads_it(tok, model_type)
+    return tok
+
+
+def as_a_model_directory_loads_it(tok, model_type: str):
+    """``tok`` as ``AutoTokenizer`` loads it from a model directory of ``model_type``.
+
+    transformers picks the tokenizer class by the directory's model type, and some classes rebuild
+    the tokenizer: Qwen2's adds an ``<|endoftext|>`` token and its own pre-tokenizer and
+    normaliser. A run that trained with the tokenizer as given would export a directory whose
+    tokenizer has a token the model does not embed (every later stage refused it) and may split
+    text otherwise; trained with this one, the export loads exactly what the model learnt."""
+    import json
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        Path(d, "config.json").write_text(json.dumps({"model_type": model_type}))
+        loaded = ensure_special_tokens(AutoTokenizer.from_pretrained(d))
+    loaded.name_or_path = tok.name_or_path
+    return loaded
+
+
+def _model_type(pretrained: str) -> Optional[str]:
+    """The model type of a local model directory (None for a hub id or an unreadable config)."""
+    import json
+
     try:
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        key = "model.tokenizer" if source else "model.pretrained"
-        raise UserError(f"{key}: cannot load a tokenizer from {where!r}: {str(e).splitlines()[0]}") from None
-    return ensure_special_tokens(tok)
+        return json.loads((Path(pretrained) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def ensure_special_tokens(tok):

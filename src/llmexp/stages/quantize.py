@@ -36,11 +36,15 @@ def quiet_torchao():
             lg.setLevel(level)
 
 
-def torchao_config(stage_cfg, embedding: str):
-    """transformers' TorchAoConfig of ``stage.method``; with ``stage.embeddings`` the input
-    embedding (module ``embedding``) in int8 rows and the output projection as the other
-    linear layers. (transformers' untie_embedding_weights=True corrupts the output here, so
-    embeddings stay as the checkpoint ties them.)"""
+def torchao_config(stage_cfg, model):
+    """transformers' TorchAoConfig of ``stage.method`` for ``model``; with ``stage.embeddings`` the
+    input embedding in int8 rows and the output projection as the other linear layers.
+
+    Each linear layer's weight is named, not torchao's ``_default`` key: transformers 5.25 applies
+    ``_default`` to every parameter of a linear layer, biases too, and a quantized bias fails the
+    forward pass (qwen2's attention projections have biases). (transformers'
+    untie_embedding_weights=True corrupts the output here, so embeddings stay as the checkpoint
+    ties them.)"""
     import warnings
 
     import torch
@@ -52,11 +56,15 @@ def torchao_config(stage_cfg, embedding: str):
         group_size=stage_cfg.group_size)
     if not stage_cfg.embeddings:
         return TorchAoConfig(scheme)
-    with warnings.catch_warnings():  # "_default" is torchao 0.18's key for every other module
+    embedding = model.get_input_embeddings()
+    per_module = {f"{name}.weight": scheme for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear)}
+    per_module.update({name: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+                       for name, module in model.named_modules() if module is embedding})
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        per_module = FqnToConfig({"_default": scheme,
-                                  embedding: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))})
-    return TorchAoConfig(per_module, include_input_output_embeddings=True, untie_embedding_weights=False)
+        return TorchAoConfig(FqnToConfig(per_module), include_input_output_embeddings=True,
+                             untie_embedding_weights=False)
 
 
 class QuantizeStage(CausalLMStage):
@@ -105,10 +113,8 @@ class QuantizeStage(CausalLMStage):
         from llmexp.models.build import load_pretrained
 
         m = self.cfg.model
-        embedding = next(name for name, module in self.model.named_modules()
-                         if module is self.model.get_input_embeddings())
         with quiet_torchao():
-            config = torchao_config(self.cfg.stage, embedding)
+            config = torchao_config(self.cfg.stage, self.model)
         quantized = load_pretrained(AutoModelForCausalLM, m.pretrained, "model.pretrained", "a causal LM",
                                     quantization_config=config,
                                     attn_implementation=m.attn_implementation)
