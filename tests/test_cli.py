@@ -137,3 +137,22 @@ def test_a_run_prints_no_library_warnings(tmp_path, extra):
     assert r.returncode == 0, r.stderr[-3000:]
     noise = [line for line in r.stderr.splitlines() if "Warning" in line or "Failed to load" in line]
     assert noise == [], noise
+
+
+def test_a_run_from_a_users_shell_draws_no_library_progress_bars(tmp_path, tiny_teacher):
+    """A fresh interpreter with none of llmexp's quiet variables set beforehand (a user's shell; the
+    tests' fork server imports the libraries with them set): transformers reads
+    HF_HUB_DISABLE_PROGRESS_BARS at import, which Lightning's import reaches before the run sets it,
+    and drew "Loading weights" and "Writing model shards" bars into every run's output."""
+    import os
+
+    from llmexp.env import QUIET_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_VARS}
+    r = subprocess.run([sys.executable, "-m", "llmexp", *FAST, "trainer.max_steps=2", "trainer.val_check_interval=null",
+                        f"model.pretrained={tiny_teacher}", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    for bar in ("Loading weights", "Writing model shards", "it/s]"):
+        assert bar not in r.stdout + r.stderr, (bar, r.stderr[-2000:])

@@ -18,12 +18,32 @@ def configure_environment(offline: bool) -> None:
     """
     for key, value in QUIET_VARS.items():
         os.environ.setdefault(key, value)
+    quiet_progress_bars()
     quiet_import_warnings()
     for key, value in OFFLINE_VARS.items():
         if offline:
             os.environ.setdefault(key, value)
         elif os.environ.get(key) == value:
             os.environ.pop(key)
+
+
+def quiet_progress_bars() -> None:
+    """Apply HF_HUB_DISABLE_PROGRESS_BARS to huggingface_hub and transformers when they were
+    imported before it was set (Lightning's import pulls transformers in through torchmetrics, and
+    transformers reads the variable once, at import): else every load and export of a model draws
+    its "Loading weights" / "Writing model shards" bars into the run's output."""
+    import sys
+
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
+        return
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers.utils.logging" in sys.modules:
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
 
 
 def quiet_import_warnings() -> None:
