@@ -39,6 +39,8 @@ def workdir(tmp_path_factory):
     for name, arch in (("fake_rm", "LlamaForSequenceClassification"), ("fake_lm", "LlamaForCausalLM")):
         (files / name).mkdir()
         (files / name / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    (files / "fake_gpt2").mkdir()
+    (files / "fake_gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     (files / "half_pairs.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}"}) + "\n"
                                                     for i in range(20)))
     def jsonl(name, rows):
@@ -123,6 +125,8 @@ CONFIG_CASES = {
                                                   "strategy.sequence_parallel: sequence parallelism is part"),
     "sequence parallel with generation": (["stage=grpo", "strategy=tp", "trainer.devices=2",
                                            "strategy.sequence_parallel=true"], "generates token by token"),
+    "tensor parallel of a gpt2 directory": (["strategy=tp", "trainer.devices=2", "model.pretrained={files}/fake_gpt2"],
+                                            "no tensor-parallel plan for gpt2"),  # the weights', not model=llama's
     "language model as the reward model": (["stage=ppo", "stage.reward.model={files}/fake_lm"],
                                            "is not a reward model (architectures: LlamaForCausalLM)"),
     "vllm rollouts on a CPU": (["stage=grpo", "stage.rollout.engine=vllm"],

@@ -87,7 +87,7 @@ def test_other_architectures_train_and_their_exports_go_on(tmp_path, arch):
     class for a qwen2 directory, which adds a token and its own split: a qwen2 run from the bundled
     tokenizer exported one the model did not embed, and every later stage refused it), and the next
     stages start from it: dpo, and int8 quantization (qwen2's attention projections have biases,
-    which must stay unquantized)."""
+    which must stay unquantized); their records name the architecture of the weights they load."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from llmexp.data.skill import task_prompts
@@ -107,9 +107,10 @@ def test_other_architectures_train_and_their_exports_go_on(tmp_path, arch):
     model = f"model.pretrained={run_dir / 'model'}"
     dpo = json.loads((train(tmp_path, ["stage=dpo", model, "trainer.max_steps=2"], "dpo") / "summary.json").read_text())
     assert dpo["global_step"] == 2
+    assert dpo["architecture"] == arch  # from the weights: the command line left model=llama's default
     quantized = train(tmp_path, ["stage=quantize", "stage.method=int8", model, "trainer.max_steps=0"], "int8")
     q = json.loads((quantized / "summary.json").read_text())
-    assert q["final"]["val/loss"] == pytest.approx(s["final"]["val/loss"], rel=0.02)
+    assert q["final"]["val/loss"] == pytest.approx(s["final"]["val/loss"], rel=0.02) and q["architecture"] == arch
 
 
 def test_lora_trains_adapters_only_and_exports_merged_weights(tmp_path):

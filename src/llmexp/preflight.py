@@ -28,11 +28,29 @@ def preflight(cfg: DictConfig) -> S.RunConfig:
     if run is None:
         raise ConfigError(problems)
     problems.extend(_check_dataset(run.data))
+    adopt_pretrained_architecture(run.model)
     flagged = {p.key for p in problems}
     problems.extend(p for p in cross_checks(run) if p.key not in flagged)
     if problems:
         raise ConfigError(problems)
     return run
+
+
+def adopt_pretrained_architecture(m: S.ModelConfig) -> None:
+    """model.architecture from the weights: a local model.pretrained directory's model type, when
+    llmexp knows it. `stage=dpo model.pretrained=<a qwen2 run>/model` keeps model=llama's default
+    architecture otherwise, and the run record, strategy=tp's plan and the tokenizer check would
+    follow that instead of the model that trains."""
+    import json
+
+    if m.pretrained is None:
+        return
+    try:
+        model_type = json.loads((Path(os.path.expanduser(m.pretrained)) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    if model_type in S.ARCHITECTURES:
+        m.architecture = model_type
 
 
 def _check_dataset(d: S.DataConfig) -> List[Problem]:

@@ -211,7 +211,7 @@ def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Op
         "run_dir": str(Path(run_dir).resolve()),
         "stage": typed.stage.name,
         "model": typed.model.name,
-        "architecture": typed.model.architecture,
+        "architecture": getattr(getattr(stage.model, "config", None), "model_type", None) or typed.model.architecture,
         "strategy": typed.strategy.name,
         "peft": typed.peft.name,
         "data": typed.data.name,

@@ -80,8 +80,9 @@ class ModelConfig:
     name: str = doc("llama", help=(
         "The option's name (conf/model/<name>.yaml): part of run_name and recorded in summary.json."))
     architecture: str = choice("llama", ARCHITECTURES, help=(
-        "The transformers model type, built at the sizes below when model.pretrained is null; keep it matching "
-        "pretrained weights (strategy=tp picks its plan by it)."))
+        "The transformers model type, built at the sizes below when model.pretrained is null; a local "
+        "model.pretrained directory's own type replaces it (strategy=tp picks its plan by it, the record names it); "
+        "for a hub id keep it matching the weights."))
     pretrained: Optional[str] = doc(None, help=(
         "Local directory or hub id with weights and tokenizer (e.g. an earlier run's <run dir>/model; a hub id "
         "needs offline=false); null: initialise from the architecture."))
