@@ -127,6 +127,8 @@ CONFIG_CASES = {
                                            "strategy.sequence_parallel=true"], "generates token by token"),
     "tensor parallel of a gpt2 directory": (["strategy=tp", "trainer.devices=2", "model.pretrained={files}/fake_gpt2"],
                                             "no tensor-parallel plan for gpt2"),  # the weights', not model=llama's
+    "int8 of a gpt2 directory": (["stage=quantize", "trainer.max_steps=0", "model.pretrained={files}/fake_gpt2"],
+                                 "gpt2's attention and MLP layers are transformers' Conv1D"),
     "language model as the reward model": (["stage=ppo", "stage.reward.model={files}/fake_lm"],
                                            "is not a reward model (architectures: LlamaForCausalLM)"),
     "vllm rollouts on a CPU": (["stage=grpo", "stage.rollout.engine=vllm"],

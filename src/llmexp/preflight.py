@@ -234,6 +234,11 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
                          "available", "stage.method=int8, or stage.method=q4_0 for llama.cpp's 4-bit GGUF, on a CPU"))
     if st.name == "quantize" and st.method in S.GGUF_METHODS and pretrained:
         p.extend(_check_gguf_writable(st, Path(os.path.expanduser(pretrained))))
+    elif st.name == "quantize" and pretrained and run.model.architecture == "gpt2":
+        p.append(Problem("stage.method", f"{st.method} is torchao's, which quantizes nn.Linear layers, and gpt2's "
+                         "attention and MLP layers are transformers' Conv1D: only its embeddings would be quantized "
+                         "(1.09x smaller)", "llmexp export <run dir> --format gguf --type q8_0 (or q4_0) writes "
+                         "gpt2's weights quantized for llama.cpp; stage=quantize takes llama, mistral and qwen2"))
     if not spec.generates:
         return p
     if t.grad_accum % getattr(st, "num_minibatches", 1):
@@ -537,7 +542,7 @@ def _check_gguf_writable(st, model_dir: Path) -> List[Problem]:
         return [Problem("stage.method", f"{st.method} measures the GGUF file as transformers reads it back, and "
                         "transformers cannot read a gpt2 GGUF with its own context length",
                         f"llmexp export <run dir> --format gguf --type {st.method} writes the file for llama.cpp; "
-                        "stage.method=int8 measures a quantized gpt2")]
+                        "stage=quantize takes llama, mistral and qwen2")]
     return []
 
 
