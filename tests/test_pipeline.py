@@ -59,6 +59,13 @@ def test_sft_then_rm_then_ppo_scores_with_the_trained_reward_model(tmp_path):
     assert cfg["stage"]["reward"]["model"] == str((root / "2-rm" / "model").resolve())
     reward = out["stages"][2]["initial"]["val/reward"]
     assert reward not in (0.0, 1.0)  # a reward model's mean score, not the 0/1 rule
+    # A 10-step reward model barely ranks its held-out pairs: PPO says so before it follows it.
+    accuracy = json.loads((root / "2-rm" / "summary.json").read_text())["final"]["val/accuracy"]
+    assert json.loads((root / "2-rm" / "model" / "config.json").read_text())["llmexp_heldout_accuracy"] == accuracy
+    assert accuracy < 0.65
+    notes = json.loads((root / "3-ppo" / "summary.json").read_text())["notes"]
+    assert any(f"ranks its held-out pairs at {accuracy:.2f}" in n for n in notes), notes
+    assert f"stage.reward.model ranks its held-out pairs at {accuracy:.2f}" in r.stderr
 
 
 def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):

@@ -156,3 +156,22 @@ def test_scores_of_the_reference_checker_are_a_tensor():
 
     scores = build_checker("reference")([None, None], ["a", "b"], [{"reference": "a"}, {"reference": "c"}])
     assert torch.equal(scores, torch.tensor([1.0, 0.0]))
+
+
+def test_reward_model_note_warns_of_a_reward_model_near_chance(tmp_path):
+    import json
+
+    from llmexp.config.schema import RewardConfig
+    from llmexp.health import reward_model_note
+
+    def note(accuracy, normalize=True):
+        (tmp_path / "config.json").write_text(json.dumps({"llmexp_score_scale": 0.0015, **(
+            {"llmexp_heldout_accuracy": accuracy} if accuracy is not None else {})}))
+        return reward_model_note(RewardConfig(model=str(tmp_path), normalize=normalize))
+
+    assert "ranks its held-out pairs at 0.56 (chance is 0.5)" in note(0.56)
+    assert "divided by half its held-out margin (0.0015)" in note(0.56)
+    assert "margin" not in note(0.56, normalize=False)
+    assert note(0.98) is None and note(0.65) is None and note(None) is None  # unknown: a reward model from elsewhere
+    assert reward_model_note(RewardConfig(function="arithmetic_correct")) is None
+    assert reward_model_note(None) is None

@@ -176,6 +176,34 @@ def lr_scale_note(stage: str, parameters: int, lr: float) -> Optional[str]:
     return None
 
 
+# Below this held-out pair accuracy a reward model's ranking is mostly noise (chance is 0.5).
+WEAK_REWARD_MODEL = 0.65
+
+
+def reward_model_note(reward_cfg) -> Optional[str]:
+    """A warning when the policy is to follow a reward model that barely ranks its own held-out
+    pairs: its normalised scores (divided by half its held-out margin, RewardConfig.normalize) are
+    then mostly noise, magnified (a 3-step reward model at 0.56 had a margin of 0.003, so its
+    scores were multiplied by ~660, and PPO against it ran every answer to the length cap)."""
+    import json
+    from pathlib import Path
+
+    if not getattr(reward_cfg, "model", None):
+        return None
+    try:
+        config = json.loads((Path(reward_cfg.model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    accuracy = config.get("llmexp_heldout_accuracy")
+    if accuracy is None or accuracy >= WEAK_REWARD_MODEL:
+        return None
+    scale = config.get("llmexp_score_scale")
+    magnified = (f"; its scores are divided by half its held-out margin ({scale:.3g})"
+                 if reward_cfg.normalize and scale else "")
+    return (f"stage.reward.model ranks its held-out pairs at {accuracy:.2f} (chance is 0.5), so the policy will "
+            f"mostly follow noise{magnified}: train the reward model further (its val/accuracy) before this stage")
+
+
 def watched(stage: str) -> bool:
     """Stages the guard watches: post-training of a language model."""
     from llmexp.config.stages import stage_spec

@@ -184,18 +184,21 @@ def run_notes(typed, stage) -> Dict[str, Any]:
     """What the run does differently from what was asked, for summary.json (``notes``, and
     ``warmup_steps_used`` when the warm-up was clamped); the lr-scale warning is also printed."""
     from llmexp.config.stages import stage_spec
-    from llmexp.health import lr_scale_note
+    from llmexp.health import lr_scale_note, reward_model_note
     from llmexp.models.build import count_parameters
     from llmexp.optim import effective_warmup
     from llmexp.task_probe import unavailable
 
     out: Dict[str, Any] = {}
     scale_note = lr_scale_note(typed.stage.name, count_parameters(stage.model)["parameters"], typed.optim.lr)
-    if scale_note:
-        from rich.console import Console
+    reward_note = reward_model_note(getattr(typed.stage, "reward", None))
+    for warning in (scale_note, reward_note):
+        if warning:
+            from rich.console import Console
 
-        Console(stderr=True).print(f"[bold yellow]warning[/]: {scale_note}", highlight=False)
-    notes = [n for n in (scale_note, unavailable(typed) if stage_spec(typed.stage.name).language_model else None) if n]
+            Console(stderr=True).print(f"[bold yellow]warning[/]: {warning}", highlight=False)
+    notes = [n for n in (scale_note, reward_note,
+                         unavailable(typed) if stage_spec(typed.stage.name).language_model else None) if n]
     warmup = effective_warmup(typed.optim.warmup_steps, typed.trainer.max_steps)
     if warmup != typed.optim.warmup_steps:
         out["warmup_steps_used"] = warmup

@@ -92,9 +92,11 @@ class RewardModelStage(PreferenceStage):
     def export(self, out_dir):
         facts = super().export(out_dir)
         norm = score_normalization(self.last_val_metrics)
+        accuracy = self.last_val_metrics.get("val/accuracy")
         if norm and self.trainer.is_global_zero:
             config = Path(out_dir) / "config.json"
-            config.write_text(json.dumps({**json.loads(config.read_text()), **norm}, indent=2) + "\n")
+            kept = {**norm, **({"llmexp_heldout_accuracy": accuracy} if accuracy is not None else {})}
+            config.write_text(json.dumps({**json.loads(config.read_text()), **kept}, indent=2) + "\n")
         return {**facts, "reward_model_dir": str(out_dir), **({"score_normalization": norm} if norm else {})}
 
 
