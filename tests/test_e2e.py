@@ -174,3 +174,23 @@ def test_validation_after_training_only_when_the_last_step_was_not_validated(tmp
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if "val/loss" in r]
     assert [int(r["step"]) for r in rows] == logged_at
     assert s["global_step"] == max_steps and s["final"]["val/loss"] == pytest.approx(rows[-1]["val/loss"], rel=1e-6)
+
+
+def test_only_an_rm_runs_expected_load_report_is_kept_quiet():
+    """transformers' LOAD REPORT of a reward model built from a causal LM lists its new score head
+    (MISSING) and the unused LM head (UNEXPECTED): kept out of the run's output. Any other key is
+    a real problem, and its report still shows."""
+    import logging
+
+    from llmexp.models.build import _NewScoreHeadReport
+
+    def shown(*rows):
+        table = "Key | Status |\n----+----\n" + "\n".join(f"{k} | {s} |" for k, s in rows)
+        record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0,
+                                   "\x1b[1mLlamaForSequenceClassification LOAD REPORT\x1b[0m from: x\n" + table,
+                                   None, None)
+        return _NewScoreHeadReport().filter(record)
+
+    assert not shown(("score.weight", "MISSING"), ("lm_head.weight", "UNEXPECTED"))
+    assert shown(("score.weight", "MISSING"), ("model.layers.0.mlp.up_proj.weight", "MISSING"))
+    assert shown(("model.embed_tokens.weight", "MISMATCH"))

@@ -66,6 +66,7 @@ def test_sft_then_rm_then_ppo_scores_with_the_trained_reward_model(tmp_path):
     notes = json.loads((root / "3-ppo" / "summary.json").read_text())["notes"]
     assert any(f"ranks its held-out pairs at {accuracy:.2f}" in n for n in notes), notes
     assert f"stage.reward.model ranks its held-out pairs at {accuracy:.2f}" in r.stderr
+    assert "LOAD REPORT" not in r.stderr  # rm's new score head is what stage=rm means, not news
 
 
 def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):

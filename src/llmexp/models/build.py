@@ -73,6 +73,22 @@ def load_pretrained(auto, path, key: str, what: str, **kwargs):
                            if damaged else "")) from None
 
 
+class _NewScoreHeadReport:
+    """A logging filter for transformers' LOAD REPORT of a reward model built from a causal LM:
+    its score head is new (MISSING) and the LM head unused (UNEXPECTED), as stage=rm means; the
+    table alarmed users on every rm run. A report naming any other key still shows."""
+
+    def filter(self, record) -> bool:
+        import re
+
+        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())
+        if "LOAD REPORT" not in message:
+            return True
+        keys = [line.split("|")[0].strip() for line in message.splitlines()
+                if "|" in line and not line.startswith(("Key", "-"))]
+        return not keys or not all(k.startswith(("score.", "lm_head.")) for k in keys)
+
+
 def build_model(cfg: ModelConfig, tokenizer, quantization_config=None, head: str = "causal_lm"):
     """The model of the run: loaded from ``cfg.pretrained`` or initialised from its config.
 
@@ -89,8 +105,19 @@ def build_model(cfg: ModelConfig, tokenizer, quantization_config=None, head: str
     if cfg.pretrained is None:
         model = auto.from_config(architecture_config(cfg, tokenizer, **extra), **common)
     else:
-        model = load_pretrained(auto, cfg.pretrained, "model.pretrained", what, trust_remote_code=cfg.trust_remote_code,
-                                quantization_config=quantization_config, **extra, **common)
+        import logging
+
+        report = logging.getLogger("transformers.modeling_utils")
+        quiet = _NewScoreHeadReport() if head == "score" else None
+        if quiet:
+            report.addFilter(quiet)
+        try:
+            model = load_pretrained(auto, cfg.pretrained, "model.pretrained", what,
+                                    trust_remote_code=cfg.trust_remote_code,
+                                    quantization_config=quantization_config, **extra, **common)
+        finally:
+            if quiet:
+                report.removeFilter(quiet)
         check_tokenizer_fits(model, tokenizer, cfg)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
