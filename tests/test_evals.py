@@ -62,6 +62,10 @@ def test_eval_of_an_existing_run_and_a_custom_task_dir(evaluated_run, tmp_path):
     r = run_module("llmexp.eval", [f"run={evaluated_run}", "--tasks", "pick_sum,arithmetic_gen",
                                    "--include-path", str(tasks), "--limit", "20", "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    # Outside a git repository lm-eval's commit lookup printed git's "fatal: not a git repository",
+    # and HFLM its notes on being handed a model object: none of it is the user's business.
+    for noise in ("fatal:", "already-initialized model", "is not of type `str`", "specified through cli"):
+        assert noise not in r.stderr, (noise, r.stderr[-2000:])
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"pick_sum", "arithmetic_gen"}
     assert results["pick_sum"]["acc"] >= 0.9

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import subprocess
 from typing import Any, Dict, List
 
 from llmexp.config.schema import EvalConfig
@@ -16,6 +19,30 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records the git commit of the working directory by running ``git describe``, whose
+    "fatal: not a git repository" went to the user's terminal from any directory outside git. The
+    same lookup, its stderr dropped."""
+    import os
+
+    import lm_eval.evaluator as evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def task_manager(cfg: EvalConfig, tasks: List[str], offline: bool):
@@ -42,17 +69,21 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig, offline: bool = True) -> Dict
     tm = task_manager(cfg, list(cfg.tasks), offline)
     was_training = model.training
     model.eval()
+    lm_eval_logger = logging.getLogger("lm_eval")
+    level = lm_eval_logger.level
+    lm_eval_logger.setLevel(logging.ERROR)  # HFLM's notes on being handed a model object: llmexp's way
     try:
         # A PEFT model (adapters active) is evaluated as it is: HFLM takes it like a plain model.
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
                   max_length=getattr(model.config, "max_position_embeddings", None),
                   device=str(next(model.parameters()).device))
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_git_hash():
             out = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=tm, limit=cfg.limit,
                                   num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.apply_chat_template,
                                   log_samples=False, verbosity="ERROR",
                                   gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}")
     finally:
+        lm_eval_logger.setLevel(level)
         model.train(was_training)
     table: Dict[str, Dict[str, Any]] = {}
     for task, metrics in out["results"].items():

@@ -19,7 +19,7 @@ from typing import Dict, List
 
 from llmexp.data import skill
 
-VERSION = 1
+VERSION = 2
 BUNDLED_TASKS = ("arithmetic_mc", "arithmetic_gen", "arithmetic_ppl")
 
 UTILS = r'''"""Metrics for arithmetic_gen (written by llmexp.evals.tasks)."""
@@ -77,7 +77,8 @@ def bundled_task_dir() -> Path:
     (tmp / "utils.py").write_text(UTILS)
     (tmp / "arithmetic_mc.yaml").write_text(_yaml("arithmetic_mc", final_data, (
         "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: label\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n")))
+        "doc_to_target: label\ntarget_delimiter: \"\"\nmetric_list:\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")))
     (tmp / "arithmetic_gen.yaml").write_text(_yaml("arithmetic_gen", final_data, (
         "output_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{solution}}\"\n"
         "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  do_sample: false\n  max_gen_toks: 16\n"
@@ -86,7 +87,10 @@ def bundled_task_dir() -> Path:
         "  - metric: f1\n    aggregation: mean\n    higher_is_better: true\n")))
     (tmp / "arithmetic_ppl.yaml").write_text(_yaml("arithmetic_ppl", root / "arithmetic_text.jsonl", (
         "output_type: loglikelihood_rolling\ndoc_to_text: \"{{text}}\"\ndoc_to_target: \"{{text}}\"\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")))
+        "metric_list:\n"  # lm-eval's own defaults for these metrics, stated (else it warns of each)
+        "  - metric: word_perplexity\n    aggregation: weighted_perplexity\n    higher_is_better: false\n"
+        "  - metric: byte_perplexity\n    aggregation: weighted_perplexity\n    higher_is_better: false\n"
+        "  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n")))
     try:
         tmp.rename(root)
     except OSError:  # another process wrote it first
