@@ -172,6 +172,9 @@ def test_prepare_command_builds_the_cache_a_run_then_hits(cache_dir, tmp_path):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["data_stats"]["cache"]["hit"] is True
     bad = run_cli(["prepare", "stage=pretrain", "data=files", f"data.path={tmp_path / 'none.jsonl'}"], cwd=tmp_path)
     assert bad.returncode == 2 and "data.path" in bad.stderr and "Traceback" not in bad.stderr
+    # streaming reads the files as training goes: nothing to prepare (it was a TypeError traceback)
+    streaming = run_cli(["prepare", *args, "data.streaming=true"], cwd=tmp_path, env={"LLMEXP_CACHE": str(cache_dir)})
+    assert streaming.returncode == 0 and "nothing to prepare" in streaming.stdout, streaming.stderr[-2000:]
 
 
 def test_ranks_read_disjoint_cached_rows_that_cover_one_process(cache_dir, tmp_path):

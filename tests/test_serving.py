@@ -160,6 +160,7 @@ def test_concurrent_requests_are_batched_and_all_answered(served_sft):
     ("messages not a list", {"messages": "hi"}, 400, "messages"),
     ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "GET /v1/models"),
     ("too many answers", {"messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n: must be from 1 to 8"),
+    ("no answers", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n: must be from 1 to 8"),
     ("bad temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
     ("too long", {"messages": [{"role": "user", "content": "hi " * 400}], "max_tokens": 10}, 400,
      "exceeds the model's context"),
@@ -169,6 +170,14 @@ def test_bad_requests_get_4xx_with_a_message(served_sft, case, body, status, wor
     code, reply = http("POST", f"{served_sft['url']}/v1/chat/completions", body)
     assert code == status, (code, reply)
     assert words in reply["error"]["message"], reply
+
+
+def test_null_sampling_fields_take_their_defaults(served_sft):
+    """null means "the default" in OpenAI's API (temperature null was a 500: a comparison with None)."""
+    body = {"messages": [{"role": "user", "content": "Add 3 and 9."}], "temperature": None, "top_p": None, "n": None}
+    code, reply = http("POST", f"{served_sft['url']}/v1/chat/completions", body)
+    assert code == 200, reply
+    assert len(reply["choices"]) == 1 and isinstance(reply["choices"][0]["message"]["content"], str)
 
 
 def test_a_wrong_or_missing_api_key_gets_401(served_sft):

@@ -78,6 +78,23 @@ def test_a_trial_running_when_the_sweep_died_is_resumed(tmp_path):
     assert engine._next_trial() is engine.trials[0]  # restarted (with resume=auto) before new ones
 
 
+def test_a_trial_that_finished_after_the_sweep_died_counts_as_finished(tmp_path):
+    """The trial ran on to its end while the sweep was gone (its parent killed alone): relaunched, a
+    finished run refuses any change, so it was marked failed and another trial named the best."""
+    from llmexp.sweep.engine import FINISHED, SweepEngine
+    from llmexp.sweep.spec import load_spec
+
+    out = tmp_path / "sweep"
+    (out / "trial-000").mkdir(parents=True)
+    (out / "trial-000" / "summary.json").write_text(json.dumps({"final": {"val/loss": 0.0699}}))
+    (out / "trials.json").write_text(json.dumps({"trials": [
+        {"id": 0, "params": {"optim.lr": 0.001}, "run_dir": str(out / "trial-000"), "status": "running",
+         "metric": None, "seconds": 3.0, "extra": {}}]}))
+    engine = SweepEngine(load_spec(str(_spec(tmp_path))), out, count=1)
+    assert engine.trials[0].status == FINISHED and engine.trials[0].metric == 0.0699
+    assert engine._next_trial() is None  # nothing relaunched
+
+
 def test_bayes_proposes_new_points_from_earlier_results(tmp_path):
     from llmexp.sweep.engine import SweepEngine, Trial
     from llmexp.sweep.spec import load_spec

@@ -37,6 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         return report(e)
     cache = prepared.cache
+    if typed.data.streaming:
+        print("data.streaming=true: the files are read as training goes, so there is nothing to prepare "
+              "(data.streaming=false prepares a token cache that every later run reuses)")
+        return 0
     if cache is None:
         print(f"format {prepared.format!r}: prepared rows are encoded by each run (the token cache is for text "
               f"corpora); {len(prepared.train)} training and {len(prepared.val)} validation rows checked")

@@ -59,9 +59,14 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
     for name in ("tools", "response_format", "stop"):
         if getattr(request, name):
             raise RequestProblem(f"{name}: not supported by llmexp serve; leave it out", name)
-    if not 1 <= (request.n or 1) <= served.max_batch_size:
+    # null is "the default" in OpenAI's API: n 1, top_p 1, the run's temperature (temperature_of)
+    if request.n is None:
+        request.n = 1
+    if request.top_p is None:
+        request.top_p = 1.0
+    if not 1 <= request.n <= served.max_batch_size:
         raise RequestProblem(f"n: must be from 1 to {served.max_batch_size} (the server's --max-batch-size)", "n")
-    if not 0 <= request.temperature <= 2:
+    if request.temperature is not None and not 0 <= request.temperature <= 2:
         raise RequestProblem("temperature: must be from 0 (greedy) to 2", "temperature")
     if not 0 < request.top_p <= 1:
         raise RequestProblem("top_p: must be above 0 and at most 1", "top_p")
@@ -86,7 +91,8 @@ def new_token_limit(request: ChatCompletionRequest, served: ServedModel) -> int:
 
 def temperature_of(request: ChatCompletionRequest, served: ServedModel) -> float:
     """The request's temperature, or the run's when the client gave none (LitServe fills in 0.7)."""
-    return float(request.temperature) if "temperature" in request.model_fields_set else served.temperature
+    given = "temperature" in request.model_fields_set and request.temperature is not None
+    return float(request.temperature) if given else served.temperature
 
 
 class CheckedOpenAISpec(OpenAISpec):

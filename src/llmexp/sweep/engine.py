@@ -84,6 +84,9 @@ class SweepEngine:
         for t in trials:
             if t.status == RUNNING:  # the sweep was interrupted while this trial ran
                 t.status = INTERRUPTED
+                if RunDir(t.run_dir).summary() is not None:  # ... and the trial ran on to its end
+                    t.metric = trial_metric(Path(t.run_dir), self.spec.metric)
+                    t.status = FINISHED if t.metric is not None else FAILED
         return trials
 
     def _save(self) -> None:
