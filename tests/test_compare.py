@@ -224,11 +224,15 @@ def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
              ([str(empty)], f"{empty} is not a run directory"),
              ([str(tmp_path / "missing")], "does not exist"),
              ([str(sweep / "trial-000"), "--out", str(sweep / "trial-001")], "holds a run or a sweep"),
-             ([str(sweep), "--out", str(sweep)], "holds a run or a sweep")]
+             ([str(sweep), "--out", str(sweep)], "holds a run or a sweep"),
+             # inside a run (its model/) or a sweep: its files are the run's, the comparison's are not
+             ([str(sweep / "trial-000"), "--out", str(sweep / "trial-000" / "model")], "holds a run or a sweep"),
+             ([str(sweep / "trial-000"), "--out", str(sweep / "new" / "sub")], "holds a run or a sweep")]
     for args, message in cases:
         r = _cli("compare", *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert "give finished run directories" in r.stderr or "choose a new directory" in r.stderr
+    assert not (sweep / "trial-000" / "model" / "compare.md").exists() and not (sweep / "new").exists()
 
 
 def test_a_table_too_wide_for_the_console_is_turned_a_column_per_run(capsys, monkeypatch):

@@ -22,10 +22,11 @@ from llmexp.record import RunDir, write_atomic
 
 
 def output_dir(out: Optional[str], runs: List[Path]) -> Path:
-    """--out, or a fresh runs/compare/<time>; a run directory (or one of the compared runs) is
-    refused so that a comparison never overwrites a run's files."""
+    """--out, or a fresh runs/compare/<time>; a run or sweep directory, a directory inside one (a
+    run's model/), or one of the compared runs is refused: a comparison never writes into a run's files."""
     path = Path(out) if out else Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
-    if RunDir(path).held() or (path / "trials.json").exists() or path.resolve() in {r.resolve() for r in runs}:
+    inside = [p for p in [path.resolve(), *path.resolve().parents] if RunDir(p).held() or (p / "trials.json").exists()]
+    if inside or path.resolve() in {r.resolve() for r in runs}:
         raise UserError(f"compare: --out {path} holds a run or a sweep; choose a new directory for the comparison "
                         f"(default: runs/compare/<time>)")
     if path.exists() and not path.is_dir():
