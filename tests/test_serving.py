@@ -71,10 +71,32 @@ def serving(run_dir: Path, *args: str, timeout: float = 180) -> Iterator[Dict[st
                 pytest.fail(f"llmexp serve did not answer /health in time:\n{log.read_text()[-3000:]}")
             time.sleep(0.3)
         yield {"url": url, "proc": proc}
+        stops_on_sigterm(proc, url)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def stops_on_sigterm(proc, url: str) -> None:
+    """kill (SIGTERM) stops the server as Ctrl+C does, workers and all (its default action ended the
+    main process alone and left LitServe's workers running, reparented, still answering): every
+    served test ends this way unless it stopped the server itself."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while True:  # the workers stay in the server's process group (its session)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        if time.time() > deadline:
+            pytest.fail("a worker of the server stopped by SIGTERM is still running")
+        time.sleep(0.3)
+    with pytest.raises(OSError):
+        http("GET", f"{url}/health", key=None, timeout=2)
 
 
 @pytest.fixture(scope="module")
@@ -436,3 +458,4 @@ def test_serve_refuses_bad_input_with_exit_2_before_loading(tmp_path, tiny_teach
         r = run_cli(["serve", *filled], cwd=tmp_path, timeout=120)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert words in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import socket
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -202,8 +203,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.host != "127.0.0.1" and not served.api_key:
         Console(stderr=True).print("[yellow]warning[/]: listening beyond this machine without --api-key")
     server = build_server(served, prompts, feedback_dir.resolve())
+    signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
     server.run(host=args.host, port=args.port, log_level="warning", generate_client_file=False)
     return 0
+
+
+def _stop_as_on_ctrl_c(signum, frame) -> None:
+    """SIGTERM (kill, systemd, docker stop) stops the server as Ctrl+C does: LitServe then ends its
+    inference and HTTP workers, which the signal's default action left running, still answering."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
