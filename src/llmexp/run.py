@@ -10,9 +10,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig
 
 from llmexp.env import configure_environment, quiet_libraries
+from llmexp.errors import UserError
 from llmexp.faults import explain_disk_full
 from llmexp.preflight import preflight
-from llmexp.record import RunDir, build_summary, finish_record, write_config, write_overrides
+from llmexp.record import RunDir, build_summary, checkpoint_step, finish_record, write_config, write_overrides
 from llmexp.run_lock import RunLock
 from llmexp.secrets import redact
 from llmexp.serving.feedback import feedback_record
@@ -77,7 +78,12 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
     loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
                             resume_step=checkpoint_step(resume_from) if resume_from else None)
     trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *watchers])
-    final, fit_seconds = fit(trainer, stage, data, resume_from)
+    try:
+        final, fit_seconds = fit(trainer, stage, data, resume_from)
+    except SystemExit:
+        if trainer.interrupted:  # Ctrl+C: Lightning shut down and exited 1, saying nothing
+            raise Interrupted(interrupted_message(run_dir, trainer.global_step)) from None
+        raise
     checkpoint = save_last_checkpoint(trainer, run_dir)
     # built before the export, which merges adapters (the trained model's parameter counts)
     summary = build_summary(typed, stage, trainer, data, run_dir=run_dir, resume_from=resume_from,
@@ -88,6 +94,22 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
             summary.update(facts)
         finish_record(trainer, run_dir, redact(summary), started)
     return float(final.get("val/loss", float("nan")))
+
+
+class Interrupted(UserError):
+    """The run was stopped with Ctrl+C (SIGINT): exit code 130, as a shell reports it."""
+
+    exit_code = 130
+
+
+def interrupted_message(run_dir: Path, step: int) -> str:
+    """Where an interrupted run stands and how to continue it."""
+    checkpoint = RunDir(run_dir).checkpoint_to_resume()
+    if checkpoint is not None:
+        return (f"interrupted at step {step}; its last checkpoint ({checkpoint}, step "
+                f"{checkpoint_step(checkpoint)}) is kept: continue with the same overrides and resume={run_dir}")
+    return (f"interrupted at step {step}, before any checkpoint was written (trainer.checkpoint_every_n_steps "
+            f"sets how often): start the run again")
 
 
 def prepare_data(typed):
