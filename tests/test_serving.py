@@ -216,6 +216,10 @@ def test_a_wrong_or_missing_api_key_gets_401(served_sft):
     code, _ = http("GET", f"{served_sft['url']}/v1/models", key=None)
     assert code == 401
     assert http("GET", f"{served_sft['url']}/health", key=None)[0] == 200  # probes need no key
+    # the page's config is open (it asks whether a key is needed), the server's feedback path is not
+    code, open_config = http("GET", f"{served_sft['url']}/feedback/config", key=None)
+    assert code == 200 and open_config["key_required"] is True and "feedback_dir" not in open_config
+    assert http("GET", f"{served_sft['url']}/feedback/config")[1]["feedback_dir"].endswith("feedback")
     assert not (served_sft["run"] / "feedback" / "ratings.jsonl").exists() or all(
         "\"prompt\": [{\"role\": \"user\", \"content\": \"p\"}]" not in line
         for line in (served_sft["run"] / "feedback" / "ratings.jsonl").read_text().splitlines())

@@ -97,7 +97,7 @@ def check_address(host: str, port: int) -> None:
 def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
     """The LitServer: the chat API (LitServe's OpenAI spec), /v1/models, the page and its routes."""
     import litserve as ls
-    from fastapi import Depends, Request
+    from fastapi import Depends, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -120,9 +120,16 @@ def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    async def config() -> Dict[str, Any]:
-        return {"model": served.name, "temperature": served.temperature, "max_tokens": served.max_new_tokens,
-                "key_required": bool(served.api_key), "feedback_dir": str(feedback_dir)}
+    async def config(request: Request) -> Dict[str, Any]:
+        """Open, since the page asks it whether a key is needed; where the judgements are written (a
+        path on the server) only with the key, when there is one."""
+        facts = {"model": served.name, "temperature": served.temperature, "max_tokens": served.max_new_tokens,
+                 "key_required": bool(served.api_key)}
+        try:
+            require_key(request, served.api_key)
+        except HTTPException:
+            return facts
+        return {**facts, "feedback_dir": str(feedback_dir)}
 
     async def models() -> Dict[str, Any]:
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
