@@ -57,6 +57,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher
 
     r = train_in_subprocess([*overrides, f"resume={killed}"], killed)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "not resumable" not in r.stderr  # Lightning's warning, untrue here: the sampler resumes the data
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)

@@ -158,3 +158,42 @@ def test_bad_counts_are_refused(tmp_path, args, message):
     r = _sweep(_spec(tmp_path), tmp_path / "sweep", *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_sweep_stops_its_trial_and_a_rerun_resumes_it(tmp_path):
+    """SIGINT to the sweep alone (kill -INT): it stops its running trial as Ctrl+C stops a run and
+    says how to resume, exit 130 (it was a KeyboardInterrupt traceback, and the trial ran on); the
+    rerun resumes the trial from its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from llmexp.testing import popen_module
+
+    steps = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "t", "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {"optim.lr": {"values": [1e-3]}},
+        "command": ["${env}", "${interpreter}", "-m", "llmexp", *steps, "trainer.max_steps=60",
+                    "trainer.val_check_interval=30", "trainer.checkpoint_every_n_steps=5", "${args_no_hyphens}"]}))
+    out = tmp_path / "sweep"
+    proc = popen_module("llmexp.sweep", [str(spec), "--dir", str(out)], stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((out / "trial-000" / "checkpoints").glob("*.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)  # the sweep alone, not its process group
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "interrupted" in err and "run the same command again" in err, err
+    assert "interrupted at step" in (out / "trial-000.log").read_text()  # the trial stopped, as on Ctrl+C
+    assert json.loads((out / "trials.json").read_text())["trials"][0]["status"] == "running"
+    r = _sweep(spec, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trial = json.loads((out / "trials.json").read_text())["trials"][0]
+    summary = json.loads((Path(trial["run_dir"]) / "summary.json").read_text())
+    assert trial["status"] == "finished" and summary["global_step"] == 60 and summary["resumed_from"]

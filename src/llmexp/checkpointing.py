@@ -11,8 +11,11 @@ RNG states, so a resumed run ends with the weights of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -22,6 +25,26 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from llmexp.errors import UserError
 from llmexp.record import checkpoint_step
+
+
+@contextlib.contextmanager
+def ctrl_c_after_the_block():
+    """Ctrl+C (SIGINT) during the block takes effect when it ends: a KeyboardInterrupt inside
+    torch.save surfaced as its zip writer's "unexpected pos" RuntimeError, so a run stopped while it
+    saved reported that instead of where it stood. Only in the main thread, and only where Python's
+    own handler is installed (Lightning ignores SIGINT while it shuts down)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: List[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -40,11 +63,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = partial_path(path)
         try:
-            with open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            with ctrl_c_after_the_block():
+                with open(tmp, "wb") as fh:
+                    torch.save(checkpoint, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)  # never leave half a checkpoint behind
             fault = disk_full_fault(exc, path)

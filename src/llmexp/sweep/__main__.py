@@ -33,7 +33,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_spec(spec)
         count = args.count if args.count is not None else (None if spec.config.get("method") == "grid" else 10)
         out = Path(args.dir or Path("runs") / "sweeps" / spec.name)
-        trials = SweepEngine(spec, out, count, args.parallel).run()
+        engine = SweepEngine(spec, out, count, args.parallel)
+        try:
+            trials = engine.run()
+        except KeyboardInterrupt:
+            running = sorted(engine.procs)
+            engine.interrupt_trials()
+            sys.stderr.write(f"llmexp sweep: interrupted; {out}/trials.json keeps every trial's state"
+                             + (f" (trial{'s' if len(running) > 1 else ''} {', '.join(map(str, running))} "
+                                "will continue from its last checkpoint)" if running else "")
+                             + ": run the same command again to resume the sweep\n")
+            return 130
         result = write_report(out, trials, spec.metric, spec.goal, spec.name, spec.parameters)
     except UserError as e:
         return report(e)

@@ -173,6 +173,23 @@ class SweepEngine:
                 self._save()
                 print(f"trial {tid} stopped early by {self.spec.config['early_terminate'].get('type')}", flush=True)
 
+    def interrupt_trials(self, wait_seconds: float = 120) -> None:
+        """Ctrl+C reached the sweep alone (``kill -INT``) or with its trials: stop every running trial
+        as Ctrl+C stops a run (it keeps its last checkpoint), so that a rerun resumes it rather than
+        finding it still running."""
+        import signal
+
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        deadline = time.time() + wait_seconds
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(deadline - time.time(), 1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def run(self) -> List[Trial]:
         while True:
             while len(self.procs) < self.parallel:
