@@ -12,20 +12,10 @@ from typing import List, Optional
 
 from llmexp.errors import UserError, reader_may_stop_early, report
 from llmexp.help import HELP_FLAGS, help_text
+from llmexp.commands import SUBCOMMANDS
 from llmexp.overrides import resolve_overrides, split_overrides
 from llmexp.paths import config_dir, config_groups
 
-# `llmexp <name> ...` commands besides a run: each module's main(argv) -> exit code, imported only
-# when asked for (so that a run, --help and the other commands do not pay for its imports).
-SUBCOMMANDS = {
-    "sweep": "llmexp.sweep.__main__:main",
-    "pipeline": "llmexp.pipeline:main",
-    "compare": "llmexp.compare.__main__:main",
-    "export": "llmexp.export_gguf:main",
-    "prepare": "llmexp.prepare_corpus:main",
-    "serve": "llmexp.serving.server:main",
-    "plugins": "llmexp.plugins.listing:main",
-}
 
 # Flags after which Hydra only prints help or information: no need to check overrides.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}

@@ -44,6 +44,16 @@ def resolve_overrides(overrides: List[str]):
 
     groups = config_groups()
     problems: List[Problem] = []
+    bare = next((o for o in overrides if "=" not in o and not o.startswith(("-", "+", "~"))), None)
+    if bare is not None:  # `llmexp resume <dir>`, `llmexp train`: a command llmexp does not have
+        from llmexp.commands import SUBCOMMANDS
+        from llmexp.config.stages import STAGES
+
+        hint = ("resume is an override: python -m llmexp <the run's overrides> resume=<run dir> (or resume=auto)"
+                if bare == "resume" else f"write overrides as key=value or group=option (stage={bare}?)"
+                if bare in STAGES else "write overrides as key=value or group=option")
+        raise ConfigError([Problem("command line", f"{bare!r} is neither an override (key=value) nor a command "
+                                   f"({', '.join(sorted(SUBCOMMANDS))})", hint)])
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
