@@ -41,14 +41,9 @@ def adopt_pretrained_architecture(m: S.ModelConfig) -> None:
     llmexp knows it. `stage=dpo model.pretrained=<a qwen2 run>/model` keeps model=llama's default
     architecture otherwise, and the run record, strategy=tp's plan and the tokenizer check would
     follow that instead of the model that trains."""
-    import json
+    from llmexp.models.build import local_model_type
 
-    if m.pretrained is None:
-        return
-    try:
-        model_type = json.loads((Path(os.path.expanduser(m.pretrained)) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return
+    model_type = local_model_type(m.pretrained) if m.pretrained is not None else None
     if model_type in S.ARCHITECTURES:
         m.architecture = model_type
 

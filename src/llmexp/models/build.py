@@ -6,7 +6,7 @@ local directory (e.g. another run's ``model/``) when ``model.pretrained`` is set
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from llmexp.config.schema import ModelConfig
 from llmexp.errors import UserError
@@ -31,6 +31,18 @@ def architecture_config(cfg: ModelConfig, tokenizer, **overrides: Any) -> Any:
                "bos_token_id": tokenizer.bos_token_id}
     return AutoConfig.for_model(cfg.architecture, vocab_size=len(tokenizer), **sizes, **special,
                                   **cfg.extra, **overrides)
+
+
+def local_model_type(path) -> Optional[str]:
+    """The model type in a local model directory's config.json (None for a hub id or an unreadable config)."""
+    import json
+    import os
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(os.path.expanduser(str(path))) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def check_not_a_reward_model(path, key: str) -> None:

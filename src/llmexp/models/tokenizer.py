@@ -70,7 +70,9 @@ def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts
             key = "model.tokenizer" if source else "model.pretrained"
             raise UserError(f"{key}: cannot load a tokenizer from {where!r}: {str(e).splitlines()[0]}") from None
     if architecture is not None and (source is not None or pretrained is None):
-        model_type = architecture if pretrained is None else _model_type(pretrained)
+        from llmexp.models.build import local_model_type
+
+        model_type = architecture if pretrained is None else local_model_type(pretrained)
         if model_type is not None:
             tok = as_a_model_directory_loads_it(tok, model_type)
     return tok
@@ -95,16 +97,6 @@ def as_a_model_directory_loads_it(tok, model_type: str):
         loaded = ensure_special_tokens(AutoTokenizer.from_pretrained(d))
     loaded.name_or_path = tok.name_or_path
     return loaded
-
-
-def _model_type(pretrained: str) -> Optional[str]:
-    """The model type of a local model directory (None for a hub id or an unreadable config)."""
-    import json
-
-    try:
-        return json.loads((Path(pretrained) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
 
 
 def ensure_special_tokens(tok):

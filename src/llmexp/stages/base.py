@@ -316,15 +316,19 @@ class StageModule(L.LightningModule):
         self.model.train(was_training)
         return out[:, prompt_ids.shape[1]:]
 
-    def greedy_answers(self, prompts: List[Any], max_new_tokens: int) -> List[str]:
-        """Greedy answer texts to prompts (chat messages or strings), as a user would get them."""
+    def greedy_responses(self, prompts: List[Any], max_new_tokens: int) -> torch.Tensor:
+        """Greedy response token ids ``[B, T]`` (pad after eos) to prompts (chat messages or strings)."""
         from llmexp.data.collate import collate_prompts
         from llmexp.data.encode import render_prompt
 
         rows = [{"input_ids": render_prompt(self.tokenizer, p), "prompt": p, "columns": {}} for p in prompts]
         batch = collate_prompts(rows, self.tokenizer.pad_token_id)
-        responses = self.generate_responses(batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
-                                            max_new_tokens)
+        return self.generate_responses(batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
+                                       max_new_tokens)
+
+    def greedy_answers(self, prompts: List[Any], max_new_tokens: int) -> List[str]:
+        """Greedy answer texts to prompts (chat messages or strings), as a user would get them."""
+        responses = self.greedy_responses(prompts, max_new_tokens)
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in responses.tolist()]
 
     def _task_sums(self) -> None:

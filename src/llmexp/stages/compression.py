@@ -37,25 +37,15 @@ def generation_speed(stage, model) -> float:
     """Greedy tokens per second of ``model`` on 32 of the task's prompts (NaN without a task):
     the tokens it generated, up to and including eos (not its answers' text re-tokenized, which
     counts nothing for a model that answers in whitespace)."""
-    from llmexp.data.collate import collate_prompts
-    from llmexp.data.encode import render_prompt
-
     probe = getattr(stage, "task_probe", None)
     prompts: List[Any] = [r["prompt"] for r in probe.rows[:32]] if probe is not None else []
     if not prompts:
         return float("nan")
-
-    def generate(some: List[Any], max_new_tokens: int) -> torch.Tensor:
-        rows = [{"input_ids": render_prompt(stage.tokenizer, p), "prompt": p, "columns": {}} for p in some]
-        batch = collate_prompts(rows, stage.tokenizer.pad_token_id)
-        return stage.generate_responses(batch["prompt_ids"].to(stage.device), batch["prompt_mask"].to(stage.device),
-                                        max_new_tokens)
-
     stage.model, kept = model, stage.model
     try:
-        generate(prompts[:4], 4)  # warm-up
+        stage.greedy_responses(prompts[:4], 4)  # warm-up
         started = time.perf_counter()
-        responses = generate(prompts, 24)
+        responses = stage.greedy_responses(prompts, 24)
         seconds = time.perf_counter() - started
     finally:
         stage.model = kept
@@ -65,9 +55,7 @@ def generation_speed(stage, model) -> float:
 def generated_tokens(responses: torch.Tensor, eos_token_id: int) -> int:
     """Tokens of responses ``[B, T]`` (padded after eos) up to and including each one's first eos."""
     ended = responses == eos_token_id
-    first_eos = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full_like(ended[:, 0], responses.shape[1],
-                                                                                      dtype=torch.long))
-    return int(first_eos.sum())
+    return int(torch.where(ended.any(1), ended.int().argmax(1) + 1, responses.shape[1]).sum())
 
 
 def compression_record(before: Dict[str, Any], after_model, out_dir: Path, after_speed: Optional[float],
