@@ -149,6 +149,14 @@ def distill_pipeline(shared_tmp, default_sft) -> Path:
 
 
 @pytest.fixture(scope="session")
+def half_width_sft(shared_tmp) -> Path:
+    """The distill pipeline's student (hidden 32, MLP 128) trained by plain SFT for the same
+    steps: what distillation has to beat."""
+    return once(shared_tmp, "half-width-sft", lambda d: _llmexp(d, "logger=csv", "stage=sft", "model.hidden_size=32",
+                                                                 "model.intermediate_size=128"))
+
+
+@pytest.fixture(scope="session")
 def shipped_pipeline(shared_tmp, short_sft) -> Callable[[str], Tuple[Path, str]]:
     """``shipped_pipeline(name)``: `llmexp pipeline <name>` from the 200-step SFT (dpo, kto, grpo,
     rloo, online_dpo), built once per session: (its directory, what it printed)."""

@@ -125,6 +125,8 @@ CONFIG_CASES = {
                                    "model.pretrained: '{files}/fake_rm' is a reward model"),
     "sequence parallel without tensor parallel": (["strategy=ddp", "strategy.sequence_parallel=true"],
                                                   "strategy.sequence_parallel: sequence parallelism is part"),
+    "attention transfer under tensor parallel": (["stage=distill", "stage.teacher={files}/fake_gpt2", "strategy=tp",
+                                                  "trainer.devices=2"], "strategy=tp splits the heads across ranks"),
     "sequence parallel with generation": (["stage=grpo", "strategy=tp", "trainer.devices=2",
                                            "strategy.sequence_parallel=true"], "generates token by token"),
     "tensor parallel of a gpt2 directory": (["strategy=tp", "trainer.devices=2", "model.pretrained={files}/fake_gpt2"],

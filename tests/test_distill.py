@@ -3,6 +3,7 @@ samples, and the teacher checks (the learning proof is in test_post_training.py)
 
 from __future__ import annotations
 
+import math
 import os
 import types
 
@@ -66,7 +67,7 @@ def chat_batch(stage, n=6):
 def test_stage_loss_is_trls_gkd_loss_on_the_same_batch(teacher_dir, loss_type, beta):
     """The data batch's loss per completion token equals TRL's GKDTrainer.compute_loss (its
     student and teacher forward, causal shift and label mask) on the same tokens."""
-    stage = distill_stage(teacher_dir, f"stage.loss_type={loss_type}", "stage.sft_weight=0")
+    stage = distill_stage(teacher_dir, f"stage.loss_type={loss_type}", "stage.sft_weight=0", "stage.attention_weight=0")
     batch = chat_batch(stage)
     with torch.no_grad():
         loss, extras = stage.micro_loss(batch)
@@ -84,7 +85,7 @@ def test_temperature_scales_by_its_square_and_sft_weight_adds_the_nll(teacher_di
 
     base = distill_stage(teacher_dir)
     batch = chat_batch(base)
-    stage = distill_stage(teacher_dir, "stage.temperature=2.0", "stage.sft_weight=0.5")
+    stage = distill_stage(teacher_dir, "stage.temperature=2.0", "stage.sft_weight=0.5", "stage.attention_weight=0")
     with torch.no_grad():
         loss, extras = stage.micro_loss(batch)
         logits = stage.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -96,10 +97,62 @@ def test_temperature_scales_by_its_square_and_sft_weight_adds_the_nll(teacher_di
     assert float(loss) == pytest.approx(float(divergence + 0.5 * nll), rel=1e-5)
 
 
+def test_attention_divergence_by_hand():
+    """KL(teacher || student) of each query's attention row, averaged over heads and the queries
+    in the mask, then over the paired layers; head-averaged maps when the head counts differ."""
+    from llmexp.losses import attention_divergence, paired_layers
+
+    teacher = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).reshape(1, 1, 2, 2)
+    student = torch.tensor([[1.0, 0.0], [0.25, 0.75]]).reshape(1, 1, 2, 2)
+    second_row = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    both = torch.tensor([[True, True]])
+    assert float(attention_divergence([teacher], [teacher], both)) == 0.0
+    assert float(attention_divergence([student], [teacher], both)) == pytest.approx(second_row / 2)
+    assert float(attention_divergence([student], [teacher], torch.tensor([[True, False]]))) == 0.0
+    # two layers: the mean of their divergences
+    assert float(attention_divergence([student, teacher], [teacher, teacher], both)) == pytest.approx(second_row / 4)
+    # a two-head teacher of a one-head student: the teacher's heads averaged
+    other = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 1, 2, 2)
+    two_heads = torch.cat([other, torch.tensor([[1.0, 0.0], [0.5, 0.5]]).reshape(1, 1, 2, 2)], 1)  # mean row 2: .25/.75
+    assert float(attention_divergence([student], [two_heads], both)) == pytest.approx(0.0, abs=1e-6)
+    assert paired_layers(2, 2) == [(0, 0), (1, 1)]
+    assert paired_layers(2, 4) == [(0, 0), (1, 3)]  # first with first, last with last
+    assert paired_layers(3, 12) == [(0, 0), (1, 6), (2, 11)]
+    assert paired_layers(1, 2) == [(0, 0)]
+    assert paired_layers(3, 2) == [(0, 0), (1, 1), (2, 1)]  # a deeper student
+
+
+def test_attention_transfer_adds_the_weighted_attention_divergence(teacher_dir):
+    """stage.attention_weight: both models run eager attention, and the loss is the divergence
+    and NLL of the stage without it plus the weight x the attention divergence of the same
+    forward; the record names the paired layers."""
+    from llmexp.losses import attention_divergence
+
+    without = distill_stage(teacher_dir, "stage.attention_weight=0")
+    stage = distill_stage(teacher_dir, "stage.attention_weight=2")
+    assert stage.model.config._attn_implementation == "eager" == stage.teacher.config._attn_implementation
+    assert without.model.config._attn_implementation == "sdpa"
+    batch = chat_batch(stage)
+    with torch.no_grad():
+        loss, extras = stage.micro_loss(batch)
+        plain, _ = without.micro_loss(batch)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        mine = stage.model(**inputs, output_attentions=True).attentions
+        theirs = stage.teacher(**inputs, output_attentions=True).attentions
+        expected = attention_divergence(mine, theirs, batch["attention_mask"].bool())
+    assert float(expected) > 1e-4  # untrained, both attend nearly uniformly, but not alike
+    assert float(loss) == pytest.approx(float(plain) + 2 * float(expected) * batch["loss_weight"], rel=1e-5)
+    assert float(extras["attention_divergence"]) / batch["loss_weight"] == pytest.approx(float(expected), rel=1e-5)
+    assert stage.summary_extras()["attention_transfer"] == {"layers": [(0, 0), (1, 1)], "heads": "one to one"}
+    sums = stage.val_sums(batch)
+    assert float(sums["attention_divergence"][0] / sums["attention_divergence"][1]) == pytest.approx(float(expected),
+                                                                                                    rel=1e-5)
+
+
 def test_on_policy_batches_are_the_students_samples_scored_by_the_teacher(teacher_dir):
     """stage.lmbda=1: every micro-batch is the prompts answered by the student; labels cover each
     response up to its eos and nothing of the prompt; the loss is TRL's on those tokens."""
-    stage = distill_stage(teacher_dir, "stage.lmbda=1", "stage.rollout.max_new_tokens=8")
+    stage = distill_stage(teacher_dir, "stage.lmbda=1", "stage.rollout.max_new_tokens=8", "stage.attention_weight=0")
     batch = chat_batch(stage)
     torch.manual_seed(5)
     sampled = stage.sample_completions(batch["prompt"])

@@ -203,16 +203,24 @@ def test_the_guard_warns_and_records_a_dpo_collapse(tmp_path, default_sft):
     assert all(w["fix"] and w["step"] > 0 for w in s["health"]["warnings"])
 
 
-def test_distill_pipeline_keeps_most_of_the_teachers_exact_match_at_half_the_width(distill_pipeline):
+def test_distill_pipeline_beats_plain_sft_of_the_same_student(distill_pipeline, half_width_sft):
     """`llmexp pipeline distill`: the default SFT teaches a student of half its width (hidden 32,
-    MLP 128), which is then quantized to int8; shipped defaults. Measured 0.923 -> 0.897; plain SFT of the same student for the
-    same 600 steps reached 0.923 too, so on this task the teacher adds nothing the answers
-    themselves do not say (docs/stages.md)."""
+    MLP 128), which is then quantized to int8; shipped defaults. The student keeps >= 0.9 of its
+    teacher's exact match and beats the same student trained by plain SFT for the same 600 steps:
+    measured 0.968 against 0.923, validation loss 0.020 against 0.043 (over 5 seeds 0.95 against
+    0.91; docs/stages.md). The teacher's attention maps make the difference: without them
+    distillation measured 0.897."""
     sft, distill, quantized = json.loads((distill_pipeline / "pipeline_summary.json").read_text())["stages"]
     teacher = sft["final"]["val/task_score"]
     s = summary(distill_pipeline / "2-distill")
     before, after = task(s)
     assert before < 0.05 and after >= 0.9 * teacher, (teacher, after)
+    plain = summary(half_width_sft)
+    assert plain["parameters"] == s["parameters"] and plain["global_step"] == s["global_step"]
+    assert after > task(plain)[1], (after, task(plain))
+    assert s["final"]["val/loss"] < 0.75 * plain["final"]["val/loss"], (s["final"], plain["final"])
+    assert s["attention_transfer"]["layers"] == [[0, 0], [1, 1]]
+    assert s["final"]["val/attention_divergence"] < s["initial"]["val/attention_divergence"] / 4
     assert s["final"]["val/divergence"] < s["initial"]["val/divergence"] / 10
     assert s["teacher"]["parameters"] > 2 * s["parameters"]  # the record names the teacher and its size
     config = (distill_pipeline / "2-distill" / "config.yaml").read_text()

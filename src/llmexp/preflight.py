@@ -492,6 +492,10 @@ def _check_teacher(run: S.RunConfig) -> List[Problem]:
     if st.lmbda > 0 and st.rollout.engine == "vllm":
         p.append(Problem("stage.rollout.engine", "distill samples the student's completions with engine hf or "
                          "generate", "stage.rollout.engine=hf"))
+    if st.attention_weight > 0 and run.strategy.name == "tp":
+        p.append(Problem("stage.attention_weight", "attention transfer compares each head's whole attention map "
+                         "with the teacher's, and strategy=tp splits the heads across ranks",
+                         "strategy=fsdp (or ddp), or stage.attention_weight=0"))
     return p
 
 

@@ -441,6 +441,12 @@ class DistillStageConfig:
         "its gradients keep their size (Hinton et al. 2015)."))
     sft_weight: float = bounded(0.0, min=0.0, help=(
         "Weight of the plain SFT loss (the data completion's mean token NLL) added on the data's batches."))
+    attention_weight: float = bounded(0.0, min=0.0, help=(
+        "Weight of attention transfer: the KL divergence of the student's attention distributions from the "
+        "teacher's at every token, per layer (a student of another depth spreads its layers evenly over the "
+        "teacher's, first with first and last with last) and head "
+        "(head-averaged maps when the head counts differ); MiniLM, Wang et al. 2020. The student learns where the "
+        "teacher looks, not only what it says. Both models then compute attention in eager mode."))
     lmbda: float = bounded(0.0, min=0.0, max=1.0, help=(
         "Share of micro-batches whose completions the student samples itself (stage.rollout), scored by the "
         "teacher: on-policy distillation (GKD's lambda). 0: the data's completions only."))

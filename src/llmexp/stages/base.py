@@ -297,11 +297,12 @@ class StageModule(L.LightningModule):
     # -- generation (the task metric here; rollouts in rollout.py) -------------------------------
     @torch.no_grad()
     def generate_responses(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-                           engine: str = "hf", **sampling: Any) -> torch.Tensor:
+                           engine: str = "hf", alone: bool = False, **sampling: Any) -> torch.Tensor:
         """Responses ``[B, T]`` to left-padded prompts (pad after eos), greedy unless ``sampling``
         says otherwise: by llmexp's decode loop, or ``engine="generate"`` by transformers'
-        ``model.generate``. Sharded models generate in lockstep across ranks."""
-        lockstep = self.is_model_parallel and self.trainer.world_size > 1
+        ``model.generate``. Sharded models generate in lockstep across ranks, unless ``alone``: one
+        rank generating with a whole model (rank 0 after an export)."""
+        lockstep = self.is_model_parallel and self.trainer.world_size > 1 and not alone
         if engine == "hf" and not sampling:
             from llmexp.sampler import Sampler
 
@@ -316,15 +317,16 @@ class StageModule(L.LightningModule):
         self.model.train(was_training)
         return out[:, prompt_ids.shape[1]:]
 
-    def greedy_responses(self, prompts: List[Any], max_new_tokens: int) -> torch.Tensor:
-        """Greedy response token ids ``[B, T]`` (pad after eos) to prompts (chat messages or strings)."""
+    def greedy_responses(self, prompts: List[Any], max_new_tokens: int, alone: bool = False) -> torch.Tensor:
+        """Greedy response token ids ``[B, T]`` (pad after eos) to prompts (chat messages or strings);
+        ``alone`` as in generate_responses."""
         from llmexp.data.collate import collate_prompts
         from llmexp.data.encode import render_prompt
 
         rows = [{"input_ids": render_prompt(self.tokenizer, p), "prompt": p, "columns": {}} for p in prompts]
         batch = collate_prompts(rows, self.tokenizer.pad_token_id)
         return self.generate_responses(batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
-                                       max_new_tokens)
+                                       max_new_tokens, alone=alone)
 
     def greedy_answers(self, prompts: List[Any], max_new_tokens: int) -> List[str]:
         """Greedy answer texts to prompts (chat messages or strings), as a user would get them."""

@@ -43,9 +43,10 @@ def generation_speed(stage, model) -> float:
         return float("nan")
     stage.model, kept = model, stage.model
     try:
-        stage.greedy_responses(prompts[:4], 4)  # warm-up
+        # on rank 0 alone, with the whole model (after a sharded run's export)
+        stage.greedy_responses(prompts[:4], 4, alone=True)  # warm-up
         started = time.perf_counter()
-        responses = stage.greedy_responses(prompts, 24)
+        responses = stage.greedy_responses(prompts, 24, alone=True)
         seconds = time.perf_counter() - started
     finally:
         stage.model = kept

@@ -18,7 +18,7 @@ import torch
 from llmexp.advantages import response_mask
 from llmexp.data.collate import collate_lm, collate_prompts
 from llmexp.data.encode import IGNORE_INDEX, render_prompt
-from llmexp.losses import distillation_divergence, token_nll_sum
+from llmexp.losses import attention_divergence, distillation_divergence, paired_layers, token_nll_sum
 from llmexp.stages.causal_lm import CausalLMStage
 from llmexp.stages.reference import Reference, frozen
 
@@ -70,7 +70,11 @@ class DistillStage(CausalLMStage):
     @classmethod
     def create(cls, cfg, tokenizer):
         stage = super().create(cfg, tokenizer)
-        stage._frozen = {"teacher": Reference(load_teacher(cfg, tokenizer))}
+        teacher = load_teacher(cfg, tokenizer)
+        if cfg.stage.attention_weight > 0:  # only eager attention returns its weights
+            stage.model.set_attn_implementation("eager")
+            teacher.set_attn_implementation("eager")
+        stage._frozen = {"teacher": Reference(teacher)}
         return stage
 
     @property
@@ -78,8 +82,15 @@ class DistillStage(CausalLMStage):
         return self._frozen["teacher"].copy
 
     def summary_extras(self) -> Dict[str, Any]:
-        return {"teacher": {"source": self.cfg.stage.teacher,
-                            "parameters": sum(p.numel() for p in self.teacher.parameters())}}
+        extras = {"teacher": {"source": self.cfg.stage.teacher,
+                              "parameters": sum(p.numel() for p in self.teacher.parameters())}}
+        if self.cfg.stage.attention_weight > 0:
+            mine, theirs = self.model.config.get_text_config(), self.teacher.config.get_text_config()
+            heads = mine.num_attention_heads == theirs.num_attention_heads
+            extras["attention_transfer"] = {
+                "layers": paired_layers(mine.num_hidden_layers, theirs.num_hidden_layers),
+                "heads": "one to one" if heads else "head-averaged maps (the head counts differ)"}
+        return extras
 
     def export(self, out_dir) -> Dict[str, Any]:
         """The student's export, and how it compares with its teacher."""
@@ -124,33 +135,44 @@ class DistillStage(CausalLMStage):
         return batch
 
     # -- the loss --------------------------------------------------------------------------------
-    def divergence_sum(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def divergence_sum(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """(sum of the divergence x temperature^2 over completion tokens, their count, the
-        student's logits) for one batch of sequences with labels."""
+        student's logits, the mean attention divergence or None) for one batch of sequences with
+        labels."""
         s = self.cfg.stage
         inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
-        logits = self.model(**inputs, use_cache=False).logits
+        attentions = s.attention_weight > 0
+        out = self.model(**inputs, use_cache=False, output_attentions=attentions)
         with self._frozen["teacher"].model(self.model) as teacher:
-            teacher_logits = teacher(**inputs, use_cache=False).logits
+            theirs = teacher(**inputs, use_cache=False, output_attentions=attentions)
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
         beta = JSD_BETA.get(s.loss_type, s.jsd_beta)
-        per_token = distillation_divergence(logits[:, :-1][mask], teacher_logits[:, :-1][mask], beta, s.temperature)
-        return per_token.sum() * s.temperature ** 2, mask.sum(), logits
+        per_token = distillation_divergence(out.logits[:, :-1][mask], theirs.logits[:, :-1][mask], beta,
+                                            s.temperature)
+        attention = (attention_divergence(out.attentions, theirs.attentions, batch["attention_mask"].bool())
+                     if attentions else None)
+        return per_token.sum() * s.temperature ** 2, mask.sum(), out.logits, attention
 
     def micro_loss(self, batch):
         s = self.cfg.stage
-        if self._on_policy():
+        on_policy = self._on_policy()
+        if on_policy:
             sampled = self.sample_completions(batch["prompt"])
-            div, n, _ = self.divergence_sum(sampled)
+            div, n, _, attention = self.divergence_sum(sampled)
             # weighed like the data batch it replaces, so every micro-batch counts as its data does
             loss = div / n.clamp(min=1) * batch["loss_weight"]
-            return loss, {"divergence": loss.detach(), "on_policy": torch.tensor(float(batch["loss_weight"]))}
-        div, _, logits = self.divergence_sum(batch)
-        loss = div
-        if s.sft_weight:
-            nll, _ = token_nll_sum(logits, batch["labels"])
-            loss = loss + s.sft_weight * nll
-        return loss, {"divergence": div.detach(), "on_policy": torch.zeros(())}
+        else:
+            div, n, logits, attention = self.divergence_sum(batch)
+            loss = div
+            if s.sft_weight:
+                nll, _ = token_nll_sum(logits, batch["labels"])
+                loss = loss + s.sft_weight * nll
+        extras = {"divergence": (loss if on_policy else div).detach(), "on_policy": torch.tensor(float(batch["loss_weight"]) if on_policy else 0.0)}
+        if attention is not None:
+            # a mean over the sequences' tokens, weighed as the completion tokens' losses are
+            loss = loss + s.attention_weight * attention * batch["loss_weight"]
+            extras["attention_divergence"] = attention.detach() * batch["loss_weight"]
+        return loss, extras
 
     def _on_policy(self) -> bool:
         """Whether this micro-batch is the student's own: drawn from the seed, step and micro-batch
@@ -190,6 +212,9 @@ class DistillStage(CausalLMStage):
                 "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "labels": labels}
 
     def val_sums(self, batch):
-        div, n, logits = self.divergence_sum(batch)
+        div, n, logits, attention = self.divergence_sum(batch)
         nll, count = token_nll_sum(logits, batch["labels"])
-        return {"loss": (nll, count), "divergence": (div, n)}
+        sums = {"loss": (nll, count), "divergence": (div, n)}
+        if attention is not None:
+            sums["attention_divergence"] = (attention * n, n)
+        return sums
