@@ -194,6 +194,30 @@ def test_bad_requests_get_4xx_with_a_message(served_sft, case, body, status, wor
     assert words in reply["error"]["message"], reply
 
 
+def test_content_as_text_parts_is_answered_and_other_parts_get_400(served_sft):
+    """OpenAI's API allows content as a list of parts; text parts are the text (joined by newlines)."""
+    c = client(served_sft["url"])
+    as_string = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": "Add 3 and 4."}],
+                                          temperature=0)
+    as_parts = c.chat.completions.create(model="sft-llama", temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Add 3 and 4."}]}])
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    code, reply = http("POST", f"{served_sft['url']}/v1/chat/completions", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]})
+    assert code == 400 and "messages[0].content[1]" in reply["error"]["message"] and "'image_url'" in \
+        reply["error"]["message"], reply
+
+
+def test_both_good_on_two_same_answers_is_one_rating(served_sft):
+    feedback = served_sft["run"] / "feedback" / "ratings.jsonl"
+    before = len(feedback.read_text().splitlines()) if feedback.exists() else 0
+    code, reply = http("POST", f"{served_sft['url']}/feedback/judgements",
+                       {"kind": "pair", "prompt": "Add 1 and 1.", "answers": ["1 + 1 = 2", "1 + 1 = 2"],
+                        "choice": "both_good"})
+    assert code == 200 and reply["ratings"] == before + 1, reply
+
+
 def test_null_sampling_fields_take_their_defaults(served_sft):
     """null means "the default" in OpenAI's API (temperature null was a 500: a comparison with None)."""
     body = {"messages": [{"role": "user", "content": "Add 3 and 9."}], "temperature": None, "top_p": None, "n": None}
@@ -212,7 +236,8 @@ def test_a_wrong_or_missing_api_key_gets_401(served_sft):
         assert e.value.status_code == 401
         code, reply = http("POST", f"{served_sft['url']}/feedback/judgements",
                            {"kind": "rating", "prompt": "p", "answer": "a", "label": "up"}, key=key or None)
-        assert code == 401 and "API key" in json.dumps(reply)
+        assert "API key" in e.value.message  # the client reads OpenAI's {"error": {"message"}}, not FastAPI's detail
+        assert code == 401 and "API key" in reply["error"]["message"] and reply["error"]["type"] == "authentication_error"
     code, _ = http("GET", f"{served_sft['url']}/v1/models", key=None)
     assert code == 401
     assert http("GET", f"{served_sft['url']}/health", key=None)[0] == 200  # probes need no key
@@ -230,6 +255,7 @@ def test_a_wrong_or_missing_api_key_gets_401(served_sft):
     ({"kind": "pair", "prompt": "p", "answers": ["a", "b"], "choice": "c"}, "choice: must be one of"),
     ({"kind": "rating", "prompt": "", "answer": "a", "label": "up"}, "prompt: must be a non-empty string"),
     ({"kind": "vote", "prompt": "p"}, "kind: must be 'pair' or 'rating'"),
+    ({"kind": "pair", "prompt": "p", "answers": ["3 + 4 = 7", "3 + 4 = 7 "], "choice": "b"}, "the two answers are the same"),
 ])
 def test_bad_judgements_get_400_and_write_nothing(served_sft, body, words):
     feedback = served_sft["run"] / "feedback"
@@ -263,9 +289,13 @@ def test_the_feedback_page_in_a_real_browser_records_exactly_the_judgements(tmp_
         for choice, status in (("#choose-a", "1 pair(s) and 0 rating(s)"), ("#both-bad", "1 pair(s) and 3 rating(s)")):
             page.select_option("#prompt-select", index=3)
             prompt = page.input_value("#prompt-text")
-            page.click("#sample")
-            page.wait_for_function("!document.getElementById('choose-a').disabled")
-            answers = [page.inner_text("#answer-a"), page.inner_text("#answer-b")]
+            for _ in range(10):  # two different answers: the same one twice cannot be preferred to itself
+                page.click("#sample")
+                page.wait_for_function("!document.getElementById('both-good').disabled")
+                answers = [page.inner_text("#answer-a"), page.inner_text("#answer-b")]
+                if answers[0].strip() != answers[1].strip():
+                    break
+                assert page.is_disabled("#choose-a") and "the same" in page.inner_text("#status")
             if choice == "#both-bad":
                 page.click("#up-a")  # a thumbs up on answer A first, then the pair is 'both bad'
                 page.wait_for_function("document.getElementById('status').textContent.includes('1 rating')")

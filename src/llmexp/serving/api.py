@@ -51,9 +51,13 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
     if not request.messages:
         raise RequestProblem("messages: give at least one message", "messages")
     for i, m in enumerate(request.messages):
-        if m.role not in ROLES or not isinstance(m.content, str):
+        if m.role not in ROLES or m.content is None:
             raise RequestProblem(f"messages[{i}]: each message needs a role ({', '.join(ROLES)}) and text content",
                                  f"messages[{i}]")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type != "text":
+                raise RequestProblem(f"messages[{i}].content[{j}]: llmexp serve answers text; this part is "
+                                     f"{part.type!r}: send text parts or a string", f"messages[{i}].content")
     if request.messages[-1].role != "user":
         raise RequestProblem("messages: the last message must be the user's (this server answers it)", "messages")
     for name in ("tools", "response_format", "stop"):
@@ -81,7 +85,10 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
 
 
 def messages_of(request: ChatCompletionRequest) -> List[Dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in request.messages]
+    """The chat as the model's template takes it: content given as a list of text parts (as OpenAI's
+    API allows) is their texts joined by newlines, as vLLM joins them."""
+    return [{"role": m.role, "content": m.content if isinstance(m.content, str) else "\n".join(
+        part.text for part in m.content)} for m in request.messages]
 
 
 def new_token_limit(request: ChatCompletionRequest, served: ServedModel) -> int:
@@ -221,6 +228,14 @@ def require_key(request: Request, key: Optional[str]) -> None:
     if not hmac.compare_digest(given.encode(), key.encode()):
         raise HTTPException(401, "a wrong or missing API key: send 'Authorization: Bearer <key>' (OpenAI clients: "
                                  "api_key=<key>) with the key the server was started with")
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """An HTTP error raised anywhere (a wrong API key, an unknown route), in OpenAI's shape, which
+    OpenAI clients read the message from (FastAPI's own is ``{"detail": ...}``)."""
+    response = openai_error(exc.status_code, str(exc.detail))
+    response.headers.update(getattr(exc, "headers", None) or {})
+    return response
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

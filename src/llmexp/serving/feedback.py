@@ -63,11 +63,16 @@ def judgement_rows(body: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[st
         choice = body.get("choice")
         if choice not in CHOICES:
             raise BadJudgement(f"choice: must be one of {', '.join(CHOICES)}, got {choice!r}")
+        same = a.strip() == b.strip()
         if choice in ("a", "b"):
+            if same:  # a pair that prefers an answer to itself teaches dpo and rm nothing
+                raise BadJudgement("choice: the two answers are the same, so neither is better; rate the answer "
+                                   "(kind 'rating') or sample two answers again")
             chosen, rejected = (a, b) if choice == "a" else (b, a)
             return {PAIRS: [{"prompt": prompt, "chosen": answer(chosen), "rejected": answer(rejected), **meta}]}
         label = choice == "both_good"
-        return {RATINGS: [{"prompt": prompt, "completion": answer(x), "label": label, **meta} for x in (a, b)]}
+        return {RATINGS: [{"prompt": prompt, "completion": answer(x), "label": label, **meta}
+                          for x in ((a,) if same else (a, b))]}  # one rating where the two answers are one
     if kind == "rating":
         if body.get("label") not in LABELS:
             raise BadJudgement(f"label: must be 'up' or 'down', got {body.get('label')!r}")

@@ -101,7 +101,9 @@ def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    from llmexp.serving.api import ChatAPI, openai_error, require_key, validation_error
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from llmexp.serving.api import ChatAPI, http_error, openai_error, require_key, validation_error
     from llmexp.serving.feedback import BadJudgement, FeedbackLog, judgement_rows
 
     api = ChatAPI(served)
@@ -109,6 +111,7 @@ def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
     app = server.app
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]  # LitServe's greeting
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     log = FeedbackLog(feedback_dir)
 
     def check_key(request: Request) -> None:
