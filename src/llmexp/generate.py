@@ -1,36 +1,61 @@
-"""Generate from a run: load its exported model and answer prompts with the chat template applied.
+"""Generate from a run: load its exported model and answer prompts with the chat template applied
+(or, for a pretrain run, continue the text as it is).
 
     python -m llmexp.generate runs/sft-llama/<time> "What is 3 plus 4?" "Add 2 and 5."
     python -m llmexp.generate path/to/model "Tell me a story" --max-new-tokens 64 --temperature 0.8
+    python -m llmexp.generate runs/pretrain-llama/<time> "Three plus four is"      # continues the text
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from llmexp.argtypes import non_empty_text, non_negative_float, positive_int
 from llmexp.errors import UserError, reader_may_stop_early, report
 
 
-def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, temperature: float = 0.0) -> List[str]:
+def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, temperature: float = 0.0,
+             chat: bool = True) -> List[str]:
+    """Each prompt's completion: the answer to it as a user message (``chat``), or the text's
+    continuation, tokenized as the pretrain stage tokenizes text."""
     import torch
 
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    from llmexp.data.collate import collate_prompts
+    from llmexp.data.encode import render_prompt
+
+    rows = [{"input_ids": render_prompt(tokenizer, [{"role": "user", "content": p}] if chat else p), "prompt": p,
+             "columns": {}} for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None)
-    for prompt, length in zip(prompts, batch["attention_mask"].sum(1).tolist()):
-        if context and length + max_new_tokens > context:
-            raise UserError(f"prompt {prompt[:40]!r}... is {length} tokens; with --max-new-tokens {max_new_tokens} "
-                            f"it exceeds the model's context of {context} tokens; shorten it or lower "
-                            f"--max-new-tokens")
+    for prompt, row in zip(prompts, rows):
+        if context and len(row["input_ids"]) + max_new_tokens > context:
+            raise UserError(f"prompt {prompt[:40]!r}... is {len(row['input_ids'])} tokens; with --max-new-tokens "
+                            f"{max_new_tokens} it exceeds the model's context of {context} tokens; shorten it or "
+                            f"lower --max-new-tokens")
+    batch = collate_prompts(rows, tokenizer.pad_token_id)
+    ids = batch["prompt_ids"]
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    return [tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
+        out = model.generate(input_ids=ids, attention_mask=batch["prompt_mask"], max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, **sampling)
+    return [tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
+
+
+def uses_chat(model_dir: Path, tokenizer, fmt: str) -> bool:
+    """``--format``: chat or raw as given; auto: the text continued for a pretrain run's model (its
+    run record says so) or a tokenizer without a chat template, the chat template otherwise."""
+    if fmt != "auto":
+        return fmt == "chat"
+    summary = model_dir.parent / "summary.json"
+    stage = None
+    if summary.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            stage = json.loads(summary.read_text()).get("stage")
+    return stage != "pretrain" and bool(getattr(tokenizer, "chat_template", None))
 
 
 @reader_may_stop_early
@@ -40,6 +65,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("prompts", nargs="+", type=non_empty_text)
     ap.add_argument("--max-new-tokens", type=positive_int, default=32)
     ap.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    ap.add_argument("--format", choices=("auto", "chat", "raw"), default="auto",
+                    help="chat: each prompt is a user message; raw: the text is continued as it is; auto (default): "
+                         "raw for a pretrain run's model, chat otherwise")
     args = ap.parse_args(argv)
     from llmexp.env import configure_environment
 
@@ -47,8 +75,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         from llmexp.record import load_language_model, model_dir_of
 
-        model, tokenizer = load_language_model(model_dir_of(args.target))
-        completions = generate(model, tokenizer, args.prompts, args.max_new_tokens, args.temperature)
+        model_dir = model_dir_of(args.target)
+        model, tokenizer = load_language_model(model_dir)
+        completions = generate(model, tokenizer, args.prompts, args.max_new_tokens, args.temperature,
+                               uses_chat(model_dir, tokenizer, args.format))
     except UserError as e:
         return report(e)
     for prompt, completion in zip(args.prompts, completions):
