@@ -73,6 +73,7 @@ CONFIG_CASES = {
     "resume as a command": (["resume", "{old}"], "resume is an override: python -m llmexp <the run's overrides> resume="),
     "a stage as a command": (["dpo"], "'dpo' is neither an override (key=value) nor a command"),
     "unknown group": (["modle.hidden_size=32"], "did you mean 'model'"),
+    "a sweep's config": (["-m", "optim.lr=1e-3,2e-3", "--cfg", "job"], "-m and --cfg: Hydra takes one mode at a time"),
     "lr not a number": (["optim.lr=nan"], "optim.lr: must be a finite number, got nan"),
     "lr infinite": (["optim.lr=inf"], "optim.lr: must be a finite number, got inf"),
     "no devices": (["trainer.devices=0"], "trainer.devices: 0 names no device"),

@@ -19,6 +19,21 @@ from llmexp.paths import config_dir, config_groups
 
 # Flags after which Hydra only prints help or information: no need to check overrides.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
+# Hydra's modes: one at a time (Hydra raises a ValueError with a traceback for two).
+_MODE_FLAGS = {"-m": "-m", "--multirun": "-m", "--cfg": "--cfg", "-c": "--cfg", "--run": "--run", "-r": "--run",
+               "--info": "--info", "-i": "--info", "--shell-completion": "--shell-completion",
+               "-sc": "--shell-completion"}
+
+
+def check_one_mode(argv: List[str]) -> None:
+    """-m (a sweep of several runs) with --cfg, --info or --run is refused with the fix."""
+    modes = list(dict.fromkeys(_MODE_FLAGS[a] for a in argv if a in _MODE_FLAGS))
+    if len(modes) > 1:
+        example = " ".join(a for a in argv if a not in _MODE_FLAGS and "," not in a and a not in ("job", "hydra", "all"))
+        raise UserError(f"{' and '.join(modes)}: Hydra takes one mode at a time; -m runs a sweep of several runs, "
+                        f"--cfg and --info show one run's config. To see one run's config, drop -m and give one value "
+                        f"per key (python -m llmexp {example + ' ' if example else ''}--cfg job); to run the sweep, "
+                        f"drop {' '.join(m for m in modes if m != '-m')}")
 
 
 def run_dir_overrides(cfg, overrides: List[str]) -> List[str]:
@@ -51,6 +66,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         module, function = SUBCOMMANDS[argv[0]].split(":")
         sys.exit(getattr(importlib.import_module(module), function)(argv[1:]))
     try:
+        check_one_mode(argv)
         groups = config_groups()  # loads the plugins: a broken one is reported for --help too
         if HELP_FLAGS.intersection(argv):
             print(help_text(groups, argv), end="")
