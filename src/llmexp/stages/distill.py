@@ -99,6 +99,9 @@ class DistillStage(CausalLMStage):
         from llmexp.record import model_dir_of
         from llmexp.stages.compression import compression_record, describe, generation_speed
 
+        if self.cfg.stage.attention_weight > 0:  # measured and evaluated from here on as it will be loaded
+            for model in (self.model, self.teacher):
+                model.set_attn_implementation(self.cfg.model.attn_implementation)
         facts = super().export(out_dir)
         if self.trainer.is_global_zero:
             source = os.path.expanduser(self.cfg.stage.teacher)
