@@ -100,7 +100,11 @@ def test_temperature_scales_by_its_square_and_sft_weight_adds_the_nll(teacher_di
 def test_attention_divergence_by_hand():
     """KL(teacher || student) of each query's attention row, averaged over heads and the queries
     in the mask, then over the paired layers; head-averaged maps when the head counts differ."""
-    from llmexp.losses import attention_divergence, paired_layers
+    from llmexp.losses import attention_divergence as summed, paired_layers
+
+    def attention_divergence(student, teacher, mask):  # the mean over the masked tokens
+        total, count = summed(student, teacher, mask)
+        return total / count if count else total
 
     teacher = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).reshape(1, 1, 2, 2)
     student = torch.tensor([[1.0, 0.0], [0.25, 0.75]]).reshape(1, 1, 2, 2)
@@ -139,14 +143,32 @@ def test_attention_transfer_adds_the_weighted_attention_divergence(teacher_dir):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         mine = stage.model(**inputs, output_attentions=True).attentions
         theirs = stage.teacher(**inputs, output_attentions=True).attentions
-        expected = attention_divergence(mine, theirs, batch["attention_mask"].bool())
+        total, count = attention_divergence(mine, theirs, batch["attention_mask"].bool())
+        expected = total / count
     assert float(expected) > 1e-4  # untrained, both attend nearly uniformly, but not alike
     assert float(loss) == pytest.approx(float(plain) + 2 * float(expected) * batch["loss_weight"], rel=1e-5)
     assert float(extras["attention_divergence"]) / batch["loss_weight"] == pytest.approx(float(expected), rel=1e-5)
-    assert stage.summary_extras()["attention_transfer"] == {"layers": [(0, 0), (1, 1)], "heads": "one to one"}
-    sums = stage.val_sums(batch)
+    assert stage.summary_extras()["attention_transfer"] == {"layers": [(0, 0), (1, 1)], "heads": "one to one",
+                                                            "attention_dropout_switched_off": 0.0}
+    sums = stage.val_sums(batch)  # a sum over the tokens and their count: exact over any batching
+    assert int(sums["attention_divergence"][1]) == int(batch["attention_mask"].sum())
     assert float(sums["attention_divergence"][0] / sums["attention_divergence"][1]) == pytest.approx(float(expected),
                                                                                                     rel=1e-5)
+
+
+def test_a_gpt2_student_compares_its_maps_without_attention_dropout(teacher_dir):
+    """gpt2 drops out 10 % of its attention weights in training, and eager attention returns them
+    dropped out: compared so, the divergence was 2.8 in training against 0.4 in validation. With
+    attention transfer the student's attention dropout is off (recorded); its maps are whole."""
+    stage = distill_stage(teacher_dir, "model=gpt2", "model.hidden_size=32")
+    assert stage.summary_extras()["attention_transfer"]["attention_dropout_switched_off"] == pytest.approx(0.1)
+    batch = chat_batch(stage)
+    stage.model.train()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    maps = stage.model(**inputs, output_attentions=True).attentions[0]
+    assert torch.allclose(maps.sum(-1)[batch["attention_mask"].bool().unsqueeze(1).expand_as(maps[..., 0])],
+                          torch.tensor(1.0), atol=1e-5)  # every row a distribution, nothing dropped
+    assert stage.model.config.attn_pdrop == pytest.approx(0.1)  # the exported config keeps the user's value
 
 
 def test_on_policy_batches_are_the_students_samples_scored_by_the_teacher(teacher_dir):

@@ -210,7 +210,7 @@ def test_distill_under_fsdp_matches_one_process_and_exports(tmp_path, tiny_teach
         r = run_cli([*distill, *extra, f"hydra.run.dir={tmp_path / name}"])
         assert r.returncode == 0, r.stderr[-3000:]
     single, sharded = (json.loads((tmp_path / n / "summary.json").read_text()) for n in runs)
-    for key in ("val/attention_divergence", "val/divergence", "val/loss"):  # each rank's batches: means differ a bit
-        assert sharded["initial"][key] == pytest.approx(single["initial"][key], rel=1e-3), key
+    for key in ("val/attention_divergence", "val/divergence", "val/loss"):  # sums over tokens: any batching
+        assert sharded["initial"][key] == pytest.approx(single["initial"][key], rel=1e-5), key
     assert _train_losses(tmp_path / "fsdp") == pytest.approx(_train_losses(tmp_path / "single"), rel=1e-4)
     assert sharded["compression"]["generation_tokens_per_second"]["after"] > 0

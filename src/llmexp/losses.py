@@ -261,17 +261,19 @@ def paired_layers(student_layers: int, teacher_layers: int) -> List[Tuple[int, i
 
 
 def attention_divergence(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-                         query_mask: torch.Tensor) -> torch.Tensor:
-    """Mean KL(teacher || student) between the attention distributions of paired layers
-    (``paired_layers``), per head and query position where ``query_mask`` [batch, seq] is true
-    (attention transfer: MiniLM, Wang et al. 2020; TinyBERT). Each map is [batch, heads, seq, seq];
-    when the head counts differ, the head-averaged maps are compared."""
-    total = torch.zeros((), device=query_mask.device)
+                         query_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """KL(teacher || student) between the attention distributions of paired layers
+    (``paired_layers``), averaged over heads and layers for each query position where
+    ``query_mask`` [batch, seq] is true: (its sum over those positions, their number), so that
+    means over several batches are exact (attention transfer: MiniLM, Wang et al. 2020;
+    TinyBERT). Each map is [batch, heads, seq, seq]; when the head counts differ, the
+    head-averaged maps are compared."""
     pairs = paired_layers(len(student), len(teacher))
+    per_query = torch.zeros(query_mask.shape, device=query_mask.device)
     for i, j in pairs:
         s, t = student[i].float(), teacher[j].float()
         if s.size(1) != t.size(1):
             s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
         kl = torch.xlogy(t, t) - t * s.clamp_min(1e-12).log()
-        total = total + kl.sum(-1).mean(1)[query_mask].mean()
-    return total / len(pairs)
+        per_query = per_query + kl.sum(-1).mean(1)
+    return (per_query / len(pairs))[query_mask].sum(), query_mask.sum()

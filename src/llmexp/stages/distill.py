@@ -48,6 +48,19 @@ def load_teacher(cfg, tokenizer) -> torch.nn.Module:
     return frozen(model)
 
 
+def switch_off_attention_dropout(model: torch.nn.Module) -> float:
+    """Set every attention layer's dropout on its weights to 0 and return the rate it had: eager
+    attention returns the weights after dropout, and the teacher's (in eval mode) have none, so
+    with it the maps compared would be the dropped-out ones (gpt2's attn_pdrop is 0.1)."""
+    rate = 0.0
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):  # llama, mistral, qwen2
+            rate, module.attention_dropout = max(rate, module.attention_dropout), 0.0
+        if isinstance(getattr(module, "attn_dropout", None), torch.nn.Dropout):  # gpt2
+            rate, module.attn_dropout.p = max(rate, module.attn_dropout.p), 0.0
+    return rate
+
+
 def tokenizer_mismatch(student, teacher) -> str | None:
     """Why two tokenizers do not give the same ids (None if they do)."""
     mine, theirs = student.get_vocab(), teacher.get_vocab()
@@ -71,9 +84,11 @@ class DistillStage(CausalLMStage):
     def create(cls, cfg, tokenizer):
         stage = super().create(cfg, tokenizer)
         teacher = load_teacher(cfg, tokenizer)
+        stage.attention_dropout_was = 0.0
         if cfg.stage.attention_weight > 0:  # only eager attention returns its weights
             stage.model.set_attn_implementation("eager")
             teacher.set_attn_implementation("eager")
+            stage.attention_dropout_was = switch_off_attention_dropout(stage.model)
         stage._frozen = {"teacher": Reference(teacher)}
         return stage
 
@@ -89,7 +104,8 @@ class DistillStage(CausalLMStage):
             heads = mine.num_attention_heads == theirs.num_attention_heads
             extras["attention_transfer"] = {
                 "layers": paired_layers(mine.num_hidden_layers, theirs.num_hidden_layers),
-                "heads": "one to one" if heads else "head-averaged maps (the head counts differ)"}
+                "heads": "one to one" if heads else "head-averaged maps (the head counts differ)",
+                "attention_dropout_switched_off": self.attention_dropout_was}
         return extras
 
     def export(self, out_dir) -> Dict[str, Any]:
@@ -140,8 +156,8 @@ class DistillStage(CausalLMStage):
     # -- the loss --------------------------------------------------------------------------------
     def divergence_sum(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """(sum of the divergence x temperature^2 over completion tokens, their count, the
-        student's logits, the mean attention divergence or None) for one batch of sequences with
-        labels."""
+        student's logits, the attention divergence's (sum, count) over tokens or None) for one batch
+        of sequences with labels."""
         s = self.cfg.stage
         inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
         attentions = s.attention_weight > 0
@@ -173,8 +189,9 @@ class DistillStage(CausalLMStage):
         extras = {"divergence": (loss if on_policy else div).detach(), "on_policy": torch.tensor(float(batch["loss_weight"]) if on_policy else 0.0)}
         if attention is not None:
             # a mean over the sequences' tokens, weighed as the completion tokens' losses are
-            loss = loss + s.attention_weight * attention * batch["loss_weight"]
-            extras["attention_divergence"] = attention.detach() * batch["loss_weight"]
+            mean = attention[0] / attention[1].clamp(min=1)
+            loss = loss + s.attention_weight * mean * batch["loss_weight"]
+            extras["attention_divergence"] = mean.detach() * batch["loss_weight"]
         return loss, extras
 
     def _on_policy(self) -> bool:
@@ -219,5 +236,5 @@ class DistillStage(CausalLMStage):
         nll, count = token_nll_sum(logits, batch["labels"])
         sums = {"loss": (nll, count), "divergence": (div, n)}
         if attention is not None:
-            sums["attention_divergence"] = (attention * n, n)
+            sums["attention_divergence"] = attention
         return sums
