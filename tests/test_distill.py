@@ -218,7 +218,7 @@ def _other_tokenizer_teacher(path):
     tokenizer.save_pretrained(str(path))
 
 
-@pytest.mark.parametrize("case", ["no teacher", "missing", "reward model", "other tokenizer"])
+@pytest.mark.parametrize("case", ["no teacher", "missing", "reward model", "other tokenizer", "qwen2 student"])
 def test_bad_teachers_exit_2_with_the_fix(tmp_path, teacher_dir, case):
     if case == "reward model":
         import json
@@ -231,14 +231,19 @@ def test_bad_teachers_exit_2_with_the_fix(tmp_path, teacher_dir, case):
     elif case == "other tokenizer":
         teacher = tmp_path / "other"
         _other_tokenizer_teacher(teacher)
+    elif case == "qwen2 student":  # reads the bundled tokenizer as Qwen2's, which adds <|endoftext|>
+        teacher = teacher_dir
     else:
         teacher = tmp_path / "nowhere"
     overrides = [] if case == "no teacher" else [f"stage.teacher={teacher}"]
+    overrides += ["model=qwen2"] if case == "qwen2 student" else []
     r = run_cli(["stage=distill", *overrides, "logger=none", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"],
                 cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "stage.teacher" in r.stderr
     expected = {"no teacher": "needs a teacher", "missing": "does not exist", "reward model": "is a reward model",
-                "other tokenizer": "one tokenizer"}[case]
+                "other tokenizer": "one tokenizer",
+                "qwen2 student": "distill into a student of the teacher's architecture (model=llama)"}[case]
     assert expected in r.stderr, r.stderr[-2000:]
-    assert not (tmp_path / "run" / "model").exists()
+    # refused before training: nothing of the run is left to block the same hydra.run.dir
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "model").exists()

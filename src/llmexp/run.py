@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -54,30 +57,11 @@ def clean_partials(run_dir: Path) -> None:
 def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: float) -> float:
     """The run itself, in a run directory this process holds."""
     from llmexp.checkpointing import resolve_resume
-    from llmexp.record import checkpoint_step
+    from llmexp.training import fit, save_last_checkpoint
 
     resume_from = resolve_resume(typed.resume, run_dir)  # a damaged checkpoint is refused here, record untouched
-    resolved = start_record(typed, run_dir)
-    from llmexp.data.module import StageDataModule
-
-    prepared, tokenizer = prepare_data(typed)  # data problems surface before any model
-    import lightning as L
-
-    quiet_libraries()  # after Lightning's import, which sets its own log levels
-    from llmexp.loggers import build_loggers
-    from llmexp.plugins import plugin_callbacks
-    from llmexp.stages import stage_class
-    from llmexp.training import build_trainer, fit, save_last_checkpoint
-
-    L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
-    stage = stage_class(typed.stage.name).create(typed, tokenizer)
-    notes = {**run_notes(typed, stage), **feedback_record(typed.data, prepared)}
-    data = StageDataModule(prepared, typed.data, typed.trainer, stage)
-    data.setup()
-    watchers = watching_callbacks(typed, run_dir, stage, prepared)
-    loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
-                            resume_step=checkpoint_step(resume_from) if resume_from else None)
-    trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *watchers])
+    with discarded_on_refusal(run_dir):
+        trainer, stage, data, watchers, notes = set_up(typed, run_dir, callbacks, resume_from)
     try:
         final, fit_seconds = fit(trainer, stage, data, resume_from)
     except SystemExit:
@@ -94,6 +78,50 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
             summary.update(facts)
         finish_record(trainer, run_dir, redact(summary), started)
     return float(final.get("val/loss", float("nan")))
+
+
+@contextlib.contextmanager
+def discarded_on_refusal(run_dir: Path) -> Iterator[None]:
+    """What this run wrote into its directory is removed again when it is refused before training
+    (bad data, a teacher that does not fit): a directory holding only that would refuse the
+    same hydra.run.dir as "already holds a run" once the problem is fixed."""
+    from llmexp.run_lock import distributed_child
+
+    before = set(os.listdir(run_dir))
+    try:
+        yield
+    except UserError:
+        if not distributed_child():
+            for name in set(os.listdir(run_dir)) - before:
+                path = run_dir / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+
+
+def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
+    """The record started, the data prepared, the stage with its model(s), and the Trainer."""
+    resolved = start_record(typed, run_dir)
+    from llmexp.data.module import StageDataModule
+
+    prepared, tokenizer = prepare_data(typed)  # data problems surface before any model
+    import lightning as L
+
+    quiet_libraries()  # after Lightning's import, which sets its own log levels
+    from llmexp.loggers import build_loggers
+    from llmexp.plugins import plugin_callbacks
+    from llmexp.stages import stage_class
+    from llmexp.training import build_trainer
+
+    L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
+    stage = stage_class(typed.stage.name).create(typed, tokenizer)
+    notes = {**run_notes(typed, stage), **feedback_record(typed.data, prepared)}
+    data = StageDataModule(prepared, typed.data, typed.trainer, stage)
+    data.setup()
+    watchers = watching_callbacks(typed, run_dir, stage, prepared)
+    loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
+                            resume_step=checkpoint_step(resume_from) if resume_from else None)
+    trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *watchers])
+    return trainer, stage, data, watchers, notes
 
 
 class Interrupted(UserError):

@@ -32,7 +32,7 @@ def load_teacher(cfg, tokenizer) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmexp.errors import UserError
-    from llmexp.models.build import load_pretrained, torch_dtype
+    from llmexp.models.build import load_pretrained, local_model_type, torch_dtype
     from llmexp.record import model_dir_of
 
     source = os.path.expanduser(cfg.stage.teacher)
@@ -40,9 +40,15 @@ def load_teacher(cfg, tokenizer) -> torch.nn.Module:
     theirs = load_pretrained(AutoTokenizer, path, "stage.teacher", "a tokenizer")
     problem = tokenizer_mismatch(tokenizer, theirs)
     if problem:
+        kind, mine = local_model_type(path), cfg.model.architecture
+        fix = (f"the student (model.architecture={mine}) reads a tokenizer as a {mine} model does and the teacher as "
+               f"a {kind} model does, which differ even for one tokenizer file: distill into a student of the "
+               f"teacher's architecture (model={kind}) or from a teacher trained with model={mine}"
+               if kind and kind != mine else
+               f"train the student with the teacher's (model.tokenizer={path}) or pick a teacher trained with the "
+               "student's")
         raise UserError(f"stage.teacher: {problem}; distillation compares distributions token id by token id, so "
-                        "teacher and student need one tokenizer: train the student with the teacher's "
-                        f"(model.tokenizer={path}) or pick a teacher trained with the student's")
+                        f"teacher and student need one tokenizer: {fix}")
     model = load_pretrained(AutoModelForCausalLM, path, "stage.teacher", "a causal LM",
                             dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation)
     return frozen(model)
