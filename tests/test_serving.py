@@ -33,9 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: Optional[dict] = None, key: Optional[str] = KEY, timeout: float = 60):
-    """(status, parsed JSON body) of one request."""
-    data = None if body is None else json.dumps(body).encode()
+def http(method: str, url: str, body=None, key: Optional[str] = KEY, timeout: float = 60):
+    """(status, parsed JSON body) of one request; a ``bytes`` body is sent as it is."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
@@ -72,6 +72,7 @@ def serving(run_dir: Path, *args: str, timeout: float = 180) -> Iterator[Dict[st
             time.sleep(0.3)
         yield {"url": url, "proc": proc}
         stops_on_sigterm(proc, url)
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]  # stopped, not crashed
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -173,8 +174,17 @@ def test_concurrent_requests_are_batched_and_all_answered(served_sft):
         r = c.chat.completions.create(model="sft-llama", messages=[{"role": "user", "content": prompts[0]}], n=2,
                                       temperature=1.0)
         assert [ch.index for ch in r.choices] == [0, 1]
+        assert r.model == "sft-llama"
         sampled += [ch.message.content for ch in r.choices]
     assert all(isinstance(a, str) for a in sampled) and len(set(sampled)) >= 2  # samples, not one greedy answer
+    # usage counts the prompt once, as OpenAI does, however many answers; a request without model gets its name
+    code, one = http("POST", f"{served_sft['url']}/v1/chat/completions",
+                     {"messages": [{"role": "user", "content": prompts[0]}], "max_tokens": 4})
+    code3, three = http("POST", f"{served_sft['url']}/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": prompts[0]}], "max_tokens": 4, "n": 3})
+    assert code == code3 == 200 and one["model"] == "sft-llama" == three["model"], (one, three)
+    assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"] > 0
+    assert three["usage"]["total_tokens"] == three["usage"]["prompt_tokens"] + three["usage"]["completion_tokens"]
 
 
 @pytest.mark.parametrize("case,body,status,words", [
@@ -187,11 +197,18 @@ def test_concurrent_requests_are_batched_and_all_answered(served_sft):
     ("too long", {"messages": [{"role": "user", "content": "hi " * 400}], "max_tokens": 10}, 400,
      "exceeds the model's context"),
     ("ends with the assistant", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
+    ("empty message", {"messages": [{"role": "user", "content": "  "}]}, 400, "messages[0].content: the user's message "
+                                                                              "is empty"),
+    ("no parts", {"messages": [{"role": "user", "content": []}]}, 400, "the user's message is empty"),
+    ("a text part without text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+     "messages[0].content[0].text: Field required"),
+    ("not JSON", b'{"messages":', 400, "body: not valid JSON (at character 12)"),
 ])
 def test_bad_requests_get_4xx_with_a_message(served_sft, case, body, status, words):
     code, reply = http("POST", f"{served_sft['url']}/v1/chat/completions", body)
     assert code == status, (code, reply)
     assert words in reply["error"]["message"], reply
+    assert reply["error"]["param"] is None or not reply["error"]["param"][:1].isdigit(), reply  # a field, not "12"
 
 
 def test_content_as_text_parts_is_answered_and_other_parts_get_400(served_sft):
@@ -255,13 +272,16 @@ def test_a_wrong_or_missing_api_key_gets_401(served_sft):
     ({"kind": "pair", "prompt": "p", "answers": ["a", "b"], "choice": "c"}, "choice: must be one of"),
     ({"kind": "rating", "prompt": "", "answer": "a", "label": "up"}, "prompt: must be a non-empty string"),
     ({"kind": "vote", "prompt": "p"}, "kind: must be 'pair' or 'rating'"),
-    ({"kind": "pair", "prompt": "p", "answers": ["3 + 4 = 7", "3 + 4 = 7 "], "choice": "b"}, "the two answers are the same"),
+    ({"kind": "poll"}, "kind: must be 'pair' or 'rating'"),
+    ({"kind": "pair", "prompt": "p", "answers": ["3 + 4 = 7", "3 + 4 = 7 "], "choice": "b"},
+     "choice: the two answers are the same"),
 ])
 def test_bad_judgements_get_400_and_write_nothing(served_sft, body, words):
     feedback = served_sft["run"] / "feedback"
     before = {p.name: p.read_text() for p in feedback.glob("*.jsonl")} if feedback.is_dir() else {}
     code, reply = http("POST", f"{served_sft['url']}/feedback/judgements", body)
     assert code == 400 and words in reply["error"]["message"], reply
+    assert reply["error"]["param"] == words.split(":")[0], reply  # the field, as the chat API names it
     after = {p.name: p.read_text() for p in feedback.glob("*.jsonl")} if feedback.is_dir() else {}
     assert after == before
 

@@ -39,3 +39,9 @@ def _parse(text: str, kind: type, what: str):
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def command_summary(doc: str) -> str:
+    """A command's --help description: its module docstring's first paragraph on one line (the first
+    line alone cut some off mid-sentence)."""
+    return " ".join(doc.split("\n\n")[0].split())

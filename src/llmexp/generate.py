@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from llmexp.argtypes import command_summary
 from llmexp.argtypes import non_empty_text, non_negative_float, positive_int
 from llmexp.errors import UserError, reader_may_stop_early, report
 
@@ -60,7 +61,7 @@ def uses_chat(model_dir: Path, tokenizer, fmt: str) -> bool:
 
 @reader_may_stop_early
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llmexp.generate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m llmexp.generate", description=command_summary(__doc__))
     ap.add_argument("target", help="a run directory (its model/) or a model directory")
     ap.add_argument("prompts", nargs="+", type=non_empty_text)
     ap.add_argument("--max-new-tokens", type=positive_int, default=32)

@@ -43,3 +43,4 @@ def help_text(groups: Dict[str, List[str]], argv: List[str]) -> str:
     listing = "\n".join(f"{group}: {', '.join(options)}" for group, options in groups.items())
     return (f"{HEADER}\n== Config groups (group=option) ==\n\n{listing}\n\n"
             f"== Composed config (override any key with key=value) ==\n\n{annotated_yaml(cfg)}\n{FOOTER}")
+

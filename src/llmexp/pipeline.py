@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from llmexp.argtypes import command_summary
 from llmexp.errors import UserError, report, suggest
 from llmexp.record import RunDir
 
@@ -200,7 +201,7 @@ def print_summary(out: Dict[str, Any]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="llmexp pipeline", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="llmexp pipeline", description=command_summary(__doc__),
                                  epilog=f"shipped pipelines: {', '.join(available())}")
     ap.add_argument("spec", help="a shipped pipeline name or a pipeline YAML file")
     ap.add_argument("overrides", nargs="*", help="key=value for every stage, or <stage>:key=value for one")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from llmexp.argtypes import command_summary
 from llmexp.errors import UserError, reader_may_stop_early, report
 from llmexp.record import RunDir, write_atomic
 
@@ -64,7 +65,7 @@ def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> D
 
 @reader_may_stop_early
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="llmexp compare", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="llmexp compare", description=command_summary(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("runs", nargs="+", help="run directories, sweep or pipeline directories, or quoted globs")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from llmexp.argtypes import command_summary
 from llmexp.argtypes import non_negative_int, positive_int
 from llmexp.errors import UserError, reader_may_stop_early, report
 from llmexp.record import load_language_model, model_dir_of
@@ -22,7 +23,7 @@ from llmexp.record import load_language_model, model_dir_of
 
 @reader_may_stop_early
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llmexp.eval", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m llmexp.eval", description=command_summary(__doc__))
     ap.add_argument("target", help="run directory, run=<dir>, or an HF model directory")
     ap.add_argument("--tasks", default="arithmetic_mc,arithmetic_gen,arithmetic_ppl",
                     help="comma-separated lm-eval tasks and registered evals (llmexp plugins lists them; "

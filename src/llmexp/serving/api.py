@@ -58,6 +58,9 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
             if part.type != "text":
                 raise RequestProblem(f"messages[{i}].content[{j}]: llmexp serve answers text; this part is "
                                      f"{part.type!r}: send text parts or a string", f"messages[{i}].content")
+        if m.role == "user" and not text_of(m.content).strip():
+            raise RequestProblem(f"messages[{i}].content: the user's message is empty; say something to answer",
+                                 f"messages[{i}].content")
     if request.messages[-1].role != "user":
         raise RequestProblem("messages: the last message must be the user's (this server answers it)", "messages")
     for name in ("tools", "response_format", "stop"):
@@ -85,10 +88,13 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
 
 
 def messages_of(request: ChatCompletionRequest) -> List[Dict[str, str]]:
-    """The chat as the model's template takes it: content given as a list of text parts (as OpenAI's
-    API allows) is their texts joined by newlines, as vLLM joins them."""
-    return [{"role": m.role, "content": m.content if isinstance(m.content, str) else "\n".join(
-        part.text for part in m.content)} for m in request.messages]
+    return [{"role": m.role, "content": text_of(m.content)} for m in request.messages]
+
+
+def text_of(content) -> str:
+    """A message's text: content given as a list of text parts (as OpenAI's API allows) is their
+    texts joined by newlines, as vLLM joins them."""
+    return content if isinstance(content, str) else "\n".join(part.text for part in content)
 
 
 def new_token_limit(request: ChatCompletionRequest, served: ServedModel) -> int:
@@ -129,6 +135,7 @@ class CheckedOpenAISpec(OpenAISpec):
             check_request(request, self.served, self._load(), self._context)
         except RequestProblem as p:
             return openai_error(p.status, str(p), p.param)
+        request.model = request.model or self.served.name  # the reply names the model that answered
         return await super().chat_completion(request, background_tasks)
 
     # LitServe answers finish_reason "stop" always and gives each streamed chunk a new id; OpenAI's
@@ -140,6 +147,9 @@ class CheckedOpenAISpec(OpenAISpec):
             request, [noting_finish_reason(g, reasons, i) for i, g in enumerate(generator_list)])
         for choice in response.choices:
             choice.finish_reason = reasons.get(choice.index, "stop")
+        if response.usage is not None and len(response.choices) > 1:  # LitServe adds each choice's prompt
+            response.usage.prompt_tokens //= len(response.choices)
+            response.usage.total_tokens = response.usage.prompt_tokens + response.usage.completion_tokens
         return response
 
     async def streaming_completion(self, request: ChatCompletionRequest, pipe_responses: list):
@@ -239,7 +249,28 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """A malformed body (a missing field, a wrong type): 400 naming the field, in OpenAI's shape."""
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    """A malformed body (a missing field, a wrong type, not JSON): 400 naming the field, in OpenAI's
+    shape. Of a union's alternatives (content: a string or a list of parts) the error that got
+    furthest into the value is named."""
+    errors = exc.errors()
+    if not errors:
+        return openai_error(400, "body: invalid request")
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # max keeps the first of the longest
+    if first.get("type") == "json_invalid":
+        at = next((x for x in first.get("loc", ()) if isinstance(x, int)), None)
+        return openai_error(400, f"body: not valid JSON{f' (at character {at})' if at is not None else ''}")
+    where = field_path(first.get("loc", ()))
     return openai_error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None)
+
+
+def field_path(loc) -> str:
+    """pydantic's error location as the field a client wrote: ``messages[0].content[0].text``,
+    without "body" and the union alternatives' names (``str``, ``list[...]``, ``TextContent``)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part != "body" and "[" not in part and part not in ("str", "int", "float", "bool") \
+                and not part[:1].isupper():
+            out += f".{part}" if out else part
+    return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ LABELS = {"up": True, "down": False}
 
 class BadJudgement(ValueError):
     """A judgement the server refuses (HTTP 400); the message names the field and what it takes."""
+
+    @property
+    def param(self) -> Optional[str]:
+        """The field the message starts with ("choice: ..."), for the error's ``param``."""
+        found = re.match(r"([A-Za-z_][\w\[\]]*):", str(self))
+        return found.group(1) if found else None
 
 
 def _text(value: Any, name: str, may_be_empty: bool = False) -> str:
@@ -48,7 +55,10 @@ def judgement_rows(body: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[st
     ``extra`` (when, which model, the prompt's columns) is added to every row."""
     if not isinstance(body, dict):
         raise BadJudgement("the body must be a JSON object with kind, prompt and the answers")
-    kind, prompt = body.get("kind"), [{"role": "user", "content": _text(body.get("prompt"), "prompt")}]
+    kind = body.get("kind")
+    if kind not in ("pair", "rating"):
+        raise BadJudgement(f"kind: must be 'pair' or 'rating', got {kind!r}")
+    prompt = [{"role": "user", "content": _text(body.get("prompt"), "prompt")}]
     meta = {"judged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "judgement": uuid.uuid4().hex,
             **(extra or {})}
 
@@ -78,7 +88,7 @@ def judgement_rows(body: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[st
             raise BadJudgement(f"label: must be 'up' or 'down', got {body.get('label')!r}")
         return {RATINGS: [{"prompt": prompt, "completion": answer(_text(body.get("answer"), "answer", True)),
                            "label": LABELS[body["label"]], **meta}]}
-    raise BadJudgement(f"kind: must be 'pair' or 'rating', got {kind!r}")
+    raise AssertionError(kind)  # checked above
 
 
 @dataclass

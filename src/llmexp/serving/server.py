@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from llmexp.argtypes import command_summary
 from llmexp.argtypes import positive_int
 from llmexp.errors import UserError, reader_may_stop_early, report
 
@@ -158,7 +159,7 @@ def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
 
             counts = await run_in_threadpool(record, body)
         except BadJudgement as e:
-            return openai_error(400, str(e))
+            return openai_error(400, str(e), e.param)
         return JSONResponse({"recorded": True, "pairs": counts["pairs.jsonl"], "ratings": counts["ratings.jsonl"]})
 
     app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
@@ -171,7 +172,7 @@ def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
 
 @reader_may_stop_early
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="llmexp serve", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="llmexp serve", description=command_summary(__doc__))
     ap.add_argument("target", help="a run directory (its model/) or a model directory")
     ap.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default: this machine only), 0.0.0.0 or ::")
     ap.add_argument("--port", type=int, default=8000)
@@ -213,15 +214,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.host != "127.0.0.1" and not served.api_key:
         Console(stderr=True).print("[yellow]warning[/]: listening beyond this machine without --api-key")
     server = build_server(served, prompts, feedback_dir.resolve())
-    signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
+    signal.signal(signal.SIGTERM, stop_as_on_ctrl_c(os.getpid()))
     server.run(host=args.host, port=args.port, log_level="warning", generate_client_file=False)
     return 0
 
 
-def _stop_as_on_ctrl_c(signum, frame) -> None:
-    """SIGTERM (kill, systemd, docker stop) stops the server as Ctrl+C does: LitServe then ends its
-    inference and HTTP workers, which the signal's default action left running, still answering."""
-    raise KeyboardInterrupt
+def stop_as_on_ctrl_c(main_pid: int):
+    """The SIGTERM handler: (kill, systemd, docker stop) stops the server as Ctrl+C does, and
+    LitServe then ends its inference and HTTP workers, which the signal's default action left
+    running, still answering. The workers, forked with the handler, end as SIGTERM ends a process
+    (a KeyboardInterrupt there printed a traceback from each)."""
+
+    def handler(signum, frame) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    return handler
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from llmexp.argtypes import command_summary
 from llmexp.argtypes import positive_int
 from llmexp.errors import UserError, report
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="llmexp sweep", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="llmexp sweep", description=command_summary(__doc__))
     ap.add_argument("spec", help="a W&B sweep YAML (method, metric, parameters)")
     ap.add_argument("--count", type=positive_int, default=None,
                     help="trials in all (default: grid until exhausted, else 10)")
