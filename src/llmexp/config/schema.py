@@ -439,9 +439,9 @@ class DistillStageConfig:
     temperature: float = bounded(1.0, above=0.0, help=(
         "Softens both distributions before they are compared; the divergence is multiplied by temperature^2 so "
         "its gradients keep their size (Hinton et al. 2015)."))
-    sft_weight: float = bounded(0.0, min=0.0, help=(
+    sft_weight: float = bounded(1.0, min=0.0, help=(
         "Weight of the plain SFT loss (the data completion's mean token NLL) added on the data's batches."))
-    attention_weight: float = bounded(0.0, min=0.0, help=(
+    attention_weight: float = bounded(1.0, min=0.0, help=(
         "Weight of attention transfer: the KL divergence of the student's attention distributions from the "
         "teacher's at every token, per layer (a student of another depth spreads its layers evenly over the "
         "teacher's, first with first and last with last) and head "
