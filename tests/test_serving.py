@@ -513,3 +513,20 @@ def test_serve_refuses_bad_input_with_exit_2_before_loading(tmp_path, tiny_teach
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert words in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
+
+
+def test_served_temperature_is_the_runs_sampling_temperature_where_it_sampled(tmp_path):
+    """A rollout stage's temperature is served; a distill run that never sampled (lmbda 0) does not
+    lend its unused rollout temperature (1.0), the default 0.7 is served."""
+    import yaml
+
+    from llmexp.serving.server import DEFAULT_TEMPERATURE, run_defaults
+
+    cases = {"grpo": ({"name": "grpo", "rollout": {"temperature": 0.9}}, 0.9),
+             "distill-offline": ({"name": "distill", "lmbda": 0.0, "rollout": {"temperature": 1.0}}, DEFAULT_TEMPERATURE),
+             "distill-on-policy": ({"name": "distill", "lmbda": 0.5, "rollout": {"temperature": 1.0}}, 1.0),
+             "sft": ({"name": "sft"}, DEFAULT_TEMPERATURE)}
+    for name, (stage, expected) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"stage": stage, "data": {"name": "arithmetic"}}))
+        assert run_defaults(tmp_path / name)["temperature"] == expected, name

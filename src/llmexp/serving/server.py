@@ -29,7 +29,7 @@ DEFAULT_TEMPERATURE = 0.7  # for a run without rollout settings (LitServe's defa
 
 def run_defaults(target: Path) -> Dict[str, Any]:
     """The served run's generation settings and prompts: its task probe's answer length, its
-    rollout temperature (if it had one), and whether it trained on the bundled skill."""
+    rollout temperature (if it sampled), and whether it trained on the bundled skill."""
     from llmexp.record import RunDir
 
     import yaml
@@ -37,7 +37,10 @@ def run_defaults(target: Path) -> Dict[str, Any]:
     config = RunDir(target).config
     cfg = yaml.safe_load(config.read_text()) if config.is_file() else {}
     cfg = cfg if isinstance(cfg, dict) else {}
-    rollout = (cfg.get("stage") or {}).get("rollout") or {}
+    stage = cfg.get("stage") or {}
+    # the temperature it sampled at, where it sampled: distill samples only with lmbda > 0
+    sampled = stage.get("name") != "distill" or float(stage.get("lmbda") or 0) > 0
+    rollout = (stage.get("rollout") or {}) if sampled else {}
     data = cfg.get("data") or {}
     return {"max_new_tokens": int((cfg.get("task") or {}).get("max_new_tokens") or 24),
             "temperature": float(rollout.get("temperature", DEFAULT_TEMPERATURE)),
