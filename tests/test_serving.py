@@ -410,7 +410,7 @@ def simulated_judges(url: str, n_pairs: int, key: Optional[str] = None, clients:
     """The bundled skill's checker as the people, ``clients`` of them at once: each takes the page's
     next prompt, samples two answers through the chat API and posts what a careful person would:
     the right answer over a wrong one, both bad, or both good; until ``n_pairs`` pairs had a right
-    answer to choose. Returns the count of each choice."""
+    answer to choose. Returns the count of each choice, and of the rating rows they wrote."""
     from llmexp.data.skill import correctness_reward, task_prompts
 
     _, listing = http("GET", f"{url}/feedback/prompts", key=key)
@@ -440,6 +440,8 @@ def simulated_judges(url: str, n_pairs: int, key: Optional[str] = None, clients:
                     key=key)
                 assert code == 200
                 counts[choice] = counts.get(choice, 0) + 1
+                if choice.startswith("both"):  # one rating row per different answer
+                    counts["rating_rows"] = counts.get("rating_rows", 0) + len({a.strip() for a in answers})
 
     with ThreadPoolExecutor(clients) as pool:
         for f in [pool.submit(judge) for _ in range(clients)]:
@@ -482,7 +484,7 @@ def test_dpo_on_judgements_collected_through_the_api_raises_exact_match(tmp_path
     assert summary["feedback"]["judgements"] == 200
     assert 150 <= summary["feedback"]["train_rows"] + summary["feedback"]["val_rows"] <= 200  # repeats deduplicated
     ratings = (run / "feedback" / "ratings.jsonl").read_text().splitlines()
-    assert len(ratings) == 2 * (counts.get("both_bad", 0) + counts.get("both_good", 0))
+    assert len(ratings) == counts.get("rating_rows", 0) > counts.get("both_bad", 0) + counts.get("both_good", 0)
     before, after = held_out_exact_match(run / "model"), held_out_exact_match(dpo / "model")
     sft_metric = json.loads((run / "summary.json").read_text())["final"]["val/task_score"]
     assert before == pytest.approx(sft_metric, abs=1e-6)
