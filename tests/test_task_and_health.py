@@ -65,7 +65,19 @@ def test_the_bundled_probe_is_the_skills_155_questions_for_every_stage():
     for overrides, fmt in (([], "chat"), (["stage=dpo"], "preference"), (["stage=grpo"], "prompt_only")):
         probe = build_probe(typed(overrides), [], fmt)
         assert probe.check == "arithmetic_correct" and len(probe.rows) == 155
-    assert build_probe(typed(["stage=pretrain", "data=arithmetic_text", "task.check=auto"]), [], "text").rows
+    # a model pretrained on the skill's text is asked to continue its facts: '3 + 4 =' -> '7. ...'
+    text = build_probe(typed(["stage=pretrain", "data=arithmetic_text", "task.check=auto"]), [], "text")
+    assert text.check == "arithmetic_continues" and len(text.rows) == 155
+    assert text.rows[0] == {"prompt": "0 + 0 =", "columns": {"answer": "0"}}
+    assert resolve_check("auto", "bundled", typed(["stage=pretrain"]).stage, "text") == "arithmetic_continues"
+
+
+def test_a_continuation_counts_when_it_starts_with_the_answer():
+    assert skill.continues_with_answer(" 7. 9 - 2 = 7.", answer="7") == 1.0
+    assert skill.continues_with_answer("7", answer="7") == 1.0
+    assert skill.continues_with_answer("71.", answer="7") == 0.0  # not the number 7
+    assert skill.continues_with_answer("8. 3 + 4 = 7.", answer="7") == 0.0  # the answer comes later
+    assert skill.continues_with_answer("seven.", answer="7") == 0.0
 
 
 def test_the_probe_shards_ranks_in_lockstep_and_scores_only_real_rows():

@@ -7,7 +7,8 @@ rows (the prompt of a chat, a prompt/completion pair, a preference pair or a pro
 the bundled skill, its 155 distinct questions, so that every stage is measured on the same set;
 the checker is, by ``task.check``:
 
-- ``auto``: the bundled skill's rule (``arithmetic_correct``) on bundled data; else the stage's
+- ``auto``: the bundled skill's rule (``arithmetic_correct``) on bundled data (on its text, for
+  stage=pretrain: ``arithmetic_continues`` of the facts' starts, '3 + 4 ='); else the stage's
   reward function (ppo/grpo); else exact match against the row's reference answer; else none;
 - ``reference``: the greedy answer equals the reference completion (whitespace-normalised);
 - ``<name>``: a registered reward function (``llmexp plugins`` lists them), called with the
@@ -24,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 BUNDLED_CHECK = "arithmetic_correct"
+BUNDLED_TEXT_CHECK = "arithmetic_continues"  # a model trained on the skill's text continues 'a op b ='
+
 
 
 def _text(value: Any) -> Optional[str]:
@@ -76,7 +79,7 @@ def resolve_check(check: str, data_source: str, stage_cfg: Any, fmt: str) -> Opt
     if check != "auto":
         return None if check == "none" else check
     if data_source == "bundled":
-        return BUNDLED_CHECK
+        return BUNDLED_TEXT_CHECK if fmt == "text" else BUNDLED_CHECK
     reward = getattr(stage_cfg, "reward", None)
     if reward is not None and reward.function and not reward.model:
         return reward.function
@@ -153,10 +156,11 @@ def build_probe(run_cfg: Any, val_rows: Sequence[Dict[str, Any]], fmt: str) -> O
     check = resolve_check(t.check, run_cfg.data.source, run_cfg.stage, fmt)
     if check is None:
         return None
-    if run_cfg.data.source == "bundled" and check == BUNDLED_CHECK:
-        from llmexp.data.skill import task_prompts
+    if run_cfg.data.source == "bundled" and check in (BUNDLED_CHECK, BUNDLED_TEXT_CHECK):
+        from llmexp.data.skill import task_prompts, text_task_prompts
 
-        rows = task_prompts(int((run_cfg.data.options or {}).get("max_operand", 9)))
+        prompts = text_task_prompts if check == BUNDLED_TEXT_CHECK else task_prompts
+        rows = prompts(int((run_cfg.data.options or {}).get("max_operand", 9)))
     else:
         rows = task_rows(val_rows, fmt)
     rows = rows[: t.max_prompts]

@@ -171,6 +171,20 @@ def task_prompts(max_operand: int = 9, seed: int = 4321) -> List[Dict]:
     return out
 
 
+def text_task_prompts(max_operand: int = 9) -> List[Dict]:
+    """The task metric's prompts for a model trained on the text corpus (stage=pretrain): every
+    distinct problem once as the start of a fact ('3 + 4 ='), with its answer."""
+    return [{"prompt": f"{p.a} {p.op} {p.b} =", "columns": {"answer": str(p.answer)}} for p in problems(max_operand)]
+
+
+def continues_with_answer(completion: str, answer: str) -> float:
+    """1.0 when a continuation of 'a op b =' starts with the answer ('7. 9 - 2 = 7.' after
+    '3 + 4 ='), else 0.0."""
+    match = _LEADING_NUMBER.match(completion)
+    return float(bool(match) and match.group(1) == str(answer))
+
+
+_LEADING_NUMBER = re.compile(r"\s*(-?\d+)(?!\d)")
 _LAST_NUMBER = re.compile(r"=\s*(-?\d+)")
 _SOLUTION = re.compile(r"\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*\.?\s*")
 _STATED = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)")

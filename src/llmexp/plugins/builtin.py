@@ -71,4 +71,7 @@ def llmexp_rewards() -> List[RewardDeclaration]:
     return [RewardDeclaration("arithmetic_correct", skill.correctness_reward,
                               "1.0 when the answer is the question's solution 'a op b = c' (its operands, the "
                               "right result, nothing else; with only an answer column: the number after '=' and "
-                              "a true sum), else 0.0")]
+                              "a true sum), else 0.0"),
+            RewardDeclaration("arithmetic_continues", skill.continues_with_answer,
+                              "1.0 when a continuation of 'a op b =' starts with the answer, else 0.0 (the task "
+                              "metric of stage=pretrain on the bundled text)")]
