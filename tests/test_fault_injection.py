@@ -35,9 +35,10 @@ from llmexp.checkpointing import AtomicCheckpointIO, remove_stale_partials
 from llmexp.faults import TrainingFault
 from llmexp.record import RunDir, read_metrics
 
-# gpt2 has dropout, so the RNG state must be restored too; a checkpoint every second step gives the
-# kill points several saves to land in.
-OVERRIDES = [*FAST, "model=gpt2", "trainer.max_steps=16", "trainer.checkpoint_every_n_steps=2",
+# gpt2 with dropout (its shipped config has none), so the RNG state must be restored too; a
+# checkpoint every second step gives the kill points several saves to land in.
+OVERRIDES = [*FAST, "model=gpt2", "model.extra.resid_pdrop=0.1", "model.extra.embd_pdrop=0.1",
+             "model.extra.attn_pdrop=0.1", "trainer.max_steps=16", "trainer.checkpoint_every_n_steps=2",
              "trainer.val_check_interval=8", "trainer.micro_batch_size=4", "trainer.grad_accum=2",
              "trainer.log_every_n_steps=1", "optim.warmup_steps=2", "data.options.num_samples=200"]
 MAX_STEPS, EVERY = 16, 2

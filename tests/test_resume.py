@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-# Dropout on (gpt2) so RNG restoration matters; several epochs so the data position matters.
+# Dropout on (gpt2, whose shipped config has none) so RNG restoration matters; several epochs so
+# the data position matters.
+GPT2 = ["model=gpt2", "model.extra.resid_pdrop=0.1", "model.extra.embd_pdrop=0.1", "model.extra.attn_pdrop=0.1"]
 COMMON = [*FAST, "trainer.max_steps=30", "trainer.checkpoint_every_n_steps=5", "trainer.val_check_interval=10",
           "trainer.micro_batch_size=4", "trainer.grad_accum=2", "data.options.num_samples=300"]
 
@@ -22,21 +24,21 @@ def _weights(run_dir):
 
 
 @pytest.mark.parametrize("extra", [
-    ["model=gpt2"], ["peft=lora", "optim.lr=1e-2"],
+    [*GPT2], ["peft=lora", "optim.lr=1e-2"],
     # Sampling draws from the restored RNG, the value head and KL coefficient come from the checkpoint.
-    ["stage=ppo", "model=gpt2", "stage.kl_control=adaptive", "stage.kl_horizon=100", "stage.rollout.max_new_tokens=6"],
+    ["stage=ppo", *GPT2, "stage.kl_control=adaptive", "stage.kl_horizon=100", "stage.rollout.max_new_tokens=6"],
     ["stage=grpo", "stage.group_size=2", "stage.kl_coef=0.05", "stage.rollout.max_new_tokens=6"],
     ["stage=rloo", "stage.epochs=2", "stage.normalize_advantages=true", "stage.rollout.max_new_tokens=6"],
     ["stage=online_dpo", "stage.rollout.max_new_tokens=6"],
-    ["stage=dpo", "model=gpt2"], ["stage=kto", "model=gpt2"],
-    ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=gpt2"],
-    ["stage=simpo", "model=gpt2"], ["stage=orpo", "model=gpt2"],
+    ["stage=dpo", *GPT2], ["stage=kto", *GPT2],
+    ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *GPT2],
+    ["stage=simpo", *GPT2], ["stage=orpo", *GPT2],
     # Half the micro-batches the student's own samples: the draw and the sampling must resume too.
-    ["stage=distill", "stage.teacher=TINY_TEACHER", "model=gpt2", "stage.lmbda=0.5", "stage.rollout.max_new_tokens=6"],
+    ["stage=distill", "stage.teacher=TINY_TEACHER", *GPT2, "stage.lmbda=0.5", "stage.rollout.max_new_tokens=6"],
     # The resumed run prunes the same parts again before it loads the smaller model's checkpoint.
     ["stage=prune", "model.pretrained=TINY_TEACHER", "stage.kv_heads_keep=1", "optim.lr=1e-2"],
     # Small sources, so the 30 steps run over the mixed rows several times.
-    ["model=gpt2", "data=mixture", "data.mixture=[{name: arithmetic, weight: 3, options: {num_samples: 200}}, "
+    [*GPT2, "data=mixture", "data.mixture=[{name: arithmetic, weight: 3, options: {num_samples: 200}}, "
      "{name: arithmetic, weight: 1, options: {num_samples: 200, max_operand: 20}}]"],
 ], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "online_dpo", "dpo", "kto", "ddp", "simpo", "orpo", "distill",
         "prune", "mixture"])
