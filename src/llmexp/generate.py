@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -49,14 +48,14 @@ def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, tem
 def uses_chat(model_dir: Path, tokenizer, fmt: str) -> bool:
     """``--format``: chat or raw as given; auto: the text continued for a pretrain run's model (its
     run record says so) or a tokenizer without a chat template, the chat template otherwise."""
+    from llmexp.record import RunDir
+
     if fmt != "auto":
         return fmt == "chat"
-    summary = model_dir.parent / "summary.json"
-    stage = None
-    if summary.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            stage = json.loads(summary.read_text()).get("stage")
-    return stage != "pretrain" and bool(getattr(tokenizer, "chat_template", None))
+    summary = None
+    with contextlib.suppress(ValueError, OSError):
+        summary = RunDir(model_dir.parent).summary()
+    return (summary or {}).get("stage") != "pretrain" and bool(getattr(tokenizer, "chat_template", None))
 
 
 @reader_may_stop_early

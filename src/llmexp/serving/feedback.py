@@ -83,12 +83,10 @@ def judgement_rows(body: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[st
         label = choice == "both_good"
         return {RATINGS: [{"prompt": prompt, "completion": answer(x), "label": label, **meta}
                           for x in ((a,) if same else (a, b))]}  # one rating where the two answers are one
-    if kind == "rating":
-        if body.get("label") not in LABELS:
-            raise BadJudgement(f"label: must be 'up' or 'down', got {body.get('label')!r}")
-        return {RATINGS: [{"prompt": prompt, "completion": answer(_text(body.get("answer"), "answer", True)),
-                           "label": LABELS[body["label"]], **meta}]}
-    raise AssertionError(kind)  # checked above
+    if body.get("label") not in LABELS:  # a rating
+        raise BadJudgement(f"label: must be 'up' or 'down', got {body.get('label')!r}")
+    return {RATINGS: [{"prompt": prompt, "completion": answer(_text(body.get("answer"), "answer", True)),
+                       "label": LABELS[body["label"]], **meta}]}
 
 
 @dataclass
