@@ -1,24 +1,42 @@
-"""PPO throughput (sampled responses per second, rollout + updates) of llmexp against a plain loop
-of the same algorithm.
+"""PPO throughput (sampled responses per second, rollout + updates) of llmexp against TRL's
+PPOTrainer and against a plain loop of llmexp's own PPO.
 
-TRL 1.16 no longer ships a PPO trainer (neither in trl nor trl.experimental), so the baseline is
-a plain PyTorch loop of exactly llmexp's PPO: ``model.generate`` samples, one forward pass gives
-the old log-probs and values (a value head on the policy's last hidden state), one more the frozen
-reference's log-probs, then KL-penalised rewards, GAE, whitened advantages and ``ppo_epochs``
-clipped updates, with the same pure functions for the math (llmexp.advantages, llmexp.losses), the
-same fused AdamW, model, weights, prompts, reward and batch. The loop is the speed difference.
+The job: the same llama from the same weights, the bundled arithmetic prompts, scored by the same
+reward model (llmexp's stage=rm from the SFT policy, raw scores), 32 prompts x 2 micro-batches per
+rollout, one response each, at most 16 new tokens, temperature 1, kl_coef 0.05, 4 PPO epochs of one
+update each, lr 1e-5, fp32.
 
-    python benchmarks/ppo_throughput.py [--steps 10] [--init sft random]
+- **TRL**: ``trl.experimental.ppo.PPOTrainer``. TRL removed it after 1.12, so it runs from trl 1.12.0
+  (the last release that ships it), installed with ``pip install --no-deps --target`` into
+  benchmarks/.trl-1.12.0 on first use, in a process of its own (benchmarks/trl_ppo_side.py). Its
+  critic is its own model (TRL's convention: started from the reward model), run beside the policy in
+  the rollout and in every update.
+- **plain loop**: exactly llmexp's PPO written as a PyTorch loop: ``model.generate`` samples, one
+  forward pass gives the old log-probs and values (a value head on the policy's last hidden state),
+  one more the frozen reference's log-probs, then KL-penalised rewards, GAE, whitened advantages and
+  ``ppo_epochs`` clipped updates, with the same pure functions for the math (llmexp.advantages,
+  llmexp.losses) and the same fused AdamW. The loop is the only difference: what llmexp's engine adds.
+
+    python benchmarks/ppo_throughput.py [--steps 10] [--init sft random] [--no-ablations]
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from common import (MULTINOMIAL, best_of_interleaved, lightning_clock, llmexp_run, print_rollout_table,
                     rollout_arguments, save, sft_policy, with_multinomial_draw)
+
+TRL_WITH_PPO = "1.12.0"  # the last trl release that ships a PPO trainer
+TRL_DIR = Path(__file__).resolve().parent / f".trl-{TRL_WITH_PPO}"
+TRL_WITHOUT_GC = "TRL PPOTrainer without its per-step gc.collect()"
 
 MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.intermediate_size=512"]
@@ -28,7 +46,42 @@ ABLATIONS = {
 }
 
 
-def plain_loop(steps: int, prompts: int, accum: int, max_new: int, epochs: int, policy: Optional[str]) -> dict:
+def reward_model(policy: str) -> str:
+    """The job's reward model: llmexp's stage=rm (100 steps) from ``policy`` on the bundled
+    preference pairs, its exported model directory."""
+    summary = llmexp_run([*MODEL, "stage=rm", f"model.pretrained={policy}", "trainer.max_steps=100",
+                          "trainer.val_check_interval=null", "trainer.limit_val_batches=1"])
+    return summary["model_dir"]
+
+
+def trl_with_ppo() -> Path:
+    """A directory holding trl 1.12.0 (installed there on first use, without dependencies: the
+    project's transformers, accelerate and datasets serve it)."""
+    if not (TRL_DIR / "trl" / "experimental" / "ppo").is_dir():
+        print(f"installing trl=={TRL_WITH_PPO} (the last release with a PPO trainer) into {TRL_DIR}")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(TRL_DIR),
+                        f"trl=={TRL_WITH_PPO}"], check=True)
+    return TRL_DIR
+
+
+def trl_side(steps: int, prompts: int, accum: int, max_new: int, epochs: int, policy: Optional[str],
+             rm: str, without_gc: bool = False) -> dict:
+    """TRL's PPOTrainer on the job, in its own process with trl 1.12.0 first on the path
+    (``without_gc``: its two gc.collect() calls per step left out)."""
+    settings = dict(model=MODEL, steps=steps, prompts=prompts, grad_accum=accum, max_new_tokens=max_new,
+                    epochs=epochs, policy=policy, reward_model=rm, without_gc=without_gc)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(trl_with_ppo()), str(here),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(here / "trl_ppo_side.py"), json.dumps(settings)], env=env,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the TRL side failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plain_loop(steps: int, prompts: int, accum: int, max_new: int, epochs: int, policy: Optional[str],
+               rm: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -36,11 +89,11 @@ def plain_loop(steps: int, prompts: int, accum: int, max_new: int, epochs: int, 
     from llmexp.data.collate import collate_prompts
     from llmexp.data.encode import prompt_encoder
     from llmexp.data.module import load_examples
-    from llmexp.data.skill import correctness_reward
     from llmexp.losses import clipped_policy_loss, clipped_value_loss
     from llmexp.models.build import architecture_config
     from llmexp.models.tokenizer import load_tokenizer
     from llmexp.preflight import preflight
+    from llmexp.rewards import ModelReward
     from llmexp.testing import compose
 
     cfg = preflight(compose([*MODEL, "stage=ppo"]))
@@ -57,6 +110,7 @@ def plain_loop(steps: int, prompts: int, accum: int, max_new: int, epochs: int, 
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
     encode = prompt_encoder(tok)
     rows = [encode(r) for r in load_examples(cfg.data, "ppo").train]
+    score_with = ModelReward(rm, normalize=False)
 
     def forward(m, seq, attn, pos, P, values=False):
         out = m(input_ids=seq, attention_mask=attn, position_ids=pos, output_hidden_states=values)
@@ -86,7 +140,7 @@ def plain_loop(steps: int, prompts: int, accum: int, max_new: int, epochs: int, 
             seq, P = torch.cat([ids, resp], 1), ids.shape[1]
             texts = [tok.decode(r[: int(m.sum())], skip_special_tokens=True).strip()
                      for r, m in zip(resp.tolist(), mask)]
-            scores = torch.tensor([correctness_reward(t, c["answer"]) for t, c in zip(texts, b["columns"])])
+            scores = score_with(b["prompts"], texts, b["columns"])
             with torch.no_grad():
                 old, values = forward(model, seq, attn, pos, P, values=True)
                 ref, _ = forward(reference, seq, attn, pos, P)
@@ -112,12 +166,13 @@ def plain_loop(steps: int, prompts: int, accum: int, max_new: int, epochs: int, 
 
 
 def llmexp_side(steps: int, prompts: int, accum: int, max_new: int, epochs: int, policy: Optional[str],
-                extra: List[str] = ()) -> dict:
+                rm: str, extra: List[str] = ()) -> dict:
     clock = lightning_clock()
     start = [f"model.pretrained={policy}"] if policy else []
     summary = llmexp_run([*MODEL, *start, "stage=ppo", f"trainer.max_steps={steps}",
                           f"trainer.micro_batch_size={prompts}", f"trainer.grad_accum={accum}",
                           f"stage.ppo_epochs={epochs}", "stage.num_minibatches=1", "stage.rollout.temperature=1.0",
+                          f"stage.reward.model={rm}", "stage.reward.normalize=false",
                           f"stage.rollout.max_new_tokens={max_new}", "optim.lr=1e-5", "optim.warmup_steps=1",
                           "trainer.val_check_interval=null", "trainer.limit_val_batches=1", *extra],
                          callbacks=[clock])
@@ -126,23 +181,29 @@ def llmexp_side(steps: int, prompts: int, accum: int, max_new: int, epochs: int,
             "time_split": summary["time_split"]}
 
 
-def measure(init: str, args) -> Dict[str, dict]:
-    policy = sft_policy(MODEL) if init == "sft" else None
-    settings = (args.steps, args.prompts, args.grad_accum, args.max_new_tokens, args.ppo_epochs, policy)
-    sides = {"llmexp": lambda: llmexp_side(*settings), "plain loop": lambda: plain_loop(*settings)}
+def measure(init: str, sft: str, rm: str, args) -> Dict[str, dict]:
+    policy = sft if init == "sft" else None
+    settings = (args.steps, args.prompts, args.grad_accum, args.max_new_tokens, args.ppo_epochs, policy, rm)
+    sides = {"llmexp": lambda: llmexp_side(*settings), "TRL PPOTrainer": lambda: trl_side(*settings),
+             "plain loop": lambda: plain_loop(*settings)}
     if args.ablations:
         sides.update({name: (lambda extra=extra: llmexp_side(*settings, extra=extra))
                       for name, extra in ABLATIONS.items()})
         sides[MULTINOMIAL] = with_multinomial_draw(lambda: llmexp_side(*settings))
-    return best_of_interleaved(sides, args.repeats, "plain loop", "ratio_to_plain_loop")
+        sides[TRL_WITHOUT_GC] = lambda: trl_side(*settings, without_gc=True)
+    out = best_of_interleaved(sides, args.repeats, "TRL PPOTrainer", "ratio_to_trl")
+    for r in out.values():
+        r["ratio_to_plain_loop"] = r["responses_per_second"] / out["plain loop"]["responses_per_second"]
+    return out
 
 
 def main() -> None:
     args = rollout_arguments(__doc__, steps=10, prompts=32, grad_accum=2, ppo_epochs=4, max_new_tokens=16).parse_args()
-    results = {init: measure(init, args) for init in args.init}
-    print_rollout_table(results, "ratio_to_plain_loop", "vs loop",
-                        ["rollout", "old_logprobs", "reference", "optimisation"])
-    save("ppo_throughput", {"settings": vars(args), "model": MODEL, "results": results})
+    sft = sft_policy(MODEL)
+    rm = reward_model(sft)
+    results = {init: measure(init, sft, rm, args) for init in args.init}
+    print_rollout_table(results, "ratio_to_trl", "vs TRL", ["rollout", "scoring", "reference", "optimisation"])
+    save("ppo_throughput", {"settings": vars(args), "model": MODEL, "trl": TRL_WITH_PPO, "results": results})
 
 
 if __name__ == "__main__":
