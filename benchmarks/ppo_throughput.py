@@ -1,5 +1,6 @@
-"""PPO throughput (sampled responses per second, rollout + updates) of llmexp against TRL's
-PPOTrainer and against a plain loop of llmexp's own PPO.
+"""PPO throughput of llmexp against TRL's PPOTrainer and against a plain loop of llmexp's own PPO.
+
+Throughput is sampled responses per second over rollout and updates.
 
 The job: the same llama from the same weights, the bundled arithmetic prompts, scored by the same
 reward model (llmexp's stage=rm from the SFT policy, raw scores), 32 prompts x 2 micro-batches per
