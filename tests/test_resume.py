@@ -166,11 +166,23 @@ def test_resuming_a_finished_or_damaged_run_is_refused_and_changes_nothing(tmp_p
         assert f"the checkpoint {ckpt} cannot be read" in r.stderr
         assert _record_digest(killed) == before  # config.yaml not rewritten
     ckpt.write_bytes(good)
+    # A max_steps below the checkpoint's step would end the run there, finished and untrained.
+    before = _record_digest(killed)
+    r = run_cli([*overrides, "trainer.max_steps=5", f"resume={killed}"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "trainer.max_steps: is 5, below step 10" in r.stderr and "trainer.max_steps=10 or more" in r.stderr
+    assert _record_digest(killed) == before
+    config = (killed / "config.yaml").read_text()
     (killed / "config.yaml").write_text("[: not yaml")
     r = run_cli([*overrides, f"resume={killed}"], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "config.yaml is not the config a run wrote" in r.stderr
     assert (killed / "config.yaml").read_text() == "[: not yaml"
+    # The checkpoint's own step is allowed: a run killed during its export finishes it.
+    (killed / "config.yaml").write_text(config)
+    r = run_cli([*overrides, f"resume={killed}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((killed / "summary.json").read_text())["global_step"] == 10
 
 
 def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path):

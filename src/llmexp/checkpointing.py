@@ -218,6 +218,20 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return readable(ckpt)
 
 
+def check_steps_left(ckpt: Path, max_steps: Optional[int]) -> None:
+    """A resumed run trains on to ``max_steps``: one below the checkpoint's step would end the run
+    there, finished and never resumable again, with nothing trained (the step itself is allowed:
+    a run killed during its export finishes it)."""
+    from llmexp.errors import ConfigError, Problem
+
+    step = checkpoint_step(ckpt)
+    if max_steps is not None and 0 < max_steps < step:
+        raise ConfigError([Problem("trainer.max_steps", f"is {max_steps}, below step {step} where the run being "
+                                   f"resumed saved {ckpt.name}: it would end the run there, untrained",
+                                   f"trainer.max_steps={step} or more (a resumed run trains on from its "
+                                   f"checkpoint)")])
+
+
 def readable(ckpt: Path) -> Path:
     """``ckpt``, once its header loads: a damaged checkpoint is refused before the run record is
     touched (not a traceback from deep inside Lightning after config.yaml was rewritten)."""

@@ -56,10 +56,12 @@ def clean_partials(run_dir: Path) -> None:
 
 def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: float) -> float:
     """The run itself, in a run directory this process holds."""
-    from llmexp.checkpointing import resolve_resume
+    from llmexp.checkpointing import check_steps_left, resolve_resume
     from llmexp.training import fit, save_last_checkpoint
 
     resume_from = resolve_resume(typed.resume, run_dir)  # a damaged checkpoint is refused here, record untouched
+    if resume_from is not None:
+        check_steps_left(resume_from, typed.trainer.max_steps)
     with discarded_on_refusal(run_dir):
         trainer, stage, data, watchers, notes = set_up(typed, run_dir, callbacks, resume_from)
     try:
