@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import pytest
 import torch
@@ -85,17 +86,26 @@ def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
 
     overrides = [*COMMON, "model=llama", "trainer.max_steps=20"]
     killed = tmp_path / "runs" / "sft-llama" / "20260101-000000-000000"
+    start = time.time()
     assert train_in_subprocess(overrides, killed, kill_at=12).returncode == -signal.SIGKILL
+    first_session = time.time() - start
     # Changing what is trained is refused; the record stays as it was.
     before = (killed / "config.yaml").read_text()
     r = run_cli([*overrides, "trainer.max_steps=25", "optim.weight_decay=0.5", f"resume={killed}"], cwd=tmp_path)
     assert r.returncode == 2 and "optim.weight_decay: is 0.5 but the run being resumed used" in r.stderr
     assert (killed / "config.yaml").read_text() == before
+    start = time.time()
     r = run_cli([*overrides, "resume=auto"], cwd=tmp_path)
+    second_session = time.time() - start
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in (tmp_path / "runs" / "sft-llama").iterdir()] == [killed.name]
     s = json.loads((killed / "summary.json").read_text())
     assert s["global_step"] == 20 and s["resumed_from"].endswith("last.ckpt")
+    # The record's times cover the killed session up to its checkpoint (step 10) and the resumed one.
+    before = s["seconds_before_resume"]
+    assert 0 < before["fit"] < before["wall"] < first_session, (before, first_session)
+    assert before["wall"] < s["wall_seconds"] < before["wall"] + second_session
+    assert before["fit"] < s["fit_seconds"] < s["wall_seconds"]
 
 
 def test_a_fresh_run_with_resume_auto_and_nothing_to_resume_starts_over(tmp_path):

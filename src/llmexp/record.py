@@ -221,7 +221,7 @@ def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Op
         "final": dict(stage.last_val_metrics),
         "tokens_per_second": stage.train_tokens / stage.train_seconds if stage.train_seconds else None,
         "train_tokens": stage.train_tokens,
-        "fit_seconds": fit_seconds,
+        "fit_seconds": stage.seconds_before_resume["fit"] + fit_seconds,
         "seconds_to_first_step": stage.seconds_to_first_step,
         **count_parameters(stage.model),
         "data_stats": {"format": data.prepared.format, "preparation": data.prepared.log, **data.stats},
@@ -231,6 +231,8 @@ def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Op
     probe = getattr(stage, "task_probe", None)
     if probe is not None:
         summary["task"] = {"check": probe.check, "prompts": len(probe.rows), "max_new_tokens": probe.max_new_tokens}
+    if resume_from:  # wall_seconds and fit_seconds include the sessions before, up to the checkpoint
+        summary["seconds_before_resume"] = {k: round(v, 3) for k, v in stage.seconds_before_resume.items()}
     if stage.lr_changed_on_resume:
         summary["lr_changed_on_resume"] = stage.lr_changed_on_resume
     summary.update(notes)
@@ -243,7 +245,7 @@ def finish_record(trainer, run_dir: Path, summary: Dict[str, Any], started: floa
         logger.finalize("success")
     record = RunDir(run_dir)
     plot_loss_curve(record.metrics, record.loss_curve, f"{summary['stage']} · {summary['model']} · {summary['data']}")
-    summary["wall_seconds"] = time.time() - started
+    summary["wall_seconds"] = summary.get("seconds_before_resume", {}).get("wall", 0.0) + time.time() - started
     write_summary(run_dir, summary)
     print_result(summary)
 

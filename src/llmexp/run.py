@@ -64,6 +64,7 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
         check_steps_left(resume_from, typed.trainer.max_steps)
     with discarded_on_refusal(run_dir):
         trainer, stage, data, watchers, notes = set_up(typed, run_dir, callbacks, resume_from)
+    stage.session_started = started
     try:
         final, fit_seconds = fit(trainer, stage, data, resume_from)
     except SystemExit:

@@ -56,6 +56,10 @@ class StageModule(L.LightningModule):
         self.last_val_at: Tuple[str, int] = ("", -1)  # (trainer function, global step) of the last validation
         self.seconds_to_first_step: float | None = None
         self.lr_changed_on_resume: Dict[str, float] | None = None
+        # Seconds the sessions before a resume spent up to the checkpoint it continues from; the run
+        # sets session_started (its command's start), training sets fit_started.
+        self.seconds_before_resume = {"wall": 0.0, "fit": 0.0}
+        self.session_started = self.fit_started = time.time()
 
     # -- building and exporting ------------------------------------------------------------------
     @classmethod
@@ -194,6 +198,7 @@ class StageModule(L.LightningModule):
         """After a resume restored the scheduler: optim.lr may have changed, and the new one wins."""
         from llmexp.optim import rebase_lr
 
+        self.fit_started = time.time()
         old = rebase_lr(self.optimizers().optimizer, self.lr_schedulers(), self.cfg.optim.lr)
         if old is not None:
             self.lr_changed_on_resume = {"from": old, "to": self.cfg.optim.lr}
@@ -241,13 +246,16 @@ class StageModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         per_rank = self._rng_states_of_all_ranks()
         checkpoint["llmexp"] = {"rng": per_rank[0], "rng_per_rank": per_rank, "initial_metrics": self.initial_metrics,
-                                "train_tokens": self.train_tokens, "train_seconds": self.train_seconds}
+                                "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
+                                "wall_seconds": self.seconds_before_resume["wall"] + time.time() - self.session_started,
+                                "fit_seconds": self.seconds_before_resume["fit"] + time.time() - self.fit_started}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         state = checkpoint.get("llmexp", {})
         self.initial_metrics = state.get("initial_metrics", {})
         self.train_tokens = state.get("train_tokens", 0)
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.seconds_before_resume = {"wall": state.get("wall_seconds", 0.0), "fit": state.get("fit_seconds", 0.0)}
         per_rank = state.get("rng_per_rank") or []
         rank = self.global_rank if self._trainer is not None else 0
         if rank < len(per_rank):  # each rank continues its own random stream (dropout, sampling)
