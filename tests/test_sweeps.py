@@ -120,6 +120,48 @@ def test_bad_spec_is_refused_before_any_trial(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_every_value_of_a_parameter_is_checked_before_any_trial(tmp_path):
+    """A bad second value (or range end) failed its trial mid-sweep; the first alone was checked."""
+    spec = _spec(tmp_path, parameters={"optim.scheduler": {"values": ["constant", "cosin"]},
+                                       "optim.lr": {"values": [1e-3, -1]}})
+    r = _sweep(spec, tmp_path / "sweep")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "optim.scheduler" in r.stderr and "'cosin'" in r.stderr and "optim.lr" in r.stderr, r.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_metric_no_run_records_stops_the_sweep_at_its_first_trial(tmp_path):
+    """metric.name with a typo: every trial ran to its end and "failed", the sweep exited 0."""
+    spec = _spec(tmp_path, metric={"name": "val/los", "goal": "minimize"})
+    r = _sweep(spec, tmp_path / "sweep")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "metric.name: the sweep's metric 'val/los' is not one a run records" in r.stderr
+    assert "val/loss" in r.stderr and f"fix metric.name in {spec}" in r.stderr
+    trials = json.loads((tmp_path / "sweep" / "trials.json").read_text())["trials"]
+    assert len(trials) == 1 and trials[0]["status"] == "failed"  # stopped at the first, not run to the end
+
+
+def test_a_sweep_whose_every_trial_failed_exits_non_zero_naming_the_logs(tmp_path):
+    spec = _spec(tmp_path, parameters={"optim.lr": {"values": [1e6]}})  # diverges: the NaN guard exits 3
+    r = _sweep(spec, tmp_path / "sweep")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    assert "trial 0 failed (exit code 3; its log:" in r.stdout, r.stdout
+    assert "no trial finished with a value of val/loss" in r.stderr
+
+
+def test_sweep_file_and_dir_mistakes_get_one_clear_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: grid\nmetric: {name: val/loss}\nparameters:\n  optim.lr: {values: [1e-3, 1e-2}\n")
+    r = _sweep(bad, tmp_path / "sweep")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is not valid YAML at line 4, column" in r.stderr and "expected ',' or ']'" in r.stderr, r.stderr
+    a_file = tmp_path / "a.log"
+    a_file.write_text("kept")
+    r = _sweep(_spec(tmp_path), a_file)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"--dir {a_file} is a file, not a directory" in r.stderr and a_file.read_text() == "kept"
+
+
 def test_shipped_sweep_files_validate():
     from llmexp.sweep.spec import check_spec, load_spec
 
@@ -144,6 +186,11 @@ def test_a_directory_of_another_sweep_or_run_is_refused_and_kept(tmp_path):
     with pytest.raises(UserError, match="holds another sweep"):
         SweepEngine(load_spec(str(other)), out, count=None)
     assert (out / "trials.json").read_text() == state
+    edited = _spec(tmp_path, parameters={"optim.lr": {"values": [1e-4]}})  # the same file, edited
+    with pytest.raises(UserError, match=r"holds sweep 't' as .*spec.yaml was when it started; the spec has "
+                                        r"changed since \(parameters\)"):
+        SweepEngine(load_spec(str(edited)), out, count=None)
+    _spec(tmp_path)
     assert SweepEngine(load_spec(str(_spec(tmp_path))), out, count=None).trials == []  # its own: resumes
     run_dir = tmp_path / "a-run"
     run_dir.mkdir()

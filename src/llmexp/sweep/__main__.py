@@ -52,7 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"sweep {spec.name}: {len(trials)} trials, report in {out}/report.md")
     if best is not None:
         print(f"best trial {best.id}: {spec.metric}={best.metric:.6g} {best.params}")
-    return 0
+        return 0
+    sys.stderr.write(f"llmexp sweep: no trial finished with a value of {spec.metric}; each trial's log is "
+                     f"{out}/trial-NNN.log\n")
+    return 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from llmexp.errors import UserError
 from llmexp.record import RunDir, write_atomic
-from llmexp.sweep.results import history, trial_metric
+from llmexp.sweep.results import history, metric_names, trial_metric
 from llmexp.sweep.spec import SweepSpec
 
 FINISHED, FAILED, STOPPED, RUNNING, INTERRUPTED = "finished", "failed", "stopped", "running", "interrupted"
@@ -60,6 +60,8 @@ class SweepEngine:
     def __init__(self, spec: SweepSpec, out_dir: Path, count: Optional[int], parallel: int = 1,
                  poll_seconds: float = 1.0):
         self.spec, self.dir, self.count, self.parallel, self.poll = spec, Path(out_dir), count, parallel, poll_seconds
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UserError(f"--dir {self.dir} is a file, not a directory; choose another --dir")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.trials: List[Trial] = self._load()
         self.procs: Dict[int, subprocess.Popen] = {}
@@ -77,6 +79,13 @@ class SweepEngine:
             return []
         state = json.loads(self.state_file.read_text())
         other = state["config"] != self.spec.config if "config" in state else state.get("sweep") not in (None, self.spec.name)
+        if other and state.get("spec") == str(self.spec.path) and "config" in state:
+            old, new = state["config"], self.spec.config
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise UserError(f"--dir {self.dir} holds sweep {self.spec.name!r} as {state.get('spec')} was when it "
+                            f"started; the spec has changed since ({', '.join(changed)}), and a sweep resumes only "
+                            f"with the spec it started with: undo the change to resume it, or give the changed "
+                            f"sweep another --dir")
         if other:
             raise UserError(f"--dir {self.dir} holds another sweep ({state.get('sweep')!r} from {state.get('spec')}); "
                             f"a sweep resumes only in its own directory: choose another --dir")
@@ -155,7 +164,17 @@ class SweepEngine:
             trial.status = FINISHED if proc.returncode == 0 and trial.metric is not None else FAILED
             trial.extra["exit_code"] = proc.returncode
             self._save()
-            print(f"trial {tid} {trial.status}: {self.spec.metric}={trial.metric} {trial.params}", flush=True)
+            if trial.status == FINISHED:
+                print(f"trial {tid} finished: {self.spec.metric}={trial.metric:.6g} {trial.params}", flush=True)
+                continue
+            summary = RunDir(trial.run_dir).summary() if proc.returncode == 0 else None
+            if summary is not None and self.spec.metric not in metric_names(summary):
+                raise UserError(f"metric.name: the sweep's metric {self.spec.metric!r} is not one a run records, "
+                                f"so no trial can be ranked (trial {tid} finished and recorded "
+                                f"{', '.join(metric_names(summary))}); fix metric.name in {self.spec.path}")
+            why = f"exit code {proc.returncode}" if proc.returncode else f"{self.spec.metric} is not a finite number"
+            print(f"trial {tid} failed ({why}; its log: {Path(trial.run_dir).with_suffix('.log')}) {trial.params}",
+                  flush=True)
 
     def _early_terminate(self) -> None:
         if "early_terminate" not in self.spec.config or not self.procs:
@@ -191,6 +210,15 @@ class SweepEngine:
                 proc.wait()
 
     def run(self) -> List[Trial]:
+        """Every trial to the end; a sweep whose metric no run records stops at its first finished
+        trial (UserError), its other trials stopped as Ctrl+C stops them."""
+        try:
+            return self._run()
+        except UserError:
+            self.interrupt_trials()
+            raise
+
+    def _run(self) -> List[Trial]:
         while True:
             while len(self.procs) < self.parallel:
                 trial = self._next_trial()

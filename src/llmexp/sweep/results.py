@@ -24,6 +24,15 @@ def metric_value(summary: Dict[str, Any], name: str) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def metric_names(summary: Dict[str, Any]) -> List[str]:
+    """The metric names metric_value can read from this summary: its final validation metrics,
+    eval/<task>/<metric>, and summary.json's own numbers (wall_seconds, tokens_per_second, ...)."""
+    names = list(summary.get("final", {}))
+    names += [f"eval/{task}/{m}" for task, ms in summary.get("eval", {}).items() if isinstance(ms, dict) for m in ms]
+    names += [k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return names
+
+
 def trial_metric(run_dir: Path, name: str) -> Optional[float]:
     summary = RunDir(run_dir).summary()
     return metric_value(summary, name) if summary is not None else None

@@ -56,19 +56,22 @@ def load_spec(path: str) -> SweepSpec:
     try:
         config = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"sweep: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"sweep: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(config, dict):
         raise UserError(f"sweep: {path} must be a mapping with method, metric and parameters")
     return SweepSpec(p, config)
 
 
-def example_value(param: Dict[str, Any]) -> Any:
-    """One value the parameter can take, to check its key composes."""
+def candidate_values(param: Dict[str, Any]) -> List[Any]:
+    """The values of a parameter to check before any trial runs: each of ``values``, or both ends
+    of a range (a bad one would otherwise fail its trial hours into the sweep)."""
     if "value" in param:
-        return param["value"]
-    if "values" in param:
-        return param["values"][0]
-    return param.get("min", 0)
+        return [param["value"]]
+    if isinstance(param.get("values"), list) and param["values"]:
+        return list(param["values"])
+    return [param[k] for k in ("min", "max") if k in param] or [0]
 
 
 def check_spec(spec: SweepSpec) -> None:
@@ -89,12 +92,19 @@ def check_spec(spec: SweepSpec) -> None:
         problems.append(Problem(f"{spec.path.name}: parameters", "no parameters to sweep", "parameters: {optim.lr: ...}"))
     from llmexp.overrides import check_overrides
 
-    params = spec.parameters if isinstance(spec.parameters, dict) else {}
-    overrides = [*spec.fixed_overrides(),
-                 *(f"{k}={example_value(v)}" for k, v in params.items() if isinstance(v, dict))]
-    try:
-        check_overrides(overrides)
-    except ConfigError as e:
-        problems += [Problem(f"{spec.path.name}: {p.key}", p.message, p.fix) for p in e.problems]
+    params = {k: candidate_values(v) for k, v in (spec.parameters if isinstance(spec.parameters, dict) else {}).items()
+              if isinstance(v, dict)}
+    # Every candidate value composed at least once: the i-th combination takes each parameter's
+    # i-th value (its last once it has no more).
+    seen = set()
+    for i in range(max((len(v) for v in params.values()), default=1)):
+        overrides = [*spec.fixed_overrides(), *(f"{k}={v[min(i, len(v) - 1)]}" for k, v in params.items())]
+        try:
+            check_overrides(overrides)
+        except ConfigError as e:
+            for p in e.problems:
+                if (p.key, p.message) not in seen:
+                    seen.add((p.key, p.message))
+                    problems.append(Problem(f"{spec.path.name}: {p.key}", p.message, p.fix))
     if problems:
         raise ConfigError(problems)
