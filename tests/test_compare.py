@@ -233,6 +233,13 @@ def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert "give finished run directories" in r.stderr or "choose a new directory" in r.stderr
     assert not (sweep / "trial-000" / "model" / "compare.md").exists() and not (sweep / "new").exists()
+    for name, damage in (("summary.json", "{not json"), ("config.yaml", "[: not yaml")):
+        damaged = tmp_path / f"damaged-{name}"
+        shutil.copytree(sweep / "trial-000", damaged, ignore=shutil.ignore_patterns("model", "checkpoints"))
+        (damaged / name).write_text(damage)
+        r = _cli("compare", str(damaged), str(sweep / "trial-001"), "--out", str(tmp_path / "out"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"{damaged / name} is not valid" in r.stderr and "leave the run out" in r.stderr, r.stderr
 
 
 def test_a_table_too_wide_for_the_console_is_turned_a_column_per_run(capsys, monkeypatch):

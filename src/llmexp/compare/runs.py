@@ -74,5 +74,10 @@ def load_run(path: Path) -> Run:
     except json.JSONDecodeError as e:
         raise UserError(f"compare: {record.summary_file} is not valid JSON ({e.msg}); the run's record is damaged: "
                         f"leave the run out") from None
-    config = yaml.safe_load(record.config.read_text()) if record.config.is_file() else {}
+    try:
+        config = yaml.safe_load(record.config.read_text()) if record.config.is_file() else {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"compare: {record.config} is not valid YAML ({why}); the run's record is damaged: "
+                        f"leave the run out") from None
     return Run(Path(path), summary, config if isinstance(config, dict) else {})
