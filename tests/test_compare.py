@@ -233,6 +233,19 @@ def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert "give finished run directories" in r.stderr or "choose a new directory" in r.stderr
     assert not (sweep / "trial-000" / "model" / "compare.md").exists() and not (sweep / "new").exists()
+    # An unfinished run: named with how to finish it (no checkpoint: no resume= to suggest); in a
+    # folder of runs it is left out with a note.
+    folder = tmp_path / "folder"
+    shutil.copytree(sweep / "trial-001", folder / "done", ignore=shutil.ignore_patterns("model", "checkpoints"))
+    unfinished = folder / "killed"
+    shutil.copytree(sweep / "trial-000", unfinished, ignore=shutil.ignore_patterns("model", "checkpoints"))
+    (unfinished / "summary.json").unlink()
+    r = _cli("compare", str(unfinished), str(sweep / "trial-001"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"it has no checkpoint: start it over (its overrides with hydra.run.dir={unfinished} resume=auto)" in r.stderr
+    r = _cli("compare", str(folder), str(sweep / "trial-000"), "--out", str(tmp_path / "out-folder"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"compare: left out 1 unfinished run(s) in {folder} (no summary.json): killed" in r.stderr
     for name, damage in (("summary.json", "{not json"), ("config.yaml", "[: not yaml")):
         damaged = tmp_path / f"damaged-{name}"
         shutil.copytree(sweep / "trial-000", damaged, ignore=shutil.ignore_patterns("model", "checkpoints"))

@@ -195,6 +195,27 @@ def test_resuming_a_finished_or_damaged_run_is_refused_and_changes_nothing(tmp_p
     assert json.loads((killed / "summary.json").read_text())["global_step"] == 10
 
 
+def test_a_run_interrupted_before_its_first_checkpoint_says_how_to_start_over_and_that_works(tmp_path):
+    """It said "start the run again", and the same command was refused: the directory holds a run."""
+    from llmexp.run import interrupted_message
+    from llmexp.testing import run_cli
+
+    overrides = [*FAST, "trainer.max_steps=10", "trainer.val_check_interval=10"]
+    run_dir = tmp_path / "run"
+    assert run_cli([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    (run_dir / "summary.json").unlink()  # as a run interrupted before it wrote any checkpoint leaves it
+    for ckpt in (run_dir / "checkpoints").iterdir():
+        ckpt.unlink()
+    message = interrupted_message(run_dir, 8)
+    assert "nothing to resume" in message and f"hydra.run.dir={run_dir} resume=auto" in message, message
+    r = run_cli([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    r = run_cli([*overrides, f"hydra.run.dir={run_dir}", "resume=auto"], cwd=tmp_path)  # what the message says
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["global_step"] == 10 and s["resumed_from"] is None
+
+
 def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path):
     """Ctrl+C (SIGINT to the foreground process group): Lightning shuts down and exited 1 without a
     word; now exit 130 and the checkpoint kept with the resume= to continue from it."""

@@ -78,6 +78,21 @@ def test_a_trial_running_when_the_sweep_died_is_resumed(tmp_path):
     assert engine._next_trial() is engine.trials[0]  # restarted (with resume=auto) before new ones
 
 
+def test_interrupted_trials_are_told_apart_by_whether_they_have_a_checkpoint(tmp_path):
+    """The Ctrl+C message said every running trial would continue from its last checkpoint, also
+    those that had written none (a rerun starts them over)."""
+    from llmexp.sweep.engine import SweepEngine, Trial
+    from llmexp.sweep.spec import load_spec
+
+    engine = SweepEngine(load_spec(str(_spec(tmp_path))), tmp_path / "sweep", count=None)
+    for i in range(3):
+        engine.trials.append(Trial(id=i, params={"optim.lr": 1e-3}, run_dir=str(tmp_path / "sweep" / f"trial-{i:03d}")))
+    (tmp_path / "sweep" / "trial-001" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "sweep" / "trial-001" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert engine.where_trials_stand([0, 1, 2]) == ["trial 1 will continue from its last checkpoint",
+                                                    "trials 0, 2 will start over (no checkpoint yet)"]
+
+
 def test_a_trial_that_finished_after_the_sweep_died_counts_as_finished(tmp_path):
     """The trial ran on to its end while the sweep was gone (its parent killed alone): relaunched, a
     finished run refuses any change, so it was marked failed and another trial named the best."""
@@ -237,6 +252,7 @@ def test_ctrl_c_to_the_sweep_stops_its_trial_and_a_rerun_resumes_it(tmp_path):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "interrupted" in err and "run the same command again" in err, err
+    assert "trial 0 will continue from its last checkpoint" in err, err
     assert "interrupted at step" in (out / "trial-000.log").read_text()  # the trial stopped, as on Ctrl+C
     assert json.loads((out / "trials.json").read_text())["trials"][0]["status"] == "running"
     r = _sweep(spec, out)

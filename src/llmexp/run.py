@@ -140,7 +140,8 @@ def interrupted_message(run_dir: Path, step: int) -> str:
         return (f"interrupted at step {step}; its last checkpoint ({checkpoint}, step "
                 f"{checkpoint_step(checkpoint)}) is kept: continue with the same overrides and resume={run_dir}")
     return (f"interrupted at step {step}, before any checkpoint was written (trainer.checkpoint_every_n_steps "
-            f"sets how often): start the run again")
+            f"sets how often), so there is nothing to resume: start it over in this directory with the same "
+            f"overrides and hydra.run.dir={run_dir} resume=auto, or as a new run")
 
 
 def prepare_data(typed):

@@ -52,9 +52,15 @@ def run_paths(args: List[str]) -> List[Path]:
                 found.append(path)
             elif _children(path):
                 found += _children(path)
+                unfinished = sorted(p.name for p in path.iterdir() if p.is_dir() and RunDir(p).config.is_file()
+                                    and not RunDir(p).finished())
+                if unfinished:
+                    print(f"compare: left out {len(unfinished)} unfinished run(s) in {path} (no summary.json): "
+                          f"{', '.join(unfinished)}", file=sys.stderr)
             elif RunDir(path).config.is_file():
-                raise UserError(f"compare: {path} is a run that did not finish (no summary.json); "
-                                f"resume it (resume={path}) or leave it out")
+                how = (f"resume it (resume={path})" if RunDir(path).checkpoint_to_resume() is not None else
+                       f"it has no checkpoint: start it over (its overrides with hydra.run.dir={path} resume=auto)")
+                raise UserError(f"compare: {path} is a run that did not finish (no summary.json); {how} or leave it out")
             else:
                 raise UserError(f"compare: {path} is not a run directory (no summary.json, and no finished runs "
                                 f"inside); {_FIX}")

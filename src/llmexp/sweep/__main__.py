@@ -41,8 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             running = sorted(engine.procs)
             engine.interrupt_trials()
             sys.stderr.write(f"llmexp sweep: interrupted; {out}/trials.json keeps every trial's state"
-                             + (f" (trial{'s' if len(running) > 1 else ''} {', '.join(map(str, running))} "
-                                "will continue from its last checkpoint)" if running else "")
+                             + (f" ({'; '.join(engine.where_trials_stand(running))})" if running else "")
                              + ": run the same command again to resume the sweep\n")
             return 130
         result = write_report(out, trials, spec.metric, spec.goal, spec.name, spec.parameters)

@@ -209,6 +209,15 @@ class SweepEngine:
                 proc.kill()
                 proc.wait()
 
+    def where_trials_stand(self, ids: List[int]) -> List[str]:
+        """What a rerun does with each of these interrupted trials: continue from its last
+        checkpoint, or start over (it had written none)."""
+        resumable = [i for i in ids if RunDir(self.trials[i].run_dir).checkpoint_to_resume() is not None]
+        fresh = [i for i in ids if i not in resumable]
+        name = lambda group: f"trial{'s' if len(group) > 1 else ''} {', '.join(map(str, group))}"  # noqa: E731
+        return ([f"{name(resumable)} will continue from {'their' if len(resumable) > 1 else 'its'} last checkpoint"]
+                if resumable else []) + ([f"{name(fresh)} will start over (no checkpoint yet)"] if fresh else [])
+
     def run(self) -> List[Trial]:
         """Every trial to the end; a sweep whose metric no run records stops at its first finished
         trial (UserError), its other trials stopped as Ctrl+C stops them."""
