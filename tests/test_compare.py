@@ -255,6 +255,17 @@ def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
         assert f"{damaged / name} is not valid" in r.stderr and "leave the run out" in r.stderr, r.stderr
 
 
+def test_comparisons_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    """The default runs/compare/<time>: the second comparison within a second overwrote the first."""
+    from llmexp.compare.__main__ import output_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt: "20261206-120000")
+    first, second, third = (output_dir(None, []) for _ in range(3))
+    assert [p.name for p in (first, second, third)] == ["20261206-120000", "20261206-120000-2", "20261206-120000-3"]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in (first, second, third))
+
+
 def test_a_table_too_wide_for_the_console_is_turned_a_column_per_run(capsys, monkeypatch):
     from llmexp.compare.table import print_table
 

@@ -25,7 +25,7 @@ from llmexp.record import RunDir, write_atomic
 def output_dir(out: Optional[str], runs: List[Path]) -> Path:
     """--out, or a fresh runs/compare/<time>; a run or sweep directory, a directory inside one (a
     run's model/), or one of the compared runs is refused: a comparison never writes into a run's files."""
-    path = Path(out) if out else Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
+    path = Path(out) if out else fresh_dir(Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S"))
     inside = [p for p in [path.resolve(), *path.resolve().parents] if RunDir(p).held() or (p / "trials.json").exists()]
     if inside or path.resolve() in {r.resolve() for r in runs}:
         raise UserError(f"compare: --out {path} holds a run or a sweep; choose a new directory for the comparison "
@@ -33,6 +33,20 @@ def output_dir(out: Optional[str], runs: List[Path]) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"compare: --out {path} is a file; choose a directory")
     return path
+
+
+def fresh_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ... : a directory this call created, so that two
+    comparisons started within the same second do not write into one."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"compare: no free directory next to {base}; give --out")
 
 
 def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> Dict[str, Any]:
@@ -44,11 +58,11 @@ def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> D
     from llmexp.plotting import save
 
     found = run_paths(paths)
+    runs = [load_run(p) for p in found]  # a damaged record is refused before anything is written
     out_dir = output_dir(out, found)
-    runs = [load_run(p) for p in found]
     keys = differing_keys([r.config for r in runs])
     labels = run_labels([r.config for r in runs], keys, found)
-    title = f"{len(runs)} runs" + (f", differing in {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}" if keys else "")
+    title = f"{len(runs)} run{'s' if len(runs) != 1 else ''}" + (f", differing in {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}" if keys else "")
     rows = records(runs, keys, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "compare.csv", to_csv(rows))
