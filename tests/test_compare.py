@@ -171,6 +171,17 @@ def test_differing_keys_collapse_a_changed_group_to_its_name():
     assert differing_keys([sft, dpo]) == ["stage.name", "model.pretrained", "data.name"]  # nested keys follow too
     same = differing_keys([sft, sft])
     assert same == [] and run_labels([sft, sft], same, ["a/x", "a/y"]) == ["x", "y"]
+    # Three sft runs told apart by lr and seed, beside a dpo run: the names show lr and seed (they
+    # showed the first three differing keys, the same for the three sft runs, and the directory).
+    runs = [{"model": {"pretrained": p}, "stage": {"name": st}, "data": {"name": d}, "optim": {"lr": lr},
+             "trainer": {"seed": seed}} for p, st, d, lr, seed in [
+        (None, "sft", "arithmetic", 3e-3, 42), (None, "sft", "arithmetic", 1e-3, 42),
+        (None, "sft", "arithmetic", 3e-3, 1), ("/r/model", "dpo", "pairs", 5e-4, 42)]]
+    keys = differing_keys(runs)
+    assert keys == ["model.pretrained", "stage.name", "data.name", "optim.lr", "trainer.seed"]
+    labels = run_labels(runs, keys, ["r/a", "r/b", "r/c", "r/d"])
+    assert len(set(labels)) == 4 and all("(" not in label for label in labels), labels
+    assert all("lr=" in label and "seed=" in label for label in labels), labels
 
 
 @pytest.mark.slow

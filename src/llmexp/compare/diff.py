@@ -42,10 +42,21 @@ def differing_keys(configs: Sequence[Dict[str, Any]]) -> List[str]:
 
 def run_labels(configs: Sequence[Dict[str, Any]], keys: Sequence[str], paths: Sequence[Path],
                most: int = 3) -> List[str]:
-    """A legend name per run from its differing values; the directory name only where no key
-    differs, or to tell apart runs whose first ``most`` differing values agree."""
+    """A legend name per run from its differing values: at most ``most`` keys, first those that
+    tell the most runs apart (in config order among equals: runs that share a stage but differ in
+    lr and seed are named by lr and seed), then the first others; the directory name only where
+    no key differs, or where the chosen values still agree."""
     flats = [flatten(c) for c in configs]
-    shown = list(keys[:most])
+    distinct = lambda ks: len({tuple(repr(f.get(k)) for k in ks) for f in flats})  # noqa: E731
+    shown: List[str] = []
+    while len(shown) < most and distinct(shown) < len(flats):
+        gain, best = max(((distinct([*shown, k]), -i) for i, k in enumerate(keys) if k not in shown),
+                         default=(0, 0))
+        if gain <= distinct(shown):
+            break
+        shown.append(keys[-best])
+    shown += [k for k in keys if k not in shown][: most - len(shown)]  # room left: the first others
+    shown.sort(key=list(keys).index)
     labels = [describe(f, shown) if shown else Path(p).name for f, p in zip(flats, paths)]
     return [f"{label} ({Path(p).name})" if labels.count(label) > 1 and shown else label
             for label, p in zip(labels, paths)]
