@@ -177,6 +177,25 @@ def test_sweep_file_and_dir_mistakes_get_one_clear_message(tmp_path):
     assert f"--dir {a_file} is a file, not a directory" in r.stderr and a_file.read_text() == "kept"
 
 
+def test_overrides_on_the_command_line_reach_every_trial_and_belong_to_the_sweep(tmp_path):
+    """`llmexp sweep FILE key=value ...`: the user had to edit a copy of the YAML to shorten trials."""
+    spec, out = _spec(tmp_path, parameters={"optim.lr": {"values": [1e-3]}}), tmp_path / "sweep"
+    r = _sweep(spec, out, "trainer.max_steps=10", "trainer.val_check_interval=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((out / "trials.json").read_text())
+    assert state["overrides"] == ["trainer.max_steps=10", "trainer.val_check_interval=10"]
+    (trial,) = state["trials"]
+    assert json.loads((Path(trial["run_dir"]) / "summary.json").read_text())["global_step"] == 10
+    r = _sweep(spec, out, "trainer.max_steps=12", "trainer.val_check_interval=12")  # other overrides: not this sweep
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "command-line overrides trainer.max_steps=10 trainer.val_check_interval=10 -> trainer.max_steps=12" in r.stderr
+    r = _sweep(spec, tmp_path / "other", "optim.lr=1e-2")  # a swept key
+    assert r.returncode == 2 and "optim.lr: is swept by spec.yaml" in r.stderr and "Traceback" not in r.stderr
+    r = _sweep(spec, tmp_path / "other", "trainer.max_stepz=3")
+    assert r.returncode == 2 and "trainer.max_stepz" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "other").exists()
+
+
 def test_shipped_sweep_files_validate():
     from llmexp.sweep.spec import check_spec, load_spec
 

@@ -1,6 +1,6 @@
 """``python -m llmexp.sweep FILE`` (or ``llmexp sweep FILE``): run a W&B sweep file offline.
 
-    llmexp sweep sweeps/lr.yaml --count 6 --parallel 2 [--dir runs/sweeps/lr]
+    llmexp sweep sweeps/lr.yaml --count 6 --parallel 2 [--dir runs/sweeps/lr] [trainer.max_steps=200 ...]
 
 Online instead: ``wandb sweep sweeps/lr.yaml`` then ``wandb agent <entity/project/id>``.
 """
@@ -20,17 +20,19 @@ from llmexp.errors import UserError, report
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="llmexp sweep", description=command_summary(__doc__))
     ap.add_argument("spec", help="a W&B sweep YAML (method, metric, parameters)")
+    ap.add_argument("overrides", nargs="*", help="llmexp overrides for every trial (key=value), after the "
+                                                 "spec's command: trainer.max_steps=200 model=gpt2")
     ap.add_argument("--count", type=positive_int, default=None,
                     help="trials in all (default: grid until exhausted, else 10)")
     ap.add_argument("--parallel", type=positive_int, default=1, help="trials running at once")
     ap.add_argument("--dir", default=None, help="sweep directory (default runs/sweeps/<name>); rerun to resume")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
     try:
         from llmexp.sweep.engine import SweepEngine
         from llmexp.sweep.report import write_report
         from llmexp.sweep.spec import check_spec, load_spec
 
-        spec = load_spec(args.spec)
+        spec = load_spec(args.spec, args.overrides)
         check_spec(spec)
         count = args.count if args.count is not None else (None if spec.config.get("method") == "grid" else 10)
         out = Path(args.dir or Path("runs") / "sweeps" / spec.name)

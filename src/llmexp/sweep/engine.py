@@ -78,14 +78,18 @@ class SweepEngine:
                 raise UserError(f"--dir {self.dir} holds a run, not a sweep; choose another --dir")
             return []
         state = json.loads(self.state_file.read_text())
-        other = state["config"] != self.spec.config if "config" in state else state.get("sweep") not in (None, self.spec.name)
+        other = ((state["config"], state.get("overrides", [])) != (self.spec.config, self.spec.extra) if "config" in state
+                 else state.get("sweep") not in (None, self.spec.name))
         if other and state.get("spec") == str(self.spec.path) and "config" in state:
             old, new = state["config"], self.spec.config
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if state.get("overrides", []) != self.spec.extra:
+                changed.append(f"command-line overrides {' '.join(state.get('overrides', [])) or '(none)'} -> "
+                               f"{' '.join(self.spec.extra) or '(none)'}")
             raise UserError(f"--dir {self.dir} holds sweep {self.spec.name!r} as {state.get('spec')} was when it "
                             f"started; the spec has changed since ({', '.join(changed)}), and a sweep resumes only "
-                            f"with the spec it started with: undo the change to resume it, or give the changed "
-                            f"sweep another --dir")
+                            f"with the spec and overrides it started with: undo the change to resume it, or give "
+                            f"the changed sweep another --dir")
         if other:
             raise UserError(f"--dir {self.dir} holds another sweep ({state.get('sweep')!r} from {state.get('spec')}); "
                             f"a sweep resumes only in its own directory: choose another --dir")
@@ -100,7 +104,8 @@ class SweepEngine:
 
     def _save(self) -> None:
         payload = {"sweep": self.spec.name, "spec": str(self.spec.path), "metric": self.spec.metric,
-                   "goal": self.spec.goal, "config": self.spec.config, "trials": [asdict(t) for t in self.trials]}
+                   "goal": self.spec.goal, "config": self.spec.config, "overrides": self.spec.extra,
+                   "trials": [asdict(t) for t in self.trials]}
         write_atomic(self.state_file, json.dumps(payload, indent=2) + "\n")
 
     # -- proposing -------------------------------------------------------------------------------

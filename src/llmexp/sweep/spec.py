@@ -7,7 +7,7 @@ are Hydra override keys (``optim.lr``); the command passes them as ``${args_no_h
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -24,6 +24,7 @@ _MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphe
 class SweepSpec:
     path: Path
     config: Dict[str, Any]
+    extra: List[str] = field(default_factory=list)  # overrides from the command line, for every trial
 
     @property
     def name(self) -> str:
@@ -42,14 +43,15 @@ class SweepSpec:
         return self.config.get("parameters", {})
 
     def fixed_overrides(self) -> List[str]:
-        """Overrides written into the spec's ``command`` (e.g. trainer.max_steps=200)."""
-        return [str(c) for c in self.config.get("command", []) if str(c) not in _MACROS and "=" in str(c)]
+        """Overrides written into the spec's ``command`` (e.g. trainer.max_steps=200), then those given
+        on the command line (which win)."""
+        return [str(c) for c in self.config.get("command", []) if str(c) not in _MACROS and "=" in str(c)] + self.extra
 
     def better(self, a: float, b: float) -> bool:
         return a < b if self.goal == "minimize" else a > b
 
 
-def load_spec(path: str) -> SweepSpec:
+def load_spec(path: str, overrides: List[str] = ()) -> SweepSpec:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"sweep: no sweep file {path!r}; give a W&B sweep YAML (see sweeps/)")
@@ -61,7 +63,7 @@ def load_spec(path: str) -> SweepSpec:
         raise UserError(f"sweep: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(config, dict):
         raise UserError(f"sweep: {path} must be a mapping with method, metric and parameters")
-    return SweepSpec(p, config)
+    return SweepSpec(p, config, list(overrides))
 
 
 def candidate_values(param: Dict[str, Any]) -> List[Any]:
@@ -88,6 +90,11 @@ def check_spec(spec: SweepSpec) -> None:
     if "metric" not in spec.config or "name" not in spec.config.get("metric", {}):
         problems.append(Problem(f"{spec.path.name}: metric", "a sweep needs metric.name (and goal)",
                                 "metric: {name: val/loss, goal: minimize}"))
+    swept = [o.split("=", 1)[0].lstrip("+~") for o in spec.extra
+             if o.split("=", 1)[0].lstrip("+~") in (spec.parameters if isinstance(spec.parameters, dict) else {})]
+    for key in swept:
+        problems.append(Problem(key, f"is swept by {spec.path.name}; an override would set it in every trial",
+                                f"leave {key}=... out of the command line, or edit its values in {spec.path.name}"))
     if not spec.parameters:
         problems.append(Problem(f"{spec.path.name}: parameters", "no parameters to sweep", "parameters: {optim.lr: ...}"))
     from llmexp.overrides import check_overrides
