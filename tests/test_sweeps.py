@@ -145,6 +145,7 @@ def test_every_value_of_a_parameter_is_checked_before_any_trial(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_a_metric_no_run_records_stops_the_sweep_at_its_first_trial(tmp_path):
     """metric.name with a typo: every trial ran to its end and "failed", the sweep exited 0."""
     spec = _spec(tmp_path, metric={"name": "val/los", "goal": "minimize"})
@@ -156,6 +157,7 @@ def test_a_metric_no_run_records_stops_the_sweep_at_its_first_trial(tmp_path):
     assert len(trials) == 1 and trials[0]["status"] == "failed"  # stopped at the first, not run to the end
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_every_trial_failed_exits_non_zero_naming_the_logs(tmp_path):
     spec = _spec(tmp_path, parameters={"optim.lr": {"values": [1e6]}})  # diverges: the NaN guard exits 3
     r = _sweep(spec, tmp_path / "sweep")
@@ -177,6 +179,7 @@ def test_sweep_file_and_dir_mistakes_get_one_clear_message(tmp_path):
     assert f"--dir {a_file} is a file, not a directory" in r.stderr and a_file.read_text() == "kept"
 
 
+@pytest.mark.slow
 def test_overrides_on_the_command_line_reach_every_trial_and_belong_to_the_sweep(tmp_path):
     """`llmexp sweep FILE key=value ...`: the user had to edit a copy of the YAML to shorten trials."""
     spec, out = _spec(tmp_path, parameters={"optim.lr": {"values": [1e-3]}}), tmp_path / "sweep"
