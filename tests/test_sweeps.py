@@ -157,6 +157,19 @@ def test_a_metric_no_run_records_stops_the_sweep_at_its_first_trial(tmp_path):
     assert len(trials) == 1 and trials[0]["status"] == "failed"  # stopped at the first, not run to the end
 
 
+def test_a_recorded_metric_is_told_from_a_missing_one_at_any_depth():
+    """The typo check asks whether the run recorded the metric at all: a nested summary.json path
+    (time_split.optimisation_seconds) is a metric, a NaN one is recorded (the trial failed), a
+    misspelt one is not."""
+    from llmexp.sweep.results import metric_value, recorded_value
+
+    s = {"final": {"val/loss": 0.5, "val/reward": float("nan")}, "eval": {"t": {"em": 0.2}},
+         "time_split": {"optimisation_seconds": 4.5}}
+    assert metric_value(s, "time_split.optimisation_seconds") == 4.5 and metric_value(s, "eval/t/em") == 0.2
+    assert metric_value(s, "val/reward") is None and recorded_value(s, "val/reward") is not None
+    assert recorded_value(s, "val/los") is None and recorded_value(s, "time_split.nope") is None
+
+
 @pytest.mark.slow
 def test_a_sweep_whose_every_trial_failed_exits_non_zero_naming_the_logs(tmp_path):
     spec = _spec(tmp_path, parameters={"optim.lr": {"values": [1e6]}})  # diverges: the NaN guard exits 3

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from llmexp.errors import UserError
 from llmexp.record import RunDir, write_atomic
-from llmexp.sweep.results import history, metric_names, trial_metric
+from llmexp.sweep.results import history, metric_names, recorded_value, trial_metric
 from llmexp.sweep.spec import SweepSpec
 
 FINISHED, FAILED, STOPPED, RUNNING, INTERRUPTED = "finished", "failed", "stopped", "running", "interrupted"
@@ -173,7 +173,7 @@ class SweepEngine:
                 print(f"trial {tid} finished: {self.spec.metric}={trial.metric:.6g} {trial.params}", flush=True)
                 continue
             summary = RunDir(trial.run_dir).summary() if proc.returncode == 0 else None
-            if summary is not None and self.spec.metric not in metric_names(summary):
+            if summary is not None and recorded_value(summary, self.spec.metric) is None:
                 raise UserError(f"metric.name: the sweep's metric {self.spec.metric!r} is not one a run records, "
                                 f"so no trial can be ranked (trial {tid} finished and recorded "
                                 f"{', '.join(metric_names(summary))}); fix metric.name in {self.spec.path}")

@@ -10,8 +10,14 @@ from llmexp.record import RunDir, read_metrics
 
 
 def metric_value(summary: Dict[str, Any], name: str) -> Optional[float]:
+    """The metric as a finite number (None: absent, or NaN/inf)."""
+    value = recorded_value(summary, name)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def recorded_value(summary: Dict[str, Any], name: str) -> Any:
     """``val/loss`` -> final validation loss; ``eval/<task>/<metric>`` -> summary["eval"][task][metric];
-    anything else: a dotted path into summary.json."""
+    anything else: a dotted path into summary.json. None where the run recorded no such metric."""
     if name in summary.get("final", {}):
         value = summary["final"][name]
     elif name.startswith("eval/") and name.count("/") >= 2:
@@ -21,12 +27,12 @@ def metric_value(summary: Dict[str, Any], name: str) -> Optional[float]:
         value = summary
         for part in name.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    return value
 
 
 def metric_names(summary: Dict[str, Any]) -> List[str]:
-    """The metric names metric_value can read from this summary: its final validation metrics,
-    eval/<task>/<metric>, and summary.json's own numbers (wall_seconds, tokens_per_second, ...)."""
+    """The metric names to suggest from this summary: its final validation metrics,
+    eval/<task>/<metric>, and summary.json's own top-level numbers (wall_seconds, ...)."""
     names = list(summary.get("final", {}))
     names += [f"eval/{task}/{m}" for task, ms in summary.get("eval", {}).items() if isinstance(ms, dict) for m in ms]
     names += [k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
