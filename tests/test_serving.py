@@ -350,6 +350,56 @@ while True:
 """
 
 
+FAST_MONITOR = """
+import sys
+import litserve.server
+
+init = litserve.server.LitServer.__init__
+
+
+def fast_monitor(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.monitor_internal = 0.001  # LitServe polls its workers every 2 s: a stop's race, every time
+
+
+litserve.server.LitServer.__init__ = fast_monitor
+if __name__ == "__main__":
+    from llmexp.serving.server import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stopped_server_logs_no_dead_worker_and_no_traceback(tmp_path, tiny_teacher):
+    """kill stops the server quietly even while LitServe's worker monitor polls: it used to see the
+    workers the stop had ended ("Worker died; shutting down", in every stop at this poll rate) or
+    poll a stopped manager (a BrokenPipeError traceback, seen once in a test run at 2 s)."""
+    script = tmp_path / "serve_fast_monitor.py"
+    script.write_text(FAST_MONITOR)
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script), str(tiny_teacher), "--port", str(port),
+                                 "--feedback", str(tmp_path / "feedback")], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            with contextlib.suppress(OSError, ValueError):
+                if http("GET", f"http://127.0.0.1:{port}/health", key=None, timeout=2)[0] == 200:
+                    break
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        stops_on_sigterm(proc, f"http://127.0.0.1:{port}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    printed = log.read_text()
+    assert "serving" in printed and "died" not in printed and "crashed" not in printed, printed[-3000:]
+    assert "Traceback" not in printed and "ERROR" not in printed, printed[-3000:]
+
+
 def test_a_writer_killed_mid_write_never_leaves_a_broken_line(tmp_path):
     """SIGKILL a process appending 32 MB judgements at 12 moments spread over its writes (a plain
     append leaves a torn last line for about a quarter of them): every file ends at a line's end,

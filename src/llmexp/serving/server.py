@@ -98,9 +98,28 @@ def check_address(host: str, port: int) -> None:
                             f"another --port") from None
 
 
+def stopping_server_class():
+    """LitServer whose worker monitor ends when shutdown begins. LitServe's monitor polls the
+    shutdown event, a proxy in its manager process, every 2 s. At Ctrl+C or kill it went on polling:
+    it saw the workers the shutdown had just stopped and logged "Worker died; shutting down", or
+    its poll reached the manager after it had stopped and printed a BrokenPipeError traceback (once
+    in a test run). An event that is already set, in this process, ends its loop at the next poll."""
+    import threading
+
+    import litserve as ls
+
+    class StoppingServer(ls.LitServer):
+        def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+            stopping = threading.Event()
+            stopping.set()
+            self._shutdown_event = stopping
+            super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+
+    return StoppingServer
+
+
 def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
     """The LitServer: the chat API (LitServe's OpenAI spec), /v1/models, the page and its routes."""
-    import litserve as ls
     from fastapi import Depends, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -110,8 +129,10 @@ def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
     from llmexp.serving.api import ChatAPI, http_error, openai_error, require_key, validation_error
     from llmexp.serving.feedback import BadJudgement, FeedbackLog, judgement_rows
 
+    StoppingServer = stopping_server_class()
+
     api = ChatAPI(served)
-    server = ls.LitServer(api, accelerator="auto", timeout=600, enable_shutdown_api=False)
+    server = StoppingServer(api, accelerator="auto", timeout=600, enable_shutdown_api=False)
     app = server.app
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]  # LitServe's greeting
     app.add_exception_handler(RequestValidationError, validation_error)
