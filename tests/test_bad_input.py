@@ -224,7 +224,7 @@ def _unchanged(workdir):
 
 def _check(r, expected, workdir):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "LLMEXP_TRACEBACK" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.count("llmexp: error:") == 1
     assert expected in r.stderr, r.stderr
     _unchanged(workdir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import time
@@ -18,6 +19,13 @@ pytestmark = pytest.mark.slow
 GPT2 = ["model=gpt2", "model.extra.resid_pdrop=0.1", "model.extra.embd_pdrop=0.1", "model.extra.attn_pdrop=0.1"]
 COMMON = [*FAST, "trainer.max_steps=30", "trainer.checkpoint_every_n_steps=5", "trainer.val_check_interval=10",
           "trainer.micro_batch_size=4", "trainer.grad_accum=2", "data.options.num_samples=300"]
+
+
+def _rows_as_written(metrics_csv, before_step):
+    """The rows of a metrics.csv logged before a step, each cell's text as written."""
+    with open(metrics_csv, newline="") as fh:
+        rows = [{k: v for k, v in row.items() if v} for row in csv.DictReader(fh)]
+    return [r for r in rows if float(r["step"]) < before_step]
 
 
 def _weights(run_dir):
@@ -58,8 +66,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher
     assert ckpt["global_step"] == 15  # the last checkpoint before the kill
     assert not list((killed / "checkpoints").glob(".*tmp*")), "no half-written checkpoint left behind"
 
+    logged = _rows_as_written(killed / "metrics.csv", before_step=15)
     r = train_in_subprocess([*overrides, f"resume={killed}"], killed)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert logged and _rows_as_written(killed / "metrics.csv", before_step=15) == logged  # kept as they were
     assert "not resumable" not in r.stderr  # Lightning's warning, untrue here: the sampler resumes the data
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()

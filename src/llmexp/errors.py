@@ -2,7 +2,7 @@
 
 Anything the user can fix (config, data, model paths) raises :class:`UserError` or
 :class:`ConfigError`; the CLI prints it and exits with code 2. Set LLMEXP_TRACEBACK=1 to see
-the full traceback as well.
+the full traceback as well (the message suggests it where it sums up another exception).
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def report(error: BaseException) -> int:
 
         traceback.print_exception(type(error), error, error.__traceback__)
     sys.stderr.write(f"llmexp: error: {error}\n")
-    if not os.environ.get("LLMEXP_TRACEBACK") and not isinstance(error, ConfigError):
+    if not os.environ.get("LLMEXP_TRACEBACK") and error.__cause__ is not None:
+        # Only where the message sums up another exception (a plugin's, a reward function's): its
+        # frames say more. A plain user error's message is all there is to it.
         sys.stderr.write("(set LLMEXP_TRACEBACK=1 for the full traceback)\n")
     sys.stderr.flush()
     return getattr(error, "exit_code", EXIT_USER_ERROR)

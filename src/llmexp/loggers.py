@@ -15,10 +15,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[
     run keeps the rows before its checkpoint) and, unless disabled, W&B."""
     from lightning.pytorch.loggers import CSVLogger
 
-    from llmexp.record import read_metrics
-
-    kept = [r for r in read_metrics(RunDir(run_dir).metrics) if r.get("step", 0) < resume_step] \
-        if resume_step is not None else []
+    kept = rows_before(RunDir(run_dir).metrics, resume_step) if resume_step is not None else []
     csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=log_every_n_steps)
     if kept:
         csv_logger.experiment.metrics = kept + csv_logger.experiment.metrics
@@ -36,6 +33,18 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[
             del init["anonymous"]
         loggers.append(wandb)
     return loggers
+
+
+def rows_before(metrics_csv: Path, step: int) -> List[Dict[str, str]]:
+    """The rows of ``metrics_csv`` logged before ``step``, each cell as it was written (a row kept
+    on resume is written again; parsed, its step 8 came back as 8.0), empty cells left out."""
+    import csv
+
+    if not metrics_csv.is_file():
+        return []
+    with open(metrics_csv, newline="", encoding="utf-8") as fh:
+        rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+    return [r for r in rows if float(r.get("step", 0)) < step]
 
 
 def _wandb_settings():
