@@ -66,6 +66,10 @@ def parameter_panels(trials, metric: str, goal: str, distributions: Optional[Dic
         bad = [x for x, t in zip(xs, trials) if _failed(t)]
         if bad:  # at the panel's foot: x in data coordinates, y in axes coordinates
             ax.scatter(bad, [0.04] * len(bad), transform=ax.get_xaxis_transform(), label="failed / stopped", **FAILED)
+            # Their x is data, which autoscaling ignores under that transform: a trial that failed
+            # beyond the finished ones' range (the diverged highest lr) fell outside the axis.
+            ax.update_datalim([(x, done[0][1].metric) for x in bad], updatey=False)
+            ax.autoscale_view()
         if log:
             ax.set_xscale("log")
         if ticks is not None:
