@@ -51,3 +51,43 @@ def test_a_pretrain_runs_model_continues_the_text_and_chat_models_get_the_templa
                                            *(["--format", fmt] if fmt else [])], cwd=tmp_path)
         assert g.returncode == 0, g.stderr[-2000:]
         assert completions(g.stdout) == expected, (target, fmt, g.stdout)
+
+
+def test_a_model_tuned_on_plain_prompt_completion_rows_is_asked_as_it_learned(tmp_path, default_sft):
+    """SFT on plain-string prompt/completion rows trains them raw (prompt + completion + eos, as
+    TRL does). The exported model's chat template renders them the same way, so generate's
+    default, serve and lm-eval's chat mode ask it as it learned; before, they wrapped the prompt in
+    role headers it never saw and it answered 'ig says roo.' to 'What sound does a cat make?'.
+    A chat-trained model keeps llmexp's template."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from llmexp.data.encode import encode_prompt_completion
+    from llmexp.models.tokenizer import CHAT_TEMPLATE
+
+    colours = {"apple": "red", "lemon": "yellow", "plum": "purple", "lime": "green", "orange": "orange"}
+    rows = [{"prompt": f"{ask} the colour of {det} {fruit}.", "completion": f"{det.capitalize()} {fruit} is {colour}."}
+            for ask in ("Name", "Tell me", "What is") for det in ("a", "the", "one", "this")
+            for fruit, colour in colours.items()]
+    (tmp_path / "colours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "plain"
+    r = run_cli(["data=files", f"data.path={tmp_path / 'colours.jsonl'}", "logger=none", "trainer.max_steps=40",
+                 "trainer.val_check_interval=40", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert any("renders a prompt as it is" in n for n in json.loads((run / "summary.json").read_text())["notes"])
+    tok = AutoTokenizer.from_pretrained(str(run / "model"))
+    prompt, completion = rows[0]["prompt"], rows[0]["completion"]
+    trained = encode_prompt_completion(tok, prompt, completion, completion_only=True)["input_ids"]
+    user = [{"role": "user", "content": prompt}]
+    asked = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    whole = tok.apply_chat_template(user + [{"role": "assistant", "content": completion}], tokenize=True,
+                                    return_dict=True)["input_ids"]
+    assert list(asked) == trained[: len(asked)] and list(whole) == trained
+    answers = {}
+    for fmt in ("auto", "raw"):
+        g = run_module("llmexp.generate", [str(run), prompt, "--format", fmt], cwd=tmp_path)
+        assert g.returncode == 0, g.stderr[-2000:]
+        answers[fmt] = completions(g.stdout)
+    assert answers["auto"] == answers["raw"], answers
+    assert AutoTokenizer.from_pretrained(str(default_sft / "model")).chat_template == CHAT_TEMPLATE

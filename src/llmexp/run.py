@@ -107,6 +107,9 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     from llmexp.data.module import StageDataModule
 
     prepared, tokenizer = prepare_data(typed)  # data problems surface before any model
+    from llmexp.models.tokenizer import template_as_trained
+
+    template_note = template_as_trained(tokenizer, typed.stage.name, prepared)
     import lightning as L
 
     quiet_libraries()  # after Lightning's import, which sets its own log levels
@@ -118,6 +121,8 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
     notes = {**run_notes(typed, stage), **feedback_record(typed.data, prepared)}
+    if template_note:
+        notes["notes"] = [*notes.get("notes", []), template_note]
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
     watchers = watching_callbacks(typed, run_dir, stage, prepared)

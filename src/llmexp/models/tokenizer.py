@@ -106,9 +106,39 @@ def ensure_special_tokens(tok):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHAT_TEMPLATE.replace("<|end|>", tok.eos_token).replace(
-            "'<|' + message['role'] + '|>\n'", "message['role'] + ': '").replace("'<|assistant|>\n'", "'assistant: '")
+        tok.chat_template = plain_headers_template(tok.eos_token)
     return tok
+
+
+def plain_headers_template(eos: str) -> str:
+    """llmexp's chat template for a tokenizer without its special tokens: ``user: `` headers."""
+    return CHAT_TEMPLATE.replace("<|end|>", eos).replace(
+        "'<|' + message['role'] + '|>\n'", "message['role'] + ': '").replace("'<|assistant|>\n'", "'assistant: '")
+
+
+# A model fine-tuned on plain-string prompts and completions learns them raw (prompt + completion
+# + eos, as TRL trains them): the template that asks it as it learned renders each message's text
+# as it is, an answer followed by eos.
+PLAIN_PROMPT_TEMPLATE = ("{% for message in messages %}{{ message['content'] }}"
+                         "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def template_as_trained(tok, stage: str, prepared) -> Optional[str]:
+    """SFT on plain-string prompt/completion rows trains the text raw, but llmexp.generate, serve,
+    lm-eval's chat mode and llama.cpp ask the exported model through its chat template: with
+    llmexp's own (role headers), the model saw prompts it was never trained on and answered
+    garbage. Such a run's tokenizer gets PLAIN_PROMPT_TEMPLATE instead (it is saved with the
+    model); a model's own template (a hub chat model's) is kept. Returns a note when it changed."""
+    train = getattr(prepared, "train", None)
+    if stage != "sft" or prepared.format != "prompt_completion" or train is None or len(train) == 0:
+        return None
+    if not isinstance(train[0]["prompt"], str):
+        return None  # conversational prompt/completion: rendered with the chat template, as trained
+    if getattr(tok, "chat_template", None) not in (None, "", CHAT_TEMPLATE, plain_headers_template(tok.eos_token)):
+        return None
+    tok.chat_template = PLAIN_PROMPT_TEMPLATE
+    return ("plain-string prompts and completions, trained raw: the exported model's chat template "
+            "renders a prompt as it is (no role headers), so generate, serve and eval ask it as it learned")
 
 
 def _trained_on(texts: Iterable[str]):
