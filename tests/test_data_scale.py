@@ -269,3 +269,23 @@ def test_streaming_resume_after_sigkill_matches_uninterrupted(tmp_path, mode):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     s = json.loads((killed / "summary.json").read_text())
     assert s["global_step"] == 30 and s["data_stats"]["streaming"]["files"] == 3
+
+
+def test_streaming_a_corpus_that_is_all_validation_is_refused_not_read_forever(tmp_path):
+    """200 documents under the default max_val_samples (500): every one is a validation row, and
+    the stream read the files round and round for a training row (a run hung at 100% CPU)."""
+    corpus = write_corpus(tmp_path / "small.jsonl", 200)
+    r = run_cli(["stage=pretrain", "data=files", f"data.path={corpus}", "data.streaming=true", "logger=none",
+                 "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "holds 200 documents" in r.stderr and "lower data.max_val_samples" in r.stderr, r.stderr
+    # A part that a whole pass over the corpus gives no document (more readers than documents) is
+    # refused as well, where the stream would have looped.
+    from llmexp.data.streaming import DocumentStream
+    from llmexp.errors import UserError
+    from llmexp.models.tokenizer import load_tokenizer
+
+    cfg = typed(["stage=pretrain", "data=files", f"data.path={corpus}", "data.streaming=true",
+                 "data.max_val_samples=199"]).data
+    with pytest.raises(UserError, match="fewer than the 2 readers"):
+        next(iter(DocumentStream(cfg, load_tokenizer(None, None), window=4, seed=1, part=1, parts=2)))

@@ -208,8 +208,12 @@ class StageDataModule(L.LightningDataModule):
 
         probe = DocumentStream(self.cfg, self.stage.tokenizer, 1, self.tcfg.seed)
         eos, n = self.stage.tokenizer.eos_token_id, self.cfg.max_length
-        ids = [self.stage.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
-               for t in probe.validation_documents()]
+        documents = probe.validation_documents()
+        if not probe.has_training_documents():  # the stream would read the corpus forever for a row
+            raise UserError(f"data.max_val_samples: {self.cfg.path!r} holds {len(documents)} documents, and the first "
+                            f"{self.cfg.max_val_samples} are validation rows, so none is left to train on; lower "
+                            f"data.max_val_samples (say {max(1, len(documents) // 10)}) or add documents")
+        ids = [self.stage.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in documents]
         if self.cfg.concat:
             flat = [t for x in ids for t in x]
             ids = [flat[i:i + n] for i in range(0, len(flat) - n + 1, n)]

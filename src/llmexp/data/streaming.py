@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from torch.utils.data import IterableDataset
 
 from llmexp.data.sources import TEXT_SUFFIXES, _data_suffix, data_files, open_binary
+from llmexp.errors import UserError
 
 
 def read_documents(path: str, text_field: str) -> Iterator[str]:
@@ -75,6 +76,10 @@ class DocumentStream:
                 out.append(text)
         return out
 
+    def has_training_documents(self) -> bool:
+        """Whether any document follows the validation ones."""
+        return self._val_boundary() != (len(self.files), 0)
+
     def _is_validation(self, file_index: int, doc: int) -> bool:
         """Whether (file, document) is among the first n_val documents in file order."""
         return (file_index, doc) < self._val_end
@@ -115,6 +120,7 @@ class DocumentStream:
         pending: List[List[int]] = []
         while True:
             order = self.file_order(st["epoch"])
+            counter_at_start, whole_pass = st["counter"], st["file"] == 0 and st["doc"] == 0
             while st["file"] < len(order):
                 index = order[st["file"]]
                 for doc, text in enumerate(read_documents(self.files[index], self.text_field)):
@@ -134,6 +140,10 @@ class DocumentStream:
                 st["file"], st["doc"] = st["file"] + 1, 0
             while st["buffer"]:  # the epoch's last documents, in random order
                 yield from self._windows(st["buffer"].pop(rng.randrange(len(st["buffer"]))), pending, rng)
+            if whole_pass and st["counter"] - counter_at_start < self.parts:  # nothing for a part: ever
+                raise UserError(f"data.path: {self.cfg.path!r} has {st['counter'] - counter_at_start} training "
+                                f"documents (after the first data.max_val_samples={self.n_val}), fewer than the "
+                                f"{self.parts} readers that share it; add documents or lower data.max_val_samples")
             st["epoch"], st["file"], st["doc"] = st["epoch"] + 1, 0, 0
 
     def _windows(self, ids: List[int], pending: List[List[int]], rng: random.Random):
