@@ -70,6 +70,9 @@ CONFIG_CASES = {
     "wrong type": (["trainer.max_steps=abc"], "trainer.max_steps: expected an integer"),
     "unknown key": (["trainer.max_stepz=5"], "did you mean 'max_steps'"),
     "unknown option": (["model=lama"], "did you mean 'llama'"),
+    # without data=files the path was ignored: the run trained on the bundled data, exit 0
+    "data.path with a registered dataset": (["data.path={files}/qa.jsonl"],
+                                            "data.path: '{files}/qa.jsonl' would not be read"),
     "resume as a command": (["resume", "{old}"], "resume is an override: python -m llmexp <the run's overrides> resume="),
     "a stage as a command": (["dpo"], "'dpo' is neither an override (key=value) nor a command"),
     "unknown group": (["modle.hidden_size=32"], "did you mean 'model'"),

@@ -51,6 +51,12 @@ def adopt_pretrained_architecture(m: S.ModelConfig) -> None:
 def _check_dataset(d: S.DataConfig) -> List[Problem]:
     """A registered dataset (built-in or a plugin's) exists and data.options fit its typed schema;
     on success data.options becomes the complete, coerced options (each mixture source's likewise)."""
+    if d.source in ("bundled", "mixture") and d.path is not None:  # read by nothing: the run trained on other data
+        what = "a mixture, whose sources name their own paths" if d.source == "mixture" else \
+            f"the registered dataset {d.name!r}, which reads no file"
+        return [Problem("data.path", f"{d.path!r} would not be read: the data is {what}",
+                        "data=files data.path=<file or directory> (or data=hf) to train on it; in a mixture, "
+                        "{source: files, path: ...}")]
     if d.source == "mixture":
         from llmexp.data.mixture import source_config
 
