@@ -53,6 +53,8 @@ def workdir(tmp_path_factory):
     jsonl("unknown_role.jsonl", [{"messages": chat}] * 19 + [{"messages": [{"role": "bot", "content": "q"}, chat[1]]}])
     jsonl("empty_completions.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(20)])
     jsonl("qa.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
+    (files / "mine").mkdir()
+    (files / "mine" / "metrics.csv").write_text("the user's own numbers\n")  # not a run, yet a run would replace it
     jsonl("kto_labels.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}", "label": "yes"} for i in range(20)])
     yield root
     assert _digest(old) == before_digest[0]
@@ -104,6 +106,8 @@ CONFIG_CASES = {
     "hub dataset offline": (["data=hf", "data.path=org/dataset"], "offline=true"),
     "resume without checkpoint": (["resume={files}"], "resume:"),
     "existing run directory": (["hydra.run.dir={old}"], "already holds a run"),
+    "a directory holding a file a run writes": (["hydra.run.dir={files}/mine"],
+                                                "already holds metrics.csv, which a run writes and would replace"),
     "format without its columns": (["data=files", "data.path={files}/text.jsonl", "data.format=chat"],
                                    "data.format=chat needs columns"),
     "dpo on chat data": (["stage=dpo", "data=arithmetic"], "stage=dpo needs fields prompt+chosen+rejected"),

@@ -190,9 +190,11 @@ def _existing_run_problem(run_dir: str) -> List[Problem]:
     if why:
         return [Problem("hydra.run.dir", f"cannot create the run directory {run_dir!r}: {why}",
                         "choose a directory you can write, e.g. hydra.run.dir=$HOME/runs/<name>")]
-    held = RunDir(run_dir).held()
-    if held:
-        return [Problem("hydra.run.dir", f"{run_dir!r} already holds a run ({', '.join(held)})",
+    record = RunDir(run_dir)
+    held, written = record.held(), record.would_overwrite()
+    if written:
+        what = f"a run ({', '.join(held)})" if held else f"{', '.join(written)}, which a run writes and would replace"
+        return [Problem("hydra.run.dir", f"{run_dir!r} already holds {what}",
                         "choose a new directory, or leave hydra.run.dir unset for a fresh timestamped one")]
     return []
 

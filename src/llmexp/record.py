@@ -73,6 +73,12 @@ class RunDir:
         """The record files already here (a new run must not overwrite them)."""
         return [p.name for p in (self.config, self.summary_file, self.checkpoints) if p.exists()]
 
+    def would_overwrite(self) -> List[str]:
+        """The files here that a new run writes: a run's record, or a user's own metrics.csv or
+        model/ that a run started here would have replaced."""
+        return [p.name for p in (self.config, self.summary_file, self.checkpoints, self.metrics, self.loss_curve,
+                                 self.model) if p.exists()]
+
     def checkpoint_to_resume(self) -> Optional[Path]:
         """The newest complete checkpoint: last.ckpt (a file, or a sharded checkpoint directory),
         else the highest step-*.ckpt."""
