@@ -94,6 +94,35 @@ def test_the_probe_shards_ranks_in_lockstep_and_scores_only_real_rows():
     assert calls == [2, 1] and sums["task_score"] == (1.0, 2)
 
 
+def test_prompts_whose_answer_would_overrun_the_context_are_left_out_and_counted(tmp_path):
+    """A 501-token held-out prompt and 24 new tokens crashed a gpt2 of 512 positions in its first
+    validation (IndexError from the position embedding); it is now left out, and the record says so."""
+    import json
+
+    from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.testing import run_cli
+
+    tok = load_tokenizer(None, None)
+    long_prompt = "Summarize item 1: " + "word " * 162
+    probe = TaskProbe(check="reference", rows=[{"prompt": long_prompt, "columns": {"reference": "ok"}},
+                                               {"prompt": "Short?", "columns": {"reference": "ok"}}],
+                      max_new_tokens=24, batch_size=8)
+    assert len(tok(long_prompt, add_special_tokens=False)["input_ids"]) + 24 > 512
+    kept = probe.within_context(tok, 512)
+    assert [r["prompt"] for r in kept.rows] == ["Short?"] and kept.too_long == 1
+    assert probe.within_context(tok, 10) is None and probe.within_context(tok, None) is probe
+    rows = [{"prompt": f"Summarize item {i}: " + "word " * 162, "completion": "ok"} for i in range(40)]
+    rows += [{"prompt": f"Short item {i}?", "completion": "ok"} for i in range(40)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli(["model=gpt2", "data=files", f"data.path={tmp_path / 'long.jsonl'}",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    task = json.loads((tmp_path / "run" / "summary.json").read_text())["task"]
+    assert task["too_long_left_out"] > 0 and task["prompts"] > 0, task
+    assert "longer than the model's context with the answer, left out" in " ".join(r.stdout.split())
+
+
 def test_preference_pairs_reject_the_mistakes_a_policy_makes():
     pairs = list(skill.preference_pairs(num_samples=400, seed=5))
     rejected = [p["rejected"][0]["content"] for p in pairs]

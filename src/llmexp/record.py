@@ -236,7 +236,8 @@ def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Op
     }
     probe = getattr(stage, "task_probe", None)
     if probe is not None:
-        summary["task"] = {"check": probe.check, "prompts": len(probe.rows), "max_new_tokens": probe.max_new_tokens}
+        summary["task"] = {"check": probe.check, "prompts": len(probe.rows), "max_new_tokens": probe.max_new_tokens,
+                           **({"too_long_left_out": probe.too_long} if probe.too_long else {})}
     if resume_from:  # wall_seconds and fit_seconds include the sessions before, up to the checkpoint
         summary["seconds_before_resume"] = {k: round(v, 3) for k, v in stage.seconds_before_resume.items()}
     if stage.lr_changed_on_resume:
@@ -268,7 +269,10 @@ def print_result(summary: Dict[str, Any]) -> None:
         lines.append(f"  {key}: {i.get(key, float('nan')):.4f} -> {f.get(key, float('nan')):.4f}{mark}")
     if "task" in summary:
         t = summary["task"]
-        lines.append(f"  (val/task_score: greedy answers to {t['prompts']} prompts, checked by {t['check']})")
+        left_out = (f"; {t['too_long_left_out']} longer than the model's context with the answer, left out"
+                    if t.get("too_long_left_out") else "")
+        lines.append(f"  (val/task_score: greedy answers to {t['prompts']} prompt{'s' if t['prompts'] != 1 else ''}, "
+                     f"checked by {t['check']}{left_out})")
     for w in summary.get("health", {}).get("warnings", []):
         lines.append(f"  [yellow]health warning[/] at step {w['step']}: {w['sign']}: {w['seen']}")
     lines.append(f"  run record: {summary['run_dir']}")

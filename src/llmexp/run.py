@@ -277,7 +277,9 @@ def watching_callbacks(typed, run_dir: Path, stage, prepared) -> List[Any]:
     from llmexp.task_probe import build_probe
 
     if stage_spec(typed.stage.name).language_model:
-        stage.task_probe = build_probe(typed, prepared.val if prepared.val is not None else [], prepared.format)
+        probe = build_probe(typed, prepared.val if prepared.val is not None else [], prepared.format)
+        context = getattr(stage.model.config, "max_position_embeddings", None)
+        stage.task_probe = probe.within_context(stage.tokenizer, context) if probe is not None else None
     out: List[Any] = []
     if watched(typed.stage.name) and typed.health.action != "off":
         rollout = getattr(typed.stage, "rollout", None)

@@ -19,6 +19,7 @@ the checker is, by ``task.check``:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -109,6 +110,22 @@ class TaskProbe:
 
     def __post_init__(self) -> None:
         self.score = build_checker(self.check)
+
+    too_long: int = 0  # held-out prompts left out: with max_new_tokens they exceed the model's context
+
+    def within_context(self, tokenizer, context: Optional[int]) -> Optional["TaskProbe"]:
+        """The probe without the prompts whose answer would run past ``context`` positions (a
+        501-token prompt and 24 new tokens crashed a gpt2 of 512 positions mid-validation); None
+        when no prompt is left."""
+        from llmexp.data.encode import render_prompt
+
+        if not context:
+            return self
+        room = context - self.max_new_tokens
+        kept = [r for r in self.rows if len(render_prompt(tokenizer, r["prompt"])) <= room]
+        if not kept:
+            return None
+        return dataclasses.replace(self, rows=kept, too_long=self.too_long + len(self.rows) - len(kept))
 
     def shard(self, rank: int, world: int) -> List[Optional[Dict[str, Any]]]:
         """This rank's rows, padded with None to the longest shard, so that every rank generates
