@@ -120,7 +120,7 @@ def test_prompts_whose_answer_would_overrun_the_context_are_left_out_and_counted
     assert r.returncode == 0, r.stderr[-3000:]
     task = json.loads((tmp_path / "run" / "summary.json").read_text())["task"]
     assert task["too_long_left_out"] > 0 and task["prompts"] > 0, task
-    assert "longer than the model's context with the answer, left out" in " ".join(r.stdout.split())
+    assert "longer than the model's context with the answer, left out" in " ".join((r.stdout + r.stderr).split())
 
 
 def test_preference_pairs_reject_the_mistakes_a_policy_makes():
