@@ -53,6 +53,7 @@ def workdir(tmp_path_factory):
     jsonl("unknown_role.jsonl", [{"messages": chat}] * 19 + [{"messages": [{"role": "bot", "content": "q"}, chat[1]]}])
     jsonl("empty_completions.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(20)])
     jsonl("qa.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
+    jsonl("conversations.jsonl", [{"conversation": chat}] * 20)
     (files / "mine").mkdir()
     (files / "mine" / "metrics.csv").write_text("the user's own numbers\n")  # not a run, yet a run would replace it
     jsonl("kto_labels.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}", "label": "yes"} for i in range(20)])
@@ -211,6 +212,9 @@ RUN_CASES = {
     "unknown role": (["data=files", "data.path={files}/unknown_role.jsonl"], "message 0 has role 'bot'; roles are"),
     "every completion empty": (["data=files", "data.path={files}/empty_completions.jsonl"],
                                "every completion in"),
+    # the file has no default column either: it was called a file of no recognised format
+    "field mapping typo": (["data=files", "data.path={files}/conversations.jsonl", "data.fields.messages=conversaton"],
+                           "did you mean 'conversation'"),
     "field mapped to a missing column": (["data=files", "data.path={files}/qa.jsonl", "data.fields.completion=answer"],
                                          "data.fields.completion=answer:"),
 }

@@ -460,6 +460,11 @@ def _check_stage_data(run: S.RunConfig) -> List[Problem]:
         return []  # each source is checked by _check_mixture
     fields = dataclasses.asdict(d.fields)
     columns = peek_columns(d)
+    defaults = dataclasses.asdict(S.FieldMap())
+    for canon, source in fields.items():  # a mapping that names no column: a typo, said as one
+        if columns is not None and source != defaults.get(canon, canon) and source not in columns:
+            return [Problem(f"data.fields.{canon}={source}", f"{d.path or d.name!r} has no column {source!r} (columns: "
+                            f"{', '.join(columns)})", suggest(source, columns))]
     if d.format != "auto":
         fmt = d.format
         if columns is not None:
