@@ -212,6 +212,9 @@ RUN_CASES = {
     "unknown role": (["data=files", "data.path={files}/unknown_role.jsonl"], "message 0 has role 'bot'; roles are"),
     "every completion empty": (["data=files", "data.path={files}/empty_completions.jsonl"],
                                "every completion in"),
+    # data.source=files keeps data=arithmetic's options: they were passed on to datasets' json loader
+    "data.source=files with another dataset's options": (["data.source=files", "data.path={files}/qa.jsonl"],
+                                                         "use data=files"),
     # the file has no default column either: it was called a file of no recognised format
     "field mapping typo": (["data=files", "data.path={files}/conversations.jsonl", "data.fields.messages=conversaton"],
                            "did you mean 'conversation'"),

@@ -115,6 +115,23 @@ def test_csv_parquet_json_prompt_completion(tmp_path, suffix):
     assert len(prepared.train) + len(prepared.val) == 30
 
 
+def test_csv_cells_are_the_text_they_are_and_an_empty_one_is_missing(tmp_path):
+    """Answers that look like numbers or NA are text; pandas read them as int ('row 0: completion is
+    int, not text') or as missing, which the user could not fix in the file. An empty cell is still
+    missing, and refused as before."""
+    rows = [(f"{q} ({i})", a) for i in range(8)
+            for q, a in [("What is 3 plus 3?", "6"), ("Is it known?", "NA"), ("Say null.", "null"), ("Half of 3?", "1.50")]]
+    f = tmp_path / "answers.csv"
+    f.write_text("question,answer\n" + "".join(f"{q},{a}\n" for q, a in rows))
+    cfg = typed(["data=files", f"data.path={f}", "data.fields.prompt=question", "data.fields.completion=answer"]).data
+    prepared = load_examples(cfg, "sft")
+    got = {r["prompt"]: r["completion"] for split in (prepared.train, prepared.val) for r in split}
+    assert got == dict(rows)
+    f.write_text("question,answer\n" + "".join(f"{q},{a}\n" for q, a in rows) + "Empty?,\n")
+    with pytest.raises(UserError, match="completion is null"):
+        load_examples(cfg, "sft")
+
+
 def test_saved_dataset_directory_as_hf_source(tmp_path):
     from datasets import Dataset, DatasetDict
 

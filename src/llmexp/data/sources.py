@@ -6,7 +6,7 @@ import glob
 import json
 import os
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List
 
 from llmexp.config.schema import DataConfig
 from llmexp.errors import UserError
@@ -121,14 +121,34 @@ def _check_json_lines(files: List[str]) -> None:
                         raise UserError(f"data.path: {f} line {n} is not a JSON object")
 
 
+def csv_as_written(path: str) -> Dict[str, Any]:
+    """The csv loader's options that keep every cell the text it is: pandas read an answer column
+    of numbers as int ('6') and the answers NA, None or null as missing, and neither can be fixed
+    in the file."""
+    import csv
+    import io
+
+    from datasets import Features, Value
+
+    with io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", errors="replace", newline="") as fh:
+        header = next(csv.reader(fh), [])
+    return {"features": Features({c: Value("string") for c in header}), "keep_default_na": False,
+            "na_values": [""]} if header else {}  # an empty cell is still a missing one
+
+
 def _files(cfg: DataConfig):
     from datasets import load_dataset
 
     files = data_files(cfg.path)
     _check_json_lines(files)
     builder = FILE_BUILDERS.get(_data_suffix(Path(files[0])), "text")
+    options = {**(csv_as_written(files[0]) if builder == "csv" else {}), **cfg.options}
     try:
-        ds = load_dataset(builder, data_files=files, split="train", **cfg.options)
+        ds = load_dataset(builder, data_files=files, split="train", **options)
+    except TypeError as e:  # an option the builder does not take
+        raise UserError(f"data.options: {', '.join(sorted(cfg.options)) or 'none'} given, and datasets' {builder} "
+                        f"loader refuses them ({str(e).splitlines()[0]}); data.options of data=files are its "
+                        f"keyword arguments (data.source=files keeps another dataset's options: use data=files)") from None
     except Exception as e:  # datasets raises many kinds here; all mean the files are unreadable
         raise UserError(f"data.path: cannot read {cfg.path!r} as {builder}: {str(e).splitlines()[0]}") from None
     if len(ds) == 0:
