@@ -140,6 +140,17 @@ def test_saved_dataset_directory_as_hf_source(tmp_path):
     cfg = typed(["data=hf", f"data.path={tmp_path / 'ds'}", "data.validation_split=test", "stage=pretrain"]).data
     prepared = load_examples(cfg, "pretrain")
     assert (len(prepared.train), len(prepared.val)) == (20, 5) and prepared.format == "text"
+    # a split name's typo is named with the key and the splits there are (it said "(split 'train'): 'tst'")
+    for override, words in [("data.split=trian", "data.split=trian: "), ("data.validation_split=tst",
+                                                                        "data.validation_split=tst: ")]:
+        bad = typed(["data=hf", f"data.path={tmp_path / 'ds'}", override, "stage=pretrain"]).data
+        with pytest.raises(UserError, match=words + ".*has no split.*did you mean") as e:
+            load_examples(bad, "pretrain")
+        assert "(valid: test, train)" in str(e.value)
+    Dataset.from_list([{"text": f"doc {i}"} for i in range(20)]).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(UserError, match="is one dataset without splits; unset data.validation_split"):
+        load_examples(typed(["data=hf", f"data.path={tmp_path / 'one'}", "data.validation_split=test",
+                             "stage=pretrain"]).data, "pretrain")
 
 
 def test_malformed_json_line_is_named(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from llmexp.config.schema import DataConfig
-from llmexp.errors import UserError
+from llmexp.errors import UserError, suggest
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -163,9 +163,16 @@ def _hub(cfg: DataConfig):
     try:
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             loaded = load_from_disk(str(local))
-            train = loaded[cfg.split] if hasattr(loaded, "keys") else loaded
-            val = loaded[cfg.validation_split] if cfg.validation_split else None
-            return train, val
+            if not hasattr(loaded, "keys"):  # one Dataset, saved without splits
+                if cfg.validation_split:
+                    raise UserError(f"data.validation_split={cfg.validation_split}: {cfg.path!r} is one dataset without "
+                                    f"splits; unset data.validation_split (data.max_val_samples rows are held out)")
+                return loaded, None
+            for key, split in (("data.split", cfg.split), ("data.validation_split", cfg.validation_split)):
+                if split and split not in loaded:
+                    raise UserError(f"{key}={split}: {cfg.path!r} has no split {split!r}; "
+                                    f"{suggest(split, list(loaded), key)}")
+            return loaded[cfg.split], loaded[cfg.validation_split] if cfg.validation_split else None
         if local.is_dir() and not _card_names_files(local):
             return _local_directory(cfg, local)
         train = load_dataset(cfg.path, split=cfg.split, **cfg.options)
