@@ -215,6 +215,12 @@ RUN_CASES = {
     # data.source=files keeps data=arithmetic's options: they were passed on to datasets' json loader
     "data.source=files with another dataset's options": (["data.source=files", "data.path={files}/qa.jsonl"],
                                                          "use data=files"),
+    # the rows cannot share one table: it said "no recognised format (columns: __mixture_source)"
+    "a mixture of two formats": (["data=mixture", "data.mixture=[{{source: files, path: {files}/qa.jsonl}}, {{source: "
+                                  "files, path: {files}/conversations.jsonl, fields: {{messages: conversation}}}}]"],
+                                 "data.mixture: its sources have different formats"),
+    # a path's typo, which offline=false would not fix
+    "data=hf path typo": (["data=hf", "data.path={files}/no_such_dataset"], "no dataset directory or file at"),
     # the file has no default column either: it was called a file of no recognised format
     "field mapping typo": (["data=files", "data.path={files}/conversations.jsonl", "data.fields.messages=conversaton"],
                            "did you mean 'conversation'"),

@@ -12,7 +12,7 @@ import dataclasses
 import glob
 import os
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 from omegaconf import DictConfig
 
@@ -426,12 +426,27 @@ def _check_mixture(run: S.RunConfig) -> List[Problem]:
                         "data.mixture=[{name: arithmetic, weight: 1}, {source: files, path: my.jsonl, weight: 1}]")]
     from llmexp.data.mixture import source_config
 
+    from llmexp.data.formats import detect_format
+    from llmexp.data.mixture import label
+    from llmexp.data.peek import peek_columns
+
     problems: List[Problem] = []
+    formats: Dict[str, str] = {}
     for i in range(len(d.mixture)):
         sub = source_config(d, i)
         one = dataclasses.replace(run, data=sub)
         found = _check_data_source(one) + _check_stage_data(one)
         problems += [within_mixture(x, i) for x in found]
+        columns = None if found else peek_columns(sub)
+        fmt = sub.format if sub.format != "auto" else detect_format(columns, dataclasses.asdict(sub.fields)) \
+            if columns is not None else None
+        if fmt:
+            formats[f"data.mixture[{i}] {label(d, i)!r}"] = fmt
+    if not problems and len(set(formats.values())) > 1:  # the rows cannot share one table
+        return [Problem("data.mixture", "its sources have different formats: " +
+                        ", ".join(f"{k}: {v}" for k, v in formats.items()),
+                        "mix sources of one format (map a source's columns with its own fields: {...}), or "
+                        "train on them one after the other")]
     return problems
 
 
@@ -442,9 +457,13 @@ def _check_data_source(run: S.RunConfig) -> List[Problem]:
         if not glob.glob(os.path.expanduser(d.path)):
             p.append(Problem("data.path", f"no file or directory matches {d.path!r}",
                              "give an existing JSONL/JSON/Parquet/CSV file, directory or glob"))
-    if d.source == "hf" and d.path and not Path(d.path).exists() and run.offline:
-        p.append(Problem("data.path", f"{d.path!r} is not a local dataset and offline=true",
-                         "set offline=false to download it from the hub, or use a local path"))
+    if d.source == "hf" and d.path and not Path(os.path.expanduser(d.path)).exists():
+        if d.path.startswith(("/", ".", "~")):  # a path, not a hub id: a typo, which no download fixes
+            p.append(Problem("data.path", f"no dataset directory or file at {d.path!r}",
+                             "give an existing directory (save_to_disk, or data files) or a hub id (org/name)"))
+        elif run.offline:
+            p.append(Problem("data.path", f"{d.path!r} is not a local dataset and offline=true",
+                             "set offline=false to download it from the hub, or use a local path"))
     if d.source not in ("bundled", "mixture") and not d.path:
         p.append(Problem("data.path", f"data.source={d.source} needs a path", "data.path=..."))
     return p
