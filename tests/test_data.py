@@ -153,6 +153,17 @@ def test_saved_dataset_directory_as_hf_source(tmp_path):
                              "stage=pretrain"]).data, "pretrain")
 
 
+def test_a_jsonl_file_saved_with_a_byte_order_mark_loads(tmp_path):
+    """Windows' editors write UTF-8 with a BOM; datasets reads it, and llmexp's line check refused
+    line 1 as invalid JSON ('fix or remove that line')."""
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                                           for i in range(30)).encode())
+    prepared = load_examples(typed(["data=files", f"data.path={f}"]).data, "sft")
+    rows = [*prepared.train, *prepared.val]
+    assert len(rows) == 30 and {r["prompt"] for r in rows} == {f"q{i}" for i in range(30)}
+
+
 def test_malformed_json_line_is_named(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"text": "ok"}\n{"text": broken}\n')

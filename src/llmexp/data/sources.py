@@ -108,7 +108,7 @@ def _check_json_lines(files: List[str]) -> None:
         with open_binary(f) as fh:
             for n, raw in enumerate(fh, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (Windows' editors) is not a row's text
                 except UnicodeDecodeError as e:
                     raise UserError(f"data.path: {f} line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
                                     f"{e.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
