@@ -140,3 +140,20 @@ def test_hf_local_directory_without_data_files_is_refused(tmp_path):
     assert (f"data.path: the directory '{ds}' holds no data files (JSONL/JSON/Parquet/CSV, or .txt); it has: "
             f"README.md. Point data.path at the data files") in r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_rows_cut_or_dropped_for_length_are_said_where_the_user_looks(tmp_path):
+    """A third of a user's rows dropped and two thirds cut to data.max_length printed nothing: only
+    summary.json's data_stats held it. The printed result now says it, with the same counts."""
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(40)]
+    rows += [{"prompt": f"Question {i}?", "completion": " ".join(["long"] * 80)} for i in range(40, 60)]
+    rows += [{"prompt": " ".join(["wordy"] * 80) + f" {i}?", "completion": "Short."} for i in range(60, 70)]
+    data = _jsonl(tmp_path / "mixed_lengths.jsonl", rows)
+    run = tmp_path / "run"
+    r = run_cli([*QUICK, "data=files", f"data.path={data}", "data.max_length=48", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = json.loads((run / "summary.json").read_text())["data_stats"]["train"]
+    assert train["truncated"] > 0 and train["dropped_no_target"] > 0, train
+    printed = " ".join(r.stderr.split())
+    assert (f"data: of {train['samples']} training samples, {train['truncated']} cut to data.max_length, "
+            f"{train['dropped_no_target']} dropped with nothing left to learn once cut") in printed, printed[-1500:]

@@ -257,6 +257,18 @@ def finish_record(trainer, run_dir: Path, summary: Dict[str, Any], started: floa
     print_result(summary)
 
 
+def data_cut(summary: Dict[str, Any]) -> Optional[str]:
+    """What the training rows lost to data.max_length, said where the user looks (summary.json's
+    data_stats alone held it: a third of a user's data dropped, two thirds cut, and nothing printed)."""
+    train = (summary.get("data_stats") or {}).get("train") or {}
+    parts = [f"{train[k]} {what}" for k, what in (
+        ("truncated", "cut to data.max_length"), ("dropped_overlong", "dropped as longer (data.overlong=drop)"),
+        ("dropped_no_target", "dropped with nothing left to learn once cut")) if train.get(k)]
+    if not parts:
+        return None
+    return f"of {train.get('samples', '?')} training samples, {', '.join(parts)} (data_stats in summary.json)"
+
+
 def print_result(summary: Dict[str, Any]) -> None:
     """The run's result on the console: initial -> final of every validation metric."""
     from rich.console import Console
@@ -273,6 +285,9 @@ def print_result(summary: Dict[str, Any]) -> None:
                     if t.get("too_long_left_out") else "")
         lines.append(f"  (val/task_score: greedy answers to {t['prompts']} prompt{'s' if t['prompts'] != 1 else ''}, "
                      f"checked by {t['check']}{left_out})")
+    cut = data_cut(summary)
+    if cut:
+        lines.append(f"  [yellow]data[/]: {cut}")
     for w in summary.get("health", {}).get("warnings", []):
         lines.append(f"  [yellow]health warning[/] at step {w['step']}: {w['sign']}: {w['seen']}")
     lines.append(f"  run record: {summary['run_dir']}")
