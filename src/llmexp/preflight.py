@@ -471,6 +471,7 @@ def _check_data_source(run: S.RunConfig) -> List[Problem]:
 
 def _check_stage_data(run: S.RunConfig) -> List[Problem]:
     """The stage can train on the data's format (known from the config or the first row)."""
+    from llmexp.data.fields import unknown_mappings
     from llmexp.data.formats import FORMAT_COLUMNS, detect_format, format_problem
     from llmexp.data.peek import peek_columns
 
@@ -479,11 +480,9 @@ def _check_stage_data(run: S.RunConfig) -> List[Problem]:
         return []  # each source is checked by _check_mixture
     fields = dataclasses.asdict(d.fields)
     columns = peek_columns(d)
-    defaults = dataclasses.asdict(S.FieldMap())
-    for canon, source in fields.items():  # a mapping that names no column: a typo, said as one
-        if columns is not None and source != defaults.get(canon, canon) and source not in columns:
-            return [Problem(f"data.fields.{canon}={source}", f"{d.path or d.name!r} has no column {source!r} (columns: "
-                            f"{', '.join(columns)})", suggest(source, columns))]
+    for canon, source in unknown_mappings(fields, columns) if columns is not None else []:  # a typo, said as one
+        return [Problem(f"data.fields.{canon}={source}", f"{d.path or d.name!r} has no column {source!r} (columns: "
+                        f"{', '.join(columns)})", suggest(source, columns))]
     if d.format != "auto":
         fmt = d.format
         if columns is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from llmexp.config.schema import FieldMap
 from llmexp.errors import UserError
@@ -18,14 +18,19 @@ def rename_fields(ds, fields: Dict[str, str]):
     return ds.rename_columns(mapping) if mapping else ds
 
 
-def check_field_map(fields: Dict[str, str], columns: List[str], where: str) -> None:
-    """A data.fields entry the user changed must name a column the data has (else the mapping is
-    silently ignored and another format detected)."""
+def unknown_mappings(fields: Dict[str, str], columns: List[str]) -> List[Tuple[str, str]]:
+    """The (field, column) pairs of data.fields entries the user changed that name no column of
+    the data (else the mapping is silently ignored and another format detected)."""
     defaults = vars(FieldMap())
-    for canon, source in fields.items():
-        if source != defaults.get(canon, canon) and source not in columns:
-            raise UserError(f"data.fields.{canon}={source}: {where!r} has no column {source!r} (columns: "
-                            f"{', '.join(columns)}); name one of them")
+    return [(canon, source) for canon, source in fields.items()
+            if source != defaults.get(canon, canon) and source not in columns]
+
+
+def check_field_map(fields: Dict[str, str], columns: List[str], where: str) -> None:
+    """The loaded data's check (preflight checks what it can peek at)."""
+    for canon, source in unknown_mappings(fields, columns):
+        raise UserError(f"data.fields.{canon}={source}: {where!r} has no column {source!r} (columns: "
+                        f"{', '.join(columns)}); name one of them")
 
 
 def extract_implicit_prompt(ds):
