@@ -206,7 +206,7 @@ RUN_CASES = {
     "non-UTF-8 JSONL": (["data=files", "data.path={files}/latin1.jsonl", "stage=pretrain"],
                         "latin1.jsonl line 2 is not UTF-8 text (byte 0xe9"),
     "messages given as a string": (["data=files", "data.path={files}/messages_string.jsonl"],
-                                   "row 0: messages is a string, but a list of messages"),
+                                   "line 1: messages is a string, but a list of messages"),
     "assistant content null": (["data=files", "data.path={files}/null_content.jsonl"],
                                "messages message 1 (assistant) has content None, not text"),
     "unknown role": (["data=files", "data.path={files}/unknown_role.jsonl"], "message 0 has role 'bot'; roles are"),

@@ -4,6 +4,7 @@ data.max_length shorter than every prompt, a local dataset directory with a READ
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from llmexp.testing import FAST, run_cli, typed
@@ -32,14 +33,14 @@ def test_messages_given_as_a_list_of_strings_are_named_with_the_fix(tmp_path):
     data = _jsonl(tmp_path / "chat.jsonl", [{"messages": [f"What is {i} plus 1?", f"{i + 1}"]} for i in range(40)])
     r = run_cli([*QUICK, "data=files", f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "row 0: messages is a list of strings, but each message must be an object {role, content}: write " \
+    assert "line 1: messages is a list of strings, but each message must be an object {role, content}: write " \
            '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}] instead of ["...", "..."]' \
            in r.stderr
     assert "(and 37 more)" in r.stderr  # 40 rows, 3 shown
     assert "filter_length" not in r.stderr
     # A prompt given as a list of strings gets the same answer.
     pc = _jsonl(tmp_path / "pc.jsonl", [{"prompt": [f"q{i}"], "completion": f"a{i}"} for i in range(40)])
-    with pytest.raises(UserError, match=r"row 0: prompt is a list of strings, but each message must be an object"):
+    with pytest.raises(UserError, match=r"line 1: prompt is a list of strings, but each message must be an object"):
         load_examples(typed(["data=files", f"data.path={pc}"]).data, "sft")
 
 
@@ -157,3 +158,66 @@ def test_rows_cut_or_dropped_for_length_are_said_where_the_user_looks(tmp_path):
     printed = " ".join(r.stderr.split())
     assert (f"data: of {train['samples']} training samples, {train['truncated']} cut to data.max_length, "
             f"{train['dropped_no_target']} dropped with nothing left to learn once cut") in printed, printed[-1500:]
+
+
+def _chat_row(i):
+    return {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+
+
+def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):
+    """Rows are placed as an editor shows them: the line of the JSONL or CSV file (blank lines
+    counted, the header too), and inside a directory the file, not a row index counted from 0
+    over every file."""
+    good = [_chat_row(i) for i in range(6)]
+    unanswered = {"messages": [{"role": "user", "content": "no answer"}]}
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps(r) + "\n\n" for r in [*good[:2], unanswered, *good]))
+    with pytest.raises(UserError, match=r"\n    line 5: messages has no assistant message"):
+        load_examples(typed(["data=files", f"data.path={tmp_path / 'one.jsonl'}"]).data, "sft")
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    _jsonl(folder / "a.jsonl", good)
+    _jsonl(folder / "sub" / "b.jsonl", [good[0], unanswered])
+    with pytest.raises(UserError, match=r"\n    sub/b.jsonl line 2: messages has no assistant message"):
+        load_examples(typed(["data=files", f"data.path={folder}"]).data, "sft")
+    csv = tmp_path / "pc.csv"
+    csv.write_text('prompt,completion\nq1,a1\n"a question\nover two lines",\nq3,a3\n')
+    with pytest.raises(UserError, match=r"\n    line 4: completion is null"):
+        load_examples(typed(["data=files", f"data.path={csv}"]).data, "sft")
+
+
+def test_a_file_mixing_two_formats_is_named_as_such(tmp_path):
+    """Chat rows and prompt/completion rows in one file: one message saying so, with the
+    conversion, instead of every prompt/completion row listed as 'messages is null'."""
+    rows = [_chat_row(i) if i % 3 else {"prompt": f"q{i}", "completion": f"a{i}"} for i in range(30)]
+    with pytest.raises(UserError) as e:
+        load_examples(typed(["data=files", f"data.path={_jsonl(tmp_path / 'mixed.jsonl', rows)}"]).data, "sft")
+    assert str(e.value).startswith("data: ") and "mixes formats: 10 rows are prompt_completion (prompt+completion, " \
+        "the first at line 1), the others chat (messages)" in str(e.value), e.value
+    assert '[{"role": "user", "content": <prompt>}, {"role": "assistant", "content": <completion>}]' in str(e.value)
+
+
+def test_a_field_of_two_kinds_is_named_with_both_places(tmp_path):
+    """Where datasets cannot read a field holding text in one row and a list in another (across
+    files it said 'An error occurred while generating the dataset', in a file with blank lines
+    'Expected object or value'), both places are named; where it reads them, each row is named
+    with its own fix (above)."""
+    _jsonl(tmp_path / "a.jsonl", [_chat_row(i) for i in range(5)])
+    _jsonl(tmp_path / "b.jsonl", [_chat_row(5), {"messages": "a string"}])
+    with pytest.raises(UserError, match=r"^data.path: \S+/b.jsonl line 2: 'messages' is text, but a list of objects at "
+                                        r"\S+/a.jsonl line 1; a field holds one kind of value in every row"):
+        load_examples(typed(["data=files", f"data.path={tmp_path}"]).data, "sft")
+    blank = tmp_path / "blank_lines.jsonl"
+    blank.write_text("".join(json.dumps(r) + "\n\n" for r in [_chat_row(0), {"messages": "hi"}, _chat_row(1)]))
+    with pytest.raises(UserError, match=r"blank_lines.jsonl line 3: 'messages' is text, but a list of objects at line 1"):
+        load_examples(typed(["data=files", f"data.path={blank}"]).data, "sft")
+
+
+@pytest.mark.parametrize("name,text,words", [
+    ("blank.jsonl", "\n\n  \n", "blank.jsonl holds no rows, only blank lines"),
+    ("header.csv", "prompt,completion\n", "header.csv' holds no rows (a CSV file is a header line, then one line per row)"),
+])
+def test_a_file_without_rows_says_so(tmp_path, name, text, words):
+    """datasets said 'Instruction "train" corresponds to no data!'."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_examples(typed(["data=files", f"data.path={tmp_path / name}"]).data, "sft")

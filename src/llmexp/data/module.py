@@ -19,7 +19,7 @@ from llmexp.data.fields import check_field_map, extract_implicit_prompt, field_m
 from llmexp.data.collate import WindowCollator
 from llmexp.data.encode import IGNORE_INDEX
 from llmexp.data.packing import pack
-from llmexp.data.rows import check_rows
+from llmexp.data.rows import check_rows, row_number
 from llmexp.data.sampler import WindowSampler
 from llmexp.errors import UserError
 
@@ -69,9 +69,9 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
     problem = formats.format_problem(stage, fmt, train.column_names, {}, f"data {cfg.path or cfg.name!r}")
     if problem:
         raise UserError(f"data: {problem}")
-    for split_rows in (train, val):
-        if split_rows is not None:
-            check_rows(split_rows, fmt, repr(cfg.path or cfg.name))
+    check_rows(train, fmt, repr(cfg.path or cfg.name), sources.row_places(cfg) or row_number)
+    if val is not None:
+        check_rows(val, fmt, f"{cfg.path or cfg.name!r} split {cfg.validation_split!r}")
     mixed = mixture.source_counts(train) if cfg.source == "mixture" else None
     train, log = prepare.run_steps(train, cfg)
     if val is not None:

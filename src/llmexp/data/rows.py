@@ -4,9 +4,9 @@ completions. The first problems are reported with their row number, field and fi
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
-from llmexp.data.formats import FORMAT_COLUMNS
+from llmexp.data.formats import DETECTION_ORDER, FORMAT_COLUMNS
 from llmexp.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -57,22 +57,46 @@ def _rows(ds, columns: List[str]) -> Iterator[dict]:
             yield {c: batch[c][i] for c in columns}
 
 
-def check_rows(ds, fmt: Optional[str], where: str) -> None:
-    """Raise UserError listing the first rows of ``ds`` whose fields ``fmt`` cannot use."""
-    columns = [c for c in FORMAT_COLUMNS.get(fmt or "", ()) if c in ds.column_names]
-    if not columns:
+def row_number(n: int) -> str:
+    """Where row ``n`` (from 0) is, when nothing better is known: counted from 1, as editors count."""
+    return f"row {n + 1}"
+
+
+def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] = row_number) -> None:
+    """Raise UserError listing the first rows of ``ds`` whose fields ``fmt`` cannot use, each at
+    ``locate(n)`` (a file's line where the rows come from files)."""
+    own = [c for c in FORMAT_COLUMNS.get(fmt or "", ()) if c in ds.column_names]
+    if not own:
         return
+    others = _other_formats(fmt, ds.column_names)
+    columns = list(dict.fromkeys([*own, *(c for f in others for c in FORMAT_COLUMNS[f])]))
     problems: List[str] = []
-    count, responses_empty = 0, {c: True for c in columns if c in RESPONSES}
+    count, responses_empty = 0, {c: True for c in own if c in RESPONSES}
+    foreign: dict = {}  # format -> [rows, place of the first]: rows of another format in the same data
     for n, row in enumerate(_rows(ds, columns)):
-        for field in columns:
+        other = next((f for f in others if all(row[c] is not None for c in FORMAT_COLUMNS[f])), None) \
+            if any(row[c] is None for c in own) else None
+        if other:
+            seen = foreign.setdefault(other, [0, None])
+            seen[0] += 1
+            seen[1] = seen[1] or locate(n)
+            continue
+        for field in own:
             why = value_problem(field, row[field], fmt)
             if why:
                 count += 1
                 if len(problems) < SHOWN:
-                    problems.append(f"row {n}: {field} {why}")
+                    problems.append(f"{locate(n)}: {field} {why}")
             elif field in responses_empty and _text_of(row[field]).strip():
                 responses_empty[field] = False
+    if foreign:
+        raise UserError(f"data: {where} mixes formats: " + "; ".join(
+            f"{rows} row{'s' * (rows != 1)} {'are' if rows != 1 else 'is'} {f} ({'+'.join(FORMAT_COLUMNS[f])}, "
+            f"the first at {first})" for f, (rows, first) in foreign.items())
+            + f", the others {fmt} ({'+'.join(FORMAT_COLUMNS[fmt])}); one dataset holds one format: convert those "
+            "rows" + (" (messages: [{\"role\": \"user\", \"content\": <prompt>}, {\"role\": \"assistant\", "
+                      "\"content\": <completion>}])" if {fmt, *foreign} == {"chat", "prompt_completion"} else "")
+            + ", or keep them out of data.path")
     if problems:
         more = f" (and {count - len(problems)} more)" if count > len(problems) else ""
         raise UserError(f"data: {where} has rows that format {fmt!r} cannot use{more}:\n    "
@@ -82,6 +106,14 @@ def check_rows(ds, fmt: Optional[str], where: str) -> None:
     if empty:
         raise UserError(f"data: every {empty[0]} in {where} is empty, so there is nothing to learn; "
                         f"check the column that data.fields.{empty[0]} names")
+
+
+def _other_formats(fmt: Optional[str], columns: List[str]) -> List[str]:
+    """The formats, other than ``fmt``, whose columns the data also has and which are not part of
+    ``fmt``'s (a file of chat rows and prompt/completion rows has both columns, each row one half)."""
+    mine = set(FORMAT_COLUMNS.get(fmt or "", ()))
+    return [f for f in DETECTION_ORDER if f != fmt and set(FORMAT_COLUMNS[f]) <= set(columns)
+            and not set(FORMAT_COLUMNS[f]) <= mine]
 
 
 def _text_of(value: Any) -> str:

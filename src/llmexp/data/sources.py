@@ -6,7 +6,7 @@ import glob
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from llmexp.config.schema import DataConfig
 from llmexp.errors import UserError, suggest
@@ -98,27 +98,80 @@ def open_binary(path: str):
     return open(path, "rb")
 
 
+def _json_kind(value: Any) -> Optional[str]:
+    """The kind of a JSON value as one column of a table holds it (None: missing, fits any)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        inner = next((_json_kind(v) for v in value if v is not None), None)
+        return f"a list of {inner}s" if inner else None
+    return ("true/false" if isinstance(value, bool) else "number" if isinstance(value, (int, float))
+            else "text" if isinstance(value, str) else "object")
+
+
 def _check_json_lines(files: List[str]) -> None:
     """Report the first malformed line with its file and number (datasets does not say which)."""
     for f in files:
         if os.path.getsize(f) == 0:
             raise UserError(f"data.path: {f} is empty")
-        if _data_suffix(Path(f)) != ".jsonl":
-            continue
-        with open_binary(f) as fh:
-            for n, raw in enumerate(fh, 1):
+        rows = 0
+        for n, row in _json_rows(f):
+            rows += 1
+            if not isinstance(row, dict):
+                raise UserError(f"data.path: {f} line {n} is not a JSON object")
+        if not rows and _data_suffix(Path(f)) == ".jsonl":
+            raise UserError(f"data.path: {f} holds no rows, only blank lines")
+
+
+def _json_rows(f: str) -> Iterator[tuple]:
+    """(line, value) of each non-blank line of a JSONL file (nothing for other kinds)."""
+    if _data_suffix(Path(f)) != ".jsonl":
+        return
+    with open_binary(f) as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (Windows' editors) is not a row's text
+            except UnicodeDecodeError as e:
+                raise UserError(f"data.path: {f} line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+            if line.strip():
                 try:
-                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (Windows' editors) is not a row's text
-                except UnicodeDecodeError as e:
-                    raise UserError(f"data.path: {f} line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                                    f"{e.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"data.path: {f} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"data.path: {f} line {n} is not a JSON object")
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"data.path: {f} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+
+
+def _json_kind(value: Any) -> Optional[str]:
+    """The kind of a JSON value as one column of a table holds it (None: missing, fits any)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        inner = next((_json_kind(v) for v in value if v is not None), None)
+        return f"a list of {inner}s" if inner else None
+    return ("true/false" if isinstance(value, bool) else "number" if isinstance(value, (int, float))
+            else "text" if isinstance(value, str) else "object")
+
+
+def _kind_conflict(files: List[str]) -> Optional[str]:
+    """The first field of JSONL rows whose values differ in kind between lines, said with both
+    places: why datasets could not read them ('Couldn't cast ...', or after its pandas fallback
+    'Expected object or value'). Asked only when it failed: where it reads such rows, the rows'
+    own check names each one with its fix."""
+    kinds: Dict[str, tuple] = {}  # field -> (kind, file, line) where it was first seen
+    for f in files:
+        for n, row in _json_rows(f):
+            for field, value in row.items():
+                kind = _json_kind(value)
+                first = kinds.setdefault(field, (kind, f, n)) if kind else None
+                if first and first[0] != kind:
+                    at = f"line {first[2]}" if first[1] == f else f"{first[1]} line {first[2]}"
+                    return (f"{f} line {n}: {field!r} is {_article(kind)}, but {_article(first[0])} at {at}; "
+                            f"a field holds one kind of value in every row: fix line {n} (or the lines like {at})")
+    return None
+
+
+def _article(kind: str) -> str:
+    return kind if kind.startswith("a ") else {"text": "text", "true/false": "true/false"}.get(kind, f"a {kind}")
 
 
 def csv_as_written(path: str) -> Dict[str, Any]:
@@ -136,6 +189,55 @@ def csv_as_written(path: str) -> Dict[str, Any]:
             "na_values": [""]} if header else {}  # an empty cell is still a missing one
 
 
+def row_places(cfg: DataConfig) -> Optional[Callable[[int], str]]:
+    """For data=files of JSONL or CSV: where the n-th row (from 0) is written, as 'line L' (one
+    file) or '<file> line L' (a directory's or a glob's); rows are asked for in increasing order.
+    None for other sources and kinds (their rows are counted from 1)."""
+    if cfg.source != "files":
+        return None
+    files = data_files(cfg.path)
+    if _data_suffix(Path(files[0])) not in (".jsonl", ".csv"):
+        return None
+    base = Path(os.path.expanduser(cfg.path))
+    name = (lambda f: "line") if [Path(f) for f in files] == [base] else \
+        (lambda f: f"{os.path.relpath(f, base) if base.is_dir() else f} line")
+    state = {"n": -1, "place": "", "rows": _row_lines(files)}
+
+    def locate(n: int) -> str:
+        if n < state["n"]:  # asked out of order: read again from the start
+            state.update(n=-1, rows=_row_lines(files))
+        while state["n"] < n:
+            found = next(state["rows"], None)
+            if found is None:
+                return f"row {n + 1}"
+            state["n"] += 1
+            state["place"] = f"{name(found[0])} {found[1]}"
+        return state["place"]
+
+    return locate
+
+
+def _row_lines(files: List[str]) -> Iterator[tuple]:
+    """(file, line) of each row as datasets reads them: JSONL's non-blank lines, CSV's records
+    after the header (a record's last line where a quoted cell spans lines)."""
+    import csv
+    import io
+
+    for f in files:
+        if _data_suffix(Path(f)) == ".csv":
+            with io.TextIOWrapper(open_binary(f), encoding="utf-8-sig", errors="replace", newline="") as fh:
+                reader = csv.reader(fh)
+                next(reader, None)
+                for record in reader:
+                    if record:
+                        yield f, reader.line_num
+        else:
+            with open_binary(f) as fh:
+                for n, raw in enumerate(fh, 1):
+                    if raw.strip():
+                        yield f, n
+
+
 def _files(cfg: DataConfig):
     from datasets import load_dataset
 
@@ -150,10 +252,27 @@ def _files(cfg: DataConfig):
                         f"loader refuses them ({str(e).splitlines()[0]}); data.options of data=files are its "
                         f"keyword arguments (data.source=files keeps another dataset's options: use data=files)") from None
     except Exception as e:  # datasets raises many kinds here; all mean the files are unreadable
-        raise UserError(f"data.path: cannot read {cfg.path!r} as {builder}: {str(e).splitlines()[0]}") from None
+        if "corresponds to no data" in str(e):  # a CSV file of its header alone, say
+            raise UserError(f"data.path: {cfg.path!r} holds no rows" + (
+                " (a CSV file is a header line, then one line per row)" if builder == "csv" else "")) from None
+        conflict = _kind_conflict(files) if builder == "json" else None
+        raise UserError(f"data.path: {conflict}" if conflict else
+                        f"data.path: cannot read {cfg.path!r} as {builder}: {_reason(e)}") from None
     if len(ds) == 0:
         raise UserError(f"data.path: {cfg.path!r} holds no rows")
     return ds
+
+
+def _reason(error: Exception) -> str:
+    """What datasets' error says: its cause where it only says 'An error occurred while generating
+    the dataset' (a field holding a string in one file and a list in another)."""
+    if type(error).__name__ == "DatasetGenerationError" and error.__cause__ is not None:
+        cause = " ".join(str(error.__cause__).split())
+        if "cast" in cause:
+            return (f"{cause}: a field holds values of different types in different rows or files (e.g. "
+                    f"text in one, a list in another); give each field one type")
+        return cause
+    return str(error).splitlines()[0]
 
 
 def _hub(cfg: DataConfig):
