@@ -221,3 +221,30 @@ def test_a_file_without_rows_says_so(tmp_path, name, text, words):
     (tmp_path / name).write_text(text)
     with pytest.raises(UserError, match=re.escape(words)):
         load_examples(typed(["data=files", f"data.path={tmp_path / name}"]).data, "sft")
+
+
+def test_rows_with_an_empty_answer_are_counted_and_said(tmp_path, capsys):
+    """Some completions empty (not all: that is refused): the run trains, and says before training
+    and in its printed result how many and where the first is; summary.json keeps it in notes."""
+    from llmexp.data.rows import empty_answers_note
+    from llmexp.record import print_result
+
+    rows = [{"prompt": f"What is {i} plus 1?", "completion": " " if i % 10 == 3 else f"{i + 1}"} for i in range(60)]
+    prepared = load_examples(typed(["data=files", f"data.path={_jsonl(tmp_path / 'pc.jsonl', rows)}"]).data, "sft")
+    assert prepared.log[0] == {"step": "check_rows", "field": "completion", "empty": 6, "rows": 60, "first": "line 4"}
+    note = empty_answers_note(prepared.log)
+    assert note == ("data: 6 of 60 rows have a completion with no text (the first at line 4): the model learns to "
+                    "answer their prompts with nothing; fill them in or remove them if that is not meant")
+    chats = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "" if i == 7 else "a"}]}
+             for i in range(20)]
+    log = load_examples(typed(["data=files", f"data.path={_jsonl(tmp_path / 'chat.jsonl', chats)}"]).data, "sft").log
+    assert empty_answers_note(log).startswith("data: 1 of 20 rows has an assistant message with no text (the first "
+                                              "at line 8)")
+    full = [{"prompt": r["prompt"], "completion": "x"} for r in rows]
+    assert empty_answers_note(load_examples(typed(["data=files", f"data.path={_jsonl(tmp_path / 'full.jsonl', full)}"]
+                                                  ).data, "sft").log) is None
+    print_result({"stage": "sft", "model": "llama", "global_step": 5, "wall_seconds": 1.0, "initial": {}, "final": {},
+                  "run_dir": "x", "notes": ["something else", note]})
+    printed = " ".join(capsys.readouterr().err.split())
+    assert "data: 6 of 60 rows have a completion with no text (the first at line 4)" in printed
+    assert "something else" not in printed

@@ -47,6 +47,11 @@ class ConfigError(ProblemsError):
     where = "in the configuration"
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 row', '2 rows': a count with its noun, in messages."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def suggest(name: str, valid: Iterable[str], key: Optional[str] = None) -> str:
     """The valid names, with the closest one to ``name`` first when there is one."""
     valid = sorted(str(v) for v in valid)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from llmexp.errors import UserError, reader_may_stop_early, report
+from llmexp.errors import UserError, counted, reader_may_stop_early, report
 
 
 @reader_may_stop_early
@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{state}: {cache['dir']} ({cache['mode']} rows, {cache['dtype']} token ids)")
     for split in ("train", "val"):
         st = cache["splits"][split]
-        print(f"  {split}: {st['samples']} documents, {st['rows']} rows, {st['tokens']} tokens")
+        print(f"  {split}: {counted(st['samples'], 'document')}, {counted(st['rows'], 'row')}, {counted(st['tokens'], 'token')}")
     return 0
 
 

@@ -288,6 +288,9 @@ def print_result(summary: Dict[str, Any]) -> None:
     cut = data_cut(summary)
     if cut:
         lines.append(f"  [yellow]data[/]: {cut}")
+    for note in summary.get("notes", []):  # the data's warnings, printed before training too
+        if note.startswith("data: "):
+            lines.append(f"  [yellow]data[/]: {note[len('data: '):]}")
     for w in summary.get("health", {}).get("warnings", []):
         lines.append(f"  [yellow]health warning[/] at step {w['step']}: {w['sign']}: {w['seen']}")
     lines.append(f"  run record: {summary['run_dir']}")

@@ -121,8 +121,9 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
     notes = {**run_notes(typed, stage), **feedback_record(typed.data, prepared)}
-    if template_note:
-        notes["notes"] = [*notes.get("notes", []), template_note]
+    notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, data_note(prepared)) if n)]
+    if not notes["notes"]:
+        del notes["notes"]
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
     watchers = watching_callbacks(typed, run_dir, stage, prepared)
@@ -237,6 +238,18 @@ def check_resumable(saved_config: Path, resolved: Dict[str, Any]) -> None:
     problems = incompatible_keys(saved, resolved)
     if problems:
         raise ConfigError(problems)
+
+
+def data_note(prepared) -> Optional[str]:
+    """The data's warning (rows with an empty answer), printed before training and kept in notes."""
+    from llmexp.data.rows import empty_answers_note
+
+    note = empty_answers_note(prepared.log)
+    if note:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold yellow]warning[/]: {note}", highlight=False)
+    return note
 
 
 def run_notes(typed, stage) -> Dict[str, Any]:

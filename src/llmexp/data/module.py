@@ -69,11 +69,13 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
     problem = formats.format_problem(stage, fmt, train.column_names, {}, f"data {cfg.path or cfg.name!r}")
     if problem:
         raise UserError(f"data: {problem}")
-    check_rows(train, fmt, repr(cfg.path or cfg.name), sources.row_places(cfg) or row_number)
+    empty = check_rows(train, fmt, repr(cfg.path or cfg.name), sources.row_places(cfg) or row_number)
     if val is not None:
         check_rows(val, fmt, f"{cfg.path or cfg.name!r} split {cfg.validation_split!r}")
     mixed = mixture.source_counts(train) if cfg.source == "mixture" else None
     train, log = prepare.run_steps(train, cfg)
+    if empty:
+        log.insert(0, empty)
     if val is not None:
         val, _ = prepare.run_steps(val, cfg)
     train, val = prepare.split(train, val, cfg)

@@ -10,7 +10,7 @@ import unicodedata
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from llmexp.config.schema import DataConfig
-from llmexp.errors import UserError
+from llmexp.errors import UserError, counted
 
 TEXT_FIELDS = ("text", "prompt", "completion", "messages", "chosen", "rejected", "answer")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -101,7 +101,7 @@ def run_steps(ds, cfg: DataConfig) -> Tuple[Any, List[Dict[str, Any]]]:
         ds = STEPS[name](ds, cfg)
         log.append({"step": name, "rows_in": before, "rows_out": len(ds)})
         if len(ds) == 0:
-            raise UserError(f"data.steps: every row was removed by step {name!r} ({before} rows in); "
+            raise UserError(f"data.steps: every row was removed by step {name!r} ({counted(before, 'row')} in); "
                             f"loosen data.min_chars/data.max_chars or drop the step from data.steps")
     return ds, log
 
@@ -116,7 +116,7 @@ def split(ds, val, cfg: DataConfig):
         if cfg.max_val_samples:
             n_val = min(n_val, cfg.max_val_samples)
         if n_val >= len(ds):
-            raise UserError(f"data: {len(ds)} rows are too few to hold out {n_val} for validation; "
+            raise UserError(f"data: {counted(len(ds), 'row')} {'is' if len(ds) == 1 else 'are'} too few to hold out {n_val} for validation; "
                             f"add data, or give a separate split with data.validation_split=<split>")
         parts = ds.train_test_split(test_size=n_val, seed=cfg.seed, shuffle=True)
         return parts["train"], parts["test"]

@@ -13,6 +13,8 @@ ROLES = ("system", "user", "assistant", "tool")
 # Fields holding a response: a string, or a list of messages ending with the assistant's.
 RESPONSES = ("completion", "chosen", "rejected")
 SHOWN = 3  # problems listed before "and N more"
+# The field whose empty text, row by row, teaches the model to say nothing (noted, not refused).
+ANSWERS = ("completion", "chosen", "messages")
 
 
 def message_problem(value: Any, needs_assistant: bool) -> Optional[str]:
@@ -62,12 +64,15 @@ def row_number(n: int) -> str:
     return f"row {n + 1}"
 
 
-def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] = row_number) -> None:
+def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] = row_number) -> Optional[dict]:
     """Raise UserError listing the first rows of ``ds`` whose fields ``fmt`` cannot use, each at
-    ``locate(n)`` (a file's line where the rows come from files)."""
+    ``locate(n)`` (a file's line where the rows come from files). Return the preparation log's
+    entry for rows whose answer is empty (they teach the model to answer with nothing), or None."""
     own = [c for c in FORMAT_COLUMNS.get(fmt or "", ()) if c in ds.column_names]
     if not own:
-        return
+        return None
+    answered = next((c for c in ANSWERS if c in own), None)
+    empty_answers, first_empty = 0, None
     others = _other_formats(fmt, ds.column_names)
     columns = list(dict.fromkeys([*own, *(c for f in others for c in FORMAT_COLUMNS[f])]))
     problems: List[str] = []
@@ -89,6 +94,9 @@ def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] 
                     problems.append(f"{locate(n)}: {field} {why}")
             elif field in responses_empty and _text_of(row[field]).strip():
                 responses_empty[field] = False
+            elif field == answered and not _text_of(row[field]).strip():
+                empty_answers += 1
+                first_empty = first_empty or locate(n)
     if foreign:
         raise UserError(f"data: {where} mixes formats: " + "; ".join(
             f"{rows} row{'s' * (rows != 1)} {'are' if rows != 1 else 'is'} {f} ({'+'.join(FORMAT_COLUMNS[f])}, "
@@ -106,6 +114,20 @@ def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] 
     if empty:
         raise UserError(f"data: every {empty[0]} in {where} is empty, so there is nothing to learn; "
                         f"check the column that data.fields.{empty[0]} names")
+    if empty_answers:
+        return {"step": "check_rows", "field": answered, "empty": empty_answers, "rows": len(ds), "first": first_empty}
+    return None
+
+
+def empty_answers_note(log: List[dict]) -> Optional[str]:
+    """The warning for the rows check_rows found with an empty answer (from the preparation log)."""
+    entry = next((e for e in log if e.get("step") == "check_rows" and e.get("empty")), None)
+    if entry is None:
+        return None
+    what = "an assistant message" if entry["field"] == "messages" else f"a {entry['field']}"
+    has = "has" if entry["empty"] == 1 else "have"
+    return (f"data: {entry['empty']} of {entry['rows']} rows {has} {what} with no text (the first at {entry['first']}): "
+            f"the model learns to answer their prompts with nothing; fill them in or remove them if that is not meant")
 
 
 def _other_formats(fmt: Optional[str], columns: List[str]) -> List[str]:
