@@ -156,3 +156,23 @@ def test_a_run_from_a_users_shell_draws_no_library_progress_bars(tmp_path, tiny_
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     for bar in ("Loading weights", "Writing model shards", "it/s]"):
         assert bar not in r.stdout + r.stderr, (bar, r.stderr[-2000:])
+
+
+def test_ctrl_c_while_the_libraries_load_ends_with_one_line(tmp_path):
+    """Ctrl+C in the first seconds of `python -m llmexp` (a fresh interpreter importing torch and
+    Lightning) printed the traceback of the import it stopped; now one line and exit code 130, and
+    the run directory holds no record to refuse a rerun with."""
+    import os
+    import signal
+    import time
+
+    from llmexp.testing import OFFLINE_ENV
+
+    proc = subprocess.Popen([sys.executable, "-m", "llmexp", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                            env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(1.5)  # importing: several seconds on this machine
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.endswith("llmexp: interrupted (Ctrl+C)\n") and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "config.yaml").exists()

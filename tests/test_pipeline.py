@@ -95,6 +95,14 @@ def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):
     (["{missing}"], "no file"),
     # a bad key in the last stage: refused before the first stage runs (no directory made)
     (["rlhf", "ppo:stage.kl_cof=0.1"], "ppo:stage.kl_cof: unknown key"),
+    # stage= replaces a stage's own (a global one made the sft stage a dpo run from scratch, silently)
+    (["dpo", "stage=dpo"], "'stage=dpo': each stage of dpo is the stage its pipeline file names (sft: stage=sft, "
+                           "dpo: stage=dpo)"),
+    (["dpo", "dpo:stage=kto"], "'dpo:stage=kto': each stage of dpo is the stage"),
+    # a key only some stages have, given for every stage: the fix names the stage prefix
+    (["rlhf", "stage.kl_coef=0.2"], "stage.kl_coef=0.2: applies to every stage of rlhf, and sft, rm have no such "
+                                    "key\n      fix: ppo:stage.kl_coef=0.2 (for that stage alone)"),
+    (["dpo", "stage.bta=0.2"], "dpo:stage.bta: unknown key\n      fix: did you mean 'beta'?"),
 ])
 def test_bad_pipelines_are_refused(tmp_path, args, expected):
     spec = tmp_path / "spec.yaml"
@@ -105,3 +113,39 @@ def test_bad_pipelines_are_refused(tmp_path, args, expected):
     assert r.returncode == 2, r.stderr
     assert expected in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_stops_the_stage_says_how_to_continue_and_the_rerun_does(tmp_path):
+    """Ctrl+C in the terminal (SIGINT to the whole process group) during the dpo stage: the stage
+    stops as a run stops, keeping its checkpoint, and the pipeline says the command that continues
+    it, exit 130 and no traceback (the pipeline printed a KeyboardInterrupt traceback, and its
+    stage got a second SIGINT); that command finishes it from the checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from llmexp.testing import popen_module
+
+    root = tmp_path / "p"
+    args = ["pipeline", "dpo", *SHORT, "dpo:trainer.max_steps=400", "dpo:trainer.checkpoint_every_n_steps=5",
+            "--dir", str(root)]
+    proc = popen_module("llmexp", args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        start_new_session=True)
+    deadline = time.time() + 300
+    while not list((root / "2-dpo" / "checkpoints").glob("*.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "interrupted at step" in err  # the stage's own message, whole
+    line = next(x for x in err.splitlines() if "pipeline: interrupted in stage 'dpo'" in x)
+    assert f"`llmexp pipeline dpo {' '.join(SHORT)} dpo:trainer.max_steps=400 dpo:trainer.checkpoint_every_n_steps=5 " \
+           f"--dir {root}` continues it" in line and "dpo resumes from its last checkpoint (step " in line, line
+    again = pipeline(args[1:], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    dpo = json.loads((root / "2-dpo" / "summary.json").read_text())
+    assert dpo["global_step"] == 400 and dpo["resumed_from"]
+    spent = json.loads((root / "pipeline_summary.json").read_text())["wall_seconds"]
+    assert spent >= sum(json.loads((root / d / "summary.json").read_text())["wall_seconds"] for d in ("1-sft", "2-dpo"))

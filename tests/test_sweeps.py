@@ -258,10 +258,12 @@ def test_bad_counts_are_refused(tmp_path, args, message):
 
 
 @pytest.mark.slow
-def test_ctrl_c_to_the_sweep_stops_its_trial_and_a_rerun_resumes_it(tmp_path):
-    """SIGINT to the sweep alone (kill -INT): it stops its running trial as Ctrl+C stops a run and
-    says how to resume, exit 130 (it was a KeyboardInterrupt traceback, and the trial ran on); the
-    rerun resumes the trial from its checkpoint."""
+@pytest.mark.parametrize("to", ["sweep", "process group"])
+def test_ctrl_c_to_the_sweep_stops_its_trial_and_a_rerun_resumes_it(tmp_path, to):
+    """SIGINT to the sweep alone (kill -INT) or to its process group (Ctrl+C in a terminal): it
+    stops its running trial as Ctrl+C stops a run and says how to resume, exit 130 (it was a
+    KeyboardInterrupt traceback, and the trial ran on; with the group, the trial got a second SIGINT
+    that broke its message off with tracebacks); the rerun resumes the trial from its checkpoint."""
     import os
     import signal
     import subprocess
@@ -276,19 +278,20 @@ def test_ctrl_c_to_the_sweep_stops_its_trial_and_a_rerun_resumes_it(tmp_path):
         "parameters": {"optim.lr": {"values": [1e-3]}},
         "command": ["${env}", "${interpreter}", "-m", "llmexp", *steps, "trainer.max_steps=60",
                     "trainer.val_check_interval=30", "trainer.checkpoint_every_n_steps=5", "${args_no_hyphens}"]}))
-    out = tmp_path / "sweep"
+    out = tmp_path / f"sweep-{to}"
     proc = popen_module("llmexp.sweep", [str(spec), "--dir", str(out)], stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not list((out / "trial-000" / "checkpoints").glob("*.ckpt")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGINT)  # the sweep alone, not its process group
+    os.kill(proc.pid, signal.SIGINT) if to == "sweep" else os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "interrupted" in err and "run the same command again" in err, err
     assert "trial 0 will continue from its last checkpoint" in err, err
-    assert "interrupted at step" in (out / "trial-000.log").read_text()  # the trial stopped, as on Ctrl+C
+    log = (out / "trial-000.log").read_text()
+    assert "interrupted at step" in log and "Traceback" not in log, log[-3000:]  # the trial stopped, as on Ctrl+C
     assert json.loads((out / "trials.json").read_text())["trials"][0]["status"] == "running"
     r = _sweep(spec, out)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from llmexp.errors import UserError, reader_may_stop_early, report
+from llmexp.errors import UserError, quiet_exits, report
 from llmexp.help import HELP_FLAGS, help_text
 from llmexp.commands import SUBCOMMANDS
 from llmexp.overrides import resolve_overrides, split_overrides
@@ -57,7 +57,7 @@ def _task(cfg) -> Optional[float]:
         sys.exit(report(e))
 
 
-@reader_may_stop_early
+@quiet_exits
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in SUBCOMMANDS:

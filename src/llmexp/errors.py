@@ -77,15 +77,20 @@ def report(error: BaseException) -> int:
     return getattr(error, "exit_code", EXIT_USER_ERROR)
 
 
-def reader_may_stop_early(main: Callable[..., Any]) -> Callable[..., Any]:
+def quiet_exits(main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command's ``main`` so that output piped into a reader that stops early
-    (``llmexp plugins | head -1``) ends the command quietly instead of with a BrokenPipeError."""
+    (``llmexp plugins | head -1``) ends the command quietly instead of with a BrokenPipeError, and
+    Ctrl+C where nothing else handles it (while the libraries load, say) ends it with one line and
+    exit code 130 instead of a traceback of the import it stopped."""
     import functools
 
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            sys.stderr.write("llmexp: interrupted (Ctrl+C)\n")
+            sys.exit(130)
         except BrokenPipeError:
             # Python's recipe: point stdout at devnull so the flush at exit cannot fail again.
             devnull = os.open(os.devnull, os.O_WRONLY)

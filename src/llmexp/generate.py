@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from llmexp.argtypes import command_summary
 from llmexp.argtypes import non_empty_text, non_negative_float, positive_int
-from llmexp.errors import UserError, reader_may_stop_early, report
+from llmexp.errors import UserError, quiet_exits, report
 
 
 def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -58,7 +58,7 @@ def uses_chat(model_dir: Path, tokenizer, fmt: str) -> bool:
     return (summary or {}).get("stage") != "pretrain" and bool(getattr(tokenizer, "chat_template", None))
 
 
-@reader_may_stop_early
+@quiet_exits
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmexp.generate", description=command_summary(__doc__))
     ap.add_argument("target", help="a run directory (its model/) or a model directory")

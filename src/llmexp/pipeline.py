@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from llmexp.argtypes import command_summary
-from llmexp.errors import UserError, report, suggest
+from llmexp.errors import Problem, UserError, report, suggest
 from llmexp.record import RunDir
 
 PIPELINES_DIR = Path(__file__).resolve().parent / "pipelines"
@@ -85,6 +85,13 @@ def split_cli_overrides(spec: PipelineSpec, extra: List[str]) -> Dict[str, List[
     per_stage: Dict[str, List[str]] = {n: [] for n in names}
     for o in extra:
         prefix, sep, rest = o.partition(":")
+        if (rest if sep and "=" not in prefix else o).split("=", 1)[0].lstrip("+~") == "stage":
+            named = ", ".join(f"{t.name}: stage={stage_option(t) or '?'}" for t in spec.stages)
+            raise UserError(f"pipeline: {o!r}: each stage of {spec.name} is the stage its pipeline file names "
+                            f"({named}), and "
+                            f"stage= would replace it (a global one makes every stage that stage); change a "
+                            f"stage's settings with <stage>:stage.<key>=<value>, or copy the pipeline file and "
+                            f"edit it ({PIPELINES_DIR / (spec.name + '.yaml')})")
         if sep and "=" not in prefix:
             if prefix not in per_stage:
                 raise UserError(f"pipeline: override {o!r} names stage {prefix!r}, not in {spec.name}; "
@@ -94,6 +101,11 @@ def split_cli_overrides(spec: PipelineSpec, extra: List[str]) -> Dict[str, List[
             for n in names:
                 per_stage[n].append(o)
     return per_stage
+
+
+def stage_option(stage: StageSpec) -> Optional[str]:
+    """The stage= a pipeline stage runs (its overrides name it)."""
+    return next((o.split("=", 1)[1] for o in stage.overrides if o.split("=", 1)[0].lstrip("+") == "stage"), None)
 
 
 def stage_dir(root: Path, index: int, name: str) -> Path:
@@ -107,7 +119,9 @@ def check_stages(spec: PipelineSpec, root: Path, per_stage: Dict[str, List[str]]
     from llmexp.errors import ConfigError
     from llmexp.overrides import check_overrides
 
-    problems = []
+    problems, refused = [], {}  # refused: global override -> the stages that refused it
+    common = set.intersection(*(set(given) for given in per_stage.values())) if len(per_stage) > 1 else set()
+    everywhere = {o.split("=", 1)[0].lstrip("+~"): o for o in common}  # the command line's plain overrides
     for i, s in enumerate(spec.stages, 1):
         given = [*spec.overrides, *s.overrides, *per_stage[s.name]]
         pending = {o.split("=", 1)[0].lstrip("+~") for o in given if REFERENCE.search(o)}
@@ -115,7 +129,21 @@ def check_stages(spec: PipelineSpec, root: Path, per_stage: Dict[str, List[str]]
         try:
             check_overrides([REFERENCE.sub(lambda m: runs[m.group(1)], o) for o in given])
         except ConfigError as e:
-            problems += [dataclasses.replace(p, key=f"{s.name}:{p.key}") for p in e.problems if p.key not in pending]
+            for p in e.problems:
+                if p.key in everywhere and "unknown key" in p.message:
+                    refused.setdefault(everywhere[p.key], []).append((s.name, p))
+                elif p.key not in pending:
+                    problems.append(dataclasses.replace(p, key=f"{s.name}:{p.key}"))
+    names = [t.name for t in spec.stages]
+    for o, refusals in refused.items():
+        stages = [n for n, _ in refusals]
+        takers = [n for n in names if n not in stages]
+        if not takers:  # no stage has it: a typo, with each stage's suggestion
+            problems += [dataclasses.replace(p, key=f"{n}:{p.key}") for n, p in refusals]
+            continue
+        problems.append(Problem(o, f"applies to every stage of {spec.name}, and {', '.join(stages)} "
+                                   f"{'has' if len(stages) == 1 else 'have'} no such key",
+                                " ".join(f"{n}:{o}" for n in takers) + f" (for {'that stage' if len(takers) == 1 else 'those stages'} alone)"))
     if problems:
         raise ConfigError(problems)
 
@@ -125,6 +153,7 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
     per_stage = split_cli_overrides(spec, extra)
     check_stages(spec, root, per_stage)
     root.mkdir(parents=True, exist_ok=True)
+    print(f"pipeline {spec.name} in {root} (the same command with --dir {root} continues it)", flush=True)
     runs: Dict[str, str] = {}
     results = []
     for i, s in enumerate(spec.stages, 1):
@@ -141,8 +170,9 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
             if run_dir.exists() and not resume:  # a stage that died before its first checkpoint
                 run_dir.rename(run_dir.with_name(f"{run_dir.name}.failed-{int(time.time())}"))
             print(f"[{i}/{len(spec.stages)}] {s.name}: llmexp {' '.join(overrides)}", flush=True)
-            code = subprocess.call([sys.executable, "-m", "llmexp", *overrides, *resume,
-                                    f"hydra.run.dir={run_dir}"], env=os.environ.copy())
+            code = run_stage([sys.executable, "-m", "llmexp", *overrides, *resume, f"hydra.run.dir={run_dir}"])
+            if code in (INTERRUPTED, -2):  # -2: ended by SIGINT itself, before its handler ran
+                raise PipelineInterrupted(s.name, root, run_dir)
             if code != 0:
                 raise PipelineStageFailed(s.name, code, run_dir)
         summary = record.summary()
@@ -150,8 +180,10 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
                         "model_dir": summary.get("model_dir"), "global_step": summary["global_step"],
                         "initial": summary["initial"], "final": summary["final"],
                         "wall_seconds": summary.get("wall_seconds"), "overrides": overrides})
+    # every stage's own time, its sessions before a resume included (this command's alone said 1 s
+    # for a pipeline resumed at its last step)
     out = {"pipeline": spec.name, "dir": str(root.resolve()), "stages": results,
-           "wall_seconds": time.time() - started}
+           "wall_seconds": max(time.time() - started, sum(r["wall_seconds"] or 0.0 for r in results))}
     (root / "pipeline_summary.json").write_text(json.dumps(out, indent=2))
     return out
 
@@ -168,6 +200,55 @@ def check_kept(name: str, record: RunDir, overrides: List[str]) -> None:
     if was is not None and normal(was) != normal(overrides):
         raise UserError(f"pipeline: stage {name!r} finished in {record.path} with overrides {was}, but would now "
                         f"run with {overrides}; use a new --dir, or delete {record.path} to run the stage again")
+
+
+INTERRUPTED = 130  # a run stopped by Ctrl+C exits with it (llmexp.run.Interrupted), as a shell reports it
+
+
+def run_stage(command: List[str]) -> int:
+    """A stage's run to its end, in its own session: Ctrl+C in the terminal reaches this process
+    alone, which passes it on once, so the run stops as Ctrl+C stops a run (keeping its last
+    checkpoint; a second signal broke its message off with a traceback); SIGTERM and SIGHUP are
+    passed on as SIGTERM. Returns the run's exit code."""
+    import signal
+    import threading
+
+    proc = subprocess.Popen(command, env=os.environ.copy(), start_new_session=True)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda *_: proc.send_signal(signal.SIGTERM))
+                    for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # more Ctrl+C: it is stopping already
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class PipelineInterrupted(Exception):
+    def __init__(self, stage: str, root: Path, run_dir: Path):
+        super().__init__(stage, root)
+        self.stage, self.root, self.code = stage, root, INTERRUPTED
+        self.checkpoint = RunDir(run_dir).checkpoint_to_resume()
+
+    def message(self, again: List[str]) -> str:
+        """``again``: the command line that continues the pipeline."""
+        import shlex
+
+        from llmexp.record import checkpoint_step
+
+        where = (f"{self.stage} resumes from its last checkpoint (step {checkpoint_step(self.checkpoint)})"
+                 if self.checkpoint else f"{self.stage} starts over (it had written no checkpoint)")
+        return (f"pipeline: interrupted in stage {self.stage!r}: `{shlex.join(again)}` continues it ({self.root} "
+                f"keeps the finished stages; {where})")
 
 
 class PipelineStageFailed(Exception):
@@ -215,6 +296,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         out = run_pipeline(spec, root, args.overrides)
     except UserError as e:
         return report(e)
+    except PipelineInterrupted as e:
+        sys.stderr.write(f"llmexp: {e.message(['llmexp', 'pipeline', args.spec, *args.overrides, '--dir', str(e.root)])}\n")
+        return e.code
     except PipelineStageFailed as e:
         sys.stderr.write(f"llmexp: error: {e}\n")
         return e.code

@@ -14,10 +14,10 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from llmexp.errors import UserError, counted, reader_may_stop_early, report
+from llmexp.errors import UserError, counted, quiet_exits, report
 
 
-@reader_may_stop_early
+@quiet_exits
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(argv):

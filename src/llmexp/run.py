@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -69,7 +71,11 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
         final, fit_seconds = fit(trainer, stage, data, resume_from)
     except SystemExit:
         if trainer.interrupted:  # Ctrl+C: Lightning shut down and exited 1, saying nothing
-            raise Interrupted(interrupted_message(run_dir, trainer.global_step)) from None
+            # A second Ctrl+C (a sweep or pipeline forwarding the terminal's) must not break the
+            # message off with a traceback: the run is stopping already.
+            with sigint_ignored():
+                message = interrupted_message(run_dir, trainer.global_step)
+            raise Interrupted(message) from None
         raise
     checkpoint = save_last_checkpoint(trainer, run_dir)
     # built before the export, which merges adapters (the trained model's parameter counts)
@@ -93,7 +99,7 @@ def discarded_on_refusal(run_dir: Path) -> Iterator[None]:
     before = set(os.listdir(run_dir))
     try:
         yield
-    except UserError:
+    except (UserError, KeyboardInterrupt):  # refused, or stopped with Ctrl+C before training
         if not distributed_child():
             for name in set(os.listdir(run_dir)) - before:
                 path = run_dir / name
@@ -131,6 +137,19 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
                             resume_step=checkpoint_step(resume_from) if resume_from else None)
     trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *watchers])
     return trainer, stage, data, watchers, notes
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ctrl+C ignored during the block (in the main thread, where signals are handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Interrupted(UserError):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from llmexp.argtypes import command_summary
-from llmexp.errors import UserError, reader_may_stop_early, report
+from llmexp.errors import UserError, quiet_exits, report
 from llmexp.record import RunDir, write_atomic
 
 
@@ -77,7 +77,7 @@ def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> D
     return {"dir": out_dir, "keys": keys, "labels": labels, "rows": rows, "curves": fig is not None}
 
 
-@reader_may_stop_early
+@quiet_exits
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="llmexp compare", description=command_summary(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -17,11 +17,11 @@ from typing import List, Optional
 
 from llmexp.argtypes import command_summary
 from llmexp.argtypes import non_negative_int, positive_int
-from llmexp.errors import UserError, reader_may_stop_early, report
+from llmexp.errors import UserError, quiet_exits, report
 from llmexp.record import load_language_model, model_dir_of
 
 
-@reader_may_stop_early
+@quiet_exits
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmexp.eval", description=command_summary(__doc__))
     ap.add_argument("target", help="run directory, run=<dir>, or an HF model directory")

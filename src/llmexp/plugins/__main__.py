@@ -2,7 +2,7 @@
 
 import sys
 
-from llmexp.errors import reader_may_stop_early
+from llmexp.errors import quiet_exits
 from llmexp.plugins.listing import main
 
-sys.exit(reader_may_stop_early(main)())
+sys.exit(quiet_exits(main)())

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from llmexp.argtypes import command_summary
 from llmexp.argtypes import positive_int
-from llmexp.errors import UserError, reader_may_stop_early, report
+from llmexp.errors import UserError, quiet_exits, report
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 PAGE = Path(__file__).with_name("page.html")
@@ -194,7 +194,7 @@ def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
     return server
 
 
-@reader_may_stop_early
+@quiet_exits
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="llmexp serve", description=command_summary(__doc__))
     ap.add_argument("target", help="a run directory (its model/) or a model directory")

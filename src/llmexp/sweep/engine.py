@@ -138,7 +138,10 @@ class SweepEngine:
         log = open(Path(trial.run_dir).with_suffix(".log"), "a")
         cmd = [sys.executable, "-m", "llmexp", *self.spec.fixed_overrides(), *trial.overrides(),
                f"hydra.run.dir={trial.run_dir}", "resume=auto", "trainer.progress_bar=false"]
-        self.procs[trial.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        # Its own session: Ctrl+C reaches the sweep alone, which passes it on once (interrupt_trials); a
+        # trial that got the terminal's and the sweep's broke its message off with a traceback.
+        self.procs[trial.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                                start_new_session=True)
         self.started[trial.id] = time.time()
         trial.status = RUNNING
         self._save()
@@ -198,9 +201,9 @@ class SweepEngine:
                 print(f"trial {tid} stopped early by {self.spec.config['early_terminate'].get('type')}", flush=True)
 
     def interrupt_trials(self, wait_seconds: float = 120) -> None:
-        """Ctrl+C reached the sweep alone (``kill -INT``) or with its trials: stop every running trial
-        as Ctrl+C stops a run (it keeps its last checkpoint), so that a rerun resumes it rather than
-        finding it still running."""
+        """Ctrl+C reached the sweep (its trials run in sessions of their own): stop every running
+        trial as Ctrl+C stops a run (it keeps its last checkpoint), so that a rerun resumes it rather
+        than finding it still running."""
         import signal
 
         for proc in self.procs.values():
