@@ -251,3 +251,25 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path):
     assert "interrupted at step" in err and f"resume={run_dir}" in err and "Traceback" not in err, err[-3000:]
     assert "checkpoints/" in err.split("interrupted at step", 1)[1]  # names the checkpoint it kept
     assert not (run_dir / "summary.json").exists()
+
+
+def test_resuming_with_another_stage_data_or_model_is_one_problem_per_option():
+    """A resume given stage=pretrain data=arithmetic_text for an sft run listed five keys the stage
+    changed (stage.name, run_name, ...), with fixes that could not make it fit; now the options."""
+    from omegaconf import OmegaConf
+    from llmexp.testing import compose
+
+    from llmexp.resume import incompatible_keys
+
+    def config(overrides):
+        return OmegaConf.to_container(compose(overrides), resolve=True)
+
+    sft = config([])
+    problems = incompatible_keys(sft, config(["stage=pretrain", "data=arithmetic_text"]))
+    assert [(p.key, p.message) for p in problems] == [
+        ("stage", "is pretrain but the run being resumed is stage=sft"),
+        ("data", "is arithmetic_text but the run being resumed is data=arithmetic")]
+    assert problems[0].fix.startswith("stage=sft, as the run was started")
+    problems = incompatible_keys(sft, config(["model=gpt2", "optim.weight_decay=0.1"]))
+    assert [p.key for p in problems] == ["model", "optim.weight_decay"]  # nothing under model.*, no run_name
+    assert incompatible_keys(sft, config(["trainer.max_steps=900", "optim.lr=1e-3"])) == []

@@ -71,12 +71,28 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+# Config groups whose option (``<group>.name``) decides many keys at once: a different option is
+# one problem, not one per key it changed (whose fixes, key by key, would not make the run fit).
+GROUPS = ("stage", "data", "model", "peft", "strategy", "optim")
+
+
 def incompatible_keys(saved: Dict[str, Any], new: Dict[str, Any]) -> List[Problem]:
     """Problems for keys whose value differs from the checkpointed run's config."""
     a, b = _flatten(saved), _flatten(new)
-    problems = []
+    problems, decided = [], []
+    for group in GROUPS:
+        was, now = a.get(f"{group}.name"), b.get(f"{group}.name")
+        if was != now:
+            problems.append(Problem(group, f"is {now} but the run being resumed is {group}={was}",
+                                    f"{group}={was}, as the run was started (a resumed run must train the same "
+                                    f"thing: give the overrides it started with, as its overrides.yaml lists them)"))
+            decided.append(group + ".")
+    if "stage." in decided:  # the stage chooses the data, the lr, the run's name: the rest follows from it
+        return problems
+    if "model." in decided:
+        decided.append("run_name")
     for key in sorted(set(a) | set(b)):
-        if any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
+        if any(key == m or (m.endswith(".") and key.startswith(m)) for m in (*MAY_CHANGE, *decided)):
             continue
         if a.get(key) != b.get(key):
             problems.append(Problem(key, f"is {b.get(key)!r} but the run being resumed used {a.get(key)!r}",
