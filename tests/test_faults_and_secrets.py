@@ -22,12 +22,19 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "non-finite" in r.stderr and "the step was not applied" in r.stderr and "optim.lr" in r.stderr
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] >= 2
+    said = " ".join(r.stderr.split())
+    assert f"the last good checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} (step {ckpt['global_step']}) is " \
+           f"kept; with the fix, continue with the same overrides and resume={run_dir}" in said, said
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     assert not (run_dir / "summary.json").exists() and not (run_dir / "model").exists()
 
 
-def test_check_finite():
+def test_check_finite(tmp_path):
     check_finite(torch.tensor(1.0), torch.tensor(2.0), 1)
+    # A run without a checkpoint yet is told so (it was promised "the last good checkpoint is kept",
+    # and resume= then found none).
+    with pytest.raises(TrainingFault, match="no checkpoint had been written yet .* nothing to resume"):
+        check_finite(torch.tensor(float("nan")), None, 3, tmp_path)
     with pytest.raises(TrainingFault, match="non-finite loss = inf at optimizer step 7"):
         check_finite(torch.tensor(float("inf")), None, 7)
     with pytest.raises(TrainingFault, match="gradient norm = nan"):

@@ -23,19 +23,28 @@ class TrainingFault(UserError):
     exit_code = 3
 
 
-def check_finite(loss, grad_norm, step: int) -> None:
-    """Raise TrainingFault when the step's loss or gradient norm is NaN or infinite."""
+def check_finite(loss, grad_norm, step: int, run_dir: Optional[Path] = None) -> None:
+    """Raise TrainingFault when the step's loss or gradient norm is NaN or infinite; the message
+    names the checkpoint a resume continues from, or says there is none (``run_dir``: the run's)."""
     values = {"loss": float(loss)}
     if grad_norm is not None:
         values["gradient norm"] = float(grad_norm)
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        ckpt, kept_step = kept_checkpoint(run_dir)
+        if ckpt is not None and kept_step is not None:
+            then = (f"the last good checkpoint {ckpt} (step {kept_step}) is kept; with the fix, continue with the "
+                    f"same overrides and resume={run_dir}, or start again")
+        elif ckpt is not None:
+            then = f"the newest checkpoint, {ckpt}, cannot be read (resume= says what to do then)"
+        else:
+            then = ("no checkpoint had been written yet (trainer.checkpoint_every_n_steps sets how often), so "
+                    "there is nothing to resume: start again in a new run directory")
         raise TrainingFault(
-            f"non-finite {what} at optimizer step {step}; the step was not applied and the last good "
-            f"checkpoint is kept. Lower optim.lr, keep trainer.gradient_clip_val set (e.g. 1.0), use "
-            f"trainer.precision=32-true or bf16-mixed instead of 16-mixed, and check the data; then "
-            f"resume with resume=<run dir> or start again")
+            f"non-finite {what} at optimizer step {step}; the step was not applied. Lower optim.lr, keep "
+            f"trainer.gradient_clip_val set (e.g. 1.0), use trainer.precision=32-true or bf16-mixed instead of "
+            f"16-mixed, and check the data; {then}")
 
 
 OOM_ADVICE = ("out of memory{where}. Try a smaller trainer.micro_batch_size (keep the global batch with "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
@@ -102,6 +103,11 @@ class StageModule(L.LightningModule):
         model = apply_peft(model, self.cfg.peft, self.cfg.model, task_type="SEQ_CLS" if head == "score" else "CAUSAL_LM")
         model.load_state_dict(state)
         return model.eval()
+
+    @property
+    def run_dir(self) -> Optional[Path]:
+        """The run's directory (the Trainer's default_root_dir); None outside a Trainer."""
+        return Path(self._trainer.default_root_dir) if self._trainer is not None else None
 
     def can_share_prefixes(self, model) -> bool:
         """Whether forward passes may run a prefix shared by several rows once and repeat its
@@ -221,7 +227,7 @@ class StageModule(L.LightningModule):
             for k, v in extras.items():
                 extra_totals[k] = extra_totals.get(k, 0) + v.detach()
         grad_norm = self._clip_and_measure(opt)
-        check_finite(total, grad_norm, self.global_step + 1)
+        check_finite(total, grad_norm, self.global_step + 1, self.run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()

@@ -404,7 +404,7 @@ class RolloutStage(StageModule):
                         sums[k] = sums.get(k, 0) + v.detach()
                 total_units += units
                 grad_norm = self._clip_and_measure(opt)
-                check_finite(total_loss, grad_norm, self.global_step + 1)
+                check_finite(total_loss, grad_norm, self.global_step + 1, self.run_dir)
                 if p == passes - 1 and u == per_pass - 1:
                     opt.step()  # the last update advances the step counter
                 else:
