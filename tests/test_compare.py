@@ -166,7 +166,7 @@ def test_differing_keys_collapse_a_changed_group_to_its_name():
     keys = differing_keys([sft, dpo])
     assert keys == ["stage.name", "model.pretrained"]
     assert run_labels([sft, dpo], keys, ["p/1-sft", "p/2-dpo"]) == [
-        "stage=sft, pretrained=None", "stage=dpo, pretrained=…/1-sft/model"]
+        "stage=sft, pretrained=null", "stage=dpo, pretrained=…/1-sft/model"]
     sft["stage"]["reward"], dpo["data"], sft["data"] = {"function": "x"}, {"name": "pairs", "options": {"n": 2}}, \
         {"name": "chat", "options": {"n": 1}}
     assert differing_keys([sft, dpo]) == ["stage.name", "model.pretrained", "data.name"]  # nested keys follow too
@@ -257,7 +257,13 @@ def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
     assert f"it has no checkpoint: start it over (its overrides with hydra.run.dir={unfinished} resume=auto)" in r.stderr
     r = _cli("compare", str(folder), str(sweep / "trial-000"), "--out", str(tmp_path / "out-folder"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"compare: left out 1 unfinished run(s) in {folder} (no summary.json): killed" in r.stderr
+    assert f"compare: left out 1 run(s) in {folder} that did not finish (stopped or failed: no summary.json): " \
+           "killed" in r.stderr
+    # a folder of runs inside (a pipeline's, a sweep's) is named, not silently skipped
+    shutil.copytree(sweep / "trial-001", folder / "pipeline" / "1-sft", ignore=shutil.ignore_patterns("model", "checkpoints"))
+    r = _cli("compare", str(folder), "--out", str(tmp_path / "out-nested"))
+    assert r.returncode == 0 and f"compare: 1 folder(s) in {folder} hold runs of their own, not compared: pipeline " \
+        "(give them as paths too to include their runs)" in r.stderr, r.stderr[-2000:]
     for name, damage in (("summary.json", "{not json"), ("config.yaml", "[: not yaml")):
         damaged = tmp_path / f"damaged-{name}"
         shutil.copytree(sweep / "trial-000", damaged, ignore=shutil.ignore_patterns("model", "checkpoints"))
@@ -265,6 +271,32 @@ def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
         r = _cli("compare", str(damaged), str(sweep / "trial-001"), "--out", str(tmp_path / "out"))
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert f"{damaged / name} is not valid" in r.stderr and "leave the run out" in r.stderr, r.stderr
+
+
+def test_losses_of_different_kinds_get_columns_and_panels_of_their_own():
+    """An sft run's cross-entropy and a dpo run's preference loss were one val/loss column and one
+    panel, labelled nats / token; runs whose losses agree in kind keep the plain names, and
+    progress bars or loggers are not differences."""
+    from llmexp.compare.curves import panel_metrics
+    from llmexp.compare.diff import differing_keys
+    from llmexp.compare.losses import axis_label, loss_names
+    from llmexp.compare.runs import Run
+    from llmexp.compare.table import records
+
+    runs = [Run(Path(name), {"stage": stage, "initial": {"val/loss": 2.0}, "final": {"val/loss": 0.5}})
+            for name, stage in (("a", "sft"), ("b", "dpo"), ("c", "prune"))]
+    row = records(runs, [], ["a", "b", "c"])[1]
+    assert row["val/loss (dpo) final"] == 0.5 and row["val/loss (cross-entropy) final"] is None
+    assert records(runs, [], ["a", "b", "c"])[2]["val/loss (cross-entropy) final"] == 0.5  # prune's is the sft loss
+    assert loss_names(["sft", "pretrain", "quantize"]) == [{}, {}, {}]
+    assert panel_metrics(["val/loss (dpo)", "val/loss (cross-entropy)", "lr", "val/task_score"]) == [
+        "val/loss (cross-entropy)", "val/loss (dpo)", "val/task_score"]
+    assert axis_label("val/loss (dpo)") == "val/loss (dpo's loss)"
+    assert axis_label("val/loss") == "val/loss (nats / token)"
+    assert axis_label("val/loss (cross-entropy)") == "val/loss (cross-entropy, nats / token)"
+    configs = [{"trainer": {"progress_bar": bar, "seed": 1}, "logger": {"name": name}}
+               for bar, name in ((True, "csv"), (False, "wandb"))]
+    assert differing_keys(configs) == []
 
 
 def test_comparisons_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):

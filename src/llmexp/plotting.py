@@ -17,6 +17,8 @@ def short(value: Any) -> str:
     """``3e-4`` rather than ``0.0003`` or ``0.00030000000000000003``: labels a person reads."""
     if hasattr(value, "item"):
         value = value.item()
+    if value is None:  # as an override writes it (pretrained=null)
+        return "null"
     if isinstance(value, str) and "/" in value and len(value) > 24:  # a path: its last two parts
         return "…/" + "/".join(Path(value).parts[-2:])
     if isinstance(value, bool) or not isinstance(value, float):

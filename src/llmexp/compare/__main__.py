@@ -53,6 +53,7 @@ def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> D
     """Load the runs, write the table and curves to the output directory; return what was made."""
     from llmexp.compare.curves import curves_figure
     from llmexp.compare.diff import differing_keys, run_labels
+    from llmexp.compare.losses import loss_names, renamed
     from llmexp.compare.runs import load_run, run_paths
     from llmexp.compare.table import print_table, records, to_csv, to_markdown
     from llmexp.plotting import save
@@ -67,7 +68,8 @@ def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> D
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "compare.csv", to_csv(rows))
     markdown = to_markdown(rows, title)
-    fig = curves_figure([r.metrics for r in runs], labels, title)
+    names = loss_names([r.summary.get("stage") or "" for r in runs])
+    fig = curves_figure([[renamed(row, n) for row in r.metrics] for r, n in zip(runs, names)], labels, title)
     if fig is not None:
         save(fig, out_dir / "curves.png")
         markdown += "\n![curves of every run](curves.png)\n"
@@ -91,7 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         return report(e)
     made = ", ".join(["compare.md", "compare.csv"] + (["curves.png"] if result["curves"] else []))
-    print(f"comparison of {len(result['rows'])} runs in {result['dir']}/ ({made})")
+    n = len(result["rows"])
+    print(f"comparison of {n} run{'s' if n != 1 else ''} in {result['dir']}/ ({made})")
     return 0
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-from llmexp.plotting import metric_unit, pyplot
+from llmexp.compare.losses import axis_label, base_name
+from llmexp.plotting import pyplot
 from llmexp.record import series
 
 # Panels in this order when any run logged them; eval/<task>/<metric> curves follow.
@@ -14,9 +15,10 @@ PANELS = ("train/loss", "val/loss", "val/task_score", "val/accuracy", "val/rewar
 
 def panel_metrics(columns: Sequence[str], most: int = 6) -> List[str]:
     """The metrics worth a panel: those a reader compares runs by, not diagnostics (lr,
-    grad norm, perplexity, which is the loss again)."""
-    present = set(columns)
-    chosen = [m for m in PANELS if m in present] + sorted(c for c in present if c.startswith("eval/"))
+    grad norm, perplexity, which is the loss again); a loss named by its kind (compare.losses) as
+    the loss."""
+    present = sorted(set(columns))
+    chosen = [c for m in PANELS for c in present if base_name(c) == m] + [c for c in present if c.startswith("eval/")]
     return chosen[:most]
 
 
@@ -39,7 +41,7 @@ def curves_figure(metrics: Sequence[List[Dict[str, float]]], labels: Sequence[st
                 ax.plot(*zip(*pts), style, color=colours(i % 10), linewidth=1.3, markersize=4, label=label)
         ax.set_title(name)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(metric_unit(name))
+        ax.set_ylabel(axis_label(name))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names):]:

@@ -8,8 +8,10 @@ from typing import Any, Dict, List, Sequence
 
 from llmexp.plotting import describe
 
-# Bookkeeping that differs between runs without changing what was trained.
-IGNORED = {"run_name", "resume"}
+# Bookkeeping that differs between runs without changing what was trained (a sweep's trials run
+# without a progress bar, and where the metrics go is not what was trained).
+IGNORED = {"run_name", "resume", "trainer.progress_bar"}
+IGNORED_GROUPS = ("logger.",)
 
 
 def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -33,7 +35,7 @@ def differing_keys(configs: Sequence[Dict[str, Any]]) -> List[str]:
     for flat in flats:
         keys += [k for k in flat if k not in keys]
     missing = object()
-    differ = [k for k in keys if k not in IGNORED
+    differ = [k for k in keys if k not in IGNORED and not k.startswith(IGNORED_GROUPS)
               and len({repr(f.get(k, missing)) for f in flats}) > 1]
     chosen = {k.rsplit(".", 1)[0] for k in differ if k.endswith(".name") and "." in k}
     return [k for k in differ if k.endswith(".name") and k.count(".") == 1

@@ -55,8 +55,13 @@ def run_paths(args: List[str]) -> List[Path]:
                 unfinished = sorted(p.name for p in path.iterdir() if p.is_dir() and RunDir(p).config.is_file()
                                     and not RunDir(p).finished())
                 if unfinished:
-                    print(f"compare: left out {len(unfinished)} unfinished run(s) in {path} (no summary.json): "
-                          f"{', '.join(unfinished)}", file=sys.stderr)
+                    print(f"compare: left out {len(unfinished)} run(s) in {path} that did not finish (stopped or "
+                          f"failed: no summary.json): {', '.join(unfinished)}", file=sys.stderr)
+                nested = sorted(p.name for p in path.iterdir() if p.is_dir() and not RunDir(p).config.is_file()
+                                and not RunDir(p).finished() and _children(p))
+                if nested:  # a pipeline's or a sweep's folder among the runs: one level is compared
+                    print(f"compare: {len(nested)} folder(s) in {path} hold runs of their own, not compared: "
+                          f"{', '.join(nested)} (give them as paths too to include their runs)", file=sys.stderr)
             elif RunDir(path).config.is_file():
                 how = (f"resume it (resume={path})" if RunDir(path).checkpoint_to_resume() is not None else
                        f"it has no checkpoint: start it over (its overrides with hydra.run.dir={path} resume=auto)")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from llmexp.compare.diff import flatten
+from llmexp.compare.losses import loss_names, renamed
 from llmexp.compare.runs import Run
 from llmexp.plotting import short
 
@@ -43,8 +44,10 @@ def compression_pairs(summary: Dict[str, Any]) -> Dict[str, Tuple[Optional[float
 
 
 def records(runs: Sequence[Run], keys: Sequence[str], labels: Sequence[str]) -> List[Dict[str, Any]]:
-    """One flat row per run with the same columns in every row (CSV needs that)."""
-    pairs = [metric_pairs(r.summary) for r in runs]
+    """One flat row per run with the same columns in every row (CSV needs that); losses of
+    different kinds in columns of their own (compare.losses)."""
+    names = loss_names([r.summary.get("stage") or "" for r in runs])
+    pairs = [renamed(metric_pairs(r.summary), n) for r, n in zip(runs, names)]
     metrics: List[str] = []
     for p in pairs:
         metrics += [m for m in p if m not in metrics]

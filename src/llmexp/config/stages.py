@@ -35,6 +35,9 @@ class StageSpec:
     # trainer.max_steps: "required" (>= 1: the stage trains), "optional" (0 allowed: prune's
     # recovery SFT), "none" (must be 0: quantize changes a trained model without steps)
     steps: str = "required"
+    # its train/loss and val/loss are the next-token cross-entropy per token (llmexp compare puts
+    # such runs' losses side by side; every other stage's loss is its own objective)
+    token_loss: bool = False
 
     @property
     def changes_a_trained_model(self) -> bool:
@@ -55,9 +58,9 @@ ROLLOUT_FORMATS = ("prompt_only", "preference", "unpaired_preference", "prompt_c
 
 STAGES: Dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("pretrain", "llmexp.stages.causal_lm:PretrainStage", S.PretrainStageConfig,
-              ("text", "chat", "prompt_completion"), packs=True),
+              ("text", "chat", "prompt_completion"), packs=True, token_loss=True),
     StageSpec("sft", "llmexp.stages.causal_lm:SFTStage", S.SFTStageConfig, ("chat", "prompt_completion"),
-              packs=True),
+              packs=True, token_loss=True),
     StageSpec("rm", "llmexp.stages.preference:RewardModelStage", S.RewardModelStageConfig, ("preference",),
               head="score"),
     StageSpec("dpo", "llmexp.stages.preference:DPOStage", S.DPOStageConfig, ("preference",),
@@ -78,9 +81,9 @@ STAGES: Dict[str, StageSpec] = {s.name: s for s in (
               generates=True, post_training=True),
     StageSpec("distill", "llmexp.stages.distill:DistillStage", S.DistillStageConfig, ("chat", "prompt_completion")),
     StageSpec("quantize", "llmexp.stages.quantize:QuantizeStage", S.QuantizeStageConfig, ("chat", "prompt_completion"),
-              steps="none"),
+              steps="none", token_loss=True),
     StageSpec("prune", "llmexp.stages.prune:PruneStage", S.PruneStageConfig, ("chat", "prompt_completion"),
-              steps="optional"),
+              steps="optional", token_loss=True),
 )}
 
 
