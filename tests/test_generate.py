@@ -91,3 +91,19 @@ def test_a_model_tuned_on_plain_prompt_completion_rows_is_asked_as_it_learned(tm
         answers[fmt] = completions(g.stdout)
     assert answers["auto"] == answers["raw"], answers
     assert AutoTokenizer.from_pretrained(str(default_sft / "model")).chat_template == CHAT_TEMPLATE
+
+
+def test_llmexp_generate_is_a_command_and_names_what_a_target_lacks(tmp_path, default_sft):
+    """`llmexp generate` (it said 'generate' is neither an override nor a command); a path that does
+    not exist and a run that did not finish are told so (both were 'neither a run directory with
+    model/ nor a model directory')."""
+    r = run_cli(["generate", str(default_sft), "What is 3 plus 4?"], cwd=tmp_path)
+    assert r.returncode == 0 and completions(r.stdout) == ["3 + 4 = 7"], r.stdout + r.stderr[-2000:]
+    r = run_cli(["generate", str(tmp_path / "nope"), "x"], cwd=tmp_path)
+    assert r.returncode == 2 and f"{tmp_path / 'nope'}' does not exist; give a finished run's directory" in r.stderr
+    unfinished = tmp_path / "killed"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("stage: {name: sft}\n")
+    r = run_cli(["generate", str(unfinished), "x"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is a run that did not finish, so it has no model/ yet; it wrote no checkpoint: start it over" in r.stderr

@@ -543,7 +543,8 @@ def test_dpo_on_judgements_collected_through_the_api_raises_exact_match(tmp_path
 
 
 @pytest.mark.parametrize("case,args,words", [
-    ("no run", ["{tmp}/nothing"], "is neither a run directory with model/ nor a model directory"),
+    ("no run", ["{tmp}/nothing"], "does not exist; give a finished run's directory or an exported model"),
+    ("not a run", ["{tmp}"], "is neither a run directory with model/ nor a model directory"),
     ("bad host", ["{run}", "--host", "10.1.2.3"], "--host: '10.1.2.3' is not one llmexp serve can bind"),
     ("port taken", ["{run}", "--port", "{busy}"], "is not free"),
     ("low port", ["{run}", "--port", "80"], "--port: 80 is outside 1024-65535"),

@@ -10,4 +10,5 @@ SUBCOMMANDS = {
     "prepare": "llmexp.prepare_corpus:main",
     "serve": "llmexp.serving.server:main",
     "plugins": "llmexp.plugins.listing:main",
+    "generate": "llmexp.generate:main",
 }

@@ -31,6 +31,7 @@ Sweep with a W&B sweep file:                llmexp sweep sweeps/lr.yaml
 A run's model as GGUF for llama.cpp:        llmexp export <run dir> --format gguf
 Tokenize a text corpus once, before runs:   llmexp prepare stage=pretrain data=files data.path=DIR
 Serve a run (OpenAI API + feedback page):   llmexp serve <run dir> [--port N] [--api-key KEY]
+Ask a run's model:                          llmexp generate <run dir> "What is 3 plus 4?"
 Hydra's own flags:                          python -m llmexp --hydra-help
 """
 

@@ -110,6 +110,14 @@ def model_dir_of(target: str, key: str = "run") -> Path:
         if (candidate / "config.json").is_file():
             check_not_a_reward_model(candidate, key)
             return candidate
+    if not path.exists():
+        raise UserError(f"{key}: {str(path)!r} does not exist; give a finished run's directory or an exported model")
+    record = RunDir(path)
+    if record.config.is_file() and not record.finished():
+        how = (f"resume it (its overrides and resume={path})" if record.checkpoint_to_resume() is not None
+               else "it wrote no checkpoint: start it over")
+        raise UserError(f"{key}: {str(path)!r} is a run that did not finish, so it has no model/ yet; {how}, or "
+                        f"give a finished run")
     raise UserError(f"{key}: {str(path)!r} is neither a run directory with model/ nor a model directory "
                     f"(no config.json); give a run directory or an exported model")
 
