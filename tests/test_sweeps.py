@@ -221,6 +221,26 @@ def test_shipped_sweep_files_validate():
         check_spec(load_spec(str(f)))
 
 
+def test_a_typo_in_a_sweep_files_keys_is_one_problem_with_the_key_it_resembles(tmp_path):
+    """`paramters:` gave three problems (two of the schema's, each with a docs URL useless offline,
+    and 'no parameters'); now one, with the suggestion."""
+    from llmexp.errors import ConfigError
+    from llmexp.sweep.spec import check_spec, load_spec
+
+    good = yaml.safe_load(_spec(tmp_path).read_text())
+    for typo, key in (("paramters", "parameters"), ("metrc", "metric")):
+        f = tmp_path / f"{typo}.yaml"
+        f.write_text(yaml.safe_dump({typo if k == key else k: v for k, v in good.items()}))
+        with pytest.raises(ConfigError) as e:
+            check_spec(load_spec(str(f)))
+        assert [(p.key, p.message) for p in e.value.problems] == [(f"{typo}.yaml: {typo}", "is not a key of a W&B sweep file")]
+        assert e.value.problems[0].fix.startswith(f"did you mean {key!r}?")
+    f = tmp_path / "method.yaml"
+    f.write_text(yaml.safe_dump({**good, "method": "gridd"}))
+    with pytest.raises(ConfigError, match=r"'gridd' is not one of .*\n      fix: choose one of the values it lists"):
+        check_spec(load_spec(str(f)))
+
+
 def test_a_directory_of_another_sweep_or_run_is_refused_and_kept(tmp_path):
     from llmexp.errors import UserError
     from llmexp.sweep.engine import SweepEngine

@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 
 import yaml
 
-from llmexp.errors import ConfigError, Problem, UserError
+from llmexp.errors import ConfigError, Problem, UserError, suggest
 
 # Command items that are W&B macros or the program itself, not fixed llmexp overrides.
 _MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}", "${args_json}",
@@ -76,6 +76,13 @@ def candidate_values(param: Dict[str, Any]) -> List[Any]:
     return [param[k] for k in ("min", "max") if k in param] or [0]
 
 
+def _meant(unknown: List[Any], known: List[str]) -> List[str]:
+    """The keys that typos in ``unknown`` most resemble (a missing one is said by its typo's fix)."""
+    import difflib
+
+    return [m for k in unknown for m in difflib.get_close_matches(str(k), known, n=1, cutoff=0.5)]
+
+
 def check_spec(spec: SweepSpec) -> None:
     """ConfigError listing every problem: W&B schema violations and keys llmexp does not know."""
     problems: List[Problem] = []
@@ -83,11 +90,24 @@ def check_spec(spec: SweepSpec) -> None:
         warnings.simplefilter("ignore")  # the sweeps package warns about its pydantic config
         import sweeps
 
+        from sweeps.config.schema import sweep_config_jsonschema
+
         violations = sweeps.schema_violations_from_proposed_config(spec.config)
+    known = sorted(sweep_config_jsonschema["properties"])
+    unknown = [k for k in spec.config if k not in known]
+    for key in unknown:  # a typo: named with the key it resembles (the schema's words for it follow from it)
+        problems.append(Problem(f"{spec.path.name}: {key}", "is not a key of a W&B sweep file", suggest(str(key), known)))
     for v in violations:
+        if unknown and ("Additional properties are not allowed" in v or "is a required property" in v):
+            continue  # said above, with the fix
         problems.append(Problem(f"{spec.path.name}", f"W&B sweep schema: {v}",
-                                "see https://docs.wandb.ai/guides/sweeps/sweep-config-keys"))
-    if "metric" not in spec.config or "name" not in spec.config.get("metric", {}):
+                                "choose one of the values it lists" if "is not one of" in v else
+                                "the keys of a sweep file: https://docs.wandb.ai/guides/sweeps/sweep-config-keys "
+                                "(sweeps/*.yaml are examples)"))
+    if "metric" not in spec.config and "metric" not in _meant(unknown, known):
+        problems.append(Problem(f"{spec.path.name}: metric", "a sweep needs metric.name (and goal)",
+                                "metric: {name: val/loss, goal: minimize}"))
+    elif isinstance(spec.config.get("metric"), dict) and "name" not in spec.config["metric"]:
         problems.append(Problem(f"{spec.path.name}: metric", "a sweep needs metric.name (and goal)",
                                 "metric: {name: val/loss, goal: minimize}"))
     swept = [o.split("=", 1)[0].lstrip("+~") for o in spec.extra
@@ -95,7 +115,7 @@ def check_spec(spec: SweepSpec) -> None:
     for key in swept:
         problems.append(Problem(key, f"is swept by {spec.path.name}; an override would set it in every trial",
                                 f"leave {key}=... out of the command line, or edit its values in {spec.path.name}"))
-    if not spec.parameters:
+    if not spec.parameters and "parameters" not in _meant(unknown, known):
         problems.append(Problem(f"{spec.path.name}: parameters", "no parameters to sweep", "parameters: {optim.lr: ...}"))
     from llmexp.overrides import check_overrides
 
