@@ -102,7 +102,10 @@ def test_failed_trials_are_marked_and_categorical_values_get_ticks():
     lr, loss = panels["val/loss against optim.lr"], panels["val/loss against loss"]
     legend = fig.axes[0].get_legend()  # the first panel carries the legend for all
     assert "failed / stopped" in [t.get_text() for t in legend.get_texts()]
-    assert len(lr.collections[-1].get_offsets()) == 1  # the failed trial, crossed at the panel's foot
+    assert len(lr.collections[-1].get_offsets()) == 1  # the failed trial, crossed at the panel's worse end:
+    assert lr.collections[-1].get_offsets()[0][1] > 0.9  # the top when minimizing (at the foot it read as the best)
+    maximized = parameter_panels(trials, "val/loss", "maximize").axes[0]
+    assert maximized.collections[-1].get_offsets()[0][1] < 0.1
     assert lr.get_xlim()[0] < 1e-4 and lr.get_xlim()[1] > 1e-2  # inside the axis, beyond the finished ones
     assert [t.get_text() for t in loss.get_xticklabels()] == ["dpo", "ipo"] and loss.get_xscale() == "linear"
 

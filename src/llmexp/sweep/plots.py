@@ -43,7 +43,7 @@ def _positions(values: Sequence[Any]):
 def parameter_panels(trials, metric: str, goal: str, distributions: Optional[Dict[str, Any]] = None,
                      title: str = ""):
     """One panel per swept parameter: the metric against its value, the best trial starred,
-    failed trials crossed at the foot of the panel (they have no metric to place them by)."""
+    failed trials crossed at the panel's worse end (they have no metric to place them by)."""
     distributions = distributions or {}
     keys = swept([t.params for t in trials])
     if not keys or not any(not _failed(t) for t in trials):
@@ -64,8 +64,9 @@ def parameter_panels(trials, metric: str, goal: str, distributions: Optional[Dic
             if t is best:
                 ax.scatter([x], [t.metric], label=f"best: trial {t.id}", **BEST)
         bad = [x for x, t in zip(xs, trials) if _failed(t)]
-        if bad:  # at the panel's foot: x in data coordinates, y in axes coordinates
-            ax.scatter(bad, [0.04] * len(bad), transform=ax.get_xaxis_transform(), label="failed / stopped", **FAILED)
+        if bad:  # at the panel's worse end (the top when minimizing): x in data coordinates, y in axes ones
+            worse = 0.96 if goal == "minimize" else 0.04  # at the foot, a failed trial read as the best one
+            ax.scatter(bad, [worse] * len(bad), transform=ax.get_xaxis_transform(), label="failed / stopped", **FAILED)
             # Their x is data, which autoscaling ignores under that transform: a trial that failed
             # beyond the finished ones' range (the diverged highest lr) fell outside the axis.
             ax.update_datalim([(x, done[0][1].metric) for x in bad], updatey=False)
