@@ -391,7 +391,7 @@ def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher,
     r = run_cli(["export", str(target), "--format", "gguf", "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     expected = {"phi": "writes llama, mistral, qwen2 and gpt2", "quantized": "full-precision weights",
-                "out exists": "exists and is kept", "missing": "neither a run directory"}[case]
+                "out exists": "exists and is kept", "missing": "does not exist; give a finished run's directory"}[case]
     assert expected in r.stderr, r.stderr
     assert (out.read_text() == "mine") if case == "out exists" else not out.exists()
     assert not list(tmp_path.glob(".*.partial"))

@@ -41,8 +41,16 @@ def test_model_dir_of_a_run_a_model_or_neither(tmp_path):
     assert model_dir_of(str(run.path)) == run.model
     assert model_dir_of(f"run={run.path}") == run.model
     assert model_dir_of(str(run.model)) == run.model
-    with pytest.raises(UserError, match="neither a run directory"):
+    with pytest.raises(UserError, match="nothing' does not exist; give a finished run's directory"):
         model_dir_of(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a run directory"):
+        model_dir_of(str(tmp_path / "empty"))
+    killed = RunDir(tmp_path / "killed")
+    (killed.checkpoints).mkdir(parents=True)
+    killed.config.write_text("stage: {name: sft}\n")
+    with pytest.raises(UserError, match="is a run that did not finish, so it has no model/ yet; it wrote no checkpoint"):
+        model_dir_of(str(killed.path))
     (run.model / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
     with pytest.raises(UserError, match="reward model"):
         model_dir_of(str(run.path))
