@@ -128,7 +128,7 @@ def test_ctrl_c_stops_the_stage_says_how_to_continue_and_the_rerun_does(tmp_path
     from llmexp.testing import popen_module
 
     root = tmp_path / "p"
-    args = ["pipeline", "dpo", *SHORT, "dpo:trainer.max_steps=400", "dpo:trainer.checkpoint_every_n_steps=5",
+    args = ["pipeline", "dpo", *SHORT, "dpo:trainer.max_steps=60", "dpo:trainer.checkpoint_every_n_steps=10",
             "--dir", str(root)]
     proc = popen_module("llmexp", args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                         start_new_session=True)
@@ -141,11 +141,11 @@ def test_ctrl_c_stops_the_stage_says_how_to_continue_and_the_rerun_does(tmp_path
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "interrupted at step" in err  # the stage's own message, whole
     line = next(x for x in err.splitlines() if "pipeline: interrupted in stage 'dpo'" in x)
-    assert f"`llmexp pipeline dpo {' '.join(SHORT)} dpo:trainer.max_steps=400 dpo:trainer.checkpoint_every_n_steps=5 " \
+    assert f"`llmexp pipeline dpo {' '.join(SHORT)} dpo:trainer.max_steps=60 dpo:trainer.checkpoint_every_n_steps=10 " \
            f"--dir {root}` continues it" in line and "dpo resumes from its last checkpoint (step " in line, line
     again = pipeline(args[1:], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     dpo = json.loads((root / "2-dpo" / "summary.json").read_text())
-    assert dpo["global_step"] == 400 and dpo["resumed_from"]
+    assert dpo["global_step"] == 60 and dpo["resumed_from"]
     spent = json.loads((root / "pipeline_summary.json").read_text())["wall_seconds"]
     assert spent >= sum(json.loads((root / d / "summary.json").read_text())["wall_seconds"] for d in ("1-sft", "2-dpo"))
