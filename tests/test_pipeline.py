@@ -103,6 +103,9 @@ def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):
     (["rlhf", "stage.kl_coef=0.2"], "stage.kl_coef=0.2: applies to every stage of rlhf, and sft, rm have no such "
                                     "key\n      fix: ppo:stage.kl_coef=0.2 (for that stage alone)"),
     (["dpo", "stage.bta=0.2"], "dpo:stage.bta: unknown key\n      fix: did you mean 'beta'?"),
+    # a stray word: once, not once per stage
+    (["dpo", "nosuch"], "pipeline: 'nosuch' is not an override; after the pipeline's name come key=value for every "
+                        "stage, or <stage>:key=value for one (sft, dpo)"),
 ])
 def test_bad_pipelines_are_refused(tmp_path, args, expected):
     spec = tmp_path / "spec.yaml"

@@ -85,6 +85,9 @@ def split_cli_overrides(spec: PipelineSpec, extra: List[str]) -> Dict[str, List[
     per_stage: Dict[str, List[str]] = {n: [] for n in names}
     for o in extra:
         prefix, sep, rest = o.partition(":")
+        if "=" not in o and not (rest if sep else o).startswith("~"):  # said once, not by every stage
+            raise UserError(f"pipeline: {o!r} is not an override; after the pipeline's name come key=value for every "
+                            f"stage, or <stage>:key=value for one ({', '.join(names)})")
         if (rest if sep and "=" not in prefix else o).split("=", 1)[0].lstrip("+~") == "stage":
             named = ", ".join(f"{t.name}: stage={stage_option(t) or '?'}" for t in spec.stages)
             raise UserError(f"pipeline: {o!r}: each stage of {spec.name} is the stage its pipeline file names "
