@@ -154,6 +154,7 @@ def test_a_run_from_a_users_shell_draws_no_library_progress_bars(tmp_path, tiny_
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "cli.log").exists()  # Hydra's log file: made only when something is logged
     for bar in ("Loading weights", "Writing model shards", "it/s]"):
         assert bar not in r.stdout + r.stderr, (bar, r.stderr[-2000:])
 
