@@ -98,17 +98,6 @@ def open_binary(path: str):
     return open(path, "rb")
 
 
-def _json_kind(value: Any) -> Optional[str]:
-    """The kind of a JSON value as one column of a table holds it (None: missing, fits any)."""
-    if value is None:
-        return None
-    if isinstance(value, list):
-        inner = next((_json_kind(v) for v in value if v is not None), None)
-        return f"a list of {inner}s" if inner else None
-    return ("true/false" if isinstance(value, bool) else "number" if isinstance(value, (int, float))
-            else "text" if isinstance(value, str) else "object")
-
-
 def _check_json_lines(files: List[str]) -> None:
     """Report the first malformed line with its file and number (datasets does not say which)."""
     for f in files:
