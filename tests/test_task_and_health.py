@@ -53,12 +53,12 @@ def test_checkers_score_what_the_model_said():
 
 def test_auto_picks_the_skill_rule_the_reward_function_or_the_reference():
     sft, ppo = typed([]), typed(["stage=ppo"])
-    assert resolve_check("auto", "bundled", sft.stage, "chat") == "arithmetic_correct"
-    assert resolve_check("auto", "files", ppo.stage, "prompt_only") == "arithmetic_correct"  # ppo's reward
-    assert resolve_check("auto", "files", sft.stage, "chat") == "reference"
-    assert resolve_check("auto", "files", sft.stage, "text") is None
-    assert resolve_check("none", "bundled", sft.stage, "chat") is None
-    assert resolve_check("reference", "bundled", sft.stage, "chat") == "reference"
+    assert resolve_check("auto", True, sft.stage, "chat") == "arithmetic_correct"
+    assert resolve_check("auto", False, ppo.stage, "prompt_only") == "arithmetic_correct"  # ppo's reward
+    assert resolve_check("auto", False, sft.stage, "chat") == "reference"
+    assert resolve_check("auto", False, sft.stage, "text") is None
+    assert resolve_check("none", True, sft.stage, "chat") is None
+    assert resolve_check("reference", True, sft.stage, "chat") == "reference"
 
 
 def test_the_bundled_probe_is_the_skills_155_questions_for_every_stage():
@@ -69,7 +69,18 @@ def test_the_bundled_probe_is_the_skills_155_questions_for_every_stage():
     text = build_probe(typed(["stage=pretrain", "data=arithmetic_text", "task.check=auto"]), [], "text")
     assert text.check == "arithmetic_continues" and len(text.rows) == 155
     assert text.rows[0] == {"prompt": "0 + 0 =", "columns": {"answer": "0"}}
-    assert resolve_check("auto", "bundled", typed(["stage=pretrain"]).stage, "text") == "arithmetic_continues"
+    assert resolve_check("auto", True, typed(["stage=pretrain"]).stage, "text") == "arithmetic_continues"
+
+
+def test_a_plugins_bundled_dataset_is_judged_on_its_own_rows_not_the_skills():
+    """data=acme_qa (a plugin's bundled dataset): its held-out rows, checked against their reference
+    answers; they were replaced by the arithmetic skill's 155 questions and checked by
+    arithmetic_correct, silently (a rollout stage's: by its reward function, test above)."""
+    val = [{"messages": [{"role": "user", "content": "What is the price of the widget?"},
+                         {"role": "assistant", "content": "It costs 12 dollars."}]}]
+    probe = build_probe(typed(["data=acme_qa"]), val, "chat")
+    assert probe.check == "reference" and len(probe.rows) == 1
+    assert probe.rows[0]["columns"]["reference"] == "It costs 12 dollars."
 
 
 def test_a_continuation_counts_when_it_starts_with_the_answer():

@@ -27,6 +27,15 @@ import torch
 
 BUNDLED_CHECK = "arithmetic_correct"
 BUNDLED_TEXT_CHECK = "arithmetic_continues"  # a model trained on the skill's text continues 'a op b ='
+# llmexp's own datasets of the arithmetic skill (plugins/builtin.py): only these are judged by the
+# skill's rule on the skill's questions. A plugin's bundled dataset is its own task (its rows were
+# replaced by arithmetic questions and checked by arithmetic_correct, silently).
+SKILL_DATASETS = frozenset({"arithmetic", "arithmetic_text", "arithmetic_pairs", "arithmetic_prompts"})
+
+
+def is_the_skill(data_cfg: Any) -> bool:
+    """Whether the run trains on llmexp's bundled arithmetic skill."""
+    return data_cfg.source == "bundled" and data_cfg.name in SKILL_DATASETS
 
 
 
@@ -75,11 +84,12 @@ def reference_match(completion: str, reference: Optional[str] = None) -> float:
     return float(reference is not None and normalize(completion) == normalize(reference))
 
 
-def resolve_check(check: str, data_source: str, stage_cfg: Any, fmt: str) -> Optional[str]:
-    """The checker ``task.check=auto`` stands for in this run (a reward name, ``reference`` or None)."""
+def resolve_check(check: str, skill: bool, stage_cfg: Any, fmt: str) -> Optional[str]:
+    """The checker ``task.check=auto`` stands for in this run (a reward name, ``reference`` or None);
+    ``skill``: the run trains on the bundled arithmetic skill (is_the_skill)."""
     if check != "auto":
         return None if check == "none" else check
-    if data_source == "bundled":
+    if skill:
         return BUNDLED_TEXT_CHECK if fmt == "text" else BUNDLED_CHECK
     reward = getattr(stage_cfg, "reward", None)
     if reward is not None and reward.function and not reward.model:
@@ -170,10 +180,10 @@ def build_probe(run_cfg: Any, val_rows: Sequence[Dict[str, Any]], fmt: str) -> O
     t = run_cfg.task
     if unavailable(run_cfg):
         return None
-    check = resolve_check(t.check, run_cfg.data.source, run_cfg.stage, fmt)
+    check = resolve_check(t.check, is_the_skill(run_cfg.data), run_cfg.stage, fmt)
     if check is None:
         return None
-    if run_cfg.data.source == "bundled" and check in (BUNDLED_CHECK, BUNDLED_TEXT_CHECK):
+    if is_the_skill(run_cfg.data) and check in (BUNDLED_CHECK, BUNDLED_TEXT_CHECK):
         from llmexp.data.skill import task_prompts, text_task_prompts
 
         prompts = text_task_prompts if check == BUNDLED_TEXT_CHECK else task_prompts
