@@ -22,6 +22,16 @@ USER_MODULE = textwrap.dedent('''
 
     def too_few(completions, **kwargs):
         return [1.0]
+
+    def wrong_column(completion, target):
+        return 1.0
+
+    def says_yes(completion, answer):
+        return "yes"
+
+    def as_numpy(completion, answer):
+        import numpy
+        return numpy.float64(completion.endswith(answer))
 ''')
 
 
@@ -47,6 +57,19 @@ def test_a_users_trl_style_function_gets_the_columns_as_lists(user_module):
         FunctionReward("my_rewards:too_few")([CHAT] * 2, ["a", "b"], [{}, {}])
     with pytest.raises(UserError, match="cannot import 'my_rewards:missing'"):
         FunctionReward("my_rewards:missing")
+
+
+def test_a_per_sample_reward_of_the_wrong_shape_is_told_what_to_take_and_return(user_module):
+    """A column the rows lack, or no number back: said as such with the fix (it said 'failed on ...
+    with columns []: TypeError: missing 1 required positional argument', or 'could not convert
+    string to float'); a long completion is cut in the message; numpy numbers are numbers."""
+    rows = [{"answer": "5", "solution": "2 + 3 = 5"}]
+    with pytest.raises(UserError, match=r"cannot be called as wrong_column\(completion, \*\*columns\) \(missing a required "
+                                        r"argument: 'target'\); the rows' columns are \['answer', 'solution'\]; fix: "):
+        FunctionReward("my_rewards:wrong_column")([CHAT], ["5"], rows)
+    with pytest.raises(UserError, match=r"returned 'yes' \(str\) for 'xxxxx.*…; fix: return one number"):
+        FunctionReward("my_rewards:says_yes")([CHAT], ["x" * 500], rows)
+    assert FunctionReward("my_rewards:as_numpy")([CHAT] * 2, ["= 5", "= 6"], rows * 2).tolist() == [1.0, 0.0]
 
 
 @pytest.mark.slow

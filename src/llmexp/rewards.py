@@ -7,6 +7,7 @@ so the rollout engine does not care which it has.
 from __future__ import annotations
 
 import inspect
+import numbers
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -49,6 +50,13 @@ def is_batched(fn) -> bool:
     return bool(params) and params[0] == "completions"
 
 
+def shown(value: Any, most: int = 60) -> str:
+    """A value in a message: its repr, cut to ``most`` characters (a sampled completion can be long
+    and full of odd bytes)."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
 class FunctionReward:
     """A reward function by registered name or ``module:function``. llmexp's kind takes one
     completion and the row's columns it names (columns it does not name are not passed, so one
@@ -62,6 +70,7 @@ class FunctionReward:
         self.name = name
         self.accepted = accepted_columns(self.fn)
         self.batched = is_batched(self.fn)
+        self.signature = inspect.signature(self.fn)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
                  columns: Sequence[Dict[str, Any]]) -> torch.Tensor:
@@ -78,13 +87,25 @@ class FunctionReward:
         return torch.tensor(out, dtype=torch.float32)
 
     def one(self, completion: str, cols: Dict[str, Any]) -> float:
-        if self.accepted is not None:
-            cols = {k: v for k, v in cols.items() if k in self.accepted}
+        passed = cols if self.accepted is None else {k: v for k, v in cols.items() if k in self.accepted}
         try:
-            return float(self.fn(completion, **cols))
+            self.signature.bind(completion, **passed)
+        except TypeError as e:  # said as what it is, not as the call's TypeError from inside the run
+            name = getattr(self.fn, "__name__", "reward")
+            raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} cannot be called as "
+                            f"{name}(completion, **columns) ({e}); the rows' columns are {sorted(cols)}; fix: take "
+                            f"the completion first, then the columns it needs by name (def {name}(completion, "
+                            f"{', '.join(sorted(cols)[:1]) or 'answer'}): ...), or **columns") from None
+        try:
+            value = self.fn(completion, **passed)
         except Exception as e:  # noqa: BLE001 - a plugin's bug: name it
-            raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on "
-                            f"{completion!r} with columns {sorted(cols)}: {type(e).__name__}: {e}") from e
+            raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on {shown(completion)} with "
+                            f"columns {sorted(passed)}: {type(e).__name__}: {e}") from e
+        if isinstance(value, numbers.Real) or (hasattr(value, "item") and getattr(value, "ndim", None) == 0):
+            return float(value)
+        raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} returned {shown(value)} "
+                        f"({type(value).__name__}) for {shown(completion)}; fix: return one number (a float) per "
+                        f"completion")
 
     def batch(self, prompts: Sequence[Any], completions: Sequence[str], columns: Sequence[Dict[str, Any]]):
         conversational = bool(prompts) and isinstance(prompts[0], list)
