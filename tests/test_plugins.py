@@ -251,5 +251,11 @@ def test_exceptions_in_plugin_code_name_the_plugin(tmp_path):
     r = _cli_with(tmp_path, ["data.name=boom", "~data.options", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
                   {"LLMEXP_PLUGINS": "boom"})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert ("data.name: dataset 'boom' of plugin 'boom' (llmexp-boom 0.2.0) failed to build: "
-            "RuntimeError: disk on fire") in r.stderr
+    # the builder named, with where in the plugin it raised
+    assert ("data.name: dataset 'boom' of plugin 'boom' (llmexp-boom 0.2.0): _build() failed: "
+            "RuntimeError: disk on fire (at ") in r.stderr and "boom_plugin.py:" in r.stderr, r.stderr
+    (tmp_path / "boom_plugin.py").write_text(boom.replace("raise RuntimeError('disk on fire')", "return None"))
+    r = _cli_with(tmp_path, ["data.name=boom", "~data.options", "logger=none", f"hydra.run.dir={tmp_path / 'run2'}"],
+                  {"LLMEXP_PLUGINS": "boom"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "_build() returned None; fix: return the rows (a list or iterator of dicts) or a datasets.Dataset" in r.stderr

@@ -39,14 +39,20 @@ def _bundled(cfg: DataConfig):
         raise UserError(f"data.options: unknown option(s) {sorted(unknown)} for dataset "
                         f"{cfg.name!r}; valid: {', '.join(sorted(names)) or 'none'}")
     options = decl.options(**cfg.options) if decl.options else None
+    from llmexp.plugins.manager import raised_at
+
+    builder = getattr(decl.builder, "__qualname__", None) or "its builder"
     try:
         rows = decl.builder(options, cfg.seed)
+        if rows is None:
+            raise UserError(f"data.name: dataset {cfg.name!r} of {entry.owner}: {builder}() returned None; fix: return "
+                            f"the rows (a list or iterator of dicts) or a datasets.Dataset")
         ds = rows if isinstance(rows, Dataset) else Dataset.from_list([dict(r) for r in rows])
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - the plugin's bug: name it (LLMEXP_TRACEBACK=1 shows where)
-        raise UserError(f"data.name: dataset {cfg.name!r} of {entry.owner} failed to build: "
-                        f"{type(e).__name__}: {e}") from e
+        raise UserError(f"data.name: dataset {cfg.name!r} of {entry.owner}: {builder}() failed: "
+                        f"{type(e).__name__}: {e}{raised_at(e, entry.owner)}") from e
     if len(ds) == 0:
         raise UserError(f"data.options: dataset {cfg.name!r} built no rows with options {cfg.options}")
     return ds

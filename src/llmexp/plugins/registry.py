@@ -9,6 +9,7 @@ out checked: rows whose columns differ from the declared ``columns`` are the plu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Generic, Iterable, List, Optional, TypeVar
@@ -126,8 +127,11 @@ def _checked_builder(d: DatasetDeclaration, owner: PluginInfo):
                 raise mismatch(row.keys() if hasattr(row, "keys") else (), f"row {n}")
             yield row
 
+    @functools.wraps(build)  # its name, in messages about it
     def checked(options: Any, seed: int) -> Any:
         rows = build(options, seed)
+        if rows is None:  # said by the caller, which names the builder
+            return None
         if hasattr(rows, "column_names"):  # a datasets.Dataset
             if sorted(rows.column_names) != declared:
                 raise mismatch(rows.column_names, "the Dataset it built")
