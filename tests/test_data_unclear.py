@@ -248,3 +248,19 @@ def test_rows_with_an_empty_answer_are_counted_and_said(tmp_path, capsys):
     printed = " ".join(capsys.readouterr().err.split())
     assert "data: 6 of 60 rows have a completion with no text (the first at line 4)" in printed
     assert "something else" not in printed
+
+
+def test_too_few_training_rows_says_where_the_others_went(tmp_path):
+    """500 rows of 8 distinct prompts: 'one optimizer step needs 16 training rows but the data has 7'
+    did not say that dedup removed 492 of them."""
+    from llmexp.data.module import where_rows_went
+
+    rows = [{"prompt": f"q{i % 8}", "completion": f"a{i % 8}"} for i in range(500)]
+    prepared = load_examples(typed(["data=files", f"data.path={_jsonl(tmp_path / 'few.jsonl', rows)}"]).data, "sft")
+    assert where_rows_went(prepared.log) == "of 500 rows, dedup removed 492, 1 held out for validation"
+    r = run_cli([*QUICK, "data=files", f"data.path={tmp_path / 'few.jsonl'}", "trainer.micro_batch_size=16",
+                 f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "needs 16 training rows (micro_batch_size x grad_accum) but the data has 7 (of 500 rows, dedup removed " \
+           "492, 1 held out for validation); lower trainer.micro_batch_size or trainer.grad_accum, or give more " \
+           "(distinct) rows" in " ".join(r.stderr.split()), r.stderr

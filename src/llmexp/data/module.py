@@ -89,6 +89,17 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
     return PreparedData(train=train, val=val, format=fmt, log=log)
 
 
+def where_rows_went(log: List[Dict[str, Any]]) -> str:
+    """'of 500 rows, dedup removed 492, 1 held out for validation': what preparation took, from its
+    log (a row-count error said only how many were left)."""
+    steps = [e for e in log if "rows_in" in e]
+    removed = [f"{e['step']} removed {e['rows_in'] - e['rows_out']}" for e in steps if e["rows_in"] > e["rows_out"]]
+    split = next((e for e in log if e.get("step") == "split"), None)
+    if split and split.get("val_rows"):
+        removed.append(f"{split['val_rows']} held out for validation")
+    return f"of {steps[0]['rows_in']} rows, {', '.join(removed)}" if steps and removed else ""
+
+
 def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, split: str):
     """Apply data.overlong to samples longer than data.max_length; drop samples with no targets."""
     out, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_target": 0, "split_chunks": 0}
@@ -187,9 +198,11 @@ class StageDataModule(L.LightningDataModule):
             self._encode()
         window = self.tcfg.micro_batch_size * self.tcfg.grad_accum * (self.trainer.world_size if self.trainer else 1)
         if len(self.train_rows) < window:
+            lost = where_rows_went(self.prepared.log)
             raise UserError(f"trainer.micro_batch_size: one optimizer step needs {window} training rows "
-                            f"(micro_batch_size x grad_accum) but the data has {len(self.train_rows)}; "
-                            f"lower trainer.micro_batch_size or trainer.grad_accum")
+                            f"(micro_batch_size x grad_accum) but the data has {len(self.train_rows)}"
+                            f"{f' ({lost})' if lost else ''}; lower trainer.micro_batch_size or trainer.grad_accum"
+                            f"{', or give more (distinct) rows' if lost else ''}")
 
     def _from_cache(self) -> None:
         """A text corpus: rows read from the memory-mapped token cache, nothing held in memory."""
