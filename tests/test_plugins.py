@@ -155,6 +155,22 @@ def _cli_with(root: Path, args: List[str], env: Dict[str, str] | None = None):
     return run_cli(args, cwd=root, env={"PYTHONPATH": str(root), **(env or {})})
 
 
+def test_a_package_requiring_llmexp_under_another_entry_point_group_is_named(tmp_path):
+    """[project.entry-points."llmexp.plugins"]: loaded by nothing, and `llmexp plugins` said nothing;
+    a run then said only 'no reward named ... is registered'."""
+    (tmp_path / "nogroup_plugin.py").write_text(HOOK + "def llmexp_rewards():\n    return []\n")
+    info = tmp_path / "llmexp_nogroup-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llmexp-nogroup\nVersion: 0.1.0\n"
+                                   "Requires-Dist: llmexp>=0.1\n")
+    (info / "entry_points.txt").write_text("[llmexp.plugins]\nnogroup = nogroup_plugin\n")
+    r = _cli_with(tmp_path, ["plugins"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("not loaded: llmexp-nogroup requires llmexp but declares no entry point in the group 'llmexp' (its "
+            "groups: llmexp.plugins); fix: [project.entry-points.llmexp]") in r.stdout, r.stdout
+    assert "acme_qa" in r.stdout and "not loaded: llmexp-acme-qa" not in r.stdout
+
+
 def test_broken_plugins_are_all_reported_with_name_and_distribution(tmp_path):
     for entry, (dist, version, source, requires) in BROKEN.items():
         _distribution(tmp_path, dist, version, entry, source, requires)

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 from llmexp import __version__
 from llmexp.errors import UserError, report
+from llmexp.plugins.markers import ENTRY_POINT_GROUP
 
 
 def inventory() -> Dict[str, Any]:
@@ -31,7 +32,26 @@ def inventory() -> Dict[str, Any]:
         for kind, entries in registries.items():
             entry[kind] = sorted(n for n, e in entries.items() if e.owner == info)
         plugins.append(entry)
-    return {"llmexp_version": __version__, "autoload": h.autoload, "listed": h.listed, "plugins": plugins}
+    return {"llmexp_version": __version__, "autoload": h.autoload, "listed": h.listed, "plugins": plugins,
+            "not_plugins": not_registered()}
+
+
+def not_registered() -> List[Dict[str, Any]]:
+    """Installed distributions that require llmexp but declare no entry point in its group: a plugin
+    under another group name (``llmexp.plugins``) was loaded by nothing, and said by nothing."""
+    import re
+    from importlib.metadata import distributions
+
+    out = []
+    for dist in distributions():
+        name = dist.metadata["Name"] or ""
+        needs = [r for r in (dist.requires or []) if re.split(r"[\s;<>=!~\[(]", r, 1)[0].lower() == "llmexp"]
+        if not needs or name.lower() == "llmexp":
+            continue
+        groups = sorted({ep.group for ep in dist.entry_points})
+        if ENTRY_POINT_GROUP not in groups:
+            out.append({"distribution": name, "entry_point_groups": groups})
+    return sorted(out, key=lambda d: d["distribution"])
 
 
 def render(inv: Dict[str, Any]) -> str:
@@ -46,6 +66,11 @@ def render(inv: Dict[str, Any]) -> str:
                 lines.append(f"      {kind}: {', '.join(p[kind])}")
         if "llmexp_callbacks" in p["hooks"]:
             lines.append("      callbacks: llmexp_callbacks(cfg)")
+    for d in inv.get("not_plugins", []):
+        groups = ", ".join(d["entry_point_groups"]) or "none"
+        lines.append(f"  not loaded: {d['distribution']} requires llmexp but declares no entry point in the group "
+                     f"'{ENTRY_POINT_GROUP}' (its groups: {groups}); fix: [project.entry-points.{ENTRY_POINT_GROUP}] "
+                     f"<name> = \"<module>\" in its pyproject.toml (docs/plugins.md)")
     return "\n".join(lines)
 
 
