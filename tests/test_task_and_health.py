@@ -76,6 +76,9 @@ def test_a_plugins_bundled_dataset_is_judged_on_its_own_rows_not_the_skills():
     """data=acme_qa (a plugin's bundled dataset): its held-out rows, checked against their reference
     answers; they were replaced by the arithmetic skill's 155 questions and checked by
     arithmetic_correct, silently (a rollout stage's: by its reward function, test above)."""
+    from plugin_packages import ensure_installed
+
+    ensure_installed()  # the example plugin llmexp-acme-qa, whose bundled dataset this is
     val = [{"messages": [{"role": "user", "content": "What is the price of the widget?"},
                          {"role": "assistant", "content": "It costs 12 dollars."}]}]
     probe = build_probe(typed(["data=acme_qa"]), val, "chat")
