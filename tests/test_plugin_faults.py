@@ -196,7 +196,8 @@ def test_a_raising_eval_names_its_file_and_line_and_chains_the_exception(module_
     assert str(e.value) == (
         "1 problem with llmexp plugins:\n  - plugin 'faulty_eval_plugin' (module faulty_eval_plugin): eval 'faulty' "
         f"failed: ZeroDivisionError: division by zero (at {path}:{_line_of(path, '1 / 0')})\n"
-        "      fix: report it to the plugin's authors")
+        "      fix: fix the eval where it raised (LLMEXP_TRACEBACK=1 shows the traceback), or report it to the "
+        "plugin's authors")
     assert isinstance(e.value.__cause__, ZeroDivisionError)
 
 

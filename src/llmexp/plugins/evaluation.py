@@ -48,7 +48,9 @@ def run_eval(name: str, model: Any, tokenizer: Any, options: Optional[Mapping[st
         raise
     except Exception as e:  # noqa: BLE001 - the plugin's bug: name it and where (LLMEXP_TRACEBACK=1: how)
         raise PluginError([Problem(str(entry.owner), f"eval {name!r} failed: {type(e).__name__}: {e}"
-                                   f"{raised_at(e, entry.owner)}", "report it to the plugin's authors")]) from e
+                                   f"{raised_at(e, entry.owner)}",
+                                   "fix the eval where it raised (LLMEXP_TRACEBACK=1 shows the traceback), or report "
+                                   "it to the plugin's authors")]) from e
     return _checked(name, metrics, entry.owner)
 
 
