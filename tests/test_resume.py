@@ -103,6 +103,10 @@ def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
     before = (killed / "config.yaml").read_text()
     r = run_cli([*overrides, "trainer.max_steps=25", "optim.weight_decay=0.5", f"resume={killed}"], cwd=tmp_path)
     assert r.returncode == 2 and "optim.weight_decay: is 0.5 but the run being resumed used" in r.stderr
+    # another stage is said before its own (shorter) max_steps, which no fix of max_steps would make fit
+    r = run_cli([*overrides, "stage=dpo", "trainer.max_steps=5", f"resume={killed}"], cwd=tmp_path)
+    assert r.returncode == 2 and "stage: is dpo but the run being resumed is stage=sft" in r.stderr, r.stderr
+    assert "trainer.max_steps" not in r.stderr
     assert (killed / "config.yaml").read_text() == before
     start = time.time()
     r = run_cli([*overrides, "resume=auto"], cwd=tmp_path)

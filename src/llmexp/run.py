@@ -63,6 +63,8 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
 
     resume_from = resolve_resume(typed.resume, run_dir)  # a damaged checkpoint is refused here, record untouched
     if resume_from is not None:
+        if RunDir(run_dir).config.is_file():  # what it trains, first: another stage's max_steps is no fix
+            check_resumable(RunDir(run_dir).config, redact(dataclasses.asdict(typed)))
         check_steps_left(resume_from, typed.trainer.max_steps)
     with discarded_on_refusal(run_dir):
         trainer, stage, data, watchers, notes = set_up(typed, run_dir, callbacks, resume_from)
