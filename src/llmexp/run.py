@@ -62,9 +62,10 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
     from llmexp.training import fit, save_last_checkpoint
 
     resume_from = resolve_resume(typed.resume, run_dir)  # a damaged checkpoint is refused here, record untouched
+    if typed.resume is not None and RunDir(run_dir).config.is_file():
+        # a resumed run must train what it trained before; said first: another stage's max_steps is no fix
+        check_resumable(RunDir(run_dir).config, redact(dataclasses.asdict(typed)))
     if resume_from is not None:
-        if RunDir(run_dir).config.is_file():  # what it trains, first: another stage's max_steps is no fix
-            check_resumable(RunDir(run_dir).config, redact(dataclasses.asdict(typed)))
         check_steps_left(resume_from, typed.trainer.max_steps)
     with discarded_on_refusal(run_dir):
         trainer, stage, data, watchers, notes = set_up(typed, run_dir, callbacks, resume_from)
@@ -229,13 +230,12 @@ def hydra_overrides() -> List[str]:
 
 
 def start_record(typed, run_dir: Path) -> Dict[str, Any]:
-    """Create the run directory and write config.yaml and overrides.yaml (secrets redacted); a
-    resumed run must train what it trained before. Returns the resolved, redacted config."""
+    """Create the run directory and write config.yaml and overrides.yaml (secrets redacted; a
+    resumed run's was checked against them before, in train_and_record). Returns the resolved,
+    redacted config."""
     run_dir.mkdir(parents=True, exist_ok=True)
     configure_environment(typed.offline)
     resolved = redact(dataclasses.asdict(typed))
-    if typed.resume is not None and RunDir(run_dir).config.is_file():
-        check_resumable(RunDir(run_dir).config, resolved)
     write_config(run_dir, resolved)
     write_overrides(run_dir, hydra_overrides())
     return resolved
