@@ -73,7 +73,7 @@ def assert_resumed_matches(straight: Path, resumed: Path) -> None:
         assert r["final"][key] == pytest.approx(value, abs=1e-6), key
     rows = [x for x in read_metrics(resumed / "metrics.csv") if "train/loss" in x]
     expected = [x for x in read_metrics(straight / "metrics.csv") if "train/loss" in x]
-    assert [int(x["step"]) for x in rows] == [int(x["step"]) for x in expected] == list(range(MAX_STEPS))
+    assert [int(x["step"]) for x in rows] == [int(x["step"]) for x in expected] == list(range(1, MAX_STEPS + 1))
     for got, want in zip(rows, expected):
         assert got["train/loss"] == pytest.approx(want["train/loss"], abs=1e-5), got["step"]
 

@@ -22,10 +22,10 @@ COMMON = [*FAST, "trainer.max_steps=30", "trainer.checkpoint_every_n_steps=5", "
 
 
 def _rows_as_written(metrics_csv, before_step):
-    """The rows of a metrics.csv logged before a step, each cell's text as written."""
+    """The rows of a metrics.csv logged up to a step (a checkpoint's), each cell's text as written."""
     with open(metrics_csv, newline="") as fh:
         rows = [{k: v for k, v in row.items() if v} for row in csv.DictReader(fh)]
-    return [r for r in rows if float(r["step"]) < before_step]
+    return [r for r in rows if float(r["step"]) <= before_step]
 
 
 def _weights(run_dir):
@@ -145,8 +145,8 @@ def test_a_new_lr_on_resume_is_the_lr_the_resumed_run_trains_with(tmp_path):
     lrs = {int(row["step"]): float(row["train/lr"]) for row in read_metrics(killed / "metrics.csv")
            if "train/lr" in row}
     # the checkpoint the run resumed from was step 10's: steps before it trained at 3e-3, after it at 1e-5
-    assert sorted(lrs) == list(range(20)), lrs
-    assert all(lr == pytest.approx(3e-3 if step < 10 else 1e-5) for step, lr in lrs.items()), lrs
+    assert sorted(lrs) == list(range(1, 21)), lrs
+    assert all(lr == pytest.approx(3e-3 if step <= 10 else 1e-5) for step, lr in lrs.items()), lrs
     s = json.loads((killed / "summary.json").read_text())
     assert s["lr_changed_on_resume"] == {"from": pytest.approx(3e-3), "to": pytest.approx(1e-5)}
 

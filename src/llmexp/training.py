@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from llmexp.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from llmexp.config.schema import RunConfig
+from llmexp.loggers import count_steps_of
 from llmexp.record import RunDir
 from llmexp.strategies import build_strategy
 
@@ -25,7 +26,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
                                auto_insert_metric_name=False), *extra_callbacks]
     if t.progress_bar:
         callbacks.append(StepProgressBar(leave=True))
-    return L.Trainer(
+    trainer = L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=t.accelerator,
         devices=t.devices,
@@ -48,6 +49,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
         plugins=[] if cfg.strategy.name in ("fsdp", "tp") or cfg.strategy.name.startswith("deepspeed")
         else [AtomicCheckpointIO()],  # sharded strategies write their own checkpoint directories
     )
+    count_steps_of(trainer)
+    return trainer
 
 
 def save_last_checkpoint(trainer, run_dir: Path) -> Path:
