@@ -233,6 +233,41 @@ def test_a_built_dataset_unlike_the_declared_columns_is_refused(module_plugin):
     assert entries["good"].declaration.builder(None, 0) == [{"prompt": "p", "answer": "1"}]
 
 
+# -- an eval that raises after training ----------------------------------------------------------
+
+def test_an_eval_failing_after_training_keeps_the_trained_model_and_says_how_to_evaluate_it(tmp_path):
+    """Raised at the end of fit, it lost the export of a finished run (model/, summary.json); the
+    one command it names then evaluates the run's model with the run's eval options."""
+    def source(body: str) -> str:
+        return (HEAD + "from dataclasses import dataclass\n\n\n@dataclass\nclass Options:\n    scale: int = 2\n\n\n"
+                "@llmexp.hookimpl\ndef llmexp_evals():\n    return [EvalDeclaration('layers', _run, Options)]\n\n\n"
+                f"def _run(ctx):\n{body}")
+
+    module = _distribution(tmp_path, "llmexp-layers", "0.3.0", "layers",
+                           source("    return {'n': ctx.model.config.num_hidden_layers * ctx.options.scale / 0}\n"))
+    run_dir = tmp_path / "run"
+    env = {"LLMEXP_PLUGINS": "layers"}
+    r = _cli_with(tmp_path, ["logger=none", "trainer.progress_bar=false", "trainer.max_steps=4", "task.max_prompts=4",
+                             "eval.name=layers", "eval.options.scale=5", "eval.before_training=false",
+                             f"hydra.run.dir={run_dir}"], env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"eval 'layers' failed: ZeroDivisionError: division by zero (at {module}:" in r.stderr
+    assert (f"The run trained and is recorded (its model: {run_dir / 'model'}; summary.json has eval_error). Once the "
+            f"eval is fixed, evaluate the model without training it again: python -m llmexp.eval {run_dir}") in r.stderr
+    assert "4 steps in" in r.stdout + r.stderr  # the run's result was printed
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["global_step"] == 4 and "ZeroDivisionError" in s["eval_error"] and "eval" not in s
+    assert (run_dir / "model" / "config.json").is_file()
+
+    module.write_text(source("    return {'n': ctx.model.config.num_hidden_layers * ctx.options.scale}\n"))
+    r = subprocess.run([sys.executable, "-m", "llmexp.eval", str(run_dir)], capture_output=True, text=True,
+                       env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(tmp_path), **env})
+    assert r.returncode == 0, r.stderr[-3000:]
+    layers = json.loads((run_dir / "model" / "config.json").read_text())["num_hidden_layers"]
+    # the run's eval with the run's options (scale 5, not the default 2)
+    assert json.loads((run_dir / "eval" / "results.json").read_text()) == {"layers": {"n": layers * 5.0}}
+
+
 # -- python -m llmexp.eval --tasks runs plugin evals -----------------------------------------------
 
 def test_llmexp_eval_tasks_run_plugin_evals_by_name(tmp_path):

@@ -89,7 +89,21 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
         for facts in (exported, *(w.summary() for w in watchers)):
             summary.update(facts)
         finish_record(trainer, run_dir, redact(summary), started)
+    raise_failed_eval(watchers, run_dir)
     return float(final.get("val/loss", float("nan")))
+
+
+def raise_failed_eval(watchers: Sequence[Any], run_dir: Path) -> None:
+    """The eval after training that failed, said now that the trained model is exported: a user
+    error with how to evaluate the model again without training; anything else as it was raised."""
+    failed = next((w.failed for w in watchers if getattr(w, "failed", None) is not None), None)
+    if failed is None:
+        return
+    if not isinstance(failed, UserError):
+        raise failed
+    raise UserError(f"{failed}\nThe run trained and is recorded (its model: {RunDir(run_dir).model}; summary.json "
+                    f"has eval_error). Once the eval is fixed, evaluate the model without training it again: "
+                    f"python -m llmexp.eval {run_dir}") from failed
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Evaluate an existing run or HF model directory, without training.
 
     python -m llmexp.eval runs/sft-llama/<time>                  # the run's model/, results into its eval/
+                                                                 # (its configured eval=, else the tasks below)
     python -m llmexp.eval run=runs/sft-llama/<time> --tasks arithmetic_gen --limit 50
     python -m llmexp.eval path/to/hf_model --tasks mytask --include-path my_tasks/ --out results/
     python -m llmexp.eval runs/sft-llama/<time> --tasks answer_match,arithmetic_gen   # a plugin eval too
@@ -11,6 +12,7 @@ Writes ``<out>/results.json`` in the same format as a training run's ``eval/resu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -20,17 +22,20 @@ from llmexp.argtypes import non_negative_int, positive_int
 from llmexp.errors import UserError, quiet_exits, report
 from llmexp.record import load_language_model, model_dir_of
 
+DEFAULT_TASKS = "arithmetic_mc,arithmetic_gen,arithmetic_ppl"
+
 
 @quiet_exits
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmexp.eval", description=command_summary(__doc__))
     ap.add_argument("target", help="run directory, run=<dir>, or an HF model directory")
-    ap.add_argument("--tasks", default="arithmetic_mc,arithmetic_gen,arithmetic_ppl",
+    ap.add_argument("--tasks", default=None,
                     help="comma-separated lm-eval tasks and registered evals (llmexp plugins lists them; "
-                         "run with their default options)")
+                         "run with their default options); default: a run's configured eval (eval=, with its "
+                         f"options), else {DEFAULT_TASKS}")
     ap.add_argument("--include-path", default=None, help="a directory of your own lm-eval task YAMLs")
     ap.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per task")
-    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--batch-size", type=positive_int, default=None, help="(default: 32, or the run's eval's)")
     ap.add_argument("--num-fewshot", type=non_negative_int, default=None)
     ap.add_argument("--no-chat-template", action="store_true")
     ap.add_argument("--online", action="store_true", help="allow tasks from lm-eval's registry (downloads)")
@@ -46,11 +51,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from llmexp.plugins.evaluation import eval_options, run_eval
         from llmexp.plugins.registry import evals
 
-        tasks = [t for t in args.tasks.split(",") if t]
+        configured = configured_eval(args.target) if args.tasks is None else None
+        if configured is not None:
+            return _evaluate_as_configured(configured, args)
+        tasks = [t for t in (args.tasks or DEFAULT_TASKS).split(",") if t]
         registered = evals()  # plugin evals (and llmexp's own) run by name, next to lm-eval tasks
         lm_tasks = [t for t in tasks if t not in registered]
         cfg = EvalConfig(name="lm_eval", tasks=lm_tasks, include_path=args.include_path, limit=args.limit,
-                         batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                         batch_size=args.batch_size or 32, num_fewshot=args.num_fewshot,
                          apply_chat_template=not args.no_chat_template)
         if not args.online:
             names = task_names(args.include_path)
@@ -76,6 +84,50 @@ def main(argv: Optional[List[str]] = None) -> int:
         return report(e)
     path = record(table, out) if not args.out else _record_into(table, out)
     print_table(table, f"eval of {model_dir}")
+    print(f"results: {path}")
+    return 0
+
+
+def configured_eval(target: str):
+    """The typed config of the run at ``target`` when it configured an eval (eval= not none), else None."""
+    import yaml
+
+    from llmexp.record import RunDir
+
+    path = Path(target.split("=", 1)[1] if target.startswith("run=") else target)
+    config = RunDir(path).config
+    if not config.is_file():
+        return None
+    raw = yaml.safe_load(config.read_text()) or {}
+    if (raw.get("eval") or {}).get("name", "none") == "none":
+        return None
+    from omegaconf import OmegaConf
+
+    from llmexp.config.check import typed_config
+    from llmexp.errors import ConfigError
+
+    typed, problems = typed_config(OmegaConf.create(raw))
+    if problems:
+        raise ConfigError([dataclasses.replace(p, key=f"{config}: {p.key}") for p in problems])
+    return typed
+
+
+def _evaluate_as_configured(typed, args) -> int:
+    """The run's own eval (name, tasks, options) on its model, flags given replacing its values."""
+    from llmexp.evals.runner import evaluate, print_table, record
+
+    given = {"include_path": args.include_path, "limit": args.limit, "batch_size": args.batch_size,
+             "num_fewshot": args.num_fewshot}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.no_chat_template:
+        given["apply_chat_template"] = False
+    typed = dataclasses.replace(typed, eval=dataclasses.replace(typed.eval, **given), offline=not args.online)
+    model_dir = model_dir_of(args.target)
+    out = Path(args.out) if args.out else model_dir.parent
+    model, tokenizer = load_language_model(model_dir)
+    table = evaluate(typed, model, tokenizer, out)
+    path = record(table, out) if not args.out else _record_into(table, out)
+    print_table(table, f"eval of {model_dir} (the run's eval={typed.eval.name})")
     print(f"results: {path}")
     return 0
 

@@ -61,6 +61,9 @@ def evaluation_callback(cfg: RunConfig, run_dir: Path):
         def __init__(self) -> None:
             self.initial: Optional[Dict[str, Dict[str, Any]]] = None
             self.final: Optional[Dict[str, Dict[str, Any]]] = None
+            # The eval after training that raised: said once the trained model is exported and
+            # the run recorded (raised here, it lost the export of a finished run).
+            self.failed: Optional[BaseException] = None
 
         def on_fit_start(self, trainer, pl_module) -> None:
             if cfg.eval.before_training and trainer.ckpt_path is None:
@@ -80,7 +83,13 @@ def evaluation_callback(cfg: RunConfig, run_dir: Path):
             model = pl_module.whole_model()  # a collective under fsdp/tp
             table = None
             if trainer.is_global_zero:
-                table = evaluate(cfg, model, pl_module.tokenizer, run_dir if record_as else None)
+                try:
+                    table = evaluate(cfg, model, pl_module.tokenizer, run_dir if record_as else None)
+                except Exception as e:  # noqa: BLE001 - re-raised by the run once its model is exported
+                    if record_as != "results":
+                        raise
+                    self.failed = e
+                    return None
                 if record_as:
                     record(table, run_dir, record_as)
                 for logger in trainer.loggers if log else ():
@@ -90,6 +99,8 @@ def evaluation_callback(cfg: RunConfig, run_dir: Path):
             return table
 
         def summary(self) -> Dict[str, Any]:
+            if self.failed is not None:
+                return {"eval_error": str(self.failed)}
             if self.final is None:
                 return {}
             out: Dict[str, Any] = {"eval": self.final, "eval_results": str(Path(run_dir) / "eval" / "results.json")}
