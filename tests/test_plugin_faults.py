@@ -235,7 +235,7 @@ def test_a_built_dataset_unlike_the_declared_columns_is_refused(module_plugin):
 
 # -- an eval that raises after training ----------------------------------------------------------
 
-def test_an_eval_failing_after_training_keeps_the_trained_model_and_says_how_to_evaluate_it(tmp_path):
+def test_an_eval_failing_after_training_keeps_the_trained_model_and_says_how_to_evaluate_it(tmp_path, monkeypatch):
     """Raised at the end of fit, it lost the export of a finished run (model/, summary.json); the
     one command it names then evaluates the run's model with the run's eval options."""
     def source(body: str) -> str:
@@ -266,6 +266,18 @@ def test_an_eval_failing_after_training_keeps_the_trained_model_and_says_how_to_
     layers = json.loads((run_dir / "model" / "config.json").read_text())["num_hidden_layers"]
     # the run's eval with the run's options (scale 5, not the default 2)
     assert json.loads((run_dir / "eval" / "results.json").read_text()) == {"layers": {"n": layers * 5.0}}
+    # Evaluated again (here in-process), with other tasks: the results recorded before are kept.
+    from llmexp.evals.__main__ import main
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LLMEXP_PLUGINS", "layers")
+    manager.reset()
+    try:
+        assert main([str(run_dir), "--tasks", "layers"]) == 0
+    finally:
+        manager.reset()
+    assert json.loads((run_dir / "eval" / "results.json").read_text()) == {"layers": {"n": layers * 5.0}}
+    assert json.loads((run_dir / "eval" / "results-2.json").read_text()) == {"layers": {"n": layers * 2.0}}
 
 
 # -- python -m llmexp.eval --tasks runs plugin evals -----------------------------------------------

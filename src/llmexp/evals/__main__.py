@@ -6,7 +6,8 @@
     python -m llmexp.eval path/to/hf_model --tasks mytask --include-path my_tasks/ --out results/
     python -m llmexp.eval runs/sft-llama/<time> --tasks answer_match,arithmetic_gen   # a plugin eval too
 
-Writes ``<out>/results.json`` in the same format as a training run's ``eval/results.json``.
+Writes ``<out>/results.json`` in the same format as a training run's ``eval/results.json``
+(``results-2.json``, ... when it is taken: nothing recorded before is overwritten).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--num-fewshot", type=non_negative_int, default=None)
     ap.add_argument("--no-chat-template", action="store_true")
     ap.add_argument("--online", action="store_true", help="allow tasks from lm-eval's registry (downloads)")
-    ap.add_argument("--out", default=None, help="output directory (default: <run>/eval or <model>/eval)")
+    ap.add_argument("--out", default=None, help=(
+        "output directory (default: <run>/eval or <model>/eval, as results.json or, when taken, results-2.json, ...)"))
     args = ap.parse_args(argv)
     from llmexp.env import configure_environment
 
@@ -68,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ConfigError(bad)
         options = {t: eval_options(t, {}, key="--tasks") for t in tasks if t in registered}
         model_dir = model_dir_of(args.target)
-        from llmexp.evals.runner import print_table, record
+        from llmexp.evals.runner import print_table, record_anew
 
         out = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir)
         model, tokenizer = load_language_model(model_dir)
@@ -82,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             table[name] = {key.split("/", 1)[1]: value for key, value in flat.items()}
     except UserError as e:
         return report(e)
-    path = record(table, out) if not args.out else _record_into(table, out)
+    path = record_anew(table, out if args.out else out / "eval")
     print_table(table, f"eval of {model_dir}")
     print(f"results: {path}")
     return 0
@@ -114,7 +116,7 @@ def configured_eval(target: str):
 
 def _evaluate_as_configured(typed, args) -> int:
     """The run's own eval (name, tasks, options) on its model, flags given replacing its values."""
-    from llmexp.evals.runner import evaluate, print_table, record
+    from llmexp.evals.runner import evaluate, print_table, record_anew
 
     given = {"include_path": args.include_path, "limit": args.limit, "batch_size": args.batch_size,
              "num_fewshot": args.num_fewshot}
@@ -126,20 +128,10 @@ def _evaluate_as_configured(typed, args) -> int:
     out = Path(args.out) if args.out else model_dir.parent
     model, tokenizer = load_language_model(model_dir)
     table = evaluate(typed, model, tokenizer, out)
-    path = record(table, out) if not args.out else _record_into(table, out)
+    path = record_anew(table, out if args.out else out / "eval")
     print_table(table, f"eval of {model_dir} (the run's eval={typed.eval.name})")
     print(f"results: {path}")
     return 0
-
-
-def _record_into(table, out: Path) -> Path:
-    import json
-
-    from llmexp.record import write_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", json.dumps(table, indent=2) + "\n")
-    return out / "results.json"
 
 
 if __name__ == "__main__":

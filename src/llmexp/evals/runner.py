@@ -37,6 +37,19 @@ def record(table: Dict[str, Dict[str, Any]], run_dir: Path, name: str = "results
     return path
 
 
+def record_anew(table: Dict[str, Dict[str, Any]], directory: Path) -> Path:
+    """``directory``/results.json, or results-2.json, -3, ... when it is taken: the results a run
+    recorded in training, and earlier evaluations, are kept."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while (directory / ("results.json" if n == 1 else f"results-{n}.json")).exists():
+        n += 1
+    path = directory / ("results.json" if n == 1 else f"results-{n}.json")
+    write_atomic(path, json.dumps(table, indent=2) + "\n")
+    return path
+
+
 def print_table(table: Dict[str, Dict[str, Any]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
