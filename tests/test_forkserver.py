@@ -50,7 +50,10 @@ def test_import_time_variables_send_a_command_to_a_fresh_interpreter():
     assert import_time_changes(base, {**base, "LLMEXP_TRACEBACK": "1", "HF_TOKEN": "t"}) == []
     assert import_time_changes(base, {**base, "PYTHONPATH": "/x", "HF_HUB_OFFLINE": "0"}) == ["HF_HUB_OFFLINE",
                                                                                               "PYTHONPATH"]
-    assert shared_server(base, {**base, "PYTHONPATH": "/x"}) is None
+    # A PYTHONPATH a fork can take (absolute directories shadowing nothing the server imported)
+    assert import_time_changes(base, {**base, "PYTHONPATH": "/x"}, imported=["torch"]) == []
+    assert shared_server(base, {**base, "PYTHONPATH": "/x"}) is not None
+    assert shared_server(base, {**base, "PYTHONPATH": "x"}) is None  # relative to the command's cwd
 
 
 def test_an_in_process_run_leaves_later_commands_on_the_server(tmp_path):
@@ -70,8 +73,10 @@ def test_an_in_process_run_leaves_later_commands_on_the_server(tmp_path):
 
 CHILD = """
 import json, os, sys
+import importlib.util
 print(json.dumps({"forked": "torch" in sys.modules, "pgid": os.getpgrp(), "cwd": os.getcwd(), "argv": sys.argv[1:],
-                  "x": os.environ.get("X")}))
+                  "x": os.environ.get("X"), "path1": sys.path[1],
+                  "plugged": importlib.util.find_spec("plugged_mod") is not None}))
 sys.stderr.write("to stderr")
 sys.exit(int(sys.argv[1]))
 """
@@ -83,9 +88,12 @@ out = {"pgid": os.getpgrp()}
 r = subprocess.run([sys.executable, child, "3"], capture_output=True, text=True, env={**os.environ, "X": "1"},
                    cwd=os.path.dirname(child))
 out["run"] = [r.returncode, json.loads(r.stdout), r.stderr]
-fresh = subprocess.run([sys.executable, child, "0"], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": "/nowhere"})
-out["pythonpath"] = json.loads(fresh.stdout)["forked"]
+here = os.path.dirname(child)
+for name in ("plugins", "shadow", "relative"):
+    where = name if name == "relative" else os.path.join(here, name)
+    r = subprocess.run([sys.executable, child, "0"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": where}, cwd=here)
+    out[name] = json.loads(r.stdout)
 p = subprocess.Popen([sys.executable, "-m", "timeit", "-n", "1000000000", "pass"])
 out["poll"] = p.poll()
 p.kill()
@@ -108,6 +116,11 @@ def test_python_commands_a_command_starts_are_forked_in_its_process_group(server
 
     (tmp_path / "child.py").write_text(CHILD)
     (tmp_path / "parent.py").write_text(PARENT)
+    for where in ("plugins", "relative"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "plugged_mod.py").write_text("")
+    (tmp_path / "shadow" / "hydra").mkdir(parents=True)  # hydra: imported by the server
+    (tmp_path / "shadow" / "hydra" / "__init__.py").write_text("")
     env = {**OFFLINE_ENV, **os.environ}
     r = server.run(str(tmp_path / "parent.py"), [str(tmp_path / "child.py")], cwd=tmp_path.parent, env=env,
                    timeout=120, script=True)
@@ -115,8 +128,15 @@ def test_python_commands_a_command_starts_are_forked_in_its_process_group(server
     out = json.loads(r.stdout.strip().splitlines()[-1])
     code, child, stderr = out["run"]
     assert code == 3 and stderr == "to stderr"
-    assert child == {"forked": True, "pgid": out["pgid"], "cwd": str(tmp_path), "argv": ["3"], "x": "1"}
-    assert out["pythonpath"] is False  # PYTHONPATH is read at start: a fresh interpreter
+    assert {k: child[k] for k in ("forked", "pgid", "cwd", "argv", "x", "plugged")} == {
+        "forked": True, "pgid": out["pgid"], "cwd": str(tmp_path), "argv": ["3"], "x": "1", "plugged": False}
+    # PYTHONPATH is read at start: a directory of plugins is put where a fresh interpreter puts it,
+    # in a fork; one that would shadow a module the server imported, or a relative one, gets a
+    # fresh interpreter.
+    plugins = out["plugins"]
+    assert plugins["forked"] and plugins["plugged"] and plugins["path1"] == str(tmp_path / "plugins")
+    assert out["shadow"]["forked"] is False and out["shadow"]["path1"] == str(tmp_path / "shadow")
+    assert out["relative"]["forked"] is False and out["relative"]["plugged"]
     assert out["poll"] is None and out["killed"] == -9
     # A timeout kills the command's whole process group, the commands it forked included.
     pid_file = tmp_path / "grandchild.pid"

@@ -40,12 +40,55 @@ PRELOAD = ("torch", "lightning", "lightning.pytorch", "transformers", "transform
 
 
 def import_time_changes(server_env: Mapping[str, str], env: Mapping[str, str],
-                        set_by_imports: Collection[str] = ()) -> List[str]:
+                        set_by_imports: Collection[str] = (), imported: Optional[Collection[str]] = None) -> List[str]:
     """The variables a library reads at import time whose value in ``env`` differs from the server's
     (those the preloaded imports set themselves, as lightning sets PYTORCH_NVML_BASED_CUDA_CHECK, a
-    fresh interpreter sets too)."""
+    fresh interpreter sets too). Given the server's ``imported`` modules, a PYTHONPATH a child can
+    take as a fresh interpreter would (added_path) is no change."""
     keys = (set(server_env) | set(env)) - RUN_TIME_VARS - set(set_by_imports)
+    if imported is not None and added_path(server_env, env, imported) is not None:
+        keys.discard("PYTHONPATH")
     return sorted(k for k in keys if k.startswith(IMPORT_TIME_PREFIXES) and server_env.get(k) != env.get(k))
+
+
+def added_path(server_env: Mapping[str, str], env: Mapping[str, str], imported: Collection[str]) -> Optional[List[str]]:
+    """The directories ``env``'s PYTHONPATH puts on sys.path, where a forked child that inserts them
+    after sys.path[0] imports what a fresh interpreter would: the server had no PYTHONPATH, each
+    entry is an absolute path, and none holds a module the server imported (in a fresh interpreter
+    it would shadow that module; in a fork the module is imported already). Else None. Plugins put
+    on PYTHONPATH by tests (a module and its dist-info) pass; a directory of their own 'torch' not."""
+    if server_env.get("PYTHONPATH"):
+        return None
+    entries = env.get("PYTHONPATH", "").split(os.pathsep) if env.get("PYTHONPATH") else []
+    if not all(os.path.isabs(e) for e in entries):  # "" and relative entries mean the command's cwd
+        return None
+    for entry in entries:
+        try:
+            names = os.listdir(entry)
+        except OSError:
+            continue  # nothing to import from it, as in a fresh interpreter
+        for name in names:
+            stem = name.split(".", 1)[0]
+            if stem in imported and (name.endswith((".py", ".so", ".pyc")) or "." not in name):
+                return None
+    return entries
+
+
+_ADDED_PATH: List[str] = []  # the PYTHONPATH entries this process inserted into sys.path
+
+
+def _take_python_path(env: Mapping[str, str]) -> None:
+    """sys.path as a fresh interpreter with ``env`` has it: its PYTHONPATH entries after
+    sys.path[0] (those of the command this process was forked from taken out first)."""
+    import importlib
+
+    for entry in _ADDED_PATH:
+        if entry in sys.path:
+            sys.path.remove(entry)
+    _ADDED_PATH[:] = [e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e] if not _SERVER["env"].get(
+        "PYTHONPATH") else []
+    sys.path[1:1] = _ADDED_PATH
+    importlib.invalidate_caches()
 
 
 def _child(request: dict) -> None:
@@ -77,6 +120,7 @@ def _run_command(request: dict, stdio: Sequence[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        _take_python_path(request["env"])
         signal.signal(signal.SIGINT, signal.default_int_handler)
         _Zygote.start()
         try:
@@ -115,7 +159,7 @@ def python_command(args: Any, env: Mapping[str, str]) -> Optional[dict]:
     if isinstance(args, (str, bytes)) or not args or str(args[0]) != sys.executable or len(args) < 2:
         return None
     args = [os.fsdecode(a) for a in args]
-    if import_time_changes(_SERVER["env"], env, _SERVER["set_by_imports"]):
+    if import_time_changes(_SERVER["env"], env, _SERVER["set_by_imports"], _SERVER["imported"]):
         return None
     if args[1] == "-m" and len(args) > 2 and not args[2].startswith("-"):
         return {"module": args[2], "args": args[3:]}
@@ -126,7 +170,7 @@ def python_command(args: Any, env: Mapping[str, str]) -> Optional[dict]:
 
 # The fork server's environment before its imports, and what the imports set (copied into every
 # command it forks, which checks its own python commands against them).
-_SERVER: Dict[str, Any] = {"env": {}, "set_by_imports": []}
+_SERVER: Dict[str, Any] = {"env": {}, "set_by_imports": [], "imported": []}
 
 
 def _requests(sock: socket.socket):
@@ -306,7 +350,8 @@ def serve() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     set_by_imports = sorted(k for k, v in os.environ.items() if before.get(k) != v)
-    _SERVER.update(env=before, set_by_imports=set_by_imports)
+    imported = sorted({name.split(".", 1)[0] for name in sys.modules})
+    _SERVER.update(env=before, set_by_imports=set_by_imports, imported=imported)
     if len(sys.argv) > 1:  # the client's socket for long-lived commands (ForkServer.popen)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.connect(sys.argv[1])
@@ -314,7 +359,7 @@ def serve() -> None:
             _spawner(sock)
         sock.close()
     sys.stdout.flush()
-    os.write(1, (json.dumps({"ready": True, "set_by_imports": set_by_imports}) + "\n").encode())
+    os.write(1, (json.dumps({"ready": True, "set_by_imports": set_by_imports, "imported": imported}) + "\n").encode())
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
@@ -352,6 +397,7 @@ class ForkServer:
                 listener.settimeout(60)
                 self.spawner, _ = listener.accept()
         self.set_by_imports: List[str] = ready["set_by_imports"]
+        self.imported: List[str] = ready["imported"]
 
     def _ask(self, request: dict, fds: Sequence[int] = ()) -> dict:
         assert self.spawner is not None
@@ -385,7 +431,7 @@ class ForkServer:
         return self.proc.poll() is None
 
     def can_run(self, env: Mapping[str, str]) -> bool:
-        return self.alive() and not import_time_changes(self.env, env, self.set_by_imports)
+        return self.alive() and not import_time_changes(self.env, env, self.set_by_imports, self.imported)
 
     def run(self, module: str, args: Sequence[str], cwd: Optional[Path], env: Mapping[str, str],
             timeout: float, script: bool = False) -> subprocess.CompletedProcess:
