@@ -94,9 +94,11 @@ def test_console_script_matches_python_m(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_gives_each_job_its_own_run_directory(tmp_path):
-    args = ["-m", *FAST, "trainer.max_steps=10", "trainer.val_check_interval=10", "optim.warmup_steps=2",
-            "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+def test_multirun_gives_each_job_its_own_run_directory_and_wandb_run(tmp_path):
+    """The jobs of a Hydra multirun train in one process: each gets its own W&B run (the second
+    job's WandbLogger reused the first's, logging into job 0's directory)."""
+    args = ["-m", *FAST, "logger=wandb", "trainer.max_steps=10", "trainer.val_check_interval=10",
+            "optim.warmup_steps=2", "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     r = run_cli(args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
@@ -104,6 +106,10 @@ def test_multirun_gives_each_job_its_own_run_directory(tmp_path):
     lrs = sorted(__import__("yaml").safe_load((s.parent / "config.yaml").read_text())["optim"]["lr"]
                  for s in summaries)
     assert lrs == [1e-3, 3e-3]
+    runs = [list((s.parent / "wandb").glob("offline-run-*/run-*.wandb")) for s in summaries]
+    assert [len(found) for found in runs] == [1, 1], runs
+    assert runs[0][0].name != runs[1][0].name
+    assert "already in progress" not in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,8 +36,22 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):  # a second run or resume on this directory is refused, naming this one
         clean_partials(run_dir)
-        with explain_disk_full(run_dir):  # one message naming the kept checkpoint, no traceback
-            return train_and_record(typed, run_dir, callbacks, started)
+        failed = True
+        try:
+            with explain_disk_full(run_dir):  # one message naming the kept checkpoint, no traceback
+                final = train_and_record(typed, run_dir, callbacks, started)
+            failed = False
+            return final
+        finally:
+            finish_tracker(failed)
+
+
+def finish_tracker(failed: bool) -> None:
+    """End this process's W&B run: a Hydra multirun trains its jobs in one process, and each later
+    job's WandbLogger reused the first job's run (its metrics went into job 0's directory)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 def clean_partials(run_dir: Path) -> None:
