@@ -36,6 +36,11 @@ def resume_run_dir(resume: Optional[str], explicit_run_dir: Optional[str], run_n
         return None
     if resume != "auto":
         _refuse_finished(Path(resume))
+        if RunDir(resume).config.is_file() and not has_checkpoint(Path(resume)):
+            raise ConfigError([Problem("resume", f"{resume!r} is a run that stopped before it wrote a checkpoint "
+                                       "(trainer.checkpoint_every_n_steps sets how often), so there is nothing to "
+                                       "resume", f"start it over in its directory with the same overrides and "
+                                       f"hydra.run.dir={resume} resume=auto, or as a new run")])
         if not Path(resume).is_dir() or not has_checkpoint(Path(resume)):
             raise ConfigError([Problem("resume", f"{resume!r} is not a run directory with a checkpoint "
                                        "(checkpoints/last.ckpt or step-*.ckpt)",
