@@ -39,6 +39,17 @@ def workdir(tmp_path_factory):
     for name, arch in (("fake_rm", "LlamaForSequenceClassification"), ("fake_lm", "LlamaForCausalLM")):
         (files / name).mkdir()
         (files / name / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    # a stage=quantize int8 run: torchao tensors from_pretrained did not restore (a run trained random weights)
+    (files / "int8_run" / "model").mkdir(parents=True)
+    (files / "int8_run" / "model" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": "torchao"}}))
+    (files / "int8_run" / "config.yaml").write_text("model: {pretrained: /runs/sft/model}\nstage: {name: quantize}\n")
+    (files / "q4_run" / "model").mkdir(parents=True)  # q4_0/q8_0: full-precision tensors of rounded values
+    (files / "q4_run" / "model" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (files / "q4_run" / "config.yaml").write_text("stage: {name: quantize, method: q4_0}\n")
+    (files / "a_run" / "model").mkdir(parents=True)
+    (files / "a_run" / "model" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (files / "a_run" / "summary.json").write_text("{}")
     (files / "fake_gpt2").mkdir()
     (files / "fake_gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     (files / "half_pairs.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}"}) + "\n"
@@ -142,6 +153,20 @@ CONFIG_CASES = {
                                             "no tensor-parallel plan for gpt2"),  # the weights', not model=llama's
     "int8 of a gpt2 directory": (["stage=quantize", "trainer.max_steps=0", "model.pretrained={files}/fake_gpt2"],
                                  "gpt2's attention and MLP layers are transformers' Conv1D"),
+    "training an int8 export": (["stage=dpo", "model.pretrained={files}/int8_run/model"],
+                                "model.pretrained: '{files}/int8_run/model' is a torchao-quantized export"),
+    "quantizing an int8 export again": (["stage=quantize", "trainer.max_steps=0",
+                                         "model.pretrained={files}/int8_run/model"],
+                                        "fix: model.pretrained=/runs/sft/model (the model it quantized)"),
+    "quantizing a q4_0 run's model again": (["stage=quantize", "trainer.max_steps=0",
+                                            "model.pretrained={files}/q4_run/model"],
+                                           "is the model of a stage=quantize run: its weights are rounded already"),
+    "an int8 export as the teacher": (["stage=distill", "stage.teacher={files}/int8_run"],
+                                      "stage.teacher: '{files}/int8_run' is a torchao-quantized export"),
+    "a run directory as model.pretrained": (["stage=dpo", "model.pretrained={files}/a_run"],
+                                            "fix: model.pretrained={files}/a_run/model"),
+    "a run's file as model.pretrained": (["stage=dpo", "model.pretrained={files}/a_run/summary.json"],
+                                         "is a file, not a model directory\n      fix: model.pretrained={files}/a_run/model"),
     "language model as the reward model": (["stage=ppo", "stage.reward.model={files}/fake_lm"],
                                            "is not a reward model (architectures: LlamaForCausalLM)"),
     "vllm rollouts on a CPU": (["stage=grpo", "stage.rollout.engine=vllm"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 from pathlib import Path
 from typing import Dict, List
@@ -132,6 +133,10 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
                              f"data.max_length={m.max_position_embeddings} or raise the model's"))
     else:
         p.extend(_check_model_source("model.pretrained", m.pretrained, run.offline))
+        run_dir = Path(os.path.expanduser(m.pretrained))
+        if run_dir.is_dir() and not (run_dir / "config.json").is_file() and (run_dir / "model" / "config.json").is_file():
+            p.append(Problem("model.pretrained", f"{m.pretrained!r} is a run directory; its model is in model/",
+                             f"model.pretrained={run_dir / 'model'}"))
     if m.tokenizer not in (None, "train"):
         p.extend(_check_model_source("model.tokenizer", m.tokenizer, run.offline))
     p.extend(_check_stage_data(run))
@@ -233,6 +238,11 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
     if st.name == "quantize" and st.method == "int4" and not _cuda_available():
         p.append(Problem("stage.method", "int4 uses torchao's CUDA kernels (tinygemm), and no CUDA GPU is "
                          "available", "stage.method=int8, or stage.method=q4_0 for llama.cpp's 4-bit GGUF, on a CPU"))
+    if st.name == "quantize" and pretrained and _made_by_stage(Path(os.path.expanduser(pretrained))) == "quantize":
+        p.append(Problem("model.pretrained", f"{pretrained!r} is the model of a stage=quantize run: its weights "
+                         "are rounded already, and quantizing them again measures the rounding twice",
+                         "model.pretrained=<the full-precision model it quantized> (its run's config.yaml, "
+                         "model.pretrained)"))
     if st.name == "quantize" and st.method in S.GGUF_METHODS and pretrained:
         p.extend(_check_gguf_writable(st, Path(os.path.expanduser(pretrained))))
     elif st.name == "quantize" and pretrained and run.model.architecture == "gpt2":
@@ -577,13 +587,59 @@ def _check_gguf_writable(st, model_dir: Path) -> List[Problem]:
 def _check_model_source(key: str, source: str, offline: bool) -> List[Problem]:
     path = Path(os.path.expanduser(source))
     looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1
+    if looks_local and path.is_file():
+        model = path.parent / "model"
+        return [Problem(key, f"{source!r} is a file, not a model directory",
+                        f"{key}={model}" if (model / "config.json").is_file() else
+                        "give a directory with config.json (e.g. <run dir>/model)")]
     if looks_local and not path.is_dir():
         return [Problem(key, f"directory {source!r} does not exist",
                         "give a directory with config.json (e.g. <run dir>/model)")]
     if not looks_local and offline:
         return [Problem(key, f"{source!r} is not a local directory and offline=true (no hub downloads)",
                         "set offline=false to download it, or give a local directory")]
+    if looks_local:
+        return _check_not_torchao(key, source, path)
     return []
+
+
+def _made_by_stage(model_dir: Path):
+    """The stage of the run whose model/ ``model_dir`` is (its run's config.yaml), else None."""
+    run_config = model_dir.parent / "config.yaml" if model_dir.name == "model" else model_dir / "config.yaml"
+    if not run_config.is_file():
+        return None
+    import yaml
+
+    try:
+        return ((yaml.safe_load(run_config.read_text()) or {}).get("stage") or {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def _check_not_torchao(key: str, source: str, path: Path) -> List[Problem]:
+    """A stage=quantize int8/int4 export holds torchao tensors that from_pretrained outside
+    llmexp's generate/serve does not restore: a run from it trained (or quantized again) a model of
+    random weights, and said nothing but transformers' LOAD REPORT."""
+    config = next((c for c in (path / "config.json", path / "model" / "config.json") if c.is_file()), None)
+    try:
+        quant = json.loads(config.read_text()).get("quantization_config") if config else None
+    except (OSError, ValueError):
+        return []
+    if not isinstance(quant, dict) or quant.get("quant_method") != "torchao":
+        return []
+    origin = None
+    run_config = config.parent.parent / "config.yaml"
+    if run_config.is_file():
+        import yaml
+
+        try:
+            origin = ((yaml.safe_load(run_config.read_text()) or {}).get("model") or {}).get("pretrained")
+        except (OSError, yaml.YAMLError):
+            origin = None
+    return [Problem(key, f"{source!r} is a torchao-quantized export (stage=quantize): its int8/int4 weights "
+                    "load for generation and serving, not for training or quantizing again",
+                    f"{key}={origin} (the model it quantized)" if origin else
+                    f"give the full-precision model it was quantized from")]
 
 
 def _cuda_available() -> bool:
