@@ -639,7 +639,7 @@ def _check_not_torchao(key: str, source: str, path: Path) -> List[Problem]:
     return [Problem(key, f"{source!r} is a torchao-quantized export (stage=quantize): its int8/int4 weights "
                     "load for generation and serving, not for training or quantizing again",
                     f"{key}={origin} (the model it quantized)" if origin else
-                    f"give the full-precision model it was quantized from")]
+                    "give the full-precision model it was quantized from")]
 
 
 def _cuda_available() -> bool:
