@@ -82,6 +82,21 @@ def _unpermute_rotary(weight, n_head: int):
         weight.shape)
 
 
+def test_gguf_export_out_is_checked_and_may_name_a_directory(tmp_path, tiny_teacher, capsys):
+    """A missing or unwritable --out ended in a FileNotFoundError traceback (exit 1), and
+    --out newdir/ wrote a file named newdir."""
+    from llmexp.export_gguf import main
+
+    args = [str(tiny_teacher), "--format", "gguf", "--out"]
+    assert main([*args, str(tmp_path / "nope" / "x.gguf")]) == 2
+    assert f"--out: directory '{tmp_path / 'nope'}' does not exist" in capsys.readouterr().err
+    assert main([*args, "/proc/x.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "--out: cannot write '/proc/x.gguf'" in err and "Traceback" not in err
+    assert main([*args, f"{tmp_path / 'made'}/"]) == 0
+    assert (tmp_path / "made" / "model.gguf").stat().st_size > 0 and not list((tmp_path / "made").glob(".*partial"))
+
+
 def test_gguf_export_round_trips_through_the_gguf_reader(tmp_path, tiny_teacher):
     import numpy as np
     from gguf import GGUFReader

@@ -214,6 +214,29 @@ def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings:
             "weight_bytes": sum(nbytes.values()), "type": tensor_type, "tensor_types": dict(sorted(Counter(types.values()).items()))}
 
 
+def output_file(given, model_dir: Path) -> Path:
+    """The GGUF file to write: --out, or model.gguf in the directory it names (an existing one, or
+    one ending in '/', made here), else <run dir>/model.gguf; an existing file or a missing
+    parent directory is a UserError naming --out."""
+    import os
+
+    from llmexp.errors import UserError
+
+    if not given:
+        out = model_dir.parent / "model.gguf"
+    elif given.endswith(("/", os.sep)) or Path(given).is_dir():
+        Path(given).mkdir(parents=True, exist_ok=True)
+        out = Path(given) / "model.gguf"
+    else:
+        out = Path(given)
+        if not out.parent.is_dir():
+            raise UserError(f"--out: directory {str(out.parent)!r} does not exist; create it, or give --out "
+                            f"{str(out.parent)}/ to have it made")
+    if out.exists():
+        raise UserError(f"--out: {str(out)!r} exists and is kept; give another --out or remove it")
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from llmexp.errors import UserError, report
     from llmexp.record import model_dir_of
@@ -228,16 +251,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         model_dir = model_dir_of(args.run, "run")
-        out = Path(args.out) if args.out else model_dir.parent / "model.gguf"
-        if out.exists():
-            raise UserError(f"--out: {str(out)!r} exists and is kept; give another --out or remove it")
+        out = output_file(args.out, model_dir)
         partial = out.with_name(f".{out.name}.partial")
         try:
             facts = write_gguf(model_dir, partial, args.tensor_type)
+            partial.replace(out)
         except ValueError as e:
             partial.unlink(missing_ok=True)
             raise UserError(f"run: cannot write {e}") from None
-        partial.replace(out)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise UserError(f"--out: cannot write {str(out)!r}: {e.strerror or e}; give a writable --out") from None
         facts["gguf"] = str(out)
     except UserError as e:
         return report(e)
