@@ -564,7 +564,9 @@ def test_sparsity_stays_through_recovery_and_the_export_holds_it(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["stage.layers_keep=3"], "stage.layers_keep: keeps 3 layers of a model that has 2"),
+    # the fix said "=1 or fewer", as if 2 of 2 were refused too
+    (["stage.layers_keep=3"], "stage.layers_keep: keeps 3 layers of a model that has 2\n      fix: "
+                              "stage.layers_keep=1 or fewer prunes layers; stage.layers_keep=2 (or null) keeps all 2"),
     (["stage.kv_heads_keep=4"], "stage.kv_heads_keep: keeps 4 key/value heads of a model that has 2"),
     (["stage.mlp_keep=0"], "stage.mlp_keep"),
     (["stage.sparsity=1.5"], "stage.sparsity: must be <= 0.99, got 1.5"),

@@ -556,11 +556,18 @@ def _check_prune_sizes(st, config_file: Path) -> List[Problem]:
     kv = config.get("num_key_value_heads") or config.get("num_attention_heads", 0)
     if st.layers_keep is not None and st.layers_keep > layers:
         p.append(Problem("stage.layers_keep", f"keeps {st.layers_keep} layers of a model that has {layers}",
-                         f"stage.layers_keep={max(layers - 1, 1)} or fewer (null keeps all)"))
+                         _keep_fix("stage.layers_keep", layers, "layers")))
     if st.kv_heads_keep is not None and st.kv_heads_keep > kv:
         p.append(Problem("stage.kv_heads_keep", f"keeps {st.kv_heads_keep} key/value heads of a model that has {kv} "
-                         "per layer", f"stage.kv_heads_keep={max(kv - 1, 1)} or fewer (null keeps all)"))
+                         "per layer", _keep_fix("stage.kv_heads_keep", kv, "key/value heads")))
     return p
+
+
+def _keep_fix(key: str, has: int, what: str) -> str:
+    """What to keep of ``has``: fewer prunes, all of them (or null) prunes none."""
+    if has <= 1:
+        return f"{key}=null: the model has only one of its {what}, nothing to prune"
+    return f"{key}={has - 1} or fewer prunes {what}; {key}={has} (or null) keeps all {has}"
 
 
 def _check_gguf_writable(st, model_dir: Path) -> List[Problem]:
