@@ -103,6 +103,13 @@ def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):
     (["rlhf", "stage.kl_coef=0.2"], "stage.kl_coef=0.2: applies to every stage of rlhf, and sft, rm have no such "
                                     "key\n      fix: ppo:stage.kl_coef=0.2 (for that stage alone)"),
     (["dpo", "stage.bta=0.2"], "dpo:stage.bta: unknown key\n      fix: did you mean 'beta'?"),
+    # a value only some stages take (the fix was quantize's own, trainer.max_steps=0, for every stage)
+    (["distill", "trainer.max_steps=5"], "trainer.max_steps=5: applies to every stage of distill, and quantize "
+                                         "refuses it (stage=quantize changes a trained model without training steps, "
+                                         "and 5 were asked)\n      fix: sft:trainer.max_steps=5 "
+                                         "distill:trainer.max_steps=5 (for those stages alone)"),
+    # overrides after --dir are overrides too (argparse said "unrecognized arguments")
+    (["dpo", "--dir", "{root}", "stage.bta=0.2"], "dpo:stage.bta: unknown key"),
     # a stray word: once, not once per stage
     (["dpo", "nosuch"], "pipeline: 'nosuch' is not an override; after the pipeline's name come key=value for every "
                         "stage, or <stage>:key=value for one (sft, dpo)"),
@@ -111,7 +118,7 @@ def test_bad_pipelines_are_refused(tmp_path, args, expected):
     spec = tmp_path / "spec.yaml"
     spec.write_text("stages:\n  - name: ppo\n    overrides: [stage=ppo, 'stage.reward.model=${runs.rm}/model']\n"
                     "  - name: rm\n    overrides: [stage=rm]\n")
-    args = [a.format(spec=spec, missing=tmp_path / "nope.yaml") for a in args]
+    args = [a.format(spec=spec, missing=tmp_path / "nope.yaml", root=tmp_path / "runs" / "p") for a in args]
     r = pipeline(args, tmp_path)
     assert r.returncode == 2, r.stderr
     assert expected in r.stderr and "Traceback" not in r.stderr

@@ -133,7 +133,7 @@ def check_stages(spec: PipelineSpec, root: Path, per_stage: Dict[str, List[str]]
             check_overrides([REFERENCE.sub(lambda m: runs[m.group(1)], o) for o in given])
         except ConfigError as e:
             for p in e.problems:
-                if p.key in everywhere and "unknown key" in p.message:
+                if p.key in everywhere:  # a key or value only some stages take
                     refused.setdefault(everywhere[p.key], []).append((s.name, p))
                 elif p.key not in pending:
                     problems.append(dataclasses.replace(p, key=f"{s.name}:{p.key}"))
@@ -144,8 +144,10 @@ def check_stages(spec: PipelineSpec, root: Path, per_stage: Dict[str, List[str]]
         if not takers:  # no stage has it: a typo, with each stage's suggestion
             problems += [dataclasses.replace(p, key=f"{n}:{p.key}") for n, p in refusals]
             continue
-        problems.append(Problem(o, f"applies to every stage of {spec.name}, and {', '.join(stages)} "
-                                   f"{'has' if len(stages) == 1 else 'have'} no such key",
+        why = (f"{', '.join(stages)} {'has' if len(stages) == 1 else 'have'} no such key"
+               if all("unknown key" in p.message for _, p in refusals)
+               else "; ".join(f"{n} refuses it ({p.message})" for n, p in refusals))
+        problems.append(Problem(o, f"applies to every stage of {spec.name}, and {why}",
                                 " ".join(f"{n}:{o}" for n in takers) + f" (for {'that stage' if len(takers) == 1 else 'those stages'} alone)"))
     if problems:
         raise ConfigError(problems)
@@ -291,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value for every stage, or <stage>:key=value for one")
     ap.add_argument("--dir", default=None, help="pipeline directory (default runs/pipelines/<name>/<time>); "
                                                 "rerun with it to continue")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before or after --dir
     try:
         spec = load_spec(args.spec)
         split_cli_overrides(spec, args.overrides)
