@@ -350,6 +350,27 @@ def test_command_errors(name, workdir):
     _unchanged(workdir)
 
 
+# What python -m llmexp.eval is pointed at: each refused in one line naming the option (an empty task
+# list evaluated nothing, exit 0, and a missing --include-path was not noticed).
+EVAL_CASES = {
+    "no task": (["{old}", "--tasks", ","], "--tasks: names no task (',')"),
+    "missing include path": (["{old}", "--tasks", "arithmetic_gen", "--include-path", "{files}/nope"],
+                             "--include-path: '{files}/nope' is not a directory"),
+    "registry task offline": (["{old}", "--tasks", "hellaswag"], "--online reaches lm-eval's registry"),
+    "a file of a run": (["{files}/a_run/summary.json"], "is a file; give the directory it is in ({files}/a_run)"),
+    "a folder of runs": (["{files}"], "holds runs (a_run), not a model; give one of them, e.g. {files}/a_run"),
+}
+
+
+@pytest.mark.parametrize("name", list(EVAL_CASES))
+def test_eval_command_errors(name, workdir):
+    args, expected = EVAL_CASES[name]
+    r = _module(["llmexp.eval", *args], workdir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert expected.format(files=workdir / "files") in r.stderr, r.stderr
+    _unchanged(workdir)
+
+
 @pytest.mark.slow  # trains the small model it generates with
 def test_generate_refuses_a_prompt_longer_than_the_context(workdir):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

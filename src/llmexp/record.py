@@ -112,6 +112,14 @@ def model_dir_of(target: str, key: str = "run") -> Path:
             return candidate
     if not path.exists():
         raise UserError(f"{key}: {str(path)!r} does not exist; give a finished run's directory or an exported model")
+    if path.is_file():
+        raise UserError(f"{key}: {str(path)!r} is a file; give the directory it is in"
+                        + (f" ({path.parent.parent if path.parent.name == 'model' else path.parent})"
+                           if (path.parent / "config.json").is_file() or (path.parent / "model").is_dir() else ""))
+    trials = sorted(p.parent for p in path.glob("*/summary.json"))
+    if trials and not RunDir(path).config.is_file():
+        raise UserError(f"{key}: {str(path)!r} holds runs ({', '.join(p.name for p in trials[:3])}"
+                        f"{', ...' if len(trials) > 3 else ''}), not a model; give one of them, e.g. {trials[0]}")
     record = RunDir(path)
     if record.config.is_file() and not record.finished():
         how = (f"resume it (its overrides and resume={path})" if record.checkpoint_to_resume() is not None

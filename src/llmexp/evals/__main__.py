@@ -56,7 +56,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         configured = configured_eval(args.target) if args.tasks is None else None
         if configured is not None:
             return _evaluate_as_configured(configured, args)
-        tasks = [t for t in (args.tasks or DEFAULT_TASKS).split(",") if t]
+        tasks = [t.strip() for t in (args.tasks or DEFAULT_TASKS).split(",") if t.strip()]
+        problems = []
+        if not tasks:
+            problems.append(Problem("--tasks", f"names no task ({args.tasks!r})",
+                                    f"comma-separated task names, e.g. --tasks {DEFAULT_TASKS}"))
+        if args.include_path and not Path(args.include_path).is_dir():
+            problems.append(Problem("--include-path", f"{args.include_path!r} is not a directory",
+                                    "give the directory of your lm-eval task YAML files"))
+        if problems:
+            raise ConfigError(problems)
         registered = evals()  # plugin evals (and llmexp's own) run by name, next to lm-eval tasks
         lm_tasks = [t for t in tasks if t not in registered]
         cfg = EvalConfig(name="lm_eval", tasks=lm_tasks, include_path=args.include_path, limit=args.limit,
@@ -64,7 +73,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          apply_chat_template=not args.no_chat_template)
         if not args.online:
             names = task_names(args.include_path)
-            bad = [Problem("--tasks", f"unknown task {t!r}", suggest(t, [*names, *registered]))
+            bad = [Problem("--tasks", f"unknown task {t!r} (offline: bundled tasks, --include-path and registered "
+                                      f"evals only; --online reaches lm-eval's registry)",
+                           suggest(t, [*names, *registered]))
                    for t in lm_tasks if t not in names]
             if bad:
                 raise ConfigError(bad)
