@@ -317,3 +317,23 @@ def test_a_gpt2_built_here_has_no_dropout_unless_asked():
     assert (plain.resid_pdrop, plain.embd_pdrop, plain.attn_pdrop) == (0.0, 0.0, 0.0)
     asked = build_model(typed(["model=gpt2", "model.extra.resid_pdrop=0.1"]).model, tokenizer).config
     assert asked.resid_pdrop == 0.1 and asked.attn_pdrop == 0.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_pretrained_models_record_has_its_own_sizes(tmp_path, arch):
+    """A run from a local model records that model's sizes, not model=llama's defaults (a
+    half-width student's quantize run said hidden_size 64 for a model of 32, and llmexp compare
+    listed it as a difference); the command line's own are replaced, as their help says."""
+    import json
+
+    from llmexp.testing import check_config
+
+    config = ({"model_type": "gpt2", "n_embd": 32, "n_layer": 3, "n_head": 2, "n_inner": None, "n_positions": 128}
+              if arch == "gpt2" else
+              {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+               "num_key_value_heads": 1, "intermediate_size": 96, "max_position_embeddings": 128})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    m = check_config(["stage=dpo", f"model.pretrained={tmp_path}", "model.hidden_size=16"]).model
+    assert m.architecture == arch
+    assert (m.hidden_size, m.num_layers, m.num_heads, m.max_position_embeddings) == (32, 3, 2, 128)
+    assert (m.num_kv_heads, m.intermediate_size) == ((None, 128) if arch == "gpt2" else (1, 96))

@@ -38,15 +38,19 @@ def preflight(cfg: DictConfig) -> S.RunConfig:
 
 
 def adopt_pretrained_architecture(m: S.ModelConfig) -> None:
-    """model.architecture from the weights: a local model.pretrained directory's model type, when
-    llmexp knows it. `stage=dpo model.pretrained=<a qwen2 run>/model` keeps model=llama's default
-    architecture otherwise, and the run record, strategy=tp's plan and the tokenizer check would
-    follow that instead of the model that trains."""
-    from llmexp.models.build import local_model_type
+    """model.architecture and sizes from the weights: a local model.pretrained directory's model
+    type, when llmexp knows it, and its widths, depths and heads. `stage=dpo model.pretrained=<a
+    qwen2 run>/model` keeps model=llama's default architecture otherwise, and the run record,
+    strategy=tp's plan and the tokenizer check would follow that instead of the model that trains;
+    the record of a half-width student's quantize run said hidden_size 64 (the default) for a
+    model of 32, and `llmexp compare` listed it as a difference."""
+    from llmexp.models.build import local_config, pretrained_sizes
 
-    model_type = local_model_type(m.pretrained) if m.pretrained is not None else None
-    if model_type in S.ARCHITECTURES:
-        m.architecture = model_type
+    config = local_config(m.pretrained) if m.pretrained is not None else {}
+    if config.get("model_type") in S.ARCHITECTURES:
+        m.architecture = config["model_type"]
+        for key, value in pretrained_sizes(config).items():
+            setattr(m, key, value)
 
 
 def _check_dataset(d: S.DataConfig) -> List[Problem]:

@@ -69,7 +69,7 @@ def summary(schema: type) -> str:
     return " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
 
 
-_FROM_SCRATCH = "; from-scratch models only (ignored with model.pretrained)."
+_FROM_SCRATCH = "; from-scratch models only (a local model.pretrained puts its own in the run record)."
 
 
 @dataclass

@@ -35,14 +35,32 @@ def architecture_config(cfg: ModelConfig, tokenizer, **overrides: Any) -> Any:
 
 def local_model_type(path) -> Optional[str]:
     """The model type in a local model directory's config.json (None for a hub id or an unreadable config)."""
+    return local_config(path).get("model_type")
+
+
+def local_config(path) -> dict:
+    """A local model directory's config.json ({} for a hub id or an unreadable config)."""
     import json
     import os
     from pathlib import Path
 
     try:
-        return json.loads((Path(os.path.expanduser(str(path))) / "config.json").read_text()).get("model_type")
+        config = json.loads((Path(os.path.expanduser(str(path))) / "config.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def pretrained_sizes(config: dict) -> dict:
+    """model.<size key> -> the value a local model's config.json holds (gpt2's null n_inner is 4
+    x n_embd); keys it does not hold are left out."""
+    keys = SIZE_KEYS.get(config.get("model_type"), SIZE_KEYS["default"])
+    sizes = {ours: config[hf] for ours, hf in keys.items() if isinstance(config.get(hf), int)}
+    if config.get("model_type") == "gpt2":
+        sizes["num_kv_heads"] = None  # one per head: gpt2 has no grouped-query attention
+        if "intermediate_size" not in sizes and "hidden_size" in sizes:
+            sizes["intermediate_size"] = 4 * sizes["hidden_size"]
+    return sizes
 
 
 def check_not_a_reward_model(path, key: str) -> None:
