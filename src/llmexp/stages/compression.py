@@ -5,6 +5,7 @@ final, so that ``llmexp compare`` puts the trade-offs of all three in one table.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -33,24 +34,31 @@ def zero_fraction(model) -> Optional[float]:
     return round(sum(int((p == 0).sum()) for p in params) / max(total, 1), 4)
 
 
+SPEED_REPEATS = 3
+
+
 def generation_speed(stage, model) -> float:
-    """Greedy tokens per second of ``model`` on 32 of the task's prompts (NaN without a task):
-    the tokens it generated, up to and including eos (not its answers' text re-tokenized, which
-    counts nothing for a model that answers in whitespace)."""
+    """Greedy tokens per second of ``model`` on 32 of the task's prompts (NaN without a task),
+    the median of SPEED_REPEATS timed batches after one untimed batch of the same shape: the
+    tokens it generated, up to and including eos (not its answers' text re-tokenized, which
+    counts nothing for a model that answers in whitespace). One batch after a 4-prompt warm-up
+    read anywhere from 160 to 14,000 tokens/s for one model on a busy 2-core machine."""
     probe = getattr(stage, "task_probe", None)
     prompts: List[Any] = [r["prompt"] for r in probe.rows[:32]] if probe is not None else []
     if not prompts:
         return float("nan")
     stage.model, kept = model, stage.model
+    rates = []
     try:
         # on rank 0 alone, with the whole model (after a sharded run's export)
-        stage.greedy_responses(prompts[:4], 4, alone=True)  # warm-up
-        started = time.perf_counter()
-        responses = stage.greedy_responses(prompts, 24, alone=True)
-        seconds = time.perf_counter() - started
+        stage.greedy_responses(prompts, 24, alone=True)  # warm-up: the timed batches' own shapes
+        for _ in range(SPEED_REPEATS):
+            started = time.perf_counter()
+            responses = stage.greedy_responses(prompts, 24, alone=True)
+            rates.append(generated_tokens(responses, stage.tokenizer.eos_token_id) / (time.perf_counter() - started))
     finally:
         stage.model = kept
-    return generated_tokens(responses, stage.tokenizer.eos_token_id) / seconds
+    return statistics.median(rates)
 
 
 def generated_tokens(responses: torch.Tensor, eos_token_id: int) -> int:
