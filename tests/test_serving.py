@@ -540,6 +540,11 @@ def test_dpo_on_judgements_collected_through_the_api_raises_exact_match(tmp_path
     assert before == pytest.approx(sft_metric, abs=1e-6)
     print(f"dpo on {counts['a'] + counts['b']} judged pairs ({counts}): exact match {before:.3f} -> {after:.3f}")
     assert after >= before + 0.15, (before, after, counts)
+    # The run's own task metric is that: judgements of the skill's questions are measured on all of
+    # them (it was exact match with the chosen answers of the ~8 held-out pairs).
+    assert summary["task"] == {**summary["task"], "check": "arithmetic_correct", "prompts": 155}
+    assert summary["initial"]["val/task_score"] == pytest.approx(before, abs=1e-6)
+    assert summary["final"]["val/task_score"] == pytest.approx(after, abs=1e-6)
 
 
 @pytest.mark.parametrize("case,args,words", [

@@ -38,6 +38,27 @@ def is_the_skill(data_cfg: Any) -> bool:
     return data_cfg.source == "bundled" and data_cfg.name in SKILL_DATASETS
 
 
+def judged_on_the_skill(data_cfg: Any, rows: Sequence[Dict[str, Any]]) -> bool:
+    """Whether the run trains on judgements of the bundled skill's questions (data=feedback from
+    `llmexp serve` of a run on the skill): every held-out row's question is one of the skill's.
+    Its task metric is then the skill's, on all its questions: the held-out judgements were a
+    handful (one of 16, in a tour), checked against whichever answer a judge chose."""
+    if data_cfg.name != "feedback" or not rows:
+        return False
+    from llmexp.data.skill import task_prompts
+
+    questions = {_question(r["prompt"]) for r in task_prompts()}
+    return all(_question(r.get("prompt")) in questions for r in rows)
+
+
+def _question(prompt: Any) -> Optional[str]:
+    """A prompt's text: itself, or its last user message's."""
+    if isinstance(prompt, list):
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return users[-1] if users else None
+    return prompt if isinstance(prompt, str) else None
+
+
 
 def _text(value: Any) -> Optional[str]:
     """The answer text of a completion: a string, or the last message's content."""
@@ -180,10 +201,11 @@ def build_probe(run_cfg: Any, val_rows: Sequence[Dict[str, Any]], fmt: str) -> O
     t = run_cfg.task
     if unavailable(run_cfg):
         return None
-    check = resolve_check(t.check, is_the_skill(run_cfg.data), run_cfg.stage, fmt)
+    skill = is_the_skill(run_cfg.data) or judged_on_the_skill(run_cfg.data, val_rows)
+    check = resolve_check(t.check, skill, run_cfg.stage, fmt)
     if check is None:
         return None
-    if is_the_skill(run_cfg.data) and check in (BUNDLED_CHECK, BUNDLED_TEXT_CHECK):
+    if skill and check in (BUNDLED_CHECK, BUNDLED_TEXT_CHECK):
         from llmexp.data.skill import task_prompts, text_task_prompts
 
         prompts = text_task_prompts if check == BUNDLED_TEXT_CHECK else task_prompts

@@ -728,7 +728,7 @@ class TaskConfig:
     scored by a checker (see llmexp.task_probe for what auto picks)."""
 
     check: str = doc("auto", help=(
-        "auto: the bundled skill's rule on its datasets (arithmetic*), else the stage's reward function (rollout stages), else exact "
+        "auto: the bundled skill's rule on its datasets (arithmetic*) and on judgements of its questions (data=feedback), else the stage's reward function (rollout stages), else exact "
         "match with the reference answer; reference; a registered reward function; or none."))
     max_prompts: Optional[int] = bounded(200, min=1, help="At most this many held-out prompts (null: all).")
     max_new_tokens: int = bounded(24, min=1, help="Longest greedy answer, in tokens.")
