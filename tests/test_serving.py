@@ -421,12 +421,19 @@ def test_a_writer_killed_mid_write_never_leaves_a_broken_line(tmp_path):
 
 def test_judgements_from_concurrent_clients_while_the_server_is_killed(tmp_path, short_sft):
     """Eight clients post judgements at once; the server is SIGKILLed mid-stream. Every judgement
-    the server acknowledged is in the file, once, and no line is broken."""
+    the server acknowledged is in the file, once, and no line is broken. (Served as <run>/model:
+    as its run, with its name, its questions and its feedback/; it was served as "model", with no
+    prompts on its page, writing ./feedback.)"""
     run = tmp_path / "sft"
     shutil.copytree(short_sft, run, ignore=shutil.ignore_patterns("checkpoints"))
     acknowledged: List[str] = []
     stop = threading.Event()
-    with serving(run) as s:
+    with serving(run / "model") as s:
+        _, listing = http("GET", f"{s['url']}/feedback/prompts", key=None)
+        _, models = http("GET", f"{s['url']}/v1/models", key=None)
+        assert len(listing["prompts"]) == 155
+        assert [m["id"] for m in models["data"]] == [json.loads((run / "summary.json").read_text())["run_name"]]
+
         def client_loop(c: int) -> None:
             i = 0
             while not stop.is_set():
@@ -588,3 +595,10 @@ def test_served_temperature_is_the_runs_sampling_temperature_where_it_sampled(tm
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"stage": stage, "data": {"name": "arithmetic"}}))
         assert run_defaults(tmp_path / name)["temperature"] == expected, name
+    # a dpo run on judgements of the skill's questions was measured on the skill: its page asks them
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / "config.yaml").write_text(yaml.safe_dump({"stage": {"name": "dpo"},
+                                                                  "data": {"name": "feedback", "source": "files"}}))
+    assert run_defaults(tmp_path / "dpo")["bundled_skill"] is False
+    (tmp_path / "dpo" / "summary.json").write_text(json.dumps({"task": {"check": "arithmetic_correct"}}))
+    assert run_defaults(tmp_path / "dpo")["bundled_skill"] is True

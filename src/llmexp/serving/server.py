@@ -44,8 +44,20 @@ def run_defaults(target: Path) -> Dict[str, Any]:
     data = cfg.get("data") or {}
     return {"max_new_tokens": int((cfg.get("task") or {}).get("max_new_tokens") or 24),
             "temperature": float(rollout.get("temperature", DEFAULT_TEMPERATURE)),
-            "bundled_skill": str(data.get("name", "")).startswith("arithmetic") or data.get("source") == "mixture",
+            "bundled_skill": (str(data.get("name", "")).startswith("arithmetic") or data.get("source") == "mixture"
+                              or _measured_on_the_skill(RunDir(target))),
             "run_name": cfg.get("run_name")}
+
+
+def _measured_on_the_skill(record) -> bool:
+    """Whether the run's task metric was the skill's (a dpo run on judgements of its questions)."""
+    import json
+
+    try:
+        summary = json.loads(record.summary_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and (summary.get("task") or {}).get("check") == "arithmetic_correct"
 
 
 def load_prompts(path: Optional[str], bundled_skill: bool) -> List[Dict[str, Any]]:
@@ -217,6 +229,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         model_dir = model_dir_of(args.target)
         target = Path(args.target)
+        if model_dir.name == "model" and RunDir(model_dir.parent).config.is_file():
+            target = model_dir.parent  # <run>/model is served as its run: its name, prompts and feedback/
         defaults = run_defaults(target)
         check_address(args.host, args.port)
         prompts = load_prompts(args.prompts, defaults["bundled_skill"])
