@@ -275,6 +275,10 @@ def test_a_wrong_or_missing_api_key_gets_401(served_sft):
     ({"kind": "poll"}, "kind: must be 'pair' or 'rating'"),
     ({"kind": "pair", "prompt": "p", "answers": ["3 + 4 = 7", "3 + 4 = 7 "], "choice": "b"},
      "choice: the two answers are the same"),
+    # a prompt_id not on the page, or of another prompt: its answer/solution fields were dropped silently
+    ({"kind": "rating", "prompt": "p", "answer": "a", "label": "up", "prompt_id": 999}, "prompt_id: 999 is not the id"),
+    ({"kind": "rating", "prompt": "p", "answer": "a", "label": "up", "prompt_id": 0},
+     "prompt: is not the text of prompt_id 0"),
 ])
 def test_bad_judgements_get_400_and_write_nothing(served_sft, body, words):
     feedback = served_sft["run"] / "feedback"

@@ -179,8 +179,16 @@ def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
         return {"prompts": [{"id": p["id"], "text": p["text"]} for p in prompts]}
 
     def record(body: Any) -> Dict[str, int]:
-        picked = by_id.get(body.get("prompt_id")) if isinstance(body, dict) else None
-        columns = picked["columns"] if picked and picked["text"] == body.get("prompt") else {}
+        picked = None
+        if isinstance(body, dict) and body.get("prompt_id") is not None:
+            picked = by_id.get(body["prompt_id"])
+            if picked is None:  # a typo, a stale page or "49" for 49: its fields would be missing, silently
+                raise BadJudgement(f"prompt_id: {body['prompt_id']!r} is not the id of a prompt on this page "
+                                   f"(GET /feedback/prompts lists them); leave it out for a prompt of your own")
+            if picked["text"] != body.get("prompt"):
+                raise BadJudgement(f"prompt: is not the text of prompt_id {body['prompt_id']!r}; send it as GET "
+                                   f"/feedback/prompts gives it, or leave prompt_id out for a prompt of your own")
+        columns = picked["columns"] if picked else {}
         reserved = {"prompt", "chosen", "rejected", "completion", "label", "judged_at", "judgement", "model"}
         extra = {"model": served.name, **{k: v for k, v in columns.items() if k not in reserved}}
         return log.append(judgement_rows(body, extra))
