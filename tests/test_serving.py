@@ -194,8 +194,13 @@ def test_concurrent_requests_are_batched_and_all_answered(served_sft):
     ("too many answers", {"messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n: must be from 1 to 8"),
     ("no answers", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n: must be from 1 to 8"),
     ("bad temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
-    ("too long", {"messages": [{"role": "user", "content": "hi " * 400}], "max_tokens": 10}, 400,
-     "exceeds the model's context"),
+    ("too long", {"messages": [{"role": "user", "content": "hi " * 600}], "max_tokens": 10}, 400,
+     "and the model's context is 512: shorten it"),
+    # the answer's room, not the prompt, is too long: the field is max_tokens (it said messages)
+    ("too many tokens", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400,
+     "max_tokens: 100000 with the prompt's"),
+    ("not JSON at all", b'hello', 400, "body: not valid JSON"),
+    ("a list", [1, 2], 400, "body: not a JSON object"),
     ("ends with the assistant", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
     ("empty message", {"messages": [{"role": "user", "content": "  "}]}, 400, "messages[0].content: the user's message "
                                                                               "is empty"),

@@ -82,9 +82,12 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
         raise RequestProblem("max_tokens: must be at least 1", "max_tokens")
     prompt = tokenizer.apply_chat_template(messages_of(request), add_generation_prompt=True, tokenize=True)
     prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    if context and len(prompt) >= context:
+        raise RequestProblem(f"the prompt is {len(prompt)} tokens, and the model's context is {context}: shorten it",
+                             "messages")
     if context and len(prompt) + limit > context:
-        raise RequestProblem(f"the prompt is {len(prompt)} tokens; with max_tokens {limit} it exceeds the model's "
-                             f"context of {context} tokens: shorten it or lower max_tokens", "messages")
+        raise RequestProblem(f"max_tokens: {limit} with the prompt's {len(prompt)} tokens exceeds the model's "
+                             f"context of {context} tokens: at most {context - len(prompt)}", "max_tokens")
 
 
 def messages_of(request: ChatCompletionRequest) -> List[Dict[str, str]]:
@@ -260,6 +263,10 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         at = next((x for x in first.get("loc", ()) if isinstance(x, int)), None)
         return openai_error(400, f"body: not valid JSON{f' (at character {at})' if at is not None else ''}")
     where = field_path(first.get("loc", ()))
+    if not where and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        # curl -d without a JSON content type, or a JSON list or string: pydantic's "Input should be
+        # a valid dictionary or object to extract fields from" says neither
+        return openai_error(400, "body: not a JSON object; send one with Content-Type: application/json")
     return openai_error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None)
 
 
