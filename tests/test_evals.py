@@ -102,3 +102,21 @@ def test_a_plugin_eval_runs_in_the_eval_group(tmp_path):
     assert s["eval"]["answer_match"]["closeness"] > s["eval_initial"]["answer_match"]["closeness"]
     r = run_cli(["eval.name=answer_matsh"], cwd=tmp_path)
     assert r.returncode == 2 and "did you mean 'answer_match'" in r.stderr
+
+
+def test_lm_eval_draws_no_progress_bars_into_logs(tiny_teacher, capsys):
+    """lm-eval's "Running loglikelihood requests" tqdm bars filled sweep trials' logs and runs with
+    trainer.progress_bar=false; they are drawn only when asked and on a terminal (here: neither)."""
+    from llmexp.config.schema import EvalConfig
+    from llmexp.evals.lm_eval_bridge import run_lm_eval
+    from llmexp.record import load_language_model
+
+    from tqdm import tqdm
+
+    original = tqdm.__dict__["__init__"]
+    model, tokenizer = load_language_model(tiny_teacher)
+    table = run_lm_eval(model, tokenizer, EvalConfig(name="lm_eval", tasks=["arithmetic_mc"], limit=4), progress=False)
+    assert 0 <= table["arithmetic_mc"]["acc"] <= 1
+    err = capsys.readouterr().err
+    assert "it/s]" not in err and "Running loglikelihood" not in err, err[-2000:]
+    assert tqdm.__dict__["__init__"] is original  # put back

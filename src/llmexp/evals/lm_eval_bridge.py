@@ -6,7 +6,8 @@ import contextlib
 import logging
 import math
 import subprocess
-from typing import Any, Dict, List
+import sys
+from typing import Any, Dict, Iterator, List
 
 from llmexp.config.schema import EvalConfig
 from llmexp.errors import UserError, suggest
@@ -60,8 +61,32 @@ def task_manager(cfg: EvalConfig, tasks: List[str], offline: bool):
     return tm
 
 
-def run_lm_eval(model, tokenizer, cfg: EvalConfig, offline: bool = True) -> Dict[str, Dict[str, Any]]:
-    """task -> metric -> value (lm-eval's "metric,filter" keys become "metric"), plus raw results."""
+@contextlib.contextmanager
+def _progress_bars(shown: bool) -> Iterator[None]:
+    """lm-eval's tqdm bars ("Running loglikelihood requests") only where asked and on a terminal:
+    in a sweep trial's log, or with trainer.progress_bar=false, they were lines of noise."""
+    if shown and sys.stderr.isatty():
+        yield
+        return
+    from tqdm import tqdm
+
+    original, init = tqdm.__dict__["__init__"], tqdm.__init__  # the descriptor, and what it gives
+
+    def quiet(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    tqdm.__init__ = quiet
+    try:
+        yield
+    finally:
+        tqdm.__init__ = original
+
+
+def run_lm_eval(model, tokenizer, cfg: EvalConfig, offline: bool = True,
+                progress: bool = True) -> Dict[str, Dict[str, Any]]:
+    """task -> metric -> value (lm-eval's "metric,filter" keys become "metric"), plus raw results;
+    ``progress``: lm-eval's progress bars, on a terminal."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -77,7 +102,7 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig, offline: bool = True) -> Dict
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
                   max_length=getattr(model.config, "max_position_embeddings", None),
                   device=str(next(model.parameters()).device))
-        with torch.no_grad(), _quiet_git_hash():
+        with torch.no_grad(), _quiet_git_hash(), _progress_bars(progress):
             out = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=tm, limit=cfg.limit,
                                   num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.apply_chat_template,
                                   log_samples=False, verbosity="ERROR",

@@ -15,7 +15,7 @@ def evaluate(cfg: RunConfig, model, tokenizer, run_dir: Optional[Path] = None) -
     if cfg.eval.name == "lm_eval":
         from llmexp.evals.lm_eval_bridge import run_lm_eval
 
-        return run_lm_eval(model, tokenizer, cfg.eval, offline=cfg.offline)
+        return run_lm_eval(model, tokenizer, cfg.eval, offline=cfg.offline, progress=cfg.trainer.progress_bar)
     from llmexp.plugins.evaluation import run_eval
 
     flat = run_eval(cfg.eval.name, model, tokenizer, cfg.eval.options, run_dir=run_dir, cfg=cfg,
