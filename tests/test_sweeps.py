@@ -318,3 +318,19 @@ def test_ctrl_c_to_the_sweep_stops_its_trial_and_a_rerun_resumes_it(tmp_path, to
     trial = json.loads((out / "trials.json").read_text())["trials"][0]
     summary = json.loads((Path(trial["run_dir"]) / "summary.json").read_text())
     assert trial["status"] == "finished" and summary["global_step"] == 60 and summary["resumed_from"]
+
+
+def test_a_tie_for_best_is_said(tmp_path):
+    """Two trials with the same exact match (4 of 40 each) were reported as one clear best."""
+    from llmexp.sweep.engine import Trial
+    from llmexp.sweep.report import tie_note, write_report
+
+    trials = [Trial(id=i, params={"optim.lr": lr}, run_dir=str(tmp_path / f"t{i}"), status="finished", metric=m)
+              for i, (lr, m) in enumerate([(1e-3, 0.1), (3e-3, 0.1), (1e-2, 0.05)])]
+    (tmp_path / "out").mkdir()
+    result = write_report(tmp_path / "out", trials, "eval/x/exact_match", "maximize", "tie")
+    assert result["best"].id == 0
+    assert tie_note(result["best"], trials).startswith(" (tied with trial 1: the metric does not tell them apart")
+    assert "tied with trial 1" in (tmp_path / "out" / "report.md").read_text()
+    trials[1].metric = 0.09
+    assert tie_note(result["best"], trials) == ""

@@ -29,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
     try:
         from llmexp.sweep.engine import SweepEngine
-        from llmexp.sweep.report import write_report
+        from llmexp.sweep.report import tie_note, write_report
         from llmexp.sweep.spec import check_spec, load_spec
 
         spec = load_spec(args.spec, args.overrides)
@@ -52,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     best = result["best"]
     print(f"sweep {spec.name}: {len(trials)} trials, report in {out}/report.md")
     if best is not None:
-        print(f"best trial {best.id}: {spec.metric}={best.metric:.6g} {best.params}")
+        print(f"best trial {best.id}: {spec.metric}={best.metric:.6g} {best.params}{tie_note(best, trials)}")
         return 0
     sys.stderr.write(f"llmexp sweep: no trial finished with a value of {spec.metric}; each trial's log is "
                      f"{out}/trial-NNN.log\n")

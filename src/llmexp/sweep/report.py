@@ -18,6 +18,22 @@ def best_trial(trials, goal: str):
     return min(done, key=lambda t: t.metric) if goal == "minimize" else max(done, key=lambda t: t.metric)
 
 
+def tied_with(best, trials) -> List[Any]:
+    """The other finished trials with exactly the best trial's value: a tie the metric cannot
+    break (an exact match on 40 questions, 4 of 40 for both, was reported as one clear best)."""
+    if best is None:
+        return []
+    return [t for t in trials if t is not best and t.status == "finished" and t.metric == best.metric]
+
+
+def tie_note(best, trials) -> str:
+    tied = tied_with(best, trials)
+    if not tied:
+        return ""
+    return (f" (tied with trial{'s' if len(tied) > 1 else ''} {', '.join(str(t.id) for t in tied)}: the metric does "
+            f"not tell them apart; more eval examples or another metric would)")
+
+
 def rows(trials, metric: str) -> List[Dict[str, Any]]:
     keys = sorted({k for t in trials for k in t.params})
     return [{"trial": t.id, **{k: t.params.get(k) for k in keys}, metric: t.metric, "status": t.status,
@@ -48,7 +64,7 @@ def write_report(out_dir: Path, trials, metric: str, goal: str, sweep_name: str,
         lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in table]
     lines += ["", f"**Best trial:** {best.id} ({metric} = {best.metric:.6g}) with "
               f"{', '.join(f'{k}={v}' for k, v in best.params.items())}, run directory `{best.run_dir}`"
-              if best else "**Best trial:** none finished"]
+              + tie_note(best, trials) if best else "**Best trial:** none finished"]
     lines += ["", *importance_lines(trials, metric, distributions)]
     captions = {"report.png": f"{metric} against each swept parameter (best starred, failed crossed)",
                 "curves.png": "validation curve of every trial, coloured by its final metric",
