@@ -327,8 +327,16 @@ def test_a_tie_for_best_is_said(tmp_path):
 
     trials = [Trial(id=i, params={"optim.lr": lr}, run_dir=str(tmp_path / f"t{i}"), status="finished", metric=m)
               for i, (lr, m) in enumerate([(1e-3, 0.1), (3e-3, 0.1), (1e-2, 0.05)])]
+    for t in trials:  # the eval metric logged once, after training; val/loss at each validation
+        Path(t.run_dir).mkdir()
+        (Path(t.run_dir) / "metrics.csv").write_text(
+            "step,val/loss,eval/x/exact_match\n0,3.0,\n10,2.0,\n20,1.5,\n20,," + str(t.metric) + "\n")
+    from llmexp.sweep.plots import curve_metric
+
+    assert curve_metric(trials, "eval/x/exact_match") == "val/loss"  # it drew one dot per trial
     (tmp_path / "out").mkdir()
     result = write_report(tmp_path / "out", trials, "eval/x/exact_match", "maximize", "tie")
+    assert "curves.png" in result["figures"]
     assert result["best"].id == 0
     assert tie_note(result["best"], trials).startswith(" (tied with trial 1: the metric does not tell them apart")
     assert "tied with trial 1" in (tmp_path / "out" / "report.md").read_text()

@@ -97,14 +97,18 @@ def _colour_by_metric(trials, plt):
 
     values = [t.metric for t in trials if not _failed(t)]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    norm = mcolors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
+    if hi <= lo:  # one value (a tie): a bar around it, not 0..1e-9 drawn as "1e-10 + 1e-1"
+        pad = max(abs(lo) * 0.05, 1e-3)
+        lo, hi = lo - pad, hi + pad
+    norm = mcolors.Normalize(vmin=lo, vmax=hi)
     return norm, plt.get_cmap("viridis")
 
 
 def curve_metric(trials, metric: str) -> Optional[str]:
-    """The curve to draw: the sweep metric when runs log it step by step, else val/loss."""
+    """The curve to draw: the sweep metric when runs log it step by step (two points or more:
+    an eval logged only after training is a dot per trial), else val/loss."""
     for key in (metric, "val/loss"):
-        if any(series(read_metrics(RunDir(Path(t.run_dir)).metrics), key) for t in trials):
+        if any(len(series(read_metrics(RunDir(Path(t.run_dir)).metrics), key)) > 1 for t in trials):
             return key
     return None
 
@@ -136,7 +140,7 @@ def validation_curves(trials, metric: str, goal: str):
     fig.colorbar(sm, ax=ax, label=f"final {metric}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(metric_unit(key))
-    ax.set_title(f"{key} of every trial, coloured by final {metric}")
+    ax.set_title(f"{key} of every trial\n(colour: final {metric})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
