@@ -342,3 +342,19 @@ def test_a_tie_for_best_is_said(tmp_path):
     assert "tied with trial 1" in (tmp_path / "out" / "report.md").read_text()
     trials[1].metric = 0.09
     assert tie_note(result["best"], trials) == ""
+
+
+def test_a_log_axis_within_a_decade_labels_the_trials_values():
+    """lr log-uniform over 1e-3..2e-3: matplotlib labelled every minor tick (1.2e-3, 1.3e-3, ...)
+    into one smear; the axis names the trials' own values."""
+    from llmexp.sweep.engine import Trial
+    from llmexp.sweep.plots import parameter_panels
+
+    trials = [Trial(id=i, params={"optim.lr": lr}, run_dir=f"/nonexistent/t{i}", status="finished", metric=m)
+              for i, (lr, m) in enumerate([(1.21e-3, 0.1), (1.37e-3, 0.12), (1.68e-3, 0.08)])]
+    fig = parameter_panels(trials, "eval/x/exact_match", "maximize", {"optim.lr": "log_uniform_values"})
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1.21e-3", "1.37e-3", "1.68e-3"]
+    assert not any(t.get_text() for t in ax.xaxis.get_minorticklabels())

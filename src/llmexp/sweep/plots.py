@@ -73,11 +73,21 @@ def parameter_panels(trials, metric: str, goal: str, distributions: Optional[Dic
             ax.autoscale_view()
         if log:
             ax.set_xscale("log")
+            numbers = [v for v in values if is_number(v) and v > 0]
+            if numbers and max(numbers) < 10 * min(numbers):
+                # within a decade matplotlib labels every minor tick (1.2e-3, 1.3e-3, ...), which ran
+                # into one smear: label the trials' own values instead
+                from matplotlib.ticker import NullFormatter
+
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                shown = sorted(set(numbers))
+                ax.set_xticks(shown if len(shown) <= 6 else shown[:: math.ceil(len(shown) / 6)])
+                ax.set_xticklabels([short(v) for v in ax.get_xticks()], rotation=30, ha="right")
         if ticks is not None:
             ax.set_xticks(range(len(ticks)), ticks)
         ax.set_xlabel(key + (" (log scale)" if log else ""))
         ax.set_ylabel(metric_unit(metric))
-        ax.set_title(f"{metric} against {key}")
+        ax.set_title(textwrap.fill(f"{metric} against {key}", width=40), fontsize=10)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
