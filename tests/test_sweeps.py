@@ -236,9 +236,16 @@ def test_a_typo_in_a_sweep_files_keys_is_one_problem_with_the_key_it_resembles(t
         assert [(p.key, p.message) for p in e.value.problems] == [(f"{typo}.yaml: {typo}", "is not a key of a W&B sweep file")]
         assert e.value.problems[0].fix.startswith(f"did you mean {key!r}?")
     f = tmp_path / "method.yaml"
-    f.write_text(yaml.safe_dump({**good, "method": "gridd"}))
+    f.write_text(yaml.safe_dump({**good, "method": "gridd", "metric": {**good["metric"], "goal": "minimise"}}))
     with pytest.raises(ConfigError, match=r"'gridd' is not one of .*\n      fix: choose one of the values it lists"):
         check_spec(load_spec(str(f)))
+    with pytest.raises(ConfigError) as e:  # the schema's messages name no key: the problem does
+        check_spec(load_spec(str(f)))
+    assert [p.key for p in e.value.problems] == ["method.yaml: method", "method.yaml: metric.goal"]
+    # a bad value from the command line is the command line's, not the file's
+    with pytest.raises(ConfigError) as e:
+        check_spec(load_spec(str(_spec(tmp_path)), ["trainer.max_steps=-3"]))
+    assert [p.key for p in e.value.problems] == ["the command line: trainer.max_steps"]
 
 
 def test_a_directory_of_another_sweep_or_run_is_refused_and_kept(tmp_path):

@@ -83,6 +83,18 @@ def _meant(unknown: List[Any], known: List[str]) -> List[str]:
     return [m for k in unknown for m in difflib.get_close_matches(str(k), known, n=1, cutoff=0.5)]
 
 
+def _violation_keys(config: Any, schema: Dict[str, Any]) -> Dict[str, str]:
+    """Each schema violation's message -> the key it is about (``metric.goal``): the sweeps
+    package's messages ("'grdi' is not one of [...]") name no key."""
+    import jsonschema
+
+    try:
+        errors = list(jsonschema.Draft7Validator(schema).iter_errors(config))
+    except Exception:  # noqa: BLE001 - naming the key is a courtesy; the violation is still said
+        return {}
+    return {e.message: ".".join(str(p) for p in e.absolute_path) for e in errors if e.absolute_path}
+
+
 def check_spec(spec: SweepSpec) -> None:
     """ConfigError listing every problem: W&B schema violations and keys llmexp does not know."""
     problems: List[Problem] = []
@@ -97,10 +109,11 @@ def check_spec(spec: SweepSpec) -> None:
     unknown = [k for k in spec.config if k not in known]
     for key in unknown:  # a typo: named with the key it resembles (the schema's words for it follow from it)
         problems.append(Problem(f"{spec.path.name}: {key}", "is not a key of a W&B sweep file", suggest(str(key), known)))
+    where = _violation_keys(spec.config, sweep_config_jsonschema)
     for v in violations:
         if unknown and ("Additional properties are not allowed" in v or "is a required property" in v):
             continue  # said above, with the fix
-        problems.append(Problem(f"{spec.path.name}", f"W&B sweep schema: {v}",
+        problems.append(Problem(f"{spec.path.name}" + (f": {where[v]}" if where.get(v) else ""), f"W&B sweep schema: {v}",
                                 "choose one of the values it lists" if "is not one of" in v else
                                 "the keys of a sweep file: https://docs.wandb.ai/guides/sweeps/sweep-config-keys "
                                 "(sweeps/*.yaml are examples)"))
@@ -124,6 +137,7 @@ def check_spec(spec: SweepSpec) -> None:
     # Every candidate value composed at least once: the i-th combination takes each parameter's
     # i-th value (its last once it has no more).
     seen = set()
+    from_command_line = {o.split("=", 1)[0].lstrip("+~") for o in spec.extra}
     for i in range(max((len(v) for v in params.values()), default=1)):
         overrides = [*spec.fixed_overrides(), *(f"{k}={v[min(i, len(v) - 1)]}" for k, v in params.items())]
         try:
@@ -132,6 +146,7 @@ def check_spec(spec: SweepSpec) -> None:
             for p in e.problems:
                 if (p.key, p.message) not in seen:
                     seen.add((p.key, p.message))
-                    problems.append(Problem(f"{spec.path.name}: {p.key}", p.message, p.fix))
+                    given = "the command line" if p.key in from_command_line else spec.path.name
+                    problems.append(Problem(f"{given}: {p.key}", p.message, p.fix))
     if problems:
         raise ConfigError(problems)
