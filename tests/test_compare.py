@@ -329,3 +329,29 @@ def test_a_table_too_wide_for_the_console_is_turned_a_column_per_run(capsys, mon
     for i in range(12):  # a row per differing key, each whole on one line with both runs' values
         assert any(f"stage.option_{i} " in line and f"sft-{i} " in line and f"dpo-{i} " in line for line in lines)
     assert any("val/loss" in line and "6 → 0.5" in line and "6 → 0.4" in line for line in lines)
+
+
+def test_evaluations_made_after_training_are_compared(tmp_path):
+    """python -m llmexp.eval <run> writes eval/results*.json; compare showed '–' for them, reading
+    only summary.json's eval (the run's own, kept as it was)."""
+    import json
+
+    from llmexp.compare.runs import load_run
+    from llmexp.compare.table import metric_pairs
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"stage": "sft", "eval": {"a": {"acc": 0.9}}}))
+    (run / "config.yaml").write_text("stage: {name: sft}\n")
+    (run / "eval" / "results.json").write_text(json.dumps({"a": {"acc": 0.9}, "b": {"acc": 0.5}}))
+    (run / "eval" / "results-2.json").write_text(json.dumps({"a": {"acc": 0.1}, "b": {"acc": 0.7}, "c": {"f1": 0.3}}))
+    pairs = metric_pairs(load_run(run).summary)
+    assert pairs["eval/a/acc"] == (None, 0.9)  # the run's own
+    assert pairs["eval/b/acc"] == (None, 0.7) and pairs["eval/c/f1"] == (None, 0.3)  # the newest later one
+
+
+def test_compare_md_names_each_run_directory_whole():
+    from llmexp.compare.table import to_markdown
+
+    path = "/runs/multirun/sft-llama/20261206-190553/0"
+    assert f"| {path} |" in to_markdown([{"run": "lr=1e-3 (0)", "run_dir": path}], "t")

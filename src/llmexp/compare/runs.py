@@ -91,4 +91,25 @@ def load_run(path: Path) -> Run:
         why = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"compare: {record.config} is not valid YAML ({why}); the run's record is damaged: "
                         f"leave the run out") from None
-    return Run(Path(path), summary, config if isinstance(config, dict) else {})
+    return Run(Path(path), with_later_evals(summary, Path(path)), config if isinstance(config, dict) else {})
+
+
+def with_later_evals(summary: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """``summary`` with the tasks of evaluations made after training (python -m llmexp.eval <run>:
+    eval/results.json, results-2.json, ...) that its own ``eval`` lacks, the newest of each: they
+    were invisible to compare. The run's own results are kept as they were."""
+    def number(f: Path) -> int:
+        stem = f.stem.rpartition("-")[2]
+        return int(stem) if stem.isdigit() else 1
+
+    files = sorted((path / "eval").glob("results*.json"), key=number)
+    own = summary.get("eval") or {}
+    later: Dict[str, Any] = {}
+    for f in files:
+        try:
+            table = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(table, dict):
+            later.update({task: row for task, row in table.items() if task not in own and isinstance(row, dict)})
+    return {**summary, "eval": {**own, **later}} if later else summary

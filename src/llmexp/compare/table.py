@@ -85,6 +85,8 @@ def display(rows: Sequence[Dict[str, Any]], arrows_in_header: bool = True) -> Tu
                 line.append(f"{value:.1f} s")
             elif col == "tokens_per_second":
                 line.append(f"{value:.0f}")
+            elif col == "run_dir":  # whole: "…/20261206-190553/0" did not say which run a row was
+                line.append(str(value))
             else:
                 line.append(short(value))
         cells.append(line)
