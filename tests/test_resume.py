@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from llmexp.testing import FAST, train_in_subprocess
 from safetensors.torch import load_file
 
@@ -207,9 +208,14 @@ def test_resuming_a_finished_or_damaged_run_is_refused_and_changes_nothing(tmp_p
     assert (killed / "config.yaml").read_text() == "[: not yaml"
     # The checkpoint's own step is allowed: a run killed during its export finishes it.
     (killed / "config.yaml").write_text(config)
-    r = run_cli([*overrides, f"resume={killed}"], cwd=tmp_path)
+    r = run_cli([*overrides, "trainer.log_every_n_steps=5", f"resume={killed}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((killed / "summary.json").read_text())["global_step"] == 10
+    s = json.loads((killed / "summary.json").read_text())
+    assert s["global_step"] == 10
+    # the record names both sessions' overrides: overrides.yaml the first's (config.yaml is the last's)
+    first = yaml.safe_load((killed / "overrides.yaml").read_text())
+    assert "trainer.log_every_n_steps=5" not in first and not any(o.startswith("resume=") for o in first)
+    assert s["resume_overrides"][-2:] == ["trainer.log_every_n_steps=5", f"resume={killed}"]
 
 
 def test_a_run_interrupted_before_its_first_checkpoint_says_how_to_start_over_and_that_works(tmp_path):

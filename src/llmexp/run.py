@@ -159,6 +159,10 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
     notes = {**run_notes(typed, stage), **feedback_record(typed.data, prepared)}
+    if resume_from is not None:  # overrides.yaml keeps the first session's; config.yaml is this one's
+        from llmexp.secrets import redact_override
+
+        notes["resume_overrides"] = [redact_override(o) for o in hydra_overrides()]
     notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, data_note(prepared)) if n)]
     if not notes["notes"]:
         del notes["notes"]
