@@ -268,6 +268,12 @@ def test_a_directory_of_another_sweep_or_run_is_refused_and_kept(tmp_path):
                                         r"changed since \(parameters\)"):
         SweepEngine(load_spec(str(edited)), out, count=None)
     _spec(tmp_path)
+    # only the overrides changed: said so (it said "the spec has changed"), and with no trial
+    # finished, that removing the directory starts it over
+    with pytest.raises(UserError, match=r"the command-line overrides have changed since .* \(none of its trials "
+                                        r"finished: removing .* starts it over there\)") as e:
+        SweepEngine(load_spec(str(_spec(tmp_path)), ["trainer.max_steps=7"]), out, count=None)
+    assert "the spec" not in str(e.value).split("started;")[1].split("(")[0]
     assert SweepEngine(load_spec(str(_spec(tmp_path))), out, count=None).trials == []  # its own: resumes
     run_dir = tmp_path / "a-run"
     run_dir.mkdir()

@@ -83,13 +83,18 @@ class SweepEngine:
         if other and state.get("spec") == str(self.spec.path) and "config" in state:
             old, new = state["config"], self.spec.config
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            what = ["the spec"] if changed else []
             if state.get("overrides", []) != self.spec.extra:
+                what.append("the command-line overrides")
                 changed.append(f"command-line overrides {' '.join(state.get('overrides', [])) or '(none)'} -> "
                                f"{' '.join(self.spec.extra) or '(none)'}")
+            finished = [t for t in state.get("trials", []) if t.get("status") == "finished"]
             raise UserError(f"--dir {self.dir} holds sweep {self.spec.name!r} as {state.get('spec')} was when it "
-                            f"started; the spec has changed since ({', '.join(changed)}), and a sweep resumes only "
-                            f"with the spec and overrides it started with: undo the change to resume it, or give "
-                            f"the changed sweep another --dir")
+                            f"started; {' and '.join(what)} {'has' if what == ['the spec'] else 'have'} changed since "
+                            f"({', '.join(changed)}), and a sweep resumes only with the spec and overrides it started "
+                            f"with: undo the change to resume it, or give the changed sweep another --dir"
+                            + ("" if finished else f" (none of its trials finished: removing {self.dir} starts it "
+                                                   f"over there)"))
         if other:
             raise UserError(f"--dir {self.dir} holds another sweep ({state.get('sweep')!r} from {state.get('spec')}); "
                             f"a sweep resumes only in its own directory: choose another --dir")
