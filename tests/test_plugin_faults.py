@@ -260,8 +260,9 @@ def test_an_eval_failing_after_training_keeps_the_trained_model_and_says_how_to_
     assert (run_dir / "model" / "config.json").is_file()
 
     module.write_text(source("    return {'n': ctx.model.config.num_hidden_layers * ctx.options.scale}\n"))
-    r = subprocess.run([sys.executable, "-m", "llmexp.eval", str(run_dir)], capture_output=True, text=True,
-                       env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(tmp_path), **env})
+    from llmexp.testing import run_module
+
+    r = run_module("llmexp.eval", [str(run_dir)], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), **env})
     assert r.returncode == 0, r.stderr[-3000:]
     layers = json.loads((run_dir / "model" / "config.json").read_text())["num_hidden_layers"]
     # the run's eval with the run's options (scale 5, not the default 2)
