@@ -175,11 +175,22 @@ def test_ctrl_c_while_the_libraries_load_ends_with_one_line(tmp_path):
 
     from llmexp.testing import OFFLINE_ENV
 
-    proc = subprocess.Popen([sys.executable, "-m", "llmexp", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
-                            env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    time.sleep(1.5)  # importing: several seconds on this machine
+    # -X importtime reports each import as it completes: Ctrl+C once llmexp.cli is in (main() runs
+    # next and imports the libraries for seconds). A fixed 1.5 s was sometimes still inside the
+    # interpreter's own start on a loaded machine, where Python itself prints the traceback.
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "llmexp", f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    started, seen = time.time(), []
+    while time.time() - started < 120:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if not line or line.rstrip().endswith("| llmexp.cli"):
+            break
+    assert seen[-1].rstrip().endswith("| llmexp.cli"), seen[-5:]
+    time.sleep(0.2)  # into main(), among the libraries' imports
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
     assert proc.returncode == 130 and err.endswith("llmexp: interrupted (Ctrl+C)\n") and "Traceback" not in err, err
     assert not (tmp_path / "run" / "config.yaml").exists()
