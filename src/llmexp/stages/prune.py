@@ -41,6 +41,26 @@ class PruneStage(CausalLMStage):
                                  "num_key_value_heads": config.num_key_value_heads,
                                  "num_hidden_layers": config.num_hidden_layers},
                        **({"sparsity": self.sparsity["measured"]} if self.sparsity else {})}
+        if self.cfg.trainer.max_steps > 0:  # what recovery starts from (with none, final says it)
+            score = self._task_score()
+            if score is not None:
+                self.pruned["task_score_before_recovery"] = round(score, 4)
+
+    def _task_score(self):
+        """The task metric of the pruned model before any recovery step: the damage the recovery
+        SFT repairs (it took a second run with trainer.max_steps=0 to see)."""
+        probe = getattr(self, "task_probe", None)
+        if probe is None:
+            return None
+        import torch
+
+        rank, world = self.trainer.datamodule._data_parallel_rank()
+        total, n = probe.sums(lambda prompts: self.greedy_answers(prompts, probe.max_new_tokens), rank, world)[
+            "task_score"]
+        sums = torch.tensor([float(total), float(n)], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return float(sums[0] / sums[1].clamp(min=1))
 
     def _sparsify(self, device) -> Dict[str, Any]:
         """Zero ``stage.sparsity`` of each decoder linear's weights (scored on the validation
