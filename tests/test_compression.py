@@ -481,13 +481,14 @@ def test_prune_to_under_70_percent_with_recovery_keeps_exact_match(tmp_path, def
     """`python -m llmexp stage=prune model.pretrained=<default sft>/model`, shipped defaults."""
     from transformers import AutoModelForCausalLM
 
-    run_dir, s, _ = compress(tmp_path, "prune", default_sft / "model", "pruned")
+    run_dir, s, printed = compress(tmp_path, "prune", default_sft / "model", "pruned")
     p = s["pruning"]
     assert p["parameter_fraction"] <= 0.7 and s["parameters"] == p["parameters_after"]
     before, after = s["initial"]["val/task_score"], s["final"]["val/task_score"]
     assert after >= before - 0.05, (before, after)
     # the pruned model before recovery, in the same record (measured 0.66: the damage recovery repairs)
     assert p["task_score_before_recovery"] < after - 0.1, (p["task_score_before_recovery"], after)
+    assert f"(pruned, before recovery: val/task_score {p['task_score_before_recovery']:.4f})" in printed
     model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"))
     assert sum(x.numel() for x in model.parameters()) == p["parameters_after"]
     assert model.config.intermediate_size == p["sizes"]["intermediate_size"] < 256

@@ -301,6 +301,9 @@ def print_result(summary: Dict[str, Any]) -> None:
                     if t.get("too_long_left_out") else "")
         lines.append(f"  (val/task_score: greedy answers to {t['prompts']} prompt{'s' if t['prompts'] != 1 else ''}, "
                      f"checked by {t['check']}{left_out})")
+    pruned = (summary.get("pruning") or {}).get("task_score_before_recovery")
+    if pruned is not None:
+        lines.append(f"  (pruned, before recovery: val/task_score {pruned:.4f})")
     cut = data_cut(summary)
     if cut:
         lines.append(f"  [yellow]data[/]: {cut}")
