@@ -18,8 +18,15 @@ RECORD = ["config.yaml", "summary.json", "metrics.csv", "loss_curve.png", "check
 
 
 def _check_record(run_dir, stage, model):
+    import os
+
     for rel in RECORD:
         assert (run_dir / rel).is_file(), rel
+    # every file of the export readable as the umask says (safetensors wrote its weights 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (run_dir / "model").iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
     s = json.loads((run_dir / "summary.json").read_text())
     for key in ("stage", "model", "strategy", "global_step", "wall_seconds", "tokens_per_second", "initial", "final"):
         assert key in s, key

@@ -25,7 +25,22 @@ def export_model(model, tokenizer, out_dir: Path, merge_adapters: bool = True):
     model.config.use_cache = False
     tokenizer.save_pretrained(str(out_dir))
     redact_configs(out_dir)
+    readable_as_umask_says(out_dir)
     return model
+
+
+def readable_as_umask_says(out_dir: Path) -> None:
+    """Files of the export get the permissions the user's umask gives new files (0644 under
+    0022). safetensors >= 0.8 writes model.safetensors through a private temporary file (0600):
+    the one file of the export that a serving account or a colleague could not read."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    wanted = 0o666 & ~mask
+    for path in Path(out_dir).iterdir():
+        if path.is_file() and (path.stat().st_mode & 0o777) != wanted and not (path.stat().st_mode & 0o111):
+            path.chmod(wanted)
 
 
 def redact_configs(out_dir: Path) -> None:
