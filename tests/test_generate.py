@@ -99,6 +99,10 @@ def test_llmexp_generate_is_a_command_and_names_what_a_target_lacks(tmp_path, de
     model/ nor a model directory')."""
     r = run_cli(["generate", str(default_sft), "What is 3 plus 4?"], cwd=tmp_path)
     assert r.returncode == 0 and completions(r.stdout) == ["3 + 4 = 7"], r.stdout + r.stderr[-2000:]
+    # and `llmexp eval`, as `python -m llmexp.eval` (it said 'eval' is neither an override nor a command)
+    r = run_cli(["eval", str(default_sft), "--tasks", "arithmetic_gen", "--limit", "5", "--out", str(tmp_path / "e")],
+                cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "e" / "results.json").is_file(), r.stderr[-2000:]
     r = run_cli(["generate", str(tmp_path / "nope"), "x"], cwd=tmp_path)
     assert r.returncode == 2 and f"{tmp_path / 'nope'}' does not exist; give a finished run's directory" in r.stderr
     unfinished = tmp_path / "killed"

@@ -11,4 +11,5 @@ SUBCOMMANDS = {
     "serve": "llmexp.serving.server:main",
     "plugins": "llmexp.plugins.listing:main",
     "generate": "llmexp.generate:main",
+    "eval": "llmexp.evals.__main__:main",
 }

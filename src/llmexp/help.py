@@ -32,6 +32,7 @@ A run's model as GGUF for llama.cpp:        llmexp export <run dir> --format ggu
 Tokenize a text corpus once, before runs:   llmexp prepare stage=pretrain data=files data.path=DIR
 Serve a run (OpenAI API + feedback page):   llmexp serve <run dir> [--port N] [--api-key KEY]
 Ask a run's model:                          llmexp generate <run dir> "What is 3 plus 4?"
+Evaluate a run's model (lm-eval, plugins):  llmexp eval <run dir> [--tasks arithmetic_gen,...]
 Hydra's own flags:                          python -m llmexp --hydra-help
 """
 
