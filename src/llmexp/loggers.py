@@ -16,16 +16,17 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[
     from lightning.pytorch.loggers import CSVLogger
 
     kept = rows_before(RunDir(run_dir).metrics, resume_step) if resume_step is not None else []
-    csv_logger = at_steps_done(CSVLogger)(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=log_every_n_steps)
+    csv_logger = at_steps_done(CSVLogger)(save_dir=str(run_dir), name="", version="",
+                                          flush_logs_every_n_steps=log_every_n_steps)
     if kept:
         csv_logger.experiment.metrics = kept + csv_logger.experiment.metrics
     loggers: List[Any] = [csv_logger]
     if cfg.name == "wandb" and cfg.mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
-        wandb = at_steps_done(WandbLogger)(project=cfg.project, entity=cfg.entity, name=run_name, save_dir=str(run_dir),
-                            offline=cfg.mode == "offline", tags=list(cfg.tags), config=config,
-                            settings=_wandb_settings())
+        wandb = at_steps_done(WandbLogger)(project=cfg.project, entity=cfg.entity, name=run_name,
+                                           save_dir=str(run_dir), offline=cfg.mode == "offline",
+                                           tags=list(cfg.tags), config=config, settings=_wandb_settings())
         init = getattr(wandb, "_wandb_init", None)
         if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
             # Lightning passes anonymous=None, which wandb >= 0.22 answers with a deprecation warning on

@@ -138,7 +138,8 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
     else:
         p.extend(_check_model_source("model.pretrained", m.pretrained, run.offline))
         run_dir = Path(os.path.expanduser(m.pretrained))
-        if run_dir.is_dir() and not (run_dir / "config.json").is_file() and (run_dir / "model" / "config.json").is_file():
+        if (run_dir.is_dir() and not (run_dir / "config.json").is_file()
+                and (run_dir / "model" / "config.json").is_file()):
             p.append(Problem("model.pretrained", f"{m.pretrained!r} is a run directory; its model is in model/",
                              f"model.pretrained={run_dir / 'model'}"))
     if m.tokenizer not in (None, "train"):
@@ -242,7 +243,8 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
     if st.name == "quantize" and st.method == "int4" and not _cuda_available():
         p.append(Problem("stage.method", "int4 uses torchao's CUDA kernels (tinygemm), and no CUDA GPU is "
                          "available", "stage.method=int8, or stage.method=q4_0 for llama.cpp's 4-bit GGUF, on a CPU"))
-    if st.name == "quantize" and pretrained and _made_by_stage(Path(os.path.expanduser(pretrained))) == "quantize":
+    quantized_by_us = pretrained and _made_by(Path(os.path.expanduser(pretrained)), "stage", "name") == "quantize"
+    if st.name == "quantize" and quantized_by_us:
         p.append(Problem("model.pretrained", f"{pretrained!r} is the model of a stage=quantize run: its weights "
                          "are rounded already, and quantizing them again measures the rounding twice",
                          "model.pretrained=<the full-precision model it quantized> (its run's config.yaml, "
@@ -614,15 +616,15 @@ def _check_model_source(key: str, source: str, offline: bool) -> List[Problem]:
     return []
 
 
-def _made_by_stage(model_dir: Path):
-    """The stage of the run whose model/ ``model_dir`` is (its run's config.yaml), else None."""
+def _made_by(model_dir: Path, group: str, key: str):
+    """``<group>.<key>`` in the config.yaml of the run whose model/ ``model_dir`` is, else None."""
     run_config = model_dir.parent / "config.yaml" if model_dir.name == "model" else model_dir / "config.yaml"
     if not run_config.is_file():
         return None
     import yaml
 
     try:
-        return ((yaml.safe_load(run_config.read_text()) or {}).get("stage") or {}).get("name")
+        return ((yaml.safe_load(run_config.read_text()) or {}).get(group) or {}).get(key)
     except (OSError, yaml.YAMLError, AttributeError):
         return None
 
@@ -638,15 +640,7 @@ def _check_not_torchao(key: str, source: str, path: Path) -> List[Problem]:
         return []
     if not isinstance(quant, dict) or quant.get("quant_method") != "torchao":
         return []
-    origin = None
-    run_config = config.parent.parent / "config.yaml"
-    if run_config.is_file():
-        import yaml
-
-        try:
-            origin = ((yaml.safe_load(run_config.read_text()) or {}).get("model") or {}).get("pretrained")
-        except (OSError, yaml.YAMLError):
-            origin = None
+    origin = _made_by(config.parent, "model", "pretrained")
     return [Problem(key, f"{source!r} is a torchao-quantized export (stage=quantize): its int8/int4 weights "
                     "load for generation and serving, not for training or quantizing again",
                     f"{key}={origin} (the model it quantized)" if origin else

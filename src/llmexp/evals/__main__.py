@@ -81,7 +81,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ConfigError(bad)
         options = {t: eval_options(t, {}, key="--tasks") for t in tasks if t in registered}
         model_dir = model_dir_of(args.target)
-        from llmexp.evals.runner import print_table, record_anew
 
         out = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir)
         model, tokenizer = load_language_model(model_dir)
@@ -95,8 +94,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             table[name] = {key.split("/", 1)[1]: value for key, value in flat.items()}
     except UserError as e:
         return report(e)
-    path = record_anew(table, out if args.out else out / "eval")
-    print_table(table, f"eval of {model_dir}")
+    return _record_and_show(table, out if args.out else out / "eval", f"eval of {model_dir}")
+
+
+def _record_and_show(table, directory: Path, title: str) -> int:
+    """The results recorded (never over earlier ones) and printed."""
+    from llmexp.evals.runner import print_table, record_anew
+
+    path = record_anew(table, directory)
+    print_table(table, title)
     print(f"results: {path}")
     return 0
 
@@ -127,7 +133,7 @@ def configured_eval(target: str):
 
 def _evaluate_as_configured(typed, args) -> int:
     """The run's own eval (name, tasks, options) on its model, flags given replacing its values."""
-    from llmexp.evals.runner import evaluate, print_table, record_anew
+    from llmexp.evals.runner import evaluate
 
     given = {"include_path": args.include_path, "limit": args.limit, "batch_size": args.batch_size,
              "num_fewshot": args.num_fewshot}
@@ -139,10 +145,8 @@ def _evaluate_as_configured(typed, args) -> int:
     out = Path(args.out) if args.out else model_dir.parent
     model, tokenizer = load_language_model(model_dir)
     table = evaluate(typed, model, tokenizer, out)
-    path = record_anew(table, out if args.out else out / "eval")
-    print_table(table, f"eval of {model_dir} (the run's eval={typed.eval.name})")
-    print(f"results: {path}")
-    return 0
+    return _record_and_show(table, out if args.out else out / "eval",
+                            f"eval of {model_dir} (the run's eval={typed.eval.name})")
 
 
 if __name__ == "__main__":
