@@ -132,7 +132,7 @@ def default_sft(shared_tmp) -> Path:
 @pytest.fixture(scope="session")
 def short_sft(shared_tmp) -> Path:
     """The 200-step SFT the shipped post-training pipelines start with."""
-    return once(shared_tmp, "short-sft-200", lambda d: _llmexp(d, "logger=csv", "stage=sft", "trainer.max_steps=200"))
+    return once(shared_tmp, "short-sft-200", lambda d: _llmexp(d, "logger=csv", "stage=sft", "experiment=sft_short"))
 
 
 @pytest.fixture(scope="session")

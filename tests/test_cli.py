@@ -23,7 +23,7 @@ def test_help_lists_groups_and_options_without_importing_heavy_libraries():
                  "peft: lora, none, qlora", "strategy: auto"):
         assert line in out
     assert "pretrain" in out and "sft" in out
-    assert "  # Peak learning rate, after warm-up" in out and "  lr: 0.003" in out
+    assert "  # Peak learning rate, after warm-up" in out and "  lr: 0.001" in out
 
 
 def test_help_annotates_the_config_of_the_overrides_and_hydra_help_stays_hydras(tmp_path):

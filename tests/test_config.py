@@ -150,7 +150,11 @@ def test_warmup_longer_than_the_run_is_clamped_not_refused():
 
 def test_each_stage_brings_its_own_optimizer_and_trainer_defaults_and_the_command_line_wins():
     sft, dpo, grpo = typed([]), typed(["stage=dpo"]), typed(["stage=grpo"])
-    assert sft.optim.lr == pytest.approx(3e-3) and sft.trainer.max_steps == 600
+    assert sft.optim.lr == pytest.approx(1e-3) and sft.trainer.max_steps == 600
+    # the slower gpt2 has its own SFT lr; the pipelines' short SFT is its own experiment
+    assert typed(["model=gpt2"]).optim.lr == pytest.approx(2e-3) and typed(["stage=pretrain"]).optim.lr == 3e-3
+    short = typed(["stage=sft", "experiment=sft_short"])
+    assert short.optim.lr == pytest.approx(3e-3) and short.trainer.max_steps == 200 and short.stage.name == "sft"
     assert dpo.optim.lr < sft.optim.lr and dpo.trainer.max_steps < sft.trainer.max_steps
     assert dpo.stage.rpo_alpha == 1.0 and dpo.data.name == "arithmetic_pairs"
     assert grpo.stage.group_size == 4 and grpo.trainer.grad_accum == 2

@@ -148,11 +148,11 @@ def test_a_new_lr_on_resume_is_the_lr_the_resumed_run_trains_with(tmp_path):
     assert "callbacks used to create the checkpoint" not in r.stderr, r.stderr[-2000:]
     lrs = {int(row["step"]): float(row["train/lr"]) for row in read_metrics(killed / "metrics.csv")
            if "train/lr" in row}
-    # the checkpoint the run resumed from was step 10's: steps before it trained at 3e-3, after it at 1e-5
+    # the checkpoint the run resumed from was step 10's: steps before it trained at SFT's 1e-3, after it at 1e-5
     assert sorted(lrs) == list(range(1, 21)), lrs
-    assert all(lr == pytest.approx(3e-3 if step <= 10 else 1e-5) for step, lr in lrs.items()), lrs
+    assert all(lr == pytest.approx(1e-3 if step <= 10 else 1e-5) for step, lr in lrs.items()), lrs
     s = json.loads((killed / "summary.json").read_text())
-    assert s["lr_changed_on_resume"] == {"from": pytest.approx(3e-3), "to": pytest.approx(1e-5)}
+    assert s["lr_changed_on_resume"] == {"from": pytest.approx(1e-3), "to": pytest.approx(1e-5)}
 
 
 def _record_digest(run_dir):

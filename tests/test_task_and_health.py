@@ -4,6 +4,7 @@ functions with hand-made inputs; the end-to-end behaviour is in test_post_traini
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from llmexp.testing import typed
 
 from llmexp.config.schema import HealthConfig
 from llmexp.data import skill
-from llmexp.health import FIXES, lr_scale_note, step_signs, task_sign
+from llmexp.health import FIXES, HealthGuard, lr_scale_note, step_signs, task_sign
 from llmexp.task_probe import TaskProbe, build_probe, reference_match, resolve_check, task_rows
 
 USER = {"role": "user", "content": "What is 3 plus 4?"}
@@ -165,7 +166,12 @@ def test_each_sign_fires_past_its_threshold_and_not_before():
     assert set(step_signs({**healthy, "train/response_length": 16.0}, {}, c, "ppo", 16)) == {"length_at_cap"}
     assert set(step_signs({**healthy, "train/entropy": 0.001}, {}, c, "ppo", 16)) == {"entropy_collapse"}
     # ... unless the held-out answers got better: converging on the right answers, not collapsing
-    assert step_signs({**healthy, "train/entropy": 0.001}, {}, c, "ppo", 16, task_improved=True) == {}
+    assert step_signs({**healthy, "train/entropy": 0.001}, {}, c, "ppo", 16, task_converging=True) == {}
+    # ... or were all right from the start (a 1.000 SFT's GRPO samples one right answer per question)
+    guard = HealthGuard(c, "grpo", 16)
+    assert guard.converging(SimpleNamespace(initial_metrics={"val/task_score": 1.0}))
+    assert not guard.converging(SimpleNamespace(initial_metrics={"val/task_score": 0.92}))
+    assert not guard.converging(SimpleNamespace(initial_metrics={}))
     assert set(step_signs({**healthy, "train/reward_std": 0.0}, {}, c, "ppo", 16)) == {"no_reward_signal"}
     # Every response right: solved, not broken (the mean rose from its start to its highest yet) ...
     solved = {**healthy, "train/reward_std": 0.0, "train/reward_mean": 1.0}
