@@ -39,6 +39,8 @@ TRL_WITH_PPO = "1.12.0"  # the last trl release that ships a PPO trainer
 TRL_DIR = Path(__file__).resolve().parent / f".trl-{TRL_WITH_PPO}"
 TRL_WITHOUT_GC = "TRL PPOTrainer without its per-step gc.collect()"
 
+# the KL weight its measurements were made with (ppo's default until 2026-12-06; now 0.1): the same work
+KL = ["stage.kl_coef=0.05"]
 MODEL = ["model=llama", "model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.intermediate_size=512"]
 ABLATIONS = {
@@ -69,7 +71,7 @@ def trl_side(steps: int, prompts: int, accum: int, max_new: int, epochs: int, po
              rm: str, without_gc: bool = False) -> dict:
     """TRL's PPOTrainer on the job, in its own process with trl 1.12.0 first on the path
     (``without_gc``: its two gc.collect() calls per step left out)."""
-    settings = dict(model=MODEL, steps=steps, prompts=prompts, grad_accum=accum, max_new_tokens=max_new,
+    settings = dict(model=MODEL, overrides=KL, steps=steps, prompts=prompts, grad_accum=accum, max_new_tokens=max_new,
                     epochs=epochs, policy=policy, reward_model=rm, without_gc=without_gc)
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(trl_with_ppo()), str(here),
@@ -97,7 +99,7 @@ def plain_loop(steps: int, prompts: int, accum: int, max_new: int, epochs: int, 
     from llmexp.rewards import ModelReward
     from llmexp.testing import compose
 
-    cfg = preflight(compose([*MODEL, "stage=ppo"]))
+    cfg = preflight(compose([*MODEL, "stage=ppo", *KL]))
     s = cfg.stage
     tok = load_tokenizer(None, None)
     torch.manual_seed(cfg.trainer.seed)
@@ -174,7 +176,7 @@ def llmexp_side(steps: int, prompts: int, accum: int, max_new: int, epochs: int,
                           f"trainer.micro_batch_size={prompts}", f"trainer.grad_accum={accum}",
                           f"stage.ppo_epochs={epochs}", "stage.num_minibatches=1", "stage.rollout.temperature=1.0",
                           f"stage.reward.model={rm}", "stage.reward.normalize=false",
-                          f"stage.rollout.max_new_tokens={max_new}", "optim.lr=1e-5", "optim.warmup_steps=1",
+                          f"stage.rollout.max_new_tokens={max_new}", "optim.lr=1e-5", "optim.warmup_steps=1", *KL,
                           "trainer.val_check_interval=null", "trainer.limit_val_batches=1", *extra],
                          callbacks=[clock])
     n = steps * accum * prompts

@@ -31,7 +31,7 @@ def main(settings: dict) -> dict:
     from llmexp.preflight import preflight
     from llmexp.testing import compose
 
-    cfg = preflight(compose([*settings["model"], "stage=ppo"]))
+    cfg = preflight(compose([*settings["model"], "stage=ppo", *settings["overrides"]]))
     s = cfg.stage
     tok = load_tokenizer(None, None)
     tok.padding_side = "left"  # TRL generates from the collator's batch: prompts end where responses start

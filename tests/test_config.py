@@ -192,7 +192,7 @@ def test_ppo_and_grpo_name_their_kl_weight_alike():
     assert check_config(["stage=grpo", "stage.kl_coef=0.04"]).stage.kl_coef == 0.04
     assert check_config(["stage=grpo"]).stage.kl_coef == 0.0  # no reference kept by default
     assert check_config(["stage=grpo", "model=llama_1b"]).stage.kl_coef == 0.04
-    assert check_config(["stage=ppo"]).stage.kl_coef == 0.05
+    assert check_config(["stage=ppo"]).stage.kl_coef == 0.1
 
 
 def _repeated_defaults(values, defaults, path):

@@ -102,9 +102,9 @@ def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tm
     s = llmexp(tmp_path / stage, f"stage={stage}", f"model.pretrained={default_sft}/model")
     before, after = task(s)
     assert before == pytest.approx(task(summary(default_sft))[1], abs=1e-6)  # the SFT model, same prompts
-    # ppo from the 1.000 SFT measured 0.948 / 0.955 / 0.942 on seeds 42 / 1 / 7 (8 to 9 of 155 questions;
-    # from the earlier 0.923 SFT 0.897); lr 2.5e-4 0.974 / 0.981 / 0.916; docs/stages.md
-    assert after >= before - (0.06 if stage == "ppo" else 0.02), (before, after)
+    # ppo from the 1.000 SFT measured 0.968 / 0.974 / 0.974 on seeds 42 / 1 / 7 (kl_coef 0.1; at 0.05,
+    # 0.935-0.955); docs/stages.md
+    assert after >= before - (0.04 if stage == "ppo" else 0.02), (before, after)
     assert s["health"] == {"action": "warn", "warnings": []}
     assert s["wall_seconds"] < 300
     if stage == "dpo":

@@ -314,7 +314,7 @@ class PPOStageConfig:
     gamma: float = bounded(1.0, min=0.0, max=1.0, help="GAE's discount of later rewards, per response token.")
     lam: float = bounded(0.95, min=0.0, max=1.0, help=(
         "GAE's lambda: lower trades variance of the advantages for bias (1: Monte-Carlo returns)."))
-    kl_coef: float = bounded(0.05, min=0.0, help=(
+    kl_coef: float = bounded(0.1, min=0.0, help=(
         "Weight of the per-token KL penalty to the frozen reference in the rewards (0: no reference model is "
         "built); kl_control=adaptive starts from it."))
     kl_control: str = choice("fixed", KL_CONTROLS, help=(
