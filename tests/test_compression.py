@@ -273,7 +273,7 @@ def test_gguf_export_stores_weights_in_llama_cpps_types_and_transformers_reads_t
 
 @pytest.mark.slow
 def test_q4_0_gguf_keeps_exact_match_and_model_holds_what_the_file_holds(tmp_path, default_sft):
-    """stage=quantize stage.method=q4_0 from the default SFT: measured 0.923 -> 0.916, 7.1x smaller
+    """stage=quantize stage.method=q4_0 from the default SFT: measured 1.000 -> 0.994, 7.1x smaller
     weights; the run's model.gguf, read by transformers, computes the logits of its model/."""
     import torch
     from gguf import GGUFReader
@@ -298,6 +298,11 @@ def test_q4_0_gguf_keeps_exact_match_and_model_holds_what_the_file_holds(tmp_pat
     ids = torch.arange(5, 29).reshape(2, 12)
     with torch.no_grad():
         assert torch.equal(read(ids).logits, model(ids).logits)
+    # `llmexp export` of the run keeps its file and says it is the q4_0 one already
+    e = run_cli(["export", str(run_dir), "--format", "gguf"], cwd=tmp_path)
+    assert e.returncode == 2 and "Traceback" not in e.stderr, e.stderr[-2000:]
+    assert "exists and is kept: it is this stage=quantize run's q4_0 file" in e.stderr, e.stderr
+    assert (run_dir / "model.gguf").stat().st_size == q["gguf_bytes"]  # the q4_0 file, untouched
 
 
 @pytest.mark.parametrize("case", ["phi", "quantized", "metaspace tokenizer", "gpt2"])

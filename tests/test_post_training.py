@@ -234,3 +234,8 @@ def test_distill_pipeline_beats_plain_sft_of_the_same_student(distill_pipeline, 
     c = s["compression"]  # the student against its teacher, in the record every compression stage writes
     assert c["parameters_before"] == s["teacher"]["parameters"] and c["parameters_after"] == s["parameters"]
     assert c["size_ratio"] > 2.5 and c["model_before"] == str((distill_pipeline / "1-sft" / "model").resolve())
+    # the printed summary names each model's size and what it is smaller than
+    printed = (distill_pipeline / "printed.txt").read_text()
+    assert (f"distill {s['parameters']:,} parameters, {c['weight_bytes_after']:,} weight bytes "
+            f"({c['size_ratio']:.1f}x smaller than sft's)") in printed, printed[-1500:]
+    assert "smaller than distill's)" in printed and f"sft {sft['parameters']:,} parameters;" in printed

@@ -233,8 +233,25 @@ def output_file(given, model_dir: Path) -> Path:
             raise UserError(f"--out: directory {str(out.parent)!r} does not exist; create it, or give --out "
                             f"{str(out.parent)}/ to have it made")
     if out.exists():
-        raise UserError(f"--out: {str(out)!r} exists and is kept; give another --out or remove it")
+        raise UserError(f"--out: {str(out)!r} exists and is kept{_own_gguf_note(out, model_dir)}; give another "
+                        f"--out or remove it")
     return out
+
+
+def _own_gguf_note(out: Path, model_dir: Path) -> str:
+    """Where ``out`` is the GGUF file a stage=quantize run wrote (q8_0/q4_0), say so: it is the
+    file for llama.cpp already, and an export of its model/ would store those rounded weights again
+    in --type (f32 by default: 4-7x larger)."""
+    import json
+
+    try:
+        q = json.loads((model_dir.parent / "summary.json").read_text()).get("quantization") or {}
+    except (OSError, ValueError):
+        return ""
+    if not q.get("gguf") or out.resolve() != (model_dir.parent / Path(q["gguf"]).name).resolve():
+        return ""  # (by name in the run directory: the run may have been moved since)
+    return (f": it is this stage=quantize run's {q.get('method')} file, ready for llama.cpp as it is (an export "
+            f"would write its {q.get('method')}-rounded weights again, as --type says)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -184,7 +184,8 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
         results.append({"name": s.name, "stage": summary["stage"], "run_dir": str(run_dir.resolve()),
                         "model_dir": summary.get("model_dir"), "global_step": summary["global_step"],
                         "initial": summary["initial"], "final": summary["final"],
-                        "wall_seconds": summary.get("wall_seconds"), "overrides": overrides})
+                        "wall_seconds": summary.get("wall_seconds"), "overrides": overrides,
+                        "parameters": summary.get("parameters"), "compression": summary.get("compression")})
     # every stage's own time, its sessions before a resume included (this command's alone said 1 s
     # for a pipeline resumed at its last step)
     out = {"pipeline": spec.name, "dir": str(root.resolve()), "stages": results,
@@ -263,6 +264,20 @@ class PipelineStageFailed(Exception):
         self.code = code
 
 
+def model_size(stage: Dict[str, Any], stages: List[Dict[str, Any]]) -> str:
+    """What a stage's model is: its parameters and, from a compression stage, its weights' bytes and
+    how much smaller they are than the model it started from (an earlier stage's, named), so that
+    the distill pipeline's summary shows what its task metric bought."""
+    params = stage.get("parameters")
+    text = f"{params:,} parameters" if params else ""
+    c = stage.get("compression") or {}
+    if c.get("weight_bytes_after") and c.get("size_ratio"):
+        source = {str((Path(s["run_dir"]) / "model").resolve()): s["name"] for s in stages}
+        than = f" than {source[c['model_before']]}'s" if c.get("model_before") in source else ""
+        text += f", {c['weight_bytes_after']:,} weight bytes ({c['size_ratio']:.1f}x smaller{than})"
+    return text
+
+
 def print_summary(out: Dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -283,6 +298,9 @@ def print_summary(out: Dict[str, Any]) -> None:
             for s in out["stages"] if "val/task_score" in s["final"] and "val/task_score" in s["initial"]]
     if task:  # the metric a user cares about, on one line that no table width crops
         print("task metric (val/task_score): " + ", ".join(task))
+    sizes = [f"{s['name']} {model_size(s, out['stages'])}" for s in out["stages"] if s.get("parameters")]
+    if sizes:
+        print("models: " + "; ".join(sizes))
     print(f"pipeline summary: {out['dir']}/pipeline_summary.json")
 
 
