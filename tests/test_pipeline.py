@@ -99,6 +99,9 @@ def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):
     (["dpo", "stage=dpo"], "'stage=dpo': each stage of dpo is the stage its pipeline file names (sft: stage=sft, "
                            "dpo: stage=dpo)"),
     (["dpo", "dpo:stage=kto"], "'dpo:stage=kto': each stage of dpo is the stage"),
+    # an experiment preset for every stage gave the dpo stage sft_lora's lr 5e-3 and replaced sft_short
+    (["dpo", "experiment=sft_lora"], "'experiment=sft_lora': an experiment preset sets several groups, its stage's "
+                                     "settings too, and a global one would give them to every stage of dpo"),
     # a key only some stages have, given for every stage: the fix names the stage prefix
     (["rlhf", "stage.kl_coef=0.2"], "stage.kl_coef=0.2: applies to every stage of rlhf, and sft, rm have no such "
                                     "key\n      fix: ppo:stage.kl_coef=0.2 (for that stage alone)"),

@@ -95,6 +95,11 @@ def split_cli_overrides(spec: PipelineSpec, extra: List[str]) -> Dict[str, List[
                             f"stage= would replace it (a global one makes every stage that stage); change a "
                             f"stage's settings with <stage>:stage.<key>=<value>, or copy the pipeline file and "
                             f"edit it ({PIPELINES_DIR / (spec.name + '.yaml')})")
+        if not (sep and "=" not in prefix) and o.split("=", 1)[0].lstrip("+~") == "experiment":
+            raise UserError(f"pipeline: {o!r}: an experiment preset sets several groups, its stage's settings too, "
+                            f"and a global one would give them to every stage of {spec.name} (and replace the short "
+                            f"SFT's experiment=sft_short where a stage names it); give it to one stage: "
+                            f"{names[0]}:{o}")
         if sep and "=" not in prefix:
             if prefix not in per_stage:
                 raise UserError(f"pipeline: override {o!r} names stage {prefix!r}, not in {spec.name}; "
