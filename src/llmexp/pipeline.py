@@ -88,19 +88,21 @@ def split_cli_overrides(spec: PipelineSpec, extra: List[str]) -> Dict[str, List[
         if "=" not in o and not (rest if sep else o).startswith("~"):  # said once, not by every stage
             raise UserError(f"pipeline: {o!r} is not an override; after the pipeline's name come key=value for every "
                             f"stage, or <stage>:key=value for one ({', '.join(names)})")
-        if (rest if sep and "=" not in prefix else o).split("=", 1)[0].lstrip("+~") == "stage":
+        for_one = bool(sep) and "=" not in prefix
+        key = (rest if for_one else o).split("=", 1)[0].lstrip("+~")
+        if key == "stage":
             named = ", ".join(f"{t.name}: stage={stage_option(t) or '?'}" for t in spec.stages)
             raise UserError(f"pipeline: {o!r}: each stage of {spec.name} is the stage its pipeline file names "
                             f"({named}), and "
                             f"stage= would replace it (a global one makes every stage that stage); change a "
                             f"stage's settings with <stage>:stage.<key>=<value>, or copy the pipeline file and "
                             f"edit it ({PIPELINES_DIR / (spec.name + '.yaml')})")
-        if not (sep and "=" not in prefix) and o.split("=", 1)[0].lstrip("+~") == "experiment":
+        if key == "experiment" and not for_one:
             raise UserError(f"pipeline: {o!r}: an experiment preset sets several groups, its stage's settings too, "
                             f"and a global one would give them to every stage of {spec.name} (and replace the short "
                             f"SFT's experiment=sft_short where a stage names it); give it to one stage: "
                             f"{names[0]}:{o}")
-        if sep and "=" not in prefix:
+        if for_one:
             if prefix not in per_stage:
                 raise UserError(f"pipeline: override {o!r} names stage {prefix!r}, not in {spec.name}; "
                                 f"{suggest(prefix, names)}")
