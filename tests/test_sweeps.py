@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from llmexp.sweep.engine import trial_environment, usable_cpus
 from llmexp.testing import FAST, run_module
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,21 +25,34 @@ def _spec(tmp_path, method="grid", parameters=None, **extra):
     return path
 
 
-def _sweep(spec, out, *args):
-    return run_module("llmexp.sweep", [str(spec), "--dir", str(out), *args], cwd=REPO, timeout=900)
+def _sweep(spec, out, *args, env=None):
+    return run_module("llmexp.sweep", [str(spec), "--dir", str(out), *args], cwd=REPO, timeout=900, env=env)
+
+
+def test_trials_running_at_once_share_the_cpus_unless_the_user_chose_the_threads():
+    assert trial_environment(2, {"PATH": "/bin"}, cpus=8) == {"PATH": "/bin", "OMP_NUM_THREADS": "4"}
+    assert trial_environment(3, {}, cpus=8)["OMP_NUM_THREADS"] == "2"
+    assert trial_environment(4, {}, cpus=2)["OMP_NUM_THREADS"] == "1"  # never none
+    assert trial_environment(2, {"OMP_NUM_THREADS": "3"}, cpus=8)["OMP_NUM_THREADS"] == "3"
+    assert trial_environment(2, {"OMP_NUM_THREADS": ""}, cpus=8)["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in trial_environment(1, {}, cpus=8)  # alone: torch's own default
 
 
 @pytest.mark.slow
 def test_grid_sweep_runs_trials_in_parallel_and_reports(tmp_path):
     out = tmp_path / "sweep"
-    r = _sweep(_spec(tmp_path), out, "--parallel", "2")
+    # OMP_NUM_THREADS unset (the test workers set it to 1): the sweep shares the CPUs out itself.
+    r = _sweep(_spec(tmp_path), out, "--parallel", "2", env={"OMP_NUM_THREADS": ""})
     assert r.returncode == 0, r.stderr[-3000:]
+    threads = max(1, usable_cpus() // 2)
+    assert f"2 trials at once on {usable_cpus()} CPUs, {threads} CPU thread" in r.stdout
     state = json.loads((out / "trials.json").read_text())
     trials = state["trials"]
     assert sorted(t["params"]["optim.lr"] for t in trials) == [1e-3, 1e-2]
     for t in trials:
         summary = json.loads((Path(t["run_dir"]) / "summary.json").read_text())
         assert t["status"] == "finished" and t["metric"] == summary["final"]["val/loss"]
+        assert summary["cpu_threads"] == threads
         assert yaml.safe_load((Path(t["run_dir"]) / "config.yaml").read_text())["optim"]["lr"] == t["params"]["optim.lr"]
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert [set(r) >= {"trial", "optim.lr", "val/loss", "status", "run_dir"} for r in rows] == [True, True]

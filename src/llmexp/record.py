@@ -224,6 +224,8 @@ def write_overrides(run_dir: Path, overrides: List[str]) -> None:
 def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Optional[Path], checkpoint: Path,
                   fit_seconds: float, notes: Dict[str, Any]) -> Dict[str, Any]:
     """summary.json of a finished run (before its export, watchers and wall time are added)."""
+    import torch
+
     from llmexp import __version__
     from llmexp.models.build import count_parameters
 
@@ -243,6 +245,7 @@ def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Op
         "final": dict(stage.last_val_metrics),
         "tokens_per_second": stage.train_tokens / stage.train_seconds if stage.train_seconds else None,
         "train_tokens": stage.train_tokens,
+        "cpu_threads": torch.get_num_threads(),
         "fit_seconds": stage.seconds_before_resume["fit"] + fit_seconds,
         "seconds_to_first_step": stage.seconds_to_first_step,
         **count_parameters(stage.model),

@@ -17,6 +17,18 @@ from llmexp.argtypes import positive_int
 from llmexp.errors import UserError, report
 
 
+def threads_note(parallel: int) -> str:
+    """What each of the trials running at once gets of the CPUs (SweepEngine.trial_environment)."""
+    import os
+
+    from llmexp.sweep.engine import trial_environment, usable_cpus
+
+    cpus = usable_cpus()
+    threads = trial_environment(parallel, dict(os.environ), cpus)["OMP_NUM_THREADS"]
+    return (f"llmexp sweep: {parallel} trials at once on {cpus} CPUs, {threads} CPU thread{'s' * (threads != '1')} "
+            f"each (OMP_NUM_THREADS{' as set' if os.environ.get('OMP_NUM_THREADS') else ''})")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="llmexp sweep", description=command_summary(__doc__))
     ap.add_argument("spec", help="a W&B sweep YAML (method, metric, parameters)")
@@ -37,6 +49,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         count = args.count if args.count is not None else (None if spec.config.get("method") == "grid" else 10)
         out = Path(args.dir or Path("runs") / "sweeps" / spec.name)
         engine = SweepEngine(spec, out, count, args.parallel)
+        if args.parallel > 1:
+            print(threads_note(args.parallel), flush=True)
         try:
             trials = engine.run()
         except KeyboardInterrupt:

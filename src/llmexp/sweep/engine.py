@@ -56,6 +56,22 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a batch scheduler narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def trial_environment(parallel: int, environ: Dict[str, str], cpus: int) -> Dict[str, str]:
+    """A trial's environment: the sweep's, with the CPU threads shared out among the trials that
+    run at once, unless OMP_NUM_THREADS is set. Each torch process otherwise starts a thread per
+    CPU: with --parallel 2 on 2 CPUs each trial fitted in 13-15 s instead of 2.6-3.0 s alone, and
+    the sweep took as long as one trial at a time (53 s against 51 s; one thread each: 27 s)."""
+    env = dict(environ)
+    if parallel > 1 and not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(max(1, cpus // parallel))
+    return env
+
+
 class SweepEngine:
     def __init__(self, spec: SweepSpec, out_dir: Path, count: Optional[int], parallel: int = 1,
                  poll_seconds: float = 1.0):
@@ -145,7 +161,8 @@ class SweepEngine:
                f"hydra.run.dir={trial.run_dir}", "resume=auto", "trainer.progress_bar=false"]
         # Its own session: Ctrl+C reaches the sweep alone, which passes it on once (interrupt_trials); a
         # trial that got the terminal's and the sweep's broke its message off with a traceback.
-        self.procs[trial.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        env = trial_environment(self.parallel, dict(os.environ), usable_cpus())
+        self.procs[trial.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                 start_new_session=True)
         self.started[trial.id] = time.time()
         trial.status = RUNNING
