@@ -226,13 +226,29 @@ def test_overrides_on_the_command_line_reach_every_trial_and_belong_to_the_sweep
     assert not (tmp_path / "other").exists()
 
 
-def test_shipped_sweep_files_validate():
+def test_shipped_sweep_files_validate(monkeypatch, tmp_path):
     from llmexp.sweep.spec import check_spec, load_spec
 
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setenv("SFT_MODEL", str(tmp_path))  # the SFT run's model/ their comments say to export
     files = sorted((REPO / "sweeps").glob("*.yaml"))
     assert len(files) >= 2
     for f in files:
         check_spec(load_spec(str(f)))
+
+
+def test_a_sweep_from_an_sft_run_is_refused_before_any_trial_when_its_variable_is_unset(tmp_path, monkeypatch):
+    """With `${oc.env:SFT_MODEL,null}` a forgotten export swept dpo/kto/simpo/orpo from random
+    weights, every trial scoring 0; exported empty, every trial failed to load ''."""
+    out = tmp_path / "sweep"
+    monkeypatch.delenv("SFT_MODEL", raising=False)
+    r = _sweep(REPO / "sweeps" / "preference_methods.yaml", out)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "model.pretrained: takes the environment variable SFT_MODEL, which is not set" in r.stderr
+    assert "export SFT_MODEL=<value> first" in r.stderr and "Traceback" not in r.stderr
+    r = _sweep(REPO / "sweeps" / "dpo_beta.yaml", out, env={"SFT_MODEL": " "})
+    assert r.returncode == 2 and "model.pretrained: is empty" in r.stderr, r.stderr[-2000:]
+    assert not out.exists()
 
 
 def test_a_typo_in_a_sweep_files_keys_is_one_problem_with_the_key_it_resembles(tmp_path):

@@ -598,6 +598,8 @@ def _check_gguf_writable(st, model_dir: Path) -> List[Problem]:
 
 
 def _check_model_source(key: str, source: str, offline: bool) -> List[Problem]:
+    if not source.strip():  # an empty environment variable, say: Path("") is the working directory
+        return [Problem(key, "is empty", "give a model directory (e.g. <run dir>/model) or a hub id")]
     path = Path(os.path.expanduser(source))
     looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1
     if looks_local and path.is_file():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from typing import Any, List, Optional, Tuple
 
@@ -25,7 +26,7 @@ def typed_config(cfg: DictConfig) -> Tuple[Optional[S.RunConfig], List[Problem]]
     try:
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as e:
-        return None, [Problem(_full_key(e), f"cannot resolve: {e.msg}", None)]
+        return None, [_unresolvable(e)]
     raw.pop("hydra", None)
     typed = {}
     for group, schema in S.GROUP_SCHEMAS.items():
@@ -46,6 +47,18 @@ def typed_config(cfg: DictConfig) -> Tuple[Optional[S.RunConfig], List[Problem]]
         else:
             typed[key] = value
     return S.RunConfig(**typed), problems
+
+
+def _unresolvable(e: OmegaConfBaseException) -> Problem:
+    """The problem of an interpolation that does not resolve, in one line (OmegaConf's message
+    goes on with its full_key and object_type); an unset ``${oc.env:NAME}`` says to set NAME."""
+    key, message = _full_key(e), str(e.msg).splitlines()[0]
+    unset = re.search(r"Environment variable '([^']+)' not found", message)
+    if unset:
+        name = unset.group(1)
+        return Problem(key, f"takes the environment variable {name}, which is not set",
+                       f"export {name}=<value> first, or set {key}=<value> on the command line")
+    return Problem(key, f"cannot resolve: {message}", None)
 
 
 def _full_key(e: OmegaConfBaseException) -> str:
