@@ -102,9 +102,10 @@ def test_post_training_keeps_a_good_sft_model_good_and_the_guard_stays_silent(tm
     s = llmexp(tmp_path / stage, f"stage={stage}", f"model.pretrained={default_sft}/model")
     before, after = task(s)
     assert before == pytest.approx(task(summary(default_sft))[1], abs=1e-6)  # the SFT model, same prompts
-    # ppo from the 1.000 SFT, seeds 42 / 1 / 7, measured 0.968 / 0.974 / 0.974 with two threads and
-    # 0.948 / 0.974 / 0.929 with one (as here); at kl_coef 0.05 0.935-0.955 (docs/stages.md)
-    assert after >= before - (0.06 if stage == "ppo" else 0.02), (before, after)
+    # ppo from the 1.000 SFT, seeds 42 / 1 / 7, measured 0.987 / 0.987 / 0.981 with two threads and
+    # 0.987 (seed 42) with one, as here; with 4 passes over each rollout batch (before 2026-12-07)
+    # 0.968 / 0.974 / 0.974 and 0.948 / 0.974 / 0.929 (docs/stages.md)
+    assert after >= before - (0.03 if stage == "ppo" else 0.02), (before, after)
     assert s["health"] == {"action": "warn", "warnings": []}
     assert s["wall_seconds"] < 300
     if stage == "dpo":
