@@ -25,7 +25,7 @@ STAGE_METRICS = {"sft": ["val/loss"], "rm": ["val/accuracy"], "dpo": ["val/accur
                  "orpo": ["val/accuracy"]}
 SETTINGS = ["optim.lr", "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum", "stage.beta",
             "stage.rpo_alpha", "stage.kl_coef", "stage.group_size", "stage.epochs", "stage.rollout.temperature",
-            "stage.desirable_weight"]
+            "stage.desirable_weight", "stage.ppo_epochs"]
 
 
 def run(args: List[str], run_dir: Path) -> Dict[str, Any]:
