@@ -16,7 +16,7 @@ from llmexp.strategies import build_strategy
 def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callbacks: List[Any] = ()):
     import lightning as L
 
-    from llmexp.progress import StepProgressBar
+    from llmexp.progress import StepProgress
 
     t = cfg.trainer
     every = t.checkpoint_every_n_steps or t.val_check_interval or t.max_steps
@@ -25,7 +25,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
                                every_n_train_steps=every, save_top_k=1, save_last=True,
                                auto_insert_metric_name=False), *extra_callbacks]
     if t.progress_bar:
-        callbacks.append(StepProgressBar(leave=True))
+        callbacks.append(StepProgress())
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=t.accelerator,
@@ -43,7 +43,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
         deterministic=t.deterministic,
         logger=loggers,
         callbacks=callbacks,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=False,  # llmexp.progress draws it, in steps
         enable_model_summary=False,
         use_distributed_sampler=False,  # llmexp's WindowSampler shards by rank itself
         plugins=[] if cfg.strategy.name in ("fsdp", "tp") or cfg.strategy.name.startswith("deepspeed")

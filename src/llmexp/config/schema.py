@@ -638,7 +638,8 @@ class TrainerConfig:
         "Clip the global gradient norm to this (null or 0: no clipping; train/grad_norm is logged either way)."))
     deterministic: bool = doc(False, help=(
         "Lightning's deterministic: deterministic algorithms only (reproducible, possibly slower)."))
-    progress_bar: bool = doc(True, help="Show the progress bar of the steps.")
+    progress_bar: bool = doc(True, help=(
+        "Show the run's progress in optimizer steps: a bar on a terminal, a line every tenth of the run elsewhere."))
 
 
 @dataclass
