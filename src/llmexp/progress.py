@@ -69,12 +69,13 @@ class StepProgress(Callback):
         if not trainer.is_global_zero or not hasattr(self, "total"):
             return
         step = trainer.global_step
-        metrics = format_metrics(trainer.progress_bar_metrics)
         if self._bar is not None:
             room = self.console.width - 26 - 10 - 2 * len(str(self.total)) - 1 - 2 * 7 - 5
-            self._bar.update(self._task, completed=step, description="step", metrics=fit(metrics, room))
+            metrics = fit(format_metrics(trainer.progress_bar_metrics), room)
+            self._bar.update(self._task, completed=step, description="step", metrics=metrics)
         elif step >= self.next_line or step == self.total:
             self.next_line = (step // self.every + 1) * self.every
+            metrics = format_metrics(trainer.progress_bar_metrics)
             elapsed = time.perf_counter() - self.started
             left = remaining(elapsed, step - self.first, self.total - step)
             when = f"{elapsed:.0f} s" + (f", about {left:.0f} s left" if left is not None and step < self.total else "")
