@@ -10,6 +10,10 @@ from typing import Any, Dict, Optional
 
 from lightning.pytorch.callbacks import Callback
 
+# What the bar's other columns take of a terminal line: the description (10), the bar (24), the
+# elapsed and remaining times (7 each) and the spaces between the six columns (5), besides M/N.
+FIXED_COLUMNS = 10 + 24 + 7 + 7 + 5
+
 
 def format_metrics(metrics: Dict[str, Any]) -> str:
     """``name value`` pairs of the progress-bar metrics (``prog_bar=True``), training ones without
@@ -41,6 +45,7 @@ class StepProgress(Callback):
 
         self.console = console or Console()
         self.lines = lines
+        self.total: Optional[int] = None  # set when training starts, on global rank 0
         self._bar = None
         self._task = None
 
@@ -56,9 +61,9 @@ class StepProgress(Callback):
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
-            self._bar = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
-                                 console=self.console, transient=False)
+            self._bar = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(bar_width=24),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[metrics]}"), console=self.console, transient=False)
             self._task = self._bar.add_task("step", total=self.total, completed=self.first, metrics="")
             self._bar.start()
         elif self.first:
@@ -66,11 +71,11 @@ class StepProgress(Callback):
             self.console.file.flush()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero or not hasattr(self, "total"):
+        if self.total is None:
             return
         step = trainer.global_step
         if self._bar is not None:
-            room = self.console.width - 26 - 10 - 2 * len(str(self.total)) - 1 - 2 * 7 - 5
+            room = self.console.width - FIXED_COLUMNS - len(f"{self.total}/{self.total}") - 1
             metrics = fit(format_metrics(trainer.progress_bar_metrics), room)
             self._bar.update(self._task, completed=step, description="step", metrics=metrics)
         elif step >= self.next_line or step == self.total:
