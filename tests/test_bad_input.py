@@ -44,6 +44,9 @@ def workdir(tmp_path_factory):
     (files / "int8_run" / "model" / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": "torchao"}}))
     (files / "int8_run" / "config.yaml").write_text("model: {pretrained: /runs/sft/model}\nstage: {name: quantize}\n")
+    (files / "autoround_run" / "model").mkdir(parents=True)
+    (files / "autoround_run" / "model" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": "auto-round", "bits": 4}}))
     (files / "q4_run" / "model").mkdir(parents=True)  # q4_0/q8_0: full-precision tensors of rounded values
     (files / "q4_run" / "model" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (files / "q4_run" / "config.yaml").write_text("stage: {name: quantize, method: q4_0}\n")
@@ -155,6 +158,9 @@ CONFIG_CASES = {
                                  "gpt2's attention and MLP layers are transformers' Conv1D"),
     "training an int8 export": (["stage=dpo", "model.pretrained={files}/int8_run/model"],
                                 "model.pretrained: '{files}/int8_run/model' is a torchao-quantized export"),
+    "training an autoround export": (["stage=sft", "model.pretrained={files}/autoround_run/model"],
+                                     "model.pretrained: '{files}/autoround_run/model' is an auto-round-quantized export "
+                                     "(stage=quantize): its 4-bit weights load for generation and serving"),
     "quantizing an int8 export again": (["stage=quantize", "trainer.max_steps=0",
                                          "model.pretrained={files}/int8_run/model"],
                                         "fix: model.pretrained=/runs/sft/model (the model it quantized)"),

@@ -252,10 +252,13 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
     if st.name == "quantize" and st.method in S.GGUF_METHODS and pretrained:
         p.extend(_check_gguf_writable(st, Path(os.path.expanduser(pretrained))))
     elif st.name == "quantize" and pretrained and run.model.architecture == "gpt2":
-        p.append(Problem("stage.method", f"{st.method} is torchao's, which quantizes nn.Linear layers, and gpt2's "
-                         "attention and MLP layers are transformers' Conv1D: only its embeddings would be quantized "
-                         "(1.09x smaller)", "llmexp export <run dir> --format gguf --type q8_0 (or q4_0) writes "
-                         "gpt2's weights quantized for llama.cpp; stage=quantize takes llama, mistral and qwen2"))
+        library = "torchao" if st.method in S.TORCHAO_METHODS else "auto-round"
+        p.append(Problem("stage.method", f"{st.method} ({library}) quantizes nn.Linear layers, and gpt2's "
+                         "attention and MLP layers are transformers' Conv1D", "llmexp export <run dir> --format gguf "
+                         "--type q8_0 (or q4_0) writes gpt2's weights quantized for llama.cpp; stage=quantize takes "
+                         "llama, mistral and qwen2"))
+    elif st.name == "quantize" and st.method != "int8" and pretrained:
+        p.extend(_check_group_size(st, Path(os.path.expanduser(pretrained)) / "config.json"))
     if not spec.generates:
         return p
     if t.grad_accum % getattr(st, "num_minibatches", 1):
@@ -576,6 +579,31 @@ def _keep_fix(key: str, has: int, what: str) -> str:
     return f"{key}={has - 1} or fewer prunes {what}; {key}={has} (or null) keeps all {has}"
 
 
+def _check_group_size(st, config_file: Path) -> List[Problem]:
+    """int4 and autoround split each quantized layer's input into groups of stage.group_size
+    weights: the size must divide every layer's input (auto-round failed deep inside otherwise)."""
+    from types import SimpleNamespace
+
+    from llmexp.stages.quantize import GROUP_SIZES, group_size_for, layer_input_sizes
+
+    if not config_file.is_file():
+        return []
+    try:
+        sizes = layer_input_sizes(SimpleNamespace(**{"head_dim": None, **json.loads(config_file.read_text())}))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []  # not a decoder config this can read: the load reports it
+    if group_size_for(st.group_size, sizes) is not None:
+        return []
+    listed = ", ".join(map(str, sizes))
+    fits = group_size_for(None, sizes)
+    if st.group_size and fits:
+        return [Problem("stage.group_size", f"{st.group_size} does not divide the input sizes of this model's layers "
+                        f"({listed}, from {config_file})", f"stage.group_size={fits}, or null for the largest that fits")]
+    return [Problem("stage.group_size", f"no group size of {', '.join(map(str, GROUP_SIZES))} divides the input sizes "
+                    f"of this model's layers ({listed}, from {config_file})",
+                    "stage.method=int8 (one scale per output row) or stage.method=q4_0 (llama.cpp's blocks of 32)")]
+
+
 def _check_gguf_writable(st, model_dir: Path) -> List[Problem]:
     """stage.method=q8_0/q4_0 writes GGUF: what GGUF export writes (architecture, full-precision
     weights, a byte-level BPE tokenizer llama.cpp splits alike)."""
@@ -614,7 +642,7 @@ def _check_model_source(key: str, source: str, offline: bool) -> List[Problem]:
         return [Problem(key, f"{source!r} is not a local directory and offline=true (no hub downloads)",
                         "set offline=false to download it, or give a local directory")]
     if looks_local:
-        return _check_not_torchao(key, source, path)
+        return _check_not_quantized(key, source, path)
     return []
 
 
@@ -631,20 +659,22 @@ def _made_by(model_dir: Path, group: str, key: str):
         return None
 
 
-def _check_not_torchao(key: str, source: str, path: Path) -> List[Problem]:
-    """A stage=quantize int8/int4 export holds torchao tensors that from_pretrained outside
-    llmexp's generate/serve does not restore: a run from it trained (or quantized again) a model of
-    random weights, and said nothing but transformers' LOAD REPORT."""
+def _check_not_quantized(key: str, source: str, path: Path) -> List[Problem]:
+    """A stage=quantize int8/int4/autoround export holds torchao tensors or packed integer weights:
+    a run from it trained a model of random weights (torchao's tensors are not restored outside
+    generate/serve) or nothing at all (packed weights are buffers, not parameters)."""
     config = next((c for c in (path / "config.json", path / "model" / "config.json") if c.is_file()), None)
     try:
         quant = json.loads(config.read_text()).get("quantization_config") if config else None
     except (OSError, ValueError):
         return []
-    if not isinstance(quant, dict) or quant.get("quant_method") != "torchao":
+    if not isinstance(quant, dict) or quant.get("quant_method") not in ("torchao", "auto-round"):
         return []
     origin = _made_by(config.parent, "model", "pretrained")
-    return [Problem(key, f"{source!r} is a torchao-quantized export (stage=quantize): its int8/int4 weights "
-                    "load for generation and serving, not for training or quantizing again",
+    weights = f"{quant['bits']}-bit" if quant.get("bits") else "int8/int4"
+    article = "an" if quant["quant_method"][0] in "aeiou" else "a"
+    return [Problem(key, f"{source!r} is {article} {quant['quant_method']}-quantized export (stage=quantize): its "
+                    f"{weights} weights load for generation and serving, not for training or quantizing again",
                     f"{key}={origin} (the model it quantized)" if origin else
                     "give the full-precision model it was quantized from")]
 

@@ -454,11 +454,11 @@ class DistillStageConfig:
         "How the student samples its completions when stage.lmbda > 0 (engine hf or generate)."))
 
 
-# Weight-only quantization (llmexp.stages.quantize): torchao's schemes, and llama.cpp's GGUF block
-# formats (written by the gguf package).
+# Weight-only quantization (llmexp.stages.quantize): torchao's schemes, AutoRound (the auto-round
+# library), and llama.cpp's GGUF block formats (written by the gguf package).
 TORCHAO_METHODS = ("int8", "int4")
 GGUF_METHODS = ("q8_0", "q4_0")
-QUANTIZE_METHODS = TORCHAO_METHODS + GGUF_METHODS
+QUANTIZE_METHODS = TORCHAO_METHODS + ("autoround",) + GGUF_METHODS
 
 
 @dataclass
@@ -469,13 +469,25 @@ class QuantizeStageConfig:
     name: str = _stage_name("quantize")
     method: str = choice("int8", QUANTIZE_METHODS, help=(
         "int8: 8-bit weights with one scale per output channel (torchao, CPU and GPU); int4: 4-bit weights in "
-        "groups (stage.group_size) with torchao's CUDA kernels (a GPU); q8_0 / q4_0: llama.cpp's 8- / 4-bit "
-        "blocks of 32 weights, written as <run dir>/model.gguf (any machine; model/ holds its weights "
-        "dequantized)."))
-    group_size: int = choice(128, (32, 64, 128, 256), help="int4: weights sharing one scale.")
+        "groups (stage.group_size) with torchao's CUDA kernels (a GPU); autoround: 4-bit weights in groups whose "
+        "rounding and ranges are tuned on the run's training tokens (AutoRound, any machine; GPTQ-packed, loaded "
+        "by transformers with auto-round installed and by vLLM); "
+        "q8_0 / q4_0: llama.cpp's 8- / 4-bit blocks of 32 weights, written as <run dir>/model.gguf (any "
+        "machine; model/ holds its weights dequantized)."))
+    group_size: Optional[int] = choice(None, (None, 32, 64, 128, 256), help=(
+        "int4, autoround: weights sharing one scale, a divisor of every quantized layer's input size; null: "
+        "the largest of 128, 64 and 32 that divides them (the record keeps the size used)."))
+    calibration_samples: int = bounded(128, min=1, help=(
+        "autoround: calibration windows of stage.calibration_length tokens, cut from the run's training "
+        "data laid end to end."))
+    calibration_length: int = bounded(128, min=8, help="autoround: tokens per calibration window.")
+    iters: int = bounded(200, min=0, help=(
+        "autoround: tuning steps per decoder layer (auto-round's default); 0: rounded to nearest, untuned (the "
+        "baseline the tuning improves on)."))
     embeddings: bool = doc(True, help=(
         "Quantize the input embedding and the output projection too (in a tiny model they are most of the "
-        "weights; the output projection is untied from the input embedding for it)."))
+        "weights; the output projection is untied from the input embedding for it). autoround: the output projection "
+        "only (auto-round keeps the input embedding)."))
 
 
 @dataclass

@@ -2,6 +2,9 @@
 trained (``initial``), quantizes it, validates again (``final``) and exports. No steps train.
 
 - int8 / int4: torchao through transformers' ``TorchAoConfig``; the export records how to load it.
+- autoround: 4-bit weights in groups, their rounding and ranges tuned block by block on windows of
+  the run's training tokens (AutoRound, by the auto-round library), written in its GPTQ-packed
+  format and read back through transformers, so ``final`` measures the export as users load it.
 - q8_0 / q4_0: llama.cpp's GGUF block formats, written by the gguf package as ``<run dir>/model.gguf``
   and read back through transformers' GGUF loader, so ``final`` measures the file as llama.cpp gets
   it; ``model/`` holds those weights dequantized (for generate, serving and later stages).
@@ -12,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, List
 
 import torch
 
@@ -53,7 +57,7 @@ def torchao_config(stage_cfg, model):
     from transformers import TorchAoConfig
 
     scheme = Int8WeightOnlyConfig() if stage_cfg.method == "int8" else Int4WeightOnlyConfig(
-        group_size=stage_cfg.group_size)
+        group_size=group_size_for(stage_cfg.group_size, layer_input_sizes(model.config)))
     if not stage_cfg.embeddings:
         return TorchAoConfig(scheme)
     embedding = model.get_input_embeddings()
@@ -65,6 +69,69 @@ def torchao_config(stage_cfg, model):
         warnings.simplefilter("ignore")
         return TorchAoConfig(FqnToConfig(per_module), include_input_output_embeddings=True,
                              untie_embedding_weights=False)
+
+
+GROUP_SIZES = (128, 64, 32)  # stage.group_size=null takes the first that fits
+
+
+def layer_input_sizes(config) -> List[int]:
+    """The input sizes of a decoder's quantized linear layers (and the output projection's): the
+    hidden size, the MLP's and the attention heads' concatenated width."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return sorted({config.hidden_size, config.intermediate_size, heads * head_dim})
+
+
+def group_size_for(requested, input_sizes) -> int | None:
+    """``requested`` if it divides every input size (None if not); with none requested, the
+    largest of GROUP_SIZES that does (None if none does)."""
+    for size in [requested] if requested else GROUP_SIZES:
+        if all(n % size == 0 for n in input_sizes):
+            return size
+    return None
+
+
+def calibration_windows(rows, length: int, count: int) -> List[torch.Tensor]:
+    """Up to ``count`` windows ``[1, length]`` cut from ``rows`` (lists of token ids) laid end to
+    end: calibration text as GPTQ, AWQ and AutoRound take it (whole windows of one length; a chat
+    sample is much shorter than a window, so one sample per window would calibrate on padding)."""
+    stream: List[int] = []
+    for row in rows:
+        stream.extend(row)
+        if len(stream) >= length * count:
+            break
+    n = min(count, len(stream) // length)
+    return [torch.tensor(stream[i * length:(i + 1) * length]).unsqueeze(0) for i in range(n)]
+
+
+def batch_rows(batches, pad_id: int) -> Iterator[List[int]]:
+    """The token ids of each row of collated micro-batches, without padding (packed rows carry
+    no attention mask: their padding is the trailing run of the pad id)."""
+    for window in batches:
+        for batch in window if isinstance(window, list) else [window]:
+            ids = batch["input_ids"]
+            lengths = (batch["attention_mask"].sum(1) if "attention_mask" in batch else
+                       (ids != pad_id).long().cumsum(1).argmax(1) + 1)
+            for row, n in zip(ids.tolist(), lengths.tolist()):
+                yield row[:n]
+
+
+@contextlib.contextmanager
+def quiet_auto_round():
+    """auto-round logs each block it tunes and a warning per argument it would rather get in a
+    config object, and transformers warns that its packed layers are "offloaded" when it saves
+    them; the stage prints what it quantizes and the record keeps the result."""
+    import warnings
+
+    logger = logging.getLogger("autoround")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*offloaded modules")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 class QuantizeStage(CausalLMStage):
@@ -86,6 +153,9 @@ class QuantizeStage(CausalLMStage):
         if self.cfg.stage.method in GGUF_METHODS:
             self.gguf_round_trip(Path(self.cfg.model.pretrained))
             self.after_speed = None  # the file runs in llama.cpp; here its weights run dequantized
+        elif self.cfg.stage.method == "autoround":
+            self.autoround_round_trip()
+            self.after_speed = generation_speed(self, self.model)
         else:
             self.torchao_quantized()
             self.after_speed = generation_speed(self, self.model)
@@ -106,6 +176,46 @@ class QuantizeStage(CausalLMStage):
         self.model.eval()
         self.gguf = {**facts, "file": folder / "model.gguf"}
 
+    autoround: Dict[str, Any] = {}
+
+    def autoround_round_trip(self) -> None:
+        """Quantize the trained model with auto-round, calibrated on windows of the run's training
+        tokens, save it in auto-round's format and load that back through transformers."""
+        from auto_round import AutoRound
+        from transformers import AutoModelForCausalLM
+
+        from llmexp.errors import UserError
+        from llmexp.models.build import load_pretrained
+
+        s, m = self.cfg.stage, self.cfg.model
+        windows = calibration_windows(batch_rows(self.trainer.datamodule.train_dataloader(), self.tokenizer.pad_token_id),
+                                      s.calibration_length, s.calibration_samples)
+        if not windows:
+            raise UserError(f"stage.calibration_length: the run's training data has fewer than "
+                            f"{s.calibration_length} tokens, not one calibration window; fix: a smaller "
+                            "stage.calibration_length, or more data")
+        model = load_pretrained(AutoModelForCausalLM, m.pretrained, "model.pretrained", "a causal LM",
+                                dtype=torch.float32)
+        device = str(self.device) if self.device.type == "cuda" else "cpu"
+        group = group_size_for(s.group_size, layer_input_sizes(model.config))
+        folder = Path(tempfile.mkdtemp(prefix="llmexp-autoround-"))
+        print(f"quantizing to 4 bits ({s.method}, groups of {group}) on {len(windows)} windows of "
+              f"{s.calibration_length} training tokens", file=sys.stderr, flush=True)
+        with quiet_auto_round(), quiet_torchao():
+            rounder = AutoRound(model, self.tokenizer, scheme="W4A16", group_size=group, sym=True,
+                                dataset=windows, nsamples=len(windows), seqlen=s.calibration_length,
+                                batch_size=min(8, len(windows)), quant_lm_head=s.embeddings, device_map=device,
+                                enable_torch_compile=None if device != "cpu" else False, seed=self.cfg.trainer.seed, iters=s.iters)
+            rounder.quantize_and_save(str(folder), format="auto_round")
+            saved = next(config.parent for config in folder.rglob("config.json"))
+            quantized = load_pretrained(AutoModelForCausalLM, saved, "model.pretrained",
+                                        f"the {s.method} export written from it")
+        quantized.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = quantized.eval().to(self.device)
+        self.autoround = {"dir": Path(saved), "folder": folder,
+                           "record": {"group_size": group, "calibration_windows": len(windows),
+                                      "calibration_tokens_each": s.calibration_length}}
+
     def torchao_quantized(self) -> None:
         """The model loaded from the trained one's directory by transformers, quantized by torchao."""
         from transformers import AutoModelForCausalLM
@@ -124,9 +234,15 @@ class QuantizeStage(CausalLMStage):
     def export(self, out_dir) -> Dict[str, Any]:
         from llmexp.stages.compression import compression_record
 
-        facts = super().export(out_dir)
-        facts["quantization"] = {"method": self.cfg.stage.method, "library": "gguf" if self.gguf else "torchao",
+        if self.autoround:
+            facts = self.export_autoround(Path(out_dir))
+        else:
+            facts = super().export(out_dir)
+        library = "gguf" if self.gguf else "auto-round" if self.autoround else "torchao"
+        facts["quantization"] = {"method": self.cfg.stage.method, "library": library,
                                  "embeddings": self.cfg.stage.embeddings}
+        if self.autoround:
+            facts["quantization"].update(self.autoround["record"])
         if self.trainer.is_global_zero:
             weight_bytes = None
             if self.gguf:
@@ -139,6 +255,17 @@ class QuantizeStage(CausalLMStage):
             facts["compression"] = compression_record(self.before, self.model, Path(out_dir), self.after_speed,
                                                       weight_bytes_after=weight_bytes)
         return facts
+
+    def export_autoround(self, out_dir: Path) -> Dict[str, Any]:
+        """model/ is the directory auto-round wrote, as ``final`` measured it."""
+        from llmexp.models.export import readable_as_umask_says, redact_configs
+
+        if self.trainer.is_global_zero:
+            shutil.copytree(self.autoround["dir"], out_dir, dirs_exist_ok=True)
+            shutil.rmtree(self.autoround["folder"], ignore_errors=True)
+            redact_configs(out_dir)
+            readable_as_umask_says(out_dir)
+        return {"model_dir": str(out_dir)}
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
