@@ -4,11 +4,13 @@ pruned (shipped stage=prune: 40 % of the MLP neurons, 200 recovery steps), the t
 sparse (stage.sparsity=0.5, magnitude, 200 recovery steps), each of the teacher and the
 distilled student quantized to int8 (torchao), and the teacher as llama.cpp's 8- and 4-bit GGUF
 (stage.method=q8_0 / q4_0; measured as transformers reads the file back, and, where
-llama-cpp-python is installed, in llama.cpp itself: exact match, tokenization, tokens/s). For every model: parameters, the fraction of weights that
+llama-cpp-python is installed, in llama.cpp itself: exact match, tokenization, tokens/s), the
+teacher in AutoRound's tuned 4 bits (stage.method=autoround), and the 200-step SFT (where 4-bit
+rounding shows) as q4_0, as AutoRound untuned (stage.iters=0) and tuned. For every model: parameters, the fraction of weights that
 are zero, weight bytes on disk and zstd-compressed, greedy generation tokens/s, the task metric (exact match on the skill's 155
 held-out questions) and validation perplexity.
 
-    python benchmarks/compression.py              # about 2 minutes on a 2-core CPU
+    python benchmarks/compression.py              # about 4 minutes on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -139,26 +141,38 @@ def main() -> None:
                        root / "teacher-q4_0")
     student_q = run(["stage=quantize", f"model.pretrained={root / 'student-distill' / 'model'}"],
                     root / "student-distill-int8")
+    teacher_ar = run(["stage=quantize", f"model.pretrained={root / 'teacher' / 'model'}", "stage.method=autoround"],
+                     root / "teacher-autoround")
+    # 4-bit where rounding shows: the 200-step SFT the post-training pipelines start from
+    short = run(["stage=sft", "experiment=sft_short"], root / "short-sft")
+    short_4bit = {name: run(["stage=quantize", f"model.pretrained={root / 'short-sft' / 'model'}", *extra],
+                            root / f"short-{name}")
+                  for name, extra in (("q4_0", ["stage.method=q4_0"]),
+                                      ("autoround-untuned", ["stage.method=autoround", "stage.iters=0"]),
+                                      ("autoround", ["stage.method=autoround"]))}
     rows = [row("teacher: default sft (hidden 64)", root / "teacher", teacher),
             row("teacher int8", root / "teacher-int8", teacher_q),
             row("teacher q8_0 GGUF", root / "teacher-q8_0", teacher_q8_0),
             row("teacher q4_0 GGUF", root / "teacher-q4_0", teacher_q4_0),
+            row("teacher autoround 4-bit", root / "teacher-autoround", teacher_ar),
             row("teacher pruned (mlp 0.4) + recovery", root / "teacher-pruned", teacher_pruned),
             row("teacher 50% sparse + recovery", root / "teacher-sparse", teacher_sparse),
             row("half-width student, plain sft", root / "student-sft", student_sft),
             row("half-width student, distilled", root / "student-distill", student_kd),
-            row("distilled student int8", root / "student-distill-int8", student_q)]
+            row("distilled student int8", root / "student-distill-int8", student_q),
+            row("200-step sft", root / "short-sft", short),
+            *[row(f"200-step sft {name}", root / f"short-{name}", s) for name, s in short_4bit.items()]]
     base = rows[0]
     for r in rows:
         r["size_ratio_to_teacher"] = round(base["weight_bytes"] / r["weight_bytes"], 2)
         r["speed_ratio_to_teacher"] = (round(r["tokens_per_second"] / base["tokens_per_second"], 2)
                                        if r["tokens_per_second"] else None)
     print(f"{'model':36} {'params':>8} {'zeros':>6} {'weights':>9} {'zstd':>8} {'size x':>7} {'tok/s':>8} "
-          f"{'speed x':>8} {'exact match':>12}")
+          f"{'speed x':>8} {'exact match':>12} {'perplexity':>11}")
     for r in rows:
         print(f"{r['model']:36} {r['parameters']:>8} {r['zero_fraction']:>6} {r['weight_bytes']:>9} "
               f"{r['zstd_bytes']:>8} {r['size_ratio_to_teacher']:>7} {str(r['tokens_per_second'] or '-'):>8} "
-              f"{str(r['speed_ratio_to_teacher'] or '-'):>8} {r['task_score']:>12.3f}")
+              f"{str(r['speed_ratio_to_teacher'] or '-'):>8} {r['task_score']:>12.3f} {r['perplexity']:>11.4f}")
     for r in rows:
         if "llama_cpp_task_score" in r:
             print(f"  in llama.cpp: {r['model']}: exact match {r['llama_cpp_task_score']:.3f}, "
@@ -167,7 +181,9 @@ def main() -> None:
                          "sparsity": teacher_sparse["pruning"]["sparsity"],
                          "quantization": {"teacher": teacher_q["quantization"], "student": student_q["quantization"],
                                       "teacher_q8_0": teacher_q8_0["quantization"],
-                                      "teacher_q4_0": teacher_q4_0["quantization"]}})
+                                      "teacher_q4_0": teacher_q4_0["quantization"],
+                                      "teacher_autoround": teacher_ar["quantization"],
+                                      **{f"short_{k}": v["quantization"] for k, v in short_4bit.items()}}})
 
 
 if __name__ == "__main__":

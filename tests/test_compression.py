@@ -81,7 +81,7 @@ def test_autoround_tunes_4_bit_weights_better_than_rounding_and_plain_transforme
     assert q == {"method": "autoround", "library": "auto-round", "embeddings": True, "group_size": 64,
                  "calibration_windows": 101, "calibration_tokens_each": 128}, q
     assert c["weight_bytes_after"] == (tmp_path / "tuned" / "model" / "model.safetensors").stat().st_size
-    assert c["size_ratio"] >= 3.0 and c["parameters_before"] == c["parameters_after"], c
+    assert c["size_ratio"] >= 3.0 and c["parameters_before"] == c["parameters_after"] == s["parameters"], c
     assert c["zero_fraction_after"] is None and c["generation_tokens_per_second"]["after"] > 0, c
     config = json.loads((tmp_path / "tuned" / "model" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "auto-round"
@@ -99,7 +99,7 @@ def test_autoround_tunes_4_bit_weights_better_than_rounding_and_plain_transforme
                            text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr[-2000:]
     kind, answer = plain.stdout.strip().splitlines()[-2:]
-    assert kind == "QuantLinear 4 64", plain.stdout
+    assert kind.startswith("QuantLinear") and kind.endswith(" 4 64"), plain.stdout  # the packed layer, its bits
     generated = run_module("llmexp.generate", [str(tmp_path / "tuned"), "Add 3 and 9."])
     assert generated.returncode == 0 and answer in generated.stdout, generated.stdout + generated.stderr
 

@@ -189,7 +189,15 @@ def check_tokenizer_fits(model, tokenizer, cfg: ModelConfig) -> None:
                         f"(model.tokenizer=null) or one with at most {rows} tokens")
 
 
+def packed_weights(model) -> int:
+    """Weights held packed in integer buffers (GPTQ-style ``qweight``, as auto-round's layers load),
+    not as parameters: ``infeatures`` x ``outfeatures`` per such layer."""
+    return sum(m.infeatures * m.outfeatures for m in model.modules()
+               if hasattr(m, "qweight") and hasattr(m, "infeatures") and hasattr(m, "outfeatures"))
+
+
 def count_parameters(model) -> Dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
+    """The model's weights (packed ones counted as the weights they stand for), and those that train."""
+    total = sum(p.numel() for p in model.parameters()) + packed_weights(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"parameters": total, "trainable_parameters": trainable}

@@ -20,21 +20,17 @@ def weight_bytes(directory: Optional[Path]) -> Optional[int]:
     return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
 
 
-def packed_weights(model) -> int:
-    """Weights held packed in integer buffers (GPTQ-style ``qweight``, as auto-round's layers load),
-    not as parameters: ``infeatures`` x ``outfeatures`` per such layer."""
-    return sum(m.infeatures * m.outfeatures for m in model.modules()
-               if hasattr(m, "qweight") and hasattr(m, "infeatures") and hasattr(m, "outfeatures"))
-
-
 def parameter_count(model) -> int:
-    """The model's weights, counting packed ones as the weights they stand for."""
-    return sum(p.numel() for p in model.parameters()) + packed_weights(model)
+    from llmexp.models.build import count_parameters
+
+    return count_parameters(model)["parameters"]
 
 
 def zero_fraction(model) -> Optional[float]:
     """The fraction of the model's weights that are exactly zero (None for a quantized model,
     whose weights are not plain tensors)."""
+    from llmexp.models.build import packed_weights
+
     params = list(model.parameters())
     if packed_weights(model) or any(type(p.data) is not torch.Tensor for p in params):
         return None
