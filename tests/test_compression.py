@@ -62,7 +62,7 @@ def test_int8_keeps_exact_match_shrinks_the_weights_and_loads_without_llmexp(tmp
 @pytest.mark.slow
 def test_autoround_tunes_4_bit_weights_better_than_rounding_and_plain_transformers_loads_them(tmp_path, short_sft):
     """stage.method=autoround from the 200-step SFT (where rounding errors show): measured 0.342 ->
-    0.342 with val loss +0.0017, against 0.342 -> 0.316 and +0.0038 untuned (stage.iters=0)."""
+    0.342 with val loss +0.0017 to +0.0023, against 0.310-0.316 and +0.0038 untuned (stage.iters=0)."""
     runs = {}
     for name, extra in (("tuned", []), ("rounded", ["stage.iters=0"])):
         r = run_cli(["stage=quantize", f"model.pretrained={short_sft / 'model'}", "stage.method=autoround", *extra,
@@ -76,7 +76,7 @@ def test_autoround_tunes_4_bit_weights_better_than_rounding_and_plain_transforme
     assert before == pytest.approx(json.loads((short_sft / "summary.json").read_text())["final"]["val/task_score"])
     assert after >= before - 0.02, (before, after)
     loss_up = {k: v["final"]["val/loss"] - v["initial"]["val/loss"] for k, v in runs.items()}
-    assert 0 < loss_up["tuned"] < 0.7 * loss_up["rounded"], loss_up  # the tuning is what calibrates
+    assert 0 < loss_up["tuned"] < 0.8 * loss_up["rounded"], loss_up  # the tuning is what calibrates
     q, c = s["quantization"], s["compression"]
     assert q == {"method": "autoround", "library": "auto-round", "embeddings": True, "group_size": 64,
                  "calibration_windows": 101, "calibration_tokens_each": 128}, q
