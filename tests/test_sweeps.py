@@ -38,6 +38,17 @@ def test_trials_running_at_once_share_the_cpus_unless_the_user_chose_the_threads
     assert "OMP_NUM_THREADS" not in trial_environment(1, {}, cpus=8)  # alone: torch's own default
 
 
+def test_the_sweep_says_how_it_shares_the_cpus_and_warns_of_more_trials_than_cpus():
+    from llmexp.sweep.__main__ import threads_note
+
+    assert threads_note(2, {}, cpus=8) == "llmexp sweep: 2 trials at once on 8 CPUs, 4 CPU threads each (OMP_NUM_THREADS)"
+    assert "(OMP_NUM_THREADS as set)" in threads_note(2, {"OMP_NUM_THREADS": "3"}, cpus=8)
+    assert "more trials than CPUs" not in threads_note(2, {}, cpus=2)
+    assert threads_note(4, {}, cpus=2) == (
+        "llmexp sweep: 4 trials at once on 2 CPUs, 1 CPU thread each (OMP_NUM_THREADS); more trials than CPUs take "
+        "turns on them: the sweep ends no sooner than with --parallel 2 and holds more in memory")
+
+
 @pytest.mark.slow
 def test_grid_sweep_runs_trials_in_parallel_and_reports(tmp_path):
     out = tmp_path / "sweep"

@@ -10,23 +10,29 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from llmexp.argtypes import command_summary
 from llmexp.argtypes import positive_int
 from llmexp.errors import UserError, report
 
 
-def threads_note(parallel: int) -> str:
-    """What each of the trials running at once gets of the CPUs (SweepEngine.trial_environment)."""
+def threads_note(parallel: int, environ: Optional[Dict[str, str]] = None, cpus: Optional[int] = None) -> str:
+    """What each of the trials running at once gets of the CPUs (SweepEngine.trial_environment),
+    and a warning where there are more trials than CPUs."""
     import os
 
     from llmexp.sweep.engine import trial_environment, usable_cpus
 
-    cpus = usable_cpus()
-    threads = trial_environment(parallel, dict(os.environ), cpus)["OMP_NUM_THREADS"]
-    return (f"llmexp sweep: {parallel} trials at once on {cpus} CPUs, {threads} CPU thread{'s' * (threads != '1')} "
-            f"each (OMP_NUM_THREADS{' as set' if os.environ.get('OMP_NUM_THREADS') else ''})")
+    environ = dict(os.environ) if environ is None else environ
+    cpus = usable_cpus() if cpus is None else cpus
+    threads = trial_environment(parallel, environ, cpus)["OMP_NUM_THREADS"]
+    note = (f"llmexp sweep: {parallel} trials at once on {cpus} CPU{'s' * (cpus != 1)}, {threads} CPU "
+            f"thread{'s' * (threads != '1')} each (OMP_NUM_THREADS{' as set' if environ.get('OMP_NUM_THREADS') else ''})")
+    if parallel > cpus:
+        note += (f"; more trials than CPUs take turns on them: the sweep ends no sooner than with --parallel {cpus} "
+                 "and holds more in memory")
+    return note
 
 
 def main(argv: Optional[List[str]] = None) -> int:
