@@ -48,11 +48,15 @@ def quiet_progress_bars() -> None:
 
 def quiet_import_warnings() -> None:
     """torchao (imported by transformers and peft when installed) logs a warning for each optional
-    CUDA kernel library a CPU build lacks, and torch's pytree one per enum torchao registers."""
+    CUDA kernel library a CPU build lacks, and torch's pytree one per enum torchao registers;
+    auto-round (loading a stage.method=autoround export) logs at INFO which kernel it chose, and
+    sets its level from AR_LOG_LEVEL when imported (a user's own setting stays)."""
     import logging
+    import os
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("AR_LOG_LEVEL", "WARNING")
 
 
 # Library messages that say nothing to an llmexp user (the run record holds the facts).

@@ -584,7 +584,7 @@ def _check_group_size(st, config_file: Path) -> List[Problem]:
     weights: the size must divide every layer's input (auto-round failed deep inside otherwise)."""
     from types import SimpleNamespace
 
-    from llmexp.stages.quantize import GROUP_SIZES, group_size_for, layer_input_sizes
+    from llmexp.weight_groups import GROUP_SIZES, group_size_for, layer_input_sizes
 
     if not config_file.is_file():
         return []
@@ -598,7 +598,8 @@ def _check_group_size(st, config_file: Path) -> List[Problem]:
     fits = group_size_for(None, sizes)
     if st.group_size and fits:
         return [Problem("stage.group_size", f"{st.group_size} does not divide the input sizes of this model's layers "
-                        f"({listed}, from {config_file})", f"stage.group_size={fits}, or null for the largest that fits")]
+                        f"({listed}, from {config_file})",
+                        f"stage.group_size={fits}, or null for the largest that fits")]
     return [Problem("stage.group_size", f"no group size of {', '.join(map(str, GROUP_SIZES))} divides the input sizes "
                     f"of this model's layers ({listed}, from {config_file})",
                     "stage.method=int8 (one scale per output row) or stage.method=q4_0 (llama.cpp's blocks of 32)")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 
 from llmexp.stages.causal_lm import CausalLMStage
+from llmexp.weight_groups import group_size_for, layer_input_sizes
 
 
 @contextlib.contextmanager
@@ -71,26 +73,6 @@ def torchao_config(stage_cfg, model):
                              untie_embedding_weights=False)
 
 
-GROUP_SIZES = (128, 64, 32)  # stage.group_size=null takes the first that fits
-
-
-def layer_input_sizes(config) -> List[int]:
-    """The input sizes of a decoder's quantized linear layers (and the output projection's): the
-    hidden size, the MLP's and the attention heads' concatenated width."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return sorted({config.hidden_size, config.intermediate_size, heads * head_dim})
-
-
-def group_size_for(requested, input_sizes) -> int | None:
-    """``requested`` if it divides every input size (None if not); with none requested, the
-    largest of GROUP_SIZES that does (None if none does)."""
-    for size in [requested] if requested else GROUP_SIZES:
-        if all(n % size == 0 for n in input_sizes):
-            return size
-    return None
-
-
 def calibration_windows(rows, length: int, count: int) -> List[torch.Tensor]:
     """Up to ``count`` windows ``[1, length]`` cut from ``rows`` (lists of token ids) laid end to
     end: calibration text as GPTQ, AWQ and AutoRound take it (whole windows of one length; a chat
@@ -116,22 +98,45 @@ def batch_rows(batches, pad_id: int) -> Iterator[List[int]]:
                 yield row[:n]
 
 
+TUNED = re.compile(r"quantized (?:\d+/\d+ layers in the block|(\S+?)),\s+loss iter 0: ([0-9.e+-]+) -> "
+                   r"iter (\d+): ([0-9.e+-]+)")
+
+
 @contextlib.contextmanager
-def quiet_auto_round():
-    """auto-round logs each block it tunes and a warning per argument it would rather get in a
-    config object, and transformers warns that its packed layers are "offloaded" when it saves
-    them; the stage prints what it quantizes and the record keeps the result."""
+def auto_round_tuning_losses() -> Iterator[List[Dict[str, float]]]:
+    """The output error (mean squared, on the calibration windows) of each decoder layer (and of
+    the output projection) as rounded to nearest and as tuned, from the line auto-round logs for
+    each; its other
+    lines (and transformers' warning that packed layers are "offloaded" when saved) kept off the
+    console: the stage prints what it quantizes and the record keeps the result."""
     import warnings
 
+    losses: List[Dict[str, float]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = TUNED.search(record.getMessage())
+            if found:
+                blocks = sum(1 for x in losses if x["layer"].startswith("decoder layer"))
+                losses.append({"layer": found[1] or f"decoder layer {blocks}", "rounded": float(found[2]),
+                               "tuned": float(found[4]), "best_step": int(found[3])})
+
     logger = logging.getLogger("autoround")
+    capture, levels = Capture(logging.INFO), [(h, h.level) for h in logger.handlers]
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.INFO)
+    for handler, _ in levels:
+        handler.setLevel(logging.ERROR)
+    logger.addHandler(capture)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*offloaded modules")
-            yield
+            yield losses
     finally:
+        logger.removeHandler(capture)
         logger.setLevel(level)
+        for handler, was in levels:
+            handler.setLevel(was)
 
 
 class QuantizeStage(CausalLMStage):
@@ -188,8 +193,8 @@ class QuantizeStage(CausalLMStage):
         from llmexp.models.build import load_pretrained
 
         s, m = self.cfg.stage, self.cfg.model
-        windows = calibration_windows(batch_rows(self.trainer.datamodule.train_dataloader(), self.tokenizer.pad_token_id),
-                                      s.calibration_length, s.calibration_samples)
+        rows = batch_rows(self.trainer.datamodule.train_dataloader(), self.tokenizer.pad_token_id)
+        windows = calibration_windows(rows, s.calibration_length, s.calibration_samples)
         if not windows:
             raise UserError(f"stage.calibration_length: the run's training data has fewer than "
                             f"{s.calibration_length} tokens, not one calibration window; fix: a smaller "
@@ -197,15 +202,20 @@ class QuantizeStage(CausalLMStage):
         model = load_pretrained(AutoModelForCausalLM, m.pretrained, "model.pretrained", "a causal LM",
                                 dtype=torch.float32)
         device = str(self.device) if self.device.type == "cuda" else "cpu"
-        group = group_size_for(s.group_size, layer_input_sizes(model.config))
+        sizes = layer_input_sizes(model.config)
+        group = group_size_for(s.group_size, sizes)
+        if group is None:  # preflight checks a local model's config.json; a hub id is read only now
+            raise UserError(f"stage.group_size: {s.group_size or 'no size of 128, 64 or 32'} does not divide the input "
+                            f"sizes of this model's layers ({', '.join(map(str, sizes))}); fix: a size that divides "
+                            "them, or stage.method=int8")
         folder = Path(tempfile.mkdtemp(prefix="llmexp-autoround-"))
         print(f"quantizing to 4 bits ({s.method}, groups of {group}) on {len(windows)} windows of "
               f"{s.calibration_length} training tokens", file=sys.stderr, flush=True)
-        with quiet_auto_round(), quiet_torchao():
-            rounder = AutoRound(model, self.tokenizer, scheme="W4A16", group_size=group, sym=True,
+        with auto_round_tuning_losses() as losses, quiet_torchao():
+            rounder = AutoRound(model, self.tokenizer, scheme="W4A16", group_size=group, sym=True, iters=s.iters,
                                 dataset=windows, nsamples=len(windows), seqlen=s.calibration_length,
                                 batch_size=min(8, len(windows)), quant_lm_head=s.embeddings, device_map=device,
-                                enable_torch_compile=None if device != "cpu" else False, seed=self.cfg.trainer.seed, iters=s.iters)
+                                enable_torch_compile=None if device != "cpu" else False, seed=self.cfg.trainer.seed)
             rounder.quantize_and_save(str(folder), format="auto_round")
             saved = next(config.parent for config in folder.rglob("config.json"))
             quantized = load_pretrained(AutoModelForCausalLM, saved, "model.pretrained",
@@ -213,8 +223,8 @@ class QuantizeStage(CausalLMStage):
         quantized.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = quantized.eval().to(self.device)
         self.autoround = {"dir": Path(saved), "folder": folder,
-                           "record": {"group_size": group, "calibration_windows": len(windows),
-                                      "calibration_tokens_each": s.calibration_length}}
+                          "record": {"group_size": group, "calibration_windows": len(windows),
+                                     "calibration_tokens_each": s.calibration_length, "layer_output_error": losses}}
 
     def torchao_quantized(self) -> None:
         """The model loaded from the trained one's directory by transformers, quantized by torchao."""
