@@ -218,8 +218,9 @@ class QuantizeStage(CausalLMStage):
                                 enable_torch_compile=None if device != "cpu" else False, seed=self.cfg.trainer.seed)
             rounder.quantize_and_save(str(folder), format="auto_round")
             saved = next(config.parent for config in folder.rglob("config.json"))
-            quantized = load_pretrained(AutoModelForCausalLM, saved, "model.pretrained",
-                                        f"the {s.method} export written from it")
+            quantized = load_pretrained(AutoModelForCausalLM, saved, "model.pretrained",  # on the device whose
+                                        f"the {s.method} export written from it",  # kernels it then picks
+                                        **({"device_map": device} if device != "cpu" else {}))
         quantized.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = quantized.eval().to(self.device)
         self.autoround = {"dir": Path(saved), "folder": folder,
