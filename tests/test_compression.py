@@ -74,6 +74,7 @@ def test_autoround_tunes_4_bit_weights_better_than_rounding_and_plain_transforme
     before, after = s["initial"]["val/task_score"], s["final"]["val/task_score"]
     assert before == pytest.approx(json.loads((short_sft / "summary.json").read_text())["final"]["val/task_score"])
     assert after >= before - 0.02, (before, after)
+    assert "kept in float" not in r.stderr and s["quantization"].pop("kept_float") == []
     errors = s["quantization"].pop("layer_output_error")
     assert [e["layer"] for e in errors] == ["decoder layer 0", "decoder layer 1", "lm_head"], errors
     assert all(0 < e["tuned"] < 0.7 * e["rounded"] for e in errors), errors  # the tuning is what calibrates

@@ -223,9 +223,18 @@ class QuantizeStage(CausalLMStage):
                                         **({"device_map": device} if device != "cpu" else {}))
         quantized.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = quantized.eval().to(self.device)
+        # auto-round packs a layer only where its shape allows (qwen2's output projection of 513
+        # rows stays float): the record says which did not shrink
+        output = None if s.embeddings else quantized.get_output_embeddings()  # float as asked
+        kept_float = [name for name, module in quantized.named_modules()
+                      if isinstance(module, torch.nn.Linear) and module is not output]
+        if kept_float:
+            print(f"kept in float (auto-round cannot pack their shapes): {', '.join(kept_float)}", file=sys.stderr,
+                  flush=True)
         self.autoround = {"dir": Path(saved), "folder": folder,
                           "record": {"group_size": group, "calibration_windows": len(windows),
-                                     "calibration_tokens_each": s.calibration_length, "layer_output_error": losses}}
+                                     "calibration_tokens_each": s.calibration_length, "kept_float": kept_float,
+                                     "layer_output_error": losses}}
 
     def torchao_quantized(self) -> None:
         """The model loaded from the trained one's directory by transformers, quantized by torchao."""
