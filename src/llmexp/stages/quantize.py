@@ -106,9 +106,8 @@ TUNED = re.compile(r"quantized (?:\d+/\d+ layers in the block|(\S+?)),\s+loss it
 def auto_round_tuning_losses() -> Iterator[List[Dict[str, float]]]:
     """The output error (mean squared, on the calibration windows) of each decoder layer (and of
     the output projection) as rounded to nearest and as tuned, from the line auto-round logs for
-    each; its other
-    lines (and transformers' warning that packed layers are "offloaded" when saved) kept off the
-    console: the stage prints what it quantizes and the record keeps the result."""
+    each; its other lines (and transformers' warning that packed layers are "offloaded" when
+    saved) kept off the console: the stage prints what it quantizes and the record keeps the result."""
     import warnings
 
     losses: List[Dict[str, float]] = []
