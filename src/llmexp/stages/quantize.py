@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 import sys
@@ -208,6 +209,9 @@ class QuantizeStage(CausalLMStage):
                             f"sizes of this model's layers ({', '.join(map(str, sizes))}); fix: a size that divides "
                             "them, or stage.method=int8")
         folder = Path(tempfile.mkdtemp(prefix="llmexp-autoround-"))
+        # where auto-round offloads layers when memory runs short: its default is ./ar_work_space, in
+        # the user's working directory
+        os.environ.setdefault("AR_WORK_SPACE", str(folder / "offload"))
         print(f"quantizing to 4 bits ({s.method}, groups of {group}) on {len(windows)} windows of "
               f"{s.calibration_length} training tokens", file=sys.stderr, flush=True)
         with auto_round_tuning_losses() as losses, quiet_torchao():
