@@ -137,9 +137,11 @@ def test_group_size_divides_every_quantized_layers_input():
 @pytest.mark.parametrize("case,overrides,expected", [
     ("int4 on a CPU", ["stage.method=int4"], "stage.method: int4 uses torchao's CUDA kernels"),
     ("groups wider than a layer", ["stage.method=autoround", "stage.group_size=128"],
-     "stage.group_size: 128 does not divide the input sizes of this model's layers (64, 256, from"),
+     "stage.group_size: 128 does not divide the input sizes of this model's layers (64, 256), from"),
+    ("windows past the positions", ["stage.method=autoround", "stage.calibration_length=1024"],
+     "stage.calibration_length: windows of 1024 tokens are longer than the 512 positions of this model"),
     ("no group fits", ["stage.method=autoround", "NARROW"],
-     "stage.group_size: no group size of 128, 64, 32 divides the input sizes of this model's layers (48, 192"),
+     "stage.group_size: no group size of 128, 64, 32 divides the input sizes of this model's layers (48, 192)"),
     ("no model", [], "model.pretrained: stage=quantize needs the trained model"),
     ("steps asked", ["trainer.max_steps=5"], "trainer.max_steps: stage=quantize changes a trained model"),
     ("sharded", ["strategy=fsdp"], "strategy: stage=quantize changes a whole model in one process"),

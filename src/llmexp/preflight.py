@@ -258,7 +258,7 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
                          "--type q8_0 (or q4_0) writes gpt2's weights quantized for llama.cpp; stage=quantize takes "
                          "llama, mistral and qwen2"))
     elif st.name == "quantize" and st.method != "int8" and pretrained:
-        p.extend(_check_group_size(st, Path(os.path.expanduser(pretrained)) / "config.json"))
+        p.extend(_check_quantize_sizes(st, Path(os.path.expanduser(pretrained)) / "config.json"))
     if not spec.generates:
         return p
     if t.grad_accum % getattr(st, "num_minibatches", 1):
@@ -579,30 +579,31 @@ def _keep_fix(key: str, has: int, what: str) -> str:
     return f"{key}={has - 1} or fewer prunes {what}; {key}={has} (or null) keeps all {has}"
 
 
-def _check_group_size(st, config_file: Path) -> List[Problem]:
+def _check_quantize_sizes(st, config_file: Path) -> List[Problem]:
     """int4 and autoround split each quantized layer's input into groups of stage.group_size
-    weights: the size must divide every layer's input (auto-round failed deep inside otherwise)."""
+    weights: the size must divide every layer's input (auto-round failed deep inside otherwise);
+    autoround's calibration windows must fit the model's positions."""
     from types import SimpleNamespace
 
-    from llmexp.weight_groups import GROUP_SIZES, group_size_for, layer_input_sizes
+    from llmexp.weight_groups import group_size_problem, layer_input_sizes
 
     if not config_file.is_file():
         return []
     try:
-        sizes = layer_input_sizes(SimpleNamespace(**{"head_dim": None, **json.loads(config_file.read_text())}))
+        config = json.loads(config_file.read_text())
+        sizes = layer_input_sizes(SimpleNamespace(**{"head_dim": None, **config}))
     except (OSError, ValueError, TypeError, AttributeError):
         return []  # not a decoder config this can read: the load reports it
-    if group_size_for(st.group_size, sizes) is not None:
-        return []
-    listed = ", ".join(map(str, sizes))
-    fits = group_size_for(None, sizes)
-    if st.group_size and fits:
-        return [Problem("stage.group_size", f"{st.group_size} does not divide the input sizes of this model's layers "
-                        f"({listed}, from {config_file})",
-                        f"stage.group_size={fits}, or null for the largest that fits")]
-    return [Problem("stage.group_size", f"no group size of {', '.join(map(str, GROUP_SIZES))} divides the input sizes "
-                    f"of this model's layers ({listed}, from {config_file})",
-                    "stage.method=int8 (one scale per output row) or stage.method=q4_0 (llama.cpp's blocks of 32)")]
+    p: List[Problem] = []
+    wrong = group_size_problem(st.group_size, sizes)
+    if wrong:
+        p.append(Problem("stage.group_size", f"{wrong[0]}, from {config_file}", wrong[1]))
+    positions = config.get("max_position_embeddings")
+    if st.method == "autoround" and positions and st.calibration_length > positions:
+        p.append(Problem("stage.calibration_length", f"windows of {st.calibration_length} tokens are longer than "
+                         f"the {positions} positions of this model ({config_file})",
+                         f"stage.calibration_length={min(128, positions)} (at most {positions})"))
+    return p
 
 
 def _check_gguf_writable(st, model_dir: Path) -> List[Problem]:

@@ -4,7 +4,7 @@ the stage and for preflight (which must not import the stage: that imports Light
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 GROUP_SIZES = (128, 64, 32)  # stage.group_size=null takes the first that fits
 
@@ -24,3 +24,17 @@ def group_size_for(requested: Optional[int], input_sizes: List[int]) -> Optional
         if all(n % size == 0 for n in input_sizes):
             return size
     return None
+
+
+def group_size_problem(requested: Optional[int], input_sizes: List[int]) -> Optional[Tuple[str, str]]:
+    """What is wrong with ``requested`` for layers of ``input_sizes``, and the fix; None if a
+    size fits."""
+    if group_size_for(requested, input_sizes) is not None:
+        return None
+    listed, fits = ", ".join(map(str, input_sizes)), group_size_for(None, input_sizes)
+    if requested and fits:
+        return (f"{requested} does not divide the input sizes of this model's layers ({listed})",
+                f"stage.group_size={fits}, or null for the largest that fits")
+    return (f"no group size of {', '.join(map(str, GROUP_SIZES))} divides the input sizes of this model's "
+            f"layers ({listed})", "stage.method=int8 (one scale per output row) or stage.method=q4_0 (llama.cpp's "
+            "blocks of 32)")

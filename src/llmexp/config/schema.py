@@ -480,7 +480,8 @@ class QuantizeStageConfig:
     calibration_samples: int = bounded(128, min=1, help=(
         "autoround: calibration windows of stage.calibration_length tokens, cut from the run's training "
         "data laid end to end."))
-    calibration_length: int = bounded(128, min=8, help="autoround: tokens per calibration window.")
+    calibration_length: int = bounded(128, min=8, help=(
+        "autoround: tokens per calibration window (at most the model's max_position_embeddings)."))
     iters: int = bounded(200, min=0, help=(
         "autoround: tuning steps per decoder layer (auto-round's default); 0: rounded to nearest, untuned (the "
         "baseline the tuning improves on)."))

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 
 from llmexp.stages.causal_lm import CausalLMStage
-from llmexp.weight_groups import group_size_for, layer_input_sizes
+from llmexp.weight_groups import group_size_for, group_size_problem, layer_input_sizes
 
 
 @contextlib.contextmanager
@@ -203,11 +203,10 @@ class QuantizeStage(CausalLMStage):
                                 dtype=torch.float32)
         device = str(self.device) if self.device.type == "cuda" else "cpu"
         sizes = layer_input_sizes(model.config)
+        wrong = group_size_problem(s.group_size, sizes)
+        if wrong:  # preflight checks a local model's config.json; a hub id is read only now
+            raise UserError(f"stage.group_size: {wrong[0]}; fix: {wrong[1]}")
         group = group_size_for(s.group_size, sizes)
-        if group is None:  # preflight checks a local model's config.json; a hub id is read only now
-            raise UserError(f"stage.group_size: {s.group_size or 'no size of 128, 64 or 32'} does not divide the input "
-                            f"sizes of this model's layers ({', '.join(map(str, sizes))}); fix: a size that divides "
-                            "them, or stage.method=int8")
         folder = Path(tempfile.mkdtemp(prefix="llmexp-autoround-"))
         # where auto-round offloads layers when memory runs short: its default is ./ar_work_space, in
         # the user's working directory
