@@ -15,6 +15,7 @@ import torch
 from llmexp.testing import typed
 
 GROUP = 4
+TEMPERATURE = 0.7  # not 1: the log-probs' temperature is then part of what is compared
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,8 @@ def ours(tokenizer, policy, rows, overrides, stage_name="grpo", scores=None):
     from llmexp.stages import stage_class
     from llmexp.stages.reference import Reference
 
-    cfg = typed([f"stage={stage_name}", f"stage.group_size={GROUP}", "stage.epochs=2", *overrides])
+    cfg = typed([f"stage={stage_name}", f"stage.group_size={GROUP}", "stage.epochs=2",
+                 f"stage.rollout.temperature={TEMPERATURE}", *overrides])
     stage = stage_class(stage_name)(cfg, policy, tokenizer)
     stage._frozen.update(reference=Reference.of(policy, keep_copy=cfg.stage.kl_coef > 0),
                          reward=build_reward(cfg.stage.reward))
@@ -92,7 +94,7 @@ def trl_loss(tmp_path, tokenizer, policy, r, advantages, loss_type, level, epsil
     from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type, importance_sampling_level=level,
-                      epsilon=0.2, epsilon_high=epsilon_high, beta=beta, temperature=0.7, max_completion_length=16,
+                      epsilon=0.2, epsilon_high=epsilon_high, beta=beta, temperature=TEMPERATURE, max_completion_length=16,
                       num_generations=GROUP, per_device_train_batch_size=2 * GROUP, report_to=[], use_cpu=True,
                       bf16=False, fp16=False)
     trainer = GRPOTrainer(model=policy, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
@@ -150,7 +152,7 @@ def test_rloo_loss_equals_trl(tmp_path, setup, normalize):
     policy = copy.deepcopy(policy)
     r, advantages, loss = ours(tokenizer, policy, rows, ["stage.kl_coef=0.05", "stage.epsilon_high=0.28",
                                                          f"stage.normalize_advantages={normalize}"], "rloo")
-    args = RLOOConfig(output_dir=str(tmp_path / "trl"), epsilon=0.2, epsilon_high=0.28, beta=0.05, temperature=0.7,
+    args = RLOOConfig(output_dir=str(tmp_path / "trl"), epsilon=0.2, epsilon_high=0.28, beta=0.05, temperature=TEMPERATURE,
                       max_completion_length=16, num_generations=GROUP, per_device_train_batch_size=2 * GROUP,
                       report_to=[], use_cpu=True, bf16=False, fp16=False)
     trainer = RLOOTrainer(model=policy, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
