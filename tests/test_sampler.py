@@ -384,6 +384,26 @@ def test_vllm_weight_sync_merges_a_lora_adapter_under_the_base_models_names(tiny
     assert torch.allclose(policy(input_ids=ids, attention_mask=mask).logits, before, atol=1e-5)
 
 
+def test_vllm_joins_the_run_as_trls_colocate_mode_does():
+    """engine=vllm starts vLLM with its external_launcher backend on every rank, one device
+    included (the engine then runs in this process, where the policy's weights reach it): the
+    variables it reads name this rank, keep a rendezvous the launcher set, and otherwise pick a
+    free port on localhost."""
+    import socket
+
+    from llmexp.rollout_engines import launch_env
+
+    env = launch_env({}, 0, 0, 1)
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost"}
+    with socket.socket() as s:
+        s.bind(("localhost", int(env["MASTER_PORT"])))  # free
+    launched = {"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29511", "RANK": "stale"}
+    assert launch_env(launched, 3, 1, 4) == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
+                                             "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29511"}
+    assert launch_env({"MASTER_PORT": "auto"}, 0, 0, 1)["MASTER_PORT"] not in ("auto", "0")
+
+
 def test_the_stage_answers_alike_with_either_engine(tiny):
     """stage.rollout.engine=hf and =generate give a grpo stage the same greedy responses (cut to
     the longest), and only hf brings the rollout's own log-probs."""

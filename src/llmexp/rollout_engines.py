@@ -11,7 +11,8 @@ top_k=, top_p=, with_logprobs=, with_hidden=) -> Sampled``.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator, List, Tuple
+import os
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Tuple
 
 from llmexp.errors import UserError
 
@@ -79,17 +80,22 @@ class VLLMEngine:
 
         self.stage = stage
         model = stage.model
-        # Under ddp every rank holds its own engine inside the already-launched process group
-        # (vLLM's external_launcher backend, as TRL's colocate mode does).
-        distributed = {"distributed_executor_backend": "external_launcher"} if stage.trainer.world_size > 1 else {}
+        # Every rank holds its own engine in this process (vLLM's external_launcher backend, as TRL's
+        # colocate mode): the engine then runs in-process, where its model can take the policy's
+        # weights, and under ddp it joins the process group Lightning launched.
+        os.environ.update(launch_env(os.environ, stage.global_rank, stage.local_rank, stage.trainer.world_size))
         self.llm = LLM(model=_export_for_vllm(stage), tensor_parallel_size=1,
                        gpu_memory_utilization=stage.cfg.stage.rollout.vllm_gpu_memory_utilization,
                        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                       enable_prefix_caching=True, seed=stage.cfg.trainer.seed + stage.global_rank, **distributed)
+                       enable_prefix_caching=True, seed=stage.cfg.trainer.seed + stage.global_rank,
+                       distributed_executor_backend="external_launcher",
+                       # vLLM's memory profiler reserves for its default 32768 tokens a step and finds too
+                       # little room beside the training process (TRL passes the same)
+                       max_num_batched_tokens=4096)
         self.synced_step = stage.global_step
 
     def sync_weights(self) -> None:
-        llm_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        llm_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         with policy_weights(self.stage.model) as weights:
             llm_model.load_weights(weights)
         self.llm.reset_prefix_cache()
@@ -117,6 +123,25 @@ class VLLMEngine:
                 for o in outputs for c in o.outputs]
         responses = pad_rows(rows, self.stage.tokenizer.pad_token_id).to(prompt_ids.device)
         return Sampled(responses[:, :max_new_tokens])  # log-probs by the policy's own forward pass
+
+
+def launch_env(environ: Mapping[str, str], rank: int, local_rank: int, world_size: int) -> Dict[str, str]:
+    """The variables vLLM's external_launcher reads to join (or, on one device, start) the process
+    group: this rank's place, and a rendezvous address and port where none is set (a free port,
+    so that two runs on one machine do not collide)."""
+    env = {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size),
+           "MASTER_ADDR": environ.get("MASTER_ADDR") or "localhost"}
+    port = environ.get("MASTER_PORT", "").strip().lower()
+    env["MASTER_PORT"] = port if port not in ("", "0", "auto") else str(_free_port())
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
