@@ -285,6 +285,82 @@ def test_grpo_update_without_the_groups_that_scored_alike_has_the_same_loss_and_
         assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_grpo_kl_from_a_share_of_the_groups_that_scored_alike_is_the_full_kl_term_on_average(tiny):
+    """stage.kl_sample_share: with a KL term, the update runs the groups with a signal and a drawn
+    share of the others, each drawn one weighted by the inverse share, and the reference runs over
+    those rows alone. Averaged over every draw of share 0.5 (each of the 4 subsets of the two
+    groups that scored alike, equally likely), the loss, its KL sum and every gradient equal the
+    update over all rows; the draw itself keeps each such group with that probability."""
+    import copy
+    import itertools
+
+    from llmexp import advantages as M
+    from llmexp.stages.policy_gradient import GRPOStage
+    from llmexp.stages.reference import Reference
+    from llmexp.stages.rollout import Rollout
+    from llmexp.testing import typed
+
+    model, tok, ids, mask = tiny
+    torch.manual_seed(5)
+    sampled = Sampler(model, tok.eos_token_id, tok.pad_token_id)(
+        ids, mask, T, samples_per_prompt=G, temperature=0.7, with_logprobs=True).trimmed(tok.eos_token_id)
+    m = response_mask(sampled.responses, tok.eos_token_id)
+    attention = torch.cat([mask.repeat_interleave(G, 0), m.long()], 1)
+    scores = torch.ones(len(m))
+    scores[[1, 5, 13, 17]] = 0.0  # prompts 2 and 5 scored alike; the other four have a signal
+    policy = copy.deepcopy(model).train()
+    reference = Reference.of(policy, keep_copy=True)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+
+    def update(share, kl_weights=None):
+        cfg = typed(["stage=grpo", f"stage.group_size={G}", "stage.epochs=2", "stage.rollout.temperature=0.7",
+                     "stage.kl_coef=0.04", f"stage.kl_sample_share={share}"])
+        stage = GRPOStage(cfg, policy, tok)
+        stage._frozen["reference"] = reference
+        r = Rollout(sequences=torch.cat([ids.repeat_interleave(G, 0), sampled.responses], 1), attention_mask=attention,
+                    position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=ids.shape[1], mask=m,
+                    scores=scores, samples_per_prompt=G, logprobs=sampled.logprobs * m, entropy=sampled.entropy * m)
+        r = stage.keep_rows(r)
+        if kl_weights is not None:
+            r.kl_weights = kl_weights
+        r.ref_logprobs = stage.reference_logprobs(r)
+        stage.finish([r])
+        rows = []
+        hook = policy.get_input_embeddings().register_forward_hook(lambda mod, i, o: rows.append(len(i[0])))
+        policy.zero_grad()
+        loss, extras = stage.rollout_loss(r)
+        hook.remove()
+        loss.backward()
+        return r, float(loss), float(extras["kl"]), {n: p.grad.clone() for n, p in policy.named_parameters()}, rows
+
+    full, loss_full, kl_full, grad_full, rows_full = update(1.0)
+    assert full.kl_weights is None and rows_full == [6, 6 * G] and kl_full > 0
+    losses, kls, grads = [], [], []
+    for drawn in itertools.product([0.0, 2.0], repeat=2):
+        weights = torch.tensor([1.0, 1.0, drawn[0], 1.0, 1.0, drawn[1]]).repeat_interleave(G)
+        r, loss, kl, grad, rows = update(0.5, weights)
+        groups = 4 + sum(d > 0 for d in drawn)
+        assert rows == [groups, groups * G]  # prompts, then responses: the drawn groups alone
+        ran = weights > 0
+        assert torch.allclose(r.ref_logprobs[ran], full.ref_logprobs[ran], atol=1e-6)
+        assert (r.ref_logprobs[~ran] == 0).all()  # the reference never ran them
+        losses.append(loss), kls.append(kl), grads.append(grad)
+    assert sum(losses) / 4 == pytest.approx(loss_full, rel=1e-5)
+    assert sum(kls) / 4 == pytest.approx(kl_full, rel=1e-5)
+    for name, g in grad_full.items():
+        avg = sum(d[name] for d in grads) / 4
+        assert torch.allclose(avg, g, atol=1e-5, rtol=1e-4), name
+    # the draw: groups with a signal weigh 1, the others 1 / share with probability share
+    torch.manual_seed(0)
+    without = torch.arange(40_000) % 4 != 0
+    w = M.sampled_group_weights(without, 0.25)
+    assert (w[~without] == 1).all() and set(w[without].unique().tolist()) == {0.0, 4.0}
+    assert float(w[without].mean()) == pytest.approx(1.0, abs=0.03)
+    assert M.weighted_rows(torch.zeros(3 * G), G).tolist() == list(range(G))  # none drawn: the first group, weight 0
+
+
 def test_online_dpo_runs_tied_pairs_without_gradient_and_computes_the_same(tiny):
     """stage.skip_ties: the tied pairs (left out of the loss) run without recording a gradient,
     for their metrics; the loss, every metric sum and every parameter gradient equal one pass

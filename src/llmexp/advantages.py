@@ -109,6 +109,23 @@ def groups_with_advantage(advantages: torch.Tensor, group_size: int) -> torch.Te
     return moves.repeat_interleave(group_size).nonzero().squeeze(1)
 
 
+def sampled_group_weights(without_signal: torch.Tensor, share: float) -> torch.Tensor:
+    """Per group, its weight in a KL term estimated from a random share of the groups that scored
+    alike: 1 for a group with a signal; for one without, ``1 / share`` with probability ``share``,
+    else 0. Any sum over the groups of terms weighted so is, over the draw, the plain sum."""
+    drawn = (torch.rand(len(without_signal)) < share).to(without_signal.device)
+    return torch.where(without_signal, drawn.float() / share, torch.ones_like(drawn, dtype=torch.float))
+
+
+def weighted_rows(row_weights: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Indices of the rows with a nonzero weight (whole groups), or of the first group if none has
+    one (weighted 0, it keeps a backward pass on every rank)."""
+    kept = row_weights.reshape(-1, group_size)[:, 0] != 0
+    if not kept.any():
+        kept[0] = True
+    return kept.repeat_interleave(group_size).nonzero().squeeze(1)
+
+
 def preference_pairs(scores: torch.Tensor, group_size: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online DPO: each prompt's responses (``group_size`` consecutive rows) become one preference
     pair, the first highest-scored response chosen and the last lowest-scored one rejected (of two

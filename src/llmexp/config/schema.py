@@ -363,7 +363,12 @@ class GRPOStageConfig:
     skip_groups_without_signal: bool = doc(True, help=(
         "Run the update's forward and backward passes only over groups whose responses scored differently, where "
         "that changes nothing (kl_coef 0): the others have zero advantage on every token, so the gradient, loss "
-        "and loss's token count are the same; train/entropy is then the sampling policy's, from the rollout."))
+        "and loss's token count are the same; train/entropy is then the sampling policy's, from the rollout. With "
+        "kl_coef > 0, it also runs the share of the others that kl_sample_share draws."))
+    kl_sample_share: float = bounded(1.0, above=0.0, max=1.0, help=(
+        "With kl_coef > 0: the share of the groups whose responses all scored alike that carry their KL term into "
+        "each update, drawn at random and weighted by its inverse (an unbiased estimate of the KL term, noisier); the "
+        "rest skip the reference and the update, as with kl_coef 0. 1: every group, exact."))
 
 
 @dataclass

@@ -121,9 +121,25 @@ class GRPOStage(GroupSampling, RolloutStage):
     def skips_groups_without_signal(self) -> bool:
         """stage.skip_groups_without_signal where it is exact: without a KL term, a group whose
         responses all scored alike has zero advantage on every token, so its rows add exactly
-        nothing to the loss or its gradient (from the default SFT, 94 % of the groups)."""
+        nothing to the loss or its gradient (from the default SFT, 94 % of the groups). With one,
+        where stage.kl_sample_share estimates it from a share of those groups."""
         s = self.cfg.stage
-        return s.skip_groups_without_signal and s.kl_coef == 0
+        return s.skip_groups_without_signal and (s.kl_coef == 0 or self.samples_kl())
+
+    def samples_kl(self) -> bool:
+        """Whether the KL term of the groups that scored alike comes from a random share of them,
+        each weighted by the inverse share (an unbiased estimate; stage.kl_sample_share < 1)."""
+        s = self.cfg.stage
+        return s.kl_coef > 0 and s.kl_sample_share < 1 and s.skip_groups_without_signal
+
+    def keep_rows(self, r: Rollout) -> Rollout:
+        """Every row; with samples_kl, each row's weight in the KL term drawn (before the reference
+        runs, over the drawn rows alone)."""
+        if self.samples_kl():
+            s = self.cfg.stage
+            without_signal = M.groups_without_signal(r.scores, s.group_size)
+            r.kl_weights = M.sampled_group_weights(without_signal, s.kl_sample_share).repeat_interleave(s.group_size)
+        return r
 
     def needs_sampling_entropy(self) -> bool:
         return self.skips_groups_without_signal()  # train/entropy of the rows the update skips
@@ -159,7 +175,12 @@ class GRPOStage(GroupSampling, RolloutStage):
     def rollout_loss(self, r: Rollout):
         s = self.cfg.stage
         skipping = self._skipping([r])
-        if skipping:  # the other rows' policy loss and clipped fraction are exactly zero
+        kl_weights = None
+        if skipping and r.kl_weights is not None:  # the groups with a signal and the share drawn for the KL
+            index = M.weighted_rows(r.kl_weights, s.group_size)
+            kl_weights = r.kl_weights[index].unsqueeze(1)
+            r = r.rows(index, s.group_size)
+        elif skipping:  # the other rows' policy loss and clipped fraction are exactly zero
             r = r.rows(M.groups_with_advantage(r.advantages, s.group_size), s.group_size)
         logprobs, _, entropy = self.token_outputs(r, self.model, with_entropy=not skipping)
         old = r.logprobs if r.logprobs is not None else logprobs.detach()
@@ -172,6 +193,8 @@ class GRPOStage(GroupSampling, RolloutStage):
         per_token = pg
         if s.kl_coef > 0:
             kl = k3_kl(logprobs, r.ref_logprobs)
+            if kl_weights is not None:  # the drawn rows stand for every row that scored alike
+                kl = kl * kl_weights
             extras["kl"] = M.masked_sum(kl.detach(), m)
             if s.use_bias_correction_kl:
                 kl = kl * torch.exp(importance_log_weights(logprobs, old, m, s.importance_sampling_level))

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from llmexp.advantages import entropy_of, response_mask
+from llmexp.advantages import entropy_of, response_mask, weighted_rows
 from llmexp.data.collate import collate_prompts
 from llmexp.data.encode import prompt_encoder
 from llmexp.faults import check_finite
@@ -43,6 +43,9 @@ class Rollout:
     loss_mask: Optional[torch.Tensor] = None  # the tokens the loss counts, where it differs from mask
     samples_per_prompt: int = 1  # consecutive rows that answer one prompt
     sampled_scores: Optional[torch.Tensor] = None  # every sampled response's, where only some rows are kept
+    # [B] each row's weight in the KL term where grpo estimates it from a share of the groups that
+    # scored alike (stage.kl_sample_share); 0: the row is left out of the reference and the update
+    kl_weights: Optional[torch.Tensor] = None
 
     @property
     def counted(self) -> torch.Tensor:
@@ -321,8 +324,15 @@ class RolloutStage(StageModule):
         return self.cfg.stage.rollout.share_prefill and self.can_share_prefixes(model)
 
     def reference_logprobs(self, r: Rollout) -> torch.Tensor:
+        """The reference's log-probs of the responses; with ``r.kl_weights``, of the rows the update
+        runs alone (the others' stay 0, unused)."""
         with self._frozen["reference"].model(self.model) as reference:
-            return self.token_outputs(r, reference, with_entropy=False)[0]
+            if r.kl_weights is None:
+                return self.token_outputs(r, reference, with_entropy=False)[0]
+            index = weighted_rows(r.kl_weights, r.samples_per_prompt)
+            out = torch.zeros_like(r.mask)
+            out[index] = self.token_outputs(r.rows(index, r.samples_per_prompt), reference, with_entropy=False)[0]
+            return out
 
     # -- what ppo and grpo provide ---------------------------------------------------------------
     def finish(self, rollouts: List[Rollout]) -> Dict[str, float]:
