@@ -235,6 +235,26 @@ def test_loss_forward_sharing_each_prompt_equals_whole_sequences_with_gradients(
         assert torch.allclose(grad_a[name], grad_b[name], atol=1e-4, rtol=1e-3), name
 
 
+def sampled_grpo_rollouts(tiny, unrewarded):
+    """``G`` responses to each of the tiny prompts (temperature 0.7, seed 5), each scored 1 but the
+    rows ``unrewarded``; returns a function that makes a fresh Rollout of them (with the sampling
+    policy's log-probs and entropies)."""
+    from llmexp.stages.rollout import Rollout
+
+    model, tok, ids, mask = tiny
+    torch.manual_seed(5)
+    sampled = Sampler(model, tok.eos_token_id, tok.pad_token_id)(
+        ids, mask, T, samples_per_prompt=G, temperature=0.7, with_logprobs=True).trimmed(tok.eos_token_id)
+    m = response_mask(sampled.responses, tok.eos_token_id)
+    attention = torch.cat([mask.repeat_interleave(G, 0), m.long()], 1)
+    scores = torch.ones(len(m))
+    scores[unrewarded] = 0.0
+    return lambda: Rollout(
+        sequences=torch.cat([ids.repeat_interleave(G, 0), sampled.responses], 1), attention_mask=attention,
+        position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=ids.shape[1], mask=m, scores=scores,
+        samples_per_prompt=G, logprobs=sampled.logprobs * m, entropy=sampled.entropy * m)
+
+
 def test_grpo_update_without_the_groups_that_scored_alike_has_the_same_loss_and_gradients(tiny):
     """stage.skip_groups_without_signal: the update's passes run only the groups whose responses
     scored differently (here 2 of 6 prompts), with the loss, its metric sums and every parameter
@@ -242,20 +262,14 @@ def test_grpo_update_without_the_groups_that_scored_alike_has_the_same_loss_and_
     import copy
 
     from llmexp.stages.policy_gradient import GRPOStage
-    from llmexp.stages.rollout import Rollout
     from llmexp.testing import typed
 
     model, tok, ids, mask = tiny
     cfg = typed(["stage=grpo", f"stage.group_size={G}", "stage.epochs=2", "stage.rollout.temperature=0.7",
                  "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
                  "model.intermediate_size=128"])
-    torch.manual_seed(5)
-    sampled = Sampler(model, tok.eos_token_id, tok.pad_token_id)(
-        ids, mask, T, samples_per_prompt=G, temperature=0.7, with_logprobs=True).trimmed(tok.eos_token_id)
-    m = response_mask(sampled.responses, tok.eos_token_id)
-    attention = torch.cat([mask.repeat_interleave(G, 0), m.long()], 1)
-    scores = torch.ones(len(m))
-    scores[[1, 2, 13]] = 0.0  # prompts 0 and 3 have a signal; the other four scored alike
+    rollout = sampled_grpo_rollouts(tiny, [1, 2, 13])  # prompts 0 and 3 have a signal; the other four scored alike
+    m = rollout().mask
     rows_run = []
     results = {}
     for skip in (True, False):
@@ -263,9 +277,7 @@ def test_grpo_update_without_the_groups_that_scored_alike_has_the_same_loss_and_
         policy = copy.deepcopy(model).train()
         stage = GRPOStage(cfg, policy, tok)
         assert stage.needs_sampling_entropy() is skip
-        r = Rollout(sequences=torch.cat([ids.repeat_interleave(G, 0), sampled.responses], 1), attention_mask=attention,
-                    position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=ids.shape[1], mask=m,
-                    scores=scores, samples_per_prompt=G, logprobs=sampled.logprobs * m, entropy=sampled.entropy * m)
+        r = rollout()
         stats = stage.finish([r])
         hook = policy.get_input_embeddings().register_forward_hook(lambda mod, i, o: rows_run.append(len(i[0])))
         loss, extras = stage.rollout_loss(r)
@@ -297,17 +309,10 @@ def test_grpo_kl_from_a_share_of_the_groups_that_scored_alike_is_the_full_kl_ter
     from llmexp import advantages as M
     from llmexp.stages.policy_gradient import GRPOStage
     from llmexp.stages.reference import Reference
-    from llmexp.stages.rollout import Rollout
     from llmexp.testing import typed
 
     model, tok, ids, mask = tiny
-    torch.manual_seed(5)
-    sampled = Sampler(model, tok.eos_token_id, tok.pad_token_id)(
-        ids, mask, T, samples_per_prompt=G, temperature=0.7, with_logprobs=True).trimmed(tok.eos_token_id)
-    m = response_mask(sampled.responses, tok.eos_token_id)
-    attention = torch.cat([mask.repeat_interleave(G, 0), m.long()], 1)
-    scores = torch.ones(len(m))
-    scores[[1, 5, 13, 17]] = 0.0  # prompts 2 and 5 scored alike; the other four have a signal
+    rollout = sampled_grpo_rollouts(tiny, [1, 5, 13, 17])  # prompts 2 and 5 scored alike; the other four have a signal
     policy = copy.deepcopy(model).train()
     reference = Reference.of(policy, keep_copy=True)
     with torch.no_grad():
@@ -319,10 +324,7 @@ def test_grpo_kl_from_a_share_of_the_groups_that_scored_alike_is_the_full_kl_ter
                      "stage.kl_coef=0.04", f"stage.kl_sample_share={share}"])
         stage = GRPOStage(cfg, policy, tok)
         stage._frozen["reference"] = reference
-        r = Rollout(sequences=torch.cat([ids.repeat_interleave(G, 0), sampled.responses], 1), attention_mask=attention,
-                    position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=ids.shape[1], mask=m,
-                    scores=scores, samples_per_prompt=G, logprobs=sampled.logprobs * m, entropy=sampled.entropy * m)
-        r = stage.keep_rows(r)
+        r = stage.keep_rows(rollout())
         if kl_weights is not None:
             r.kl_weights = kl_weights
         r.ref_logprobs = stage.reference_logprobs(r)
