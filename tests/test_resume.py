@@ -37,7 +37,9 @@ def _weights(run_dir):
     [*GPT2], ["peft=lora", "optim.lr=1e-2"],
     # Sampling draws from the restored RNG, the value head and KL coefficient come from the checkpoint.
     ["stage=ppo", *GPT2, "stage.kl_control=adaptive", "stage.kl_horizon=100", "stage.rollout.max_new_tokens=6"],
-    ["stage=grpo", "stage.group_size=2", "stage.kl_coef=0.05", "stage.rollout.max_new_tokens=6"],
+    # The KL from half the groups that scored alike: the draw of those groups resumes too.
+    ["stage=grpo", "stage.group_size=2", "stage.kl_coef=0.05", "stage.kl_sample_share=0.5",
+     "stage.rollout.max_new_tokens=6"],
     ["stage=rloo", "stage.epochs=2", "stage.normalize_advantages=true", "stage.rollout.max_new_tokens=6"],
     ["stage=online_dpo", "stage.rollout.max_new_tokens=6"],
     ["stage=dpo", *GPT2], ["stage=kto", *GPT2],
