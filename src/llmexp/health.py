@@ -30,7 +30,8 @@ FIXES = {
     "no_reward_signal": "every sampled answer gets the same reward, so nothing is learnt: check the reward "
                         "and the data's answer column, raise stage.rollout.temperature or stage.group_size",
     "task_drop": "the stage is making the model worse at its task (val/task_score): lower optim.lr or "
-                 "trainer.max_steps",
+                 "trainer.max_steps, or export the best validation's model (trainer.monitor=val/task_score "
+                 "trainer.keep_best=true)",
 }
 EXIT_HEALTH = 4
 

@@ -154,6 +154,7 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(Problem("optim.betas", f"expected two numbers in [0, 1), got {o.betas}", "optim.betas=[0.9,0.95]"))
     p.extend(_check_strategy(run))
+    p.extend(_check_monitor(run))
     p.extend(_check_eval(run))
     p.extend(_check_stage_options(run))
     if m.liger_kernel and not _cuda_available():
@@ -169,6 +170,29 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
         p.append(Problem(key, f"{what} needs a CUDA GPU and none is available",
                          "peft=lora on CPU" if key == "peft" else "trainer.precision=32-true or bf16-mixed"
                          if key == "trainer.precision" else "trainer.accelerator=auto"))
+    return p
+
+
+def _check_monitor(run: S.RunConfig) -> List[Problem]:
+    """trainer.monitor and what uses it: a validation metric, a direction, validations to compare."""
+    t = run.trainer
+    example = "trainer.monitor=val/loss (or val/task_score, val/reward, val/accuracy: the stage's val/ metrics)"
+    if not t.monitor:
+        return [Problem(f"trainer.{key}", "needs trainer.monitor, the validation metric that says which validation "
+                        "is best", example) for key in ("keep_best", "early_stopping_patience") if getattr(t, key)]
+    p: List[Problem] = []
+    if not t.monitor.startswith("val/"):
+        p.append(Problem("trainer.monitor", f"{t.monitor!r} is not a validation metric", example))
+    elif S.monitor_direction(t.monitor, t.monitor_mode) is None:
+        p.append(Problem("trainer.monitor_mode", f"auto cannot tell whether a higher or a lower {t.monitor} is "
+                         "better", "trainer.monitor_mode=min or trainer.monitor_mode=max"))
+    if t.val_check_interval is None:
+        p.append(Problem("trainer.val_check_interval", "trainer.monitor compares the validations in training, and "
+                         "null validates only after the last step", "trainer.val_check_interval=<steps>"))
+    if t.keep_best and run.strategy.name.startswith("deepspeed"):
+        p.append(Problem("trainer.keep_best", f"strategy={run.strategy.name} partitions the weights in its own "
+                         "format, which the best validation's weights are not kept in yet",
+                         "strategy=ddp or strategy=fsdp, or trainer.keep_best=false"))
     return p
 
 

@@ -288,6 +288,22 @@ def data_cut(summary: Dict[str, Any]) -> Optional[str]:
     return f"of {train.get('samples', '?')} training samples, {', '.join(parts)} (data_stats in summary.json)"
 
 
+def best_lines(summary: Dict[str, Any]) -> List[str]:
+    """What trainer.monitor found: the best validation, whether its model is the one exported, an early stop."""
+    lines = []
+    stopped = summary.get("stopped_early")
+    if stopped:
+        lines.append(f"  stopped early at step {stopped['step']}: {stopped['reason']}")
+    best = summary.get("best") or {}
+    if best.get("step") is not None:
+        found = f"step {best['step']} of {summary['global_step']} ({best['monitor']} {best['value']:.4f})"
+        lines.append(f"  model: the best validation's, {found}; the final metrics are its" if best["exported"]
+                     else f"  best validation: {found}; the model is the last step's (trainer.keep_best=true "
+                          f"exports the best)")
+    lines.extend(f"  [yellow]best[/]: {note}" for note in best.get("notes", []))
+    return lines
+
+
 def print_result(summary: Dict[str, Any]) -> None:
     """The run's result on the console: initial -> final of every validation metric."""
     from rich.console import Console
@@ -304,6 +320,7 @@ def print_result(summary: Dict[str, Any]) -> None:
                     if t.get("too_long_left_out") else "")
         lines.append(f"  (val/task_score: greedy answers to {t['prompts']} prompt{'s' if t['prompts'] != 1 else ''}, "
                      f"checked by {t['check']}{left_out})")
+    lines.extend(best_lines(summary))
     pruned = (summary.get("pruning") or {}).get("task_score_before_recovery")
     if pruned is not None:
         lines.append(f"  (pruned, before recovery: val/task_score {pruned:.4f})")

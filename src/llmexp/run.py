@@ -86,7 +86,7 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
         trainer, stage, data, watchers, notes = set_up(typed, run_dir, callbacks, resume_from)
     stage.session_started = started
     try:
-        final, fit_seconds = fit(trainer, stage, data, resume_from)
+        _, fit_seconds = fit(trainer, stage, data, resume_from)
     except SystemExit:
         if trainer.interrupted:  # Ctrl+C: Lightning shut down and exited 1, saying nothing
             # A second Ctrl+C (a sweep or pipeline forwarding the terminal's) must not break the
@@ -96,6 +96,7 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
             raise Interrupted(message) from None
         raise
     checkpoint = save_last_checkpoint(trainer, run_dir)
+    after_training(watchers, trainer, stage)
     # built before the export, which merges adapters (the trained model's parameter counts)
     summary = build_summary(typed, stage, trainer, data, run_dir=run_dir, resume_from=resume_from,
                             checkpoint=checkpoint, fit_seconds=fit_seconds, notes=notes)
@@ -105,7 +106,16 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
             summary.update(facts)
         finish_record(trainer, run_dir, redact(summary), started)
     raise_failed_eval(watchers, run_dir)
-    return float(final.get("val/loss", float("nan")))
+    return float(stage.last_val_metrics.get("val/loss", float("nan")))  # the exported model's
+
+
+def after_training(watchers: Sequence[Any], trainer, stage) -> None:
+    """Once the last step is checkpointed: the best validation's model back in place (trainer.keep_best),
+    then the eval after training, on the model the run exports."""
+    for method in ("restore", "after_training"):
+        for w in watchers:
+            if hasattr(w, method):
+                getattr(w, method)(trainer, stage)
 
 
 def raise_failed_eval(watchers: Sequence[Any], run_dir: Path) -> None:
@@ -336,8 +346,10 @@ def run_notes(typed, stage) -> Dict[str, Any]:
 
 
 def watching_callbacks(typed, run_dir: Path, stage, prepared) -> List[Any]:
-    """The callbacks whose ``summary()`` summary.json records: the health guard and the configured
-    eval (and the task metric's probe, which the stage runs at each validation)."""
+    """The callbacks whose ``summary()`` summary.json records: the best validation (trainer.monitor),
+    the health guard and the configured eval (and the task metric's probe, which the stage runs at
+    each validation)."""
+    from llmexp.best_model import best_validation
     from llmexp.config.stages import stage_spec
     from llmexp.evals.runner import evaluation_callback
     from llmexp.health import HealthGuard, watched
@@ -347,7 +359,8 @@ def watching_callbacks(typed, run_dir: Path, stage, prepared) -> List[Any]:
         probe = build_probe(typed, prepared.val if prepared.val is not None else [], prepared.format)
         context = getattr(stage.model.config, "max_position_embeddings", None)
         stage.task_probe = probe.within_context(stage.tokenizer, context) if probe is not None else None
-    out: List[Any] = []
+    best = best_validation(typed, RunDir(run_dir).checkpoints)
+    out: List[Any] = [best] if best is not None else []
     if watched(typed.stage.name) and typed.health.action != "off":
         rollout = getattr(typed.stage, "rollout", None)
         out.append(HealthGuard(typed.health, typed.stage.name, rollout.max_new_tokens if rollout else None, run_dir))

@@ -35,6 +35,20 @@ DPO_REFERENCES = ("copy", "adapter_disabled", "precomputed")
 KL_CONTROLS = ("fixed", "adaptive")
 ROLLOUT_ENGINES = ("hf", "generate", "vllm")
 HEALTH_ACTIONS = ("warn", "stop", "off")
+MONITOR_MODES = ("auto", "min", "max")
+
+
+def monitor_direction(monitor: str, mode: str) -> Optional[str]:
+    """``min`` or ``max`` for trainer.monitor: ``mode``, or for ``auto`` what the metric's name says
+    (losses and perplexity: min; scores, rewards and accuracy: max; None: the name does not say)."""
+    if mode != "auto":
+        return mode
+    name = monitor.rsplit("/", 1)[-1]
+    if name.endswith(("loss", "perplexity")):
+        return "min"
+    if name.endswith(("score", "reward", "accuracy")):
+        return "max"
+    return None
 
 
 def doc(default: Any, help: str = "", **meta: Any) -> Any:  # noqa: A002
@@ -645,6 +659,19 @@ class TrainerConfig:
         "Log training metrics (and flush metrics.csv) every N optimizer steps; the health guard checks these steps."))
     checkpoint_every_n_steps: Optional[int] = bounded(None, min=1, help=(
         "Save a checkpoint every N optimizer steps (null: at each validation); checkpoints/last.ckpt at the end."))
+    monitor: Optional[str] = doc(None, help=(
+        "A validation metric (val/loss, val/task_score, val/reward, val/accuracy, ...) that names the best "
+        "validation (summary.json best) for trainer.keep_best and trainer.early_stopping_patience; null: none."))
+    monitor_mode: str = choice("auto", MONITOR_MODES, help=(
+        "Whether a lower (min) or higher (max) trainer.monitor is better; auto: min for losses and perplexity, max "
+        "for scores, rewards and accuracy."))
+    keep_best: bool = doc(False, help=(
+        "Export the model of the validation with the best trainer.monitor (model/, the final metrics, the eval after "
+        "training) instead of the last step's; its weights wait in checkpoints/best-step-N.ckpt, and "
+        "checkpoints/last.ckpt still resumes the last step."))
+    early_stopping_patience: Optional[int] = bounded(None, min=1, help=(
+        "Stop training once trainer.monitor has not improved for this many validations in a row (Lightning's "
+        "EarlyStopping; null: train all trainer.max_steps)."))
     seed: int = doc(42, help="Seed of training: Lightning's seed_everything and the order of the training rows.")
     accelerator: str = choice("auto", ACCELERATORS, help=(
         "Lightning's accelerator (auto: a GPU when there is one); gpu/cuda need CUDA."))

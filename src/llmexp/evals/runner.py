@@ -65,7 +65,8 @@ def print_table(table: Dict[str, Dict[str, Any]], title: str) -> None:
 
 def evaluation_callback(cfg: RunConfig, run_dir: Path):
     """The Lightning callback that runs ``cfg.eval`` before training (unless resuming), every
-    ``eval.every_n_steps`` steps, and after training; rank 0 evaluates the whole model (sharded
+    ``eval.every_n_steps`` steps, and after training (``after_training``, once the run has the
+    model it exports: the best validation's under trainer.keep_best); rank 0 evaluates the whole model (sharded
     models are gathered by every rank first), records it under eval/ and logs it. Its
     ``summary()`` is what summary.json gets."""
     from lightning.pytorch.callbacks import Callback
@@ -87,7 +88,8 @@ def evaluation_callback(cfg: RunConfig, run_dir: Path):
             if every and trainer.global_step % every == 0:
                 self._evaluate(trainer, pl_module, log=True)
 
-        def on_fit_end(self, trainer, pl_module) -> None:
+        def after_training(self, trainer, pl_module) -> None:
+            """The eval after training, on the model the run exports (called by the run)."""
             self.final = self._evaluate(trainer, pl_module, record_as="results", log=True)
             if self.final is not None:
                 print_table(self.final, f"eval after {trainer.global_step} steps")
