@@ -355,3 +355,17 @@ def test_compare_md_names_each_run_directory_whole():
 
     path = "/runs/multirun/sft-llama/20261206-190553/0"
     assert f"| {path} |" in to_markdown([{"run": "lr=1e-3 (0)", "run_dir": path}], "t")
+
+
+def test_a_run_that_exported_its_best_validation_says_from_which_step():
+    """trainer.keep_best: a run's final metrics are an earlier step's than its last; the table says
+    which step its model is (and adds nothing when no run kept a best)."""
+    from llmexp.compare.runs import Run
+    from llmexp.compare.table import records
+
+    done = {"stage": "sft", "global_step": 600, "initial": {"val/loss": 2.0}, "final": {"val/loss": 0.5}}
+    kept = {**done, "best": {"monitor": "val/task_score", "step": 400, "exported": True}}
+    found = {**done, "best": {"monitor": "val/task_score", "step": 200, "exported": False}}
+    rows = records([Run(Path(n), s) for n, s in (("a", done), ("b", kept), ("c", found))], [], ["a", "b", "c"])
+    assert [(r["steps"], r["model_step"]) for r in rows] == [(600, 600), (600, 400), (600, 600)]
+    assert "model_step" not in records([Run(Path("a"), done), Run(Path("c"), found)], [], ["a", "c"])[0]

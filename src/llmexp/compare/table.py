@@ -51,12 +51,17 @@ def records(runs: Sequence[Run], keys: Sequence[str], labels: Sequence[str]) -> 
     metrics: List[str] = []
     for p in pairs:
         metrics += [m for m in p if m not in metrics]
+    # trainer.keep_best: the model (and the final metrics) of a run can be an earlier step's than its last
+    kept_best = any((r.summary.get("best") or {}).get("exported") for r in runs)
     out = []
     for run, label, p in zip(runs, labels, pairs):
         s, flat = run.summary, flatten(run.config)
         row: Dict[str, Any] = {"run": label, "stage": s.get("stage"), "model": s.get("model"), "data": s.get("data")}
         row.update({k: flat.get(k) for k in keys if k not in SHOWN})
         row["steps"] = s.get("global_step")
+        if kept_best:
+            best = s.get("best") or {}
+            row["model_step"] = best["step"] if best.get("exported") else s.get("global_step")
         for m in metrics:
             row[f"{m} initial"], row[f"{m} final"] = p.get(m, (None, None))
         row.update({"wall_seconds": s.get("wall_seconds"), "tokens_per_second": s.get("tokens_per_second"),
