@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Optional, Tuple
 
+from llmexp.data.layouts import LAYOUT_COLUMNS, layout
+
 # Canonical columns of each format (after the data.fields mapping is applied).
 FORMAT_COLUMNS: Dict[str, Tuple[str, ...]] = {
     "chat": ("messages",),
@@ -29,7 +31,8 @@ def canonical_columns(columns: Iterable[str], fields: Dict[str, str]) -> set:
     present |= {c for c in columns if c not in fields.values()}
     if {"chosen", "rejected"} <= present:  # an implicit prompt: the turns both answers start with
         present.add("prompt")
-    return present
+    kind = layout(present)  # ShareGPT or Alpaca, read as llmexp's columns (llmexp.data.layouts)
+    return present | set(LAYOUT_COLUMNS[kind]) if kind else present
 
 
 def detect_format(columns: Iterable[str], fields: Dict[str, str]) -> Optional[str]:

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Tuple
 from llmexp.config.schema import DataConfig
 from llmexp.data import sources
 from llmexp.data.fields import check_field_map, field_map, rename_fields
+from llmexp.data.layouts import read_layout
 from llmexp.errors import UserError
 
 SOURCE_COLUMN = "__mixture_source"
@@ -68,7 +69,7 @@ def _load_source(cfg: DataConfig, i: int):
         if message.startswith("data."):
             raise UserError(message.replace("data.", f"data.mixture[{i}].", 1)) from None
         raise UserError(f"data.mixture[{i}]: {message}") from None
-    ds = rename_fields(ds, fields)
+    ds = read_layout(rename_fields(ds, fields))
     return ds.add_column(SOURCE_COLUMN, [i] * len(ds))
 
 

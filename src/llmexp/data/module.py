@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from llmexp.config.schema import DataConfig, TrainerConfig
 from llmexp.data import formats, mixture, prepare, sources
 from llmexp.data.fields import check_field_map, extract_implicit_prompt, field_map, rename_fields
+from llmexp.data.layouts import read_layout
 from llmexp.data.collate import WindowCollator
 from llmexp.data.encode import IGNORE_INDEX
 from llmexp.data.packing import pack
@@ -57,8 +58,8 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
         train, val = sources.load_raw(cfg)
         fields = field_map(cfg.fields)
         check_field_map(fields, train.column_names, cfg.path or cfg.name)
-        train = rename_fields(train, fields)
-        val = rename_fields(val, fields) if val is not None else None
+        train = read_layout(rename_fields(train, fields))
+        val = read_layout(rename_fields(val, fields)) if val is not None else None
     train, val = extract_implicit_prompt(train), extract_implicit_prompt(val)
     fmt = cfg.format if cfg.format != "auto" else formats.detect_format(train.column_names, {})
     if fmt is not None and fmt != "auto":

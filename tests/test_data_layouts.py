@@ -1,0 +1,123 @@
+"""ShareGPT and Alpaca files train as they are: read as chat messages and as a conversational
+prompt/completion (llmexp.data.layouts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from llmexp.testing import FAST, check_config, train, typed
+
+from llmexp.data.encode import IGNORE_INDEX, lm_encoder
+from llmexp.data.formats import detect_format
+from llmexp.data.layouts import alpaca_prompt_completion, sharegpt_messages
+from llmexp.data.module import load_examples
+from llmexp.errors import ConfigError, UserError
+from llmexp.models.tokenizer import load_tokenizer
+
+QUESTIONS = [(a, b) for a in range(10) for b in range(10)]
+
+
+def _sharegpt(path, system=None, speaker="gpt"):
+    with open(path, "w") as fh:
+        for a, b in QUESTIONS:
+            row = {"conversations": [{"from": "human", "value": f"What is {a} plus {b}?"},
+                                     {"from": speaker, "value": f"{a} + {b} = {a + b}"}]}
+            if system:
+                row["system"] = system
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def _alpaca(path):
+    path.write_text(json.dumps([{"instruction": "Add the numbers.", "input": f"{a} and {b}",
+                                 "output": f"{a} + {b} = {a + b}"} for a, b in QUESTIONS]))
+    return path
+
+
+def test_sharegpt_turns_become_messages_with_roles():
+    turns = [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "hi"},
+             {"from": "gpt", "value": "hello"}, {"from": "function_call", "value": "{}"},
+             {"from": "observation", "value": "42"}, {"from": "GPT", "value": "done"}]
+    assert sharegpt_messages(turns) == [
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "assistant", "content": "{}"},
+        {"role": "tool", "content": "42"}, {"role": "assistant", "content": "done"}]
+    # a system column comes first unless the conversation has its own; role/content turns pass through
+    assert sharegpt_messages([{"from": "human", "value": "hi"}], "S")[0] == {"role": "system", "content": "S"}
+    assert len(sharegpt_messages(turns, "S")) == len(turns)
+    assert sharegpt_messages([{"role": "user", "content": "hi"}]) == [{"role": "user", "content": "hi"}]
+    assert sharegpt_messages([{"from": "bot", "value": "x"}]) == [{"role": "bot", "content": "x"}]  # named later
+
+
+def test_an_alpaca_row_becomes_a_conversational_prompt_and_completion():
+    row = {"instruction": "Add the numbers.", "input": "3 and 4", "output": "7", "system": "Be terse.",
+           "history": [["What is 1 plus 1?", "2"]]}
+    assert alpaca_prompt_completion(row) == {
+        "prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 1 plus 1?"},
+                   {"role": "assistant", "content": "2"}, {"role": "user", "content": "Add the numbers.\n3 and 4"}],
+        "completion": [{"role": "assistant", "content": "7"}]}
+    bare = alpaca_prompt_completion({"instruction": "Say hi.", "input": "", "output": "hi"})
+    assert bare["prompt"] == [{"role": "user", "content": "Say hi."}]
+
+
+def test_the_layouts_are_detected_from_their_columns():
+    assert detect_format(["conversations"], {}) == "chat"
+    assert detect_format(["conversations", "system", "id"], {}) == "chat"
+    assert detect_format(["instruction", "input", "output"], {}) == "prompt_completion"
+    assert detect_format(["instruction", "output"], {}) == "prompt_completion"
+    assert detect_format(["instruction", "input"], {}) is None  # no answer: not Alpaca
+    assert detect_format(["messages", "conversations"], {}) == "chat"  # llmexp's own column wins
+
+
+def test_a_sharegpt_file_loads_as_chat_and_learns_only_the_answers(tmp_path):
+    f = _sharegpt(tmp_path / "sharegpt.jsonl", system="You add.")
+    prepared = load_examples(typed(["data=files", f"data.path={f}"]).data, "sft")
+    assert prepared.format == "chat"
+    row = next(r for r in prepared.train if r["messages"][1]["content"] == "What is 3 plus 4?")
+    assert row["messages"] == [{"role": "system", "content": "You add."}, {"role": "user", "content": "What is 3 plus 4?"},
+                               {"role": "assistant", "content": "3 + 4 = 7"}]
+    assert "conversations" not in prepared.train.column_names and "system" not in prepared.train.column_names
+    tok = load_tokenizer(None, None)
+    enc = lm_encoder("chat", tok, True)(row)
+    assert tok.decode([t for t in enc["labels"] if t != IGNORE_INDEX]) == "3 + 4 = 7<|end|>"
+
+
+def test_an_alpaca_file_loads_as_prompt_completion_and_learns_only_the_output(tmp_path):
+    f = _alpaca(tmp_path / "alpaca.json")
+    prepared = load_examples(typed(["data=files", f"data.path={f}"]).data, "sft")
+    assert prepared.format == "prompt_completion"
+    assert set(prepared.train.column_names) == {"prompt", "completion"}
+    row = next(r for r in prepared.train if r["prompt"][-1]["content"] == "Add the numbers.\n3 and 4")
+    assert row["completion"] == [{"role": "assistant", "content": "3 + 4 = 7"}]
+    tok = load_tokenizer(None, None)
+    enc = lm_encoder("prompt_completion", tok, True)(row)
+    assert tok.decode([t for t in enc["labels"] if t != IGNORE_INDEX]) == "3 + 4 = 7<|end|>"
+    # the rollout stages take its prompts
+    assert load_examples(typed(["stage=grpo", "data=files", f"data.path={f}", "data.max_length=64"]).data,
+                         "grpo").format == "prompt_completion"
+
+
+@pytest.mark.parametrize("layout", ["sharegpt", "alpaca"])
+def test_sft_on_a_layout_file_trains_and_scores_the_held_out_answers(tmp_path, layout):
+    f = _sharegpt(tmp_path / "d.jsonl") if layout == "sharegpt" else _alpaca(tmp_path / "d.json")
+    run = train(tmp_path, ["data=files", f"data.path={f}", "trainer.max_steps=40"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data_stats"]["format"] == ("chat" if layout == "sharegpt" else "prompt_completion")
+    assert summary["task"]["check"] == "reference" and summary["task"]["prompts"] == 5  # 5 % of 100 held out
+    assert summary["final"]["val/loss"] < summary["initial"]["val/loss"] - 2
+
+
+def test_a_sharegpt_speaker_llmexp_does_not_know_is_named_with_its_line(tmp_path):
+    f = _sharegpt(tmp_path / "bad.jsonl", speaker="bot")
+    with pytest.raises(UserError) as e:
+        load_examples(typed(["data=files", f"data.path={f}"]).data, "sft")
+    assert "line 1: messages message 1 has role 'bot'" in str(e.value)
+
+
+def test_a_layout_a_stage_cannot_train_on_is_refused_before_the_run(tmp_path):
+    f = _alpaca(tmp_path / "alpaca.json")
+    with pytest.raises(ConfigError) as e:
+        check_config(["stage=dpo", "data=files", f"data.path={f}", *FAST[:1]])
+    assert "stage=dpo needs fields prompt+chosen+rejected" in str(e.value)
+    assert "format 'prompt_completion'" in str(e.value)
