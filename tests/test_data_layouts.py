@@ -1,5 +1,4 @@
-"""ShareGPT and Alpaca files train as they are: read as chat messages and as a conversational
-prompt/completion (llmexp.data.layouts)."""
+"""ShareGPT and Alpaca files train as they are: both read as chat messages (llmexp.data.layouts)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from llmexp.testing import FAST, check_config, train, typed
 
 from llmexp.data.encode import IGNORE_INDEX, lm_encoder
 from llmexp.data.formats import detect_format
-from llmexp.data.layouts import alpaca_prompt_completion, sharegpt_messages
+from llmexp.data.layouts import alpaca_messages, sharegpt_messages
 from llmexp.data.module import load_examples
 from llmexp.errors import ConfigError, UserError
 from llmexp.models.tokenizer import load_tokenizer
@@ -50,22 +49,22 @@ def test_sharegpt_turns_become_messages_with_roles():
     assert sharegpt_messages([{"from": "bot", "value": "x"}]) == [{"role": "bot", "content": "x"}]  # named later
 
 
-def test_an_alpaca_row_becomes_a_conversational_prompt_and_completion():
+def test_an_alpaca_row_becomes_chat_messages():
     row = {"instruction": "Add the numbers.", "input": "3 and 4", "output": "7", "system": "Be terse.",
            "history": [["What is 1 plus 1?", "2"]]}
-    assert alpaca_prompt_completion(row) == {
-        "prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 1 plus 1?"},
-                   {"role": "assistant", "content": "2"}, {"role": "user", "content": "Add the numbers.\n3 and 4"}],
-        "completion": [{"role": "assistant", "content": "7"}]}
-    bare = alpaca_prompt_completion({"instruction": "Say hi.", "input": "", "output": "hi"})
-    assert bare["prompt"] == [{"role": "user", "content": "Say hi."}]
+    assert alpaca_messages(row) == {"messages": [
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 1 plus 1?"},
+        {"role": "assistant", "content": "2"}, {"role": "user", "content": "Add the numbers.\n3 and 4"},
+        {"role": "assistant", "content": "7"}]}
+    bare = alpaca_messages({"instruction": "Say hi.", "input": "", "output": "hi"})["messages"]
+    assert bare == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
 
 
 def test_the_layouts_are_detected_from_their_columns():
     assert detect_format(["conversations"], {}) == "chat"
     assert detect_format(["conversations", "system", "id"], {}) == "chat"
-    assert detect_format(["instruction", "input", "output"], {}) == "prompt_completion"
-    assert detect_format(["instruction", "output"], {}) == "prompt_completion"
+    assert detect_format(["instruction", "input", "output"], {}) == "chat"
+    assert detect_format(["instruction", "output"], {}) == "chat"
     assert detect_format(["instruction", "input"], {}) is None  # no answer: not Alpaca
     assert detect_format(["messages", "conversations"], {}) == "chat"  # llmexp's own column wins
 
@@ -83,19 +82,21 @@ def test_a_sharegpt_file_loads_as_chat_and_learns_only_the_answers(tmp_path):
     assert tok.decode([t for t in enc["labels"] if t != IGNORE_INDEX]) == "3 + 4 = 7<|end|>"
 
 
-def test_an_alpaca_file_loads_as_prompt_completion_and_learns_only_the_output(tmp_path):
+def test_an_alpaca_file_loads_as_chat_learns_only_the_output_and_mixes_with_sharegpt(tmp_path):
     f = _alpaca(tmp_path / "alpaca.json")
     prepared = load_examples(typed(["data=files", f"data.path={f}"]).data, "sft")
-    assert prepared.format == "prompt_completion"
-    assert set(prepared.train.column_names) == {"prompt", "completion"}
-    row = next(r for r in prepared.train if r["prompt"][-1]["content"] == "Add the numbers.\n3 and 4")
-    assert row["completion"] == [{"role": "assistant", "content": "3 + 4 = 7"}]
+    assert prepared.format == "chat"
+    assert prepared.train.column_names == ["messages"]
+    row = next(r for r in prepared.train if r["messages"][0]["content"] == "Add the numbers.\n3 and 4")
+    assert row["messages"][1:] == [{"role": "assistant", "content": "3 + 4 = 7"}]
     tok = load_tokenizer(None, None)
-    enc = lm_encoder("prompt_completion", tok, True)(row)
+    enc = lm_encoder("chat", tok, True)(row)
     assert tok.decode([t for t in enc["labels"] if t != IGNORE_INDEX]) == "3 + 4 = 7<|end|>"
-    # the rollout stages take its prompts
-    assert load_examples(typed(["stage=grpo", "data=files", f"data.path={f}", "data.max_length=64"]).data,
-                         "grpo").format == "prompt_completion"
+    s = _sharegpt(tmp_path / "sharegpt.jsonl")
+    mixed = load_examples(typed(["data=mixture", f"data.mixture=[{{source: files, path: '{f}'}}, "
+                                 f"{{source: files, path: '{s}'}}]"]).data, "sft")
+    users = {r["messages"][0]["content"] for r in (*mixed.train, *mixed.val)}
+    assert "Add the numbers.\n3 and 4" in users and "What is 3 plus 4?" in users
 
 
 @pytest.mark.parametrize("layout", ["sharegpt", "alpaca"])
@@ -103,7 +104,7 @@ def test_sft_on_a_layout_file_trains_and_scores_the_held_out_answers(tmp_path, l
     f = _sharegpt(tmp_path / "d.jsonl") if layout == "sharegpt" else _alpaca(tmp_path / "d.json")
     run = train(tmp_path, ["data=files", f"data.path={f}", "trainer.max_steps=40"])
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["data_stats"]["format"] == ("chat" if layout == "sharegpt" else "prompt_completion")
+    assert summary["data_stats"]["format"] == "chat"
     assert summary["task"]["check"] == "reference" and summary["task"]["prompts"] == 5  # 5 % of 100 held out
     assert summary["final"]["val/loss"] < summary["initial"]["val/loss"] - 2
 
@@ -119,5 +120,4 @@ def test_a_layout_a_stage_cannot_train_on_is_refused_before_the_run(tmp_path):
     f = _alpaca(tmp_path / "alpaca.json")
     with pytest.raises(ConfigError) as e:
         check_config(["stage=dpo", "data=files", f"data.path={f}", *FAST[:1]])
-    assert "stage=dpo needs fields prompt+chosen+rejected" in str(e.value)
-    assert "format 'prompt_completion'" in str(e.value)
+    assert "stage=dpo needs fields prompt+chosen+rejected" in str(e.value) and "format 'chat'" in str(e.value)

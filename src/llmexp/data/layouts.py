@@ -6,10 +6,10 @@ is (as axolotl and LLaMA-Factory read them):
   chat ``messages`` of ``{role, content}`` (human: user, gpt: assistant, observation: tool); a
   ``system`` column becomes the first message.
 - Alpaca: ``instruction``, an optional ``input`` and ``output`` (optionally ``system`` and
-  ``history``, a list of [question, answer] pairs), read as a conversational prompt (the system
-  message, the history's turns, then the instruction and its input joined by a newline as the
-  user's message) and completion (the output as the assistant's): format prompt_completion, so
-  SFT learns the output only and the rollout stages take the prompt.
+  ``history``, a list of [question, answer] pairs), read as chat ``messages``: the system message,
+  the history's turns, the instruction and its input joined by a newline as the user's message,
+  and the output as the assistant's. Chat, like ShareGPT, so that the two mix in one data=mixture
+  (SFT learns the assistant's turns).
 
 Import-light: preflight detects a layout from the first row's columns before anything loads.
 """
@@ -23,7 +23,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "observation": "tool", "tool": "tool", "function": "tool"}
 ALPACA_COLUMNS = ("instruction", "input", "output", "system", "history")
 # What each layout is read as (the canonical columns it gives).
-LAYOUT_COLUMNS = {"sharegpt": ("messages",), "alpaca": ("prompt", "completion")}
+LAYOUT_COLUMNS = {"sharegpt": ("messages",), "alpaca": ("messages",)}
 
 
 def layout(columns: Iterable[str]) -> Optional[str]:
@@ -64,20 +64,19 @@ def _speaker(turn: Dict[str, Any]) -> Optional[str]:
     return SHAREGPT_ROLES.get(str(role).lower(), role) if role is not None else None
 
 
-def alpaca_prompt_completion(row: Dict[str, Any]) -> Dict[str, Any]:
-    """One Alpaca row as a conversational prompt and completion."""
-    prompt: List[Dict[str, Any]] = []
+def alpaca_messages(row: Dict[str, Any]) -> Dict[str, Any]:
+    """One Alpaca row as chat messages."""
+    messages: List[Dict[str, Any]] = []
     if isinstance(row.get("system"), str) and row["system"].strip():
-        prompt.append({"role": "system", "content": row["system"]})
+        messages.append({"role": "system", "content": row["system"]})
     for pair in row.get("history") or []:
         if isinstance(pair, (list, tuple)) and len(pair) == 2:
-            prompt += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     instruction, extra = row.get("instruction"), row.get("input")
     question = "\n".join(t for t in (instruction, extra) if isinstance(t, str) and t.strip()) \
         if isinstance(instruction, str) else instruction
-    prompt.append({"role": "user", "content": question})
-    output = row.get("output")
-    return {"prompt": prompt, "completion": [{"role": "assistant", "content": output}]}
+    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": row.get("output")}]
+    return {"messages": messages}
 
 
 def _has_sharegpt_turns(ds) -> bool:
@@ -97,7 +96,7 @@ def read_layout(ds):
     kind = layout(ds.column_names)
     if kind == "alpaca":
         present = [c for c in ALPACA_COLUMNS if c in ds.column_names]
-        return ds.map(alpaca_prompt_completion, remove_columns=present, desc="alpaca -> prompt/completion")
+        return ds.map(alpaca_messages, remove_columns=present, desc="alpaca -> messages")
     if kind == "sharegpt":
         ds = ds.rename_column("conversations", "messages")
     if "messages" not in ds.column_names or not len(ds):
