@@ -111,3 +111,19 @@ def test_llmexp_generate_is_a_command_and_names_what_a_target_lacks(tmp_path, de
     r = run_cli(["generate", str(unfinished), "x"], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "is a run that did not finish, so it has no model/ yet; it wrote no checkpoint: start it over" in r.stderr
+
+
+def test_a_system_message_goes_before_each_prompt(tmp_path, default_sft):
+    """--system: a model trained with a system prompt (ShareGPT data often has one) is asked with it."""
+    from llmexp.data.encode import render_prompt
+    from llmexp.generate import as_asked
+    from llmexp.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None, None)
+    assert tok.decode(render_prompt(tok, as_asked("hi", True, "Be terse."))) == \
+        "<|system|>\nBe terse.<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
+    assert as_asked("3 + 4 =", False) == "3 + 4 ="
+    r = run_module("llmexp.generate", [str(default_sft), "What is 3 plus 4?", "--system", "You add numbers."])
+    assert r.returncode == 0 and len(completions(r.stdout)) == 1, r.stderr[-2000:]
+    r = run_module("llmexp.generate", [str(default_sft), "3 + 4 =", "--system", "x", "--format", "raw"])
+    assert r.returncode == 2 and "--system is a chat message" in r.stderr and "Traceback" not in r.stderr

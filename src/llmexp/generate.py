@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from llmexp.argtypes import command_summary
 from llmexp.argtypes import non_empty_text, non_negative_float, positive_int
@@ -20,16 +20,16 @@ from llmexp.errors import UserError, quiet_exits, report
 
 
 def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, temperature: float = 0.0,
-             chat: bool = True) -> List[str]:
-    """Each prompt's completion: the answer to it as a user message (``chat``), or the text's
-    continuation, tokenized as the pretrain stage tokenizes text."""
+             chat: bool = True, system: Optional[str] = None) -> List[str]:
+    """Each prompt's completion: the answer to it as a user message (``chat``; after ``system``'s
+    message when given), or the text's continuation, tokenized as the pretrain stage tokenizes text."""
     import torch
 
     from llmexp.data.collate import collate_prompts
     from llmexp.data.encode import render_prompt
 
-    rows = [{"input_ids": render_prompt(tokenizer, [{"role": "user", "content": p}] if chat else p), "prompt": p,
-             "columns": {}} for p in prompts]
+    rows = [{"input_ids": render_prompt(tokenizer, as_asked(p, chat, system)), "prompt": p, "columns": {}}
+            for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None)
     for prompt, row in zip(prompts, rows):
         if context and len(row["input_ids"]) + max_new_tokens > context:
@@ -43,6 +43,13 @@ def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, tem
         out = model.generate(input_ids=ids, attention_mask=batch["prompt_mask"], max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, **sampling)
     return [tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
+
+
+def as_asked(prompt: str, chat: bool, system: Optional[str] = None) -> Any:
+    """What the model is given: the prompt as a user message after ``system``'s (chat), or the text itself."""
+    if not chat:
+        return prompt
+    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
 
 
 def uses_chat(model_dir: Path, tokenizer, fmt: str) -> bool:
@@ -68,7 +75,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--format", choices=("auto", "chat", "raw"), default="auto",
                     help="chat: each prompt is a user message; raw: the text is continued as it is; auto (default): "
                          "raw for a pretrain run's model, chat otherwise")
+    ap.add_argument("--system", type=non_empty_text, default=None,
+                    help="a system message before each prompt (chat), e.g. the one the model was trained with")
     args = ap.parse_args(argv)
+    if args.system and args.format == "raw":
+        ap.error("--system is a chat message; it does not apply to --format raw")
     from llmexp.env import configure_environment
 
     configure_environment(offline=True)
@@ -77,8 +88,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         model_dir = model_dir_of(args.target)
         model, tokenizer = load_language_model(model_dir)
-        completions = generate(model, tokenizer, args.prompts, args.max_new_tokens, args.temperature,
-                               uses_chat(model_dir, tokenizer, args.format))
+        chat = uses_chat(model_dir, tokenizer, args.format)
+        if args.system and not chat:
+            raise UserError(f"--system: {model_dir} is a pretrain run's model, which continues text; "
+                            f"drop --system, or pass --format chat")
+        completions = generate(model, tokenizer, args.prompts, args.max_new_tokens, args.temperature, chat,
+                               args.system)
     except UserError as e:
         return report(e)
     for prompt, completion in zip(args.prompts, completions):
