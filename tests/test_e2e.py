@@ -202,3 +202,24 @@ def test_only_an_rm_runs_expected_load_report_is_kept_quiet():
     assert not shown(("score.weight", "MISSING"), ("lm_head.weight", "UNEXPECTED"))
     assert shown(("score.weight", "MISSING"), ("model.layers.0.mlp.up_proj.weight", "MISSING"))
     assert shown(("model.embed_tokens.weight", "MISMATCH"))
+
+
+def test_neftune_noises_the_embeddings_in_training_steps_only(tmp_path):
+    """stage.neftune_noise_alpha: the same seed trains on other (noisy) inputs, while validation
+    sees the model's own embeddings."""
+    import csv
+
+    def losses(run):
+        with open(run / "metrics.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        return ([float(r["train/loss"]) for r in rows if r.get("train/loss")],
+                {int(float(r["step"])): float(r["val/loss"]) for r in rows if r.get("val/loss")})
+
+    plain = train(tmp_path, ["trainer.max_steps=20", "trainer.val_check_interval=20"], name="plain")
+    noisy = train(tmp_path, ["trainer.max_steps=20", "trainer.val_check_interval=20",
+                             "stage.neftune_noise_alpha=5"], name="noisy")
+    (train_plain, val_plain), (train_noisy, val_noisy) = losses(plain), losses(noisy)
+    assert val_noisy[0] == val_plain[0]  # no noise in validation
+    assert train_noisy[0] != train_plain[0]
+    summary = json.loads((noisy / "summary.json").read_text())
+    assert summary["final"]["val/loss"] == pytest.approx(val_noisy[20])

@@ -155,6 +155,9 @@ class SFTStageConfig:
     assistant_only_loss: bool = doc(True, help=(
         "Loss on the assistant turns (chat) or the completion (prompt_completion) only; false: on every token, as "
         "pretrain."))
+    neftune_noise_alpha: Optional[float] = bounded(None, above=0.0, help=(
+        "NEFTune: uniform noise of scale alpha / sqrt(sequence length x hidden size) added to the input embeddings "
+        "in training steps only (transformers' hook; the paper and TRL use 5-15); null: none."))
 
 
 def _share_prompt() -> bool:

@@ -48,8 +48,24 @@ class PretrainStage(CausalLMStage):
 
 
 class SFTStage(CausalLMStage):
-    """Supervised fine-tuning: only assistant / completion tokens count in the loss."""
+    """Supervised fine-tuning: only assistant / completion tokens count in the loss; with
+    stage.neftune_noise_alpha, noisy input embeddings while training (NEFTune)."""
 
+    _neftune = None
+
+    def on_fit_start(self) -> None:
+        alpha = self.cfg.stage.neftune_noise_alpha
+        if alpha:  # the hook adds noise in training mode only: validation and generation see none
+            from transformers.integrations.neftune import activate_neftune
+
+            self._neftune = activate_neftune(self.model, alpha)
+
+    def on_fit_end(self) -> None:
+        if self._neftune is not None:
+            from transformers.integrations.neftune import deactivate_neftune
+
+            deactivate_neftune(self.model, self._neftune)
+            self._neftune = None
 
     @property
     def loss_on_targets_only(self) -> bool:  # type: ignore[override]
