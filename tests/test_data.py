@@ -207,3 +207,45 @@ def test_preference_rows_with_an_implicit_prompt_get_it_extracted_as_trl_does(tm
         assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
         n = row["prompt"][0]["content"].split()[2]  # "What is <n> plus 1?": the answers to that question
         assert row["chosen"][0]["content"].startswith(f"{n} + 1 = ") and row["rejected"][0]["content"].startswith(n)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+          "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}<|im_end|>{% endif %}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_chat_template_of_ones_own_trains_the_chat_data_and_goes_with_the_export(tmp_path):
+    """model.chat_template: a Jinja file (or the template itself) renders the chat data, SFT learns
+    the answer and its eos under it, and the exported tokenizer keeps it for generate/serve/eval."""
+    from llmexp.testing import train
+    from transformers import AutoTokenizer
+
+    f = tmp_path / "chatml.jinja"
+    f.write_text(CHATML)
+    tok = load_tokenizer(None, None, chat_template=str(f))
+    msgs = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "3 + 4 = 7"}]
+    enc = encode_chat(tok, msgs, assistant_only=True)
+    assert tok.decode(enc["input_ids"]).startswith("<|im_start|>user\nWhat is 3 plus 4?<|im_end|>")
+    assert tok.decode([t for t in enc["labels"] if t != IGNORE_INDEX]).startswith("3 + 4 = 7<|end|>")
+    run = train(tmp_path, [f"model.chat_template={f}", "trainer.max_steps=5"])
+    exported = AutoTokenizer.from_pretrained(run / "model")
+    assert exported.chat_template == CHATML
+    literal = '{% for m in messages %}{{ m["content"] }}{% if m["role"] == "assistant" %}{{ eos_token }}{% endif %}{% endfor %}'
+    assert typed([f"model.chat_template='{literal}'"]).model.chat_template == literal
+
+
+def test_a_chat_template_that_is_missing_broken_or_never_ends_an_answer_is_refused(tmp_path):
+    from llmexp.errors import ConfigError
+    from llmexp.testing import check_config
+
+    with pytest.raises(ConfigError, match="'nothere.jinja' is neither a file nor a Jinja template"):
+        check_config(["model.chat_template=nothere.jinja"])
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(ConfigError, match="the template is not valid Jinja"):
+        check_config([f"model.chat_template={broken}"])
+    endless = tmp_path / "endless.jinja"
+    endless.write_text(CHATML.replace("{{ eos_token }}", "<|im_end|>"))
+    with pytest.raises(UserError) as e:
+        load_tokenizer(None, None, chat_template=str(endless))
+    assert "an assistant message is not followed by the tokenizer's eos token '<|end|>'" in str(e.value)

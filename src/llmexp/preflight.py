@@ -144,6 +144,8 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
                              f"model.pretrained={run_dir / 'model'}"))
     if m.tokenizer not in (None, "train"):
         p.extend(_check_model_source("model.tokenizer", m.tokenizer, run.offline))
+    if m.chat_template is not None:
+        p.extend(_check_chat_template(m.chat_template))
     p.extend(_check_stage_data(run))
     p.extend(_check_task(run))
     if m.architecture == "gpt2" and m.num_kv_heads and m.pretrained is None:
@@ -171,6 +173,27 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
                          "peft=lora on CPU" if key == "peft" else "trainer.precision=32-true or bf16-mixed"
                          if key == "trainer.precision" else "trainer.accelerator=auto"))
     return p
+
+
+def _check_chat_template(value: str) -> List[Problem]:
+    """model.chat_template names a file or is a template, and the template is valid Jinja (whether
+    it ends an answer with the tokenizer's eos is checked once the tokenizer is loaded)."""
+    from llmexp.errors import UserError
+    from llmexp.models.tokenizer import chat_template_text
+
+    try:
+        text = chat_template_text(value)
+    except UserError as e:
+        return [Problem("model.chat_template", str(e).split(": ", 1)[1], None)]
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(text)
+    except jinja2.TemplateSyntaxError as e:
+        return [Problem("model.chat_template", f"the template is not valid Jinja: {e.message} (line {e.lineno})",
+                        "fix the template; transformers renders it with Jinja2")]
+    return []
 
 
 def _check_monitor(run: S.RunConfig) -> List[Problem]:

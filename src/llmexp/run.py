@@ -232,13 +232,16 @@ def prepare_data(typed):
         if peeked_format(d) != "text" or m.tokenizer == "train":
             raise UserError("data.streaming: reads plain-text documents (a 'text' column, or data.fields.text=<column>) "
                             "with a tokenizer that exists before the data (not model.tokenizer=train)")
-        tokenizer = load_tokenizer(m.tokenizer, m.pretrained, None, m.trust_remote_code, m.architecture)
+        tokenizer = load_tokenizer(m.tokenizer, m.pretrained, None, m.trust_remote_code, m.architecture,
+                                   chat_template=m.chat_template)
         return PreparedData(train=None, val=None, format="text", log=[{"step": "streaming"}]), tokenizer
     if m.tokenizer != "train" and peeked_format(d) == "text":
-        tokenizer = load_tokenizer(m.tokenizer, m.pretrained, None, m.trust_remote_code, m.architecture)
+        tokenizer = load_tokenizer(m.tokenizer, m.pretrained, None, m.trust_remote_code, m.architecture,
+                                   chat_template=m.chat_template)
         return prepared_text(d, typed.stage.name, tokenizer, load), tokenizer
     prepared = load()
-    tokenizer = load_tokenizer(m.tokenizer, m.pretrained, prepared.texts, m.trust_remote_code, m.architecture)
+    tokenizer = load_tokenizer(m.tokenizer, m.pretrained, prepared.texts, m.trust_remote_code, m.architecture,
+                               chat_template=m.chat_template)
     if prepared.format == "text":
         return prepared_text(d, typed.stage.name, tokenizer, load, prepared), tokenizer
     return prepared, tokenizer

@@ -105,6 +105,10 @@ class ModelConfig:
         "run's data (cached); or a local directory / hub id. One not from the model's own directory is used as "
         "transformers loads it from a directory of the model's type, so the export loads what the run trained "
         "with (qwen2: transformers' Qwen2 class, its split and one more token)."))
+    chat_template: Optional[str] = doc(None, help=(
+        "The chat template chat data is rendered with and the exported model keeps: a Jinja file's path, or the "
+        "template itself; it must end an assistant message with the tokenizer's eos token. null: the tokenizer's "
+        "own, else llmexp's role headers."))
     hidden_size: int = bounded(64, min=8, help="Width of the hidden states" + _FROM_SCRATCH)
     num_layers: int = bounded(2, min=1, help="Decoder layers" + _FROM_SCRATCH)
     num_heads: int = bounded(4, min=1, help="Attention heads, a divisor of hidden_size" + _FROM_SCRATCH)

@@ -52,7 +52,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 512):
 
 
 def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts=None, trust_remote_code=False,
-                   architecture: Optional[str] = None):
+                   architecture: Optional[str] = None, chat_template: Optional[str] = None):
     """Pick the tokenizer: explicit source, else the pretrained model's, else the bundled one.
 
     With ``architecture`` (the model a run builds from its config), a tokenizer that does not come
@@ -75,7 +75,42 @@ def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts
         model_type = architecture if pretrained is None else local_model_type(pretrained)
         if model_type is not None:
             tok = as_a_model_directory_loads_it(tok, model_type)
+    if chat_template is not None:
+        use_chat_template(tok, chat_template)
     return tok
+
+
+def is_template_text(value: str) -> bool:
+    """model.chat_template holds the template itself (else it names a file)."""
+    return "{{" in value or "{%" in value
+
+
+def chat_template_text(value: str) -> str:
+    """model.chat_template's template: the value itself, or the file it names."""
+    if is_template_text(value):
+        return value
+    path = Path(os.path.expanduser(value))
+    if not path.is_file():
+        raise UserError(f"model.chat_template: {value!r} is neither a file nor a Jinja template; give a .jinja "
+                        f"file's path, or the template itself")
+    return path.read_text(encoding="utf-8")
+
+
+def use_chat_template(tok, value: str) -> None:
+    """Give ``tok`` model.chat_template, checked to end an assistant message with the eos token (else the
+    model never learns to stop: SFT's labels and generation both end there)."""
+    tok.chat_template = chat_template_text(value)
+    turns = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+    try:
+        text = tok.apply_chat_template(turns, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - a template's own error (undefined name, raise_exception), said as one
+        raise UserError(f"model.chat_template: rendering a user and an assistant message failed: "
+                        f"{str(e).splitlines()[0]}") from None
+    after = text.split("A1", 1)[1] if "A1" in text else None
+    if after is None or not after.lstrip(" ").startswith(tok.eos_token):
+        raise UserError(f"model.chat_template: an assistant message is not followed by the tokenizer's eos token "
+                        f"{tok.eos_token!r} (rendered: {text!r}), so the model would not learn where an answer "
+                        f"ends; end assistant messages with {{{{ eos_token }}}}")
 
 
 def as_a_model_directory_loads_it(tok, model_type: str):
