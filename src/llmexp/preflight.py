@@ -157,6 +157,9 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
         p.append(Problem("optim.betas", f"expected two numbers in [0, 1), got {o.betas}", "optim.betas=[0.9,0.95]"))
     p.extend(_check_strategy(run))
     p.extend(_check_monitor(run))
+    if t.epochs and d.streaming:
+        p.append(Problem("trainer.epochs", "a streamed corpus is read as training goes, so its passes cannot be "
+                         "counted in steps before", "trainer.max_steps=<steps>, or data.streaming=false"))
     p.extend(_check_eval(run))
     p.extend(_check_stage_options(run))
     if m.liger_kernel and not _cuda_available():

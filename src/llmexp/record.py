@@ -311,6 +311,10 @@ def print_result(summary: Dict[str, Any]) -> None:
     i, f = summary["initial"], summary["final"]
     lines = [f"[bold]{summary['stage']}[/] {summary['model']}: {summary['global_step']} steps in "
              f"{summary['wall_seconds']:.1f}s"]
+    ep = summary.get("epochs")
+    if ep:
+        lines.append(f"  trainer.epochs={ep['epochs']:g}: {ep['steps_per_epoch']} steps per pass over "
+                     f"{ep['rows']} training rows, {ep['max_steps']} steps")
     for key in sorted(set(i) | set(f)):
         mark = "  [bold]<- task metric[/]" if key == "val/task_score" else ""
         lines.append(f"  {key}: {i.get(key, float('nan')):.4f} -> {f.get(key, float('nan')):.4f}{mark}")

@@ -80,7 +80,7 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
     if typed.resume is not None and RunDir(run_dir).config.is_file():
         # a resumed run must train what it trained before; said first: another stage's max_steps is no fix
         check_resumable(RunDir(run_dir).config, redact(dataclasses.asdict(typed)))
-    if resume_from is not None:
+    if resume_from is not None and not typed.trainer.epochs:  # with epochs: once the rows are counted
         check_steps_left(resume_from, typed.trainer.max_steps)
     with discarded_on_refusal(run_dir):
         trainer, stage, data, watchers, notes = set_up(typed, run_dir, callbacks, resume_from)
@@ -168,7 +168,12 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
 
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
-    notes = {**run_notes(typed, stage), **feedback_record(typed.data, prepared)}
+    data = StageDataModule(prepared, typed.data, typed.trainer, stage)
+    data.setup()
+    epochs = steps_from_epochs(typed, data, run_dir, resume_from)  # before anything reads trainer.max_steps
+    if epochs:
+        resolved = redact(dataclasses.asdict(typed))
+    notes = {**run_notes(typed, stage), **feedback_record(typed.data, prepared), **epochs}
     if resume_from is not None:  # overrides.yaml keeps the first session's; config.yaml is this one's
         from llmexp.secrets import redact_override
 
@@ -176,13 +181,35 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, data_note(prepared)) if n)]
     if not notes["notes"]:
         del notes["notes"]
-    data = StageDataModule(prepared, typed.data, typed.trainer, stage)
-    data.setup()
     watchers = watching_callbacks(typed, run_dir, stage, prepared)
     loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
                             resume_step=checkpoint_step(resume_from) if resume_from else None)
     trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *watchers])
+    replicas = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1) \
+        if typed.strategy.name not in ("fsdp", "tp") else None
+    if epochs and replicas is not None and replicas != epochs["epochs"]["data_parallel_ranks"]:
+        raise RuntimeError(f"trainer.epochs counted {epochs['epochs']['data_parallel_ranks']} data-parallel ranks, "
+                           f"the trainer has {replicas}")
     return trainer, stage, data, watchers, notes
+
+
+def steps_from_epochs(typed, data, run_dir: Path, resume_from) -> Dict[str, Any]:
+    """trainer.epochs as trainer.max_steps, once the data's rows are counted: set in the config the
+    run trains by (and config.yaml); summary.json's ``epochs`` says how. {} without trainer.epochs."""
+    t = typed.trainer
+    if not t.epochs:
+        return {}
+    from llmexp.checkpointing import check_steps_left
+    from llmexp.data.sampler import steps_for_epochs
+    from llmexp.strategies import data_parallel_size
+
+    ranks = data_parallel_size(typed)
+    t.max_steps, per_epoch = steps_for_epochs(t.epochs, len(data.train_rows), t.micro_batch_size * t.grad_accum, ranks)
+    write_config(run_dir, redact(dataclasses.asdict(typed)))
+    if resume_from is not None:
+        check_steps_left(resume_from, t.max_steps)
+    return {"epochs": {"epochs": t.epochs, "rows": len(data.train_rows), "data_parallel_ranks": ranks,
+                       "steps_per_epoch": per_epoch, "max_steps": t.max_steps}}
 
 
 @contextlib.contextmanager

@@ -44,3 +44,26 @@ def world_size(cfg: RunConfig) -> int:
     """Processes in the run: devices per node x nodes (devices must be a count for fsdp/tp)."""
     devices = cfg.trainer.devices
     return (int(devices) if str(devices).isdigit() else 1) * cfg.trainer.num_nodes
+
+
+def data_parallel_size(cfg: RunConfig) -> int:
+    """Data-parallel replicas, each taking its own windows of the training rows: the processes, less
+    the tensor-parallel peers that share theirs (devices as Lightning counts them: a count, a list,
+    or auto / -1: every CUDA device, one CPU process)."""
+    s, t = cfg.strategy, cfg.trainer
+    if s.name in ("fsdp", "tp"):
+        from llmexp.parallel_plans import mesh_shape
+
+        return mesh_shape(s.name, world_size(cfg), s.data_parallel_size, s.tensor_parallel_size)[0]
+    devices = t.devices
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        n = len([d for d in devices.split(",") if d.strip()])
+    elif str(devices).isdigit() and int(devices) > 0:
+        n = int(devices)
+    else:
+        import torch
+
+        n = torch.cuda.device_count() if t.accelerator != "cpu" and torch.cuda.is_available() else 1
+    return n * t.num_nodes

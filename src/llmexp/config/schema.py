@@ -646,6 +646,10 @@ class TrainerConfig:
     max_steps: int = bounded(600, min=0, help=(
         "Optimizer steps to train (rollout stages: rollout iterations); the lr schedule runs over them (0: only "
         "for the stages that change a trained model: prune without recovery, quantize)."))
+    epochs: Optional[float] = bounded(None, above=0.0, help=(
+        "Train this many passes over the training rows instead of a step count: trainer.max_steps becomes "
+        "ceil(epochs x steps per epoch), a step per micro_batch_size x grad_accum x data-parallel ranks rows (rollout "
+        "stages: prompts; summary.json epochs); null: trainer.max_steps. Not with data.streaming."))
     micro_batch_size: int = bounded(16, min=1, help=(
         "Samples per forward/backward pass on each device (rollout stages: prompts, each answered stage.group_size times "
         "in grpo)."))

@@ -8,9 +8,17 @@ from. Under data parallelism each rank takes every world-size-th window, so the 
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, List
 
 import torch
+
+
+def steps_for_epochs(epochs: float, num_samples: int, window: int, world_size: int) -> tuple:
+    """(optimizer steps for ``epochs`` passes, steps per pass): WindowSampler's windows per epoch,
+    at least one step."""
+    per_epoch = num_samples // (window * world_size)
+    return max(1, math.ceil(epochs * per_epoch)), per_epoch
 
 
 class WindowSampler:
