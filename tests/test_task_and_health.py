@@ -236,3 +236,36 @@ def test_reward_model_note_warns_of_a_reward_model_near_chance(tmp_path):
     assert note(0.98) is None and note(0.65) is None and note(None) is None  # unknown: a reward model from elsewhere
     assert reward_model_note(RewardConfig(function="arithmetic_correct")) is None
     assert reward_model_note(None) is None
+
+
+def test_every_validation_records_its_greedy_answers_and_their_scores(tmp_path):
+    """task.log_answers: answers.jsonl (and a W&B table) holds what the model said at each
+    validation; with every probe prompt logged, each step's mean score is its val/task_score."""
+    import csv
+    import json
+
+    from llmexp.record import append_answers, keep_answers_up_to
+    from llmexp.testing import train
+
+    run = train(tmp_path, ["logger=wandb"])  # FAST: validations at 0, 20 and 40 on 16 prompts
+    lines = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    assert [sum(1 for a in lines if a["step"] == s) for s in (0, 20, 40)] == [16, 16, 16]
+    assert set(lines[0]) == {"step", "prompt", "answer", "score"} and lines[0]["prompt"][0]["role"] == "user"
+    with open(run / "metrics.csv", newline="") as fh:
+        logged = {int(float(r["step"])): float(r["val/task_score"]) for r in csv.DictReader(fh) if r.get("val/task_score")}
+    for step, score in logged.items():
+        assert sum(a["score"] for a in lines if a["step"] == step) / 16 == pytest.approx(score)
+    tables = sorted(run.glob("wandb/offline-run-*/files/media/table/val/answers_*.table.json"))
+    assert len(tables) == 3
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == ["step", "prompt", "answer", "score"] and len(table["data"]) == 16
+    assert table["data"][0][2] in {a["answer"] for a in lines}
+
+    # a resumed run drops the answers the killed run recorded after its checkpoint
+    keep_answers_up_to(run, 20)
+    assert {json.loads(line)["step"] for line in (run / "answers.jsonl").read_text().splitlines()} == {0, 20}
+    append_answers(run, 40, [{"prompt": "p", "answer": "a", "score": 1.0}])
+    assert json.loads((run / "answers.jsonl").read_text().splitlines()[-1]) == {
+        "step": 40, "prompt": "p", "answer": "a", "score": 1.0}
+    quiet = train(tmp_path, ["task.log_answers=0", "trainer.max_steps=5"], name="quiet")
+    assert not (quiet / "answers.jsonl").exists()

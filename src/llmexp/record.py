@@ -57,6 +57,10 @@ class RunDir:
     def model(self) -> Path:
         return self.path / "model"
 
+    @property
+    def answers(self) -> Path:
+        return self.path / "answers.jsonl"
+
     def overrides(self) -> Optional[List[str]]:
         """The command-line overrides the run started with (None for a record without them)."""
         import yaml
@@ -77,7 +81,7 @@ class RunDir:
         """The files here that a new run writes: a run's record, or a user's own metrics.csv or
         model/ that a run started here would have replaced."""
         return [p.name for p in (self.config, self.summary_file, self.checkpoints, self.metrics, self.loss_curve,
-                                 self.model) if p.exists()]
+                                 self.model, self.answers) if p.exists()]
 
     def checkpoint_to_resume(self) -> Optional[Path]:
         """The newest complete checkpoint: last.ckpt (a file, or a sharded checkpoint directory),
@@ -86,6 +90,24 @@ class RunDir:
             return self.last_checkpoint
         steps = sorted(self.checkpoints.glob("step-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
         return steps[-1] if steps else None
+
+
+def append_answers(run_dir: Path, step: int, answers: List[Dict[str, Any]]) -> None:
+    """answers.jsonl: a line per recorded greedy answer of a validation, ``{"step", "prompt", "answer", "score"}``."""
+    with open(RunDir(run_dir).answers, "a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"step": step, **a}, ensure_ascii=False) + "\n" for a in answers)
+
+
+def keep_answers_up_to(run_dir: Path, step: int) -> None:
+    """A resumed run validates again after its checkpoint's step: the lines of those later steps the
+    killed run wrote go (as metrics.csv's rows do)."""
+    path = RunDir(run_dir).answers
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def checkpoint_step(path: Path) -> int:

@@ -19,7 +19,8 @@ from llmexp.env import configure_environment, quiet_libraries
 from llmexp.errors import UserError
 from llmexp.faults import explain_disk_full
 from llmexp.preflight import preflight
-from llmexp.record import RunDir, build_summary, checkpoint_step, finish_record, write_config, write_overrides
+from llmexp.record import (RunDir, build_summary, checkpoint_step, finish_record, keep_answers_up_to, write_config,
+                           write_overrides)
 from llmexp.run_lock import RunLock
 from llmexp.secrets import redact
 from llmexp.serving.feedback import feedback_record
@@ -182,6 +183,8 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     if not notes["notes"]:
         del notes["notes"]
     watchers = watching_callbacks(typed, run_dir, stage, prepared)
+    if resume_from is not None:
+        keep_answers_up_to(run_dir, checkpoint_step(resume_from))
     loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
                             resume_step=checkpoint_step(resume_from) if resume_from else None)
     trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *watchers])

@@ -60,6 +60,13 @@ def _question(prompt: Any) -> Optional[str]:
 
 
 
+def prompt_text(prompt: Any) -> str:
+    """A prompt as one line of text for a table: a string as it is, a chat as its messages' text."""
+    if isinstance(prompt, list):
+        return " | ".join(f"{m.get('role')}: {m.get('content')}" for m in prompt if isinstance(m, dict))
+    return str(prompt)
+
+
 def _text(value: Any) -> Optional[str]:
     """The answer text of a completion: a string, or the last message's content."""
     if isinstance(value, str):
@@ -141,8 +148,10 @@ class TaskProbe:
 
     def __post_init__(self) -> None:
         self.score = build_checker(self.check)
+        self.answers: List[Dict[str, Any]] = []  # the last pass's first log_answers answers on this rank
 
     too_long: int = 0  # held-out prompts left out: with max_new_tokens they exceed the model's context
+    log_answers: int = 0  # answers of each pass kept in ``answers`` (task.log_answers)
 
     def within_context(self, tokenizer, context: Optional[int]) -> Optional["TaskProbe"]:
         """The probe without the prompts whose answer would run past ``context`` positions (a
@@ -172,6 +181,7 @@ class TaskProbe:
         shard; ``generate`` maps a batch of prompts to greedy answer texts."""
         rows = self.shard(rank, world)
         total, chars, n = 0.0, 0.0, 0
+        self.answers = []
         for i in range(0, len(rows), self.batch_size):
             chunk = rows[i : i + self.batch_size]
             real = [r for r in chunk if r is not None]
@@ -180,6 +190,8 @@ class TaskProbe:
             answers = generate([(r or filler)["prompt"] for r in chunk])[: len(real)]
             if real:
                 scores = self.score([r["prompt"] for r in real], answers, [r["columns"] for r in real])
+                self.answers += [{"prompt": r["prompt"], "answer": a, "score": float(sc)} for r, a, sc in
+                                 zip(real, answers, scores.tolist())][: self.log_answers - len(self.answers)]
                 total += float(scores.sum())
                 chars += float(sum(len(a) for a in answers))
                 n += len(real)
@@ -215,4 +227,5 @@ def build_probe(run_cfg: Any, val_rows: Sequence[Dict[str, Any]], fmt: str) -> O
     rows = rows[: t.max_prompts]
     if not rows:
         return None
-    return TaskProbe(check=check, rows=rows, max_new_tokens=t.max_new_tokens, batch_size=t.batch_size)
+    return TaskProbe(check=check, rows=rows, max_new_tokens=t.max_new_tokens, batch_size=t.batch_size,
+                     log_answers=t.log_answers)

@@ -790,6 +790,9 @@ class TaskConfig:
     max_prompts: Optional[int] = bounded(200, min=1, help="At most this many held-out prompts (null: all).")
     max_new_tokens: int = bounded(24, min=1, help="Longest greedy answer, in tokens.")
     batch_size: int = bounded(64, min=1, help="Prompts per generation batch.")
+    log_answers: int = bounded(16, min=0, help=(
+        "At every validation, record the greedy answers to this many of the held-out prompts with their scores: "
+        "answers.jsonl in the run directory, and a W&B table (val/answers) with logger=wandb; 0: none."))
 
 
 @dataclass

@@ -358,6 +358,22 @@ class StageModule(L.LightningModule):
         for name, (s, n) in sums.items():
             self._val[name] = [torch.tensor(float(s), device=self.device, dtype=torch.float64),
                                torch.tensor(float(n), device=self.device, dtype=torch.float64)]
+        if probe.answers and self.trainer.is_global_zero and self.run_dir is not None:
+            self._record_answers(probe.answers)
+
+    def _record_answers(self, answers: List[Dict[str, Any]]) -> None:
+        """task.log_answers: this validation's first greedy answers (rank 0's share of the prompts) in
+        answers.jsonl, and as a W&B table."""
+        from llmexp.record import append_answers
+        from llmexp.task_probe import prompt_text
+
+        step = self.trainer.global_step
+        append_answers(self.run_dir, step, answers)
+        rows = [[step, prompt_text(a["prompt"]), a["answer"], a["score"]] for a in answers]
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "log_table"):  # W&B
+                logger.log_table(key="val/answers", columns=["step", "prompt", "answer", "score"], data=rows,
+                                 step=step)
 
     # -- validation ------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
