@@ -369,3 +369,26 @@ def test_a_run_that_exported_its_best_validation_says_from_which_step():
     rows = records([Run(Path(n), s) for n, s in (("a", done), ("b", kept), ("c", found))], [], ["a", "b", "c"])
     assert [(r["steps"], r["model_step"]) for r in rows] == [(600, 600), (600, 400), (600, 600)]
     assert "model_step" not in records([Run(Path("a"), done), Run(Path("c"), found)], [], ["a", "c"])[0]
+
+
+def test_compare_shows_what_each_runs_model_answered(sweep, tmp_path):
+    """answers.md: the trials' recorded greedy answers (answers.jsonl) at their last validation,
+    joined by prompt, the prompts they answer differently first."""
+    from llmexp.compare.answers import exported_answers, exported_step
+
+    out = tmp_path / "said"
+    r = _cli("compare", sweep, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (out / "answers.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| prompt")]
+    assert len(table) == 8  # task.max_prompts=8, every one recorded
+    trials = sorted(p for p in sweep.iterdir() if (p / "answers.jsonl").is_file())
+    said = [exported_answers(t, json.loads((t / "summary.json").read_text())) for t in trials]
+    differ = sum(1 for p in said[0] if said[0][p][0] != said[1].get(p, (None,))[0])
+    assert f"{differ} of 8 prompts answered differently" in md
+    assert f"their models answered {differ} of 8 recorded prompts differently (answers.md)" in r.stdout
+    first = table[0].split(" | ")
+    assert (first[1] != first[2]) == (differ > 0)  # a differing prompt comes first
+    assert "[answers.md](answers.md)" in (out / "compare.md").read_text()
+    assert exported_step({"global_step": 9, "best": {"step": 4, "exported": True}}) == 4
+    assert exported_step({"global_step": 9, "best": {"step": 4, "exported": False}}) == 9

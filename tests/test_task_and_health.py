@@ -269,3 +269,11 @@ def test_every_validation_records_its_greedy_answers_and_their_scores(tmp_path):
         "step": 40, "prompt": "p", "answer": "a", "score": 1.0}
     quiet = train(tmp_path, ["task.log_answers=0", "trainer.max_steps=5"], name="quiet")
     assert not (quiet / "answers.jsonl").exists()
+
+
+def test_the_recorded_answers_are_spread_over_the_prompts():
+    """The bundled questions come in order (0 + 0 first): 16 of 155 are taken evenly, not the first 16."""
+    from llmexp.task_probe import recorded
+
+    assert sorted(recorded(155, 16))[:4] == [0, 9, 19, 29] and len(recorded(155, 16)) == 16
+    assert recorded(16, 16) == set(range(16)) and recorded(5, 16) == set(range(5)) and recorded(10, 0) == set()

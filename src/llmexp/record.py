@@ -92,6 +92,13 @@ class RunDir:
         return steps[-1] if steps else None
 
 
+def prompt_text(prompt: Any) -> str:
+    """A recorded prompt as one line of text for a table: a string as it is, a chat as its messages' text."""
+    if isinstance(prompt, list):
+        return " | ".join(f"{m.get('role')}: {m.get('content')}" for m in prompt if isinstance(m, dict))
+    return str(prompt)
+
+
 def append_answers(run_dir: Path, step: int, answers: List[Dict[str, Any]]) -> None:
     """answers.jsonl: a line per recorded greedy answer of a validation, ``{"step", "prompt", "answer", "score"}``."""
     with open(RunDir(run_dir).answers, "a", encoding="utf-8") as fh:

@@ -60,13 +60,6 @@ def _question(prompt: Any) -> Optional[str]:
 
 
 
-def prompt_text(prompt: Any) -> str:
-    """A prompt as one line of text for a table: a string as it is, a chat as its messages' text."""
-    if isinstance(prompt, list):
-        return " | ".join(f"{m.get('role')}: {m.get('content')}" for m in prompt if isinstance(m, dict))
-    return str(prompt)
-
-
 def _text(value: Any) -> Optional[str]:
     """The answer text of a completion: a string, or the last message's content."""
     if isinstance(value, str):
@@ -182,6 +175,8 @@ class TaskProbe:
         rows = self.shard(rank, world)
         total, chars, n = 0.0, 0.0, 0
         self.answers = []
+        real_rows = sum(r is not None for r in rows)
+        keep = recorded(real_rows, self.log_answers)
         for i in range(0, len(rows), self.batch_size):
             chunk = rows[i : i + self.batch_size]
             real = [r for r in chunk if r is not None]
@@ -190,12 +185,20 @@ class TaskProbe:
             answers = generate([(r or filler)["prompt"] for r in chunk])[: len(real)]
             if real:
                 scores = self.score([r["prompt"] for r in real], answers, [r["columns"] for r in real])
-                self.answers += [{"prompt": r["prompt"], "answer": a, "score": float(sc)} for r, a, sc in
-                                 zip(real, answers, scores.tolist())][: self.log_answers - len(self.answers)]
+                self.answers += [{"prompt": r["prompt"], "answer": a, "score": float(sc)} for j, (r, a, sc) in
+                                 enumerate(zip(real, answers, scores.tolist()), start=n) if j in keep]
                 total += float(scores.sum())
                 chars += float(sum(len(a) for a in answers))
                 n += len(real)
         return {"task_score": (total, n), "task_response_chars": (chars, n)}
+
+
+def recorded(rows: int, count: int) -> set:
+    """Which of ``rows`` prompts (by position) task.log_answers records: ``count`` spread evenly over
+    them (the bundled questions come in order, 0 + 0 first: the first 16 were all additions of 0)."""
+    if count <= 0 or rows <= 0:
+        return set()
+    return {i * rows // count for i in range(count)} if count < rows else set(range(rows))
 
 
 def unavailable(run_cfg: Any) -> Optional[str]:

@@ -6,7 +6,8 @@
 
 Prints a table (stage, model, data, the config keys that differ, initial -> final metrics, eval
 results, wall time, tokens/s) and writes compare.md, compare.csv and curves.png to --out
-(default runs/compare/<time>, a new directory: never a run's own).
+(default runs/compare/<time>, a new directory: never a run's own), and answers.md: what each
+run's model answered to the held-out prompts its runs recorded (answers.jsonl).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def fresh_dir(base: Path) -> Path:
 
 def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> Dict[str, Any]:
     """Load the runs, write the table and curves to the output directory; return what was made."""
+    from llmexp.compare.answers import answers_markdown
     from llmexp.compare.curves import curves_figure
     from llmexp.compare.diff import differing_keys, run_labels
     from llmexp.compare.losses import loss_names, renamed
@@ -73,10 +75,15 @@ def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> D
     if fig is not None:
         save(fig, out_dir / "curves.png")
         markdown += "\n![curves of every run](curves.png)\n"
+    said = answers_markdown(runs, labels)
+    if said is not None:
+        write_atomic(out_dir / "answers.md", said[0])
+        markdown += f"\nWhat each model answered: [answers.md](answers.md) ({said[1]} of {said[2]} prompts differently).\n"
     write_atomic(out_dir / "compare.md", markdown)
     if show:
         print_table(rows, title)
-    return {"dir": out_dir, "keys": keys, "labels": labels, "rows": rows, "curves": fig is not None}
+    return {"dir": out_dir, "keys": keys, "labels": labels, "rows": rows, "curves": fig is not None,
+            "answers": said[1:] if said is not None else None}
 
 
 @quiet_exits
@@ -92,9 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = compare(args.runs, args.out)
     except UserError as e:
         return report(e)
-    made = ", ".join(["compare.md", "compare.csv"] + (["curves.png"] if result["curves"] else []))
+    made = ", ".join(["compare.md", "compare.csv"] + (["curves.png"] if result["curves"] else [])
+                     + (["answers.md"] if result["answers"] else []))
     n = len(result["rows"])
     print(f"comparison of {n} run{'s' if n != 1 else ''} in {result['dir']}/ ({made})")
+    if result["answers"]:
+        differ, prompts = result["answers"]
+        print(f"their models answered {differ} of {prompts} recorded prompts differently (answers.md)")
     return 0
 
 

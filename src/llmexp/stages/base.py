@@ -364,8 +364,7 @@ class StageModule(L.LightningModule):
     def _record_answers(self, answers: List[Dict[str, Any]]) -> None:
         """task.log_answers: this validation's first greedy answers (rank 0's share of the prompts) in
         answers.jsonl, and as a W&B table."""
-        from llmexp.record import append_answers
-        from llmexp.task_probe import prompt_text
+        from llmexp.record import append_answers, prompt_text
 
         step = self.trainer.global_step
         append_answers(self.run_dir, step, answers)
