@@ -108,14 +108,22 @@ def test_early_stopping_ends_the_run_when_the_monitor_stops_improving(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_killed_keep_best_run_resumes_to_the_same_best_model(tmp_path):
-    overrides = [*FAST, "trainer.max_steps=30", "trainer.checkpoint_every_n_steps=5", "trainer.val_check_interval=10",
-                 *FIRST_IS_BEST, "trainer.keep_best=true"]
+@pytest.mark.parametrize("checkpoints, kill_at", [("5", 17), ("null", 12)], ids=["every-5", "at-validations"])
+def test_a_killed_keep_best_run_resumes_to_the_same_best_model(tmp_path, checkpoints, kill_at):
+    """Killed after step 17 (step 15's checkpoint names step 10's best, whose weights wait beside it),
+    or after step 12: step 10's checkpoint, written at a validation, is saved after it, so that it
+    holds the best that validation found (saved before it, the resumed run never knew of it)."""
+    overrides = [*FAST, "trainer.max_steps=30", f"trainer.checkpoint_every_n_steps={checkpoints}",
+                 "trainer.val_check_interval=10", *FIRST_IS_BEST, "trainer.keep_best=true",
+                 "trainer.early_stopping_patience=5"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train_in_subprocess(overrides, straight).returncode == 0
-    assert train_in_subprocess(overrides, killed, kill_at=17).returncode == -signal.SIGKILL
-    # step 15's checkpoint names the best of step 10, whose weights wait beside it
+    assert train_in_subprocess(overrides, killed, kill_at=kill_at).returncode == -signal.SIGKILL
     assert (killed / "checkpoints" / "best-step-10.ckpt").is_file()
+    saved = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["callbacks"]["BestValidation"]["step"] == 10
+    assert saved["callbacks"]["BestValidation"]["early_stopping"]["best_score"] == pytest.approx(
+        saved["callbacks"]["BestValidation"]["value"])
     r = train_in_subprocess([*overrides, f"resume={killed}"], killed)
     assert r.returncode == 0, r.stderr[-3000:]
     for run in (straight, killed):

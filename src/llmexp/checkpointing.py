@@ -88,10 +88,21 @@ class RunCheckpoint(ModelCheckpoint):
       checkpoints/ when the run directory was moved, so the old step file is still replaced
       (Lightning keeps the old directory's paths and then never removes the file).
     - Its state is stored under ModelCheckpoint's key, so checkpoints written before load as they did.
+    - At a step that is validated, it saves after the validation (Lightning saves a step's checkpoint
+      before it): the checkpoint then holds what the validation found (trainer.monitor's best,
+      early stopping's count), which a run resumed from it does not validate again.
     """
 
     def __init__(self, **kwargs: Any):
         super().__init__(enable_version_counter=False, **kwargs)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every = self._every_n_train_steps
+        if every and trainer.global_step % every == 0 and validates_after(trainer):
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._defer_save_until_validation = True  # Lightning's own deferral: saved in on_validation_end
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @property
     def state_key(self) -> str:
@@ -110,6 +121,14 @@ class RunCheckpoint(ModelCheckpoint):
                                                                    "kth_best_model_path")},
                           "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
         super().load_state_dict(state_dict)
+
+
+def validates_after(trainer) -> bool:
+    """Whether a validation follows the training step just done (a step is one batch here, so
+    Lightning validates after every val_check_batch-th step)."""
+    every = getattr(trainer, "val_check_batch", None)
+    return (isinstance(every, int) and every > 0 and trainer.global_step % every == 0
+            and bool(getattr(trainer, "enable_validation", False)))
 
 
 def partial_path(path: Path) -> Path:
