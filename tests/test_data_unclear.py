@@ -212,6 +212,20 @@ def test_a_field_of_two_kinds_is_named_with_both_places(tmp_path):
         load_examples(typed(["data=files", f"data.path={blank}"]).data, "sft")
 
 
+def test_a_field_of_two_kinds_that_datasets_reads_through_pandas_is_named_not_every_row(tmp_path):
+    """A JSON array whose 'instruction' is a number in one row loads (through pandas, which also made
+    every "3" in 'output' the number 3): every row then failed its check as 'content 3, not text';
+    the row that caused it is named instead."""
+    rows = [{"instruction": "Add 1 and 2.", "input": "", "output": "3"} for _ in range(50)]
+    rows[7]["instruction"] = 5
+    f = tmp_path / "alpaca.json"
+    f.write_text(json.dumps(rows))
+    with pytest.raises(UserError) as e:
+        load_examples(typed(["data=files", f"data.path={f}"]).data, "sft")
+    assert str(e.value) == (f"data.path: {f} row 8: 'instruction' is a number, but text at row 1; a field holds one "
+                            f"kind of value in every row: fix row 8 (or the rows like row 1)")
+
+
 @pytest.mark.parametrize("name,text,words", [
     ("blank.jsonl", "\n\n  \n", "blank.jsonl holds no rows, only blank lines"),
     ("header.csv", "prompt,completion\n", "header.csv' holds no rows (a CSV file is a header line, then one line per row)"),

@@ -70,7 +70,13 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
     problem = formats.format_problem(stage, fmt, train.column_names, {}, f"data {cfg.path or cfg.name!r}")
     if problem:
         raise UserError(f"data: {problem}")
-    empty = check_rows(train, fmt, repr(cfg.path or cfg.name), sources.row_places(cfg) or row_number)
+    try:
+        empty = check_rows(train, fmt, repr(cfg.path or cfg.name), sources.row_places(cfg) or row_number)
+    except UserError:
+        conflict = sources.json_kind_conflict(cfg)  # the cause of rows that all look wrong, said instead
+        if conflict:
+            raise UserError(f"data.path: {conflict}") from None
+        raise
     if val is not None:
         check_rows(val, fmt, f"{cfg.path or cfg.name!r} split {cfg.validation_split!r}")
     mixed = mixture.source_counts(train) if cfg.source == "mixture" else None

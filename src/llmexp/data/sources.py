@@ -152,17 +152,44 @@ def _kind_conflict(files: List[str]) -> Optional[str]:
     places: why datasets could not read them ('Couldn't cast ...', or after its pandas fallback
     'Expected object or value'). Asked only when it failed: where it reads such rows, the rows'
     own check names each one with its fix."""
-    kinds: Dict[str, tuple] = {}  # field -> (kind, file, line) where it was first seen
+    kinds: Dict[str, tuple] = {}  # field -> (kind, file, place) where it was first seen
     for f in files:
-        for n, row in _json_rows(f):
-            for field, value in row.items():
+        for place, row in _placed_rows(f):
+            for field, value in (row.items() if isinstance(row, dict) else ()):
                 kind = _json_kind(value)
-                first = kinds.setdefault(field, (kind, f, n)) if kind else None
+                first = kinds.setdefault(field, (kind, f, place)) if kind else None
                 if first and first[0] != kind:
-                    at = f"line {first[2]}" if first[1] == f else f"{first[1]} line {first[2]}"
-                    return (f"{f} line {n}: {field!r} is {_article(kind)}, but {_article(first[0])} at {at}; "
-                            f"a field holds one kind of value in every row: fix line {n} (or the lines like {at})")
+                    at = first[2] if first[1] == f else f"{first[1]} {first[2]}"
+                    return (f"{f} {place}: {field!r} is {_article(kind)}, but {_article(first[0])} at {at}; "
+                            f"a field holds one kind of value in every row: fix {place} (or the rows like {at})")
     return None
+
+
+def _placed_rows(f: str) -> Iterator[tuple]:
+    """(place, row) of a JSONL file's lines ("line 3") or a JSON file's array ("row 3")."""
+    if _data_suffix(Path(f)) == ".jsonl":
+        yield from ((f"line {n}", row) for n, row in _json_rows(f))
+        return
+    try:
+        with open_binary(f) as fh:
+            rows = json.loads(fh.read().decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError):
+        return  # not one JSON array: datasets' own error says what it is
+    if isinstance(rows, list):
+        yield from ((f"row {n}", row) for n, row in enumerate(rows, 1))
+
+
+def json_kind_conflict(cfg: DataConfig) -> Optional[str]:
+    """For data=files of JSON/JSONL: a field whose values differ in kind between rows (see
+    _kind_conflict), else None. When such rows do load, datasets read them through pandas, which
+    also turns text like "3" into the number 3 in other columns: every row then fails its check
+    ("content 3, not text") while the cause is one row elsewhere."""
+    if cfg.source != "files" or not cfg.path:
+        return None
+    files = data_files(cfg.path)
+    if FILE_BUILDERS.get(_data_suffix(Path(files[0]))) != "json":
+        return None
+    return _kind_conflict(files)
 
 
 def _article(kind: str) -> str:
