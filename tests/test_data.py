@@ -249,3 +249,28 @@ def test_a_chat_template_that_is_missing_broken_or_never_ends_an_answer_is_refus
     with pytest.raises(UserError) as e:
         load_tokenizer(None, None, chat_template=str(endless))
     assert "an assistant message is not followed by the tokenizer's eos token '<|end|>'" in str(e.value)
+
+
+def test_a_system_prompt_goes_into_the_template_for_conversations_without_one(tmp_path):
+    """model.system_prompt: put first in every conversation that has no system message, by the chat
+    template itself, so training and the exported model's users (generate, serve, eval) see it."""
+    from llmexp.run import prepare_data
+    from llmexp.testing import train
+    from transformers import AutoTokenizer
+
+    text = 'You are "terse".\nAnswer with numbers.'
+    tok = load_tokenizer(None, None, system_prompt=text)
+    msgs = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "3 + 4 = 7"}]
+    enc = encode_chat(tok, msgs, assistant_only=True)
+    assert tok.decode(enc["input_ids"]).startswith(f"<|system|>\n{text}<|end|>\n<|user|>\nWhat is 3 plus 4?")
+    assert tok.decode([t for t in enc["labels"] if t != IGNORE_INDEX]) == "3 + 4 = 7<|end|>"  # not the system's
+    own = [{"role": "system", "content": "Mine."}, *msgs]
+    assert tok.apply_chat_template(own, tokenize=False).count("<|system|>") == 1  # a conversation's own is kept
+    run = train(tmp_path, ["model.system_prompt=Be brief.", "trainer.max_steps=5"])
+    exported = AutoTokenizer.from_pretrained(run / "model")
+    assert exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                        add_generation_prompt=True).startswith("<|system|>\nBe brief.<|end|>")
+    plain = _jsonl(tmp_path / "plain.jsonl", [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(30)])
+    for overrides in (["stage=pretrain", "data=arithmetic_text"], ["data=files", f"data.path={plain}"]):
+        with pytest.raises(UserError, match="model.system_prompt: .* holds plain text"):
+            prepare_data(typed([*overrides, "model.system_prompt=x"]))

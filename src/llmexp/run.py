@@ -255,6 +255,8 @@ def prepare_data(typed):
 
     d, m = typed.data, typed.model
     load = lambda: load_examples(d, typed.stage.name)  # noqa: E731
+    if m.system_prompt is not None and (d.streaming or peeked_format(d) == "text"):
+        raise no_system_prompt_for(d)
     if d.streaming:
         from llmexp.data.module import PreparedData
         from llmexp.errors import UserError
@@ -263,18 +265,34 @@ def prepare_data(typed):
             raise UserError("data.streaming: reads plain-text documents (a 'text' column, or data.fields.text=<column>) "
                             "with a tokenizer that exists before the data (not model.tokenizer=train)")
         tokenizer = load_tokenizer(m.tokenizer, m.pretrained, None, m.trust_remote_code, m.architecture,
-                                   chat_template=m.chat_template)
+                                   chat_template=m.chat_template, system_prompt=m.system_prompt)
         return PreparedData(train=None, val=None, format="text", log=[{"step": "streaming"}]), tokenizer
     if m.tokenizer != "train" and peeked_format(d) == "text":
         tokenizer = load_tokenizer(m.tokenizer, m.pretrained, None, m.trust_remote_code, m.architecture,
-                                   chat_template=m.chat_template)
+                                   chat_template=m.chat_template, system_prompt=m.system_prompt)
         return prepared_text(d, typed.stage.name, tokenizer, load), tokenizer
     prepared = load()
     tokenizer = load_tokenizer(m.tokenizer, m.pretrained, prepared.texts, m.trust_remote_code, m.architecture,
-                               chat_template=m.chat_template)
+                               chat_template=m.chat_template, system_prompt=m.system_prompt)
+    if m.system_prompt is not None and rendered_raw(prepared):
+        raise no_system_prompt_for(d)
     if prepared.format == "text":
         return prepared_text(d, typed.stage.name, tokenizer, load, prepared), tokenizer
     return prepared, tokenizer
+
+
+def no_system_prompt_for(data_cfg) -> UserError:
+    return UserError(f"model.system_prompt: {data_cfg.path or data_cfg.name!r} holds plain text (documents, or "
+                     f"prompts trained as they are), which no chat template renders, so there is nowhere to put a "
+                     f"system message; give chat rows (messages), or drop model.system_prompt")
+
+
+def rendered_raw(prepared) -> bool:
+    """Whether the run's rows are text that no chat template renders: documents, or plain-string prompts."""
+    if prepared.format == "text":
+        return True
+    train = prepared.train
+    return prepared.format != "chat" and train is not None and len(train) > 0 and isinstance(train[0]["prompt"], str)
 
 
 def prepared_text(data_cfg, stage: str, tokenizer, load_examples, prepared=None):

@@ -109,6 +109,9 @@ class ModelConfig:
         "The chat template chat data is rendered with and the exported model keeps: a Jinja file's path, or the "
         "template itself; it must end an assistant message with the tokenizer's eos token. null: the tokenizer's "
         "own, else llmexp's role headers."))
+    system_prompt: Optional[str] = doc(None, help=(
+        "A system message for every conversation that starts without one: put into the chat template, so the "
+        "chat data trains with it and the exported model is asked with it (generate, serve, eval); chat data only."))
     hidden_size: int = bounded(64, min=8, help="Width of the hidden states" + _FROM_SCRATCH)
     num_layers: int = bounded(2, min=1, help="Decoder layers" + _FROM_SCRATCH)
     num_heads: int = bounded(4, min=1, help="Attention heads, a divisor of hidden_size" + _FROM_SCRATCH)

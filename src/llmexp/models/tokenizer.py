@@ -52,7 +52,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 512):
 
 
 def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts=None, trust_remote_code=False,
-                   architecture: Optional[str] = None, chat_template: Optional[str] = None):
+                   architecture: Optional[str] = None, chat_template: Optional[str] = None,
+                   system_prompt: Optional[str] = None):
     """Pick the tokenizer: explicit source, else the pretrained model's, else the bundled one.
 
     With ``architecture`` (the model a run builds from its config), a tokenizer that does not come
@@ -77,7 +78,18 @@ def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts
             tok = as_a_model_directory_loads_it(tok, model_type)
     if chat_template is not None:
         use_chat_template(tok, chat_template)
+    if system_prompt is not None:
+        tok.chat_template = with_system_prompt(tok.chat_template, system_prompt)
     return tok
+
+
+def with_system_prompt(template: str, text: str) -> str:
+    """``template`` that first puts ``text`` as a system message before a conversation that has none
+    (how LLaMA-Factory's default_system works): saved with the model, it asks as the run trained."""
+    import json
+
+    return ("{%- if messages and messages[0]['role'] != 'system' -%}{%- set messages = [{'role': 'system', "
+            f"'content': {json.dumps(text)}}}] + messages -%}}{{%- endif -%}}" + template)
 
 
 def is_template_text(value: str) -> bool:
