@@ -121,3 +121,23 @@ def test_a_layout_a_stage_cannot_train_on_is_refused_before_the_run(tmp_path):
     with pytest.raises(ConfigError) as e:
         check_config(["stage=dpo", "data=files", f"data.path={f}", *FAST[:1]])
     assert "stage=dpo needs fields prompt+chosen+rejected" in str(e.value) and "format 'chat'" in str(e.value)
+
+
+def test_chat_rows_are_rollout_prompts_with_their_answer_as_reference(tmp_path):
+    """grpo (ppo, rloo, online_dpo) on chat data, a ShareGPT file as it is: the conversation before
+    its last answer is the prompt, the answer the reference a reward may compare with."""
+    from llmexp.data.encode import as_prompt_row
+
+    chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                         {"role": "assistant", "content": "A"}], "id": 7}
+    assert as_prompt_row(chat) == {"id": 7, "prompt": chat["messages"][:2], "completion": "A"}
+    assert as_prompt_row({"prompt": "P"}) == {"prompt": "P"}
+    question = {"messages": [{"role": "user", "content": "Q"}]}
+    assert as_prompt_row(question) == {"prompt": question["messages"]}
+    f = _sharegpt(tmp_path / "sharegpt.jsonl")
+    run = train(tmp_path, ["stage=grpo", "data=files", f"data.path={f}", "data.max_length=64", "trainer.max_steps=2",
+                           "trainer.val_check_interval=2", "trainer.micro_batch_size=4", "stage.group_size=2",
+                           "stage.rollout.max_new_tokens=8"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data_stats"]["format"] == "chat" and summary["task"]["check"] == "arithmetic_correct"
+    assert -1.0 <= summary["final"]["val/reward"] <= 1.0  # -1: an answer that never ended (grpo's penalty)

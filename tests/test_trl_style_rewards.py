@@ -32,6 +32,12 @@ USER_MODULE = textwrap.dedent('''
     def as_numpy(completion, answer):
         import numpy
         return numpy.float64(completion.endswith(answer))
+
+    def matches(completion, reference):
+        return float(completion.strip() == reference.strip())
+
+    def takes_all(completion, **columns):
+        return float(len(columns))
 ''')
 
 
@@ -86,3 +92,13 @@ def test_grpo_trains_on_a_trl_style_reward_by_module_path(tmp_path, user_module)
     assert -1.0 <= s["final"]["val/reward"] <= 1.0 and 0.0 <= s["final"]["val/task_score"] <= 1.0
     r = run_cli([*FAST, "stage=grpo", "stage.reward.function=no_such_module:fn"], cwd=tmp_path)
     assert r.returncode == 2 and "stage.reward.function: 'no_such_module:fn': no module" in r.stderr
+
+
+def test_a_rows_own_completion_reaches_a_per_sample_reward_as_reference(user_module):
+    """prompt/completion (and chat) rows in a rollout stage: the row's answer beside the sampled one
+    is passed as ``reference`` (under its own name every such dataset failed with "multiple values
+    for argument 'completion'"); a conversational answer as its text."""
+    rows = [{"completion": "2 + 3 = 5"}, {"completion": [{"role": "assistant", "content": "2 + 3 = 5"}]}]
+    assert FunctionReward("my_rewards:matches")([CHAT] * 2, ["2 + 3 = 5", "2 + 3 = 6"], rows).tolist() == [1.0, 0.0]
+    assert FunctionReward("my_rewards:takes_all")([CHAT], ["x"], rows[:1]).tolist() == [1.0]  # reference only
+    assert FunctionReward("arithmetic_correct")([CHAT], ["2 + 3 = 5"], rows[:1]).tolist() == [1.0]

@@ -57,6 +57,20 @@ def shown(value: Any, most: int = 60) -> str:
     return text if len(text) <= most else text[: most - 1] + "…"
 
 
+def with_reference(cols: Dict[str, Any]) -> Dict[str, Any]:
+    """A row's own answer (a prompt/completion row's ``completion``, a chat's last assistant turn) as
+    ``reference``, the name the task metric passes it by: under its own name it collided with the
+    sampled completion (every prompt/completion dataset failed with "multiple values for argument
+    'completion'")."""
+    if "completion" not in cols:
+        return cols
+    from llmexp.task_probe import answer_text
+
+    out = {k: v for k, v in cols.items() if k != "completion"}
+    out.setdefault("reference", answer_text(cols["completion"]))
+    return out
+
+
 class FunctionReward:
     """A reward function by registered name or ``module:function``. llmexp's kind takes one
     completion and the row's columns it names (columns it does not name are not passed, so one
@@ -87,6 +101,7 @@ class FunctionReward:
         return torch.tensor(out, dtype=torch.float32)
 
     def one(self, completion: str, cols: Dict[str, Any]) -> float:
+        cols = with_reference(cols)
         passed = cols if self.accepted is None else {k: v for k, v in cols.items() if k in self.accepted}
         try:
             self.signature.bind(completion, **passed)

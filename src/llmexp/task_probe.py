@@ -60,7 +60,7 @@ def _question(prompt: Any) -> Optional[str]:
 
 
 
-def _text(value: Any) -> Optional[str]:
+def answer_text(value: Any) -> Optional[str]:
     """The answer text of a completion: a string, or the last message's content."""
     if isinstance(value, str):
         return value
@@ -80,10 +80,10 @@ def task_rows(rows: Sequence[Dict[str, Any]], fmt: str) -> List[Dict[str, Any]]:
             last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
             if not last:  # no assistant turn, or nothing before it to answer
                 continue
-            prompt, reference = messages[:last], _text(messages[last:last + 1])
+            prompt, reference = messages[:last], answer_text(messages[last:last + 1])
         elif fmt in ("prompt_completion", "preference"):
             prompt = row["prompt"]
-            reference = _text(row["completion"] if fmt == "prompt_completion" else row["chosen"])
+            reference = answer_text(row["completion"] if fmt == "prompt_completion" else row["chosen"])
         elif fmt == "prompt_only":
             prompt, reference = row["prompt"], None
         else:

@@ -54,7 +54,7 @@ class StageSpec:
         return getattr(importlib.import_module(module), name)
 
 
-ROLLOUT_FORMATS = ("prompt_only", "preference", "unpaired_preference", "prompt_completion")
+ROLLOUT_FORMATS = ("prompt_only", "preference", "unpaired_preference", "prompt_completion", "chat")
 
 STAGES: Dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("pretrain", "llmexp.stages.causal_lm:PretrainStage", S.PretrainStageConfig,

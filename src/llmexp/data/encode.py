@@ -149,7 +149,22 @@ def prompt_encoder(tokenizer) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
     prompt + response with its own tokenizer) and the row's other columns (for reward functions)."""
 
     def encode(row: Dict[str, Any]) -> Dict[str, Any]:
+        row = as_prompt_row(row)
         return {"input_ids": render_prompt(tokenizer, row["prompt"]), "prompt": row["prompt"],
                 "columns": {k: v for k, v in row.items() if k != "prompt"}}
 
     return encode
+
+
+def as_prompt_row(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A chat row as a rollout prompt: the conversation before its last assistant turn, and that
+    turn's text as ``completion`` (the reference answer a reward function may compare with, as a
+    prompt/completion row's); other rows as they are."""
+    if "prompt" in row or "messages" not in row:
+        return row
+    messages = list(row["messages"])
+    others = {k: v for k, v in row.items() if k != "messages"}
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if not last:  # no answer (or nothing before it): the conversation is the prompt
+        return {**others, "prompt": messages}
+    return {**others, "prompt": messages[:last], "completion": messages[last].get("content")}
