@@ -64,7 +64,7 @@ def with_reference(cols: Dict[str, Any]) -> Dict[str, Any]:
     'completion'")."""
     if "completion" not in cols:
         return cols
-    from llmexp.task_probe import answer_text
+    from llmexp.data.formats import answer_text
 
     out = {k: v for k, v in cols.items() if k != "completion"}
     out.setdefault("reference", answer_text(cols["completion"]))

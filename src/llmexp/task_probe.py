@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from llmexp.data.formats import answer_text
+
 BUNDLED_CHECK = "arithmetic_correct"
 BUNDLED_TEXT_CHECK = "arithmetic_continues"  # a model trained on the skill's text continues 'a op b ='
 # llmexp's own datasets of the arithmetic skill (plugins/builtin.py): only these are judged by the
@@ -58,16 +60,6 @@ def _question(prompt: Any) -> Optional[str]:
         return users[-1] if users else None
     return prompt if isinstance(prompt, str) else None
 
-
-
-def answer_text(value: Any) -> Optional[str]:
-    """The answer text of a completion: a string, or the last message's content."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        content = value[-1].get("content")
-        return content if isinstance(content, str) else None
-    return None
 
 
 def task_rows(rows: Sequence[Dict[str, Any]], fmt: str) -> List[Dict[str, Any]]:

@@ -6,7 +6,7 @@ stage whose data lacks the fields it needs (e.g. stage=sft on plain text).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 from llmexp.data.layouts import LAYOUT_COLUMNS, layout
 
@@ -57,3 +57,13 @@ def format_problem(stage: str, fmt: Optional[str], columns: Iterable[str], field
     what = f"format {fmt!r}" if fmt else "no recognised format"
     return (f"stage={stage} needs fields {needs}, but {where} has {what} (columns: {have}); "
             f"map your columns with data.fields.<name>=<column> or choose another stage")
+
+
+def answer_text(value: Any) -> Optional[str]:
+    """The answer text of a completion: a string, or the last message's content."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        content = value[-1].get("content")
+        return content if isinstance(content, str) else None
+    return None
