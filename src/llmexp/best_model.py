@@ -159,7 +159,6 @@ class BestValidation(L.Callback):
             out["best"]["notes"] = list(self.notes)
         return out
 
-
     def _stop_reason(self) -> str:
         from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
