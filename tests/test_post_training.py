@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from llmexp.testing import run_cli
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -191,6 +192,40 @@ def test_the_guard_stops_a_collapsing_run_with_its_exit_code(tmp_path, default_s
     assert r.returncode == 4, r.stderr[-3000:]
     assert "health.action=stop" in r.stderr and "fix:" in r.stderr.lower() and "Traceback" not in r.stderr
     assert not (run_dir / "summary.json").exists() and not (run_dir / "model").exists()
+
+
+def test_a_guard_stop_with_keep_best_exports_the_validation_before_the_collapse(tmp_path, default_sft):
+    """health.action=stop with trainer.keep_best: the run stops at the sign, as without it (exit 4),
+    but first exports its best validation's model, the one before the collapse, with its metrics."""
+    run_dir = tmp_path / "dpo-stop"
+    # Made to collapse: 2x the shipped lr without the chosen answers' NLL term; a validation every 3 steps.
+    r = run_cli(["stage=dpo", f"model.pretrained={default_sft}/model", "optim.lr=1e-3", "stage.rpo_alpha=0",
+                 "health.action=stop", "trainer.monitor=val/task_score", "trainer.keep_best=true",
+                 "trainer.val_check_interval=3", "trainer.max_steps=60", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    s = summary(run_dir)
+    stopped, best = s["health"]["stopped"], s["best"]
+    assert stopped["sign"] == "task_drop" and s["global_step"] == stopped["step"] < 60, s["health"]
+    assert best["exported"] and 0 < best["step"] < stopped["step"], best
+    assert f"exported its best validation's model (step {best['step']}," in r.stderr
+    assert s["final"]["val/task_score"] == best["value"] >= 0.9  # the exported model's, not the collapsed one's
+    kept = torch.load(best["weights"], weights_only=True)["weights"]
+    exported = load_file(run_dir / "model" / "model.safetensors")
+    assert set(kept) == set(exported) and all(torch.equal(exported[k], v) for k, v in kept.items())
+
+
+def test_a_guard_stop_at_the_first_validation_exports_nothing_and_leaves_no_best_file(tmp_path, default_sft):
+    """With keep_best, a collapse seen at the first validation has no earlier model to export: the
+    run stops as without it, and the weights kept of that validation go (no checkpoint names them)."""
+    run_dir = tmp_path / "dpo-stop-first"
+    r = run_cli(["stage=dpo", f"model.pretrained={default_sft}/model", "optim.lr=1e-3", "stage.rpo_alpha=0",
+                 "health.action=stop", "trainer.monitor=val/task_score", "trainer.keep_best=true",
+                 "trainer.val_check_interval=10", "trainer.max_steps=60", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "task_drop at step 10" in r.stderr and "The run stopped without saving" in r.stderr
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "model").exists()
+    assert list((run_dir / "checkpoints").glob("best-*")) == []
 
 
 def test_the_guard_warns_and_records_a_dpo_collapse(tmp_path, default_sft):

@@ -110,6 +110,12 @@ class BestValidation(L.Callback):
             if found and int(found.group(1)) not in keep:
                 path.unlink(missing_ok=True)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A run that failed (a health stop, a fault) resumes, if at all, from its newest checkpoint:
+        the best files that checkpoint does not name are of no further use."""
+        self.step = None
+        self._remove_unnamed(trainer)
+
     # -- resume ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self.named_by_checkpoint = self.step

@@ -4,7 +4,8 @@ the stage logs, each with what to change.
 A sign counts once it shows on ``health.patience`` logged steps in a row (one noisy batch is not a
 collapse); the task metric is checked at every validation pass. ``health.action`` says what a
 sign does: ``warn`` (the log, the progress bar and summary.json's ``health``), ``stop`` (the run
-ends with exit code 4, keeping the last checkpoint written before) or ``off``.
+ends with exit code 4, keeping the last checkpoint written before; with ``trainer.keep_best`` and a
+validation already kept, it stops there and exports that validation's model first) or ``off``.
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ def task_sign(score: Optional[float], initial: Optional[float], cfg: HealthConfi
 class HealthGuard(L.Callback):
     """Checks every logged step and validation pass; keeps what it found for summary.json."""
 
-    def __init__(self, cfg: HealthConfig, stage: str, max_new_tokens: Optional[int], run_dir: Any = None):
+    def __init__(self, cfg: HealthConfig, stage: str, max_new_tokens: Optional[int], run_dir: Any = None,
+                 best: Any = None):
         self.cfg, self.stage, self.max_new_tokens, self.run_dir = cfg, stage, max_new_tokens, run_dir
+        self.best = best  # the run's BestValidation (trainer.monitor), or None
+        self.stopped: Optional[Dict[str, Any]] = None  # the sign that stopped the run, its best model exported
         self.start: Dict[str, float] = {}
         self.peak: Dict[str, float] = {}
         self.task_improved = False
@@ -150,27 +154,52 @@ class HealthGuard(L.Callback):
     def _raise(self, trainer, pl_module, name: str, seen: str) -> None:
         step = trainer.global_step
         self.warnings.append({"sign": name, "step": step, "seen": seen, "fix": FIXES[name]})
+        # after the last step, or once stopped: record only
+        stop = self.cfg.action == "stop" and trainer.state.fn == "fit" and self.stopped is None
+        if stop and self.best is not None and self.best.keep and self.best.step is not None \
+                and self.best.step < step:  # a validation before the sign showed (not the collapse itself)
+            # Stop on every rank (the metrics judged are the ranks' reduced ones, the same on each);
+            # the run then ends as usual but for last.ckpt, exporting its best validation's model.
+            trainer.should_stop = True
+            self.stopped = {"sign": name, "step": step, "seen": seen}
         if not trainer.is_global_zero:
             return
         from rich.console import Console
 
         Console(stderr=True).print(f"[bold yellow]health[/] step {step}: {name}: {seen}\n  fix: {FIXES[name]}",
                                    highlight=False)
-        if self.cfg.action == "stop" and trainer.state.fn == "fit":  # after the last step: record only
+        if stop and self.stopped is None:
             raise HealthStop(f"health.action=stop: {name} at step {step}: {seen}. {self._kept()} "
                              f"Fix: {FIXES[name]}; or set health.action=warn to let the run go on")
 
-    def _kept(self) -> str:
-        from llmexp.record import RunDir
+    def stop_error(self, model_dir: Any) -> Optional[HealthStop]:
+        """The exit of a run this guard stopped after exporting its best validation's model, or None."""
+        if self.stopped is None:
+            return None
+        name, step, seen = self.stopped["sign"], self.stopped["step"], self.stopped["seen"]
+        b = self.best
+        return HealthStop(f"health.action=stop: {name} at step {step}: {seen}. The run stopped there and exported "
+                          f"its best validation's model (step {b.step}, {b.monitor} {b.value:.4f}) to {model_dir}; "
+                          f"{self._kept(stopped=True)} Fix: {FIXES[name].split(', or export the best')[0]}; or set "
+                          f"health.action=warn to let the run go on")
 
-        ckpt = RunDir(self.run_dir or ".").last_checkpoint
-        if ckpt.is_file():
+    def _kept(self, stopped: bool = False) -> str:
+        from llmexp.record import RunDir, checkpoint_step
+
+        ckpt = RunDir(self.run_dir or ".").checkpoint_to_resume()
+        if stopped:
+            return (f"{ckpt} (step {checkpoint_step(ckpt)}) is kept to resume from." if ckpt is not None
+                    else "it wrote no checkpoint to resume from.")
+        if ckpt is not None:
             return f"The run stopped without saving; {ckpt} (written before) is kept."
         return "The run stopped without saving (no checkpoint had been written before)."
 
     def summary(self) -> Dict[str, Any]:
         """What summary.json records of the guard."""
-        return {"health": {"action": self.cfg.action, "warnings": self.warnings}}
+        out: Dict[str, Any] = {"action": self.cfg.action, "warnings": self.warnings}
+        if self.stopped is not None:
+            out["stopped"] = dict(self.stopped)
+        return {"health": out}
 
 
 def lr_scale_note(stage: str, parameters: int, lr: float) -> Optional[str]:

@@ -250,8 +250,8 @@ def write_overrides(run_dir: Path, overrides: List[str]) -> None:
         write_atomic(path, yaml.safe_dump([redact_override(o) for o in overrides], default_flow_style=False))
 
 
-def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Optional[Path], checkpoint: Path,
-                  fit_seconds: float, notes: Dict[str, Any]) -> Dict[str, Any]:
+def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Optional[Path],
+                  checkpoint: Optional[Path], fit_seconds: float, notes: Dict[str, Any]) -> Dict[str, Any]:
     """summary.json of a finished run (before its export, watchers and wall time are added)."""
     import torch
 
@@ -279,7 +279,7 @@ def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Op
         "seconds_to_first_step": stage.seconds_to_first_step,
         **count_parameters(stage.model),
         "data_stats": {"format": data.prepared.format, "preparation": data.prepared.log, **data.stats},
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
         **stage.summary_extras(),
     }
     probe = getattr(stage, "task_probe", None)

@@ -96,7 +96,9 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
                 message = interrupted_message(run_dir, trainer.global_step)
             raise Interrupted(message) from None
         raise
-    checkpoint = save_last_checkpoint(trainer, run_dir)
+    stopped = next((w for w in watchers if getattr(w, "stopped", None) is not None), None)
+    # A health stop keeps the checkpoint written before the collapse (a resume goes on from there).
+    checkpoint = save_last_checkpoint(trainer, run_dir) if stopped is None else RunDir(run_dir).checkpoint_to_resume()
     after_training(watchers, trainer, stage)
     # built before the export, which merges adapters (the trained model's parameter counts)
     summary = build_summary(typed, stage, trainer, data, run_dir=run_dir, resume_from=resume_from,
@@ -107,6 +109,8 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
             summary.update(facts)
         finish_record(trainer, run_dir, redact(summary), started)
     raise_failed_eval(watchers, run_dir)
+    if stopped is not None:
+        raise stopped.stop_error(RunDir(run_dir).model)
     return float(stage.last_val_metrics.get("val/loss", float("nan")))  # the exported model's
 
 
@@ -414,7 +418,8 @@ def watching_callbacks(typed, run_dir: Path, stage, prepared) -> List[Any]:
     out: List[Any] = [best] if best is not None else []
     if watched(typed.stage.name) and typed.health.action != "off":
         rollout = getattr(typed.stage, "rollout", None)
-        out.append(HealthGuard(typed.health, typed.stage.name, rollout.max_new_tokens if rollout else None, run_dir))
+        out.append(HealthGuard(typed.health, typed.stage.name, rollout.max_new_tokens if rollout else None, run_dir,
+                               best))
     if typed.eval.name != "none":
         out.append(evaluation_callback(typed, run_dir))
     return out

@@ -804,7 +804,8 @@ class HealthConfig:
     llmexp.health)."""
 
     action: str = choice("warn", HEALTH_ACTIONS, help=(
-        "What a sign does: warn (printed, logged, in summary.json), stop (the run ends with exit code 4) or off."))
+        "What a sign does: warn (printed, logged, in summary.json), stop (the run ends with exit code 4; with "
+        "trainer.keep_best, after exporting the best validation before the sign) or off."))
     max_kl: float = bounded(10.0, min=0.0, help=(
         "rollout stages: most KL of the policy to its reference, summed over a response (nats)."))
     max_logp_drop: float = bounded(20.0, min=0.0, help=(
