@@ -12,7 +12,7 @@ import pytest
 import torch
 from llmexp.best_model import improves
 from llmexp.config.schema import monitor_direction
-from llmexp.errors import ConfigError
+from llmexp.errors import ConfigError, UserError
 from llmexp.testing import FAST, check_config, run_cli, run_module, train, train_in_subprocess
 from safetensors.torch import load_file
 
@@ -43,6 +43,9 @@ def test_the_direction_of_a_metric_and_what_improves_on_a_best():
     assert improves(0.5, None, "min") and improves(0.4, 0.5, "min") and not improves(0.5, 0.5, "min")
     assert improves(0.6, 0.5, "max") and not improves(0.4, 0.5, "max")
     assert not improves(math.nan, None, "max") and not improves(math.nan, 0.5, "min")
+    # lm-eval's metric names
+    assert [monitor_direction(f"eval/t/{m}", "auto") for m in ("acc", "acc_norm", "exact_match", "f1")] == ["max"] * 4
+    assert [monitor_direction(f"eval/t/{m}", "auto") for m in ("word_perplexity", "bits_per_byte")] == ["min"] * 2
 
 
 def test_keep_best_exports_the_best_validation_and_its_eval_and_last_ckpt_resumes_the_last_step(tmp_path):
@@ -145,6 +148,41 @@ def test_keep_best_under_fsdp_puts_the_best_weights_back_into_the_shards(tmp_pat
     assert summary_final_equals_row(run, 20)
 
 
+EVAL_PPL = ["eval=lm_eval", "eval.tasks=[arithmetic_ppl]", "eval.limit=20"]
+
+
+def test_an_eval_metric_as_monitor_exports_its_best_eval_and_stops_early_on_it(tmp_path):
+    """trainer.monitor=eval/<task>/<metric>: the eval runs at each validation in training; the best
+    one's model is exported, its eval is the run's eval (not run again), and early stopping reads it.
+    bits per byte falls as the run trains, so "higher is better" makes the first one the best."""
+    run = train(tmp_path, [*EVAL_PPL, "eval.before_training=false", "trainer.monitor=eval/arithmetic_ppl/bits_per_byte",
+                           "trainer.monitor_mode=max", "trainer.keep_best=true", "trainer.early_stopping_patience=1",
+                           "trainer.max_steps=100"])
+    summary = json.loads((run / "summary.json").read_text())
+    with open(run / "metrics.csv", newline="") as fh:
+        evals = [(int(float(r["step"])), float(r["eval/arithmetic_ppl/bits_per_byte"])) for r in csv.DictReader(fh)
+                 if r.get("eval/arithmetic_ppl/bits_per_byte")]
+    assert [step for step, _ in evals] == [20, 40], evals  # once per validation; the eval after training reused
+    assert evals[1][1] < evals[0][1]
+    best = summary["best"]
+    assert (best["step"], best["exported"]) == (20, True) and best["value"] == pytest.approx(evals[0][1])
+    assert summary["global_step"] == 40 and summary["stopped_early"]["step"] == 40
+    assert summary["eval"]["arithmetic_ppl"]["bits_per_byte"] == pytest.approx(evals[0][1])
+    assert json.loads((run / "eval" / "results.json").read_text()) == summary["eval"]
+    assert summary_final_equals_row(run, 20)
+    kept = torch.load(run / "checkpoints" / "best-step-20.ckpt", weights_only=True)["weights"]
+    exported = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(exported[name], tensor) for name, tensor in kept.items() if name in exported)
+
+
+def test_a_misspelt_eval_monitor_is_named_by_the_eval_before_training(tmp_path):
+    with pytest.raises(UserError) as e:
+        train(tmp_path, [*EVAL_PPL, "trainer.monitor=eval/arithmetic_ppl/perplexity"])
+    assert "eval=lm_eval reports eval/arithmetic_ppl/bits_per_byte, eval/arithmetic_ppl/byte_perplexity" in str(e.value)
+    with open(tmp_path / "run" / "metrics.csv", newline="") as fh:
+        assert not [r for r in csv.DictReader(fh) if r.get("train/loss")]  # said before the first step
+
+
 def test_monitor_problems_are_named_before_the_run():
     with pytest.raises(ConfigError) as e:
         check_config(["trainer.keep_best=true", "trainer.early_stopping_patience=2"])
@@ -152,6 +190,11 @@ def test_monitor_problems_are_named_before_the_run():
     with pytest.raises(ConfigError) as e:
         check_config(["trainer.monitor=loss"])
     assert [p.key for p in e.value.problems] == ["trainer.monitor"]
+    for monitor, eval_name in (("eval/arithmetic_gen/exact_match", "none"), ("eval/exact_match", "lm_eval")):
+        with pytest.raises(ConfigError) as e:
+            check_config([f"trainer.monitor={monitor}", f"eval={eval_name}"])
+        assert [p.key for p in e.value.problems] == ["trainer.monitor"], monitor
+    check_config(["trainer.monitor=eval/arithmetic_gen/exact_match", "eval=lm_eval"])
     with pytest.raises(ConfigError) as e:
         check_config(["trainer.monitor=val/response_length", "trainer.val_check_interval=null"])
     assert sorted(p.key for p in e.value.problems) == ["trainer.monitor_mode", "trainer.val_check_interval"]

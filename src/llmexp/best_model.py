@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import lightning as L
+import torch
 
 from llmexp.config.schema import monitor_direction
 from llmexp.errors import UserError
@@ -63,9 +64,11 @@ class BestValidation(L.Callback):
     """Tracks the best validation by ``monitor``; with ``keep`` writes its weights and, through
     ``restore``, puts them back into the model once training is over."""
 
-    def __init__(self, monitor: str, mode: str, keep: bool, checkpoints: Path, early: Optional[Any] = None):
+    def __init__(self, monitor: str, mode: str, keep: bool, checkpoints: Path, early: Optional[Any] = None,
+                 evaluation: Optional[Any] = None):
         self.monitor, self.mode, self.keep, self.checkpoints = monitor, mode, keep, Path(checkpoints)
         self.early = early  # Lightning's EarlyStopping on the same metric; its hooks are called from here
+        self.evaluation = evaluation  # the run's eval, when the monitor is one of its metrics (eval/...)
         self.step: Optional[int] = None
         self.value: Optional[float] = None
         self.metrics: Dict[str, float] = {}
@@ -75,20 +78,32 @@ class BestValidation(L.Callback):
 
     # -- tracking --------------------------------------------------------------------------------
     def on_validation_end(self, trainer, pl_module) -> None:
+        trained = trainer.global_step > 0 and not trainer.sanity_checking  # the starting model is no candidate
+        value = self._observed(trainer, pl_module, trained)
+        if not trained:
+            return
+        if improves(value, self.value, self.mode):
+            if self.keep:
+                self._write(trainer, pl_module)
+            self.step, self.value, self.metrics = trainer.global_step, value, dict(pl_module.last_val_metrics)
+            self._remove_unnamed(trainer)
+        if self.early is not None:  # counts the validations in training only
+            self.early.on_validation_end(trainer, pl_module)
+
+    def _observed(self, trainer, pl_module, trained: bool) -> Optional[float]:
+        """The monitor at this validation: the stage's val/ metric (a name it lacks is said at the
+        validation before training), or the eval's result, which it runs after the first step."""
+        if self.evaluation is not None:
+            if not trained:
+                return None
+            value = float(self.evaluation.metrics_at(trainer.global_step)[self.monitor])
+            trainer.callback_metrics[self.monitor] = torch.tensor(value)  # where EarlyStopping reads it
+            return value
         metrics = pl_module.last_val_metrics
         if self.monitor not in metrics:
             raise UserError(f"trainer.monitor={self.monitor}: stage={pl_module.cfg.stage.name} validates "
                             f"{', '.join(sorted(metrics)) or 'nothing'}; set trainer.monitor to one of them")
-        if trainer.global_step == 0 or trainer.sanity_checking:  # the starting model is no candidate
-            return
-        value = float(metrics[self.monitor])
-        if improves(value, self.value, self.mode):
-            if self.keep:
-                self._write(trainer, pl_module)
-            self.step, self.value, self.metrics = trainer.global_step, value, dict(metrics)
-            self._remove_unnamed(trainer)
-        if self.early is not None:  # counts the validations in training only
-            self.early.on_validation_end(trainer, pl_module)
+        return float(metrics[self.monitor])
 
     def _write(self, trainer, stage) -> None:
         from llmexp.checkpointing import AtomicCheckpointIO
@@ -138,19 +153,19 @@ class BestValidation(L.Callback):
             self.metrics = {}
 
     # -- the end ---------------------------------------------------------------------------------
-    def restore(self, trainer, stage) -> None:
+    def restore(self, trainer, stage) -> int:
         """Once the last step is checkpointed: the best validation's weights and metrics into the
-        stage (nothing to do when the last validation was the best)."""
+        stage (nothing to do when the last validation was the best); returns the step whose weights
+        the model then holds."""
         self.stopped_at = trainer.global_step
         if self.keep and self.step is not None and self.step != trainer.global_step:
-            import torch
-
             path = best_file(self.checkpoints, self.step)
             weights = torch.load(path, map_location="cpu", weights_only=True)["weights"] \
                 if trainer.is_global_zero or not stage.is_model_parallel else {}
             load_trained_weights(stage, weights)
             stage.last_val_metrics = dict(self.metrics)
         self._remove_unnamed(trainer)
+        return self.step if self.keep and self.step is not None else trainer.global_step
 
     def summary(self) -> Dict[str, Any]:
         """summary.json's ``best`` (and ``stopped_early`` when the early stopping ended the run)."""
@@ -175,8 +190,9 @@ class BestValidation(L.Callback):
                 f"{'s' if n > 1 else ''} (trainer.early_stopping_patience={n})")
 
 
-def best_validation(cfg, checkpoints: Path) -> Optional[BestValidation]:
-    """The BestValidation of ``cfg.trainer``'s monitor, with its early stopping (None without a monitor)."""
+def best_validation(cfg, checkpoints: Path, evaluation: Optional[Any] = None) -> Optional[BestValidation]:
+    """The BestValidation of ``cfg.trainer``'s monitor, with its early stopping (None without a
+    monitor); ``evaluation`` is the run's eval callback, which an eval/... monitor reads."""
     t = cfg.trainer
     if not t.monitor:
         return None
@@ -187,4 +203,5 @@ def best_validation(cfg, checkpoints: Path) -> Optional[BestValidation]:
 
         early = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.early_stopping_patience,
                               check_on_train_epoch_end=False, verbose=False)
-    return BestValidation(t.monitor, mode, t.keep_best, checkpoints, early)
+    return BestValidation(t.monitor, mode, t.keep_best, checkpoints, early,
+                          evaluation if t.monitor.startswith("eval/") else None)

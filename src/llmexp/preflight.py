@@ -200,15 +200,21 @@ def _check_chat_template(value: str) -> List[Problem]:
 
 
 def _check_monitor(run: S.RunConfig) -> List[Problem]:
-    """trainer.monitor and what uses it: a validation metric, a direction, validations to compare."""
+    """trainer.monitor and what uses it: a validation (or eval) metric, a direction, validations to compare."""
     t = run.trainer
     example = "trainer.monitor=val/loss (or val/task_score, val/reward, val/accuracy: the stage's val/ metrics)"
     if not t.monitor:
         return [Problem(f"trainer.{key}", "needs trainer.monitor, the validation metric that says which validation "
                         "is best", example) for key in ("keep_best", "early_stopping_patience") if getattr(t, key)]
     p: List[Problem] = []
-    if not t.monitor.startswith("val/"):
-        p.append(Problem("trainer.monitor", f"{t.monitor!r} is not a validation metric", example))
+    kind, parts = t.monitor.split("/")[0], t.monitor.count("/") + 1
+    if kind == "eval" and parts >= 3 and run.eval.name == "none":
+        p.append(Problem("trainer.monitor", f"{t.monitor!r} is an eval's metric, and eval=none runs no eval",
+                         f"eval=lm_eval (with eval.tasks naming {t.monitor.split('/')[1]!r}) or the eval that "
+                         "reports it"))
+    elif not ((kind == "val" and parts >= 2) or (kind == "eval" and parts >= 3)):
+        p.append(Problem("trainer.monitor", f"{t.monitor!r} is neither a validation metric nor an eval's metric",
+                         example + ", or eval/<task>/<metric> with eval=lm_eval"))
     elif S.monitor_direction(t.monitor, t.monitor_mode) is None:
         p.append(Problem("trainer.monitor_mode", f"auto cannot tell whether a higher or a lower {t.monitor} is "
                          "better", "trainer.monitor_mode=min or trainer.monitor_mode=max"))

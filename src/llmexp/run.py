@@ -116,11 +116,14 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
 
 def after_training(watchers: Sequence[Any], trainer, stage) -> None:
     """Once the last step is checkpointed: the best validation's model back in place (trainer.keep_best),
-    then the eval after training, on the model the run exports."""
-    for method in ("restore", "after_training"):
-        for w in watchers:
-            if hasattr(w, method):
-                getattr(w, method)(trainer, stage)
+    then the eval after training, on the model the run exports (that of ``model_step``)."""
+    model_step = trainer.global_step
+    for w in watchers:
+        if hasattr(w, "restore"):
+            model_step = w.restore(trainer, stage)
+    for w in watchers:
+        if hasattr(w, "after_training"):
+            w.after_training(trainer, stage, model_step)
 
 
 def raise_failed_eval(watchers: Sequence[Any], run_dir: Path) -> None:
@@ -414,12 +417,13 @@ def watching_callbacks(typed, run_dir: Path, stage, prepared) -> List[Any]:
         probe = build_probe(typed, prepared.val if prepared.val is not None else [], prepared.format)
         context = getattr(stage.model.config, "max_position_embeddings", None)
         stage.task_probe = probe.within_context(stage.tokenizer, context) if probe is not None else None
-    best = best_validation(typed, RunDir(run_dir).checkpoints)
-    out: List[Any] = [best] if best is not None else []
+    # In this order: the eval (run at the validations when trainer.monitor is one of its metrics), the
+    # best validation, which reads it, and the health guard, which exports the best on a stop.
+    evaluation = evaluation_callback(typed, run_dir) if typed.eval.name != "none" else None
+    best = best_validation(typed, RunDir(run_dir).checkpoints, evaluation)
+    out: List[Any] = [w for w in (evaluation, best) if w is not None]
     if watched(typed.stage.name) and typed.health.action != "off":
         rollout = getattr(typed.stage, "rollout", None)
         out.append(HealthGuard(typed.health, typed.stage.name, rollout.max_new_tokens if rollout else None, run_dir,
                                best))
-    if typed.eval.name != "none":
-        out.append(evaluation_callback(typed, run_dir))
     return out

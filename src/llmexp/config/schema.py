@@ -38,15 +38,21 @@ HEALTH_ACTIONS = ("warn", "stop", "off")
 MONITOR_MODES = ("auto", "min", "max")
 
 
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")
+# and lm-eval's usual names: acc, acc_norm, exact_match, f1, mcc, bleu
+HIGHER_IS_BETTER = ("score", "reward", "accuracy", "acc", "acc_norm", "exact_match", "f1", "mcc", "bleu")
+
+
 def monitor_direction(monitor: str, mode: str) -> Optional[str]:
     """``min`` or ``max`` for trainer.monitor: ``mode``, or for ``auto`` what the metric's name says
-    (losses and perplexity: min; scores, rewards and accuracy: max; None: the name does not say)."""
+    (losses, perplexity, bits per byte: min; scores, rewards, accuracy and lm-eval's acc, exact_match,
+    f1, ...: max; None: the name does not say)."""
     if mode != "auto":
         return mode
     name = monitor.rsplit("/", 1)[-1]
-    if name.endswith(("loss", "perplexity")):
+    if name.endswith(LOWER_IS_BETTER):
         return "min"
-    if name.endswith(("score", "reward", "accuracy")):
+    if name.endswith(HIGHER_IS_BETTER):
         return "max"
     return None
 
@@ -674,11 +680,12 @@ class TrainerConfig:
     checkpoint_every_n_steps: Optional[int] = bounded(None, min=1, help=(
         "Save a checkpoint every N optimizer steps (null: at each validation); checkpoints/last.ckpt at the end."))
     monitor: Optional[str] = doc(None, help=(
-        "A validation metric (val/loss, val/task_score, val/reward, val/accuracy, ...) that names the best "
-        "validation (summary.json best) for trainer.keep_best and trainer.early_stopping_patience; null: none."))
+        "A validation metric (val/loss, val/task_score, val/reward, val/accuracy, ...), or an eval's metric "
+        "(eval/<task>/<metric>, with eval=...: the eval then also runs at each validation in training), that names the "
+        "best validation (summary.json best) for trainer.keep_best and trainer.early_stopping_patience; null: none."))
     monitor_mode: str = choice("auto", MONITOR_MODES, help=(
-        "Whether a lower (min) or higher (max) trainer.monitor is better; auto: min for losses and perplexity, max "
-        "for scores, rewards and accuracy."))
+        "Whether a lower (min) or higher (max) trainer.monitor is better; auto: min for losses, perplexity and bits "
+        "per byte, max for scores, rewards, accuracy and lm-eval's acc, exact_match, f1, mcc, bleu."))
     keep_best: bool = doc(False, help=(
         "Export the model of the validation with the best trainer.monitor (model/, the final metrics, the eval after "
         "training) instead of the last step's; its weights wait in checkpoints/best-step-N.ckpt, and "

@@ -65,11 +65,15 @@ def print_table(table: Dict[str, Dict[str, Any]], title: str) -> None:
 
 def evaluation_callback(cfg: RunConfig, run_dir: Path):
     """The Lightning callback that runs ``cfg.eval`` before training (unless resuming), every
-    ``eval.every_n_steps`` steps, and after training (``after_training``, once the run has the
-    model it exports: the best validation's under trainer.keep_best); rank 0 evaluates the whole model (sharded
-    models are gathered by every rank first), records it under eval/ and logs it. Its
+    ``eval.every_n_steps`` steps, at each validation in training when ``trainer.monitor`` is one of
+    its metrics (``metrics_at`` gives them to every rank), and after training (``after_training``,
+    once the run has the model it exports: the best validation's under trainer.keep_best; an eval
+    of those same weights in training is reused, not run again); rank 0 evaluates the whole model
+    (sharded models are gathered by every rank first), records it under eval/ and logs it. Its
     ``summary()`` is what summary.json gets."""
     from lightning.pytorch.callbacks import Callback
+
+    monitor = cfg.trainer.monitor if (cfg.trainer.monitor or "").startswith("eval/") else None
 
     class Evaluation(Callback):
         def __init__(self) -> None:
@@ -78,21 +82,66 @@ def evaluation_callback(cfg: RunConfig, run_dir: Path):
             # The eval after training that raised: said once the trained model is exported and
             # the run recorded (raised here, it lost the export of a finished run).
             self.failed: Optional[BaseException] = None
+            self.steps: set = set()  # every rank: the steps evaluated in training
+            self.tables: Dict[int, Dict[str, Dict[str, Any]]] = {}  # rank 0: their results
+            self.monitored: Dict[int, Dict[str, float]] = {}  # every rank: the flat results trainer.monitor reads
 
         def on_fit_start(self, trainer, pl_module) -> None:
             if cfg.eval.before_training and trainer.ckpt_path is None:
                 self.initial = self._evaluate(trainer, pl_module, record_as="initial")
+                if monitor:  # a misspelt monitor is said now, not after the steps to the first validation
+                    self._check_monitor(self._shared(trainer, self.initial))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             every = cfg.eval.every_n_steps
             if every and trainer.global_step % every == 0:
-                self._evaluate(trainer, pl_module, log=True)
+                self._evaluate_in_training(trainer, pl_module)
 
-        def after_training(self, trainer, pl_module) -> None:
-            """The eval after training, on the model the run exports (called by the run)."""
-            self.final = self._evaluate(trainer, pl_module, record_as="results", log=True)
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not monitor or trainer.sanity_checking or not trainer.global_step:
+                return  # trainer.monitor's candidates: the validations after the first step (the last one's too)
+            flat = self._shared(trainer, self._evaluate_in_training(trainer, pl_module))
+            self._check_monitor(flat)
+            self.monitored = {trainer.global_step: flat}
+
+        def metrics_at(self, step: int) -> Dict[str, float]:
+            """The eval's flat metrics at ``step``'s validation in training (every rank; {} if none)."""
+            return dict(self.monitored.get(step, {}))
+
+        def after_training(self, trainer, pl_module, model_step: Optional[int] = None) -> None:
+            """The eval after training, on the model the run exports (called by the run), whose
+            weights are those of ``model_step`` (default: the last step)."""
+            step = trainer.global_step if model_step is None else model_step
+            if step in self.steps:  # evaluated in training with these weights, and logged at that step
+                self.final = self.tables.get(step)
+                if self.final is not None:
+                    record(self.final, run_dir, "results")
+            else:
+                self.final = self._evaluate(trainer, pl_module, record_as="results", log=True)
             if self.final is not None:
                 print_table(self.final, f"eval after {trainer.global_step} steps")
+
+        def _evaluate_in_training(self, trainer, pl_module):
+            step = trainer.global_step
+            if step not in self.steps:  # every_n_steps and the validation at one step: evaluated once
+                self.steps.add(step)
+                table = self._evaluate(trainer, pl_module, log=True)
+                if table is not None:
+                    self.tables[step] = table
+            return self.tables.get(step)
+
+        @staticmethod
+        def _shared(trainer, table) -> Dict[str, float]:
+            flat = flatten(table) if table is not None else {}
+            return trainer.strategy.broadcast(flat, src=0) if trainer.world_size > 1 else flat
+
+        @staticmethod
+        def _check_monitor(flat: Dict[str, float]) -> None:
+            if monitor not in flat:
+                from llmexp.errors import UserError
+
+                raise UserError(f"trainer.monitor={monitor}: eval={cfg.eval.name} reports "
+                                f"{', '.join(sorted(flat)) or 'nothing'}; set trainer.monitor to one of them")
 
         def _evaluate(self, trainer, pl_module, record_as: Optional[str] = None, log: bool = False):
             model = pl_module.whole_model()  # a collective under fsdp/tp
