@@ -277,3 +277,23 @@ def test_the_recorded_answers_are_spread_over_the_prompts():
 
     assert sorted(recorded(155, 16))[:4] == [0, 9, 19, 29] and len(recorded(155, 16)) == 16
     assert recorded(16, 16) == set(range(16)) and recorded(5, 16) == set(range(5)) and recorded(10, 0) == set()
+
+
+def test_the_probe_asks_only_the_held_out_rows_validation_kept(tmp_path):
+    """data.overlong=drop removes the samples longer than data.max_length from validation; the task
+    metric leaves their prompts out as well (it scored them, though no validation sample held them)."""
+    import json
+
+    from llmexp.testing import train
+
+    rows = [{"prompt": f"Spell item {i}?", "completion": "long " * 40 if i % 2 else "ok"} for i in range(80)]
+    (tmp_path / "half_long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train(tmp_path, ["data=files", f"data.path={tmp_path / 'half_long.jsonl'}", "data.max_length=32",
+                           "data.overlong=drop", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                           "task.log_answers=200"])
+    summary = json.loads((run / "summary.json").read_text())
+    val = summary["data_stats"]["val"]
+    assert val["dropped_overlong"] > 0 and val["samples"] > val["dropped_overlong"], val
+    assert summary["task"]["prompts"] == val["samples"] - val["dropped_overlong"]
+    asked = {json.loads(line)["prompt"] for line in (run / "answers.jsonl").read_text().splitlines()}
+    assert asked and all(int(p.split()[2].rstrip("?")) % 2 == 0 for p in asked), asked  # the short ones only

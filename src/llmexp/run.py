@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -189,7 +189,7 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, data_note(prepared)) if n)]
     if not notes["notes"]:
         del notes["notes"]
-    watchers = watching_callbacks(typed, run_dir, stage, prepared)
+    watchers = watching_callbacks(typed, run_dir, stage, prepared, data.val_dropped)
     if resume_from is not None:
         keep_answers_up_to(run_dir, checkpoint_step(resume_from))
     loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
@@ -403,10 +403,10 @@ def run_notes(typed, stage) -> Dict[str, Any]:
     return out
 
 
-def watching_callbacks(typed, run_dir: Path, stage, prepared) -> List[Any]:
+def watching_callbacks(typed, run_dir: Path, stage, prepared, val_dropped: Collection[int] = ()) -> List[Any]:
     """The callbacks whose ``summary()`` summary.json records: the best validation (trainer.monitor),
     the health guard and the configured eval (and the task metric's probe, which the stage runs at
-    each validation)."""
+    each validation, on the held-out rows validation kept: not those ``val_dropped`` names)."""
     from llmexp.best_model import best_validation
     from llmexp.config.stages import stage_spec
     from llmexp.evals.runner import evaluation_callback
@@ -414,7 +414,8 @@ def watching_callbacks(typed, run_dir: Path, stage, prepared) -> List[Any]:
     from llmexp.task_probe import build_probe
 
     if stage_spec(typed.stage.name).language_model:
-        probe = build_probe(typed, prepared.val if prepared.val is not None else [], prepared.format)
+        held_out = [r for i, r in enumerate(prepared.val if prepared.val is not None else []) if i not in val_dropped]
+        probe = build_probe(typed, held_out, prepared.format)
         context = getattr(stage.model.config, "max_position_embeddings", None)
         stage.task_probe = probe.within_context(stage.tokenizer, context) if probe is not None else None
     # In this order: the eval (run at the validations when trainer.monitor is one of its metrics), the

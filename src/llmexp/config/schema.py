@@ -627,8 +627,8 @@ class DataConfig:
         "Longest sequence, in tokens (with packing: of a packed row); rollout-stage prompts keep their last max_length "
         "tokens."))
     overlong: str = choice("truncate", OVERLONG, help=(
-        "Samples longer than max_length: truncate (keep the start), drop, or split into chunks (format text; others "
-        "truncate)."))
+        "Samples longer than max_length: truncate (keep the start), drop (the task metric leaves out the held-out "
+        "prompts dropped too), or split into chunks (format text; others truncate)."))
     packing: bool = doc(False, help=(
         "Pack several samples into each row of max_length tokens, with no attention or loss across samples "
         "(pretrain and sft only)."))

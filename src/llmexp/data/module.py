@@ -107,11 +107,14 @@ def where_rows_went(log: List[Dict[str, Any]]) -> str:
     return f"of {steps[0]['rows_in']} rows, {', '.join(removed)}" if steps and removed else ""
 
 
-def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, split: str):
-    """Apply data.overlong to samples longer than data.max_length; drop samples with no targets."""
+def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, split: str,
+               dropped: Optional[List[int]] = None):
+    """Apply data.overlong to samples longer than data.max_length; drop samples with no targets
+    (their indices appended to ``dropped``)."""
     out, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_target": 0, "split_chunks": 0}
     n = cfg.max_length
-    for s in encoded:
+    dropped = [] if dropped is None else dropped
+    for i, s in enumerate(encoded):
         if "labels" not in s:  # prompts for rollouts: keep the end, where the question is asked
             if len(s["input_ids"]) > n:
                 s = {**s, "input_ids": s["input_ids"][-n:]}
@@ -121,6 +124,7 @@ def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, s
         if _length(s) > n:
             if cfg.overlong == "drop":
                 stats["dropped_overlong"] += 1
+                dropped.append(i)
                 continue
             if cfg.overlong == "split" and fmt == "text":
                 for i in range(0, len(s["input_ids"]), n):
@@ -133,6 +137,7 @@ def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, s
             stats["truncated"] += 1
         if not all(any(t != IGNORE_INDEX for t in s[k][1:]) for k in s if k.endswith("labels")):
             stats["dropped_no_target"] += 1
+            dropped.append(i)
             continue
         out.append(s)
     if not out:
@@ -191,6 +196,7 @@ class StageDataModule(L.LightningDataModule):
         self.prepared, self.cfg, self.tcfg, self.stage = prepared, data_cfg, trainer_cfg, stage
         self.train_rows: Optional[List[Dict[str, List[int]]]] = None
         self.val_rows: Optional[List[Dict[str, List[int]]]] = None
+        self.val_dropped: frozenset = frozenset()  # indices of prepared.val rows no validation sample holds
         self.stats: Dict[str, Any] = {}
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -285,7 +291,10 @@ class StageDataModule(L.LightningDataModule):
         encode = self.stage.encoder(self.prepared.format)
         for split, ds in (("train", self.prepared.train), ("val", self.prepared.val)):
             encoded = [encode(row) for row in ds]
-            rows, stats = fit_length(encoded, self.cfg, self.prepared.format, split)
+            dropped: List[int] = []
+            rows, stats = fit_length(encoded, self.cfg, self.prepared.format, split, dropped)
+            if split == "val":
+                self.val_dropped = frozenset(dropped)
             tokens = count_tokens(rows)
             if self.cfg.packing:
                 rows = pack(rows, self.cfg.max_length)
