@@ -31,9 +31,10 @@ FIXES = {
     "no_reward_signal": "every sampled answer gets the same reward, so nothing is learnt: check the reward "
                         "and the data's answer column, raise stage.rollout.temperature or stage.group_size",
     "task_drop": "the stage is making the model worse at its task (val/task_score): lower optim.lr or "
-                 "trainer.max_steps, or export the best validation's model (trainer.monitor=val/task_score "
-                 "trainer.keep_best=true)",
+                 "trainer.max_steps",
 }
+EXPORT_BEST = ", or export the best validation's model (trainer.monitor=val/task_score trainer.keep_best=true)"
+FIXES["task_drop"] += EXPORT_BEST
 EXIT_HEALTH = 4
 
 
@@ -153,7 +154,7 @@ class HealthGuard(L.Callback):
 
     def _raise(self, trainer, pl_module, name: str, seen: str) -> None:
         step = trainer.global_step
-        self.warnings.append({"sign": name, "step": step, "seen": seen, "fix": FIXES[name]})
+        self.warnings.append({"sign": name, "step": step, "seen": seen, "fix": self._fix(name)})
         # after the last step, or once stopped: record only
         stop = self.cfg.action == "stop" and trainer.state.fn == "fit" and self.stopped is None
         if stop and self.best is not None and self.best.keep and self.best.step is not None \
@@ -166,11 +167,16 @@ class HealthGuard(L.Callback):
             return
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold yellow]health[/] step {step}: {name}: {seen}\n  fix: {FIXES[name]}",
+        Console(stderr=True).print(f"[bold yellow]health[/] step {step}: {name}: {seen}\n  fix: {self._fix(name)}",
                                    highlight=False)
         if stop and self.stopped is None:
             raise HealthStop(f"health.action=stop: {name} at step {step}: {seen}. {self._kept()} "
-                             f"Fix: {FIXES[name]}; or set health.action=warn to let the run go on")
+                             f"Fix: {self._fix(name)}; or set health.action=warn to let the run go on")
+
+    def _fix(self, name: str) -> str:
+        """What to change for sign ``name`` (not to export the best validation where the run does)."""
+        keeps_best = self.best is not None and self.best.keep and self.best.monitor == "val/task_score"
+        return FIXES[name].removesuffix(EXPORT_BEST) if keeps_best else FIXES[name]
 
     def stop_error(self, model_dir: Any) -> Optional[HealthStop]:
         """The exit of a run this guard stopped after exporting its best validation's model, or None."""
@@ -180,7 +186,7 @@ class HealthGuard(L.Callback):
         b = self.best
         return HealthStop(f"health.action=stop: {name} at step {step}: {seen}. The run stopped there and exported "
                           f"its best validation's model (step {b.step}, {b.monitor} {b.value:.4f}) to {model_dir}; "
-                          f"{self._kept(stopped=True)} Fix: {FIXES[name].split(', or export the best')[0]}; or set "
+                          f"{self._kept(stopped=True)} Fix: {self._fix(name)}; or set "
                           f"health.action=warn to let the run go on")
 
     def _kept(self, stopped: bool = False) -> str:
