@@ -10,7 +10,7 @@ from llmexp.testing import typed
 from llmexp.data.encode import IGNORE_INDEX, encode_chat, encode_prompt_completion, encode_text
 from llmexp.data.module import load_examples
 from llmexp.data.packing import best_fit_decreasing, pack
-from llmexp.data.prepare import normalize_text
+from llmexp.data.prepare import collapse_whitespace_text, normalize_text
 from llmexp.errors import UserError
 from llmexp.models.tokenizer import load_tokenizer
 
@@ -57,9 +57,13 @@ def test_prompt_completion_and_text_encoding(tok):
     assert txt["input_ids"][-1] == tok.eos_token_id and txt["labels"] == txt["input_ids"]
 
 
-def test_normalize_text():
-    assert normalize_text("  a\u00a0 b\t\tc \r\nd\x07 ") == "a b c\nd"
-    assert normalize_text("ﬁ") == "fi"  # NFKC
+def test_normalize_keeps_whitespace_and_characters_and_collapse_whitespace_is_asked_for():
+    code = "def f(x):\r\n    if x > 0:\r\n\treturn x\x07  \n"
+    assert normalize_text(code) == "def f(x):\n    if x > 0:\n\treturn x  \n"  # indentation is syntax
+    assert normalize_text(" 42") == " 42"  # a completion's leading space is part of its first token
+    assert normalize_text("x² ﬁ ½") == "x² ﬁ ½"  # NFC, not NFKC (which made 'x2 fi 1⁄2')
+    assert normalize_text("e\u0301") == "\u00e9"  # composed: the same character, one encoding
+    assert collapse_whitespace_text("  a\u00a0 b\t\tc \nd ") == "a b c\nd"
 
 
 def test_best_fit_decreasing_packs_tightly():
@@ -95,8 +99,11 @@ def test_local_jsonl_with_field_mapping_and_prep_steps(tmp_path):
     assert log["dedup"]["rows_in"] == 50 and log["dedup"]["rows_out"] == 40
     assert log["split"] == {"step": "split", "train_rows": 36, "val_rows": 4}
     contents = {m["content"] for r in prepared.train for m in r["messages"]}
-    assert "q0" in contents or "q1" in contents  # trailing spaces normalised away
-    assert not any(c.endswith(" ") for c in contents)
+    assert "q0  " in contents or "q1  " in contents  # whitespace is content: kept as written
+    cfg = typed(["data=files", f"data.path={f}", "data.fields.messages=conv", "data.val_fraction=0.1",
+                 "data.steps=[normalize,collapse_whitespace,filter_length,dedup]"]).data
+    contents = {m["content"] for r in load_examples(cfg, "sft").train for m in r["messages"]}
+    assert ("q0" in contents or "q1" in contents) and not any(c.endswith(" ") for c in contents)  # asked for
 
 
 @pytest.mark.parametrize("suffix", ["csv", "parquet", "json"])
@@ -274,3 +281,18 @@ def test_a_system_prompt_goes_into_the_template_for_conversations_without_one(tm
     for overrides in (["stage=pretrain", "data=arithmetic_text"], ["data=files", f"data.path={plain}"]):
         with pytest.raises(UserError, match="model.system_prompt: .* holds plain text"):
             prepare_data(typed([*overrides, "model.system_prompt=x"]))
+
+
+def test_the_default_preparation_keeps_code_as_written():
+    """data.steps' defaults (normalize, filter_length, dedup) on chat rows of code: every character
+    stays, the indentation included."""
+    from datasets import Dataset
+    from llmexp.config.schema import DataConfig
+    from llmexp.data.prepare import run_steps
+
+    code = "def f(x):\n    if x > 0:\n        return x\n    return -x  # |x|, x² ≥ 0"
+    rows = [{"messages": [{"role": "user", "content": f"abs, take {i}"}, {"role": "assistant", "content": code}]}
+            for i in range(3)]
+    ds, log = run_steps(Dataset.from_list(rows), DataConfig())
+    assert [s["step"] for s in log] == ["normalize", "filter_length", "dedup"]
+    assert [r["messages"][1]["content"] for r in ds] == [code] * 3

@@ -22,7 +22,7 @@ DATA_SOURCES = ("bundled", "files", "hf", "mixture")
 MIXTURE_SOURCES = ("bundled", "files", "hf")
 MIXTURE_STOPPING = ("first_exhausted", "all_exhausted")
 DATA_FORMATS = ("auto", "text", "chat", "prompt_completion")
-PREP_STEPS = ("normalize", "filter_length", "dedup")
+PREP_STEPS = ("normalize", "collapse_whitespace", "filter_length", "dedup")
 OVERLONG = ("truncate", "drop", "split")
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -614,8 +614,9 @@ class DataConfig:
         "Seed of a bundled dataset's generator and of the held-out validation rows (trainer.seed orders the "
         "training rows)."))
     steps: List[str] = choice(["normalize", "filter_length", "dedup"], PREP_STEPS, help=(
-        "Preparation of the raw rows, in order: normalize (NFKC, control characters dropped, runs of spaces "
-        "collapsed), filter_length (min_chars, max_chars), dedup (rows of identical content)."))
+        "Preparation of the raw rows, in order: normalize (Unicode NFC, line endings as newlines, control characters "
+        "dropped; whitespace kept as written), collapse_whitespace (runs of spaces as one, lines trimmed: prose only, "
+        "never code), filter_length (min_chars, max_chars), dedup (rows of identical content)."))
     min_chars: int = bounded(1, min=0, help=(
         "filter_length: drop rows with fewer content characters (message contents included)."))
     max_chars: Optional[int] = bounded(None, min=1, help=(

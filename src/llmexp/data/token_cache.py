@@ -39,7 +39,7 @@ import numpy as np
 
 from llmexp.data.encode import IGNORE_INDEX
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: data.steps' normalize keeps whitespace (the rows it made before differ)
 # The data settings that decide only how tokenized documents become rows (not the tokens).
 ROW_FIELDS = ("max_length", "packing", "concat", "overlong")
 SPLITS = ("train", "val")
