@@ -228,6 +228,14 @@ RUN_CASES = {
     "all samples too long": (["data=files", "data.path={files}/long.jsonl", "stage=pretrain",
                               "data.overlong=drop"], "data.max_length: every train sample was removed"),
     "not a model directory": (["model.pretrained={files}/notamodel"], "model.pretrained: cannot load"),
+    "model directory without a tokenizer": (["model.pretrained={small}"], "model.pretrained: '{small}' holds no "
+                                            "tokenizer (none of tokenizer.json, tokenizer_config.json"),
+    # a gpt2 of learned positions failed in its first step with an IndexError
+    "data longer than a pretrained model's positions": (["model.pretrained={files}/short_gpt2"],
+                                                         "data.max_length: 128 is more than the 64 positions of"),
+    "rollouts longer than a pretrained model's positions": (
+        ["stage=grpo", "model.pretrained={files}/short_gpt2", "data.max_length=60"],
+        "data.max_length: 60 plus stage.rollout.max_new_tokens=16 is more than the 64 positions"),
     "tokenizer does not fit the model": (["model.pretrained={small}", "model.tokenizer={bundled}"],
                                          "the tokenizer has 512 tokens but the model"),
     "model directory with another model's tokenizer": (["model.pretrained={files}/mismatched_model"],
@@ -314,6 +322,11 @@ def small_model(workdir):
     LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=32)).save_pretrained(mismatched)
     AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR)).save_pretrained(mismatched)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    short = workdir / "files" / "short_gpt2"  # 64 learned positions
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(short)
+    AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR)).save_pretrained(short)
     return path
 
 
@@ -322,7 +335,7 @@ def small_model(workdir):
 def test_data_and_model_errors(name, workdir, small_model):
     args, expected = RUN_CASES[name]
     r = run_cli([*FAST, *_args(args, workdir)], cwd=workdir)
-    _check(r, expected, workdir)
+    _check(r, _args([expected], workdir)[0], workdir)
     assert not list((workdir / "runs" / "sft-llama").glob("*/model"))
 
 

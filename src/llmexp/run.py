@@ -176,6 +176,7 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
 
     L.seed_everything(typed.trainer.seed, workers=True, verbose=False)
     stage = stage_class(typed.stage.name).create(typed, tokenizer)
+    check_positions(typed, stage.model)
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
     epochs = steps_from_epochs(typed, data, run_dir, resume_from)  # before anything reads trainer.max_steps
@@ -201,6 +202,21 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
         raise RuntimeError(f"trainer.epochs counted {epochs['epochs']['data_parallel_ranks']} data-parallel ranks, "
                            f"the trainer has {replicas}")
     return trainer, stage, data, watchers, notes
+
+
+def check_positions(typed, model) -> None:
+    """A pretrained model's positions hold data.max_length (and a rollout's new tokens after it);
+    past them a model of learned positions (gpt2) failed in its first step with an IndexError. A
+    model built from its config is checked before the run."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if typed.model.pretrained is None or not isinstance(positions, int):
+        return
+    rollout = getattr(typed.stage, "rollout", None)
+    new_tokens = max(rollout.max_new_tokens, rollout.val_max_new_tokens or 0) if rollout is not None else 0
+    if typed.data.max_length + new_tokens > positions:
+        plus = f" plus stage.rollout.max_new_tokens={new_tokens}" if new_tokens else ""
+        raise UserError(f"data.max_length: {typed.data.max_length}{plus} is more than the {positions} positions of "
+                        f"{typed.model.pretrained}; set data.max_length={positions - new_tokens}")
 
 
 def steps_from_epochs(typed, data, run_dir: Path, resume_from) -> Dict[str, Any]:

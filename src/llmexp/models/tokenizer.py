@@ -68,8 +68,7 @@ def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts
         try:
             tok = ensure_special_tokens(AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code))
         except (OSError, ValueError) as e:
-            key = "model.tokenizer" if source else "model.pretrained"
-            raise UserError(f"{key}: cannot load a tokenizer from {where!r}: {str(e).splitlines()[0]}") from None
+            raise _unloadable(where, "model.tokenizer" if source else "model.pretrained", e) from None
     if architecture is not None and (source is not None or pretrained is None):
         from llmexp.models.build import local_model_type
 
@@ -123,6 +122,20 @@ def use_chat_template(tok, value: str) -> None:
         raise UserError(f"model.chat_template: an assistant message is not followed by the tokenizer's eos token "
                         f"{tok.eos_token!r} (rendered: {text!r}), so the model would not learn where an answer "
                         f"ends; end assistant messages with {{{{ eos_token }}}}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def _unloadable(where: str, key: str, error: Exception) -> UserError:
+    """Why no tokenizer loads from ``where``: a model directory saved without one is told where
+    else to take it from (transformers only says which backends it could not build)."""
+    local = Path(os.path.expanduser(where))
+    if (local / "config.json").is_file() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        fix = ("model.tokenizer=<the directory or hub id of the tokenizer it was trained with>"
+               if key == "model.pretrained" else "model.tokenizer=<a directory holding one>")
+        return UserError(f"{key}: {where!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); give {fix}")
+    return UserError(f"{key}: cannot load a tokenizer from {where!r}: {' '.join(str(error).split())}")
 
 
 def as_a_model_directory_loads_it(tok, model_type: str):
