@@ -296,3 +296,17 @@ def test_the_default_preparation_keeps_code_as_written():
     ds, log = run_steps(Dataset.from_list(rows), DataConfig())
     assert [s["step"] for s in log] == ["normalize", "filter_length", "dedup"]
     assert [r["messages"][1]["content"] for r in ds] == [code] * 3
+
+
+def test_dedup_keeps_rows_that_differ_only_in_their_label():
+    """KTO rows: the same completion labelled good and bad are two examples (dedup dropped every
+    bad one of such a file); exact repeats still go."""
+    from datasets import Dataset
+    from llmexp.config.schema import DataConfig
+    from llmexp.data.prepare import run_steps
+
+    rows = [{"prompt": f"Add {i} and 1.", "completion": f"{i} + 1 = {i + 1}", "label": label}
+            for label in (True, False) for i in range(5)]
+    ds, log = run_steps(Dataset.from_list(rows + rows[:3]), DataConfig())
+    assert log[-1] == {"step": "dedup", "rows_in": 13, "rows_out": 10}
+    assert sorted(r["label"] for r in ds) == [False] * 5 + [True] * 5

@@ -54,8 +54,13 @@ def content_chars(row: Dict[str, Any]) -> int:
     return total
 
 
+# Besides the text, what makes two rows different examples: KTO's label (the same completion marked
+# good and bad are two rows; dedup removed every bad one of such a file) and a system prompt column.
+KEY_FIELDS = (*TEXT_FIELDS, "label", "system")
+
+
 def content_key(row: Dict[str, Any]) -> str:
-    payload = json.dumps({f: row.get(f) for f in TEXT_FIELDS if f in row}, sort_keys=True, ensure_ascii=False)
+    payload = json.dumps({f: row.get(f) for f in KEY_FIELDS if f in row}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
