@@ -27,6 +27,9 @@ def test_task_rows_take_the_prompt_and_reference_of_every_format():
     pref = task_rows([{"prompt": [USER], "chosen": [ANSWER], "rejected": [ANSWER]}], "preference")
     assert pref[0]["columns"] == {"reference": "3 + 4 = 7"}
     assert task_rows([{"prompt": [USER], "answer": "7"}], "prompt_only")[0]["columns"] == {"answer": "7"}
+    kto = task_rows([{"prompt": "Q", "completion": "A", "label": True}, {"prompt": "Q", "completion": "B", "label": False}],
+                    "unpaired_preference")
+    assert kto == [{"prompt": "Q", "columns": {"reference": "A"}}]  # the desirable completion is the reference
     assert task_rows([{"text": "x"}], "text") == []
 
 
@@ -297,3 +300,22 @@ def test_the_probe_asks_only_the_held_out_rows_validation_kept(tmp_path):
     assert summary["task"]["prompts"] == val["samples"] - val["dropped_overlong"]
     asked = {json.loads(line)["prompt"] for line in (run / "answers.jsonl").read_text().splitlines()}
     assert asked and all(int(p.split()[2].rstrip("?")) % 2 == 0 for p in asked), asked  # the short ones only
+
+
+def test_kto_on_a_users_file_records_the_task_metric_and_starts_at_accuracy_0(tmp_path):
+    """stage=kto on prompt/completion/label rows: the task metric asks the prompts of the desirable
+    completions (it recorded none), and the implicit-reward accuracy of the model as its own
+    reference is 0 (a zero reward counted as right for every undesirable row: 0.7 before a step)."""
+    import json
+
+    from llmexp.testing import train
+
+    rows = [{"prompt": f"Add {i} and 1.", "completion": f"{i} + 1 = {i + 1}" if i % 3 else f"{i} + 1 = {i}",
+             "label": bool(i % 3)} for i in range(90)]
+    (tmp_path / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train(tmp_path, ["stage=kto", "data=files", f"data.path={tmp_path / 'kto.jsonl'}", "data.val_fraction=0.2",
+                           "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["initial"]["val/accuracy"] == 0.0
+    assert summary["task"]["check"] == "reference" and 0 < summary["task"]["prompts"] < 18, summary["task"]
+    assert "val/task_score" in summary["final"]

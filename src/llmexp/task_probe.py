@@ -3,8 +3,9 @@ prompts, scored by a checker.
 
 A stage's own metric (DPO's implicit-reward accuracy, a reward model's score) can rise while the
 model gets worse; this one looks at what the model says. The prompts are the run's validation
-rows (the prompt of a chat, a prompt/completion pair, a preference pair or a prompt row), or, on
-the bundled skill, its 155 distinct questions, so that every stage is measured on the same set;
+rows (the prompt of a chat, a prompt/completion pair, a preference pair, a kto completion labelled
+desirable or a prompt row), or, on the bundled skill, its 155 distinct questions, so that every
+stage is measured on the same set;
 the checker is, by ``task.check``:
 
 - ``auto``: the bundled skill's rule (``arithmetic_correct``) on bundled data (on its text, for
@@ -76,11 +77,15 @@ def task_rows(rows: Sequence[Dict[str, Any]], fmt: str) -> List[Dict[str, Any]]:
         elif fmt in ("prompt_completion", "preference"):
             prompt = row["prompt"]
             reference = answer_text(row["completion"] if fmt == "prompt_completion" else row["chosen"])
+        elif fmt == "unpaired_preference":  # kto: the prompts of the completions labelled desirable
+            if not row.get("label"):
+                continue
+            prompt, reference = row["prompt"], answer_text(row["completion"])
         elif fmt == "prompt_only":
             prompt, reference = row["prompt"], None
         else:
             return []
-        skip = {"messages", "prompt", "completion", "chosen", "rejected"}
+        skip = {"messages", "prompt", "completion", "chosen", "rejected", "label"}
         columns = {k: v for k, v in row.items() if k not in skip}
         if reference is not None:
             columns["reference"] = reference
@@ -107,7 +112,7 @@ def resolve_check(check: str, skill: bool, stage_cfg: Any, fmt: str) -> Optional
     reward = getattr(stage_cfg, "reward", None)
     if reward is not None and reward.function and not reward.model:
         return reward.function
-    if fmt in ("chat", "prompt_completion", "preference"):
+    if fmt in ("chat", "prompt_completion", "preference", "unpaired_preference"):
         return "reference"
     return None
 

@@ -236,7 +236,8 @@ class KTOStage(DPOStage):
         rewards = beta * t["logratios"]
         n, n_good = d.numel(), d.sum()
         return {"kl": (t["kl"] * n, n),
-                "accuracy": (((rewards > 0) == d).float().sum(), n),  # the implicit reward has the label's sign
+                # the implicit reward has the label's sign; zero (the model as its reference) is a miss
+                "accuracy": (torch.where(d, rewards > 0, rewards < 0).float().sum(), n),
                 "reward_desirable": (rewards[d].sum(), n_good), "reward_undesirable": (rewards[~d].sum(), n - n_good),
                 "logp_chosen": (t["logprobs"][d].sum(), n_good)}
 
