@@ -68,6 +68,10 @@ def workdir(tmp_path_factory):
     jsonl("empty_completions.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(20)])
     jsonl("qa.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
     jsonl("conversations.jsonl", [{"conversation": chat}] * 20)
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": "{\"city\": 1}"}}]}
+    jsonl("tool_calls.jsonl", [{"messages": chat}] * 4 + [{"messages": [chat[0], call, {"role": "tool", "content": "9"},
+                                                                       chat[1]]}] * 16)
     (files / "mine").mkdir()
     (files / "mine" / "metrics.csv").write_text("the user's own numbers\n")  # not a run, yet a run would replace it
     jsonl("kto_labels.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}", "label": "yes"} for i in range(20)])
@@ -261,6 +265,11 @@ RUN_CASES = {
     # a path's typo, which offline=false would not fix
     "data=hf path typo": (["data=hf", "data.path={files}/no_such_dataset"], "no dataset directory or file at"),
     # the file has no default column either: it was called a file of no recognised format
+    # the calls were dropped by llmexp's template: the model learnt to answer tool requests with nothing
+    "tool calls the chat template does not render": (["data=files", "data.path={files}/tool_calls.jsonl"],
+                                                      "16 rows of '{files}/tool_calls.jsonl' have assistant turns with "
+                                                      "tool_calls (the first at line 5), which the chat template does "
+                                                      "not render"),
     "field mapping typo": (["data=files", "data.path={files}/conversations.jsonl", "data.fields.messages=conversaton"],
                            "did you mean 'conversation'"),
     "field mapped to a missing column": (["data=files", "data.path={files}/qa.jsonl", "data.fields.completion=answer"],

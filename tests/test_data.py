@@ -310,3 +310,37 @@ def test_dedup_keeps_rows_that_differ_only_in_their_label():
     ds, log = run_steps(Dataset.from_list(rows + rows[:3]), DataConfig())
     assert log[-1] == {"step": "dedup", "rows_in": 13, "rows_out": 10}
     assert sorted(r["label"] for r in ds) == [False] * 5 + [True] * 5
+
+
+def test_tool_calls_train_through_a_template_that_renders_them_and_empty_turns_are_counted(tmp_path):
+    """OpenAI-style tool_calls: refused with llmexp's template (tests/test_bad_input.py); a template
+    that renders them trains the call. An empty assistant turn among others is counted for the
+    warning (the rows' joined answers were not empty, so it was not)."""
+    from datasets import Dataset
+    from llmexp.data.encode import lm_encoder
+    from llmexp.data.rows import check_rows, tool_calls_problem
+    from llmexp.models.tokenizer import CHAT_TEMPLATE, load_tokenizer
+
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": 3}'}}]}
+    row = {"messages": [{"role": "user", "content": "Weather in 3?"}, call, {"role": "tool", "content": "9 degrees"},
+                        {"role": "assistant", "content": "It is 9 degrees."}]}
+    entry = check_rows(Dataset.from_list([row] * 3), "chat", "'tools.jsonl'")
+    assert (entry["tool_calls"], entry["empty"]) == (3, 0)  # a turn that calls a tool is not empty
+    assert "3 rows of 'tools.jsonl' have assistant turns with tool_calls" in tool_calls_problem([entry], CHAT_TEMPLATE,
+                                                                                                "'tools.jsonl'")
+    renders = CHAT_TEMPLATE.replace(
+        "{% generation %}{{ message['content']",
+        "{% generation %}{% for c in message.tool_calls or [] %}{{ '<call>' + c.function.name + ' ' + "
+        "c.function.arguments + '</call>' }}{% endfor %}{{ message['content']")
+    assert tool_calls_problem([entry], renders, "'tools.jsonl'") is None
+    (tmp_path / "tools.jinja").write_text(renders)
+    tok = load_tokenizer(None, None, None, False, "llama", chat_template=str(tmp_path / "tools.jinja"))
+    encoded = lm_encoder("chat", tok, True)(row)
+    trained = tok.decode([t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != -100])
+    assert trained == '<call>get_weather {"city": 3}</call><|end|>It is 9 degrees.<|end|>'
+
+    one_empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "},
+                              {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]}
+    entry = check_rows(Dataset.from_list([one_empty, row]), "chat", "'chats.jsonl'")
+    assert (entry["empty"], entry["first"]) == (1, "row 1")

@@ -282,7 +282,6 @@ def prepare_data(typed):
         raise no_system_prompt_for(d)
     if d.streaming:
         from llmexp.data.module import PreparedData
-        from llmexp.errors import UserError
 
         if peeked_format(d) != "text" or m.tokenizer == "train":
             raise UserError("data.streaming: reads plain-text documents (a 'text' column, or data.fields.text=<column>) "
@@ -299,6 +298,11 @@ def prepare_data(typed):
                                chat_template=m.chat_template, system_prompt=m.system_prompt)
     if m.system_prompt is not None and rendered_raw(prepared):
         raise no_system_prompt_for(d)
+    from llmexp.data.rows import tool_calls_problem
+
+    problem = tool_calls_problem(prepared.log, getattr(tokenizer, "chat_template", None), repr(d.path or d.name))
+    if problem:
+        raise UserError(problem)
     if prepared.format == "text":
         return prepared_text(d, typed.stage.name, tokenizer, load, prepared), tokenizer
     return prepared, tokenizer

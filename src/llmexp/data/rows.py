@@ -73,6 +73,7 @@ def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] 
         return None
     answered = next((c for c in ANSWERS if c in own), None)
     empty_answers, first_empty = 0, None
+    tool_calls, first_call = 0, None
     others = _other_formats(fmt, ds.column_names)
     columns = list(dict.fromkeys([*own, *(c for f in others for c in FORMAT_COLUMNS[f])]))
     problems: List[str] = []
@@ -92,11 +93,15 @@ def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] 
                 count += 1
                 if len(problems) < SHOWN:
                     problems.append(f"{locate(n)}: {field} {why}")
-            elif field in responses_empty and _text_of(row[field]).strip():
+                continue
+            if field in responses_empty and _text_of(row[field]).strip():
                 responses_empty[field] = False
-            elif field == answered and not _text_of(row[field]).strip():
+            if field == answered and _has_empty_answer(row[field]):
                 empty_answers += 1
                 first_empty = first_empty or locate(n)
+            if _calls_tools(row[field]):
+                tool_calls += 1
+                first_call = first_call or locate(n)
     if foreign:
         raise UserError(f"data: {where} mixes formats: " + "; ".join(
             f"{rows} row{'s' * (rows != 1)} {'are' if rows != 1 else 'is'} {f} ({'+'.join(FORMAT_COLUMNS[f])}, "
@@ -114,9 +119,38 @@ def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] 
     if empty:
         raise UserError(f"data: every {empty[0]} in {where} is empty, so there is nothing to learn; "
                         f"check the column that data.fields.{empty[0]} names")
-    if empty_answers:
-        return {"step": "check_rows", "field": answered, "empty": empty_answers, "rows": len(ds), "first": first_empty}
+    if empty_answers or tool_calls:
+        entry = {"step": "check_rows", "field": answered, "empty": empty_answers, "rows": len(ds), "first": first_empty}
+        return {**entry, "tool_calls": tool_calls, "first_tool_call": first_call} if tool_calls else entry
     return None
+
+
+def _has_empty_answer(value: Any) -> bool:
+    """An answer with no text: the string, or any assistant turn of a conversation (one empty turn
+    among others trains the model to end that turn at once); a turn that calls tools is not empty."""
+    if isinstance(value, str):
+        return not value.strip()
+    return any(isinstance(m, dict) and m.get("role") == "assistant" and not (m.get("content") or "").strip()
+               and not m.get("tool_calls") for m in value)
+
+
+def _calls_tools(value: Any) -> bool:
+    return isinstance(value, list) and any(isinstance(m, dict) and m.get("tool_calls") for m in value)
+
+
+def tool_calls_problem(log: List[dict], chat_template: Optional[str], where: str) -> Optional[str]:
+    """Why rows whose assistant turns call tools (OpenAI's ``tool_calls``) cannot train with this
+    chat template, or None: one that never mentions tool_calls drops them, and each such turn
+    trains as an empty answer."""
+    entry = next((e for e in log if e.get("step") == "check_rows" and e.get("tool_calls")), None)
+    if entry is None or "tool_calls" in (chat_template or ""):
+        return None
+    n = entry["tool_calls"]
+    return (f"data: {n} row{'s' * (n != 1)} of {where} {'have' if n != 1 else 'has'} assistant turns with tool_calls "
+            f"(the first at {entry['first_tool_call']}), which the chat template does not render: each call would "
+            f"train as an empty answer. Give model.chat_template=<a template that renders tool_calls> (a tool-using "
+            f"chat model's own, with model.pretrained), write the calls into the turns' content, or leave those rows "
+            f"out")
 
 
 def empty_answers_note(log: List[dict]) -> Optional[str]:
