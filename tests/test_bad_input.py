@@ -67,6 +67,7 @@ def workdir(tmp_path_factory):
     jsonl("unknown_role.jsonl", [{"messages": chat}] * 19 + [{"messages": [{"role": "bot", "content": "q"}, chat[1]]}])
     jsonl("empty_completions.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(20)])
     jsonl("qa.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
+    jsonl("numbers.jsonl", [{"prompt": f"Twice {i}?", "completion": 2 * i} for i in range(20)])
     jsonl("conversations.jsonl", [{"conversation": chat}] * 20)
     call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
         "name": "get_weather", "arguments": "{\"city\": 1}"}}]}
@@ -265,6 +266,9 @@ RUN_CASES = {
     # a path's typo, which offline=false would not fix
     "data=hf path typo": (["data=hf", "data.path={files}/no_such_dataset"], "no dataset directory or file at"),
     # the file has no default column either: it was called a file of no recognised format
+    # a CSV file's numbers are read as text; JSON's keep their type
+    "numbers as completions": (["data=files", "data.path={files}/numbers.jsonl"],
+                               'row 1: completion is the number 0, not text: write it as a string ("0")'),
     # the calls were dropped by llmexp's template: the model learnt to answer tool requests with nothing
     "tool calls the chat template does not render": (["data=files", "data.path={files}/tool_calls.jsonl"],
                                                       "16 rows of '{files}/tool_calls.jsonl' have assistant turns with "

@@ -4,6 +4,7 @@ completions. The first problems are reported with their row number, field and fi
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Iterator, List, Optional
 
 from llmexp.data.formats import DETECTION_ORDER, FORMAT_COLUMNS
@@ -50,6 +51,9 @@ def value_problem(field: str, value: Any, fmt: str) -> Optional[str]:
         return None if isinstance(value, str) else f"is {type(value).__name__}, not text"
     if isinstance(value, list):  # prompt or response as chat messages
         return message_problem(value, needs_assistant=field in RESPONSES)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # JSON and Parquet keep a number's type
+        return (f"is the number {value!r}, not text: write it as a string ({json.dumps(str(value))}), as a CSV "
+                f"file's cells are read")
     return f"is {'null' if value is None else type(value).__name__}, not text or a list of messages"
 
 
