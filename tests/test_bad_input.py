@@ -268,7 +268,7 @@ RUN_CASES = {
     # the file has no default column either: it was called a file of no recognised format
     # a CSV file's numbers are read as text; JSON's keep their type
     "numbers as completions": (["data=files", "data.path={files}/numbers.jsonl"],
-                               'row 1: completion is the number 0, not text: write it as a string ("0")'),
+                               'line 1: completion is the number 0, not text: write it as a string ("0")'),
     # the calls were dropped by llmexp's template: the model learnt to answer tool requests with nothing
     "tool calls the chat template does not render": (["data=files", "data.path={files}/tool_calls.jsonl"],
                                                       "16 rows of '{files}/tool_calls.jsonl' have assistant turns with "
