@@ -62,6 +62,8 @@ def workdir(tmp_path_factory):
 
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     (files / "latin1.jsonl").write_bytes('{"text": "fine"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    (files / "latin1.csv").write_bytes("prompt,completion\n".encode() + "".join(
+        f"caf\u00e9 {i},r\u00e9sum\u00e9\n" for i in range(20)).encode("latin-1"))
     jsonl("messages_string.jsonl", [{"messages": "hello"}] * 20)
     jsonl("null_content.jsonl", [{"messages": chat}] * 19 + [{"messages": [chat[0], {"role": "assistant", "content": None}]}])
     jsonl("unknown_role.jsonl", [{"messages": chat}] * 19 + [{"messages": [{"role": "bot", "content": "q"}, chat[1]]}])
@@ -249,6 +251,9 @@ RUN_CASES = {
     "damaged weights": (["model.pretrained={files}/damaged_model"], "its weights file is damaged or incomplete"),
     "non-UTF-8 JSONL": (["data=files", "data.path={files}/latin1.jsonl", "stage=pretrain"],
                         "latin1.jsonl line 2 is not UTF-8 text (byte 0xe9"),
+    # datasets' reader logged two lines of its own and named no line
+    "non-UTF-8 CSV": (["data=files", "data.path={files}/latin1.csv"],
+                      "latin1.csv line 2 is not UTF-8 text (byte 0xe9 at column 4); re-encode the file as UTF-8"),
     "messages given as a string": (["data=files", "data.path={files}/messages_string.jsonl"],
                                    "line 1: messages is a string, but a list of messages"),
     "assistant content null": (["data=files", "data.path={files}/null_content.jsonl"],

@@ -104,8 +104,9 @@ def open_binary(path: str):
     return open(path, "rb")
 
 
-def _check_json_lines(files: List[str]) -> None:
-    """Report the first malformed line with its file and number (datasets does not say which)."""
+def _check_text_files(files: List[str]) -> None:
+    """Report the first malformed (JSONL) or non-UTF-8 (JSONL, CSV) line with its file and number
+    (datasets does not say which)."""
     for f in files:
         if os.path.getsize(f) == 0:
             raise UserError(f"data.path: {f} is empty")
@@ -116,24 +117,32 @@ def _check_json_lines(files: List[str]) -> None:
                 raise UserError(f"data.path: {f} line {n} is not a JSON object")
         if not rows and _data_suffix(Path(f)) == ".jsonl":
             raise UserError(f"data.path: {f} holds no rows, only blank lines")
+        if _data_suffix(Path(f)) == ".csv":
+            for _ in _text_lines(f):  # datasets' reader logged two lines and named no line
+                pass
+
+
+def _text_lines(f: str) -> Iterator[tuple]:
+    """(number, text) of each line of a text file, the first line that is not UTF-8 named."""
+    with open_binary(f) as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (Windows' editors) is not a row's text
+            except UnicodeDecodeError as e:
+                raise UserError(f"data.path: {f} line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _json_rows(f: str) -> Iterator[tuple]:
     """(line, value) of each non-blank line of a JSONL file (nothing for other kinds)."""
     if _data_suffix(Path(f)) != ".jsonl":
         return
-    with open_binary(f) as fh:
-        for n, raw in enumerate(fh, 1):
+    for n, line in _text_lines(f):
+        if line.strip():
             try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (Windows' editors) is not a row's text
-            except UnicodeDecodeError as e:
-                raise UserError(f"data.path: {f} line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                                f"{e.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
-            if line.strip():
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"data.path: {f} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"data.path: {f} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
 
 
 def _json_kind(value: Any) -> Optional[str]:
@@ -264,7 +273,7 @@ def _files(cfg: DataConfig):
     from datasets import load_dataset
 
     files = data_files(cfg.path)
-    _check_json_lines(files)
+    _check_text_files(files)
     builder = FILE_BUILDERS.get(_data_suffix(Path(files[0])), "text")
     options = {**(csv_as_written(files[0]) if builder == "csv" else {}), **cfg.options}
     try:
@@ -389,7 +398,7 @@ def _local_directory(cfg: DataConfig, directory: Path):
     splits = {name: found for name, found in splits.items() if found} or {"train": files}
     builder = FILE_BUILDERS.get(_data_suffix(files[0]), "text")
     if builder == "json":
-        _check_json_lines([str(f) for f in files if f.suffix.lower() not in COMPRESSED])
+        _check_text_files([str(f) for f in files if f.suffix.lower() not in COMPRESSED])
 
     def load(split: str):
         if split not in splits:
