@@ -327,7 +327,8 @@ def test_a_gpt2_built_here_has_no_dropout_unless_asked():
 def test_a_pretrained_models_record_has_its_own_sizes(tmp_path, arch):
     """A run from a local model records that model's sizes, not model=llama's defaults (a
     half-width student's quantize run said hidden_size 64 for a model of 32, and llmexp compare
-    listed it as a difference); the command line's own are replaced, as their help says."""
+    listed it as a difference); sizes on the command line are refused (they were ignored), and so
+    is model=<option> of another architecture (the run was named after it, with its settings)."""
     import json
 
     from llmexp.testing import check_config
@@ -337,7 +338,13 @@ def test_a_pretrained_models_record_has_its_own_sizes(tmp_path, arch):
               {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
                "num_key_value_heads": 1, "intermediate_size": 96, "max_position_embeddings": 128})
     (tmp_path / "config.json").write_text(json.dumps(config))
-    m = check_config(["stage=dpo", f"model.pretrained={tmp_path}", "model.hidden_size=16"]).model
+    m = check_config(["stage=dpo", f"model.pretrained={tmp_path}"]).model
     assert m.architecture == arch
     assert (m.hidden_size, m.num_layers, m.num_heads, m.max_position_embeddings) == (32, 3, 2, 128)
     assert (m.num_kv_heads, m.intermediate_size) == ((None, 128) if arch == "gpt2" else (1, 96))
+    other = "llama" if arch == "gpt2" else "gpt2"
+    with pytest.raises(ConfigError) as e:
+        check_config(["stage=dpo", f"model.pretrained={tmp_path}", "model.hidden_size=16", "+model.extra.rope_theta=1",
+                      f"model={other}"])
+    assert sorted(p.key for p in e.value.problems) == ["model", "model.extra.rope_theta", "model.hidden_size"]
+    assert check_config(["stage=dpo", f"model.pretrained={tmp_path}", f"model={arch}"]).model.architecture == arch

@@ -79,7 +79,7 @@ def resolve_overrides(overrides: List[str]):
     plain = not problems and all(not (o.is_add() or o.is_force_add() or o.is_delete()) for o, _ in keys)
     cfg = _compose([*selections, *(single for _, single in keys)], []) if plain else None
     if cfg is not None:  # every key is one the config has (Hydra's config is struct): nothing to check
-        return _preflighted(cfg, problems), list(overrides)
+        return _preflighted(cfg, problems, [*selections, *(single for _, single in keys)]), list(overrides)
     cfg = _compose(selections, problems)
     if cfg is None:
         raise ConfigError(problems)
@@ -99,16 +99,16 @@ def resolve_overrides(overrides: List[str]):
         else:
             valid.append(single)
     cfg = _compose(valid, problems)
-    return _preflighted(cfg, problems), [as_given.get(o, o) for o in overrides]
+    return _preflighted(cfg, problems, valid), [as_given.get(o, o) for o in overrides]
 
 
-def _preflighted(cfg, problems: List[Problem]):
+def _preflighted(cfg, problems: List[Problem], overrides: List[str]):
     """``cfg`` once llmexp.preflight found nothing wrong in it, else ConfigError with every problem."""
     if cfg is not None:
         from llmexp.preflight import preflight
 
         try:
-            preflight(cfg)
+            preflight(cfg, overrides)
         except ConfigError as e:
             problems.extend(e.problems)
     if problems:

@@ -13,7 +13,7 @@ import glob
 import json
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -23,18 +23,53 @@ from llmexp.config.stages import STAGES
 from llmexp.errors import ConfigError, Problem, suggest
 
 
-def preflight(cfg: DictConfig) -> S.RunConfig:
-    """The typed config of ``cfg``, or ConfigError listing every problem found."""
+def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> S.RunConfig:
+    """The typed config of ``cfg``, or ConfigError listing every problem found; ``overrides``: the
+    command line it was composed from (default: Hydra's, when it composed it)."""
     run, problems = typed_config(cfg)
     if run is None:
         raise ConfigError(problems)
     problems.extend(_check_dataset(run.data))
+    problems.extend(_sizes_of_a_pretrained_model(run.model, command_line() if overrides is None else overrides))
     adopt_pretrained_architecture(run.model)
     flagged = {p.key for p in problems}
     problems.extend(p for p in cross_checks(run) if p.key not in flagged)
     if problems:
         raise ConfigError(problems)
     return run
+
+
+def command_line() -> List[str]:
+    """The run's overrides as typed (none for a config composed without Hydra's command line)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings",
+         "extra")
+
+
+def _sizes_of_a_pretrained_model(m: S.ModelConfig, overrides: Sequence[str]) -> List[Problem]:
+    """What the command line asks of a model that model.pretrained loads as it is: a size (it was
+    ignored: the run trained the model's own), or model=<option> of another architecture than the
+    weights' (the run was named after it and took its scale settings)."""
+    if m.pretrained is None:
+        return []
+    from llmexp.models.build import local_config
+
+    config = local_config(m.pretrained)
+    p: List[Problem] = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("model.") and key.split(".")[1] in SIZES:
+            p.append(Problem(key, f"sizes a model built from its config, and model.pretrained={m.pretrained} loads "
+                             "one with its own", f"drop {key}, or model.pretrained=null to build one of this size"))
+        elif key == "model" and config.get("model_type") not in (None, m.architecture):
+            p.append(Problem("model", f"model={value} is {m.architecture}, and model.pretrained={m.pretrained} holds "
+                             f"a {config['model_type']} model (its config.json), which the run trains and records",
+                             f"drop model={value}: the directory's own type ({config['model_type']}) is used"))
+    return p
 
 
 def adopt_pretrained_architecture(m: S.ModelConfig) -> None:

@@ -89,7 +89,8 @@ def summary(schema: type) -> str:
     return " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
 
 
-_FROM_SCRATCH = "; from-scratch models only (a local model.pretrained puts its own in the run record)."
+_FROM_SCRATCH = ("; from-scratch models only (model.pretrained loads a model with its own, which a local one puts in "
+                 "the run record; given with it on the command line, refused).")
 
 
 @dataclass
