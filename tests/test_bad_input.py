@@ -244,7 +244,7 @@ RUN_CASES = {
         ["stage=grpo", "model.pretrained={files}/short_gpt2", "data.max_length=60"],
         "data.max_length: 60 plus stage.rollout.max_new_tokens=16 is more than the 64 positions"),
     "tokenizer does not fit the model": (["model.pretrained={small}", "model.tokenizer={bundled}"],
-                                         "the tokenizer has 512 tokens but the model"),
+                                         "the tokenizer has 512 tokens as "),
     "model directory with another model's tokenizer": (["model.pretrained={files}/mismatched_model"],
                                                        "the directory's tokenizer does not belong to its model"),
     "unknown bundled data option": (["+data.options.colour=red"], "data.options: unknown option"),

@@ -179,14 +179,18 @@ def apply_liger(model) -> None:
 def check_tokenizer_fits(model, tokenizer, cfg: ModelConfig) -> None:
     """A tokenizer with ids beyond the embedding table would index out of range mid-run."""
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows and cfg.tokenizer is None:
-        raise UserError(f"model.pretrained: the tokenizer in {cfg.pretrained!r} has {len(tokenizer)} tokens but its "
-                        f"model embeds only {rows}; the directory's tokenizer does not belong to its model: give "
-                        f"model.tokenizer=<the tokenizer it was trained with> (at most {rows} tokens)")
-    if len(tokenizer) > rows:
-        raise UserError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model "
-                        f"{cfg.pretrained!r} embeds only {rows}; use the model's own tokenizer "
-                        f"(model.tokenizer=null) or one with at most {rows} tokens")
+    if len(tokenizer) <= rows:
+        return
+    # the class says where a token more comes from (transformers' Qwen2 class adds one to tokenizer.json's)
+    loaded = f"{len(tokenizer)} tokens as {type(tokenizer).__name__}, the class a {model.config.model_type} model loads"
+    if cfg.tokenizer is None:
+        raise UserError(f"model.pretrained: the tokenizer in {cfg.pretrained!r} has {loaded}, but its model embeds only "
+                        f"{rows}; the directory's tokenizer does not belong to its model: give "
+                        f"model.tokenizer=<the tokenizer it was trained with> (at most {rows} tokens as that class "
+                        f"loads it)")
+    raise UserError(f"model.tokenizer: the tokenizer has {loaded}, but the model {cfg.pretrained!r} embeds only "
+                    f"{rows}; give one of at most {rows} tokens as that class loads it (the model's own, with "
+                    f"model.tokenizer=null, where it has one that fits)")
 
 
 def packed_weights(model) -> int:
