@@ -289,3 +289,14 @@ def test_streaming_a_corpus_that_is_all_validation_is_refused_not_read_forever(t
                  "data.max_val_samples=199"]).data
     with pytest.raises(UserError, match="fewer than the 2 readers"):
         next(iter(DocumentStream(cfg, load_tokenizer(None, None), window=4, seed=1, part=1, parts=2)))
+    # 120 of the 200 held out: said, with the share, as the stream is read only as far as that.
+    cfg = typed(["stage=pretrain", "data=files", f"data.path={corpus}", "data.streaming=true",
+                 "data.max_val_samples=120"]).data
+    stream = DocumentStream(cfg, load_tokenizer(None, None), window=4, seed=1)
+    assert stream.training_documents(up_to=120) == 80 and stream.training_documents(up_to=30) == 30
+    r = run_cli(["stage=pretrain", "data=files", f"data.path={corpus}", "data.streaming=true", "logger=none",
+                 "data.max_val_samples=120", "trainer.max_steps=1", "trainer.val_check_interval=null",
+                 f"hydra.run.dir={tmp_path / 'run2'}"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = " ".join(r.stderr.split())
+    assert "validation holds the first 120 documents" in said and "60% of its 200" in said, said

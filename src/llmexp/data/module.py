@@ -250,8 +250,19 @@ class StageDataModule(L.LightningDataModule):
             raise UserError(f"data.max_val_samples: the first {self.cfg.max_val_samples} documents of "
                             f"{self.cfg.path!r} make no validation row; raise data.max_val_samples")
         self.train_rows, self.val_rows = [], rows
-        self.stats = {"streaming": {"files": len(probe.files), "shuffle_buffer": self.cfg.shuffle_buffer},
+        self.stats = {"streaming": {"files": len(probe.files), "shuffle_buffer": self.cfg.shuffle_buffer,
+                                    "val_documents": len(documents)},
                       "val": {"rows": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows)}}
+        following = probe.training_documents(up_to=len(documents))
+        if following < len(documents):  # a small corpus: most of it held out, which nothing said
+            share = len(documents) / (len(documents) + following)
+            note = (f"data.streaming: validation holds the first {len(documents)} documents of {self.cfg.path!r}, "
+                    f"{share:.0%} of its {len(documents) + following}; lower data.max_val_samples (say "
+                    f"{max(1, (len(documents) + following) // 20)}) to train on more of it")
+            self.stats["streaming"].update(training_documents=following, warning=note)
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold yellow]warning[/]: {note}", highlight=False)
         self._resume_state = getattr(self, "_resume_state", None)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -80,6 +80,20 @@ class DocumentStream:
         """Whether any document follows the validation ones."""
         return self._val_boundary() != (len(self.files), 0)
 
+    def training_documents(self, up_to: int) -> int:
+        """How many documents follow the validation ones, counted no further than ``up_to`` (the
+        stream is read that far only)."""
+        count, skip = 0, self.n_val
+        for f in self.files:
+            for _ in read_documents(f, self.text_field):
+                if skip:
+                    skip -= 1
+                    continue
+                count += 1
+                if count >= up_to:
+                    return count
+        return count
+
     def _is_validation(self, file_index: int, doc: int) -> bool:
         """Whether (file, document) is among the first n_val documents in file order."""
         return (file_index, doc) < self._val_end
