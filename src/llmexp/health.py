@@ -185,17 +185,14 @@ class HealthGuard(L.Callback):
         name, step, seen = self.stopped["sign"], self.stopped["step"], self.stopped["seen"]
         b = self.best
         return HealthStop(f"health.action=stop: {name} at step {step}: {seen}. The run stopped there and exported "
-                          f"its best validation's model (step {b.step}, {b.monitor} {b.value:.4f}) to {model_dir}; "
-                          f"{self._kept(stopped=True)} Fix: {self._fix(name)}; or set "
-                          f"health.action=warn to let the run go on")
+                          f"its best validation's model (step {b.step}, {b.monitor} {b.value:.4f}) to {model_dir}: "
+                          f"train on from it in a new run with model.pretrained={model_dir}. Fix: {self._fix(name)}; "
+                          f"or set health.action=warn to let a run go on")
 
-    def _kept(self, stopped: bool = False) -> str:
-        from llmexp.record import RunDir, checkpoint_step
+    def _kept(self) -> str:
+        from llmexp.record import RunDir
 
         ckpt = RunDir(self.run_dir or ".").checkpoint_to_resume()
-        if stopped:
-            return (f"{ckpt} (step {checkpoint_step(ckpt)}) is kept to resume from." if ckpt is not None
-                    else "it wrote no checkpoint to resume from.")
         if ckpt is not None:
             return f"The run stopped without saving; {ckpt} (written before) is kept."
         return "The run stopped without saving (no checkpoint had been written before)."
