@@ -38,6 +38,12 @@ USER_MODULE = textwrap.dedent('''
 
     def takes_all(completion, **columns):
         return float(len(columns))
+
+    def not_a_number(completion, answer):
+        return float("nan")
+
+    def batch_of_inf(completions, **kwargs):
+        return [1.0, float("inf")]
 ''')
 
 
@@ -76,6 +82,12 @@ def test_a_per_sample_reward_of_the_wrong_shape_is_told_what_to_take_and_return(
     with pytest.raises(UserError, match=r"returned 'yes' \(str\) for 'xxxxx.*…; fix: return one number"):
         FunctionReward("my_rewards:says_yes")([CHAT], ["x" * 500], rows)
     assert FunctionReward("my_rewards:as_numpy")([CHAT] * 2, ["= 5", "= 6"], rows * 2).tolist() == [1.0, 0.0]
+    # a NaN reward made a NaN loss, which was reported as an lr problem (exit 3)
+    with pytest.raises(UserError, match=r"reward 'my_rewards:not_a_number' of .* returned nan for '5'; fix: return a "
+                                        r"finite number"):
+        FunctionReward("my_rewards:not_a_number")([CHAT], ["5"], rows)
+    with pytest.raises(UserError, match=r"returned inf for completion 1; it must return one finite number"):
+        FunctionReward("my_rewards:batch_of_inf")([CHAT] * 2, ["a", "b"], rows * 2)
 
 
 @pytest.mark.slow

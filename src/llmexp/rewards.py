@@ -7,6 +7,7 @@ so the rollout engine does not care which it has.
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -117,7 +118,11 @@ class FunctionReward:
             raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on {shown(completion)} with "
                             f"columns {sorted(passed)}: {type(e).__name__}: {e}") from e
         if isinstance(value, numbers.Real) or (hasattr(value, "item") and getattr(value, "ndim", None) == 0):
-            return float(value)
+            if math.isfinite(float(value)):
+                return float(value)
+            # a NaN reward became a NaN loss, reported as an lr problem
+            raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} returned {float(value)} for "
+                            f"{shown(completion)}; fix: return a finite number per completion")
         raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} returned {shown(value)} "
                         f"({type(value).__name__}) for {shown(completion)}; fix: return one number (a float) per "
                         f"completion")
@@ -134,12 +139,12 @@ class FunctionReward:
         except Exception as e:  # noqa: BLE001 - the user's function: name it
             raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on a batch of "
                             f"{len(texts)} completions with {sorted(kwargs)}: {type(e).__name__}: {e}") from e
-        bad = next((i for i, v in enumerate(out) if not isinstance(v, (int, float)) or v != v), None)
+        bad = next((i for i, v in enumerate(out) if not isinstance(v, (int, float)) or not math.isfinite(v)), None)
         if len(out) != len(texts) or bad is not None:
             what = f"{len(out)} values for {len(texts)} completions" if len(out) != len(texts) \
                 else f"{out[bad]!r} for completion {bad}"
             raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} returned {what}; it must return "
-                            f"one number per completion")
+                            f"one finite number per completion")
         return [float(v) for v in out]
 
 
