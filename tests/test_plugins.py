@@ -275,3 +275,30 @@ def test_exceptions_in_plugin_code_name_the_plugin(tmp_path):
                   {"LLMEXP_PLUGINS": "boom"})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "_build() returned None; fix: return the rows (a list or iterator of dicts) or a datasets.Dataset" in r.stderr
+    # not rows at all, and rows no table holds (pyarrow said "Could not convert 'q' with type str")
+    for built, said in (("42", "_build() returned int; fix: return the rows"),
+                        ("[{'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 5}]}] * 9",
+                         "_build() made rows that do not fit one table: row 1 messages[1].content is a number, but "
+                         "text at row 1 messages[0].content")):
+        (tmp_path / "boom_plugin.py").write_text(boom.replace("raise RuntimeError('disk on fire')", f"return {built}"))
+        r = _cli_with(tmp_path, ["data.name=boom", "~data.options", "logger=none",
+                                 f"hydra.run.dir={tmp_path / 'run3'}"], {"LLMEXP_PLUGINS": "boom"})
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert said in " ".join(r.stderr.split()), r.stderr
+
+
+def test_a_plugin_callback_that_raises_in_training_is_named_with_its_hook_and_line(tmp_path):
+    """It gave Lightning's traceback and exit 1, naming no plugin."""
+    source = ("from lightning.pytorch.callbacks import Callback\n\n\n"
+              "class Boom(Callback):\n"
+              "    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):\n"
+              "        if trainer.global_step == 2:\n"
+              "            raise RuntimeError('callback broke')\n\n\n"
+              + HOOK + "def llmexp_callbacks(cfg):\n    return [Boom()]\n")
+    _distribution(tmp_path, "llmexp-cbraise", "0.1.0", "cbraise", source)
+    r = _cli_with(tmp_path, ["logger=none", "trainer.max_steps=4", "trainer.progress_bar=false",
+                             f"hydra.run.dir={tmp_path / 'run'}"], {"LLMEXP_PLUGINS": "cbraise"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    said = " ".join(r.stderr.split())
+    assert ("plugin 'cbraise' (llmexp-cbraise 0.1.0): its callback Boom.on_train_batch_end() raised RuntimeError: "
+            "callback broke (at ") in said and "cbraise_plugin.py:7)" in said, said

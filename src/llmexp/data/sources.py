@@ -6,7 +6,7 @@ import glob
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional
 
 from llmexp.config.schema import DataConfig
 from llmexp.errors import UserError, suggest
@@ -42,12 +42,13 @@ def _bundled(cfg: DataConfig):
     from llmexp.plugins.manager import raised_at
 
     builder = getattr(decl.builder, "__qualname__", None) or "its builder"
+    where = f"data.name: dataset {cfg.name!r} of {entry.owner}: {builder}()"
     try:
         rows = decl.builder(options, cfg.seed)
-        if rows is None:
-            raise UserError(f"data.name: dataset {cfg.name!r} of {entry.owner}: {builder}() returned None; fix: return "
+        if rows is None or not (isinstance(rows, Dataset) or hasattr(rows, "__iter__")) or isinstance(rows, (str, dict)):
+            raise UserError(f"{where} returned {'None' if rows is None else type(rows).__name__}; fix: return "
                             f"the rows (a list or iterator of dicts) or a datasets.Dataset")
-        ds = rows if isinstance(rows, Dataset) else Dataset.from_list([dict(r) for r in rows])
+        ds = rows if isinstance(rows, Dataset) else _table(where, rows)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - the plugin's bug: name it (LLMEXP_TRACEBACK=1 shows where)
@@ -56,6 +57,56 @@ def _bundled(cfg: DataConfig):
     if len(ds) == 0:
         raise UserError(f"data.options: dataset {cfg.name!r} built no rows with options {cfg.options}")
     return ds
+
+
+def _table(where: str, rows: Iterable[Any]):
+    """A plugin's rows as a Dataset; rows it cannot be (not dicts, a field of two kinds of value,
+    which pyarrow said as 'Could not convert 'q' with type str') named by row and field."""
+    import pyarrow
+    from datasets import Dataset
+
+    listed = []
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, Mapping):
+            raise UserError(f"{where} made row {n} a {type(row).__name__}; fix: make each row a dict of its columns")
+        listed.append(dict(row))
+    try:
+        return Dataset.from_list(listed)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, TypeError, ValueError):
+        conflict = _row_kind_conflict(listed)
+        if conflict is None:
+            raise
+        raise UserError(f"{where} made rows that do not fit one table: {conflict}; fix: give each field one kind of "
+                        f"value in every row (text for a message's content)") from None
+
+
+def _row_kind_conflict(rows: List[dict]) -> Optional[str]:
+    """The first field, nested ones included (a message's content), whose value is of another kind
+    than the same field's earlier (in an earlier row, or an earlier item of a list), said with both
+    places (rows counted from 1)."""
+    first: Dict[str, tuple] = {}  # field, list items alike ('messages[].content') -> (kind, its first place)
+
+    def walk(value: Any, field: str, place: str) -> Optional[str]:
+        kind = "object" if isinstance(value, dict) else "list" if isinstance(value, list) else _json_kind(value)
+        if kind is None:
+            return None
+        seen = first.setdefault(field, (kind, place))
+        if seen[0] != kind:
+            return f"{place} is {_article(kind)}, but {_article(seen[0])} at {seen[1]}"
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in items:
+            sub = (f"{field}[]", f"{place}[{key}]") if isinstance(value, list) else (f"{field}.{key}", f"{place}.{key}")
+            found = walk(child, *sub)
+            if found:
+                return found
+        return None
+
+    for n, row in enumerate(rows, 1):
+        for key, value in row.items():
+            found = walk(value, key, f"row {n} {key}")
+            if found:
+                return found
+    return None
 
 
 def data_files(path: str) -> List[str]:
@@ -202,7 +253,8 @@ def json_kind_conflict(cfg: DataConfig) -> Optional[str]:
 
 
 def _article(kind: str) -> str:
-    return kind if kind.startswith("a ") else {"text": "text", "true/false": "true/false"}.get(kind, f"a {kind}")
+    return kind if kind.startswith("a ") else {"text": "text", "true/false": "true/false"}.get(
+        kind, f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}")
 
 
 def csv_as_written(path: str) -> Dict[str, Any]:

@@ -166,10 +166,40 @@ def plugin_callbacks(cfg: Any) -> List[Any]:
     for info, result in host().call("llmexp_callbacks", cfg=cfg):
         for cb in result if isinstance(result, (list, tuple)) else [result]:
             if isinstance(cb, Callback):
-                callbacks.append(cb)
+                callbacks.append(reported(cb, info))
             else:
                 problems.append(Problem(str(info), f"llmexp_callbacks() returned {cb!r}, not a Lightning "
                                         "Callback", "return a list of lightning.pytorch.callbacks.Callback"))
     if problems:
         raise PluginError(problems)
     return callbacks
+
+
+def reported(callback: Any, info: PluginInfo) -> Any:
+    """``callback`` whose own hooks, when they raise, raise a PluginError naming the plugin, the
+    hook and the line (a plugin's callback failing in training gave a traceback and exit 1). Only
+    the hooks its class overrides are wrapped, on the instance: its class, state_key and
+    isinstance checks stay as they are."""
+    from lightning.pytorch.callbacks import Callback
+
+    from llmexp.plugins.errors import SKIP_HINT
+    from llmexp.plugins.manager import raised_at
+
+    def guard(hook: str, method: Any) -> Any:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a plugin's bug, reported with its name and place
+                raise PluginError([Problem(str(info), f"its callback {type(callback).__name__}.{hook}() raised "
+                                           f"{type(e).__name__}: {e}{raised_at(e, info)}",
+                                           f"fix the plugin, {SKIP_HINT}")]) from e
+        return call
+
+    for hook, base in vars(Callback).items():
+        if hook.startswith("_") or not callable(base) or getattr(type(callback), hook, base) is base:
+            continue
+        setattr(callback, hook, guard(hook, getattr(callback, hook)))
+    return callback
