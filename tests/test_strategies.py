@@ -44,6 +44,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert s2["strategy"] == "ddp"
     assert s2["initial"]["val/loss"] == pytest.approx(s1["initial"]["val/loss"], rel=1e-6)
     assert s2["final"]["val/loss"] == pytest.approx(s1["final"]["val/loss"], rel=1e-5)
+    assert s2["train_tokens"] == s1["train_tokens"]  # every rank's (it had rank 0's: half)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one run directory for both ranks
 
 
@@ -65,6 +66,8 @@ def test_fsdp_and_tp_match_one_process(tmp_path, single_process, strategy, micro
     assert (run_dir / "checkpoints" / "last.ckpt").is_dir()  # a sharded (distributed) checkpoint
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["strategy"] == strategy and s["global_step"] == 12
+    # fsdp: both ranks' tokens; tp: the tokens the peers share, once
+    assert s["train_tokens"] == json.loads((single_process / "summary.json").read_text())["train_tokens"]
 
 
 def test_fsdp_killed_and_resumed_from_its_sharded_checkpoint_matches(tmp_path, single_process):
@@ -82,6 +85,7 @@ def test_fsdp_killed_and_resumed_from_its_sharded_checkpoint_matches(tmp_path, s
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["global_step"] == 12 and s["resumed_from"].endswith("last.ckpt")
+    assert s["train_tokens"] == json.loads((single_process / "summary.json").read_text())["train_tokens"]
     a, b = load_file(single_process / "model" / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 

@@ -258,6 +258,7 @@ def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Op
     from llmexp import __version__
     from llmexp.models.build import count_parameters
 
+    tokens = stage.global_tokens()  # a collective: build_summary runs on every rank
     summary: Dict[str, Any] = {
         "llmexp_version": __version__,
         "run_name": typed.run_name,
@@ -272,8 +273,8 @@ def build_summary(typed, stage, trainer, data, *, run_dir: Path, resume_from: Op
         "resumed_from": str(resume_from) if resume_from else None,
         "initial": stage.initial_metrics,
         "final": dict(stage.last_val_metrics),
-        "tokens_per_second": stage.train_tokens / stage.train_seconds if stage.train_seconds else None,
-        "train_tokens": stage.train_tokens,
+        "tokens_per_second": tokens / stage.train_seconds if stage.train_seconds else None,
+        "train_tokens": tokens,
         "cpu_threads": torch.get_num_threads(),
         "fit_seconds": stage.seconds_before_resume["fit"] + fit_seconds,
         "seconds_to_first_step": stage.seconds_to_first_step,

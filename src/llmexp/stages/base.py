@@ -50,7 +50,8 @@ class StageModule(L.LightningModule):
         self._step_started: float | None = None
         self._tokens_since_log = 0
         self._time_since_log = 0.0
-        self.train_tokens = 0
+        self.train_tokens = 0  # this process's, since it started (or resumed): global_tokens() counts every rank's
+        self.tokens_before_resume = 0  # every rank's, up to the checkpoint a resumed run continues from
         self.train_seconds = 0.0
         self.last_val_metrics: Dict[str, float] = {}
         self.initial_metrics: Dict[str, float] = {}
@@ -252,14 +253,14 @@ class StageModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         per_rank = self._rng_states_of_all_ranks()
         checkpoint["llmexp"] = {"rng": per_rank[0], "rng_per_rank": per_rank, "initial_metrics": self.initial_metrics,
-                                "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
+                                "train_tokens": self.global_tokens(), "train_seconds": self.train_seconds,
                                 "wall_seconds": self.seconds_before_resume["wall"] + time.time() - self.session_started,
                                 "fit_seconds": self.seconds_before_resume["fit"] + time.time() - self.fit_started}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         state = checkpoint.get("llmexp", {})
         self.initial_metrics = state.get("initial_metrics", {})
-        self.train_tokens = state.get("train_tokens", 0)
+        self.tokens_before_resume, self.train_tokens = state.get("train_tokens", 0), 0
         self.train_seconds = state.get("train_seconds", 0.0)
         self.seconds_before_resume = {"wall": state.get("wall_seconds", 0.0), "fit": state.get("fit_seconds", 0.0)}
         per_rank = state.get("rng_per_rank") or []
@@ -304,9 +305,24 @@ class StageModule(L.LightningModule):
         self._tokens_since_log += tokens
         self._time_since_log += elapsed
         if self.global_step % self.cfg.trainer.log_every_n_steps == 0 and self._time_since_log > 0:
-            self.log("train/tokens_per_second", self._tokens_since_log * self.trainer.world_size
-                     / self._time_since_log, on_step=True)
+            self.log("train/tokens_per_second", self._all_ranks(self._tokens_since_log) / self._time_since_log,
+                     on_step=True)
             self._tokens_since_log, self._time_since_log = 0, 0.0
+
+    def _all_ranks(self, tokens: int) -> int:
+        """``tokens`` of this process summed over the data-parallel ranks (a collective): tensor-parallel
+        peers train on the same tokens and count once."""
+        if self.trainer.world_size == 1:
+            return tokens
+        from llmexp.strategies import data_parallel_size
+
+        total = self.trainer.strategy.reduce(torch.tensor(float(tokens), device=self.device), reduce_op="sum")
+        return int(round(float(total) * data_parallel_size(self.cfg) / self.trainer.world_size))
+
+    def global_tokens(self) -> int:
+        """The tokens trained on by every rank, the sessions before a resume included (a collective;
+        summary.json had rank 0's alone, half the count under 2-process ddp)."""
+        return self.tokens_before_resume + self._all_ranks(self.train_tokens)
 
     # -- generation (the task metric here; rollouts in rollout.py) -------------------------------
     @torch.no_grad()
