@@ -267,6 +267,10 @@ def test_an_eval_failing_after_training_keeps_the_trained_model_and_says_how_to_
     layers = json.loads((run_dir / "model" / "config.json").read_text())["num_hidden_layers"]
     # the run's eval with the run's options (scale 5, not the default 2)
     assert json.loads((run_dir / "eval" / "results.json").read_text()) == {"layers": {"n": layers * 5.0}}
+    # and the run's record has it now (compare and sweeps read summary.json; it kept eval_error for good)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["eval"] == {"layers": {"n": layers * 5.0}} and s["eval_results"] == str(run_dir / "eval" / "results.json")
+    assert "eval_error" not in s and "ZeroDivisionError" in s["eval_failed_after_training"]
     # Evaluated again (here in-process), with other tasks: the results recorded before are kept.
     from llmexp.evals.__main__ import main
 
@@ -278,6 +282,10 @@ def test_an_eval_failing_after_training_keeps_the_trained_model_and_says_how_to_
     finally:
         manager.reset()
     assert json.loads((run_dir / "eval" / "results.json").read_text()) == {"layers": {"n": layers * 5.0}}
+    # and the run's record has it now (compare and sweeps read summary.json; it kept eval_error for good)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["eval"] == {"layers": {"n": layers * 5.0}} and s["eval_results"] == str(run_dir / "eval" / "results.json")
+    assert "eval_error" not in s and "ZeroDivisionError" in s["eval_failed_after_training"]
     assert json.loads((run_dir / "eval" / "results-2.json").read_text()) == {"layers": {"n": layers * 2.0}}
 
 

@@ -94,17 +94,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             table[name] = {key.split("/", 1)[1]: value for key, value in flat.items()}
     except UserError as e:
         return report(e)
-    return _record_and_show(table, out if args.out else out / "eval", f"eval of {model_dir}")
+    _record_and_show(table, out if args.out else out / "eval", f"eval of {model_dir}")
+    return 0
 
 
-def _record_and_show(table, directory: Path, title: str) -> int:
-    """The results recorded (never over earlier ones) and printed."""
+def _record_and_show(table, directory: Path, title: str) -> Path:
+    """The results recorded (never over earlier ones) and printed; returns their file."""
     from llmexp.evals.runner import print_table, record_anew
 
     path = record_anew(table, directory)
     print_table(table, title)
     print(f"results: {path}")
-    return 0
+    return path
 
 
 def configured_eval(target: str):
@@ -145,8 +146,31 @@ def _evaluate_as_configured(typed, args) -> int:
     out = Path(args.out) if args.out else model_dir.parent
     model, tokenizer = load_language_model(model_dir)
     table = evaluate(typed, model, tokenizer, out)
-    return _record_and_show(table, out if args.out else out / "eval",
-                            f"eval of {model_dir} (the run's eval={typed.eval.name})")
+    results = _record_and_show(table, out if args.out else out / "eval",
+                               f"eval of {model_dir} (the run's eval={typed.eval.name})")
+    if not given and not args.out:
+        _complete_the_record(out, table, results)
+    return 0
+
+
+def _complete_the_record(run_dir: Path, table, results: Path) -> None:
+    """A run whose eval after training failed (summary.json ``eval_error``), evaluated now as it was
+    configured: its summary.json gets the eval it lacked (``eval``, ``eval_results``), so compare
+    and sweeps see it; it kept eval_error for good before."""
+    import json
+
+    from llmexp.record import RunDir, write_atomic
+
+    summary_file = RunDir(run_dir).summary_file
+    if not summary_file.is_file():
+        return
+    summary = json.loads(summary_file.read_text())
+    if "eval_error" not in summary:
+        return
+    summary["eval_failed_after_training"] = summary.pop("eval_error")
+    summary.update(eval=table, eval_results=str(results))
+    write_atomic(summary_file, json.dumps(summary, indent=2))
+    print(f"{summary_file}: eval recorded (the run's eval after training had failed)")
 
 
 if __name__ == "__main__":
