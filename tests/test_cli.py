@@ -110,6 +110,12 @@ def test_multirun_gives_each_job_its_own_run_directory_and_wandb_run(tmp_path):
     assert [len(found) for found in runs] == [1, 1], runs
     assert runs[0][0].name != runs[1][0].name
     assert "already in progress" not in r.stderr, r.stderr[-2000:]
+    # each named by its job (both were 'sft-llama'), timed from its own start (job 1's first step
+    # counted job 0's time, so it came after its wall_seconds)
+    assert [f"sft-llama-{n}".encode() in found[0].read_bytes() for n, found in enumerate(runs)] == [True, True]
+    for summary in summaries:
+        s = json.loads(summary.read_text())
+        assert 0 < s["seconds_to_first_step"] < s["wall_seconds"], s
 
 
 @pytest.mark.slow

@@ -48,13 +48,26 @@ def run_dir_overrides(cfg, overrides: List[str]) -> List[str]:
     return [f"hydra.run.dir={run_dir}"] if run_dir and not explicit else []
 
 
+_JOBS_STARTED: List[int] = []  # the runs this command started: Hydra's -m trains its jobs one after another
+
+
 def _task(cfg) -> Optional[float]:
     try:
         from llmexp.run import run
 
-        return run(cfg)
+        # The command's first run began when the command did (its imports are part of the wait, in
+        # wall_seconds and seconds_to_first_step); a later job of -m when it starts.
+        started = None if _JOBS_STARTED else process_started()
+        _JOBS_STARTED.append(1)
+        return run(cfg, started=started)
     except UserError as e:
         sys.exit(report(e))
+
+
+def process_started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 @quiet_exits

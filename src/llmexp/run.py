@@ -26,12 +26,15 @@ from llmexp.secrets import redact
 from llmexp.serving.feedback import feedback_record
 
 
-def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any] = ()) -> float:
+def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any] = (),
+        started: Optional[float] = None) -> float:
     """Train as ``cfg`` says, write the run record into ``run_dir``; return the final val/loss.
 
-    ``callbacks`` are extra Lightning callbacks (for library use and tests).
+    ``callbacks`` are extra Lightning callbacks (for library use and tests); ``started``: when the
+    run began (the command line's start; default now), which wall_seconds and
+    seconds_to_first_step count from.
     """
-    started = time.time()
+    started = time.time() if started is None else started
     typed = preflight(cfg)
     run_dir = Path(run_dir or hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,8 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     watchers = watching_callbacks(typed, run_dir, stage, prepared, data.val_dropped)
     if resume_from is not None:
         keep_answers_up_to(run_dir, checkpoint_step(resume_from))
-    loggers = build_loggers(typed.logger, run_dir, typed.run_name, resolved, typed.trainer.log_every_n_steps,
+    loggers = build_loggers(typed.logger, run_dir, display_name(typed.run_name), resolved,
+                            typed.trainer.log_every_n_steps,
                             resume_step=checkpoint_step(resume_from) if resume_from else None)
     trainer = build_trainer(typed, run_dir, loggers, [*callbacks, *plugin_callbacks(typed), *watchers])
     replicas = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1) \
@@ -342,6 +346,16 @@ def hydra_run_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def display_name(run_name: str) -> str:
+    """The run's name in W&B: with its job number under Hydra's -m (every job was 'sft-llama')."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{run_name}-{HydraConfig.get().job.num}"
+    return run_name
 
 
 def hydra_overrides() -> List[str]:

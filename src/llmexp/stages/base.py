@@ -32,11 +32,6 @@ def activation_checkpointing(model) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False) if value is None else value)
 
 
-def seconds_since_process_start() -> float:
-    """Wall time since this process started (the user's command), for the start-up benchmark."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
 
 
 class StageModule(L.LightningModule):
@@ -234,7 +229,7 @@ class StageModule(L.LightningModule):
         sched.step()
         self._record_throughput(sum(mb["num_tokens"] for mb in window))
         if self.seconds_to_first_step is None:
-            self.seconds_to_first_step = seconds_since_process_start()
+            self.seconds_to_first_step = time.time() - self.session_started  # the run's start, as wall_seconds
         if self.global_step % self.cfg.trainer.log_every_n_steps:  # log only what will be written
             return total / max(weight, 1)
         if self.trainer.world_size > 1:  # log the global loss, not rank 0's share

@@ -20,7 +20,7 @@ from llmexp.data.collate import collate_prompts
 from llmexp.data.encode import prompt_encoder
 from llmexp.faults import check_finite
 from llmexp.sampler import Sampled
-from llmexp.stages.base import StageModule, seconds_since_process_start
+from llmexp.stages.base import StageModule
 from llmexp.stages.reference import Reference
 
 
@@ -374,7 +374,7 @@ class RolloutStage(StageModule):
         self.lr_schedulers().step()
         self._record_throughput(sum(int(r.attention_mask.sum()) for r in rollouts))
         if self.seconds_to_first_step is None:
-            self.seconds_to_first_step = seconds_since_process_start()
+            self.seconds_to_first_step = time.time() - self.session_started  # the run's start, as wall_seconds
         if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
             scores = torch.cat([r.all_scores for r in rollouts])
             lengths = torch.cat([r.mask.sum(1) for r in rollouts])
