@@ -194,6 +194,8 @@ CONFIG_CASES = {
     "dpo unknown loss type": (["stage=dpo", "stage.loss_type=apo"], "apo_zero"),
     "mixture without datasets": (["data=mixture", "data.mixture=[]"],
                                  "data.mixture: data.source=mixture needs at least one dataset"),
+    # Hydra said only "Could not override 'data.options'", and its fix (+data.options=...) is refused
+    "a dict of options with an unknown key": (["data.options={{n: 40}}"], "data.options.n: unknown key"),
     "mixture weight zero": (["data=mixture", "data.mixture=[{{name: arithmetic, weight: 0}}]"],
                             "data.mixture[0].weight: must be > 0.0"),
     "mixture entry key misspelt": (["data=mixture", "data.mixture=[{{name: arithmetic, wieght: 1}}]"],

@@ -260,5 +260,17 @@ def _compose(overrides: List[str], problems: List[Problem]):
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
             return compose("config", overrides=overrides)
     except HydraException as e:
-        problems.append(Problem("command line", str(e).splitlines()[0], None))
+        problems.append(_compose_problem(e))
         return None
+
+
+def _compose_problem(error: Exception) -> Problem:
+    """Hydra's refusal as one problem: a dict given to a key (data.options={n: 40}) that holds a key
+    the config has not is named by that key (Hydra's first line said only 'Could not override
+    'data.options'', and its fix, '+data.options=...', is refused as existing)."""
+    full_key = getattr(error.__cause__, "full_key", None)
+    if full_key and "not in struct" in str(error.__cause__):
+        parent = full_key.rsplit(".", 1)[0]
+        return Problem(full_key, "unknown key", f"give the keys {parent} has, one per override "
+                       f"({parent}.<key>=<value>); python -m llmexp [group=option ...] --help lists them")
+    return Problem("command line", str(error).splitlines()[0], None)
