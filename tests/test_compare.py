@@ -186,6 +186,11 @@ def test_differing_keys_collapse_a_changed_group_to_its_name():
     labels = run_labels(runs, keys, ["r/a", "r/b", "r/c", "r/d"])
     assert len(set(labels)) == 4 and all("(" not in label for label in labels), labels
     assert all("lr=" in label and "seed=" in label for label in labels), labels
+    # A key of a changed group that also differs between runs of the same choice stays (a sweep over
+    # a dataset option next to a run on other data: the option was hidden, two trials alike).
+    for run, style in zip(runs, ("plain", "loud", "plain", None)):
+        run["data"]["options"] = {"style": style} if style else {"n": 2}
+    assert "data.options.style" in differing_keys(runs) and "data.options.n" not in differing_keys(runs)
 
 
 @pytest.mark.slow

@@ -29,7 +29,9 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 def differing_keys(configs: Sequence[Dict[str, Any]]) -> List[str]:
     """Dotted keys whose value is not the same in every run (a missing key counts as a value),
     in config order. When a group's choice differs (``stage.name``: sft vs dpo) its other keys
-    follow from that choice, so only ``<group>.name`` is kept for it."""
+    follow from that choice, so only ``<group>.name`` is kept for it, unless a key also differs
+    between runs of the same choice (a sweep over ``data.options.style`` compared with a run on
+    other data: the style was hidden, and two trials looked alike)."""
     flats = [flatten(c) for c in configs]
     keys: List[str] = []
     for flat in flats:
@@ -38,8 +40,15 @@ def differing_keys(configs: Sequence[Dict[str, Any]]) -> List[str]:
     differ = [k for k in keys if k not in IGNORED and not k.startswith(IGNORED_GROUPS)
               and len({repr(f.get(k, missing)) for f in flats}) > 1]
     chosen = {k.rsplit(".", 1)[0] for k in differ if k.endswith(".name") and "." in k}
+
+    def within_a_choice(key: str, group: str) -> bool:
+        values: Dict[str, set] = {}
+        for f in flats:
+            values.setdefault(repr(f.get(f"{group}.name", missing)), set()).add(repr(f.get(key, missing)))
+        return any(len(v) > 1 for v in values.values())
+
     return [k for k in differ if k.endswith(".name") and k.count(".") == 1
-            or not any(k.startswith(f"{group}.") for group in chosen)]
+            or all(within_a_choice(k, group) for group in chosen if k.startswith(f"{group}."))]
 
 
 def run_labels(configs: Sequence[Dict[str, Any]], keys: Sequence[str], paths: Sequence[Path],
