@@ -44,6 +44,9 @@ USER_MODULE = textwrap.dedent('''
 
     def batch_of_inf(completions, **kwargs):
         return [1.0, float("inf")]
+
+    def raises(completion, answer):
+        return int(completion) / 0
 ''')
 
 
@@ -88,6 +91,10 @@ def test_a_per_sample_reward_of_the_wrong_shape_is_told_what_to_take_and_return(
         FunctionReward("my_rewards:not_a_number")([CHAT], ["5"], rows)
     with pytest.raises(UserError, match=r"returned inf for completion 1; it must return one finite number"):
         FunctionReward("my_rewards:batch_of_inf")([CHAT] * 2, ["a", "b"], rows * 2)
+    # where in the user's code it raised, as a plugin hook's failure says it
+    with pytest.raises(UserError, match=r"failed on '5' with columns \['answer'\]: ZeroDivisionError: division by "
+                                        r"zero \(at .*my_rewards\.py:\d+\)"):
+        FunctionReward("my_rewards:raises")([CHAT], ["5"], rows)
 
 
 @pytest.mark.slow

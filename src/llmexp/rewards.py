@@ -116,7 +116,7 @@ class FunctionReward:
             value = self.fn(completion, **passed)
         except Exception as e:  # noqa: BLE001 - a plugin's bug: name it
             raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on {shown(completion)} with "
-                            f"columns {sorted(passed)}: {type(e).__name__}: {e}") from e
+                            f"columns {sorted(passed)}: {type(e).__name__}: {e}{self._where(e)}") from e
         if isinstance(value, numbers.Real) or (hasattr(value, "item") and getattr(value, "ndim", None) == 0):
             if math.isfinite(float(value)):
                 return float(value)
@@ -126,6 +126,12 @@ class FunctionReward:
         raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} returned {shown(value)} "
                         f"({type(value).__name__}) for {shown(completion)}; fix: return one number (a float) per "
                         f"completion")
+
+    def _where(self, error: BaseException) -> str:
+        """`` (at FILE:LINE)`` in the reward's own code, as a plugin hook's failure says it."""
+        from llmexp.plugins.manager import PluginInfo, raised_at
+
+        return raised_at(error, self.owner if isinstance(self.owner, PluginInfo) else None)
 
     def batch(self, prompts: Sequence[Any], completions: Sequence[str], columns: Sequence[Dict[str, Any]]):
         conversational = bool(prompts) and isinstance(prompts[0], list)
@@ -138,7 +144,8 @@ class FunctionReward:
             out = list(self.fn(texts, **kwargs))
         except Exception as e:  # noqa: BLE001 - the user's function: name it
             raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on a batch of "
-                            f"{len(texts)} completions with {sorted(kwargs)}: {type(e).__name__}: {e}") from e
+                            f"{len(texts)} completions with {sorted(kwargs)}: {type(e).__name__}: {e}"
+                            f"{self._where(e)}") from e
         bad = next((i for i, v in enumerate(out) if not isinstance(v, (int, float)) or not math.isfinite(v)), None)
         if len(out) != len(texts) or bad is not None:
             what = f"{len(out)} values for {len(texts)} completions" if len(out) != len(texts) \

@@ -141,11 +141,11 @@ def _plugin_roots(info: PluginInfo) -> List[str]:
     return [os.path.realpath(r) for r in roots]
 
 
-def raised_at(error: BaseException, info: PluginInfo) -> str:
-    """`` (at FILE:LINE)``: the innermost frame of ``error`` in the plugin's own code (else the
-    innermost frame outside llmexp and pluggy); empty when there is none."""
+def raised_at(error: BaseException, info: Optional[PluginInfo]) -> str:
+    """`` (at FILE:LINE)``: the innermost frame of ``error`` in the plugin's own code (else, or
+    without a plugin, the innermost frame outside llmexp and pluggy); empty when there is none."""
     frames = traceback.extract_tb(error.__traceback__)
-    roots = _plugin_roots(info)
+    roots = _plugin_roots(info) if info is not None else []
     ours = [os.path.dirname(os.path.realpath(m.__file__)) for m in (pluggy, sys.modules["llmexp"])]
 
     def inside(path: str, dirs: List[str]) -> bool:
