@@ -43,7 +43,9 @@ def test_results_files_and_logged_metrics_are_complete(evaluated_run):
     assert results == s["eval"]
     assert json.loads((evaluated_run / "eval" / "initial.json").read_text()) == s["eval_initial"]
     rows = [r for r in read_metrics(evaluated_run / "metrics.csv") if "eval/arithmetic_gen/exact_match" in r]
-    assert [int(r["step"]) for r in rows] == [300, 600]  # during training; the eval after it reuses step 600's
+    # before training (row 0, as the validation before it), during it; the eval after it reuses step 600's
+    assert [int(r["step"]) for r in rows] == [0, 300, 600]
+    assert float(rows[0]["eval/arithmetic_gen/exact_match"]) == s["eval_initial"]["arithmetic_gen"]["exact_match"]
     # The validations at the same steps (Lightning's own index put them at 199, 399 and 599), and
     # the training rows at the steps done (10, 20, ..., 600).
     val_steps = [int(r["step"]) for r in read_metrics(evaluated_run / "metrics.csv") if "val/loss" in r]

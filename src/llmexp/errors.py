@@ -37,7 +37,7 @@ class ProblemsError(UserError):
     where: str  # "in the configuration", "with llmexp plugins": how the count is headed
 
     def __init__(self, problems: Iterable[Problem]):
-        self.problems: List[Problem] = list(problems)
+        self.problems: List[Problem] = list(dict.fromkeys(problems))  # each once: two checks can find the same
         n = len(self.problems)
         head = f"{n} problem{'s' if n != 1 else ''} {self.where}:"
         super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))

@@ -88,7 +88,7 @@ def evaluation_callback(cfg: RunConfig, run_dir: Path):
 
         def on_fit_start(self, trainer, pl_module) -> None:
             if cfg.eval.before_training and trainer.ckpt_path is None:
-                self.initial = self._evaluate(trainer, pl_module, record_as="initial")
+                self.initial = self._evaluate(trainer, pl_module, record_as="initial", log=True)  # row 0
                 if monitor:  # a misspelt monitor is said now, not after the steps to the first validation
                     self._check_monitor(self._shared(trainer, self.initial))
 
