@@ -186,13 +186,19 @@ def test_a_bundled_datasets_typed_option_overrides_without_plus(tmp_path):
     assert "data.options.misread_fractoin: unknown key" in r.stderr and "misread_fraction" in r.stderr
 
 
-def test_ppo_and_grpo_name_their_kl_weight_alike():
+def test_ppo_and_grpo_name_their_kl_weight_alike(tmp_path):
+    import json
+
     from llmexp.testing import check_config
 
     assert check_config(["stage=grpo", "stage.kl_coef=0.04"]).stage.kl_coef == 0.04
     assert check_config(["stage=grpo"]).stage.kl_coef == 0.0  # no reference kept by default
     assert check_config(["stage=grpo", "model=llama_1b"]).stage.kl_coef == 0.04
     assert check_config(["stage=ppo"]).stage.kl_coef == 0.1
+    # against a reward model, 0.5: the README's ppo against an rm run took the default SFT to 0.865 at 0.1
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    assert check_config(["stage=ppo", f"stage.reward.model={tmp_path}"]).stage.kl_coef == 0.5
+    assert check_config(["stage=ppo", f"stage.reward.model={tmp_path}", "stage.kl_coef=0.2"]).stage.kl_coef == 0.2
 
 
 def _repeated_defaults(values, defaults, path):

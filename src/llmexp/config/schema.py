@@ -345,9 +345,10 @@ class PPOStageConfig:
     gamma: float = bounded(1.0, min=0.0, max=1.0, help="GAE's discount of later rewards, per response token.")
     lam: float = bounded(0.95, min=0.0, max=1.0, help=(
         "GAE's lambda: lower trades variance of the advantages for bias (1: Monte-Carlo returns)."))
-    kl_coef: float = bounded(0.1, min=0.0, help=(
+    kl_coef: Optional[float] = bounded(None, min=0.0, help=(
         "Weight of the per-token KL penalty to the frozen reference in the rewards (0: no reference model is "
-        "built); kl_control=adaptive starts from it."))
+        "built); kl_control=adaptive starts from it. null: 0.5 against a reward model (stage.reward.model, a learned "
+        "proxy the policy exploits: from the default SFT 0.1 ended at 0.865 exact match, 0.5 at 0.994), else 0.1."))
     kl_control: str = choice("fixed", KL_CONTROLS, help=(
         "fixed: kl_coef throughout; adaptive: the coefficient moves towards kl_target (Ziegler et al. 2019)."))
     kl_target: float = bounded(6.0, min=0.0, help=(
