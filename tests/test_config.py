@@ -201,6 +201,32 @@ def test_ppo_and_grpo_name_their_kl_weight_alike(tmp_path):
     assert check_config(["stage=ppo", f"stage.reward.model={tmp_path}", "stage.kl_coef=0.2"]).stage.kl_coef == 0.2
 
 
+def test_settings_that_failed_in_the_run_or_trained_wrong_are_refused_before_it(tmp_path):
+    """float16 weights without a float32 copy (val/loss 6.26 -> 51.7 in 5 steps), a tokenizer trained
+    anew for pretrained weights (task 1.0 -> 0.0 before a step), MPS and FlashAttention 2 on a CPU
+    machine (tracebacks, exit 1)."""
+    import json
+
+    from llmexp.testing import check_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    import importlib.util
+
+    import torch
+
+    cases = [(["model.dtype=float16"], "model.dtype"),
+             ([f"model.pretrained={tmp_path}", "model.tokenizer=train"], "model.tokenizer")]
+    if not torch.backends.mps.is_available():
+        cases.append((["trainer.accelerator=mps"], "trainer.accelerator"))
+    if not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+        cases.append((["model.attn_implementation=flash_attention_2"], "model.attn_implementation"))
+    for overrides, key in cases:
+        with pytest.raises(ConfigError) as e:
+            check_config(overrides)
+        assert key in [p.key for p in e.value.problems], (overrides, e.value.problems)
+    assert check_config(["model.dtype=float16", "stage=quantize", "trainer.max_steps=0", f"model.pretrained={tmp_path}"])
+
+
 def _repeated_defaults(values, defaults, path):
     """Leaves of a YAML mapping equal to their schema default (``name`` picks the option)."""
     out = []

@@ -53,7 +53,8 @@ def test_one_epoch_trains_one_pass_with_the_schedule_over_it(tmp_path):
 @pytest.mark.slow
 def test_epochs_under_ddp_count_the_rows_both_ranks_share(tmp_path):
     run = tmp_path / "ddp"
-    r = run_cli([*FAST, "trainer.epochs=1", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+    fast = [o for o in FAST if not o.startswith("trainer.max_steps=")]  # trainer.epochs sets them
+    r = run_cli([*fast, "trainer.epochs=1", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
                  "data.options.num_samples=300", f"hydra.run.dir={run}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -63,6 +64,10 @@ def test_epochs_under_ddp_count_the_rows_both_ranks_share(tmp_path):
 
 
 def test_epochs_of_a_stream_are_refused():
+    # with max_steps given as well: it was ignored (a 5-step command ran 13 steps)
+    with pytest.raises(ConfigError) as e:
+        check_config(["trainer.epochs=0.5", "trainer.max_steps=5"])
+    assert [p.key for p in e.value.problems] == ["trainer.max_steps"]
     with pytest.raises(ConfigError) as e:
         check_config(["stage=pretrain", "data=files", "data.path=x.jsonl", "data.streaming=true", "trainer.epochs=1"])
     assert "trainer.epochs" in [p.key for p in e.value.problems]

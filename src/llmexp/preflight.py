@@ -30,7 +30,12 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> S.R
     if run is None:
         raise ConfigError(problems)
     problems.extend(_check_dataset(run.data))
-    problems.extend(_sizes_of_a_pretrained_model(run.model, command_line() if overrides is None else overrides))
+    given = command_line() if overrides is None else list(overrides)
+    problems.extend(_sizes_of_a_pretrained_model(run.model, given))
+    if run.trainer.epochs and any(o.lstrip("+~").split("=", 1)[0] == "trainer.max_steps" for o in given):
+        problems.append(Problem("trainer.max_steps", f"trainer.epochs={run.trainer.epochs} sets the steps (the passes "
+                                "over the training rows, counted once they are), so this one would be ignored",
+                                "give one of trainer.epochs and trainer.max_steps"))
     adopt_pretrained_architecture(run.model)
     resolve_ppo_kl(run.stage)
     flagged = {p.key for p in problems}
@@ -212,6 +217,7 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
     if m.liger_kernel and not _cuda_available():
         p.append(Problem("model.liger_kernel", "Liger kernels are Triton kernels and need a CUDA GPU",
                          "model.liger_kernel=false on a CPU"))
+    p.extend(_check_machine_settings(run))
     needs_cuda = run.peft.name == "qlora" or t.precision.startswith("16") or t.accelerator in ("gpu", "cuda")
     if needs_cuda and not _cuda_available():
         what = ("peft=qlora (4-bit bitsandbytes)" if run.peft.name == "qlora"
@@ -244,6 +250,36 @@ def _check_chat_template(value: str) -> List[Problem]:
         return [Problem("model.chat_template", f"the template is not valid Jinja: {e.message} (line {e.lineno})",
                         "fix the template; transformers renders it with Jinja2")]
     return []
+
+
+def _check_machine_settings(run: S.RunConfig) -> List[Problem]:
+    """Settings that went through to the run and failed there, or trained wrong: weights in float16
+    without a float32 master copy (val/loss 6.26 -> 51.7 in 5 steps), a tokenizer trained anew for
+    pretrained weights (its ids mean other tokens: the default SFT started at task 0.0), MPS or
+    FlashAttention 2 where there is none (Lightning's and transformers' tracebacks)."""
+    m, t = run.model, run.trainer
+    p: List[Problem] = []
+    if m.dtype == "float16" and not t.precision.startswith("16") and (t.max_steps or t.epochs):
+        p.append(Problem("model.dtype", "float16 weights train without a float32 copy (AdamW's steps underflow and "
+                         "the loss diverged: 6.26 -> 51.7 in 5 steps)", "model.dtype=bfloat16, or float32 with "
+                         "trainer.precision=16-mixed on a GPU"))
+    if m.tokenizer == "train" and m.pretrained is not None:
+        p.append(Problem("model.tokenizer", f"train builds a new vocabulary, and model.pretrained={m.pretrained} "
+                         "embeds the ids of its own tokenizer: every id would mean another token",
+                         "model.tokenizer=null (the model's own), or model.pretrained=null to train from scratch"))
+    if t.accelerator == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            p.append(Problem("trainer.accelerator", "mps is Apple silicon's GPU, and this machine has none",
+                             "trainer.accelerator=auto"))
+    if m.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if not _cuda_available() or importlib.util.find_spec("flash_attn") is None:
+            p.append(Problem("model.attn_implementation", "flash_attention_2 needs a CUDA GPU and the flash-attn "
+                             "package", "model.attn_implementation=sdpa (PyTorch's fused attention)"))
+    return p
 
 
 def _check_monitor(run: S.RunConfig) -> List[Problem]:
