@@ -223,3 +223,39 @@ def test_neftune_noises_the_embeddings_in_training_steps_only(tmp_path):
     assert train_noisy[0] != train_plain[0]
     summary = json.loads((noisy / "summary.json").read_text())
     assert summary["final"]["val/loss"] == pytest.approx(val_noisy[20])
+
+
+def test_lora_exported_unmerged_names_its_base_by_path_and_loads_merged(tmp_path, monkeypatch):
+    """peft.merge_on_export=false: model/ holds the adapters, naming their base by an absolute path
+    (a relative model.pretrained was written as given, and loading elsewhere went to the hub);
+    llmexp's commands load them onto it, merged (they said 'neither a run directory with model/
+    nor a model directory'). From scratch there is no base to name: refused before the run."""
+    from llmexp.errors import ConfigError
+    from llmexp.models.build import build_model
+    from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.record import load_language_model, model_dir_of
+    from llmexp.testing import check_config, typed
+    from safetensors.torch import load_file
+
+    tokenizer = load_tokenizer(None, None)
+    build_model(typed([]).model, tokenizer).save_pretrained(str(tmp_path / "base"))
+    tokenizer.save_pretrained(str(tmp_path / "base"))
+    monkeypatch.chdir(tmp_path)
+    run_dir = train(tmp_path, ["peft=lora", "peft.merge_on_export=false", "model.pretrained=base", "optim.lr=1e-2",
+                               "trainer.max_steps=10", "trainer.val_check_interval=10"])
+    adapter_config = json.loads((run_dir / "model" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    monkeypatch.chdir("/")
+    model, _ = load_language_model(model_dir_of(str(run_dir)))
+    adapters = load_file(run_dir / "model" / "adapter_model.safetensors")
+    layer = "model.layers.0.self_attn.q_proj"
+    a, b = (adapters[f"base_model.model.{layer}.lora_{x}.weight"] for x in "AB")
+    base = load_file(tmp_path / "base" / "model.safetensors")[f"{layer}.weight"]
+    assert not torch.equal(b, torch.zeros_like(b))  # trained
+    assert torch.allclose(model.state_dict()[f"{layer}.weight"], base + b @ a * (16 / 8), atol=1e-6)
+    with pytest.raises(ConfigError) as e:
+        check_config(["peft=lora", "peft.merge_on_export=false"])
+    assert [p.key for p in e.value.problems] == ["peft.merge_on_export"]
+    with pytest.raises(ConfigError) as e:
+        check_config(["stage=dpo", f"model.pretrained={run_dir / 'model'}"])
+    assert "holds LoRA adapters alone" in str(e.value)

@@ -268,6 +268,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         model_dir = model_dir_of(args.run, "run")
+        if not (model_dir / "config.json").is_file():  # LoRA adapters alone (peft.merge_on_export=false)
+            raise UserError(f"run: {str(model_dir)!r} holds LoRA adapters alone, and a GGUF file holds a whole "
+                            f"model; export the run with peft.merge_on_export=true (the default)")
         out = output_file(args.out, model_dir)
         partial = out.with_name(f".{out.name}.partial")
         try:

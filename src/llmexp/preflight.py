@@ -218,6 +218,16 @@ def cross_checks(run: S.RunConfig) -> List[Problem]:
         p.append(Problem("model.liger_kernel", "Liger kernels are Triton kernels and need a CUDA GPU",
                          "model.liger_kernel=false on a CPU"))
     p.extend(_check_machine_settings(run))
+    if run.peft.name != "none" and not run.peft.merge_on_export and m.pretrained is None:
+        p.append(Problem("peft.merge_on_export", "false exports the adapters alone, and a model built from its "
+                         "config has no saved base for them to refer to", "peft.merge_on_export=true, or "
+                         "model.pretrained=<the base directory> (the adapters then name it)"))
+    if m.pretrained is not None and (Path(os.path.expanduser(m.pretrained)) / "adapter_config.json").is_file() \
+            and not (Path(os.path.expanduser(m.pretrained)) / "config.json").is_file():
+        p.append(Problem("model.pretrained", f"{m.pretrained!r} holds LoRA adapters alone (peft.merge_on_export="
+                         "false), which load frozen: training on them failed in its first step",
+                         "train on from a merged export (peft.merge_on_export=true), or give the adapters' base as "
+                         "model.pretrained"))
     needs_cuda = run.peft.name == "qlora" or t.precision.startswith("16") or t.accelerator in ("gpu", "cuda")
     if needs_cuda and not _cuda_available():
         what = ("peft=qlora (4-bit bitsandbytes)" if run.peft.name == "qlora"

@@ -139,6 +139,9 @@ def model_dir_of(target: str, key: str = "run") -> Path:
         if (candidate / "config.json").is_file():
             check_not_a_reward_model(candidate, key)
             return candidate
+        if (candidate / ADAPTER_CONFIG).is_file():  # peft.merge_on_export=false: LoRA adapters on their base
+            adapter_base(candidate, key)
+            return candidate
     if not path.exists():
         raise UserError(f"{key}: {str(path)!r} does not exist; give a finished run's directory or an exported model")
     if path.is_file():
@@ -159,13 +162,36 @@ def model_dir_of(target: str, key: str = "run") -> Path:
                     f"(no config.json); give a run directory or an exported model")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(adapter_dir: Path, key: str) -> str:
+    """The base model LoRA adapters exported without merging refer to (their
+    adapter_config.json's base_model_name_or_path), which must exist to load them."""
+    from llmexp.errors import UserError
+
+    base = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    hub_id = bool(base) and not os.path.isabs(base) and not base.startswith(".") and base.count("/") == 1
+    if not base or not (os.path.isdir(base) or hub_id):
+        raise UserError(f"{key}: {str(adapter_dir)!r} holds LoRA adapters whose base model "
+                        f"({base or 'not named'}) cannot be found; give its run's merged export, or train with "
+                        f"peft.merge_on_export=true")
+    return base
+
+
 def load_language_model(model_dir: Path) -> Tuple[Any, Any]:
-    """(model in eval mode, tokenizer) of an exported model directory."""
+    """(model in eval mode, tokenizer) of an exported model directory; LoRA adapters exported
+    without merging (peft.merge_on_export=false) are loaded onto their base and merged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmexp.models.build import load_pretrained
 
     tokenizer = load_pretrained(AutoTokenizer, model_dir, "run", "a tokenizer")
+    if (Path(model_dir) / ADAPTER_CONFIG).is_file() and not (Path(model_dir) / "config.json").is_file():
+        from peft import PeftModel
+
+        base = load_pretrained(AutoModelForCausalLM, adapter_base(model_dir, "run"), "run", "a causal LM")
+        return PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload().eval(), tokenizer
     return load_pretrained(AutoModelForCausalLM, model_dir, "run", "a causal LM").eval(), tokenizer
 
 

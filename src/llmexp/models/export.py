@@ -20,6 +20,11 @@ def export_model(model, tokenizer, out_dir: Path, merge_adapters: bool = True):
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_peft_model(model) and merge_adapters:
         model = model.merge_and_unload()
+    elif is_peft_model(model):  # the adapters refer to their base: by an absolute path when it is local
+        for adapter in model.peft_config.values():
+            base = adapter.base_model_name_or_path
+            if base and Path(base).is_dir():
+                adapter.base_model_name_or_path = str(Path(base).resolve())
     model.config.use_cache = True
     model.save_pretrained(str(out_dir), safe_serialization=True)
     model.config.use_cache = False
