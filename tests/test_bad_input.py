@@ -194,6 +194,8 @@ CONFIG_CASES = {
     "dpo unknown loss type": (["stage=dpo", "stage.loss_type=apo"], "apo_zero"),
     "mixture without datasets": (["data=mixture", "data.mixture=[]"],
                                  "data.mixture: data.source=mixture needs at least one dataset"),
+    # a preset picked by hand: dpo's keys on the sft stage ('stage.beta: unknown key'), or 1B lrs on the tiny model
+    "a real-size preset by hand": (["scale=dpo_llama_1b"], "fix: stage=dpo model=llama_1b"),
     # Hydra said only "Could not override 'data.options'", and its fix (+data.options=...) is refused
     "a dict of options with an unknown key": (["data.options={{n: 40}}"], "data.options.n: unknown key"),
     "mixture weight zero": (["data=mixture", "data.mixture=[{{name: arithmetic, weight: 0}}]"],

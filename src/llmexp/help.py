@@ -42,7 +42,9 @@ def help_text(groups: Dict[str, List[str]], argv: List[str]) -> str:
     their options (llmexp.paths.config_groups, plugins' included). ConfigError when the overrides
     do not compose."""
     cfg = compose(split_overrides(argv))
-    listing = "\n".join(f"{group}: {', '.join(options)}" for group, options in groups.items())
+    listing = "\n".join(f"{group}: {', '.join(options)}" + (" (chosen by stage= and model=, not by hand)"
+                                                            if group == "scale" else "")
+                        for group, options in groups.items())
     return (f"{HEADER}\n== Config groups (group=option) ==\n\n{listing}\n\n"
             f"== Composed config (override any key with key=value) ==\n\n{annotated_yaml(cfg)}\n{FOOTER}")
 

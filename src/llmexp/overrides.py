@@ -67,6 +67,12 @@ def resolve_overrides(overrides: List[str]):
             if key == "hydra.run.dir" and not _resuming(parsed) and not distributed_child():
                 problems.extend(_existing_run_problem(o.get_value_string()))
             continue
+        if key == "scale":  # chosen by stage and model: scale=dpo_llama_1b alone failed on dpo's keys
+            stage, _, model = o.get_value_string().partition("_")
+            problems.append(Problem(f"scale={o.get_value_string()}", "the real-size presets are chosen by stage= and "
+                                    "model= (conf/scale/<stage>_<model>.yaml, where one is shipped), not by hand",
+                                    f"stage={stage} model={model}" if model else "drop scale="))
+            continue
         if key in groups:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_string()]
             bad = [v for v in values if v not in groups[key] and v != "null" and not o.is_delete()]
