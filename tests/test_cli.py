@@ -42,6 +42,9 @@ def test_help_annotates_the_config_of_the_overrides_and_hydra_help_stays_hydras(
     assert r.returncode == 0 and "== Flags ==" in r.stdout and "hydra/launcher" in r.stdout
     r = run_cli(["model=lama", "--help"], cwd=tmp_path)
     assert r.returncode == 2 and "Could not find 'model/lama'" in r.stderr and "Traceback" not in r.stderr
+    # a misspelt key gets the closest one, as a run does (it was told to run --help)
+    r = run_cli(["--help", "trainer.max_stepz=5"], cwd=tmp_path)
+    assert r.returncode == 2 and "trainer.max_stepz: unknown key" in r.stderr and "did you mean 'max_steps'" in r.stderr
 
 
 def test_cfg_job_prints_the_composed_config_and_trains_nothing(tmp_path):

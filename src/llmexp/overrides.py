@@ -266,17 +266,24 @@ def _compose(overrides: List[str], problems: List[Problem]):
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
             return compose("config", overrides=overrides)
     except HydraException as e:
-        problems.append(_compose_problem(e))
+        problems.append(_compose_problem(e, overrides))
         return None
 
 
-def _compose_problem(error: Exception) -> Problem:
-    """Hydra's refusal as one problem: a dict given to a key (data.options={n: 40}) that holds a key
-    the config has not is named by that key (Hydra's first line said only 'Could not override
-    'data.options'', and its fix, '+data.options=...', is refused as existing)."""
+def _compose_problem(error: Exception, overrides: List[str]) -> Problem:
+    """Hydra's refusal as one problem: a key the config has not (``trainer.max_stepz=5`` where only
+    Hydra composes, as for --help; a dict given to a key, data.options={n: 40}) is named by that key
+    with the closest one (Hydra's first line said only 'Could not override ...', and its fix,
+    '+data.options=...', is refused as existing)."""
     full_key = getattr(error.__cause__, "full_key", None)
-    if full_key and "not in struct" in str(error.__cause__):
-        parent = full_key.rsplit(".", 1)[0]
-        return Problem(full_key, "unknown key", f"give the keys {parent} has, one per override "
-                       f"({parent}.<key>=<value>); python -m llmexp [group=option ...] --help lists them")
-    return Problem("command line", str(error).splitlines()[0], None)
+    if not (full_key and "not in struct" in str(error.__cause__)):
+        return Problem("command line", str(error).splitlines()[0], None)
+    parent, _, leaf = full_key.rpartition(".")
+    rest = [o for o in overrides if not full_key.startswith(o.lstrip("+~").split("=", 1)[0])]
+    cfg = _compose(rest, []) if rest != overrides else None
+    from omegaconf import DictConfig, OmegaConf
+
+    node = OmegaConf.select(cfg, parent) if cfg is not None and parent else None
+    if isinstance(node, DictConfig):
+        return Problem(full_key, "unknown key", suggest(leaf, list(node.keys())))
+    return Problem(full_key, "unknown key", f"give the keys {parent or 'the config'} has, one per override")
