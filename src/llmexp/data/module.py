@@ -212,6 +212,11 @@ class StageDataModule(L.LightningDataModule):
         window = self.tcfg.micro_batch_size * self.tcfg.grad_accum * (self.trainer.world_size if self.trainer else 1)
         if len(self.train_rows) < window:
             lost = where_rows_went(self.prepared.log)
+            packed = self.stats.get("train", {}).get("samples") if self.cfg.packing else None
+            if packed:  # the rows counted are packed ones: say so, and what else gives more of them
+                lost = (f"{packed} training samples packed into rows of data.max_length={self.cfg.max_length}; "
+                        f"a smaller data.max_length or data.packing=false gives more rows"
+                        + (f"; {lost}" if lost else ""))
             raise UserError(f"trainer.micro_batch_size: one optimizer step needs {window} training rows "
                             f"(micro_batch_size x grad_accum) but the data has {len(self.train_rows)}"
                             f"{f' ({lost})' if lost else ''}; lower trainer.micro_batch_size or trainer.grad_accum"
