@@ -81,6 +81,10 @@ class StepProgress(Callback):
         elif step >= self.next_line or step == self.total:
             self.next_line = (step // self.every + 1) * self.every
             metrics = format_metrics(trainer.progress_bar_metrics)
+            trainer_cfg = getattr(getattr(pl_module, "cfg", None), "trainer", None)
+            logged = step - step % getattr(trainer_cfg, "log_every_n_steps", 1)
+            if metrics and 0 < logged < step:  # the metrics are those of the last step logged, not this one's
+                metrics += f" (at step {logged})"
             elapsed = time.perf_counter() - self.started
             left = remaining(elapsed, step - self.first, self.total - step)
             when = f"{elapsed:.0f} s" + (f", about {left:.0f} s left" if left is not None and step < self.total else "")
