@@ -100,7 +100,7 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
             raise Interrupted(message) from None
         raise
     stopped = next((w for w in watchers if getattr(w, "stopped", None) is not None), None)
-    # A health stop keeps the checkpoint written before the collapse (a resume goes on from there).
+    # A health stop saves no checkpoint of the collapsed step: the run exports its best validation and ends.
     checkpoint = save_last_checkpoint(trainer, run_dir) if stopped is None else RunDir(run_dir).checkpoint_to_resume()
     after_training(watchers, trainer, stage)
     # built before the export, which merges adapters (the trained model's parameter counts)
