@@ -54,6 +54,8 @@ def workdir(tmp_path_factory):
     (files / "a_run" / "model" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (files / "a_run" / "summary.json").write_text("{}")
     (files / "fake_gpt2").mkdir()
+    (files / "sweep" / "1").mkdir(parents=True)  # an earlier sweep's job 1 (its job 0 was deleted)
+    (files / "sweep" / "1" / "summary.json").write_text("{}")
     (files / "fake_gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     (files / "half_pairs.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}"}) + "\n"
                                                     for i in range(20)))
@@ -101,6 +103,11 @@ CONFIG_CASES = {
     "a stage as a command": (["dpo"], "'dpo' is neither an override (key=value) nor a command"),
     "unknown group": (["modle.hidden_size=32"], "did you mean 'model'"),
     "a sweep's config": (["-m", "optim.lr=1e-3,2e-3", "--cfg", "job"], "-m and --cfg: Hydra takes one mode at a time"),
+    # each job was composed when it started: job 0 trained, then the -1 was refused
+    "a sweep's later value": (["-m", "optim.lr=1e-3,-1"], "optim.lr: must be >= 0.0, got -1.0"),
+    # the second sweep wrote into the first's job directories, mixing their records
+    "a sweep into an earlier sweep's directory": (["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.dir={files}/sweep"],
+                                                  "already holds the runs of an earlier sweep in {files}/sweep/1"),
     "lr not a number": (["optim.lr=nan"], "optim.lr: must be a finite number, got nan"),
     "lr infinite": (["optim.lr=inf"], "optim.lr: must be a finite number, got inf"),
     "no devices": (["trainer.devices=0"], "trainer.devices: 0 names no device"),
@@ -242,7 +249,8 @@ RUN_CASES = {
     "model directory without a tokenizer": (["model.pretrained={small}"], "model.pretrained: '{small}' holds no "
                                             "tokenizer (none of tokenizer.json, tokenizer_config.json"),
     # a gpt2 of learned positions failed in its first step with an IndexError
-    "data longer than a pretrained model's positions": (["model.pretrained={files}/short_gpt2"],
+    # (a data.max_length left at its default is lowered to fit: preflight.fit_max_length_to_positions)
+    "data longer than a pretrained model's positions": (["model.pretrained={files}/short_gpt2", "data.max_length=128"],
                                                          "data.max_length: 128 is more than the 64 positions of"),
     "rollouts longer than a pretrained model's positions": (
         ["stage=grpo", "model.pretrained={files}/short_gpt2", "data.max_length=60"],
@@ -325,6 +333,7 @@ def test_config_errors(name, workdir):
     r = run_cli([*FAST, *_args(args, workdir)], cwd=workdir)
     _check(r, expected.format(files=workdir / "files"), workdir)
     assert "Validation" not in r.stderr  # refused before any training started
+    assert not (workdir / "multirun").exists()  # no job of a sweep started
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,24 @@ def test_multirun_gives_each_job_its_own_run_directory_and_wandb_run(tmp_path):
         assert 0 < s["seconds_to_first_step"] < s["wall_seconds"], s
 
 
+def test_a_sweep_over_stages_keeps_its_jobs_together_and_is_never_written_over(tmp_path):
+    """-m stage=sft,pretrain: both jobs in one sweep directory (each job's was named after its own
+    run_name, multirun/sft-llama/<t>/0 and multirun/pretrain-llama/<t>/1, and compare saw one run);
+    the same sweep into that directory again is refused before a job starts (it wrote over both)."""
+    args = ["-m", "stage=sft,pretrain", *FAST, "trainer.max_steps=1", "trainer.val_check_interval=null",
+            "task.max_prompts=2", "eval.before_training=false"]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun" / "sweep").iterdir()
+    stages = [json.loads((sweep / str(job) / "summary.json").read_text())["stage"] for job in (0, 1)]
+    assert stages == ["sft", "pretrain"] and sorted(p.name for p in (tmp_path / "multirun").iterdir()) == ["sweep"]
+    before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()}
+    again = run_cli([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert f"already holds the runs of an earlier sweep in {sweep}/0, {sweep}/1" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_and_finds_its_configs(tmp_path):
     """The conf/ tree ships inside the wheel: a run from another directory composes."""

@@ -249,7 +249,7 @@ def test_a_module_named_in_LLMEXP_PLUGINS_loads_without_being_installed(tmp_path
     listing = json.loads(r.stdout)
     assert listing["autoload"] is False and listing["listed"] == ["house_rewards"]
     assert [(p["name"], p["distribution"], p["rewards"]) for p in listing["plugins"]] == [
-        ("llmexp", "llmexp", ["arithmetic_continues", "arithmetic_correct"]), ("house_rewards", None, ["shout"])]
+        ("llmexp", "llmexp", ["arithmetic_continues", "arithmetic_correct", "reference_match"]), ("house_rewards", None, ["shout"])]
 
 
 def test_exceptions_in_plugin_code_name_the_plugin(tmp_path):

@@ -516,14 +516,16 @@ def simulated_judges(url: str, n_pairs: int, key: Optional[str] = None, clients:
 
 
 def held_out_exact_match(model_dir: Path) -> float:
-    """The bundled skill's 155 questions, greedy, scored by its checker (the task metric of the SFT run)."""
+    """The bundled skill's 155 questions in their four wordings, greedy, scored by its checker (the task
+    metric of the SFT run)."""
     from llmexp.data.skill import task_prompts
     from llmexp.generate import generate
     from llmexp.record import load_language_model
     from llmexp.task_probe import TaskProbe
 
     model, tokenizer = load_language_model(model_dir)
-    probe = TaskProbe(check="arithmetic_correct", rows=task_prompts(), max_new_tokens=24, batch_size=64)
+    probe = TaskProbe(check="arithmetic_correct", rows=task_prompts(every_wording=True), max_new_tokens=24,
+                      batch_size=64)
     total, n = probe.sums(lambda prompts: generate(model, tokenizer, [p[-1]["content"] for p in prompts], 24))[
         "task_score"]
     return total / n
@@ -558,7 +560,7 @@ def test_dpo_on_judgements_collected_through_the_api_raises_exact_match(tmp_path
     assert after >= before + 0.15, (before, after, counts)
     # The run's own task metric is that: judgements of the skill's questions are measured on all of
     # them (it was exact match with the chosen answers of the ~8 held-out pairs).
-    assert summary["task"] == {**summary["task"], "check": "arithmetic_correct", "prompts": 155}
+    assert summary["task"] == {**summary["task"], "check": "arithmetic_correct", "prompts": 620}
     assert summary["initial"]["val/task_score"] == pytest.approx(before, abs=1e-6)
     assert summary["final"]["val/task_score"] == pytest.approx(after, abs=1e-6)
 

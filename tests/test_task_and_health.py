@@ -65,10 +65,19 @@ def test_auto_picks_the_skill_rule_the_reward_function_or_the_reference():
     assert resolve_check("reference", True, sft.stage, "chat") == "reference"
 
 
-def test_the_bundled_probe_is_the_skills_155_questions_for_every_stage():
+def test_the_bundled_probe_is_the_skills_155_questions_in_every_wording_for_every_stage():
+    """620 distinct prompts: each question in its seeded wording first (so that task.max_prompts=155
+    asks each once), then in each of its other three."""
+    from llmexp.data.skill import task_prompts
+
     for overrides, fmt in (([], "chat"), (["stage=dpo"], "preference"), (["stage=grpo"], "prompt_only")):
         probe = build_probe(typed(overrides), [], fmt)
-        assert probe.check == "arithmetic_correct" and len(probe.rows) == 155
+        assert probe.check == "arithmetic_correct" and len(probe.rows) == 620
+        assert len({r["prompt"][0]["content"] for r in probe.rows}) == 620
+        assert probe.rows[:155] == task_prompts()
+        solutions = [r["columns"]["solution"] for r in probe.rows]
+        assert all(solutions[k * 155:(k + 1) * 155] == solutions[:155] for k in range(4))
+    assert build_probe(typed(["task.max_prompts=155"]), [], "chat").rows == task_prompts()
     # a model pretrained on the skill's text is asked to continue its facts: '3 + 4 =' -> '7. ...'
     text = build_probe(typed(["stage=pretrain", "data=arithmetic_text", "task.check=auto"]), [], "text")
     assert text.check == "arithmetic_continues" and len(text.rows) == 155

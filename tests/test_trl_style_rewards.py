@@ -68,9 +68,9 @@ def test_a_users_trl_style_function_gets_the_columns_as_lists(user_module):
     scores = reward([CHAT] * 3, ["2 + 3 = 5", "2 + 3 = 6", "2 + 3 = 5"],
                     [{"answer": "5"}, {"answer": "5"}, {"answer": "4"}])
     assert scores.tolist() == [1.0, 0.0, 0.0]
-    with pytest.raises(UserError, match="returned 1 values for 2 completions"):
+    with pytest.raises(UserError, match="returned 1 value for 2 completions"):
         FunctionReward("my_rewards:too_few")([CHAT] * 2, ["a", "b"], [{}, {}])
-    with pytest.raises(UserError, match="cannot import 'my_rewards:missing'"):
+    with pytest.raises(UserError, match="module 'my_rewards' .* has no function 'missing'; fix: valid: as_numpy"):
         FunctionReward("my_rewards:missing")
 
 
@@ -121,3 +121,48 @@ def test_a_rows_own_completion_reaches_a_per_sample_reward_as_reference(user_mod
     assert FunctionReward("my_rewards:matches")([CHAT] * 2, ["2 + 3 = 5", "2 + 3 = 6"], rows).tolist() == [1.0, 0.0]
     assert FunctionReward("my_rewards:takes_all")([CHAT], ["x"], rows[:1]).tolist() == [1.0]  # reference only
     assert FunctionReward("arithmetic_correct")([CHAT], ["2 + 3 = 5"], rows[:1]).tolist() == [1.0]
+
+
+def test_the_default_reward_is_the_skills_rule_on_its_data_and_the_reference_answer_on_yours(tmp_path, user_module):
+    """stage.reward.function=auto: arithmetic_correct on the bundled skill, reference_match on a
+    user's data (it was arithmetic_correct everywhere: grpo on a sorting task scored every right
+    answer 0); prompt rows without an answer are told what to give; a module:function typo gets the
+    closest function, and a file name the module's."""
+    from llmexp.testing import typed
+
+    assert typed(["stage=grpo"]).stage.reward.function == "arithmetic_correct"
+    data = tmp_path / "sort.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Sort {a} {b}.", "completion": f"{min(a, b)} {max(a, b)}"}) + "\n"
+                            for a in range(6) for b in range(6)))
+    for stage in ("grpo", "rloo", "ppo", "online_dpo"):
+        assert typed([f"stage={stage}", "data=files", f"data.path={data}"]).stage.reward.function == "reference_match"
+    assert typed(["stage=grpo", "data=files", f"data.path={data}", "stage.reward.function=my_rewards:matches"]
+                 ).stage.reward.function == "my_rewards:matches"
+    rows = [{"completion": "1 5"}, {"completion": [{"role": "assistant", "content": " 1  5 "}]}]
+    assert FunctionReward("reference_match")(["Sort 5 1."] * 2, ["1 5", "1 5"], rows).tolist() == [1.0, 1.0]
+    assert FunctionReward("reference_match")(["Sort 5 1."], ["5 1"], rows[:1]).tolist() == [0.0]
+    with pytest.raises(UserError, match=r"these rows have none \(a prompt row alone\); fix: give prompt/completion"):
+        FunctionReward("reference_match")(["Sort 5 1."], ["1 5"], [{"answer": "1 5"}])
+    with pytest.raises(UserError, match=r"has no function 'matchs'; fix: did you mean 'matches'\?"):
+        FunctionReward("my_rewards:matchs")
+    r = run_cli([*FAST, "stage=grpo", "stage.reward.function=my_rewards.py:matches"], cwd=tmp_path)
+    assert r.returncode == 2 and "fix: my_rewards:matches (the module's name, without .py" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_grpo_on_a_users_prompt_completion_file_rewards_its_answers(tmp_path):
+    """The README's grpo command on a user's file, no reward given: its rows' answers are the reward
+    and the task metric (reference_match), and a 512-token data=files default fits the model's 512
+    positions with the responses (it was refused: set data.max_length=496)."""
+    data = tmp_path / "sort.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Sort {a} {b}.", "completion": f"{min(a, b)} {max(a, b)}"}) + "\n"
+                            for a in range(8) for b in range(8)))
+    run_dir = tmp_path / "run"
+    r = run_cli([*FAST, "stage=grpo", "data=files", f"data.path={data}", "trainer.max_steps=2",
+                 "trainer.val_check_interval=2", "trainer.micro_batch_size=4", "stage.group_size=2",
+                 f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["task"]["check"] == "reference_match"
+    cfg = __import__("yaml").safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["stage"]["reward"]["function"] == "reference_match" and cfg["data"]["max_length"] == 496

@@ -13,8 +13,10 @@ from typing import List, Optional
 from llmexp.errors import UserError, quiet_exits, report
 from llmexp.help import HELP_FLAGS, help_text
 from llmexp.commands import SUBCOMMANDS
+from llmexp.multirun import is_multirun, sweep_args
 from llmexp.overrides import resolve_overrides, split_overrides
 from llmexp.paths import config_dir, config_groups
+from llmexp.run_lock import distributed_child
 
 
 # Flags after which Hydra only prints help or information: no need to check overrides.
@@ -99,6 +101,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             cfg, as_hydra = resolve_overrides(overrides)
             rewritten = dict(zip(overrides, as_hydra))
             argv = [rewritten.get(a, a) for a in argv] + run_dir_overrides(cfg, overrides)
+            if is_multirun(argv) and not distributed_child():
+                argv += sweep_args(overrides, str(cfg.run_name))
     except UserError as e:
         sys.exit(report(e))
     import hydra

@@ -37,6 +37,8 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> S.R
                                 "over the training rows, counted once they are), so this one would be ignored",
                                 "give one of trainer.epochs and trainer.max_steps"))
     adopt_pretrained_architecture(run.model)
+    fit_max_length_to_positions(run, given)
+    resolve_reward_function(run)
     resolve_ppo_kl(run.stage)
     flagged = {p.key for p in problems}
     problems.extend(p for p in cross_checks(run) if p.key not in flagged)
@@ -81,12 +83,45 @@ def _sizes_of_a_pretrained_model(m: S.ModelConfig, overrides: Sequence[str]) -> 
 PPO_KL = {"reward model": 0.5, "reward function": 0.1}
 
 
+REFERENCE_REWARD = "reference_match"
+
+
+def resolve_reward_function(run: S.RunConfig) -> None:
+    """stage.reward.function=auto: the skill's rule on the skill's data, else exact match with each
+    row's reference answer. It was arithmetic_correct everywhere: grpo on a user's sorting task
+    scored every right answer 0 and learnt nothing for 300 iterations."""
+    reward = getattr(run.stage, "reward", None)
+    if reward is not None and reward.function == "auto":
+        from llmexp.task_probe import BUNDLED_CHECK, is_the_skill
+
+        reward.function = BUNDLED_CHECK if is_the_skill(run.data) else REFERENCE_REWARD
+
+
 def resolve_ppo_kl(stage) -> None:
     """ppo's kl_coef null: 0.5 against a reward model, 0.1 against a reward function. A learned
     reward is a proxy the policy exploits: the README's ppo against an rm run took the default SFT
     from 1.000 to 0.865 exact match at 0.1, and to 0.994 at 0.5 (llmexp pipeline rlhf's, measured)."""
     if stage.name == "ppo" and getattr(stage, "kl_coef", 0.0) is None:
         stage.kl_coef = PPO_KL["reward model" if stage.reward.model else "reward function"]
+
+
+def fit_max_length_to_positions(run: S.RunConfig, given: Sequence[str]) -> None:
+    """data.max_length lowered to what the model's positions hold (less a rollout's new tokens),
+    when the data group's default asks more and the command line did not set it: data=files' 512
+    and grpo's 16 new tokens were refused on every 512-position model, the README's commands
+    included. A data.max_length given by hand is still refused (run.check_positions)."""
+    if any(o.lstrip("+~").split("=", 1)[0] == "data.max_length" for o in given):
+        return
+    if run.model.pretrained is not None:
+        from llmexp.models.build import local_config
+
+        positions = local_config(run.model.pretrained).get("max_position_embeddings")
+    else:
+        positions = run.model.max_position_embeddings
+    rollout = getattr(run.stage, "rollout", None)
+    new_tokens = max(rollout.max_new_tokens, rollout.val_max_new_tokens or 0) if rollout is not None else 0
+    if isinstance(positions, int) and new_tokens < positions < run.data.max_length + new_tokens:
+        run.data.max_length = max(8, positions - new_tokens)
 
 
 def adopt_pretrained_architecture(m: S.ModelConfig) -> None:
@@ -151,6 +186,11 @@ def _check_importable(key: str, path: str) -> List[Problem]:
         found = False
     if found:
         return []
+    if module.endswith(".py") and attr:  # a file's name given for its module's
+        name = Path(module).stem
+        return [Problem(key, f"{path!r}: {module!r} is a file name, not a module to import",
+                        f"{name}:{attr} (the module's name, without .py; its directory on PYTHONPATH or the "
+                        f"current directory)")]
     return [Problem(key, f"{path!r}: no module {module!r} to import" if module and attr else
                     f"{path!r} is not module:function", "module:function of an importable module (on PYTHONPATH "
                     "or installed), e.g. trl.rewards:think_format_reward; or a registered reward's name")]
@@ -426,7 +466,7 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
                              "give the model/ of a stage=rm run (a one-label sequence classifier)"))
     elif not r.function:
         p.append(Problem("stage.reward", "no reward: neither stage.reward.function nor stage.reward.model is set",
-                         "stage.reward.function=arithmetic_correct, or stage.reward.model=<rm run>/model"))
+                         "stage.reward.function=auto (or a reward's name), or stage.reward.model=<rm run>/model"))
     elif ":" in r.function:  # module:function, imported when the run starts
         p.extend(_check_importable("stage.reward.function", r.function))
     else:

@@ -34,10 +34,17 @@ def load_reward_function(name: str, key: str):
 
         module, _, attr = name.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr), f"module {module}"
-        except (ImportError, AttributeError) as e:
+            loaded = importlib.import_module(module)
+        except ImportError as e:
             raise UserError(f"{key}: cannot import {name!r} ({type(e).__name__}: {e}); give module:function of an "
                             f"importable module, or a registered reward (llmexp plugins lists them)") from None
+        if not callable(getattr(loaded, attr, None)):
+            from llmexp.errors import suggest
+
+            functions = [n for n, v in vars(loaded).items() if callable(v) and not n.startswith("_")]
+            raise UserError(f"{key}: module {module!r} ({getattr(loaded, '__file__', '?')}) has no function {attr!r}; "
+                            f"fix: {suggest(attr, functions)}") from None
+        return getattr(loaded, attr), f"module {module}"
     from llmexp.plugins.registry import lookup
 
     entry = lookup("llmexp_rewards", name, key)
@@ -114,6 +121,8 @@ class FunctionReward:
                             f"{', '.join(sorted(cols)[:1]) or 'answer'}): ...), or **columns") from None
         try:
             value = self.fn(completion, **passed)
+        except UserError:  # the reward's own message to the user (reference_match without references)
+            raise
         except Exception as e:  # noqa: BLE001 - a plugin's bug: name it
             raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} failed on {shown(completion)} with "
                             f"columns {sorted(passed)}: {type(e).__name__}: {e}{self._where(e)}") from e
@@ -148,7 +157,7 @@ class FunctionReward:
                             f"{self._where(e)}") from e
         bad = next((i for i, v in enumerate(out) if not isinstance(v, (int, float)) or not math.isfinite(v)), None)
         if len(out) != len(texts) or bad is not None:
-            what = f"{len(out)} values for {len(texts)} completions" if len(out) != len(texts) \
+            what = f"{len(out)} value{'s' * (len(out) != 1)} for {len(texts)} completions" if len(out) != len(texts) \
                 else f"{out[bad]!r} for completion {bad}"
             raise UserError(f"{self.key}: reward {self.name!r} of {self.owner} returned {what}; it must return "
                             f"one finite number per completion")

@@ -4,8 +4,9 @@ prompts, scored by a checker.
 A stage's own metric (DPO's implicit-reward accuracy, a reward model's score) can rise while the
 model gets worse; this one looks at what the model says. The prompts are the run's validation
 rows (the prompt of a chat, a prompt/completion pair, a preference pair, a kto completion labelled
-desirable or a prompt row), or, on the bundled skill, its 155 distinct questions, so that every
-stage is measured on the same set;
+desirable or a prompt row), or, on the bundled skill, its 155 distinct questions in each of their
+four wordings (620 prompts), so that every stage is measured on the same set (asked in one wording
+each, rloo's model scored 1.000 while it missed 6 of the 620);
 the checker is, by ``task.check``:
 
 - ``auto``: the bundled skill's rule (``arithmetic_correct``) on bundled data (on its text, for
@@ -43,14 +44,14 @@ def is_the_skill(data_cfg: Any) -> bool:
 
 def judged_on_the_skill(data_cfg: Any, rows: Sequence[Dict[str, Any]]) -> bool:
     """Whether the run trains on judgements of the bundled skill's questions (data=feedback from
-    `llmexp serve` of a run on the skill): every held-out row's question is one of the skill's.
-    Its task metric is then the skill's, on all its questions: the held-out judgements were a
-    handful (one of 16, in a tour), checked against whichever answer a judge chose."""
+    `llmexp serve` of a run on the skill): every held-out row's question is one of the skill's, in
+    any of its wordings. Its task metric is then the skill's, on all its questions: the held-out
+    judgements were a handful (one of 16, in a tour), checked against whichever answer a judge chose."""
     if data_cfg.name != "feedback" or not rows:
         return False
     from llmexp.data.skill import task_prompts
 
-    questions = {_question(r["prompt"]) for r in task_prompts()}
+    questions = {_question(r["prompt"]) for r in task_prompts(every_wording=True)}
     return all(_question(r.get("prompt")) in questions for r in rows)
 
 
@@ -220,8 +221,9 @@ def build_probe(run_cfg: Any, val_rows: Sequence[Dict[str, Any]], fmt: str) -> O
     if skill and check in (BUNDLED_CHECK, BUNDLED_TEXT_CHECK):
         from llmexp.data.skill import task_prompts, text_task_prompts
 
-        prompts = text_task_prompts if check == BUNDLED_TEXT_CHECK else task_prompts
-        rows = prompts(int((run_cfg.data.options or {}).get("max_operand", 9)))
+        max_operand = int((run_cfg.data.options or {}).get("max_operand", 9))
+        rows = (text_task_prompts(max_operand) if check == BUNDLED_TEXT_CHECK
+                else task_prompts(max_operand, every_wording=True))
     else:
         rows = task_rows(val_rows, fmt)
     rows = rows[: t.max_prompts]

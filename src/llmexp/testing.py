@@ -24,7 +24,7 @@ from llmexp.env import OFFLINE_VARS, QUIET_VARS
 from llmexp.record import RunDir
 
 # Overrides for a run of a few seconds on a CPU. The task metric greedily answers 16 held-out
-# prompts instead of up to 200 (the bundled skill's 155 took a third of such a run: 2.3 s -> 1.6 s);
+# prompts instead of the bundled skill's 620 (155 took a third of such a run: 2.3 s -> 1.6 s);
 # a test of what the metric says uses the shipped task.max_prompts.
 TINY = ["logger=none", "trainer.progress_bar=false", "trainer.max_steps=20", "trainer.val_check_interval=10",
         "optim.warmup_steps=2", "trainer.micro_batch_size=8", "trainer.val_batch_size=16", "task.max_prompts=16"]

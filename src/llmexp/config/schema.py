@@ -276,8 +276,10 @@ class ORPOStageConfig:
 class RewardConfig:
     """Where rollout-stage rewards come from: a reward function by name, or a reward model directory."""
 
-    function: Optional[str] = doc("arithmetic_correct", help=(
-        "A registered reward function (llmexp plugins lists them); ignored when `model` is set."))
+    function: Optional[str] = doc("auto", help=(
+        "A registered reward function (llmexp plugins lists them) or module:function; ignored when `model` is set. "
+        "auto: arithmetic_correct on the bundled skill's data, else reference_match (the sampled answer equals the "
+        "row's reference answer: a prompt/completion row's completion, a chat's last answer)."))
     model: Optional[str] = doc(None, help=(
         "An rm run's exported model (<run dir>/model) or any one-label sequence classifier."))
     missing_eos_penalty: Optional[float] = doc(None, help=(
@@ -800,7 +802,10 @@ class TaskConfig:
     check: str = doc("auto", help=(
         "auto: the bundled skill's rule on its datasets (arithmetic*) and on judgements of its questions (data=feedback), else the stage's reward function (rollout stages), else exact "
         "match with the reference answer; reference; a registered reward function; or none."))
-    max_prompts: Optional[int] = bounded(200, min=1, help="At most this many held-out prompts (null: all).")
+    max_prompts: Optional[int] = bounded(1000, min=1, help=(
+        "At most this many held-out prompts (null: all). They are the validation rows (data.max_val_samples caps "
+        "them), or the bundled skill's 620: its 155 questions in each of their four wordings, every question in one "
+        "wording first."))
     max_new_tokens: int = bounded(24, min=1, help="Longest greedy answer, in tokens.")
     batch_size: int = bounded(64, min=1, help="Prompts per generation batch.")
     log_answers: int = bounded(16, min=0, help=(

@@ -159,16 +159,19 @@ def prompts_with_answers(num_samples: int = 1000, max_operand: int = 9, seed: in
                "solution": p.solution()}
 
 
-def task_prompts(max_operand: int = 9, seed: int = 4321) -> List[Dict]:
+def task_prompts(max_operand: int = 9, seed: int = 4321, every_wording: bool = False) -> List[Dict]:
     """The task metric's prompts: every distinct problem once (155 with operands up to 9), each
-    worded by a seeded template, with its answer. Every stage's run is measured on the same set."""
+    worded by a seeded template, with its answer. Every stage's run is measured on the same set.
+
+    ``every_wording``: then each problem again in each of its other wordings (620 prompts), in
+    passes: the seeded wording of every problem first, then the next wording of each, so that a
+    prefix (task.max_prompts) asks every problem before it asks one twice."""
     rng = random.Random(seed)
-    out = []
-    for p in problems(max_operand):
-        t = rng.randrange(len(QUESTION_TEMPLATES[p.op]))
-        out.append({"prompt": [{"role": "user", "content": p.question(t)}],
-                    "columns": {"answer": str(p.answer), "solution": p.solution()}})
-    return out
+    chosen = [(p, rng.randrange(len(QUESTION_TEMPLATES[p.op]))) for p in problems(max_operand)]
+    passes = len(QUESTION_TEMPLATES["+"]) if every_wording else 1
+    return [{"prompt": [{"role": "user", "content": p.question((t + k) % len(QUESTION_TEMPLATES[p.op]))}],
+             "columns": {"answer": str(p.answer), "solution": p.solution()}}
+            for k in range(passes) for p, t in chosen]
 
 
 def text_task_prompts(max_operand: int = 9) -> List[Dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 from llmexp.config.schema import bounded
 from llmexp.data import skill
@@ -44,6 +44,21 @@ class PromptOptions(ChatOptions):
     num_samples: int = bounded(1000, min=1)
 
 
+def reference_reward(completion: str, reference: Optional[str] = None) -> float:
+    """The rollout stages' default reward on a user's data: the sampled answer is the row's own."""
+    if reference is None:
+        from llmexp.errors import UserError
+
+        raise UserError("stage.reward.function: the default reward on data other than the bundled skill's, "
+                        "reference_match, compares each sampled answer with the row's reference answer, and these "
+                        "rows have none (a prompt row alone); fix: give prompt/completion rows (or chat rows ending "
+                        "with the answer), or set stage.reward.function=<a registered reward or module:function> "
+                        "or stage.reward.model=<rm run>/model")
+    from llmexp.task_probe import reference_match
+
+    return reference_match(completion, reference)
+
+
 def _from_generator(gen: Callable[..., Iterator[dict]]) -> Callable[[Any, int], Iterator[dict]]:
     def build(options: Any, seed: int) -> Iterator[dict]:
         return gen(seed=seed, **dataclasses.asdict(options))
@@ -72,6 +87,10 @@ def llmexp_rewards() -> List[RewardDeclaration]:
                               "1.0 when the answer is the question's solution 'a op b = c' (its operands, the "
                               "right result, nothing else; with only an answer column: the number after '=' and "
                               "a true sum), else 0.0"),
+            RewardDeclaration("reference_match", reference_reward,
+                              "1.0 when the answer equals the row's reference answer (a prompt/completion row's "
+                              "completion, a chat's last answer), whitespace-normalised, else 0.0 (the rollout "
+                              "stages' default reward on data other than the bundled skill's)"),
             RewardDeclaration("arithmetic_continues", skill.continues_with_answer,
                               "1.0 when a continuation of 'a op b =' starts with the answer, else 0.0 (the task "
                               "metric of stage=pretrain on the bundled text)")]
