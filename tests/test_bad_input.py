@@ -115,6 +115,9 @@ CONFIG_CASES = {
     "run directory cannot be created": (["hydra.run.dir=/proc/llmexp-test/run"],
                                         "cannot create the run directory '/proc/llmexp-test/run'"),
     "dpo without a temperature": (["stage=dpo", "stage.beta=0"], "stage.beta: must be > 0.0, got 0.0"),
+    # a run directory without model/ said "... You need to have sentencepiece or tiktoken installed"
+    "a model directory without a model": (["stage=quantize", "trainer.max_steps=0", "model.pretrained={files}/notamodel"],
+                                          "is neither a run's exported model nor a model directory (no config.json)"),
     "empty device list": (["trainer.devices=[]"], "trainer.devices: [] names no device"),
     "contradiction stage/data": (["stage=sft", "data=arithmetic_text"], "stage=sft needs fields messages"),
     "missing required value": (["data=files"], "data.path: a value is required"),
@@ -426,6 +429,15 @@ def test_eval_command_errors(name, workdir):
 
 
 @pytest.mark.slow  # trains the small model it generates with
+@pytest.mark.parametrize("module", ["llmexp.generate", "llmexp.eval"])
+def test_generate_and_eval_name_a_model_without_a_tokenizer(workdir, module):
+    """It said "cannot load a tokenizer from ...: Couldn't instantiate the backend tokenizer from one of: `"."""
+    r = _module([module, "{files}/fake_lm", *(["hi"] if module == "llmexp.generate" else [])], workdir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"'{workdir}/files/fake_lm' holds no tokenizer (none of tokenizer.json" in r.stderr, r.stderr
+    assert "copy the tokenizer files it was trained with" in r.stderr
+
+
 def test_generate_refuses_a_prompt_longer_than_the_context(workdir):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

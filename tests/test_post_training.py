@@ -278,3 +278,27 @@ def test_distill_pipeline_beats_plain_sft_of_the_same_student(distill_pipeline, 
     assert (f"distill {s['parameters']:,} parameters, {c['weight_bytes_after']:,} weight bytes "
             f"({c['size_ratio']:.1f}x smaller than sft's)") in printed, printed[-1500:]
     assert "smaller than distill's)" in printed and f"sft {sft['parameters']:,} parameters;" in printed
+
+
+def test_dpo_on_plain_string_pairs_from_a_chat_sft_trains_them_as_it_is_asked(tmp_path, default_sft):
+    """A TRL-style file of plain strings ({"prompt": str, "chosen": str, "rejected": str}) from the
+    chat SFT: each prompt is rendered as the user's message, as generate asks the model. It was
+    trained raw: the record said 0.00 -> 0.92 (asked raw) while the model, asked through its template,
+    fell 1.00 -> 0.40. The task metric starts where the SFT ended and `generate` still answers."""
+    from llmexp.data.skill import preference_pairs
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"],
+                                         "rejected": r["rejected"][0]["content"]}) + "\n"
+                             for r in preference_pairs(400)))
+    run = tmp_path / "dpo"
+    s = llmexp(run, "stage=dpo", f"model.pretrained={default_sft}/model", "data=files", f"data.path={pairs}",
+               "trainer.max_steps=30")  # what is asked, not what is learnt: a short run
+    before, after = task(s)
+    assert before >= 0.9 and after >= 0.9, (before, after)  # reference match on the file's held-out pairs
+    assert any("asked as chat turns" in n for n in s["notes"]), s.get("notes")
+    from llmexp.generate import generate
+    from llmexp.record import load_language_model
+
+    model, tok = load_language_model(run / "model")
+    assert generate(model, tok, ["Add 3 and 9.", "Subtract 2 from 9."], 24) == ["3 + 9 = 12", "9 - 2 = 7"]

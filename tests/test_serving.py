@@ -208,12 +208,33 @@ def test_concurrent_requests_are_batched_and_all_answered(served_sft):
     ("a text part without text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
      "messages[0].content[0].text: Field required"),
     ("not JSON", b'{"messages":', 400, "body: not valid JSON (at character 12)"),
+    # fields LitServe does not declare were dropped: the reply's logprobs was None
+    ("logprobs", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2}, 400,
+     "logprobs: not supported by llmexp serve"),
+    ("top_logprobs", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs: not supported"),
+    ("a penalty", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1.5}, 400,
+     "frequency_penalty: not supported by llmexp serve (no penalties are applied)"),
+    # the field the client sent (it said max_tokens)
+    ("no new tokens", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
+     "max_completion_tokens: must be at least 1"),
 ])
 def test_bad_requests_get_4xx_with_a_message(served_sft, case, body, status, words):
     code, reply = http("POST", f"{served_sft['url']}/v1/chat/completions", body)
     assert code == status, (code, reply)
     assert words in reply["error"]["message"], reply
     assert reply["error"]["param"] is None or not reply["error"]["param"][:1].isdigit(), reply  # a field, not "12"
+
+
+def test_the_developer_role_is_the_system_role(served_sft):
+    """OpenAI's newer name for the system message ("each message needs a role" before)."""
+    def ask(role):
+        return http("POST", f"{served_sft['url']}/v1/chat/completions", {"temperature": 0, "messages": [
+            {"role": role, "content": "You answer arithmetic."}, {"role": "user", "content": "Add 3 and 4."}]})
+
+    (code, developer), (code2, system) = ask("developer"), ask("system")
+    assert code == code2 == 200, developer
+    assert developer["choices"][0]["message"]["content"] == system["choices"][0]["message"]["content"]
 
 
 def test_content_as_text_parts_is_answered_and_other_parts_get_400(served_sft):
@@ -574,6 +595,13 @@ def test_dpo_on_judgements_collected_through_the_api_raises_exact_match(tmp_path
     ("no prompt file", ["{run}", "--prompts", "{tmp}/missing.jsonl"], "--prompts: no file"),
     ("prompt file not JSON", ["{run}", "--prompts", "{tmp}/bad.jsonl"], "line 2 is not JSON"),
     ("reward model", ["{rm}"], "reward model"),
+    # found by the inference worker: two tracebacks after the banner, exit 1
+    ("no tokenizer", ["{tmp}/notok"], "holds no tokenizer (none of tokenizer.json"),
+    # every judgement was a bare 500
+    ("feedback is a file", ["{run}", "--feedback", "{tmp}/bad.jsonl"], "--feedback: '{tmp}/bad.jsonl' is a file"),
+    ("feedback unwritable", ["{run}", "--feedback", "/proc/llmexp/feedback"], "--feedback: cannot write judgements"),
+    # its prompts were wrapped in the chat template: answers other than generate's
+    ("a pretrain run", ["{tmp}/pretrain"], "a stage=pretrain run's model continues text"),
 ])
 def test_serve_refuses_bad_input_with_exit_2_before_loading(tmp_path, tiny_teacher, case, args, words):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{not json\n')
@@ -581,13 +609,17 @@ def test_serve_refuses_bad_input_with_exit_2_before_loading(tmp_path, tiny_teach
     rm.mkdir()
     config = json.loads((tiny_teacher / "config.json").read_text())
     (rm / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    (tmp_path / "notok").mkdir()
+    (tmp_path / "notok" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(tiny_teacher, tmp_path / "pretrain" / "model")
+    (tmp_path / "pretrain" / "config.yaml").write_text("stage: {name: pretrain}\ndata: {name: arithmetic_text}\n")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         filled = [a.format(tmp=tmp_path, run=tiny_teacher, busy=busy.getsockname()[1], rm=rm) for a in args]
         r = run_cli(["serve", *filled], cwd=tmp_path, timeout=120)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert words in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert words.format(tmp=tmp_path) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 

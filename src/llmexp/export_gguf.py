@@ -30,6 +30,16 @@ CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
+
+def portable_template(template: str) -> str:
+    """The chat template without transformers' ``{% generation %}`` markers (they only mark the
+    assistant's tokens for its loss mask): plain Jinja2, as llama-cpp-python and other GGUF readers
+    render it, stopped at the unknown tag."""
+    import re
+
+    return re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", template)
+
+
 def permute_rotary(weight, n_head: int):
     """HF's q/k projection rows (rotary halves) to llama.cpp's interleaved pairs."""
     return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
@@ -91,7 +101,7 @@ def _tokenizer_fields(writer, model_dir: Path) -> None:
         writer.add_bos_token_id(tok.bos_token_id)
     writer.add_add_bos_token(False)
     if getattr(tok, "chat_template", None):
-        writer.add_chat_template(tok.chat_template)
+        writer.add_chat_template(portable_template(tok.chat_template))
 
 
 EMBEDDINGS = ("token_embd.weight", "output.weight")

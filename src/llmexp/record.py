@@ -186,6 +186,10 @@ def load_language_model(model_dir: Path) -> Tuple[Any, Any]:
 
     from llmexp.models.build import load_pretrained
 
+    from llmexp.models.tokenizer import holds_no_tokenizer, no_tokenizer_error
+
+    if holds_no_tokenizer(model_dir):
+        raise no_tokenizer_error(model_dir, "run")
     tokenizer = load_pretrained(AutoTokenizer, model_dir, "run", "a tokenizer")
     if (Path(model_dir) / ADAPTER_CONFIG).is_file() and not (Path(model_dir) / "config.json").is_file():
         from peft import PeftModel

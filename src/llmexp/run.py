@@ -190,7 +190,8 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
         from llmexp.secrets import redact_override
 
         notes["resume_overrides"] = [redact_override(o) for o in hydra_overrides()]
-    notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, data_note(prepared)) if n)]
+    as_chat = next((e["note"] for e in prepared.log if e.get("step") == "as_chat"), None)
+    notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, as_chat, data_note(prepared)) if n)]
     if not notes["notes"]:
         del notes["notes"]
     watchers = watching_callbacks(typed, run_dir, stage, prepared, data.val_dropped)
@@ -300,6 +301,11 @@ def prepare_data(typed):
     prepared = load()
     tokenizer = load_tokenizer(m.tokenizer, m.pretrained, prepared.texts, m.trust_remote_code, m.architecture,
                                chat_template=m.chat_template, system_prompt=m.system_prompt)
+    from llmexp.data.as_chat import rows_as_chat
+
+    as_chat = rows_as_chat(prepared, typed.stage.name, tokenizer, m.pretrained, m.chat_template)
+    if as_chat:
+        prepared.log.append({"step": "as_chat", "note": as_chat})
     if m.system_prompt is not None and rendered_raw(prepared):
         raise no_system_prompt_for(d)
     from llmexp.data.rows import tool_calls_problem

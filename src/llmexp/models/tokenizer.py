@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from llmexp.errors import UserError
 from llmexp.paths import ASSETS_DIR
@@ -127,14 +127,30 @@ def use_chat_template(tok, value: str) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
+def holds_no_tokenizer(where: Any) -> bool:
+    """A local model directory (config.json) saved without any tokenizer file."""
+    local = Path(os.path.expanduser(str(where)))
+    return (local / "config.json").is_file() and not any((local / f).is_file() for f in TOKENIZER_FILES)
+
+
+def no_tokenizer_error(where: Any, key: str) -> UserError:
+    """What to do about a model directory without a tokenizer (generate, eval, serve: copy it in)."""
+    fix = {"model.pretrained": "model.tokenizer=<the directory or hub id of the tokenizer it was trained with>",
+           "model.tokenizer": "model.tokenizer=<a directory holding one>"}.get(
+        key, "copy the tokenizer files it was trained with (tokenizer.json, tokenizer_config.json) into it")
+    return UserError(f"{key}: {str(where)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                     f"{'give ' if key.startswith('model.') else ''}{fix}")
+
+
 def _unloadable(where: str, key: str, error: Exception) -> UserError:
     """Why no tokenizer loads from ``where``: a model directory saved without one is told where
     else to take it from (transformers only says which backends it could not build)."""
     local = Path(os.path.expanduser(where))
-    if (local / "config.json").is_file() and not any((local / f).is_file() for f in TOKENIZER_FILES):
-        fix = ("model.tokenizer=<the directory or hub id of the tokenizer it was trained with>"
-               if key == "model.pretrained" else "model.tokenizer=<a directory holding one>")
-        return UserError(f"{key}: {where!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); give {fix}")
+    if holds_no_tokenizer(local):
+        return no_tokenizer_error(where, key)
+    if local.is_dir() and not (local / "config.json").is_file():  # a run without model/, an empty directory
+        return UserError(f"{key}: {where!r} is neither a run's exported model nor a model directory (no "
+                         f"config.json); give <run dir>/model of a finished run, or a model directory")
     return UserError(f"{key}: cannot load a tokenizer from {where!r}: {' '.join(str(error).split())}")
 
 

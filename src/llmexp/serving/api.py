@@ -15,9 +15,19 @@ from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from litserve.specs.openai import ChatCompletionRequest, OpenAISpec
+from pydantic import ConfigDict
 from litserve.utils import LitAPIStatus
 
 ROLES = ("system", "user", "assistant")
+ROLE_NAMES = {"developer": "system"}  # OpenAI's newer name for the system message's role
+
+
+class ChatRequest(ChatCompletionRequest):
+    """LitServe's request, keeping the fields it does not declare (logprobs, top_logprobs, seed), so
+    that one this server cannot honour is refused rather than dropped: a client reading
+    choices[0].logprobs got None."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
     if not request.messages:
         raise RequestProblem("messages: give at least one message", "messages")
     for i, m in enumerate(request.messages):
+        m.role = ROLE_NAMES.get(m.role, m.role)
         if m.role not in ROLES or m.content is None:
             raise RequestProblem(f"messages[{i}]: each message needs a role ({', '.join(ROLES)}) and text content",
                                  f"messages[{i}]")
@@ -63,9 +74,14 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
                                  f"messages[{i}].content")
     if request.messages[-1].role != "user":
         raise RequestProblem("messages: the last message must be the user's (this server answers it)", "messages")
-    for name in ("tools", "response_format", "stop"):
-        if getattr(request, name):
+    extra = request.model_extra or {}
+    for name in ("tools", "response_format", "stop", "logprobs", "top_logprobs"):
+        if getattr(request, name, None) or extra.get(name) not in (None, False):
             raise RequestProblem(f"{name}: not supported by llmexp serve; leave it out", name)
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(request, name):
+            raise RequestProblem(f"{name}: not supported by llmexp serve (no penalties are applied); leave it out "
+                                 f"or give 0", name)
     # null is "the default" in OpenAI's API: n 1, top_p 1, the run's temperature (temperature_of)
     if request.n is None:
         request.n = 1
@@ -79,7 +95,8 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
         raise RequestProblem("top_p: must be above 0 and at most 1", "top_p")
     limit = new_token_limit(request, served)
     if limit < 1:
-        raise RequestProblem("max_tokens: must be at least 1", "max_tokens")
+        name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        raise RequestProblem(f"{name}: must be at least 1", name)
     prompt = tokenizer.apply_chat_template(messages_of(request), add_generation_prompt=True, tokenize=True)
     prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
     if context and len(prompt) >= context:
@@ -133,7 +150,7 @@ class CheckedOpenAISpec(OpenAISpec):
             self._context = getattr(AutoConfig.from_pretrained(self.served.model_dir), "max_position_embeddings", None)
         return self._tokenizer
 
-    async def chat_completion(self, request: ChatCompletionRequest, background_tasks: BackgroundTasks):
+    async def chat_completion(self, request: ChatRequest, background_tasks: BackgroundTasks):
         try:
             check_request(request, self.served, self._load(), self._context)
         except RequestProblem as p:

@@ -46,7 +46,7 @@ def run_defaults(target: Path) -> Dict[str, Any]:
             "temperature": float(rollout.get("temperature", DEFAULT_TEMPERATURE)),
             "bundled_skill": (str(data.get("name", "")).startswith("arithmetic") or data.get("source") == "mixture"
                               or _measured_on_the_skill(RunDir(target))),
-            "run_name": cfg.get("run_name")}
+            "run_name": cfg.get("run_name"), "stage": stage.get("name")}
 
 
 def _measured_on_the_skill(record) -> bool:
@@ -92,6 +92,18 @@ def load_prompts(path: Optional[str], bundled_skill: bool) -> List[Dict[str, Any
     if not out:
         raise UserError(f"--prompts: {path} has no prompts")
     return out
+
+
+def check_feedback_dir(path: Path, key: str) -> None:
+    """The judgements' directory can be written (every judgement was a bare 500 when it was a file)."""
+    from llmexp.overrides import _unwritable
+
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key}: {str(path)!r} is a file; give a directory for the judgements (it is created)")
+    why = _unwritable(path)
+    if why:
+        raise UserError(f"{key}: cannot write judgements in {str(path)!r} ({why}); give a directory you can write "
+                        f"with --feedback")
 
 
 def check_address(host: str, port: int) -> None:
@@ -239,11 +251,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         target = Path(args.target)
         if model_dir.name == "model" and RunDir(model_dir.parent).config.is_file():
             target = model_dir.parent  # <run>/model is served as its run: its name, prompts and feedback/
+        from llmexp.models.tokenizer import holds_no_tokenizer, no_tokenizer_error
+
+        if holds_no_tokenizer(model_dir):  # found by the inference worker: two tracebacks, after the banner
+            raise no_tokenizer_error(model_dir, "run")
         defaults = run_defaults(target)
+        if defaults["stage"] == "pretrain":  # it continues text; the chat API wrapped it in role headers
+            raise UserError(f"{args.target}: a stage=pretrain run's model continues text, and llmexp serve asks "
+                            f"through the chat template (its answers were not generate's); continue text with "
+                            f"python -m llmexp.generate {args.target} \"<text>\", or serve a model trained on "
+                            f"chat (stage=sft model.pretrained={model_dir})")
         check_address(args.host, args.port)
         prompts = load_prompts(args.prompts, defaults["bundled_skill"])
         is_run = RunDir(target).model == model_dir
         feedback_dir = Path(args.feedback) if args.feedback else (target / "feedback" if is_run else Path("feedback"))
+        check_feedback_dir(feedback_dir, "--feedback" if args.feedback else "the feedback directory")
         name = defaults["run_name"] or (target.name if not is_run else target.parent.name)
         served = ServedModel(str(model_dir.resolve()), name, defaults["max_new_tokens"], defaults["temperature"],
                              max(2, args.max_batch_size), args.api_key or None)
