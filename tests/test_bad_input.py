@@ -115,6 +115,9 @@ CONFIG_CASES = {
     "run directory cannot be created": (["hydra.run.dir=/proc/llmexp-test/run"],
                                         "cannot create the run directory '/proc/llmexp-test/run'"),
     "dpo without a temperature": (["stage=dpo", "stage.beta=0"], "stage.beta: must be > 0.0, got 0.0"),
+    # it was told to set trainer.monitor_mode, and then failed at the first validation
+    "a misspelt monitor": (["trainer.monitor=val/los", "trainer.keep_best=true"],
+                           "trainer.monitor: no stage validates 'val/los'\n      fix: did you mean 'val/loss'?"),
     # a run directory without model/ said "... You need to have sentencepiece or tiktoken installed"
     "a model directory without a model": (["stage=quantize", "trainer.max_steps=0", "model.pretrained={files}/notamodel"],
                                           "is neither a run's exported model nor a model directory (no config.json)"),

@@ -44,6 +44,16 @@ def test_sft_then_dpo_wires_the_sft_export_and_summarises(tmp_path):
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
     assert "stage 'dpo' finished in" in changed.stderr and "use a new --dir" in changed.stderr
     assert json.loads((root / "pipeline_summary.json").read_text())["stages"][1]["global_step"] == 10
+    # The SFT deleted to run it again: the DPO trained from the old one is not kept beside the new one
+    # (it was, and the summary paired them); refused before the SFT runs again.
+    import shutil
+
+    shutil.rmtree(root / "1-sft")
+    stale = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=10", "--dir", str(root)], tmp_path)
+    assert stale.returncode == 2 and "Traceback" not in stale.stderr, stale.stderr[-2000:]
+    assert (f"stage 'dpo' finished in {root / '2-dpo'} from the run of sft, which is not finished there and would "
+            f"run again; delete {root / '2-dpo'} too") in stale.stderr
+    assert not (root / "1-sft").exists()
 
 
 def test_sft_then_rm_then_ppo_scores_with_the_trained_reward_model(tmp_path):

@@ -164,6 +164,7 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
     started = time.time()
     per_stage = split_cli_overrides(spec, extra)
     check_stages(spec, root, per_stage)
+    check_no_stale_stage(spec, root, per_stage)
     root.mkdir(parents=True, exist_ok=True)
     print(f"pipeline {spec.name} in {root} (the same command with --dir {root} continues it)", flush=True)
     runs: Dict[str, str] = {}
@@ -199,6 +200,24 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
            "wall_seconds": max(time.time() - started, sum(r["wall_seconds"] or 0.0 for r in results))}
     (root / "pipeline_summary.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def check_no_stale_stage(spec: PipelineSpec, root: Path, per_stage: Dict[str, List[str]]) -> None:
+    """A finished stage that starts from an earlier stage's run which will run again (it was deleted,
+    or never finished) is refused before anything runs: it was kept, trained from a run that no
+    longer exists, and the summary paired it with the new one."""
+    inputs: Dict[str, set] = {}
+    for s in spec.stages:  # the stages each stage starts from, directly or through another
+        named = set(REFERENCE.findall(" ".join([*spec.overrides, *s.overrides, *per_stage.get(s.name, [])])))
+        inputs[s.name] = named.union(*(inputs.get(n, set()) for n in named))
+    again = {s.name for i, s in enumerate(spec.stages, 1) if not RunDir(stage_dir(root, i, s.name)).finished()}
+    for i, s in enumerate(spec.stages, 1):
+        stale = sorted(inputs[s.name] & again)
+        run_dir = stage_dir(root, i, s.name)
+        if stale and RunDir(run_dir).finished():
+            raise UserError(f"pipeline: stage {s.name!r} finished in {run_dir} from the run of {', '.join(stale)}, "
+                            f"which is not finished there and would run again; delete {run_dir} too to run it from "
+                            f"the new one, or use a new --dir")
 
 
 def check_kept(name: str, record: RunDir, overrides: List[str]) -> None:

@@ -332,6 +332,21 @@ def _check_machine_settings(run: S.RunConfig) -> List[Problem]:
     return p
 
 
+# The validation metrics llmexp's stages log (a plugin's callback may log others).
+VALIDATION_METRICS = (
+    "val/loss", "val/perplexity", "val/task_score", "val/task_response_chars", "val/accuracy", "val/reward",
+    "val/response_length", "val/kl", "val/nll_chosen", "val/logp_chosen", "val/logp_rejected", "val/reward_chosen",
+    "val/reward_rejected", "val/reward_margin", "val/reward_desirable", "val/reward_undesirable",
+    "val/log_odds_ratio", "val/divergence", "val/attention_divergence")
+
+
+def _closest(name: str, names) -> Optional[str]:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def _check_monitor(run: S.RunConfig) -> List[Problem]:
     """trainer.monitor and what uses it: a validation (or eval) metric, a direction, validations to compare."""
     t = run.trainer
@@ -348,6 +363,11 @@ def _check_monitor(run: S.RunConfig) -> List[Problem]:
     elif not ((kind == "val" and parts >= 2) or (kind == "eval" and parts >= 3)):
         p.append(Problem("trainer.monitor", f"{t.monitor!r} is neither a validation metric nor an eval's metric",
                          example + ", or eval/<task>/<metric> with eval=lm_eval"))
+    elif kind == "val" and t.monitor not in VALIDATION_METRICS and _closest(t.monitor, VALIDATION_METRICS):
+        # a typo: it was reported as a monitor_mode problem, whose fix then failed after the first validation
+        p.append(Problem("trainer.monitor", f"no stage validates {t.monitor!r}",
+                         f"did you mean {_closest(t.monitor, VALIDATION_METRICS)!r}? (the val/ metrics a run logs are "
+                         f"the columns of its metrics.csv)"))
     elif S.monitor_direction(t.monitor, t.monitor_mode) is None:
         p.append(Problem("trainer.monitor_mode", f"auto cannot tell whether a higher or a lower {t.monitor} is "
                          "better", "trainer.monitor_mode=min or trainer.monitor_mode=max"))
