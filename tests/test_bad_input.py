@@ -54,6 +54,12 @@ def workdir(tmp_path_factory):
     (files / "a_run" / "model" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (files / "a_run" / "summary.json").write_text("{}")
     (files / "fake_gpt2").mkdir()
+    (files / "rel_tasks").mkdir()  # an lm-eval task whose data file sits beside its YAML, named relatively
+    (files / "rel_tasks" / "t.yaml").write_text(
+        "task: rel_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "metric_list:\n  - metric: exact_match\n")
+    (files / "rel_tasks" / "data.jsonl").write_text('{"q": "1+1", "a": "2"}\n')
     (files / "sweep" / "1").mkdir(parents=True)  # an earlier sweep's job 1 (its job 0 was deleted)
     (files / "sweep" / "1" / "summary.json").write_text("{}")
     (files / "fake_gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
@@ -116,6 +122,10 @@ CONFIG_CASES = {
                                         "cannot create the run directory '/proc/llmexp-test/run'"),
     "dpo without a temperature": (["stage=dpo", "stage.beta=0"], "stage.beta: must be > 0.0, got 0.0"),
     # it was told to set trainer.monitor_mode, and then failed at the first validation
+    # lm-eval read it from the current directory: a traceback mid-eval, after training
+    "a task's data file named relative to its YAML": (
+        ["eval=lm_eval", "eval.tasks=[rel_task]", "eval.include_path={files}/rel_tasks"],
+        "reads data_files 'data.jsonl', which lm-eval looks for in the current directory"),
     "a misspelt monitor": (["trainer.monitor=val/los", "trainer.keep_best=true"],
                            "trainer.monitor: no stage validates 'val/los'\n      fix: did you mean 'val/loss'?"),
     # a run directory without model/ said "... You need to have sentencepiece or tiktoken installed"
@@ -418,6 +428,9 @@ EVAL_CASES = {
                              "--include-path: '{files}/nope' is not a directory"),
     "registry task offline": (["{old}", "--tasks", "hellaswag"], "--online reaches lm-eval's registry"),
     "a file of a run": (["{files}/a_run/summary.json"], "is a file; give the directory it is in ({files}/a_run)"),
+    "a task's data file relative to its YAML": (["{old}", "--tasks", "rel_task", "--include-path",
+                                                 "{files}/rel_tasks"],
+                                                "fix: give its absolute path in the YAML ({files}/rel_tasks/data.jsonl)"),
     "a folder of runs": (["{files}"], "holds runs (a_run), not a model; give one of them, e.g. {files}/a_run"),
 }
 

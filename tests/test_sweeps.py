@@ -103,6 +103,26 @@ def test_a_trial_running_when_the_sweep_died_is_resumed(tmp_path):
     assert engine._next_trial() is engine.trials[0]  # restarted (with resume=auto) before new ones
 
 
+def test_a_sweep_resumes_only_with_the_environment_its_overrides_read(tmp_path, monkeypatch):
+    """`model.pretrained=${oc.env:SFT_MODEL}` (the shipped preference sweeps): resumed with another
+    SFT_MODEL, its trials came from two SFT runs, side by side in one report, said nowhere."""
+    from llmexp.errors import UserError
+    from llmexp.sweep.engine import SweepEngine
+    from llmexp.sweep.spec import load_spec
+
+    spec = load_spec(str(_spec(tmp_path)), ["model.pretrained=${oc.env:SFT_MODEL}"])
+    monkeypatch.setenv("SFT_MODEL", "runs/a/model")
+    engine = SweepEngine(spec, tmp_path / "sweep", count=None)
+    engine._save()
+    assert json.loads((tmp_path / "sweep" / "trials.json").read_text())["environment"] == {
+        "SFT_MODEL": "runs/a/model"}
+    SweepEngine(spec, tmp_path / "sweep", count=None)  # the same value: resumes
+    monkeypatch.setenv("SFT_MODEL", "runs/b/model")
+    with pytest.raises(UserError, match=r"read SFT_MODEL='runs/a/model' when it started and SFT_MODEL='runs/b/model' "
+                                        r"now; .* set SFT_MODEL=runs/a/model to resume it"):
+        SweepEngine(spec, tmp_path / "sweep", count=None)
+
+
 def test_interrupted_trials_are_told_apart_by_whether_they_have_a_checkpoint(tmp_path):
     """The Ctrl+C message said every running trial would continue from its last checkpoint, also
     those that had written none (a rerun starts them over)."""

@@ -548,6 +548,11 @@ def _check_eval(run: S.RunConfig) -> List[Problem]:
             if task not in names:
                 p.append(Problem("eval.tasks", f"unknown task {task!r} (offline: bundled tasks and "
                                  f"eval.include_path only)", suggest(task, names)))
+    from llmexp.evals.tasks import missing_data_files
+
+    for message in missing_data_files(e.include_path, list(e.tasks)):
+        problem, _, fix = message.partition("; ")
+        p.append(Problem("eval.include_path", problem, fix))
     return p
 
 

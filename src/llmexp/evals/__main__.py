@@ -79,6 +79,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                    for t in lm_tasks if t not in names]
             if bad:
                 raise ConfigError(bad)
+        from llmexp.evals.tasks import missing_data_files
+
+        unread = [Problem("--include-path", m.partition("; ")[0], m.partition("; ")[2])
+                  for m in missing_data_files(args.include_path, lm_tasks)]
+        if unread:
+            raise ConfigError(unread)
         options = {t: eval_options(t, {}, key="--tasks") for t in tasks if t in registered}
         model_dir = model_dir_of(args.target)
 

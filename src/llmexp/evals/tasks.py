@@ -107,3 +107,38 @@ def task_names(include_path: str | None) -> List[str]:
                 if line.startswith("task:"):
                     names.append(line.split(":", 1)[1].strip().strip("'\""))
     return names
+
+
+def missing_data_files(include_path: str | None, tasks: List[str]) -> List[str]:
+    """Why a task of ``include_path`` would fail to find its data (a message per file): lm-eval reads a
+    YAML's relative ``dataset_kwargs.data_files`` from the current directory, not the YAML's, and
+    failed mid-run with a traceback (FileNotFoundError: Unable to find '<cwd>/mydata.jsonl')."""
+    import yaml
+
+    if not include_path or not Path(include_path).is_dir():
+        return []
+
+    class Loader(yaml.SafeLoader):  # lm-eval's YAMLs carry !function tags
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    out = []
+    for f in sorted(Path(include_path).rglob("*.yaml")):
+        try:
+            doc = yaml.load(f.read_text(errors="ignore"), Loader=Loader)
+        except yaml.YAMLError:
+            continue  # lm-eval reports it
+        if not isinstance(doc, dict) or doc.get("task") not in tasks:
+            continue
+        files = (doc.get("dataset_kwargs") or {}).get("data_files") if isinstance(doc.get("dataset_kwargs"), dict) \
+            else None
+        named = files.values() if isinstance(files, dict) else [files]
+        for entry in named:
+            for path in entry if isinstance(entry, list) else [entry]:
+                if not isinstance(path, str) or "://" in path or any(c in path for c in "*?[") or Path(path).exists():
+                    continue
+                beside = f.parent / path
+                out.append(f"task {doc['task']!r} ({f}) reads data_files {path!r}, which lm-eval looks for in the "
+                           f"current directory ({Path.cwd()}), not beside the YAML; give its absolute path in the "
+                           f"YAML" + (f" ({beside.resolve()})" if beside.exists() else ""))
+    return out

@@ -111,6 +111,14 @@ class SweepEngine:
                             f"with: undo the change to resume it, or give the changed sweep another --dir"
                             + ("" if finished else f" (none of its trials finished: removing {self.dir} starts it "
                                                    f"over there)"))
+        was, now = state.get("environment", {}), self.spec.environment()
+        changed_env = [k for k in sorted(set(was) & set(now)) if was[k] != now[k]]
+        if not other and changed_env:
+            raise UserError(f"--dir {self.dir} holds sweep {self.spec.name!r}, whose overrides read "
+                            + ", ".join(f"{k}={was[k]!r} when it started and {k}={now[k]!r} now" for k in changed_env)
+                            + "; a sweep resumes with the values its trials ran with: set "
+                            + " ".join(f"{k}={was[k]}" for k in changed_env) + " to resume it, or give the sweep "
+                            "with the new values another --dir")
         if other:
             raise UserError(f"--dir {self.dir} holds another sweep ({state.get('sweep')!r} from {state.get('spec')}); "
                             f"a sweep resumes only in its own directory: choose another --dir")
@@ -126,6 +134,7 @@ class SweepEngine:
     def _save(self) -> None:
         payload = {"sweep": self.spec.name, "spec": str(self.spec.path), "metric": self.spec.metric,
                    "goal": self.spec.goal, "config": self.spec.config, "overrides": self.spec.extra,
+                   "environment": self.spec.environment(),
                    "trials": [asdict(t) for t in self.trials]}
         write_atomic(self.state_file, json.dumps(payload, indent=2) + "\n")
 

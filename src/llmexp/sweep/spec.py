@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -41,6 +41,16 @@ class SweepSpec:
     @property
     def parameters(self) -> Dict[str, Any]:
         return self.config.get("parameters", {})
+
+    def environment(self) -> Dict[str, Optional[str]]:
+        """The environment variables the trials' overrides read (``${oc.env:SFT_MODEL}``), as they are
+        now: a sweep resumed with another value would compare trials of other runs (a dpo trial from
+        one SFT beside a kto trial from another, said nowhere)."""
+        import os
+        import re
+
+        names = re.findall(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)", " ".join(self.fixed_overrides()))
+        return {name: os.environ.get(name) for name in sorted(set(names))}
 
     def fixed_overrides(self) -> List[str]:
         """Overrides written into the spec's ``command`` (e.g. trainer.max_steps=200), then those given
