@@ -94,6 +94,19 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher
     assert float(rows[-1]["train/loss"]) == pytest.approx(float(expected[-1]["train/loss"]), abs=1e-5)
 
 
+def test_a_resumed_run_logs_on_as_the_same_wandb_run(tmp_path):
+    """Each session was a W&B run of its own (wandb sync uploaded a fragment and a continuation):
+    the resumed session logs under the first's id."""
+    overrides = [*(o for o in COMMON if not o.startswith("logger=")), "logger=wandb", "trainer.max_steps=20"]
+    killed = tmp_path / "killed"
+    assert train_in_subprocess(overrides, killed, kill_at=12).returncode == -signal.SIGKILL
+    run_id = (killed / "wandb" / "llmexp-run-id").read_text().strip()
+    r = train_in_subprocess([*overrides, f"resume={killed}"], killed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sessions = sorted(killed.glob("wandb/offline-run-*"))
+    assert len(sessions) == 2 and {p.name.rsplit("-", 1)[1] for p in sessions} == {run_id}, sessions
+
+
 def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
     from llmexp.testing import run_cli
 

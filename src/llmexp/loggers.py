@@ -26,7 +26,8 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[
 
         wandb = at_steps_done(WandbLogger)(project=cfg.project, entity=cfg.entity, name=run_name,
                                            save_dir=str(run_dir), offline=cfg.mode == "offline",
-                                           tags=list(cfg.tags), config=config, settings=_wandb_settings())
+                                           tags=list(cfg.tags), config=config, settings=_wandb_settings(),
+                                           id=wandb_run_id(run_dir), resume="allow")
         init = getattr(wandb, "_wandb_init", None)
         if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
             # Lightning passes anonymous=None, which wandb >= 0.22 answers with a deprecation warning on
@@ -34,6 +35,24 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: Dict[
             del init["anonymous"]
         loggers.append(wandb)
     return loggers
+
+
+WANDB_ID = "wandb/llmexp-run-id"  # in the run directory
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's W&B id: made at its first session and kept in the run directory, so that a resumed
+    run logs on as the same W&B run (each session was a run of its own: wandb sync uploaded an
+    interrupted fragment and a continuation)."""
+    path = Path(run_dir) / WANDB_ID
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    import secrets
+
+    run_id = secrets.token_hex(4)  # W&B's own ids: 8 lowercase letters and digits
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def at_steps_done(logger_cls):
