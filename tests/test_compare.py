@@ -397,3 +397,26 @@ def test_compare_shows_what_each_runs_model_answered(sweep, tmp_path):
     assert "[answers.md](answers.md)" in (out / "compare.md").read_text()
     assert exported_step({"global_step": 9, "best": {"step": 4, "exported": True}}) == 4
     assert exported_step({"global_step": 9, "best": {"step": 4, "exported": False}}) == 9
+
+
+def test_answers_of_runs_asked_other_prompts_are_not_counted_as_different(tmp_path):
+    """A chat SFT beside a run on other data: no prompt in common, and compare said "their models
+    answered 32 of 32 recorded prompts differently"."""
+    from types import SimpleNamespace
+
+    from llmexp.compare.answers import answers_markdown
+
+    runs = []
+    for name, asked in (("a", ["Add 1 and 2.", "Sort 3 1."]), ("b", ["Sort 3 1.", "Sort 9 5."])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "answers.jsonl").write_text("".join(
+            json.dumps({"step": 4, "prompt": p, "answer": f"{name}:{p}" if p != "Sort 3 1." else "1 3", "score": 1.0})
+            + "\n" for p in asked))
+        runs.append(SimpleNamespace(path=tmp_path / name, summary={"global_step": 4}))
+    md, differ, shared = answers_markdown(runs, ["a", "b"])
+    assert (differ, shared) == (0, 1)  # 'Sort 3 1.' alone was asked of both, and answered alike
+    assert "0 of 1 prompts answered differently (first); 2 asked of only some runs (last)" in md
+    runs[0].path.joinpath("answers.jsonl").write_text(json.dumps({"step": 4, "prompt": "x", "answer": "y",
+                                                                  "score": 0.0}) + "\n")
+    md, differ, shared = answers_markdown(runs, ["a", "b"])
+    assert (differ, shared) == (0, 0) and "no prompt was asked of every run; 3 asked of only some runs" in md

@@ -78,7 +78,8 @@ def compare(paths: List[str], out: Optional[str] = None, show: bool = True) -> D
     said = answers_markdown(runs, labels)
     if said is not None:
         write_atomic(out_dir / "answers.md", said[0])
-        markdown += f"\nWhat each model answered: [answers.md](answers.md) ({said[1]} of {said[2]} prompts differently).\n"
+        markdown += (f"\nWhat each model answered: [answers.md](answers.md) ({said[1]} of the {said[2]} prompts "
+                     f"every run was asked differently).\n")
     write_atomic(out_dir / "compare.md", markdown)
     if show:
         print_table(rows, title)
@@ -105,7 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"comparison of {n} run{'s' if n != 1 else ''} in {result['dir']}/ ({made})")
     if result["answers"]:
         differ, prompts = result["answers"]
-        print(f"their models answered {differ} of {prompts} recorded prompts differently (answers.md)")
+        print(f"their models answered {differ} of {prompts} recorded prompts differently (answers.md)" if prompts
+              else "no recorded prompt was asked of every run; answers.md lists what each model answered")
     return 0
 
 

@@ -51,8 +51,9 @@ def _cell(found: Optional[Tuple[str, float]]) -> str:
 
 
 def answers_markdown(runs: Sequence[Any], labels: Sequence[str]) -> Optional[Tuple[str, int, int]]:
-    """(answers.md, prompts answered differently, prompts) for runs of which two or more recorded
-    answers; None otherwise."""
+    """(answers.md, prompts answered differently, prompts every run was asked) for runs of which two
+    or more recorded answers; None otherwise. A prompt only some runs were asked is listed last and
+    not counted as answered differently (runs on other data shared none, and all "differed")."""
     answered = [(label, exported_answers(r.path, r.summary)) for r, label in zip(runs, labels)]
     answered = [(label, a) for label, a in answered if a]
     if len(answered) < 2:
@@ -60,13 +61,18 @@ def answers_markdown(runs: Sequence[Any], labels: Sequence[str]) -> Optional[Tup
     prompts: List[str] = []
     for _, a in answered:
         prompts += [p for p in a if p not in prompts]
-    differ = [p for p in prompts if len({a.get(p, (None,))[0] for _, a in answered}) > 1]
-    same = [p for p in prompts if p not in differ]
+    shared = [p for p in prompts if all(p in a for _, a in answered)]
+    differ = [p for p in shared if len({a[p][0] for _, a in answered}) > 1]
+    same = [p for p in shared if p not in differ]
+    some = [p for p in prompts if p not in shared]
+    said = (f"{len(differ)} of {len(shared)} prompts answered differently (first)" if shared
+            else "no prompt was asked of every run")
+    if some:
+        said += f"; {len(some)} asked of only some runs (last)"
     lines = ["# What each run's model answered", "",
-             f"At the validation of the model each run exported; {len(differ)} of {len(prompts)} prompts answered "
-             "differently (first). ✓/✗: the task metric's score.", "",
+             f"At the validation of the model each run exported; {said}. ✓/✗: the task metric's score.", "",
              "| prompt | " + " | ".join(label for label, _ in answered) + " |",
              "|" + "---|" * (len(answered) + 1)]
-    for p in differ + same:
+    for p in differ + same + some:
         lines.append(f"| {_one_line(p)} | " + " | ".join(_cell(a.get(p)) for _, a in answered) + " |")
-    return "\n".join(lines) + "\n", len(differ), len(prompts)
+    return "\n".join(lines) + "\n", len(differ), len(shared)
