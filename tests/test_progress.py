@@ -34,6 +34,16 @@ def test_a_log_gets_a_line_per_tenth_of_a_rollout_run_not_one_per_iteration(tmp_
     assert "Epoch" not in r.stdout + r.stderr  # Lightning's per-epoch bars
 
 
+def test_a_log_line_says_which_validation_its_metrics_are_from(tmp_path):
+    """The last line showed the validation before last as if current (val/loss 3.149 at step 60/60,
+    while the run ended at 2.854): the validation at a step comes after its line."""
+    r = run_cli([*SHOWN, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = dict(re.findall(r"^step (\d+)/20 .*?((?:val/loss \S+ \(at step \d+\))?)$", r.stdout, re.M))
+    assert lines["12"].endswith("(at step 10)") and lines["20"].endswith("(at step 10)"), r.stdout[-2000:]
+    assert lines["8"] == "" or lines["8"].endswith("(at step 0)")
+
+
 def test_a_terminal_gets_one_bar_for_the_whole_run(tmp_path):
     import pty
 

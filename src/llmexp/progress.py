@@ -48,6 +48,7 @@ class StepProgress(Callback):
         self.total: Optional[int] = None  # set when training starts, on global rank 0
         self._bar = None
         self._task = None
+        self.validated_at: Optional[int] = None  # the step of the last validation
 
     # -- the run -----------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -80,11 +81,16 @@ class StepProgress(Callback):
             self._bar.update(self._task, completed=step, description="step", metrics=metrics)
         elif step >= self.next_line or step == self.total:
             self.next_line = (step // self.every + 1) * self.every
-            metrics = format_metrics(trainer.progress_bar_metrics)
+            shown = trainer.progress_bar_metrics
+            metrics = format_metrics({k: v for k, v in shown.items() if not k.startswith("val/")})
             trainer_cfg = getattr(getattr(pl_module, "cfg", None), "trainer", None)
             logged = step - step % getattr(trainer_cfg, "log_every_n_steps", 1)
             if metrics and 0 < logged < step:  # the metrics are those of the last step logged, not this one's
                 metrics += f" (at step {logged})"
+            validation = format_metrics({k: v for k, v in shown.items() if k.startswith("val/")})
+            if validation:  # the last validation's, which the one at this step (if any) comes after
+                at = f" (at step {self.validated_at})" if self.validated_at is not None else ""
+                metrics = " · ".join(m for m in (metrics, validation + at) if m)
             elapsed = time.perf_counter() - self.started
             left = remaining(elapsed, step - self.first, self.total - step)
             when = f"{elapsed:.0f} s" + (f", about {left:.0f} s left" if left is not None and step < self.total else "")
@@ -97,6 +103,8 @@ class StepProgress(Callback):
             self._bar.update(self._task, description="validation")
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.validated_at = trainer.global_step
         if self._bar is not None and trainer.is_global_zero:
             self._bar.update(self._task, description="step")
 
