@@ -165,17 +165,22 @@ class SweepEngine:
 
     # -- running ---------------------------------------------------------------------------------
     def _launch(self, trial: Trial) -> None:
-        log = open(Path(trial.run_dir).with_suffix(".log"), "a")
+        log_file = Path(trial.run_dir).with_suffix(".log")
+        log = open(log_file, "a")
+        # the trial's progress lines go to its log (a line every tenth of the run: tail -f it)
         cmd = [sys.executable, "-m", "llmexp", *self.spec.fixed_overrides(), *trial.overrides(),
-               f"hydra.run.dir={trial.run_dir}", "resume=auto", "trainer.progress_bar=false"]
+               f"hydra.run.dir={trial.run_dir}", "resume=auto"]
         # Its own session: Ctrl+C reaches the sweep alone, which passes it on once (interrupt_trials); a
         # trial that got the terminal's and the sweep's broke its message off with a traceback.
         env = trial_environment(self.parallel, dict(os.environ), usable_cpus())
         self.procs[trial.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                 start_new_session=True)
         self.started[trial.id] = time.time()
+        resumed = trial.status == INTERRUPTED
         trial.status = RUNNING
         self._save()
+        print(f"trial {trial.id} {'resumed' if resumed else 'started'}: {trial.params} (its log: {log_file})",
+              flush=True)
 
     def _next_trial(self) -> Optional[Trial]:
         for t in self.trials:
