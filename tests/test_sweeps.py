@@ -123,6 +123,20 @@ def test_a_sweep_resumes_only_with_the_environment_its_overrides_read(tmp_path, 
         SweepEngine(spec, tmp_path / "sweep", count=None)
 
 
+def test_nested_parameters_of_a_wandb_sweep_file_are_dotted_keys(tmp_path):
+    """`optim: {parameters: {lr: ...}}` (W&B's nested syntax) was read as a parameter named optim."""
+    from llmexp.sweep.engine import SweepEngine
+    from llmexp.sweep.spec import check_spec, load_spec
+
+    path = _spec(tmp_path, parameters={"optim": {"parameters": {"lr": {"values": [1e-3, 1e-2]}}},
+                                       "trainer": {"parameters": {"seed": {"value": 7}}}})
+    spec = load_spec(str(path))
+    assert spec.parameters == {"optim.lr": {"values": [1e-3, 1e-2]}, "trainer.seed": {"value": 7}}
+    check_spec(spec)
+    trial = SweepEngine(spec, tmp_path / "sweep", count=None)._next_trial()
+    assert trial.params["optim.lr"] in (1e-3, 1e-2) and trial.params["trainer.seed"] == 7
+
+
 def test_interrupted_trials_are_told_apart_by_whether_they_have_a_checkpoint(tmp_path):
     """The Ctrl+C message said every running trial would continue from its last checkpoint, also
     those that had written none (a rerun starts them over)."""

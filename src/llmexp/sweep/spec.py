@@ -73,7 +73,22 @@ def load_spec(path: str, overrides: List[str] = ()) -> SweepSpec:
         raise UserError(f"sweep: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(config, dict):
         raise UserError(f"sweep: {path} must be a mapping with method, metric and parameters")
+    if isinstance(config.get("parameters"), dict):
+        config = {**config, "parameters": flat_parameters(config["parameters"])}
     return SweepSpec(p, config, list(overrides))
+
+
+def flat_parameters(parameters: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """W&B's nested parameters (``optim: {parameters: {lr: {...}}}``) as the dotted keys llmexp's
+    overrides take (``optim.lr``): they were read as a parameter named optim ("optim=0: unknown optim
+    option")."""
+    out: Dict[str, Any] = {}
+    for key, param in parameters.items():
+        if isinstance(param, dict) and set(param) == {"parameters"} and isinstance(param["parameters"], dict):
+            out.update(flat_parameters(param["parameters"], f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = param
+    return out
 
 
 def candidate_values(param: Dict[str, Any]) -> List[Any]:
