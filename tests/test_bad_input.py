@@ -261,7 +261,9 @@ RUN_CASES = {
                                  "data.min_chars=1000"], "every row was removed by step 'filter_length'"),
     "all samples too long": (["data=files", "data.path={files}/long.jsonl", "stage=pretrain",
                               "data.overlong=drop"], "data.max_length: every train sample was removed"),
-    "not a model directory": (["model.pretrained={files}/notamodel"], "model.pretrained: cannot load"),
+    "not a model directory": (["model.pretrained={files}/notamodel"],
+                              "model.pretrained: '{files}/notamodel' is neither a run's exported model nor a model "
+                              "directory (no config.json)"),
     "model directory without a tokenizer": (["model.pretrained={small}"], "model.pretrained: '{small}' holds no "
                                             "tokenizer (none of tokenizer.json, tokenizer_config.json"),
     # a gpt2 of learned positions failed in its first step with an IndexError

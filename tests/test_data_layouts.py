@@ -139,5 +139,6 @@ def test_chat_rows_are_rollout_prompts_with_their_answer_as_reference(tmp_path):
                            "trainer.val_check_interval=2", "trainer.micro_batch_size=4", "stage.group_size=2",
                            "stage.rollout.max_new_tokens=8"])
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["data_stats"]["format"] == "chat" and summary["task"]["check"] == "arithmetic_correct"
+    # a user's file: rewarded and measured by its rows' own answers (reference_match), not the skill's rule
+    assert summary["data_stats"]["format"] == "chat" and summary["task"]["check"] == "reference_match"
     assert -1.0 <= summary["final"]["val/reward"] <= 1.0  # -1: an answer that never ended (grpo's penalty)

@@ -461,7 +461,7 @@ def test_judgements_from_concurrent_clients_while_the_server_is_killed(tmp_path,
     with serving(run / "model") as s:
         _, listing = http("GET", f"{s['url']}/feedback/prompts", key=None)
         _, models = http("GET", f"{s['url']}/v1/models", key=None)
-        assert len(listing["prompts"]) == 155
+        assert len(listing["prompts"]) == 620  # every question in each of its wordings
         assert [m["id"] for m in models["data"]] == [json.loads((run / "summary.json").read_text())["run_name"]]
 
         def client_loop(c: int) -> None:
@@ -502,7 +502,7 @@ def simulated_judges(url: str, n_pairs: int, key: Optional[str] = None, clients:
 
     _, listing = http("GET", f"{url}/feedback/prompts", key=key)
     _, config = http("GET", f"{url}/feedback/config", key=key)
-    prompts, solutions = listing["prompts"], [r["columns"]["solution"] for r in task_prompts()]
+    prompts, solutions = listing["prompts"], [r["columns"]["solution"] for r in task_prompts(every_wording=True)]
     counts: Dict[str, int] = {}
     lock, turn = threading.Lock(), iter(range(10**9))
 

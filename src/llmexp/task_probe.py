@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from llmexp.data.formats import answer_text
+from llmexp.data.formats import answer_text, reference_match
 
 BUNDLED_CHECK = "arithmetic_correct"
 BUNDLED_TEXT_CHECK = "arithmetic_continues"  # a model trained on the skill's text continues 'a op b ='
@@ -92,15 +92,6 @@ def task_rows(rows: Sequence[Dict[str, Any]], fmt: str) -> List[Dict[str, Any]]:
             columns["reference"] = reference
         out.append({"prompt": prompt, "columns": columns})
     return out
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.split())
-
-
-def reference_match(completion: str, reference: Optional[str] = None) -> float:
-    """1.0 when the answer equals the reference (whitespace-normalised)."""
-    return float(reference is not None and normalize(completion) == normalize(reference))
 
 
 def resolve_check(check: str, skill: bool, stage_cfg: Any, fmt: str) -> Optional[str]:

@@ -67,3 +67,13 @@ def answer_text(value: Any) -> Optional[str]:
         content = value[-1].get("content")
         return content if isinstance(content, str) else None
     return None
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def reference_match(completion: str, reference: Optional[str] = None) -> float:
+    """1.0 when the answer equals the reference (whitespace-normalised): the task metric's
+    ``reference`` check and the rollout stages' default reward on a user's data."""
+    return float(reference is not None and normalize(completion) == normalize(reference))

@@ -54,7 +54,7 @@ def reference_reward(completion: str, reference: Optional[str] = None) -> float:
                         "rows have none (a prompt row alone); fix: give prompt/completion rows (or chat rows ending "
                         "with the answer), or set stage.reward.function=<a registered reward or module:function> "
                         "or stage.reward.model=<rm run>/model")
-    from llmexp.task_probe import reference_match
+    from llmexp.data.formats import reference_match
 
     return reference_match(completion, reference)
 
