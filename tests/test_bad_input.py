@@ -53,6 +53,8 @@ def workdir(tmp_path_factory):
     (files / "a_run" / "model").mkdir(parents=True)
     (files / "a_run" / "model" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (files / "a_run" / "summary.json").write_text("{}")
+    (files / "a_run" / "checkpoints").mkdir()
+    (files / "a_run" / "checkpoints" / "last.ckpt").write_bytes(b"")
     (files / "fake_gpt2").mkdir()
     (files / "rel_tasks").mkdir()  # an lm-eval task whose data file sits beside its YAML, named relatively
     (files / "rel_tasks" / "t.yaml").write_text(
@@ -433,6 +435,9 @@ EVAL_CASES = {
     "a task's data file relative to its YAML": (["{old}", "--tasks", "rel_task", "--include-path",
                                                  "{files}/rel_tasks"],
                                                 "fix: give its absolute path in the YAML ({files}/rel_tasks/data.jsonl)"),
+    # it named checkpoints/, which then failed as "neither a run directory ... nor a model directory"
+    "a checkpoint of a run": (["{files}/a_run/checkpoints/last.ckpt"],
+                              "is a file; give the directory it is in ({files}/a_run)"),
     "a folder of runs": (["{files}"], "holds runs (a_run), not a model; give one of them, e.g. {files}/a_run"),
 }
 

@@ -491,6 +491,20 @@ def test_gguf_export_of_qwen2_and_gpt2_writes_their_own_layouts(tmp_path, model)
             assert float(np.abs(want).sum()) > 0
 
 
+def test_a_runs_gguf_is_named_after_the_run(tmp_path, tiny_teacher):
+    """general.name was the run directory's name, a timestamp; serve calls the model by its run name."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    shutil.copytree(tiny_teacher, tmp_path / "20261207-113012" / "model")
+    (tmp_path / "20261207-113012" / "config.yaml").write_text("run_name: sft-llama\n")
+    out = tmp_path / "m.gguf"
+    r = run_cli(["export", str(tmp_path / "20261207-113012"), "--format", "gguf", "--out", str(out)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert GGUFReader(str(out)).fields["general.name"].contents() == "sft-llama"
+
+
 @pytest.mark.parametrize("case", ["phi", "quantized", "out exists", "missing"])
 def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher, case):
     import shutil
@@ -501,14 +515,16 @@ def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher,
     out = tmp_path / "x.gguf"
     if case == "phi":
         (model / "config.json").write_text(json.dumps({**config, "architectures": ["PhiForCausalLM"]}))
-    elif case == "quantized":
+    elif case == "quantized":  # a quantize run's model/: the message names the run it started from
         (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "torchao"}}))
+        (tmp_path / "config.yaml").write_text("run_name: quantize-llama\nmodel: {pretrained: /runs/sft/model}\n")
     elif case == "out exists":
         out.write_text("mine")
     target = tmp_path / "nowhere" if case == "missing" else model
     r = run_cli(["export", str(target), "--format", "gguf", "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    expected = {"phi": "writes llama, mistral, qwen2 and gpt2", "quantized": "full-precision weights",
+    expected = {"phi": "writes llama, mistral, qwen2 and gpt2",
+                "quantized": "full-precision weights: export the run quantize started from, /runs/sft/model",
                 "out exists": "exists and is kept", "missing": "does not exist; give a finished run's directory"}[case]
     assert expected in r.stderr, r.stderr
     assert (out.read_text() == "mine") if case == "out exists" else not out.exists()

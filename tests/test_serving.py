@@ -213,6 +213,10 @@ def test_concurrent_requests_are_batched_and_all_answered(served_sft):
      "logprobs: not supported by llmexp serve"),
     ("top_logprobs", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "top_logprobs: not supported"),
+    # a tool without a description was "Field required", and once it had one "not supported"
+    ("a tool", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function",
+                                                                             "function": {"name": "f"}}]}, 400,
+     "tools: not supported by llmexp serve"),
     ("a penalty", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1.5}, 400,
      "frequency_penalty: not supported by llmexp serve (no penalties are applied)"),
     # the field the client sent (it said max_tokens)
@@ -303,6 +307,12 @@ def test_a_wrong_or_missing_api_key_gets_401(served_sft):
      "choice: the two answers are the same"),
     # a prompt_id not on the page, or of another prompt: its answer/solution fields were dropped silently
     ({"kind": "rating", "prompt": "p", "answer": "a", "label": "up", "prompt_id": 999}, "prompt_id: 999 is not the id"),
+    # true was prompt 1 to a dict, and the row took prompt 1's answer columns
+    ({"kind": "rating", "prompt": "p", "answer": "a", "label": "up", "prompt_id": True}, "prompt_id: True is not the id"),
+    # an empty answer as the better one (DPO warned of it only later)
+    ({"kind": "pair", "prompt": "p", "answers": ["", "x"], "choice": "a"}, "answers[0]: the chosen answer is empty"),
+    ({"kind": "pair", "prompt": "p", "answers": ["", "x"], "choice": "both_good"}, "choice: both_good with an empty answer"),
+    ({"kind": "rating", "prompt": "p", "answer": " ", "label": "up"}, "answer: an empty answer rated up"),
     ({"kind": "rating", "prompt": "p", "answer": "a", "label": "up", "prompt_id": 0},
      "prompt: is not the text of prompt_id 0"),
 ])
@@ -591,7 +601,7 @@ def test_dpo_on_judgements_collected_through_the_api_raises_exact_match(tmp_path
     ("not a run", ["{tmp}"], "is neither a run directory with model/ nor a model directory"),
     ("bad host", ["{run}", "--host", "10.1.2.3"], "--host: '10.1.2.3' is not one llmexp serve can bind"),
     ("port taken", ["{run}", "--port", "{busy}"], "is not free"),
-    ("low port", ["{run}", "--port", "80"], "--port: 80 is outside 1024-65535"),
+    ("no port", ["{run}", "--port", "0"], "--port: 0 is outside 1"),
     ("no prompt file", ["{run}", "--prompts", "{tmp}/missing.jsonl"], "--prompts: no file"),
     ("prompt file not JSON", ["{run}", "--prompts", "{tmp}/bad.jsonl"], "line 2 is not JSON"),
     ("reward model", ["{rm}"], "reward model"),

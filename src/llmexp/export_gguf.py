@@ -31,6 +31,18 @@ TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 
+def run_config(model_dir: Path) -> dict:
+    """The config.yaml of the run whose model/ ``model_dir`` is, or {}."""
+    import yaml
+
+    config = Path(model_dir).parent / "config.yaml" if Path(model_dir).name == "model" else None
+    try:
+        loaded = yaml.safe_load(config.read_text()) if config is not None and config.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def portable_template(template: str) -> str:
     """The chat template without transformers' ``{% generation %}`` markers (they only mark the
     assistant's tokens for its loss mask): plain Jinja2, as llama-cpp-python and other GGUF readers
@@ -140,8 +152,10 @@ def check_writable(model_dir: Path) -> tuple:
         raise ValueError(f"architecture {config.get('architectures')} (GGUF export writes llama, mistral, qwen2 "
                          "and gpt2 models: model=llama, mistral, qwen2 or gpt2)")
     if "quantization_config" in config:
+        source = run_config(model_dir).get("model", {}).get("pretrained")
         raise ValueError("a quantized export (GGUF export reads full-precision weights: export the run "
-                         "quantize started from, and quantize with llama.cpp's llama-quantize)")
+                         f"quantize started from{f', {source}' if source else ''}, and quantize with llama.cpp's "
+                         "llama-quantize)")
     if not (model_dir / "tokenizer.json").is_file():
         raise ValueError("a model without tokenizer.json (GGUF export writes byte-level BPE tokenizers)")
     spec = json.loads((model_dir / "tokenizer.json").read_text())
@@ -163,7 +177,8 @@ def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings:
     config = json.loads((model_dir / "config.json").read_text())
     gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gpt2": gguf.MODEL_ARCH.GPT2}[arch]
     writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_name(model_dir.parent.name or model_dir.name)
+    # the run's name, as serve calls the model (the directory's was a timestamp: 20261207-113012-477141)
+    writer.add_name(str(run_config(model_dir).get("run_name") or model_dir.parent.name or model_dir.name))
     if arch == "gpt2":
         n_head = n_kv = config["n_head"]
         n_layer = config["n_layer"]

@@ -145,9 +145,12 @@ def model_dir_of(target: str, key: str = "run") -> Path:
     if not path.exists():
         raise UserError(f"{key}: {str(path)!r} does not exist; give a finished run's directory or an exported model")
     if path.is_file():
+        # a file of a run's model/ or checkpoints/ (last.ckpt): the run it belongs to, which was "checkpoints/"
+        inner = path.parent.name in ("model", "checkpoints") and (path.parent.parent / "model").is_dir()
+        run = path.parent.parent if inner else path.parent
         raise UserError(f"{key}: {str(path)!r} is a file; give the directory it is in"
-                        + (f" ({path.parent.parent if path.parent.name == 'model' else path.parent})"
-                           if (path.parent / "config.json").is_file() or (path.parent / "model").is_dir() else ""))
+                        + (f" ({run})" if inner or (path.parent / "config.json").is_file()
+                           or (path.parent / "model").is_dir() else ""))
     trials = sorted(p.parent for p in path.glob("*/summary.json"))
     if trials and not RunDir(path).config.is_file():
         raise UserError(f"{key}: {str(path)!r} holds runs ({', '.join(p.name for p in trials[:3])}"

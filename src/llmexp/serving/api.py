@@ -88,7 +88,8 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
     if request.top_p is None:
         request.top_p = 1.0
     if not 1 <= request.n <= served.max_batch_size:
-        raise RequestProblem(f"n: must be from 1 to {served.max_batch_size} (the server's --max-batch-size)", "n")
+        raise RequestProblem(f"n: must be from 1 to {served.max_batch_size} (the server's --max-batch-size, at "
+                             f"least 2: the feedback page asks for two answers)", "n")
     if request.temperature is not None and not 0 <= request.temperature <= 2:
         raise RequestProblem("temperature: must be from 0 (greedy) to 2", "temperature")
     if not 0 < request.top_p <= 1:
@@ -280,6 +281,9 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         at = next((x for x in first.get("loc", ()) if isinstance(x, int)), None)
         return openai_error(400, f"body: not valid JSON{f' (at character {at})' if at is not None else ''}")
     where = field_path(first.get("loc", ()))
+    unsupported = next((f for f in ("tools", "tool_choice", "response_format") if where.startswith(f)), None)
+    if unsupported:  # a tool without a description was "Field required", then "not supported" once it had one
+        return openai_error(400, f"{unsupported}: not supported by llmexp serve; leave it out", unsupported)
     if not where and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
         # curl -d without a JSON content type, or a JSON list or string: pydantic's "Input should be
         # a valid dictionary or object to extract fields from" says neither

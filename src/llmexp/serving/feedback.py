@@ -79,12 +79,20 @@ def judgement_rows(body: Any, extra: Optional[Dict[str, Any]] = None) -> Dict[st
                 raise BadJudgement("choice: the two answers are the same, so neither is better; rate the answer "
                                    "(kind 'rating') or sample two answers again")
             chosen, rejected = (a, b) if choice == "a" else (b, a)
+            if not chosen.strip():  # DPO later warned of a chosen answer with no text
+                raise BadJudgement(f"answers[{0 if choice == 'a' else 1}]: the chosen answer is empty; choose "
+                                   f"the other, or say both_bad")
             return {PAIRS: [{"prompt": prompt, "chosen": answer(chosen), "rejected": answer(rejected), **meta}]}
         label = choice == "both_good"
+        if label and not (a.strip() and b.strip()):
+            raise BadJudgement("choice: both_good with an empty answer would teach the model to say nothing; say "
+                               "which is better, or both_bad")
         return {RATINGS: [{"prompt": prompt, "completion": answer(x), "label": label, **meta}
                           for x in ((a,) if same else (a, b))]}  # one rating where the two answers are one
     if body.get("label") not in LABELS:  # a rating
         raise BadJudgement(f"label: must be 'up' or 'down', got {body.get('label')!r}")
+    if body["label"] == "up" and isinstance(body.get("answer"), str) and not body["answer"].strip():
+        raise BadJudgement("answer: an empty answer rated up would teach the model to say nothing; rate it down")
     return {RATINGS: [{"prompt": prompt, "completion": answer(_text(body.get("answer"), "answer", True)),
                        "label": LABELS[body["label"]], **meta}]}
 

@@ -112,8 +112,9 @@ def check_address(host: str, port: int) -> None:
     if host not in HOSTS:
         raise UserError(f"--host: {host!r} is not one llmexp serve can bind; use 127.0.0.1 (this machine only, the "
                         f"default), 0.0.0.0 (every IPv4 interface) or :: (every interface)")
-    if not 1024 <= port <= 65535:
-        raise UserError(f"--port: {port} is outside 1024-65535; pick a free port in that range")
+    low = 1 if os.geteuid() == 0 else 1024  # below 1024 only root may bind (in a container, say)
+    if not low <= port <= 65535:
+        raise UserError(f"--port: {port} is outside {low}-65535; pick a free port in that range")
     family = socket.AF_INET6 if host == "::" else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -195,7 +196,8 @@ def build_server(served, prompts: List[Dict[str, Any]], feedback_dir: Path):
     def record(body: Any) -> Dict[str, int]:
         picked = None
         if isinstance(body, dict) and body.get("prompt_id") is not None:
-            picked = by_id.get(body["prompt_id"])
+            given = body["prompt_id"]  # true is 1 to a dict: it took prompt 1's answer columns
+            picked = by_id.get(given) if isinstance(given, int) and not isinstance(given, bool) else None
             if picked is None:  # a typo, a stale page or "49" for 49: its fields would be missing, silently
                 raise BadJudgement(f"prompt_id: {body['prompt_id']!r} is not the id of a prompt on this page "
                                    f"(GET /feedback/prompts lists them); leave it out for a prompt of your own")
