@@ -62,6 +62,11 @@ def workdir(tmp_path_factory):
         "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
         "metric_list:\n  - metric: exact_match\n")
     (files / "rel_tasks" / "data.jsonl").write_text('{"q": "1+1", "a": "2"}\n')
+    (files / "pretrain_run" / "model").mkdir(parents=True)  # a stage=pretrain run on the skill's text
+    (files / "pretrain_run" / "model" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                                             "model_type": "llama"}))
+    (files / "pretrain_run" / "config.yaml").write_text(
+        "stage: {name: pretrain}\ndata: {source: bundled, name: arithmetic_text}\n")
     (files / "sweep" / "1").mkdir(parents=True)  # an earlier sweep's job 1 (its job 0 was deleted)
     (files / "sweep" / "1" / "summary.json").write_text("{}")
     (files / "fake_gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
@@ -128,6 +133,14 @@ CONFIG_CASES = {
     "a task's data file named relative to its YAML": (
         ["eval=lm_eval", "eval.tasks=[rel_task]", "eval.include_path={files}/rel_tasks"],
         "reads data_files 'data.jsonl', which lm-eval looks for in the current directory"),
+    # its initial val/loss was measured on chat rows a text model never saw (2.78 against its own 1.12)
+    "a pretrain run quantized on chat rows": (
+        ["stage=quantize", "trainer.max_steps=0", "model.pretrained={files}/pretrain_run/model"],
+        "is from a stage=pretrain run, trained on the text of 'arithmetic_text', and stage=quantize would validate "
+        "it on the rows of 'arithmetic'"),
+    "a pretrain run distilled on chat rows": (
+        ["stage=distill", "stage.teacher={files}/pretrain_run", "model.hidden_size=32"],
+        "stage.teacher: {files}/pretrain_run is from a stage=pretrain run"),
     "a misspelt monitor": (["trainer.monitor=val/los", "trainer.keep_best=true"],
                            "trainer.monitor: no stage validates 'val/los'\n      fix: did you mean 'val/loss'?"),
     # a run directory without model/ said "... You need to have sentencepiece or tiktoken installed"

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from llmexp.testing import run_cli, run_module
+from llmexp.testing import FAST, run_cli, run_module
 
 
 def compress(tmp_path, stage: str, model_dir, name: str) -> tuple:
@@ -119,6 +119,20 @@ def test_calibration_windows_lay_the_rows_end_to_end_without_padding():
     assert [w.tolist() for w in windows] == [[[5, 6, 7]], [[8, 9, 10]]]
     assert len(calibration_windows(rows, length=3, count=9)) == 3  # what the 11 tokens hold, whole
     assert calibration_windows(rows, length=12, count=1) == []
+
+
+@pytest.mark.parametrize("stage", ["quantize", "prune"])
+def test_a_text_model_is_quantized_and_pruned_on_text(tmp_path, tiny_teacher, stage):
+    """A stage=pretrain run's model is measured on the text it was trained on (data=arithmetic_text):
+    the stages took chat rows only, on which its val/loss and task metric were not the model's."""
+    run_dir = tmp_path / "run"
+    r = run_cli([*FAST, f"stage={stage}", f"model.pretrained={tiny_teacher}", "data=arithmetic_text",
+                 f"trainer.max_steps={0 if stage == 'quantize' else 4}", "trainer.val_check_interval=null",
+                 f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["data_stats"]["format"] == "text" and s["task"]["check"] == "arithmetic_continues"
+    assert s["initial"]["val/loss"] > 0 and s["final"]["val/loss"] > 0
 
 
 def test_group_size_divides_every_quantized_layers_input():

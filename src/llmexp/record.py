@@ -400,4 +400,5 @@ def print_result(summary: Dict[str, Any]) -> None:
     for w in summary.get("health", {}).get("warnings", []):
         lines.append(f"  [yellow]health warning[/] at step {w['step']}: {w['sign']}: {w['seen']}")
     lines.append(f"  run record: {summary['run_dir']}")
-    Console(stderr=True).print("\n".join(lines))
+    # soft_wrap: a long line is the terminal's to wrap (a log file broke it mid-phrase at 80 columns)
+    Console(stderr=True, soft_wrap=True).print("\n".join(lines))

@@ -80,9 +80,9 @@ STAGES: Dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("online_dpo", "llmexp.stages.online_dpo:OnlineDPOStage", S.OnlineDPOStageConfig, ROLLOUT_FORMATS,
               generates=True, post_training=True),
     StageSpec("distill", "llmexp.stages.distill:DistillStage", S.DistillStageConfig, ("chat", "prompt_completion")),
-    StageSpec("quantize", "llmexp.stages.quantize:QuantizeStage", S.QuantizeStageConfig, ("chat", "prompt_completion"),
+    StageSpec("quantize", "llmexp.stages.quantize:QuantizeStage", S.QuantizeStageConfig, ("chat", "prompt_completion", "text"),
               steps="none", token_loss=True),
-    StageSpec("prune", "llmexp.stages.prune:PruneStage", S.PruneStageConfig, ("chat", "prompt_completion"),
+    StageSpec("prune", "llmexp.stages.prune:PruneStage", S.PruneStageConfig, ("chat", "prompt_completion", "text"),
               steps="optional", token_loss=True),
 )}
 
