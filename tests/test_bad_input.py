@@ -116,6 +116,16 @@ CONFIG_CASES = {
     "a stage as a command": (["dpo"], "'dpo' is neither an override (key=value) nor a command"),
     "unknown group": (["modle.hidden_size=32"], "did you mean 'model'"),
     "a sweep's config": (["-m", "optim.lr=1e-3,2e-3", "--cfg", "job"], "-m and --cfg: Hydra takes one mode at a time"),
+    # every job in one directory: job 1 wrote over job 0
+    "a sweep's jobs in one directory": (["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=same"],
+                                        "hydra.sweep.subdir: 'same' is the same directory for every job"),
+    # it resumed into multirun/ and left the killed run unfinished
+    "a sweep resuming": (["-m", "optim.lr=1e-3,2e-3", "resume=auto"], "resume: resumes one run in its own directory"),
+    # Hydra's traceback ("Can only enumerate CHOICE and RANGE sweeps")
+    "an interval sweep": (["-m", "optim.lr=interval(0,1)"], "an interval is sampled by a sweeper plugin"),
+    # Hydra's "Ambiguous value", exit 1
+    "several values without -m": (["optim.lr=1e-3,2e-3"], "optim.lr: 1e-3,2e-3 gives several values, which make a "
+                                                          "sweep"),
     # each job was composed when it started: job 0 trained, then the -1 was refused
     "a sweep's later value": (["-m", "optim.lr=1e-3,-1"], "optim.lr: must be >= 0.0, got -1.0"),
     # the second sweep wrote into the first's job directories, mixing their records

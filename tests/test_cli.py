@@ -121,6 +121,24 @@ def test_multirun_gives_each_job_its_own_run_directory_and_wandb_run(tmp_path):
         assert 0 < s["seconds_to_first_step"] < s["wall_seconds"], s
 
 
+def test_a_glob_sweeps_a_groups_options_and_a_run_never_writes_over_a_run(tmp_path):
+    """glob() crashed in llmexp's checks ("ConfigLoader is not set"); a job whose directory holds a
+    run is refused however it got there (hydra.sweep.subdir shared by every job)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from llmexp.errors import UserError
+    from llmexp.overrides import sweep_values
+    from llmexp.run import refuse_a_held_directory
+    from llmexp.testing import typed
+
+    (o,) = OverridesParser.create().parse_overrides(["model=glob(*,exclude=[llama_1b,mistral])"])
+    assert sorted(sweep_values(o)) == ["gpt2", "llama", "qwen2"]
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a run .summary.json., which this one would write over"):
+        refuse_a_held_directory(typed([]), tmp_path)
+    refuse_a_held_directory(typed(["resume=auto"]), tmp_path)  # resuming it is what resume= is for
+
+
 def test_a_sweep_over_stages_keeps_its_jobs_together_and_is_never_written_over(tmp_path):
     """-m stage=sft,pretrain: both jobs in one sweep directory (each job's was named after its own
     run_name, multirun/sft-llama/<t>/0 and multirun/pretrain-llama/<t>/1, and compare saw one run);

@@ -137,6 +137,16 @@ def test_nested_parameters_of_a_wandb_sweep_file_are_dotted_keys(tmp_path):
     assert trial.params["optim.lr"] in (1e-3, 1e-2) and trial.params["trainer.seed"] == 7
 
 
+def test_a_parameter_given_flat_and_nested_is_refused(tmp_path):
+    from llmexp.errors import UserError
+    from llmexp.sweep.spec import load_spec
+
+    path = _spec(tmp_path, parameters={"optim.lr": {"values": [1e-3]},
+                                       "optim": {"parameters": {"lr": {"values": [2e-3, 5e-3]}}}})
+    with pytest.raises(UserError, match=r"parameter optim.lr is given twice"):
+        load_spec(str(path))
+
+
 def test_interrupted_trials_are_told_apart_by_whether_they_have_a_checkpoint(tmp_path):
     """The Ctrl+C message said every running trial would continue from its last checkpoint, also
     those that had written none (a rerun starts them over)."""
@@ -366,7 +376,7 @@ def test_bad_counts_are_refused(tmp_path, args, message):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("to", ["sweep", "process group"])
+@pytest.mark.parametrize("to", ["sweep", "process group", "sweep-SIGTERM"])
 def test_ctrl_c_to_the_sweep_stops_its_trial_and_a_rerun_resumes_it(tmp_path, to):
     """SIGINT to the sweep alone (kill -INT) or to its process group (Ctrl+C in a terminal): it
     stops its running trial as Ctrl+C stops a run and says how to resume, exit 130 (it was a
@@ -393,7 +403,11 @@ def test_ctrl_c_to_the_sweep_stops_its_trial_and_a_rerun_resumes_it(tmp_path, to
     while not list((out / "trial-000" / "checkpoints").glob("*.ckpt")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGINT) if to == "sweep" else os.killpg(proc.pid, signal.SIGINT)
+    # SIGTERM (timeout, Slurm, systemd) as Ctrl+C: it ended the sweep alone, and its trial ran on, orphaned
+    if to == "process group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM if "SIGTERM" in to else signal.SIGINT)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "interrupted" in err and "run the same command again" in err, err

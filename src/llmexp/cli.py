@@ -13,7 +13,7 @@ from typing import List, Optional
 from llmexp.errors import UserError, quiet_exits, report
 from llmexp.help import HELP_FLAGS, help_text
 from llmexp.commands import SUBCOMMANDS
-from llmexp.multirun import is_multirun, sweep_args
+from llmexp.multirun import is_multirun, refuse_a_sweep_without_m, sweep_args
 from llmexp.overrides import resolve_overrides, split_overrides
 from llmexp.paths import config_dir, config_groups
 from llmexp.run_lock import distributed_child
@@ -103,6 +103,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             argv = [rewritten.get(a, a) for a in argv] + run_dir_overrides(cfg, overrides)
             if is_multirun(argv) and not distributed_child():
                 argv += sweep_args(overrides, str(cfg.run_name))
+            elif not is_multirun(argv):
+                refuse_a_sweep_without_m(overrides)
     except UserError as e:
         sys.exit(report(e))
     import hydra

@@ -21,6 +21,16 @@ def is_multirun(argv: List[str]) -> bool:
     return any(a in MULTIRUN_FLAGS for a in argv)
 
 
+def refuse_a_sweep_without_m(overrides: List[str]) -> None:
+    """Several values without -m: Hydra's "Ambiguous value" with exit 1 (a traceback with
+    LLMEXP_TRACEBACK); said as a sweep that needs -m."""
+    swept = _swept(overrides)
+    if swept:
+        line = next(iter(swept))
+        raise ConfigError([Problem(line.split("=", 1)[0], f"{line.split('=', 1)[1]} gives several values, which make a "
+                                   "sweep: one run per value", "add -m (python -m llmexp -m ...), or give one value")])
+
+
 def job_count(overrides: List[str]) -> int:
     """How many jobs Hydra's basic sweeper makes of ``overrides`` (the product of the swept values)."""
     count = 1
@@ -33,11 +43,13 @@ def _swept(overrides: List[str]) -> dict:
     """``{override text: [the override with each of its values]}`` for every swept override."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from llmexp.overrides import sweep_values
+
     out = {}
     for o in OverridesParser.create().parse_overrides(overrides):
-        if o.is_sweep_override() and o.is_discrete_sweep():
+        if o.is_sweep_override():
             key = o.get_key_element()
-            out[o.input_line] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            out[o.input_line] = [f"{key}={v}" for v in sweep_values(o)]
     return out
 
 
@@ -60,8 +72,18 @@ def sweep_args(overrides: List[str], first_run_name: str) -> List[str]:
                 continue
             names.add(str(cfg.run_name))
     given = _given(overrides, "hydra.sweep.dir")
-    if given is not None and _given(overrides, "hydra.sweep.subdir") is None:
+    subdir = _given(overrides, "hydra.sweep.subdir")
+    if subdir is not None and job_count(overrides) > 1 and not any(
+            k in subdir for k in ("${hydra.job.num}", "${hydra.job.id}", "${hydra.job.override_dirname}")):
+        problems.append(Problem("hydra.sweep.subdir", f"{subdir!r} is the same directory for every job, so each job "
+                                f"would write over the one before", "leave it unset (the job's number), or make it "
+                                "name the job: ${hydra.job.num} or ${hydra.job.override_dirname}"))
+    if given is not None and subdir in (None, "${hydra.job.num}"):
         problems.extend(_held_job_dirs(given, job_count(overrides)))
+    if any(o.lstrip("+").split("=", 1)[0] == "resume" and o.split("=", 1)[1] not in ("null", "") for o in overrides):
+        problems.append(Problem("resume", "resumes one run in its own directory, and -m starts new runs in a sweep "
+                                "directory (the run resumed went into multirun/, and the killed one stayed "
+                                "unfinished)", "drop -m to resume the run: python -m llmexp <its overrides> resume=..."))
     if problems:
         raise ConfigError(problems)
     if given is not None:

@@ -74,7 +74,7 @@ def resolve_overrides(overrides: List[str]):
                                     f"stage={stage} model={model}" if model else "drop scale="))
             continue
         if key in groups:
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_string()]
+            values = sweep_values(o) if o.is_sweep_override() else [o.get_value_string()]
             bad = [v for v in values if v not in groups[key] and v != "null" and not o.is_delete()]
             for v in bad:
                 problems.append(Problem(f"{key}={v}", f"unknown {key} option", suggest(v, groups[key])))
@@ -205,12 +205,37 @@ def _existing_run_problem(run_dir: str) -> List[Problem]:
     return []
 
 
+def sweep_values(o) -> List[str]:
+    """The values a swept override takes, as Hydra's basic sweeper enumerates them: a glob over a
+    config group's options expanded here (Hydra's own enumeration needs its config loader, and
+    crashed with "ConfigLoader is not set"); ConfigError for an interval, which only a sweeper
+    plugin samples."""
+    from hydra.core.override_parser.types import Glob
+
+    key = o.get_key_element()
+    if not o.is_discrete_sweep():
+        raise ConfigError([Problem(key, f"{o.input_line.split('=', 1)[1]}: an interval is sampled by a sweeper plugin "
+                                   "(Optuna, Ax), which llmexp does not use", "choice(...) or range(...) with -m, or "
+                                   "llmexp sweep <W&B sweep file> (distribution: log_uniform_values, ...)")])
+    if isinstance(o.value(), Glob):
+        groups = config_groups()
+        options = groups.get(o.key_or_group)
+        if options is None:
+            raise ConfigError([Problem(key, "glob() chooses among a config group's options, and this is not a group",
+                                       f"list the values: {key}=a,b (with -m)")])
+        return list(o.value().filter(options))
+    return list(o.sweep_string_iterator())
+
+
 def _single_value(o) -> str:
     """The override with a sweep reduced to its first value (for checking only)."""
     if not o.is_sweep_override():
         return o.input_line
-    first = next(iter(o.sweep_string_iterator()))
-    return f"{o.get_key_element()}={first}"
+    values = sweep_values(o)
+    if not values:
+        raise ConfigError([Problem(o.get_key_element(), f"{o.input_line.split('=', 1)[1]} names no value",
+                                   "give at least one")])
+    return f"{o.get_key_element()}={values[0]}"
 
 
 def _key_problem(cfg, o, chosen: Dict[str, str]) -> Optional[Problem]:

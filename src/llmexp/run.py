@@ -39,6 +39,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
     run_dir = Path(run_dir or hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):  # a second run or resume on this directory is refused, naming this one
+        refuse_a_held_directory(typed, run_dir)
         clean_partials(run_dir)
         failed = True
         try:
@@ -48,6 +49,17 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, callbacks: Sequence[Any
             return final
         finally:
             finish_tracker(failed)
+
+
+def refuse_a_held_directory(typed, run_dir: Path) -> None:
+    """Never a new run over a run's record: the command line checks hydra.run.dir and hydra.sweep.dir
+    before Hydra starts, and this each job's own directory (a -m with hydra.sweep.subdir=same wrote
+    job 1 over job 0, and left job 0's overrides.yaml beside job 1's config)."""
+    written = RunDir(run_dir).would_overwrite()
+    if typed.resume is None and written:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(written)}), which this one would write over; "
+                        f"give each run its own directory (under -m: leave hydra.sweep.subdir at its default, "
+                        f"the job's number, and hydra.sweep.dir new)")
 
 
 def finish_tracker(failed: bool) -> None:

@@ -57,6 +57,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         engine = SweepEngine(spec, out, count, args.parallel)
         if args.parallel > 1:
             print(threads_note(args.parallel), flush=True)
+        import signal
+
+        def stop_as_on_ctrl_c(signum, frame):  # timeout, Slurm and systemd send SIGTERM: the trial was orphaned
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop_as_on_ctrl_c)
         try:
             trials = engine.run()
         except KeyboardInterrupt:

@@ -84,10 +84,13 @@ def flat_parameters(parameters: Dict[str, Any], prefix: str = "") -> Dict[str, A
     option")."""
     out: Dict[str, Any] = {}
     for key, param in parameters.items():
-        if isinstance(param, dict) and set(param) == {"parameters"} and isinstance(param["parameters"], dict):
-            out.update(flat_parameters(param["parameters"], f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = param
+        nested = isinstance(param, dict) and set(param) == {"parameters"} and isinstance(param["parameters"], dict)
+        found = flat_parameters(param["parameters"], f"{prefix}{key}.") if nested else {f"{prefix}{key}": param}
+        twice = sorted(set(found) & set(out))
+        if twice:  # the later one replaced the earlier, silently
+            raise UserError(f"sweep: parameter {twice[0]} is given twice (as {twice[0]} and under "
+                            f"{twice[0].rsplit('.', 1)[0]}: parameters:); keep one")
+        out.update(found)
     return out
 
 
