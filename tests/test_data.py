@@ -241,6 +241,23 @@ def test_a_chat_template_of_ones_own_trains_the_chat_data_and_goes_with_the_expo
     assert typed([f"model.chat_template='{literal}'"]).model.chat_template == literal
 
 
+def test_plain_rows_under_ones_own_chat_template_train_as_its_turns(tmp_path):
+    """Plain prompt/completion rows with model.chat_template: trained raw, exported with ChatML, so
+    generate asked through ChatML got an empty answer. They train (and are measured) as its turns."""
+    from llmexp.testing import train
+
+    f = tmp_path / "chatml.jinja"
+    f.write_text(CHATML)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} plus 1?", "completion": f"{a} + 1 = {a + 1}"}) + "\n"
+                            for a in range(60)))
+    run = train(tmp_path, [f"model.chat_template={f}", "data=files", f"data.path={data}", "trainer.max_steps=5"])
+    s = json.loads((run / "summary.json").read_text())
+    assert any("asked as chat turns: the model is asked through model.chat_template" in n for n in s["notes"])
+    asked = [json.loads(line)["prompt"] for line in (run / "answers.jsonl").read_text().splitlines()]
+    assert asked and all(isinstance(p, list) and p[0]["role"] == "user" for p in asked)
+
+
 def test_a_chat_template_that_is_missing_broken_or_never_ends_an_answer_is_refused(tmp_path):
     from llmexp.errors import ConfigError
     from llmexp.testing import check_config

@@ -149,6 +149,43 @@ def test_the_default_reward_is_the_skills_rule_on_its_data_and_the_reference_ans
     assert r.returncode == 2 and "fix: my_rewards:matches (the module's name, without .py" in r.stderr, r.stderr
 
 
+def test_rollout_references_are_right_answers_and_rows_without_one_are_refused_before_a_model(tmp_path):
+    """A preference pair's chosen answer is its reference (it was refused as "a prompt row alone");
+    a kto row labelled undesirable has none (its wrong completion was rewarded: 1.00 -> 0.93 in 60
+    steps); prompt rows with an answer column are pointed to data.fields.completion."""
+    from llmexp.data.encode import as_prompt_row
+
+    assert as_prompt_row({"prompt": "q", "chosen": "a", "rejected": "b"})["completion"] == "a"
+    assert "completion" not in as_prompt_row({"prompt": "q", "completion": "wrong", "label": False})
+    assert as_prompt_row({"prompt": "q", "completion": "right", "label": True})["completion"] == "right"
+    rows = {"kto": [{"prompt": f"Sort {a} {b}.", "completion": f"{min(a, b)} {max(a, b)}", "label": (a + b) % 2 == 0}
+                    for a in range(6) for b in range(6)],
+            "answer": [{"prompt": f"Sort {a} {b}.", "answer": f"{min(a, b)} {max(a, b)}"}
+                       for a in range(6) for b in range(6)]}
+    expected = {"kto": "of the 34 training rows of '{}' are labelled undesirable: their completion is a wrong answer",
+                "answer": "fix: data.fields.completion=answer (the column that holds the answer)"}
+    for name, data in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+        r = run_cli([*FAST, "stage=grpo", "data=files", f"data.path={path}"], cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert expected[name].format(path) in r.stderr, r.stderr
+
+
+def test_a_gpt2s_positions_are_read_by_their_name(tmp_path):
+    """data.max_length fitted to a gpt2's n_positions (it read max_position_embeddings alone, so a
+    gpt2 SFT's grpo on data=files was refused: set data.max_length=496)."""
+    from llmexp.config.schema import RunConfig
+    from llmexp.preflight import fit_max_length_to_positions
+    from llmexp.testing import typed
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 512}))
+    run: RunConfig = typed(["stage=grpo", "data.max_length=512"])
+    run.model.pretrained = str(tmp_path)
+    fit_max_length_to_positions(run, [])
+    assert run.data.max_length == 496
+
+
 @pytest.mark.slow
 def test_grpo_on_a_users_prompt_completion_file_rewards_its_answers(tmp_path):
     """The README's grpo command on a user's file, no reward given: its rows' answers are the reward

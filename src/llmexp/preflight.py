@@ -153,7 +153,8 @@ def fit_max_length_to_positions(run: S.RunConfig, given: Sequence[str]) -> None:
     if run.model.pretrained is not None:
         from llmexp.models.build import local_config
 
-        positions = local_config(run.model.pretrained).get("max_position_embeddings")
+        config = local_config(run.model.pretrained)
+        positions = config.get("max_position_embeddings", config.get("n_positions"))  # gpt2's name
     else:
         positions = run.model.max_position_embeddings
     rollout = getattr(run.stage, "rollout", None)

@@ -178,6 +178,7 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     from llmexp.data.module import StageDataModule
 
     prepared, tokenizer = prepare_data(typed)  # data problems surface before any model
+    check_references(typed, prepared)
     from llmexp.models.tokenizer import template_as_trained
 
     template_note = template_as_trained(tokenizer, typed.stage.name, prepared)
@@ -230,6 +231,9 @@ def check_positions(typed, model) -> None:
         return
     rollout = getattr(typed.stage, "rollout", None)
     new_tokens = max(rollout.max_new_tokens, rollout.val_max_new_tokens or 0) if rollout is not None else 0
+    if new_tokens and positions - new_tokens < 8:  # "set data.max_length=-88" was no fix
+        raise UserError(f"stage.rollout.max_new_tokens: {new_tokens} new tokens leave no room for a prompt in the "
+                        f"{positions} positions of {typed.model.pretrained}; lower it below {positions - 8}")
     if typed.data.max_length + new_tokens > positions:
         plus = f" plus stage.rollout.max_new_tokens={new_tokens}" if new_tokens else ""
         raise UserError(f"data.max_length: {typed.data.max_length}{plus} is more than the {positions} positions of "
@@ -328,6 +332,36 @@ def prepare_data(typed):
     if prepared.format == "text":
         return prepared_text(d, typed.stage.name, tokenizer, load, prepared), tokenizer
     return prepared, tokenizer
+
+
+def check_references(typed, prepared) -> None:
+    """reference_match (the rollout stages' reward on a user's data) needs every training row's
+    reference answer: said before any model, with the rows it lacks (prompt rows alone; kto rows
+    labelled undesirable, whose completion is a wrong answer it would have rewarded)."""
+    reward = getattr(typed.stage, "reward", None)
+    train = getattr(prepared, "train", None)
+    if reward is None or reward.model or reward.function != "reference_match" or train is None:
+        return
+    from llmexp.data.encode import as_prompt_row
+
+    rows = list(train)
+    missing = [i for i, row in enumerate(rows) if "completion" not in as_prompt_row(row)]
+    if not missing:
+        return
+    where = repr(typed.data.path or typed.data.name)
+    if prepared.format == "unpaired_preference":
+        raise UserError(f"stage.reward.function: reference_match rewards an answer equal to the row's, and {len(missing)} "
+                        f"of the {len(rows)} training rows of {where} are labelled undesirable: their completion is a "
+                        f"wrong answer; fix: give the rows whose completion is right (label true), or a reward that "
+                        f"checks answers: stage.reward.function=<registered name or module:function>")
+    columns = sorted(rows[0]) if rows else []
+    named = next((c for c in columns if c in ("answer", "response", "output", "target", "solution", "reference")), None)
+    fix = f"data.fields.completion={named} (the column that holds the answer), " if named else \
+        "prompt/completion rows (or chat rows ending with the answer), "
+    raise UserError(f"stage.reward.function: reference_match rewards an answer equal to the row's reference answer, "
+                    f"and {len(missing)} of the {len(rows)} training rows of {where} have none (columns: "
+                    f"{', '.join(columns)}); fix: {fix}or stage.reward.function=<a registered reward or "
+                    f"module:function>, or stage.reward.model=<rm run>/model")
 
 
 def no_system_prompt_for(data_cfg) -> UserError:

@@ -19,12 +19,16 @@ ANSWERS = ("completion", "chosen", "rejected")
 
 
 def asked_as_chat(tok, pretrained: Optional[str], chat_template: Optional[str]) -> bool:
-    """Whether the starting model is asked through a chat template of its own: its directory's
-    (not one given by model.chat_template, nor the plain one an SFT on plain strings exports)."""
+    """Whether the model will be asked through a chat template: one given by model.chat_template
+    (it goes with the exported model: an SFT on plain rows trained them raw and exported ChatML,
+    so generate got an empty answer), or the starting model's own (not the plain one an SFT on
+    plain strings exports)."""
     from llmexp.models.tokenizer import PLAIN_PROMPT_TEMPLATE
 
     template = getattr(tok, "chat_template", None)
-    return pretrained is not None and chat_template is None and bool(template) and template != PLAIN_PROMPT_TEMPLATE
+    if chat_template is not None:
+        return True
+    return pretrained is not None and bool(template) and template != PLAIN_PROMPT_TEMPLATE
 
 
 def as_chat_row(row: Dict[str, Any]) -> Dict[str, Any]:
@@ -47,11 +51,13 @@ def plain_prompts(prepared) -> bool:
 def rows_as_chat(prepared, stage: str, tok, pretrained: Optional[str], chat_template: Optional[str]) -> Optional[str]:
     """Convert ``prepared``'s plain-string rows in place when the stage trains a model asked as a
     chat; returns the run's note when it did."""
-    if stage not in STAGES or not plain_prompts(prepared) or not asked_as_chat(tok, pretrained, chat_template):
+    chosen_template = stage == "sft" and chat_template is not None
+    if (stage not in STAGES and not chosen_template) or not plain_prompts(prepared) \
+            or not asked_as_chat(tok, pretrained, chat_template):
         return None
     prepared.train = prepared.train.map(as_chat_row, desc=None)
     if prepared.val is not None and len(prepared.val) > 0:
         prepared.val = prepared.val.map(as_chat_row, desc=None)
-    return (f"plain-string rows asked as chat turns: {pretrained} is asked through its chat template, so each "
-            f"prompt trains as the user's message and each answer as the assistant's, as generate and serve ask it "
-            f"(to train the text raw, give model.chat_template=<a template that renders the content alone>)")
+    whose = "model.chat_template" if chat_template is not None else f"{pretrained}'s chat template"
+    return (f"plain-string rows asked as chat turns: the model is asked through {whose}, so each prompt trains "
+            f"as the user's message and each answer as the assistant's, as generate and serve ask it")

@@ -160,6 +160,10 @@ def as_prompt_row(row: Dict[str, Any]) -> Dict[str, Any]:
     """A chat row as a rollout prompt: the conversation before its last assistant turn, and that
     turn's text as ``completion`` (the reference answer a reward function may compare with, as a
     prompt/completion row's); other rows as they are."""
+    if "prompt" in row and "chosen" in row and "completion" not in row:  # a preference pair: its chosen answer
+        return {**row, "completion": row["chosen"]}
+    if "prompt" in row and "label" in row and not row["label"]:  # kto's undesirable completion is no reference
+        return {k: v for k, v in row.items() if k != "completion"}
     if "prompt" in row or "messages" not in row:
         return row
     messages = list(row["messages"])
