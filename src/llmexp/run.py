@@ -55,8 +55,10 @@ def refuse_a_held_directory(typed, run_dir: Path) -> None:
     """Never a new run over a run's record: the command line checks hydra.run.dir and hydra.sweep.dir
     before Hydra starts, and this each job's own directory (a -m with hydra.sweep.subdir=same wrote
     job 1 over job 0, and left job 0's overrides.yaml beside job 1's config)."""
+    from llmexp.run_lock import distributed_child
+
     written = RunDir(run_dir).would_overwrite()
-    if typed.resume is None and written:
+    if typed.resume is None and written and not distributed_child():  # ranks > 0 join rank 0's run
         raise UserError(f"{run_dir} already holds a run ({', '.join(written)}), which this one would write over; "
                         f"give each run its own directory (under -m: leave hydra.sweep.subdir at its default, "
                         f"the job's number, and hydra.sweep.dir new)")
