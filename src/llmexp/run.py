@@ -342,7 +342,9 @@ def check_references(typed, prepared) -> None:
     labelled undesirable, whose completion is a wrong answer it would have rewarded)."""
     reward = getattr(typed.stage, "reward", None)
     train = getattr(prepared, "train", None)
-    if reward is None or reward.model or reward.function != "reference_match" or train is None:
+    from llmexp.preflight import REFERENCE_REWARD
+
+    if reward is None or reward.model or reward.function != REFERENCE_REWARD or train is None:
         return
     from llmexp.data.encode import as_prompt_row
 
