@@ -28,6 +28,7 @@ def test_bundled_tasks_score_higher_after_sft(evaluated_run):
     s = json.loads((evaluated_run / "summary.json").read_text())
     before, after = s["eval_initial"], s["eval"]
     assert set(after) == {"arithmetic_mc", "arithmetic_gen", "arithmetic_ppl"}
+    assert after["arithmetic_gen"]["samples"] == before["arithmetic_mc"]["samples"] == 60  # eval.limit
     # Measured: mc accuracy 0.18 -> 1.0, exact match 0.0 -> 0.98, F1 0.004 -> 0.99 (60 questions each).
     assert before["arithmetic_mc"]["acc"] < 0.5 and after["arithmetic_mc"]["acc"] >= 0.9
     assert before["arithmetic_gen"]["exact_match"] == 0.0 and after["arithmetic_gen"]["exact_match"] >= 0.8
@@ -77,6 +78,8 @@ def test_eval_of_an_existing_run_and_a_custom_task_dir(evaluated_run, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"pick_sum", "arithmetic_gen"}
     assert results["pick_sum"]["acc"] >= 0.9
+    # --limit is in the record: compare showed a 20-document eval as one of the whole task
+    assert results["pick_sum"]["samples"] == results["arithmetic_gen"]["samples"] == 20
     g = run_module("llmexp.generate", [str(evaluated_run), "What is 3 plus 4?"], cwd=tmp_path)
     assert g.returncode == 0 and "3 + 4 = 7" in g.stdout
 
@@ -119,6 +122,7 @@ def test_lm_eval_draws_no_progress_bars_into_logs(tiny_teacher, capsys):
     model, tokenizer = load_language_model(tiny_teacher)
     table = run_lm_eval(model, tokenizer, EvalConfig(name="lm_eval", tasks=["arithmetic_mc"], limit=4), progress=False)
     assert 0 <= table["arithmetic_mc"]["acc"] <= 1
+    assert table["arithmetic_mc"]["samples"] == 4  # a result on 4 documents says so (eval.limit)
     err = capsys.readouterr().err
     assert "it/s]" not in err and "Running loglikelihood" not in err, err[-2000:]
     assert tqdm.__dict__["__init__"] is original  # put back

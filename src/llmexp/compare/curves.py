@@ -16,9 +16,10 @@ PANELS = ("train/loss", "val/loss", "val/task_score", "val/accuracy", "val/rewar
 def panel_metrics(columns: Sequence[str], most: int = 6) -> List[str]:
     """The metrics worth a panel: those a reader compares runs by, not diagnostics (lr,
     grad norm, perplexity, which is the loss again); a loss named by its kind (compare.losses) as
-    the loss."""
+    the loss; an eval's ``samples``, a count, is not a curve."""
     present = sorted(set(columns))
-    chosen = [c for m in PANELS for c in present if base_name(c) == m] + [c for c in present if c.startswith("eval/")]
+    chosen = [c for m in PANELS for c in present if base_name(c) == m] + [
+        c for c in present if c.startswith("eval/") and not c.endswith("/samples")]
     return chosen[:most]
 
 

@@ -85,8 +85,10 @@ def _progress_bars(shown: bool) -> Iterator[None]:
 
 def run_lm_eval(model, tokenizer, cfg: EvalConfig, offline: bool = True,
                 progress: bool = True) -> Dict[str, Dict[str, Any]]:
-    """task -> metric -> value (lm-eval's "metric,filter" keys become "metric"), plus raw results;
-    ``progress``: lm-eval's progress bars, on a terminal."""
+    """task -> metric -> value (lm-eval's "metric,filter" keys become "metric"), and ``samples``:
+    how many of the task's documents were asked (``eval.limit`` / ``--limit`` can make it fewer
+    than the task has, and a result on 50 documents read as one on all of them); ``progress``:
+    lm-eval's progress bars, on a terminal."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -119,5 +121,8 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig, offline: bool = True,
                     or not isinstance(_plain(value), (int, float)):
                 continue
             row[name if flt in ("none", "") else f"{name}_{flt}"] = _plain(value)
+        counted = (out.get("n-samples") or {}).get(task) or {}
+        if "effective" in counted:
+            row["samples"] = int(counted["effective"])
         table[task] = row
     return table
