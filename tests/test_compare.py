@@ -240,7 +240,11 @@ def test_compare_on_pipeline_stage_directories_names_runs_by_stage(sweep, tmp_pa
 def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    cases = [([f"{tmp_path}/nothing-*"], "no run directories match"),
+    earlier = tmp_path / "report"  # an earlier comparison: not written over (nor mixed with a new one)
+    earlier.mkdir()
+    (earlier / "compare.md").write_text("# the earlier report\n")
+    cases = [([str(sweep / "trial-000"), "--out", str(earlier)], "holds an earlier comparison (compare.md)"),
+             ([f"{tmp_path}/nothing-*"], "no run directories match"),
              ([str(empty)], f"{empty} is not a run directory"),
              ([str(tmp_path / "missing")], "does not exist"),
              ([str(sweep / "trial-000"), "--out", str(sweep / "trial-001")], "holds a run or a sweep"),
@@ -252,6 +256,8 @@ def test_compare_refuses_bad_input_with_exit_2(sweep, tmp_path):
         r = _cli("compare", *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert "give finished run directories" in r.stderr or "choose a new directory" in r.stderr
+    assert sorted(p.name for p in earlier.iterdir()) == ["compare.md"]
+    assert (earlier / "compare.md").read_text() == "# the earlier report\n"
     assert not (sweep / "trial-000" / "model" / "compare.md").exists() and not (sweep / "new").exists()
     # An unfinished run: named with how to finish it (no checkpoint: no resume= to suggest); in a
     # folder of runs it is left out with a note.

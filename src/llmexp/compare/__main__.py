@@ -23,6 +23,10 @@ from llmexp.errors import UserError, quiet_exits, report
 from llmexp.record import RunDir, write_atomic
 
 
+# What a comparison writes (answers.md and curves.png only when there is something to show).
+REPORT_FILES = ("compare.md", "compare.csv", "curves.png", "answers.md")
+
+
 def output_dir(out: Optional[str], runs: List[Path]) -> Path:
     """--out, or a fresh runs/compare/<time>; a run or sweep directory, a directory inside one (a
     run's model/), or one of the compared runs is refused: a comparison never writes into a run's files."""
@@ -33,6 +37,10 @@ def output_dir(out: Optional[str], runs: List[Path]) -> Path:
                         f"(default: runs/compare/<time>)")
     if path.exists() and not path.is_dir():
         raise UserError(f"compare: --out {path} is a file; choose a directory")
+    earlier = [name for name in REPORT_FILES if (path / name).exists()]
+    if earlier:  # written over, an earlier report lost its files, or kept a stale one next to new ones
+        raise UserError(f"compare: --out {path} holds an earlier comparison ({', '.join(earlier)}); choose a new "
+                        f"directory, or delete that one to make it again")
     return path
 
 
