@@ -375,3 +375,44 @@ def test_a_failed_save_removes_its_partial_file_and_claims_only_the_checkpoint_t
     with pytest.raises(TrainingFault, match=r"the newest checkpoint, .*last.ckpt, cannot be read") as e:
         _save_over_the_size_limit(last)
     assert "is kept" not in str(e.value)
+
+
+def test_ctrl_c_while_a_step_is_saved_keeps_both_of_its_files(tmp_path):
+    """Ctrl+C after step-N.ckpt was written and before last.ckpt: the run stopped with last.ckpt of
+    the save before (a helper saw last at 160 beside step-180), so resume=auto redid the steps in
+    between. A step's files are one save now: the interrupt takes effect once both are written."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from llmexp.checkpointing import RunCheckpoint
+
+    class SigintAfterStepFile(AtomicCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            if Path(path).name == "step-4.ckpt":
+                os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl+C, just after the step file
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.w(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    ckpts = tmp_path / "checkpoints"
+    trainer = L.Trainer(max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        plugins=[SigintAfterStepFile()], default_root_dir=str(tmp_path),
+                        callbacks=[RunCheckpoint(dirpath=str(ckpts), filename="step-{step}", every_n_train_steps=2,
+                                                 save_top_k=1, save_last=True, auto_insert_metric_name=False)])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a KeyboardInterrupt
+            trainer.fit(Tiny(), DataLoader(torch.randn(64, 2), batch_size=4))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-4.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 4

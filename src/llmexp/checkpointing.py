@@ -91,6 +91,8 @@ class RunCheckpoint(ModelCheckpoint):
     - At a step that is validated, it saves after the validation (Lightning saves a step's checkpoint
       before it): the checkpoint then holds what the validation found (trainer.monitor's best,
       early stopping's count), which a run resumed from it does not validate again.
+    - A step's two files (step-N.ckpt, last.ckpt) are one save for Ctrl+C: stopped between them, a
+      run kept last.ckpt of the save before, which a resume takes, redoing the steps in between.
     """
 
     def __init__(self, **kwargs: Any):
@@ -102,7 +104,16 @@ class RunCheckpoint(ModelCheckpoint):
             if not self._should_skip_saving_checkpoint(trainer):
                 self._defer_save_until_validation = True  # Lightning's own deferral: saved in on_validation_end
             return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        with ctrl_c_after_the_block():
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        with ctrl_c_after_the_block():
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with ctrl_c_after_the_block():
+            super().on_train_end(trainer, pl_module)
 
     @property
     def state_key(self) -> str:
