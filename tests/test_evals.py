@@ -100,13 +100,31 @@ def test_a_plugin_eval_runs_in_the_eval_group(tmp_path):
     ensure_installed()
     run_dir = tmp_path / "run"
     r = run_cli(["eval.name=answer_match", "trainer.max_steps=30", "trainer.val_check_interval=30",
-                 "logger=csv", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+                 "eval.every_n_steps=30", "logger=csv", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"],
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["eval"]["answer_match"]["samples"] == s["eval_initial"]["answer_match"]["samples"] == 50
     assert s["eval"]["answer_match"]["closeness"] > s["eval_initial"]["answer_match"]["closeness"]
+    # Its per-prompt details are the trained model's: with an eval in training at the last step
+    # (every_n_steps), they were left as the untrained model's while results.json was the trained one's.
+    details = [json.loads(line) for line in (run_dir / "answer_match.jsonl").read_text().splitlines()]
+    assert sum(d["closeness"] for d in details) / len(details) == pytest.approx(s["eval"]["answer_match"]["closeness"])
+    rows = [int(r["step"]) for r in read_metrics(run_dir / "metrics.csv") if "eval/answer_match/closeness" in r]
+    assert rows == [0, 30], rows  # the eval after training is not logged at step 30 twice
     r = run_cli(["eval.name=answer_matsh"], cwd=tmp_path)
     assert r.returncode == 2 and "did you mean 'answer_match'" in r.stderr
+
+
+def test_a_plugin_eval_returning_nan_is_refused():
+    """NaN was recorded, and results.json got a bare NaN that strict JSON readers refuse."""
+    from llmexp.plugins.errors import PluginError
+    from llmexp.plugins.evaluation import _checked
+    from llmexp.plugins.manager import BUILTIN
+
+    with pytest.raises(PluginError, match=r"eval 'mine' returned non-finite metrics \{'exact_match': nan\}"):
+        _checked("mine", {"exact_match": float("nan"), "n": 3}, BUILTIN)
+    assert _checked("mine", {"exact_match": 0.5, "n": 3}, BUILTIN) == {"mine/exact_match": 0.5, "mine/n": 3.0}
 
 
 def test_lm_eval_draws_no_progress_bars_into_logs(tiny_teacher, capsys):

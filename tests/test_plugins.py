@@ -192,6 +192,31 @@ def test_broken_plugins_are_all_reported_with_name_and_distribution(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_an_import_failure_says_where_and_comes_with_every_other_problem(tmp_path):
+    """A plugin raising on import was named without the file and line, even with LLMEXP_TRACEBACK=1
+    (only llmexp's frames), and the names another plugin declared twice were said only once the
+    broken one was left out."""
+    _distribution(tmp_path, "llmexp-keyerr", "0.1.0", "keyerr", "X = {'a': 1}\nY = 2\nZ = X['b']\n")
+    copycat = ("from llmexp.plugins import RewardDeclaration\n" + HOOK
+               + "def llmexp_rewards():\n    return [RewardDeclaration('arithmetic_correct', lambda c, **_: 0.0)]\n")
+    _distribution(tmp_path, "llmexp-copycat", "1.0.0", "copycat", copycat)
+    r = _cli_with(tmp_path, ["plugins"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    said = " ".join(r.stderr.split())
+    assert "2 problems with llmexp plugins" in said, said
+    assert (f"plugin 'keyerr' (llmexp-keyerr 0.1.0): failed to import keyerr_plugin: KeyError: 'b' "
+            f"(at {tmp_path / 'keyerr_plugin.py'}:3)") in said, said
+    assert "reward 'arithmetic_correct': declared by both llmexp itself (built-in) and plugin 'copycat'" in said
+    r = _cli_with(tmp_path, ["plugins"], {"LLMEXP_TRACEBACK": "1"})
+    assert r.returncode == 2 and f'File "{tmp_path / "keyerr_plugin.py"}", line 3' in r.stderr, r.stderr[-3000:]
+    # a module named in LLMEXP_PLUGINS (not installed): the same, and a whole fix line
+    (tmp_path / "loose.py").write_text("import os\nos.environ['NOPE_NOT_SET']\n")
+    r = _cli_with(tmp_path, ["plugins"], {"LLMEXP_PLUGINS": "loose"})
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and f"plugin 'loose' (module loose): failed to import: KeyError: 'NOPE_NOT_SET' " \
+        f"(at {tmp_path / 'loose.py'}:2)" in said and "fix: fix module loose, or skip plugins" in said, said
+
+
 def test_a_name_declared_twice_is_an_error_naming_both_plugins(tmp_path):
     copycat = ("from llmexp.plugins import DatasetDeclaration\n" + HOOK
                + "def llmexp_datasets():\n    return [DatasetDeclaration('acme_qa', lambda o, s: [])]\n")

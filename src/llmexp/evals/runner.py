@@ -67,8 +67,8 @@ def evaluation_callback(cfg: RunConfig, run_dir: Path):
     """The Lightning callback that runs ``cfg.eval`` before training (unless resuming), every
     ``eval.every_n_steps`` steps, at each validation in training when ``trainer.monitor`` is one of
     its metrics (``metrics_at`` gives them to every rank), and after training (``after_training``,
-    once the run has the model it exports: the best validation's under trainer.keep_best; an eval
-    of those same weights in training is reused, not run again); rank 0 evaluates the whole model
+    once the run has the model it exports: the best validation's under trainer.keep_best; an
+    lm-eval of those same weights in training is reused, not run again); rank 0 evaluates the whole model
     (sharded models are gathered by every rank first), records it under eval/ and logs it. Its
     ``summary()`` is what summary.json gets."""
     from lightning.pytorch.callbacks import Callback
@@ -112,12 +112,14 @@ def evaluation_callback(cfg: RunConfig, run_dir: Path):
             """The eval after training, on the model the run exports (called by the run), whose
             weights are those of ``model_step`` (default: the last step)."""
             step = trainer.global_step if model_step is None else model_step
-            if step in self.steps:  # evaluated in training with these weights, and logged at that step
+            # A plugin eval is run again: in training it got no run_dir, so the details it writes
+            # there (its per-prompt answers) were still those of the eval before training.
+            if step in self.steps and cfg.eval.name == "lm_eval":  # evaluated with these weights, and logged
                 self.final = self.tables.get(step)
                 if self.final is not None:
                     record(self.final, run_dir, "results")
             else:
-                self.final = self._evaluate(trainer, pl_module, record_as="results", log=True)
+                self.final = self._evaluate(trainer, pl_module, record_as="results", log=step not in self.steps)
             if self.final is not None:
                 print_table(self.final, f"eval after {trainer.global_step} steps")
 

@@ -7,6 +7,7 @@ runner after training, or :func:`evaluate_model_dir` on an exported model).
 from __future__ import annotations
 
 import dataclasses
+import math
 from numbers import Real
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -60,9 +61,13 @@ def _checked(name: str, metrics: Any, owner: Any) -> Dict[str, float]:
         bad = f"returned {type(metrics).__name__}, not a mapping of metric name to number"
     else:
         wrong = {k: v for k, v in metrics.items() if not isinstance(k, str) or not isinstance(v, Real)}
-        bad = f"returned non-numeric metrics {wrong}" if wrong else None
+        # NaN was recorded, and written into results.json as a bare NaN, which strict JSON readers refuse
+        infinite = {k: v for k, v in metrics.items() if k not in wrong and not math.isfinite(v)}
+        bad = (f"returned non-numeric metrics {wrong}" if wrong
+               else f"returned non-finite metrics {infinite}" if infinite else None)
     if bad:
-        raise PluginError([Problem(str(owner), f"eval {name!r} {bad}", "return {'metric': number, ...}")])
+        raise PluginError([Problem(str(owner), f"eval {name!r} {bad}",
+                                   "return {'metric': finite number, ...} (leave out a metric it could not measure)")])
     return {f"{name}/{k}": float(v) for k, v in metrics.items()}  # numpy numbers become plain floats
 
 

@@ -153,20 +153,22 @@ def raised_at(error: BaseException, info: Optional[PluginInfo]) -> str:
         return any(real == d or real.startswith(d.rstrip(os.sep) + os.sep) for d in dirs)
 
     frame = next((f for f in reversed(frames) if inside(f.filename, roots)), None) if roots else None
-    if frame is None:
-        frame = next((f for f in reversed(frames) if not inside(f.filename, ours)), None)
+    if frame is None:  # (importlib's frozen frames are no one's code to fix)
+        frame = next((f for f in reversed(frames)
+                      if not inside(f.filename, ours) and not f.filename.startswith("<")), None)
     return f" (at {frame.filename}:{frame.lineno})" if frame else ""
 
 
-def clash(key: str, thing: str, first: PluginInfo, second: PluginInfo) -> Problem:
+def clash(key: str, thing: str, first: PluginInfo, second: PluginInfo, h: Optional[Host] = None) -> Problem:
     """The one description of a name provided twice (``key``: ``dataset 'x'``, ``data=x``; ``thing``:
     what the second plugin would rename), used by the registries and the config groups alike, so
     ``llmexp plugins``, ``--help`` and a run all word it the same way."""
     if BUILTIN in (first, second):
+        h = h or host()
         plugin = second if first == BUILTIN else first
-        others = [i.name for _, i in host().plugins if i not in (BUILTIN, plugin)]
+        others = [i.name for _, i in h.plugins if i not in (BUILTIN, plugin)]
         load = (f"LLMEXP_PLUGINS={','.join(others)} (every loaded plugin but {plugin.name!r})" if others else
-                "LLMEXP_DISABLE_PLUGIN_AUTOLOAD=1" + (" with LLMEXP_PLUGINS unset" if host().listed else ""))
+                "LLMEXP_DISABLE_PLUGIN_AUTOLOAD=1" + (" with LLMEXP_PLUGINS unset" if h.listed else ""))
         return Problem(key, f"declared by both llmexp itself (built-in) and {plugin}",
                        f"rename the plugin's {thing} (in {plugin.distribution or plugin.module}), or disable "
                        f"plugin {plugin.name!r}: {load}")
@@ -231,7 +233,15 @@ def unsupported_llmexp(dist: Any) -> Optional[str]:
     return None
 
 
-def _load_entry_point(host: Host, ep: Any) -> List[Problem]:
+def _import_failed(info: PluginInfo, e: BaseException, fix: str, causes: List[BaseException]) -> List[Problem]:
+    """The plugin that raised on import, where in its code (LLMEXP_TRACEBACK=1: the traceback, its
+    frames included, as the error's cause)."""
+    causes.append(e)
+    what = f"failed to import {info.module}" if info.distribution else "failed to import"
+    return [Problem(str(info), f"{what}: {type(e).__name__}: {e}{raised_at(e, info)}", fix)]
+
+
+def _load_entry_point(host: Host, ep: Any, causes: List[BaseException]) -> List[Problem]:
     info = _info(ep)
     spec = unsupported_llmexp(ep.dist)
     if spec:
@@ -241,12 +251,11 @@ def _load_entry_point(host: Host, ep: Any) -> List[Problem]:
     try:
         obj = ep.load()
     except Exception as e:  # noqa: BLE001 - any import-time failure is the plugin's
-        return [Problem(str(info), f"failed to import {ep.value}: {type(e).__name__}: {e}",
-                        f"reinstall or fix {info.distribution}, {SKIP_HINT}")]
+        return _import_failed(info, e, f"reinstall or fix {info.distribution}, {SKIP_HINT}", causes)
     return host.register(obj, info)
 
 
-def _load_module(host: Host, name: str, installed: Dict[str, Any]) -> List[Problem]:
+def _load_module(host: Host, name: str, installed: Dict[str, Any], causes: List[BaseException]) -> List[Problem]:
     info = PluginInfo(name, None, None, name)
     try:
         obj = importlib.import_module(name)
@@ -254,9 +263,9 @@ def _load_module(host: Host, name: str, installed: Dict[str, Any]) -> List[Probl
         if e.name and name.startswith(e.name):
             return [Problem(f"LLMEXP_PLUGINS={name}", "no installed plugin or importable module of that name",
                             suggest(name, installed) if installed else "no llmexp plugins are installed")]
-        return [Problem(str(info), f"failed to import: {type(e).__name__}: {e}", SKIP_HINT)]
+        return _import_failed(info, e, f"fix module {name}, {SKIP_HINT}", causes)
     except Exception as e:  # noqa: BLE001
-        return [Problem(str(info), f"failed to import: {type(e).__name__}: {e}", SKIP_HINT)]
+        return _import_failed(info, e, f"fix module {name}, {SKIP_HINT}", causes)
     return host.register(obj, info)
 
 
@@ -274,13 +283,22 @@ def load(env: Optional[Mapping[str, str]] = None) -> Host:
         names = list(installed)
     else:
         names = list(dict.fromkeys(listed))
+    causes: List[BaseException] = []
     for name in names:
         if name in installed:
-            problems.extend(_load_entry_point(host, installed[name]))
+            problems.extend(_load_entry_point(host, installed[name], causes))
         else:
-            problems.extend(_load_module(host, name, installed))
-    if problems:
-        raise PluginError(problems)
+            problems.extend(_load_module(host, name, installed, causes))
+    if problems:  # with what the plugins that did load declare twice or wrongly: every problem at once
+        from llmexp.plugins.registry import registry_problems
+
+        try:
+            registry_problems(host)
+        except PluginError as e:
+            problems.extend(e.problems)
+            if e.__cause__ is not None:
+                causes.append(e.__cause__)
+        raise PluginError(problems) from (causes[0] if causes else None)
     return host
 
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, Generic, Iterable, List, Optional, TypeVar
 from llmexp.errors import Problem, UserError, suggest
 from llmexp.plugins.declarations import DatasetDeclaration, EvalDeclaration, RewardDeclaration
 from llmexp.plugins.errors import PluginError
-from llmexp.plugins.manager import BUILTIN, PluginInfo, clash, host
+from llmexp.plugins.manager import BUILTIN, Host, PluginInfo, clash, host
 
 T = TypeVar("T")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -63,9 +63,10 @@ def lookup(hook: str, name: str, key: str) -> Entry:
     return entries[name]
 
 
-def collect(hook: str) -> Dict[str, Entry]:
-    """Every declaration returned by ``hook`` across plugins, by name (cached per process)."""
-    h = host()
+def collect(hook: str, h: Optional[Host] = None) -> Dict[str, Entry]:
+    """Every declaration returned by ``hook`` across plugins (of ``h``, default this process's), by
+    name (cached per process)."""
+    h = h or host()
     if hook not in h.cache:
         kind, what, call_field = KINDS[hook]
         entries: Dict[str, Entry] = {}
@@ -79,7 +80,7 @@ def collect(hook: str) -> Dict[str, Entry]:
                                             f"return a list of llmexp.plugins.{kind.__name__}"))
                 elif d.name in entries:
                     problems.append(clash(f"{what} {d.name!r}", f"{kind.__name__}({d.name!r}, ...)",
-                                          entries[d.name].owner, info))
+                                          entries[d.name].owner, info, h))
                 else:
                     if isinstance(d, DatasetDeclaration) and d.columns is not None:
                         d = dataclasses.replace(d, builder=_checked_builder(d, info))
@@ -90,14 +91,14 @@ def collect(hook: str) -> Dict[str, Entry]:
     return h.cache[hook]
 
 
-def registry_problems() -> None:
+def registry_problems(h: Optional[Host] = None) -> None:
     """Collect every registry (datasets, evals, rewards); their problems together are one
     PluginError (chained to the first plugin exception)."""
     problems: List[Problem] = []
     cause: Optional[BaseException] = None
     for hook in KINDS:
         try:
-            collect(hook)
+            collect(hook, h)
         except PluginError as e:
             problems.extend(e.problems)
             cause = cause or e.__cause__
