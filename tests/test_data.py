@@ -361,3 +361,19 @@ def test_tool_calls_train_through_a_template_that_renders_them_and_empty_turns_a
                               {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]}
     entry = check_rows(Dataset.from_list([one_empty, row]), "chat", "'chats.jsonl'")
     assert (entry["empty"], entry["first"]) == (1, "row 1")
+
+
+def test_a_builder_that_never_ends_is_stopped_with_its_name(monkeypatch):
+    """A plugin's generator that ignored its num_samples ran until memory ran out, printing nothing."""
+    import itertools
+
+    from llmexp.data import sources
+    from llmexp.errors import UserError
+
+    monkeypatch.setattr(sources, "MOST_GENERATED_ROWS", 50)  # 10 million in use: the same check, sooner
+    where = "data.name: dataset 'forever' of plugin 'p' (p 1.0): build()"
+    endless = ({"text": f"row {n}"} for n in itertools.count())
+    with pytest.raises(UserError, match=r"build\(\) made more than 50 rows and had not ended; fix: make the builder stop"):
+        sources._table(where, endless)
+    assert len(sources._table(where, [{"text": str(n)} for n in range(80)])) == 80  # a list has its end
+    assert len(sources._table(where, ({"text": str(n)} for n in range(50)))) == 50

@@ -12,6 +12,8 @@ from llmexp.config.schema import DataConfig
 from llmexp.errors import UserError, suggest
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# The most rows a plugin's builder may yield as an iterator (a list or a Dataset has its own end).
+MOST_GENERATED_ROWS = 10_000_000
 
 
 def load_raw(cfg: DataConfig):
@@ -66,9 +68,14 @@ def _table(where: str, rows: Iterable[Any]):
     from datasets import Dataset
 
     listed = []
+    endless = not isinstance(rows, (list, tuple))  # a generator may never end: it filled memory, silently
     for n, row in enumerate(rows, 1):
         if not isinstance(row, Mapping):
             raise UserError(f"{where} made row {n} a {type(row).__name__}; fix: make each row a dict of its columns")
+        if endless and n > MOST_GENERATED_ROWS:
+            raise UserError(f"{where} made more than {MOST_GENERATED_ROWS:,} rows and had not ended; fix: make the "
+                            f"builder stop (it gets its options, e.g. a num_samples), or for more rows return a "
+                            f"datasets.Dataset, or write them to files for data=files data.streaming=true")
         listed.append(dict(row))
     try:
         return Dataset.from_list(listed)
