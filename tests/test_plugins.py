@@ -322,8 +322,12 @@ def test_a_plugin_callback_that_raises_in_training_is_named_with_its_hook_and_li
               + HOOK + "def llmexp_callbacks(cfg):\n    return [Boom()]\n")
     _distribution(tmp_path, "llmexp-cbraise", "0.1.0", "cbraise", source)
     r = _cli_with(tmp_path, ["logger=none", "trainer.max_steps=4", "trainer.progress_bar=false",
-                             f"hydra.run.dir={tmp_path / 'run'}"], {"LLMEXP_PLUGINS": "cbraise"})
+                             "trainer.checkpoint_every_n_steps=1", f"hydra.run.dir={tmp_path / 'run'}"],
+                  {"LLMEXP_PLUGINS": "cbraise"})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     said = " ".join(r.stderr.split())
     assert ("plugin 'cbraise' (llmexp-cbraise 0.1.0): its callback Boom.on_train_batch_end() raised RuntimeError: "
             "callback broke (at ") in said and "cbraise_plugin.py:7)" in said, said
+    # and where the run stands: the checkpoint a resume continues from, once the callback is fixed
+    assert (f"stopped at step 2; its last checkpoint ({tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}, step 1) "
+            f"is kept: continue with the same overrides and resume={tmp_path / 'run'}") in said, said

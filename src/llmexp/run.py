@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from llmexp.env import configure_environment, quiet_libraries
 from llmexp.errors import UserError
-from llmexp.faults import explain_disk_full
+from llmexp.faults import TrainingFault, explain_disk_full
 from llmexp.preflight import preflight
 from llmexp.record import (RunDir, build_summary, checkpoint_step, finish_record, keep_answers_up_to, write_config,
                            write_overrides)
@@ -105,6 +105,12 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
     stage.session_started = started
     try:
         _, fit_seconds = fit(trainer, stage, data, resume_from)
+    except UserError as e:  # a plugin's callback, a reward, trainer.monitor at a validation: where it stands
+        if isinstance(e, (TrainingFault, Interrupted)) or not trainer.global_step:  # (those say it themselves)
+            raise
+        stopped = StoppedInTraining(f"{e}\n{standing(run_dir, trainer.global_step, 'stopped')}")
+        stopped.exit_code = getattr(e, "exit_code", stopped.exit_code)
+        raise stopped from e.__cause__
     except SystemExit:
         if trainer.interrupted:  # Ctrl+C: Lightning shut down and exited 1, saying nothing
             # A second Ctrl+C (a sweep or pipeline forwarding the terminal's) must not break the
@@ -280,13 +286,24 @@ class Interrupted(UserError):
     exit_code = 130
 
 
+class StoppedInTraining(UserError):
+    """A user error raised while the run trained (a plugin's callback, say), with where it stands."""
+
+    exit_code = 2
+
+
 def interrupted_message(run_dir: Path, step: int) -> str:
     """Where an interrupted run stands and how to continue it."""
+    return standing(run_dir, step, "interrupted")
+
+
+def standing(run_dir: Path, step: int, how: str) -> str:
+    """Where a run ``how`` (interrupted, stopped) at ``step`` stands, and how to continue it."""
     checkpoint = RunDir(run_dir).checkpoint_to_resume()
     if checkpoint is not None:
-        return (f"interrupted at step {step}; its last checkpoint ({checkpoint}, step "
+        return (f"{how} at step {step}; its last checkpoint ({checkpoint}, step "
                 f"{checkpoint_step(checkpoint)}) is kept: continue with the same overrides and resume={run_dir}")
-    return (f"interrupted at step {step}, before any checkpoint was written (trainer.checkpoint_every_n_steps "
+    return (f"{how} at step {step}, before any checkpoint was written (trainer.checkpoint_every_n_steps "
             f"sets how often), so there is nothing to resume: start it over in this directory with the same "
             f"overrides and hydra.run.dir={run_dir} resume=auto, or as a new run")
 
