@@ -114,6 +114,13 @@ def test_a_plugin_eval_runs_in_the_eval_group(tmp_path):
     assert rows == [0, 30], rows  # the eval after training is not logged at step 30 twice
     r = run_cli(["eval.name=answer_matsh"], cwd=tmp_path)
     assert r.returncode == 2 and "did you mean 'answer_match'" in r.stderr
+    # --limit cuts lm-eval tasks only: it was silently ignored for a plugin's eval
+    r = run_module("llmexp.eval", [str(run_dir), "--tasks", "answer_match", "--limit", "5"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "--limit: applies to lm-eval tasks only, and 'answer_match' is a registered eval" in r.stderr
+    r = run_module("llmexp.eval", [str(run_dir), "--limit", "5"], cwd=tmp_path)  # the run's own eval=answer_match
+    assert r.returncode == 2 and "--limit: applies to lm-eval tasks only" in r.stderr
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["initial.json", "results.json"]
 
 
 def test_a_plugin_eval_returning_nan_is_refused():

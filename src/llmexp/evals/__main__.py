@@ -35,7 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "run with their default options); default: a run's configured eval (eval=, with its "
                          f"options), else {DEFAULT_TASKS}")
     ap.add_argument("--include-path", default=None, help="a directory of your own lm-eval task YAMLs")
-    ap.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per task")
+    ap.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per lm-eval task (registered evals: their options)")
     ap.add_argument("--batch-size", type=positive_int, default=None, help="(default: 32, or the run's eval's)")
     ap.add_argument("--num-fewshot", type=non_negative_int, default=None)
     ap.add_argument("--no-chat-template", action="store_true")
@@ -55,6 +55,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         configured = configured_eval(args.target) if args.tasks is None else None
         if configured is not None:
+            if configured.eval.name != "lm_eval":
+                limit_ignored(args.limit, [configured.eval.name], False)
             return _evaluate_as_configured(configured, args)
         tasks = [t.strip() for t in (args.tasks or DEFAULT_TASKS).split(",") if t.strip()]
         problems = []
@@ -68,6 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError(problems)
         registered = evals()  # plugin evals (and llmexp's own) run by name, next to lm-eval tasks
         lm_tasks = [t for t in tasks if t not in registered]
+        limit_ignored(args.limit, [t for t in tasks if t in registered], bool(lm_tasks))
         cfg = EvalConfig(name="lm_eval", tasks=lm_tasks, include_path=args.include_path, limit=args.limit,
                          batch_size=args.batch_size or 32, num_fewshot=args.num_fewshot,
                          apply_chat_template=not args.no_chat_template)
@@ -136,6 +139,21 @@ def configured_eval(target: str):
     if problems:
         raise ConfigError([dataclasses.replace(p, key=f"{config}: {p.key}") for p in problems])
     return typed
+
+
+def limit_ignored(limit: Optional[int], registered: List[str], with_lm_eval: bool) -> None:
+    """--limit cuts lm-eval tasks only: a registered eval asks what its options say (--limit was
+    silently ignored, and its result read as one on --limit documents). Refused when it would
+    apply to nothing; said when it applies to some of the tasks."""
+    if limit is None or not registered:
+        return
+    names = ", ".join(repr(n) for n in registered)
+    if not with_lm_eval:
+        raise UserError(f"--limit: applies to lm-eval tasks only, and {names} "
+                        f"{'is a registered eval' if len(registered) == 1 else 'are registered evals'} (its options "
+                        f"say how much it asks: eval.options.<key> in a run); leave out --limit")
+    print(f"note: --limit {limit} applies to the lm-eval tasks, not to {names} (registered evals ask what their "
+          f"options say)", file=sys.stderr)
 
 
 def _evaluate_as_configured(typed, args) -> int:
