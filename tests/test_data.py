@@ -377,3 +377,23 @@ def test_a_builder_that_never_ends_is_stopped_with_its_name(monkeypatch):
         sources._table(where, endless)
     assert len(sources._table(where, [{"text": str(n)} for n in range(80)])) == 80  # a list has its end
     assert len(sources._table(where, ({"text": str(n)} for n in range(50)))) == 50
+
+
+def test_a_plugin_row_of_another_format_or_with_a_misnamed_field_is_said_so():
+    """One prompt/completion row among a builder's chat rows: Dataset.from_list kept the first row's
+    columns only, so it was "messages must be a non-empty list, got NoneType"; a message with
+    "text" for "content" was "has content None, not text"."""
+    from llmexp.data import sources
+    from llmexp.data.rows import check_rows
+
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    ds = sources._table("b()", [chat] * 37 + [{"prompt": "p", "completion": "c"}])
+    assert ds.column_names == ["messages", "prompt", "completion"]
+    with pytest.raises(UserError, match=r"mixes formats: 1 row is prompt_completion \(prompt\+completion, the first "
+                                        r"at row 38\), the others chat"):
+        check_rows(ds, "chat", "dataset 'x'")
+    misnamed = sources._table("b()", [{"messages": [{"role": "user", "text": "q"},
+                                                    {"role": "assistant", "text": "a"}]}] * 3)
+    with pytest.raises(UserError, match=r"row 1: messages message 0 \(user\) has text but no content: a message is "
+                                        r"\{role, content\}"):
+        check_rows(misnamed, "chat", "dataset 'x'")

@@ -211,7 +211,7 @@ def test_rows_unlike_the_declared_columns_name_plugin_dataset_and_both_column_li
     r = _cli_with(tmp_path, ["data.name=qa", "~data.options", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
                   {"LLMEXP_PLUGINS": "cols"})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert ("plugin 'cols' (llmexp-cols 0.4.0): dataset 'qa' declares columns (messages), but row 0 has columns "
+    assert ("plugin 'cols' (llmexp-cols 0.4.0): dataset 'qa' declares columns (messages), but row 1 has columns "
             "(msgs): missing messages; undeclared msgs") in r.stderr
     assert "fix: make the builder's rows have exactly the declared columns" in r.stderr
 

@@ -71,14 +71,14 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
     if problem:
         raise UserError(f"data: {problem}")
     try:
-        empty = check_rows(train, fmt, repr(cfg.path or cfg.name), sources.row_places(cfg) or row_number)
+        empty = check_rows(train, fmt, sources.described(cfg), sources.row_places(cfg) or row_number)
     except UserError:
         conflict = sources.json_kind_conflict(cfg)  # the cause of rows that all look wrong, said instead
         if conflict:
             raise UserError(f"data.path: {conflict}") from None
         raise
     if val is not None:
-        check_rows(val, fmt, f"{cfg.path or cfg.name!r} split {cfg.validation_split!r}")
+        check_rows(val, fmt, f"{sources.described(cfg)} split {cfg.validation_split!r}")
     mixed = mixture.source_counts(train) if cfg.source == "mixture" else None
     train, log = prepare.run_steps(train, cfg)
     if empty:

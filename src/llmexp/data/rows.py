@@ -33,6 +33,9 @@ def message_problem(value: Any, needs_assistant: bool) -> Optional[str]:
             return f"message {i} is a {type(m).__name__}, not {{role, content}}"
         if m.get("role") not in ROLES:
             return f"message {i} has role {m.get('role')!r}; roles are {', '.join(ROLES)}"
+        if m.get("content") is None and any(v is not None for k, v in m.items() if k not in ("role", "content")):
+            others = ", ".join(k for k, v in m.items() if k not in ("role", "content") and v is not None)
+            return f"message {i} ({m.get('role')}) has {others} but no content: a message is {{role, content}}"
         if not isinstance(m.get("content"), str):
             return f"message {i} ({m.get('role')}) has content {m.get('content')!r}, not text"
     if needs_assistant and not any(m["role"] == "assistant" for m in value):

@@ -61,6 +61,18 @@ def _bundled(cfg: DataConfig):
     return ds
 
 
+def described(cfg: DataConfig) -> str:
+    """The data as messages about its rows name it: a plugin's dataset with its plugin (its author
+    fixes the rows), else the file or dataset name."""
+    if cfg.source == "bundled":
+        from llmexp.plugins.registry import datasets
+
+        entry = datasets().get(cfg.name)
+        if entry is not None:
+            return entry.describe("dataset")
+    return repr(cfg.path or cfg.name)
+
+
 def _table(where: str, rows: Iterable[Any]):
     """A plugin's rows as a Dataset; rows it cannot be (not dicts, a field of two kinds of value,
     which pyarrow said as 'Could not convert 'q' with type str') named by row and field."""
@@ -77,6 +89,11 @@ def _table(where: str, rows: Iterable[Any]):
                             f"builder stop (it gets its options, e.g. a num_samples), or for more rows return a "
                             f"datasets.Dataset, or write them to files for data=files data.streaming=true")
         listed.append(dict(row))
+    # Dataset.from_list takes the first row's columns and drops the others' silently (a prompt/
+    # completion row among chat rows became a row without messages): every row gets every column.
+    columns = list(dict.fromkeys(key for row in listed for key in row))
+    if any(len(row) != len(columns) for row in listed):
+        listed = [{c: row.get(c) for c in columns} for row in listed]
     try:
         return Dataset.from_list(listed)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, TypeError, ValueError):

@@ -35,7 +35,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "run with their default options); default: a run's configured eval (eval=, with its "
                          f"options), else {DEFAULT_TASKS}")
     ap.add_argument("--include-path", default=None, help="a directory of your own lm-eval task YAMLs")
-    ap.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per lm-eval task (registered evals: their options)")
+    ap.add_argument("--limit", type=positive_int, default=None,
+                    help="at most this many documents per lm-eval task (registered evals: their options)")
     ap.add_argument("--batch-size", type=positive_int, default=None, help="(default: 32, or the run's eval's)")
     ap.add_argument("--num-fewshot", type=non_negative_int, default=None)
     ap.add_argument("--no-chat-template", action="store_true")

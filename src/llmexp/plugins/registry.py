@@ -123,7 +123,7 @@ def _checked_builder(d: DatasetDeclaration, owner: PluginInfo):
                                     f"this is a bug of {owner.distribution or owner.module}")])
 
     def rows_checked(rows: Iterable[Any]):
-        for n, row in enumerate(rows):
+        for n, row in enumerate(rows, 1):  # counted from 1, as every other message about rows counts
             if not hasattr(row, "keys") or sorted(map(str, row.keys())) != declared:
                 raise mismatch(row.keys() if hasattr(row, "keys") else (), f"row {n}")
             yield row
