@@ -277,6 +277,18 @@ def test_a_module_named_in_LLMEXP_PLUGINS_loads_without_being_installed(tmp_path
         ("llmexp", "llmexp", ["arithmetic_continues", "arithmetic_correct", "reference_match"]), ("house_rewards", None, ["shout"])]
 
 
+def test_a_typo_in_a_plugins_config_file_names_the_file(tmp_path):
+    """data.val_fracton in a plugin's data/<option>.yaml was said as if typed on the command line."""
+    (tmp_path / "conf" / "data").mkdir(parents=True)
+    typo = tmp_path / "conf" / "data" / "typo_data.yaml"
+    typo.write_text("name: arithmetic\noptions: {num_samples: 400, max_operand: 9}\nval_fracton: 0.1\n")
+    (tmp_path / "typo_cfg.py").write_text(HOOK + f"def llmexp_config_dirs():\n    return [{str(tmp_path / 'conf')!r}]\n")
+    r = _cli_with(tmp_path, ["data=typo_data", f"hydra.run.dir={tmp_path / 'run'}"], {"LLMEXP_PLUGINS": "typo_cfg"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"data.val_fracton: unknown key (set in {typo})" in r.stderr and "did you mean 'val_fraction'" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_exceptions_in_plugin_code_name_the_plugin(tmp_path):
     raiser = HOOK + "def llmexp_rewards():\n    raise RuntimeError('no rewards today')\n"
     _distribution(tmp_path, "llmexp-raiser", "0.2.0", "raiser", raiser)

@@ -27,10 +27,11 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> S.R
     """The typed config of ``cfg``, or ConfigError listing every problem found; ``overrides``: the
     command line it was composed from (default: Hydra's, when it composed it)."""
     run, problems = typed_config(cfg)
+    given = command_line() if overrides is None else list(overrides)
+    problems = in_config_files(problems, given)
     if run is None:
         raise ConfigError(problems)
     problems.extend(_check_dataset(run.data))
-    given = command_line() if overrides is None else list(overrides)
     problems.extend(_sizes_of_a_pretrained_model(run.model, given))
     problems.extend(_compressed_on_other_data(run, given))
     if run.trainer.epochs and any(o.lstrip("+~").split("=", 1)[0] == "trainer.max_steps" for o in given):
@@ -53,6 +54,40 @@ def command_line() -> List[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def in_config_files(problems: List[Problem], given: Sequence[str]) -> List[Problem]:
+    """Problems of keys the command line did not set, with the config file that set them (a typo
+    in a plugin's data/<option>.yaml read as if typed on the command line, and no file named)."""
+    typed = {o.lstrip("+~").split("=", 1)[0] for o in given}
+    out = []
+    chosen = dict(o.lstrip("+~").split("=", 1) for o in given if "=" in o and "." not in o.split("=", 1)[0])
+    for p in problems:
+        where = None if p.key in typed else config_file_setting(p.key, chosen)
+        out.append(Problem(p.key, f"{p.message} (set in {where})", p.fix) if where else p)
+    return out
+
+
+def config_file_setting(key: str, chosen: Dict[str, str]) -> Optional[Path]:
+    """The config file of a group option ``chosen`` on the command line (``data=mine``: llmexp's or
+    a plugin's file) that sets ``key``'s last part, those of the key's own group first."""
+    import re
+
+    from llmexp.paths import config_dir
+    from llmexp.plugins.configs import plugin_config_dirs
+
+    choices = {g: o for g, o in chosen.items() if re.fullmatch(r"[\w.\-]+", o)}
+    if not choices:
+        return None
+    roots = [config_dir(), *(root for _, root in plugin_config_dirs())]
+    group = key.split(".", 1)[0]
+    setting = re.compile(rf"^\s*{re.escape(key.rsplit('.', 1)[-1])}\s*:", re.MULTILINE)
+    for g in sorted(choices, key=lambda g: g != group):
+        for root in roots:
+            path = Path(root) / g / f"{choices[g]}.yaml"
+            if path.is_file() and setting.search(path.read_text(errors="replace")):
+                return path
+    return None
 
 
 SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings",
