@@ -121,6 +121,14 @@ def test_a_plugin_eval_runs_in_the_eval_group(tmp_path):
     r = run_module("llmexp.eval", [str(run_dir), "--limit", "5"], cwd=tmp_path)  # the run's own eval=answer_match
     assert r.returncode == 2 and "--limit: applies to lm-eval tasks only" in r.stderr
     assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["initial.json", "results.json"]
+    # evaluated again: its details beside its results (they were written over the run's own)
+    before = (run_dir / "answer_match.jsonl").read_text()
+    r = run_module("llmexp.eval", [str(run_dir), "--tasks", "answer_match"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run_dir / "answer_match.jsonl").read_text() == before
+    again = json.loads((run_dir / "eval" / "results-2.json").read_text())["answer_match"]
+    details = [json.loads(line) for line in (run_dir / "eval" / "results-2" / "answer_match.jsonl").read_text().splitlines()]
+    assert len(details) == again["samples"] == 50 and again["closeness"] == s["eval"]["answer_match"]["closeness"]
 
 
 def test_a_plugin_eval_returning_nan_is_refused():

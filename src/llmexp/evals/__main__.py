@@ -94,25 +94,34 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         out = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir)
         model, tokenizer = load_language_model(model_dir)
+        from llmexp.evals.runner import fresh_results_path
+
+        results = fresh_results_path(out if args.out else out / "eval")
         table = {}
         if lm_tasks:
             from llmexp.evals.lm_eval_bridge import run_lm_eval
 
             table.update(run_lm_eval(model, tokenizer, cfg, offline=not args.online))
         for name, typed in options.items():
-            flat = run_eval(name, model, tokenizer, typed, run_dir=out)
+            flat = run_eval(name, model, tokenizer, typed, run_dir=details_dir(results))
             table[name] = {key.split("/", 1)[1]: value for key, value in flat.items()}
     except UserError as e:
         return report(e)
-    _record_and_show(table, out if args.out else out / "eval", f"eval of {model_dir}")
+    _record_and_show(table, results, f"eval of {model_dir}")
     return 0
 
 
-def _record_and_show(table, directory: Path, title: str) -> Path:
-    """The results recorded (never over earlier ones) and printed; returns their file."""
+def details_dir(results: Path) -> Path:
+    """Where a registered eval writes its details (its ``run_dir``): beside its results file, named
+    alike (eval/results-2/); given the run directory, it wrote over the details of the run's own."""
+    return results.with_suffix("")
+
+
+def _record_and_show(table, path: Path, title: str) -> Path:
+    """The results recorded at ``path`` and printed; returns their file."""
     from llmexp.evals.runner import print_table, record_anew
 
-    path = record_anew(table, directory)
+    record_anew(table, path)
     print_table(table, title)
     print(f"results: {path}")
     return path
@@ -159,7 +168,7 @@ def limit_ignored(limit: Optional[int], registered: List[str], with_lm_eval: boo
 
 def _evaluate_as_configured(typed, args) -> int:
     """The run's own eval (name, tasks, options) on its model, flags given replacing its values."""
-    from llmexp.evals.runner import evaluate
+    from llmexp.evals.runner import evaluate, fresh_results_path
 
     given = {"include_path": args.include_path, "limit": args.limit, "batch_size": args.batch_size,
              "num_fewshot": args.num_fewshot}
@@ -170,9 +179,9 @@ def _evaluate_as_configured(typed, args) -> int:
     model_dir = model_dir_of(args.target)
     out = Path(args.out) if args.out else model_dir.parent
     model, tokenizer = load_language_model(model_dir)
-    table = evaluate(typed, model, tokenizer, out)
-    results = _record_and_show(table, out if args.out else out / "eval",
-                               f"eval of {model_dir} (the run's eval={typed.eval.name})")
+    results = fresh_results_path(out if args.out else out / "eval")
+    table = evaluate(typed, model, tokenizer, details_dir(results))
+    _record_and_show(table, results, f"eval of {model_dir} (the run's eval={typed.eval.name})")
     if not given and not args.out:
         _complete_the_record(out, table, results)
     return 0

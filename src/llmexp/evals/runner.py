@@ -37,15 +37,20 @@ def record(table: Dict[str, Dict[str, Any]], run_dir: Path, name: str = "results
     return path
 
 
-def record_anew(table: Dict[str, Dict[str, Any]], directory: Path) -> Path:
+def fresh_results_path(directory: Path) -> Path:
     """``directory``/results.json, or results-2.json, -3, ... when it is taken: the results a run
-    recorded in training, and earlier evaluations, are kept."""
+    recorded in training, and earlier evaluations, are kept. A registered eval's details (its
+    ``run_dir``) go beside them, into the directory of the same name (results-2/)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     n = 1
-    while (directory / ("results.json" if n == 1 else f"results-{n}.json")).exists():
+    while any((directory / (("results" if n == 1 else f"results-{n}") + end)).exists() for end in (".json", "")):
         n += 1
-    path = directory / ("results.json" if n == 1 else f"results-{n}.json")
+    return directory / ("results.json" if n == 1 else f"results-{n}.json")
+
+
+def record_anew(table: Dict[str, Dict[str, Any]], path: Path) -> Path:
+    """``table`` written to ``path`` (from :func:`fresh_results_path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(table, indent=2) + "\n")
     return path
 
