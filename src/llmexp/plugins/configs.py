@@ -44,7 +44,18 @@ def with_plugin_options(groups: Dict[str, List[str]]) -> Dict[str, List[str]]:
     owners: Dict[Tuple[str, str], PluginInfo] = {(g, o): BUILTIN for g, options in groups.items() for o in options}
     merged = {g: list(options) for g, options in groups.items()}
     problems = []
-    for info, root in plugin_config_dirs():
+    try:
+        dirs = plugin_config_dirs()
+    except PluginError as e:  # a plugin that failed to load: said with what the others declare wrongly
+        loaded = getattr(e, "loaded", None)
+        if loaded is None:
+            raise
+        try:
+            registry_problems(loaded)
+        except PluginError as more:
+            raise PluginError([*e.problems, *more.problems]) from (e.__cause__ or more.__cause__)
+        raise
+    for info, root in dirs:
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
             if sub.name not in groups:
                 problems.append(Problem(str(info), f"config directory {sub} is not an llmexp config group",

@@ -18,8 +18,8 @@ def inventory() -> Dict[str, Any]:
     from llmexp.plugins.manager import host
     from llmexp.plugins.registry import datasets, evals, rewards
 
-    h = host()
     config_groups()  # every plugin problem, the very ones a run or --help reports
+    h = host()
     registries = {"datasets": datasets(), "evals": evals(), "rewards": rewards()}
     configs: Dict[str, List[str]] = {}
     for info, root in plugin_config_dirs():

@@ -289,16 +289,10 @@ def load(env: Optional[Mapping[str, str]] = None) -> Host:
             problems.extend(_load_entry_point(host, installed[name], causes))
         else:
             problems.extend(_load_module(host, name, installed, causes))
-    if problems:  # with what the plugins that did load declare twice or wrongly: every problem at once
-        from llmexp.plugins.registry import registry_problems
-
-        try:
-            registry_problems(host)
-        except PluginError as e:
-            problems.extend(e.problems)
-            if e.__cause__ is not None:
-                causes.append(e.__cause__)
-        raise PluginError(problems) from (causes[0] if causes else None)
+    if problems:
+        error = PluginError(problems)
+        error.loaded = host  # the plugins that did load: their own problems are said with these (configs)
+        raise error from (causes[0] if causes else None)
     return host
 
 
