@@ -6,6 +6,7 @@ import csv
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,8 +118,11 @@ def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
     first_session = time.time() - start
     # Changing what is trained is refused; the record stays as it was.
     before = (killed / "config.yaml").read_text()
-    r = run_cli([*overrides, "trainer.max_steps=25", "optim.weight_decay=0.5", f"resume={killed}"], cwd=tmp_path)
+    r = run_cli([*overrides, "trainer.max_steps=25", "optim.weight_decay=0.5", "resume=auto"], cwd=tmp_path)
     assert r.returncode == 2 and "optim.weight_decay: is 0.5 but the run being resumed used" in r.stderr
+    said = " ".join(r.stderr.split())  # which run resume=auto chose, and that dropping resume= starts anew
+    assert f"resume: continues the run in {killed}, started with other values" in said, said
+    assert "or drop resume= to start a new run" in said
     # another stage is said before its own (shorter) max_steps, which no fix of max_steps would make fit
     r = run_cli([*overrides, "stage=dpo", "trainer.max_steps=5", f"resume={killed}"], cwd=tmp_path)
     assert r.returncode == 2 and "stage: is dpo but the run being resumed is stage=sft" in r.stderr, r.stderr
@@ -128,6 +132,7 @@ def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
     r = run_cli([*overrides, "resume=auto"], cwd=tmp_path)
     second_session = time.time() - start
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resume=auto: resuming {Path('runs') / 'sft-llama' / killed.name}, the newest unfinished run" in r.stderr
     assert [p.name for p in (tmp_path / "runs" / "sft-llama").iterdir()] == [killed.name]
     s = json.loads((killed / "summary.json").read_text())
     assert s["global_step"] == 20 and s["resumed_from"].endswith("last.ckpt")
@@ -145,6 +150,8 @@ def test_a_fresh_run_with_resume_auto_and_nothing_to_resume_starts_over(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs" / "sft-llama").iterdir()
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] is None
+    # said: a killed run elsewhere (its own hydra.run.dir) is not this name's, and it trained from step 0 silently
+    assert "resume=auto: no unfinished run with a checkpoint in runs/sft-llama/, so this is a new run" in r.stderr
 
 
 def test_a_new_lr_on_resume_is_the_lr_the_resumed_run_trains_with(tmp_path):

@@ -5,6 +5,7 @@ Import-light: the CLI decides the run directory before Hydra creates one.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -53,7 +54,12 @@ def resume_run_dir(resume: Optional[str], explicit_run_dir: Optional[str], run_n
         _refuse_finished(Path(explicit_run_dir))
         return explicit_run_dir
     found = latest_unfinished_run(Path("runs") / run_name)
-    return str(found) if found else None
+    if found is None:  # it started a new run without a word, as if it had resumed
+        print(f"resume=auto: no unfinished run with a checkpoint in runs/{run_name}/, so this is a new run (one "
+              f"elsewhere: resume=<its directory>)", file=sys.stderr)
+        return None
+    print(f"resume=auto: resuming {found}, the newest unfinished run in runs/{run_name}/", file=sys.stderr)
+    return str(found)
 
 
 def _refuse_finished(run_dir: Path) -> None:

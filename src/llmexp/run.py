@@ -465,8 +465,13 @@ def check_resumable(saved_config: Path, resolved: Dict[str, Any]) -> None:
                         f"the run cannot be checked against it: start a new run with "
                         f"model.pretrained=<a model> instead of resuming")
     problems = incompatible_keys(saved, resolved)
-    if problems:
-        raise ConfigError(problems)
+    if problems:  # which run: resume=auto chose it
+        from llmexp.errors import Problem
+
+        raise ConfigError([*problems, Problem("resume", f"continues the run in {saved_config.parent}, started with "
+                                              "other values of the keys above",
+                                              "give the overrides it started with (its overrides.yaml), or drop "
+                                              "resume= to start a new run")])
 
 
 def data_note(prepared) -> Optional[str]:
