@@ -46,6 +46,12 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert s2["final"]["val/loss"] == pytest.approx(s1["final"]["val/loss"], rel=1e-5)
     assert s2["train_tokens"] == s1["train_tokens"]  # every rank's (it had rank 0's: half)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one run directory for both ranks
+    # answers.jsonl: the prompts one process records, asked by either rank (it had rank 0's share alone)
+    answers = [[json.loads(line) for line in (d / "answers.jsonl").read_text().splitlines()]
+               for d in (single_process, run_dir)]
+    assert [(a["step"], a["prompt"]) for a in answers[1]] == [(a["step"], a["prompt"]) for a in answers[0]]
+    assert len(answers[1]) == 3 * 16  # steps 0, 6 and 12
+    assert [a["answer"] for a in answers[1] if a["step"] == 0] == [a["answer"] for a in answers[0] if a["step"] == 0]
 
 
 @pytest.mark.parametrize("strategy,micro,accum,extra", [

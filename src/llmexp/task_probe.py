@@ -130,7 +130,7 @@ class TaskProbe:
 
     def __post_init__(self) -> None:
         self.score = build_checker(self.check)
-        self.answers: List[Dict[str, Any]] = []  # the last pass's first log_answers answers on this rank
+        self.answers: List[Dict[str, Any]] = []  # the last pass's recorded answers (task.log_answers) on this rank
 
     too_long: int = 0  # held-out prompts left out: with max_new_tokens they exceed the model's context
     log_answers: int = 0  # answers of each pass kept in ``answers`` (task.log_answers)
@@ -164,8 +164,9 @@ class TaskProbe:
         rows = self.shard(rank, world)
         total, chars, n = 0.0, 0.0, 0
         self.answers = []
-        real_rows = sum(r is not None for r in rows)
-        keep = recorded(real_rows, self.log_answers)
+        # the prompts recorded are chosen among all of them (as by one process), each answer kept
+        # by the rank that asked it with its place among them ("index")
+        keep = recorded(len(self.rows), self.log_answers)
         for i in range(0, len(rows), self.batch_size):
             chunk = rows[i : i + self.batch_size]
             real = [r for r in chunk if r is not None]
@@ -174,8 +175,9 @@ class TaskProbe:
             answers = generate([(r or filler)["prompt"] for r in chunk])[: len(real)]
             if real:
                 scores = self.score([r["prompt"] for r in real], answers, [r["columns"] for r in real])
-                self.answers += [{"prompt": r["prompt"], "answer": a, "score": float(sc)} for j, (r, a, sc) in
-                                 enumerate(zip(real, answers, scores.tolist()), start=n) if j in keep]
+                self.answers += [{"index": rank + j * world, "prompt": r["prompt"], "answer": a, "score": float(sc)}
+                                 for j, (r, a, sc) in enumerate(zip(real, answers, scores.tolist()), start=n)
+                                 if rank + j * world in keep]
                 total += float(scores.sum())
                 chars += float(sum(len(a) for a in answers))
                 n += len(real)

@@ -369,13 +369,22 @@ class StageModule(L.LightningModule):
         for name, (s, n) in sums.items():
             self._val[name] = [torch.tensor(float(s), device=self.device, dtype=torch.float64),
                                torch.tensor(float(n), device=self.device, dtype=torch.float64)]
-        if probe.answers and self.trainer.is_global_zero and self.run_dir is not None:
-            self._record_answers(probe.answers)
+        answers = probe.answers
+        if world > 1 and probe.log_answers:  # every rank's share (rank 0 recorded its own alone); a collective
+            import torch.distributed as dist
+
+            shares: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(shares, answers)
+            answers = list({a["index"]: a for share in shares for a in share}.values())  # model-parallel twins once
+        if answers and self.trainer.is_global_zero and self.run_dir is not None:
+            self._record_answers(sorted(answers, key=lambda a: a["index"]))
 
     def _record_answers(self, answers: List[Dict[str, Any]]) -> None:
-        """task.log_answers: this validation's first greedy answers (rank 0's share of the prompts) in
-        answers.jsonl, and as a W&B table."""
+        """task.log_answers: this validation's greedy answers to the recorded prompts (spread over
+        all of them, asked by every rank) in answers.jsonl, and as a W&B table."""
         from llmexp.record import append_answers, prompt_text
+
+        answers = [{k: v for k, v in a.items() if k != "index"} for a in answers]
 
         step = self.trainer.global_step
         append_answers(self.run_dir, step, answers)
