@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from llmexp.testing import FAST, train
+from llmexp.testing import FAST, run_cli, train
 
 pytestmark = pytest.mark.slow
 
@@ -253,6 +253,17 @@ def test_lora_exported_unmerged_names_its_base_by_path_and_loads_merged(tmp_path
     base = load_file(tmp_path / "base" / "model.safetensors")[f"{layer}.weight"]
     assert not torch.equal(b, torch.zeros_like(b))  # trained
     assert torch.allclose(model.state_dict()[f"{layer}.weight"], base + b @ a * (16 / 8), atol=1e-6)
+    # llmexp export merges them too (it offered to train again with peft.merge_on_export=true)
+    import numpy as np
+    from gguf import GGUFReader
+
+    r = run_cli(["export", str(run_dir), "--format", "gguf"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".merged")) == []
+    tensors = {t.name: t for t in GGUFReader(str(run_dir / "model.gguf")).tensors}
+    v = model.state_dict()["model.layers.0.self_attn.v_proj.weight"]
+    assert not torch.equal(v, load_file(tmp_path / "base" / "model.safetensors")["model.layers.0.self_attn.v_proj.weight"])
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_v.weight"].data).reshape(tuple(v.shape)), v.numpy())
     with pytest.raises(ConfigError) as e:
         check_config(["peft=lora", "peft.merge_on_export=false"])
     assert [p.key for p in e.value.problems] == ["peft.merge_on_export"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import List, Optional
@@ -165,10 +166,12 @@ def check_writable(model_dir: Path) -> tuple:
     return found
 
 
-def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings: bool = True) -> dict:
+def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings: bool = True,
+               name: Optional[str] = None) -> dict:
     """Write ``model_dir`` (an exported HF llama, mistral, qwen2 or gpt2) as GGUF, its weights stored
     as ``tensor_type`` (TENSOR_TYPES; with ``embeddings`` false the embedding and output projection
-    stay f32); return its facts, ``weight_bytes`` the tensors' bytes (without the tokenizer)."""
+    stay f32), called ``name`` (default: its run's); return its facts, ``weight_bytes`` the
+    tensors' bytes (without the tokenizer)."""
     import gguf
     import torch
     from safetensors.torch import load_file
@@ -178,7 +181,7 @@ def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings:
     gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gpt2": gguf.MODEL_ARCH.GPT2}[arch]
     writer = gguf.GGUFWriter(str(out), arch)
     # the run's name, as serve calls the model (the directory's was a timestamp: 20261207-113012-477141)
-    writer.add_name(str(run_config(model_dir).get("run_name") or model_dir.parent.name or model_dir.name))
+    writer.add_name(name or model_name(model_dir))
     if arch == "gpt2":
         n_head = n_kv = config["n_head"]
         n_layer = config["n_layer"]
@@ -239,6 +242,22 @@ def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings:
             "weight_bytes": sum(nbytes.values()), "type": tensor_type, "tensor_types": dict(sorted(Counter(types.values()).items()))}
 
 
+def model_name(model_dir: Path) -> str:
+    """What the model is called: its run's name, else its directory's."""
+    return str(run_config(model_dir).get("run_name") or model_dir.parent.name or model_dir.name)
+
+
+def merged_copy(adapter_dir: Path, into: Path) -> Path:
+    """LoRA adapters exported alone (peft.merge_on_export=false) merged onto their base and saved
+    as a whole model in ``into`` (a GGUF file holds a whole model; generate and eval merge them so too)."""
+    from llmexp.record import load_language_model
+
+    model, tokenizer = load_language_model(adapter_dir)
+    model.save_pretrained(str(into), safe_serialization=True)
+    tokenizer.save_pretrained(str(into))
+    return into
+
+
 def output_file(given, model_dir: Path) -> Path:
     """The GGUF file to write: --out, or model.gguf in the directory it names (an existing one, or
     one ending in '/', made here), else <run dir>/model.gguf; an existing file or a missing
@@ -293,13 +312,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         model_dir = model_dir_of(args.run, "run")
-        if not (model_dir / "config.json").is_file():  # LoRA adapters alone (peft.merge_on_export=false)
-            raise UserError(f"run: {str(model_dir)!r} holds LoRA adapters alone, and a GGUF file holds a whole "
-                            f"model; export the run with peft.merge_on_export=true (the default)")
         out = output_file(args.out, model_dir)
         partial = out.with_name(f".{out.name}.partial")
         try:
-            facts = write_gguf(model_dir, partial, args.tensor_type)
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as scratch:
+                source = model_dir
+                if not (model_dir / "config.json").is_file():  # LoRA adapters alone (peft.merge_on_export=false)
+                    print(f"merging the LoRA adapters of {model_dir} onto their base", file=sys.stderr)
+                    source = merged_copy(model_dir, Path(scratch) / "model")
+                facts = write_gguf(source, partial, args.tensor_type, name=model_name(model_dir))
             partial.replace(out)
         except ValueError as e:
             partial.unlink(missing_ok=True)
