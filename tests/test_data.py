@@ -397,3 +397,22 @@ def test_a_plugin_row_of_another_format_or_with_a_misnamed_field_is_said_so():
     with pytest.raises(UserError, match=r"row 1: messages message 0 \(user\) has text but no content: a message is "
                                         r"\{role, content\}"):
         check_rows(misnamed, "chat", "dataset 'x'")
+
+
+def test_a_text_file_that_is_not_utf8_and_text_files_beside_structured_ones_are_named(tmp_path, capsys):
+    """A .txt corpus with a latin-1 byte: "cannot read 'corpus/' as text: 'utf-8' codec can't decode",
+    naming the directory; a .txt beside one .jsonl was left out without a word (the run then said
+    "1 row is too few")."""
+    from llmexp.data import sources
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_bytes(b"hello world\nabc \xff def\n")
+    with pytest.raises(UserError, match=r"c/a.txt line 2 is not UTF-8 text \(byte 0xff at column 5\)"):
+        sources._files(typed(["stage=pretrain", "data=files", f"data.path={tmp_path / 'c'}"]).data)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.txt").write_text("hello world\n" * 10)
+    (tmp_path / "m" / "b.jsonl").write_text('{"text": "hi"}\n{"text": "there"}\n')
+    assert sources.text_files_left_out(str(tmp_path / "m")) == ["a.txt"]
+    assert len(sources._files(typed(["stage=pretrain", "data=files", f"data.path={tmp_path / 'm'}"]).data)) == 2
+    assert f"and 1 text file(s), which are not (a.txt); for the text give a glob, e.g. data.path='{tmp_path / 'm'}/*.txt'" \
+        in capsys.readouterr().err

@@ -763,7 +763,7 @@ def _check_data_source(run: S.RunConfig) -> List[Problem]:
     if d.source == "files" and d.path:
         if not glob.glob(os.path.expanduser(d.path)):
             p.append(Problem("data.path", f"no file or directory matches {d.path!r}",
-                             "give an existing JSONL/JSON/Parquet/CSV file, directory or glob"))
+                             "give an existing JSONL/JSON/Parquet/CSV or text (.txt) file, directory or glob"))
     if d.source == "hf" and d.path and not Path(os.path.expanduser(d.path)).exists():
         if d.path.startswith(("/", ".", "~")):  # a path, not a hub id: a typo, which no download fixes
             p.append(Problem("data.path", f"no dataset directory or file at {d.path!r}",

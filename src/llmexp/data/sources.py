@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional
 
@@ -137,9 +138,8 @@ def data_files(path: str) -> List[str]:
     """The data files a file, directory or glob names: JSONL/JSON/Parquet/CSV or plain text (.txt,
     one row per line), each possibly compressed (.gz, .zst, .bz2, .xz), all of one kind."""
     p = Path(os.path.expanduser(path))
-    if p.is_dir():  # structured files, else plain text ones; never hidden files
-        inside = [f for f in sorted(p.rglob("*")) if f.is_file()
-                  and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+    if p.is_dir():  # structured files, else plain text ones
+        inside = _files_inside(p)
         found = [str(f) for f in inside if _data_suffix(f) in FILE_BUILDERS] \
             or [str(f) for f in inside if _data_suffix(f) in TEXT_SUFFIXES]
     else:
@@ -153,6 +153,23 @@ def data_files(path: str) -> List[str]:
                         f"{', '.join([*FILE_BUILDERS, *TEXT_SUFFIXES])} (optionally compressed: "
                         f"{', '.join(sorted(COMPRESSED))}); found {sorted({''.join(Path(f).suffixes) for f in found})}")
     return found
+
+
+def _files_inside(directory: Path) -> List[Path]:
+    """Every file under ``directory``, in order, hidden ones (and those in hidden directories) left out."""
+    return [f for f in sorted(directory.rglob("*")) if f.is_file()
+            and not any(part.startswith(".") for part in f.relative_to(directory).parts)]
+
+
+def text_files_left_out(path: str) -> List[str]:
+    """The text files of a directory that data.path reads the structured files of (they win)."""
+    p = Path(os.path.expanduser(path))
+    if not p.is_dir():
+        return []
+    inside = _files_inside(p)
+    if not any(_data_suffix(f) in FILE_BUILDERS for f in inside):
+        return []
+    return [str(f.relative_to(p)) for f in inside if _data_suffix(f) in TEXT_SUFFIXES]
 
 
 def open_binary(path: str):
@@ -350,6 +367,11 @@ def _files(cfg: DataConfig):
 
     files = data_files(cfg.path)
     _check_text_files(files)
+    unread = text_files_left_out(cfg.path)
+    if unread:  # by design, but unsaid: a run on the one JSONL file beside a corpus said "1 row is too few"
+        print(f"note: data.path: {cfg.path} holds structured files, which are read, and {len(unread)} text file(s), "
+              f"which are not ({', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}); for the text give a glob, "
+              f"e.g. data.path='{os.path.join(cfg.path, '*.txt')}'", file=sys.stderr)
     builder = FILE_BUILDERS.get(_data_suffix(Path(files[0])), "text")
     options = {**(csv_as_written(files[0]) if builder == "csv" else {}), **cfg.options}
     try:
@@ -363,6 +385,10 @@ def _files(cfg: DataConfig):
             raise UserError(f"data.path: {cfg.path!r} holds no rows" + (
                 " (a CSV file is a header line, then one line per row)" if builder == "csv" else "")) from None
         conflict = _kind_conflict(files) if builder == "json" else None
+        if builder == "text" and "codec can't decode" in _reason(e):  # which file and line (it named the glob)
+            for f in files:
+                for _ in _text_lines(f):
+                    pass
         raise UserError(f"data.path: {conflict}" if conflict else
                         f"data.path: cannot read {cfg.path!r} as {builder}: {_reason(e)}") from None
     if len(ds) == 0:
