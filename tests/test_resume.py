@@ -259,10 +259,14 @@ def test_a_run_interrupted_before_its_first_checkpoint_says_how_to_start_over_an
     r = run_cli([*overrides, f"resume={run_dir}"], cwd=tmp_path)
     assert r.returncode == 2 and f"resume: '{run_dir}' is a run that stopped before it wrote a checkpoint" in r.stderr
     assert f"hydra.run.dir={run_dir} resume=auto" in r.stderr, r.stderr
-    r = run_cli([*overrides, f"hydra.run.dir={run_dir}", "resume=auto"], cwd=tmp_path)  # what the message says
+    started_over = [*overrides[:-2], "trainer.max_steps=8", "trainer.val_check_interval=8"]
+    r = run_cli([*started_over, f"hydra.run.dir={run_dir}", "resume=auto"], cwd=tmp_path)  # what the message says
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
-    assert s["global_step"] == 10 and s["resumed_from"] is None
+    assert s["global_step"] == 8 and s["resumed_from"] is None
+    # overrides.yaml is the session that ran (it kept the stopped one's max_steps=10)
+    recorded = yaml.safe_load((run_dir / "overrides.yaml").read_text())
+    assert "trainer.max_steps=8" in recorded and "trainer.max_steps=10" not in recorded, recorded
 
 
 def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path):

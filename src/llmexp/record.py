@@ -279,7 +279,9 @@ def write_overrides(run_dir: Path, overrides: List[str]) -> None:
     from llmexp.secrets import redact_override
 
     path = RunDir(run_dir).overrides_file
-    if not path.exists():  # a resumed run keeps the overrides it started with
+    # A resumed run keeps the overrides it started with; one started over in its directory (it had
+    # stopped before its first checkpoint) kept the stopped session's, which no longer said what ran.
+    if not path.exists() or RunDir(run_dir).checkpoint_to_resume() is None:
         write_atomic(path, yaml.safe_dump([redact_override(o) for o in overrides], default_flow_style=False))
 
 
