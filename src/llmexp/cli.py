@@ -63,6 +63,10 @@ def _task(cfg) -> Optional[float]:
         _JOBS_STARTED.append(1)
         return run(cfg, started=started)
     except UserError as e:
+        from llmexp.run import Interrupted
+
+        if isinstance(e, Interrupted) and distributed_child():  # rank 0 says where the run stands, once
+            sys.exit(e.exit_code)
         sys.exit(report(e))
 
 
