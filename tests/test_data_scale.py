@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import random
 from pathlib import Path
 from typing import List
@@ -164,6 +165,11 @@ def test_prepare_command_builds_the_cache_a_run_then_hits(cache_dir, tmp_path):
     r = run_cli(["prepare", *args], cwd=tmp_path, env={"LLMEXP_CACHE": str(cache_dir)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "prepared" in r.stdout and "train:" in r.stdout, r.stdout
+    assert "cut to data.max_length" not in r.stdout
+    short = run_cli(["prepare", *args, "data.max_length=16"], cwd=tmp_path, env={"LLMEXP_CACHE": str(cache_dir)})
+    assert short.returncode == 0, short.stderr[-2000:]  # what max_length cuts away is said (it was not)
+    assert re.search(r"train: .* \(\d+ cut to data.max_length=16: their other tokens are not trained on; "
+                     r"data.overlong=split keeps them", short.stdout), short.stdout
     again = run_cli(["prepare", *args], cwd=tmp_path, env={"LLMEXP_CACHE": str(cache_dir)})
     assert again.returncode == 0 and "already prepared" in again.stdout, again.stdout
     run = run_cli([*args, "trainer.max_steps=2", "logger=none", "task.check=none", f"hydra.run.dir={tmp_path / 'r'}"],

@@ -158,6 +158,11 @@ def test_rows_cut_or_dropped_for_length_are_said_where_the_user_looks(tmp_path):
     printed = " ".join(r.stderr.split())
     assert (f"data: of {train['samples']} training samples, {train['truncated']} cut to data.max_length, "
             f"{train['dropped_no_target']} dropped with nothing left to learn once cut") in printed, printed[-1500:]
+    assert "data.overlong=split" not in printed  # (prompt/completion rows cannot be split)
+    from llmexp.record import data_cut
+
+    cut = data_cut({"stage": "pretrain", "data_stats": {"train": {"samples": 10, "truncated": 3}}})
+    assert cut.endswith("; data.overlong=split keeps the rest of each as rows of its own"), cut
 
 
 def _chat_row(i):

@@ -350,7 +350,9 @@ def data_cut(summary: Dict[str, Any]) -> Optional[str]:
         ("dropped_no_target", "dropped with nothing left to learn once cut")) if train.get(k)]
     if not parts:
         return None
-    return f"of {train.get('samples', '?')} training samples, {', '.join(parts)} (data_stats in summary.json)"
+    split = ("; data.overlong=split keeps the rest of each as rows of its own" if train.get("truncated")
+             and summary.get("stage") == "pretrain" else "")
+    return f"of {train.get('samples', '?')} training samples, {', '.join(parts)} (data_stats in summary.json){split}"
 
 
 def best_lines(summary: Dict[str, Any]) -> List[str]:
