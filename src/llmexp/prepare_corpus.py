@@ -51,7 +51,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{state}: {cache['dir']} ({cache['mode']} rows, {cache['dtype']} token ids)")
     for split in ("train", "val"):
         st = cache["splits"][split]
-        print(f"  {split}: {counted(st['samples'], 'document')}, {counted(st['rows'], 'row')}, {counted(st['tokens'], 'token')}"
+        counts = f"{counted(st['samples'], 'document')}, {counted(st['rows'], 'row')}, {counted(st['tokens'], 'token')}"
+        print(f"  {split}: {counts}"
               + (f" ({st['truncated']} cut to data.max_length={typed.data.max_length}: their other tokens are not "
                  f"trained on; data.overlong=split keeps them as rows of their own)" if st.get("truncated") else ""))
     return 0

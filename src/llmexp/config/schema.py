@@ -853,7 +853,8 @@ class PeftConfig:
         "lora/qlora: names of the modules to adapt (null: the architecture's attention and MLP projections)."))
     merge_on_export: bool = doc(True, help=(
         "lora/qlora: merge the adapters into the exported weights (false: model/ holds the adapters alone, naming "
-        "their base model.pretrained by its absolute path; generate, eval, serve and export load them onto it, merged)."))
+        "their base model.pretrained by its absolute path; generate, eval, serve and export load them onto it, "
+        "merged)."))
 
 
 @dataclass
