@@ -134,6 +134,13 @@ def test_shipped_pipelines_raise_exact_match_over_their_short_sft(shipped_pipeli
     assert end >= start + 0.15, (start, end)
     assert f"{name} {start:.3f} -> {end:.3f}" in printed  # the printed result shows the task metric
     assert summary(root / f"2-{name}")["health"]["warnings"] == []
+    if name in ("grpo", "rloo"):  # what val/reward is, said beside the task metric it can differ from
+        from llmexp.record import reward_lines
+
+        s = summary(root / f"2-{name}")
+        assert s["val_reward"] == {"reward": "arithmetic_correct", "max_new_tokens": 16, "missing_eos_penalty": -1.0}
+        assert reward_lines(s) == ["  (val/reward: the reward trained on, arithmetic_correct, of greedy answers of at "
+                                   "most 16 tokens, -1 for one that does not end)"]
     header = (root / f"2-{name}" / "metrics.csv").read_text().splitlines()[0]
     assert all(col in header for col in STAGE_COLUMNS.get(name, [])), header
 

@@ -355,6 +355,17 @@ def data_cut(summary: Dict[str, Any]) -> Optional[str]:
     return f"of {train.get('samples', '?')} training samples, {', '.join(parts)} (data_stats in summary.json){split}"
 
 
+def reward_lines(summary: Dict[str, Any]) -> List[str]:
+    """What a rollout stage's val/reward measures, beside the task metric it can differ from."""
+    v = summary.get("val_reward")
+    if not v or "val/reward" not in (summary.get("final") or {}):
+        return []
+    penalty = v.get("missing_eos_penalty")
+    ends = f", {penalty:+g} for one that does not end" if penalty else ""
+    return [f"  (val/reward: the reward trained on, {v['reward']}, of greedy answers of at most "
+            f"{v['max_new_tokens']} tokens{ends})"]
+
+
 def best_lines(summary: Dict[str, Any]) -> List[str]:
     """What trainer.monitor found: the best validation, whether its model is the one exported, an early stop."""
     lines = []
@@ -391,6 +402,7 @@ def print_result(summary: Dict[str, Any]) -> None:
                     if t.get("too_long_left_out") else "")
         lines.append(f"  (val/task_score: greedy answers to {t['prompts']} prompt{'s' if t['prompts'] != 1 else ''}, "
                      f"checked by {t['check']}{left_out})")
+    lines.extend(reward_lines(summary))
     lines.extend(best_lines(summary))
     pruned = (summary.get("pruning") or {}).get("task_score_before_recovery")
     if pruned is not None:

@@ -512,6 +512,11 @@ def run_notes(typed, stage) -> Dict[str, Any]:
                      f"trainer.max_steps={typed.trainer.max_steps}")
     if notes:
         out["notes"] = notes
+    reward, rollout = getattr(typed.stage, "reward", None), getattr(typed.stage, "rollout", None)
+    if reward is not None and rollout is not None:  # what val/reward is (it read as val/task_score again)
+        out["val_reward"] = {"reward": f"the reward model {reward.model}" if reward.model else reward.function,
+                             "max_new_tokens": rollout.val_max_new_tokens or rollout.max_new_tokens,
+                             "missing_eos_penalty": reward.missing_eos_penalty}
     return out
 
 
