@@ -258,6 +258,49 @@ def test_plain_rows_under_ones_own_chat_template_train_as_its_turns(tmp_path):
     assert asked and all(isinstance(p, list) and p[0]["role"] == "user" for p in asked)
 
 
+def test_plain_rows_sft_from_a_model_with_its_own_chat_template_train_as_its_turns(tmp_path):
+    """A Qwen2-like model whose tokenizer carries ChatML, fine-tuned on plain prompt/completion rows:
+    trained raw and exported with ChatML, generate matched none of the run's recorded answers."""
+    from llmexp.models.build import build_model
+    from llmexp.testing import train
+
+    tok = load_tokenizer(None, None)
+    tok.chat_template = CHATML
+    build_model(typed([]).model, tok).save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} plus 1?", "completion": f"{a} + 1 = {a + 1}"}) + "\n"
+                            for a in range(60)))
+    run = train(tmp_path, [f"model.pretrained={tmp_path / 'base'}", "data=files", f"data.path={data}",
+                           "trainer.max_steps=5"])
+    s = json.loads((run / "summary.json").read_text())
+    assert any(f"asked as chat turns: the model is asked through {tmp_path / 'base'}'s chat template" in n
+               for n in s["notes"]), s.get("notes")
+    asked = [json.loads(line)["prompt"] for line in (run / "answers.jsonl").read_text().splitlines()]
+    assert asked and all(isinstance(p, list) and p[0]["role"] == "user" for p in asked)
+
+
+def test_the_fallback_templates_generation_prompt_is_a_prefix_of_the_trained_turns():
+    """'assistant: ' ended the prompt with a space that a GPT-2-style byte-level tokenizer keeps as a
+    token alone, while in training it began the answer's first token: asked, the model dropped it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmexp.models.tokenizer import plain_headers_template
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["user: Add 5 and 6.\nassistant: 5 + 6 = 11"] * 50, trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    tok.chat_template = plain_headers_template("</s>")
+    user = [{"role": "user", "content": "Add 5 and 6."}]
+    whole = tok.apply_chat_template([*user, {"role": "assistant", "content": "5 + 6 = 11"}], tokenize=True)
+    asked = tok.apply_chat_template(user, tokenize=True, add_generation_prompt=True)
+    whole, asked = (x["input_ids"] if hasattr(x, "keys") else x for x in (whole, asked))
+    assert whole[: len(asked)] == asked and tok.decode(whole[len(asked):]) == "5 + 6 = 11</s>"
+
+
 def test_a_chat_template_that_is_missing_broken_or_never_ends_an_answer_is_refused(tmp_path):
     from llmexp.errors import ConfigError
     from llmexp.testing import check_config

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-# The stages that train a model already asked as a chat on prompt/answer rows (sft sets the
-# template by its rows instead: models.tokenizer.template_as_trained; pretrain reads text).
+# The stages that train a model already asked as a chat on prompt/answer rows (sft, unless the
+# template is given or the model's own, sets the template by its rows instead:
+# models.tokenizer.template_as_trained; pretrain reads text).
 STAGES = frozenset({"rm", "dpo", "kto", "simpo", "orpo", "ppo", "grpo", "rloo", "online_dpo"})
 ANSWERS = ("completion", "chosen", "rejected")
 
@@ -51,7 +52,12 @@ def plain_prompts(prepared) -> bool:
 def rows_as_chat(prepared, stage: str, tok, pretrained: Optional[str], chat_template: Optional[str]) -> Optional[str]:
     """Convert ``prepared``'s plain-string rows in place when the stage trains a model asked as a
     chat; returns the run's note when it did."""
-    chosen_template = stage == "sft" and chat_template is not None
+    from llmexp.models.tokenizer import own_chat_template
+
+    # SFT: with a template given, or the starting model's own (a Qwen2's ChatML: trained raw and
+    # exported with it, generate matched none of the run's recorded answers)
+    chosen_template = stage == "sft" and (chat_template is not None or (pretrained is not None
+                                                                        and own_chat_template(tok)))
     if (stage not in STAGES and not chosen_template) or not plain_prompts(prepared) \
             or not asked_as_chat(tok, pretrained, chat_template):
         return None

@@ -187,9 +187,18 @@ def ensure_special_tokens(tok):
 
 
 def plain_headers_template(eos: str) -> str:
-    """llmexp's chat template for a tokenizer without its special tokens: ``user: `` headers."""
+    """llmexp's chat template for a tokenizer without its special tokens: ``user:`` headers, each on
+    a line of its own. (``assistant: `` ended the generation prompt with a space, which a GPT-2-style
+    byte-level tokenizer keeps as a token alone, while in training it was part of the answer's first
+    token: the model, never having seen it alone, dropped that token when asked.)"""
     return CHAT_TEMPLATE.replace("<|end|>", eos).replace(
-        "'<|' + message['role'] + '|>\n'", "message['role'] + ': '").replace("'<|assistant|>\n'", "'assistant: '")
+        "'<|' + message['role'] + '|>\n'", "message['role'] + ':\n'").replace("'<|assistant|>\n'", "'assistant:\n'")
+
+
+def own_chat_template(tok) -> bool:
+    """Whether ``tok`` carries a chat template of its model's own, not one llmexp gave it."""
+    return getattr(tok, "chat_template", None) not in (None, "", CHAT_TEMPLATE, plain_headers_template(tok.eos_token),
+                                                       PLAIN_PROMPT_TEMPLATE)
 
 
 # A model fine-tuned on plain-string prompts and completions learns them raw (prompt + completion
@@ -210,7 +219,7 @@ def template_as_trained(tok, stage: str, prepared) -> Optional[str]:
         return None
     if not isinstance(train[0]["prompt"], str):
         return None  # conversational prompt/completion: rendered with the chat template, as trained
-    if getattr(tok, "chat_template", None) not in (None, "", CHAT_TEMPLATE, plain_headers_template(tok.eos_token)):
+    if own_chat_template(tok):  # (its rows train as chat turns: llmexp.data.as_chat)
         return None
     tok.chat_template = PLAIN_PROMPT_TEMPLATE
     return ("plain-string prompts and completions, trained raw: the exported model's chat template "
