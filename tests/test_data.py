@@ -280,6 +280,39 @@ def test_plain_rows_sft_from_a_model_with_its_own_chat_template_train_as_its_tur
     assert asked and all(isinstance(p, list) and p[0]["role"] == "user" for p in asked)
 
 
+def test_a_models_own_template_ending_answers_with_another_token_than_eos_learns_to_stop(tmp_path):
+    """Gemma's template ends an answer with <end_of_turn>, its eos is <eos>: the model learnt to end
+    with <end_of_turn>, generation stopped at eos only, and every answer ran on (task score 0.00
+    with val/loss 0.73). That token is the run's eos now: the default SFT from such a model learns
+    the task, and its export stops there."""
+    from llmexp.models.build import build_model
+    from llmexp.testing import run_cli
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = load_tokenizer(None, None)
+    tok.add_tokens(["<end_of_turn>", "<start_of_turn>"], special_tokens=True)
+    tok.chat_template = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}")
+    build_model(typed([]).model, tok).save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    run = tmp_path / "run"
+    r = run_cli(["logger=none", "trainer.progress_bar=false", f"model.pretrained={tmp_path / 'base'}",
+                 f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert any("ends an answer with '<end_of_turn>', not its eos '<|end|>'" in n for n in s["notes"]), s.get("notes")
+    assert s["final"]["val/task_score"] >= 0.9, s["final"]
+    exported = AutoTokenizer.from_pretrained(run / "model")
+    assert exported.eos_token == "<end_of_turn>"
+    assert GenerationConfig.from_pretrained(run / "model").eos_token_id == exported.convert_tokens_to_ids("<end_of_turn>")
+    # a template that ends an answer with no special token at all is refused, as model.chat_template is
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(str(tmp_path / "base"))
+    r = run_cli([f"model.pretrained={tmp_path / 'base'}", f"hydra.run.dir={tmp_path / 'refused'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "chat template does not end an assistant message with a special token" in r.stderr
+
+
 def test_the_fallback_templates_generation_prompt_is_a_prefix_of_the_trained_turns():
     """'assistant: ' ended the prompt with a space that a GPT-2-style byte-level tokenizer keeps as a
     token alone, while in training it began the answer's first token: asked, the model dropped it."""

@@ -211,8 +211,8 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
         from llmexp.secrets import redact_override
 
         notes["resume_overrides"] = [redact_override(o) for o in hydra_overrides()]
-    as_chat = next((e["note"] for e in prepared.log if e.get("step") == "as_chat"), None)
-    notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, as_chat, data_note(prepared)) if n)]
+    said = [next((e["note"] for e in prepared.log if e.get("step") == step), None) for step in ("turn_end", "as_chat")]
+    notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, *said, data_note(prepared)) if n)]
     if not notes["notes"]:
         del notes["notes"]
     watchers = watching_callbacks(typed, run_dir, stage, prepared, data.val_dropped)
@@ -337,7 +337,12 @@ def prepare_data(typed):
     tokenizer = load_tokenizer(m.tokenizer, m.pretrained, prepared.texts, m.trust_remote_code, m.architecture,
                                chat_template=m.chat_template, system_prompt=m.system_prompt)
     from llmexp.data.as_chat import rows_as_chat
+    from llmexp.models.tokenizer import adopt_turn_end, own_chat_template
 
+    if m.chat_template is None and m.pretrained is not None and own_chat_template(tokenizer):
+        turn_end = adopt_turn_end(tokenizer)
+        if turn_end:
+            prepared.log.append({"step": "turn_end", "note": turn_end})
     as_chat = rows_as_chat(prepared, typed.stage.name, tokenizer, m.pretrained, m.chat_template)
     if as_chat:
         prepared.log.append({"step": "as_chat", "note": as_chat})

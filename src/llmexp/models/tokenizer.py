@@ -124,6 +124,32 @@ def use_chat_template(tok, value: str) -> None:
                         f"ends; end assistant messages with {{{{ eos_token }}}}")
 
 
+def adopt_turn_end(tok) -> Optional[str]:
+    """A model's own chat template that ends an answer with a token other than its eos (Gemma's
+    ``<end_of_turn>``, a base Qwen2's ``<|im_end|>``): the model learnt to end answers with that
+    token while sampling, generate and serve stopped at eos only, so answers ran on to the token
+    limit. That token becomes the eos the run trains, samples, exports and is asked with (as the
+    instruct releases of those models set it). Returns the run's note when it changed; a template
+    that ends an answer with no special token at all is refused, as model.chat_template is."""
+    turns = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+    try:
+        text = tok.apply_chat_template(turns, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this (system first, say): left as it is
+        return None
+    after = text.split("A1", 1)[1].lstrip(" ") if "A1" in text else None
+    if after is None or after.startswith(tok.eos_token):
+        return None
+    special = sorted({*tok.all_special_tokens, *tok.get_added_vocab()}, key=len, reverse=True)
+    end = next((t for t in special if t and after.startswith(t)), None)
+    if end is None:
+        raise UserError(f"model.pretrained: {tok.name_or_path}'s chat template does not end an assistant message with "
+                        f"a special token (rendered: {text!r}), so the model would not learn where an answer ends; "
+                        f"give model.chat_template=<a template ending answers with {{{{ eos_token }}}}>")
+    was, tok.eos_token = tok.eos_token, end
+    return (f"the model's chat template ends an answer with {end!r}, not its eos {was!r}: {end!r} is the eos this run "
+            f"trains, samples and exports with (generate and serve stop there)")
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
