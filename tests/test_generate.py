@@ -127,3 +127,35 @@ def test_a_system_message_goes_before_each_prompt(tmp_path, default_sft):
     assert r.returncode == 0 and len(completions(r.stdout)) == 1, r.stderr[-2000:]
     r = run_module("llmexp.generate", [str(default_sft), "3 + 4 =", "--system", "x", "--format", "raw"])
     assert r.returncode == 2 and "--system is a chat message" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("via", ["generate", "serve"])
+def test_generate_and_serve_answer_with_a_token_before_eos_as_the_record_does(tiny_teacher, via):
+    """The run's recorded answers (and the task metric) never end before a first token; generate and
+    serve answered '' where eos scored highest first (record '58', generate '')."""
+    import torch
+
+    from llmexp.generate import generate
+    from llmexp.record import load_language_model
+    from llmexp.sampler import Sampler
+
+    model, tok = load_language_model(tiny_teacher)
+    prompt = [{"role": "user", "content": "Add 3 and 9."}]
+    ids = torch.tensor([tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+                        ["input_ids"]])
+    with torch.no_grad():  # the eos row of the output layer along the last hidden state: eos scores highest first
+        out = model(input_ids=ids, output_hidden_states=True)
+        h = out.hidden_states[-1][0, -1]
+        model.lm_head.weight[tok.eos_token_id] = h * (float(out.logits[0, -1].max()) + 10) / float(h @ h)
+        assert int(model(input_ids=ids).logits[0, -1].argmax()) == tok.eos_token_id
+    recorded = Sampler(model, tok.eos_token_id, tok.pad_token_id)(ids, torch.ones_like(ids), 4, greedy=True)
+    expected = tok.decode(recorded.responses[0], skip_special_tokens=True).strip()
+    assert expected
+    if via == "generate":
+        assert generate(model, tok, ["Add 3 and 9."], max_new_tokens=4) == [expected]
+    else:
+        from llmexp.serving.engine import _generate_steps
+
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        steps = list(_generate_steps(model, tok, batch, 4, {"do_sample": False}))
+        assert steps and steps[0][0] != tok.eos_token_id

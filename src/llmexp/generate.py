@@ -40,8 +40,9 @@ def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, tem
     ids = batch["prompt_ids"]
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
+        # at least one token, as the run's recorded answers and task metric are generated (llmexp.sampler)
         out = model.generate(input_ids=ids, attention_mask=batch["prompt_mask"], max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
+                             min_new_tokens=1, pad_token_id=tokenizer.pad_token_id, **sampling)
     return [tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
 
 

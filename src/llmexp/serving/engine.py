@@ -135,8 +135,9 @@ def _generate_steps(model, tokenizer, batch, max_new_tokens: int, sampling: dict
     def work() -> None:
         try:
             with torch.no_grad():  # grad mode is per thread
-                model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                               streamer=streamer, stopping_criteria=StoppingCriteriaList([streamer]), **sampling)
+                model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=1,  # as generate's
+                               pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([streamer]), **sampling)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             streamer.error = e
             streamer.end()
