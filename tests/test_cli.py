@@ -239,3 +239,25 @@ def test_ctrl_c_while_the_libraries_load_ends_with_one_line(tmp_path):
     err = "".join(seen) + rest
     assert proc.returncode == 130 and err.endswith("llmexp: interrupted (Ctrl+C)\n") and "Traceback" not in err, err
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_run_from_another_architectures_weights_is_named_after_them(tmp_path):
+    """model.pretrained=<a qwen2 directory> with model= left at its default: the run was "sft-llama"
+    (its directory, summary.json's model, the served model's id)."""
+    import json
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llmexp.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None, None)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+                     ).save_pretrained(str(tmp_path / "qwen"))
+    tok.save_pretrained(str(tmp_path / "qwen"))
+    r = run_cli([f"model.pretrained={tmp_path / 'qwen'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                 "logger=none", "trainer.progress_bar=false", "task.max_prompts=8"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "sft-qwen2").iterdir()
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["run_name"], s["model"], s["architecture"]) == ("sft-qwen2", "qwen2", "qwen2")

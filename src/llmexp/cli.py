@@ -50,6 +50,20 @@ def run_dir_overrides(cfg, overrides: List[str]) -> List[str]:
     return [f"hydra.run.dir={run_dir}"] if run_dir and not explicit else []
 
 
+def named_after_the_weights(cfg, overrides: List[str]) -> List[str]:
+    """``model.name=<type>`` when model.pretrained is a local directory of another model type than
+    the model option left at its default: a Qwen2's or a Gemma's run was "sft-llama" (its directory,
+    summary.json's model, the served model's id)."""
+    from llmexp.models.build import local_model_type
+
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    pretrained = cfg.model.get("pretrained")
+    if given & {"model", "model.name"} or not pretrained:
+        return []
+    found = local_model_type(pretrained)
+    return [f"model.name={found}"] if found and found != cfg.model.name else []
+
+
 _JOBS_STARTED: List[int] = []  # the runs this command started: Hydra's -m trains its jobs one after another
 
 
@@ -104,7 +118,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             overrides = split_overrides(argv)
             cfg, as_hydra = resolve_overrides(overrides)
             rewritten = dict(zip(overrides, as_hydra))
-            argv = [rewritten.get(a, a) for a in argv] + run_dir_overrides(cfg, overrides)
+            argv = [rewritten.get(a, a) for a in argv] + named_after_the_weights(cfg, overrides)
+            argv += run_dir_overrides(cfg, overrides)
             if is_multirun(argv) and not distributed_child():
                 argv += sweep_args(overrides, str(cfg.run_name))
             elif not is_multirun(argv):
