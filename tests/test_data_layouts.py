@@ -142,3 +142,16 @@ def test_chat_rows_are_rollout_prompts_with_their_answer_as_reference(tmp_path):
     # a user's file: rewarded and measured by its rows' own answers (reference_match), not the skill's rule
     assert summary["data_stats"]["format"] == "chat" and summary["task"]["check"] == "reference_match"
     assert -1.0 <= summary["final"]["val/reward"] <= 1.0  # -1: an answer that never ended (grpo's penalty)
+
+
+def test_conversational_prompt_completion_trains_the_completion_alone():
+    """A prompt of several turns, an assistant's among them: its tokens were trained too (val/loss
+    6.26 -> 2.76 on a prompt's random assistant turn), where TRL trains the completion alone."""
+    row = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "noise xyz"},
+                      {"role": "user", "content": "again"}],
+           "completion": [{"role": "assistant", "content": "Hello there."}]}
+    tok = load_tokenizer(None, None)
+    enc = lm_encoder("prompt_completion", tok, True)(row)
+    assert tok.decode([t for t in enc["labels"] if t != IGNORE_INDEX]) == "Hello there.<|end|>"
+    whole = lm_encoder("prompt_completion", tok, False)(row)  # without the completion-only loss: everything
+    assert whole["labels"] == whole["input_ids"] == enc["input_ids"]

@@ -78,7 +78,11 @@ def lm_encoder(fmt: str, tokenizer, loss_on_targets_only: bool) -> Callable[[Dic
             return encode_chat(tokenizer, row["messages"], loss_on_targets_only)
         chat = join_prompt_completion(row["prompt"], row["completion"])
         if chat is not None:
-            return encode_chat(tokenizer, chat, loss_on_targets_only)
+            enc = encode_chat(tokenizer, chat, loss_on_targets_only)
+            if loss_on_targets_only:  # the completion alone: the prompt's own assistant turns were trained too
+                asked = common_prefix_length(enc["input_ids"], render_prompt(tokenizer, row["prompt"]))
+                enc["labels"] = [IGNORE_INDEX] * asked + enc["labels"][asked:]
+            return enc
         return encode_prompt_completion(tokenizer, str(row["prompt"]), str(row["completion"]), loss_on_targets_only)
 
     return encode
