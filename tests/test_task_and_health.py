@@ -328,3 +328,30 @@ def test_kto_on_a_users_file_records_the_task_metric_and_starts_at_accuracy_0(tm
     assert summary["initial"]["val/accuracy"] == 0.0
     assert summary["task"]["check"] == "reference" and 0 < summary["task"]["prompts"] < 18, summary["task"]
     assert "val/task_score" in summary["final"]
+
+
+def test_answers_longer_than_the_answer_limit_raise_it_for_the_metric_generate_and_serve(tmp_path):
+    """A 49-token reply was cut at task.max_new_tokens (24) and scored 0 while the model had learnt
+    it; serve cut its answers there too, and generate at its own 32. The limit fits the held-out
+    answers, in the config the run is served and asked by."""
+    import json
+
+    import yaml
+
+    from llmexp.testing import run_cli, run_module
+
+    reply = "Arr matey, aye! The sea be calm today and the wind be fair, so we sail at dawn."
+    data = tmp_path / "longans.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}"},
+                                                     {"role": "assistant", "content": reply}]}) + "\n"
+                            for i in range(200)))
+    run = tmp_path / "run"
+    r = run_cli(["data=files", f"data.path={data}", "trainer.max_steps=150", "logger=none",
+                 "trainer.progress_bar=false", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    limit = yaml.safe_load((run / "config.yaml").read_text())["task"]["max_new_tokens"]
+    assert limit > 24 and f"task.max_new_tokens: 24 -> {limit}, to fit the held-out answers" in r.stderr
+    s = json.loads((run / "summary.json").read_text())
+    assert s["task"]["max_new_tokens"] == limit and s["final"]["val/task_score"] == 1.0
+    g = run_module("llmexp.generate", [str(run), "hello 3"], cwd=tmp_path)
+    assert g.returncode == 0 and reply in g.stdout, g.stdout

@@ -46,6 +46,20 @@ def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, tem
     return [tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
 
 
+def run_answer_limit(model_dir: Path) -> Optional[int]:
+    """The task.max_new_tokens of the run whose model/ ``model_dir`` is (its recorded answers' and
+    serve's length: generate's own 32 cut a served answer's match short, or went on past it), or None."""
+    import yaml
+
+    config = Path(model_dir).parent / "config.yaml" if Path(model_dir).name == "model" else None
+    try:
+        raw = yaml.safe_load(config.read_text()) if config is not None and config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    value = ((raw or {}).get("task") or {}).get("max_new_tokens") if isinstance(raw, dict) else None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def as_asked(prompt: str, chat: bool, system: Optional[str] = None) -> Any:
     """What the model is given: the prompt as a user message after ``system``'s (chat), or the text itself."""
     if not chat:
@@ -71,7 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmexp.generate", description=command_summary(__doc__))
     ap.add_argument("target", help="a run directory (its model/) or a model directory")
     ap.add_argument("prompts", nargs="+", type=non_empty_text)
-    ap.add_argument("--max-new-tokens", type=positive_int, default=32)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=None,
+                    help="(default: a run's task.max_new_tokens, as its recorded answers and serve; else 32)")
     ap.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
     ap.add_argument("--format", choices=("auto", "chat", "raw"), default="auto",
                     help="chat: each prompt is a user message; raw: the text is continued as it is; auto (default): "
@@ -93,8 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.system and not chat:
             raise UserError(f"--system: {model_dir} is a pretrain run's model, which continues text; "
                             f"drop --system, or pass --format chat")
-        completions = generate(model, tokenizer, args.prompts, args.max_new_tokens, args.temperature, chat,
-                               args.system)
+        limit = args.max_new_tokens or run_answer_limit(model_dir) or 32
+        completions = generate(model, tokenizer, args.prompts, limit, args.temperature, chat, args.system)
     except UserError as e:
         return report(e)
     for prompt, completion in zip(args.prompts, completions):

@@ -400,8 +400,9 @@ def print_result(summary: Dict[str, Any]) -> None:
         t = summary["task"]
         left_out = (f"; {t['too_long_left_out']} longer than the model's context with the answer, left out"
                     if t.get("too_long_left_out") else "")
-        lines.append(f"  (val/task_score: greedy answers to {t['prompts']} prompt{'s' if t['prompts'] != 1 else ''}, "
-                     f"checked by {t['check']}{left_out})")
+        cap = f" of at most {t['max_new_tokens']} tokens" if t.get("max_new_tokens") else ""
+        asked = f"{t['prompts']} prompt{'s' if t['prompts'] != 1 else ''}"
+        lines.append(f"  (val/task_score: greedy answers{cap} to {asked}, checked by {t['check']}{left_out})")
     lines.extend(reward_lines(summary))
     lines.extend(best_lines(summary))
     pruned = (summary.get("pruning") or {}).get("task_score_before_recovery")

@@ -539,6 +539,15 @@ def watching_callbacks(typed, run_dir: Path, stage, prepared, val_dropped: Colle
         held_out = [r for i, r in enumerate(prepared.val if prepared.val is not None else []) if i not in val_dropped]
         probe = build_probe(typed, held_out, prepared.format)
         context = getattr(stage.model.config, "max_position_embeddings", None)
+        if probe is not None and "task.max_new_tokens" not in {o.split("=", 1)[0] for o in hydra_overrides()}:
+            fitted = probe.fit_to_references(stage.tokenizer, context)
+            if fitted is not None:  # in the config the run is recorded (and served, and asked by generate) with
+                from rich.console import Console
+
+                Console(stderr=True).print(f"task.max_new_tokens: {typed.task.max_new_tokens} -> {fitted}, to fit the "
+                                           f"held-out answers (greedy answers are cut there)", highlight=False)
+                typed.task.max_new_tokens = fitted
+                write_config(run_dir, redact(dataclasses.asdict(typed)))
         stage.task_probe = probe.within_context(stage.tokenizer, context) if probe is not None else None
     # In this order: the eval (run at the validations when trainer.monitor is one of its metrics), the
     # best validation, which reads it, and the health guard, which exports the best on a stop.

@@ -149,6 +149,17 @@ class TaskProbe:
             return None
         return dataclasses.replace(self, rows=kept, too_long=self.too_long + len(self.rows) - len(kept))
 
+    def fit_to_references(self, tokenizer, context: Optional[int]) -> Optional[int]:
+        """A longer answer limit when held-out reference answers are longer than it (a 49-token reply
+        was cut at 24 and scored 0 while the model had learnt it); None when they fit. At most half
+        the model's context."""
+        longest = max((len(tokenizer(str(r["columns"]["reference"]), add_special_tokens=False)["input_ids"]) + 1
+                       for r in self.rows if r["columns"].get("reference") is not None), default=0)
+        if longest <= self.max_new_tokens:
+            return None
+        self.max_new_tokens = min(longest, context // 2) if context else longest
+        return self.max_new_tokens
+
     def shard(self, rank: int, world: int) -> List[Optional[Dict[str, Any]]]:
         """This rank's rows, padded with None to the longest shard, so that every rank generates
         the same number of batches (sharded models generate in lockstep)."""

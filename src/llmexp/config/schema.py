@@ -806,7 +806,9 @@ class TaskConfig:
         "At most this many held-out prompts (null: all). They are the validation rows (data.max_val_samples caps "
         "them), or the bundled skill's 620: its 155 questions in each of their four wordings, every question in one "
         "wording first."))
-    max_new_tokens: int = bounded(24, min=1, help="Longest greedy answer, in tokens.")
+    max_new_tokens: int = bounded(24, min=1, help=(
+        "Longest greedy answer, in tokens (serve's and generate's default too); not given, raised to fit the "
+        "longest held-out reference answer (at most half the model's context)."))
     batch_size: int = bounded(64, min=1, help="Prompts per generation batch.")
     log_answers: int = bounded(16, min=0, help=(
         "At every validation, record the greedy answers to this many of the held-out prompts with their scores: "
