@@ -283,3 +283,16 @@ def test_too_few_training_rows_says_where_the_others_went(tmp_path):
     assert "needs 16 training rows (micro_batch_size x grad_accum) but the data has 7 (of 500 rows, dedup removed " \
            "492, 1 held out for validation); lower trainer.micro_batch_size or trainer.grad_accum, or give more " \
            "(distinct) rows" in " ".join(r.stderr.split()), r.stderr
+
+
+def test_dedup_removing_most_of_a_users_rows_is_said_before_training(tmp_path):
+    """Generated data of 500 rows kept 36 after dedup, and validation measured 2 of them: summary.json
+    alone said so."""
+    rows = [{"prompt": f"Question {i % 30}?", "completion": f"Answer {i % 30}."} for i in range(300)]
+    data = _jsonl(tmp_path / "repeats.jsonl", rows)
+    run = tmp_path / "run"
+    r = run_cli([*QUICK, "data=files", f"data.path={data}", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = "data: dedup kept 30 of 300 rows, the others repeating one of them word for word"
+    assert said in " ".join(r.stderr.split()), r.stderr[-2000:]
+    assert any(n.startswith(said) for n in json.loads((run / "summary.json").read_text())["notes"])

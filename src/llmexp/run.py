@@ -212,7 +212,8 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
 
         notes["resume_overrides"] = [redact_override(o) for o in hydra_overrides()]
     said = [next((e["note"] for e in prepared.log if e.get("step") == step), None) for step in ("turn_end", "as_chat")]
-    notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, *said, data_note(prepared)) if n)]
+    notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, *said) if n),
+                      *data_notes(prepared, typed.data.source)]
     if not notes["notes"]:
         del notes["notes"]
     watchers = watching_callbacks(typed, run_dir, stage, prepared, data.val_dropped)
@@ -479,16 +480,20 @@ def check_resumable(saved_config: Path, resolved: Dict[str, Any]) -> None:
                                               "resume= to start a new run")])
 
 
-def data_note(prepared) -> Optional[str]:
-    """The data's warning (rows with an empty answer), printed before training and kept in notes."""
+def data_notes(prepared, source: str) -> List[str]:
+    """The data's warnings (rows with an empty answer; most of a user's rows removed as duplicates:
+    a registered dataset's generator repeats by design), printed before training and kept in notes."""
+    from llmexp.data.prepare import dedup_note
     from llmexp.data.rows import empty_answers_note
 
-    note = empty_answers_note(prepared.log)
-    if note:
+    duplicates = dedup_note(prepared.log) if source in ("files", "hf") else None
+    notes = [n for n in (empty_answers_note(prepared.log), duplicates) if n]
+    if notes:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold yellow]warning[/]: {note}", highlight=False)
-    return note
+        for note in notes:
+            Console(stderr=True).print(f"[bold yellow]warning[/]: {note}", highlight=False)
+    return notes
 
 
 def run_notes(typed, stage) -> Dict[str, Any]:
