@@ -159,6 +159,7 @@ def test_rows_cut_or_dropped_for_length_are_said_where_the_user_looks(tmp_path):
     assert (f"data: of {train['samples']} training samples, {train['truncated']} cut to data.max_length, "
             f"{train['dropped_no_target']} dropped with nothing left to learn once cut") in printed, printed[-1500:]
     assert "data.overlong=split" not in printed  # (prompt/completion rows cannot be split)
+    assert printed.count(f"{train['truncated']} cut to data.max_length") == 2  # before training too, as a warning
     from llmexp.record import data_cut
 
     cut = data_cut({"stage": "pretrain", "data_stats": {"train": {"samples": 10, "truncated": 3}}})

@@ -19,8 +19,8 @@ from llmexp.env import configure_environment, quiet_libraries
 from llmexp.errors import UserError
 from llmexp.faults import TrainingFault, explain_disk_full
 from llmexp.preflight import preflight
-from llmexp.record import (RunDir, build_summary, checkpoint_step, finish_record, keep_answers_up_to, write_config,
-                           write_overrides)
+from llmexp.record import (RunDir, build_summary, checkpoint_step, data_cut, finish_record, keep_answers_up_to,
+                           write_config, write_overrides)
 from llmexp.run_lock import RunLock
 from llmexp.secrets import redact
 from llmexp.serving.feedback import feedback_record
@@ -203,6 +203,11 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     check_positions(typed, stage.model)
     data = StageDataModule(prepared, typed.data, typed.trainer, stage)
     data.setup()
+    cut = data_cut({"stage": typed.stage.name, "data_stats": data.stats})
+    if cut:  # said before the steps too: it was said only once they were spent on the cut rows
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold yellow]warning[/]: data: {cut}", highlight=False)
     epochs = steps_from_epochs(typed, data, run_dir, resume_from)  # before anything reads trainer.max_steps
     if epochs:
         resolved = redact(dataclasses.asdict(typed))
