@@ -492,3 +492,31 @@ def test_a_text_file_that_is_not_utf8_and_text_files_beside_structured_ones_are_
     assert len(sources._files(typed(["stage=pretrain", "data=files", f"data.path={tmp_path / 'm'}"]).data)) == 2
     assert f"and 1 text file(s), which are not (a.txt); for the text give a glob, e.g. data.path='{tmp_path / 'm'}/*.txt'" \
         in capsys.readouterr().err
+
+
+def test_a_dataset_directory_with_a_card_or_an_unused_validation_split_is_said(tmp_path, capsys):
+    """data=files on a directory whose README card names train and validation files trained on both;
+    a saved DatasetDict's validation split went unused while rows of train were held out instead."""
+    from datasets import Dataset, DatasetDict
+
+    from llmexp.data import sources
+    from llmexp.errors import ConfigError
+
+    card = tmp_path / "carded"
+    card.mkdir()
+    for name, n in (("alpha", 30), ("beta", 10)):
+        (card / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                                                    for i in range(n)))
+    (card / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: alpha.jsonl\n  - split: validation\n    path: beta.jsonl\n---\n")
+    with pytest.raises(ConfigError) as e:
+        typed(["data=files", f"data.path={card}"])
+    assert "README.md card names its files and splits" in str(e.value) and f"data=hf data.path={card}" in str(e.value)
+    train, val = sources.load_raw(typed(["data=hf", f"data.path={card}", "data.validation_split=validation"]).data)
+    assert (len(train), len(val)) == (30, 10)
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)]
+    DatasetDict({"train": Dataset.from_list(rows[:30]), "validation": Dataset.from_list(rows[30:])}).save_to_disk(
+        str(tmp_path / "saved"))
+    capsys.readouterr()
+    train, val = sources.load_raw(typed(["data=hf", f"data.path={tmp_path / 'saved'}"]).data)
+    assert val is None and "has a 'validation' split, which is not used" in capsys.readouterr().err

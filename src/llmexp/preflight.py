@@ -761,9 +761,16 @@ def _check_data_source(run: S.RunConfig) -> List[Problem]:
     """data.path names something readable for data.source."""
     d, p = run.data, []
     if d.source == "files" and d.path:
+        from llmexp.data.sources import card_names_files
+
         if not glob.glob(os.path.expanduser(d.path)):
             p.append(Problem("data.path", f"no file or directory matches {d.path!r}",
                              "give an existing JSONL/JSON/Parquet/CSV or text (.txt) file, directory or glob"))
+        elif Path(os.path.expanduser(d.path)).is_dir() and card_names_files(Path(os.path.expanduser(d.path))):
+            # data=files read every file, its validation split's too, into the training rows
+            p.append(Problem("data.path", f"{d.path!r} is a dataset whose README.md card names its files and splits, "
+                             "which data=files does not read", f"data=hf data.path={d.path} (with "
+                             "data.validation_split=<its validation split>)"))
     if d.source == "hf" and d.path and not Path(os.path.expanduser(d.path)).exists():
         if d.path.startswith(("/", ".", "~")):  # a path, not a hub id: a typo, which no download fixes
             p.append(Problem("data.path", f"no dataset directory or file at {d.path!r}",

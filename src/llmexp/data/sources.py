@@ -418,14 +418,19 @@ def _hub(cfg: DataConfig):
             if not hasattr(loaded, "keys"):  # one Dataset, saved without splits
                 if cfg.validation_split:
                     raise UserError(f"data.validation_split={cfg.validation_split}: {cfg.path!r} is one dataset without "
-                                    f"splits; unset data.validation_split (data.max_val_samples rows are held out)")
+                                    f"splits; unset data.validation_split (data.val_fraction of its rows are held out)")
                 return loaded, None
             for key, split in (("data.split", cfg.split), ("data.validation_split", cfg.validation_split)):
                 if split and split not in loaded:
                     raise UserError(f"{key}={split}: {cfg.path!r} has no split {split!r}; "
                                     f"{suggest(split, list(loaded), key)}")
+            unused = [k for k in loaded if k != cfg.split and k in VALIDATION_NAMES]
+            if not cfg.validation_split and unused:  # it held rows of the train split out instead, silently
+                print(f"note: data.path: {cfg.path} has a {unused[0]!r} split, which is not used: "
+                      f"data.val_fraction of {cfg.split!r} is held out instead (data.validation_split={unused[0]} "
+                      f"validates on it)", file=sys.stderr)
             return loaded[cfg.split], loaded[cfg.validation_split] if cfg.validation_split else None
-        if local.is_dir() and not _card_names_files(local):
+        if local.is_dir() and not card_names_files(local):
             return _local_directory(cfg, local)
         train = load_dataset(cfg.path, split=cfg.split, **cfg.options)
         val = load_dataset(cfg.path, split=cfg.validation_split, **cfg.options) if cfg.validation_split else None
@@ -434,13 +439,15 @@ def _hub(cfg: DataConfig):
     return train, val
 
 
+# Split names a dataset's validation rows go by.
+VALIDATION_NAMES = ("validation", "valid", "val", "dev", "test")
 # Files in a dataset directory that describe it and are never its rows.
 DOC_STEMS = {"readme", "license", "licence", "notice", "changelog", "citation", "contributing", "authors"}
 COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
 TEXT_SUFFIXES = {".txt"}  # plain-text corpora (one row per line), used only when no structured file is there
 
 
-def _card_names_files(directory: Path) -> bool:
+def card_names_files(directory: Path) -> bool:
     """Whether the directory's README.md card declares its data files (``configs:`` in its YAML
     header, as hub datasets do): then `datasets` follows the card."""
     card = directory / "README.md"
