@@ -72,3 +72,24 @@ def test_a_mixture_run_records_each_sources_rows(tmp_path):
     assert [x["share"] for x in mix["sources"]] == [0.75, 0.25]
     assert sum(x["train_rows"] for x in mix["sources"]) == s["data_stats"]["train"]["samples"]
     assert all(x["train_rows"] > 0 and x["val_rows"] > 0 for x in mix["sources"])
+
+
+def test_saved_datasets_of_different_formats_are_named_by_source(tmp_path):
+    """Two saved datasets (data=hf directories, which the config check cannot peek into), one of
+    prompt/completion rows and one of chats: "data 'mixture' has no recognised format (columns:
+    __mixture_source); map your columns with data.fields": an internal column and the wrong key."""
+    from datasets import Dataset
+
+    from llmexp.errors import UserError
+
+    Dataset.from_list([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]).save_to_disk(str(tmp_path / "pc"))
+    Dataset.from_list([{"messages": [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"v{i}"}]}
+                       for i in range(20)]).save_to_disk(str(tmp_path / "ch"))
+    cfg = typed(["data=mixture", f"data.mixture=[{{source: hf, path: '{tmp_path / 'pc'}'}}, "
+                                 f"{{source: hf, path: '{tmp_path / 'ch'}'}}]"]).data
+    with pytest.raises(UserError) as e:
+        load_examples(cfg, "sft")
+    said = str(e.value)
+    assert said.startswith("data.mixture: its sources have different formats: data.mixture[0]") and \
+        ": prompt_completion, data.mixture[1]" in said and ": chat; mix sources of one format" in said, said
+    assert SOURCE_COLUMN not in said

@@ -734,7 +734,7 @@ def _check_mixture(run: S.RunConfig) -> List[Problem]:
     from llmexp.data.mixture import source_config
 
     from llmexp.data.formats import detect_format
-    from llmexp.data.mixture import label
+    from llmexp.data.mixture import MIXED_FORMATS_FIX, label, mixed_formats
     from llmexp.data.peek import peek_columns
 
     problems: List[Problem] = []
@@ -749,11 +749,9 @@ def _check_mixture(run: S.RunConfig) -> List[Problem]:
             if columns is not None else None
         if fmt:
             formats[f"data.mixture[{i}] {label(d, i)!r}"] = fmt
-    if not problems and len(set(formats.values())) > 1:  # the rows cannot share one table
-        return [Problem("data.mixture", "its sources have different formats: " +
-                        ", ".join(f"{k}: {v}" for k, v in formats.items()),
-                        "mix sources of one format (map a source's columns with its own fields: {...}), or "
-                        "train on them one after the other")]
+    said = mixed_formats(formats) if not problems else None
+    if said:
+        return [Problem("data.mixture", said, MIXED_FORMATS_FIX)]
     return problems
 
 

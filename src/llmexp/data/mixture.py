@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from llmexp.config.schema import DataConfig
 from llmexp.data import sources
@@ -39,11 +39,28 @@ def weights(cfg: DataConfig) -> List[float]:
     return [m.weight / total for m in cfg.mixture]
 
 
+MIXED_FORMATS_FIX = ("mix sources of one format (map a source's columns with its own fields: {...}), or train on "
+                     "them one after the other")
+
+
+def mixed_formats(found: Dict[str, Optional[str]]) -> Optional[str]:
+    """Why sources of these formats (by their label) cannot be mixed, or None: the rows cannot share a table."""
+    if len(set(found.values())) <= 1:
+        return None
+    return "its sources have different formats: " + ", ".join(f"{k}: {v or 'none recognised'}" for k, v in found.items())
+
+
 def load_mixture(cfg: DataConfig):
     """The mixed rows, canonical column names, tagged with their source's index."""
     from datasets import interleave_datasets
 
     parts = [_load_source(cfg, i) for i in range(len(cfg.mixture))]
+    from llmexp.data.formats import detect_format
+
+    said = mixed_formats({f"data.mixture[{i}] {label(cfg, i)!r}": detect_format(p.column_names, {})
+                          for i, p in enumerate(parts)})
+    if said:  # (preflight says it where it can peek: not into an hf directory)
+        raise UserError(f"data.mixture: {said}; {MIXED_FORMATS_FIX}")
     common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
     parts = [p.select_columns(common) for p in parts]
     for i, p in enumerate(parts[1:], 1):
