@@ -148,6 +148,15 @@ def test_prompts_whose_answer_would_overrun_the_context_are_left_out_and_counted
     task = json.loads((tmp_path / "run" / "summary.json").read_text())["task"]
     assert task["too_long_left_out"] > 0 and task["prompts"] > 0, task
     assert "longer than the model's context with the answer, left out" in " ".join((r.stdout + r.stderr).split())
+    # every held-out prompt too long: the metric was gone without a word
+    (tmp_path / "all_long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    r = run_cli(["model=gpt2", "data=files", f"data.path={tmp_path / 'all_long.jsonl'}",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'run2'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert "task" not in s and any(n.startswith("no task metric: every one of the") for n in s["notes"]), s
+    assert "no task metric: every one of the" in " ".join(r.stderr.split())
 
 
 def test_preference_pairs_reject_the_mistakes_a_policy_makes():

@@ -217,11 +217,11 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
 
         notes["resume_overrides"] = [redact_override(o) for o in hydra_overrides()]
     said = [next((e["note"] for e in prepared.log if e.get("step") == step), None) for step in ("turn_end", "as_chat")]
+    watchers = watching_callbacks(typed, run_dir, stage, prepared, data.val_dropped)
     notes["notes"] = [*notes.get("notes", []), *(n for n in (template_note, *said) if n),
-                      *data_notes(prepared, typed.data.source)]
+                      *data_notes(prepared, typed.data.source), *stage_notes(stage)]
     if not notes["notes"]:
         del notes["notes"]
-    watchers = watching_callbacks(typed, run_dir, stage, prepared, data.val_dropped)
     if resume_from is not None:
         keep_answers_up_to(run_dir, checkpoint_step(resume_from))
     loggers = build_loggers(typed.logger, run_dir, display_name(typed.run_name), resolved,
@@ -485,6 +485,11 @@ def check_resumable(saved_config: Path, resolved: Dict[str, Any]) -> None:
                                               "resume= to start a new run")])
 
 
+def stage_notes(stage) -> List[str]:
+    """What the stage's set-up left out (the task metric), for summary.json's notes."""
+    return [n for n in (getattr(stage, "task_missing", None),) if n]
+
+
 def data_notes(prepared, source: str) -> List[str]:
     """The data's warnings (rows with an empty answer; most of a user's rows removed as duplicates:
     a registered dataset's generator repeats by design), printed before training and kept in notes."""
@@ -559,6 +564,13 @@ def watching_callbacks(typed, run_dir: Path, stage, prepared, val_dropped: Colle
                 typed.task.max_new_tokens = fitted
                 write_config(run_dir, redact(dataclasses.asdict(typed)))
         stage.task_probe = probe.within_context(stage.tokenizer, context) if probe is not None else None
+        if probe is not None and stage.task_probe is None:  # the metric vanished, not a word (README: every run)
+            stage.task_missing = (f"no task metric: every one of the {len(probe.rows)} held-out prompts, with "
+                                  f"{probe.max_new_tokens} tokens to answer, is longer than the model's {context} "
+                                  f"positions; hold out shorter rows, or lower task.max_new_tokens")
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold yellow]warning[/]: {stage.task_missing}", highlight=False)
     # In this order: the eval (run at the validations when trainer.monitor is one of its metrics), the
     # best validation, which reads it, and the health guard, which exports the best on a stop.
     evaluation = evaluation_callback(typed, run_dir) if typed.eval.name != "none" else None
