@@ -155,3 +155,19 @@ def test_conversational_prompt_completion_trains_the_completion_alone():
     assert tok.decode([t for t in enc["labels"] if t != IGNORE_INDEX]) == "Hello there.<|end|>"
     whole = lm_encoder("prompt_completion", tok, False)(row)  # without the completion-only loss: everything
     assert whole["labels"] == whole["input_ids"] == enc["input_ids"]
+
+
+def test_a_column_of_turns_under_another_name_is_suggested_as_the_messages(tmp_path):
+    """A "conversation" column of turns: "no recognised format ... map your columns with
+    data.fields.<name>=<column>", naming no field."""
+    from llmexp.errors import ConfigError
+
+    f = tmp_path / "conv.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "conversation": [{"role": "user", "content": f"u{i}"},
+                                                               {"role": "assistant", "content": f"v{i}"}]}) + "\n"
+                         for i in range(20)))
+    with pytest.raises(ConfigError) as e:
+        typed(["data=files", f"data.path={f}"])
+    assert "(data.fields.messages=conversation: it holds a conversation's turns)" in str(e.value)
+    assert typed(["data=files", f"data.path={f}", "data.fields.messages=conversation"]).data.fields.messages == \
+        "conversation"

@@ -809,7 +809,10 @@ def _check_stage_data(run: S.RunConfig) -> List[Problem]:
         return []
     else:
         fmt = detect_format(columns, fields)
-    problem = format_problem(run.stage.name, fmt, columns, fields, f"data {d.path or d.name!r}")
+    from llmexp.data.peek import peek_row
+
+    problem = format_problem(run.stage.name, fmt, columns, fields, f"data {d.path or d.name!r}",
+                             peek_row(d) if fmt is None else None)
     return [Problem("stage", problem, None)] if problem else []
 
 

@@ -45,8 +45,9 @@ def detect_format(columns: Iterable[str], fields: Dict[str, str]) -> Optional[st
 
 
 def format_problem(stage: str, fmt: Optional[str], columns: Iterable[str], fields: Dict[str, str],
-                   where: str) -> Optional[str]:
-    """A sentence saying why ``stage`` cannot use data of format ``fmt``, or None when it can."""
+                   where: str, row: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """A sentence saying why ``stage`` cannot use data of format ``fmt``, or None when it can
+    (``row``: a first row, whose values can say which column holds a conversation)."""
     from llmexp.config.stages import STAGES
 
     accepted = STAGES[stage].formats if stage in STAGES else None
@@ -55,8 +56,17 @@ def format_problem(stage: str, fmt: Optional[str], columns: Iterable[str], field
     needs = " or ".join("+".join(FORMAT_COLUMNS[f]) for f in accepted)
     have = ", ".join(sorted(columns)) or "no columns"
     what = f"format {fmt!r}" if fmt else "no recognised format"
+    turns = next((c for c in sorted(columns) if _holds_turns((row or {}).get(c))), None) \
+        if fmt is None and "chat" in accepted else None
+    example = f" (data.fields.messages={turns}: it holds a conversation's turns)" if turns else ""
     return (f"stage={stage} needs fields {needs}, but {where} has {what} (columns: {have}); "
-            f"map your columns with data.fields.<name>=<column> or choose another stage")
+            f"map your columns with data.fields.<name>=<column>{example} or choose another stage")
+
+
+def _holds_turns(value: Any) -> bool:
+    """A list of message objects ({role, content}, or ShareGPT's {from, value})."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and ({"role", "content"} <= set(m) or {"from", "value"} <= set(m)) for m in value)
 
 
 def answer_text(value: Any) -> Optional[str]:

@@ -67,7 +67,8 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
         if missing:
             raise UserError(f"data.format={fmt} needs columns {missing}, not found in {cfg.path or cfg.name!r} "
                             f"(columns: {', '.join(train.column_names)}); map them with data.fields.<name>=<column>")
-    problem = formats.format_problem(stage, fmt, train.column_names, {}, f"data {cfg.path or cfg.name!r}")
+    problem = formats.format_problem(stage, fmt, train.column_names, {}, f"data {cfg.path or cfg.name!r}",
+                                     train[0] if len(train) else None)
     if problem:
         raise UserError(f"data: {problem}")
     try:

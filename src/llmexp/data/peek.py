@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from llmexp.config.schema import DataConfig
 
@@ -29,18 +29,39 @@ def peek_columns(cfg: DataConfig) -> Optional[List[str]]:
         return None
 
 
+def peek_row(cfg: DataConfig) -> Optional[Dict[str, Any]]:
+    """The first row of a JSONL data file (what its values are, for messages about its columns), else None."""
+    if cfg.source != "files" or not cfg.path:
+        return None
+    try:
+        from llmexp.data.sources import _data_suffix, data_files
+
+        first = Path(data_files(cfg.path)[0])
+        return _first_jsonl_row(first) if _data_suffix(first) == ".jsonl" else None
+    except Exception:  # noqa: BLE001 - the loader reports the precise problem later
+        return None
+
+
+def _first_jsonl_row(path: Path) -> Optional[Dict[str, Any]]:
+    from llmexp.data.sources import open_binary
+
+    with open_binary(str(path)) as fh:
+        for line in fh:
+            if line.strip():
+                row = json.loads(line)
+                return row if isinstance(row, dict) else None
+    return None
+
+
 def _columns_of(path: Path) -> Optional[List[str]]:
-    from llmexp.data.sources import TEXT_SUFFIXES, _data_suffix, open_binary
+    from llmexp.data.sources import TEXT_SUFFIXES, _data_suffix
 
     suffix = _data_suffix(path)
     if suffix in TEXT_SUFFIXES:
         return ["text"]
     if suffix == ".jsonl":
-        with open_binary(str(path)) as fh:
-            for line in fh:
-                if line.strip():
-                    return list(json.loads(line).keys())
-        return None
+        row = _first_jsonl_row(path)
+        return list(row.keys()) if row is not None else None
     if suffix != path.suffix:  # other compressed kinds: known once loaded
         return None
     if suffix == ".json":
