@@ -171,3 +171,22 @@ def test_a_column_of_turns_under_another_name_is_suggested_as_the_messages(tmp_p
     assert "(data.fields.messages=conversation: it holds a conversation's turns)" in str(e.value)
     assert typed(["data=files", f"data.path={f}", "data.fields.messages=conversation"]).data.fields.messages == \
         "conversation"
+
+
+def test_pairs_that_differ_before_their_last_answer_are_said(tmp_path):
+    """Whole conversations in chosen/rejected that differ at a user turn: the shared prefix became the
+    prompt and DPO trained the turns after it, the user's among them, without a word."""
+    from llmexp.data.fields import diverging_note
+
+    def turns(user2, answer):
+        return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": user2}, {"role": "assistant", "content": answer}]
+
+    rows = [{"chosen": turns("add 1 and 2", "3"), "rejected": turns("add 1 and 2", "4")} for _ in range(30)]
+    rows += [{"chosen": turns(f"add {i} and 2", "x"), "rejected": turns(f"add {i} and 3", "y")} for i in range(10)]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepared = load_examples(typed(["stage=dpo", "data=files", f"data.path={f}", "data.steps=[]"]).data, "dpo")
+    note = diverging_note(prepared.log)
+    assert note is not None and note.startswith("data: 10 pairs' chosen and rejected differ before the last answer "
+                                                "(the first at row 31)"), note

@@ -493,11 +493,12 @@ def stage_notes(stage) -> List[str]:
 def data_notes(prepared, source: str) -> List[str]:
     """The data's warnings (rows with an empty answer; most of a user's rows removed as duplicates:
     a registered dataset's generator repeats by design), printed before training and kept in notes."""
+    from llmexp.data.fields import diverging_note
     from llmexp.data.prepare import dedup_note
     from llmexp.data.rows import empty_answers_note
 
     duplicates = dedup_note(prepared.log) if source in ("files", "hf") else None
-    notes = [n for n in (empty_answers_note(prepared.log), duplicates) if n]
+    notes = [n for n in (empty_answers_note(prepared.log), duplicates, diverging_note(prepared.log)) if n]
     if notes:
         from rich.console import Console
 

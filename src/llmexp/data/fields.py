@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from llmexp.config.schema import FieldMap
 from llmexp.errors import UserError
@@ -41,3 +41,29 @@ def extract_implicit_prompt(ds):
     from trl.data_utils import extract_prompt
 
     return ds.map(extract_prompt, desc="extract_prompt")
+
+
+def diverging_pairs(ds) -> Optional[Dict[str, Any]]:
+    """Pairs whose chosen and rejected part before their last answer (a user turn differs): the
+    shared prefix is their prompt, so DPO trained the turns after it, a user's among them.
+    ``{"step": "extract_prompt", "diverging": n, "first": row}`` (rows from 1), or None."""
+    if ds is None or not {"chosen", "rejected"} <= set(ds.column_names):
+        return None
+    first, n = None, 0
+    for i, (chosen, rejected) in enumerate(zip(ds["chosen"], ds["rejected"]), 1):
+        if any(isinstance(side, list) and side and isinstance(side[0], dict) and side[0].get("role") != "assistant"
+               for side in (chosen, rejected)):
+            n += 1
+            first = first or i
+    return {"step": "extract_prompt", "diverging": n, "first": first} if n else None
+
+
+def diverging_note(log: List[Dict[str, Any]]) -> Optional[str]:
+    """The warning for :func:`diverging_pairs` (from the preparation log)."""
+    entry = next((e for e in log if e.get("step") == "extract_prompt"), None)
+    if entry is None:
+        return None
+    n = entry["diverging"]
+    return (f"data: {n} pair{'s' if n != 1 else ''}' chosen and rejected differ before the last answer (the first at "
+            f"row {entry['first']}): the turns after the difference train as the answer, a user's among them; make "
+            f"each pair share every turn but its last answer")

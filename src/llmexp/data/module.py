@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from llmexp.config.schema import DataConfig, TrainerConfig
 from llmexp.data import formats, mixture, prepare, sources
-from llmexp.data.fields import check_field_map, extract_implicit_prompt, field_map, rename_fields
+from llmexp.data.fields import (check_field_map, diverging_pairs, extract_implicit_prompt, field_map,
+                                 rename_fields)
 from llmexp.data.layouts import read_layout
 from llmexp.data.collate import WindowCollator
 from llmexp.data.encode import IGNORE_INDEX
@@ -61,6 +62,7 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
         train = read_layout(rename_fields(train, fields))
         val = read_layout(rename_fields(val, fields)) if val is not None else None
     train, val = extract_implicit_prompt(train), extract_implicit_prompt(val)
+    diverging = diverging_pairs(train)
     fmt = cfg.format if cfg.format != "auto" else formats.detect_format(train.column_names, {})
     if fmt is not None and fmt != "auto":
         missing = [c for c in formats.FORMAT_COLUMNS[fmt] if c not in train.column_names]
@@ -82,8 +84,9 @@ def load_examples(cfg: DataConfig, stage: str) -> PreparedData:
         check_rows(val, fmt, f"{sources.described(cfg)} split {cfg.validation_split!r}")
     mixed = mixture.source_counts(train) if cfg.source == "mixture" else None
     train, log = prepare.run_steps(train, cfg)
-    if empty:
-        log.insert(0, empty)
+    for entry in (empty, diverging):
+        if entry:
+            log.insert(0, entry)
     if val is not None:
         val, _ = prepare.run_steps(val, cfg)
     train, val = prepare.split(train, val, cfg)
