@@ -297,3 +297,16 @@ def test_dedup_removing_most_of_a_users_rows_is_said_before_training(tmp_path):
     said = "data: dedup kept 30 of 300 rows, the others repeating one of them word for word"
     assert said in " ".join(r.stderr.split()), r.stderr[-2000:]
     assert any(n.startswith(said) for n in json.loads((run / "summary.json").read_text())["notes"])
+
+
+def test_prompts_longer_than_the_model_are_not_told_to_raise_max_length_past_it():
+    """DPO on long conversations: "raise data.max_length above 648 (to 668 ...)", and then 668 was
+    refused as more than the model's 512 positions. Prompts past the model are said as such."""
+    from llmexp.data.module import length_advice
+
+    cfg = typed(["stage=dpo", "data.max_length=64"]).data
+    pair = {"chosen_input_ids": [1] * 700, "chosen_labels": [-100] * 650 + [1] * 50,
+            "rejected_input_ids": [1] * 690, "rejected_labels": [-100] * 650 + [1] * 40}
+    said = length_advice([pair], cfg, "preference", context=512)
+    assert said.startswith("every sample's prompt is longer than the model's 512 positions") and "raise" not in said
+    assert "raise data.max_length above 650" in length_advice([pair], cfg, "preference", context=1024)

@@ -112,7 +112,7 @@ def where_rows_went(log: List[Dict[str, Any]]) -> str:
 
 
 def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, split: str,
-               dropped: Optional[List[int]] = None):
+               dropped: Optional[List[int]] = None, context: Optional[int] = None):
     """Apply data.overlong to samples longer than data.max_length; drop samples with no targets
     (their indices appended to ``dropped``)."""
     out, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_target": 0, "split_chunks": 0}
@@ -146,7 +146,7 @@ def fit_length(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str, s
         out.append(s)
     if not out:
         raise UserError(f"data.max_length: every {split} sample was removed ({stats}); "
-                        + length_advice(encoded, cfg, fmt))
+                        + length_advice(encoded, cfg, fmt, context))
     return out, stats
 
 
@@ -163,14 +163,20 @@ def _target_start(sample: Dict[str, Any]) -> float:
     return need
 
 
-def length_advice(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str) -> str:
+def length_advice(encoded: List[Dict[str, List[int]]], cfg: DataConfig, fmt: str,
+                  context: Optional[int] = None) -> str:
     """What keeps samples when data.max_length removed them all: the advice fits the setting that
-    removed them (suggesting data.overlong=truncate when it is set, or cannot help, helps no one)."""
+    removed them (suggesting data.overlong=truncate when it is set, or cannot help, helps no one),
+    and the model's ``context`` (a data.max_length past it, advised, was then refused)."""
     n, lengths = cfg.max_length, [_length(s) for s in encoded]
     needs = [x for x in map(_target_start, encoded) if x != float("inf")]
     if not needs:
         return "no sample has a token to learn from at any length; check the data's completions / assistant turns"
     span = f"samples have {min(lengths)}-{max(lengths)} tokens"
+    if context and min(needs) > context:
+        return (f"every sample's prompt is longer than the model's {context} positions ({span}), so no length the "
+                f"model takes keeps a token to learn from; shorten the prompts (keep a conversation's last turns) "
+                f"or leave those rows out")
     if cfg.overlong == "drop" and any(len_ > n for len_ in lengths):
         keep = " or use data.overlong=truncate (keeps each sample's first data.max_length tokens)" \
             if min(needs) <= n else ""
@@ -312,7 +318,9 @@ class StageDataModule(L.LightningDataModule):
         for split, ds in (("train", self.prepared.train), ("val", self.prepared.val)):
             encoded = [encode(row) for row in ds]
             dropped: List[int] = []
-            rows, stats = fit_length(encoded, self.cfg, self.prepared.format, split, dropped)
+            rows, stats = fit_length(encoded, self.cfg, self.prepared.format, split, dropped,
+                                     getattr(getattr(getattr(self.stage, "model", None), "config", None),
+                                             "max_position_embeddings", None))
             if split == "val":
                 self.val_dropped = frozenset(dropped)
             tokens = count_tokens(rows)
