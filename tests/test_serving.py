@@ -241,6 +241,25 @@ def test_the_developer_role_is_the_system_role(served_sft):
     assert developer["choices"][0]["message"]["content"] == system["choices"][0]["message"]["content"]
 
 
+def test_a_tool_result_is_answered_with_the_tool_call_it_follows(served_sft):
+    """Training takes tool calls and results (a template that renders them); serve refused the tool
+    role, so the turn after a tool's result could never be asked."""
+    from transformers import AutoTokenizer
+
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 3, \"b\": 4}"}}
+    messages = [{"role": "user", "content": "Add 3 and 4."}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "7"}]
+    code, reply = http("POST", f"{served_sft['url']}/v1/chat/completions", {"messages": messages, "temperature": 0})
+    assert code == 200, reply
+    tok = AutoTokenizer.from_pretrained(served_sft["run"] / "model")
+    rendered = tok.apply_chat_template([{**m, "content": m["content"] or ""} for m in messages],
+                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert reply["usage"]["prompt_tokens"] == len(rendered)  # every message asked, the tool's result last
+    code, reply = http("POST", f"{served_sft['url']}/v1/chat/completions",
+                       {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]})
+    assert code == 400 and "the last message must be the user's or a tool's result" in reply["error"]["message"]
+
+
 def test_content_as_text_parts_is_answered_and_other_parts_get_400(served_sft):
     """OpenAI's API allows content as a list of parts; text parts are the text (joined by newlines)."""
     c = client(served_sft["url"])

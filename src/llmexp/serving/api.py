@@ -8,7 +8,7 @@ import contextlib
 import hmac
 import json
 from dataclasses import dataclass
-from typing import AsyncIterator, Dict, List, Optional
+from typing import Any, AsyncIterator, Dict, List, Optional
 
 import litserve as ls
 from fastapi import BackgroundTasks, HTTPException, Request
@@ -18,7 +18,7 @@ from litserve.specs.openai import ChatCompletionRequest, OpenAISpec
 from pydantic import ConfigDict
 from litserve.utils import LitAPIStatus
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 ROLE_NAMES = {"developer": "system"}  # OpenAI's newer name for the system message's role
 
 
@@ -62,7 +62,8 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
         raise RequestProblem("messages: give at least one message", "messages")
     for i, m in enumerate(request.messages):
         m.role = ROLE_NAMES.get(m.role, m.role)
-        if m.role not in ROLES or m.content is None:
+        calls = m.role == "assistant" and bool(m.tool_calls)  # an assistant's tool call may have no text
+        if m.role not in ROLES or (m.content is None and not calls):
             raise RequestProblem(f"messages[{i}]: each message needs a role ({', '.join(ROLES)}) and text content",
                                  f"messages[{i}]")
         for j, part in enumerate(m.content if isinstance(m.content, list) else []):
@@ -72,8 +73,9 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
         if m.role == "user" and not text_of(m.content).strip():
             raise RequestProblem(f"messages[{i}].content: the user's message is empty; say something to answer",
                                  f"messages[{i}].content")
-    if request.messages[-1].role != "user":
-        raise RequestProblem("messages: the last message must be the user's (this server answers it)", "messages")
+    if request.messages[-1].role not in ("user", "tool"):
+        raise RequestProblem("messages: the last message must be the user's or a tool's result (this server answers "
+                             "it)", "messages")
     extra = request.model_extra or {}
     for name in ("tools", "response_format", "stop", "logprobs", "top_logprobs"):
         if getattr(request, name, None) or extra.get(name) not in (None, False):
@@ -98,7 +100,11 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
     if limit < 1:
         name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         raise RequestProblem(f"{name}: must be at least 1", name)
-    prompt = tokenizer.apply_chat_template(messages_of(request), add_generation_prompt=True, tokenize=True)
+    try:
+        prompt = tokenizer.apply_chat_template(messages_of(request), add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # noqa: BLE001 - the model's template refusing these messages (a role it lacks, say)
+        raise RequestProblem(f"messages: the model's chat template cannot render them: {str(e).splitlines()[0]}",
+                             "messages") from None
     prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
     if context and len(prompt) >= context:
         raise RequestProblem(f"the prompt is {len(prompt)} tokens, and the model's context is {context}: shorten it",
@@ -108,8 +114,17 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
                              f"context of {context} tokens: at most {context - len(prompt)}", "max_tokens")
 
 
-def messages_of(request: ChatCompletionRequest) -> List[Dict[str, str]]:
-    return [{"role": m.role, "content": text_of(m.content)} for m in request.messages]
+def messages_of(request: ChatCompletionRequest) -> List[Dict[str, Any]]:
+    """The request's messages as the chat template takes them: tool calls and results, as trained, kept."""
+    out = []
+    for m in request.messages:
+        message: Dict[str, Any] = {"role": m.role, "content": text_of(m.content) if m.content is not None else ""}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() if hasattr(c, "model_dump") else c for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
 
 
 def text_of(content) -> str:
