@@ -215,6 +215,14 @@ def test_an_import_failure_says_where_and_comes_with_every_other_problem(tmp_pat
     said = " ".join(r.stderr.split())
     assert r.returncode == 2 and f"plugin 'loose' (module loose): failed to import: KeyError: 'NOPE_NOT_SET' " \
         f"(at {tmp_path / 'loose.py'}:2)" in said and "fix: fix module loose, or skip plugins" in said, said
+    # its own missing dependency named like it (it said "no installed plugin or importable module of that
+    # name"), and a syntax error at its line (it was importlib's)
+    (tmp_path / "loose.py").write_text("import loose_helpers_missing\n")
+    r = _cli_with(tmp_path, ["plugins"], {"LLMEXP_PLUGINS": "loose"})
+    assert "No module named 'loose_helpers_missing'" in r.stderr and "no installed plugin" not in r.stderr, r.stderr
+    (tmp_path / "loose.py").write_text("x = 1\ny = (\n")
+    r = _cli_with(tmp_path, ["plugins"], {"LLMEXP_PLUGINS": "loose"})
+    assert "SyntaxError" in r.stderr and f"(at {tmp_path / 'loose.py'}:2)" in r.stderr, r.stderr
 
 
 def test_a_name_declared_twice_is_an_error_naming_both_plugins(tmp_path):
@@ -287,6 +295,16 @@ def test_a_typo_in_a_plugins_config_file_names_the_file(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"data.val_fracton: unknown key (set in {typo})" in r.stderr and "did you mean 'val_fraction'" in r.stderr
     assert not (tmp_path / "run").exists()
+    # an inline option's typo names its file; another group's key the file does not set is not blamed on it
+    typo.write_text("name: arithmetic\noptions: {num_sampels: 400, max_operand: 9}\nseed: 3\n")
+    (tmp_path / "conf" / "experiment").mkdir()
+    exp = tmp_path / "conf" / "experiment" / "mine.yaml"
+    exp.write_text("# @package _global_\ntrainer:\n  seed: abc\n")
+    r = _cli_with(tmp_path, ["data=typo_data", "experiment=mine", f"hydra.run.dir={tmp_path / 'run'}"],
+                  {"LLMEXP_PLUGINS": "typo_cfg"})
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and f"unknown option 'num_sampels' for dataset 'arithmetic' (set in {typo})" in said, said
+    assert f"trainer.seed: expected an integer, got 'abc' (set in {exp})" in said, said
 
 
 def test_exceptions_in_plugin_code_name_the_plugin(tmp_path):

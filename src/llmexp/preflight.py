@@ -13,7 +13,7 @@ import glob
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -28,9 +28,8 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> S.R
     command line it was composed from (default: Hydra's, when it composed it)."""
     run, problems = typed_config(cfg)
     given = command_line() if overrides is None else list(overrides)
-    problems = in_config_files(problems, given)
     if run is None:
-        raise ConfigError(problems)
+        raise ConfigError(in_config_files(problems, given))
     problems.extend(_check_dataset(run.data))
     problems.extend(_sizes_of_a_pretrained_model(run.model, given))
     problems.extend(_compressed_on_other_data(run, given))
@@ -45,7 +44,7 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> S.R
     flagged = {p.key for p in problems}
     problems.extend(p for p in cross_checks(run) if p.key not in flagged)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(in_config_files(problems, given))
     return run
 
 
@@ -70,24 +69,42 @@ def in_config_files(problems: List[Problem], given: Sequence[str]) -> List[Probl
 
 def config_file_setting(key: str, chosen: Dict[str, str]) -> Optional[Path]:
     """The config file of a group option ``chosen`` on the command line (``data=mine``: llmexp's or
-    a plugin's file) that sets ``key``'s last part, those of the key's own group first."""
+    a plugin's file) that sets ``key``: a file of the key's own group by the key under it
+    (``val_fracton`` for data.val_fracton, ``options: {num_sampels: 3}`` inline too), an
+    ``# @package _global_`` file (an experiment) by the whole key."""
     import re
+
+    import yaml
 
     from llmexp.paths import config_dir
     from llmexp.plugins.configs import plugin_config_dirs
 
     choices = {g: o for g, o in chosen.items() if re.fullmatch(r"[\w.\-]+", o)}
-    if not choices:
-        return None
     roots = [config_dir(), *(root for _, root in plugin_config_dirs())]
-    group = key.split(".", 1)[0]
-    setting = re.compile(rf"^\s*{re.escape(key.rsplit('.', 1)[-1])}\s*:", re.MULTILINE)
+    group, _, rest = key.partition(".")
     for g in sorted(choices, key=lambda g: g != group):
         for root in roots:
             path = Path(root) / g / f"{choices[g]}.yaml"
-            if path.is_file() and setting.search(path.read_text(errors="replace")):
+            if not path.is_file():
+                continue
+            text = path.read_text(errors="replace")
+            try:
+                node = yaml.safe_load(text)
+            except yaml.YAMLError:
+                continue
+            parts = key.split(".") if "@package _global_" in text else rest.split(".") if g == group else None
+            if parts and _sets(node, parts):
                 return path
     return None
+
+
+def _sets(node: Any, parts: Sequence[str]) -> bool:
+    """Whether the nested mappings ``node`` hold the key path ``parts`` (whatever its value, null too)."""
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings",

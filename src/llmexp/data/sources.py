@@ -221,8 +221,13 @@ def _text_lines(f: str) -> Iterator[tuple]:
             try:
                 yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (Windows' editors) is not a row's text
             except UnicodeDecodeError as e:
-                raise UserError(f"data.path: {f} line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                                f"{e.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+                raise not_utf8(f, n, raw, e) from None
+
+
+def not_utf8(f: str, n: int, raw: bytes, e: UnicodeDecodeError) -> UserError:
+    """The error for line ``n`` of file ``f`` that is not UTF-8 (datasets and the decoder name neither)."""
+    return UserError(f"data.path: {f} line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                     f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
 
 
 def _json_rows(f: str) -> Iterator[tuple]:

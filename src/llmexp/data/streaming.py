@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from torch.utils.data import IterableDataset
 
-from llmexp.data.sources import TEXT_SUFFIXES, _data_suffix, data_files, open_binary
+from llmexp.data.sources import TEXT_SUFFIXES, _data_suffix, data_files, not_utf8, open_binary
 from llmexp.errors import UserError
 
 
@@ -39,8 +39,11 @@ def read_documents(path: str, text_field: str) -> Iterator[str]:
             yield from batch.column(0).to_pylist()
         return
     with open_binary(path) as f:
-        for raw in f:
-            line = raw.decode("utf-8")
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # (a traceback from the loader, exit 1)
+                raise not_utf8(path, n, raw, e) from None
             if suffix in TEXT_SUFFIXES:
                 if line.strip():
                     yield line.rstrip("\n")

@@ -112,9 +112,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def details_dir(results: Path) -> Path:
-    """Where a registered eval writes its details (its ``run_dir``): beside its results file, named
-    alike (eval/results-2/); given the run directory, it wrote over the details of the run's own."""
-    return results.with_suffix("")
+    """Where a registered eval writes its details (its ``run_dir``, made, as a run's is): beside its
+    results file, named alike (eval/results-2/); given the run directory, it wrote over the details
+    of the run's own. Left empty (the eval failed, or wrote none), it is removed at exit."""
+    import atexit
+
+    path = results.with_suffix("")
+    path.mkdir(parents=True, exist_ok=True)
+
+    def tidy() -> None:
+        try:
+            path.rmdir()  # only when empty
+        except OSError:
+            pass
+
+    atexit.register(tidy)
+    return path
 
 
 def _record_and_show(table, path: Path, title: str) -> Path:

@@ -144,6 +144,8 @@ def _plugin_roots(info: PluginInfo) -> List[str]:
 def raised_at(error: BaseException, info: Optional[PluginInfo]) -> str:
     """`` (at FILE:LINE)``: the innermost frame of ``error`` in the plugin's own code (else, or
     without a plugin, the innermost frame outside llmexp and pluggy); empty when there is none."""
+    if isinstance(error, SyntaxError) and error.filename:  # raised by the compiler: no frame of the file
+        return f" (at {error.filename}:{error.lineno})"
     frames = traceback.extract_tb(error.__traceback__)
     roots = _plugin_roots(info) if info is not None else []
     ours = [os.path.dirname(os.path.realpath(m.__file__)) for m in (pluggy, sys.modules["llmexp"])]
@@ -260,7 +262,7 @@ def _load_module(host: Host, name: str, installed: Dict[str, Any], causes: List[
     try:
         obj = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name and name.startswith(e.name):
+        if e.name and (name == e.name or name.startswith(e.name + ".")):  # (not its own missing dependency)
             return [Problem(f"LLMEXP_PLUGINS={name}", "no installed plugin or importable module of that name",
                             suggest(name, installed) if installed else "no llmexp plugins are installed")]
         return _import_failed(info, e, f"fix module {name}, {SKIP_HINT}", causes)
