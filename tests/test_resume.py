@@ -123,6 +123,8 @@ def test_resume_auto_finds_the_killed_run_of_the_same_name(tmp_path):
     said = " ".join(r.stderr.split())  # which run resume=auto chose, and that dropping resume= starts anew
     assert f"resume: continues the run in {killed}, started with other values" in said, said
     assert "or drop resume= to start a new run" in said
+    r = run_cli([*overrides, "optim.weight_decay=0.5", f"hydra.run.dir={killed}", "resume=auto"], cwd=tmp_path)
+    assert r.returncode == 2 and f"resume=auto: resuming {killed}" in r.stderr, r.stderr[-2000:]  # it said nothing
     # another stage is said before its own (shorter) max_steps, which no fix of max_steps would make fit
     r = run_cli([*overrides, "stage=dpo", "trainer.max_steps=5", f"resume={killed}"], cwd=tmp_path)
     assert r.returncode == 2 and "stage: is dpo but the run being resumed is stage=sft" in r.stderr, r.stderr

@@ -52,6 +52,8 @@ def resume_run_dir(resume: Optional[str], explicit_run_dir: Optional[str], run_n
         return resume
     if explicit_run_dir:
         _refuse_finished(Path(explicit_run_dir))
+        if has_checkpoint(Path(explicit_run_dir)):  # (a pipeline's or a sweep's fresh stage says nothing)
+            print(f"resume=auto: resuming {explicit_run_dir}", file=sys.stderr)
         return explicit_run_dir
     found = latest_unfinished_run(Path("runs") / run_name)
     if found is None:  # it started a new run without a word, as if it had resumed

@@ -207,7 +207,7 @@ def set_up(typed, run_dir: Path, callbacks: Sequence[Any], resume_from):
     if cut:  # said before the steps too: it was said only once they were spent on the cut rows
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold yellow]warning[/]: data: {cut}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold yellow]warning[/]: data: {cut}", highlight=False)
     epochs = steps_from_epochs(typed, data, run_dir, resume_from)  # before anything reads trainer.max_steps
     if epochs:
         resolved = redact(dataclasses.asdict(typed))
@@ -503,7 +503,7 @@ def data_notes(prepared, source: str) -> List[str]:
         from rich.console import Console
 
         for note in notes:
-            Console(stderr=True).print(f"[bold yellow]warning[/]: {note}", highlight=False)
+            Console(stderr=True, soft_wrap=True).print(f"[bold yellow]warning[/]: {note}", highlight=False)
     return notes
 
 
@@ -560,18 +560,20 @@ def watching_callbacks(typed, run_dir: Path, stage, prepared, val_dropped: Colle
             if fitted is not None:  # in the config the run is recorded (and served, and asked by generate) with
                 from rich.console import Console
 
-                Console(stderr=True).print(f"task.max_new_tokens: {typed.task.max_new_tokens} -> {fitted}, to fit the "
-                                           f"held-out answers (greedy answers are cut there)", highlight=False)
+                Console(stderr=True, soft_wrap=True).print(
+                    f"task.max_new_tokens: {typed.task.max_new_tokens} -> {fitted}, to fit the held-out answers "
+                    f"(greedy answers are cut there)", highlight=False)
                 typed.task.max_new_tokens = fitted
                 write_config(run_dir, redact(dataclasses.asdict(typed)))
         stage.task_probe = probe.within_context(stage.tokenizer, context) if probe is not None else None
         if probe is not None and stage.task_probe is None:  # the metric vanished, not a word (README: every run)
-            stage.task_missing = (f"no task metric: every one of the {len(probe.rows)} held-out prompts, with "
-                                  f"{probe.max_new_tokens} tokens to answer, is longer than the model's {context} "
-                                  f"positions; hold out shorter rows, or lower task.max_new_tokens")
+            stage.task_missing = (f"no task metric: every one of the {len(probe.rows)} held-out prompts leaves "
+                                  f"fewer than task.max_new_tokens={probe.max_new_tokens} of the model's {context} "
+                                  f"positions to answer in; hold out shorter rows, or lower task.max_new_tokens")
             from rich.console import Console
 
-            Console(stderr=True).print(f"[bold yellow]warning[/]: {stage.task_missing}", highlight=False)
+            Console(stderr=True, soft_wrap=True).print(f"[bold yellow]warning[/]: {stage.task_missing}",
+                                                       highlight=False)
     # In this order: the eval (run at the validations when trainer.monitor is one of its metrics), the
     # best validation, which reads it, and the health guard, which exports the best on a stop.
     evaluation = evaluation_callback(typed, run_dir) if typed.eval.name != "none" else None

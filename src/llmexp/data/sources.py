@@ -14,7 +14,7 @@ from llmexp.errors import UserError, suggest
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # The most rows a plugin's builder may yield as an iterator (a list or a Dataset has its own end).
-MOST_GENERATED_ROWS = 10_000_000
+MOST_GENERATED_ROWS = 2_000_000  # (about 1.5 GB of chat rows held at once)
 
 
 def load_raw(cfg: DataConfig):
@@ -169,7 +169,8 @@ def text_files_left_out(path: str) -> List[str]:
     inside = _files_inside(p)
     if not any(_data_suffix(f) in FILE_BUILDERS for f in inside):
         return []
-    return [str(f.relative_to(p)) for f in inside if _data_suffix(f) in TEXT_SUFFIXES]
+    return [str(f.relative_to(p)) for f in inside if _data_suffix(f) in TEXT_SUFFIXES
+            and f.name.split(".")[0].lower() not in (*DOC_STEMS, "requirements")]
 
 
 def open_binary(path: str):
