@@ -520,3 +520,6 @@ def test_a_dataset_directory_with_a_card_or_an_unused_validation_split_is_said(t
     capsys.readouterr()
     train, val = sources.load_raw(typed(["data=hf", f"data.path={tmp_path / 'saved'}"]).data)
     assert val is None and "has a 'validation' split, which is not used" in capsys.readouterr().err
+    # a mixture's source has no validation split to give: not told to set one it cannot
+    sources.load_raw(typed(["data=hf", f"data.path={tmp_path / 'saved'}"]).data, in_mixture=True)
+    assert "which is not used" not in capsys.readouterr().err

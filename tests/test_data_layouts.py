@@ -168,7 +168,8 @@ def test_a_column_of_turns_under_another_name_is_suggested_as_the_messages(tmp_p
                          for i in range(20)))
     with pytest.raises(ConfigError) as e:
         typed(["data=files", f"data.path={f}"])
-    assert "(data.fields.messages=conversation: it holds a conversation's turns)" in str(e.value)
+    assert "(data.fields.messages=conversation: it holds a conversation's turns; in data.mixture: fields: " \
+        "{messages: conversation})" in str(e.value)
     assert typed(["data=files", f"data.path={f}", "data.fields.messages=conversation"]).data.fields.messages == \
         "conversation"
 

@@ -785,7 +785,7 @@ def _check_data_source(run: S.RunConfig) -> List[Problem]:
             # data=files read every file, its validation split's too, into the training rows
             p.append(Problem("data.path", f"{d.path!r} is a dataset whose README.md card names its files and splits, "
                              "which data=files does not read", f"data=hf data.path={d.path} (with "
-                             "data.validation_split=<its validation split>)"))
+                             "data.validation_split=<its validation split>; in data.mixture: source: hf)"))
     if d.source == "hf" and d.path and not Path(os.path.expanduser(d.path)).exists():
         if d.path.startswith(("/", ".", "~")):  # a path, not a hub id: a typo, which no download fixes
             p.append(Problem("data.path", f"no dataset directory or file at {d.path!r}",

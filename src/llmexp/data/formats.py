@@ -58,7 +58,8 @@ def format_problem(stage: str, fmt: Optional[str], columns: Iterable[str], field
     what = f"format {fmt!r}" if fmt else "no recognised format"
     turns = next((c for c in sorted(columns) if _holds_turns((row or {}).get(c))), None) \
         if fmt is None and "chat" in accepted else None
-    example = f" (data.fields.messages={turns}: it holds a conversation's turns)" if turns else ""
+    example = (f" (data.fields.messages={turns}: it holds a conversation's turns; in data.mixture: "
+               f"fields: {{messages: {turns}}})" if turns else "")
     return (f"stage={stage} needs fields {needs}, but {where} has {what} (columns: {have}); "
             f"map your columns with data.fields.<name>=<column>{example} or choose another stage")
 

@@ -78,7 +78,7 @@ def load_mixture(cfg: DataConfig):
 def _load_source(cfg: DataConfig, i: int):
     sub = source_config(cfg, i)
     try:
-        ds, _ = sources.load_raw(sub)
+        ds, _ = sources.load_raw(sub, in_mixture=True)
         fields = field_map(sub.fields)
         check_field_map(fields, ds.column_names, sub.path or sub.name)
     except UserError as e:

@@ -17,13 +17,14 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 MOST_GENERATED_ROWS = 2_000_000  # (about 1.5 GB of chat rows held at once)
 
 
-def load_raw(cfg: DataConfig):
-    """The configured split as a `datasets.Dataset` (plus a validation split when named)."""
+def load_raw(cfg: DataConfig, in_mixture: bool = False):
+    """The configured split as a `datasets.Dataset` (plus a validation split when named); a
+    mixture's source (``in_mixture``) holds no validation split of its own."""
     if cfg.source == "bundled":
         return _bundled(cfg), None
     if cfg.source == "files":
         return _files(cfg), None
-    return _hub(cfg)
+    return _hub(cfg, in_mixture)
 
 
 def _bundled(cfg: DataConfig):
@@ -414,7 +415,7 @@ def _reason(error: Exception) -> str:
     return str(error).splitlines()[0]
 
 
-def _hub(cfg: DataConfig):
+def _hub(cfg: DataConfig, in_mixture: bool = False):
     from datasets import load_dataset, load_from_disk
 
     local = Path(os.path.expanduser(cfg.path))
@@ -431,7 +432,7 @@ def _hub(cfg: DataConfig):
                     raise UserError(f"{key}={split}: {cfg.path!r} has no split {split!r}; "
                                     f"{suggest(split, list(loaded), key)}")
             unused = [k for k in loaded if k != cfg.split and k in VALIDATION_NAMES]
-            if not cfg.validation_split and unused:  # it held rows of the train split out instead, silently
+            if not cfg.validation_split and unused and not in_mixture:  # rows of train were held out, silently
                 print(f"note: data.path: {cfg.path} has a {unused[0]!r} split, which is not used: "
                       f"data.val_fraction of {cfg.split!r} is held out instead (data.validation_split={unused[0]} "
                       f"validates on it)", file=sys.stderr)
