@@ -261,3 +261,10 @@ def test_a_run_from_another_architectures_weights_is_named_after_them(tmp_path):
     (run,) = (tmp_path / "runs" / "sft-qwen2").iterdir()
     s = json.loads((run / "summary.json").read_text())
     assert (s["run_name"], s["model"], s["architecture"]) == ("sft-qwen2", "qwen2", "qwen2")
+    # resume=auto looks under that name (it looked in runs/sft-llama/ and started a new run)
+    (run / "summary.json").unlink()  # as a killed run leaves it, its checkpoint kept
+    r = run_cli([f"model.pretrained={tmp_path / 'qwen'}", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                 "logger=none", "trainer.progress_bar=false", "task.max_prompts=8", "resume=auto"], cwd=tmp_path)
+    assert r.returncode == 0 and "resume=auto: resuming runs/sft-qwen2/" in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "runs" / "sft-qwen2").iterdir()] == [run.name]
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 4

@@ -118,8 +118,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             overrides = split_overrides(argv)
             cfg, as_hydra = resolve_overrides(overrides)
             rewritten = dict(zip(overrides, as_hydra))
-            argv = [rewritten.get(a, a) for a in argv] + named_after_the_weights(cfg, overrides)
-            argv += run_dir_overrides(cfg, overrides)
+            renamed = named_after_the_weights(cfg, overrides)
+            if renamed:  # the run's name (and so resume=auto's and -m's directories) follows it
+                cfg.model.name = renamed[0].split("=", 1)[1]
+            argv = [rewritten.get(a, a) for a in argv] + renamed + run_dir_overrides(cfg, overrides)
             if is_multirun(argv) and not distributed_child():
                 argv += sweep_args(overrides, str(cfg.run_name))
             elif not is_multirun(argv):
