@@ -191,3 +191,22 @@ def test_pairs_that_differ_before_their_last_answer_are_said(tmp_path):
     note = diverging_note(prepared.log)
     assert note is not None and note.startswith("data: 10 pairs' chosen and rejected differ before the last answer "
                                                 "(the first at row 31)"), note
+
+
+def test_preference_labels_end_at_the_answers_eos():
+    """A template that writes a newline after the turn's end (ChatML): DPO labelled it, a token the
+    model never emits (12 nats under the SFT model): chosen answers started at 1.66 nats, not 0.006."""
+    from llmexp.data.encode import encode_preference, unpaired_encoder
+
+    tok = load_tokenizer(None, None)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    prompt = [{"role": "user", "content": "Add 3 and 4."}]
+    enc = encode_preference(tok, prompt, [{"role": "assistant", "content": "3 + 4 = 7"}],
+                            [{"role": "assistant", "content": "3 + 4 = 8"}])
+    for ids, labels in ((enc["input_ids"], enc["labels"]), (enc["rejected_input_ids"], enc["rejected_labels"])):
+        assert tok.decode(ids).endswith("<|end|>\n")
+        assert tok.decode([t for t in labels if t != IGNORE_INDEX]) in ("3 + 4 = 7<|end|>", "3 + 4 = 8<|end|>")
+    kto = unpaired_encoder(tok, "unpaired_preference")({"prompt": prompt, "label": True,
+                                                         "completion": [{"role": "assistant", "content": "7"}]})
+    assert tok.decode([t for t in kto["labels"] if t != IGNORE_INDEX]) == "7<|end|>"

@@ -7,7 +7,7 @@ model learns to stop.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 IGNORE_INDEX = -100
 
@@ -124,9 +124,17 @@ def encode_preference(tokenizer, prompt: Any, chosen: Any, rejected: Any) -> Dic
     chosen_ids = render_prompt_response(tokenizer, prompt, chosen)
     rejected_ids = render_prompt_response(tokenizer, prompt, rejected)
     start = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
-    label = lambda ids: [IGNORE_INDEX] * start + ids[start:]  # noqa: E731
-    return {"input_ids": chosen_ids, "labels": label(chosen_ids),
-            "rejected_input_ids": rejected_ids, "rejected_labels": label(rejected_ids)}
+    eos = tokenizer.eos_token_id
+    return {"input_ids": chosen_ids, "labels": completion_labels(chosen_ids, start, eos),
+            "rejected_input_ids": rejected_ids, "rejected_labels": completion_labels(rejected_ids, start, eos)}
+
+
+def completion_labels(ids: List[int], start: int, eos: Optional[int]) -> List[int]:
+    """Labels of a response from ``start`` to its last eos: what a template writes after it (ChatML's
+    newline after <|im_end|>) is no answer's, and the model never emits it (as SFT's mask ends at
+    eos); with that newline labelled, a Qwen SFT's chosen answers started DPO at 1.66 nats, not 0.006."""
+    end = next((j + 1 for j in range(len(ids) - 1, start - 1, -1) if ids[j] == eos), len(ids))
+    return [IGNORE_INDEX] * start + ids[start:end] + [IGNORE_INDEX] * (len(ids) - end)
 
 
 def preference_encoder(tokenizer) -> Callable[[Dict[str, Any]], Dict[str, List[int]]]:
@@ -143,7 +151,8 @@ def unpaired_encoder(tokenizer, fmt: str) -> Callable[[Dict[str, Any]], Dict[str
         prompt_ids = render_prompt(tokenizer, row["prompt"])
         ids = render_prompt_response(tokenizer, row["prompt"], row["completion"])
         start = common_prefix_length(prompt_ids, ids)
-        return {"input_ids": ids, "labels": [IGNORE_INDEX] * start + ids[start:], "desirable": bool(row["label"])}
+        return {"input_ids": ids, "labels": completion_labels(ids, start, tokenizer.eos_token_id),
+                "desirable": bool(row["label"])}
 
     return encode
 
