@@ -305,6 +305,12 @@ def test_a_models_own_template_ending_answers_with_another_token_than_eos_learns
     exported = AutoTokenizer.from_pretrained(run / "model")
     assert exported.eos_token == "<end_of_turn>"
     assert GenerationConfig.from_pretrained(run / "model").eos_token_id == exported.convert_tokens_to_ids("<end_of_turn>")
+    # the same tokenizer given by model.tokenizer to a model built from its config (it got no fix)
+    r = run_cli(["logger=none", "trainer.progress_bar=false", f"model.tokenizer={tmp_path / 'base'}",
+                 "trainer.max_steps=5", "trainer.val_check_interval=5", f"hydra.run.dir={tmp_path / 'built'}"],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert AutoTokenizer.from_pretrained(tmp_path / "built" / "model").eos_token == "<end_of_turn>"
     # a template that ends an answer with no special token at all is refused, as model.chat_template is
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tok.save_pretrained(str(tmp_path / "base"))

@@ -345,11 +345,14 @@ def prepare_data(typed):
     from llmexp.data.as_chat import rows_as_chat
     from llmexp.models.tokenizer import adopt_turn_end, own_chat_template
 
-    if m.chat_template is None and m.pretrained is not None and own_chat_template(tokenizer):
-        turn_end = adopt_turn_end(tokenizer)
+    # whose template the tokenizer carries: the pretrained model's, or model.tokenizer's (a Qwen2's ChatML
+    # given so to a model built from its config got neither fix below)
+    source = m.pretrained or (m.tokenizer if m.tokenizer not in (None, "train") else None)
+    if m.chat_template is None and source is not None and own_chat_template(tokenizer):
+        turn_end = adopt_turn_end(tokenizer, "model.pretrained" if m.pretrained else "model.tokenizer")
         if turn_end:
             prepared.log.append({"step": "turn_end", "note": turn_end})
-    as_chat = rows_as_chat(prepared, typed.stage.name, tokenizer, m.pretrained, m.chat_template)
+    as_chat = rows_as_chat(prepared, typed.stage.name, tokenizer, source, m.chat_template)
     if as_chat:
         prepared.log.append({"step": "as_chat", "note": as_chat})
     if m.system_prompt is not None and rendered_raw(prepared):

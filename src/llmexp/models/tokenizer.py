@@ -124,7 +124,7 @@ def use_chat_template(tok, value: str) -> None:
                         f"ends; end assistant messages with {{{{ eos_token }}}}")
 
 
-def adopt_turn_end(tok) -> Optional[str]:
+def adopt_turn_end(tok, key: str = "model.pretrained") -> Optional[str]:
     """A model's own chat template that ends an answer with a token other than its eos (Gemma's
     ``<end_of_turn>``, a base Qwen2's ``<|im_end|>``): the model learnt to end answers with that
     token while sampling, generate and serve stopped at eos only, so answers ran on to the token
@@ -136,13 +136,13 @@ def adopt_turn_end(tok) -> Optional[str]:
         text = tok.apply_chat_template(turns, tokenize=False)
     except Exception:  # noqa: BLE001 - a template that cannot render this (system first, say): left as it is
         return None
-    after = text.split("A1", 1)[1].lstrip(" ") if "A1" in text else None
+    after = text.split("A1", 1)[1].lstrip() if "A1" in text else None  # (a turn's end may be on a line of its own)
     if after is None or after.startswith(tok.eos_token):
         return None
     special = sorted({*tok.all_special_tokens, *tok.get_added_vocab()}, key=len, reverse=True)
     end = next((t for t in special if t and after.startswith(t)), None)
     if end is None:
-        raise UserError(f"model.pretrained: {tok.name_or_path}'s chat template does not end an assistant message with "
+        raise UserError(f"{key}: {tok.name_or_path}'s chat template does not end an assistant message with "
                         f"a special token (rendered: {text!r}), so the model would not learn where an answer ends; "
                         f"give model.chat_template=<a template ending answers with {{{{ eos_token }}}}>")
     was, tok.eos_token = tok.eos_token, end
