@@ -529,3 +529,23 @@ def test_a_dataset_directory_with_a_card_or_an_unused_validation_split_is_said(t
     # a mixture's source has no validation split to give: not told to set one it cannot
     sources.load_raw(typed(["data=hf", f"data.path={tmp_path / 'saved'}"]).data, in_mixture=True)
     assert "which is not used" not in capsys.readouterr().err
+
+
+def test_a_template_without_a_system_role_refuses_a_system_prompt_in_one_line(tmp_path):
+    """Gemma's template raises on a system message: model.system_prompt gave a traceback from the
+    encoder, and generate --system one of its own."""
+    from llmexp.errors import UserError
+    from llmexp.generate import generate
+    from llmexp.models.build import build_model
+
+    tok = load_tokenizer(None, None)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(str(tmp_path / "tok"))
+    with pytest.raises(UserError, match=r"model.system_prompt: the chat template cannot render a system message "
+                                        r"\(System role not supported\)"):
+        load_tokenizer(str(tmp_path / "tok"), None, system_prompt="Be terse.")
+    model = build_model(typed([]).model, tok)
+    with pytest.raises(UserError, match=r"--system: the model's chat template cannot render it"):
+        generate(model, tok, ["Add 2 and 3."], max_new_tokens=2, system="Be terse.")

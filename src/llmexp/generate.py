@@ -28,8 +28,14 @@ def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, tem
     from llmexp.data.collate import collate_prompts
     from llmexp.data.encode import render_prompt
 
-    rows = [{"input_ids": render_prompt(tokenizer, as_asked(p, chat, system)), "prompt": p, "columns": {}}
-            for p in prompts]
+    try:
+        rows = [{"input_ids": render_prompt(tokenizer, as_asked(p, chat, system)), "prompt": p, "columns": {}}
+                for p in prompts]
+    except Exception as e:  # noqa: BLE001 - the template's own refusal (no system role, say): a traceback
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{'--system' if system else 'prompt'}: the model's chat template cannot render it "
+                        f"({str(e).splitlines()[0]})" + ("; leave out --system" if system else "")) from None
     context = getattr(model.config, "max_position_embeddings", None)
     for prompt, row in zip(prompts, rows):
         if context and len(row["input_ids"]) + max_new_tokens > context:

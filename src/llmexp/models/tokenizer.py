@@ -79,6 +79,12 @@ def load_tokenizer(source: Optional[str], pretrained: Optional[str], train_texts
         use_chat_template(tok, chat_template)
     if system_prompt is not None:
         tok.chat_template = with_system_prompt(tok.chat_template, system_prompt)
+        try:  # a template without a system role (Gemma's) raised mid-encoding: a traceback
+            tok.apply_chat_template([{"role": "user", "content": "Q1"}], tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - the template's own refusal, said as one line
+            raise UserError(f"model.system_prompt: the chat template cannot render a system message "
+                            f"({str(e).splitlines()[0]}); drop model.system_prompt, or give a model.chat_template "
+                            f"that has a system role") from None
     return tok
 
 
