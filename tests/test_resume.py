@@ -274,25 +274,13 @@ def test_a_run_interrupted_before_its_first_checkpoint_says_how_to_start_over_an
 def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path):
     """Ctrl+C (SIGINT to the foreground process group): Lightning shuts down and exited 1 without a
     word; now exit 130 and the checkpoint kept with the resume= to continue from it."""
-    import subprocess
-    import time
-
-    from llmexp.testing import popen_module
+    from llmexp.testing import interrupted_once_checkpointed
 
     run_dir = tmp_path / "run"
     args = [o for o in FAST if not o.startswith("trainer.max_steps")] + [
         "trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=5", f"hydra.run.dir={run_dir}"]
-    proc = popen_module("llmexp", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                        start_new_session=True)
-    deadline = time.time() + 300
-    while not list((run_dir / "checkpoints").glob("*.ckpt")) and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
-    import os
-
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    code, err = interrupted_once_checkpointed(args, run_dir)
+    assert code == 130, err[-3000:]
     assert "interrupted at step" in err and f"resume={run_dir}" in err and "Traceback" not in err, err[-3000:]
     assert "checkpoints/" in err.split("interrupted at step", 1)[1]  # names the checkpoint it kept
     assert not (run_dir / "summary.json").exists()

@@ -228,24 +228,12 @@ def test_distill_under_fsdp_matches_one_process_and_exports(tmp_path, tiny_teach
 
 def test_ctrl_c_under_ddp_says_where_the_run_stands_once(tmp_path):
     """Each rank said "interrupted at step N", with different steps (121 and 122)."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from llmexp.testing import popen_module
+    from llmexp.testing import interrupted_once_checkpointed
 
     run_dir = tmp_path / "run"
     args = [*[o for o in BASE if not o.startswith("trainer.max_steps")], "trainer.max_steps=100000",
             "trainer.checkpoint_every_n_steps=5", "strategy=ddp", "trainer.devices=2", "trainer.micro_batch_size=2",
             f"hydra.run.dir={run_dir}"]
-    proc = popen_module("llmexp", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                        start_new_session=True)
-    deadline = time.time() + 300
-    while not list((run_dir / "checkpoints").glob("*.ckpt")) and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl+C in a terminal: every rank gets it
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    code, err = interrupted_once_checkpointed(args, run_dir)
+    assert code == 130, err[-3000:]
     assert err.count("interrupted at step") == 1 and f"resume={run_dir}" in err, err[-3000:]

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from llmexp.env import OFFLINE_VARS, QUIET_VARS
 from llmexp.record import RunDir
@@ -76,6 +76,23 @@ def popen_module(module: str, args: Sequence[str], env: Optional[Mapping[str, st
         return server.popen(module, args, script=script, env=full_env, **popen_kwargs)
     return subprocess.Popen([sys.executable, *([] if script else ["-m"]), module, *args], env=full_env,
                             **popen_kwargs)
+
+
+def interrupted_once_checkpointed(args: Sequence[str], run_dir: Path, timeout: float = 300) -> Tuple[int, str]:
+    """(exit code, stderr) of ``python -m llmexp ARGS`` sent Ctrl+C (SIGINT to its process group, as a
+    terminal sends it to every rank) once ``run_dir`` holds a checkpoint."""
+    import signal
+    import time
+
+    proc = popen_module("llmexp", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        start_new_session=True)
+    deadline = time.time() + timeout
+    while not list((Path(run_dir) / "checkpoints").glob("*.ckpt")) and proc.poll() is None:
+        assert time.time() < deadline, f"no checkpoint within {timeout} s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
 
 
 def run_cli(args: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
