@@ -519,6 +519,28 @@ def test_a_runs_gguf_is_named_after_the_run(tmp_path, tiny_teacher):
     assert GGUFReader(str(out)).fields["general.name"].contents() == "sft-llama"
 
 
+def test_an_added_special_token_is_a_control_token_in_the_gguf(tmp_path, tiny_teacher):
+    """ChatML's <|im_start|>, added as special but no named special token, was written NORMAL: llama.cpp
+    would split it as text in every prompt its chat template renders."""
+    import shutil
+
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from llmexp.export_gguf import write_gguf
+
+    shutil.copytree(tiny_teacher, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    tok.add_tokens(["<|im_start|>"], special_tokens=True)
+    assert "<|im_start|>" not in tok.all_special_tokens
+    tok.save_pretrained(str(tmp_path / "model"))
+    write_gguf(tmp_path / "model", tmp_path / "m.gguf")
+    fields = GGUFReader(str(tmp_path / "m.gguf")).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    kind = dict(zip(tokens, types))
+    assert kind["<|im_start|>"] == kind[tok.eos_token] == 3 and kind["a"] == 1  # CONTROL, NORMAL
+
+
 @pytest.mark.parametrize("case", ["phi", "quantized", "out exists", "missing"])
 def test_gguf_export_refuses_with_exit_2_and_keeps_files(tmp_path, tiny_teacher, case):
     import shutil

@@ -101,7 +101,9 @@ def _tokenizer_fields(writer, model_dir: Path) -> None:
     spec = json.loads((model_dir / "tokenizer.json").read_text())
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    special = set(tok.all_special_tokens)
+    # and the added tokens marked special that are no named special token (ChatML's <|im_start|>):
+    # written NORMAL, llama.cpp split them as text in every prompt the chat template renders
+    special = set(tok.all_special_tokens) | {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(spec.get("pre_tokenizer")))
