@@ -95,6 +95,37 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher
     assert float(rows[-1]["train/loss"]) == pytest.approx(float(expected[-1]["train/loss"]), abs=1e-5)
 
 
+@pytest.mark.parametrize("extra,at", [
+    ([*GPT2], 17),
+    # a validated step under ddp: the step ends with its validation, every rank stops at it
+    (["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *GPT2], 20),
+], ids=["gpt2-dropout", "ddp-validated-step"])
+def test_ctrl_c_saves_the_step_it_stops_at_and_the_resume_matches_uninterrupted(tmp_path, extra, at):
+    """Ctrl+C stopped a run at once, keeping its last periodic checkpoint (step 15 for a Ctrl+C at
+    step 17: the steps since were lost). Now the step in progress ends and is saved, and a resume
+    from it ends with the weights of an uninterrupted run."""
+    overrides = [*COMMON, *extra]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train_in_subprocess(overrides, straight).returncode == 0
+    r = train_in_subprocess(overrides, stopped, interrupt_at=at)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"interrupted at step {at}; its last checkpoint ({stopped}/checkpoints/last.ckpt, step {at}) is kept" \
+        in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("Ctrl+C: stopping when this step ends") == 1  # said once, not per rank
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["last.ckpt", f"step-{at}.ckpt"]
+    if at == 20:  # the checkpoint holds the step's validation: the resume does not repeat it
+        from llmexp.record import read_metrics
+
+        assert any("val/loss" in row and int(row["step"]) == 20 for row in read_metrics(stopped / "metrics.csv"))
+    r = train_in_subprocess([*overrides, f"resume={stopped}"], stopped)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(straight), _weights(stopped)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    s = json.loads((stopped / "summary.json").read_text())
+    assert s["global_step"] == 30 and s["resumed_from"].endswith("last.ckpt")
+    assert s["final"] == pytest.approx(json.loads((straight / "summary.json").read_text())["final"], abs=1e-6)
+
+
 def test_a_resumed_run_logs_on_as_the_same_wandb_run(tmp_path):
     """Each session was a W&B run of its own (wandb sync uploaded a fragment and a continuation):
     the resumed session logs under the first's id."""
@@ -278,11 +309,18 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path):
 
     run_dir = tmp_path / "run"
     args = [o for o in FAST if not o.startswith("trainer.max_steps")] + [
-        "trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=5", f"hydra.run.dir={run_dir}"]
-    code, err = interrupted_once_checkpointed(args, run_dir)
+        "trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=1000", f"hydra.run.dir={run_dir}"]
+    from llmexp.record import read_metrics
+
+    def training() -> bool:  # a training step logged (a Ctrl+C before training stops the run at once)
+        return (run_dir / "metrics.csv").exists() and any("train/loss" in r for r in read_metrics(run_dir / "metrics.csv"))
+
+    code, err = interrupted_once_checkpointed(args, run_dir, ready=training)
     assert code == 130, err[-3000:]
     assert "interrupted at step" in err and f"resume={run_dir}" in err and "Traceback" not in err, err[-3000:]
-    assert "checkpoints/" in err.split("interrupted at step", 1)[1]  # names the checkpoint it kept
+    # the step it was in ended and was saved (a periodic checkpoint only every 1000 steps)
+    step = int(err.split("interrupted at step ", 1)[1].split(";")[0])
+    assert f"its last checkpoint ({run_dir}/checkpoints/last.ckpt, step {step}) is kept" in err, err[-3000:]
     assert not (run_dir / "summary.json").exists()
 
 

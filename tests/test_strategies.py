@@ -227,13 +227,22 @@ def test_distill_under_fsdp_matches_one_process_and_exports(tmp_path, tiny_teach
 
 
 def test_ctrl_c_under_ddp_says_where_the_run_stands_once(tmp_path):
-    """Each rank said "interrupted at step N", with different steps (121 and 122)."""
+    """Each rank said "interrupted at step N", with different steps (121 and 122). Now rank 0 says it
+    once, and every rank stops at the end of the same step, which is saved."""
+    from llmexp.record import read_metrics
     from llmexp.testing import interrupted_once_checkpointed
 
     run_dir = tmp_path / "run"
     args = [*[o for o in BASE if not o.startswith("trainer.max_steps")], "trainer.max_steps=100000",
-            "trainer.checkpoint_every_n_steps=5", "strategy=ddp", "trainer.devices=2", "trainer.micro_batch_size=2",
+            "trainer.checkpoint_every_n_steps=1000", "strategy=ddp", "trainer.devices=2", "trainer.micro_batch_size=2",
             f"hydra.run.dir={run_dir}"]
-    code, err = interrupted_once_checkpointed(args, run_dir)
+
+    def training() -> bool:  # a training step logged (a Ctrl+C before training stops the run at once)
+        return (run_dir / "metrics.csv").exists() and any("train/loss" in r for r in read_metrics(run_dir / "metrics.csv"))
+
+    code, err = interrupted_once_checkpointed(args, run_dir, ready=training)
     assert code == 130, err[-3000:]
     assert err.count("interrupted at step") == 1 and f"resume={run_dir}" in err, err[-3000:]
+    assert err.count("Ctrl+C: stopping when this step ends") == 1, err[-3000:]
+    step = int(err.split("interrupted at step ", 1)[1].split(";")[0])
+    assert f"step {step}) is kept" in err, err[-3000:]

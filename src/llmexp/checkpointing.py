@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -31,20 +32,54 @@ from llmexp.record import checkpoint_step
 def ctrl_c_after_the_block():
     """Ctrl+C (SIGINT) during the block takes effect when it ends: a KeyboardInterrupt inside
     torch.save surfaced as its zip writer's "unexpected pos" RuntimeError, so a run stopped while it
-    saved reported that instead of where it stood. Only in the main thread, and only where Python's
-    own handler is installed (Lightning ignores SIGINT while it shuts down)."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    saved reported that instead of where it stood. Only in the main thread, and only where a Python
+    handler is installed (Python's own, or training's :class:`StopRequest`; Lightning ignores SIGINT
+    while it shuts down): the handler in place before the block gets the signal after it."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
         yield
         return
     caught: List[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, previous)
+    for signum in caught:
+        handler = signal.getsignal(signal.SIGINT)  # the first may install another (StopRequest does)
+        if callable(handler):
+            handler(signum, None)
+
+
+class StopRequest:
+    """During training, the first Ctrl+C asks the run to stop once the step it is in ends, with a
+    checkpoint of that step (Ctrl+C stopped it at once, losing every step since the last periodic
+    checkpoint); a second Ctrl+C stops it at once, as before. Installed only in the main thread and
+    only over Python's own handler (a run started with SIGINT ignored keeps it ignored)."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._previous: Any = None
+        self._says = True
+
+    def install(self, says: bool = True) -> None:
+        """``says``: whether this process prints that the request was heard (rank 0 alone)."""
+        self.asked, self._says = False, says
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def remove(self) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)  # the next one stops at once
+        self.asked = True
+        if self._says:
+            sys.stderr.write("llmexp: Ctrl+C: stopping when this step ends, with a checkpoint of it "
+                             "(Ctrl+C again stops now, from the last checkpoint)\n")
+            sys.stderr.flush()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -93,27 +128,62 @@ class RunCheckpoint(ModelCheckpoint):
       early stopping's count), which a run resumed from it does not validate again.
     - A step's two files (step-N.ckpt, last.ckpt) are one save for Ctrl+C: stopped between them, a
       run kept last.ckpt of the save before, which a resume takes, redoing the steps in between.
+    - Ctrl+C in training (:class:`StopRequest`) stops the run when its step ends (after the step's
+      validation, when it has one), saved as a periodic checkpoint is: every rank stops at the same
+      step, which a resume continues from exactly.
     """
 
     def __init__(self, **kwargs: Any):
         super().__init__(enable_version_counter=False, **kwargs)
+        self.stop_request = StopRequest()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.stop_request.install(says=trainer.is_global_zero)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        every = self._every_n_train_steps
-        if every and trainer.global_step % every == 0 and validates_after(trainer):
+        every, validated = self._every_n_train_steps, validates_after(trainer)
+        if every and trainer.global_step % every == 0 and validated:
             if not self._should_skip_saving_checkpoint(trainer):
                 self._defer_save_until_validation = True  # Lightning's own deferral: saved in on_validation_end
             return
         with ctrl_c_after_the_block():
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not validated:  # else the step ends after its validation (on_validation_end)
+            self._stop_if_asked(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         with ctrl_c_after_the_block():
             super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._stop_if_asked(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         with ctrl_c_after_the_block():
             super().on_train_end(trainer, pl_module)
+        self.stop_request.remove()
+        if self.stop_request.asked:  # heard after the last step's check: the run has its last.ckpt
+            raise KeyboardInterrupt
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.stop_request.remove()
+        super().teardown(trainer, pl_module, stage)
+
+    def _stop_if_asked(self, trainer) -> None:
+        """Save this step (unless just saved) and stop as Ctrl+C does, when a Ctrl+C was heard on
+        any rank (one collective per step where there are several)."""
+        asked = self.stop_request.asked
+        if trainer.world_size > 1:
+            asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
+        if not asked:
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            with ctrl_c_after_the_block():
+                candidates = self._monitor_candidates(trainer)
+                self._save_topk_checkpoint(trainer, candidates)
+                self._save_last_checkpoint(trainer, candidates)
+                self._last_global_step_saved = trainer.global_step
+        raise KeyboardInterrupt
 
     @property
     def state_key(self) -> str:

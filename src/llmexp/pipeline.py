@@ -239,8 +239,8 @@ INTERRUPTED = 130  # a run stopped by Ctrl+C exits with it (llmexp.run.Interrupt
 
 def run_stage(command: List[str]) -> int:
     """A stage's run to its end, in its own session: Ctrl+C in the terminal reaches this process
-    alone, which passes it on once, so the run stops as Ctrl+C stops a run (keeping its last
-    checkpoint; a second signal broke its message off with a traceback); SIGTERM and SIGHUP are
+    alone, which passes each on, so the run stops as Ctrl+C stops a run (when its step ends, with
+    a checkpoint of it; Ctrl+C again: at once, from its last checkpoint); SIGTERM and SIGHUP are
     passed on as SIGTERM. Returns the run's exit code."""
     import signal
     import threading
@@ -251,15 +251,12 @@ def run_stage(command: List[str]) -> int:
         previous = {sig: signal.signal(sig, lambda *_: proc.send_signal(signal.SIGTERM))
                     for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
         while True:
             try:
                 return proc.wait()
-            except KeyboardInterrupt:  # more Ctrl+C: it is stopping already
-                continue
+            except KeyboardInterrupt:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from llmexp.env import OFFLINE_VARS, QUIET_VARS
 from llmexp.record import RunDir
@@ -78,17 +78,19 @@ def popen_module(module: str, args: Sequence[str], env: Optional[Mapping[str, st
                             **popen_kwargs)
 
 
-def interrupted_once_checkpointed(args: Sequence[str], run_dir: Path, timeout: float = 300) -> Tuple[int, str]:
+def interrupted_once_checkpointed(args: Sequence[str], run_dir: Path, timeout: float = 300,
+                                  ready: Optional[Callable[[], bool]] = None) -> Tuple[int, str]:
     """(exit code, stderr) of ``python -m llmexp ARGS`` sent Ctrl+C (SIGINT to its process group, as a
-    terminal sends it to every rank) once ``run_dir`` holds a checkpoint."""
+    terminal sends it to every rank) once ``run_dir`` holds a checkpoint (or once ``ready()``)."""
     import signal
     import time
 
+    ready = ready or (lambda: bool(list((Path(run_dir) / "checkpoints").glob("*.ckpt"))))
     proc = popen_module("llmexp", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                         start_new_session=True)
     deadline = time.time() + timeout
-    while not list((Path(run_dir) / "checkpoints").glob("*.ckpt")) and proc.poll() is None:
-        assert time.time() < deadline, f"no checkpoint within {timeout} s"
+    while not ready() and proc.poll() is None:
+        assert time.time() < deadline, f"not ready within {timeout} s"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -145,26 +147,35 @@ _KILLABLE = textwrap.dedent('''
     import os, signal, sys
     from lightning.pytorch.callbacks import Callback
     from llmexp.testing import compose
-    from llmexp.run import run
+    from llmexp.run import Interrupted, run
 
-    class KillAt(Callback):
-        """SIGKILL this process group right after optimizer step N (no cleanup, no final save)."""
-        def __init__(self, step):
-            self.step = step
+    class SignalAt(Callback):
+        """Send this process group a signal right after optimizer step N: SIGKILL from every rank
+        (no cleanup, no final save), SIGINT from rank 0 (a terminal's Ctrl+C, once to each rank)."""
+        def __init__(self, step, sig):
+            self.step, self.sig = step, sig
         def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == self.step:  # every rank of a distributed run dies at once
-                os.killpg(os.getpgrp(), signal.SIGKILL)
+            if trainer.global_step == self.step and (self.sig == signal.SIGKILL or trainer.is_global_zero):
+                os.killpg(os.getpgrp(), self.sig)
 
-    overrides, run_dir, kill_at = sys.argv[1].split("|"), sys.argv[2], int(sys.argv[3])
-    run(compose(overrides), run_dir=run_dir, callbacks=[KillAt(kill_at)] if kill_at else [])
+    overrides, run_dir, at, sig = sys.argv[1].split("|"), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    try:
+        run(compose(overrides), run_dir=run_dir, callbacks=[SignalAt(at, sig)] if at else [])
+    except Interrupted as e:
+        sys.exit(f"{e}")
 ''')
 
 
-def train_in_subprocess(overrides: Sequence[str], run_dir: Path, kill_at: int = 0,
+def train_in_subprocess(overrides: Sequence[str], run_dir: Path, kill_at: int = 0, interrupt_at: int = 0,
                         timeout: int = 600) -> subprocess.CompletedProcess:
     """Train as ``overrides`` say into ``run_dir`` in a fresh process group; with ``kill_at`` the
-    whole group is SIGKILLed right after that optimizer step (returncode -9). A script file, not
+    whole group is SIGKILLed right after that optimizer step (returncode -9); with ``interrupt_at``
+    it gets Ctrl+C's SIGINT there (returncode 1, the run's message in stderr). A script file, not
     ``-c``, so that Lightning can relaunch it for each rank of a distributed run."""
+    import signal
+
     script = Path(tempfile.mkdtemp(prefix="llmexp-test-")) / "train_or_die.py"
     script.write_text(_KILLABLE)
-    return run_module(str(script), ["|".join(overrides), str(run_dir), str(kill_at)], timeout=timeout, script=True)
+    at, sig = (interrupt_at, signal.SIGINT) if interrupt_at else (kill_at, signal.SIGKILL)
+    return run_module(str(script), ["|".join(overrides), str(run_dir), str(at), str(int(sig))], timeout=timeout,
+                      script=True)

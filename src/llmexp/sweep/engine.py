@@ -238,20 +238,29 @@ class SweepEngine:
 
     def interrupt_trials(self, wait_seconds: float = 120) -> None:
         """Ctrl+C reached the sweep (its trials run in sessions of their own): stop every running
-        trial as Ctrl+C stops a run (it keeps its last checkpoint), so that a rerun resumes it rather
-        than finding it still running."""
+        trial as Ctrl+C stops a run (when its step ends, with a checkpoint of it), so that a rerun
+        resumes it rather than finding it still running. Ctrl+C again is passed on as well: the
+        trials stop at once, from their last checkpoints."""
         import signal
 
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+        def interrupt() -> None:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+
+        interrupt()
         deadline = time.time() + wait_seconds
         for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(deadline - time.time(), 1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            while True:
+                try:
+                    proc.wait(timeout=max(deadline - time.time(), 1))
+                    break
+                except KeyboardInterrupt:
+                    interrupt()
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    break
 
     def where_trials_stand(self, ids: List[int]) -> List[str]:
         """What a rerun does with each of these interrupted trials: continue from its last
