@@ -30,6 +30,18 @@ def _rows_as_written(metrics_csv, before_step):
     return [r for r in rows if float(r["step"]) <= before_step]
 
 
+def _straight(build_once, overrides):
+    """The uninterrupted run of ``overrides``, trained once per session (the SIGKILL and Ctrl+C
+    tests of the same settings compare with the same run)."""
+    import hashlib
+
+    def build(run_dir):
+        r = train_in_subprocess(overrides, run_dir)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    return build_once(f"resume-straight-{hashlib.sha256('|'.join(overrides).encode()).hexdigest()[:16]}", build)
+
+
 def _weights(run_dir):
     return load_file(run_dir / "model" / "model.safetensors")
 
@@ -55,12 +67,11 @@ def _weights(run_dir):
      "{name: arithmetic, weight: 1, options: {num_samples: 200, max_operand: 20}}]"],
 ], ids=["gpt2-dropout", "lora", "ppo", "grpo", "rloo", "online_dpo", "dpo", "kto", "ddp", "simpo", "orpo", "distill",
         "prune", "mixture"])
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher):
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher, build_once):
     extra = [o.replace("TINY_TEACHER", str(tiny_teacher)) for o in extra]
     mixed = "data=mixture" in extra  # its sources carry their own options
     overrides = [*(o for o in COMMON if not (mixed and o.startswith("data.options."))), *extra]
-    straight = tmp_path / "straight"
-    assert train_in_subprocess(overrides, straight).returncode == 0
+    straight = _straight(build_once, overrides)
 
     killed = tmp_path / "killed"
     r = train_in_subprocess(overrides, killed, kill_at=17)
@@ -100,13 +111,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher
     # a validated step under ddp: the step ends with its validation, every rank stops at it
     (["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *GPT2], 20),
 ], ids=["gpt2-dropout", "ddp-validated-step"])
-def test_ctrl_c_saves_the_step_it_stops_at_and_the_resume_matches_uninterrupted(tmp_path, extra, at):
+def test_ctrl_c_saves_the_step_it_stops_at_and_the_resume_matches_uninterrupted(tmp_path, extra, at, build_once):
     """Ctrl+C stopped a run at once, keeping its last periodic checkpoint (step 15 for a Ctrl+C at
     step 17: the steps since were lost). Now the step in progress ends and is saved, and a resume
     from it ends with the weights of an uninterrupted run."""
     overrides = [*COMMON, *extra]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert train_in_subprocess(overrides, straight).returncode == 0
+    straight, stopped = _straight(build_once, overrides), tmp_path / "stopped"
     r = train_in_subprocess(overrides, stopped, interrupt_at=at)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"interrupted at step {at}; its last checkpoint ({stopped}/checkpoints/last.ckpt, step {at}) is kept" \
