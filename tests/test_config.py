@@ -355,6 +355,24 @@ def test_a_gpt2_built_here_has_no_dropout_unless_asked():
     assert asked.resid_pdrop == 0.1 and asked.attn_pdrop == 0.0
 
 
+def test_a_pretrained_model_of_a_type_llmexp_does_not_build_is_recorded_as_itself(tmp_path):
+    """A phi3 directory's run recorded architecture: llama (model=llama's default), and strategy=tp
+    took llama's plan for its fused projections; now the record says phi3 and tp is refused by name."""
+    import json
+
+    from llmexp.testing import check_config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "phi3", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 96, "max_position_embeddings": 128}))
+    m = check_config([f"model.pretrained={tmp_path}"]).model
+    assert (m.architecture, m.hidden_size, m.num_layers, m.num_kv_heads, m.intermediate_size) == ("phi3", 32, 3, 2, 96)
+    with pytest.raises(ConfigError) as e:
+        check_config([f"model.pretrained={tmp_path}", "strategy=tp", "trainer.devices=2"])
+    assert [(p.key, p.message) for p in e.value.problems] == [
+        ("strategy.tensor_parallel_size", "no tensor-parallel plan for phi3")]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_pretrained_models_record_has_its_own_sizes(tmp_path, arch):
     """A run from a local model records that model's sizes, not model=llama's defaults (a

@@ -221,11 +221,12 @@ def adopt_pretrained_architecture(m: S.ModelConfig) -> None:
     qwen2 run>/model` keeps model=llama's default architecture otherwise, and the run record,
     strategy=tp's plan and the tokenizer check would follow that instead of the model that trains;
     the record of a half-width student's quantize run said hidden_size 64 (the default) for a
-    model of 32, and `llmexp compare` listed it as a difference."""
+    model of 32, and `llmexp compare` listed it as a difference. Also a type llmexp does not build
+    from scratch (phi3, gemma): the record said llama, and strategy=tp applied llama's plan to it."""
     from llmexp.models.build import local_config, pretrained_sizes
 
     config = local_config(m.pretrained) if m.pretrained is not None else {}
-    if config.get("model_type") in S.ARCHITECTURES:
+    if isinstance(config.get("model_type"), str) and config["model_type"]:
         m.architecture = config["model_type"]
         for key, value in pretrained_sizes(config).items():
             setattr(m, key, value)
