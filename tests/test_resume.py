@@ -312,9 +312,11 @@ def test_a_run_interrupted_before_its_first_checkpoint_says_how_to_start_over_an
     assert "trainer.max_steps=8" in recorded and "trainer.max_steps=10" not in recorded, recorded
 
 
-def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path, sig):
     """Ctrl+C (SIGINT to the foreground process group): Lightning shuts down and exited 1 without a
-    word; now exit 130 and the checkpoint kept with the resume= to continue from it."""
+    word; now exit 130 and the checkpoint kept with the resume= to continue from it. SIGTERM (a
+    timeout, Slurm's preemption) stopped the run at once, without a checkpoint; now as Ctrl+C."""
     from llmexp.testing import interrupted_once_checkpointed
 
     run_dir = tmp_path / "run"
@@ -325,8 +327,10 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_resume(tmp_path):
     def training() -> bool:  # a training step logged (a Ctrl+C before training stops the run at once)
         return (run_dir / "metrics.csv").exists() and any("train/loss" in r for r in read_metrics(run_dir / "metrics.csv"))
 
-    code, err = interrupted_once_checkpointed(args, run_dir, ready=training)
+    code, err = interrupted_once_checkpointed(args, run_dir, ready=training, sig=sig)
     assert code == 130, err[-3000:]
+    heard = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM"}[sig]
+    assert err.count(f"llmexp: {heard}: stopping when this step ends, with a checkpoint of it") == 1, err[-3000:]
     assert "interrupted at step" in err and f"resume={run_dir}" in err and "Traceback" not in err, err[-3000:]
     # the step it was in ended and was saved (a periodic checkpoint only every 1000 steps)
     step = int(err.split("interrupted at step ", 1)[1].split(";")[0])

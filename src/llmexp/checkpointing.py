@@ -51,34 +51,43 @@ def ctrl_c_after_the_block():
 
 
 class StopRequest:
-    """During training, the first Ctrl+C asks the run to stop once the step it is in ends, with a
-    checkpoint of that step (Ctrl+C stopped it at once, losing every step since the last periodic
-    checkpoint); a second Ctrl+C stops it at once, as before. Installed only in the main thread and
-    only over Python's own handler (a run started with SIGINT ignored keeps it ignored)."""
+    """During training, the first Ctrl+C (SIGINT) or SIGTERM (timeout, Slurm's preemption, systemd,
+    ``docker stop``) asks the run to stop once the step it is in ends, with a checkpoint of that
+    step: they stopped it at once, losing every step since the last periodic checkpoint. A second
+    one stops it as before: Ctrl+C at once, SIGTERM as Lightning does. Installed only in the main
+    thread, and not over a signal that is ignored (a run started with SIGINT ignored keeps it so)."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self) -> None:
         self.asked = False
-        self._previous: Any = None
+        self._previous: Dict[int, Any] = {}
         self._says = True
 
     def install(self, says: bool = True) -> None:
         """``says``: whether this process prints that the request was heard (rank 0 alone)."""
         self.asked, self._says = False, says
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def remove(self) -> None:
-        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
-            signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, previous)
+        self._previous = {}
 
-    def _on_sigint(self, signum, frame) -> None:
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)  # the next one stops at once
+    def _on_signal(self, signum, frame) -> None:
+        for other, previous in self._previous.items():  # the next one of either stops the run as before
+            if signal.getsignal(other) == self._on_signal:
+                signal.signal(other, previous)
         self.asked = True
         if self._says:
-            sys.stderr.write("llmexp: Ctrl+C: stopping when this step ends, with a checkpoint of it "
-                             "(Ctrl+C again stops now, from the last checkpoint)\n")
+            again = " (Ctrl+C again stops now, from the last checkpoint)" if signum == signal.SIGINT else ""
+            sys.stderr.write(f"llmexp: {self.SIGNALS.get(signum, signum)}: stopping when this step ends, with a "
+                             f"checkpoint of it{again}\n")
             sys.stderr.flush()
 
 

@@ -79,9 +79,9 @@ def popen_module(module: str, args: Sequence[str], env: Optional[Mapping[str, st
 
 
 def interrupted_once_checkpointed(args: Sequence[str], run_dir: Path, timeout: float = 300,
-                                  ready: Optional[Callable[[], bool]] = None) -> Tuple[int, str]:
+                                  ready: Optional[Callable[[], bool]] = None, sig: int = 0) -> Tuple[int, str]:
     """(exit code, stderr) of ``python -m llmexp ARGS`` sent Ctrl+C (SIGINT to its process group, as a
-    terminal sends it to every rank) once ``run_dir`` holds a checkpoint (or once ``ready()``)."""
+    terminal sends it to every rank; or ``sig``) once ``run_dir`` holds a checkpoint (or once ``ready()``)."""
     import signal
     import time
 
@@ -92,7 +92,7 @@ def interrupted_once_checkpointed(args: Sequence[str], run_dir: Path, timeout: f
     while not ready() and proc.poll() is None:
         assert time.time() < deadline, f"not ready within {timeout} s"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig or signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
 
