@@ -300,7 +300,8 @@ def test_a_models_own_template_ending_answers_with_another_token_than_eos_learns
                  f"hydra.run.dir={run}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
-    assert any("ends an answer with '<end_of_turn>', not its eos '<|end|>'" in n for n in s["notes"]), s.get("notes")
+    assert any("the model's chat template ends an answer with '<end_of_turn>', not the eos '<|end|>'" in n
+               for n in s["notes"]), s.get("notes")
     assert s["final"]["val/task_score"] >= 0.9, s["final"]
     exported = AutoTokenizer.from_pretrained(run / "model")
     assert exported.eos_token == "<end_of_turn>"
@@ -311,6 +312,15 @@ def test_a_models_own_template_ending_answers_with_another_token_than_eos_learns
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert AutoTokenizer.from_pretrained(tmp_path / "built" / "model").eos_token == "<end_of_turn>"
+    # the same template given as model.chat_template (it was refused: only eos could end an answer)
+    (tmp_path / "turns.jinja").write_text(tok.chat_template)
+    r = run_cli(["logger=none", "trainer.progress_bar=false", f"model.tokenizer={tmp_path / 'base'}",
+                 f"model.chat_template={tmp_path / 'turns.jinja'}", "trainer.max_steps=5", "trainer.val_check_interval=5",
+                 f"hydra.run.dir={tmp_path / 'given'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert AutoTokenizer.from_pretrained(tmp_path / "given" / "model").eos_token == "<end_of_turn>"
+    assert any(n.startswith("model.chat_template ends an answer with '<end_of_turn>', not the eos '<|end|>'")
+               for n in json.loads((tmp_path / "given" / "summary.json").read_text())["notes"])
     # a template that ends an answer with no special token at all is refused, as model.chat_template is
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tok.save_pretrained(str(tmp_path / "base"))

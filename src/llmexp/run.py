@@ -348,8 +348,10 @@ def prepare_data(typed):
     # whose template the tokenizer carries: the pretrained model's, or model.tokenizer's (a Qwen2's ChatML
     # given so to a model built from its config got neither fix below)
     source = m.pretrained or (m.tokenizer if m.tokenizer not in (None, "train") else None)
-    if m.chat_template is None and source is not None and own_chat_template(tokenizer):
-        turn_end = adopt_turn_end(tokenizer, "model.pretrained" if m.pretrained else "model.tokenizer")
+    if m.chat_template is not None or (source is not None and own_chat_template(tokenizer)):
+        key = "model.chat_template" if m.chat_template is not None else \
+            "model.pretrained" if m.pretrained else "model.tokenizer"
+        turn_end = adopt_turn_end(tokenizer, key)
         if turn_end:
             prepared.log.append({"step": "turn_end", "note": turn_end})
     as_chat = rows_as_chat(prepared, typed.stage.name, tokenizer, source, m.chat_template)

@@ -114,7 +114,8 @@ class ModelConfig:
         "with (qwen2: transformers' Qwen2 class, its split and one more token)."))
     chat_template: Optional[str] = doc(None, help=(
         "The chat template chat data is rendered with and the exported model keeps: a Jinja file's path, or the "
-        "template itself; it must end an assistant message with the tokenizer's eos token. null: the tokenizer's "
+        "template itself; it must end an assistant message with a special token (another than the eos, as Gemma's "
+        "<end_of_turn>, becomes the run's eos). null: the tokenizer's "
         "own, else llmexp's role headers."))
     system_prompt: Optional[str] = doc(None, help=(
         "A system message for every conversation that starts without one: put into the chat template, so the "

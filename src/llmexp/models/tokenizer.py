@@ -114,8 +114,9 @@ def chat_template_text(value: str) -> str:
 
 
 def use_chat_template(tok, value: str) -> None:
-    """Give ``tok`` model.chat_template, checked to end an assistant message with the eos token (else the
-    model never learns to stop: SFT's labels and generation both end there)."""
+    """Give ``tok`` model.chat_template, checked to end an assistant message with the eos token or
+    another special token (else the model never learns to stop: SFT's labels and generation both end
+    there); another one becomes the run's eos (adopt_turn_end)."""
     tok.chat_template = chat_template_text(value)
     turns = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
     try:
@@ -123,36 +124,47 @@ def use_chat_template(tok, value: str) -> None:
     except Exception as e:  # noqa: BLE001 - a template's own error (undefined name, raise_exception), said as one
         raise UserError(f"model.chat_template: rendering a user and an assistant message failed: "
                         f"{str(e).splitlines()[0]}") from None
-    after = text.split("A1", 1)[1] if "A1" in text else None
-    if after is None or not after.lstrip(" ").startswith(tok.eos_token):
+    if turn_end(tok, text) is None:
         raise UserError(f"model.chat_template: an assistant message is not followed by the tokenizer's eos token "
-                        f"{tok.eos_token!r} (rendered: {text!r}), so the model would not learn where an answer "
-                        f"ends; end assistant messages with {{{{ eos_token }}}}")
+                        f"{tok.eos_token!r} or another special token (rendered: {text!r}), so the model would not "
+                        f"learn where an answer ends; end assistant messages with {{{{ eos_token }}}}")
+
+
+def turn_end(tok, text: str) -> Optional[str]:
+    """The special token that ends the assistant's ``A1`` in a rendered ``text`` (its eos, or another
+    one: Gemma's ``<end_of_turn>``), or None (no special token: the model could not learn to stop)."""
+    after = text.split("A1", 1)[1].lstrip() if "A1" in text else None  # (a turn's end may be on a line of its own)
+    if after is None:
+        return None
+    special = sorted({tok.eos_token, *tok.all_special_tokens, *tok.get_added_vocab()}, key=len, reverse=True)
+    return tok.eos_token if after.startswith(tok.eos_token) else next(
+        (t for t in special if t and after.startswith(t)), None)
 
 
 def adopt_turn_end(tok, key: str = "model.pretrained") -> Optional[str]:
-    """A model's own chat template that ends an answer with a token other than its eos (Gemma's
-    ``<end_of_turn>``, a base Qwen2's ``<|im_end|>``): the model learnt to end answers with that
-    token while sampling, generate and serve stopped at eos only, so answers ran on to the token
-    limit. That token becomes the eos the run trains, samples, exports and is asked with (as the
-    instruct releases of those models set it). Returns the run's note when it changed; a template
-    that ends an answer with no special token at all is refused, as model.chat_template is."""
+    """A chat template (the model's own, or model.chat_template) that ends an answer with a token
+    other than the eos (Gemma's ``<end_of_turn>``, a base Qwen2's ``<|im_end|>``): the model learnt
+    to end answers with that token while sampling, generate and serve stopped at eos only, so answers
+    ran on to the token limit. That token becomes the eos the run trains, samples, exports and is
+    asked with (as the instruct releases of those models set it). Returns the run's note when it
+    changed; a template that ends an answer with no special token at all is refused."""
     turns = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
     try:
         text = tok.apply_chat_template(turns, tokenize=False)
     except Exception:  # noqa: BLE001 - a template that cannot render this (system first, say): left as it is
         return None
-    after = text.split("A1", 1)[1].lstrip() if "A1" in text else None  # (a turn's end may be on a line of its own)
-    if after is None or after.startswith(tok.eos_token):
+    if "A1" not in text:
         return None
-    special = sorted({*tok.all_special_tokens, *tok.get_added_vocab()}, key=len, reverse=True)
-    end = next((t for t in special if t and after.startswith(t)), None)
+    end = turn_end(tok, text)
     if end is None:
         raise UserError(f"{key}: {tok.name_or_path}'s chat template does not end an assistant message with "
                         f"a special token (rendered: {text!r}), so the model would not learn where an answer ends; "
                         f"give model.chat_template=<a template ending answers with {{{{ eos_token }}}}>")
+    if end == tok.eos_token:
+        return None
     was, tok.eos_token = tok.eos_token, end
-    return (f"the model's chat template ends an answer with {end!r}, not its eos {was!r}: {end!r} is the eos this run "
+    whose = "model.chat_template" if key == "model.chat_template" else "the model's chat template"
+    return (f"{whose} ends an answer with {end!r}, not the eos {was!r}: {end!r} is the eos this run "
             f"trains, samples and exports with (generate and serve stop there)")
 
 
