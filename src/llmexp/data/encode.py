@@ -30,6 +30,9 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str, completion
 
 def encode_chat(tokenizer, messages: List[Dict[str, Any]], assistant_only: bool) -> Dict[str, List[int]]:
     """Render with the chat template; label only assistant turns when assistant_only."""
+    from llmexp.tool_arguments import as_the_template_reads
+
+    messages = as_the_template_reads(messages, tokenizer.chat_template)
     if not assistant_only:
         ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
         return {"input_ids": ids, "labels": list(ids)}

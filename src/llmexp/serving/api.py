@@ -101,7 +101,8 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
         name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         raise RequestProblem(f"{name}: must be at least 1", name)
     try:
-        prompt = tokenizer.apply_chat_template(messages_of(request), add_generation_prompt=True, tokenize=True)
+        prompt = tokenizer.apply_chat_template(messages_of(request, tokenizer.chat_template),
+                                               add_generation_prompt=True, tokenize=True)
     except Exception as e:  # noqa: BLE001 - the model's template refusing these messages (a role it lacks, say)
         raise RequestProblem(f"messages: the model's chat template cannot render them: {str(e).splitlines()[0]}",
                              "messages") from None
@@ -114,8 +115,11 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
                              f"context of {context} tokens: at most {context - len(prompt)}", "max_tokens")
 
 
-def messages_of(request: ChatCompletionRequest) -> List[Dict[str, Any]]:
-    """The request's messages as the chat template takes them: tool calls and results, as trained, kept."""
+def messages_of(request: ChatCompletionRequest, chat_template: Optional[str]) -> List[Dict[str, Any]]:
+    """The request's messages as the chat template takes them: tool calls and results, as trained, kept
+    (their arguments as the template reads them, as training gave them: llmexp.tool_arguments)."""
+    from llmexp.tool_arguments import as_the_template_reads
+
     out = []
     for m in request.messages:
         message: Dict[str, Any] = {"role": m.role, "content": text_of(m.content) if m.content is not None else ""}
@@ -124,7 +128,7 @@ def messages_of(request: ChatCompletionRequest) -> List[Dict[str, Any]]:
         if m.tool_call_id:
             message["tool_call_id"] = m.tool_call_id
         out.append(message)
-    return out
+    return as_the_template_reads(out, chat_template)
 
 
 def text_of(content) -> str:
@@ -245,8 +249,9 @@ class ChatAPI(ls.LitAPI):
     def decode_request(self, request: ChatCompletionRequest, context=None):
         from llmexp.serving.engine import GenerationRequest
 
-        return GenerationRequest(messages_of(request), new_token_limit(request, self.served),
-                                 temperature_of(request, self.served), float(request.top_p))
+        return GenerationRequest(messages_of(request, self.tokenizer.chat_template),
+                                 new_token_limit(request, self.served), temperature_of(request, self.served),
+                                 float(request.top_p))
 
     def batch(self, inputs):
         return list(inputs)
