@@ -40,6 +40,9 @@ def test_openai_string_arguments_are_written_as_the_object_a_tojson_template_exp
                                     tokenize=False)
     assert '"arguments": {"a": 3, "b": 4}}</tool_call>' in asked and "\\\"" not in asked, asked
     assert asked.startswith(trained)  # asked as it trained
+    from llmexp.data.encode import render_prompt
+
+    assert tok.decode(render_prompt(tok, CHAT)) == asked  # a preference or rollout prompt likewise
 
 
 def test_arguments_stay_as_given_where_the_template_writes_them_itself_or_they_are_not_an_object():

@@ -104,16 +104,22 @@ def render_prompt(tokenizer, prompt: Any) -> List[int]:
     """Token ids of a prompt as the model sees it before answering: chat prompts with the
     template's generation prompt, plain strings as they are."""
     if isinstance(prompt, list):
-        return list(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
-                                                  add_generation_prompt=True)["input_ids"])
+        from llmexp.tool_arguments import as_the_template_reads
+
+        return list(tokenizer.apply_chat_template(as_the_template_reads(prompt, tokenizer.chat_template),
+                                                  tokenize=True, return_dict=True, add_generation_prompt=True
+                                                  )["input_ids"])
     return _ids(tokenizer, str(prompt))
 
 
 def render_prompt_response(tokenizer, prompt: Any, response: Any) -> List[int]:
     """Token ids of a prompt followed by a response (messages, or strings ending with eos)."""
     if isinstance(prompt, list):
+        from llmexp.tool_arguments import as_the_template_reads
+
         messages = response if isinstance(response, list) else [{"role": "assistant", "content": str(response)}]
-        return list(tokenizer.apply_chat_template(prompt + messages, tokenize=True, return_dict=True)["input_ids"])
+        return list(tokenizer.apply_chat_template(as_the_template_reads(prompt + messages, tokenizer.chat_template),
+                                                  tokenize=True, return_dict=True)["input_ids"])
     return _ids(tokenizer, str(prompt) + str(response)) + [tokenizer.eos_token_id]
 
 
