@@ -90,6 +90,9 @@ def workdir(tmp_path_factory):
         "name": "get_weather", "arguments": "{\"city\": 1}"}}]}
     jsonl("tool_calls.jsonl", [{"messages": chat}] * 4 + [{"messages": [chat[0], call, {"role": "tool", "content": "9"},
                                                                        chat[1]]}] * 16)
+    schemas = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}])
+    asked = lambda i: [{"role": "user", "content": f"Weather in {i}?"}, {"role": "assistant", "content": "Sunny."}]  # noqa: E731
+    jsonl("tools.jsonl", [{"messages": asked(i), "tools": "" if i < 2 else schemas} for i in range(20)])
     (files / "mine").mkdir()
     (files / "mine" / "metrics.csv").write_text("the user's own numbers\n")  # not a run, yet a run would replace it
     jsonl("kto_labels.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}", "label": "yes"} for i in range(20)])
@@ -338,6 +341,10 @@ RUN_CASES = {
                                                       "16 rows of '{files}/tool_calls.jsonl' have assistant turns with "
                                                       "tool_calls (the first at line 5), which the chat template does "
                                                       "not render"),
+    # the schemas were dropped: the model learnt to call functions it was never shown
+    "tools the chat template does not render": (["data=files", "data.path={files}/tools.jsonl"],
+                                                "data: 18 conversations of '{files}/tools.jsonl' give tools (the "
+                                                "first at line 3), which the chat template does not render"),
     "field mapping typo": (["data=files", "data.path={files}/conversations.jsonl", "data.fields.messages=conversaton"],
                            "did you mean 'conversation'"),
     "field mapped to a missing column": (["data=files", "data.path={files}/qa.jsonl", "data.fields.completion=answer"],

@@ -213,10 +213,15 @@ def test_concurrent_requests_are_batched_and_all_answered(served_sft):
      "logprobs: not supported by llmexp serve"),
     ("top_logprobs", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "top_logprobs: not supported"),
-    # a tool without a description was "Field required", and once it had one "not supported"
+    # a tool without a description was "Field required", and once it had one "not supported"; a
+    # template that does not render tools (llmexp's) would answer without them
     ("a tool", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function",
                                                                              "function": {"name": "f"}}]}, 400,
-     "tools: not supported by llmexp serve"),
+     "tools: the model's chat template does not render tools"),
+    ("a tool without a name", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+     'tools: each tool needs {"type": "function", "function": {"name": ...}}'),
+    ("a forced tool", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
+     "tool_choice: 'required' cannot be honoured"),
     ("a penalty", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1.5}, 400,
      "frequency_penalty: not supported by llmexp serve (no penalties are applied)"),
     # the field the client sent (it said max_tokens)
@@ -258,6 +263,34 @@ def test_a_tool_result_is_answered_with_the_tool_call_it_follows(served_sft):
     code, reply = http("POST", f"{served_sft['url']}/v1/chat/completions",
                        {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]})
     assert code == 400 and "the last message must be the user's or a tool's result" in reply["error"]["message"]
+
+
+def test_a_model_trained_with_tools_is_asked_with_them(tmp_path):
+    """serve refused `tools`; a model trained with tool schemas in its prompt (a tools column) could
+    only be asked without them. Now they reach its template as in training."""
+    from transformers import AutoTokenizer
+
+    from test_tool_use import TOJSON, WEATHER
+
+    rows = [{"messages": [{"role": "user", "content": f"Weather in city {i}?"}, {"role": "assistant", "content": "Sunny."}],
+             "tools": json.dumps(WEATHER)} for i in range(40)]
+    (tmp_path / "calls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tools.jinja").write_text(TOJSON)
+    run = tmp_path / "run"
+    r = run_cli(["logger=none", "trainer.progress_bar=false", "trainer.max_steps=5", "trainer.val_check_interval=5",
+                 "data=files", f"data.path={tmp_path / 'calls.jsonl'}", f"model.chat_template={tmp_path / 'tools.jinja'}",
+                 f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    asked = [{"role": "user", "content": "Weather in city 3?"}]
+    with serving(run) as s:
+        code, reply = http("POST", f"{s['url']}/v1/chat/completions", {"messages": asked, "tools": WEATHER,
+                                                                      "tool_choice": "auto", "max_tokens": 4}, key=None)
+        assert code == 200, reply
+        code, plain = http("POST", f"{s['url']}/v1/chat/completions", {"messages": asked, "max_tokens": 4}, key=None)
+    rendered = tok.apply_chat_template(asked, tools=WEATHER, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]
+    assert reply["usage"]["prompt_tokens"] == len(rendered) > plain["usage"]["prompt_tokens"] + 20
 
 
 def test_content_as_text_parts_is_answered_and_other_parts_get_400(served_sft):

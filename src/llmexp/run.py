@@ -359,11 +359,12 @@ def prepare_data(typed):
         prepared.log.append({"step": "as_chat", "note": as_chat})
     if m.system_prompt is not None and rendered_raw(prepared):
         raise no_system_prompt_for(d)
-    from llmexp.data.rows import tool_calls_problem
+    from llmexp.data.rows import tool_calls_problem, tools_problem
 
-    problem = tool_calls_problem(prepared.log, getattr(tokenizer, "chat_template", None), repr(d.path or d.name))
-    if problem:
-        raise UserError(problem)
+    for check in (tools_problem, tool_calls_problem):
+        problem = check(prepared.log, getattr(tokenizer, "chat_template", None), repr(d.path or d.name))
+        if problem:
+            raise UserError(problem)
     if prepared.format == "text":
         return prepared_text(d, typed.stage.name, tokenizer, load, prepared), tokenizer
     return prepared, tokenizer

@@ -570,6 +570,9 @@ class FieldMap:
     rejected: str = doc("rejected", help="The dispreferred response (format preference: rm, dpo).")
     answer: str = doc("answer", help=(
         "The reference answer a reward function checks (rollout stages; e.g. arithmetic_correct)."))
+    tools: str = doc("tools", help=(
+        "The functions a conversation may call (OpenAI's tools: a list of function schemas, or its JSON text), "
+        "given to the chat template with the messages (format chat), as serve's tools are."))
 
 
 @dataclass

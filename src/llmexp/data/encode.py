@@ -28,28 +28,31 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str, completion
     return {"input_ids": p + c, "labels": labels}
 
 
-def encode_chat(tokenizer, messages: List[Dict[str, Any]], assistant_only: bool) -> Dict[str, List[int]]:
-    """Render with the chat template; label only assistant turns when assistant_only."""
-    from llmexp.tool_arguments import as_the_template_reads
+def encode_chat(tokenizer, messages: List[Dict[str, Any]], assistant_only: bool,
+                tools: Optional[List[Dict[str, Any]]] = None) -> Dict[str, List[int]]:
+    """Render with the chat template (and the conversation's ``tools``, llmexp.tool_use); label
+    only assistant turns when assistant_only."""
+    from llmexp.tool_use import as_the_template_reads
 
     messages = as_the_template_reads(messages, tokenizer.chat_template)
+    with_tools = {"tools": tools} if tools else {}
     if not assistant_only:
-        ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **with_tools)["input_ids"])
         return {"input_ids": ids, "labels": list(ids)}
     if "{% generation %}" in (tokenizer.chat_template or ""):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+                                            return_assistant_tokens_mask=True, **with_tools)
         ids, mask = list(out["input_ids"]), out["assistant_masks"]
     else:
-        ids, mask = _mask_by_prefixes(tokenizer, messages)
+        ids, mask = _mask_by_prefixes(tokenizer, messages, with_tools)
     return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]}
 
 
-def _mask_by_prefixes(tokenizer, messages: List[Dict[str, Any]]):
+def _mask_by_prefixes(tokenizer, messages: List[Dict[str, Any]], with_tools: Dict[str, Any]):
     """Assistant mask for templates without generation markers: each assistant turn spans from
     the end of the prompt rendered with the generation prompt to the end of the turn."""
     render = lambda msgs, gen: list(tokenizer.apply_chat_template(  # noqa: E731
-        msgs, tokenize=True, return_dict=True, add_generation_prompt=gen)["input_ids"])
+        msgs, tokenize=True, return_dict=True, add_generation_prompt=gen, **with_tools)["input_ids"])
     ids = render(messages, False)
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
@@ -78,7 +81,9 @@ def lm_encoder(fmt: str, tokenizer, loss_on_targets_only: bool) -> Callable[[Dic
         if fmt == "text":
             return encode_text(tokenizer, row["text"])
         if fmt == "chat":
-            return encode_chat(tokenizer, row["messages"], loss_on_targets_only)
+            from llmexp.tool_use import tools_of
+
+            return encode_chat(tokenizer, row["messages"], loss_on_targets_only, tools_of(row.get("tools")))
         chat = join_prompt_completion(row["prompt"], row["completion"])
         if chat is not None:
             enc = encode_chat(tokenizer, chat, loss_on_targets_only)
@@ -104,7 +109,7 @@ def render_prompt(tokenizer, prompt: Any) -> List[int]:
     """Token ids of a prompt as the model sees it before answering: chat prompts with the
     template's generation prompt, plain strings as they are."""
     if isinstance(prompt, list):
-        from llmexp.tool_arguments import as_the_template_reads
+        from llmexp.tool_use import as_the_template_reads
 
         return list(tokenizer.apply_chat_template(as_the_template_reads(prompt, tokenizer.chat_template),
                                                   tokenize=True, return_dict=True, add_generation_prompt=True
@@ -115,7 +120,7 @@ def render_prompt(tokenizer, prompt: Any) -> List[int]:
 def render_prompt_response(tokenizer, prompt: Any, response: Any) -> List[int]:
     """Token ids of a prompt followed by a response (messages, or strings ending with eos)."""
     if isinstance(prompt, list):
-        from llmexp.tool_arguments import as_the_template_reads
+        from llmexp.tool_use import as_the_template_reads
 
         messages = response if isinstance(response, list) else [{"role": "assistant", "content": str(response)}]
         return list(tokenizer.apply_chat_template(as_the_template_reads(prompt + messages, tokenizer.chat_template),

@@ -5,7 +5,7 @@ completions. The first problems are reported with their row number, field and fi
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from llmexp.data.formats import DETECTION_ORDER, FORMAT_COLUMNS
 from llmexp.errors import UserError
@@ -126,10 +126,34 @@ def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] 
     if empty:
         raise UserError(f"data: every {empty[0]} in {where} is empty, so there is nothing to learn; "
                         f"check the column that data.fields.{empty[0]} names")
-    if empty_answers or tool_calls:
+    tools, first_tools = _rows_with_tools(ds, fmt, where, locate)
+    if empty_answers or tool_calls or tools:
         entry = {"step": "check_rows", "field": answered, "empty": empty_answers, "rows": len(ds), "first": first_empty}
-        return {**entry, "tool_calls": tool_calls, "first_tool_call": first_call} if tool_calls else entry
+        if tool_calls:
+            entry.update(tool_calls=tool_calls, first_tool_call=first_call)
+        if tools:
+            entry.update(tools=tools, first_tools=first_tools)
+        return entry
     return None
+
+
+def _rows_with_tools(ds, fmt: Optional[str], where: str, locate: Callable[[int], str]) -> Tuple[int, Optional[str]]:
+    """(conversations that give tools, where the first is); a tools value that is not function
+    schemas is refused with its row (data.fields.tools names the column)."""
+    if fmt != "chat" or "tools" not in ds.column_names:
+        return 0, None
+    from llmexp.tool_use import tools_of
+
+    count, first = 0, None
+    for n, value in enumerate(ds["tools"]):
+        try:
+            given = tools_of(value)
+        except ValueError as e:
+            raise UserError(f"data: {where}, {locate(n)}: tools {e}; fix the row, or name another column with "
+                            f"data.fields.tools=<column>") from None
+        if given:
+            count, first = count + 1, first or locate(n)
+    return count, first
 
 
 def _has_empty_answer(value: Any) -> bool:
@@ -143,6 +167,22 @@ def _has_empty_answer(value: Any) -> bool:
 
 def _calls_tools(value: Any) -> bool:
     return isinstance(value, list) and any(isinstance(m, dict) and m.get("tool_calls") for m in value)
+
+
+def tools_problem(log: List[dict], chat_template: Optional[str], where: str) -> Optional[str]:
+    """Why conversations that give tools (function schemas) cannot train with this chat template,
+    or None: one that never mentions tools leaves them out, and the model learns to call functions
+    it is never shown."""
+    from llmexp.tool_use import renders_tools
+
+    entry = next((e for e in log if e.get("step") == "check_rows" and e.get("tools")), None)
+    if entry is None or renders_tools(chat_template):
+        return None
+    n = entry["tools"]
+    return (f"data: {n} conversation{'s' * (n != 1)} of {where} give{'s' * (n == 1)} tools (the first at "
+            f"{entry['first_tools']}), which the chat template does not render: the model would learn to call "
+            f"functions it is never shown. Give model.chat_template=<a template that renders tools> (a tool-using "
+            f"chat model's own, with model.pretrained), or leave the column out (data.fields.tools=<another column>)")
 
 
 def tool_calls_problem(log: List[dict], chat_template: Optional[str], where: str) -> Optional[str]:

@@ -25,9 +25,12 @@ ROLE_NAMES = {"developer": "system"}  # OpenAI's newer name for the system messa
 class ChatRequest(ChatCompletionRequest):
     """LitServe's request, keeping the fields it does not declare (logprobs, top_logprobs, seed), so
     that one this server cannot honour is refused rather than dropped: a client reading
-    choices[0].logprobs got None."""
+    choices[0].logprobs got None. ``tools`` as OpenAI's API has them (LitServe's required each
+    function's description and parameters) and ``tool_choice`` as sent (checked in check_request)."""
 
     model_config = ConfigDict(extra="allow")
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Any] = None
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,22 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
         raise RequestProblem("messages: the last message must be the user's or a tool's result (this server answers "
                              "it)", "messages")
     extra = request.model_extra or {}
-    for name in ("tools", "response_format", "stop", "logprobs", "top_logprobs"):
+    for name in ("response_format", "stop", "logprobs", "top_logprobs"):
         if getattr(request, name, None) or extra.get(name) not in (None, False):
             raise RequestProblem(f"{name}: not supported by llmexp serve; leave it out", name)
+    if request.tools:
+        from llmexp.tool_use import renders_tools
+
+        if not all(isinstance(t.get("function"), dict) and t["function"].get("name") for t in request.tools):
+            raise RequestProblem('tools: each tool needs {"type": "function", "function": {"name": ...}}', "tools")
+        if not renders_tools(tokenizer.chat_template):
+            raise RequestProblem("tools: the model's chat template does not render tools, so it would answer without "
+                                 "them; leave them out, or serve a model trained with a template that renders them",
+                                 "tools")
+    choice = request.tool_choice.value if hasattr(request.tool_choice, "value") else request.tool_choice
+    if choice not in (None, "auto"):
+        raise RequestProblem(f"tool_choice: {choice!r} cannot be honoured: the model decides whether to call a "
+                             f"tool, as it was trained (auto); leave it out", "tool_choice")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(request, name):
             raise RequestProblem(f"{name}: not supported by llmexp serve (no penalties are applied); leave it out "
@@ -102,7 +118,7 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
         raise RequestProblem(f"{name}: must be at least 1", name)
     try:
         prompt = tokenizer.apply_chat_template(messages_of(request, tokenizer.chat_template),
-                                               add_generation_prompt=True, tokenize=True)
+                                               add_generation_prompt=True, tokenize=True, **tools_for(request))
     except Exception as e:  # noqa: BLE001 - the model's template refusing these messages (a role it lacks, say)
         raise RequestProblem(f"messages: the model's chat template cannot render them: {str(e).splitlines()[0]}",
                              "messages") from None
@@ -117,8 +133,8 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
 
 def messages_of(request: ChatCompletionRequest, chat_template: Optional[str]) -> List[Dict[str, Any]]:
     """The request's messages as the chat template takes them: tool calls and results, as trained, kept
-    (their arguments as the template reads them, as training gave them: llmexp.tool_arguments)."""
-    from llmexp.tool_arguments import as_the_template_reads
+    (their arguments as the template reads them, as training gave them: llmexp.tool_use)."""
+    from llmexp.tool_use import as_the_template_reads
 
     out = []
     for m in request.messages:
@@ -129,6 +145,11 @@ def messages_of(request: ChatCompletionRequest, chat_template: Optional[str]) ->
             message["tool_call_id"] = m.tool_call_id
         out.append(message)
     return as_the_template_reads(out, chat_template)
+
+
+def tools_for(request: ChatCompletionRequest) -> Dict[str, Any]:
+    """The chat template's ``tools`` argument for the request's tools (none: no argument)."""
+    return {"tools": request.tools} if request.tools else {}
 
 
 def text_of(content) -> str:
@@ -251,7 +272,7 @@ class ChatAPI(ls.LitAPI):
 
         return GenerationRequest(messages_of(request, self.tokenizer.chat_template),
                                  new_token_limit(request, self.served), temperature_of(request, self.served),
-                                 float(request.top_p))
+                                 float(request.top_p), tools=request.tools or None)
 
     def batch(self, inputs):
         return list(inputs)
@@ -301,9 +322,8 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         at = next((x for x in first.get("loc", ()) if isinstance(x, int)), None)
         return openai_error(400, f"body: not valid JSON{f' (at character {at})' if at is not None else ''}")
     where = field_path(first.get("loc", ()))
-    unsupported = next((f for f in ("tools", "tool_choice", "response_format") if where.startswith(f)), None)
-    if unsupported:  # a tool without a description was "Field required", then "not supported" once it had one
-        return openai_error(400, f"{unsupported}: not supported by llmexp serve; leave it out", unsupported)
+    if where.startswith("response_format"):
+        return openai_error(400, "response_format: not supported by llmexp serve; leave it out", "response_format")
     if not where and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
         # curl -d without a JSON content type, or a JSON list or string: pydantic's "Input should be
         # a valid dictionary or object to extract fields from" says neither

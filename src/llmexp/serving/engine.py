@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
@@ -25,6 +25,7 @@ class GenerationRequest:
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    tools: Optional[List[Dict[str, Any]]] = None  # the functions it may call, for the chat template
 
     def sampling_key(self) -> Tuple[float, float]:
         return (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
@@ -83,7 +84,8 @@ def stream_answers(model, tokenizer, requests: List[GenerationRequest]) -> Itera
     ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and ``finish_reason`` (``"stop"``
     at a stop token, ``"length"`` when cut off at max_tokens)."""
     tokenizer.padding_side = "left"
-    prompts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False) for r in requests]
+    prompts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False,
+                                             **({"tools": r.tools} if r.tools else {})) for r in requests]
     groups: Dict[Tuple[float, float], List[int]] = {}
     for i, r in enumerate(requests):
         groups.setdefault(r.sampling_key(), []).append(i)

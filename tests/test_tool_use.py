@@ -1,9 +1,12 @@
-"""Tool calls' arguments reach a template as it reads them, in training and serving alike."""
+"""Tool use reaches a chat template as it reads it, in training and serving alike: a conversation's
+tools (the functions it may call) and its calls' arguments."""
 
 from __future__ import annotations
 
-# Qwen2.5's way of writing a call (its template, cut to the tool-call part): arguments | tojson
+# Qwen2.5's way of writing a call (its template, cut to the tool-call part): arguments | tojson;
+# and of giving the tools: their schemas in a system turn before the conversation
 TOJSON = (
+    "{% if tools %}<|system|>\nYou may call: {% for t in tools %}{{ t | tojson }}{% endfor %}{{ eos_token }}\n{% endif %}"
     "{% for m in messages %}<|{{ m.role }}|>\n"
     "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
     "{% for c in m.tool_calls or [] %}{% set c = c.function if c.function is defined else c %}"
@@ -46,7 +49,7 @@ def test_openai_string_arguments_are_written_as_the_object_a_tojson_template_exp
 
 
 def test_arguments_stay_as_given_where_the_template_writes_them_itself_or_they_are_not_an_object():
-    from llmexp.tool_arguments import as_the_template_reads
+    from llmexp.tool_use import as_the_template_reads
 
     writes_itself = "{% for c in m.tool_calls %}{{ c.function.arguments }}{% endfor %}"
     assert as_the_template_reads(CHAT, writes_itself) is CHAT
@@ -55,3 +58,43 @@ def test_arguments_stay_as_given_where_the_template_writes_them_itself_or_they_a
     assert [c["arguments"] for c in as_the_template_reads(odd, TOJSON)[0]["tool_calls"]] == [
         "[1, 2]", "{oops", {"x": 1}, {"y": 2}]
     assert CHAT[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 3, "b": 4}'  # the row itself unchanged
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_a_conversations_tools_are_given_to_the_template_it_trains_with():
+    """A tools column (function schemas, as a list or, as most datasets keep it, JSON text) was
+    dropped: the model learnt to call functions it was never shown. The template gets them now."""
+    import json
+
+    from llmexp.data.encode import lm_encoder
+
+    tok = _tokenizer(TOJSON)
+    row = {"messages": CHAT[:2], "tools": json.dumps(WEATHER)}
+    trained = tok.decode(lm_encoder("chat", tok, True)(row)["input_ids"])
+    assert trained.startswith('<|system|>\nYou may call: {"type": "function", "function": {"name": "get_weather"'), trained
+    assert tok.decode(lm_encoder("chat", tok, True)({**row, "tools": WEATHER})["input_ids"]) == trained
+    assert tok.decode(lm_encoder("chat", tok, True)({**row, "tools": None})["input_ids"]).startswith("<|user|>")
+
+
+def test_tools_a_template_drops_or_that_are_not_schemas_are_refused_with_the_row():
+    import json
+
+    import pytest
+    from datasets import Dataset
+
+    from llmexp.data.rows import check_rows, tools_problem
+    from llmexp.errors import UserError
+    from llmexp.models.tokenizer import CHAT_TEMPLATE
+
+    rows = [{"messages": CHAT[:2], "tools": json.dumps(WEATHER)}, {"messages": CHAT[:2], "tools": ""}] * 2
+    entry = check_rows(Dataset.from_list(rows), "chat", "'calls.jsonl'")
+    assert (entry["tools"], entry["first_tools"]) == (2, "row 1")
+    problem = tools_problem([entry], CHAT_TEMPLATE, "'calls.jsonl'")
+    assert problem.startswith("data: 2 conversations of 'calls.jsonl' give tools (the first at row 1), which the chat "
+                              "template does not render"), problem
+    assert tools_problem([entry], TOJSON, "'calls.jsonl'") is None
+    with pytest.raises(UserError, match=r"'calls.jsonl', row 2: tools is text that is not JSON"):
+        check_rows(Dataset.from_list([rows[0], {**rows[0], "tools": "get_weather(city)"}]), "chat", "'calls.jsonl'")

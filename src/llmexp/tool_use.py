@@ -1,4 +1,10 @@
-"""Tool calls' arguments as a chat template reads them.
+"""Tool use as a chat template reads it: the tools a conversation may call, and its calls' arguments.
+
+A conversation's ``tools`` (OpenAI's list of function schemas; datasets often keep it as JSON
+text, which Arrow holds whatever the schemas' shapes) go to the template with the messages, as
+``apply_chat_template(messages, tools=...)`` takes them, in training and in ``llmexp serve``: a
+tool-using model's template writes them into its system turn, and a model trained without them
+learns to call functions it was never shown.
 
 OpenAI's API sends an assistant's tool call arguments as a JSON string, and most datasets store
 them so (Arrow cannot hold a dict of varying keys); the templates of tool-using models (Qwen2.5's,
@@ -52,3 +58,25 @@ def as_the_template_reads(messages: List[Dict[str, Any]], chat_template: Optiona
         return messages
     return [{**m, "tool_calls": [_call_as_object(c) for c in m["tool_calls"]]}
             if isinstance(m, dict) and isinstance(m.get("tool_calls"), list) else m for m in messages]
+
+
+def renders_tools(chat_template: Optional[str]) -> bool:
+    """Whether the template uses a conversation's ``tools`` (one that never names them drops them)."""
+    return "tools" in (chat_template or "").replace("tool_calls", "")
+
+
+def tools_of(value: Any) -> Optional[List[Dict[str, Any]]]:
+    """A row's tools as the template takes them: a list of function schemas (each a dict), from
+    the list or its JSON text; None for none (null, "", []). ValueError says what is wrong."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"is text that is not JSON ({e.msg} at character {e.pos})") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError(f"is {type(value).__name__}, not a list of function schemas (OpenAI's tools) or its JSON text")
+    return value or None
