@@ -345,6 +345,9 @@ RUN_CASES = {
     "tools the chat template does not render": (["data=files", "data.path={files}/tools.jsonl"],
                                                 "data: 18 conversations of '{files}/tools.jsonl' give tools (the "
                                                 "first at line 3), which the chat template does not render"),
+    "tools a rollout stage would not give the template": (["stage=grpo", "data=files", "data.path={files}/tools.jsonl"],
+                                                          "give tools (the first at line 3), which the rollout stages "
+                                                          "do not give the chat template"),
     "field mapping typo": (["data=files", "data.path={files}/conversations.jsonl", "data.fields.messages=conversaton"],
                            "did you mean 'conversation'"),
     "field mapped to a missing column": (["data=files", "data.path={files}/qa.jsonl", "data.fields.completion=answer"],

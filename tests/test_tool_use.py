@@ -98,3 +98,33 @@ def test_tools_a_template_drops_or_that_are_not_schemas_are_refused_with_the_row
     assert tools_problem([entry], TOJSON, "'calls.jsonl'") is None
     with pytest.raises(UserError, match=r"'calls.jsonl', row 2: tools is text that is not JSON"):
         check_rows(Dataset.from_list([rows[0], {**rows[0], "tools": "get_weather(city)"}]), "chat", "'calls.jsonl'")
+
+
+def test_preference_and_kto_rows_give_their_tools_to_the_template_too():
+    import json
+
+    import pytest
+    from datasets import Dataset
+
+    from llmexp.data.encode import preference_encoder, unpaired_encoder
+    from llmexp.data.rows import check_rows, tools_problem
+    from llmexp.errors import UserError
+
+    tok = _tokenizer(TOJSON)
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    pair = {"prompt": asked, "chosen": [{"role": "assistant", "content": "Sunny."}],
+            "rejected": [{"role": "assistant", "content": "Rain."}], "tools": json.dumps(WEATHER)}
+    enc = preference_encoder(tok)(pair)
+    assert tok.decode(enc["input_ids"]).startswith('<|system|>\nYou may call: {"type": "function"')
+    assert tok.decode([t for t in enc["labels"] if t != -100]) == "Sunny.<|end|>"  # the schemas are prompt
+    rated = unpaired_encoder(tok, "unpaired_preference")({"prompt": asked, "completion": "Sunny.", "label": True,
+                                                          "tools": WEATHER})
+    assert rated["input_ids"] == enc["input_ids"]
+    entry = check_rows(Dataset.from_list([pair] * 3), "preference", "'pairs.jsonl'")
+    assert entry["tools"] == 3
+    assert tools_problem([entry], TOJSON, "'pairs.jsonl'", rollout=True).startswith(
+        "data: 3 rows of 'pairs.jsonl' give tools (the first at row 1), which the rollout stages do not give the chat "
+        "template")
+    with pytest.raises(UserError, match=r"row 1: gives tools, which go to the chat template, and its prompt is plain text"):
+        check_rows(Dataset.from_list([{**pair, "prompt": "Weather in Paris?", "chosen": "Sunny.", "rejected": "Rain."}]),
+                   "preference", "'pairs.jsonl'")

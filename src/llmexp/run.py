@@ -359,10 +359,13 @@ def prepare_data(typed):
         prepared.log.append({"step": "as_chat", "note": as_chat})
     if m.system_prompt is not None and rendered_raw(prepared):
         raise no_system_prompt_for(d)
+    from llmexp.config.stages import ROLLOUT_FORMATS, stage_spec
     from llmexp.data.rows import tool_calls_problem, tools_problem
 
-    for check in (tools_problem, tool_calls_problem):
-        problem = check(prepared.log, getattr(tokenizer, "chat_template", None), repr(d.path or d.name))
+    template, where = getattr(tokenizer, "chat_template", None), repr(d.path or d.name)
+    rollout = stage_spec(typed.stage.name).formats == ROLLOUT_FORMATS
+    for problem in (tools_problem(prepared.log, template, where, rollout),
+                    tool_calls_problem(prepared.log, template, where)):
         if problem:
             raise UserError(problem)
     if prepared.format == "text":

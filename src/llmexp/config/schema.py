@@ -572,7 +572,8 @@ class FieldMap:
         "The reference answer a reward function checks (rollout stages; e.g. arithmetic_correct)."))
     tools: str = doc("tools", help=(
         "The functions a conversation may call (OpenAI's tools: a list of function schemas, or its JSON text), "
-        "given to the chat template with the messages (format chat), as serve's tools are."))
+        "given to the chat template with the messages (chat, conversational prompt/completion, preference and kto "
+        "rows; not the rollout stages), as serve's tools are."))
 
 
 @dataclass

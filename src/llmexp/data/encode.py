@@ -81,19 +81,25 @@ def lm_encoder(fmt: str, tokenizer, loss_on_targets_only: bool) -> Callable[[Dic
         if fmt == "text":
             return encode_text(tokenizer, row["text"])
         if fmt == "chat":
-            from llmexp.tool_use import tools_of
-
-            return encode_chat(tokenizer, row["messages"], loss_on_targets_only, tools_of(row.get("tools")))
+            return encode_chat(tokenizer, row["messages"], loss_on_targets_only, _tools(row))
         chat = join_prompt_completion(row["prompt"], row["completion"])
         if chat is not None:
-            enc = encode_chat(tokenizer, chat, loss_on_targets_only)
+            tools = _tools(row)
+            enc = encode_chat(tokenizer, chat, loss_on_targets_only, tools)
             if loss_on_targets_only:  # the completion alone: the prompt's own assistant turns were trained too
-                asked = common_prefix_length(enc["input_ids"], render_prompt(tokenizer, row["prompt"]))
+                asked = common_prefix_length(enc["input_ids"], render_prompt(tokenizer, row["prompt"], tools))
                 enc["labels"] = [IGNORE_INDEX] * asked + enc["labels"][asked:]
             return enc
         return encode_prompt_completion(tokenizer, str(row["prompt"]), str(row["completion"]), loss_on_targets_only)
 
     return encode
+
+
+def _tools(row: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+    """The row's tools for the chat template (checked by llmexp.data.rows before encoding)."""
+    from llmexp.tool_use import tools_of
+
+    return tools_of(row.get("tools"))
 
 
 def common_prefix_length(a: List[int], b: List[int]) -> int:
@@ -105,38 +111,41 @@ def common_prefix_length(a: List[int], b: List[int]) -> int:
     return n
 
 
-def render_prompt(tokenizer, prompt: Any) -> List[int]:
+def render_prompt(tokenizer, prompt: Any, tools: Optional[List[Dict[str, Any]]] = None) -> List[int]:
     """Token ids of a prompt as the model sees it before answering: chat prompts with the
-    template's generation prompt, plain strings as they are."""
+    template's generation prompt (and the conversation's ``tools``), plain strings as they are."""
     if isinstance(prompt, list):
         from llmexp.tool_use import as_the_template_reads
 
         return list(tokenizer.apply_chat_template(as_the_template_reads(prompt, tokenizer.chat_template),
-                                                  tokenize=True, return_dict=True, add_generation_prompt=True
-                                                  )["input_ids"])
+                                                  tokenize=True, return_dict=True, add_generation_prompt=True,
+                                                  **({"tools": tools} if tools else {}))["input_ids"])
     return _ids(tokenizer, str(prompt))
 
 
-def render_prompt_response(tokenizer, prompt: Any, response: Any) -> List[int]:
+def render_prompt_response(tokenizer, prompt: Any, response: Any,
+                           tools: Optional[List[Dict[str, Any]]] = None) -> List[int]:
     """Token ids of a prompt followed by a response (messages, or strings ending with eos)."""
     if isinstance(prompt, list):
         from llmexp.tool_use import as_the_template_reads
 
         messages = response if isinstance(response, list) else [{"role": "assistant", "content": str(response)}]
         return list(tokenizer.apply_chat_template(as_the_template_reads(prompt + messages, tokenizer.chat_template),
-                                                  tokenize=True, return_dict=True)["input_ids"])
+                                                  tokenize=True, return_dict=True,
+                                                  **({"tools": tools} if tools else {}))["input_ids"])
     return _ids(tokenizer, str(prompt) + str(response)) + [tokenizer.eos_token_id]
 
 
-def encode_preference(tokenizer, prompt: Any, chosen: Any, rejected: Any) -> Dict[str, List[int]]:
+def encode_preference(tokenizer, prompt: Any, chosen: Any, rejected: Any,
+                      tools: Optional[List[Dict[str, Any]]] = None) -> Dict[str, List[int]]:
     """Prompt+chosen and prompt+rejected, labelled from where they leave the shared prompt.
 
     As TRL's DPOTrainer tokenizes: the completion starts where the rendered prompt and
     prompt+response diverge, so the same data gives the same tokens in both.
     """
-    prompt_ids = render_prompt(tokenizer, prompt)
-    chosen_ids = render_prompt_response(tokenizer, prompt, chosen)
-    rejected_ids = render_prompt_response(tokenizer, prompt, rejected)
+    prompt_ids = render_prompt(tokenizer, prompt, tools)
+    chosen_ids = render_prompt_response(tokenizer, prompt, chosen, tools)
+    rejected_ids = render_prompt_response(tokenizer, prompt, rejected, tools)
     start = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
     eos = tokenizer.eos_token_id
     return {"input_ids": chosen_ids, "labels": completion_labels(chosen_ids, start, eos),
@@ -152,7 +161,7 @@ def completion_labels(ids: List[int], start: int, eos: Optional[int]) -> List[in
 
 
 def preference_encoder(tokenizer) -> Callable[[Dict[str, Any]], Dict[str, List[int]]]:
-    return lambda row: encode_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"])
+    return lambda row: encode_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"], _tools(row))
 
 
 def unpaired_encoder(tokenizer, fmt: str) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
@@ -160,10 +169,12 @@ def unpaired_encoder(tokenizer, fmt: str) -> Callable[[Dict[str, Any]], Dict[str
     the chosen one desirable (collate_unpaired makes them two completions)."""
 
     def encode(row: Dict[str, Any]) -> Dict[str, Any]:
+        tools = _tools(row)
         if fmt == "preference":
-            return {**encode_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"]), "desirable": True}
-        prompt_ids = render_prompt(tokenizer, row["prompt"])
-        ids = render_prompt_response(tokenizer, row["prompt"], row["completion"])
+            return {**encode_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"], tools),
+                    "desirable": True}
+        prompt_ids = render_prompt(tokenizer, row["prompt"], tools)
+        ids = render_prompt_response(tokenizer, row["prompt"], row["completion"], tools)
         start = common_prefix_length(prompt_ids, ids)
         return {"input_ids": ids, "labels": completion_labels(ids, start, tokenizer.eos_token_id),
                 "desirable": bool(row["label"])}

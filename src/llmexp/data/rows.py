@@ -138,12 +138,15 @@ def check_rows(ds, fmt: Optional[str], where: str, locate: Callable[[int], str] 
 
 
 def _rows_with_tools(ds, fmt: Optional[str], where: str, locate: Callable[[int], str]) -> Tuple[int, Optional[str]]:
-    """(conversations that give tools, where the first is); a tools value that is not function
-    schemas is refused with its row (data.fields.tools names the column)."""
-    if fmt != "chat" or "tools" not in ds.column_names:
+    """(conversations that give tools, where the first is). Refused with its row: a tools value that
+    is not function schemas, and tools beside a plain-text prompt (they go to the chat template).
+    data.fields.tools names the column."""
+    if fmt in (None, "text") or "tools" not in ds.column_names:
         return 0, None
     from llmexp.tool_use import tools_of
 
+    leave_out = "leave the column out (data.fields.tools=<another column>)"
+    prompts = ds["prompt"] if fmt != "chat" and "prompt" in ds.column_names else None
     count, first = 0, None
     for n, value in enumerate(ds["tools"]):
         try:
@@ -151,8 +154,13 @@ def _rows_with_tools(ds, fmt: Optional[str], where: str, locate: Callable[[int],
         except ValueError as e:
             raise UserError(f"data: {where}, {locate(n)}: tools {e}; fix the row, or name another column with "
                             f"data.fields.tools=<column>") from None
-        if given:
-            count, first = count + 1, first or locate(n)
+        if not given:
+            continue
+        if prompts is not None and not isinstance(prompts[n], list):
+            raise UserError(f"data: {where}, {locate(n)}: gives tools, which go to the chat template, and its prompt "
+                            f"is plain text; give the prompt as messages ([{{\"role\": \"user\", \"content\": ...}}]), "
+                            f"or {leave_out}")
+        count, first = count + 1, first or locate(n)
     return count, first
 
 
@@ -169,16 +177,24 @@ def _calls_tools(value: Any) -> bool:
     return isinstance(value, list) and any(isinstance(m, dict) and m.get("tool_calls") for m in value)
 
 
-def tools_problem(log: List[dict], chat_template: Optional[str], where: str) -> Optional[str]:
+def tools_problem(log: List[dict], chat_template: Optional[str], where: str, rollout: bool = False) -> Optional[str]:
     """Why conversations that give tools (function schemas) cannot train with this chat template,
     or None: one that never mentions tools leaves them out, and the model learns to call functions
-    it is never shown."""
+    it is never shown. A rollout stage (``rollout``) does not give them to the template: its
+    sampling, reward model and task metric render prompts without them."""
     from llmexp.tool_use import renders_tools
 
     entry = next((e for e in log if e.get("step") == "check_rows" and e.get("tools")), None)
-    if entry is None or renders_tools(chat_template):
+    if entry is None:
         return None
     n = entry["tools"]
+    if rollout:
+        return (f"data: {n} row{'s' * (n != 1)} of {where} give{'s' * (n == 1)} tools (the first at "
+                f"{entry['first_tools']}), which the rollout stages do not give the chat template (their sampling, "
+                f"reward model and task metric ask without them); leave the column out (data.fields.tools=<another "
+                f"column>)")
+    if renders_tools(chat_template):
+        return None
     return (f"data: {n} conversation{'s' * (n != 1)} of {where} give{'s' * (n == 1)} tools (the first at "
             f"{entry['first_tools']}), which the chat template does not render: the model would learn to call "
             f"functions it is never shown. Give model.chat_template=<a template that renders tools> (a tool-using "
