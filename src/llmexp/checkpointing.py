@@ -171,7 +171,10 @@ class RunCheckpoint(ModelCheckpoint):
         with ctrl_c_after_the_block():
             super().on_train_end(trainer, pl_module)
         self.stop_request.remove()
-        if self.stop_request.asked:  # heard after the last step's check: the run has its last.ckpt
+        asked = self.stop_request.asked  # heard after the last step's check: the run has its last.ckpt
+        if trainer.world_size > 1:  # every rank stops, or none (one waiting in a collective would hang)
+            asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
+        if asked:
             raise KeyboardInterrupt
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
