@@ -188,7 +188,7 @@ def _unpermute_rotary(weight, n_head: int):
 def test_gguf_export_out_is_checked_and_may_name_a_directory(tmp_path, tiny_teacher, capsys):
     """A missing or unwritable --out ended in a FileNotFoundError traceback (exit 1), and
     --out newdir/ wrote a file named newdir."""
-    from llmexp.export_gguf import main
+    from llmexp.export_command import main
 
     args = [str(tiny_teacher), "--format", "gguf", "--out"]
     assert main([*args, str(tmp_path / "nope" / "x.gguf")]) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -142,13 +143,26 @@ class RunCheckpoint(ModelCheckpoint):
       step, which a resume continues from exactly.
     """
 
-    def __init__(self, **kwargs: Any):
-        super().__init__(enable_version_counter=False, **kwargs)
+    def __init__(self, keep: Optional[int] = 1, **kwargs: Any):
+        # Lightning keeps one step file, or all (no metric to rank them by): more than one, by listing
+        super().__init__(enable_version_counter=False, save_top_k=1 if keep == 1 else -1, **kwargs)
+        self.keep = keep
         self.stop_request = StopRequest()
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero and self.dirpath:
+            save_tokenizer(getattr(pl_module, "tokenizer", None), Path(self.dirpath) / "tokenizer")
         self.stop_request.install(says=trainer.is_global_zero)
+
+    def _save_none_monitor_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_none_monitor_checkpoint(trainer, monitor_candidates)
+        if self.keep is not None and self.keep > 1:  # the newest trainer.keep_checkpoints step files stay
+            from llmexp.record import RunDir
+
+            for old in RunDir(Path(self.dirpath).parent).step_checkpoints()[:-self.keep]:
+                if self._should_remove_checkpoint(trainer, str(old), self.best_model_path):
+                    self._remove_checkpoint(trainer, str(old))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every, validated = self._every_n_train_steps, validates_after(trainer)
@@ -216,6 +230,20 @@ class RunCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
 
 
+def save_tokenizer(tokenizer, into: Path) -> None:
+    """The run's tokenizer in ``into`` (once: a resumed run has it), written whole or not at all."""
+    if tokenizer is None or into.exists():
+        return
+    scratch = partial_path(into)  # a kill leaves it to remove_stale_partials
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        tokenizer.save_pretrained(str(scratch))
+        os.replace(scratch, into)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def validates_after(trainer) -> bool:
     """Whether a validation follows the training step just done (a step is one batch here, so
     Lightning validates after every val_check_batch-th step)."""
@@ -271,10 +299,13 @@ def remove_stale_partials(run_dir: Path) -> List[Path]:
             continue
         for p in sorted(directory.iterdir()):
             m = _PARTIAL.match(p.name)
-            if m is None or not p.is_file() or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            if m is None or p.is_symlink() or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
                 continue
             try:
-                p.unlink()
+                if p.is_dir():  # a tokenizer's save
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
             except FileNotFoundError:
                 continue
             removed.append(p)

@@ -6,7 +6,7 @@ SUBCOMMANDS = {
     "sweep": "llmexp.sweep.__main__:main",
     "pipeline": "llmexp.pipeline:main",
     "compare": "llmexp.compare.__main__:main",
-    "export": "llmexp.export_gguf:main",
+    "export": "llmexp.export_command:main",
     "prepare": "llmexp.prepare_corpus:main",
     "serve": "llmexp.serving.server:main",
     "plugins": "llmexp.plugins.listing:main",

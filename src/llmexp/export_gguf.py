@@ -3,19 +3,15 @@ with the `gguf` package (llama.cpp's own writer): the architecture's hyperparame
 tokenizer with its merges and special tokens, the chat template, and the weights under GGUF's
 tensor names, laid out as llama.cpp's convert_hf_to_gguf lays them out: llama and mistral with
 q/k rows permuted to its rotary layout, qwen2 with its biases, gpt2 with Conv1D weights transposed.
-
-    llmexp export runs/sft-llama/<time> --format gguf [--out model.gguf]
+The command is llmexp.export_command's.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 # HF architecture -> (GGUF architecture, whether q/k rows go to llama.cpp's interleaved rotary
 # layout): llama and mistral are GGUF's llama (permuted, as convert_hf_to_gguf's LlamaModel does);
@@ -298,45 +294,3 @@ def _own_gguf_note(out: Path, model_dir: Path) -> str:
         return ""  # (by name in the run directory: the run may have been moved since)
     return (f": it is this stage=quantize run's {q.get('method')} file, ready for llama.cpp as it is (an export "
             f"would write its {q.get('method')}-rounded weights again, as --type says)")
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from llmexp.errors import UserError, report
-    from llmexp.record import model_dir_of
-
-    parser = argparse.ArgumentParser(prog="llmexp export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run directory (its model/) or an exported model directory")
-    parser.add_argument("--format", choices=["gguf"], required=True, help="gguf: one file for llama.cpp")
-    parser.add_argument("--out", help="the file to write (default: <run dir>/model.gguf)")
-    parser.add_argument("--type", choices=TENSOR_TYPES, default="f32", dest="tensor_type",
-                        help="how the weights are stored (default f32; q8_0 and q4_0 are llama.cpp's 8- and "
-                             "4-bit blocks of 32 weights with one f16 scale)")
-    args = parser.parse_args(argv)
-    try:
-        model_dir = model_dir_of(args.run, "run")
-        out = output_file(args.out, model_dir)
-        partial = out.with_name(f".{out.name}.partial")
-        try:
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as scratch:
-                source = model_dir
-                if not (model_dir / "config.json").is_file():  # LoRA adapters alone (peft.merge_on_export=false)
-                    print(f"merging the LoRA adapters of {model_dir} onto their base", file=sys.stderr)
-                    source = merged_copy(model_dir, Path(scratch) / "model")
-                facts = write_gguf(source, partial, args.tensor_type, name=model_name(model_dir))
-            partial.replace(out)
-        except ValueError as e:
-            partial.unlink(missing_ok=True)
-            raise UserError(f"run: cannot write {e}") from None
-        except OSError as e:
-            partial.unlink(missing_ok=True)
-            raise UserError(f"--out: cannot write {str(out)!r}: {e.strerror or e}; give a writable --out") from None
-        facts["gguf"] = str(out)
-    except UserError as e:
-        return report(e)
-    print(f"wrote {out} ({facts['tensors']} tensors, {facts['bytes']} bytes, {facts['architecture']}, "
-          + ", ".join(f"{n} {t}" for t, n in facts["tensor_types"].items()) + ")")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -88,8 +88,19 @@ class RunDir:
         else the highest step-*.ckpt."""
         if self.last_checkpoint.exists():
             return self.last_checkpoint
-        steps = sorted(self.checkpoints.glob("step-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
+        steps = self.step_checkpoints()
         return steps[-1] if steps else None
+
+    def step_checkpoints(self) -> List[Path]:
+        """checkpoints/step-N.ckpt (files, or sharded checkpoint directories), by step."""
+        steps = [p for p in self.checkpoints.glob("step-*.ckpt") if p.stem.split("-", 1)[1].isdigit()]
+        return sorted(steps, key=lambda p: int(p.stem.split("-", 1)[1]))
+
+    @property
+    def tokenizer(self) -> Path:
+        """checkpoints/tokenizer/: the run's tokenizer, saved as training starts, so that a checkpoint
+        of a run that has not finished (no model/ yet) can be exported."""
+        return self.checkpoints / "tokenizer"
 
 
 def prompt_text(prompt: Any) -> str:

@@ -15,6 +15,7 @@ from llmexp.record import RunDir
 # Keys a resumed run may change: how long and how often (and lr / clipping, to recover from a
 # divergence), not what is trained.
 MAY_CHANGE = ("resume", "task.max_new_tokens", "optim.lr", "trainer.gradient_clip_val", "trainer.max_steps", "trainer.epochs", "trainer.val_check_interval", "trainer.checkpoint_every_n_steps",
+              "trainer.keep_checkpoints",
               "trainer.log_every_n_steps", "trainer.progress_bar", "trainer.limit_val_batches", "logger.")
 
 

@@ -22,7 +22,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, loggers: List[Any], extra_callb
     every = t.checkpoint_every_n_steps or t.val_check_interval or t.max_steps
     # RunCheckpoint: no step-N-v1.ckpt / last-v1.ckpt after a kill, right paths in a moved run dir
     callbacks = [RunCheckpoint(dirpath=str(RunDir(run_dir).checkpoints), filename="step-{step}",
-                               every_n_train_steps=every, save_top_k=1, save_last=True,
+                               every_n_train_steps=every, keep=t.keep_checkpoints, save_last=True,
                                auto_insert_metric_name=False), *extra_callbacks]
     if t.progress_bar:
         callbacks.append(StepProgress())

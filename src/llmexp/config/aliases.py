@@ -34,6 +34,7 @@ ALIASES = {
     "trainer.max_grad_norm": ("trainer.gradient_clip_val", ()),
     "trainer.eval_steps": ("trainer.val_check_interval", ()),
     "trainer.save_steps": ("trainer.checkpoint_every_n_steps", ()),
+    "trainer.save_total_limit": ("trainer.keep_checkpoints", ()),
     "trainer.logging_steps": ("trainer.log_every_n_steps", ()),
 }
 

@@ -689,6 +689,10 @@ class TrainerConfig:
         "Log training metrics (and flush metrics.csv) every N optimizer steps; the health guard checks these steps."))
     checkpoint_every_n_steps: Optional[int] = bounded(None, min=1, help=(
         "Save a checkpoint every N optimizer steps (null: at each validation); checkpoints/last.ckpt at the end."))
+    keep_checkpoints: Optional[int] = bounded(1, min=1, help=(
+        "How many step checkpoints (checkpoints/step-N.ckpt) to keep: the newest this many, older ones removed as "
+        "new ones are written; null: every one. last.ckpt is kept besides. Any of them becomes a model with "
+        "`llmexp export <run> --checkpoint step-N --format hf`."))
     monitor: Optional[str] = doc(None, help=(
         "A validation metric (val/loss, val/task_score, val/reward, val/accuracy, ...), or an eval's metric "
         "(eval/<task>/<metric>, with eval=...: the eval then also runs at each validation in training), that names the "

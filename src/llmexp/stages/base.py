@@ -250,7 +250,19 @@ class StageModule(L.LightningModule):
         checkpoint["llmexp"] = {"rng": per_rank[0], "rng_per_rank": per_rank, "initial_metrics": self.initial_metrics,
                                 "train_tokens": self.global_tokens(), "train_seconds": self.train_seconds,
                                 "wall_seconds": self.seconds_before_resume["wall"] + time.time() - self.session_started,
-                                "fit_seconds": self.seconds_before_resume["fit"] + time.time() - self.fit_started}
+                                "fit_seconds": self.seconds_before_resume["fit"] + time.time() - self.fit_started,
+                                **self.export_facts()}
+
+    def export_facts(self) -> Dict[str, Any]:
+        """What ``llmexp export --checkpoint`` needs besides the weights: the trained model's config
+        (as trained: a pruned model's sizes are not the config's) and generation config, and the
+        last validation's metrics with its step (a reward model's score scale is measured there)."""
+        model = self.model
+        generation = getattr(model, "generation_config", None)
+        return {"model_config": model.config.to_json_string(use_diff=False),
+                "generation_config": generation.to_json_string(use_diff=False) if generation is not None else None,
+                "val_metrics": {k: float(v) for k, v in self.last_val_metrics.items()},
+                "val_step": self.last_val_at[1] if self.last_val_at[0] in ("fit", "validate") else None}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         state = checkpoint.get("llmexp", {})

@@ -92,12 +92,21 @@ class RewardModelStage(PreferenceStage):
     def export(self, out_dir):
         facts = super().export(out_dir)
         norm = score_normalization(self.last_val_metrics)
-        accuracy = self.last_val_metrics.get("val/accuracy")
-        if norm and self.trainer.is_global_zero:
-            config = Path(out_dir) / "config.json"
-            kept = {**norm, **({"llmexp_heldout_accuracy": accuracy} if accuracy is not None else {})}
-            config.write_text(json.dumps({**json.loads(config.read_text()), **kept}, indent=2) + "\n")
+        if self.trainer.is_global_zero:
+            keep_score_scale(out_dir, self.last_val_metrics)
         return {**facts, "reward_model_dir": str(out_dir), **({"score_normalization": norm} if norm else {})}
+
+
+def keep_score_scale(out_dir, val_metrics: Dict[str, float]) -> Dict[str, float]:
+    """Write the score normalization the validation ``val_metrics`` measured (and its held-out
+    accuracy) into the exported reward model's config.json; return the normalization."""
+    norm = score_normalization(val_metrics)
+    accuracy = val_metrics.get("val/accuracy")
+    if norm:
+        config = Path(out_dir) / "config.json"
+        kept = {**norm, **({"llmexp_heldout_accuracy": accuracy} if accuracy is not None else {})}
+        config.write_text(json.dumps({**json.loads(config.read_text()), **kept}, indent=2) + "\n")
+    return norm
 
 
 def score_normalization(val_metrics: Dict[str, float]) -> Dict[str, float]:
