@@ -81,7 +81,7 @@ def assert_resumed_matches(straight: Path, resumed: Path) -> None:
 def assert_clean(run_dir: Path) -> None:
     """Only complete checkpoints: no partial file, no `-v1` duplicate, no superseded step file."""
     names = sorted(p.name for p in RunDir(run_dir).checkpoints.iterdir())
-    assert names == ["last.ckpt", f"step-{MAX_STEPS}.ckpt"], names
+    assert names == ["last.ckpt", f"step-{MAX_STEPS}.ckpt", "tokenizer"], names
     assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
 
 
@@ -279,7 +279,7 @@ def test_disk_full_while_a_checkpoint_is_written_keeps_the_last_good_one_which_r
             f"stopped (its partial file was removed); the last good checkpoint {ckpts / 'last.ckpt'} (step 2) is "
             f"kept. Free space in {ckpts} (df -h {ckpts}), then continue with the same overrides and "
             f"resume={run_dir}") in r.stderr
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-2.ckpt"]  # no partial file
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-2.ckpt", "tokenizer"]  # no partial file
     assert not (run_dir / "summary.json").exists()
 
     filler.unlink()  # space freed: the last good checkpoint resumes to the uninterrupted run's end
@@ -314,7 +314,7 @@ def test_a_first_checkpoint_over_the_file_size_limit_claims_no_checkpoint(tmp_pa
             f"there is nothing to resume. Raise the file-size limit (ulimit -f unlimited) and start the run again "
             f"in a new run directory") in err
     assert "kept" not in err
-    assert list(ckpts.iterdir()) == []  # the partial first checkpoint is gone
+    assert [p.name for p in ckpts.iterdir()] == ["tokenizer"]  # the partial first checkpoint is gone
 
 
 def test_only_the_partial_files_of_gone_processes_are_removed(tmp_path):
@@ -407,7 +407,7 @@ def test_ctrl_c_while_a_step_is_saved_keeps_both_of_its_files(tmp_path):
     trainer = L.Trainer(max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         plugins=[SigintAfterStepFile()], default_root_dir=str(tmp_path),
                         callbacks=[RunCheckpoint(dirpath=str(ckpts), filename="step-{step}", every_n_train_steps=2,
-                                                 save_top_k=1, save_last=True, auto_insert_metric_name=False)])
+                                                 save_last=True, auto_insert_metric_name=False)])
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a KeyboardInterrupt

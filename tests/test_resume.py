@@ -46,6 +46,14 @@ def _weights(run_dir):
     return load_file(run_dir / "model" / "model.safetensors")
 
 
+def _export(run_dir, out, checkpoint="last"):
+    """``llmexp export <run_dir> --checkpoint <checkpoint> --format hf --out <out>``, in this process."""
+    from llmexp.export_command import main
+
+    assert main([str(run_dir), "--checkpoint", checkpoint, "--format", "hf", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.parametrize("extra", [
     [*GPT2], ["peft=lora", "optim.lr=1e-2"],
     # Sampling draws from the restored RNG, the value head and KL coefficient come from the checkpoint.
@@ -72,6 +80,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, extra, tiny_teacher
     mixed = "data=mixture" in extra  # its sources carry their own options
     overrides = [*(o for o in COMMON if not (mixed and o.startswith("data.options."))), *extra]
     straight = _straight(build_once, overrides)
+    # its last checkpoint, exported, is the model the run exported: every stage's trained model (a
+    # pruned one's sizes, LoRA merged, a value head or teacher left out) is rebuilt from the checkpoint
+    exported = _export(straight, tmp_path / "exported")
+    a = load_file(exported / "model.safetensors")
+    assert a.keys() == _weights(straight).keys() and all(torch.equal(a[k], _weights(straight)[k]) for k in a)
+    assert json.loads((exported / "config.json").read_text()) == json.loads((straight / "model/config.json").read_text())
 
     killed = tmp_path / "killed"
     r = train_in_subprocess(overrides, killed, kill_at=17)
@@ -122,7 +136,13 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_the_resume_matches_uninterrupted(
     assert f"interrupted at step {at}; its last checkpoint ({stopped}/checkpoints/last.ckpt, step {at}) is kept" \
         in r.stderr, r.stderr[-3000:]
     assert r.stderr.count("Ctrl+C: stopping when this step ends") == 1  # said once, not per rank
-    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["last.ckpt", f"step-{at}.ckpt"]
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["last.ckpt", f"step-{at}.ckpt", "tokenizer"]
+    # the run has not finished (no model/), and the step it stopped at is a model already
+    exported, saved = _export(stopped, tmp_path / f"step-{at}", f"step-{at}"), torch.load(
+        stopped / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert not (stopped / "model").exists()
+    a = load_file(exported / "model.safetensors")
+    assert a.keys() and all(torch.equal(v, saved[f"model.{k}"]) for k, v in a.items())
     if at == 20:  # the checkpoint holds the step's validation: the resume does not repeat it
         from llmexp.record import read_metrics
 
@@ -292,7 +312,7 @@ def test_a_run_interrupted_before_its_first_checkpoint_says_how_to_start_over_an
     run_dir = tmp_path / "run"
     assert run_cli([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
     (run_dir / "summary.json").unlink()  # as a run interrupted before it wrote any checkpoint leaves it
-    for ckpt in (run_dir / "checkpoints").iterdir():
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):  # its tokenizer/ stays: saved as training starts
         ckpt.unlink()
     message = interrupted_message(run_dir, 8)
     assert "nothing to resume" in message and f"hydra.run.dir={run_dir} resume=auto" in message, message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from llmexp.testing import FAST, run_cli, run_module
 from safetensors.torch import load_file
 
@@ -87,8 +88,16 @@ def test_fsdp_killed_and_resumed_from_its_sharded_checkpoint_matches(tmp_path, s
     killed = train_in_subprocess(overrides, run_dir, kill_at=9)
     assert killed.returncode == -signal.SIGKILL
     assert (run_dir / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+    export = ["export", str(run_dir), "--checkpoint", "last", "--format", "hf", "--out"]
+    r = run_cli([*export, str(tmp_path / "step-8")], cwd=tmp_path)  # sharded, of a run that has not finished
+    assert r.returncode == 0 and "wrote" in r.stdout and "step 8 of" in r.stdout, r.stderr[-3000:]
     resumed = train_in_subprocess([*overrides, f"resume={run_dir}"], run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_cli([*export, str(tmp_path / "step-12")], cwd=tmp_path).returncode == 0
+    exported, kept = load_file(tmp_path / "step-12" / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
+    assert exported.keys() == kept.keys() and all(torch.equal(exported[k], kept[k]) for k in kept)
+    step8 = load_file(tmp_path / "step-8" / "model.safetensors")
+    assert step8.keys() == kept.keys() and not all(torch.equal(step8[k], kept[k]) for k in kept)
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["global_step"] == 12 and s["resumed_from"].endswith("last.ckpt")
     assert s["train_tokens"] == json.loads((single_process / "summary.json").read_text())["train_tokens"]

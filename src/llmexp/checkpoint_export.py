@@ -108,8 +108,8 @@ def run_tokenizer(record: RunDir):
 
 def refuse_what_cannot_be_exported(cfg, facts: Dict[str, Any], ckpt: Path) -> None:
     if cfg.stage.name == "quantize":
-        raise UserError(f"--checkpoint: stage=quantize does not train; its checkpoints hold no weights, and the "
-                        f"quantized model is the run's model/")
+        raise UserError("--checkpoint: stage=quantize does not train; its checkpoints hold no weights, and the "
+                        "quantized model is the run's model/")
     if cfg.peft.name == "qlora":
         raise UserError(f"--checkpoint: {ckpt.name} holds the 4-bit base weights of peft=qlora, which bitsandbytes "
                         f"reads on CUDA alone; the run's model/ is its merged export")

@@ -136,6 +136,8 @@ class RunCheckpoint(ModelCheckpoint):
     - At a step that is validated, it saves after the validation (Lightning saves a step's checkpoint
       before it): the checkpoint then holds what the validation found (trainer.monitor's best,
       early stopping's count), which a run resumed from it does not validate again.
+    - It keeps the newest ``keep`` step files (trainer.keep_checkpoints; None: all), found by listing
+      the directory: a resumed run with a lower number removes the older ones a session before kept.
     - A step's two files (step-N.ckpt, last.ckpt) are one save for Ctrl+C: stopped between them, a
       run kept last.ckpt of the save before, which a resume takes, redoing the steps in between.
     - Ctrl+C in training (:class:`StopRequest`) stops the run when its step ends (after the step's
@@ -144,8 +146,8 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, keep: Optional[int] = 1, **kwargs: Any):
-        # Lightning keeps one step file, or all (no metric to rank them by): more than one, by listing
-        super().__init__(enable_version_counter=False, save_top_k=1 if keep == 1 else -1, **kwargs)
+        # Lightning keeps one step file or all (no metric ranks them): the newest ``keep`` by listing
+        super().__init__(enable_version_counter=False, save_top_k=-1, **kwargs)
         self.keep = keep
         self.stop_request = StopRequest()
 
@@ -157,7 +159,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _save_none_monitor_checkpoint(self, trainer, monitor_candidates) -> None:
         super()._save_none_monitor_checkpoint(trainer, monitor_candidates)
-        if self.keep is not None and self.keep > 1:  # the newest trainer.keep_checkpoints step files stay
+        if self.keep is not None:  # the newest trainer.keep_checkpoints step files stay (a resume may lower it)
             from llmexp.record import RunDir
 
             for old in RunDir(Path(self.dirpath).parent).step_checkpoints()[:-self.keep]:
@@ -240,6 +242,11 @@ def save_tokenizer(tokenizer, into: Path) -> None:
     try:
         tokenizer.save_pretrained(str(scratch))
         os.replace(scratch, into)
+    except OSError as exc:
+        fault = disk_full_fault(exc, into)
+        if fault is not None:
+            raise fault from None
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

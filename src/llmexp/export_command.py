@@ -59,13 +59,24 @@ def gguf_of_model(run: str, given_out: Optional[str], tensor_type: str) -> str:
 
     model_dir = model_dir_of(run, "run")
     out = output_file(given_out, model_dir)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as scratch:
+    with scratch_beside(out, ".merged-") as scratch:
         source = model_dir
         if not (model_dir / "config.json").is_file():  # LoRA adapters alone (peft.merge_on_export=false)
             print(f"merging the LoRA adapters of {model_dir} onto their base", file=sys.stderr)
             source = merged_copy(model_dir, Path(scratch) / "model")
         facts = write_gguf_file(source, out, tensor_type, model_name(model_dir))
     return gguf_line(out, facts)
+
+
+def scratch_beside(out: Path, prefix: str):
+    """A temporary directory next to ``out`` (a merge or an export written there is renamed over
+    nothing: the same disk); one that cannot be made is a UserError naming --out."""
+    from llmexp.errors import UserError
+
+    try:
+        return tempfile.TemporaryDirectory(dir=out.parent, prefix=prefix)
+    except OSError as e:
+        raise UserError(f"--out: cannot write {str(out)!r}: {e.strerror or e}; give a writable --out") from None
 
 
 def gguf_line(out: Path, facts: dict) -> str:
@@ -86,7 +97,7 @@ def checkpoint_as(fmt: str, run: str, which: str, given_out: Optional[str], tens
     if not given_out:
         default_out(record, step, "gguf").parent.mkdir(parents=True, exist_ok=True)
     out = output_file(given_out or str(default_out(record, step, "gguf")), record.model)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".checkpoint-") as scratch:
+    with scratch_beside(out, ".checkpoint-") as scratch:
         source = Path(scratch) / "model"
         export_checkpoint(record, ckpt, source)
         if not (source / "config.json").is_file():  # LoRA adapters alone: a GGUF file holds a whole model

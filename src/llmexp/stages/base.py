@@ -257,10 +257,16 @@ class StageModule(L.LightningModule):
         """What ``llmexp export --checkpoint`` needs besides the weights: the trained model's config
         (as trained: a pruned model's sizes are not the config's) and generation config, and the
         last validation's metrics with its step (a reward model's score scale is measured there)."""
-        model = self.model
-        generation = getattr(model, "generation_config", None)
-        return {"model_config": model.config.to_json_string(use_diff=False),
-                "generation_config": generation.to_json_string(use_diff=False) if generation is not None else None,
+        import json
+
+        from llmexp.secrets import redact
+
+        def written(config) -> str:  # as export writes it: a secret in model.extra stays out
+            return json.dumps(redact(json.loads(config.to_json_string(use_diff=False))))
+
+        generation = getattr(self.model, "generation_config", None)
+        return {"model_config": written(self.model.config),
+                "generation_config": written(generation) if generation is not None else None,
                 "val_metrics": {k: float(v) for k, v in self.last_val_metrics.items()},
                 "val_step": self.last_val_at[1] if self.last_val_at[0] in ("fit", "validate") else None}
 
