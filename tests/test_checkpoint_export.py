@@ -56,6 +56,21 @@ def test_a_checkpoint_exports_as_a_model_that_generates(kept_three, tmp_path):
     assert (tmp_path / "last" / "model.safetensors").read_bytes() == (kept_three / "model" / "model.safetensors").read_bytes()
 
 
+def test_an_export_is_its_runs_model_to_generate_serve_and_gguf(kept_three, tmp_path):
+    """A checkpoint's export in <run>/exports/ answers at its run's length and is named after it
+    with its step (generate, serve, GGUF); a model elsewhere has no run."""
+    from llmexp.export_gguf import model_name
+    from llmexp.generate import run_answer_limit
+    from llmexp.record import RunDir, run_of_model
+
+    export_dir = kept_three / "exports" / "step-10"
+    export_dir.mkdir(parents=True, exist_ok=True)
+    assert run_of_model(export_dir) == run_of_model(kept_three / "model") == RunDir(kept_three)
+    assert run_of_model(tmp_path / "exports" / "step-10") is None and run_of_model(kept_three) is None
+    assert run_answer_limit(export_dir) == run_answer_limit(kept_three / "model") == 24
+    assert (model_name(export_dir), model_name(kept_three / "model")) == ("sft-llama-step-10", "sft-llama")
+
+
 def test_a_checkpoint_exports_as_gguf(kept_three, tmp_path):
     from gguf import GGUFReader
 
@@ -65,6 +80,8 @@ def test_a_checkpoint_exports_as_gguf(kept_three, tmp_path):
     tensors = {t.name: t for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
     v = saved["model.model.layers.0.self_attn.v_proj.weight"]
     assert torch.equal(torch.from_numpy(tensors["blk.0.attn_v.weight"].data.copy()).reshape(v.shape), v)
+    name = GGUFReader(str(tmp_path / "m.gguf")).fields["general.name"]
+    assert bytes(name.parts[name.data[0]]).decode() == "sft-llama-step-10"
     assert not list(tmp_path.glob(".*"))  # no scratch directory or partial file left
 
 

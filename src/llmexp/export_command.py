@@ -102,7 +102,7 @@ def checkpoint_as(fmt: str, run: str, which: str, given_out: Optional[str], tens
         export_checkpoint(record, ckpt, source)
         if not (source / "config.json").is_file():  # LoRA adapters alone: a GGUF file holds a whole model
             source = merged_copy(source, Path(scratch) / "merged")
-        facts = write_gguf_file(source, out, tensor_type, f"{model_name(record.model)}-step-{step}")
+        facts = write_gguf_file(source, out, tensor_type, model_name(record.path / "exports" / f"step-{step}"))
     return gguf_line(out, facts)
 
 

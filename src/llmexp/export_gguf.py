@@ -29,10 +29,13 @@ TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def run_config(model_dir: Path) -> dict:
-    """The config.yaml of the run whose model/ ``model_dir`` is, or {}."""
+    """The config.yaml of the run whose model ``model_dir`` is (its model/ or an export), or {}."""
     import yaml
 
-    config = Path(model_dir).parent / "config.yaml" if Path(model_dir).name == "model" else None
+    from llmexp.record import run_of_model
+
+    run = run_of_model(model_dir)
+    config = run.config if run is not None else None
     try:
         loaded = yaml.safe_load(config.read_text()) if config is not None and config.is_file() else {}
     except (OSError, yaml.YAMLError):
@@ -241,8 +244,14 @@ def write_gguf(model_dir: Path, out: Path, tensor_type: str = "f32", embeddings:
 
 
 def model_name(model_dir: Path) -> str:
-    """What the model is called: its run's name, else its directory's."""
-    return str(run_config(model_dir).get("run_name") or model_dir.parent.name or model_dir.name)
+    """What the model is called: its run's name (with a checkpoint export's step: sft-llama-step-400),
+    else its directory's."""
+    from llmexp.record import run_of_model
+
+    run, name = run_of_model(model_dir), run_config(model_dir).get("run_name")
+    if name and run is not None and run.model != Path(model_dir):
+        return f"{name}-{Path(model_dir).name}"
+    return str(name or model_dir.parent.name or model_dir.name)
 
 
 def merged_copy(adapter_dir: Path, into: Path) -> Path:

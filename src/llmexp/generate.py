@@ -53,11 +53,14 @@ def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, tem
 
 
 def run_answer_limit(model_dir: Path) -> Optional[int]:
-    """The task.max_new_tokens of the run whose model/ ``model_dir`` is (its recorded answers' and
+    """The task.max_new_tokens of the run whose model ``model_dir`` is (its recorded answers' and
     serve's length: generate's own 32 cut a served answer's match short, or went on past it), or None."""
     import yaml
 
-    config = Path(model_dir).parent / "config.yaml" if Path(model_dir).name == "model" else None
+    from llmexp.record import run_of_model
+
+    run = run_of_model(model_dir)
+    config = run.config if run is not None else None
     try:
         raw = yaml.safe_load(config.read_text()) if config is not None and config.is_file() else None
     except (OSError, yaml.YAMLError):

@@ -172,7 +172,10 @@ def _compressed_on_other_data(run: S.RunConfig, given: Sequence[str]) -> List[Pr
     if not source:
         return []
     path = Path(os.path.expanduser(source))
-    config = (path.parent if path.name == "model" else path) / "config.yaml"
+    from llmexp.record import run_of_model
+
+    made_by = run_of_model(path)
+    config = made_by.config if made_by is not None else path / "config.yaml"
     try:
         cfg = yaml.safe_load(config.read_text()) if config.is_file() else None
     except (OSError, yaml.YAMLError):
@@ -963,8 +966,11 @@ def _check_model_source(key: str, source: str, offline: bool) -> List[Problem]:
 
 
 def _made_by(model_dir: Path, group: str, key: str):
-    """``<group>.<key>`` in the config.yaml of the run whose model/ ``model_dir`` is, else None."""
-    run_config = model_dir.parent / "config.yaml" if model_dir.name == "model" else model_dir / "config.yaml"
+    """``<group>.<key>`` in the config.yaml of the run whose model ``model_dir`` is, else None."""
+    from llmexp.record import run_of_model
+
+    run = run_of_model(model_dir)
+    run_config = run.config if run is not None else model_dir / "config.yaml"
     if not run_config.is_file():
         return None
     import yaml

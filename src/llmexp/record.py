@@ -138,6 +138,15 @@ def checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
+def run_of_model(model_dir: Path) -> Optional[RunDir]:
+    """The run a model directory belongs to: ``<run>/model``, or a checkpoint's export
+    ``<run>/exports/step-N`` (its task settings, answer length and name are the run's); else None."""
+    model_dir = Path(model_dir)
+    parent = model_dir.parent
+    run = parent if model_dir.name == "model" else parent.parent if parent.name == "exports" else None
+    return RunDir(run) if run is not None and RunDir(run).config.is_file() else None
+
+
 def model_dir_of(target: str, key: str = "run") -> Path:
     """The exported language model of ``target``: a run directory (its model/), ``run=<dir>``,
     ``model=<dir>`` or a model directory itself. A reward model or a directory without

@@ -248,18 +248,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     configure_environment(offline=True)
     try:
-        from llmexp.record import RunDir, model_dir_of
+        from llmexp.record import RunDir, model_dir_of, run_of_model
         from llmexp.serving.api import ServedModel
 
         model_dir = model_dir_of(args.target)
-        target = Path(args.target)
-        if model_dir.name == "model" and RunDir(model_dir.parent).config.is_file():
-            target = model_dir.parent  # <run>/model is served as its run: its name, prompts and feedback/
+        target, run = Path(args.target), run_of_model(model_dir)
+        if run is not None and run.model == model_dir:
+            target = run.path  # <run>/model is served as its run: its name, prompts and feedback/
         from llmexp.models.tokenizer import holds_no_tokenizer, no_tokenizer_error
 
         if holds_no_tokenizer(model_dir):  # found by the inference worker: two tracebacks, after the banner
             raise no_tokenizer_error(model_dir, "run")
-        defaults = run_defaults(target)
+        defaults = run_defaults(target if run is None else run.path)  # a checkpoint's export: its run's settings
+        if run is not None and run.model != model_dir and defaults["run_name"]:
+            defaults["run_name"] = f"{defaults['run_name']}-{model_dir.name}"  # e.g. sft-llama-step-400
         if defaults["stage"] == "pretrain":  # it continues text; the chat API wrapped it in role headers
             raise UserError(f"{args.target}: a stage=pretrain run's model continues text, and llmexp serve asks "
                             f"through the chat template (its answers were not generate's); continue text with "
