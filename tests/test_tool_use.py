@@ -3,6 +3,8 @@ tools (the functions it may call) and its calls' arguments."""
 
 from __future__ import annotations
 
+import pytest
+
 # Qwen2.5's way of writing a call (its template, cut to the tool-call part): arguments | tojson;
 # and of giving the tools: their schemas in a system turn before the conversation
 TOJSON = (
@@ -128,3 +130,62 @@ def test_preference_and_kto_rows_give_their_tools_to_the_template_too():
     with pytest.raises(UserError, match=r"row 1: gives tools, which go to the chat template, and its prompt is plain text"):
         check_rows(Dataset.from_list([{**pair, "prompt": "Weather in Paris?", "chosen": "Sunny.", "rejected": "Rain."}]),
                    "preference", "'pairs.jsonl'")
+
+
+CHATML_TOOLS = (  # Qwen2.5's shape: tools in the system turn, calls as <tool_call> JSON, <|im_end|> ends a turn
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{% for c in m.tool_calls or [] %}"
+    "<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_response_template_that_finds_a_models_calls():
+    """The tokenizer's own, else transformers' for the family where the chat template is that
+    family's (a qwen2 model with Qwen's ChatML), else Hermes' for a template writing <tool_call>;
+    none for a template that writes no calls (llmexp's)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.serving.tool_calls import response_template
+
+    assert response_template(load_tokenizer(None, None), LlamaConfig()) is None
+    hermes = response_template(_tokenizer(TOJSON), LlamaConfig())
+    assert hermes["start_anchor"] == "<|assistant|>\n" and hermes["fields"]["tool_calls"]["open_pattern"] == r"\s*<tool_call>"
+    assert response_template(_tokenizer(TOJSON), Qwen2Config()) == hermes  # Qwen's anchor is not this template's
+    qwen = response_template(_tokenizer(CHATML_TOOLS), Qwen2Config())
+    assert qwen["start_anchor"] == "<|im_start|>assistant\n" and "reasoning_content" in qwen["fields"]  # transformers'
+    assert response_template(_tokenizer(CHATML_TOOLS), LlamaConfig())["start_anchor"] == "<|im_start|>assistant\n"
+    own = _tokenizer(TOJSON)
+    own.response_template = {**hermes, "defaults": {"role": "assistant", "mine": True}}
+    assert response_template(own, LlamaConfig())["defaults"]["mine"]
+
+
+@pytest.mark.parametrize("answer,content,calls", [
+    ('Let me see.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>', "Let me see.",
+     [("get_weather", {"city": "Paris"})]),
+    ('<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n<tool_call>{"name": "b", "arguments": {}}</tool_call>',
+     "", [("a", {"x": 1}), ("b", {})]),
+    ("Sunny.", "Sunny.", None),
+    # cut off at max_tokens, or JSON that is no call: the text as the model wrote it
+    ('<tool_call>{"name": "get_weather", "arguments": {"ci', '<tool_call>{"name": "get_weather", "arguments": {"ci', None),
+    ('<tool_call>{"x": 1}</tool_call>', '<tool_call>{"x": 1}</tool_call>', None),
+])
+def test_an_answers_calls_are_parsed_into_openais_form(answer, content, calls):
+    import json
+
+    from transformers import LlamaConfig
+
+    from llmexp.serving.tool_calls import parsed_answer, response_template
+
+    tok = _tokenizer(CHATML_TOOLS)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Weather?"}], tools=WEATHER, add_generation_prompt=True,
+                                     tokenize=True, return_dict=True)["input_ids"]
+    ids = tok(answer + tok.eos_token, add_special_tokens=False).input_ids
+    got_content, got_calls = parsed_answer(tok, response_template(tok, LlamaConfig()), ids, prompt, WEATHER)
+    assert got_content == content
+    if calls is None:
+        assert got_calls is None
+    else:
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == calls
+        assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got_calls)
+        assert len({c["id"] for c in got_calls}) == len(calls)

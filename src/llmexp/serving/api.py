@@ -208,6 +208,8 @@ class CheckedOpenAISpec(OpenAISpec):
             request, [noting_finish_reason(g, reasons, i) for i, g in enumerate(generator_list)])
         for choice in response.choices:
             choice.finish_reason = reasons.get(choice.index, "stop")
+            if choice.message.tool_calls and not choice.message.content:
+                choice.message.content = None  # OpenAI's: an answer of calls alone has no content
         if response.usage is not None and len(response.choices) > 1:  # LitServe adds each choice's prompt
             response.usage.prompt_tokens //= len(response.choices)
             response.usage.total_tokens = response.usage.prompt_tokens + response.usage.completion_tokens
@@ -227,6 +229,8 @@ class CheckedOpenAISpec(OpenAISpec):
             for choice in chunk.get("choices", []):
                 if choice.get("finish_reason") is not None:
                     choice["finish_reason"] = reasons.get(choice["index"], choice["finish_reason"])
+                for n, call in enumerate((choice.get("delta") or {}).get("tool_calls") or []):
+                    call["index"] = n  # OpenAI's streamed calls are numbered (clients merge deltas by index)
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
@@ -259,6 +263,9 @@ class ChatAPI(ls.LitAPI):
 
         self.model, self.tokenizer = load_language_model(Path(self.served.model_dir))
         self.model.to(device)
+        from llmexp.serving.tool_calls import response_template
+
+        self.calls_template = response_template(self.tokenizer, self.model.config)
 
     def authorize(self, request: Request) -> None:
         """``Authorization: Bearer <key>`` (the OpenAI clients) or ``X-API-Key`` when the server has a key;
@@ -280,7 +287,7 @@ class ChatAPI(ls.LitAPI):
     def predict(self, requests, context=None):
         from llmexp.serving.engine import stream_answers
 
-        yield from stream_answers(self.model, self.tokenizer, list(requests))
+        yield from stream_answers(self.model, self.tokenizer, list(requests), self.calls_template)
 
     def unbatch(self, output, context=None):
         yield from output

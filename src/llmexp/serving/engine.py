@@ -79,10 +79,14 @@ def _visible(tokenizer, answer: _Answer) -> str:
     return text[:-1] if text.endswith("\ufffd") and not answer.done else text
 
 
-def stream_answers(model, tokenizer, requests: List[GenerationRequest]) -> Iterator[List[Dict[str, object]]]:
+def stream_answers(model, tokenizer, requests: List[GenerationRequest],
+                   calls_template: Optional[Dict[str, Any]] = None) -> Iterator[List[Dict[str, object]]]:
     """Steps of ``{"content": new text}`` per request; the last step also carries each request's
     ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and ``finish_reason`` (``"stop"``
-    at a stop token, ``"length"`` when cut off at max_tokens)."""
+    at a stop token, ``"length"`` when cut off at max_tokens). With ``calls_template`` (the model's
+    response template, llmexp.serving.tool_calls), a request given tools gets its answer whole in
+    the last step, its function calls parsed out of the text (``tool_calls``, finish_reason
+    ``"tool_calls"``): a call's text cannot be streamed as content before it is known to be one."""
     tokenizer.padding_side = "left"
     prompts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False,
                                              **({"tools": r.tools} if r.tools else {})) for r in requests]
@@ -102,15 +106,24 @@ def stream_answers(model, tokenizer, requests: List[GenerationRequest]) -> Itera
             deltas = [""] * len(requests)
             for i, token in zip(rows, step):
                 deltas[i] = _advance(tokenizer, answers[i], token, stop_ids(model, tokenizer))
+                if calls_template is not None and requests[i].tools:
+                    deltas[i] = ""  # held back until the answer is parsed
             if any(deltas):
                 yield [{"content": d} for d in deltas]
             if all(answers[i].done for i in rows):
                 break
     last = []
-    for a in answers:
-        last.append({"content": "", "prompt_tokens": a.prompt_tokens, "completion_tokens": len(a.tokens),
-                     "total_tokens": a.prompt_tokens + len(a.tokens),
-                     "finish_reason": "stop" if a.stopped else "length"})
+    for a, r, prompt in zip(answers, requests, prompts):
+        end = {"content": "", "prompt_tokens": a.prompt_tokens, "completion_tokens": len(a.tokens),
+               "total_tokens": a.prompt_tokens + len(a.tokens), "finish_reason": "stop" if a.stopped else "length"}
+        if calls_template is not None and r.tools:
+            from llmexp.serving.tool_calls import parsed_answer
+
+            prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            end["content"], calls = parsed_answer(tokenizer, calls_template, a.tokens, prompt_ids, r.tools)
+            if calls:
+                end.update(tool_calls=calls, finish_reason="tool_calls")
+        last.append(end)
     yield last
 
 
