@@ -62,12 +62,13 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.asked = False
+        self.signum: Optional[int] = None  # the signal that asked (the run exits 128 + it, as a shell reports it)
         self._previous: Dict[int, Any] = {}
         self._says = True
 
     def install(self, says: bool = True) -> None:
         """``says``: whether this process prints that the request was heard (rank 0 alone)."""
-        self.asked, self._says = False, says
+        self.asked, self.signum, self._says = False, None, says
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in self.SIGNALS:
@@ -84,7 +85,7 @@ class StopRequest:
         for other, previous in self._previous.items():  # the next one of either stops the run as before
             if signal.getsignal(other) == self._on_signal:
                 signal.signal(other, previous)
-        self.asked = True
+        self.asked, self.signum = True, signum
         if self._says:
             again = " (Ctrl+C again stops now, from the last checkpoint)" if signum == signal.SIGINT else ""
             sys.stderr.write(f"llmexp: {self.SIGNALS.get(signum, signum)}: stopping when this step ends, with a "

@@ -184,7 +184,7 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
                 run_dir.rename(run_dir.with_name(f"{run_dir.name}.failed-{int(time.time())}"))
             print(f"[{i}/{len(spec.stages)}] {s.name}: llmexp {' '.join(overrides)}", flush=True)
             code = run_stage([sys.executable, "-m", "llmexp", *overrides, *resume, f"hydra.run.dir={run_dir}"])
-            if code in (INTERRUPTED, -2):  # -2: ended by SIGINT itself, before its handler ran
+            if code in (INTERRUPTED, TERMINATED, -2, -15):  # negative: ended by the signal itself, before its handler ran
                 raise PipelineInterrupted(s.name, root, run_dir)
             if code != 0:
                 raise PipelineStageFailed(s.name, code, run_dir)
@@ -235,6 +235,7 @@ def check_kept(name: str, record: RunDir, overrides: List[str]) -> None:
 
 
 INTERRUPTED = 130  # a run stopped by Ctrl+C exits with it (llmexp.run.Interrupted), as a shell reports it
+TERMINATED = 143  # ... and one stopped by SIGTERM
 
 
 def run_stage(command: List[str]) -> int:

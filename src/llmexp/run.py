@@ -117,7 +117,7 @@ def train_and_record(typed, run_dir: Path, callbacks: Sequence[Any], started: fl
             # message off with a traceback: the run is stopping already.
             with sigint_ignored():
                 message = interrupted_message(run_dir, trainer.global_step)
-            raise Interrupted(message) from None
+            raise Interrupted(message, stopping_signal(trainer)) from None
         raise
     stopped = next((w for w in watchers if getattr(w, "stopped", None) is not None), None)
     # A health stop saves no checkpoint of the collapsed step: the run exports its best validation and ends.
@@ -287,9 +287,23 @@ def sigint_ignored() -> Iterator[None]:
 
 
 class Interrupted(UserError):
-    """The run was stopped with Ctrl+C (SIGINT): exit code 130, as a shell reports it."""
+    """The run was stopped with Ctrl+C (SIGINT): exit code 130, as a shell reports it; by SIGTERM
+    (a timeout, Slurm's preemption, ``docker stop``): 143, as a process that SIGTERM ended."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+def stopping_signal(trainer) -> int:
+    """The signal that asked the run to stop (training's StopRequest heard it), else SIGINT: a
+    Ctrl+C before training, or the second one, which Lightning's own handling stopped."""
+    from llmexp.checkpointing import RunCheckpoint
+
+    heard = next((c.stop_request.signum for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
+    return heard or signal.SIGINT
 
 
 class StoppedInTraining(UserError):
