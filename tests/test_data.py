@@ -305,7 +305,9 @@ def test_a_models_own_template_ending_answers_with_another_token_than_eos_learns
     assert s["final"]["val/task_score"] >= 0.9, s["final"]
     exported = AutoTokenizer.from_pretrained(run / "model")
     assert exported.eos_token == "<end_of_turn>"
-    assert GenerationConfig.from_pretrained(run / "model").eos_token_id == exported.convert_tokens_to_ids("<end_of_turn>")
+    # generation stops at the turn end, and at the eos the base model's generation config named (as Gemma's own do)
+    assert GenerationConfig.from_pretrained(run / "model").eos_token_id == \
+        [exported.convert_tokens_to_ids("<end_of_turn>"), exported.convert_tokens_to_ids("<|end|>")]
     # the same tokenizer given by model.tokenizer to a model built from its config (it got no fix)
     r = run_cli(["logger=none", "trainer.progress_bar=false", f"model.tokenizer={tmp_path / 'base'}",
                  "trainer.max_steps=5", "trainer.val_check_interval=5", f"hydra.run.dir={tmp_path / 'built'}"],

@@ -189,3 +189,30 @@ def test_an_answers_calls_are_parsed_into_openais_form(answer, content, calls):
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == calls
         assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got_calls)
         assert len({c["id"] for c in got_calls}) == len(calls)
+
+
+def test_a_pretrained_models_other_stop_tokens_are_kept(tmp_path):
+    """Llama 3.1's generation config stops at <|eot_id|>, <|eom_id|> (after a tool call) and
+    <|end_of_text|>; a run kept only the tokenizer's eos, so a served model ran on past a tool call
+    to max_tokens. The tokenizer's eos comes first, the model's others are kept, and serve stops
+    at each."""
+    from transformers import GenerationConfig
+
+    from llmexp.models.build import build_model, stop_tokens
+    from llmexp.serving.engine import stop_ids
+    from llmexp.testing import typed
+
+    tok = _tokenizer(TOJSON)
+    tok.add_tokens(["<|eom|>"], special_tokens=True)
+    eom = tok.convert_tokens_to_ids("<|eom|>")
+    base = build_model(typed([]).model, tok)
+    base.generation_config.eos_token_id = [tok.eos_token_id, eom]
+    base.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    model = build_model(typed([f"model.pretrained={tmp_path / 'base'}"]).model, tok)
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, eom]
+    assert stop_ids(model, tok) == {tok.eos_token_id, eom}
+    model.save_pretrained(str(tmp_path / "out"))
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [tok.eos_token_id, eom]
+    assert stop_tokens([7, 2], 2) == [2, 7] and stop_tokens(2, 2) == 2 and stop_tokens(None, 5) == 5
+    assert stop_tokens(None, None) is None

@@ -155,7 +155,7 @@ def build_model(cfg: ModelConfig, tokenizer, quantization_config=None, head: str
     model.train()  # from_pretrained returns eval mode; a trained model's dropout must be on
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.eos_token_id = stop_tokens(model.generation_config.eos_token_id, tokenizer.eos_token_id)
     if cfg.liger_kernel:
         apply_liger(model)
     if cfg.gradient_checkpointing:
@@ -164,6 +164,15 @@ def build_model(cfg: ModelConfig, tokenizer, quantization_config=None, head: str
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def stop_tokens(own, eos: Optional[int]):
+    """The tokens generation stops at: the tokenizer's eos (the turn end a run may have adopted)
+    first, then the others a pretrained model's generation config names (Llama 3.1's <|eom_id|>
+    after a tool call, Gemma's <end_of_turn> beside <eos>): one id where that is all."""
+    own = [own] if isinstance(own, int) else list(own or [])
+    ids = list(dict.fromkeys([*([eos] if eos is not None else []), *own]))
+    return ids[0] if len(ids) == 1 else ids or None
 
 
 def apply_liger(model) -> None:
