@@ -120,3 +120,14 @@ def test_a_reward_model_checkpoint_keeps_the_score_scale_of_its_step_when_valida
     exported = json.loads((run_dir / "exports" / "step-10" / "config.json").read_text())
     final = json.loads((run_dir / "model" / "config.json").read_text())
     assert exported["llmexp_score_scale"] == final["llmexp_score_scale"] > 0 and exported == final
+
+
+def test_a_checkpoint_removed_while_it_is_read_is_said_so(tmp_path):
+    """A run still training removes its older checkpoints (trainer.keep_checkpoints) as it writes
+    new ones: one found and then gone is a UserError naming it, not a FileNotFoundError traceback."""
+    from llmexp.checkpoint_export import load_checkpoint, step_of
+    from llmexp.errors import UserError
+
+    for read in (step_of, load_checkpoint):
+        with pytest.raises(UserError, match="was removed while it was read .* give a newer one"):
+            read(tmp_path / "step-5.ckpt")

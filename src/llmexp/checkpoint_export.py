@@ -72,10 +72,15 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
                             f"zero_to_fp32.py in it writes a single file; the run's model/ is exported when it ends")
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
-        checkpoint = _load_distributed_checkpoint(path)
+        try:
+            checkpoint = _load_distributed_checkpoint(path)
+        except FileNotFoundError:
+            raise gone(path) from None
         return {**checkpoint, "state_dict": checkpoint.get("state_dict") or checkpoint.get("model") or {}}
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise gone(path) from None
     except Exception as e:  # noqa: BLE001 - torch raises several types for a damaged file
         detail = (str(e).splitlines() or [""])[0][:200]
         raise UserError(f"--checkpoint: {path} cannot be read ({type(e).__name__}: {detail}); it is damaged or "
@@ -184,11 +189,20 @@ def default_out(record: RunDir, step: int, fmt: str) -> Path:
     return record.path / "exports" / (f"step-{step}" if fmt == "hf" else f"step-{step}.gguf")
 
 
+def gone(path: Path) -> UserError:
+    """A checkpoint removed after it was found: the run, still training, wrote a newer one and kept
+    trainer.keep_checkpoints of them."""
+    return UserError(f"--checkpoint: {path} was removed while it was read (the run, still training, keeps its "
+                     f"newest trainer.keep_checkpoints checkpoints): give a newer one")
+
+
 def step_of(ckpt: Path) -> int:
     from llmexp.record import checkpoint_step
 
     try:
         return checkpoint_step(ckpt)
+    except FileNotFoundError:
+        raise gone(ckpt) from None
     except Exception:  # noqa: BLE001 - said by load_checkpoint with the fix
         load_checkpoint(ckpt)
         raise
