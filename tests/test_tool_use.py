@@ -216,3 +216,25 @@ def test_a_pretrained_models_other_stop_tokens_are_kept(tmp_path):
     assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [tok.eos_token_id, eom]
     assert stop_tokens([7, 2], 2) == [2, 7] and stop_tokens(2, 2) == 2 and stop_tokens(None, 5) == 5
     assert stop_tokens(None, None) is None
+
+
+def test_an_answer_without_calls_streams_as_it_is_written_when_tools_are_given(tiny_teacher):
+    """A request with tools was answered whole at its end (its text held back in case it was a
+    call): a chat client that passes tools with every request lost streaming. The text outside calls
+    streams token by token, the same text as without the parser."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmexp.serving.engine import GenerationRequest, stream_answers
+    from llmexp.serving.tool_calls import response_template
+
+    tok = _tokenizer(CHATML_TOOLS)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_teacher)).eval()
+    asked = [GenerationRequest([{"role": "user", "content": "Weather?"}], max_new_tokens=12, tools=WEATHER)]
+    template = response_template(tok, model.config)
+    torch.manual_seed(0)
+    parsed = [step[0] for step in stream_answers(model, tok, asked, template)]
+    plain = [step[0] for step in stream_answers(model, tok, asked)]
+    assert len([s for s in parsed[:-1] if s["content"]]) > 3  # streamed, not one chunk at the end
+    assert "".join(s["content"] for s in parsed).strip() == "".join(s["content"] for s in plain).strip() != ""
+    assert "tool_calls" not in parsed[-1] and parsed[-1]["finish_reason"] == plain[-1]["finish_reason"]

@@ -84,9 +84,11 @@ def stream_answers(model, tokenizer, requests: List[GenerationRequest],
     """Steps of ``{"content": new text}`` per request; the last step also carries each request's
     ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and ``finish_reason`` (``"stop"``
     at a stop token, ``"length"`` when cut off at max_tokens). With ``calls_template`` (the model's
-    response template, llmexp.serving.tool_calls), a request given tools gets its answer whole in
-    the last step, its function calls parsed out of the text (``tool_calls``, finish_reason
-    ``"tool_calls"``): a call's text cannot be streamed as content before it is known to be one."""
+    response template, llmexp.serving.tool_calls), a request given tools gets its function calls
+    parsed out of its text: the text outside them streams as content, the calls come in the last
+    step (``tool_calls``, finish_reason ``"tool_calls"``)."""
+    from llmexp.serving.tool_calls import CallParser
+
     tokenizer.padding_side = "left"
     prompts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False,
                                              **({"tools": r.tools} if r.tools else {})) for r in requests]
@@ -94,6 +96,8 @@ def stream_answers(model, tokenizer, requests: List[GenerationRequest],
     for i, r in enumerate(requests):
         groups.setdefault(r.sampling_key(), []).append(i)
     answers: List[Optional[_Answer]] = [None] * len(requests)
+    parsers = [CallParser(tokenizer, calls_template, tokenizer(p, add_special_tokens=False).input_ids, r.tools)
+               if calls_template is not None and r.tools else None for p, r in zip(prompts, requests)]
     for (temperature, top_p), rows in groups.items():
         batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
         for i, length in zip(rows, batch["attention_mask"].sum(1).tolist()):
@@ -105,22 +109,20 @@ def stream_answers(model, tokenizer, requests: List[GenerationRequest],
         for step in _generate_steps(model, tokenizer, batch, limit, sampling):
             deltas = [""] * len(requests)
             for i, token in zip(rows, step):
+                kept = len(answers[i].tokens)
                 deltas[i] = _advance(tokenizer, answers[i], token, stop_ids(model, tokenizer))
-                if calls_template is not None and requests[i].tools:
-                    deltas[i] = ""  # held back until the answer is parsed
+                if parsers[i] is not None:  # the text outside calls, as the parser knows it
+                    deltas[i] = parsers[i].feed(token) if len(answers[i].tokens) > kept else ""
             if any(deltas):
                 yield [{"content": d} for d in deltas]
             if all(answers[i].done for i in rows):
                 break
     last = []
-    for a, r, prompt in zip(answers, requests, prompts):
+    for a, parser in zip(answers, parsers):
         end = {"content": "", "prompt_tokens": a.prompt_tokens, "completion_tokens": len(a.tokens),
                "total_tokens": a.prompt_tokens + len(a.tokens), "finish_reason": "stop" if a.stopped else "length"}
-        if calls_template is not None and r.tools:
-            from llmexp.serving.tool_calls import parsed_answer
-
-            prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-            end["content"], calls = parsed_answer(tokenizer, calls_template, a.tokens, prompt_ids, r.tools)
+        if parser is not None:
+            end["content"], calls = parser.finish()
             if calls:
                 end.update(tool_calls=calls, finish_reason="tool_calls")
         last.append(end)

@@ -60,19 +60,91 @@ def response_template(tokenizer, model_config) -> Optional[Dict[str, Any]]:
     return None
 
 
+class CallParser:
+    """One answer's function calls, parsed as it is generated (transformers' streaming
+    ResponseParser on its tokens): the text outside calls streams as content at once, a call is
+    known when its region closes. A call that does not parse (cut off at max_tokens, not JSON, no
+    function named) leaves the rest of the answer as the text the model wrote, as vLLM's parsers do."""
+
+    def __init__(self, tokenizer, template: Dict[str, Any], prompt_ids: Sequence[int], tools: List[Dict[str, Any]]):
+        from transformers.utils.chat_parsing.response_parser import ResponseParser
+
+        self.tokenizer, self.ids, self.sent, self.calls = tokenizer, [], "", []
+        self.failed, self.held = False, ""
+        # the parser reads special tokens as text (a delimiter may be one); content leaves them out, as
+        # a decode with skip_special_tokens does
+        self.specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        self.parser = ResponseParser(template, prefix=list(prompt_ids), tools=tools, tokenizer=tokenizer)
+
+    def feed(self, token: int) -> str:
+        """The content this generated token adds (calls are collected, not returned)."""
+        self.ids.append(token)
+        if self.failed:
+            return self._as_written()
+        try:
+            return self._content(self.parser.feed([token]))
+        except ValueError:
+            return self._give_up()
+
+    def finish(self) -> Tuple[str, Optional[List[Dict[str, Any]]]]:
+        """(the content not yet returned, the calls or None) once the answer has ended."""
+        if not self.failed:
+            try:
+                text = self._content(self.parser.finalize()[1], final=True)
+            except (ValueError, RuntimeError):  # ended inside a call
+                text = self._give_up()
+        else:
+            text = self._as_written()
+        return text, (self.calls or None)
+
+    def _content(self, events: List[Dict[str, Any]], final: bool = False) -> str:
+        text = ""
+        for event in events:
+            if event["type"] == "region_chunk" and event.get("field") == "content" and not event.get("dirty"):
+                text += event.get("text") or ""
+            elif event["type"] == "region_close" and event.get("field") == "tool_calls":
+                call = openai_call(event.get("value") or {})
+                if not call["function"]["name"]:  # JSON, but not a call
+                    text = self._without_specials(text, final=True)
+                    return text + self._give_up(sending=text)
+                self.calls.append(call)
+        text = self._without_specials(text, final)
+        self.sent += text
+        return text
+
+    def _without_specials(self, text: str, final: bool) -> str:
+        """``text`` (after what was held back) without special tokens; the end of it that may be the
+        start of one is held back until the next text says (or the answer ends)."""
+        text = self.held + text
+        for special in self.specials:
+            text = text.replace(special, "")
+        keep = 0 if final else max((n for s in self.specials for n in range(1, len(s)) if text.endswith(s[:n])),
+                                   default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep] if keep else text
+
+    def _give_up(self, sending: str = "") -> str:
+        self.failed, self.calls = True, []
+        self.sent += sending
+        return self._as_written()
+
+    def _as_written(self) -> str:
+        """The answer's text as written, past what was sent of it."""
+        import os
+
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        rest = text[len(os.path.commonprefix([text, self.sent])):]
+        self.sent += rest
+        return rest
+
+
 def parsed_answer(tokenizer, template: Dict[str, Any], answer_ids: Sequence[int], prompt_ids: Sequence[int],
                   tools: List[Dict[str, Any]]) -> Tuple[str, Optional[List[Dict[str, Any]]]]:
-    """(content, tool calls in OpenAI's form or None) of a generated answer. An answer whose call
-    does not parse (cut off at max_tokens, not JSON) is its text, as vLLM's parsers leave it."""
-    try:
-        parsed = tokenizer.parse_response(list(answer_ids), template, prefix=list(prompt_ids), tools=tools)
-    except ValueError:
-        return tokenizer.decode(answer_ids, skip_special_tokens=True).strip(), None
-    calls = [openai_call(c) for c in parsed.get("tool_calls") or []]
-    if any(not c["function"]["name"] for c in calls):  # JSON, but not a call
-        return tokenizer.decode(answer_ids, skip_special_tokens=True).strip(), None
-    content = (parsed.get("content") or "").strip()
-    return content, calls or None
+    """(content, tool calls in OpenAI's form or None) of a whole generated answer."""
+    parser = CallParser(tokenizer, template, prompt_ids, tools)
+    content = "".join(parser.feed(t) for t in answer_ids)
+    rest, calls = parser.finish()
+    return (content + rest).strip(), calls
 
 
 def openai_call(call: Dict[str, Any]) -> Dict[str, Any]:
