@@ -47,14 +47,22 @@ def anchored_here(template: Dict[str, Any], anchor: str) -> bool:
     return any(anchor.endswith(s) for s in starts)
 
 
+def family_template(tokenizer, model_config) -> Optional[Dict[str, Any]]:
+    """The tokenizer's own response template, else the one ``transformers serve`` uses for the model's
+    family (from its serving module; a transformers without it: the tokenizer's alone)."""
+    try:
+        from transformers.cli.serving.utils import get_response_template
+    except ImportError:
+        return getattr(tokenizer, "response_template", None)
+    return get_response_template(tokenizer, model_config)
+
+
 def response_template(tokenizer, model_config) -> Optional[Dict[str, Any]]:
     """The response template that finds this model's calls, or None (see the module's docstring)."""
-    from transformers.cli.serving.utils import get_response_template
-
     anchor = generation_prompt(tokenizer)
     if anchor is None:
         return None
-    for template in (get_response_template(tokenizer, model_config), hermes_template(tokenizer, anchor)):
+    for template in (family_template(tokenizer, model_config), hermes_template(tokenizer, anchor)):
         if template is not None and anchored_here(template, anchor):
             return template
     return None
