@@ -92,6 +92,9 @@ def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues(tmp_path):
     assert "stage 'dpo' failed" in bad.stderr and "pairs.jsonl" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert (root / "1-sft" / "summary.json").is_file() and not (root / "pipeline_summary.json").exists()
+    # as a stage killed in training before its first checkpoint leaves it (the tokenizer saved as
+    # training starts): nothing to resume, so it starts over (it was resumed, and refused)
+    (root / "2-dpo" / "checkpoints" / "tokenizer").mkdir(parents=True)
     good = pipeline(["dpo", *SHORT, "dpo:trainer.max_steps=5", "--dir", str(root)], tmp_path)
     assert good.returncode == 0, good.stderr[-3000:]
     assert "sft: finished before, kept" in good.stdout

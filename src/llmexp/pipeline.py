@@ -179,7 +179,8 @@ def run_pipeline(spec: PipelineSpec, root: Path, extra: List[str]) -> Dict[str, 
             check_kept(s.name, record, overrides)
             print(f"[{i}/{len(spec.stages)}] {s.name}: finished before, kept ({run_dir})", flush=True)
         else:
-            resume = ["resume=" + str(run_dir)] if record.checkpoints.is_dir() else []
+            # (checkpoints/ alone is no checkpoint: the run saves its tokenizer there as training starts)
+            resume = ["resume=" + str(run_dir)] if record.checkpoint_to_resume() is not None else []
             if run_dir.exists() and not resume:  # a stage that died before its first checkpoint
                 run_dir.rename(run_dir.with_name(f"{run_dir.name}.failed-{int(time.time())}"))
             print(f"[{i}/{len(spec.stages)}] {s.name}: llmexp {' '.join(overrides)}", flush=True)
