@@ -139,6 +139,14 @@ CHATML_TOOLS = (  # Qwen2.5's shape: tools in the system turn, calls as <tool_ca
     "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+LLAMA31_TOOLS = (  # Llama 3.1's shape: the tools in a system turn, an answer that calls is the call's JSON alone
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n{% for t in tools %}{{ t | tojson }}{% endfor %}"
+    "<|eot_id|>{% endif %}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}{\"name\": \"{{ c.function.name }}\", \"parameters\": "
+    "{{ c.function.arguments | tojson }}}{% endfor %}{% else %}{{ m.content }}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
 def test_the_response_template_that_finds_a_models_calls():
     """The tokenizer's own, else transformers' for the family where the chat template is that
     family's (a qwen2 model with Qwen's ChatML), else Hermes' for a template writing <tool_call>;
@@ -155,9 +163,24 @@ def test_the_response_template_that_finds_a_models_calls():
     qwen = response_template(_tokenizer(CHATML_TOOLS), Qwen2Config())
     assert qwen["start_anchor"] == "<|im_start|>assistant\n" and "reasoning_content" in qwen["fields"]  # transformers'
     assert response_template(_tokenizer(CHATML_TOOLS), LlamaConfig())["start_anchor"] == "<|im_start|>assistant\n"
+    llama = response_template(_tokenizer(LLAMA31_TOOLS), LlamaConfig())  # found by rendering a call
+    assert llama["start_anchor"] == "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert llama["fields"]["tool_calls"]["transform"]["function"]["arguments"] == "{content.parameters}"
     own = _tokenizer(TOJSON)
     own.response_template = {**hermes, "defaults": {"role": "assistant", "mine": True}}
     assert response_template(own, LlamaConfig())["defaults"]["mine"]
+
+
+@pytest.mark.parametrize("answer,content,calls", [
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', "", [("get_weather", {"city": "Paris"})]),
+    ('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 2}}', "",
+     [("a", {}), ("b", {"x": 2})]),
+    ("Paris is sunny.", "Paris is sunny.", None),
+    ('{"x": 1}', '{"x": 1}', None),  # an answer in JSON that names no function: the text as written
+    ('{"name": "get_weather", "parameters": {"ci', '{"name": "get_weather", "parameters": {"ci', None),
+])
+def test_llama_31_calls_are_parsed_into_openais_form(answer, content, calls):
+    _parsed_as(LLAMA31_TOOLS, answer, content, calls)
 
 
 @pytest.mark.parametrize("answer,content,calls", [
@@ -171,13 +194,17 @@ def test_the_response_template_that_finds_a_models_calls():
     ('<tool_call>{"x": 1}</tool_call>', '<tool_call>{"x": 1}</tool_call>', None),
 ])
 def test_an_answers_calls_are_parsed_into_openais_form(answer, content, calls):
+    _parsed_as(CHATML_TOOLS, answer, content, calls)
+
+
+def _parsed_as(template, answer, content, calls):
     import json
 
     from transformers import LlamaConfig
 
     from llmexp.serving.tool_calls import parsed_answer, response_template
 
-    tok = _tokenizer(CHATML_TOOLS)
+    tok = _tokenizer(template)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Weather?"}], tools=WEATHER, add_generation_prompt=True,
                                      tokenize=True, return_dict=True)["input_ids"]
     ids = tok(answer + tok.eos_token, add_special_tokens=False).input_ids

@@ -3,9 +3,10 @@
 
 The response template says where a call is in the model's text. It is the tokenizer's own
 (``response_template``, which newer releases ship), else transformers' for the model's family
-(Qwen2/2.5/3, Qwen3.5, Gemma 4, as ``transformers serve`` resolves it), else, for a chat template
-that writes calls as Hermes does (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``:
-Hermes, Qwen2.5 and the many fine-tunes of their templates), that format. A template is used only
+(Qwen2/2.5/3, Qwen3.5, Gemma 4, as ``transformers serve`` resolves it), else the format the chat
+template writes a call in (rendering one): Hermes' (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``:
+Hermes, Qwen2.5 and the many fine-tunes of their templates) or Llama 3.1's (the answer is
+``{"name": ..., "parameters": ...}``). A template is used only
 where its start anchor is the chat template's generation prompt (a qwen2 model trained with
 another template is not parsed as Qwen's). Without one, calls stay in ``content`` as written.
 """
@@ -30,14 +31,48 @@ def generation_prompt(tokenizer) -> Optional[str]:
     return asked[len(given):] if asked.startswith(given) and len(asked) > len(given) else None
 
 
-def hermes_template(tokenizer, anchor: str) -> Optional[Dict[str, Any]]:
-    """Hermes' format (a JSON object per call between <tool_call> tags), for a chat template that writes it."""
-    if "<tool_call>" not in (tokenizer.chat_template or "") or tokenizer.eos_token is None:
+_PROBE_CALL = {"type": "function", "function": {"name": "llmexp_probe", "arguments": {"a": 1}}}
+_PROBE_TOOL = {"type": "function", "function": {"name": "llmexp_probe", "parameters": {"type": "object"}}}
+
+
+def written_call(tokenizer) -> str:
+    """How the chat template writes an assistant's call: its text after the generation prompt of a
+    conversation whose answer is one call (llmexp_probe, {"a": 1}); "" where it cannot say."""
+    probe = [*_PROBE, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}]
+    try:
+        asked = tokenizer.apply_chat_template(_PROBE, tools=[_PROBE_TOOL], add_generation_prompt=True, tokenize=False)
+        answered = tokenizer.apply_chat_template(probe, tools=[_PROBE_TOOL], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a call writes none
+        return ""
+    return answered[len(asked):] if answered.startswith(asked) and "llmexp_probe" in answered[len(asked):] else ""
+
+
+def hermes_template(tokenizer, anchor: str, written: str) -> Optional[Dict[str, Any]]:
+    """Hermes' format (a JSON object per call between <tool_call> tags: Hermes, Qwen2.5 and their
+    fine-tunes), where the chat template writes calls so."""
+    if "<tool_call>" not in written or tokenizer.eos_token is None:
         return None
     return {"defaults": {"role": "assistant"}, "start_anchor": anchor,
             "fields": {"tool_calls": {"open_pattern": r"\s*<tool_call>", "close": "</tool_call>", "repeats": True,
                                       "content": "json", "transform": {"type": "function", "function": "{content}"}},
                        "content": {"close_pattern": r"\s*" + re.escape(tokenizer.eos_token), "content": "text"}}}
+
+
+def json_call_template(tokenizer, anchor: str, written: str) -> Optional[Dict[str, Any]]:
+    """Llama 3.1/3.2's format: the answer is the call, ``{"name": ..., "parameters": {...}}``
+    (after <|python_tag|> for its built-in tools; several separated by ";"), where the chat template
+    writes calls so; an answer that does not start with one is content."""
+    found = re.match(r'\s*(?:<\|python_tag\|>)?\{"name": "llmexp_probe", "(parameters|arguments)": ', written)
+    if found is None:
+        return None
+    return {"defaults": {"role": "assistant"}, "start_anchor": anchor,
+            "fields": {"tool_calls": {"open_pattern": r"(?:^|(?<=;))\s*(?:<\|python_tag\|>)?(?=\{)",
+                                      "close_pattern": r"\s*(?:;|$%s)" % "".join(
+                                          "|" + re.escape(t) for t in [tokenizer.eos_token] if t),
+                                      "repeats": True, "content": "json",
+                                      "transform": {"type": "function", "function": {
+                                          "name": "{content.name}", "arguments": "{content.%s}" % found.group(1)}}},
+                       "content": {"content": "text"}}}
 
 
 def anchored_here(template: Dict[str, Any], anchor: str) -> bool:
@@ -62,7 +97,9 @@ def response_template(tokenizer, model_config) -> Optional[Dict[str, Any]]:
     anchor = generation_prompt(tokenizer)
     if anchor is None:
         return None
-    for template in (family_template(tokenizer, model_config), hermes_template(tokenizer, anchor)):
+    written = written_call(tokenizer)
+    for template in (family_template(tokenizer, model_config), hermes_template(tokenizer, anchor, written),
+                     json_call_template(tokenizer, anchor, written)):
         if template is not None and anchored_here(template, anchor):
             return template
     return None
@@ -91,7 +128,7 @@ class CallParser:
             return self._as_written()
         try:
             return self._content(self.parser.feed([token]))
-        except ValueError:
+        except (ValueError, KeyError):  # not JSON, or JSON without the call's keys
             return self._give_up()
 
     def finish(self) -> Tuple[str, Optional[List[Dict[str, Any]]]]:
@@ -99,7 +136,7 @@ class CallParser:
         if not self.failed:
             try:
                 text = self._content(self.parser.finalize()[1], final=True)
-            except (ValueError, RuntimeError):  # ended inside a call
+            except (ValueError, KeyError, RuntimeError):  # ended inside a call
                 text = self._give_up()
         else:
             text = self._as_written()
