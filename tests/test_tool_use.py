@@ -147,6 +147,14 @@ LLAMA31_TOOLS = (  # Llama 3.1's shape: the tools in a system turn, an answer th
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
+MISTRAL_TOOLS = (  # Mistral v0.3's shape: no generation prompt (the answer follows [/INST]), calls as a JSON list
+    "{% for m in messages %}{% if m.role == 'user' %}{% if tools and loop.last %}[AVAILABLE_TOOLS] {{ tools | tojson }}"
+    "[/AVAILABLE_TOOLS]{% endif %}[INST] {{ m.content }} [/INST]{% elif m.tool_calls %}[TOOL_CALLS] ["
+    "{% for c in m.tool_calls %}{% if c.id | length != 9 %}{{ raise_exception('ids are 9 characters') }}{% endif %}"
+    "{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}, \"id\": "
+    "\"{{ c.id }}\"}{% endfor %}]{{ eos_token }}{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
 def test_the_response_template_that_finds_a_models_calls():
     """The tokenizer's own, else transformers' for the family where the chat template is that
     family's (a qwen2 model with Qwen's ChatML), else Hermes' for a template writing <tool_call>;
@@ -158,14 +166,17 @@ def test_the_response_template_that_finds_a_models_calls():
 
     assert response_template(load_tokenizer(None, None), LlamaConfig()) is None
     hermes = response_template(_tokenizer(TOJSON), LlamaConfig())
-    assert hermes["start_anchor"] == "<|assistant|>\n" and hermes["fields"]["tool_calls"]["open_pattern"] == r"\s*<tool_call>"
+    assert hermes["start_anchor"] == "<|end|><|assistant|>\n" and hermes["fields"]["tool_calls"]["open_pattern"] == r"\s*<tool_call>"
     assert response_template(_tokenizer(TOJSON), Qwen2Config()) == hermes  # Qwen's anchor is not this template's
     qwen = response_template(_tokenizer(CHATML_TOOLS), Qwen2Config())
     assert qwen["start_anchor"] == "<|im_start|>assistant\n" and "reasoning_content" in qwen["fields"]  # transformers'
-    assert response_template(_tokenizer(CHATML_TOOLS), LlamaConfig())["start_anchor"] == "<|im_start|>assistant\n"
+    assert response_template(_tokenizer(CHATML_TOOLS), LlamaConfig())["start_anchor"] == \
+        "<|im_end|>\n<|im_start|>assistant\n"
     llama = response_template(_tokenizer(LLAMA31_TOOLS), LlamaConfig())  # found by rendering a call
-    assert llama["start_anchor"] == "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert llama["start_anchor"] == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     assert llama["fields"]["tool_calls"]["transform"]["function"]["arguments"] == "{content.parameters}"
+    mistral = response_template(_tokenizer(MISTRAL_TOOLS), LlamaConfig())  # no generation prompt: after [/INST]
+    assert mistral["start_anchor"] == " [/INST]" and "TOOL_CALLS" in mistral["fields"]["tool_calls"]["open_pattern"]
     own = _tokenizer(TOJSON)
     own.response_template = {**hermes, "defaults": {"role": "assistant", "mine": True}}
     assert response_template(own, LlamaConfig())["defaults"]["mine"]
@@ -181,6 +192,16 @@ def test_the_response_template_that_finds_a_models_calls():
 ])
 def test_llama_31_calls_are_parsed_into_openais_form(answer, content, calls):
     _parsed_as(LLAMA31_TOOLS, answer, content, calls)
+
+
+@pytest.mark.parametrize("answer,content,calls", [
+    ('[TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}, "id": "abcdefghi"}, {"name": "b", "arguments": {}}]', "",
+     [("a", {"x": 1}), ("b", {})]),
+    ("Sunny.", "Sunny.", None),
+    ('[TOOL_CALLS] [{"x": 1}]', '[TOOL_CALLS] [{"x": 1}]', None),
+])
+def test_mistral_calls_are_parsed_into_openais_form(answer, content, calls):
+    _parsed_as(MISTRAL_TOOLS, answer, content, calls)
 
 
 @pytest.mark.parametrize("answer,content,calls", [

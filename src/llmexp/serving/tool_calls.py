@@ -5,8 +5,8 @@ The response template says where a call is in the model's text. It is the tokeni
 (``response_template``, which newer releases ship), else transformers' for the model's family
 (Qwen2/2.5/3, Qwen3.5, Gemma 4, as ``transformers serve`` resolves it), else the format the chat
 template writes a call in (rendering one): Hermes' (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``:
-Hermes, Qwen2.5 and the many fine-tunes of their templates) or Llama 3.1's (the answer is
-``{"name": ..., "parameters": ...}``). A template is used only
+Hermes, Qwen2.5 and the many fine-tunes of their templates), Llama 3.1's (the answer is
+``{"name": ..., "parameters": ...}``) or Mistral's (``[TOOL_CALLS] [{...}, ...]``). A template is used only
 where its start anchor is the chat template's generation prompt (a qwen2 model trained with
 another template is not parsed as Qwen's). Without one, calls stay in ``content`` as written.
 """
@@ -18,33 +18,38 @@ import re
 import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-_PROBE = [{"role": "user", "content": "x"}]
+_QUESTION = "llmexp probe question"
+_PROBE = [{"role": "user", "content": _QUESTION}]
 
 
 def generation_prompt(tokenizer) -> Optional[str]:
-    """What the chat template adds to ask for the assistant's answer (``<|im_start|>assistant\\n``)."""
+    """What the chat template writes between the user's message and the answer
+    (``<|im_end|>\\n<|im_start|>assistant\\n``; Mistral's `` [/INST]``, which has no generation prompt)."""
     try:
         asked = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=True, tokenize=False)
-        given = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=False, tokenize=False)
     except Exception:  # noqa: BLE001 - a template that cannot render the probe has no anchor
         return None
-    return asked[len(given):] if asked.startswith(given) and len(asked) > len(given) else None
+    after = asked.rsplit(_QUESTION, 1)[1] if _QUESTION in asked else ""
+    return after if after.strip() else None
 
 
-_PROBE_CALL = {"type": "function", "function": {"name": "llmexp_probe", "arguments": {"a": 1}}}
+# (an id of 9 letters and digits: Mistral's templates refuse others)
+_PROBE_CALL = {"id": "llmexp123", "type": "function", "function": {"name": "llmexp_probe", "arguments": {"a": 1}}}
 _PROBE_TOOL = {"type": "function", "function": {"name": "llmexp_probe", "parameters": {"type": "object"}}}
 
 
-def written_call(tokenizer) -> str:
-    """How the chat template writes an assistant's call: its text after the generation prompt of a
-    conversation whose answer is one call (llmexp_probe, {"a": 1}); "" where it cannot say."""
+def written_call(tokenizer, anchor: str) -> str:
+    """How the chat template writes an assistant's call: its text after the user's message and
+    ``anchor`` in a conversation whose answer is one call (llmexp_probe, {"a": 1}); "" where it cannot
+    say. (Only the text after the question is compared: Mistral's puts the tools before the last
+    user message, which the answer moves.)"""
     probe = [*_PROBE, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}]
     try:
-        asked = tokenizer.apply_chat_template(_PROBE, tools=[_PROBE_TOOL], add_generation_prompt=True, tokenize=False)
         answered = tokenizer.apply_chat_template(probe, tools=[_PROBE_TOOL], tokenize=False)
     except Exception:  # noqa: BLE001 - a template that cannot render a call writes none
         return ""
-    return answered[len(asked):] if answered.startswith(asked) and "llmexp_probe" in answered[len(asked):] else ""
+    after = answered.rsplit(_QUESTION, 1)[1] if _QUESTION in answered else ""
+    return after[len(anchor):] if after.startswith(anchor) and "llmexp_probe" in after else ""
 
 
 def hermes_template(tokenizer, anchor: str, written: str) -> Optional[Dict[str, Any]]:
@@ -75,6 +80,20 @@ def json_call_template(tokenizer, anchor: str, written: str) -> Optional[Dict[st
                        "content": {"content": "text"}}}
 
 
+def mistral_template(tokenizer, anchor: str, written: str) -> Optional[Dict[str, Any]]:
+    """Mistral's format: ``[TOOL_CALLS]`` and a JSON list of the calls, where the chat template
+    writes calls so."""
+    if not written.lstrip().startswith("[TOOL_CALLS]"):
+        return None
+    ends = "".join("|" + re.escape(t) for t in [tokenizer.eos_token] if t)
+    return {"defaults": {"role": "assistant"}, "start_anchor": anchor,
+            "fields": {"tool_calls": {"open_pattern": r"\s*\[TOOL_CALLS\]\s*", "close_pattern": r"\s*(?:$%s)" % ends,
+                                      "content": "json", "transform_each": True,
+                                      "transform": {"type": "function",
+                                                    "function": {"name": "{name}", "arguments": "{arguments}"}}},
+                       "content": {"content": "text"}}}
+
+
 def anchored_here(template: Dict[str, Any], anchor: str) -> bool:
     """Whether the response template's start anchor ends the chat template's generation prompt."""
     starts = template.get("start_anchor")
@@ -97,9 +116,9 @@ def response_template(tokenizer, model_config) -> Optional[Dict[str, Any]]:
     anchor = generation_prompt(tokenizer)
     if anchor is None:
         return None
-    written = written_call(tokenizer)
+    written = written_call(tokenizer, anchor)
     for template in (family_template(tokenizer, model_config), hermes_template(tokenizer, anchor, written),
-                     json_call_template(tokenizer, anchor, written)):
+                     json_call_template(tokenizer, anchor, written), mistral_template(tokenizer, anchor, written)):
         if template is not None and anchored_here(template, anchor):
             return template
     return None
@@ -148,11 +167,12 @@ class CallParser:
             if event["type"] == "region_chunk" and event.get("field") == "content" and not event.get("dirty"):
                 text += event.get("text") or ""
             elif event["type"] == "region_close" and event.get("field") == "tool_calls":
-                call = openai_call(event.get("value") or {})
-                if not call["function"]["name"]:  # JSON, but not a call
+                value = event.get("value") or {}
+                calls = [openai_call(c) for c in (value if isinstance(value, list) else [value])]  # Mistral's: a list
+                if not calls or not all(c["function"]["name"] for c in calls):  # JSON, but not a call
                     text = self._without_specials(text, final=True)
                     return text + self._give_up(sending=text)
-                self.calls.append(call)
+                self.calls.extend(calls)
         text = self._without_specials(text, final)
         self.sent += text
         return text
@@ -194,7 +214,7 @@ def parsed_answer(tokenizer, template: Dict[str, Any], answer_ids: Sequence[int]
 
 def openai_call(call: Dict[str, Any]) -> Dict[str, Any]:
     """``{"type": "function", "function": {"name", "arguments"}}`` with arguments as JSON text and an id."""
-    function = call.get("function") or {}
+    function = (call.get("function") or {}) if isinstance(call, dict) else {}
     arguments = function.get("arguments", {})
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": str(function.get("name", "")),
