@@ -95,6 +95,12 @@ def test_keep_best_with_lora_keeps_the_adapters_and_exports_them_merged(tmp_path
     for adapters, expected in ((kept, True), ({k[len("model."):]: v for k, v in last.items()}, False)):
         merged = base + adapters[f"{layer}lora_B.default.weight"] @ adapters[f"{layer}lora_A.default.weight"] * scale
         assert torch.allclose(merged, exported, atol=1e-6) is expected
+    # `llmexp export --checkpoint best` is that model too: the best adapters on the checkpoint's base, merged
+    from llmexp.export_command import main
+
+    assert main([str(run), "--checkpoint", "best", "--format", "hf", "--out", str(tmp_path / "best")]) == 0
+    a, b = load_file(tmp_path / "best" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_early_stopping_ends_the_run_when_the_monitor_stops_improving(tmp_path, capsys):
@@ -127,6 +133,12 @@ def test_a_killed_keep_best_run_resumes_to_the_same_best_model(tmp_path, checkpo
     assert saved["callbacks"]["BestValidation"]["step"] == 10
     assert saved["callbacks"]["BestValidation"]["early_stopping"]["best_score"] == pytest.approx(
         saved["callbacks"]["BestValidation"]["value"])
+    # the best so far of the killed run (no model/ yet) is the model the uninterrupted run exports
+    r = run_cli(["export", str(killed), "--checkpoint", "best", "--format", "hf"], cwd=tmp_path)
+    assert r.returncode == 0 and "(the best validation by val/loss, step 10 of" in r.stdout, r.stderr[-3000:]
+    a = load_file(killed / "exports" / "step-10" / "model.safetensors")
+    b = load_file(straight / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     r = train_in_subprocess([*overrides, f"resume={killed}"], killed)
     assert r.returncode == 0, r.stderr[-3000:]
     for run in (straight, killed):

@@ -89,6 +89,8 @@ def test_a_checkpoint_exports_as_gguf(kept_three, tmp_path):
     (["--checkpoint", "step-7", "--format", "hf"],
      "--checkpoint: RUN has no step-7.ckpt; it has step-10, step-15, step-20, last"),
     (["--checkpoint", "best-step-10", "--format", "hf"], "holds the best validation's trained weights alone"),
+    (["--checkpoint", "best", "--format", "hf"], "--checkpoint best: RUN keeps no best validation's weights "
+                                                 "(trainer.keep_best=true with trainer.monitor keeps them)"),
     (["--format", "hf"], "--format hf: a run's model/ is a Hugging Face model already; give --checkpoint step-N"),
     (["--checkpoint", "last", "--format", "hf", "--type", "q8_0"], "--type: sets how a GGUF file stores its weights"),
     (["--checkpoint", "last", "--format", "hf", "--out", "RUN/model"], "--out: 'RUN/model' exists and is kept"),

@@ -44,13 +44,38 @@ def checkpoint_file(record: RunDir, which: str) -> Path:
     path = record.checkpoints / name if re.fullmatch(r"(step-\d+|last)\.ckpt", name) else Path(which)
     if re.fullmatch(r"best-step-\d+(\.ckpt)?", Path(which).name):
         raise UserError(f"--checkpoint: {Path(which).name} holds the best validation's trained weights alone "
-                        f"(trainer.keep_best), which the run exports as its model/ when it ends; give a step "
-                        f"checkpoint ({available(record)})")
+                        f"(trainer.keep_best); --checkpoint best exports the best the run's newest checkpoint names")
     if not path.exists():
         raise UserError(f"--checkpoint: {record.path} has no {path.name}; "
                         f"{'it has ' + available(record) if available(record) else 'it wrote no checkpoint'}"
                         f" (trainer.keep_checkpoints=N keeps the newest N step checkpoints of a run)")
     return path
+
+
+def best_named_by(ckpt: Path) -> Optional[Dict[str, Any]]:
+    """The best validation (trainer.keep_best's: its step and metrics) that checkpoint ``ckpt`` names, or None."""
+    import torch
+
+    try:
+        saved = torch.load(ckpt / "meta.pt" if ckpt.is_dir() else ckpt, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise gone(ckpt) from None
+    state = (saved.get("callbacks") or {}).get("BestValidation") or {}
+    return state if state.get("step") is not None else None
+
+
+def best_checkpoint(record: RunDir) -> Tuple[Path, Dict[str, Any]]:
+    """--checkpoint best: the run's newest checkpoint and the best validation it names, whose
+    trained weights (checkpoints/best-step-N.ckpt) replace its own."""
+    from llmexp.best_model import best_file
+
+    newest = record.checkpoint_to_resume()
+    best = best_named_by(newest) if newest is not None else None
+    if best is None or not best_file(record.checkpoints, best["step"]).is_file():
+        raise UserError(f"--checkpoint best: {record.path} keeps no best validation's weights (trainer.keep_best=true "
+                        f"with trainer.monitor keeps them); give a step checkpoint"
+                        f"{' (' + available(record) + ')' if available(record) else ''}")
+    return newest, best
 
 
 def available(record: RunDir) -> str:
@@ -157,9 +182,14 @@ def trained_model(cfg, facts: Dict[str, Any], state_dict: Dict[str, Any]):
     return model.eval(), head
 
 
-def export_checkpoint(record: RunDir, ckpt: Path, out_dir: Path) -> Dict[str, Any]:
+def export_checkpoint(record: RunDir, ckpt: Path, out_dir: Path, best: Optional[Dict[str, Any]] = None
+                      ) -> Dict[str, Any]:
     """Write the model of checkpoint ``ckpt`` of the run ``record`` to ``out_dir`` (a new directory,
-    written whole or not at all); return what it is (step, validation metrics, reward scale)."""
+    written whole or not at all); return what it is (step, validation metrics, reward scale). With
+    ``best`` (best_checkpoint's), the best validation's trained weights replace the checkpoint's."""
+    import torch
+
+    from llmexp.best_model import best_file
     from llmexp.models.export import export_model
     from llmexp.stages.preference import keep_score_scale
 
@@ -168,8 +198,13 @@ def export_checkpoint(record: RunDir, ckpt: Path, out_dir: Path) -> Dict[str, An
     facts = checkpoint.get("llmexp") or {}
     refuse_what_cannot_be_exported(cfg, facts, ckpt)
     tokenizer = run_tokenizer(record)
-    model, head = trained_model(cfg, facts, checkpoint.get("state_dict") or {})
+    state = checkpoint.get("state_dict") or {}
     step = int(checkpoint.get("global_step", 0))
+    if best is not None:  # the trained parameters at the best validation; the frozen ones are the same
+        weights = torch.load(best_file(record.checkpoints, best["step"]), map_location="cpu", weights_only=True)
+        state = {**state, **{f"model.{k}": v for k, v in weights["weights"].items()}}
+        step, facts = int(best["step"]), {**facts, "val_step": int(best["step"]), "val_metrics": best.get("metrics")}
+    model, head = trained_model(cfg, facts, state)
     validated = facts.get("val_step") == step and step > 0
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -218,10 +253,14 @@ def described(facts: Dict[str, Any]) -> str:
     return f"; validated at its step: {shown}" if shown else ""
 
 
-def resolve(target: str, which: str) -> Tuple[RunDir, Path, int]:
+def resolve(target: str, which: str) -> Tuple[RunDir, Path, int, Optional[Dict[str, Any]]]:
+    """(the run, its checkpoint, the step exported, the best validation for --checkpoint best)."""
     record = run_directory(target)
+    if which == "best":
+        ckpt, best = best_checkpoint(record)
+        return record, ckpt, int(best["step"]), best
     ckpt = checkpoint_file(record, which)
-    return record, ckpt, step_of(ckpt)
+    return record, ckpt, step_of(ckpt), None
 
 
 def out_directory(given: Optional[str], record: RunDir, step: int, fmt: str) -> Path:

@@ -24,8 +24,9 @@ def parser() -> argparse.ArgumentParser:
                                "exported model directory")
     p.add_argument("--format", choices=["hf", "gguf"], required=True,
                    help="hf: a Hugging Face model directory (with --checkpoint); gguf: one file for llama.cpp")
-    p.add_argument("--checkpoint", help="a checkpoint of the run instead of its model/: step-N (or N), last, or a "
-                                        "checkpoint's path; the run need not have finished")
+    p.add_argument("--checkpoint", help="a checkpoint of the run instead of its model/: step-N (or N), last, best "
+                                        "(trainer.keep_best's best validation so far), or a checkpoint's path; the run "
+                                        "need not have finished")
     p.add_argument("--out", help="what to write (default: <run dir>/model.gguf; with --checkpoint "
                                  "<run dir>/exports/step-N/ or exports/step-N.gguf)")
     p.add_argument("--type", choices=TENSOR_TYPES, dest="tensor_type",
@@ -89,17 +90,18 @@ def checkpoint_as(fmt: str, run: str, which: str, given_out: Optional[str], tens
     from llmexp.checkpoint_export import default_out, described, export_checkpoint, out_directory, resolve
     from llmexp.export_gguf import merged_copy, model_name, output_file
 
-    record, ckpt, step = resolve(run, which)
+    record, ckpt, step, best = resolve(run, which)
     if fmt == "hf":
         out = out_directory(given_out, record, step, "hf")
-        facts = export_checkpoint(record, ckpt, out)
-        return f"wrote {out} (step {step} of {record.path}{described(facts)})"
+        facts = export_checkpoint(record, ckpt, out, best)
+        which = f"the best validation by {best.get('monitor')}, " if best else ""
+        return f"wrote {out} ({which}step {step} of {record.path}{described(facts)})"
     if not given_out:
         default_out(record, step, "gguf").parent.mkdir(parents=True, exist_ok=True)
     out = output_file(given_out or str(default_out(record, step, "gguf")), record.model)
     with scratch_beside(out, ".checkpoint-") as scratch:
         source = Path(scratch) / "model"
-        export_checkpoint(record, ckpt, source)
+        export_checkpoint(record, ckpt, source, best)
         if not (source / "config.json").is_file():  # LoRA adapters alone: a GGUF file holds a whole model
             source = merged_copy(source, Path(scratch) / "merged")
         facts = write_gguf_file(source, out, tensor_type, model_name(record.path / "exports" / f"step-{step}"))
