@@ -52,15 +52,25 @@ def written_call(tokenizer, anchor: str) -> str:
     return after[len(anchor):] if after.startswith(anchor) and "llmexp_probe" in after else ""
 
 
+def _template(anchor: str, calls: Dict[str, Any], content: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A response template: the answer after ``anchor``, its calls as ``calls`` finds them, the rest content."""
+    return {"defaults": {"role": "assistant"}, "start_anchor": anchor,
+            "fields": {"tool_calls": calls, "content": content or {"content": "text"}}}
+
+
+def _eos(tokenizer) -> str:
+    """The eos as one more alternative of a regex (a call closes there too)."""
+    return "|" + re.escape(tokenizer.eos_token) if tokenizer.eos_token else ""
+
+
 def hermes_template(tokenizer, anchor: str, written: str) -> Optional[Dict[str, Any]]:
     """Hermes' format (a JSON object per call between <tool_call> tags: Hermes, Qwen2.5 and their
     fine-tunes), where the chat template writes calls so."""
     if "<tool_call>" not in written or tokenizer.eos_token is None:
         return None
-    return {"defaults": {"role": "assistant"}, "start_anchor": anchor,
-            "fields": {"tool_calls": {"open_pattern": r"\s*<tool_call>", "close": "</tool_call>", "repeats": True,
-                                      "content": "json", "transform": {"type": "function", "function": "{content}"}},
-                       "content": {"close_pattern": r"\s*" + re.escape(tokenizer.eos_token), "content": "text"}}}
+    return _template(anchor, {"open_pattern": r"\s*<tool_call>", "close": "</tool_call>", "repeats": True,
+                              "content": "json", "transform": {"type": "function", "function": "{content}"}},
+                     {"close_pattern": r"\s*" + re.escape(tokenizer.eos_token), "content": "text"})
 
 
 def json_call_template(tokenizer, anchor: str, written: str) -> Optional[Dict[str, Any]]:
@@ -70,14 +80,10 @@ def json_call_template(tokenizer, anchor: str, written: str) -> Optional[Dict[st
     found = re.match(r'\s*(?:<\|python_tag\|>)?\{"name": "llmexp_probe", "(parameters|arguments)": ', written)
     if found is None:
         return None
-    return {"defaults": {"role": "assistant"}, "start_anchor": anchor,
-            "fields": {"tool_calls": {"open_pattern": r"(?:^|(?<=;))\s*(?:<\|python_tag\|>)?(?=\{)",
-                                      "close_pattern": r"\s*(?:;|$%s)" % "".join(
-                                          "|" + re.escape(t) for t in [tokenizer.eos_token] if t),
-                                      "repeats": True, "content": "json",
-                                      "transform": {"type": "function", "function": {
-                                          "name": "{content.name}", "arguments": "{content.%s}" % found.group(1)}}},
-                       "content": {"content": "text"}}}
+    return _template(anchor, {"open_pattern": r"(?:^|(?<=;))\s*(?:<\|python_tag\|>)?(?=\{)",
+                              "close_pattern": r"\s*(?:;|$%s)" % _eos(tokenizer), "repeats": True, "content": "json",
+                              "transform": {"type": "function", "function": {
+                                  "name": "{content.name}", "arguments": "{content.%s}" % found.group(1)}}})
 
 
 def mistral_template(tokenizer, anchor: str, written: str) -> Optional[Dict[str, Any]]:
@@ -85,13 +91,10 @@ def mistral_template(tokenizer, anchor: str, written: str) -> Optional[Dict[str,
     writes calls so."""
     if not written.lstrip().startswith("[TOOL_CALLS]"):
         return None
-    ends = "".join("|" + re.escape(t) for t in [tokenizer.eos_token] if t)
-    return {"defaults": {"role": "assistant"}, "start_anchor": anchor,
-            "fields": {"tool_calls": {"open_pattern": r"\s*\[TOOL_CALLS\]\s*", "close_pattern": r"\s*(?:$%s)" % ends,
-                                      "content": "json", "transform_each": True,
-                                      "transform": {"type": "function",
-                                                    "function": {"name": "{name}", "arguments": "{arguments}"}}},
-                       "content": {"content": "text"}}}
+    return _template(anchor, {"open_pattern": r"\s*\[TOOL_CALLS\]\s*", "close_pattern": r"\s*(?:$%s)" % _eos(tokenizer),
+                              "content": "json", "transform_each": True,
+                              "transform": {"type": "function",
+                                            "function": {"name": "{name}", "arguments": "{arguments}"}}})
 
 
 def anchored_here(template: Dict[str, Any], anchor: str) -> bool:
