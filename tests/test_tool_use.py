@@ -168,8 +168,8 @@ def test_the_response_template_that_finds_a_models_calls():
     hermes = response_template(_tokenizer(TOJSON), LlamaConfig())
     assert hermes["start_anchor"] == "<|end|><|assistant|>\n" and hermes["fields"]["tool_calls"]["open_pattern"] == r"\s*<tool_call>"
     assert response_template(_tokenizer(TOJSON), Qwen2Config()) == hermes  # Qwen's anchor is not this template's
-    qwen = response_template(_tokenizer(CHATML_TOOLS), Qwen2Config())
-    assert qwen["start_anchor"] == "<|im_start|>assistant\n" and "reasoning_content" in qwen["fields"]  # transformers'
+    qwen = response_template(_tokenizer(CHATML_TOOLS), Qwen2Config())  # transformers', its thinking kept as content
+    assert qwen["start_anchor"] == "<|im_start|>assistant\n" and set(qwen["fields"]) == {"tool_calls", "content"}
     assert response_template(_tokenizer(CHATML_TOOLS), LlamaConfig())["start_anchor"] == \
         "<|im_end|>\n<|im_start|>assistant\n"
     llama = response_template(_tokenizer(LLAMA31_TOOLS), LlamaConfig())  # found by rendering a call
@@ -218,18 +218,28 @@ def test_an_answers_calls_are_parsed_into_openais_form(answer, content, calls):
     _parsed_as(CHATML_TOOLS, answer, content, calls)
 
 
-def _parsed_as(template, answer, content, calls):
+def test_a_qwen_models_thinking_stays_in_content_as_without_tools():
+    """transformers' Qwen template parses <think>...</think> into reasoning_content, which the API's
+    response model drops: the thinking vanished from answers asked with tools."""
+    from transformers import Qwen2Config
+
+    _parsed_as(CHATML_TOOLS, '<think>rain?</think>Sunny.<tool_call>{"name": "a", "arguments": {}}</tool_call>',
+               "<think>rain?</think>Sunny.", [("a", {})], Qwen2Config())
+
+
+def _parsed_as(template, answer, content, calls, config=None):
     import json
 
     from transformers import LlamaConfig
 
     from llmexp.serving.tool_calls import parsed_answer, response_template
 
+    config = config or LlamaConfig()
     tok = _tokenizer(template)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Weather?"}], tools=WEATHER, add_generation_prompt=True,
                                      tokenize=True, return_dict=True)["input_ids"]
     ids = tok(answer + tok.eos_token, add_special_tokens=False).input_ids
-    got_content, got_calls = parsed_answer(tok, response_template(tok, LlamaConfig()), ids, prompt, WEATHER)
+    got_content, got_calls = parsed_answer(tok, response_template(tok, config), ids, prompt, WEATHER)
     assert got_content == content
     if calls is None:
         assert got_calls is None

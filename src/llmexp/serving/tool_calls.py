@@ -123,8 +123,15 @@ def response_template(tokenizer, model_config) -> Optional[Dict[str, Any]]:
     for template in (family_template(tokenizer, model_config), hermes_template(tokenizer, anchor, written),
                      json_call_template(tokenizer, anchor, written), mistral_template(tokenizer, anchor, written)):
         if template is not None and anchored_here(template, anchor):
-            return template
+            return thinking_as_written(template)
     return None
+
+
+def thinking_as_written(template: Dict[str, Any]) -> Dict[str, Any]:
+    """The template without its reasoning field: a model's <think>...</think> stays in content, as
+    it is served without tools (the API's response model has no reasoning_content to put it in)."""
+    fields = {k: v for k, v in template["fields"].items() if k not in ("reasoning_content", "thinking")}
+    return {**template, "fields": fields}
 
 
 class CallParser:
