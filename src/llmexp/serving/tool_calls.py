@@ -115,7 +115,12 @@ def family_template(tokenizer, model_config) -> Optional[Dict[str, Any]]:
 
 
 def response_template(tokenizer, model_config) -> Optional[Dict[str, Any]]:
-    """The response template that finds this model's calls, or None (see the module's docstring)."""
+    """The response template that finds this model's calls, or None (see the module's docstring;
+    None too with a transformers older than its response parser: calls then stay in content)."""
+    try:
+        from transformers.utils.chat_parsing.response_parser import ResponseParser  # noqa: F401
+    except ImportError:
+        return None
     anchor = generation_prompt(tokenizer)
     if anchor is None:
         return None
