@@ -1,5 +1,5 @@
 """A checkpoint of a run (finished or not) as a Hugging Face model directory, which generate, eval,
-serve, compare and a later stage's model.pretrained take as they take a run's model/:
+serve and a later stage's model.pretrained take as they take a run's model/:
 
     llmexp export runs/sft-llama/<time> --checkpoint step-400 --format hf
 
