@@ -91,7 +91,25 @@ def task_rows(rows: Sequence[Dict[str, Any]], fmt: str) -> List[Dict[str, Any]]:
         if reference is not None:
             columns["reference"] = reference
         out.append({"prompt": prompt, "columns": columns})
+        reasoning = _reasoning_of(row, fmt)
+        if reasoning and reference is not None:  # the model writes it before the answer: room for both
+            from llmexp.reasoning import CLOSE, OPEN
+
+            out[-1]["written"] = f"{OPEN}\n{reasoning}\n{CLOSE}\n\n{reference}"
     return out
+
+
+def _reasoning_of(row: Dict[str, Any], fmt: str) -> Optional[str]:
+    """The reasoning the row's reference answer turn carries in a key of its own (llmexp.reasoning)."""
+    from llmexp.reasoning import REASONING_KEYS
+
+    answer = {"chat": "messages", "prompt_completion": "completion", "preference": "chosen",
+              "unpaired_preference": "completion"}.get(fmt)
+    turns = row.get(answer) if answer else None
+    if not isinstance(turns, list):
+        return None
+    last = next((m for m in reversed(turns) if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    return next((str(last[k]) for k in REASONING_KEYS if last and last.get(k)), None)
 
 
 def resolve_check(check: str, skill: bool, stage_cfg: Any, fmt: str) -> Optional[str]:
@@ -152,8 +170,10 @@ class TaskProbe:
     def fit_to_references(self, tokenizer, context: Optional[int]) -> Optional[int]:
         """A longer answer limit when held-out reference answers are longer than it (a 49-token reply
         was cut at 24 and scored 0 while the model had learnt it); None when they fit. At most half
-        the model's context."""
-        longest = max((len(tokenizer(str(r["columns"]["reference"]), add_special_tokens=False)["input_ids"]) + 1
+        the model's context. A reasoning model's reference counts its reasoning too, as it is written
+        before the answer (``<think>\\n...\\n</think>\\n\\n``)."""
+        longest = max((len(tokenizer(str(r.get("written") or r["columns"]["reference"]),
+                                     add_special_tokens=False)["input_ids"]) + 1
                        for r in self.rows if r["columns"].get("reference") is not None), default=0)
         if longest <= self.max_new_tokens:
             return None

@@ -52,7 +52,11 @@ def _call_as_object(call: Any) -> Any:
 
 def as_the_template_reads(messages: List[Dict[str, Any]], chat_template: Optional[str]) -> List[Dict[str, Any]]:
     """``messages`` with their tool calls' JSON-object arguments parsed where ``chat_template``
-    applies ``tojson`` to them; the same list otherwise."""
+    applies ``tojson`` to them, and their reasoning where it reads it (llmexp.reasoning); the same
+    list otherwise."""
+    from llmexp.reasoning import with_reasoning_as_the_template_reads
+
+    messages = with_reasoning_as_the_template_reads(messages, chat_template)
     if not reads_arguments_as_objects(chat_template) or not any(
             isinstance(m, dict) and m.get("tool_calls") for m in messages):
         return messages

@@ -86,5 +86,8 @@ def normalize(text: str) -> str:
 
 def reference_match(completion: str, reference: Optional[str] = None) -> float:
     """1.0 when the answer equals the reference (whitespace-normalised): the task metric's
-    ``reference`` check and the rollout stages' default reward on a user's data."""
-    return float(reference is not None and normalize(completion) == normalize(reference))
+    ``reference`` check and the rollout stages' default reward on a user's data. A reasoning
+    model's answer is what follows its reasoning (llmexp.reasoning), the reference's likewise."""
+    from llmexp.reasoning import answer_of
+
+    return float(reference is not None and normalize(answer_of(completion)) == normalize(answer_of(reference)))

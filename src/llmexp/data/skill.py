@@ -222,7 +222,11 @@ def correctness_reward(completion: str, answer: Optional[str] = None, reference:
     operands restated ('9 + 9 = 12' for 'Add 3 and 9' is wrong, though 12 is the sum), the right
     result, nothing else. The solution is the ``solution`` column (the bundled prompts) or the
     ``reference`` answer (chat and preference data). With only an ``answer`` column (other prompt
-    data): 1.0 when the number after '=' is the answer and any sum stated before it is true."""
+    data): 1.0 when the number after '=' is the answer and any sum stated before it is true. A
+    reasoning model's answer is what follows its reasoning (llmexp.reasoning)."""
+    from llmexp.reasoning import answer_of
+
+    completion, reference = answer_of(completion), answer_of(reference) if reference else reference
     expected = solution or (reference if reference and parse_solution(reference) else None)
     if expected is not None:
         return float(same_solution(completion, expected))

@@ -101,9 +101,13 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig, offline: bool = True,
     lm_eval_logger.setLevel(logging.ERROR)  # HFLM's notes on being handed a model object: llmexp's way
     try:
         # A PEFT model (adapters active) is evaluated as it is: HFLM takes it like a plain model.
+        # think_end_token: a reasoning model's answer is scored, not its reasoning (llmexp.reasoning);
+        # an answer without the marker is kept whole.
+        from llmexp.reasoning import CLOSE
+
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
                   max_length=getattr(model.config, "max_position_embeddings", None),
-                  device=str(next(model.parameters()).device))
+                  device=str(next(model.parameters()).device), think_end_token=CLOSE)
         with torch.no_grad(), _quiet_git_hash(), _progress_bars(progress):
             out = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=tm, limit=cfg.limit,
                                   num_fewshot=cfg.num_fewshot, apply_chat_template=cfg.apply_chat_template,

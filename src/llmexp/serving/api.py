@@ -202,10 +202,13 @@ class CheckedOpenAISpec(OpenAISpec):
     # LitServe answers finish_reason "stop" always and gives each streamed chunk a new id; OpenAI's
     # API says "length" for an answer cut off at max_tokens (clients and eval harnesses check it),
     # and one id for every chunk of a completion.
+    # A reasoning model's reasoning comes as reasoning_content (vLLM's and DeepSeek's field), which
+    # LitServe's messages have no place for: noted as the answers pass and added to the reply.
     async def non_streaming_completion(self, request: ChatCompletionRequest, generator_list: list):
         reasons: Dict[int, str] = {}
+        reasoning: Dict[int, List[str]] = {}
         response = await super().non_streaming_completion(
-            request, [noting_finish_reason(g, reasons, i) for i, g in enumerate(generator_list)])
+            request, [noting_finish_reason(g, reasons, i, reasoning) for i, g in enumerate(generator_list)])
         for choice in response.choices:
             choice.finish_reason = reasons.get(choice.index, "stop")
             if choice.message.tool_calls and not choice.message.content:
@@ -213,13 +216,19 @@ class CheckedOpenAISpec(OpenAISpec):
         if response.usage is not None and len(response.choices) > 1:  # LitServe adds each choice's prompt
             response.usage.prompt_tokens //= len(response.choices)
             response.usage.total_tokens = response.usage.prompt_tokens + response.usage.completion_tokens
-        return response
+        if not any("".join(parts) for parts in reasoning.values()):
+            return response
+        body = json.loads(response.model_dump_json(by_alias=True))
+        for choice in body["choices"]:
+            choice["message"]["reasoning_content"] = "".join(reasoning.get(choice["index"], [])) or None
+        return JSONResponse(body)
 
     async def streaming_completion(self, request: ChatCompletionRequest, pipe_responses: list):
         reasons: Dict[int, str] = {}
+        reasoning: Dict[int, List[str]] = {}  # each choice's newest delta, taken by the chunk that carries it
         stream_id: Optional[str] = None
         async for event in super().streaming_completion(
-                request, [noting_finish_reason(p, reasons, i) for i, p in enumerate(pipe_responses)]):
+                request, [noting_finish_reason(p, reasons, i, reasoning) for i, p in enumerate(pipe_responses)]):
             if not event.startswith("data: {"):
                 yield event  # [DONE], or an error
                 continue
@@ -231,18 +240,24 @@ class CheckedOpenAISpec(OpenAISpec):
                     choice["finish_reason"] = reasons.get(choice["index"], choice["finish_reason"])
                 for n, call in enumerate((choice.get("delta") or {}).get("tool_calls") or []):
                     call["index"] = n  # OpenAI's streamed calls are numbered (clients merge deltas by index)
+                thought = "".join(reasoning.pop(choice["index"], []))
+                if thought and choice.get("delta") is not None:
+                    choice["delta"]["reasoning_content"] = thought
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
-async def noting_finish_reason(responses: AsyncIterator, reasons: Dict[int, str], index: int) -> AsyncIterator:
+async def noting_finish_reason(responses: AsyncIterator, reasons: Dict[int, str], index: int,
+                               reasoning: Optional[Dict[int, List[str]]] = None) -> AsyncIterator:
     """Pass choice ``index``'s (encoded response, status) items on, noting the finish_reason the
-    engine's last step carries."""
+    engine's last step carries and, in ``reasoning``, each step's reasoning text."""
     async for response, status in responses:
         if status != LitAPIStatus.ERROR and isinstance(response, (str, bytes)):
             with contextlib.suppress(ValueError, AttributeError):
-                reason = json.loads(response).get("finish_reason")
-                if reason:
-                    reasons[index] = reason
+                step = json.loads(response)
+                if step.get("finish_reason"):
+                    reasons[index] = step["finish_reason"]
+                if reasoning is not None and step.get("reasoning_content"):
+                    reasoning.setdefault(index, []).append(step["reasoning_content"])
         yield response, status
 
 

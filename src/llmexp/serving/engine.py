@@ -81,12 +81,15 @@ def _visible(tokenizer, answer: _Answer) -> str:
 
 def stream_answers(model, tokenizer, requests: List[GenerationRequest],
                    calls_template: Optional[Dict[str, Any]] = None) -> Iterator[List[Dict[str, object]]]:
-    """Steps of ``{"content": new text}`` per request; the last step also carries each request's
-    ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and ``finish_reason`` (``"stop"``
+    """Steps of ``{"content": new text, "reasoning_content": new reasoning}`` per request; the last
+    step also carries each request's ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and ``finish_reason`` (``"stop"``
     at a stop token, ``"length"`` when cut off at max_tokens). With ``calls_template`` (the model's
     response template, llmexp.serving.tool_calls), a request given tools gets its function calls
     parsed out of its text: the text outside them streams as content, the calls come in the last
-    step (``tool_calls``, finish_reason ``"tool_calls"``)."""
+    step (``tool_calls``, finish_reason ``"tool_calls"``). A reasoning model's reasoning (between
+    ``<think>`` and ``</think>``, or from a prompt that opens it to ``</think>``) streams apart, as
+    ``reasoning_content`` (llmexp.reasoning)."""
+    from llmexp.reasoning import ReasoningStream, opens_reasoning
     from llmexp.serving.tool_calls import CallParser
 
     tokenizer.padding_side = "left"
@@ -98,6 +101,7 @@ def stream_answers(model, tokenizer, requests: List[GenerationRequest],
     answers: List[Optional[_Answer]] = [None] * len(requests)
     parsers = [CallParser(tokenizer, calls_template, tokenizer(p, add_special_tokens=False).input_ids, r.tools)
                if calls_template is not None and r.tools else None for p, r in zip(prompts, requests)]
+    thinking = [ReasoningStream(opened=opens_reasoning(p)) for p in prompts]
     for (temperature, top_p), rows in groups.items():
         batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
         for i, length in zip(rows, batch["attention_mask"].sum(1).tolist()):
@@ -114,17 +118,20 @@ def stream_answers(model, tokenizer, requests: List[GenerationRequest],
                 if parsers[i] is not None:  # the text outside calls, as the parser knows it
                     deltas[i] = parsers[i].feed(token) if len(answers[i].tokens) > kept else ""
             if any(deltas):
-                yield [{"content": d} for d in deltas]
+                parts = [thinking[i].feed(d) for i, d in enumerate(deltas)]
+                if any(r or c for r, c in parts):
+                    yield [{"content": c, "reasoning_content": r} for r, c in parts]
             if all(answers[i].done for i in rows):
                 break
     last = []
-    for a, parser in zip(answers, parsers):
+    for a, parser, split in zip(answers, parsers, thinking):
         end = {"content": "", "prompt_tokens": a.prompt_tokens, "completion_tokens": len(a.tokens),
                "total_tokens": a.prompt_tokens + len(a.tokens), "finish_reason": "stop" if a.stopped else "length"}
         if parser is not None:
             end["content"], calls = parser.finish()
             if calls:
                 end.update(tool_calls=calls, finish_reason="tool_calls")
+        end["reasoning_content"], end["content"] = split.feed(end["content"], final=True)
         last.append(end)
     yield last
 
