@@ -104,6 +104,31 @@ def test_qwen3s_template_renders_a_rows_reasoning_under_its_own_name_and_labels_
     assert trained == "1 + 1 = 2<|im_end|>" + WRITTEN + "<|im_end|>", trained
 
 
+def test_serve_passes_chat_template_kwargs_to_the_template_and_refuses_bad_ones():
+    """vLLM's extension, which clients send to turn Qwen3's reasoning off; it was accepted and
+    dropped (the model reasoned anyway)."""
+    from llmexp.models.tokenizer import load_tokenizer
+    from llmexp.serving.api import ChatRequest, RequestProblem, ServedModel, check_request, messages_of, tools_for
+
+    tok = load_tokenizer(None, None)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token, tok.chat_template = "<|im_end|>", qwen3_template()
+    served = ServedModel(model_dir="unused", name="m", max_new_tokens=8, temperature=0.0, max_batch_size=4)
+    asked = [{"role": "user", "content": "Add 3 and 4."}]
+
+    def prompt(**extra) -> str:
+        request = ChatRequest(messages=asked, **extra)
+        check_request(request, served, tok, None)
+        return tok.apply_chat_template(messages_of(request, tok.chat_template), add_generation_prompt=True,
+                                       tokenize=False, **tools_for(request))
+
+    assert prompt().endswith("<|im_start|>assistant\n")
+    assert prompt(chat_template_kwargs={"enable_thinking": False}).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    for bad in ([True], {"enable thinking": False}, {"add_generation_prompt": False}):
+        with pytest.raises(RequestProblem, match="chat_template_kwargs"):
+            prompt(chat_template_kwargs=bad)
+
+
 def test_the_skill_and_reference_checks_judge_the_answer_after_the_reasoning():
     """Both failed every answer of a reasoning model (the whole text is not 'a op b = c')."""
     from llmexp.data.formats import reference_match

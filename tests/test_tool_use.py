@@ -288,7 +288,8 @@ def test_an_answer_without_calls_streams_as_it_is_written_when_tools_are_given(t
 
     tok = _tokenizer(CHATML_TOOLS)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_teacher)).eval()
-    asked = [GenerationRequest([{"role": "user", "content": "Weather?"}], max_new_tokens=12, tools=WEATHER)]
+    asked = [GenerationRequest([{"role": "user", "content": "Weather?"}], max_new_tokens=12,
+                                   template_arguments={"tools": WEATHER})]
     template = response_template(tok, model.config)
     torch.manual_seed(0)
     parsed = [step[0] for step in stream_answers(model, tok, asked, template)]

@@ -92,6 +92,14 @@ def check_request(request: ChatCompletionRequest, served: ServedModel, tokenizer
             raise RequestProblem("tools: the model's chat template does not render tools, so it would answer without "
                                  "them; leave them out, or serve a model trained with a template that renders them",
                                  "tools")
+    kwargs = extra.get("chat_template_kwargs")
+    if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier()
+                                                                      for k in kwargs)):
+        raise RequestProblem('chat_template_kwargs: must be an object of the chat template\'s variables '
+                             '({"enable_thinking": false})', "chat_template_kwargs")
+    if kwargs and {"messages", "tools", "add_generation_prompt"} & set(kwargs):
+        raise RequestProblem("chat_template_kwargs: messages, tools and add_generation_prompt are the request's "
+                             "own; give them as such", "chat_template_kwargs")
     choice = request.tool_choice.value if hasattr(request.tool_choice, "value") else request.tool_choice
     if choice not in (None, "auto"):
         raise RequestProblem(f"tool_choice: {choice!r} cannot be honoured: the model decides whether to call a "
@@ -148,8 +156,11 @@ def messages_of(request: ChatCompletionRequest, chat_template: Optional[str]) ->
 
 
 def tools_for(request: ChatCompletionRequest) -> Dict[str, Any]:
-    """The chat template's ``tools`` argument for the request's tools (none: no argument)."""
-    return {"tools": request.tools} if request.tools else {}
+    """The chat template's arguments besides the messages: the request's ``tools``, and its
+    ``chat_template_kwargs`` (vLLM's extension: ``{"enable_thinking": false}`` asks Qwen3 to answer
+    without reasoning)."""
+    given = (request.model_extra or {}).get("chat_template_kwargs") or {}
+    return {**given, **({"tools": request.tools} if request.tools else {})}
 
 
 def text_of(content) -> str:
@@ -294,7 +305,7 @@ class ChatAPI(ls.LitAPI):
 
         return GenerationRequest(messages_of(request, self.tokenizer.chat_template),
                                  new_token_limit(request, self.served), temperature_of(request, self.served),
-                                 float(request.top_p), tools=request.tools or None)
+                                 float(request.top_p), template_arguments=tools_for(request))
 
     def batch(self, inputs):
         return list(inputs)

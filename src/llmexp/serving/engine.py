@@ -25,7 +25,12 @@ class GenerationRequest:
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    tools: Optional[List[Dict[str, Any]]] = None  # the functions it may call, for the chat template
+    # the chat template's other arguments: tools (the functions it may call), chat_template_kwargs
+    template_arguments: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tools(self) -> Optional[List[Dict[str, Any]]]:
+        return self.template_arguments.get("tools") or None
 
     def sampling_key(self) -> Tuple[float, float]:
         return (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
@@ -94,7 +99,7 @@ def stream_answers(model, tokenizer, requests: List[GenerationRequest],
 
     tokenizer.padding_side = "left"
     prompts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False,
-                                             **({"tools": r.tools} if r.tools else {})) for r in requests]
+                                             **r.template_arguments) for r in requests]
     groups: Dict[Tuple[float, float], List[int]] = {}
     for i, r in enumerate(requests):
         groups.setdefault(r.sampling_key(), []).append(i)
