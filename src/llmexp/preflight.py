@@ -563,6 +563,8 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
                          "llama, mistral and qwen2"))
     elif st.name == "quantize" and st.method != "int8" and pretrained:
         p.extend(_check_quantize_sizes(st, Path(os.path.expanduser(pretrained)) / "config.json"))
+    if getattr(st, "rollout", None) is not None:
+        p.extend(_check_tools(st))
     if not spec.generates:
         return p
     if t.grad_accum % getattr(st, "num_minibatches", 1):
@@ -606,6 +608,27 @@ def _check_stage_options(run: S.RunConfig) -> List[Problem]:
         p.append(Problem("stage.rollout.max_new_tokens", f"prompts up to data.max_length={d.max_length} plus "
                          f"responses make {longest} positions, more than model.max_position_embeddings="
                          f"{run.model.max_position_embeddings}", "lower data.max_length or max_new_tokens"))
+    return p
+
+
+def _check_tools(st) -> List[Problem]:
+    """stage.rollout.tools: a stage that runs them, and names that resolve."""
+    tools = list(st.rollout.tools or [])
+    if not tools:
+        return []
+    if st.name not in ("grpo", "rloo"):
+        return [Problem("stage.rollout.tools", f"stage={st.name} samples without tools (grpo and rloo call them: their "
+                        f"advantages are a response's, not a token's, so the results inside it need no value)",
+                        "stage=grpo or stage=rloo, or stage.rollout.tools=[]")]
+    from llmexp.plugins.registry import tools as registered
+
+    p: List[Problem] = []
+    for name in tools:
+        if ":" in name:
+            p.extend(_check_importable("stage.rollout.tools", name))
+        elif name not in registered():
+            p.append(Problem("stage.rollout.tools", f"no tool named {name!r} is registered",
+                             suggest(name, registered()) + " (or module:function)"))
     return p
 
 

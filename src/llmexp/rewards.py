@@ -29,6 +29,12 @@ def accepted_columns(fn) -> Optional[set]:
 def load_reward_function(name: str, key: str):
     """(function, who provides it) for a registered reward name or a ``module:function`` path
     (a TRL reward such as ``trl.rewards:think_format_reward``, or one of the user's own)."""
+    return load_function(name, key, "llmexp_rewards")
+
+
+def load_function(name: str, key: str, hook: str):
+    """(function, who provides it) for a name registered through ``hook`` (a reward, a tool) or a
+    ``module:function`` path."""
     if ":" in name:
         import importlib
 
@@ -36,8 +42,9 @@ def load_reward_function(name: str, key: str):
         try:
             loaded = importlib.import_module(module)
         except ImportError as e:
+            what = "tool" if hook == "llmexp_tools" else "reward"
             raise UserError(f"{key}: cannot import {name!r} ({type(e).__name__}: {e}); give module:function of an "
-                            f"importable module, or a registered reward (llmexp plugins lists them)") from None
+                            f"importable module, or a registered {what} (llmexp plugins lists them)") from None
         if not callable(getattr(loaded, attr, None)):
             from llmexp.errors import suggest
 
@@ -47,7 +54,7 @@ def load_reward_function(name: str, key: str):
         return getattr(loaded, attr), f"module {module}"
     from llmexp.plugins.registry import lookup
 
-    entry = lookup("llmexp_rewards", name, key)
+    entry = lookup(hook, name, key)
     return entry.declaration.fn, entry.owner
 
 

@@ -19,7 +19,7 @@ tokens. ``engine="generate"`` keeps ``model.generate`` as the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -34,21 +34,25 @@ class Sampled:
     logprobs: Optional[torch.Tensor] = None  # [N, T] log-prob of each token at the temperature
     entropy: Optional[torch.Tensor] = None  # [N, T] entropy of the distribution it was drawn from
     hidden: Optional[torch.Tensor] = None  # [N, T, H] last hidden state that predicted each token
+    turns: Optional[Any] = None  # llmexp.tool_rollout.ToolTurns: responses that called tools and answered on
 
     def rows(self, start: int, stop: int) -> "Sampled":
         """Responses ``start`` to ``stop`` (and what came with them)."""
         cut = lambda x: None if x is None else x[start:stop]  # noqa: E731
-        return Sampled(self.responses[start:stop], cut(self.logprobs), cut(self.entropy), cut(self.hidden))
+        return Sampled(self.responses[start:stop], cut(self.logprobs), cut(self.entropy), cut(self.hidden),
+                       None if self.turns is None else self.turns.rows(start, stop))
 
     def trimmed(self, eos_token_id: int) -> "Sampled":
         """Cut to the longest response, so no later pass pays for columns that are padding in every row."""
         from llmexp.advantages import response_mask
 
-        width = max(int(response_mask(self.responses, eos_token_id).sum(1).max()), 1)
+        real = response_mask(self.responses, eos_token_id) if self.turns is None else self.turns.real_mask
+        width = max(int(real.sum(1).max()), 1)
         if width == self.responses.shape[1]:
             return self
         cut = lambda x: None if x is None else x[:, :width]  # noqa: E731
-        return Sampled(self.responses[:, :width], cut(self.logprobs), cut(self.entropy), cut(self.hidden))
+        return Sampled(self.responses[:, :width], cut(self.logprobs), cut(self.entropy), cut(self.hidden),
+                       None if self.turns is None else self.turns.cut(width))
 
 
 def warpers(temperature: float, top_k: int, top_p: float) -> List[Callable]:

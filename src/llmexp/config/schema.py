@@ -321,6 +321,15 @@ class RolloutConfig:
         "batch's KV cache does not fit)."))
     vllm_gpu_memory_utilization: float = bounded(0.3, above=0.0, max=1.0, help=(
         "engine=vllm: share of the GPU's memory vLLM may take beside the training process."))
+    tools: List[str] = doc([], help=(
+        "grpo, rloo: functions the policy may call while it answers, each a registered tool (llmexp plugins lists "
+        "them; llmexp's: calculator) or module:function. The prompts are rendered with their schemas, a call the "
+        "model writes is run and its result written back as the tool's message, and the model answers on; the "
+        "result's tokens are in the sequence but not in the loss, the reward scores the answer after the last "
+        "result, and the task metric asks with the tools too."))
+    max_tool_calls: int = bounded(4, min=1, help=(
+        "stage.rollout.tools: rounds of calls one response may make (TRL's max_tool_calling_iterations); a call "
+        "after the last round ends the response."))
 
 
 # How a policy loss's per-token terms become one number (TRL's GRPOConfig.loss_type; llmexp.losses).

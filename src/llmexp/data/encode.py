@@ -182,13 +182,15 @@ def unpaired_encoder(tokenizer, fmt: str) -> Callable[[Dict[str, Any]], Dict[str
     return encode
 
 
-def prompt_encoder(tokenizer) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
-    """Rollout stages: the rendered prompt ids, the prompt itself (a reward model re-renders
-    prompt + response with its own tokenizer) and the row's other columns (for reward functions)."""
+def prompt_encoder(tokenizer, tools: Optional[List[Dict[str, Any]]] = None
+                   ) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
+    """Rollout stages: the rendered prompt ids (with the ``tools`` the policy may call), the prompt
+    itself (a reward model re-renders prompt + response with its own tokenizer) and the row's other
+    columns (for reward functions)."""
 
     def encode(row: Dict[str, Any]) -> Dict[str, Any]:
         row = as_prompt_row(row)
-        return {"input_ids": render_prompt(tokenizer, row["prompt"]), "prompt": row["prompt"],
+        return {"input_ids": render_prompt(tokenizer, row["prompt"], tools), "prompt": row["prompt"],
                 "columns": {k: v for k, v in row.items() if k != "prompt"}}
 
     return encode

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any, List
 
-from llmexp.plugins.declarations import DatasetDeclaration, EvalContext, EvalDeclaration, RewardDeclaration
+from llmexp.plugins.declarations import (DatasetDeclaration, EvalContext, EvalDeclaration, RewardDeclaration,
+                                         ToolDeclaration)
 from llmexp.plugins.markers import hookimpl, hookspec
 
-__all__ = ["DatasetDeclaration", "EvalContext", "EvalDeclaration", "RewardDeclaration", "hookimpl", "hookspec",
-           "plugin_callbacks"]
+__all__ = ["DatasetDeclaration", "EvalContext", "EvalDeclaration", "RewardDeclaration", "ToolDeclaration", "hookimpl",
+           "hookspec", "plugin_callbacks"]
 
 
 def plugin_callbacks(cfg: Any) -> List[Any]:

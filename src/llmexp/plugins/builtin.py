@@ -1,4 +1,4 @@
-"""llmexp's own datasets and rewards, registered through the same hooks a third-party plugin uses.
+"""llmexp's own datasets, rewards and tools, registered through the same hooks a third-party plugin uses.
 
 The bundled arithmetic skill (:mod:`llmexp.data.skill`) in its four shapes, each with typed
 options, and the reward that checks its answers.
@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, List, Optional
 
 from llmexp.config.schema import bounded
 from llmexp.data import skill
-from llmexp.plugins.declarations import DatasetDeclaration, RewardDeclaration
+from llmexp.plugins.declarations import DatasetDeclaration, RewardDeclaration, ToolDeclaration
 from llmexp.plugins.markers import hookimpl
 
 
@@ -94,3 +94,37 @@ def llmexp_rewards() -> List[RewardDeclaration]:
             RewardDeclaration("arithmetic_continues", skill.continues_with_answer,
                               "1.0 when a continuation of 'a op b =' starts with the answer, else 0.0 (the task "
                               "metric of stage=pretrain on the bundled text)")]
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression.
+
+    Args:
+        expression: numbers with + - * / // % ** and parentheses, e.g. "37 * (2 + 5)"
+    """
+    import ast
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+           ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ValueError("exponent too large")
+            return ops[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.operand))
+        raise ValueError(f"not arithmetic: {ast.unparse(node)!r}")
+
+    result = value(ast.parse(str(expression).strip(), mode="eval").body)
+    return str(int(result) if isinstance(result, float) and result.is_integer() else result)
+
+
+@hookimpl
+def llmexp_tools() -> List[ToolDeclaration]:
+    return [ToolDeclaration("calculator", calculator, "evaluates an arithmetic expression ('37 * (2 + 5)' -> '259')")]

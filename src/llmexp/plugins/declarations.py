@@ -65,3 +65,18 @@ class RewardDeclaration:
     name: str
     fn: Callable[..., float]
     description: str = ""
+
+
+@dataclass(frozen=True)
+class ToolDeclaration:
+    """A named function the rollout stages let the policy call while it answers
+    (``stage.rollout.tools``): ``fn(**arguments) -> str``.
+
+    The model is shown its schema (transformers' ``get_json_schema``: the type hints and the
+    ``Args:`` of its docstring) through the chat template; a call's JSON arguments are passed as
+    keyword arguments and the result (its ``str``) is written back as the tool's message.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    description: str = ""

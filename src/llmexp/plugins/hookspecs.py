@@ -22,7 +22,7 @@ from llmexp.plugins.markers import hookspec
 
 if TYPE_CHECKING:
     from llmexp.config.schema import RunConfig
-    from llmexp.plugins.declarations import DatasetDeclaration, EvalDeclaration, RewardDeclaration
+    from llmexp.plugins.declarations import DatasetDeclaration, EvalDeclaration, RewardDeclaration, ToolDeclaration
 
 
 @hookspec
@@ -57,6 +57,17 @@ def llmexp_rewards() -> Sequence["RewardDeclaration"]:
     Called: once per process, the first time a reward is looked up. Results: collected.
 
     Since 0.1.
+    """
+
+
+@hookspec
+def llmexp_tools() -> Sequence["ToolDeclaration"]:
+    """Named functions the rollout stages (grpo, rloo) let the policy call while it answers
+    (``stage.rollout.tools=[name, ...]``).
+
+    Called: once per process, the first time a tool is looked up. Results: collected.
+
+    Since 0.2.
     """
 
 

@@ -16,11 +16,11 @@ def inventory() -> Dict[str, Any]:
     from llmexp.paths import config_groups
     from llmexp.plugins.configs import plugin_config_dirs
     from llmexp.plugins.manager import host
-    from llmexp.plugins.registry import datasets, evals, rewards
+    from llmexp.plugins.registry import datasets, evals, rewards, tools
 
     config_groups()  # every plugin problem, the very ones a run or --help reports
     h = host()
-    registries = {"datasets": datasets(), "evals": evals(), "rewards": rewards()}
+    registries = {"datasets": datasets(), "evals": evals(), "rewards": rewards(), "tools": tools()}
     configs: Dict[str, List[str]] = {}
     for info, root in plugin_config_dirs():
         configs.setdefault(info.name, []).extend(
@@ -61,7 +61,7 @@ def render(inv: Dict[str, Any]) -> str:
     for p in inv["plugins"]:
         where = f"{p['distribution']} {p['version']}" if p["distribution"] else "not installed as a distribution"
         lines.append(f"  {p['name']}  [{where}]  {p['module']}")
-        for kind in ("datasets", "evals", "rewards", "configs"):
+        for kind in ("datasets", "evals", "rewards", "tools", "configs"):
             if p[kind]:
                 lines.append(f"      {kind}: {', '.join(p[kind])}")
         if "llmexp_callbacks" in p["hooks"]:

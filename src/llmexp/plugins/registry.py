@@ -1,4 +1,4 @@
-"""Name -> declaration registries built from the hooks: datasets, evals, rewards; plus callbacks.
+"""Name -> declaration registries built from the hooks: datasets, evals, rewards, tools; plus callbacks.
 
 Each registry is collected once per process from every loaded plugin (llmexp's built-ins
 included). A malformed declaration or a name declared twice is a PluginError naming the plugins;
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Generic, Iterable, List, Optional, TypeVar
 
 from llmexp.errors import Problem, UserError, suggest
-from llmexp.plugins.declarations import DatasetDeclaration, EvalDeclaration, RewardDeclaration
+from llmexp.plugins.declarations import DatasetDeclaration, EvalDeclaration, RewardDeclaration, ToolDeclaration
 from llmexp.plugins.errors import PluginError
 from llmexp.plugins.manager import BUILTIN, Host, PluginInfo, clash, host
 
@@ -26,6 +26,7 @@ KINDS = {
     "llmexp_datasets": (DatasetDeclaration, "dataset", "builder"),
     "llmexp_evals": (EvalDeclaration, "eval", "runner"),
     "llmexp_rewards": (RewardDeclaration, "reward", "fn"),
+    "llmexp_tools": (ToolDeclaration, "tool", "fn"),
 }
 
 
@@ -52,6 +53,10 @@ def evals() -> Dict[str, Entry[EvalDeclaration]]:
 
 def rewards() -> Dict[str, Entry[RewardDeclaration]]:
     return collect("llmexp_rewards")
+
+
+def tools() -> Dict[str, Entry[ToolDeclaration]]:
+    return collect("llmexp_tools")
 
 
 def lookup(hook: str, name: str, key: str) -> Entry:

@@ -18,6 +18,7 @@ import torch
 from llmexp.advantages import entropy_of, response_mask, weighted_rows
 from llmexp.data.collate import collate_prompts
 from llmexp.data.encode import prompt_encoder
+from llmexp.errors import UserError
 from llmexp.faults import check_finite
 from llmexp.sampler import Sampled
 from llmexp.stages.base import StageModule
@@ -46,6 +47,8 @@ class Rollout:
     # [B] each row's weight in the KL term where grpo estimates it from a share of the groups that
     # scored alike (stage.kl_sample_share); 0: the row is left out of the reference and the update
     kl_weights: Optional[torch.Tensor] = None
+    tool_calls: Optional[torch.Tensor] = None  # [B] calls each response made (stage.rollout.tools)
+    tool_failures: Optional[torch.Tensor] = None  # [B] of them, those that failed
 
     @property
     def counted(self) -> torch.Tensor:
@@ -110,11 +113,17 @@ class RolloutStage(StageModule):
         from llmexp.models.peft import apply_peft, quantization_config
         from llmexp.rewards import build_reward
 
+        from llmexp.tool_rollout import load_tools, tools_problem
+
         reward = build_reward(cfg.stage.reward)  # a bad reward name fails before the model is built
+        tools = load_tools(list(cfg.stage.rollout.tools or []))  # and a tool that cannot be described
         model = build_model(cfg.model, tokenizer, quantization_config(cfg.peft))
+        problem = tools and tools_problem(tokenizer, model.config)
+        if problem:
+            raise UserError(f"stage.rollout.tools: {problem}")
         reference = Reference.of(model, keep_copy=cls.uses_reference(cfg) and cfg.peft.name == "none")
         stage = cls(cfg, apply_peft(model, cfg.peft, cfg.model), tokenizer)
-        stage._frozen.update(reference=reference, reward=reward)
+        stage._frozen.update(reference=reference, reward=reward, tools=tools)
         return stage
 
     @staticmethod
@@ -123,7 +132,7 @@ class RolloutStage(StageModule):
 
     # -- data ------------------------------------------------------------------------------------
     def encoder(self, fmt: str):
-        return prompt_encoder(self.tokenizer)
+        return prompt_encoder(self.tokenizer, [t.schema for t in self.tools] or None)
 
     def collate(self, rows):
         return collate_prompts(rows, self.tokenizer.pad_token_id)
@@ -132,6 +141,11 @@ class RolloutStage(StageModule):
     @property
     def reward(self):
         return self._frozen["reward"]
+
+    @property
+    def tools(self) -> List[Any]:
+        """The functions the policy may call while it answers (stage.rollout.tools; llmexp.tool_rollout)."""
+        return self._frozen.get("tools") or []
 
     @property
     def reference(self):
@@ -167,25 +181,55 @@ class RolloutStage(StageModule):
         """``samples_per_prompt`` responses to each prompt, prompt-major (pad after eos, cut to the
         longest): sampled as stage.rollout says, or greedy."""
         r = self.cfg.stage.rollout
+        engine = self.engine
+        if self.tools:  # several turns: the log-probs are taken by a forward pass over them
+            from functools import partial
+
+            from llmexp.tool_rollout import sample_with_tools
+
+            engine = partial(sample_with_tools, self.engine, self.tokenizer, self._call_template(), self.tools,
+                             max_calls=r.max_tool_calls)
+            with_logprobs = with_hidden = False
         if greedy:
-            out = self.engine(prompt_ids, prompt_mask, r.val_max_new_tokens or r.max_new_tokens,
-                              samples_per_prompt=samples_per_prompt, greedy=True)
+            out = engine(prompt_ids, prompt_mask, r.val_max_new_tokens or r.max_new_tokens,
+                         samples_per_prompt=samples_per_prompt, greedy=True)
         else:
-            out = self.engine(prompt_ids, prompt_mask, r.max_new_tokens, samples_per_prompt=samples_per_prompt,
-                              temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                              with_logprobs=with_logprobs, with_hidden=with_hidden)
+            out = engine(prompt_ids, prompt_mask, r.max_new_tokens, samples_per_prompt=samples_per_prompt,
+                         temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                         **({"with_logprobs": with_logprobs, "with_hidden": with_hidden} if not self.tools else {}))
         return out.trimmed(self.tokenizer.eos_token_id)
 
+    def _call_template(self):
+        """The response template that finds the policy's calls (llmexp.serving.tool_calls)."""
+        if "call_template" not in self._frozen:
+            from llmexp.serving.tool_calls import response_template
+
+            self._frozen["call_template"] = response_template(self.tokenizer, self.model.config)
+        return self._frozen["call_template"]
+
+    def response_masks(self, sampled: Sampled) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the tokens the model wrote, up to and including eos: what the loss, the KL and the
+        lengths count; every token of the response, a tool's results too: what is attended to)."""
+        if sampled.turns is None:
+            mask = response_mask(sampled.responses, self.tokenizer.eos_token_id)
+            return mask, mask
+        return sampled.turns.model_mask.to(sampled.responses.device), sampled.turns.real_mask
+
     def score(self, prompts: List[Any], responses: torch.Tensor, mask: torch.Tensor,
-              columns: List[Dict[str, Any]]) -> torch.Tensor:
+              columns: List[Dict[str, Any]], turns: Any = None) -> torch.Tensor:
         """One reward per response, from the reward function or reward model, plus the penalty for
-        responses cut off before eos."""
-        texts = [self.tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True).strip()
-                 for ids, m in zip(responses.tolist(), mask)]
+        responses cut off before eos. A response that called tools (``turns``) is scored on its
+        answer after the last result; a reward taking ``tool_calls`` gets each call and its result."""
+        if turns is None:
+            texts = [self.tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True).strip()
+                     for ids, m in zip(responses.tolist(), mask)]
+            ended = (responses == self.tokenizer.eos_token_id).any(1)
+        else:
+            texts, ended = turns.answers, turns.ended.to(mask.device)
+            columns = [{**c, "tool_calls": calls} for c, calls in zip(columns, turns.calls)]
         scores = self.reward(prompts, texts, columns).to(mask.device)
         penalty = self.cfg.stage.reward.missing_eos_penalty
         if penalty is not None:
-            ended = (responses == self.tokenizer.eos_token_id).any(1)
             scores = scores + penalty * (~ended).float()
         return scores
 
@@ -234,16 +278,24 @@ class RolloutStage(StageModule):
         sampled = sampled or self.sample_responses(prompt_ids, prompt_mask)
         responses = sampled.responses
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
-        mask = response_mask(responses, self.tokenizer.eos_token_id)
-        attention = torch.cat([prompt_mask, mask.long()], 1)
+        mask, real = self.response_masks(sampled)
+        attention = torch.cat([prompt_mask, real.long()], 1)
         clock.lap("rollout")
         clock.generated_tokens += int(mask.sum())
         r = Rollout(sequences=torch.cat([prompt_ids, responses], 1), attention_mask=attention,
                     position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompt_width=prompt_ids.shape[1],
-                    mask=mask, scores=self.score(prompts, responses, mask, columns), samples_per_prompt=k)
+                    mask=mask, scores=self.score(prompts, responses, mask, columns, sampled.turns),
+                    samples_per_prompt=k)
+        if sampled.turns is not None:
+            r.tool_calls = torch.tensor([len(c) for c in sampled.turns.calls], dtype=torch.float32)
+            r.tool_failures = torch.tensor([sum(x["failed"] for x in c) for c in sampled.turns.calls],
+                                           dtype=torch.float32)
         clock.lap("scoring")
         with torch.no_grad():
-            if old and sampled.logprobs is not None:  # the rollout's own: no second forward pass
+            if sampled.turns is not None:  # several turns: one forward pass over the whole conversation
+                r.logprobs, r.values, r.entropy = self.token_outputs(r, self.model, with_values=self.needs_values)
+                clock.lap("old_logprobs")
+            elif old and sampled.logprobs is not None:  # the rollout's own: no second forward pass
                 r.logprobs, r.entropy = sampled.logprobs * mask, sampled.entropy * mask
                 if self.needs_values:
                     r.values = self.value_head(sampled.hidden.float()).squeeze(-1)
@@ -381,6 +433,10 @@ class RolloutStage(StageModule):
             metrics = {"loss": loss, "reward_mean": scores.mean(), "reward_std": scores.std(unbiased=False),
                        "response_length": lengths.mean(), "lr": self.lr_schedulers().get_last_lr()[0],
                        **clock.metrics(), **batch_stats, **update_stats}
+            if self.tools:  # calls per response, and the share of them that failed
+                calls = torch.cat([r.tool_calls for r in rollouts if r.tool_calls is not None])
+                failed = torch.cat([r.tool_failures for r in rollouts if r.tool_failures is not None])
+                metrics.update(tool_calls=calls.mean(), tool_failures=failed.sum() / calls.sum().clamp(min=1))
             for k, v in metrics.items():
                 v = torch.as_tensor(v, dtype=torch.float32, device=self.device)
                 local = k.endswith("_seconds") or k.endswith("_per_second") or k in ("lr", "generated_tokens")
@@ -427,8 +483,22 @@ class RolloutStage(StageModule):
 
     # -- validation: mean reward of greedy responses to held-out prompts -------------------------
     def val_sums(self, batch):
-        responses = self.sample(batch["prompt_ids"], batch["prompt_mask"], greedy=True).responses
-        mask = response_mask(responses, self.tokenizer.eos_token_id)
-        scores = self.score(batch["prompts"], responses, mask, batch["columns"])
+        sampled = self.sample(batch["prompt_ids"], batch["prompt_mask"], greedy=True)
+        mask, _ = self.response_masks(sampled)
+        scores = self.score(batch["prompts"], sampled.responses, mask, batch["columns"], sampled.turns)
         n = len(scores)
         return {"reward": (scores.sum(), n), "response_length": (mask.sum(), n)}
+
+    def greedy_answers(self, prompts: List[Any], max_new_tokens: int) -> List[str]:
+        """The task metric's answers; with tools, asked with them and answered after their results."""
+        if not self.tools:
+            return super().greedy_answers(prompts, max_new_tokens)
+        from llmexp.data.encode import render_prompt
+        from llmexp.tool_rollout import sample_with_tools
+
+        schemas = [t.schema for t in self.tools]
+        batch = collate_prompts([{"input_ids": render_prompt(self.tokenizer, p, schemas), "prompt": p, "columns": {}}
+                                 for p in prompts], self.tokenizer.pad_token_id)
+        return sample_with_tools(self.engine, self.tokenizer, self._call_template(), self.tools,
+                                 batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
+                                 max_new_tokens, self.cfg.stage.rollout.max_tool_calls, greedy=True).turns.answers
