@@ -630,7 +630,7 @@ def held_out_exact_match(model_dir: Path) -> float:
     model, tokenizer = load_language_model(model_dir)
     probe = TaskProbe(check="arithmetic_correct", rows=task_prompts(every_wording=True), max_new_tokens=24,
                       batch_size=64)
-    total, n = probe.sums(lambda prompts: generate(model, tokenizer, [p[-1]["content"] for p in prompts], 24))[
+    total, n = probe.sums(lambda prompts, _: generate(model, tokenizer, [p[-1]["content"] for p in prompts], 24))[
         "task_score"]
     return total / n
 

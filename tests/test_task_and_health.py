@@ -113,8 +113,9 @@ def test_the_probe_shards_ranks_in_lockstep_and_scores_only_real_rows():
     assert [len(probe.shard(r, 2)) for r in (0, 1)] == [3, 3] and probe.shard(1, 2)[-1] is None
     calls = []
 
-    def generate(prompts):
+    def generate(prompts, tools):
         calls.append(len(prompts))
+        assert tools == [None] * len(prompts)
         return ["1 - 0 = 1"] * len(prompts)  # right only for the row whose answer is 1
 
     sums = probe.sums(generate, rank=1, world=2)  # rows 1 and 3, plus one padding row

@@ -151,6 +151,13 @@ def test_grpo_with_the_calculator_calls_it_scores_the_answers_after_its_results_
     assert right and all("<tool_call>" not in a["answer"] and "=" in a["answer"] for a in right), answers[:4]
 
 
+def test_sft_on_tool_calls_is_asked_its_task_with_the_conversations_tools(tool_sft):
+    """The task metric of an SFT on rows with a tools column asked the held-out conversations
+    without their tools (the system turn naming them left out): 0.06 while the model answered them."""
+    summary = json.loads((tool_sft / "sft" / "summary.json").read_text())
+    assert summary["final"]["val/task_score"] >= 0.9, summary["final"]
+
+
 @pytest.mark.parametrize("overrides, says", [
     (["stage=ppo", "stage.rollout.tools=[calculator]"], "stage=ppo samples without tools"),
     (["stage=grpo", "stage.rollout.tools=[calculater]"], "did you mean 'calculator'"),

@@ -91,12 +91,24 @@ def task_rows(rows: Sequence[Dict[str, Any]], fmt: str) -> List[Dict[str, Any]]:
         if reference is not None:
             columns["reference"] = reference
         out.append({"prompt": prompt, "columns": columns})
+        tools = _tools_of(row)
+        if tools:  # the functions the conversation was given: asked with them, as it trained
+            out[-1]["tools"] = tools
         reasoning = _reasoning_of(row, fmt)
         if reasoning and reference is not None:  # the model writes it before the answer: room for both
             from llmexp.reasoning import CLOSE, OPEN
 
             out[-1]["written"] = f"{OPEN}\n{reasoning}\n{CLOSE}\n\n{reference}"
     return out
+
+
+def _tools_of(row: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+    from llmexp.tool_use import tools_of
+
+    try:
+        return tools_of(row.get("tools"))
+    except ValueError:  # refused with its row before training (llmexp.data.rows)
+        return None
 
 
 def _reasoning_of(row: Dict[str, Any], fmt: str) -> Optional[str]:
@@ -162,7 +174,7 @@ class TaskProbe:
         if not context:
             return self
         room = context - self.max_new_tokens
-        kept = [r for r in self.rows if len(render_prompt(tokenizer, r["prompt"])) <= room]
+        kept = [r for r in self.rows if len(render_prompt(tokenizer, r["prompt"], r.get("tools"))) <= room]
         if not kept:
             return None
         return dataclasses.replace(self, rows=kept, too_long=self.too_long + len(self.rows) - len(kept))
@@ -188,10 +200,11 @@ class TaskProbe:
         return mine + [None] * (longest - len(mine))
 
     @torch.no_grad()
-    def sums(self, generate: Callable[[List[Any]], List[str]], rank: int = 0, world: int = 1
+    def sums(self, generate: Callable[[List[Any], List[Any]], List[str]], rank: int = 0, world: int = 1
              ) -> Dict[str, tuple]:
         """``{"task_score": (sum, count), "task_response_chars": (sum, count)}`` over this rank's
-        shard; ``generate`` maps a batch of prompts to greedy answer texts."""
+        shard; ``generate`` maps a batch of prompts (and each one's tools, or None) to greedy answer
+        texts."""
         rows = self.shard(rank, world)
         total, chars, n = 0.0, 0.0, 0
         self.answers = []
@@ -203,7 +216,8 @@ class TaskProbe:
             real = [r for r in chunk if r is not None]
             # padding rows repeat a real prompt so generation stays in lockstep; they are not scored
             filler = real[0] if real else self.rows[0]
-            answers = generate([(r or filler)["prompt"] for r in chunk])[: len(real)]
+            answers = generate([(r or filler)["prompt"] for r in chunk],
+                               [(r or filler).get("tools") for r in chunk])[: len(real)]
             if real:
                 scores = self.score([r["prompt"] for r in real], answers, [r["columns"] for r in real])
                 self.answers += [{"index": rank + j * world, "prompt": r["prompt"], "answer": a, "score": float(sc)}

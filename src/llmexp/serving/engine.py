@@ -87,10 +87,10 @@ def _visible(tokenizer, answer: _Answer) -> str:
 def stream_answers(model, tokenizer, requests: List[GenerationRequest],
                    calls_template: Optional[Dict[str, Any]] = None) -> Iterator[List[Dict[str, object]]]:
     """Steps of ``{"content": new text, "reasoning_content": new reasoning}`` per request; the last
-    step also carries each request's ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and ``finish_reason`` (``"stop"``
-    at a stop token, ``"length"`` when cut off at max_tokens). With ``calls_template`` (the model's
-    response template, llmexp.serving.tool_calls), a request given tools gets its function calls
-    parsed out of its text: the text outside them streams as content, the calls come in the last
+    step also carries each request's ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and
+    ``finish_reason`` (``"stop"`` at a stop token, ``"length"`` when cut off at max_tokens). With
+    ``calls_template`` (the model's response template, llmexp.serving.tool_calls), a request given
+    tools gets its function calls parsed out of its text: the text outside them streams as content, the calls come in the last
     step (``tool_calls``, finish_reason ``"tool_calls"``). A reasoning model's reasoning (between
     ``<think>`` and ``</think>``, or from a prompt that opens it to ``</think>``) streams apart, as
     ``reasoning_content`` (llmexp.reasoning)."""

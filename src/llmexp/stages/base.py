@@ -360,20 +360,22 @@ class StageModule(L.LightningModule):
         self.model.train(was_training)
         return out[:, prompt_ids.shape[1]:]
 
-    def greedy_responses(self, prompts: List[Any], max_new_tokens: int, alone: bool = False) -> torch.Tensor:
-        """Greedy response token ids ``[B, T]`` (pad after eos) to prompts (chat messages or strings);
-        ``alone`` as in generate_responses."""
+    def greedy_responses(self, prompts: List[Any], max_new_tokens: int, alone: bool = False,
+                         tools: Optional[List[Any]] = None) -> torch.Tensor:
+        """Greedy response token ids ``[B, T]`` (pad after eos) to prompts (chat messages or strings,
+        each with the ``tools`` of its conversation, if any); ``alone`` as in generate_responses."""
         from llmexp.data.collate import collate_prompts
         from llmexp.data.encode import render_prompt
 
-        rows = [{"input_ids": render_prompt(self.tokenizer, p), "prompt": p, "columns": {}} for p in prompts]
+        rows = [{"input_ids": render_prompt(self.tokenizer, p, t), "prompt": p, "columns": {}}
+                for p, t in zip(prompts, tools or [None] * len(prompts))]
         batch = collate_prompts(rows, self.tokenizer.pad_token_id)
         return self.generate_responses(batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
                                        max_new_tokens, alone=alone)
 
-    def greedy_answers(self, prompts: List[Any], max_new_tokens: int) -> List[str]:
+    def greedy_answers(self, prompts: List[Any], max_new_tokens: int, tools: Optional[List[Any]] = None) -> List[str]:
         """Greedy answer texts to prompts (chat messages or strings), as a user would get them."""
-        responses = self.greedy_responses(prompts, max_new_tokens)
+        responses = self.greedy_responses(prompts, max_new_tokens, tools=tools)
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in responses.tolist()]
 
     def _task_sums(self) -> None:
@@ -383,7 +385,7 @@ class StageModule(L.LightningModule):
             return
         dm = getattr(self.trainer, "datamodule", None)
         rank, world = dm._data_parallel_rank() if dm is not None else (0, 1)
-        sums = probe.sums(lambda prompts: self.greedy_answers(prompts, probe.max_new_tokens), rank, world)
+        sums = probe.sums(lambda prompts, tools: self.greedy_answers(prompts, probe.max_new_tokens, tools), rank, world)
         for name, (s, n) in sums.items():
             self._val[name] = [torch.tensor(float(s), device=self.device, dtype=torch.float64),
                                torch.tensor(float(n), device=self.device, dtype=torch.float64)]

@@ -55,7 +55,8 @@ class PruneStage(CausalLMStage):
         import torch
 
         rank, world = self.trainer.datamodule._data_parallel_rank()
-        total, n = probe.sums(lambda prompts: self.greedy_answers(prompts, probe.max_new_tokens), rank, world)[
+        total, n = probe.sums(lambda prompts, tools: self.greedy_answers(prompts, probe.max_new_tokens, tools),
+                              rank, world)[
             "task_score"]
         sums = torch.tensor([float(total), float(n)], dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:

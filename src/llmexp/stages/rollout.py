@@ -489,10 +489,11 @@ class RolloutStage(StageModule):
         n = len(scores)
         return {"reward": (scores.sum(), n), "response_length": (mask.sum(), n)}
 
-    def greedy_answers(self, prompts: List[Any], max_new_tokens: int) -> List[str]:
-        """The task metric's answers; with tools, asked with them and answered after their results."""
+    def greedy_answers(self, prompts: List[Any], max_new_tokens: int, tools: Optional[List[Any]] = None) -> List[str]:
+        """The task metric's answers; with stage.rollout.tools, asked with them and answered after
+        their results."""
         if not self.tools:
-            return super().greedy_answers(prompts, max_new_tokens)
+            return super().greedy_answers(prompts, max_new_tokens, tools)
         from llmexp.data.encode import render_prompt
         from llmexp.tool_rollout import sample_with_tools
 
