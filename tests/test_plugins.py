@@ -37,7 +37,7 @@ def _plugins_json(env: Dict[str, str] | None = None) -> List[dict]:
 
 def test_hookspecs_are_declarations_documenting_calls_results_and_version():
     assert hook_names() == ["llmexp_callbacks", "llmexp_config_dirs", "llmexp_datasets", "llmexp_evals",
-                            "llmexp_rewards"]
+                            "llmexp_rewards", "llmexp_tools"]
     for name in hook_names():
         fn = getattr(hookspecs, name)
         assert hasattr(fn, "llmexp_spec"), name

@@ -67,7 +67,7 @@ def llmexp_tools() -> Sequence["ToolDeclaration"]:
 
     Called: once per process, the first time a tool is looked up. Results: collected.
 
-    Since 0.2.
+    Since 0.1.
     """
 
 
