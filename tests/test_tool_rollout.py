@@ -149,6 +149,18 @@ def test_grpo_with_the_calculator_calls_it_scores_the_answers_after_its_results_
     answers = [json.loads(line) for line in (tmp / "grpo" / "answers.jsonl").read_text().splitlines()]
     right = [a for a in answers if a["score"] == 1.0 and a["step"] == 0]
     assert right and all("<tool_call>" not in a["answer"] and "=" in a["answer"] for a in right), answers[:4]
+    from llmexp.generate import run_tools
+
+    assert run_tools(tmp / "grpo" / "model") == ["calculator"]  # what generate asks the run's model with
+
+
+def test_generate_shows_each_call_and_its_result_then_the_answer(tool_sft):
+    """A user asking a tool-trained model saw its call as text and nothing more (the call unrun)."""
+    r = run_cli(["generate", str(tool_sft / "sft"), "Add 3 and 4.", "--tools", "calculator"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '> Add 3 and 4.\n[calculator({"expression": "3 + 4"}) -> 7]\n3 + 4 = 7\n' in r.stdout, r.stdout
+    plain = run_cli(["generate", str(tool_sft / "sft"), "Add 3 and 4."])
+    assert "[calculator(" not in plain.stdout and "<tool_call>" in plain.stdout  # an SFT run had no tools
 
 
 def test_sft_on_tool_calls_is_asked_its_task_with_the_conversations_tools(tool_sft):

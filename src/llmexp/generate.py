@@ -4,6 +4,10 @@
     python -m llmexp.generate runs/sft-llama/<time> "What is 3 plus 4?" "Add 2 and 5."
     python -m llmexp.generate path/to/model "Tell me a story" --max-new-tokens 64 --temperature 0.8
     python -m llmexp.generate runs/pretrain-llama/<time> "Three plus four is"      # continues the text
+    python -m llmexp.generate runs/grpo-llama/<time> "What is 37 times 12?" --tools calculator
+
+A run trained with tools (stage.rollout.tools) is asked with them by default: its calls run and
+their results are shown, as it was trained and scored.
 """
 
 from __future__ import annotations
@@ -52,9 +56,42 @@ def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, tem
     return [tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
 
 
-def run_answer_limit(model_dir: Path) -> Optional[int]:
-    """The task.max_new_tokens of the run whose model ``model_dir`` is (its recorded answers' and
-    serve's length: generate's own 32 cut a served answer's match short, or went on past it), or None."""
+TOOL_TURN_TOKENS = 64
+
+
+def answer_with_tools(model, tokenizer, prompts: List[str], names: List[str], max_new_tokens: int,
+                      temperature: float = 0.0, system: Optional[str] = None) -> List[str]:
+    """Each prompt's exchange with the tools (llmexp.tool_rollout): every call and its result, then
+    the answer after the last one, as the run's rollouts and task metric had it."""
+    from llmexp.data.collate import collate_prompts
+    from llmexp.data.encode import render_prompt
+    from llmexp.sampler import Sampler
+    from llmexp.serving.tool_calls import response_template
+    from llmexp.tool_rollout import load_tools, sample_with_tools, tools_problem
+
+    tools = load_tools(names, "--tools")
+    problem = tools_problem(tokenizer, model.config)
+    if problem:
+        raise UserError(f"--tools: {problem}")
+    schemas = [t.schema for t in tools]
+    batch = collate_prompts([{"input_ids": render_prompt(tokenizer, as_asked(p, True, system), schemas), "prompt": p,
+                              "columns": {}} for p in prompts], tokenizer.pad_token_id)
+    engine = Sampler(model.eval(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sampling = {"temperature": temperature} if temperature > 0 else {"greedy": True}
+    turns = sample_with_tools(engine, tokenizer, response_template(tokenizer, model.config), tools,
+                              batch["prompt_ids"], batch["prompt_mask"], max_new_tokens, max_calls=4, **sampling).turns
+    return ["".join(f"[{c['name']}({c['arguments']}) -> {c['result']}]\n" for c in calls) + answer
+            for calls, answer in zip(turns.calls, turns.answers)]
+
+
+def run_tools(model_dir: Path) -> List[str]:
+    """The stage.rollout.tools the run whose model ``model_dir`` is was trained with (none: [])."""
+    raw = _run_config(model_dir)
+    tools = (((raw.get("stage") or {}).get("rollout") or {}).get("tools") or []) if raw else []
+    return [str(t) for t in tools] if isinstance(tools, list) else []
+
+
+def _run_config(model_dir: Path) -> Optional[dict]:
     import yaml
 
     from llmexp.record import run_of_model
@@ -65,7 +102,14 @@ def run_answer_limit(model_dir: Path) -> Optional[int]:
         raw = yaml.safe_load(config.read_text()) if config is not None and config.is_file() else None
     except (OSError, yaml.YAMLError):
         return None
-    value = ((raw or {}).get("task") or {}).get("max_new_tokens") if isinstance(raw, dict) else None
+    return raw if isinstance(raw, dict) else None
+
+
+def run_answer_limit(model_dir: Path) -> Optional[int]:
+    """The task.max_new_tokens of the run whose model ``model_dir`` is (its recorded answers' and
+    serve's length: generate's own 32 cut a served answer's match short, or went on past it), or None."""
+    raw = _run_config(model_dir)
+    value = ((raw or {}).get("task") or {}).get("max_new_tokens") if raw else None
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
@@ -95,13 +139,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("target", help="a run directory (its model/) or a model directory")
     ap.add_argument("prompts", nargs="+", type=non_empty_text)
     ap.add_argument("--max-new-tokens", type=positive_int, default=None,
-                    help="(default: a run's task.max_new_tokens, as its recorded answers and serve; else 32)")
+                    help="(default: a run's task.max_new_tokens, as its recorded answers and serve; else 32; with "
+                         f"tools, each of the model's turns: {TOOL_TURN_TOKENS})")
     ap.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
     ap.add_argument("--format", choices=("auto", "chat", "raw"), default="auto",
                     help="chat: each prompt is a user message; raw: the text is continued as it is; auto (default): "
                          "raw for a pretrain run's model, chat otherwise")
     ap.add_argument("--system", type=non_empty_text, default=None,
                     help="a system message before each prompt (chat), e.g. the one the model was trained with")
+    ap.add_argument("--tools", nargs="*", default=None, metavar="TOOL",
+                    help="functions the model may call (registered names or module:function); their calls run "
+                         "and the results are shown (default: the run's stage.rollout.tools; --tools alone: none)")
     args = ap.parse_args(argv)
     if args.system and args.format == "raw":
         ap.error("--system is a chat message; it does not apply to --format raw")
@@ -117,8 +165,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.system and not chat:
             raise UserError(f"--system: {model_dir} is a pretrain run's model, which continues text; "
                             f"drop --system, or pass --format chat")
-        limit = args.max_new_tokens or run_answer_limit(model_dir) or 32
-        completions = generate(model, tokenizer, args.prompts, limit, args.temperature, chat, args.system)
+        tools = run_tools(model_dir) if args.tools is None else args.tools
+        # with tools, each of the model's turns: a call is longer than an answer
+        limit = args.max_new_tokens or (TOOL_TURN_TOKENS if tools else run_answer_limit(model_dir) or 32)
+        if tools and not chat:
+            raise UserError("--tools: the model is asked through its chat template with them; drop --format raw")
+        completions = (answer_with_tools(model, tokenizer, args.prompts, tools, limit, args.temperature, args.system)
+                       if tools else generate(model, tokenizer, args.prompts, limit, args.temperature, chat,
+                                              args.system))
     except UserError as e:
         return report(e)
     for prompt, completion in zip(args.prompts, completions):

@@ -38,27 +38,27 @@ class Tool:
     schema: Dict[str, Any]  # {"type": "function", "function": {"name", "description", "parameters"}}
 
 
-def load_tools(names: List[str]) -> List[Tool]:
+def load_tools(names: List[str], key: str = KEY) -> List[Tool]:
     """The tools by registered name or ``module:function``, each with the schema the model is
-    shown (transformers' ``get_json_schema``)."""
+    shown (transformers' ``get_json_schema``); problems are said under ``key``."""
     from transformers.utils import get_json_schema
 
     from llmexp.rewards import load_function
 
     tools, seen = [], set()
     for name in names:
-        fn, owner = load_function(name, KEY, "llmexp_tools")
+        fn, owner = load_function(name, key, "llmexp_tools")
         try:
             schema = get_json_schema(fn)
         except Exception as e:  # noqa: BLE001 - transformers' reasons: no docstring, an argument without a type hint
-            raise UserError(f"{KEY}: {name!r} of {owner} cannot be described to the model ({e}); fix: give every "
+            raise UserError(f"{key}: {name!r} of {owner} cannot be described to the model ({e}); fix: give every "
                             f"argument a type hint and the function a docstring with an Args: section "
                             f"describing each") from None
         called = name.rpartition(":")[2]
         schema["function"]["name"] = called
         schema["function"].pop("return", None)
         if called in seen:
-            raise UserError(f"{KEY}: two tools are called {called!r}; the model calls a tool by its name")
+            raise UserError(f"{key}: two tools are called {called!r}; the model calls a tool by its name")
         seen.add(called)
         tools.append(Tool(called, fn, schema))
     return tools
