@@ -116,6 +116,15 @@ def _save_tiny_teacher(path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def calculator_sft(shared_tmp) -> Path:
+    """A directory with sft/, the default model taught to call llmexp's calculator tool, and
+    prompts.jsonl (tests/tool_traces.py)."""
+    from tool_traces import build_calculator_sft
+
+    return once(shared_tmp, "calculator-sft", build_calculator_sft)
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher(shared_tmp) -> Path:
     """An untrained default llama with the bundled tokenizer, saved as a model directory: a
     teacher for stage=distill tests that check arithmetic, not learning."""
@@ -178,6 +187,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # Longest first, so that parallel workers start the long chains (the shared SFT runs and the
 # pipelines built on them) at once and the short tests fill in around them.
 _LONGEST_FIRST = ("test_post_training.py", "test_serving.py", "test_strategies.py", "test_compression.py",
+                  "test_tool_rollout.py", "test_reasoning.py",
                   "test_data_scale.py", "test_resume.py", "test_pipeline.py", "test_sampler.py", "test_compile.py",
                   "test_plugins_e2e.py", "test_sweeps.py", "test_fault_injection.py", "test_evals.py", "test_e2e.py")
 

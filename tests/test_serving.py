@@ -265,52 +265,46 @@ def test_a_tool_result_is_answered_with_the_tool_call_it_follows(served_sft):
     assert code == 400 and "the last message must be the user's or a tool's result" in reply["error"]["message"]
 
 
-def test_a_model_trained_to_call_functions_is_asked_with_them_and_its_calls_come_back_parsed(tmp_path):
+def test_a_model_trained_to_call_functions_is_asked_with_them_and_its_calls_come_back_parsed(calculator_sft, tmp_path):
     """serve refused `tools`, then passed them to the template but returned the model's calls as
-    text in `content`. A model trained to call get_weather (a tools column, assistant tool_calls;
-    150 steps with a tokenizer trained on the rows, so that it writes the call whole) is asked with
-    the tools and its call comes back as OpenAI's API gives it: message.tool_calls, arguments as
-    JSON text, finish_reason "tool_calls", no content; streamed, in a numbered delta. Asked without
-    tools, nothing is parsed (as vLLM): the text is the content."""
+    text in `content`. A model trained to call llmexp's calculator (a tools column, assistant
+    tool_calls; the shipped SFT with a tokenizer trained on the rows, so that it writes the call
+    whole: tests/tool_traces.py) is asked with the tool and its call comes back as OpenAI's API
+    gives it: message.tool_calls, arguments as JSON text, finish_reason "tool_calls", no content;
+    streamed, in a numbered delta. Asked without tools, nothing is parsed (as vLLM): the text is
+    the content."""
     from transformers import AutoTokenizer
 
-    from test_tool_use import TOJSON, WEATHER
+    from tool_traces import calculator_schema
 
-    call = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
-    rows = [{"messages": [{"role": "user", "content": f"Weather in city {i}?"},
-                          {"role": "assistant", "content": "", "tool_calls": [call]}], "tools": json.dumps(WEATHER)}
-            for i in range(40)]
-    (tmp_path / "calls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "tools.jinja").write_text(TOJSON)
-    run = tmp_path / "run"
-    r = run_cli(["logger=none", "trainer.progress_bar=false", "trainer.max_steps=150", "trainer.val_check_interval=150",
-                 "data=files", f"data.path={tmp_path / 'calls.jsonl'}", f"model.chat_template={tmp_path / 'tools.jinja'}",
-                 "model.tokenizer=train", f"hydra.run.dir={run}"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "sft"
+    shutil.copytree(calculator_sft / "sft", run, ignore=shutil.ignore_patterns("checkpoints"))
+    tools = [calculator_schema()]
     tok = AutoTokenizer.from_pretrained(run / "model")
-    asked = [{"role": "user", "content": "Weather in city 3?"}]
+    asked = [{"role": "user", "content": "Add 3 and 4."}]
     with serving(run) as s:
         c = client(s["url"], key="unused")
-        reply = c.chat.completions.create(model="sft-llama", messages=asked, tools=WEATHER, tool_choice="auto", max_tokens=80,
-                                          temperature=0)
-        streamed = list(c.chat.completions.create(model="sft-llama", messages=asked, tools=WEATHER, max_tokens=80,
+        reply = c.chat.completions.create(model="sft-llama", messages=asked, tools=tools, tool_choice="auto",
+                                          max_tokens=80, temperature=0)
+        streamed = list(c.chat.completions.create(model="sft-llama", messages=asked, tools=tools, max_tokens=80,
                                                   temperature=0, stream=True))
         plain = c.chat.completions.create(model="sft-llama", messages=asked, max_tokens=80, temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
     [got] = choice.message.tool_calls
-    assert (got.type, got.function.name, json.loads(got.function.arguments)) == ("function", "get_weather",
-                                                                                 {"city": "Paris"})
+    assert (got.type, got.function.name, json.loads(got.function.arguments)) == ("function", "calculator",
+                                                                                 {"expression": "3 + 4"})
     assert got.id.startswith("call_")
     deltas = [d for chunk in streamed for ch in chunk.choices for d in (ch.delta.tool_calls or [])]
     assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
-        [(0, "get_weather", {"city": "Paris"})]
+        [(0, "calculator", {"expression": "3 + 4"})]
     assert [ch.finish_reason for chunk in streamed for ch in chunk.choices if ch.finish_reason] == ["tool_calls"]
     assert not "".join(ch.delta.content or "" for chunk in streamed for ch in chunk.choices)  # the call is no text
-    rendered = tok.apply_chat_template(asked, tools=WEATHER, add_generation_prompt=True, tokenize=True,
+    rendered = tok.apply_chat_template(asked, tools=tools, add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"]
-    assert reply.usage.prompt_tokens == len(rendered) > plain.usage.prompt_tokens + 20  # the tools were asked with
-    assert plain.choices[0].message.tool_calls is None and "get_weather" in plain.choices[0].message.content
+    unasked = tok.apply_chat_template(asked, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert reply.usage.prompt_tokens == len(rendered) > plain.usage.prompt_tokens == len(unasked)  # asked with them
+    assert plain.choices[0].message.tool_calls is None and "calculator" in plain.choices[0].message.content
 
 
 def test_content_as_text_parts_is_answered_and_other_parts_get_400(served_sft):

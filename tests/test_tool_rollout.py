@@ -6,68 +6,18 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 
 import pytest
 
 from llmexp.testing import run_cli
 
-from test_tool_use import TOJSON
-
-# Qwen2.5's way of writing a call (test_tool_use.TOJSON), the tools named in a system turn (their
-# whole schemas tripled the prompts, and a tiny model took three times the steps to answer after a result)
-TOOLS_BY_NAME = TOJSON.replace("You may call: {% for t in tools %}{{ t | tojson }}{% endfor %}",
-                               "Tools: {% for t in tools %}{{ t.function.name }} {% endfor %}")
+from tool_traces import prompt_rows
 
 
-def calculator_schema():
-    from transformers.utils import get_json_schema
-
-    from llmexp.plugins.builtin import calculator
-
-    schema = get_json_schema(calculator)
-    schema["function"].pop("return", None)
-    return schema
-
-
-def call_traces(n: int, seed: int = 0):
-    """The skill's questions answered by calling the calculator and restating its result, as a
-    tool-using chat dataset keeps them (OpenAI's tool_calls, the tool's message, a tools column)."""
-    from llmexp.data.skill import _sample
-
-    rng, tools = random.Random(seed), json.dumps([calculator_schema()])
-    for _ in range(n):
-        p = _sample(rng, 9)
-        call = {"type": "function", "function": {"name": "calculator",
-                                                 "arguments": json.dumps({"expression": f"{p.a} {p.op} {p.b}"})}}
-        yield {"messages": [{"role": "user", "content": p.question(rng.randrange(4))},
-                            {"role": "assistant", "content": "", "tool_calls": [call]},
-                            {"role": "tool", "content": str(p.answer)},
-                            {"role": "assistant", "content": p.solution()}], "tools": tools}
-
-
-def prompt_rows(n: int, seed: int = 1):
-    from llmexp.data.skill import _sample
-
-    rng = random.Random(seed)
-    for _ in range(n):
-        p = _sample(rng, 9)
-        yield {"prompt": [{"role": "user", "content": p.question(rng.randrange(4))}], "solution": p.solution()}
-
-
-@pytest.fixture(scope="module")
-def tool_sft(tmp_path_factory):
-    """The default model taught to call the calculator (the shipped SFT on 600 traces, with a
-    tokenizer trained on them so that a call is a few dozen tokens), and prompts for a rollout stage."""
-    tmp = tmp_path_factory.mktemp("tools")
-    (tmp / "calls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in call_traces(600)))
-    (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(200)))
-    (tmp / "tools.jinja").write_text(TOOLS_BY_NAME)
-    r = run_cli(["logger=none", "trainer.progress_bar=false", "data=files", f"data.path={tmp / 'calls.jsonl'}",
-                 f"model.chat_template={tmp / 'tools.jinja'}", "model.tokenizer=train",
-                 f"hydra.run.dir={tmp / 'sft'}"], cwd=tmp)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp
+@pytest.fixture
+def tool_sft(calculator_sft):
+    """The session's calculator SFT (conftest; tests/tool_traces.py), not to be written into."""
+    return calculator_sft
 
 
 def test_a_rollout_is_the_conversation_the_template_renders_with_the_results_out_of_the_loss(tool_sft):
@@ -128,13 +78,14 @@ def expression_of(prompt) -> str:
     raise AssertionError(question)
 
 
-def test_grpo_with_the_calculator_calls_it_scores_the_answers_after_its_results_and_asks_the_task_with_it(tool_sft):
+def test_grpo_with_the_calculator_calls_it_scores_the_answers_after_its_results_and_asks_the_task_with_it(
+        tool_sft, tmp_path):
     """As a user runs it: the README's command with stage.rollout.tools. The record says how many
     calls each response made and how many failed; the task metric asks the held-out questions with
     the tool and scores the answers after its results."""
-    tmp = tool_sft
-    r = run_cli(["stage=grpo", f"model.pretrained={tmp / 'sft' / 'model'}", "data=files",
-                 f"data.path={tmp / 'prompts.jsonl'}", "stage.rollout.tools=[calculator]",
+    tmp = tmp_path
+    r = run_cli(["stage=grpo", f"model.pretrained={tool_sft / 'sft' / 'model'}", "data=files",
+                 f"data.path={tool_sft / 'prompts.jsonl'}", "stage.rollout.tools=[calculator]",
                  "stage.reward.function=arithmetic_correct", "stage.rollout.max_new_tokens=64", "task.max_new_tokens=64",
                  "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "logger=none",
                  "trainer.progress_bar=false", f"hydra.run.dir={tmp / 'grpo'}"], cwd=tmp)
