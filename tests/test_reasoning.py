@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -141,68 +140,45 @@ def test_the_skill_and_reference_checks_judge_the_answer_after_the_reasoning():
     assert reference_match("<think>\n3 + 4 = 7\n</think>\n\n7", "3 + 4 = 7") == 0.0
 
 
-def reasoning_rows(n: int, seed: int = 0):
-    """The skill's questions, each answer with its reasoning in words (as reasoning datasets keep it)."""
-    from llmexp.data.skill import WORDS, _sample
-
-    rng = random.Random(seed)
-    for _ in range(n):
-        p = _sample(rng, 9)
-        verb = "plus" if p.op == "+" else "minus"
-        yield {"messages": [{"role": "user", "content": p.question(rng.randrange(4))},
-                            {"role": "assistant", "content": p.solution(),
-                             "reasoning_content": f"{WORDS[p.a]} {verb} {WORDS[p.b]} makes {p.answer}."}]}
-
-
-@pytest.fixture(scope="module")
-def reasoning_run(tmp_path_factory):
-    """The default model, SFT as shipped on 800 rows whose answers carry their reasoning."""
-    from llmexp.testing import run_cli
-
-    tmp = tmp_path_factory.mktemp("reasoning")
-    (tmp / "reason.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reasoning_rows(800)))
-    run = tmp / "run"
-    r = run_cli(["logger=none", "trainer.progress_bar=false", "data=files", f"data.path={tmp / 'reason.jsonl'}",
-                 f"hydra.run.dir={run}"], cwd=tmp)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run, r
-
-
-def test_a_model_trained_on_reasoning_thinks_before_answering_and_is_judged_on_its_answers(reasoning_run):
+def test_a_model_trained_on_reasoning_thinks_before_answering_and_is_judged_on_its_answers(calculator_sft):
     """The task metric gives a reasoning model room for its reasoning and checks the answer after
     it: it scored 0.00 -> 0.00 while the model reasoned and answered right (the limit cut answers
-    off mid-thought, and the whole text never equalled a reference)."""
-    run, r = reasoning_run
+    off mid-thought, and the whole text never equalled a reference). The model: calculator traces
+    whose answers carry their reasoning (tests/tool_traces.py), in a template that reads none."""
+    run = calculator_sft / "sft"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["final"]["val/task_score"] >= 0.7, summary["final"]
+    assert summary["final"]["val/task_score"] >= 0.8, summary["final"]
+    assert summary["task"]["max_new_tokens"] > 24  # room for the reasoning
     answers = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
-    last = [a for a in answers if a["step"] == summary["global_step"]]
-    right = [a for a in last if a["score"] == 1.0]
-    assert right and all(a["answer"].startswith("<think>\n") and "\n</think>\n\n" in a["answer"] for a in right), last
-    assert "task.max_new_tokens: 24 ->" in r.stdout + r.stderr  # room for the reasoning
+    right = [a for a in answers if a["step"] == summary["global_step"] and a["score"] == 1.0]
+    assert right and all(a["answer"].startswith("<think>\nThe calculator says ") and "\n</think>\n\n" in a["answer"]
+                         for a in right), right
 
 
-def test_served_reasoning_comes_apart_from_the_answer_streamed_or_not(reasoning_run):
+def test_served_reasoning_comes_apart_from_the_answer_streamed_or_not(calculator_sft, tmp_path):
     """As vLLM's reasoning parsers and DeepSeek's API: message.reasoning_content and the answer in
     content; streamed, reasoning deltas first, then content deltas, adding up to the same."""
-    from test_serving import client, greedy_reference, serving
+    import shutil
 
-    run, _ = reasoning_run
-    asked = [{"role": "user", "content": "Add 3 and 4."}]
-    [written] = greedy_reference(run / "model", ["Add 3 and 4."], max_new_tokens=60)
-    thought, answer = split_reasoning(written)
-    assert thought and answer, written
+    from test_serving import client, serving
+
+    run = tmp_path / "sft"
+    shutil.copytree(calculator_sft / "sft", run, ignore=shutil.ignore_patterns("checkpoints"))
+    call = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "3 + 4"}'}}
+    asked = [{"role": "user", "content": "Add 3 and 4."}, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "7"}]
     with serving(run) as s:
         c = client(s["url"], key="unused")
         reply = c.chat.completions.create(model="sft-llama", messages=asked, temperature=0, max_tokens=60)
         chunks = list(c.chat.completions.create(model="sft-llama", messages=asked, temperature=0, max_tokens=60,
                                                 stream=True))
     message = reply.choices[0].message
-    assert (message.content, message.model_extra.get("reasoning_content")) == (answer, thought), message
+    assert (message.content, message.model_extra.get("reasoning_content")) == ("3 + 4 = 7", "The calculator says 7."), \
+        message
     deltas = [ch.delta for chunk in chunks for ch in chunk.choices]
     kinds = ["reasoning" if (d.model_extra or {}).get("reasoning_content") else "content" if d.content else None
              for d in deltas]
     kinds = [k for k in kinds if k]
     assert kinds == sorted(kinds, key=lambda k: k != "reasoning") and len(set(kinds)) == 2, kinds
-    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thought
-    assert "".join(d.content or "" for d in deltas) == answer
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "The calculator says 7."
+    assert "".join(d.content or "" for d in deltas) == "3 + 4 = 7"

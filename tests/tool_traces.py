@@ -1,5 +1,6 @@
-"""Data for tests of tool use: the bundled skill's questions answered by calling llmexp's
-calculator tool, and a chat template that writes the calls as Qwen2.5 does."""
+"""Data for tests of tool use and reasoning: the bundled skill's questions answered by calling
+llmexp's calculator tool and reasoning on its result before answering, and a chat template that
+writes the calls as Qwen2.5 does (and reads no reasoning: llmexp writes it into the answer)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def calculator_schema():
 
 
 def call_traces(n: int, seed: int = 0):
-    """The skill's questions answered by calling the calculator and restating its result, as a
-    tool-using chat dataset keeps them (OpenAI's tool_calls, the tool's message, a tools column)."""
+    """The skill's questions answered by calling the calculator, then, reasoning on its result,
+    restating it, as a tool-using reasoning dataset keeps them (OpenAI's tool_calls, the tool's
+    message, the answer's reasoning_content, a tools column)."""
     from llmexp.data.skill import _sample
 
     rng, tools = random.Random(seed), json.dumps([calculator_schema()])
@@ -38,7 +40,8 @@ def call_traces(n: int, seed: int = 0):
         yield {"messages": [{"role": "user", "content": p.question(rng.randrange(4))},
                             {"role": "assistant", "content": "", "tool_calls": [call]},
                             {"role": "tool", "content": str(p.answer)},
-                            {"role": "assistant", "content": p.solution()}], "tools": tools}
+                            {"role": "assistant", "content": p.solution(),
+                             "reasoning_content": f"The calculator says {p.answer}."}], "tools": tools}
 
 
 def prompt_rows(n: int, seed: int = 1):
@@ -52,9 +55,9 @@ def prompt_rows(n: int, seed: int = 1):
 
 
 def build_calculator_sft(root: Path) -> None:
-    """root/sft: the default model taught to call the calculator (the shipped SFT on 600 traces,
-    with a tokenizer trained on them so that a call is a few dozen tokens); root/prompts.jsonl:
-    prompts for a rollout stage."""
+    """root/sft: the default model taught to call the calculator and reason on its result (the
+    shipped SFT on 600 traces, with a tokenizer trained on them so that a call is a few dozen
+    tokens); root/prompts.jsonl: prompts for a rollout stage."""
     from llmexp.testing import run_cli
 
     root.mkdir(parents=True)
