@@ -187,7 +187,6 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # Longest first, so that parallel workers start the long chains (the shared SFT runs and the
 # pipelines built on them) at once and the short tests fill in around them.
 _LONGEST_FIRST = ("test_post_training.py", "test_serving.py", "test_strategies.py", "test_compression.py",
-                  "test_tool_rollout.py", "test_reasoning.py",
                   "test_data_scale.py", "test_resume.py", "test_pipeline.py", "test_sampler.py", "test_compile.py",
                   "test_plugins_e2e.py", "test_sweeps.py", "test_fault_injection.py", "test_evals.py", "test_e2e.py")
 
