@@ -140,6 +140,7 @@ def test_the_skill_and_reference_checks_judge_the_answer_after_the_reasoning():
     assert reference_match("<think>\n3 + 4 = 7\n</think>\n\n7", "3 + 4 = 7") == 0.0
 
 
+@pytest.mark.slow
 def test_a_model_trained_on_reasoning_thinks_before_answering_and_is_judged_on_its_answers(calculator_sft):
     """The task metric gives a reasoning model room for its reasoning and checks the answer after
     it: it scored 0.00 -> 0.00 while the model reasoned and answered right (the limit cut answers
@@ -155,6 +156,7 @@ def test_a_model_trained_on_reasoning_thinks_before_answering_and_is_judged_on_i
                          for a in right), right
 
 
+@pytest.mark.slow
 def test_served_reasoning_comes_apart_from_the_answer_streamed_or_not(calculator_sft, tmp_path):
     """As vLLM's reasoning parsers and DeepSeek's API: message.reasoning_content and the answer in
     content; streamed, reasoning deltas first, then content deltas, adding up to the same."""

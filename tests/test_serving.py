@@ -265,6 +265,7 @@ def test_a_tool_result_is_answered_with_the_tool_call_it_follows(served_sft):
     assert code == 400 and "the last message must be the user's or a tool's result" in reply["error"]["message"]
 
 
+@pytest.mark.slow
 def test_a_model_trained_to_call_functions_is_asked_with_them_and_its_calls_come_back_parsed(calculator_sft, tmp_path):
     """serve refused `tools`, then passed them to the template but returned the model's calls as
     text in `content`. A model trained to call llmexp's calculator (a tools column, assistant

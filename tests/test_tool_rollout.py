@@ -20,6 +20,7 @@ def tool_sft(calculator_sft):
     return calculator_sft
 
 
+@pytest.mark.slow
 def test_a_rollout_is_the_conversation_the_template_renders_with_the_results_out_of_the_loss(tool_sft):
     """The model's call, the calculator's result as the template writes a tool's message, the
     model's answer after it: one sequence, decoded exactly as apply_chat_template renders that
@@ -79,6 +80,7 @@ def expression_of(prompt) -> str:
     raise AssertionError(question)
 
 
+@pytest.mark.slow
 def test_grpo_with_the_calculator_calls_it_scores_the_answers_after_its_results_and_asks_the_task_with_it(
         tool_sft, tmp_path):
     """As a user runs it: the README's command with stage.rollout.tools. The record says how many
@@ -106,6 +108,7 @@ def test_grpo_with_the_calculator_calls_it_scores_the_answers_after_its_results_
     assert run_tools(tmp / "grpo" / "model") == ["calculator"]  # what generate asks the run's model with
 
 
+@pytest.mark.slow
 def test_generate_shows_each_call_and_its_result_then_the_answer(tool_sft):
     """A user asking a tool-trained model saw its call as text and nothing more (the call unrun)."""
     r = run_cli(["generate", str(tool_sft / "sft"), "Add 3 and 4.", "--tools", "calculator"])
@@ -116,6 +119,7 @@ def test_generate_shows_each_call_and_its_result_then_the_answer(tool_sft):
     assert "[calculator(" not in plain.stdout and "<tool_call>" in plain.stdout  # an SFT run had no tools
 
 
+@pytest.mark.slow
 def test_sft_on_tool_calls_is_asked_its_task_with_the_conversations_tools(tool_sft):
     """The task metric of an SFT on rows with a tools column asked the held-out conversations
     without their tools (the system turn naming them left out): 0.06 while the model answered them."""
