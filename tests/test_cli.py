@@ -268,3 +268,17 @@ def test_a_run_from_another_architectures_weights_is_named_after_them(tmp_path):
     assert r.returncode == 0 and "resume=auto: resuming runs/sft-qwen2/" in r.stderr, r.stderr[-2000:]
     assert [p.name for p in (tmp_path / "runs" / "sft-qwen2").iterdir()] == [run.name]
     assert json.loads((run / "summary.json").read_text())["global_step"] == 4
+
+
+def test_ctrl_c_that_a_library_turns_into_an_error_of_its_own_still_ends_with_one_line():
+    """OmegaConf, interrupted while it built a config (preflight), raised an AttributeError from the
+    KeyboardInterrupt, and the command ended with its traceback and exit code 1."""
+    code = ("import os, signal, time\nfrom llmexp.errors import quiet_exits\n\n@quiet_exits\ndef main():\n"
+            "    try:\n        os.kill(os.getpid(), signal.SIGINT)\n        time.sleep(5)\n"
+            "    except KeyboardInterrupt:\n        raise AttributeError('NoneType has no attribute x')\n\nmain()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stderr == "llmexp: interrupted (Ctrl+C)\n", r.stderr
+    plain = subprocess.run([sys.executable, "-c", code.replace("os.kill(os.getpid(), signal.SIGINT)",
+                                                               "raise KeyboardInterrupt")],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 1 and "AttributeError" in plain.stderr  # no Ctrl+C: the error is the error's

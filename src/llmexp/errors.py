@@ -7,6 +7,7 @@ the full traceback as well (the message suggests it where it sums up another exc
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import sys
@@ -77,15 +78,29 @@ def report(error: BaseException) -> int:
     return getattr(error, "exit_code", EXIT_USER_ERROR)
 
 
+_CTRL_C = {"seen": False}
+
+
+def _note_ctrl_c(signum, frame):  # noqa: ARG001 - a signal handler's signature
+    _CTRL_C["seen"] = True
+    raise KeyboardInterrupt
+
+
 def quiet_exits(main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command's ``main`` so that output piped into a reader that stops early
     (``llmexp plugins | head -1``) ends the command quietly instead of with a BrokenPipeError, and
     Ctrl+C where nothing else handles it (while the libraries load, say) ends it with one line and
-    exit code 130 instead of a traceback of the import it stopped."""
+    exit code 130 instead of a traceback of the import it stopped. A library that turns the
+    KeyboardInterrupt into an error of its own (OmegaConf, interrupted while it builds a config,
+    raised an AttributeError) ends the same way: Ctrl+C was pressed."""
     import functools
+    import signal
 
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(ValueError):  # (not the main thread: leave its handler alone)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, _note_ctrl_c)
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:
@@ -96,5 +111,10 @@ def quiet_exits(main: Callable[..., Any]) -> Callable[..., Any]:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(0)
+        except Exception:  # noqa: BLE001 - only after Ctrl+C: what the interrupted code raised instead
+            if not _CTRL_C["seen"]:
+                raise
+            sys.stderr.write("llmexp: interrupted (Ctrl+C)\n")
+            sys.exit(130)
 
     return wrapped
